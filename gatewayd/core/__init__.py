@@ -1,0 +1,1 @@
+"""The runtime: nothing family-specific lives here."""

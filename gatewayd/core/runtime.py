@@ -1,0 +1,328 @@
+"""The Gateway: one trio nursery, services started in order, supervision, shutdown.
+
+Start order (each service is ready before the next starts, via `nursery.start`):
+storage (core and plugin tables) -> HTTP listeners -> plugin startup hooks -> plugin
+background tasks. Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): the listeners
+stop accepting and in-flight requests finish within `gateway.shutdown_grace_s`, plugin
+shutdown hooks run, tasks are cancelled, and the writer drains every queued write.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
+from ..plugins.manager import PluginManager
+from .config import Config, read_secret
+from .health import ComponentState, Health
+from .http import create_app, create_plugin_app, guard_plugin, serve_app
+from .logs import get_logger
+from .metrics import Metrics, Sample
+from .storage import SchemaSpec, Storage
+
+__all__ = ["Gateway", "ListenError", "run_until_signalled"]
+
+log = get_logger("gatewayd.runtime")
+
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 60.0
+# A task that ran this long before crashing is considered healthy again: backoff resets.
+RESTART_RESET_S = 300.0
+
+
+class ListenError(Exception):
+    """A listener could not bind (address in use, permission denied)."""
+
+
+class Gateway:
+    """The running daemon. `await nursery.start(gateway.run)` in tests, or use the CLI."""
+
+    def __init__(self, config: Config, plugins: PluginManager, *, clock: Callable[[], float] = time.time):
+        self.config = config
+        self.plugins = plugins
+        self.clock = clock
+        self.log = log
+        self.metrics = Metrics()
+        self.health = Health()
+        self.storage = Storage(
+            config.data_dir / "gatewayd.sqlite3",
+            synchronous=config.storage.synchronous,
+            group_commit_ms=config.storage.group_commit_ms,
+            group_commit_max=config.storage.group_commit_max,
+            readers=config.storage.readers,
+        )
+        self.contexts: dict[str, PluginContext] = {}
+        self.failed: dict[str, str] = {}
+        self.http_urls: dict[str, list[str]] = {}
+        self.started_at: float | None = None
+        self._shutdown = trio.Event()
+        self._stop_http = trio.Event()
+        self._servers_done: list[trio.Event] = []
+        self._restarts = self.metrics.counter(
+            "gatewayd_plugin_task_restarts_total", "Plugin background tasks restarted after a crash", ("plugin", "task")
+        )
+        self._register_core_metrics()
+
+    # -- public ------------------------------------------------------------------
+
+    @property
+    def enabled_plugins(self) -> list[str]:
+        return [
+            n for n in self.plugins.names
+            if self.plugins.is_loaded(n) and self.config.plugins.get(n) is not None and self.config.plugins[n].enabled
+        ]
+
+    def request_shutdown(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._shutdown.set()
+
+    def admin_token(self) -> str | None:
+        return read_secret(self.config.http.admin_token_env)
+
+    def plugin_table(self) -> list[dict[str, Any]]:
+        """Name, version, enabled, state and reason of every installed plugin."""
+        rows = []
+        for name in self.plugins.names:
+            info = self.plugins.infos[name]
+            settings = self.config.plugins.get(name)
+            enabled = bool(settings and settings.enabled)
+            state = self.health.plugins.get(name)
+            rows.append({
+                "name": name,
+                "version": info.version,
+                "enabled": enabled,
+                "state": state.state if state else ("failed" if info.load_error else "disabled"),
+                "reason": (state.reason if state else info.load_error),
+                "mount": settings.mount if settings else None,
+            })
+        return rows
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Start everything, report started, and run until `request_shutdown()`."""
+        self.started_at = self.clock()
+        for name in self.plugins.names:
+            if self.plugins.infos[name].load_error:
+                self.failed[name] = self.plugins.infos[name].load_error
+                self.health.set_plugin(name, "failed", self.failed[name])
+            elif name not in self.enabled_plugins:
+                self.health.set_plugin(name, "disabled")
+        async with trio.open_nursery() as core:
+            self.health.set("storage", "starting")
+            await core.start(self.storage.run)
+            self.health.probe("storage", self._storage_state)
+            await self._install_schemas()
+            async with trio.open_nursery() as front:
+                self._build_contexts()
+                await self._start_http(front)
+                await self._start_plugins(front)
+                log.info(
+                    "gateway started",
+                    id=self.config.gateway.id,
+                    http=" ".join(u for urls in self.http_urls.values() for u in urls),
+                    plugins=",".join(self.enabled_plugins) or "none",
+                    startup_s=round(self.clock() - self.started_at, 3),
+                )
+                task_status.started(self)
+                await self._shutdown.wait()
+                await self._stop(front)
+            core.cancel_scope.cancel()
+        log.info("gateway stopped", commits=self.storage.stats["commits"])
+
+    # -- start-up ----------------------------------------------------------------
+
+    async def _install_schemas(self) -> None:
+        for name in self.enabled_plugins:
+            try:
+                registry = self.plugins.storage_models(name)
+                if registry.models:
+                    spec = SchemaSpec(name, registry.models, registry.version, registry.migrations)
+                    await trio.to_thread.run_sync(self.storage.install, spec)
+            except Exception as e:
+                self._fail(name, f"storage models: {e}", e)
+
+    def _build_contexts(self) -> None:
+        for name in self.enabled_plugins:
+            settings = self.config.plugins[name]
+            self.contexts[name] = PluginContext(
+                name=name,
+                config=settings.options,
+                mount=settings.mount,
+                gateway_id=self.config.gateway.id,
+                data_dir=self.config.data_dir / "plugins" / name,
+                log=get_logger(f"gatewayd.plugin.{name}"),
+                storage=PluginStorage(self.storage),
+                metrics=PluginMetrics(self.metrics, name),
+                clock=self.clock,
+            )
+
+    async def _start_http(self, nursery: trio.Nursery) -> None:
+        app = create_app(self)
+        dedicated: list[tuple[str, Any]] = []
+        for name in self.enabled_plugins:
+            if name in self.failed:
+                continue
+            try:
+                blueprint = self.plugins.http_routes(name, self.contexts[name])
+            except Exception as e:
+                self._fail(name, f"http routes: {e}", e)
+                continue
+            if blueprint is None:
+                continue
+            guard_plugin(blueprint, lambda n=name: self.failed.get(n))
+            app.register_blueprint(blueprint, url_prefix=self.contexts[name].mount)
+            if self.config.plugins[name].listen is not None:
+                dedicated.append((name, create_plugin_app(self, name, blueprint)))
+        self.app = app
+        self.health.set("http", "starting")
+        await self._serve(nursery, "main", app, self.config.http.listen)
+        for name, plugin_app in dedicated:
+            await self._serve(nursery, name, plugin_app, self.config.plugins[name].listen)
+        self.health.set("http", "ok", listen=self.http_urls)
+
+    async def _serve(self, nursery: trio.Nursery, label: str, app: Any, listen: Any) -> None:
+        async def trigger() -> None:
+            await self._stop_http.wait()
+
+        done = trio.Event()
+        self._servers_done.append(done)
+
+        async def server(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await serve_app(
+                    app,
+                    listen,
+                    shutdown_trigger=trigger,
+                    graceful_timeout=self.config.gateway.shutdown_grace_s,
+                    access_log=self.config.http.access_log,
+                    task_status=task_status,
+                )
+            finally:
+                done.set()
+
+        try:
+            self.http_urls[label] = await nursery.start(server)
+        except OSError as e:
+            key = "http.listen" if label == "main" else f"plugins.{label}.listen"
+            raise ListenError(f"cannot listen on {listen} ({key}): {e.strerror or e}") from None
+
+    async def _start_plugins(self, nursery: trio.Nursery) -> None:
+        for name in self.enabled_plugins:
+            if name in self.failed:
+                continue
+            ctx = self.contexts[name]
+            self.health.set_plugin(name, "starting")
+            try:
+                await self.plugins.startup(name, ctx)
+                tasks = self.plugins.background_tasks(name, ctx)
+            except Exception as e:
+                self._fail(name, f"startup: {e}", e)
+                continue
+            for task in tasks.tasks:
+                nursery.start_soon(self._supervise, name, task)
+            self.health.set_plugin(name, "ok")
+
+    def _fail(self, name: str, reason: str, exc: BaseException) -> None:
+        self.failed[name] = reason
+        self.health.set_plugin(name, "failed", reason)
+        log.error("plugin failed", plugin=name, reason=reason, exc_type=type(exc).__name__)
+
+    async def _supervise(self, plugin: str, task: Any) -> None:
+        delay = RESTART_MIN_S
+        while True:
+            began = trio.current_time()
+            try:
+                await task.fn(*task.args)
+                log.info("plugin task finished", plugin=plugin, task=task.name)
+                return
+            except Exception as e:
+                if trio.current_time() - began > RESTART_RESET_S:
+                    delay = RESTART_MIN_S
+                self._restarts.inc(plugin=plugin, task=task.name)
+                log.exception("plugin task crashed", plugin=plugin, task=task.name, error=repr(e), restart_in_s=delay)
+            # Jitter keeps many crashing tasks from restarting in lockstep.
+            await trio.sleep(delay * random.uniform(0.9, 1.1))
+            delay = min(delay * 2, RESTART_MAX_S)
+
+    # -- shutdown ----------------------------------------------------------------
+
+    async def _stop(self, front: trio.Nursery) -> None:
+        grace = self.config.gateway.shutdown_grace_s
+        log.info("shutting down", grace_s=grace)
+        self.health.set("http", "stopping")
+        self._stop_http.set()
+        with trio.move_on_after(grace):
+            for name in self.enabled_plugins:
+                if name not in self.failed and name in self.contexts:
+                    try:
+                        await self.plugins.shutdown(name, self.contexts[name])
+                    except Exception as e:
+                        log.error("plugin shutdown failed", plugin=name, error=repr(e))
+        # hypercorn stops accepting on the trigger and gives in-flight requests `grace`.
+        with trio.move_on_after(grace + 0.5):
+            for done in self._servers_done:
+                await done.wait()
+        front.cancel_scope.cancel()
+
+    # -- health and metrics ------------------------------------------------------
+
+    def _storage_state(self) -> ComponentState:
+        if not self.storage.is_open:
+            return ComponentState("unavailable", "storage is closed")
+        return ComponentState("ok", None, {"path": str(self.storage.path)})
+
+    def _register_core_metrics(self) -> None:
+        s = self.storage.stats
+        self.metrics.collector(
+            "gatewayd_storage_commits_total", "counter", "Transactions committed by the writer thread",
+            lambda: [Sample("gatewayd_storage_commits_total", {}, s["commits"])],
+        )
+        self.metrics.collector(
+            "gatewayd_storage_jobs_total", "counter", "Write jobs run by the writer thread",
+            lambda: [Sample("gatewayd_storage_jobs_total", {}, s["jobs"])],
+        )
+        self.metrics.collector(
+            "gatewayd_storage_errors_total", "counter", "Failed write jobs and failed commits",
+            lambda: [
+                Sample("gatewayd_storage_errors_total", {"kind": "job"}, s["job_errors"]),
+                Sample("gatewayd_storage_errors_total", {"kind": "commit"}, s["commit_errors"]),
+            ],
+        )
+        self.metrics.collector(
+            "gatewayd_plugin_up", "gauge", "1 when a plugin is running, 0 when failed or disabled",
+            lambda: [
+                Sample("gatewayd_plugin_up", {"plugin": n}, 1.0 if st.state == "ok" else 0.0)
+                for n, st in sorted(self.health.plugins.items())
+            ],
+        )
+        self.metrics.collector(
+            "gatewayd_uptime_seconds", "gauge", "Seconds since the gateway started",
+            lambda: [Sample("gatewayd_uptime_seconds", {}, (self.clock() - self.started_at) if self.started_at else 0)],
+        )
+
+
+async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                count = 0
+                async for signum in signals:
+                    count += 1
+                    name = signal.Signals(signum).name
+                    if count == 1:
+                        log.info("signal received, stopping", signal=name)
+                        gateway.request_shutdown()
+                    else:
+                        log.warning("second signal, stopping now", signal=name)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await gateway.run(task_status=task_status)
+            nursery.cancel_scope.cancel()

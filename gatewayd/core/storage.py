@@ -1,0 +1,345 @@
+"""peewee over SQLite (WAL): one writer thread with group commit, reader threads, schemas.
+
+Every write goes through `await storage.write(fn, *args)`: `fn` runs on the writer
+thread inside a transaction shared with whatever other writes were queued at the same
+moment (each in its own savepoint, so one failing job does not undo the others), and the
+call returns only after COMMIT. That is what lets a plugin acknowledge a device safely.
+
+Reads run `fn` on a bounded pool of reader threads, each with its own connection; WAL
+lets them proceed while the writer commits.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import peewee
+import trio
+from playhouse.migrate import SqliteMigrator
+
+from .logs import get_logger
+
+__all__ = [
+    "Storage",
+    "StorageError",
+    "StorageFull",
+    "StorageUnavailable",
+    "SchemaSpec",
+    "backup_database",
+]
+
+T = TypeVar("T")
+log = get_logger("gatewayd.storage")
+_STOP = object()
+
+
+class StorageError(Exception):
+    """A write could not be committed."""
+
+
+class StorageFull(StorageError):
+    """The disk (or the database's size limit) is full; nothing of the write was kept."""
+
+
+class StorageUnavailable(StorageError):
+    """The storage is closed or not yet open."""
+
+
+def _classify(exc: BaseException) -> BaseException:
+    if isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
+        text = str(exc).lower()
+        if "full" in text or "disk i/o" in text:
+            return StorageFull(str(exc))
+        return StorageError(str(exc))
+    return exc
+
+
+class _Meta(peewee.Model):
+    component = peewee.CharField(primary_key=True)
+    version = peewee.IntegerField()
+    updated_at = peewee.FloatField()
+
+    class Meta:
+        table_name = "core_schema"
+
+
+@dataclass
+class SchemaSpec:
+    """One component's tables: its models, current version and upgrade steps.
+
+    `migrations[v]` upgrades a database from version v-1 to v; it is called with a
+    playhouse `SqliteMigrator` and the database, inside the upgrade transaction.
+    """
+
+    component: str
+    models: list[type[peewee.Model]]
+    version: int = 1
+    migrations: dict[int, Callable[[SqliteMigrator, peewee.Database], None]] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    fn: Callable[..., Any]
+    args: tuple
+    done: trio.Event | threading.Event
+    result: Any = None
+    error: BaseException | None = None
+
+
+class Storage:
+    """The gateway's SQLite database: writer thread, readers, schemas, backups."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "normal",
+        group_commit_ms: float = 1.0,
+        group_commit_max: int = 1000,
+        readers: int = 4,
+    ):
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.group_commit_s = group_commit_ms / 1000.0
+        self.group_commit_max = group_commit_max
+        self.database = peewee.SqliteDatabase(
+            None,
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": synchronous,
+                "foreign_keys": 1,
+                "busy_timeout": 10_000,
+                # Checkpoints are cheap and frequent by default; keep the WAL bounded.
+                "wal_autocheckpoint": 1000,
+            },
+        )
+        self._readers = trio.CapacityLimiter(readers)
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._open = False
+        self.stats = {"commits": 0, "jobs": 0, "job_errors": 0, "commit_errors": 0, "max_batch": 0}
+
+    # -- life cycle --------------------------------------------------------------
+
+    def open(self) -> None:
+        """Open (creating) the database file and start the writer thread."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.database.init(str(self.path))
+        self.database.bind([_Meta])
+        with self.database.connection_context():
+            self.database.create_tables([_Meta], safe=True)
+        self._writer = threading.Thread(target=self._writer_loop, name=f"gatewayd-writer", daemon=True)
+        self._writer.start()
+        self._open = True
+
+    def close(self) -> None:
+        """Finish every queued write, stop the writer thread, close connections."""
+        if not self._open:
+            return
+        self._open = False
+        self._queue.put(_STOP)
+        if self._writer is not None:
+            self._writer.join()
+        if not self.database.is_closed():
+            self.database.close()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Service shape: open, report started, and on cancellation drain and close."""
+        self._token = trio.lowlevel.current_trio_token()
+        await trio.to_thread.run_sync(self.open)
+        try:
+            task_status.started(self)
+            await trio.sleep_forever()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.close)
+
+    @property
+    def is_open(self) -> bool:
+        return self._open
+
+    # -- schemas -----------------------------------------------------------------
+
+    def install(self, spec: SchemaSpec) -> None:
+        """Create or upgrade a component's tables (blocking: call from a thread)."""
+        db = self.database
+        db.bind(spec.models)
+        with db.connection_context(), db.atomic():
+            row = _Meta.get_or_none(_Meta.component == spec.component)
+            if row is not None and row.version > spec.version:
+                raise StorageError(
+                    f"{spec.component}: the database holds schema version {row.version}, newer than "
+                    f"this gatewayd's {spec.version}; refusing to downgrade (restore a backup or upgrade)"
+                )
+            if row is not None and row.version < spec.version:
+                migrator = SqliteMigrator(db)
+                for version in range(row.version + 1, spec.version + 1):
+                    step = spec.migrations.get(version)
+                    if step is None:
+                        raise StorageError(f"{spec.component}: no migration to schema version {version}")
+                    log.info("migrating schema", component=spec.component, to_version=version)
+                    step(migrator, db)
+            db.create_tables(spec.models, safe=True)
+            _Meta.replace(component=spec.component, version=spec.version, updated_at=time.time()).execute()
+
+    def schema_version(self, component: str) -> int | None:
+        with self.database.connection_context():
+            row = _Meta.get_or_none(_Meta.component == component)
+        return None if row is None else row.version
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the writer thread; return its result once committed.
+
+        Raises StorageFull / StorageError when the commit fails (nothing of `fn` was
+        kept), or whatever `fn` raised (its savepoint was rolled back).
+        """
+        if not self._open:
+            raise StorageUnavailable("storage is not open")
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        job = _Job(fn, args, trio.Event())
+        self._queue.put(job)
+        await job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def write_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like `write`, for a plain thread (never call it on the trio thread)."""
+        if not self._open:
+            raise StorageUnavailable("storage is not open")
+        job = _Job(fn, args, threading.Event())
+        self._queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _writer_loop(self) -> None:
+        db = self.database
+        db.connect(reuse_if_open=True)
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is _STOP:
+                break
+            batch = [first]
+            deadline = time.monotonic() + self.group_commit_s
+            # Group commit: take what is queued, and wait a moment for more, so a burst
+            # of writers shares one COMMIT (and one fsync with synchronous=FULL).
+            while len(batch) < self.group_commit_max:
+                remaining = deadline - time.monotonic()
+                try:
+                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is _STOP:
+                    stopping = True
+                    break
+                batch.append(job)
+            self._run_batch(batch)
+        db.close()
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        db = self.database
+        try:
+            with db.atomic():
+                for job in batch:
+                    try:
+                        with db.atomic():
+                            job.result = job.fn(*job.args)
+                    except Exception as e:
+                        job.error = _classify(e)
+                        self.stats["job_errors"] += 1
+        except Exception as e:  # the COMMIT itself failed: nothing of the batch is kept
+            self.stats["commit_errors"] += 1
+            error = _classify(e)
+            log.error("commit failed", jobs=len(batch), error=str(e))
+            for job in batch:
+                job.error, job.result = error, None
+        else:
+            self.stats["commits"] += 1
+        self.stats["jobs"] += len(batch)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+        self._wake(batch)
+
+    def _wake(self, batch: list[_Job]) -> None:
+        trio_jobs = [j for j in batch if isinstance(j.done, trio.Event)]
+        for job in batch:
+            if isinstance(job.done, threading.Event):
+                job.done.set()
+        if trio_jobs:
+            try:
+                self._token.run_sync_soon(_set_all, trio_jobs)
+            except trio.RunFinishedError:
+                pass
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on a reader thread (own connection) and return its result."""
+        if not self._open:
+            raise StorageUnavailable("storage is not open")
+        return await trio.to_thread.run_sync(self._read, fn, args, limiter=self._readers)
+
+    def _read(self, fn: Callable[..., T], args: tuple) -> T:
+        self.database.connect(reuse_if_open=True)
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise _classify(e) from e
+
+    def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in one transaction on the calling thread (CLI commands)."""
+        with self.database.connection_context(), self.database.atomic():
+            return fn(*args)
+
+    async def backup(self, dest: str | Path) -> Path:
+        """A consistent online copy of the database (safe while writes continue)."""
+        return await trio.to_thread.run_sync(backup_database, self.path, dest)
+
+
+def _set_all(jobs: Iterable[_Job]) -> None:
+    for job in jobs:
+        job.done.set()
+
+
+def backup_database(source: str | Path, dest: str | Path) -> Path:
+    """Copy a live database with SQLite's online backup API, then check the copy.
+
+    The copy is made in one step under a read transaction, so it is one consistent
+    snapshot even while the daemon keeps writing (WAL readers don't block the writer).
+    """
+    source, dest = Path(source), Path(dest)
+    if not source.exists():
+        raise StorageError(f"no database at {source}")
+    if dest.is_dir():
+        dest = dest / f"gatewayd-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.sqlite3"
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.unlink(missing_ok=True)
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
+    try:
+        out = sqlite3.connect(tmp)
+        try:
+            src.backup(out)
+            check = out.execute("PRAGMA integrity_check").fetchone()[0]
+            out.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            out.close()
+    finally:
+        src.close()
+    if check != "ok":
+        tmp.unlink(missing_ok=True)
+        raise StorageError(f"backup failed its integrity check: {check}")
+    tmp.replace(dest)
+    return dest

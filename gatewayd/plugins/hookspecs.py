@@ -1,0 +1,119 @@
+"""Every hook a gatewayd plugin can implement.
+
+All hooks are prefixed `gatewayd_` so that the manager can tell a misspelled hook from
+an ordinary function and refuse it at startup instead of silently never calling it.
+
+Hooks that concern one plugin (its config schema, models, routes, tasks, startup) are
+called by the runtime *per plugin*, each with that plugin's own `PluginContext`; a
+plugin that raises from one of them is marked failed in `/health` and the others run
+on. Async hooks may be written `async def` or plain `def`; the runtime awaits what is
+awaitable.
+
+Documented with examples in docs/plugins.md; tests/test_docs.py keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from quart import Blueprint
+
+    from .api import CommandRegistry, ModelRegistry, PluginContext, TaskRegistry
+
+PROJECT = "gatewayd"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_config_schema() -> type | None:
+    """Return the dataclass describing this plugin's `[plugins.<name>]` options.
+
+    Called once per plugin while the configuration is loaded, before anything starts
+    (also by `gatewayd check-config`). The table's keys are checked against the
+    dataclass fields (types, unknown keys with a did-you-mean, a `validate()` method
+    for cross-field rules); the resulting object is `ctx.config`. The keys `enabled`,
+    `mount` and `listen` belong to the core and are not part of the schema. Return
+    None (or don't implement the hook) for a plugin without options.
+    """
+
+
+# -- storage ---------------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_storage_models(models: ModelRegistry) -> None:
+    """Declare the plugin's peewee models, their schema version and migrations.
+
+    Called once per plugin when storage opens, before any route or task runs. Call
+    `models.add(Model, ...)`; each model's `table_name` must start with `<plugin>_`.
+    Set `models.version` and register upgrade steps with `@models.migration(N)` so an
+    upgrade never loses data. Tables are created or migrated in one transaction.
+    """
+
+
+# -- HTTP ------------------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_http_routes(ctx: PluginContext) -> Blueprint | None:
+    """Return a Quart Blueprint with the plugin's HTTP routes, or None.
+
+    Called once per plugin before the HTTP server starts. The core mounts the
+    Blueprint under `plugins.<name>.mount` (default `/<name>`) and, when
+    `plugins.<name>.listen` is set, also serves it at `/` on a listener of its own so
+    firmware with fixed paths works unchanged. The plugin keeps its family's error
+    shape by registering error handlers on its Blueprint. While the plugin is failed,
+    its routes answer 503.
+    """
+
+
+# -- life cycle ------------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_startup(ctx: PluginContext) -> Any:
+    """Prepare the plugin once storage, MQTT and HTTP are up (may be async).
+
+    Called once per plugin, in plugin order, before its background tasks start. If it
+    raises, the plugin is marked failed with the reason (see `/health`), its tasks are
+    not started, and every other plugin runs on.
+    """
+
+
+@hookspec
+def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext) -> None:
+    """Declare long-running async tasks with `tasks.add(name, async_fn, *args)`.
+
+    Called once per plugin after its startup succeeded. Each task is supervised: if it
+    raises, it is logged, counted in `gatewayd_plugin_task_restarts_total`, and started
+    again after an exponential backoff (1 s doubling to 60 s). A task that returns is
+    finished and not restarted. Tasks are cancelled at shutdown.
+    """
+
+
+@hookspec
+def gatewayd_shutdown(ctx: PluginContext) -> Any:
+    """Release what startup took (may be async); called once at graceful shutdown.
+
+    Called after the HTTP servers stopped accepting and in-flight requests finished,
+    before background tasks are cancelled and storage is drained. Bounded by
+    `gateway.shutdown_grace_s`; exceptions are logged and ignored.
+    """
+
+
+# -- command line ----------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_cli_commands(commands: CommandRegistry) -> None:
+    """Add `gatewayd <plugin> <command>` subcommands with `commands.add(...)`.
+
+    Called when the command line is built, whether or not the daemon runs and whether
+    or not the plugin is enabled in the config. See `CommandRegistry.add`.
+    """

@@ -1,0 +1,126 @@
+"""A test plugin that implements every hook (tests and bench load it with `-p`).
+
+It records what the core called so tests can assert on it, offers a durable write
+route (one committed row per request) for the bench, and can be told to misbehave.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import peewee
+from quart import Blueprint, request
+
+from gatewayd.plugins.api import CommandRegistry, ConfigError, ModelRegistry, PluginContext, TaskRegistry, hookimpl
+
+PLUGIN_NAME = "everything"
+calls: list[str] = []
+
+
+@dataclass
+class EverythingConfig:
+    greeting: str = "hello"
+    fail_startup: bool = False
+    crash_task: bool = False
+    threshold: int = 10
+
+    def validate(self) -> None:
+        if self.threshold < 0:
+            raise ConfigError("threshold", f"must be >= 0, got {self.threshold}")
+
+
+class Reading(peewee.Model):
+    device = peewee.CharField()
+    value = peewee.FloatField()
+    note = peewee.CharField(default="")
+
+    class Meta:
+        table_name = "everything_reading"
+
+
+@hookimpl
+def gatewayd_config_schema():
+    calls.append("config_schema")
+    return EverythingConfig
+
+
+@hookimpl
+def gatewayd_storage_models(models: ModelRegistry):
+    calls.append("storage_models")
+    models.add(Reading)
+    models.version = 2
+
+    @models.migration(2)
+    def add_note(migrator, db):
+        from playhouse.migrate import migrate
+
+        migrate(migrator.add_column("everything_reading", "note", peewee.CharField(default="")))
+
+
+@hookimpl
+def gatewayd_http_routes(ctx: PluginContext):
+    calls.append("http_routes")
+    bp = Blueprint("everything", __name__)
+    written = ctx.metrics.counter("readings_total", "Readings stored")
+
+    @bp.get("/hello")
+    async def hello():
+        return {"greeting": ctx.config.greeting}
+
+    @bp.post("/readings")
+    async def write_reading():
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("value"), (int, float)):
+            return {"error": "expected {\"device\": str, \"value\": number}"}, 400
+        row_id = await ctx.storage.write(
+            lambda: Reading.insert(device=str(body.get("device", "")), value=float(body["value"])).execute()
+        )
+        written.inc()
+        return {"id": row_id}, 201
+
+    @bp.get("/readings")
+    async def count_readings():
+        return {"count": await ctx.storage.read(lambda: Reading.select().count())}
+
+    return bp
+
+
+@hookimpl
+async def gatewayd_startup(ctx: PluginContext):
+    calls.append("startup")
+    if ctx.config.fail_startup:
+        raise RuntimeError("told to fail")
+
+
+@hookimpl
+def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext):
+    calls.append("background_tasks")
+    runs = ctx.metrics.counter("task_runs_total", "Times the test task started")
+
+    async def ticker():
+        runs.inc()
+        if ctx.config.crash_task:
+            raise RuntimeError("task crashed on purpose")
+        import trio
+
+        await trio.sleep_forever()
+
+    tasks.add("ticker", ticker)
+
+
+@hookimpl
+async def gatewayd_shutdown(ctx: PluginContext):
+    calls.append("shutdown")
+
+
+@hookimpl
+def gatewayd_cli_commands(commands: CommandRegistry):
+    def setup(parser: argparse.ArgumentParser):
+        parser.add_argument("--name", default="world")
+
+    def run(args, cli):
+        print(f"hello {args.name} from {cli.config.gateway.id}")
+        return 0
+
+    commands.add("hello", "say hello", setup, run)

@@ -1,0 +1,191 @@
+"""Configuration: types, defaults, overrides, and error messages that name the key."""
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from gatewayd.core.config import ConfigErrors, load_config
+from gatewayd.core.schema import Address, ConfigError
+from tests import plugin_everything
+
+
+def errors_of(text="", overrides=(), schemas=None):
+    with pytest.raises(ConfigErrors) as info:
+        load_config(None, list(overrides), schemas or {}, text=text)
+    return [str(e) for e in info.value.errors]
+
+
+def test_defaults_make_a_working_config():
+    config = load_config(None, [], {}, text="")
+    assert config.http.listen == Address("127.0.0.1", 8080)
+    assert config.gateway.data_dir == "var"
+    assert config.mqtt.broker == "managed"
+    assert config.storage.synchronous == "normal"
+
+
+def test_the_shipped_gatewayd_toml_is_valid():
+    config = load_config("gatewayd.toml", [], {"paku": None, "edgesentinel": None, "streetlight": None,
+                                               "thingsnxt": None, "kaiabc": None})
+    assert config.data_dir.name == "var"
+    assert config.data_dir.is_absolute()
+
+
+def test_bad_listen_names_the_key():
+    assert errors_of(overrides=["http.listen=x"]) == ["http.listen: expected HOST:PORT, got 'x'"]
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("'0.0.0.0:1883'", Address("0.0.0.0", 1883)),
+    ("'[::1]:8080'", Address("::1", 8080)),
+    ("'localhost:0'", Address("localhost", 0)),
+])
+def test_listen_forms(value, expected):
+    assert load_config(None, [f"http.listen={value}"], {}, text="").http.listen == expected
+
+
+def test_port_out_of_range():
+    assert errors_of(overrides=["http.listen='a:70000'"]) == ["http.listen: port must be 0-65535, got 70000"]
+
+
+def test_unknown_key_suggests_the_right_one():
+    assert errors_of("[http]\nlisen = 'a:1'\n") == ["http.lisen: unknown key (did you mean 'listen'?)"]
+
+
+def test_unknown_section_suggests_the_right_one():
+    assert errors_of("[storag]\n") == ["storag: unknown section (did you mean 'storage'?)"]
+
+
+def test_a_secret_in_the_file_points_to_the_env_key():
+    (error,) = errors_of("[http]\nadmin_token = 'hunter2'\n")
+    assert error.startswith("http.admin_token: secrets are never written in the file; set admin_token_env")
+    assert "hunter2" not in error
+
+
+def test_env_key_must_be_a_variable_name():
+    assert errors_of("[http]\nadmin_token_env = 'not a name'\n") == [
+        "http.admin_token_env: expected an environment variable name, got 'not a name'"
+    ]
+
+
+def test_wrong_types_are_described():
+    assert errors_of("[http]\nmax_body_bytes = '10MB'\n") == [
+        "http.max_body_bytes: expected an integer, got '10MB' (string)"
+    ]
+    assert errors_of("[storage]\nsynchronous = 'fast'\n") == [
+        "storage.synchronous: expected one of 'normal', 'full', got 'fast' (string)"
+    ]
+    assert errors_of("[http]\naccess_log = 1\n") == ["http.access_log: expected true or false, got 1 (integer)"]
+
+
+def test_all_errors_are_reported_at_once():
+    errors = errors_of("[http]\nlisten = 'x'\nmax_body_bytes = 10\n[log]\nlevel = 'loud'\n")
+    assert len(errors) == 2  # max_body_bytes is only range-checked once the types are right
+    assert errors[0].startswith("http.listen:")
+    assert errors[1].startswith("log.level:")
+
+
+def test_range_check_names_the_key():
+    assert errors_of("[http]\nmax_body_bytes = 10\n") == ["http.max_body_bytes: must be at least 1024, got 10"]
+
+
+def test_set_overrides_parse_toml_values():
+    config = load_config(None, ["storage.group_commit_max=5", "http.access_log=false", "gateway.id=site-7"], {}, text="")
+    assert config.storage.group_commit_max == 5
+    assert config.http.access_log is False
+    assert config.gateway.id == "site-7"
+
+
+def test_set_without_equals_is_an_error():
+    assert errors_of(overrides=["http.listen"]) == ["--set: expected dotted.key=value, got 'http.listen'"]
+
+
+def test_set_under_a_value_is_an_error():
+    assert errors_of("[http]\nlisten = 'a:1'\n", overrides=["http.listen.port=1"]) == [
+        "http.listen: is a value, not a table; cannot set a key under it"
+    ]
+
+
+def test_invalid_toml_says_where():
+    (error,) = errors_of("[http\n")
+    assert "invalid TOML" in error and "line 1" in error
+
+
+schemas = {"everything": plugin_everything.EverythingConfig, "bare": None}
+
+
+def test_plugin_options_are_validated_by_the_plugin_schema():
+    config = load_config(None, [], schemas, text="[plugins.everything]\ngreeting = 'hi'\n")
+    assert config.plugins["everything"].options.greeting == "hi"
+    assert config.plugins["everything"].mount == "/everything"
+    assert config.plugins["bare"].enabled  # installed plugins are enabled by default
+    assert errors_of("[plugins.everything]\ngreting = 'hi'\n", schemas=schemas) == [
+        "plugins.everything.greting: unknown key (did you mean 'greeting'?)"
+    ]
+    assert errors_of("[plugins.everything]\nthreshold = -1\n", schemas=schemas) == [
+        "plugins.everything.threshold: must be >= 0, got -1"
+    ]
+
+
+def test_plugin_common_keys():
+    config = load_config(None, [], schemas, text="[plugins.bare]\nenabled = false\nmount = '/b'\nlisten = '127.0.0.1:0'\n")
+    bare = config.plugins["bare"]
+    assert (bare.enabled, bare.mount, bare.listen) == (False, "/b", Address("127.0.0.1", 0))
+    assert errors_of("[plugins.bare]\nmount = 'b'\n", schemas=schemas) == [
+        "plugins.bare.mount: expected a path like '/bare', got 'b'"
+    ]
+    assert errors_of("[plugins.bare]\ncolour = 1\n", schemas=schemas) == [
+        "plugins.bare.colour: unknown key (this plugin has no options)"
+    ]
+
+
+def test_unknown_plugin_is_an_error_with_a_suggestion():
+    assert errors_of("[plugins.everythin]\n", schemas=schemas) == [
+        "plugins.everythin: no plugin named 'everythin' is installed (did you mean 'everything'?)"
+    ]
+
+
+def test_nested_sections_and_lists():
+    @dataclass
+    class Inner:
+        port: int = 1
+
+    @dataclass
+    class Outer:
+        inner: list[Inner] | None = None
+
+    assert errors_of("[plugins.nested]\ninner = [{port = 1}, {port = 'x'}]\n", schemas={"nested": Outer}) == [
+        "plugins.nested.inner[1].port: expected an integer, got 'x' (string)"
+    ]
+
+
+def test_validate_hook_errors_carry_the_section():
+    @dataclass
+    class S:
+        low: int = 0
+        high: int = 1
+
+        def validate(self):
+            if self.low > self.high:
+                raise ConfigError("low", "must not exceed high")
+
+    assert errors_of("[plugins.s]\nlow = 5\n", schemas={"s": S}) == ["plugins.s.low: must not exceed high"]
+
+
+def test_check_config_exits_2_naming_the_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "check-config", "--set", "http.listen=x"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "http.listen: expected HOST:PORT, got 'x'" in result.stderr
+
+
+def test_check_config_accepts_options_before_and_after_the_command(tmp_path):
+    path = tmp_path / "g.toml"
+    path.write_text("[gateway]\nid = 'from-file'\n")
+    for argv in (["--config", str(path), "check-config"], ["check-config", "--config", str(path)]):
+        result = subprocess.run([sys.executable, "-m", "gatewayd", *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "from-file" in result.stdout
