@@ -97,7 +97,7 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from .core.runtime import Gateway, ListenError, run_until_signalled
+    from .core.runtime import Gateway, ListenError, find_exception, run_until_signalled
 
     config = _load(args, manager)
     setup_logging(config.log.level, config.log.format)
@@ -111,9 +111,12 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
     gateway = Gateway(config, manager)
     try:
         trio.run(run_until_signalled, gateway)
-    except ListenError as e:
-        log.error("cannot start", error=str(e))
-        print(f"gatewayd: {e}", file=sys.stderr)
+    except BaseException as e:
+        error = find_exception(e, ListenError)
+        if error is None:
+            raise
+        log.error("cannot start", error=str(error))
+        print(f"gatewayd: {error}", file=sys.stderr)
         return 1
     return 0
 

@@ -79,6 +79,14 @@ def gatewayd_http_routes(ctx: PluginContext):
         written.inc()
         return {"id": row_id}, 201
 
+    @bp.post("/slow")
+    async def slow_write():
+        import trio
+
+        await trio.sleep(float(request.args.get("s", "0.5")))
+        row_id = await ctx.storage.write(lambda: Reading.insert(device="slow", value=0.0).execute())
+        return {"id": row_id}, 201
+
     @bp.get("/readings")
     async def count_readings():
         return {"count": await ctx.storage.read(lambda: Reading.select().count())}

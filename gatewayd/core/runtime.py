@@ -26,7 +26,7 @@ from .logs import get_logger
 from .metrics import Metrics, Sample
 from .storage import SchemaSpec, Storage
 
-__all__ = ["Gateway", "ListenError", "run_until_signalled"]
+__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled"]
 
 log = get_logger("gatewayd.runtime")
 
@@ -38,6 +38,18 @@ RESTART_RESET_S = 300.0
 
 class ListenError(Exception):
     """A listener could not bind (address in use, permission denied)."""
+
+
+def find_exception(exc: BaseException, cls: type[BaseException]) -> BaseException | None:
+    """The first `cls` inside `exc`, looking through (nested) exception groups."""
+    if isinstance(exc, cls):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_exception(inner, cls)
+            if found is not None:
+                return found
+    return None
 
 
 class Gateway:
@@ -207,9 +219,12 @@ class Gateway:
 
         try:
             self.http_urls[label] = await nursery.start(server)
-        except OSError as e:
+        except (OSError, BaseExceptionGroup) as e:
+            error = find_exception(e, OSError)
+            if error is None:
+                raise
             key = "http.listen" if label == "main" else f"plugins.{label}.listen"
-            raise ListenError(f"cannot listen on {listen} ({key}): {e.strerror or e}") from None
+            raise ListenError(f"cannot listen on {listen} ({key}): {error.strerror or error}") from None
 
     async def _start_plugins(self, nursery: trio.Nursery) -> None:
         for name in self.enabled_plugins:

@@ -1,0 +1,165 @@
+"""The plugin contract: each hook through a real gateway, isolation, supervision."""
+
+import subprocess
+import sys
+import types
+
+import pytest
+import trio
+
+from gatewayd.plugins.api import hookimpl
+from gatewayd.plugins.manager import PluginLoadError, build_plugin_manager
+from gatewayd.testing import gw_client
+from tests import plugin_everything
+
+EVERYTHING = ("everything", plugin_everything)
+
+
+def plugin_module(name: str, **hooks) -> types.ModuleType:
+    module = types.ModuleType(name)
+    for hook, fn in hooks.items():
+        setattr(module, hook, hookimpl(fn))
+    return module
+
+
+async def test_hook_config_schema(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.greeting='moi'"]) as gw:
+        assert gw.contexts["everything"].config.greeting == "moi"
+        async with gw_client(gw) as client:
+            assert (await client.get("/everything/hello")).json() == {"greeting": "moi"}
+
+
+async def test_hook_storage_models(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:
+        assert gw.storage.schema_version("everything") == 2
+        async with gw_client(gw) as client:
+            r = await client.post("/everything/readings", json={"device": "d1", "value": 1.5})
+            assert r.status_code == 201
+            assert (await client.get("/everything/readings")).json() == {"count": 1}
+
+
+def test_model_tables_must_carry_the_plugin_prefix():
+    import peewee
+
+    class Bad(peewee.Model):
+        class Meta:
+            table_name = "readings"
+
+    manager = build_plugin_manager(
+        entry_points=False, plugins=[("bad", plugin_module("bad", gatewayd_storage_models=lambda models: models.add(Bad)))]
+    )
+    with pytest.raises(ValueError, match="plugin tables must be named 'bad_...'"):
+        manager.storage_models("bad")
+
+
+async def test_hook_http_routes(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.mount='/e'"]) as gw:
+        async with gw_client(gw) as client:
+            assert (await client.get("/e/hello")).status_code == 200
+            assert (await client.get("/everything/hello")).status_code == 404
+
+
+async def test_dedicated_listener_serves_routes_at_root(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.listen='127.0.0.1:0'"]) as gw:
+        async with gw_client(gw, "everything") as client:
+            assert (await client.get("/hello")).json() == {"greeting": "hello"}
+        async with gw_client(gw) as client:
+            assert (await client.get("/everything/hello")).status_code == 200
+
+
+async def test_hook_startup(gateway_factory):
+    plugin_everything.calls.clear()
+    async with gateway_factory(plugins=[EVERYTHING]):
+        assert plugin_everything.calls.index("startup") > plugin_everything.calls.index("http_routes")
+
+
+async def test_failed_startup_is_isolated(gateway_factory):
+    other = plugin_module("other", gatewayd_http_routes=lambda ctx: _ok_blueprint())
+    async with gateway_factory(
+        plugins=[EVERYTHING, ("other", other)], settings=["plugins.everything.fail_startup=true"]
+    ) as gw:
+        async with gw_client(gw) as client:
+            health = await client.get("/health")
+            assert health.status_code == 503
+            doc = health.json()
+            assert doc["plugins"]["everything"] == {"state": "failed", "reason": "startup: told to fail"}
+            assert doc["plugins"]["other"] == {"state": "ok"}
+            assert (await client.get("/other/ok")).status_code == 200
+            failed_route = await client.get("/everything/hello")
+            assert failed_route.status_code == 503
+            assert "told to fail" in failed_route.json()["error"]["message"]
+            plugins = (await client.get("/api/gateway/plugins")).json()["plugins"]
+            assert {p["name"]: p["state"] for p in plugins} == {"everything": "failed", "other": "ok"}
+
+
+def _ok_blueprint():
+    from quart import Blueprint
+
+    bp = Blueprint("other", __name__)
+
+    @bp.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    return bp
+
+
+async def test_hook_background_tasks(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:
+        await trio.sleep(0.05)
+        assert gw.metrics.counter("gatewayd_everything_task_runs_total", "").value() == 1
+
+
+async def test_crashing_task_restarts_with_backoff(gateway_factory, autojump_clock):
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.crash_task=true"]) as gw:
+        await trio.sleep(100)  # virtual seconds: backoff 1+2+4+8+16+32 = 63 s, then 64 s
+        restarts = gw.metrics.counter("gatewayd_plugin_task_restarts_total", "", ("plugin", "task"))
+        count = restarts.value(plugin="everything", task="ticker")
+        # Without backoff this would be in the thousands; with it, 6 or 7 crashes in 100 s.
+        assert 5 <= count <= 7, count
+        assert gw.health.plugins["everything"].state == "ok"  # a crashing task doesn't fail the plugin
+
+
+async def test_hook_shutdown(gateway_factory):
+    plugin_everything.calls.clear()
+    async with gateway_factory(plugins=[EVERYTHING]):
+        assert "shutdown" not in plugin_everything.calls
+    assert plugin_everything.calls[-1] == "shutdown"
+
+
+def test_hook_cli_commands(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "-p", "tests.plugin_everything", "everything", "hello", "--name", "ada",
+         "--set", "gateway.id=site-9"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "hello ada from site-9"
+
+
+def test_misspelled_hook_is_refused():
+    bad = types.ModuleType("bad")
+    bad.gatewayd_startupp = lambda ctx: None
+    with pytest.raises(PluginLoadError, match="gatewayd_startupp is not a gatewayd hook \\(did you mean gatewayd_startup\\?\\)"):
+        build_plugin_manager(entry_points=False, plugins=[("bad", bad)])
+
+
+def test_decorated_unknown_hook_is_refused_by_check_pending():
+    from pluggy import PluginValidationError
+
+    class Bad:
+        @hookimpl
+        def not_a_hook(self):
+            pass
+
+    with pytest.raises(PluginValidationError):
+        build_plugin_manager(entry_points=False, plugins=[("bad", Bad())])
+
+
+async def test_disabled_plugin_is_not_started(gateway_factory):
+    plugin_everything.calls.clear()
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.enabled=false"]) as gw:
+        async with gw_client(gw) as client:
+            assert (await client.get("/everything/hello")).status_code == 404
+            assert (await client.get("/health")).json()["plugins"]["everything"] == {"state": "disabled"}
+    assert "startup" not in plugin_everything.calls
