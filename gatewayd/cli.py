@@ -214,7 +214,11 @@ def build_parser(manager: PluginManager) -> argparse.ArgumentParser:
     for plugin in manager.names:
         if not manager.is_loaded(plugin) or not manager.implements(plugin, "gatewayd_cli_commands"):
             continue
-        registry = manager.cli_commands(plugin)
+        try:
+            registry = manager.cli_commands(plugin)
+        except Exception as e:  # one broken plugin must not take the whole CLI down
+            print(f"gatewayd: plugin {plugin!r}: its commands are unavailable: {e!r}", file=sys.stderr)
+            continue
         group = commands.add_parser(plugin, help=f"commands of the {plugin} plugin")
         group_sub = group.add_subparsers(dest="plugin_command", metavar="COMMAND", required=True)
         for command in registry.commands:

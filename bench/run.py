@@ -1,0 +1,139 @@
+"""HTTP bench: the real daemon vs a bare QuartTrio hello-world, measured in one run.
+
+    .venv/bin/python -m bench [--duration 10] [--connections 32] [--repeats 3]
+
+Drives each target with wrk (Debian's `wrk` package) and prints req/s, p50/p99 latency
+and each figure's ratio to the hello-world's req/s; also the daemon's idle RSS and the
+time from spawn to `/health` = 200. Targets run in turn, repeats interleaved, medians
+reported: machines here are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = '{"device": "bench", "value": 1.5}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, timeout: float = 30) -> float:
+    began = time.monotonic()
+    while time.monotonic() - began < timeout:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return time.monotonic() - began
+        except httpx.TransportError:
+            pass
+        time.sleep(0.01)
+    raise RuntimeError(f"{url} not ready within {timeout} s")
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, duration: int, connections: int, script: str | None = None) -> dict[str, float]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration}s", "--latency", url]
+    if script:
+        cmd[1:1] = ["-s", script]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"50%\s+(\S+)", out).group(1))
+    p99 = _ms(re.search(r"99%\s+(\S+)", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(errors.group(1)) if errors else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not shutil.which("wrk"):
+        print("bench: wrk is not installed: apt-get install wrk", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="gatewayd-bench-"))
+    hello_port, gw_port = free_port(), free_port()
+    hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}"])
+    began = time.monotonic()
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gatewayd", "-p", "tests.plugin_everything", "run",
+         "--set", f"http.listen=127.0.0.1:{gw_port}", "--set", f"gateway.data_dir='{tmp}'",
+         "--set", "http.access_log=false", "--set", "mqtt.broker=off", "--set", "log.level=warning"],
+        cwd=ROOT,
+    )
+    try:
+        startup = wait_ready(f"http://127.0.0.1:{gw_port}/health") + (time.monotonic() - began) * 0
+        startup = time.monotonic() - began
+        wait_ready(f"http://127.0.0.1:{hello_port}/")
+        time.sleep(2)
+        idle_rss = rss_mb(gateway.pid)
+        script = tmp / "post.lua"
+        script.write_text(POST_LUA)
+        targets = {
+            "hello-world (bare QuartTrio)": (f"http://127.0.0.1:{hello_port}/", None),
+            "gateway GET /health": (f"http://127.0.0.1:{gw_port}/health", None),
+            "gateway POST durable write": (f"http://127.0.0.1:{gw_port}/everything/readings", str(script)),
+        }
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
+        for _ in range(args.repeats):
+            for name, (url, lua) in targets.items():
+                results[name].append(wrk(url, args.duration, args.connections, lua))
+        loaded_rss = rss_mb(gateway.pid)
+        rows = int(subprocess.run(
+            ["sqlite3", str(tmp / "gatewayd.sqlite3"), "select count(*) from everything_reading"],
+            capture_output=True, text=True).stdout.strip() or 0) if shutil.which("sqlite3") else None
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        hello.terminate()
+        gateway.wait(timeout=10)
+        hello.wait(timeout=10)
+
+    base = statistics.median(r["rps"] for r in results["hello-world (bare QuartTrio)"])
+    print(f"\nHTTP bench: wrk -t1 -c{args.connections} -d{args.duration}s, {args.repeats} repeats, medians "
+          f"({os.cpu_count()} cores)")
+    print(f"{'target':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'non-2xx':>8}")
+    for name, runs in results.items():
+        rps = statistics.median(r["rps"] for r in runs)
+        print(f"{name:<32} {rps:>9.0f} {statistics.median(r['p50'] for r in runs):>8.2f} "
+              f"{statistics.median(r['p99'] for r in runs):>8.2f} {rps / base:>8.0%} "
+              f"{sum(r['non2xx'] for r in runs):>8}")
+    print(f"\nstart to /health = 200: {startup:.2f} s")
+    print(f"idle RSS: {idle_rss:.1f} MB; RSS after load: {loaded_rss:.1f} MB")
+    if rows is not None:
+        print(f"rows committed by the durable write route: {rows}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
