@@ -1,0 +1,77 @@
+"""The kaiabc CLI commands, driven through a fake of the core's command registry."""
+
+import argparse
+import json
+
+import pytest
+
+from gatewayd_kaiabc.commands import add_commands
+
+
+class FakeRegistry:
+    """Records ``add`` calls the way the core registry would receive them."""
+
+    def __init__(self):
+        self.commands = {}
+
+    def add(self, name, help, setup, run):
+        self.commands[name] = (help, setup, run)
+
+
+@pytest.fixture(scope="module")
+def registry():
+    reg = FakeRegistry()
+    add_commands(reg)
+    return reg
+
+
+def run(registry, argv):
+    _, setup, runner = registry.commands[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"gatewayd kaiabc {argv[0]}")
+    setup(parser)
+    return runner(parser.parse_args(argv[1:]))
+
+
+def test_registers_three_commands(registry):
+    assert set(registry.commands) == {"simulate", "q10", "prc"}
+    assert all(help for help, _, _ in registry.commands.values())
+
+
+def test_simulate_json(registry, capsys):
+    assert run(registry, ["simulate", "--hours", "100", "--nodes", "50", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert 20.0 < body["period_hours"] < 22.0
+    assert 0 < body["phosphorylated_fraction_min"] < body["phosphorylated_fraction_max"] < 1
+    assert body["amplitude"] == pytest.approx(
+        0.5 * (body["phosphorylated_fraction_max"] - body["phosphorylated_fraction_min"]))
+    assert body["nodes"] == 50 and body["wall_time_s"] > 0
+
+
+def test_simulate_text(registry, capsys):
+    assert run(registry, ["simulate", "--hours", "60"]) == 0
+    out = capsys.readouterr().out
+    assert "period" in out and "wall time" in out
+
+
+def test_q10_json(registry, capsys):
+    assert run(registry, ["q10", "--preset", "case_ii_mutant", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["q10"] > 1.3
+
+
+def test_prc_json(registry, capsys):
+    assert run(registry, ["prc", "--resolution", "6", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert len(body["data"]) == 6 and body["data"][1]["circadian_time"] == 4.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--preset", "nope"], "unknown temperature preset"),
+    (["simulate", "--hours", "10"], "--hours"),
+    (["q10", "--preset", "wild_type"], "unknown temperature preset"),
+    (["prc", "--resolution", "1"], "--resolution"),
+])
+def test_errors_are_one_line_and_exit_2(registry, capsys, argv, message):
+    assert run(registry, argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err and captured.err.count("\n") == 1
