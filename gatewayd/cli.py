@@ -18,6 +18,10 @@ from typing import Any
 import trio
 
 from . import __version__
+from .cli_devices import cmd_devices, setup_devices
+from .cli_events import cmd_alerts, cmd_events, setup_alerts, setup_events
+from .cli_firmware import cmd_firmware, setup_firmware
+from .cli_outbox import cmd_outbox, setup_outbox
 from .core.config import Config, ConfigErrors, load_config
 from .core.logs import get_logger, setup_logging
 from .core.storage import Storage, StorageError, backup_database
@@ -174,6 +178,39 @@ def cmd_backup(args: argparse.Namespace, manager: PluginManager) -> int:
     return 0
 
 
+def _receive_arguments(parser: argparse.ArgumentParser) -> None:
+    from .core.sync.receiver_cli import add_receive_arguments
+
+    add_receive_arguments(parser)
+
+
+def _cmd_receive(args: argparse.Namespace, manager: PluginManager) -> int:
+    import logging
+
+    from .core.sync.receiver_cli import run_receive
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_receive(args)
+
+
+def setup_serial(parser: argparse.ArgumentParser) -> None:
+    from .core.serial_probe import add_probe_arguments
+
+    sub = parser.add_subparsers(dest="serial_command", metavar="COMMAND", required=True)
+    probe = sub.add_parser(
+        "probe", help="open a serial line and print every decoded frame (and framing errors)",
+        description="The first thing to run when a device 'doesn't talk': prints each frame as it "
+        "arrives; exit 0 after --count frames, 1 on timeout with a hint, 2 if the port can't be opened.",
+    )
+    add_probe_arguments(probe)
+
+
+def cmd_serial(args: argparse.Namespace, manager: PluginManager) -> int:
+    from .core.serial_probe import run_probe
+
+    return run_probe(args)
+
+
 CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = [
     ("run", "run the gateway daemon (SIGTERM/SIGINT stop it gracefully)", lambda p: None, cmd_run),
     ("check-config", "validate the configuration and exit (status 2 on errors)", lambda p: None, cmd_check_config),
@@ -182,6 +219,19 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
     ("backup", "write a consistent copy of the database (safe while the daemon runs)",
      lambda p: p.add_argument("dest", metavar="DEST", help="a file path, or a folder for a timestamped file"),
      cmd_backup),
+    ("serial", "serial-line tools for installers: serial probe URL [--framing jsonl|slip|cobs|length]",
+     setup_serial, cmd_serial),
+    ("devices", "provision and manage devices: add, list, show, disable, rotate, command, claim-code",
+     setup_devices, cmd_devices),
+    ("events", "list stored events: events list [--family F] [--device D] [--type T] [--since ISO]",
+     setup_events, cmd_events),
+    ("alerts", "list alert notifications and their delivery state: alerts list [--state S]",
+     setup_alerts, cmd_alerts),
+    ("firmware", "the OTA firmware store: add, list, rollout, verify, keygen", setup_firmware, cmd_firmware),
+    ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N]",
+     setup_outbox, cmd_outbox),
+    ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
+     _receive_arguments, _cmd_receive),
 ]
 
 

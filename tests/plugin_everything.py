@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import peewee
 from quart import Blueprint, request
 
-from gatewayd.plugins.api import CommandRegistry, ConfigError, ModelRegistry, PluginContext, TaskRegistry, hookimpl
+from gatewayd.plugins.api import (
+    CommandRegistry,
+    ConfigError,
+    ModelRegistry,
+    PluginContext,
+    SerialRegistry,
+    SerialSettings,
+    TaskRegistry,
+    hookimpl,
+)
 
 PLUGIN_NAME = "everything"
 calls: list[str] = []
@@ -24,6 +33,7 @@ class EverythingConfig:
     fail_startup: bool = False
     crash_task: bool = False
     threshold: int = 10
+    serial: SerialSettings | None = None
 
     def validate(self) -> None:
         if self.threshold < 0:
@@ -95,6 +105,27 @@ def gatewayd_http_routes(ctx: PluginContext):
 
 
 @hookimpl
+def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext):
+    calls.append("serial_links")
+    if ctx.config.serial is None:
+        return
+
+    async def on_frame(frame: bytes, link):
+        import json
+
+        try:
+            body = json.loads(frame)
+            value = float(body["value"])
+        except (ValueError, KeyError, TypeError):
+            await link.send(b'{"error": "expected {\\"value\\": number}"}')
+            return
+        row_id = await ctx.storage.write(lambda: Reading.insert(device="serial", value=value).execute())
+        await link.send(json.dumps({"ok": row_id}).encode())  # ACK only after the commit
+
+    links.add("console", ctx.config.serial, on_frame)
+
+
+@hookimpl
 async def gatewayd_startup(ctx: PluginContext):
     calls.append("startup")
     if ctx.config.fail_startup:
@@ -115,6 +146,17 @@ def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext):
         await trio.sleep_forever()
 
     tasks.add("ticker", ticker)
+
+
+@hookimpl
+def gatewayd_alert_rules(ctx: PluginContext):
+    calls.append("alert_rules")
+    return [{
+        "name": "everything-high-reading",
+        "type": "reading",
+        "when": [f"value > {ctx.config.threshold}"],
+        "actions": [{"kind": "log"}],
+    }]
 
 
 @hookimpl

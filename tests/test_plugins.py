@@ -163,3 +163,51 @@ async def test_disabled_plugin_is_not_started(gateway_factory):
             assert (await client.get("/everything/hello")).status_code == 404
             assert (await client.get("/health")).json()["plugins"]["everything"] == {"state": "disabled"}
     assert "startup" not in plugin_everything.calls
+
+
+async def test_hook_serial_links(gateway_factory):
+    import json
+    import os
+
+    device, port = os.openpty()  # our end plays the device; the gateway opens the tty
+    os.set_blocking(device, False)
+    path = os.ttyname(port)
+
+    async def read_line() -> bytes:
+        buf = b""
+        while not buf.endswith(b"\n"):
+            await trio.lowlevel.wait_readable(device)
+            buf += os.read(device, 4096)
+        return buf
+
+    try:
+        async with gateway_factory(plugins=[EVERYTHING], settings=[f"plugins.everything.serial.port='{path}'"]) as gw:
+            with trio.fail_after(10):
+                link = gw.serial.links["everything.console"]
+                await link.wait_open()
+                os.write(device, b"line noise\xff\n" + json.dumps({"value": 4.5}).encode() + b"\n")
+                replies = b""
+                while b'"ok"' not in replies:
+                    replies += await read_line()
+            assert b'"error"' in replies  # the noise got the family's error, the link survived
+            ok = json.loads(replies.splitlines()[-1])
+            assert await gw.storage.read(lambda: plugin_everything.Reading.get_by_id(ok["ok"]).value) == 4.5
+            async with gw_client(gw) as client:
+                health = (await client.get("/health")).json()
+                assert health["components"]["serial.everything.console"]["state"] == "ok"
+                assert 'gatewayd_serial_frames_total{direction="in",link="everything.console"} 2' in (
+                    await client.get("/metrics")).text
+    finally:
+        os.close(device)
+        os.close(port)
+
+
+def test_serial_settings_errors_name_the_toml_key():
+    from gatewayd.core.config import ConfigErrors, load_config
+
+    with pytest.raises(ConfigErrors) as info:
+        load_config(None, ["plugins.everything.serial.port='/dev/ttyUSB0'", "plugins.everything.serial.parity='X'"],
+                    {"everything": plugin_everything.EverythingConfig}, text="")
+    assert [str(e) for e in info.value.errors] == [
+        "plugins.everything.serial.parity: expected one of N, E, O, M, S, got 'X'"
+    ]

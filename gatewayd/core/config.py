@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
 
 __all__ = [
@@ -91,6 +92,169 @@ class MqttSection:
 
 
 @dataclass
+class DevicesSection:
+    offline_after_s: float = 300.0
+    presence_flush_s: float = 5.0
+    command_ttl_s: float = 86400.0
+    command_sweep_s: float = 30.0
+    claim_code_ttl_s: float = 86400.0
+
+    def validate(self) -> None:
+        for name in ("offline_after_s", "presence_flush_s", "command_ttl_s", "command_sweep_s", "claim_code_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class AuthSection:
+    max_failures: int = 10
+    failure_window_s: float = 60.0
+    lockout_s: float = 300.0
+    jwt_ttl_s: float = 7 * 86400.0
+    signature_max_skew_s: float = 300.0
+    master_key_env: str = "GATEWAYD_MASTER_KEY"
+
+    def validate(self) -> None:
+        if self.max_failures < 1:
+            raise ConfigError("max_failures", f"must be >= 1, got {self.max_failures}")
+        for name in ("failure_window_s", "lockout_s", "jwt_ttl_s", "signature_max_skew_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OutboxClassSection:
+    """`[outbox.classes.<class>]`: one class's own capacity and time-to-live."""
+
+    max_rows: int = 0
+    max_bytes: int = 0
+    ttl_s: float | None = None
+
+    def validate(self) -> None:
+        for name in ("max_rows", "max_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, "must be >= 0 (0: no limit of its own)")
+        if self.ttl_s is not None and self.ttl_s < 0:
+            raise ConfigError("ttl_s", "must be >= 0 (0: never expires)")
+
+
+@dataclass
+class OutboxSection:
+    policy: Literal["drop_oldest", "reject"] = "drop_oldest"
+    max_rows: int = 10_000_000
+    max_bytes: int = 1 << 30
+    ttl_s: float = 30 * 86400.0
+    maintenance_s: float = 30.0
+    classes: dict[str, OutboxClassSection] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        from .sync.protocol import CLASSES
+
+        for name in self.classes:
+            if name not in CLASSES:
+                raise ConfigError(f"classes.{name}", f"unknown class; expected one of {', '.join(CLASSES)}")
+        if self.max_rows < 1 or self.max_bytes < 1:
+            raise ConfigError("max_rows" if self.max_rows < 1 else "max_bytes", "must be >= 1")
+        if self.ttl_s < 0 or self.maintenance_s <= 0:
+            raise ConfigError("ttl_s" if self.ttl_s < 0 else "maintenance_s", "must be >= 0 / > 0")
+
+
+@dataclass
+class UpstreamSection:
+    """One `[[upstream]]` sink: where the outbox is forwarded to."""
+
+    name: str
+    url: str
+    kind: Literal["http", "mqtt"] = "http"
+    secret_env: str = "GATEWAYD_UPSTREAM_SECRET"
+    compression: Literal["zstd", "gzip", "identity"] = "zstd"
+    max_records: int = 5000
+    max_bytes: int = 1 << 20
+    timeout_s: float = 30.0
+    linger_s: float = 0.5
+    breaker_threshold: int = 5
+    breaker_cooldown_s: float = 60.0
+    path: str = "/v1/batch"
+    tls_verify: bool = True
+    topic: str = ""
+    client_id: str = ""
+    username: str = ""
+    password_env: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    enabled: bool = True
+
+    def validate(self) -> None:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", self.name):
+            raise ConfigError("name", f"expected 1-32 of [A-Za-z0-9_-], got {self.name!r}")
+        schemes = ("http://", "https://") if self.kind == "http" else ("mqtt://", "mqtts://")
+        if not self.url.startswith(schemes):
+            raise ConfigError("url", f"a {self.kind} upstream needs a {' or '.join(schemes)} URL, got {self.url!r}")
+        if not 1 <= self.max_records <= 100_000:
+            raise ConfigError("max_records", f"must be 1-100000, got {self.max_records}")
+        if not 1024 <= self.max_bytes <= 64 << 20:
+            raise ConfigError("max_bytes", f"must be 1024-67108864, got {self.max_bytes}")
+        for name in ("timeout_s", "breaker_cooldown_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, "must be > 0")
+        if self.linger_s < 0 or self.breaker_threshold < 1:
+            raise ConfigError("linger_s" if self.linger_s < 0 else "breaker_threshold", "out of range")
+
+
+def _load_upstream(raw: Any) -> list[UpstreamSection]:
+    if not isinstance(raw, list):
+        raise ConfigErrors([ConfigError("upstream", "expected [[upstream]] tables (an array of tables)")])
+    errors: list[ConfigError] = []
+    out: list[UpstreamSection] = []
+    for i, table in enumerate(raw):
+        try:
+            out.append(load_section(UpstreamSection, table, f"upstream[{i}]"))
+        except ConfigErrors as e:
+            errors.extend(e.errors)
+    names = [u.name for u in out]
+    errors += [ConfigError("upstream", f"two upstreams are named {n!r}") for n in sorted({n for n in names if names.count(n) > 1})]
+    if errors:
+        raise ConfigErrors(errors)
+    return out
+
+
+@dataclass
+class NotificationsSection:
+    """`[notifications]`: delivery of alert actions (core/notify.py)."""
+
+    max_attempts: int = 8
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 300.0
+    timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts", f"must be >= 1, got {self.max_attempts}")
+        for name in ("backoff_base_s", "backoff_max_s", "timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class OtaSection:
+    """`[ota]`: the firmware store (core/ota.py)."""
+
+    trusted_keys: list[str] = field(default_factory=list)
+    require_signed: bool = False
+    rollout: dict[str, float] = field(default_factory=lambda: {"stable": 100.0, "beta": 100.0})
+
+    def validate(self) -> None:
+        for channel, percent in self.rollout.items():
+            if channel not in ("stable", "beta"):
+                raise ConfigError(f"rollout.{channel}", "unknown channel; expected stable or beta")
+            if not 0 <= percent <= 100:
+                raise ConfigError(f"rollout.{channel}", f"must be a percentage 0-100, got {percent}")
+
+
+@dataclass
 class PluginSettings:
     """The keys every `[plugins.<name>]` table has, plus the plugin's own `options`."""
 
@@ -108,6 +272,13 @@ class Config:
     http: HttpSection = field(default_factory=HttpSection)
     storage: StorageSection = field(default_factory=StorageSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    devices: DevicesSection = field(default_factory=DevicesSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    upstream: list[UpstreamSection] = field(default_factory=list)
+    notifications: NotificationsSection = field(default_factory=NotificationsSection)
+    ota: OtaSection = field(default_factory=OtaSection)
+    rules: list[Rule] = field(default_factory=list)
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: Path | None = None
 
@@ -120,7 +291,7 @@ class Config:
         return path
 
 
-_SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k not in ("plugins", "source")}
+_SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k not in ("plugins", "source", "upstream", "rules")}
 
 
 def read_secret(env_name: str) -> str | None:
@@ -231,6 +402,12 @@ def load_config(
     sections: dict[str, Any] = {}
     for name, value in raw.items():
         if name == "plugins":
+            continue
+        if name in ("upstream", "rules"):
+            try:
+                sections[name] = _load_upstream(value) if name == "upstream" else load_rules(value)
+            except ConfigErrors as e:
+                errors.extend(e.errors)
             continue
         if name not in _SECTIONS:
             import difflib

@@ -24,7 +24,16 @@ from .health import ComponentState, Health
 from .http import create_app, create_plugin_app, guard_plugin, serve_app
 from .logs import get_logger
 from .metrics import Metrics, Sample
+from .serial_links import SerialLinks
 from .storage import SchemaSpec, Storage
+from .admin_api import admin_blueprint
+from .device_services import DeviceServices
+from .ingest import Ingest
+from .outbox import Outbox
+from .sync.upstream import Upstream
+from .alerting import load_alert_rules, start_alerting
+from .events_http import events_blueprint
+from .ota_http import firmware_blueprint
 
 __all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled"]
 
@@ -69,6 +78,13 @@ class Gateway:
             group_commit_max=config.storage.group_commit_max,
             readers=config.storage.readers,
         )
+        self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock)
+        self.outbox = Outbox.from_config(self.storage, config, clock=clock)
+        self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
+        self.events: Any = None  # EventBus, Notifier, OtaStore: created once storage is open
+        self.notifier: Any = None
+        self.ota: Any = None
+        self.serial = SerialLinks(self.metrics, self.health)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
@@ -129,10 +145,15 @@ class Gateway:
             await core.start(self.storage.run)
             self.health.probe("storage", self._storage_state)
             await self._install_schemas()
+            await start_alerting(self, core)  # self.events, self.notifier, self.ota (core/alerting.py)
+            await core.start(self.devices.run)
             async with trio.open_nursery() as front:
                 self._build_contexts()
+                load_alert_rules(self)
                 await self._start_http(front)
+                await self._start_serial(front)
                 await self._start_plugins(front)
+                await front.start(self.upstream.run)  # step 7: the sync workers, last
                 log.info(
                     "gateway started",
                     id=self.config.gateway.id,
@@ -149,6 +170,8 @@ class Gateway:
     # -- start-up ----------------------------------------------------------------
 
     async def _install_schemas(self) -> None:
+        await trio.to_thread.run_sync(self.devices.install)
+        await self.outbox.open()
         for name in self.enabled_plugins:
             try:
                 registry = self.plugins.storage_models(name)
@@ -171,10 +194,17 @@ class Gateway:
                 storage=PluginStorage(self.storage),
                 metrics=PluginMetrics(self.metrics, name),
                 clock=self.clock,
+                **self.devices.context_fields(name),
+                ingest=Ingest(self.outbox, name, self.clock),
+                events=self.events,
+                ota=self.ota,
             )
 
     async def _start_http(self, nursery: trio.Nursery) -> None:
         app = create_app(self)
+        app.register_blueprint(admin_blueprint(self))
+        app.register_blueprint(events_blueprint(self))
+        app.register_blueprint(firmware_blueprint(self))
         dedicated: list[tuple[str, Any]] = []
         for name in self.enabled_plugins:
             if name in self.failed:
@@ -226,6 +256,16 @@ class Gateway:
             key = "http.listen" if label == "main" else f"plugins.{label}.listen"
             raise ListenError(f"cannot listen on {listen} ({key}): {error.strerror or error}") from None
 
+    async def _start_serial(self, nursery: trio.Nursery) -> None:
+        for name in self.enabled_plugins:
+            if name in self.failed:
+                continue
+            try:
+                registry = self.plugins.serial_links(name, self.contexts[name])
+                await self.serial.start(name, registry, nursery)
+            except Exception as e:
+                self._fail(name, f"serial links: {e}", e)
+
     async def _start_plugins(self, nursery: trio.Nursery) -> None:
         for name in self.enabled_plugins:
             if name in self.failed:
@@ -244,6 +284,7 @@ class Gateway:
 
     def _fail(self, name: str, reason: str, exc: BaseException) -> None:
         self.failed[name] = reason
+        self.serial.stop_plugin(name)
         self.health.set_plugin(name, "failed", reason)
         log.error("plugin failed", plugin=name, reason=reason, exc_type=type(exc).__name__)
 

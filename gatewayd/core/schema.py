@@ -174,7 +174,15 @@ def load_section(cls: type, raw: Any, key: str = "") -> Any:
             errors.append(ConfigError(join_key(key, name), "required key is missing"))
     if errors:
         raise ConfigErrors(errors)
-    obj = cls(**kwargs)
+    try:
+        obj = cls(**kwargs)
+    except ValueError as e:
+        # Sections that check themselves on construction (e.g. SerialSettings) name the
+        # offending field in `e.field`; turn that into the full TOML key.
+        name = getattr(e, "field", None)
+        if name is None:
+            raise
+        raise ConfigErrors([ConfigError(join_key(key, name), str(e).removeprefix(f"{name}: "))]) from None
     validate = getattr(obj, "validate", None)
     if validate is not None:
         try:

@@ -49,7 +49,10 @@ import pluggy
 
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
+from ..core.ingest import IngestError, Ingested, Record
 from ..core.schema import ConfigError
+from ..core.serial import SerialSettings
+from ..core.storage import StorageError, StorageFull
 from .hookspecs import PROJECT
 
 if TYPE_CHECKING:
@@ -63,7 +66,14 @@ __all__ = [
     "ModelRegistry",
     "TaskRegistry",
     "CommandRegistry",
+    "SerialRegistry",
+    "SerialSettings",
     "ConfigError",
+    "IngestError",
+    "Ingested",
+    "Record",
+    "StorageError",
+    "StorageFull",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
@@ -125,6 +135,26 @@ class PluginContext:
     metrics: PluginMetrics
     clock: Callable[[], float] = field(default=time.time)
     extras: dict[str, Any] = field(default_factory=dict)
+    devices: Any = None
+    """The device registry for this family: provision/get/list/update/claim/touch (docs/devices.md)."""
+    auth: Any = None
+    """Device authentication helpers, one per scheme; raise `AuthError` (docs/devices.md)."""
+    ratelimit: Any = None
+    """Token-bucket rate limits: `define(cls, limit, per_s)`, `check(key, cls)`, `headers(decision)`."""
+    commands: Any = None
+    """The durable per-device command queue: enqueue/next_for/push/ack."""
+    ingest: Any = None
+    """Durable ingest + upstream outbox: `await ctx.ingest.record(device, kind, data, cls=...,
+    family_rows=...)` / `records([...])`; returns after COMMIT (gatewayd/core/ingest.py)."""
+    events: Any = None
+    """The event bus: `await ctx.events.emit(family, device_id, type, data, severity=...,
+    duration_s=..., resolved=..., ts=...)` stores an event and runs the alert rules;
+    `await ctx.events.observe(...)` runs a reading through the rules and stores it only
+    if one fires (docs/events.md)."""
+    ota: Any = None
+    """The firmware store: `await ctx.ota.newest_for(family, model, current_version, channel,
+    device_id)`, `await ctx.ota.response(fw)` (resumable download), `await ctx.ota.report(
+    family, device_id, status, version=...)` (docs/ota.md)."""
 
     def now(self) -> float:
         """Wall-clock seconds since the epoch (the gateway's clock; tests replace it)."""
@@ -179,6 +209,29 @@ class TaskRegistry:
         if not inspect.iscoroutinefunction(fn):
             raise TypeError(f"task {name!r}: expected an async function, got {fn!r}")
         self.tasks.append(_Task(name, fn, args))
+
+
+@dataclass
+class _Link:
+    name: str
+    settings: SerialSettings
+    handler: Callable[[bytes, Any], Awaitable[None]]
+
+
+class SerialRegistry:
+    """Collects a plugin's serial lines."""
+
+    def __init__(self, plugin: str):
+        self.plugin = plugin
+        self.links: list[_Link] = []
+
+    def add(self, name: str, settings: SerialSettings, handler: Callable[[bytes, Any], Awaitable[None]]) -> None:
+        """Open `settings.port` and call `await handler(frame, link)` for every frame."""
+        if not isinstance(settings, SerialSettings):
+            raise TypeError(f"serial link {name!r}: expected SerialSettings, got {type(settings).__name__}")
+        if any(link.name == name for link in self.links):
+            raise ValueError(f"serial link {name!r} declared twice")
+        self.links.append(_Link(name, settings, handler))
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
-    from .api import CommandRegistry, ModelRegistry, PluginContext, TaskRegistry
+    from .api import CommandRegistry, ModelRegistry, PluginContext, SerialRegistry, TaskRegistry
 
 PROJECT = "gatewayd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -104,6 +104,42 @@ def gatewayd_shutdown(ctx: PluginContext) -> Any:
     Called after the HTTP servers stopped accepting and in-flight requests finished,
     before background tasks are cancelled and storage is drained. Bounded by
     `gateway.shutdown_grace_s`; exceptions are logged and ignored.
+    """
+
+
+# -- events and alerts -----------------------------------------------------------
+
+
+@hookspec
+def gatewayd_alert_rules(ctx: PluginContext) -> list[dict[str, Any]] | None:
+    """Return the plugin's default alert rules: a list of rule tables (dicts), or None.
+
+    Called once per plugin after its context is built, before its startup hook. Each
+    dict has the keys of a `[[rules]]` table (docs/events.md): `name`, matchers
+    (`type`, `severity`, `when`, `min_duration_s`, `more_than`/`within_s`,
+    `outside_hours`, `absent_for_s`, ...), `actions` and optionally `escalate`;
+    `family` defaults to the plugin's name. Rules are checked like the config's; an
+    invalid one marks the plugin failed with the key and reason. A `[[rules]]` table
+    in gatewayd.toml with the same `name` replaces the plugin's rule (`enabled =
+    false` switches it off), so operators keep the last word.
+    """
+
+
+# -- serial links ----------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext) -> None:
+    """Declare serial lines with `links.add(name, settings, handler)`.
+
+    Called once per plugin after its HTTP routes, before its startup hook. `settings`
+    is a `SerialSettings` (port or URL, baud rate, framing, CRC, timeouts); put them in
+    the plugin's config schema so a site sets the port in gatewayd.toml. The core
+    opens each line, reopens it with backoff when it disappears, decodes frames and
+    calls `await handler(frame: bytes, link)` for each, in order; `link.send(payload)`
+    answers and `link.request(payload, match=..., timeout=...)` polls a device. A
+    handler that raises is counted and logged and never closes the line. Each line's
+    state is in `/health` (`serial.<plugin>.<name>`) and its counters in `/metrics`.
     """
 
 

@@ -19,7 +19,7 @@ import pluggy
 
 from ..core.logs import get_logger
 from . import hookspecs
-from .api import CommandRegistry, ModelRegistry, TaskRegistry
+from .api import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry
 
 __all__ = ["PluginManager", "PluginInfo", "PluginLoadError", "build_plugin_manager", "ENTRY_POINT_GROUP"]
 
@@ -118,6 +118,11 @@ class PluginManager:
     def http_routes(self, name: str, ctx: Any) -> Any:
         return self._call(name, "gatewayd_http_routes", ctx=ctx)
 
+    def serial_links(self, name: str, ctx: Any) -> SerialRegistry:
+        registry = SerialRegistry(name)
+        self._call(name, "gatewayd_serial_links", links=registry, ctx=ctx)
+        return registry
+
     async def startup(self, name: str, ctx: Any) -> None:
         await await_me_maybe(self._call(name, "gatewayd_startup", ctx=ctx))
 
@@ -128,6 +133,9 @@ class PluginManager:
 
     async def shutdown(self, name: str, ctx: Any) -> None:
         await await_me_maybe(self._call(name, "gatewayd_shutdown", ctx=ctx))
+
+    def alert_rules(self, name: str, ctx: Any) -> list[dict[str, Any]]:
+        return list(self._call(name, "gatewayd_alert_rules", ctx=ctx) or [])
 
     def cli_commands(self, name: str) -> CommandRegistry:
         registry = CommandRegistry(name)

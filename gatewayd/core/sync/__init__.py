@@ -43,3 +43,20 @@ __all__ = [
     "sign",
     "validate_record",
 ]
+
+# The sinks and workers pull in httpx and the outbox: imported on first use only, so
+# the codec stays cheap (and the outbox can import the codec without a cycle).
+_LAZY = {
+    "HttpSink": ".http_sink",
+    "MqttSink": ".mqtt_sink",
+    "SyncWorker": ".worker",
+    "Upstream": ".upstream",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

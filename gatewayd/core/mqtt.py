@@ -1,0 +1,674 @@
+"""The gateway's MQTT client: paho-mqtt 2.x driven from trio, no thread, no second loop.
+
+paho is used as a protocol engine over its non-blocking socket: one reader task waits
+with ``trio.lowlevel.wait_readable`` and calls ``loop_read``, a writer task waits with
+``wait_writable`` when paho has bytes left over, and ``loop_misc`` runs once a second for
+keepalive. Only the TCP/TLS connect itself (DNS, handshake: blocking inside paho) runs in
+a worker thread, bounded by ``connect_timeout``, while nothing else touches the client.
+
+Delivery contract (the product's first rule, "nothing acknowledged before committed"):
+
+- The client subscribes at QoS 1 with ``manual_ack=True``. An inbound message is
+  PUBACKed only after every matching handler returned, i.e. after the handler's ingest
+  was committed. Handlers run concurrently (at most ``max_in_flight``, which is also
+  the MQTT 5 Receive Maximum) so the storage layer's group commit can batch them.
+- A handler raising :class:`Rejected` (bad input) gets the message acknowledged (a
+  poison message must not come back forever), counted and passed to
+  ``record_rejected(topic, payload, reason)``.
+- Any other exception (storage down...) leaves the message unacknowledged. Brokers
+  redeliver unacknowledged QoS 1 messages only when the session reconnects (MQTT 3.1.1
+  4.4; MQTT 5 forbids resending on the same connection), so after a failure the client
+  reconnects on purpose, ``redeliver_after`` seconds later (doubling while failures go
+  on): otherwise the message would only come back at the next network blip, and the
+  unacknowledged messages would use up the broker's in-flight window and stall all
+  delivery. Before that reconnect it stops taking new messages and lets the handlers in
+  flight finish, so their acks still go out on the connection they came from.
+- An ack is only ever sent on the connection its message arrived on: packet ids are
+  reused, so a late ack on a newer connection could acknowledge a different message.
+- The session is persistent (stable client id; clean session off / MQTT 5 session
+  expiry), so what devices publish while the gateway is down waits in the broker.
+
+Startup (``run``): ``task_status.started()`` after the first CONNACK and SUBACKs, or
+after the first attempt failed or ``first_connect_timeout`` passed. A gateway whose
+broker is down must still start (HTTP, serial, the buffer); it keeps reconnecting with
+exponential backoff and jitter, and ``connected`` / ``stats`` tell /health.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Awaitable, Callable, Hashable, Literal
+
+import paho.mqtt.client as paho
+import peewee
+import trio
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .topics import Subscription, TopicRouter, validate_topic
+
+__all__ = [
+    "InboundMessage",
+    "MQTTClient",
+    "MQTTSettings",
+    "MQTTStats",
+    "MessageHandler",
+    "PublishError",
+    "PublishTimeout",
+    "RecordRejected",
+    "Rejected",
+    "RejectedMessage",
+    "TLSSettings",
+]
+
+log = logging.getLogger("gatewayd.mqtt")
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """TLS to the broker. No ``ca_file``: the system's CAs. ``insecure``: no verification."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MQTTSettings:
+    """Everything the client needs; the runtime builds it from ``[mqtt]``."""
+
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = "gatewayd"  # must be stable: it names the persistent session
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TLSSettings | None = None
+    keepalive: int = 30
+    clean_start: bool = False  # False: keep the session (and what queued in it)
+    session_expiry: int = 7 * 24 * 3600  # MQTT 5 only; 3.1.1 sessions never expire
+    protocol: Literal["3.1.1", "5"] = "5"
+    status_topic: str | None = "gatewayd/status"  # retained online/offline, last will
+    reconnect_min: float = 0.5
+    reconnect_max: float = 30.0
+    connect_timeout: float = 5.0
+    first_connect_timeout: float = 5.0
+    publish_timeout: float = 10.0
+    max_in_flight: int = 256  # concurrent inbound handlers; MQTT 5 Receive Maximum
+    redeliver_after: float = 5.0  # 0: never reconnect on purpose after handler errors
+    drain_timeout: float = 5.0
+
+
+class Rejected(Exception):
+    """Raised by a handler for input that will never be acceptable.
+
+    The message is acknowledged (so it does not come back), counted, and recorded
+    through ``record_rejected``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PublishError(Exception):
+    """A publish that did not complete: refused, or the connection was lost first."""
+
+
+class PublishTimeout(PublishError):
+    """No connection, or no PUBACK, within the publish timeout."""
+
+
+@dataclass(frozen=True)
+class InboundMessage:
+    """What a handler receives (independent of paho)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+
+
+MessageHandler = Callable[[InboundMessage], Awaitable[None]]
+RecordRejected = Callable[[str, bytes, str], Awaitable[None]]
+
+
+class RejectedMessage(peewee.Model):
+    """A message a handler rejected. Unbound: the core binds it to its database."""
+
+    topic = peewee.TextField()
+    payload = peewee.BlobField()
+    reason = peewee.TextField()
+    received_at = peewee.FloatField(default=time.time, index=True)  # unix seconds
+
+    class Meta:
+        table_name = "core_mqtt_rejected"
+        database = None
+
+
+@dataclass
+class MQTTStats:
+    """Counters for /metrics; ``last_error`` for /health."""
+
+    received: int = 0
+    acked: int = 0
+    rejected: int = 0
+    handler_errors: int = 0
+    unrouted: int = 0
+    deferred: int = 0  # arrived while draining before a reconnect: left for redelivery
+    stale_acks: int = 0  # handler finished after its connection was gone: not acked
+    publishes: int = 0
+    publish_errors: int = 0
+    reconnects: int = 0
+    forced_reconnects: int = 0
+    last_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _PubWaiter:
+    __slots__ = ("done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.error: str | None = None
+
+
+_OK = MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+class MQTTClient:
+    """The gateway's one MQTT connection: subscribe through the router, publish with PUBACK.
+
+    ``router`` holds the handlers (plugins add theirs before ``run``; :meth:`subscribe`
+    also works while connected). ``record_rejected`` stores rejected messages (the core
+    wires it to :class:`RejectedMessage`).
+    """
+
+    def __init__(
+        self,
+        settings: MQTTSettings,
+        logger: logging.Logger | None = None,
+        *,
+        router: TopicRouter[MessageHandler] | None = None,
+        record_rejected: RecordRejected | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log = logger or log
+        self.router: TopicRouter[MessageHandler] = router if router is not None else TopicRouter()
+        self.stats = MQTTStats()
+        self.connected = False
+        self._record_rejected = record_rejected
+        self._client = self._make_client()
+        self._generation = 0  # one per connection attempt; acks only go to their own
+        self._nursery: trio.Nursery | None = None
+        self._run_scope: trio.CancelScope | None = None
+        self._in_flight = 0
+        self._slot_freed = trio.Event()
+        self._want_write = trio.Event()
+        self._connected_event = trio.Event()
+        self._ready = trio.Event()
+        self._first_attempt = trio.Event()
+        self._stopped = trio.Event()
+        self._redeliver = trio.Event()
+        self._redeliver_delay = settings.redeliver_after
+        self._draining = False
+        self._stopping = False
+        self._leaving = False
+        self._ever_connected = False
+        self._suback_pending: dict[int, list[str]] = {}
+        self._pub_waiters: dict[int, _PubWaiter] = {}
+        self._error_log_at = 0.0
+        self._errors_unlogged = 0
+
+    @property
+    def ready(self) -> bool:
+        """Connected and every subscription acknowledged by the broker (SUBACK)."""
+        return self.connected and self._ready.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        """Inbound messages whose handlers are running."""
+        return self._in_flight
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _make_client(self) -> paho.Client:
+        s = self.settings
+        v5 = s.protocol == "5"
+        c = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.client_id,
+            clean_session=None if v5 else s.clean_start,
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            reconnect_on_failure=False,  # else paho may reconnect, blocking, inside a read
+            manual_ack=True,
+        )
+        if s.username:
+            c.username_pw_set(s.username, s.password)
+        if s.tls is not None:
+            ctx = ssl.create_default_context(cafile=s.tls.ca_file)
+            if s.tls.cert_file:
+                ctx.load_cert_chain(s.tls.cert_file, s.tls.key_file)
+            if s.tls.insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            c.tls_set_context(ctx)
+            c.tls_insecure_set(s.tls.insecure)
+        c.connect_timeout = s.connect_timeout
+        c.max_inflight_messages_set(100)
+        if s.status_topic:
+            validate_topic(s.status_topic)
+            c.will_set(s.status_topic, "offline", qos=1, retain=True)
+        props = None
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = s.session_expiry
+            props.ReceiveMaximum = s.max_in_flight
+        c.connect_async(s.host, s.port, s.keepalive, clean_start=s.clean_start, properties=props)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
+        c.on_message = self._on_message
+        c.on_socket_close = self._on_socket_close
+        return c
+
+    # --- public API -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Connect, subscribe, dispatch and reconnect until cancelled or :meth:`stop`."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._run_scope = nursery.cancel_scope
+                nursery.start_soon(self._connection_loop)
+                with trio.move_on_after(self.settings.first_connect_timeout):
+                    await self._first_attempt.wait()
+                if not self.connected:
+                    self.log.warning(
+                        "MQTT broker %s:%d not reachable yet (%s); starting anyway and retrying",
+                        self.settings.host, self.settings.port, self.stats.last_error,
+                    )
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(2):
+                    await self._goodbye()
+                self._drop_socket()
+                self._connection_ended("client stopped")
+                self._nursery = None
+                self._stopped.set()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking messages, let running handlers finish (up to ``grace``), disconnect."""
+        self._stopping = self._draining = True
+        with trio.move_on_after(grace):
+            while self._in_flight:
+                await self._wait_slot()
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+            await self._stopped.wait()
+
+    def subscribe(
+        self, topic_filter: str, handler: MessageHandler, *, qos: int = 1, owner: Hashable = None
+    ) -> Subscription[MessageHandler]:
+        """Route ``topic_filter`` to ``handler``; subscribes now if connected, else at connect."""
+        sub = self.router.add(topic_filter, handler, qos=qos, owner=owner)
+        if self.connected:
+            self._send_subscribe({topic_filter: self.router.filters()[topic_filter]})
+        return sub
+
+    def unsubscribe_owner(self, owner: Hashable) -> None:
+        """Drop ``owner``'s routes; unsubscribes filters nobody routes any more."""
+        gone = {s.filter for s in self.router.remove_owner(owner)} - set(self.router.filters())
+        if gone and self.connected:
+            self._client.unsubscribe(sorted(gone))
+            self._kick_writer()
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        qos: int = 1,
+        retain: bool = False,
+        *,
+        timeout: float | None = None,
+    ) -> None:
+        """Publish; with QoS 1, return only once the broker's PUBACK arrived.
+
+        Waits for a connection first. Raises :class:`PublishTimeout` if there is no
+        connection or no PUBACK within ``timeout`` (default ``publish_timeout``), and
+        :class:`PublishError` if the broker refuses it or the connection drops first
+        (paho may still resend it on the next connection: QoS 1 is at-least-once).
+        """
+        validate_topic(topic)
+        if qos not in (0, 1):
+            raise ValueError("qos must be 0 or 1")
+        limit = self.settings.publish_timeout if timeout is None else timeout
+        try:
+            with trio.fail_after(limit):
+                while not self.connected:
+                    await self._connected_event.wait()
+                info = self._client.publish(topic, payload, qos=qos, retain=retain)
+                self._kick_writer()
+                if info.rc != _OK:
+                    raise PublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+                if qos == 1:
+                    waiter = _PubWaiter()
+                    self._pub_waiters[info.mid] = waiter
+                    try:
+                        await waiter.done.wait()
+                    finally:
+                        self._pub_waiters.pop(info.mid, None)
+                    if waiter.error:
+                        raise PublishError(f"publish to {topic!r}: {waiter.error}")
+        except trio.TooSlowError:
+            self.stats.publish_errors += 1
+            raise PublishTimeout(f"publish to {topic!r}: no PUBACK within {limit:g} s") from None
+        except PublishError:
+            self.stats.publish_errors += 1
+            raise
+        self.stats.publishes += 1
+
+    # --- connection lifecycle -------------------------------------------------------------
+
+    async def _connection_loop(self) -> None:
+        delay = self.settings.reconnect_min
+        while True:
+            outcome = await self._connect_and_serve()
+            self._first_attempt.set()
+            if outcome == "redeliver":
+                continue  # on purpose: come straight back for the redelivery
+            if outcome == "lost":
+                delay = self.settings.reconnect_min
+            pause = delay * random.uniform(0.75, 1.25)
+            self.log.info("MQTT reconnecting in %.1f s", pause)
+            await trio.sleep(pause)
+            delay = min(delay * 2, self.settings.reconnect_max)
+
+    async def _connect_and_serve(self) -> str:
+        s = self.settings
+        self._generation += 1
+        self._ready = trio.Event()
+        self._redeliver = trio.Event()
+        self._draining = self._stopping
+        try:
+            # paho's connect (getaddrinfo, TCP, TLS handshake) blocks; nothing else uses
+            # the client meanwhile: publish waits for `connected`, acks check generation.
+            with trio.fail_after(s.connect_timeout + 1):
+                await trio.to_thread.run_sync(self._client.reconnect, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            self._note_error(f"connect to {s.host}:{s.port} timed out")
+            return "failed"
+        except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS
+            self._note_error(f"connect to {s.host}:{s.port} failed: {exc}")
+            return "failed"
+        sock = self._client.socket()
+        if sock is None:
+            self._note_error("connect failed: no socket")
+            return "failed"
+        outcome = ["failed"]
+        async with trio.open_nursery() as conn:
+            conn.start_soon(self._reader, sock, conn.cancel_scope)
+            conn.start_soon(self._writer, sock, conn.cancel_scope)
+            conn.start_soon(self._keepalive, sock, conn.cancel_scope)
+            conn.start_soon(self._watch_ready, conn.cancel_scope, outcome)
+            conn.start_soon(self._watch_redelivery, conn.cancel_scope, outcome)
+        self._drop_socket()
+        self._connection_ended("connection closed")
+        return outcome[0]
+
+    async def _reader(self, sock: Any, scope: trio.CancelScope) -> None:
+        tls = isinstance(sock, ssl.SSLSocket)
+        try:
+            while True:
+                while self._in_flight >= self.settings.max_in_flight:
+                    await self._wait_slot()  # backpressure: stop reading, let handlers catch up
+                if not (tls and sock.pending()):  # TLS may hold decrypted bytes already
+                    await trio.lowlevel.wait_readable(sock)
+                rc = self._client.loop_read()
+                self._kick_writer()
+                if rc != _OK or self._client.socket() is not sock:
+                    if rc not in (_OK, MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_CONN_REFUSED):
+                        self._note_error(f"connection ended: {paho.error_string(rc)}")
+                    break
+        except (trio.ClosedResourceError, OSError, ValueError):
+            pass  # paho closed the socket (keepalive timeout, write error)
+        scope.cancel()
+
+    async def _writer(self, sock: Any, scope: trio.CancelScope) -> None:
+        try:
+            while True:
+                if not self._client.want_write():
+                    await self._want_write.wait()
+                    self._want_write = trio.Event()
+                while self._client.want_write():
+                    await trio.lowlevel.wait_writable(sock)
+                    if self._client.loop_write() != _OK or self._client.socket() is not sock:
+                        scope.cancel()
+                        return
+        except (trio.ClosedResourceError, OSError, ValueError):
+            scope.cancel()
+
+    async def _keepalive(self, sock: Any, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(1)
+            rc = self._client.loop_misc()
+            self._kick_writer()
+            if rc != _OK or self._client.socket() is not sock:
+                self._note_error("keepalive: no answer from the broker")
+                scope.cancel()
+                return
+
+    async def _watch_ready(self, scope: trio.CancelScope, outcome: list[str]) -> None:
+        with trio.move_on_after(self.settings.connect_timeout):
+            await self._ready.wait()
+            outcome[0] = "lost"
+            self._first_attempt.set()
+            return
+        self._note_error(f"no CONNACK/SUBACK within {self.settings.connect_timeout:g} s")
+        scope.cancel()
+
+    async def _watch_redelivery(self, scope: trio.CancelScope, outcome: list[str]) -> None:
+        await self._redeliver.wait()
+        delay = self._redeliver_delay
+        self.log.warning("handler failures: reconnecting in %.0f s so the broker redelivers", delay)
+        await trio.sleep(delay)
+        self._redeliver_delay = min(delay * 2, max(self.settings.redeliver_after, 60.0))
+        self._draining = True  # new arrivals stay unacked and come back after the reconnect
+        with trio.move_on_after(self.settings.drain_timeout):
+            while self._in_flight:
+                await self._wait_slot()
+        self.stats.forced_reconnects += 1
+        outcome[0] = "redeliver"
+        self._leaving = True
+        self._client.disconnect()  # clean DISCONNECT: session kept, no last will
+        with trio.move_on_after(1):
+            while self._client.want_write() and self._client.socket() is not None:
+                await trio.sleep(0.01)
+        scope.cancel()
+
+    async def _goodbye(self) -> None:
+        # A clean DISCONNECT suppresses the last will, so say "offline" ourselves.
+        sock = self._client.socket()
+        if not self.connected or sock is None:
+            return
+        if self.settings.status_topic:
+            self._client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
+        self._leaving = True
+        self._client.disconnect()
+        while self._client.want_write() and self._client.socket() is sock:
+            await trio.lowlevel.wait_writable(sock)
+            self._client.loop_write()
+
+    def _drop_socket(self) -> None:
+        # paho has no public "close without DISCONNECT"; _sock_close also runs our
+        # on_socket_close, which tells trio before the fd goes away.
+        if self._client.socket() is not None:
+            self._client._sock_close()
+
+    def _connection_ended(self, why: str) -> None:
+        if self.connected:
+            # Our own DISCONNECT (shutdown, redelivery) is news, not a problem.
+            level = logging.INFO if self._leaving else logging.WARNING
+            self.log.log(level, "MQTT disconnected from %s:%d: %s", self.settings.host, self.settings.port, why)
+        self._leaving = False
+        self.connected = False
+        if self._connected_event.is_set():
+            self._connected_event = trio.Event()
+        for waiter in self._pub_waiters.values():
+            waiter.error = f"connection lost before PUBACK ({why})"
+            waiter.done.set()
+        self._pub_waiters.clear()
+        self._suback_pending.clear()
+
+    # --- paho callbacks (all on the trio thread, inside loop_read/loop_write) -------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            self._note_error(f"broker refused the connection: {reason}")
+            return
+        if self._ever_connected:
+            self.stats.reconnects += 1
+        self._ever_connected = True
+        self.connected = True
+        self._connected_event.set()
+        self.log.info(
+            "MQTT connected to %s:%d as %r (session present: %s)",
+            self.settings.host, self.settings.port, self.settings.client_id, flags.session_present,
+        )
+        if self.settings.status_topic:
+            client.publish(self.settings.status_topic, "online", qos=1, retain=True)
+        # Always resubscribe: the broker may have lost the session (crash, expiry).
+        filters = self.router.filters()
+        if filters:
+            self._send_subscribe(filters)
+        else:
+            self._ready.set()
+
+    def _send_subscribe(self, filters: dict[str, int]) -> None:
+        # QoS 2 is capped to 1: with QoS 2 paho answers PUBREC before the handler runs,
+        # and the broker then considers the message delivered, commit or not.
+        rc, mid = self._client.subscribe([(f, min(q, 1)) for f, q in filters.items()])
+        if rc == _OK and mid is not None:
+            self._suback_pending[mid] = list(filters)
+        self._kick_writer()
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        filters = self._suback_pending.pop(mid, [])
+        for f, reason in zip(filters, reasons):
+            if reason.is_failure:
+                self._note_error(f"broker refused subscription {f!r}: {reason}")
+        if not self._suback_pending:
+            self._ready.set()
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        waiter = self._pub_waiters.get(mid)
+        if waiter is not None:
+            if reason.is_failure:
+                waiter.error = f"broker refused it: {reason}"
+            waiter.done.set()
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        self._connection_ended(str(reason))
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        try:
+            trio.lowlevel.notify_closing(sock)  # wake our waiters before the fd is reused
+        except RuntimeError:
+            pass  # called from the connect thread: nobody is waiting on that socket
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self.stats.received += 1
+        if self._draining or self._nursery is None:
+            self.stats.deferred += 1  # not acked: the broker gives it back after reconnect
+            return
+        self._in_flight += 1
+        self._nursery.start_soon(self._dispatch, msg, self._generation)
+
+    # --- dispatch -------------------------------------------------------------------------
+
+    async def _dispatch(self, msg: paho.MQTTMessage, generation: int) -> None:
+        topic = "?"
+        try:
+            try:
+                topic = msg.topic
+            except UnicodeDecodeError:
+                await self._reject(repr(msg._topic), msg.payload, "topic is not valid UTF-8")
+                self._ack(msg, generation)
+                return
+            handlers = self.router.handlers_for(topic)
+            if not handlers:
+                self.stats.unrouted += 1
+                self._ack(msg, generation)
+                return
+            message = InboundMessage(topic, msg.payload, msg.qos, bool(msg.retain), bool(msg.dup))
+            reason = None
+            for handler in handlers:
+                try:
+                    await handler(message)
+                except Rejected as exc:
+                    reason = exc.reason
+            if reason is not None:
+                await self._reject(topic, msg.payload, reason)
+            self._ack(msg, generation)
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not ack
+            self.stats.handler_errors += 1
+            self._note_error(f"handler for {topic!r} failed: {exc!r}", log_it=False)
+            self._log_handler_error(topic, exc)
+            if self.settings.redeliver_after > 0:
+                self._redeliver.set()
+        finally:
+            self._in_flight -= 1
+            self._slot_freed.set()
+
+    async def _reject(self, topic: str, payload: bytes, reason: str) -> None:
+        if self._record_rejected is not None:
+            await self._record_rejected(topic, payload, reason)  # raising here: not acked
+        self.stats.rejected += 1
+        self.log.info("rejected MQTT message on %r: %s", topic, reason)
+
+    def _ack(self, msg: paho.MQTTMessage, generation: int) -> None:
+        if msg.qos == 0:
+            return
+        if generation != self._generation or not self.connected:
+            self.stats.stale_acks += 1  # its connection is gone; the broker redelivers it
+            return
+        self._client.ack(msg.mid, msg.qos)
+        self.stats.acked += 1
+        self._redeliver_delay = self.settings.redeliver_after
+        self._kick_writer()
+
+    def _log_handler_error(self, topic: str, exc: Exception) -> None:
+        # With storage down every message fails: one traceback per 10 s, not 10k/s.
+        now = time.monotonic()
+        if now - self._error_log_at >= 10:
+            extra = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
+            self.log.error("MQTT handler for %r failed; message left unacknowledged%s", topic, extra, exc_info=exc)
+            self._error_log_at = now
+            self._errors_unlogged = 0
+        else:
+            self._errors_unlogged += 1
+
+    # --- small helpers --------------------------------------------------------------------
+
+    def _kick_writer(self) -> None:
+        if self._client.want_write():
+            self._want_write.set()
+
+    async def _wait_slot(self) -> None:
+        self._slot_freed = trio.Event()
+        await self._slot_freed.wait()
+
+    def _note_error(self, text: str, *, log_it: bool = True) -> None:
+        self.stats.last_error = text
+        if log_it:
+            self.log.warning("MQTT: %s", text)

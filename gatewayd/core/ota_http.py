@@ -1,0 +1,149 @@
+"""Serving firmware over HTTP: Content-Length, ETag, conditional GET and byte ranges.
+
+Devices on flaky links resume a download with `Range: bytes=N-` (206 Partial Content);
+`If-Range: "<sha256>"` makes sure the resumed part belongs to the same image. The same
+response serves the admin route `/api/gateway/firmware/<id>/download` and any plugin
+route (`await ctx.ota.response(fw)`), so every family gets resumable downloads.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import trio
+from quart import Blueprint, Response, request
+
+from .http import error_response, require_admin
+from .ota import Firmware
+
+if TYPE_CHECKING:
+    from .runtime import Gateway
+
+__all__ = ["parse_range", "firmware_response", "firmware_blueprint"]
+
+CHUNK = 64 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal["unsatisfiable"]:
+    """One byte range of a `size`-byte file, inclusive; None = send it all.
+
+    Follows RFC 9110 14.2: a missing, malformed or multi-range header is ignored (the
+    whole file, 200); a range starting at or past the end is "unsatisfiable" (416);
+    an end past the file is clamped; `bytes=-N` is the last N bytes.
+    """
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip().replace(" ", ""))
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # a suffix: the last N bytes
+        suffix = int(m[2])
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(m[1])
+    end = int(m[2]) if m[2] else size - 1
+    if m[2] and end < start:
+        return None  # invalid syntax: ignore the header
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+async def _read_file(fw: Firmware, start: int, length: int) -> AsyncIterator[bytes]:
+    async with await trio.open_file(fw.path, "rb") as f:
+        await f.seek(start)
+        remaining = length
+        while remaining > 0:
+            chunk = await f.read(min(CHUNK, remaining))
+            if not chunk:
+                return  # the file shrank under us; the client sees a short body and retries
+            remaining -= len(chunk)
+            yield chunk
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+async def firmware_response(fw: Firmware) -> Response:
+    """Serve `fw` for the current Quart request (200, 206, 304 or 416)."""
+    try:
+        size = (await trio.Path(fw.path).stat()).st_size
+    except OSError:
+        return error_response(500, f"firmware {fw.id}: the image file is missing from the store")
+    if size != fw.size:
+        return error_response(500, f"firmware {fw.id}: the image file changed on disk; run gatewayd firmware verify")
+    headers = {
+        "ETag": fw.etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "no-cache",
+        "Content-Disposition": f'attachment; filename="{fw.filename.replace(chr(34), "")}"',
+        "X-Firmware-Version": fw.version,
+        "X-Firmware-SHA256": fw.sha256,
+    }
+    if fw.signature:
+        headers["X-Firmware-Signature"] = fw.signature
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match and _etag_matches(if_none_match, fw.etag):
+        return Response(b"", status=304, headers={"ETag": fw.etag})
+    wanted = parse_range(request.headers.get("Range"), size)
+    if_range = request.headers.get("If-Range")
+    if wanted is not None and if_range is not None and if_range.strip() != fw.etag:
+        wanted = None  # the client holds part of another image: send this one whole
+    if wanted == "unsatisfiable":
+        response = error_response(416, f"range not satisfiable: the image is {size} bytes")
+        response.headers["Content-Range"] = f"bytes */{size}"
+        return response
+    start, end, status = (0, size - 1, 200) if wanted is None else (*wanted, 206)
+    length = max(0, end - start + 1)
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(length)
+    body: Any = _read_file(fw, start, length) if request.method != "HEAD" else b""
+    response = Response(body, status=status, headers=headers, content_type="application/octet-stream")
+    return response
+
+
+def firmware_blueprint(gateway: Gateway) -> Blueprint:
+    """Admin routes: list images, one image, its download, and OTA reports."""
+    bp = Blueprint("gatewayd_firmware", __name__)
+
+    @bp.before_request
+    async def _admin() -> Response | None:
+        if getattr(gateway, "ota", None) is None:
+            return error_response(503, "the firmware store is not available")
+        return require_admin(gateway)
+
+    @bp.get("/api/gateway/firmware")
+    async def list_firmware() -> Any:
+        family = request.args.get("family") or None
+        return {"firmware": [f.as_dict() for f in await gateway.ota.list(family)]}
+
+    @bp.get("/api/gateway/firmware/<int:firmware_id>")
+    async def one(firmware_id: int) -> Any:
+        fw = await gateway.ota.get(firmware_id)
+        if fw is None:
+            return error_response(404, f"no firmware with id {firmware_id}")
+        return fw.as_dict()
+
+    @bp.get("/api/gateway/firmware/<int:firmware_id>/download")
+    async def download(firmware_id: int) -> Any:
+        return await gateway.ota.response(firmware_id)
+
+    @bp.get("/api/gateway/firmware/reports")
+    async def reports() -> Any:
+        try:
+            limit = int(request.args.get("limit", "100"))
+        except ValueError:
+            return error_response(400, "limit: expected an integer 1-1000")
+        if not 1 <= limit <= 1000:
+            return error_response(400, "limit: expected an integer 1-1000")
+        return {"reports": await gateway.ota.reports(request.args.get("device") or None, limit)}
+
+    return bp

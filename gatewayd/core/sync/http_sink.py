@@ -1,0 +1,55 @@
+"""The HTTP sink: POST one encoded batch to `{url}/v1/batch` and classify the answer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+
+from . import EncodedBatch, Outcome, parse_response
+
+__all__ = ["HttpSink"]
+
+
+class HttpSink:
+    """Sends batches over HTTP(S) with httpx (which runs under trio).
+
+    Transport failures (refused, reset, timeout, TLS) come back as a `retry`
+    Outcome with status 0; answers are classified by `parse_response`. Redirects are
+    not followed: a 3xx means a misconfigured URL, and the data waits (retry).
+    """
+
+    kind = "http"
+
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        *,
+        path: str = "/v1/batch",
+        timeout_s: float = 30.0,
+        verify: bool | str = True,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.name = name
+        self.endpoint = url.rstrip("/") + path
+        self.clock = clock
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=verify,
+            headers={"User-Agent": "gatewayd"},
+        )
+
+    async def send(self, batch: EncodedBatch) -> Outcome:
+        """POST the batch; never raises for network trouble (that is a `retry`)."""
+        try:
+            response = await self._client.post(self.endpoint, content=batch.body, headers=batch.headers)
+        except httpx.HTTPError as e:  # connect/read/write errors and timeouts
+            return Outcome("retry", 0, reason=f"{type(e).__name__}: {e or 'no detail'}")
+        return parse_response(response.status_code, response.headers, response.content, now=self.clock())
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    def describe(self) -> str:
+        return self.endpoint

@@ -1,0 +1,150 @@
+"""The command queue: life cycle, priority, expiry, MQTT push, and a restart in between."""
+
+import json
+
+import pytest
+import trio
+
+from gatewayd.core.commands import CommandQueue
+from gatewayd.testing import gw_client
+from tests import plugin_devices
+from tests.device_services_setup import FakeClock, open_services
+
+
+async def test_life_cycle_poll_then_ack(tmp_path):
+    async with open_services(tmp_path) as s:
+        q = s.commands
+        c = await q.enqueue("streetlight", "SL001", {"command_type": "power_control", "action": "on"})
+        assert c.status == "pending"
+        [got] = await q.next_for("streetlight", "SL001")
+        assert (got.id, got.status, got.attempts) == (c.id, "delivered", 1)
+        assert await q.next_for("streetlight", "SL001") == []  # handed out once
+        done = await q.ack(c.id, True, {"brightness": 100})
+        assert (done.status, done.result) == ("executed", {"brightness": 100})
+        again = await q.ack(c.id, False, "late duplicate")
+        assert (again.status, again.result) == ("executed", {"brightness": 100})  # a repeated ack changes nothing
+
+
+async def test_failed_ack_and_foreign_ack(tmp_path):
+    async with open_services(tmp_path) as s:
+        c = await s.commands.enqueue("paku", "p1", {"relay": 1})
+        assert await s.commands.ack(c.id, True, device_id="p2") is None
+        assert await s.commands.ack(c.id, True, family="kaiabc") is None
+        assert await s.commands.ack("no-such-id", True) is None
+        assert (await s.commands.ack(c.id, False, {"error": "relay stuck"}, device_id="p1")).status == "failed"
+
+
+async def test_priority_then_age(tmp_path):
+    async with open_services(tmp_path) as s:
+        q = s.commands
+        low = await q.enqueue("paku", "p1", "low")
+        high = await q.enqueue("paku", "p1", "high", priority=5)
+        low2 = await q.enqueue("paku", "p1", "low2")
+        await q.enqueue("paku", "p2", "other device")
+        got = await q.next_for("paku", "p1", limit=10)
+        assert [c.id for c in got] == [high.id, low.id, low2.id]
+
+
+async def test_expiry(tmp_path):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        q = s.commands
+        short = await q.enqueue("paku", "p1", "short", ttl_s=30)
+        long = await q.enqueue("paku", "p1", "long", ttl_s=3600)
+        delivered = await q.enqueue("paku", "p2", "x", ttl_s=30)
+        await q.next_for("paku", "p2")
+        clock.advance(31)
+        # Not handed out even before the sweep ran...
+        assert [c.id for c in await q.next_for("paku", "p1", limit=10)] == [long.id]
+        assert await q.expire() == 2
+        assert (await q.get(short.id)).status == "expired"
+        assert (await q.get(delivered.id)).status == "expired"
+        assert (await q.ack(delivered.id, True)).status == "expired"  # an ack after expiry changes nothing
+        with pytest.raises(ValueError):
+            await q.enqueue("paku", "p1", "x", ttl_s=0)
+        with pytest.raises(ValueError, match="JSON"):
+            await q.enqueue("paku", "p1", {1, 2})
+
+
+async def test_redelivery_of_unacknowledged(tmp_path):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        c = await s.commands.enqueue("streetlight", "SL001", {"action": "off"})
+        await s.commands.next_for("streetlight", "SL001")
+        assert await s.commands.next_for("streetlight", "SL001", redeliver_after_s=60) == []
+        clock.advance(61)
+        [again] = await s.commands.next_for("streetlight", "SL001", redeliver_after_s=60)
+        assert (again.id, again.attempts) == (c.id, 2)
+
+
+async def test_push_over_mqtt_publisher(tmp_path):
+    published = []
+
+    async def publish(topic, payload):
+        published.append((topic, json.loads(payload)))
+
+    async with open_services(tmp_path) as s:
+        q = s.commands
+        with pytest.raises(RuntimeError, match="publisher"):
+            await q.push("paku", "p1", "paku/p1/cmd")
+        q.publish = publish
+        a = await q.enqueue("paku", "p1", {"relay": "on"})
+        b = await q.enqueue("paku", "p1", {"relay": "off"}, priority=1)
+        assert await q.push("paku", "p1", "paku/p1/cmd") == 2
+        assert published == [("paku/p1/cmd", {"command_id": b.id, "relay": "off"}),
+                             ("paku/p1/cmd", {"command_id": a.id, "relay": "on"})]
+        assert {c.status for c in await q.list("paku", "p1")} == {"delivered"}
+        assert await q.push("paku", "p1", "paku/p1/cmd") == 0
+
+
+async def test_a_listener_pushes_on_enqueue_and_may_fail(tmp_path):
+    async with open_services(tmp_path) as s:
+        seen = []
+        s.commands.listeners["paku"] = seen.append
+        c = await s.commands.enqueue("paku", "p1", {"relay": "on"})
+        assert [x.id for x in seen] == [c.id]
+
+        def broken(command):
+            raise RuntimeError("broker down")
+
+        s.commands.listeners["paku"] = broken
+        c2 = await s.commands.enqueue("paku", "p1", {"relay": "off"})  # stored regardless
+        assert (await s.commands.get(c2.id)).status == "pending"
+
+
+async def test_sweep_service(tmp_path):
+    # Real time: the sweep writes through the storage thread, which autojump can't see.
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s, trio.open_nursery() as nursery:
+        q = CommandQueue(s.storage, clock=clock, sweep_s=0.05)
+        await nursery.start(q.run)
+        c = await q.enqueue("paku", "p1", "x", ttl_s=10)
+        clock.advance(11)
+        with trio.fail_after(10):
+            while (await q.get(c.id)).status != "expired":
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+async def test_commands_survive_a_gateway_restart(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw:
+            await gw.devices.registry.provision("meter", "m1", key="m1-token")
+            first = await gw.devices.commands.enqueue("meter", "m1", {"action": "on"}, priority=1)
+            second = await gw.devices.commands.enqueue("meter", "m1", {"action": "off"})
+            async with gw_client(gw) as client:
+                r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+                assert [c["id"] for c in r.json()["commands"]] == [first.id, second.id]
+        # The second gateway on the same data_dir: deliveries and queue are as they were.
+        async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw:
+            third = await gw.devices.commands.enqueue("meter", "m1", {"action": "dim"})
+            async with gw_client(gw) as client:
+                r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+                assert [c["id"] for c in r.json()["commands"]] == [third.id]
+                r = await client.post(f"/meter/commands/{first.id}/ack",
+                                      json={"device_token": "m1-token", "ok": True, "result": {"on": True}})
+                assert r.json() == {"ok": True, "status": "executed"}
+                r = await client.post("/meter/commands/nope/ack", json={"device_token": "m1-token", "ok": True})
+                assert r.status_code == 404
+            statuses = {c.id: c.status for c in await gw.devices.commands.list("meter", "m1")}
+            assert statuses == {first.id: "executed", second.id: "delivered", third.id: "delivered"}

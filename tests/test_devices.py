@@ -1,0 +1,189 @@
+"""The device registry: provisioning, secrets at rest, rotation, MQTT accounts, claim codes."""
+
+import pytest
+
+from gatewayd.core.broker import verify_password
+from gatewayd.core.devices import ClaimError, DeviceExists, UnknownDevice
+from tests.device_services_setup import FakeClock, open_services
+
+
+async def test_provision_then_get_and_list(tmp_path):
+    async with open_services(tmp_path) as s:
+        device, creds = await s.registry.provision("kaiabc", "pico_001", name="Chamber A", model="pico",
+                                                   metadata={"room": 105})
+        assert (device.family, device.id, device.status) == ("kaiabc", "pico_001", "provisioned")
+        assert creds.key and creds.signing_secret and creds.key != creds.signing_secret
+        got = await s.registry.get("kaiabc", "pico_001")
+        assert got.name == "Chamber A" and got.metadata == {"room": 105} and got.first_seen is None
+        generated, _ = await s.registry.provision("kaiabc")
+        assert generated.id.startswith("kaiabc-")
+        assert [d.id for d in await s.registry.list("kaiabc")] == sorted(["pico_001", generated.id])
+        assert await s.registry.list("paku") == []
+
+
+async def test_same_id_is_unique_per_family_only(tmp_path):
+    async with open_services(tmp_path) as s:
+        await s.registry.provision("kaiabc", "dev1")
+        with pytest.raises(DeviceExists):
+            await s.registry.provision("kaiabc", "dev1")
+        await s.registry.provision("paku", "dev1")
+        assert {d.family for d in await s.registry.find("dev1")} == {"kaiabc", "paku"}
+
+
+@pytest.mark.parametrize("device_id", ["-lead", "has space", "a/b", "x" * 129, "plus+"])
+async def test_bad_ids_are_refused(tmp_path, device_id):
+    async with open_services(tmp_path) as s:
+        with pytest.raises(ValueError, match="device id"):
+            await s.registry.provision("kaiabc", device_id)
+
+
+async def test_unknown_device(tmp_path):
+    async with open_services(tmp_path) as s:
+        with pytest.raises(UnknownDevice):
+            await s.registry.get("kaiabc", "nope")
+        with pytest.raises(UnknownDevice):
+            await s.registry.rotate("kaiabc", "nope")
+
+
+async def test_secrets_are_not_in_the_database_files(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("edgesentinel", "door-7")
+        rotated = await s.registry.rotate("edgesentinel", "door-7", grace_s=60)
+        await s.registry.provision("thingsnxt", "esp1", key="dev_token_12345")
+        # Read while the database is open, so the WAL still holds the recent pages.
+        blobs = b"".join(p.read_bytes() for p in tmp_path.glob("gatewayd.sqlite3*"))
+        assert b"door-7" in blobs  # the check can see what is there
+        for secret in (creds.key, creds.signing_secret, rotated.key, rotated.signing_secret, "dev_token_12345"):
+            assert secret.encode() not in blobs
+
+
+async def test_rotation_revokes_the_old_key(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, old = await s.registry.provision("kaiabc", "n1")
+        new = await s.registry.rotate("kaiabc", "n1")
+        assert await s.registry.verify_key("kaiabc", old.key) is None
+        assert (await s.registry.verify_key("kaiabc", new.key)).id == "n1"
+        _, secrets = await s.registry.signing_secrets("kaiabc", "n1")
+        assert secrets == [new.signing_secret]
+
+
+async def test_rotation_with_grace_keeps_both_until_it_ends(tmp_path):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        _, old = await s.registry.provision("kaiabc", "n1")
+        new = await s.registry.rotate("kaiabc", "n1", grace_s=600)
+        assert (await s.registry.verify_key("kaiabc", old.key)).id == "n1"
+        assert (await s.registry.verify_key("kaiabc", new.key)).id == "n1"
+        assert (await s.registry.signing_secrets("kaiabc", "n1"))[1] == [new.signing_secret, old.signing_secret]
+        clock.advance(601)
+        assert await s.registry.verify_key("kaiabc", old.key) is None
+        assert (await s.registry.verify_key("kaiabc", new.key)).id == "n1"
+
+
+async def test_revoke_stops_every_credential(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        await s.registry.revoke("kaiabc", "n1")
+        assert await s.registry.verify_key("kaiabc", creds.key) is None
+        assert (await s.registry.signing_secrets("kaiabc", "n1"))[1] == []
+        assert await s.registry.mqtt_accounts("kaiabc") == []
+
+
+async def test_key_is_scoped_to_family_and_device(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        await s.registry.provision("kaiabc", "n2")
+        assert await s.registry.verify_key("paku", creds.key) is None
+        assert await s.registry.verify_key("kaiabc", creds.key, "n2") is None
+        assert (await s.registry.verify_key("kaiabc", creds.key, "n1")).id == "n1"
+
+
+async def test_mqtt_accounts_are_mosquitto_hashes_of_the_key(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("paku", "plug-1")
+        _, other = await s.registry.provision("paku", "IMEI:35123")
+        await s.registry.provision("paku", "off-1")
+        await s.registry.disable("paku", "off-1")
+        accounts = dict(await s.registry.mqtt_accounts("paku"))
+        assert set(accounts) == {"plug-1", "IMEI_35123"}
+        assert accounts["plug-1"].startswith("$7$") and verify_password(creds.key, accounts["plug-1"])
+        assert verify_password(other.key, accounts["IMEI_35123"])
+        rotated = await s.registry.rotate("paku", "plug-1", grace_s=60)
+        accounts = dict(await s.registry.mqtt_accounts("paku"))
+        assert verify_password(rotated.key, accounts["plug-1"]) and not verify_password(creds.key, accounts["plug-1"])
+
+
+async def test_credential_changes_call_the_hook(tmp_path):
+    changed = []
+    async with open_services(tmp_path) as s:
+        s.registry.on_credentials_changed = changed.append
+        await s.registry.provision("paku", "p1")
+        await s.registry.rotate("paku", "p1")
+        await s.registry.disable("paku", "p1")
+
+        async def broken(family):
+            raise RuntimeError("broker down")
+
+        s.registry.on_credentials_changed = broken
+        await s.registry.provision("paku", "p2")  # a failing hook doesn't fail provisioning
+    assert changed == ["paku", "paku", "paku"]
+
+
+async def test_claim_code_claims_its_device_once(tmp_path):
+    async with open_services(tmp_path) as s:
+        await s.registry.provision("edgesentinel", "door-1")
+        code = await s.registry.create_claim_code("edgesentinel", ttl_s=600, device_id="door-1")
+        device, creds = await s.registry.redeem_claim_code("edgesentinel", code.code.lower())
+        assert device.status == "claimed" and creds is None
+        with pytest.raises(ClaimError, match="already used"):
+            await s.registry.redeem_claim_code("edgesentinel", code.code)
+
+
+async def test_claim_code_refusals(tmp_path):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        await s.registry.provision("edgesentinel", "door-1")
+        code = await s.registry.create_claim_code("edgesentinel", ttl_s=60, device_id="door-1")
+        with pytest.raises(ClaimError, match="unknown"):
+            await s.registry.redeem_claim_code("paku", code.code)
+        with pytest.raises(ClaimError, match="another device"):
+            await s.registry.redeem_claim_code("edgesentinel", code.code, "door-2")
+        with pytest.raises(ClaimError, match="unknown"):
+            await s.registry.redeem_claim_code("edgesentinel", "AAAA-BBBB-CCCC")
+        clock.advance(61)
+        with pytest.raises(ClaimError, match="expired"):
+            await s.registry.redeem_claim_code("edgesentinel", code.code)
+        assert (await s.registry.get("edgesentinel", "door-1")).status == "provisioned"
+        with pytest.raises(UnknownDevice):
+            await s.registry.create_claim_code("edgesentinel", ttl_s=60, device_id="ghost")
+
+
+async def test_unbound_claim_code_registers_a_new_device(tmp_path):
+    async with open_services(tmp_path) as s:
+        code = await s.registry.create_claim_code("paku", ttl_s=600)
+        device, creds = await s.registry.redeem_claim_code("paku", code.code, "plug-9", model="plug")
+        assert (device.id, device.status, device.model) == ("plug-9", "claimed", "plug")
+        assert (await s.registry.verify_key("paku", creds.key)).id == "plug-9"
+        # A registration that fails gives the code back.
+        code2 = await s.registry.create_claim_code("paku", ttl_s=600)
+        with pytest.raises(DeviceExists):
+            await s.registry.redeem_claim_code("paku", code2.code, "plug-9")
+        device, _ = await s.registry.redeem_claim_code("paku", code2.code, "plug-10")
+        assert device.id == "plug-10"
+
+
+async def test_update_merges_metadata(tmp_path):
+    async with open_services(tmp_path) as s:
+        await s.registry.provision("streetlight", "SL001", metadata={"city": "Delhi"})
+        device = await s.registry.update("streetlight", "SL001", firmware="v2.1.0", metadata={"lat": 28.6})
+        assert device.firmware == "v2.1.0" and device.metadata == {"city": "Delhi", "lat": 28.6}
+        with pytest.raises(ValueError):
+            await s.registry.update("streetlight", "SL001", status="active")
+
+
+async def test_registry_survives_a_restart(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+    async with open_services(tmp_path) as s:
+        assert (await s.registry.verify_key("kaiabc", creds.key)).id == "n1"
+        assert (await s.registry.signing_secrets("kaiabc", "n1"))[1] == [creds.signing_secret]

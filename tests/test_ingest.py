@@ -1,0 +1,133 @@
+"""`ctx.ingest`: family rows and outbox rows commit together, or not at all."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from contextlib import asynccontextmanager
+
+import peewee
+import pytest
+import trio
+
+from gatewayd.core.ingest import Ingest, IngestError, Record
+from gatewayd.core.outbox import Outbox, OutboxPolicy
+from gatewayd.core.storage import Storage
+from gatewayd.testing import gw_client
+from tests import plugin_ingest
+
+
+class Row(peewee.Model):
+    device = peewee.TextField()
+    n = peewee.IntegerField()
+
+    class Meta:
+        table_name = "fam_row"
+
+
+@asynccontextmanager
+async def open_ingest(tmp_path, sinks=("cloud",), policy=None, clock=lambda: 1_800_000_000.0, name="gw.sqlite3"):
+    storage = Storage(tmp_path / name)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        storage.database.bind([Row])
+        await trio.to_thread.run_sync(lambda: storage.run_blocking(lambda: storage.database.create_tables([Row])))
+        outbox = Outbox(storage, policy or OutboxPolicy(), list(sinks), clock=clock)
+        await outbox.open()
+        yield Ingest(outbox, "fam", clock), outbox, storage
+        nursery.cancel_scope.cancel()
+
+
+def fresh(path, sql):
+    """Read through a connection of our own: what is committed, nothing else."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+async def test_record_returns_after_family_and_outbox_rows_are_committed(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        stored = await ingest.record("dev-1", "telemetry", {"t": 21.5}, cls="state", ts=1_700_000_000.25,
+                                     family_rows=lambda: Row.insert(device="dev-1", n=7).execute())
+        assert list(stored.ids) == [1] and stored.result == 1
+        path = tmp_path / "gw.sqlite3"
+        assert fresh(path, "SELECT device, n FROM fam_row") == [("dev-1", 7)]
+        assert fresh(path, "SELECT prio, family, device, kind, ts, data FROM core_outbox") == [
+            (2, "fam", "dev-1", "telemetry", 1_700_000_000.25, '{"t":21.5}')]
+        assert outbox.counts["class:state"][0] == 1 and outbox.counts["sink:cloud"][0] == 1
+
+
+async def test_a_failing_family_write_keeps_nothing(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        def broken():
+            Row.insert(device="x", n=1).execute()
+            raise RuntimeError("family bug")
+
+        with pytest.raises(RuntimeError):
+            await ingest.record("dev-1", "k", {}, family_rows=broken)
+        path = tmp_path / "gw.sqlite3"
+        assert fresh(path, "SELECT COUNT(*) FROM fam_row") == [(0,)]
+        assert fresh(path, "SELECT COUNT(*) FROM core_outbox") == [(0,)]
+        assert outbox.counts["class:history"] == [0, 0]
+
+
+@pytest.mark.parametrize("args,kwargs,message", [
+    (("d", "k", {}), {"cls": "gossip"}, "cls must be one of"),
+    (("", "k", {}), {}, "device must be a non-empty string"),
+    (("d", "", {}), {}, "kind must be a non-empty string"),
+    (("d", "k", [1]), {}, "data must be a mapping"),
+    (("d", "k", {"v": math.nan}), {}, "data is not JSON"),
+    (("d", "k", {"v": object()}), {}, "data is not JSON"),
+    (("d", "k", {}), {"ts": 1_700_000_000_000}, "ts must be epoch seconds"),
+])
+async def test_bad_records_are_refused_before_anything_is_written(tmp_path, args, kwargs, message):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        with pytest.raises(IngestError, match=message):
+            await ingest.record(*args, **kwargs, family_rows=lambda: Row.insert(device="x", n=1).execute())
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM fam_row") == [(0,)]
+
+
+async def test_bulk_records_one_transaction_with_executemany_family_rows(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        rows = [("d", i) for i in range(5000)]
+        stored = await ingest.records(
+            [Record("d", "reading", {"i": i}, None, "history") for i in range(5000)],
+            family_rows=lambda: storage.database.connection().executemany(
+                "INSERT INTO fam_row (device, n) VALUES (?, ?)", rows),
+        )
+        assert stored.ids == range(1, 5001)
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*), MIN(id), MAX(id) FROM core_outbox") == [(5000, 1, 5000)]
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM fam_row") == [(5000,)]
+        # One bad record in a bulk: the whole call is refused, naming it.
+        with pytest.raises(IngestError, match="record 2: cls must be"):
+            await ingest.records([("d", "k", {}), ("d", "k", {}), ("d", "k", {}, None, "nope")])
+        assert outbox.counts["class:history"][0] == 5000
+
+
+async def test_ids_are_never_reused_after_the_newest_row_left(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        first = await ingest.record("d", "k", {})
+        batch = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+        await outbox.delivered(batch)
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM core_outbox") == [(0,)]
+        second = await ingest.record("d", "k", {})
+        assert second.ids[0] > first.ids[0]  # a reused id would be dropped upstream as a duplicate
+
+
+async def test_without_upstream_family_rows_are_stored_and_nothing_queued(tmp_path):
+    async with open_ingest(tmp_path, sinks=()) as (ingest, outbox, storage):
+        stored = await ingest.record("d", "k", {}, family_rows=lambda: Row.insert(device="d", n=1).execute())
+        assert len(stored.ids) == 0 and stored.result == 1
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM core_outbox") == [(0,)]
+
+
+async def test_the_plugin_route_answers_400_for_a_bad_class(gateway_factory):
+    async with gateway_factory(plugins=[("ingest", plugin_ingest)]) as gw:
+        async with gw_client(gw) as client:
+            r = await client.post("/ingest/records", json={"device": "d", "seq": 1, "cls": "gossip"})
+            assert r.status_code == 400 and "cls must be one of" in r.json()["error"]
+            r = await client.post("/ingest/records", json={"device": "d", "seq": 2, "cls": "alert"})
+            assert r.status_code == 201
+            assert (await client.get("/ingest/count")).json() == {"count": 1}

@@ -1,0 +1,297 @@
+"""MQTTClient against a real mosquitto: persistent sessions, manual ack, redelivery, publish."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any, Callable
+
+import peewee
+import pytest
+import trio
+
+from gatewayd.core.broker import BrokerAccount, ManagedBroker, hash_password
+from gatewayd.core.mqtt import (
+    InboundMessage,
+    MQTTClient,
+    PublishError,
+    PublishTimeout,
+    Rejected,
+    RejectedMessage,
+)
+from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
+from gatewayd.testing.mqtt import (
+    add_device_account,
+    device_client,
+    free_port,
+    gateway_mqtt_settings,
+    start_managed_broker,
+)
+
+PROTOCOLS = ["3.1.1", "5"]
+
+
+async def wait_until(predicate: Callable[[], Any]) -> None:
+    while not predicate():
+        await trio.sleep(0.01)
+
+
+class Collector:
+    """A handler that keeps what it got; ``fail`` decides per message whether it raises."""
+
+    def __init__(self, fail: Callable[[InboundMessage], BaseException | None] = lambda m: None) -> None:
+        self.got: list[InboundMessage] = []
+        self.fail = fail
+
+    async def __call__(self, msg: InboundMessage) -> None:
+        self.got.append(msg)
+        exc = self.fail(msg)
+        if exc is not None:
+            raise exc
+
+    def payloads(self) -> list[bytes]:
+        return [m.payload for m in self.got]
+
+
+async def run_client(nursery: trio.Nursery, broker: ManagedBroker, handler: Any, **settings: Any) -> MQTTClient:
+    client = MQTTClient(gateway_mqtt_settings(broker, **settings))
+    client.subscribe("dev/+/data", handler, owner="test")
+    await nursery.start(client.run)
+    await wait_until(lambda: client.ready)
+    return client
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_messages_published_while_gateway_is_stopped_arrive_after_start(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, protocol: str
+) -> None:
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        first = Collector()
+        client = await run_client(nursery, mqtt_broker, first, protocol=protocol)  # creates the session
+        await client.stop()
+        async with device_client(mqtt_broker, user, password) as dev:
+            for i in range(50):
+                await dev.publish("dev/dev1/data", b"%d" % i)
+        second = Collector()
+        await run_client(nursery, mqtt_broker, second, protocol=protocol)
+        await wait_until(lambda: len(second.got) == 50)
+        assert first.got == []
+        assert sorted(second.payloads()) == sorted(b"%d" % i for i in range(50))
+
+
+async def test_broker_killed_and_restarted_client_reconnects_and_resubscribes(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(20):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        handler = Collector()
+        client = await run_client(nursery, mqtt_broker, handler)
+        async with device_client(mqtt_broker, user, password) as dev:
+            for i in range(20):
+                await dev.publish("dev/dev1/data", b"before-%d" % i)
+        await wait_until(lambda: len(handler.got) == 20)
+        os.kill(mqtt_broker.pid or 0, signal.SIGKILL)  # no clean shutdown, no last save
+        await wait_until(lambda: client.stats.reconnects >= 1 and client.ready)
+        async with device_client(mqtt_broker, user, password, client_id="dev1-again") as dev:
+            for i in range(20):
+                await dev.publish("dev/dev1/data", b"after-%d" % i)
+        await wait_until(lambda: len(handler.got) >= 40)
+        assert mqtt_broker.restarts == 1
+        assert {b"before-%d" % i for i in range(20)} | {b"after-%d" % i for i in range(20)} == set(handler.payloads())
+
+
+async def test_broker_stopped_and_restarted_keeps_queued_messages(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A clean broker stop saves the gateway's session; what devices send while the
+    gateway is away still arrives, even across a credential reload (deferred until the
+    gateway's restored session has reconnected: see gatewayd.core.broker)."""
+    with trio.fail_after(20):
+        port = free_port()
+        scope = trio.CancelScope()
+        dev1 = BrokerAccount("dev1", hash_password("pw1"))
+
+        async def first_broker(task_status: trio.TaskStatus[ManagedBroker] = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                async with trio.open_nursery() as inner:
+                    task_status.started(await start_managed_broker(inner, tmp_path / "m", port=port, accounts=[dev1]))
+
+        broker = await nursery.start(first_broker)
+        handler = Collector()
+        client = await run_client(nursery, broker, handler)
+        await client.stop()
+        scope.cancel()  # SIGTERM: mosquitto saves its persistence file
+        await wait_until(lambda: broker.state == "stopped")
+        broker = await start_managed_broker(nursery, tmp_path / "m", port=port, accounts=[dev1])
+        async with device_client(broker, "dev1", "pw1") as dev:
+            await dev.publish("dev/dev1/data", b"queued-1")
+            user2, password2 = add_device_account(broker, "dev2")  # must not break the session
+            assert broker.reload_pending
+            await dev.publish("dev/dev1/data", b"queued-2")
+        await run_client(nursery, broker, handler)
+        await wait_until(lambda: len(handler.got) == 2)
+        await wait_until(lambda: not broker.reload_pending)  # applied once the gateway is back
+        async with device_client(broker, user2, password2) as dev:
+            await dev.publish("dev/dev2/data", b"new device")
+        await wait_until(lambda: len(handler.got) == 3)
+        assert handler.payloads() == [b"queued-1", b"queued-2", b"new device"]
+
+
+async def test_rejected_message_is_acked_once_and_recorded(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    db = peewee.SqliteDatabase(str(tmp_path / "rejected.db"), check_same_thread=False)
+    RejectedMessage.bind(db)
+    db.create_tables([RejectedMessage])
+    lock = trio.Lock()
+
+    async def record_rejected(topic: str, payload: bytes, reason: str) -> None:
+        async with lock:
+            await trio.to_thread.run_sync(lambda: RejectedMessage.create(topic=topic, payload=payload, reason=reason))
+
+    def poison(msg: InboundMessage) -> BaseException | None:
+        return Rejected("payload is not JSON") if msg.payload == b"poison" else None
+
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        handler = Collector(poison)
+        client = MQTTClient(gateway_mqtt_settings(mqtt_broker), record_rejected=record_rejected)
+        client.subscribe("dev/+/data", handler)
+        await nursery.start(client.run)
+        async with device_client(mqtt_broker, user, password) as dev:
+            await dev.publish("dev/dev1/data", b"poison")
+            await dev.publish("dev/dev1/data", b"good")
+            await wait_until(lambda: client.stats.acked == 2)
+            await client.stop()
+            # a new session connection: an unacked poison message would come back first
+            handler2 = Collector(poison)
+            client2 = MQTTClient(gateway_mqtt_settings(mqtt_broker), record_rejected=record_rejected)
+            client2.subscribe("dev/+/data", handler2)
+            await nursery.start(client2.run)
+            await dev.publish("dev/dev1/data", b"marker")
+            await wait_until(lambda: handler2.got)
+        assert handler2.payloads() == [b"marker"]
+        assert client.stats.rejected == 1 and client.stats.handler_errors == 0
+        rows = await trio.to_thread.run_sync(lambda: list(RejectedMessage.select()))
+        assert [(r.topic, bytes(r.payload), r.reason) for r in rows] == [
+            ("dev/dev1/data", b"poison", "payload is not JSON")
+        ]
+    db.close()
+
+
+async def test_handler_failure_is_not_acked_and_comes_back_after_forced_reconnect(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+) -> None:
+    storage_up = False
+
+    def storage(msg: InboundMessage) -> BaseException | None:
+        return None if storage_up else RuntimeError("storage unavailable")
+
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        handler = Collector(storage)
+        client = await run_client(nursery, mqtt_broker, handler, redeliver_after=0.3)
+        async with device_client(mqtt_broker, user, password) as dev:
+            await dev.publish("dev/dev1/data", b"reading")
+        await wait_until(lambda: client.stats.handler_errors >= 1)
+        assert client.stats.acked == 0
+        storage_up = True
+        await wait_until(lambda: client.stats.acked == 1)
+        assert client.stats.forced_reconnects >= 1
+        assert handler.payloads()[-1] == b"reading" and handler.got[-1].dup
+
+
+async def test_handler_failure_comes_back_after_gateway_restart(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        failing = Collector(lambda m: RuntimeError("storage unavailable"))
+        client = await run_client(nursery, mqtt_broker, failing, redeliver_after=0)  # no forced reconnect
+        async with device_client(mqtt_broker, user, password) as dev:
+            await dev.publish("dev/dev1/data", b"reading")
+        await wait_until(lambda: client.stats.handler_errors == 1)
+        await client.stop()
+        assert client.stats.acked == 0 and client.stats.forced_reconnects == 0
+        working = Collector()
+        client2 = await run_client(nursery, mqtt_broker, working)
+        await wait_until(lambda: client2.stats.acked == 1)
+        assert working.payloads() == [b"reading"]
+
+
+async def test_handlers_run_concurrently(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+    """Group commit needs many messages in flight at once: 20 handlers must block together."""
+    gate = trio.Event()
+    inside = 0
+
+    async def handler(msg: InboundMessage) -> None:
+        nonlocal inside
+        inside += 1
+        if inside >= 20:
+            gate.set()
+        await gate.wait()
+
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        client = await run_client(nursery, mqtt_broker, handler)
+        async with device_client(mqtt_broker, user, password) as dev:
+            for i in range(20):
+                await dev.publish("dev/dev1/data", b"%d" % i)
+        await wait_until(lambda: client.stats.acked == 20)
+
+
+async def test_publish_returns_after_puback_and_raises_when_refused(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+) -> None:
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        async with device_client(mqtt_broker, user, password) as dev:
+            await dev.subscribe("dev/dev1/cmd")
+            client = MQTTClient(gateway_mqtt_settings(mqtt_broker))
+            await nursery.start(client.run)
+            await client.publish("dev/dev1/cmd", b"reboot")
+            assert client.stats.publishes == 1
+            await wait_until(lambda: dev.received)
+            assert dev.received[0].payload == b"reboot"
+        # a device account may not publish on dev2's topic: MQTT 5 PUBACK says so
+        restricted = MQTTClient(
+            gateway_mqtt_settings(mqtt_broker, client_id="as-dev1", username=user, password=password, status_topic=None)
+        )
+        await nursery.start(restricted.run)
+        with pytest.raises(PublishError, match="Not authorized"):
+            await restricted.publish("dev/dev2/data", b"x")
+
+
+async def test_first_attempt_is_bounded_when_broker_is_down(tmp_path: Path, nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        port = free_port()
+        got = Collector()
+        settings = dict(host="127.0.0.1", port=port, client_id="gw", reconnect_min=0.05, reconnect_max=0.2)
+        probe = ManagedBroker(tmp_path / "m", port=port)
+        client = MQTTClient(gateway_mqtt_settings(probe, **settings))
+        client.subscribe("dev/+/data", got)
+        await nursery.start(client.run)  # returns although nothing listens
+        assert not client.connected and "failed" in (client.stats.last_error or "")
+        with pytest.raises(PublishTimeout):
+            await client.publish("gatewayd/x", b"x", timeout=0.2)
+        broker = await start_managed_broker(nursery, tmp_path / "m", port=port)
+        await wait_until(lambda: client.ready)
+        user, password = add_device_account(broker, "dev1")
+        async with device_client(broker, user, password) as dev:
+            await dev.publish("dev/dev1/data", b"late")
+        await wait_until(lambda: got.got)
+
+
+async def test_status_topic_online_then_offline(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+    with trio.fail_after(15):
+        gw_user, gw_password = mqtt_broker.gateway_credentials()
+        client = MQTTClient(gateway_mqtt_settings(mqtt_broker, status_topic="gatewayd/status"))
+        await nursery.start(client.run)
+        await client.publish("gatewayd/ping", b"", qos=1)  # after our status publish
+        async with device_client(mqtt_broker, gw_user, gw_password, client_id="watcher") as watcher:
+            await watcher.subscribe("gatewayd/status")
+            await wait_until(lambda: watcher.received)
+            assert watcher.received[0].payload == b"online" and watcher.received[0].retain
+            await client.stop()
+            await wait_until(lambda: len(watcher.received) == 2)
+            assert watcher.received[1].payload == b"offline"

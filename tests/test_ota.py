@@ -1,0 +1,277 @@
+"""The OTA store: semver order, rollout by device hash, signatures, resumable downloads."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import os
+import random
+import zlib
+
+import pytest
+import trio
+from quart import Blueprint
+
+from gatewayd.core.ota import OtaError, OtaStore, generate_keypair, load_private_key, load_public_key, rollout_bucket
+from gatewayd.core.ota_http import parse_range
+from gatewayd.core.semver import parse_version
+from gatewayd.core.storage import Storage
+from gatewayd.plugins.api import PluginContext, hookimpl
+from gatewayd.testing import gw_client
+
+TOKEN = "ota-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+TIMEOUT_S = 30
+
+
+def hard_timeout(fn):
+    @functools.wraps(fn)
+    async def wrapper(*args, **kwargs):
+        with trio.fail_after(TIMEOUT_S):
+            return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+# -- semantic versions ----------------------------------------------------------------
+
+
+def test_semver_precedence_follows_the_spec():
+    # The example chain of semver 2.0.0, section 11.
+    chain = ["1.0.0-alpha", "1.0.0-alpha.1", "1.0.0-alpha.beta", "1.0.0-beta", "1.0.0-beta.2", "1.0.0-beta.11",
+             "1.0.0-rc.1", "1.0.0", "1.0.1", "1.1.0", "1.10.0", "2.0.0"]
+    shuffled = chain[:]
+    random.Random(3).shuffle(shuffled)
+    assert [str(v) for v in sorted(map(parse_version, shuffled))] == chain
+    assert parse_version("v2.1.0") == parse_version("2.1.0+build.7")
+
+
+@pytest.mark.parametrize("text", ["1.2", "1.2.3.4", "01.2.3", "1.2.3-", "1.2.3-01", "latest", ""])
+def test_semver_rejects_what_is_not_a_version(text):
+    with pytest.raises(ValueError):
+        parse_version(text)
+
+
+# -- byte ranges ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header,expected", [
+    (None, None),
+    ("bytes=0-99", (0, 99)),
+    ("bytes=100-", (100, 999)),
+    ("bytes=-100", (900, 999)),
+    ("bytes=-5000", (0, 999)),
+    ("bytes=990-5000", (990, 999)),
+    ("bytes=1000-", "unsatisfiable"),
+    ("bytes=-0", "unsatisfiable"),
+    ("bytes=5-1", None),          # invalid: ignored, whole file
+    ("bytes=0-1,5-9", None),      # multiple ranges: whole file
+    ("items=0-1", None),
+])
+def test_parse_range(header, expected):
+    assert parse_range(header, 1000) == expected
+
+
+# -- rollout --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("percent", [5, 25, 50, 90])
+def test_rollout_share_is_within_two_percent_and_stable(percent):
+    devices = [f"dev-{i:05d}" for i in range(10_000)]
+    chosen = {d for d in devices if rollout_bucket("paku", "m1", "1.3.0", d) < percent}
+    assert abs(len(chosen) / len(devices) * 100 - percent) <= 2
+    assert chosen == {d for d in devices if rollout_bucket("paku", "m1", "1.3.0", d) < percent}  # stable
+    wider = {d for d in devices if rollout_bucket("paku", "m1", "1.3.0", d) < percent + 10}
+    assert chosen < wider  # raising the percentage only adds devices
+
+
+@pytest.fixture
+async def store(tmp_path):
+    storage = Storage(tmp_path / "gw.sqlite3")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        from gatewayd.core.alerting import install_schemas
+
+        await trio.to_thread.run_sync(install_schemas, storage)
+        yield OtaStore(storage, tmp_path / "firmware")
+        nursery.cancel_scope.cancel()
+
+
+def image(tmp_path, name="fw.bin", size=50_000, seed=1):
+    path = tmp_path / name
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+async def add(store, tmp_path, version, channel="stable", rollout=None, seed=None, **kw):
+    path = image(tmp_path, f"fw-{version}.bin", seed=seed or zlib.crc32(version.encode()))
+    return await trio.to_thread.run_sync(functools.partial(
+        store.add_blocking, path, family="paku", model="m1", version=version, channel=channel,
+        rollout_percent=rollout, **kw))
+
+
+async def test_newest_for_respects_version_channel_and_rollout(store, tmp_path):
+    await add(store, tmp_path, "1.2.0")
+    await add(store, tmp_path, "1.10.0")
+    await add(store, tmp_path, "1.11.0-beta.2", channel="beta")
+    await add(store, tmp_path, "2.0.0", rollout=50)
+    newest = functools.partial(store.newest_for, "paku", "m1")
+    assert (await newest("1.10.0", "stable", None)) is None  # 2.0.0 is at 50 %: no id, no offer
+    assert (await newest("1.2.0", "stable", None)).version == "1.10.0"  # 1.10 > 1.2 (not string order)
+    assert (await newest("1.10.0", "beta", None)).version == "1.11.0-beta.2"
+    assert await newest("1.11.0", "beta", None) is None
+    assert (await newest(None, "stable", None)).version == "1.10.0"
+    assert (await newest("v1.2", "stable", None)).version == "1.10.0"  # a lenient device-reported version
+    inside = next(d for d in (f"d{i}" for i in range(100)) if rollout_bucket("paku", "m1", "2.0.0", d) < 50)
+    outside = next(d for d in (f"d{i}" for i in range(100)) if rollout_bucket("paku", "m1", "2.0.0", d) >= 50)
+    assert (await newest("1.10.0", "stable", inside)).version == "2.0.0"
+    assert (await newest("1.10.0", "stable", outside)) is None
+    assert await store.newest_for("paku", "other-model", "0.0.1", "stable", inside) is None
+    with pytest.raises(ValueError):
+        await newest("1.0.0", "nightly", inside)
+
+
+async def test_add_refuses_duplicates_and_bad_versions(store, tmp_path):
+    await add(store, tmp_path, "1.0.0")
+    with pytest.raises(OtaError, match=r"paku/m1 1.0.0 is already in the store \(id 1\)"):
+        await add(store, tmp_path, "1.0.0")
+    with pytest.raises(OtaError, match="not a semantic version"):
+        await add(store, tmp_path, "1.0")
+    assert [f.version for f in await store.list()] == ["1.0.0"]
+
+
+# -- signatures -----------------------------------------------------------------------
+
+
+async def test_signed_here_verifies_and_a_bad_signature_is_rejected(store, tmp_path):
+    private, public = generate_keypair(tmp_path / "signing.pem")
+    assert oct(os.stat(private).st_mode & 0o777) == "0o600"
+    fw = await add(store, tmp_path, "1.0.0", sign_key=load_private_key(private))
+    key = load_public_key(public)
+    assert store.verify_blocking(fw, [key]) == fw.key_id
+    # A signature made elsewhere for *this* image verifies; for another image it does not.
+    other = image(tmp_path, "other.bin", seed=99)
+    good = base64.b64encode(load_private_key(private).sign(fw.signed_message())).decode()
+    with pytest.raises(OtaError, match="bad signature"):
+        await trio.to_thread.run_sync(functools.partial(
+            store.add_blocking, other, family="paku", model="m1", version="1.0.1", signature=good, extra_keys=[key]))
+    # ... nor when the image is altered on disk after it was stored.
+    fw.path.write_bytes(fw.path.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(OtaError, match="SHA-256 no longer matches"):
+        store.verify_blocking(fw, [key])
+    assert [f.version for f in await store.list()] == ["1.0.0"]
+
+
+async def test_require_signed_refuses_unsigned_images(store, tmp_path):
+    store.require_signed = True
+    with pytest.raises(OtaError, match="require_signed"):
+        await add(store, tmp_path, "1.0.0")
+
+
+# -- downloads through the real HTTP app ---------------------------------------------
+
+
+class OtaPlugin:
+    """A family plugin that serves the store's images under its own routes."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx: PluginContext):
+        bp = Blueprint("otaplug", __name__)
+
+        @bp.get("/ota/check")
+        async def check():
+            from quart import request
+
+            fw = await ctx.ota.newest_for("paku", request.args["model"], request.args["current"], "stable",
+                                         request.args["device"])
+            return {"update": None} if fw is None else {"update": {"version": fw.version, "sha256": fw.sha256,
+                                                                   "url": f"{ctx.mount}/ota/{fw.id}"}}
+
+        @bp.get("/ota/<int:fid>")
+        async def download(fid: int):
+            return await ctx.ota.response(fid)
+
+        return bp
+
+
+async def stored(gw, tmp_path, size=300_000):
+    path = image(tmp_path, size=size, seed=5)
+    fw = await trio.to_thread.run_sync(functools.partial(
+        gw.ota.add_blocking, path, family="paku", model="m1", version="1.4.0"))
+    return fw, path.read_bytes()
+
+
+@hard_timeout
+async def test_resumed_range_download_matches_the_sha256(gateway_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory() as gw:
+        fw, data = await stored(gw, tmp_path)
+        url = f"/api/gateway/firmware/{fw.id}/download"
+        async with gw_client(gw, headers=ADMIN) as client:
+            got = b""
+            async with client.stream("GET", url) as r:  # the link drops after ~100 kB
+                assert (r.status_code, r.headers["content-length"]) == (200, str(len(data)))
+                assert r.headers["etag"] == f'"{fw.sha256}"' and r.headers["accept-ranges"] == "bytes"
+                async for chunk in r.aiter_raw():
+                    got += chunk
+                    if len(got) >= 100_000:
+                        break
+            r = await client.get(url, headers={"Range": f"bytes={len(got)}-", "If-Range": fw.etag})
+            assert r.status_code == 206
+            assert r.headers["content-range"] == f"bytes {len(got)}-{len(data) - 1}/{len(data)}"
+            assert r.headers["content-length"] == str(len(data) - len(got))
+            whole = got + r.content
+            assert hashlib.sha256(whole).hexdigest() == fw.sha256 and whole == data
+
+
+@hard_timeout
+async def test_range_edge_cases_and_conditional_get(gateway_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory() as gw:
+        fw, data = await stored(gw, tmp_path, size=1000)
+        url = f"/api/gateway/firmware/{fw.id}/download"
+        async with gw_client(gw, headers=ADMIN) as client:
+            r = await client.get(url, headers={"Range": "bytes=1000-"})
+            assert (r.status_code, r.headers["content-range"]) == (416, "bytes */1000")
+            assert r.json()["error"]["status"] == 416
+            r = await client.get(url, headers={"Range": "bytes=-10"})
+            assert (r.status_code, r.content) == (206, data[-10:])
+            r = await client.get(url, headers={"Range": "bytes=0-9", "If-Range": '"another-image"'})
+            assert (r.status_code, r.content) == (200, data)  # the client's part is stale: send it whole
+            r = await client.get(url, headers={"If-None-Match": fw.etag})
+            assert (r.status_code, r.content) == (304, b"")
+            assert (await client.get("/api/gateway/firmware/999/download")).status_code == 404
+            listing = (await client.get("/api/gateway/firmware")).json()["firmware"]
+            assert [(f["id"], f["sha256"]) for f in listing] == [(fw.id, fw.sha256)]
+        async with gw_client(gw) as anonymous:
+            assert (await anonymous.get(url)).status_code == 401
+
+
+@hard_timeout
+async def test_a_plugin_serves_the_same_file_under_its_own_route(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        fw, data = await stored(gw, tmp_path)
+        async with gw_client(gw) as client:
+            r = await client.get("/otaplug/ota/check", params={"model": "m1", "current": "1.3.9", "device": "pk-1"})
+            update = r.json()["update"]
+            assert (update["version"], update["url"]) == ("1.4.0", f"/otaplug/ota/{fw.id}")
+            r = await client.get(update["url"], headers={"Range": "bytes=0-99"})
+            assert (r.status_code, r.content, r.headers["etag"]) == (206, data[:100], fw.etag)
+            r = await client.get("/otaplug/ota/check", params={"model": "m1", "current": "1.4.0", "device": "pk-1"})
+            assert r.json() == {"update": None}
+
+
+@hard_timeout
+async def test_reports_are_stored_and_failures_become_events(gateway_factory, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory() as gw:
+        for status in ("started", "downloaded", "verified", "failed"):
+            await gw.ota.report("paku", "pk-1", status, version="1.4.0", detail="crc" if status == "failed" else "")
+        with pytest.raises(ValueError, match="status: expected one of"):
+            await gw.ota.report("paku", "pk-1", "exploded")
+        async with gw_client(gw, headers=ADMIN) as client:
+            reports = (await client.get("/api/gateway/firmware/reports", params={"device": "pk-1"})).json()["reports"]
+            assert [r["status"] for r in reports] == ["failed", "verified", "downloaded", "started"]
+            events = (await client.get("/api/gateway/events", params={"type": "ota_failed"})).json()["events"]
+            assert [(e["device_id"], e["severity"], e["data"]["detail"]) for e in events] == [("pk-1", "warning", "crc")]

@@ -1,0 +1,203 @@
+"""The outbox: capacity and its policies, TTL, several sinks, batches that survive restarts."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import trio
+
+from gatewayd.core.ingest import Record
+from gatewayd.core.outbox import OutboxFull, OutboxLimits, OutboxPolicy
+from gatewayd.core.storage import StorageFull
+from gatewayd.testing import gw_client
+from tests import plugin_ingest
+from tests.test_ingest import Row, fresh, open_ingest
+from tests.test_sync import SECRET, upstream_config
+
+
+class Clock:
+    def __init__(self, now: float = 1_800_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recs(n, cls="history", start=0):
+    return [Record("d", "k", {"i": i}, None, cls) for i in range(start, start + n)]
+
+
+async def seqs_in_outbox(storage, cls=None):
+    where = "" if cls is None else f" WHERE prio = (SELECT {['command_ack', 'alert', 'state', 'history', 'log'].index(cls)})"
+    rows = await storage.read(lambda: storage.database.execute_sql(f"SELECT data FROM core_outbox{where} ORDER BY id").fetchall())
+    import json
+
+    return [json.loads(d)["i"] for (d,) in rows]
+
+
+async def test_class_limit_drops_the_oldest_of_that_class_and_says_so(tmp_path, caplog):
+    policy = OutboxPolicy(classes={"history": OutboxLimits(max_rows=10)})
+    async with open_ingest(tmp_path, policy=policy) as (ingest, outbox, storage):
+        await ingest.records(recs(8))
+        await ingest.records(recs(3, "alert"))
+        with caplog.at_level(logging.WARNING, logger="gatewayd.outbox"):
+            await ingest.records(recs(7, start=8))
+        assert await seqs_in_outbox(storage, "history") == list(range(5, 15))
+        assert outbox.dropped == {("history", "capacity"): 5}
+        assert outbox.counts["class:history"][0] == 10 and outbox.counts["class:alert"][0] == 3
+        assert outbox.counts["sink:cloud"][0] == 13
+        [warning] = [r for r in caplog.records if "dropped the oldest" in r.getMessage()]
+        assert warning.fields == {"history_capacity": 5}
+
+
+async def test_total_limit_drops_the_lowest_class_first(tmp_path):
+    policy = OutboxPolicy(max_rows=10)
+    async with open_ingest(tmp_path, policy=policy) as (ingest, outbox, storage):
+        await ingest.records(recs(4, "log"))
+        await ingest.records(recs(4, "history", start=100))
+        await ingest.records(recs(5, "command_ack", start=200))
+        # 13 > 10: the 3 oldest logs go, then acks keep coming and the rest of logs, then history.
+        assert await seqs_in_outbox(storage, "log") == [3]
+        await ingest.records(recs(3, "command_ack", start=205))
+        assert await seqs_in_outbox(storage, "log") == []
+        assert await seqs_in_outbox(storage, "history") == [102, 103]
+        assert await seqs_in_outbox(storage, "command_ack") == list(range(200, 208))
+        assert outbox.dropped == {("log", "capacity"): 4, ("history", "capacity"): 2}
+        assert sum(outbox.counts[f"class:{c}"][0] for c in ("log", "history", "command_ack")) == 10
+
+
+async def test_reject_policy_refuses_new_records_and_the_family_rows_with_them(tmp_path):
+    policy = OutboxPolicy(policy="reject", max_bytes=300)  # a record here is 12-13 bytes
+    async with open_ingest(tmp_path, policy=policy) as (ingest, outbox, storage):
+        await ingest.records(recs(10))
+        with pytest.raises(OutboxFull) as info:
+            await ingest.records(recs(50), family_rows=lambda: Row.insert(device="x", n=1).execute())
+        assert isinstance(info.value, StorageFull)  # plugins answer 507 for both
+        assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM fam_row") == [(0,)]
+        assert await seqs_in_outbox(storage) == list(range(10))
+        assert outbox.refused == {"history": 50} and outbox.dropped == {}
+
+
+async def test_reject_policy_answers_507_to_the_device(gateway_factory, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_UPSTREAM_SECRET", SECRET)
+    text = upstream_config("http://127.0.0.1:9") + "[outbox]\npolicy = 'reject'\n[outbox.classes.history]\nmax_rows = 3\n"
+    async with gateway_factory(plugins=[("ingest", plugin_ingest)], config_text=text) as gw:
+        async with gw_client(gw) as client:
+            codes = [(await client.post("/ingest/records", json={"device": "d", "seq": i})).status_code for i in range(5)]
+            assert codes == [201, 201, 201, 507, 507]
+            metrics = (await client.get("/metrics")).text
+            assert 'gatewayd_outbox_refused_total{class="history"} 2' in metrics
+            assert 'gatewayd_outbox_records{class="history"} 3' in metrics
+            health = (await client.get("/health")).json()
+            assert health["components"]["upstream.cloud"]["backlog"] == 3
+
+
+async def test_ttl_expires_old_records_and_counts_them(tmp_path):
+    clock = Clock()
+    policy = OutboxPolicy(classes={"log": OutboxLimits(ttl_s=3600), "alert": OutboxLimits(ttl_s=0)})
+    async with open_ingest(tmp_path, policy=policy, clock=clock) as (ingest, outbox, storage):
+        await ingest.records(recs(3, "log") + recs(2, "alert"))
+        clock.now += 1800
+        await ingest.records(recs(2, "log", start=3))
+        assert await outbox.expire() == {}
+        clock.now += 2000  # the first 3 logs are 3800 s old, the last 2 are 2000 s
+        assert await outbox.expire() == {("log", "ttl"): 3}
+        assert await seqs_in_outbox(storage, "log") == [3, 4]
+        assert await seqs_in_outbox(storage, "alert") == [0, 1]  # ttl 0: never expires
+        assert outbox.dropped == {("log", "ttl"): 3}
+        assert outbox.oldest[4] == clock.now - 2000
+
+
+async def test_a_record_leaves_only_when_every_sink_has_it(tmp_path):
+    async with open_ingest(tmp_path, sinks=("a", "b")) as (ingest, outbox, storage):
+        await ingest.records(recs(5))
+        batch_a = await outbox.next_batch("a", max_records=3, max_bytes=1 << 20)
+        await outbox.delivered(batch_a)
+        assert len(await seqs_in_outbox(storage)) == 5  # b has not delivered them yet
+        assert outbox.counts["sink:a"][0] == 2 and outbox.counts["sink:b"][0] == 5
+        # a's next batch skips what a already delivered; b gets everything.
+        rest_a = await outbox.next_batch("a", max_records=10, max_bytes=1 << 20)
+        assert batch_a.ids == [5, 4, 3] and rest_a.ids == [2, 1]  # history: newest first
+        batch_b = await outbox.next_batch("b", max_records=10, max_bytes=1 << 20)
+        assert len(batch_b.records) == 5
+        await outbox.delivered(batch_b)
+        assert sorted(await seqs_in_outbox(storage)) == sorted(r.wire()["data"]["i"] for r in rest_a.records)
+        await outbox.delivered(rest_a)
+        assert await seqs_in_outbox(storage) == []
+        assert outbox.counts["class:history"] == [0, 0]
+        assert outbox.counts["sink:a"] == [0, 0] and outbox.counts["sink:b"] == [0, 0]
+
+
+async def test_batches_are_paged_and_capped_by_records_and_bytes(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records([Record("d", "k", {"pad": "x" * 900, "i": i}) for i in range(30)])
+        batch = await outbox.next_batch("cloud", max_records=100, max_bytes=10_000)
+        assert 8 <= len(batch.records) <= 10  # ~1 KB each against a 10 KB cap
+        more = await outbox.next_batch("cloud", max_records=5, max_bytes=1 << 20, exclude=set(batch.ids))
+        assert len(more.records) == 5 and not set(more.ids) & set(batch.ids)
+
+
+async def test_an_open_batch_keeps_its_key_and_records_across_a_restart(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(recs(4, "state") + recs(3, "command_ack", start=10))
+        batch = await outbox.next_batch("cloud", max_records=5, max_bytes=1 << 20)
+        assert [r.wire()["class"] for r in batch.records] == ["command_ack"] * 3 + ["state"] * 2
+        assert [r.wire()["data"]["i"] for r in batch.records] == [10, 11, 12, 3, 2]  # newest state first
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):  # "after the crash"
+        [again] = await outbox.open_batches("cloud")
+        assert again.batch_id == batch.batch_id and again.ids == batch.ids
+        assert outbox.counts["sink:cloud"][0] == 7  # counts are in the database, exact after a restart
+        await outbox.delivered(again)
+        assert await outbox.open_batches("cloud") == []
+        assert await seqs_in_outbox(storage, "state") == [0, 1]
+
+
+async def test_dead_letters_keep_the_records_whole_and_can_be_retried(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(recs(3, "alert"))
+        batch = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+        await outbox.dead_letter(batch, 422, "HTTP 422 unprocessable: schema")
+        assert await seqs_in_outbox(storage) == [] and outbox.counts["sink:cloud"][0] == 0
+        [dead] = await storage.read(outbox.dead_letters)
+        assert dead["status"] == 422 and dead["records"] == 3 and dead["batch_id"] == batch.batch_id
+        assert await storage.write(outbox.retry_dead) == (1, 3)
+        again = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+        assert again.ids == batch.ids and again.batch_id != batch.batch_id  # same record ids, new batch
+        assert await storage.read(outbox.dead_letters) == []
+
+
+def gatewayd_cli(tmp_path, *args):
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(f"[gateway]\ndata_dir = '{tmp_path / 'var'}'\n[http]\nlisten = '127.0.0.1:9'\n"
+                      "[[upstream]]\nname = 'cloud'\nurl = 'http://127.0.0.1:9'\n")
+    done = subprocess.run([sys.executable, "-m", "gatewayd", *args, "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if "--json" in args else done.stdout
+
+
+async def test_operator_commands_show_and_retry_dead_letters(tmp_path):
+    clock = Clock()
+    async with open_ingest(tmp_path / "var", clock=clock, name="gatewayd.sqlite3") as (ingest, outbox, storage):
+        await ingest.records(recs(4, "alert") + recs(6, "log"))
+        batch = await outbox.next_batch("cloud", max_records=4, max_bytes=1 << 20)
+        await outbox.dead_letter(batch, 401, "HTTP 401 bad_signature: signature does not verify")
+    clock.now += 90
+    status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
+    assert status["classes"]["log"]["rows"] == 6 and status["classes"]["alert"]["rows"] == 0
+    assert status["sinks"]["cloud"]["backlog"] == 6 and "bad_signature" in status["sinks"]["cloud"]["last_error"]
+    assert status["dead_letters"] == {"batches": 1, "records": 4}
+    assert status["daemon"].startswith("not reachable")
+    text = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status")
+    assert "sink cloud" in text and "dead letters: 1 batches, 4 records" in text
+    dead = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "dead-letters", "--json")
+    assert [(d["status"], d["records"]) for d in dead["dead_letters"]] == [(401, 4)]
+    assert await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "retry-dead", "--json") == {
+        "batches": 1, "records": 4}
+    status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
+    assert status["classes"]["alert"]["rows"] == 4 and status["sinks"]["cloud"]["backlog"] == 10

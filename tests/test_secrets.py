@@ -1,0 +1,108 @@
+"""Secrets: salted hashes, the master key file, AES-GCM, and the own HS256 JWTs."""
+
+import base64
+import json
+import os
+import stat
+
+import pytest
+from cryptography.exceptions import InvalidTag
+
+from gatewayd.core.secrets import (
+    JWTError, Keyring, decode_jwt, encode_jwt, hash_secret, load_master_key, new_secret, verify_secret,
+)
+
+
+def test_hash_verifies_only_the_right_secret():
+    secret = new_secret()
+    stored = hash_secret(secret)
+    assert stored.startswith("pbkdf2_sha256$") and secret not in stored
+    assert verify_secret(secret, stored)
+    assert not verify_secret(secret + "x", stored)
+    assert not verify_secret("", stored)
+
+
+def test_same_secret_hashes_differently_each_time():
+    assert hash_secret("same") != hash_secret("same")
+
+
+@pytest.mark.parametrize("stored", ["", "garbage", "pbkdf2_sha256$x$y$z", "md5$1$AA==$AA==", "pbkdf2_sha256$10$!!$AA=="])
+def test_malformed_hash_never_verifies(stored):
+    assert verify_secret("anything", stored) is False
+
+
+def test_master_key_file_is_created_once_with_0600(tmp_path):
+    key = load_master_key(tmp_path, "")
+    path = tmp_path / "master.key"
+    assert len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_master_key(tmp_path, "") == key
+
+
+def test_master_key_from_env_wins(tmp_path, monkeypatch):
+    key = os.urandom(32)
+    monkeypatch.setenv("TEST_MASTER", base64.b64encode(key).decode())
+    assert load_master_key(tmp_path, "TEST_MASTER") == key
+    assert not (tmp_path / "master.key").exists()
+
+
+@pytest.mark.parametrize("value", ["not base64!", base64.b64encode(b"short").decode()])
+def test_bad_master_key_env_is_refused(tmp_path, monkeypatch, value):
+    monkeypatch.setenv("TEST_MASTER", value)
+    with pytest.raises(ValueError, match="TEST_MASTER"):
+        load_master_key(tmp_path, "TEST_MASTER")
+
+
+def test_encryption_is_bound_to_its_context():
+    ring = Keyring(os.urandom(32))
+    blob = ring.encrypt("signing-secret", "fam/dev1")
+    assert b"signing-secret" not in blob
+    assert ring.decrypt(blob, "fam/dev1") == "signing-secret"
+    with pytest.raises(InvalidTag):
+        ring.decrypt(blob, "fam/dev2")
+    with pytest.raises(InvalidTag):
+        Keyring(os.urandom(32)).decrypt(blob, "fam/dev1")
+
+
+def test_lookup_digest_is_keyed():
+    master = os.urandom(32)
+    assert Keyring(master).lookup("k") == Keyring(master).lookup("k")
+    assert Keyring(master).lookup("k") != Keyring(os.urandom(32)).lookup("k")
+
+
+def test_jwt_round_trip_and_expiry():
+    key = os.urandom(32)
+    token = encode_jwt({"sub": "d1", "exp": 1000}, key)
+    assert decode_jwt(token, key, now=999)["sub"] == "d1"
+    with pytest.raises(JWTError) as info:
+        decode_jwt(token, key, now=1001)
+    assert info.value.expired
+
+
+def _b64url(doc):
+    return base64.urlsafe_b64encode(json.dumps(doc).encode()).rstrip(b"=").decode()
+
+
+def test_jwt_tampering_is_detected():
+    key = os.urandom(32)
+    header, _, signature = encode_jwt({"sub": "d1", "exp": 1000}, key).split(".")
+    forged = f"{header}.{_b64url({'sub': 'd2', 'exp': 1000})}.{signature}"
+    with pytest.raises(JWTError, match="signature"):
+        decode_jwt(forged, key, now=0)
+    with pytest.raises(JWTError, match="signature"):
+        decode_jwt(encode_jwt({"sub": "d1", "exp": 1000}, os.urandom(32)), key, now=0)
+
+
+@pytest.mark.parametrize("token", [
+    "", "a.b", "a.b.c.d", f"{_b64url({'alg': 'none'})}.{_b64url({'sub': 'x', 'exp': 9e9})}.",
+    f"{_b64url({'alg': 'HS256'})}.@@@.xx",
+])
+def test_malformed_or_unsigned_jwts_are_refused(token):
+    with pytest.raises(JWTError):
+        decode_jwt(token, os.urandom(32), now=0)
+
+
+def test_jwt_without_expiry_is_refused():
+    key = os.urandom(32)
+    with pytest.raises(JWTError, match="expiry"):
+        decode_jwt(encode_jwt({"sub": "d1"}, key), key, now=0)

@@ -1,0 +1,324 @@
+"""Upstream sync against the real reference receiver: delivery, priorities, 429/503, dead letters."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from array import array
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart import Response, request
+from quart_trio import QuartTrio
+
+from gatewayd.core.sync.receiver import create_receiver_app
+from gatewayd.testing import gw_client
+from tests import plugin_ingest
+
+INGEST = ("ingest", plugin_ingest)
+SECRET = "test-upstream-secret"
+
+
+@pytest.fixture(autouse=True)
+def upstream_secret(monkeypatch):
+    monkeypatch.setenv("GATEWAYD_UPSTREAM_SECRET", SECRET)
+
+
+@asynccontextmanager
+async def serve_app(app: QuartTrio, port: int = 0):
+    """Serve a Quart app on 127.0.0.1 (port 0: a free one); yields its base URL."""
+    config = HypercornConfig()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        try:
+            yield binds[0]
+        finally:
+            stop.set()
+
+
+@asynccontextmanager
+async def receiver(db: Path, port: int = 0, **kwargs):
+    """The reference receiver, served in this trio run."""
+    app = create_receiver_app(db, {"*": SECRET.encode()}, **kwargs)
+    async with serve_app(app, port) as url:
+        yield url
+
+
+def received(db: Path) -> list[dict]:
+    """Every record the receiver stored: (record id, class, data)."""
+    if not db.exists():
+        return []
+    conn = sqlite3.connect(db)
+    try:
+        return [
+            {"id": rid, "class": cls, "data": json.loads(data), "device": device}
+            for rid, cls, data, device in conn.execute(
+                'SELECT record_id, "class", data, device FROM records ORDER BY rowid'
+            )
+        ]
+    except sqlite3.OperationalError:  # no table yet
+        return []
+    finally:
+        conn.close()
+
+
+def upstream_config(url: str, **keys) -> str:
+    lines = ["[[upstream]]", 'name = "cloud"', f'url = "{url}"', "linger_s = 0.05"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+async def wait_for(predicate, timeout: float = 20.0, step: float = 0.05):
+    with trio.fail_after(timeout):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await trio.sleep(step)
+
+
+async def bulk(client: httpx.AsyncClient, start: int, count: int, cls="history", device="d1"):
+    r = await client.post("/ingest/bulk", json={"device": device, "start": start, "count": count, "cls": cls})
+    assert r.status_code == 201, r.text
+
+
+async def ingest(client: httpx.AsyncClient, seqs, cls="history", device="d1"):
+    for seq in seqs:
+        r = await client.post("/ingest/records", json={"device": device, "seq": seq, "cls": cls})
+        assert r.status_code == 201, r.text
+
+
+async def test_records_reach_the_receiver_once(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    async with receiver(db) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url)) as gw:
+            async with gw_client(gw) as client:
+                await ingest(client, range(50))
+                r = await client.post("/ingest/bulk", json={"device": "d2", "start": 1000, "count": 3000})
+                assert r.status_code == 201
+            await wait_for(lambda: len(received(db)) >= 3050)
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            assert gw.outbox.counts["class:history"] == [0, 0]
+    got = received(db)
+    assert sorted(r["data"]["seq"] for r in got) == list(range(50)) + list(range(1000, 4000))
+    assert len({r["id"] for r in got}) == len(got)
+
+
+async def test_backlog_drains_in_priority_order(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    # The receiver is down while records of every class pile up.
+    async with gateway_factory(plugins=[INGEST], config_text=upstream_config(
+        "http://127.0.0.1:9", max_records=4, breaker_threshold=100,
+    )) as gw:
+        async with gw_client(gw) as client:
+            seq = 0
+            for cls in ("log", "history", "state", "alert", "command_ack"):
+                for _ in range(6):
+                    await ingest(client, [seq], cls=cls)
+                    seq += 1
+        assert gw.outbox.counts["sink:cloud"][0] == 30
+    # Batches chosen while the receiver was down keep their records (and keys): they go first.
+    conn = sqlite3.connect(tmp_path / "var" / "gatewayd.sqlite3")
+    open_ids = [array("q", blob).tolist() for (blob,) in conn.execute(
+        "SELECT record_ids FROM core_outbox_batch ORDER BY created")]
+    conn.close()
+    assert 1 <= len(open_ids) <= 2  # the one in flight, perhaps the next one prepared
+    first = [i for ids in open_ids for i in ids]
+    # Same data dir, receiver up: the backlog drains by class, newest state first.
+    async with receiver(db) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=4)) as gw:
+            await wait_for(lambda: len(received(db)) == 30)
+    got = received(db)
+    assert [r["id"] for r in got[: len(first)]] == first
+    got = got[len(first):]
+    classes = [r["class"] for r in got]
+    order = ["command_ack", "alert", "state", "history", "log"]
+    assert classes == sorted(classes, key=order.index)
+    seqs = {c: [r["data"]["seq"] for r in got if r["class"] == c] for c in order}
+    assert seqs["command_ack"] == sorted(seqs["command_ack"])  # oldest first
+    assert seqs["alert"] == sorted(seqs["alert"])
+    assert seqs["state"] == sorted(seqs["state"], reverse=True)  # newest first
+    assert seqs["history"] == sorted(seqs["history"], reverse=True)  # backfill, walking back
+    assert seqs["log"] == sorted(seqs["log"])
+
+
+def flaky_receiver(db: Path, answers: list[tuple[int, dict, dict]]):
+    """The reference receiver behind a front that first plays `answers` (status, headers, body)."""
+    inner = create_receiver_app(db, {"*": SECRET.encode()})
+    app = QuartTrio("flaky")
+    seen: list[dict] = []
+
+    @app.post("/v1/batch")
+    async def batch():
+        body = await request.get_data()
+        seen.append({"key": request.headers["Idempotency-Key"], "at": trio.current_time()})
+        if answers:
+            status, headers, doc = answers.pop(0)
+            return Response(json.dumps(doc), status=status, headers=headers, content_type="application/json")
+        async with inner.test_app() as test_app:
+            client = test_app.test_client()
+            r = await client.post("/v1/batch", data=body, headers=dict(request.headers))
+            return Response(await r.get_data(), status=r.status_code, content_type="application/json")
+
+    return app, seen
+
+
+async def test_429_and_503_are_honoured_with_the_same_idempotency_key(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    app, seen = flaky_receiver(db, [
+        (429, {"Retry-After": "2"}, {"error": {"code": "slow_down", "message": "x"}}),
+        (503, {}, {"next_hint": "backoff_ms: 1500"}),
+    ])
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url)) as gw:
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 5)
+            stats = gw.upstream.workers["cloud"].stats
+            await wait_for(lambda: stats.batches.get("delivered"))
+            assert stats.batches == {"retry_after": 2, "delivered": 1}
+    assert len(seen) == 3
+    assert len({s["key"] for s in seen}) == 1  # one batch, one key, three attempts
+    assert seen[1]["at"] - seen[0]["at"] >= 1.9  # Retry-After: 2 was waited for
+    assert seen[2]["at"] - seen[1]["at"] >= 1.4  # next_hint 1500 ms was waited for
+
+
+async def test_a_400_batch_is_dead_lettered_and_the_rest_flows(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    app, seen = flaky_receiver(db, [(400, {}, {"error": {"code": "bad_envelope", "message": "nope"}})])
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 3)
+                await wait_for(lambda: gw.upstream.workers["cloud"].stats.batches.get("dead_letter"))
+                await bulk(client, 3, 3)
+            await wait_for(lambda: len(received(db)) == 3)
+            status = await gw.storage.read(gw.outbox.status)
+            assert status["dead_letters"] == {"batches": 1, "records": 3}
+            dead = await gw.storage.read(gw.outbox.dead_letters)
+            assert dead[0]["status"] == 400 and "bad_envelope" in dead[0]["reason"]
+            # An operator puts them back: they go out again, with their original ids.
+            assert await gw.storage.write(gw.outbox.retry_dead) == (1, 3)
+            await wait_for(lambda: len(received(db)) == 6, timeout=30)
+    assert sorted(r["data"]["seq"] for r in received(db)) == list(range(6))
+
+
+async def test_5xx_backs_off_then_delivers(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    app, seen = flaky_receiver(db, [(500, {}, {}), (502, {}, {})])
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url)) as gw:
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 2)
+            worker = gw.upstream.workers["cloud"]
+            await wait_for(lambda: worker.stats.batches.get("delivered"))
+            assert worker.stats.batches == {"retry": 2, "delivered": 1}
+            assert worker.backoff.attempt == 0  # reset by the success
+    assert len({s["key"] for s in seen}) == 1
+    # 1 s then 2 s nominal, each within ±25 %.
+    assert seen[1]["at"] - seen[0]["at"] >= 0.75 and seen[2]["at"] - seen[1]["at"] >= 1.5
+
+
+# -- MQTT sink: a real mosquitto, a real paho subscriber -------------------------------
+
+
+class PahoPublisher:
+    """A `Publish` for the MQTT sink over a plain paho client (QoS 1, waits for PUBACK).
+
+    The gateway's MQTTClient.publish() cannot carry MQTT 5 user properties yet, so the
+    sink is tested through this callable; `client_publisher()` is what production wires.
+    """
+
+    def __init__(self, port: int):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id="gw-sink", protocol=paho.MQTTv5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    async def __call__(self, topic: str, payload: bytes, user_properties: list[tuple[str, str]]) -> None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = user_properties
+        info = self.client.publish(topic, payload, qos=1, properties=props)
+        await trio.to_thread.run_sync(info.wait_for_publish, 10)
+        if not info.is_published():
+            raise RuntimeError("no PUBACK")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
+    import subprocess
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gatewayd.core.ingest import Ingest, Record
+    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.storage import Storage
+    from gatewayd.core.sync import decode_batch
+    from gatewayd.core.sync.mqtt_sink import MqttSink
+    from gatewayd.core.sync.worker import SyncWorker
+    from gatewayd.testing.mqtt import free_port
+
+    port = free_port()
+    broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    got: list = []
+    cloud = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud", protocol=paho.MQTTv5)
+    cloud.on_message = lambda c, u, msg: got.append(msg)
+    try:
+        with trio.fail_after(20):
+            while True:  # the broker takes a moment to listen
+                try:
+                    cloud.connect("127.0.0.1", port)
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+            cloud.subscribe("gatewayd/+/batch", qos=1)
+            cloud.loop_start()
+            publisher = PahoPublisher(port)
+            storage = Storage(tmp_path / "gw.sqlite3")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(storage.run)
+                outbox = Outbox(storage, OutboxPolicy(), ["cloudmq"])
+                await outbox.open()
+                await Ingest(outbox, "fam", lambda: 1_800_000_000.0).records(
+                    [Record("d", "k", {"i": i}, None, "state") for i in range(12)])
+                sink = MqttSink("cloudmq", publisher, gateway_id="site-7")
+                worker = SyncWorker(outbox, sink, gateway_id="site-7", secret=SECRET.encode(), max_records=5,
+                                    linger_s=0)
+                await nursery.start(worker.run)
+                await wait_for(lambda: outbox.counts["sink:cloudmq"][0] == 0)
+                await wait_for(lambda: len(got) >= 3)
+                nursery.cancel_scope.cancel()
+            publisher.close()
+    finally:
+        cloud.loop_stop()
+        broker.terminate()
+        broker.wait(timeout=5)
+    records = []
+    for msg in got:
+        assert msg.topic == "gatewayd/site-7/batch" and msg.qos == 1
+        headers = dict(msg.properties.UserProperty)
+        assert headers["content-encoding"] == "zstd" and "x-gateway-signature" in headers
+        batch = decode_batch(msg.payload, headers, secret_for=lambda g: SECRET.encode(), now=__import__("time").time())
+        records += [r["data"]["i"] for r in batch.records]
+    assert sorted(records) == list(range(12))
+    assert worker.stats.batches == {"delivered": 3}
