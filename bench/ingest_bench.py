@@ -287,9 +287,10 @@ def main() -> None:
         tmp = Path(d)
         ingest = bench_ingest(tmp, n_ingest, repeats)
         print(f"raw executemany (same rows)       {ingest['raw_executemany_rps']:>10,.0f} records/s")
-        print(f"batch ingest, 1 caller            {ingest['ingest_rps']:>10,.0f} records/s   ratio {ingest['ratio']:.2f}")
+        print(f"batch ingest, 1 caller            {ingest['ingest_rps']:>10,.0f} records/s   ratio {ingest['ratio']:.2f}"
+              " (goal >= 0.40)")
         print(f"batch ingest, 2 callers           {ingest['ingest_2_callers_rps']:>10,.0f} records/s   ratio "
-              f"{ingest['ratio_2_callers']:.2f} (goal >= 0.40)")
+              f"{ingest['ratio_2_callers']:.2f}")
         ceiling = receiver_ceiling(tmp, n_drain)
         print(f"reference receiver alone          {ceiling:>10,.0f} records/s   (pre-encoded batches, no gateway)")
         drained = bench_drain(tmp, n_drain, 3)

@@ -17,7 +17,9 @@ from gatewayd.plugins.api import (
     ConfigError,
     ModelRegistry,
     PluginContext,
+    Rejected,
     SerialRegistry,
+    TopicRegistry,
     SerialSettings,
     TaskRegistry,
     hookimpl,
@@ -102,6 +104,24 @@ def gatewayd_http_routes(ctx: PluginContext):
         return {"count": await ctx.storage.read(lambda: Reading.select().count())}
 
     return bp
+
+
+@hookimpl
+def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext):
+    calls.append("mqtt_topics")
+
+    async def on_reading(msg):
+        import json
+
+        device = msg.topic.split("/")[1]
+        try:
+            value = float(json.loads(msg.payload)["value"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise Rejected(f"expected {{\"value\": number}}: {e!r}") from None
+        await ctx.storage.write(lambda: Reading.insert(device=device, value=value).execute())
+
+    topics.subscribe("everything/+/reading", on_reading, qos=1)
+    topics.acl("everything/%u/#", "write")
 
 
 @hookimpl

@@ -211,3 +211,55 @@ def test_serial_settings_errors_name_the_toml_key():
     assert [str(e) for e in info.value.errors] == [
         "plugins.everything.serial.parity: expected one of N, E, O, M, S, got 'X'"
     ]
+
+
+async def test_hook_mqtt_topics(gateway_factory):
+    from gatewayd.core.mqtt import RejectedMessage
+    from gatewayd.testing.mqtt import DeviceClient, free_port
+
+    port = free_port()
+    async with gateway_factory(
+        plugins=[EVERYTHING], settings=["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'"]
+    ) as gw:
+        with trio.fail_after(30):
+            device, creds = await gw.devices.registry.provision("everything", "dev1")
+            while not gw.mqtt.client.ready:
+                await trio.sleep(0.05)
+            # The new account reaches mosquitto by a reload; retry the login until it has.
+            while True:
+                dev = DeviceClient("127.0.0.1", port, creds.mqtt_username, creds.key, "dev1")
+                reason = await dev.connect()
+                if reason is not None and not reason.is_failure:
+                    break
+                await trio.to_thread.run_sync(dev.close)
+                await trio.sleep(0.2)
+            try:
+                await dev.publish("everything/dev1/reading", b"not json")
+                await dev.publish("everything/dev1/reading", b'{"value": 7.25}')
+                await dev.publish("everything/dev2/reading", b'{"value": 99}')  # not its topic: ACL drops it
+                while await gw.storage.read(lambda: plugin_everything.Reading.select().count()) < 1:
+                    await trio.sleep(0.05)
+                while gw.mqtt.client.stats.rejected < 1:
+                    await trio.sleep(0.05)
+            finally:
+                await trio.to_thread.run_sync(dev.close)
+        rows = await gw.storage.read(lambda: [(r.device, r.value) for r in plugin_everything.Reading.select()])
+        assert rows == [("dev1", 7.25)]
+        rejected = await gw.storage.read(lambda: [(r.topic, bytes(r.payload)) for r in RejectedMessage.select()])
+        assert rejected == [("everything/dev1/reading", b"not json")]
+        async with gw_client(gw) as client:
+            health = (await client.get("/health")).json()
+            assert health["components"]["mqtt"]["state"] == "ok"
+            assert health["components"]["mqtt_broker"]["state"] == "ok"
+            metrics = (await client.get("/metrics")).text
+            assert 'gatewayd_mqtt_messages_total{outcome="rejected"} 1' in metrics
+
+
+async def test_mqtt_off_leaves_the_rest_running(gateway_factory):
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:  # the fixtures default to mqtt.broker = "off"
+        with pytest.raises(Exception, match="MQTT is unavailable"):
+            await gw.contexts["everything"].mqtt.publish("x/y", b"1")
+        async with gw_client(gw) as client:
+            health = await client.get("/health")
+            assert health.status_code == 200
+            assert health.json()["components"]["mqtt"] == {"state": "off"}

@@ -113,6 +113,16 @@ async def test_records_reach_the_receiver_once(gateway_factory, tmp_path):
     got = received(db)
     assert sorted(r["data"]["seq"] for r in got) == list(range(50)) + list(range(1000, 4000))
     assert len({r["id"] for r in got}) == len(got)
+    # `gatewayd receive` is wired into the CLI: its --export prints what it stored.
+    import subprocess
+    import sys
+
+    done = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "gatewayd", "receive", "--db", str(db), "--export"],
+        capture_output=True, text=True, timeout=30))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(lines) == 3050 and lines[0]["gateway_id"] == "test-gateway" and lines[0]["family"] == "ingest"
 
 
 async def test_backlog_drains_in_priority_order(gateway_factory, tmp_path):

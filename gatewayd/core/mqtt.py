@@ -225,6 +225,7 @@ class MQTTClient:
         self._ever_connected = False
         self._suback_pending: dict[int, list[str]] = {}
         self._pub_waiters: dict[int, _PubWaiter] = {}
+        self._packets = 0  # packets paho handed to our callbacks: progress of loop_read
         self._error_log_at = 0.0
         self._errors_unlogged = 0
 
@@ -434,7 +435,13 @@ class MQTTClient:
                     await self._wait_slot()  # backpressure: stop reading, let handlers catch up
                 if not (tls and sock.pending()):  # TLS may hold decrypted bytes already
                     await trio.lowlevel.wait_readable(sock)
-                rc = self._client.loop_read()
+                # loop_read handles one packet; a trip through the scheduler per packet
+                # would cap throughput, so drain what is there while packets keep coming.
+                for _ in range(64):
+                    before = self._packets
+                    rc = self._client.loop_read()
+                    if rc != _OK or self._packets == before or self._in_flight >= self.settings.max_in_flight:
+                        break
                 self._kick_writer()
                 if rc != _OK or self._client.socket() is not sock:
                     if rc not in (_OK, MQTTErrorCode.MQTT_ERR_CONN_LOST, MQTTErrorCode.MQTT_ERR_CONN_REFUSED):
@@ -563,6 +570,7 @@ class MQTTClient:
         self._kick_writer()
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list[Any], props: Any) -> None:
+        self._packets += 1
         filters = self._suback_pending.pop(mid, [])
         for f, reason in zip(filters, reasons):
             if reason.is_failure:
@@ -571,6 +579,7 @@ class MQTTClient:
             self._ready.set()
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self._packets += 1
         waiter = self._pub_waiters.get(mid)
         if waiter is not None:
             if reason.is_failure:
@@ -587,6 +596,7 @@ class MQTTClient:
             pass  # called from the connect thread: nobody is waiting on that socket
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._packets += 1
         self.stats.received += 1
         if self._draining or self._nursery is None:
             self.stats.deferred += 1  # not acked: the broker gives it back after reconnect

@@ -473,32 +473,40 @@ class Outbox:
 
     def _select(self, bit: int, max_records: int, max_bytes: int, exclude: set[int]) -> list[StoredRecord]:
         conn = self.db.connection()
-        out: list[StoredRecord] = []
-        total = 0
+        # First the ids, in sending order, from the covering index (prio, id, pending):
+        # cheap even when a page is all excluded (batches in flight) or other sinks' rows.
+        ids: list[int] = []
         for prio, newest_first in CLASS_ORDER:
             cursor: int | None = None
-            while len(out) < max_records:
-                # Excluded ids (batches in flight) are skipped page by page via the cursor.
-                limit = max_records - len(out)
-                sql = f"SELECT {_COLUMNS} FROM core_outbox WHERE prio = ? AND (pending & ?) != 0"
+            while len(ids) < max_records:
+                want = max_records - len(ids)
+                sql = "SELECT id FROM core_outbox WHERE prio = ? AND (pending & ?) != 0"
                 args: list[Any] = [prio, bit]
                 if cursor is not None:
                     sql += " AND id < ?" if newest_first else " AND id > ?"
                     args.append(cursor)
                 sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
-                page = conn.execute(sql, (*args, limit)).fetchall()
-                for row in page:
-                    cursor = row[0]
-                    if row[0] in exclude:
-                        continue
-                    if out and total + row[7] + RECORD_OVERHEAD > max_bytes:
-                        return out
-                    out.append(StoredRecord(row))
-                    total += row[7] + RECORD_OVERHEAD
-                    if len(out) >= max_records:
-                        return out
-                if len(page) < limit:
+                page = [row[0] for row in conn.execute(sql, (*args, want)).fetchall()]
+                ids += [i for i in page if i not in exclude][: max_records - len(ids)]
+                if len(page) < want:
                     break
+                cursor = page[-1]
+            if len(ids) >= max_records:
+                break
+        # Then the rows, a chunk at a time, until the byte cap.
+        out: list[StoredRecord] = []
+        total = 0
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            rows = {row[0]: row for row in self._rows_by_id(chunk, _COLUMNS)}
+            for i in chunk:
+                row = rows.get(i)
+                if row is None:  # dropped by the capacity policy in between
+                    continue
+                if out and total + row[7] + RECORD_OVERHEAD > max_bytes:
+                    return out
+                out.append(StoredRecord(row))
+                total += row[7] + RECORD_OVERHEAD
         return out
 
     async def next_batch(
@@ -543,11 +551,21 @@ class Outbox:
         """Clear `sink`'s bit on `ids`; delete rows no sink needs any more."""
         bit = self.bits[sink]
         conn = self.db.connection()
-        rows = [r for r in self._rows_by_id(ids, "id, prio, size, pending") if r[3] & bit]
-        gone = [r for r in rows if not r[3] & ~bit]
-        kept = [r for r in rows if r[3] & ~bit]
-        conn.executemany("DELETE FROM core_outbox WHERE id = ?", [(r[0],) for r in gone])
-        conn.executemany("UPDATE core_outbox SET pending = pending & ? WHERE id = ?", [(~bit, r[0]) for r in kept])
+        gone: list[tuple] = []
+        kept: list[tuple] = []
+        for start in range(0, len(ids), _CHUNK):
+            chunk = list(ids[start : start + _CHUNK])
+            marks = ",".join("?" * len(chunk))
+            gone += conn.execute(
+                f"DELETE FROM core_outbox WHERE id IN ({marks}) AND pending = ? RETURNING id, prio, size, pending",
+                (*chunk, bit),
+            ).fetchall()
+            if len(self.bits) > 1:  # rows other sinks still need: only this sink's bit goes
+                kept += conn.execute(
+                    f"UPDATE core_outbox SET pending = pending & ? WHERE id IN ({marks}) AND (pending & ?) != 0"
+                    " RETURNING id, prio, size, pending",
+                    (~bit, *chunk, bit),
+                ).fetchall()
         counts = self._read_counts()
         touched: set[str] = set()
         self._forget(gone, counts, touched)
@@ -556,7 +574,7 @@ class Outbox:
             counts[key][0] -= 1
             counts[key][1] -= size
             touched.add(key)
-        return len(rows), self._commit_counts(counts, touched)
+        return len(gone) + len(kept), self._commit_counts(counts, touched)
 
     def _delivered(self, batch: OpenBatch, when: float) -> tuple:
         released, stamped = self._release(batch.sink, batch.ids)

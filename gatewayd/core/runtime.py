@@ -21,9 +21,10 @@ from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
 from .config import Config, read_secret
 from .health import ComponentState, Health
-from .http import create_app, create_plugin_app, guard_plugin, serve_app
+from .http import create_app, create_plugin_app, guard_plugin, require_admin, serve_app
 from .logs import get_logger
 from .metrics import Metrics, Sample
+from .mqtt_service import MQTTService
 from .serial_links import SerialLinks
 from .storage import SchemaSpec, Storage
 from .admin_api import admin_blueprint
@@ -85,6 +86,7 @@ class Gateway:
         self.notifier: Any = None
         self.ota: Any = None
         self.serial = SerialLinks(self.metrics, self.health)
+        self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
@@ -147,8 +149,11 @@ class Gateway:
             await self._install_schemas()
             await start_alerting(self, core)  # self.events, self.notifier, self.ota (core/alerting.py)
             await core.start(self.devices.run)
+            self._build_contexts()
+            self._collect_topics()
+            await self.mqtt.start(core)
+            self._connect_services()
             async with trio.open_nursery() as front:
-                self._build_contexts()
                 load_alert_rules(self)
                 await self._start_http(front)
                 await self._start_serial(front)
@@ -194,10 +199,12 @@ class Gateway:
                 storage=PluginStorage(self.storage),
                 metrics=PluginMetrics(self.metrics, name),
                 clock=self.clock,
+                mqtt=self.mqtt.facade(),
                 **self.devices.context_fields(name),
                 ingest=Ingest(self.outbox, name, self.clock),
                 events=self.events,
                 ota=self.ota,
+                admin_check=lambda: require_admin(self),
             )
 
     async def _start_http(self, nursery: trio.Nursery) -> None:
@@ -256,6 +263,27 @@ class Gateway:
             key = "http.listen" if label == "main" else f"plugins.{label}.listen"
             raise ListenError(f"cannot listen on {listen} ({key}): {error.strerror or error}") from None
 
+    def _connect_services(self) -> None:
+        """Point the services at each other once they all exist."""
+        self.devices.presence.emit = self.events.emit  # device_online / device_offline events
+        mqtt = self.mqtt.facade()
+        self.notifier.publish_mqtt = lambda topic, payload, qos: mqtt.publish(topic, payload, qos)
+
+        async def forward_alert(record: dict[str, Any]) -> None:
+            ingest = Ingest(self.outbox, record.get("family") or "gateway", self.clock)
+            await ingest.record(record.get("device_id") or "-", "alert", record, cls="alert")
+
+        self.notifier.forward_upstream = forward_alert
+
+    def _collect_topics(self) -> None:
+        for name in self.enabled_plugins:
+            if name in self.failed:
+                continue
+            try:
+                self.mqtt.add(self.plugins.mqtt_topics(name, self.contexts[name]))
+            except Exception as e:
+                self._fail(name, f"mqtt topics: {e}", e)
+
     async def _start_serial(self, nursery: trio.Nursery) -> None:
         for name in self.enabled_plugins:
             if name in self.failed:
@@ -312,17 +340,24 @@ class Gateway:
         log.info("shutting down", grace_s=grace)
         self.health.set("http", "stopping")
         self._stop_http.set()
-        with trio.move_on_after(grace):
+
+        async def servers_stopped() -> None:
+            # hypercorn stops accepting on the trigger and gives in-flight requests `grace`.
+            for done in self._servers_done:
+                await done.wait()
+
+        with trio.move_on_after(grace + 0.5):
+            async with trio.open_nursery() as stopping:
+                stopping.start_soon(servers_stopped)
+                stopping.start_soon(self.mqtt.stop_accepting, grace)
+        # Plugins get what is left of the budget (SIGTERM must end us within ~5 s).
+        with trio.move_on_after(max(1.0, grace / 2)):
             for name in self.enabled_plugins:
                 if name not in self.failed and name in self.contexts:
                     try:
                         await self.plugins.shutdown(name, self.contexts[name])
                     except Exception as e:
                         log.error("plugin shutdown failed", plugin=name, error=repr(e))
-        # hypercorn stops accepting on the trigger and gives in-flight requests `grace`.
-        with trio.move_on_after(grace + 0.5):
-            for done in self._servers_done:
-                await done.wait()
         front.cancel_scope.cancel()
 
     # -- health and metrics ------------------------------------------------------

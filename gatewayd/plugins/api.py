@@ -47,9 +47,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import peewee
 import pluggy
 
+from ..core.devices import ClaimError, DeviceExists
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
 from ..core.ingest import IngestError, Ingested, Record
+from ..core.mqtt_service import InboundMessage, MQTTUnavailable, Rejected, TopicRegistry
 from ..core.schema import ConfigError
 from ..core.serial import SerialSettings
 from ..core.storage import StorageError, StorageFull
@@ -67,6 +69,12 @@ __all__ = [
     "TaskRegistry",
     "CommandRegistry",
     "SerialRegistry",
+    "TopicRegistry",
+    "InboundMessage",
+    "Rejected",
+    "MQTTUnavailable",
+    "DeviceExists",
+    "ClaimError",
     "SerialSettings",
     "ConfigError",
     "IngestError",
@@ -135,6 +143,9 @@ class PluginContext:
     metrics: PluginMetrics
     clock: Callable[[], float] = field(default=time.time)
     extras: dict[str, Any] = field(default_factory=dict)
+    mqtt: Any = None
+    """Publish as the gateway: `await ctx.mqtt.publish(topic, payload, qos=1, retain=False)`
+    (returns after PUBACK for QoS 1); `ctx.mqtt.connected`. Raises MQTTUnavailable when off."""
     devices: Any = None
     """The device registry for this family: provision/get/list/update/claim/touch (docs/devices.md)."""
     auth: Any = None
@@ -155,6 +166,15 @@ class PluginContext:
     """The firmware store: `await ctx.ota.newest_for(family, model, current_version, channel,
     device_id)`, `await ctx.ota.response(fw)` (resumable download), `await ctx.ota.report(
     family, device_id, status, version=...)` (docs/ota.md)."""
+    admin_check: Callable[[], Any] | None = None
+    """Set by the runtime; plugins call `require_admin()`."""
+
+    def require_admin(self) -> Any:
+        """In a route: None if the request carries the admin token, else the core's
+        401/503 error response to return as is (`if (denied := ctx.require_admin()): return denied`)."""
+        if self.admin_check is None:
+            raise RuntimeError("no admin check: this context was not built by the gateway runtime")
+        return self.admin_check()
 
     def now(self) -> float:
         """Wall-clock seconds since the epoch (the gateway's clock; tests replace it)."""

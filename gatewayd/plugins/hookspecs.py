@@ -21,6 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
+    from ..core.mqtt_service import TopicRegistry
     from .api import CommandRegistry, ModelRegistry, PluginContext, SerialRegistry, TaskRegistry
 
 PROJECT = "gatewayd"
@@ -122,6 +123,26 @@ def gatewayd_alert_rules(ctx: PluginContext) -> list[dict[str, Any]] | None:
     invalid one marks the plugin failed with the key and reason. A `[[rules]]` table
     in gatewayd.toml with the same `name` replaces the plugin's rule (`enabled =
     false` switches it off), so operators keep the last word.
+    """
+
+
+# -- MQTT --------------------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext) -> None:
+    """Subscribe to MQTT topics and declare the ACLs of the family's device accounts.
+
+    Called once per plugin before the broker and the MQTT client start.
+    `topics.subscribe(filter, handler, qos=1)` routes matching messages to
+    `await handler(msg)` (`msg.topic`, `msg.payload`, `msg.qos`, `msg.retain`); the
+    message is acknowledged (PUBACK) only when the handler returns, so return after
+    the data is committed. Raise `Rejected(reason)` for bad input: it is acked (a
+    poison message must not come back), counted and kept with the reason; any other
+    exception leaves it unacknowledged and the broker delivers it again.
+    `topics.acl(pattern, access)` adds a mosquitto ACL pattern (`%u` = the device's
+    username, its device id) that every device account of the family gets on the
+    managed broker. Publish with `ctx.mqtt.publish(topic, payload, qos, retain)`.
     """
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import pluggy
 
 from ..core.logs import get_logger
+from ..core.mqtt_service import TopicRegistry
 from . import hookspecs
 from .api import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry
 
@@ -117,6 +118,11 @@ class PluginManager:
 
     def http_routes(self, name: str, ctx: Any) -> Any:
         return self._call(name, "gatewayd_http_routes", ctx=ctx)
+
+    def mqtt_topics(self, name: str, ctx: Any) -> TopicRegistry:
+        registry = TopicRegistry(name)
+        self._call(name, "gatewayd_mqtt_topics", topics=registry, ctx=ctx)
+        return registry
 
     def serial_links(self, name: str, ctx: Any) -> SerialRegistry:
         registry = SerialRegistry(name)
