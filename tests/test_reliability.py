@@ -242,3 +242,34 @@ async def test_disk_full_refuses_new_records_keeps_old_ones_and_recovers(gateway
     finally:
         if how == "tmpfs":
             subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+async def test_a_full_disk_mid_group_commit_keeps_exactly_the_acknowledged_records(gateway_factory):
+    """SQLITE_FULL rolls the *whole* transaction back, not just the failing job's savepoint:
+    the jobs sharing that group commit must all fail (none half-kept, none kept-but-refused)."""
+    async with gateway_factory(plugins=[INGEST]) as gw:
+        database = gw.storage.database
+        pages = await gw.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
+        await gw.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages + 12}"))
+        acked: set[int] = set()
+        refused: list[int] = []
+        async with gw_client(gw) as client:
+
+            async def post(seq: int) -> None:
+                body = {"device": "d" * 200, "seq": seq, "value": 1.0}
+                r = await client.post("/ingest/records", json=body)
+                if r.status_code == 201:
+                    acked.add(seq)
+                else:
+                    assert r.status_code in (507, 503), r.text
+                    refused.append(r.status_code)
+
+            for round_ in range(30):  # concurrent posts share group commits
+                async with trio.open_nursery() as nursery:
+                    for i in range(25):
+                        nursery.start_soon(post, round_ * 100 + i)
+            stored = await gw.storage.read(lambda: {s for (s,) in database.execute_sql(
+                "SELECT seq FROM ingest_reading").fetchall()})
+        assert refused, "the size cap was never reached"
+        assert stored == acked
+        assert 507 in refused  # a full database is reported as such, not as a generic error

@@ -252,6 +252,7 @@ class Storage:
 
     def _run_batch(self, batch: list[_Job]) -> None:
         db = self.database
+        lost: BaseException | None = None
         try:
             with db.atomic():
                 for job in batch:
@@ -261,9 +262,16 @@ class Storage:
                     except Exception as e:
                         job.error = _classify(e)
                         self.stats["job_errors"] += 1
+                        if not db.connection().in_transaction:
+                            # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR):
+                            # the jobs before this one are gone too, and the rest must not
+                            # run outside a transaction. Fail the batch with the first cause
+                            # (peewee's failed ROLLBACK TO SAVEPOINT hides it as __context__).
+                            lost = _classify(_first_cause(e))
+                            raise
         except Exception as e:  # the COMMIT itself failed: nothing of the batch is kept
             self.stats["commit_errors"] += 1
-            error = _classify(e)
+            error = lost or _classify(e)
             log.error("commit failed", jobs=len(batch), error=str(e))
             for job in batch:
                 job.error, job.result = error, None
@@ -307,6 +315,12 @@ class Storage:
     async def backup(self, dest: str | Path) -> Path:
         """A consistent online copy of the database (safe while writes continue)."""
         return await trio.to_thread.run_sync(backup_database, self.path, dest)
+
+
+def _first_cause(exc: BaseException) -> BaseException:
+    while exc.__context__ is not None and isinstance(exc.__context__, Exception):
+        exc = exc.__context__
+    return exc
 
 
 def _set_all(jobs: Iterable[_Job]) -> None:
