@@ -77,6 +77,12 @@ class PluginMQTT:
     def connected(self) -> bool:
         return self._service.client is not None and self._service.client.connected
 
+    @property
+    def device_port(self) -> int | None:
+        """The broker port devices connect to (`mqtt.listen` or the external port); None when off."""
+        m = self._service.config.mqtt
+        return {"managed": m.listen.port, "external": m.port}.get(m.broker)
+
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         """Publish; for QoS 1 returns after the broker's PUBACK. Raises MQTTUnavailable when off."""
         client = self._service.client

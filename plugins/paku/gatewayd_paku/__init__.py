@@ -38,8 +38,8 @@ class PakuConfig:
 
     mqtt_host: str = ""
     """The broker address handed to devices at provisioning; "" = the host the HTTP request used."""
-    mqtt_port: int = 1883
-    """The broker port handed to devices (the managed broker's `mqtt.listen` port)."""
+    mqtt_port: int = 0
+    """The broker port handed to devices; 0 = the gateway's own (`mqtt.listen`, or the external port)."""
     default_model: str = "paku"
     """The model of a device provisioned without one (the OTA manifest is per model)."""
     max_payload_bytes: int = 65536
@@ -51,8 +51,8 @@ class PakuConfig:
     """How often pending commands are offered again to devices that are online."""
 
     def validate(self) -> None:
-        if not 0 < self.mqtt_port < 65536:
-            raise ConfigError("mqtt_port", f"must be a TCP port 1-65535, got {self.mqtt_port}")
+        if not 0 <= self.mqtt_port < 65536:
+            raise ConfigError("mqtt_port", f"must be a TCP port 1-65535 (0: the gateway's MQTT port), got {self.mqtt_port}")
         if not 256 <= self.max_payload_bytes <= 16 * 1024 * 1024:
             raise ConfigError("max_payload_bytes", f"must be 256 .. 16777216, got {self.max_payload_bytes}")
         if self.command_retry_s <= 0:

@@ -64,7 +64,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     def broker(device_id: str, password: str | None) -> dict[str, Any]:
         host = ctx.config.mqtt_host or urlsplit(request.host_url).hostname or "127.0.0.1"
-        doc = {"host": host, "port": ctx.config.mqtt_port, "username": device_id}
+        port = ctx.config.mqtt_port or ctx.mqtt.device_port or 1883
+        doc = {"host": host, "port": port, "username": device_id}
         return {**doc, "password": password} if password is not None else doc
 
     def credentials(device: Any, password: str | None) -> dict[str, Any]:

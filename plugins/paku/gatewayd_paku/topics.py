@@ -247,9 +247,11 @@ class PakuMQTT:
             if name == "ota" and doc.get("status") not in OTA_STATUSES:
                 raise Rejected(f"ota: 'status' must be one of {', '.join(OTA_STATUSES)}, got {doc.get('status')!r}")
             alert = is_alert(name, self.ctx.config.alert_events)
-            await self._ingest(device, "event", {"type": name, "payload": doc}, ts, "alert" if alert else "history", rows)
+            cls = "alert" if alert else "history"
+            await self._ingest(device, "event", {"type": name, "payload": doc}, ts, cls, rows)
             if name == "ota":
-                await self.ctx.ota.report("paku", device, doc["status"], version=doc.get("version"),
+                version = None if doc.get("version") is None else str(doc["version"])
+                await self.ctx.ota.report("paku", device, doc["status"], version=version,
                                           detail=str(doc.get("detail", "")), ts=ts)
             await self._observe(device, name, doc, "warning" if alert else "info", ts)
 
@@ -305,6 +307,8 @@ class PakuMQTT:
             raise Rejected(f"device {device_id!r} is disabled")
         if touch:
             self.ctx.devices.touch(device_id)
+            if not self.online.get(device_id):
+                self.wake(device_id)  # back from silence: hand it what waited
             self.online[device_id] = True
         return device_id, device
 

@@ -30,7 +30,7 @@ def managed_settings(port: int) -> list[str]:
     """The gateway runs its own mosquitto on `port` and tells devices so."""
     if find_mosquitto() is None:
         pytest.skip("mosquitto is not installed")
-    return ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", f"plugins.paku.mqtt_port={port}"]
+    return ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'"]
 
 
 async def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, step: float = 0.05) -> Any:
