@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         targets = {
             "hello-world (bare QuartTrio)": (f"http://127.0.0.1:{hello_port}/", None),
             "gateway GET /health": (f"http://127.0.0.1:{gw_port}/health", None),
-            "gateway POST durable write": (f"http://127.0.0.1:{gw_port}/everything/readings", str(script)),
+            "durable write (peewee insert)": (f"http://127.0.0.1:{gw_port}/everything/readings", str(script)),
+            "durable write (prepared stmt)": (f"http://127.0.0.1:{gw_port}/everything/readings/prepared",
+                                              str(script)),
         }
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
         for _ in range(args.repeats):

@@ -51,6 +51,11 @@ class Reading(peewee.Model):
         table_name = "everything_reading"
 
 
+def insert_prepared(database, device: str, value: float) -> int:
+    sql = "INSERT INTO everything_reading (device, value, note) VALUES (?, ?, '')"
+    return database.connection().execute(sql, (device, value)).lastrowid
+
+
 @hookimpl
 def gatewayd_config_schema():
     calls.append("config_schema")
@@ -88,6 +93,18 @@ def gatewayd_http_routes(ctx: PluginContext):
         row_id = await ctx.storage.write(
             lambda: Reading.insert(device=str(body.get("device", "")), value=float(body["value"])).execute()
         )
+        written.inc()
+        return {"id": row_id}, 201
+
+    @bp.post("/readings/prepared")
+    async def write_reading_prepared():
+        # The same durable write as above through a prepared statement on the writer's
+        # connection: what hot paths do (peewee's query building costs ~30x the insert).
+        body = await request.get_json(force=True, silent=True)
+        if not isinstance(body, dict) or not isinstance(body.get("value"), (int, float)):
+            return {"error": "expected {\"device\": str, \"value\": number}"}, 400
+        row_id = await ctx.storage.write(insert_prepared, ctx.storage.database, str(body.get("device", "")),
+                                         float(body["value"]))
         written.inc()
         return {"id": row_id}, 201
 

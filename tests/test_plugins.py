@@ -36,6 +36,10 @@ async def test_hook_storage_models(gateway_factory):
             r = await client.post("/everything/readings", json={"device": "d1", "value": 1.5})
             assert r.status_code == 201
             assert (await client.get("/everything/readings")).json() == {"count": 1}
+            r = await client.post("/everything/readings/prepared", json={"device": "d2", "value": 2.5})
+            assert r.status_code == 201
+            row = await gw.storage.read(lambda: plugin_everything.Reading.get_by_id(r.json()["id"]))
+            assert (row.device, row.value) == ("d2", 2.5)
 
 
 def test_model_tables_must_carry_the_plugin_prefix():
