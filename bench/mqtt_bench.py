@@ -26,13 +26,12 @@ import logging
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -100,9 +99,9 @@ class GroupCommitStore:
 
     async def write(self, topic: str, payload: bytes) -> None:
         done = trio.Event()
-        with self._cond:
-            self._queue.append(((topic, payload), done))
-            if self._idle:  # wake the writer only when it sleeps: no GIL ping-pong per row
+        self._queue.append(((topic, payload), done))  # deque.append is thread-safe
+        if self._idle:  # wake the writer only when it sleeps: no lock, no GIL ping-pong per row
+            with self._cond:
                 self._cond.notify()
         await done.wait()
 
@@ -125,15 +124,19 @@ class GroupCommitStore:
                 self._idle = False
                 if self._closed and not self._queue:
                     break
-            # the group-commit window: let rows gather for max_wait (or max_rows)
-            deadline = time.monotonic() + self.max_wait
-            while len(self._queue) < self.max_rows and time.monotonic() < deadline and not self._closed:
-                time.sleep(0.0002)
+            # The group-commit window: one sleep, not a polling loop. Every wake-up of
+            # this thread must win the GIL back from the busy trio thread, which can
+            # take a switch interval (5 ms) each time: keep them few per batch.
+            if len(self._queue) < self.max_rows and not self._closed:
+                time.sleep(self.max_wait)
             with self._cond:
                 batch = [self._queue.popleft() for _ in range(min(self.max_rows, len(self._queue)))]
             now = time.time()
+            # One multi-row INSERT rather than executemany: sqlite3 releases the GIL
+            # around every step, and each re-acquire can wait behind the trio thread.
+            params = [v for (t, p), _ in batch for v in (t, p, now)]
             db.execute("BEGIN")
-            db.executemany("INSERT INTO reading VALUES (?, ?, ?)", [(t, p, now) for (t, p), _ in batch])
+            db.execute("INSERT INTO reading VALUES " + ",".join(["(?,?,?)"] * len(batch)), params)
             db.execute("COMMIT")
             self.commits += 1
             events = [e for _, e in batch]
@@ -147,14 +150,18 @@ class GroupCommitStore:
 class BareConsumer:
     """paho on trio with automatic PUBACK and no storage: the baseline."""
 
-    def __init__(self, broker: ManagedBroker, client_id: str) -> None:
+    def __init__(self, broker: ManagedBroker, client_id: str, protocol: str) -> None:
         user, password = broker.gateway_credentials()
-        self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+        if protocol == "5":
+            self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5)
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+            props.ReceiveMaximum = 256  # as MQTTClient's default max_in_flight
+            self.c.connect_async(broker.host, broker.port, 30, clean_start=False, properties=props)
+        else:
+            self.c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+            self.c.connect_async(broker.host, broker.port, 30)
         self.c.username_pw_set(user, password)
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        props.ReceiveMaximum = 256
-        self.c.connect_async(broker.host, broker.port, 30, clean_start=False, properties=props)
         self.c.on_connect = lambda c, u, f, rc, p: c.subscribe(TOPIC, 1)
         self.c.on_subscribe = lambda c, u, mid, rcs, p: self.subscribed.set()
         self.c.on_message = self._on_message
@@ -200,9 +207,9 @@ class BareConsumer:
             self.c.loop_misc()
 
 
-async def run_bare(broker: ManagedBroker, count: int, mode: str, run: int) -> float:
+async def run_bare(broker: ManagedBroker, count: int, mode: str, run: int, protocol: str) -> float:
     cid = f"bench-bare-{run}"
-    cons = BareConsumer(broker, cid)
+    cons = BareConsumer(broker, cid, protocol)
     cons.target = count
     async with trio.open_nursery() as n:
         if mode == "backlog":
@@ -217,7 +224,7 @@ async def run_bare(broker: ManagedBroker, count: int, mode: str, run: int) -> fl
             scope.cancel()
             await trio.sleep(0.1)
             await publish(broker, count)
-            cons = BareConsumer(broker, cid)
+            cons = BareConsumer(broker, cid, protocol)
             cons.target = count
             await n.start(cons.run)
         else:
@@ -229,13 +236,13 @@ async def run_bare(broker: ManagedBroker, count: int, mode: str, run: int) -> fl
     return (count - 1) / (cons.last - cons.first)
 
 
-async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db_dir: Path) -> float:
+async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db_dir: Path, protocol: str) -> float:
     store = GroupCommitStore(db_dir / f"durable-{run}.db")
     store.start()
     user, password = broker.gateway_credentials()
     settings = MQTTSettings(
         host=broker.host, port=broker.port, client_id=f"bench-durable-{run}",
-        username=user, password=password, status_topic=None,
+        username=user, password=password, status_topic=None, protocol=protocol,  # type: ignore[arg-type]
     )
     state = {"n": 0, "first": 0.0, "last": 0.0}
     done = trio.Event()
@@ -267,6 +274,8 @@ async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db
             n.start_soon(publish, broker, count)
         await done.wait()
         await client.stop()
+        if os.environ.get("BENCH_DEBUG"):
+            print(client.stats, "commits", store.commits, file=sys.stderr)
         n.cancel_scope.cancel()
     await trio.to_thread.run_sync(store.close)
     with sqlite3.connect(store.path) as db:
@@ -290,13 +299,13 @@ async def main(args: argparse.Namespace) -> None:
             pub_rate = await publish(broker, min(args.messages, 5000))  # warm-up + publisher's pace
             bare, durable = [], []
             for run in range(args.runs):
-                bare.append(await run_bare(broker, args.messages, args.mode, run))
-                durable.append(await run_durable(broker, args.messages, args.mode, run, Path(tmp)))
+                bare.append(await run_bare(broker, args.messages, args.mode, run, args.protocol))
+                durable.append(await run_durable(broker, args.messages, args.mode, run, Path(tmp), args.protocol))
                 print(f"run {run + 1}: bare {bare[-1]:8.0f} msg/s   durable {durable[-1]:8.0f} msg/s", flush=True)
             n.cancel_scope.cancel()
     b, d = statistics.median(bare), statistics.median(durable)
-    print(f"\nmode={args.mode} messages={args.messages} QoS 1, payload {len(PAYLOAD % 0)} B, "
-          f"publisher alone ~{pub_rate:.0f} msg/s")
+    print(f"\nmode={args.mode} messages={args.messages} MQTT {args.protocol} QoS 1, payload {len(PAYLOAD % 0)} B, "
+          f"publisher alone ~{pub_rate:.0f} msg/s, sys.setswitchinterval({args.switch_interval})")
     print("durable write = STAND-IN (sqlite3 WAL/NORMAL, one writer thread, group commit 2 ms/500 rows)")
     print("               until gatewayd.core.storage's writer is wired in")
     print(f"bare paho-on-trio, auto ack      : {b:8.0f} msg/s (median of {args.runs})")
@@ -312,6 +321,12 @@ if __name__ == "__main__":
     parser.add_argument("--messages", type=int, default=20000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mode", choices=["backlog", "live"], default="backlog")
+    parser.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")  # what the local client should use
+    # The writer thread re-takes the GIL after every sleep/step/commit; at the default
+    # 5 ms switch interval each of those can wait behind the busy trio thread.
+    parser.add_argument("--switch-interval", type=float, default=0.0005)
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("gatewayd.broker").setLevel(logging.ERROR)
-    trio.run(main, parser.parse_args())
+    parsed = parser.parse_args()
+    sys.setswitchinterval(parsed.switch_interval)
+    trio.run(main, parsed)

@@ -79,7 +79,7 @@ def topic_and_derived_filter(draw: st.DrawFn) -> tuple[str, str]:
 
 
 @given(filters(), topics)
-@settings(max_examples=2000)
+@settings(max_examples=800)
 def test_matches_agrees_with_reference(f: str, t: str) -> None:
     assert validate_filter(f) == f
     assert validate_topic(t) == t
@@ -87,7 +87,7 @@ def test_matches_agrees_with_reference(f: str, t: str) -> None:
 
 
 @given(topic_and_derived_filter())
-@settings(max_examples=1000)
+@settings(max_examples=400)
 def test_derived_filter_matches_unless_dollar_rule(pair: tuple[str, str]) -> None:
     t, f = pair
     blocked = t.startswith("$") and f[0] in "+#"
@@ -95,7 +95,7 @@ def test_derived_filter_matches_unless_dollar_rule(pair: tuple[str, str]) -> Non
 
 
 @given(st.text(alphabet="ab/+#$\x00", max_size=12))
-@settings(max_examples=2000)
+@settings(max_examples=800)
 def test_validate_filter_agrees_with_reference(f: str) -> None:
     if ref_valid_filter(f):
         assert validate_filter(f) == f

@@ -111,16 +111,16 @@ class Paku:
         if not offers:
             return "up to date (%s)" % self.fw_version
         offer = offers[0]
-        self.publish("event/ota", {"status": "started", "version": offer["version"]})
+        self.publish("event/ota", {"status": "started", "version": offer["version"], "ts": time.time()})
         try:
             path = self.download(offer)
         except ValueError as e:
-            self.publish("event/ota", {"status": "failed", "version": offer["version"], "detail": str(e)})
+            self.publish("event/ota", {"status": "failed", "version": offer["version"], "detail": str(e), "ts": time.time()})
             return "failed: %s" % e
-        self.publish("event/ota", {"status": "verified", "version": offer["version"]})
+        self.publish("event/ota", {"status": "verified", "version": offer["version"], "ts": time.time()})
         write_installed(self.o.state_dir, offer["version"], path)
         self.fw_version = offer["version"]
-        self.publish("event/ota", {"status": "installed", "version": offer["version"]})
+        self.publish("event/ota", {"status": "installed", "version": offer["version"], "ts": time.time()})
         self.publish_state(True)
         return "installed %s" % offer["version"]
 

@@ -27,6 +27,14 @@ Delivery contract (the product's first rule, "nothing acknowledged before commit
   reused, so a late ack on a newer connection could acknowledge a different message.
 - The session is persistent (stable client id; clean session off / MQTT 5 session
   expiry), so what devices publish while the gateway is down waits in the broker.
+- Handlers run concurrently, so messages are not handled in arrival order (readings
+  carry their own timestamps). Subscriptions are capped at QoS 1: with QoS 2 paho
+  answers PUBREC before the handler runs, and the broker then counts it delivered.
+
+The delivery side lives in :mod:`gatewayd.core.mqtt_dispatch`. Two private paho 2.x
+calls are used, both guarded: ``_sock_close`` (close without sending DISCONNECT) and
+``_packet_queue`` (several PUBACKs in one write). An ``MQTTClient`` runs once: make a
+new one to run again.
 
 Startup (``run``): ``task_status.started()`` after the first CONNACK and SUBACKs, or
 after the first attempt failed or ``first_connect_timeout`` passed. A gateway whose
@@ -41,7 +49,7 @@ import random
 import ssl
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Hashable, Literal
+from typing import Any, Awaitable, Callable, Hashable, Literal, NamedTuple
 
 import paho.mqtt.client as paho
 import peewee
@@ -50,6 +58,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from .mqtt_dispatch import InboundDispatcher
 from .topics import Subscription, TopicRouter, validate_topic
 
 __all__ = [
@@ -92,6 +101,11 @@ class MQTTSettings:
     keepalive: int = 30
     clean_start: bool = False  # False: keep the session (and what queued in it)
     session_expiry: int = 7 * 24 * 3600  # MQTT 5 only; 3.1.1 sessions never expire
+    # MQTT 5 by default for its PUBACK reason codes: with 3.1.1 a broker that refuses a
+    # publish (ACL) acknowledges and drops it, and the caller believes it delivered.
+    # For the gateway's own client on the managed broker (full access), "3.1.1" is the
+    # fast choice: paho 2.x decodes MQTT 5 properties on every inbound PUBLISH, which
+    # costs about half the ingest throughput here (bench/mqtt_bench.py --protocol).
     protocol: Literal["3.1.1", "5"] = "5"
     status_topic: str | None = "gatewayd/status"  # retained online/offline, last will
     reconnect_min: float = 0.5
@@ -100,6 +114,7 @@ class MQTTSettings:
     first_connect_timeout: float = 5.0
     publish_timeout: float = 10.0
     max_in_flight: int = 256  # concurrent inbound handlers; MQTT 5 Receive Maximum
+    # (with 3.1.1 the broker's own limit applies: ManagedBroker sets mosquitto's to 256)
     redeliver_after: float = 5.0  # 0: never reconnect on purpose after handler errors
     drain_timeout: float = 5.0
 
@@ -124,9 +139,8 @@ class PublishTimeout(PublishError):
     """No connection, or no PUBACK, within the publish timeout."""
 
 
-@dataclass(frozen=True)
-class InboundMessage:
-    """What a handler receives (independent of paho)."""
+class InboundMessage(NamedTuple):
+    """What a handler receives (independent of paho). A NamedTuple: made per message."""
 
     topic: str
     payload: bytes
@@ -205,13 +219,18 @@ class MQTTClient:
         self.router: TopicRouter[MessageHandler] = router if router is not None else TopicRouter()
         self.stats = MQTTStats()
         self.connected = False
-        self._record_rejected = record_rejected
         self._client = self._make_client()
+        self._inbound = InboundDispatcher(
+            self._client,
+            self.router,
+            self.stats,
+            self.log,
+            max_in_flight=settings.max_in_flight,
+            record_rejected=record_rejected,
+            on_failure=self._handler_failed,
+        )
         self._generation = 0  # one per connection attempt; acks only go to their own
-        self._nursery: trio.Nursery | None = None
         self._run_scope: trio.CancelScope | None = None
-        self._in_flight = 0
-        self._slot_freed = trio.Event()
         self._want_write = trio.Event()
         self._connected_event = trio.Event()
         self._ready = trio.Event()
@@ -219,15 +238,13 @@ class MQTTClient:
         self._stopped = trio.Event()
         self._redeliver = trio.Event()
         self._redeliver_delay = settings.redeliver_after
-        self._draining = False
+        self._acked_before_redeliver = -1
         self._stopping = False
         self._leaving = False
         self._ever_connected = False
         self._suback_pending: dict[int, list[str]] = {}
         self._pub_waiters: dict[int, _PubWaiter] = {}
         self._packets = 0  # packets paho handed to our callbacks: progress of loop_read
-        self._error_log_at = 0.0
-        self._errors_unlogged = 0
 
     @property
     def ready(self) -> bool:
@@ -237,7 +254,7 @@ class MQTTClient:
     @property
     def in_flight(self) -> int:
         """Inbound messages whose handlers are running."""
-        return self._in_flight
+        return self._inbound.in_flight
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -288,7 +305,7 @@ class MQTTClient:
         """Connect, subscribe, dispatch and reconnect until cancelled or :meth:`stop`."""
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                await nursery.start(self._inbound.run)
                 self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._connection_loop)
                 with trio.move_on_after(self.settings.first_connect_timeout):
@@ -305,15 +322,13 @@ class MQTTClient:
                     await self._goodbye()
                 self._drop_socket()
                 self._connection_ended("client stopped")
-                self._nursery = None
                 self._stopped.set()
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop taking messages, let running handlers finish (up to ``grace``), disconnect."""
-        self._stopping = self._draining = True
+        self._stopping = self._inbound.paused = True
         with trio.move_on_after(grace):
-            while self._in_flight:
-                await self._wait_slot()
+            await self._inbound.drain()
         if self._run_scope is not None:
             self._run_scope.cancel()
             await self._stopped.wait()
@@ -400,7 +415,7 @@ class MQTTClient:
         self._generation += 1
         self._ready = trio.Event()
         self._redeliver = trio.Event()
-        self._draining = self._stopping
+        self._inbound.paused = self._stopping
         try:
             # paho's connect (getaddrinfo, TCP, TLS handshake) blocks; nothing else uses
             # the client meanwhile: publish waits for `connected`, acks check generation.
@@ -423,6 +438,7 @@ class MQTTClient:
             conn.start_soon(self._keepalive, sock, conn.cancel_scope)
             conn.start_soon(self._watch_ready, conn.cancel_scope, outcome)
             conn.start_soon(self._watch_redelivery, conn.cancel_scope, outcome)
+            conn.start_soon(self._ack_sender)
         self._drop_socket()
         self._connection_ended("connection closed")
         return outcome[0]
@@ -431,8 +447,8 @@ class MQTTClient:
         tls = isinstance(sock, ssl.SSLSocket)
         try:
             while True:
-                while self._in_flight >= self.settings.max_in_flight:
-                    await self._wait_slot()  # backpressure: stop reading, let handlers catch up
+                while self._inbound.full:
+                    await self._inbound.wait_slot()  # backpressure: stop reading, let handlers catch up
                 if not (tls and sock.pending()):  # TLS may hold decrypted bytes already
                     await trio.lowlevel.wait_readable(sock)
                 # loop_read handles one packet; a trip through the scheduler per packet
@@ -440,7 +456,7 @@ class MQTTClient:
                 for _ in range(64):
                     before = self._packets
                     rc = self._client.loop_read()
-                    if rc != _OK or self._packets == before or self._in_flight >= self.settings.max_in_flight:
+                    if rc != _OK or self._packets == before or self._inbound.full:
                         break
                 self._kick_writer()
                 if rc != _OK or self._client.socket() is not sock:
@@ -486,14 +502,17 @@ class MQTTClient:
 
     async def _watch_redelivery(self, scope: trio.CancelScope, outcome: list[str]) -> None:
         await self._redeliver.wait()
+        if self.stats.acked != self._acked_before_redeliver:
+            self._redeliver_delay = self.settings.redeliver_after  # it worked in between
         delay = self._redeliver_delay
         self.log.warning("handler failures: reconnecting in %.0f s so the broker redelivers", delay)
         await trio.sleep(delay)
         self._redeliver_delay = min(delay * 2, max(self.settings.redeliver_after, 60.0))
-        self._draining = True  # new arrivals stay unacked and come back after the reconnect
+        self._inbound.paused = True  # new arrivals stay unacked and come back after the reconnect
         with trio.move_on_after(self.settings.drain_timeout):
-            while self._in_flight:
-                await self._wait_slot()
+            await self._inbound.drain()
+        self._inbound.send_acks()
+        self._acked_before_redeliver = self.stats.acked
         self.stats.forced_reconnects += 1
         outcome[0] = "redeliver"
         self._leaving = True
@@ -508,6 +527,7 @@ class MQTTClient:
         sock = self._client.socket()
         if not self.connected or sock is None:
             return
+        self._inbound.send_acks()
         if self.settings.status_topic:
             self._client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
         self._leaving = True
@@ -519,8 +539,15 @@ class MQTTClient:
     def _drop_socket(self) -> None:
         # paho has no public "close without DISCONNECT"; _sock_close also runs our
         # on_socket_close, which tells trio before the fd goes away.
-        if self._client.socket() is not None:
-            self._client._sock_close()
+        sock = self._client.socket()
+        if sock is None:
+            return
+        close = getattr(self._client, "_sock_close", None)
+        if close is not None:
+            close()
+        else:  # a paho without it: close it ourselves; paho sees the error on next use
+            self._on_socket_close(self._client, None, sock)
+            sock.close()
 
     def _connection_ended(self, why: str) -> None:
         if self.connected:
@@ -536,6 +563,7 @@ class MQTTClient:
             waiter.done.set()
         self._pub_waiters.clear()
         self._suback_pending.clear()
+        self._inbound.connection_down()
 
     # --- paho callbacks (all on the trio thread, inside loop_read/loop_write) -------------
 
@@ -547,6 +575,7 @@ class MQTTClient:
             self.stats.reconnects += 1
         self._ever_connected = True
         self.connected = True
+        self._inbound.connection_up(self._generation)
         self._connected_event.set()
         self.log.info(
             "MQTT connected to %s:%d as %r (session present: %s)",
@@ -598,85 +627,23 @@ class MQTTClient:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self._packets += 1
         self.stats.received += 1
-        if self._draining or self._nursery is None:
-            self.stats.deferred += 1  # not acked: the broker gives it back after reconnect
-            return
-        self._in_flight += 1
-        self._nursery.start_soon(self._dispatch, msg, self._generation)
+        self._inbound.submit(msg, self._generation)
 
-    # --- dispatch -------------------------------------------------------------------------
+    def _handler_failed(self) -> None:
+        if self.settings.redeliver_after > 0:
+            self._redeliver.set()
 
-    async def _dispatch(self, msg: paho.MQTTMessage, generation: int) -> None:
-        topic = "?"
-        try:
-            try:
-                topic = msg.topic
-            except UnicodeDecodeError:
-                await self._reject(repr(msg._topic), msg.payload, "topic is not valid UTF-8")
-                self._ack(msg, generation)
-                return
-            handlers = self.router.handlers_for(topic)
-            if not handlers:
-                self.stats.unrouted += 1
-                self._ack(msg, generation)
-                return
-            message = InboundMessage(topic, msg.payload, msg.qos, bool(msg.retain), bool(msg.dup))
-            reason = None
-            for handler in handlers:
-                try:
-                    await handler(message)
-                except Rejected as exc:
-                    reason = exc.reason
-            if reason is not None:
-                await self._reject(topic, msg.payload, reason)
-            self._ack(msg, generation)
-        except Exception as exc:  # noqa: BLE001 - any failure means: do not ack
-            self.stats.handler_errors += 1
-            self._note_error(f"handler for {topic!r} failed: {exc!r}", log_it=False)
-            self._log_handler_error(topic, exc)
-            if self.settings.redeliver_after > 0:
-                self._redeliver.set()
-        finally:
-            self._in_flight -= 1
-            self._slot_freed.set()
-
-    async def _reject(self, topic: str, payload: bytes, reason: str) -> None:
-        if self._record_rejected is not None:
-            await self._record_rejected(topic, payload, reason)  # raising here: not acked
-        self.stats.rejected += 1
-        self.log.info("rejected MQTT message on %r: %s", topic, reason)
-
-    def _ack(self, msg: paho.MQTTMessage, generation: int) -> None:
-        if msg.qos == 0:
-            return
-        if generation != self._generation or not self.connected:
-            self.stats.stale_acks += 1  # its connection is gone; the broker redelivers it
-            return
-        self._client.ack(msg.mid, msg.qos)
-        self.stats.acked += 1
-        self._redeliver_delay = self.settings.redeliver_after
-        self._kick_writer()
-
-    def _log_handler_error(self, topic: str, exc: Exception) -> None:
-        # With storage down every message fails: one traceback per 10 s, not 10k/s.
-        now = time.monotonic()
-        if now - self._error_log_at >= 10:
-            extra = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
-            self.log.error("MQTT handler for %r failed; message left unacknowledged%s", topic, extra, exc_info=exc)
-            self._error_log_at = now
-            self._errors_unlogged = 0
-        else:
-            self._errors_unlogged += 1
+    async def _ack_sender(self) -> None:
+        while True:
+            await self._inbound.acks_due()
+            self._inbound.send_acks()
+            self._kick_writer()
 
     # --- small helpers --------------------------------------------------------------------
 
     def _kick_writer(self) -> None:
         if self._client.want_write():
             self._want_write.set()
-
-    async def _wait_slot(self) -> None:
-        self._slot_freed = trio.Event()
-        await self._slot_freed.wait()
 
     def _note_error(self, text: str, *, log_it: bool = True) -> None:
         self.stats.last_error = text

@@ -392,9 +392,10 @@ class OtaStore:
         return report_id
 
     async def reports(self, device_id: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """OTA reports, newest first (of one device)."""
+        """OTA reports, newest first (of one device), by the time the device reported."""
         def read() -> list[dict[str, Any]]:
-            query = CoreOtaReport.select().order_by(CoreOtaReport.id.desc()).limit(limit)
+            # By ts, not arrival: MQTT handlers run concurrently, so rows may land out of order.
+            query = CoreOtaReport.select().order_by(CoreOtaReport.ts.desc(), CoreOtaReport.id.desc()).limit(limit)
             if device_id:
                 query = query.where(CoreOtaReport.device_id == device_id)
             return [{"id": r.id, "ts": r.ts, "family": r.family, "device_id": r.device_id,

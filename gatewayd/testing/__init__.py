@@ -28,7 +28,10 @@ from ..core.config import load_config
 from ..core.runtime import Gateway
 from ..plugins.manager import build_plugin_manager
 
-__all__ = ["start_gateway", "gw_client", "gateway_factory"]
+from .mqtt import *  # noqa: F403  (the MQTT fixtures: mqtt_broker, device_client, ...)
+from .mqtt import __all__ as _mqtt_all
+
+__all__ = ["start_gateway", "gw_client", "gateway_factory", *_mqtt_all]
 
 
 @asynccontextmanager

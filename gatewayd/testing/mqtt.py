@@ -8,7 +8,7 @@ For gatewayd's own tests and for plugin authors (``gatewayd.testing`` re-exports
             await dev.publish("paku/dev1/data", b"...")
 
 The broker is a :class:`~gatewayd.core.broker.ManagedBroker` on a free port under
-``tmp_path``, started in the test's nursery and stopped with it. Tests are skipped when
+``tmp_path``, started in the test's nursery and stopped with it. Tests fail (loudly) when
 mosquitto is not installed.
 """
 
@@ -51,9 +51,10 @@ def free_port() -> int:
 
 
 async def start_managed_broker(nursery: trio.Nursery, directory: Path, **kwargs: Any) -> ManagedBroker:
-    """Start a ManagedBroker on a free port in ``nursery``; skip if mosquitto is missing."""
+    """Start a ManagedBroker on a free port in ``nursery``; fail if mosquitto is missing."""
     if find_mosquitto(kwargs.get("mosquitto")) is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+        # Fail, not skip: a suite that silently skips every MQTT test would look green.
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto (scripts/test does it as root)")
     kwargs.setdefault("acl_templates", TEST_ACL_TEMPLATES)
     kwargs.setdefault("restart_min", 0.1)
     kwargs.setdefault("restart_max", 0.5)

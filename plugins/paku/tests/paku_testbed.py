@@ -29,7 +29,7 @@ PAKU = [("paku", gatewayd_paku)]
 def managed_settings(port: int) -> list[str]:
     """The gateway runs its own mosquitto on `port` and tells devices so."""
     if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed")
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto (scripts/test does it as root)")
     return ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'"]
 
 
