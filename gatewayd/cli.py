@@ -245,7 +245,13 @@ def _plugin_runner(run: Callable[..., Any]) -> Callable[[argparse.Namespace, Plu
     return runner
 
 
-def build_parser(manager: PluginManager) -> argparse.ArgumentParser:
+def build_parser(manager: PluginManager, wanted: set[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; plugin subcommands only for the plugins in `wanted`.
+
+    A plugin's commands are built only when its name is on the command line, so
+    `gatewayd run` never imports what a plugin needs only for its commands (numpy and
+    scipy for kaiabc: seconds of start-up and tens of MB).
+    """
     parser = argparse.ArgumentParser(
         prog="gatewayd",
         description="gatewayd: the site gateway. Devices talk to it over HTTP, MQTT and serial; "
@@ -264,13 +270,15 @@ def build_parser(manager: PluginManager) -> argparse.ArgumentParser:
     for plugin in manager.names:
         if not manager.is_loaded(plugin) or not manager.implements(plugin, "gatewayd_cli_commands"):
             continue
+        group = commands.add_parser(plugin, help=f"commands of the {plugin} plugin")
+        group_sub = group.add_subparsers(dest="plugin_command", metavar="COMMAND", required=True)
+        if wanted is not None and plugin not in wanted:
+            continue
         try:
             registry = manager.cli_commands(plugin)
         except Exception as e:  # one broken plugin must not take the whole CLI down
             print(f"gatewayd: plugin {plugin!r}: its commands are unavailable: {e!r}", file=sys.stderr)
             continue
-        group = commands.add_parser(plugin, help=f"commands of the {plugin} plugin")
-        group_sub = group.add_subparsers(dest="plugin_command", metavar="COMMAND", required=True)
         for command in registry.commands:
             sub = group_sub.add_parser(command.name, help=command.help, description=command.help)
             _common(sub, sub=True)
@@ -308,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # pluggy's PluginValidationError: a misspelled hook
         print(f"gatewayd: plugin error: {e}", file=sys.stderr)
         return 2
-    parser = build_parser(manager)
+    parser = build_parser(manager, wanted=set(argv) & set(manager.names))
     args = parser.parse_args(argv)
     _merge(args)
     if not getattr(args, "handler", None):

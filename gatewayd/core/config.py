@@ -62,7 +62,7 @@ class HttpSection:
 @dataclass
 class StorageSection:
     synchronous: Literal["normal", "full"] = "normal"
-    group_commit_ms: float = 1.0
+    group_commit_ms: float = 0.0
     group_commit_max: int = 1000
     readers: int = 4
 

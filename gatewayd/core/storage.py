@@ -101,7 +101,7 @@ class Storage:
         path: str | Path,
         *,
         synchronous: str = "normal",
-        group_commit_ms: float = 1.0,
+        group_commit_ms: float = 0.0,
         group_commit_max: int = 1000,
         readers: int = 4,
     ):
@@ -232,24 +232,29 @@ class Storage:
         db = self.database
         db.connect(reuse_if_open=True)
         stopping = False
+        last_batch = 0
         while not stopping:
             first = self._queue.get()
             if first is _STOP:
                 break
+            # Group commit: when writers are concurrent, wait one window so a burst shares
+            # one COMMIT (one fsync with synchronous=FULL). One sleep, not a get() per
+            # arriving job: every wake-up of this thread must win the GIL back from the
+            # busy trio thread. A lone writer (last batch of one, nothing queued) pays no
+            # window at all.
+            if self.group_commit_s > 0 and (last_batch > 1 or not self._queue.empty()):
+                time.sleep(self.group_commit_s)
             batch = [first]
-            deadline = time.monotonic() + self.group_commit_s
-            # Group commit: take what is queued, and wait a moment for more, so a burst
-            # of writers shares one COMMIT (and one fsync with synchronous=FULL).
             while len(batch) < self.group_commit_max:
-                remaining = deadline - time.monotonic()
                 try:
-                    job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                    job = self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if job is _STOP:
                     stopping = True
                     break
                 batch.append(job)
+            last_batch = len(batch)
             self._run_batch(batch)
         db.close()
 

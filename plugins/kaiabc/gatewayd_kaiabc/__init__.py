@@ -9,8 +9,6 @@ WebSocket API of the specification comes in a later release.
 
 from gatewayd.plugins.api import CommandRegistry, hookimpl
 
-from .commands import add_commands
-
 __version__ = "0.1.0"
 
 
@@ -19,4 +17,6 @@ __version__ = "0.1.0"
 
 @hookimpl
 def gatewayd_cli_commands(commands: CommandRegistry) -> None:
+    from .commands import add_commands  # numpy and scipy load only for these commands
+
     add_commands(commands)
