@@ -8,9 +8,8 @@ process.
 
 - bare:    paho driven by trio (wait_readable + loop_read), automatic PUBACK, stores nothing.
 - durable: gatewayd.core.mqtt.MQTTClient, manual PUBACK after a handler that waits for a
-           durable SQLite write. Until the storage layer's writer lands, the write is a
-           stand-in: plain sqlite3 (WAL, synchronous=NORMAL) in one worker thread with
-           group commit (up to 2 ms / 500 rows per transaction, then wake the waiters).
+           durable write through the gateway's own Storage (writer thread, group commit,
+           WAL, synchronous=NORMAL): one prepared INSERT per message, acked after COMMIT.
 
 Modes: ``backlog`` (default) publishes N messages into each consumer's persistent session
 while it is offline, then times the consumer draining them: this measures the consumer,
@@ -44,6 +43,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 
 from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password  # noqa: E402
 from gatewayd.core.mqtt import InboundMessage, MQTTClient, MQTTSettings  # noqa: E402
+from gatewayd.core.storage import Storage  # noqa: E402
 from gatewayd.testing.mqtt import free_port  # noqa: E402
 
 TOPIC = "bench/dev1/data"
@@ -81,67 +81,10 @@ async def publish(broker: ManagedBroker, count: int) -> float:
 # --- the durable-write stand-in -----------------------------------------------------------
 
 
-class GroupCommitStore:
-    """sqlite3 in one thread; batches rows (2 ms / 500 rows), one commit, wakes waiters."""
-
-    def __init__(self, path: Path, max_rows: int = 500, max_wait: float = 0.002) -> None:
-        self.path, self.max_rows, self.max_wait = path, max_rows, max_wait
-        self._queue: collections.deque[tuple[tuple[str, bytes], trio.Event]] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._idle = False
-        self.commits = 0
-
-    def start(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._run, name="bench-writer", daemon=True)
-        self._thread.start()
-
-    async def write(self, topic: str, payload: bytes) -> None:
-        done = trio.Event()
-        self._queue.append(((topic, payload), done))  # deque.append is thread-safe
-        if self._idle:  # wake the writer only when it sleeps: no lock, no GIL ping-pong per row
-            with self._cond:
-                self._cond.notify()
-        await done.wait()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
-        self._thread.join()
-
-    def _run(self) -> None:
-        db = sqlite3.connect(self.path, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")
-        db.execute("CREATE TABLE IF NOT EXISTS reading (topic TEXT, payload BLOB, at REAL)")
-        while True:
-            with self._cond:
-                self._idle = True
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                self._idle = False
-                if self._closed and not self._queue:
-                    break
-            # The group-commit window: one sleep, not a polling loop. Every wake-up of
-            # this thread must win the GIL back from the busy trio thread, which can
-            # take a switch interval (5 ms) each time: keep them few per batch.
-            if len(self._queue) < self.max_rows and not self._closed:
-                time.sleep(self.max_wait)
-            with self._cond:
-                batch = [self._queue.popleft() for _ in range(min(self.max_rows, len(self._queue)))]
-            now = time.time()
-            # One multi-row INSERT rather than executemany: sqlite3 releases the GIL
-            # around every step, and each re-acquire can wait behind the trio thread.
-            params = [v for (t, p), _ in batch for v in (t, p, now)]
-            db.execute("BEGIN")
-            db.execute("INSERT INTO reading VALUES " + ",".join(["(?,?,?)"] * len(batch)), params)
-            db.execute("COMMIT")
-            self.commits += 1
-            events = [e for _, e in batch]
-            self._token.run_sync_soon(lambda evs=events: [e.set() for e in evs])
-        db.close()
+def _insert(database: Any, topic: str, payload: bytes, at: float) -> None:
+    # What a plugin's handler does on its hot path: one prepared INSERT on the writer's
+    # connection, inside the group-commit transaction (gatewayd.core.storage).
+    database.connection().execute("INSERT INTO reading VALUES (?, ?, ?)", (topic, payload, at))
 
 
 # --- the two consumers --------------------------------------------------------------------
@@ -237,8 +180,7 @@ async def run_bare(broker: ManagedBroker, count: int, mode: str, run: int, proto
 
 
 async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db_dir: Path, protocol: str) -> float:
-    store = GroupCommitStore(db_dir / f"durable-{run}.db")
-    store.start()
+    store = Storage(db_dir / f"durable-{run}.sqlite3")
     user, password = broker.gateway_credentials()
     settings = MQTTSettings(
         host=broker.host, port=broker.port, client_id=f"bench-durable-{run}",
@@ -250,7 +192,7 @@ async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db
     async def handler(msg: InboundMessage) -> None:
         if state["n"] == 0:
             state["first"] = time.perf_counter()
-        await store.write(msg.topic, msg.payload)
+        await store.write(_insert, store.database, msg.topic, msg.payload, time.time())
         state["n"] += 1
         if state["n"] == count:
             state["last"] = time.perf_counter()
@@ -262,6 +204,9 @@ async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db
         return client
 
     async with trio.open_nursery() as n:
+        await n.start(store.run)
+        await store.write(lambda: store.database.execute_sql(
+            "CREATE TABLE IF NOT EXISTS reading (topic TEXT, payload BLOB, at REAL)"))
         client = make()
         if mode == "backlog":
             await n.start(client.run)
@@ -275,9 +220,8 @@ async def run_durable(broker: ManagedBroker, count: int, mode: str, run: int, db
         await done.wait()
         await client.stop()
         if os.environ.get("BENCH_DEBUG"):
-            print(client.stats, "commits", store.commits, file=sys.stderr)
+            print(client.stats, "commits", store.stats["commits"], file=sys.stderr)
         n.cancel_scope.cancel()
-    await trio.to_thread.run_sync(store.close)
     with sqlite3.connect(store.path) as db:
         stored = db.execute("SELECT count(*) FROM reading").fetchone()[0]
     assert stored >= count, (stored, count)
@@ -306,8 +250,7 @@ async def main(args: argparse.Namespace) -> None:
     b, d = statistics.median(bare), statistics.median(durable)
     print(f"\nmode={args.mode} messages={args.messages} MQTT {args.protocol} QoS 1, payload {len(PAYLOAD % 0)} B, "
           f"publisher alone ~{pub_rate:.0f} msg/s, sys.setswitchinterval({args.switch_interval})")
-    print("durable write = STAND-IN (sqlite3 WAL/NORMAL, one writer thread, group commit 2 ms/500 rows)")
-    print("               until gatewayd.core.storage's writer is wired in")
+    print("durable write = gatewayd.core.storage.Storage.write (writer thread, group commit, WAL/NORMAL)")
     print(f"bare paho-on-trio, auto ack      : {b:8.0f} msg/s (median of {args.runs})")
     print(f"MQTTClient, manual ack + durable : {d:8.0f} msg/s (median of {args.runs})")
     print(f"ratio durable/bare               : {d / b:8.1%}   (goal >= 80%)")
