@@ -1,10 +1,19 @@
 """The Gateway: one trio nursery, services started in order, supervision, shutdown.
 
-Start order (each service is ready before the next starts, via `nursery.start`):
-storage (core and plugin tables) -> HTTP listeners -> plugin startup hooks -> plugin
-background tasks. Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): the listeners
-stop accepting and in-flight requests finish within `gateway.shutdown_grace_s`, plugin
-shutdown hooks run, tasks are cancelled, and the writer drains every queued write.
+Start order, each service ready before the next (`nursery.start`):
+
+1. storage: open the database, create/migrate core and plugin tables
+2. events, notifications, OTA store; device services (presence, command expiry)
+3. plugin contexts; plugins declare MQTT topics and ACLs
+4. the managed mosquitto (with every device account), then the MQTT client
+5. HTTP listeners (main, and a plugin's own when `plugins.<name>.listen` is set)
+6. serial links
+7. plugin startup hooks, then their supervised background tasks
+8. upstream sync workers
+
+Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): HTTP and MQTT stop accepting and
+in-flight requests and handlers finish within `gateway.shutdown_grace_s`, plugin
+shutdown hooks run, tasks are cancelled, and the writer commits every queued write.
 """
 
 from __future__ import annotations
@@ -19,22 +28,22 @@ import trio
 
 from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
+from .admin_api import admin_blueprint
+from .alerting import load_alert_rules, start_alerting
 from .config import Config, read_secret
+from .device_services import DeviceServices
+from .events_http import events_blueprint
 from .health import ComponentState, Health
 from .http import create_app, create_plugin_app, guard_plugin, require_admin, serve_app
+from .ingest import Ingest
 from .logs import get_logger
 from .metrics import Metrics, Sample
 from .mqtt_service import MQTTService
+from .ota_http import firmware_blueprint
+from .outbox import Outbox
 from .serial_links import SerialLinks
 from .storage import SchemaSpec, Storage
-from .admin_api import admin_blueprint
-from .device_services import DeviceServices
-from .ingest import Ingest
-from .outbox import Outbox
 from .sync.upstream import Upstream
-from .alerting import load_alert_rules, start_alerting
-from .events_http import events_blueprint
-from .ota_http import firmware_blueprint
 
 __all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled"]
 
