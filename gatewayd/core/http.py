@@ -126,6 +126,19 @@ def guard_plugin(blueprint: Blueprint, is_failed: Callable[[], str | None]) -> N
         return None
 
 
+class _DropEarlyClose(logging.Filter):
+    """hypercorn logs a request twice when the client closes its end first (`status=-`,
+    then the real line once the response completes): keep only the real one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, dict) and args.get("s") == "-")
+
+
+_access_log = logging.getLogger("gatewayd.access")
+_access_log.addFilter(_DropEarlyClose())
+
+
 async def serve_app(
     app: QuartTrio,
     listen: Address,
@@ -140,6 +153,6 @@ async def serve_app(
     config.bind = [str(listen)]
     config.graceful_timeout = graceful_timeout
     config.errorlog = logging.getLogger("gatewayd.http")
-    config.accesslog = logging.getLogger("gatewayd.access") if access_log else None
+    config.accesslog = _access_log if access_log else None
     config.access_log_format = 'client=%(h)s method=%(m)s path="%(U)s" status=%(s)s bytes=%(b)s duration_us=%(D)s'
     await serve(app, config, shutdown_trigger=shutdown_trigger, task_status=task_status)
