@@ -5,7 +5,7 @@ adapters at the bottom (`MQTTClient` with umqtt.simple's API, `http_get` with ur
 shape), so on a board the real `umqtt.simple` / `urequests` are used and on CPython the
 same code runs on paho-mqtt and urllib:
 
-    python firmware/paku/device.py --host 127.0.0.1 --port 1883 --id ID --password PW \
+    python firmware/paku/device.py --host 127.0.0.1 --port 1883 --id ID --password=PW \
         --http http://127.0.0.1:8080/paku [--once]
 
 One cycle: connect (persistent session, last will `offline` retained on

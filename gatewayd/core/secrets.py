@@ -51,8 +51,15 @@ _SCHEME = "pbkdf2_sha256"
 
 
 def new_secret(nbytes: int = 24) -> str:
-    """A fresh random secret, URL-safe (192 bits by default)."""
-    return secrets.token_urlsafe(nbytes)
+    """A fresh random secret, URL-safe (192 bits by default), never starting with '-'.
+
+    A leading '-' reads as an option to command-line tools (`device.py --password -x…`,
+    `mosquitto_pub -P`), so such a draw is replaced: it costs under a bit of entropy.
+    """
+    while True:
+        secret = secrets.token_urlsafe(nbytes)
+        if not secret.startswith("-"):
+            return secret
 
 
 def hash_secret(plain: str, *, iterations: int = PBKDF2_ITERATIONS, salt: bytes | None = None) -> str:

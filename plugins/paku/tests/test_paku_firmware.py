@@ -40,7 +40,7 @@ async def test_reference_firmware_one_cycle(gateway_factory, tmp_path):
 
             state_dir = tmp_path / "pk-1"
             argv = [sys.executable, "-u", str(FIRMWARE), "--host", "127.0.0.1", "--port", str(port), "--id", "pk-1",
-                    "--password", creds["mqtt"]["password"], "--http", str(client.base_url).rstrip("/") + "/paku",
+                    "--password=" + creds["mqtt"]["password"], "--http", str(client.base_url).rstrip("/") + "/paku",
                     "--once", "--ota-every", "1", "--listen-s", "5", "--state-dir", str(state_dir)]
             with open(tmp_path / "firmware.log", "wb") as log:
                 with trio.fail_after(60):
