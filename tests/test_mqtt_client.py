@@ -299,3 +299,23 @@ async def test_status_topic_online_then_offline(mqtt_broker: ManagedBroker, nurs
             await client.stop()
             await wait_until(lambda: len(watcher.received) == 2)
             assert watcher.received[1].payload == b"offline"
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+async def test_burst_of_mixed_sizes_arrives_intact(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, protocol: str
+) -> None:
+    """The client reads the socket in large chunks and parses packets out of them: packets
+    that straddle a chunk, and payloads larger than a chunk, must come out whole."""
+    sizes = [0, 1, 127, 128, 16383, 16384, 65535, 65536, 65537, 200_000] + [20] * 300 + [70_000, 3]
+    payloads = [bytes([i % 251]) * n + b"#%d" % i for i, n in enumerate(sizes)]
+    got = Collector()
+    with trio.fail_after(30):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        client = await run_client(nursery, mqtt_broker, got, protocol=protocol)
+        async with device_client(mqtt_broker, user, password) as dev:
+            for p in payloads:
+                await dev.publish("dev/dev1/data", p)
+        await wait_until(lambda: client.stats.acked == len(payloads))
+    assert sorted(got.payloads()) == sorted(payloads)
+    assert client.stats.handler_errors == 0

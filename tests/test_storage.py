@@ -213,3 +213,23 @@ def test_kill_9_during_writes_then_clean_reopen(tmp_path, round_):
         assert set(range(i * 10, i * 10 + 10)) <= stored
     # And no torn batch: rows come in whole groups of ten.
     assert len(stored) % 10 == 0
+
+
+async def test_cancelled_write_still_commits_and_others_are_woken(storage, tmp_path):
+    """A caller cancelled while waiting gives up waiting, not the write; the writes that
+    shared its group still return normally."""
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+
+        async def cancelled():
+            with scope:
+                await storage.write(lambda: Row.create(n=1))
+            assert scope.cancelled_caught
+
+        nursery.start_soon(cancelled)
+        await trio.sleep(0)
+        scope.cancel()
+        for i in (2, 3):
+            nursery.start_soon(storage.write, lambda i=i: Row.create(n=i))
+    with trio.fail_after(10):
+        assert await storage.write(lambda: Row.select().count()) == 3

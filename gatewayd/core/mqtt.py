@@ -31,9 +31,10 @@ Delivery contract (the product's first rule, "nothing acknowledged before commit
   carry their own timestamps). Subscriptions are capped at QoS 1: with QoS 2 paho
   answers PUBREC before the handler runs, and the broker then counts it delivered.
 
-The delivery side lives in :mod:`gatewayd.core.mqtt_dispatch`. Two private paho 2.x
-calls are used, both guarded: ``_sock_close`` (close without sending DISCONNECT) and
-``_packet_queue`` (several PUBACKs in one write). An ``MQTTClient`` runs once: make a
+The delivery side lives in :mod:`gatewayd.core.mqtt_dispatch`. Three private paho 2.x
+names are used, all guarded: ``_sock_close`` (close without sending DISCONNECT),
+``_packet_queue`` (several PUBACKs in one write) and ``_sock_recv`` (replaced by a
+buffered read: paho reads every packet in three ``recv`` calls). An ``MQTTClient`` runs once: make a
 new one to run again.
 
 Startup (``run``): ``task_status.started()`` after the first CONNACK and SUBACKs, or
@@ -198,6 +199,40 @@ class _PubWaiter:
 _OK = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
+class _ReadBuffer:
+    """paho's reads served from one large ``recv``.
+
+    paho reads a packet with three ``recv`` calls (type byte, length, body), so one
+    syscall per 20-odd bytes, each releasing the GIL, which the storage writer thread
+    then takes: most of a small message's cost. This reads what the socket holds at
+    once and hands paho its small pieces from memory. ``pending`` tells the reader not
+    to wait for the socket while bytes are buffered.
+    """
+
+    __slots__ = ("_recv", "_buf", "_pos")
+
+    def __init__(self, recv: Callable[[int], bytes]) -> None:
+        self._recv = recv  # paho's own _sock_recv: keeps its TLS/error translation
+        self._buf = b""
+        self._pos = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf) - self._pos
+
+    def clear(self) -> None:
+        self._buf, self._pos = b"", 0  # a new connection: nothing of the old one
+
+    def recv(self, size: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos >= len(buf):
+            buf = self._recv(65536)  # BlockingIOError when empty, b"" at EOF: as paho expects
+            self._buf, pos = buf, 0
+        end = min(pos + size, len(buf))
+        self._pos = end
+        return buf[pos:end]
+
+
 class MQTTClient:
     """The gateway's one MQTT connection: subscribe through the router, publish with PUBACK.
 
@@ -245,6 +280,10 @@ class MQTTClient:
         self._suback_pending: dict[int, list[str]] = {}
         self._pub_waiters: dict[int, _PubWaiter] = {}
         self._packets = 0  # packets paho handed to our callbacks: progress of loop_read
+        self._rbuf: _ReadBuffer | None = None
+        if callable(getattr(self._client, "_sock_recv", None)):  # else: paho reads unbuffered
+            self._rbuf = _ReadBuffer(self._client._sock_recv)
+            self._client._sock_recv = self._rbuf.recv  # type: ignore[method-assign]
 
     @property
     def ready(self) -> bool:
@@ -431,6 +470,8 @@ class MQTTClient:
         if sock is None:
             self._note_error("connect failed: no socket")
             return "failed"
+        if self._rbuf is not None:
+            self._rbuf.clear()
         outcome = ["failed"]
         async with trio.open_nursery() as conn:
             conn.start_soon(self._reader, sock, conn.cancel_scope)
@@ -445,11 +486,15 @@ class MQTTClient:
 
     async def _reader(self, sock: Any, scope: trio.CancelScope) -> None:
         tls = isinstance(sock, ssl.SSLSocket)
+        rbuf = self._rbuf
         try:
             while True:
                 while self._inbound.full:
                     await self._inbound.wait_slot()  # backpressure: stop reading, let handlers catch up
-                if not (tls and sock.pending()):  # TLS may hold decrypted bytes already
+                # Bytes already read (ours, or TLS's decrypted ones) would not wake us.
+                if rbuf is not None and rbuf.pending:
+                    await trio.lowlevel.checkpoint()
+                elif not (tls and sock.pending()):
                     await trio.lowlevel.wait_readable(sock)
                 # loop_read handles one packet; a trip through the scheduler per packet
                 # would cap throughput, so drain what is there while packets keep coming.
