@@ -9,6 +9,10 @@
    receiver (`python -m gatewayd receive`, a separate process), until the backlog is 0.
 3. Memory: a 1,000,000-record backlog drained by a fresh process; its peak RSS
    (VmHWM) and RSS sampled during the drain.
+4. Where the time goes: each stage of the drain run back to back on one thread, in
+   microseconds per record: the gateway's (choose the batch, splice the records,
+   encode = compress + sign, mark delivered) and the reference receiver's (decode =
+   verify + decompress + parse + validate, store).
 
 Medians of the repeats; goals: ingest >= 40 % of executemany, drain >= 100k records/s,
 RSS during the 1M drain < 200 MB.
@@ -250,6 +254,53 @@ def receiver_ceiling(tmp: Path, total: int) -> float:
         proc.wait(timeout=10)
 
 
+def stage_costs(tmp: Path, total: int) -> dict:
+    """Microseconds per record of each drain stage, one thread, no network."""
+    from gatewayd.core.outbox_records import OpenBatch, serialize_records
+    from gatewayd.core.sync import decode_batch, encode_batch
+    from gatewayd.core.sync.protocol import rfc3339_utc
+    from gatewayd.core.sync.receiver import ReceiverStore
+
+    db = tmp / "stages.sqlite3"
+    trio.run(fill, db, total)
+    storage = Storage(db)
+    storage.open()  # this thread runs the writer's jobs itself: one thread for everything
+    outbox = Outbox(storage, OutboxPolicy(), ["cloud"])
+    outbox.install()
+    conn = storage.database
+    conn.connect(reuse_if_open=True)
+    receiver = ReceiverStore(tmp / "stages-received.db")
+    spent = dict.fromkeys(("choose", "splice", "encode", "delivered", "receiver_decode", "receiver_store"), 0.0)
+    clock = time.perf_counter
+    while True:
+        t0 = clock()
+        records = outbox._select(outbox.bits["cloud"], CHUNK, 4 << 20)
+        if not records:
+            break
+        batch = OpenBatch("cloud", str(uuid.uuid4()), records)
+        with conn.atomic():
+            outbox._persist([batch])
+        t1 = clock()
+        spliced = serialize_records(batch.records)
+        t2 = clock()
+        encoded = encode_batch(spliced, gateway_id="bench-gw", batch_id=batch.batch_id, secret=SECRET.encode(),
+                               compression="zstd", now=time.time())
+        t3 = clock()
+        with conn.atomic():
+            outbox._delivered(batch, time.time())
+        t4 = clock()
+        decoded = decode_batch(encoded.body, encoded.headers, secret_for=lambda _: SECRET.encode(), now=time.time())
+        t5 = clock()
+        receiver.store_batch(decoded, rfc3339_utc(time.time()))
+        t6 = clock()
+        for key, took in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)):
+            spent[key] += took
+    receiver.close()
+    conn.close()
+    storage.close()
+    return {key: took * 1e6 / total for key, took in spent.items()}
+
+
 def bench_drain(tmp: Path, total: int, repeats: int, *, null: bool = False) -> dict:
     runs = []
     for r in range(repeats):
@@ -301,7 +352,9 @@ def main() -> None:
         big = bench_drain(tmp, n_big, 1)
         print(f"{n_big:,}-record backlog drain  {big['rps']:>10,.0f} records/s   RSS max {big['rss_max_mb']:.0f} MB, "
               f"VmHWM {big['vmhwm_mb']:.0f} MB (goal < 200 MB)")
-        print(json.dumps({"ingest": ingest, "receiver_alone_rps": ceiling,
+        stages = stage_costs(tmp, n_drain)
+        print("per record, one thread (us):       " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+        print(json.dumps({"ingest": ingest, "receiver_alone_rps": ceiling, "stages_us_per_record": stages,
                           "drain": {k: v for k, v in drained.items() if k != "runs"},
                           "drain_null": {k: v for k, v in null.items() if k != "runs"},
                           "big_drain": big["runs"][0]}))

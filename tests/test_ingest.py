@@ -89,6 +89,34 @@ async def test_bad_records_are_refused_before_anything_is_written(tmp_path, args
         assert fresh(tmp_path / "gw.sqlite3", "SELECT COUNT(*) FROM fam_row") == [(0,)]
 
 
+@pytest.mark.parametrize("item,message", [
+    (("d", "k", {}, None, "gossip"), "cls must be one of"),
+    (("", "k", {}, None, "history"), "device must be a non-empty string"),
+    (("d", "", {}), "kind must be a non-empty string"),
+    (Record("d", "k", [1]), "data must be a mapping"),
+    (Record("d", "k", {"v": math.nan}), "data is not JSON"),
+    (("d", "k", {"v": object()}, None, "log"), "data is not JSON"),
+    (Record("d", "k", {}, 1_700_000_000_000), "ts must be epoch seconds"),
+    (Record("d", "k", {}, True), "ts must be epoch seconds"),
+    (("d", "k"), "expected Record"),
+])
+async def test_bulk_refuses_a_bad_record_naming_it(tmp_path, item, message):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        good = [Record("d", "k", {"i": i}) for i in range(100)]  # > 64: serialised off the trio thread
+        with pytest.raises(IngestError, match=f"record 100: {message}"):
+            await ingest.records(good + [item])
+        assert outbox.counts["class:history"][0] == 0
+
+
+def test_bulk_rows_are_the_rows_of_single_records():
+    from collections import OrderedDict
+
+    ingest = Ingest(None, "fam", lambda: 1_800_000_000.0)
+    items = [Record("d", "k", {"a": 1.5, "s": "é\n"}, 1_700_000_000, "state"), ("d", "k", {}),
+             ("d", "k", OrderedDict(x=[1, None]), 1.7e9), Record("ü", "k", {"n": {"deep": True}}, None, "command_ack")]
+    assert ingest._rows(items, 1_800_000_000.0) == [ingest._row(*item, now=1_800_000_000.0) for item in items]
+
+
 async def test_bulk_records_one_transaction_with_executemany_family_rows(tmp_path):
     async with open_ingest(tmp_path) as (ingest, outbox, storage):
         rows = [("d", i) for i in range(5000)]

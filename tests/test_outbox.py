@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from gatewayd.core.ingest import Record
-from gatewayd.core.outbox import OutboxFull, OutboxLimits, OutboxPolicy
+from gatewayd.core.outbox import OutboxFull, OutboxLimits, OutboxPolicy, wire_records
 from gatewayd.core.storage import StorageFull
 from gatewayd.testing import gw_client
 from tests import plugin_ingest
@@ -122,7 +122,7 @@ async def test_a_record_leaves_only_when_every_sink_has_it(tmp_path):
         batch_b = await outbox.next_batch("b", max_records=10, max_bytes=1 << 20)
         assert len(batch_b.records) == 5
         await outbox.delivered(batch_b)
-        assert sorted(await seqs_in_outbox(storage)) == sorted(r.wire()["data"]["i"] for r in rest_a.records)
+        assert sorted(await seqs_in_outbox(storage)) == sorted(r["data"]["i"] for r in wire_records(rest_a.records))
         await outbox.delivered(rest_a)
         assert await seqs_in_outbox(storage) == []
         assert outbox.counts["class:history"] == [0, 0]
@@ -142,8 +142,8 @@ async def test_an_open_batch_keeps_its_key_and_records_across_a_restart(tmp_path
     async with open_ingest(tmp_path) as (ingest, outbox, storage):
         await ingest.records(recs(4, "state") + recs(3, "command_ack", start=10))
         batch = await outbox.next_batch("cloud", max_records=5, max_bytes=1 << 20)
-        assert [r.wire()["class"] for r in batch.records] == ["command_ack"] * 3 + ["state"] * 2
-        assert [r.wire()["data"]["i"] for r in batch.records] == [10, 11, 12, 3, 2]  # newest state first
+        assert [r["class"] for r in wire_records(batch.records)] == ["command_ack"] * 3 + ["state"] * 2
+        assert [r["data"]["i"] for r in wire_records(batch.records)] == [10, 11, 12, 3, 2]  # newest state first
     async with open_ingest(tmp_path) as (ingest, outbox, storage):  # "after the crash"
         [again] = await outbox.open_batches("cloud")
         assert again.batch_id == batch.batch_id and again.ids == batch.ids
@@ -201,3 +201,70 @@ async def test_operator_commands_show_and_retry_dead_letters(tmp_path):
         "batches": 1, "records": 4}
     status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
     assert status["classes"]["alert"]["rows"] == 4 and status["sinks"]["cloud"]["backlog"] == 10
+
+
+async def test_records_are_spliced_byte_for_byte_as_the_dicts_would_encode(tmp_path):
+    import json
+
+    from gatewayd.core.outbox_records import serialize_records
+    from gatewayd.core.sync import SerializedRecords, encode_batch, rfc3339_utc
+
+    tricky = [
+        Record('dev "7"', "k\\n", {"s": 'quote " backslash \\ tab \t nl \n \x01 \u2028 é 漢 🙂', "f": 0.1 + 0.2}, 1_700_000_000.0005),
+        Record("d", "k", {"n": -(2**63), "big": 10**30, "e": 1e-7, "x": 1e16, "nest": {"a": [1, None, True, "ü"]}}, 1_700_000_000.9996),
+        Record("d", "k", {}, 1_700_000_001.25, "alert"),
+        Record("ü", "ß", {"2": "int keys become strings", "list": []}, None, "state"),
+    ]
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(tricky)
+        batch = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+    spliced = serialize_records(batch.records)
+    dicts = wire_records(batch.records)
+    assert spliced.count == 4
+    assert spliced.json == json.dumps(dicts, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert [r["ts"] for r in json.loads(spliced.json)] == [rfc3339_utc(r[3]) for r in batch.records]
+    assert [r["class"] for r in dicts] == ["alert", "state", "history", "history"]
+    for compression in ("identity", "gzip", "zstd"):
+        args = dict(gateway_id="site-7", batch_id=batch.batch_id, secret=b"s", compression=compression, now=1.8e9)
+        assert encode_batch(spliced, **args) == encode_batch(dicts, **args)
+    assert isinstance(spliced, SerializedRecords)
+
+
+async def test_open_batches_are_skipped_and_new_urgent_records_still_go_first(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(recs(10))  # history ids 1..10
+        first = await outbox.next_batch("cloud", max_records=4, max_bytes=1 << 20)
+        assert first.ids == [10, 9, 8, 7]  # newest first
+        await ingest.records(recs(2, "command_ack", start=100) + recs(2, start=200))  # ids 11..14
+        second = await outbox.next_batch("cloud", max_records=5, max_bytes=1 << 20)
+        # Acks first, then history newest first around the open batch, no record twice.
+        assert second.ids == [11, 12, 14, 13, 6]
+        third = await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20)
+        assert third.ids == [5, 4, 3, 2, 1]
+        assert await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20) is None
+        # Records put back inside an open batch's span wait until that batch is settled.
+        await outbox.dead_letter(first, 422, "HTTP 422 schema")
+        assert await storage.write(outbox.retry_dead) == (1, 4)  # ids 7..10, inside `second`'s span 6..14
+        assert await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20) is None
+        await outbox.delivered(second)
+        again = await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20)
+        assert again.ids == [10, 9, 8, 7]
+        await outbox.delivered(third)
+        await outbox.delivered(again)
+        assert outbox.counts["sink:cloud"] == [0, 0] and await seqs_in_outbox(storage) == []
+
+
+async def test_a_split_batch_is_two_open_batches_with_new_keys_across_a_restart(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(recs(5, "alert"))
+        batch = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+        halves = await outbox.split(batch)
+        assert [h.ids for h in halves] == [[1, 2, 3], [4, 5]]
+        assert len({batch.batch_id, *(h.batch_id for h in halves)}) == 3
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):  # "after the crash"
+        resumed = await outbox.open_batches("cloud")
+        assert [(b.batch_id, b.ids) for b in resumed] == [(h.batch_id, h.ids) for h in halves]
+        assert await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20) is None  # all open
+        for b in resumed:
+            await outbox.delivered(b)
+        assert outbox.counts["class:alert"] == [0, 0] and await outbox.open_batches("cloud") == []

@@ -23,6 +23,7 @@ from gatewayd.core.sync import (
     Backoff,
     CircuitBreaker,
     ProtocolError,
+    SerializedRecords,
     decode_batch,
     encode_batch,
     mqtt_topic,
@@ -442,6 +443,28 @@ def test_documented_worked_example_is_correct():
     assert batch.headers == headers
     decoded = decode_batch(body, headers, secret_for={"site-7": secret}.get, now=float(timestamp))
     assert len(decoded.records) == 2
+    # The pre-serialised path (what the sync worker uses) writes the same bytes.
+    spliced = json.dumps(envelope["records"], separators=(",", ":"), ensure_ascii=False).encode()
+    again = encode_batch(
+        SerializedRecords(spliced, 2),
+        gateway_id=inputs["gateway id"],
+        batch_id=inputs["batch id"],
+        secret=secret,
+        compression="identity",
+        now=float(timestamp),
+    )
+    assert (again.body, again.headers) == (body, headers)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip", "identity"])
+def test_serialized_records_encode_exactly_like_the_mappings(compression):
+    records = [record(1), record("x-2", data={"s": 'é "q" \\ \n 🙂', "f": 0.1 + 0.2}), record(3, data={})]
+    spliced = SerializedRecords(json.dumps(records, separators=(",", ":"), ensure_ascii=False).encode(), 3)
+    key = str(uuid.uuid4())
+    assert encode(spliced, compression=compression, batch_id=key) == encode(records, compression=compression,
+                                                                           batch_id=key)
+    with pytest.raises(ValueError):  # the envelope checks still apply
+        encode(spliced, gateway_id="site 7")
 
 
 # -- parse_response ---------------------------------------------------------------

@@ -239,6 +239,77 @@ async def test_5xx_backs_off_then_delivers(gateway_factory, tmp_path):
     assert seen[1]["at"] - seen[0]["at"] >= 0.75 and seen[2]["at"] - seen[1]["at"] >= 1.5
 
 
+# -- 401/403: stop and alarm; 413: split ------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(gateway_factory, tmp_path, status):
+    from gatewayd.core.sync.retry import Backoff
+
+    db = tmp_path / "received.db"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=10)) as gw:
+        worker = gw.upstream.workers["cloud"]
+        # The pause is long in production (60 s doubling to 30 min); short here, same logic.
+        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
+        async with gw_client(gw) as client:
+            # The far end refuses the gateway's credentials (fault injection: every batch 401/403).
+            async with receiver(db, port=port, status=status):
+                await bulk(client, 0, 25)
+                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
+                health = await client.get("/health")
+                component = health.json()["components"]["upstream.cloud"]
+                assert health.status_code == 503 and component["state"] == "failed"
+                assert f"HTTP {status} injected_fault" in component["reason"] and "secret" in component["reason"]
+                assert component["paused"] is True and component["backlog"] == 25
+                assert 'gatewayd_sync_paused{sink="cloud"} 1' in (await client.get("/metrics")).text
+                # Nothing was set aside, nothing left the outbox, and every attempt kept the key.
+                status_doc = await gw.storage.read(gw.outbox.status)
+                assert status_doc["dead_letters"] == {"batches": 0, "records": 0}
+                assert status_doc["sinks"]["cloud"]["backlog"] == 25
+                assert status_doc["sinks"]["cloud"]["last_error"].startswith(f"paused: HTTP {status}")
+                assert worker.stats.records.get("dead_lettered", 0) == 0
+            assert received(db) == []
+            # The secret is fixed at the far end: the next attempt after the pause goes through.
+            async with receiver(db, port=port):
+                await wait_for(lambda: len(received(db)) == 25)
+                await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+                assert worker.paused is None
+                component = (await client.get("/health")).json()["components"]["upstream.cloud"]
+                assert component["state"] == "ok" and component["paused"] is False
+    assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
+
+
+async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_alone(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    # The far end takes at most 2,000 bytes a request; a record here is ~150 bytes unpacked.
+    async with receiver(db, max_body_bytes=2000) as url:
+        config = upstream_config(url, max_records=40, compression="identity")
+        async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
+            async with gw_client(gw) as client:
+                await ingest(client, [10_000], device="x" * 3000)  # too large even alone
+                await bulk(client, 0, 40)
+            worker = gw.upstream.workers["cloud"]
+            await wait_for(lambda: len(received(db)) == 40 and worker.stats.batches.get("dead_letter"))
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            dead = await gw.storage.read(gw.outbox.dead_letters)
+            assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] and "too_large" in dead[0]["reason"]
+            assert worker.stats.batches["split"] >= 3  # 41 -> 21 + 20 -> ... until each half fits
+            assert await gw.storage.read(lambda: gw.storage.database.execute_sql(
+                "SELECT COUNT(*) FROM core_outbox_batch").fetchone()[0]) == 0
+    got = received(db)
+    assert sorted(r["data"]["seq"] for r in got) == list(range(40)) and len({r["id"] for r in got}) == 40
+
+
 # -- MQTT sink: a real mosquitto, a real paho subscriber -------------------------------
 
 

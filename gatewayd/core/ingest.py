@@ -23,7 +23,9 @@ work there. If it raises, nothing of the call is kept. For thousands of records 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterable, Mapping
+from json.encoder import c_make_encoder, encode_basestring
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -42,6 +44,32 @@ _INLINE = 64
 _TS_MIN, _TS_MAX = 946684800.0, 7258118400.0
 # One encoder for every record: json.dumps() with options builds a new one per call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_per_thread = threading.local()
+
+
+def _encode_fn() -> Callable[[Any], str]:
+    """This thread's compiled JSON encoder: `_ENCODER.encode` minus its per-call set-up.
+
+    JSONEncoder.encode builds the C encoder anew for every call, which costs more than
+    encoding a small record; this builds it once per thread (its circular-reference
+    markers are per call state, so one per thread).
+    """
+    fn = getattr(_per_thread, "encode", None)
+    if fn is None:
+        if c_make_encoder is None:  # a Python without the C accelerator
+            fn = _ENCODER.encode
+        else:
+            markers: dict = {}
+            make = c_make_encoder(markers, _ENCODER.default, encode_basestring, None, ":", ",", False, False, False)
+
+            def fn(data: Any) -> str:
+                try:
+                    return "".join(make(data, 0))
+                finally:
+                    markers.clear()  # an error leaves entries behind
+
+        _per_thread.encode = fn
+    return fn
 
 
 class IngestError(ValueError):
@@ -120,9 +148,35 @@ class Ingest:
 
     def _rows(self, items: list, now: float) -> list[tuple]:
         out = []
+        append = out.append
+        family, extra = self.family, len(self.family)
+        encode = _encode_fn()
+        priority = CLASS_PRIORITY.get
         for i, item in enumerate(items):
+            # The common case, checked inline (bulk ingest is this loop); anything else,
+            # including every error, goes through _row, which says precisely what is wrong.
+            if type(item) is Record or (type(item) is tuple and len(item) == 5):
+                device, kind, data, ts, cls = item
+                prio = priority(cls) if type(cls) is str else None
+                if (prio is not None and type(device) is str and device and type(kind) is str and kind
+                        and type(data) is dict):
+                    if ts is None:
+                        ts = now
+                    elif (type(ts) is float or type(ts) is int) and _TS_MIN <= ts <= _TS_MAX:
+                        ts = float(ts)
+                    else:
+                        ts = -1.0
+                    if ts >= 0:
+                        try:
+                            text = encode(data)
+                        except (TypeError, ValueError):
+                            pass  # _row raises the IngestError
+                        else:
+                            append((prio, now, ts, family, device, kind, len(text) + len(device) + len(kind) + extra,
+                                    text))
+                            continue
             try:
-                out.append(self._row(*item, now=now))
+                append(self._row(*item, now=now))
             except IngestError as e:
                 raise IngestError(f"record {i}: {e}") from None
             except TypeError:

@@ -4,210 +4,58 @@ Every record a plugin ingests is one row of `core_outbox`, written in the same
 transaction as the family's own rows. A row carries a bit mask `pending` of the
 sinks that still have to deliver it; a sink's delivery clears its bit, and the row is
 deleted when no bit is left. Nothing else removes a row except the capacity policy
-and the time-to-live, and both count and log what they drop.
+and the time-to-live (`outbox_capacity`), and both count and log what they drop.
 
 Sending order (streetlight spec, section 7; docs/upstream-protocol.md): command acks,
 alerts, state (newest first), history (newest first, walking back: the backfill),
-logs. The backlog is never loaded: batches are selected a page at a time through the
-index `(prio, id, pending)`.
+logs. The backlog is never loaded: batches are read a page at a time, in sending
+order, straight from the index `(prio, id, pending)`, as plain tuples.
 
 A batch is persisted (`core_outbox_batch`: its UUIDv4 and its record ids) before it
-is sent, so its Idempotency-Key survives retries *and* a crash. Row and byte counts
-per class and per sink live in `core_outbox_count`, updated in the same transactions
-as the rows: they are exact after any crash, and capacity checks cost a tiny SELECT.
+is sent, so its Idempotency-Key survives retries *and* a crash. While it is open its
+id span per class is skipped by the next choices, so two batches in flight never
+share a record. Row and byte counts per class and per sink live in
+`core_outbox_count`, updated in the same transactions as the rows: they are exact
+after any crash, and capacity checks cost a tiny SELECT.
 
 Writer-side methods (`_...` taking no trio) run on the storage writer thread inside a
-group-commit transaction; everything async is called from trio.
+group-commit transaction; everything async is called from trio. The tables are in
+`outbox_tables`, the capacity policy in `outbox_capacity`, the wire form of records in
+`outbox_records`, the operator's functions in `outbox_admin`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from array import array
+from itertools import groupby
+from operator import itemgetter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import peewee
 import trio
 
+from . import outbox_admin, outbox_capacity
 from .logs import get_logger
-from .storage import SchemaSpec, Storage, StorageFull
-from .sync.protocol import CLASS_PRIORITY, CLASSES, rfc3339_utc
+from .outbox_capacity import OutboxFull, OutboxLimits, OutboxPolicy
+from .outbox_records import CLASS_ORDER, COLUMNS, OpenBatch, StoredRecord, wire_records
+from .outbox_select import select_records
+from .outbox_tables import MODELS, SCHEMA, OutboxCount, OutboxSink
+from .storage import Storage
+from .sync.protocol import CLASSES
 
-__all__ = ["Outbox", "OutboxFull", "OutboxLimits", "OpenBatch", "StoredRecord", "CLASS_ORDER", "wire_records"]
+__all__ = ["Outbox", "OutboxFull", "OutboxLimits", "OutboxPolicy", "OpenBatch", "StoredRecord", "CLASS_ORDER",
+           "MODELS", "wire_records"]
 
 log = get_logger("gatewayd.outbox")
 
-#: Classes whose backlog goes newest first (the cloud sees the current picture first).
-NEWEST_FIRST = frozenset({CLASS_PRIORITY["state"], CLASS_PRIORITY["history"]})
-#: (prio, newest_first) in sending order.
-CLASS_ORDER = tuple((p, p in NEWEST_FIRST) for p in range(len(CLASSES)))
-# Drop order under drop_oldest when the total is over: the lowest class first.
-_DROP_ORDER = tuple(reversed(range(len(CLASSES))))
 _CHUNK = 900  # ids per IN (...) query, under SQLite's historical 999-variable limit
-_COLUMNS = "id, prio, created, ts, family, device, kind, size, data"
-# What a record adds to a batch besides its data: ids, names, ts, class, JSON syntax.
-RECORD_OVERHEAD = 96
-
-
-class OutboxFull(StorageFull):
-    """The outbox is at capacity and the policy is `reject`: nothing was stored."""
-
-
-# -- tables ------------------------------------------------------------------------
-
-
-class OutboxRecord(peewee.Model):
-    # Ids come from the high-water mark `seq:outbox` in core_outbox_count, never from
-    # SQLite's max(rowid)+1: an id is never reused, even after the newest row left, and
-    # ids are the upstream dedup key (a reused one would be dropped as a duplicate).
-    # (AUTOINCREMENT does the same at ~30 % of the insert rate.)
-    id = peewee.IntegerField(primary_key=True)
-    prio = peewee.SmallIntegerField()
-    pending = peewee.BigIntegerField()
-    created = peewee.FloatField()
-    ts = peewee.FloatField()
-    family = peewee.TextField()
-    device = peewee.TextField()
-    kind = peewee.TextField()
-    size = peewee.IntegerField()
-    data = peewee.TextField()
-
-    class Meta:
-        table_name = "core_outbox"
-        indexes = ((("prio", "id", "pending"), False),)
-
-
-class OutboxCount(peewee.Model):
-    key = peewee.TextField(primary_key=True)  # "class:<name>", "sink:<name>", "seq:outbox" (last id)
-    rows = peewee.BigIntegerField(default=0)
-    bytes = peewee.BigIntegerField(default=0)
-
-    class Meta:
-        table_name = "core_outbox_count"
-
-
-class OutboxSink(peewee.Model):
-    name = peewee.TextField(primary_key=True)
-    bit = peewee.IntegerField(unique=True)
-    delivered = peewee.BigIntegerField(default=0)
-    batches = peewee.BigIntegerField(default=0)
-    last_success = peewee.FloatField(null=True)
-    last_error = peewee.TextField(null=True)
-    last_error_at = peewee.FloatField(null=True)
-
-    class Meta:
-        table_name = "core_outbox_sink"
-
-
-class OutboxBatch(peewee.Model):
-    batch_id = peewee.TextField(primary_key=True)
-    sink = peewee.TextField(index=True)
-    created = peewee.FloatField()
-    record_ids = peewee.BlobField()  # array('q') bytes, in sending order
-
-    class Meta:
-        table_name = "core_outbox_batch"
-
-
-class DeadLetter(peewee.Model):
-    id = peewee.AutoField()
-    sink = peewee.TextField()
-    batch_id = peewee.TextField()
-    status = peewee.IntegerField()
-    reason = peewee.TextField()
-    created = peewee.FloatField()
-    count = peewee.IntegerField()
-    records = peewee.TextField()  # JSON: [[id, prio, created, ts, family, device, kind, size, data], ...]
-
-    class Meta:
-        table_name = "core_dead_letter"
-
-
-MODELS = [OutboxRecord, OutboxCount, OutboxSink, OutboxBatch, DeadLetter]
-
-
-# -- values ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OutboxLimits:
-    """Capacity of one class (0: no limit of its own) and its time-to-live."""
-
-    max_rows: int = 0
-    max_bytes: int = 0
-    ttl_s: float = 0.0
-
-
-@dataclass
-class OutboxPolicy:
-    """What the outbox holds at most, and what happens when it is full."""
-
-    policy: str = "drop_oldest"  # or "reject"
-    max_rows: int = 10_000_000
-    max_bytes: int = 1 << 30
-    classes: dict[str, OutboxLimits] = field(default_factory=dict)
-
-    def limits(self, prio: int) -> OutboxLimits:
-        return self.classes.get(CLASSES[prio], OutboxLimits())
-
-
-class StoredRecord(tuple):
-    """One outbox row: (id, prio, created, ts, family, device, kind, size, data)."""
-
-    __slots__ = ()
-    id = property(lambda self: self[0])
-    prio = property(lambda self: self[1])
-    size = property(lambda self: self[7])
-
-    def wire(self, ts: str | None = None) -> dict[str, Any]:
-        """The record as the batch protocol sends it (`ts`: its timestamp, preformatted)."""
-        return {
-            "id": self[0],
-            "family": self[4],
-            "device": self[5],
-            "kind": self[6],
-            "ts": ts or rfc3339_utc(self[3]),
-            "class": CLASSES[self[1]],
-            "data": json.loads(self[8]),
-        }
-
-
-def wire_records(records: Iterable[StoredRecord]) -> list[dict[str, Any]]:
-    """`[r.wire() for r in records]`, formatting each distinct second only once."""
-    seconds: dict[int, str] = {}
-    out = []
-    for r in records:
-        # The same rounding as datetime.fromtimestamp (so the same text as rfc3339_utc).
-        frac, whole = math.modf(r[3])
-        micros = round(frac * 1e6)
-        if micros >= 1_000_000:
-            whole, micros = whole + 1, micros - 1_000_000
-        prefix = seconds.get(whole)
-        if prefix is None:
-            prefix = seconds[whole] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        out.append(r.wire(f"{prefix}.{micros // 1000:03d}Z"))
-    return out
-
-
-@dataclass
-class OpenBatch:
-    """A batch chosen for one sink: its Idempotency-Key and records, in sending order."""
-
-    sink: str
-    batch_id: str
-    records: list[StoredRecord]
-
-    @property
-    def ids(self) -> list[int]:
-        return [r[0] for r in self.records]
-
-
-# -- the outbox --------------------------------------------------------------------
+_FIRST, _PRIO = itemgetter(0), itemgetter(1)  # (id, ...) / (size,) rows; the class of a record
+_INSERT = ("INSERT INTO core_outbox (id, prio, pending, created, ts, family, device, kind, size, data)"
+           " VALUES (?, ?, {mask}, ?, ?, ?, ?, ?, ?, ?)")
 
 
 class Outbox:
@@ -232,6 +80,8 @@ class Outbox:
         self.oldest: dict[int, float | None] = {}
         self.dropped: dict[tuple[str, str], int] = {}  # (class, reason) -> rows
         self.refused: dict[str, int] = {}  # class -> records refused (policy reject)
+        # sink -> batch id -> {prio: (lowest id, highest id)} of its open batches (trio side).
+        self._open: dict[str, dict[str, dict[int, tuple[int, int]]]] = {}
         self._seq = 0
         self._seen_seq = 0
         self._arrived = trio.Event()
@@ -257,7 +107,7 @@ class Outbox:
 
     def install(self) -> None:
         """Create the tables and register the configured sinks (blocking)."""
-        self.storage.install(SchemaSpec("outbox", MODELS, 1))
+        self.storage.install(SCHEMA)
         with self.db.connection_context(), self.db.atomic():
             registered = {row.name: row.bit for row in OutboxSink.select()}
             for name in self.sinks:
@@ -358,92 +208,29 @@ class Outbox:
             return result, range(0), {}, (0, {})
         conn = self.db.connection()
         counts = self._read_counts()
-        touched: set[str] = set()
-        dropped = self._make_room(rows, counts, touched)
-        mask = self.live_mask
-        first = counts["seq:outbox"][0] + 1
-        ids = range(first, first + len(rows))
-        conn.executemany(
-            "INSERT INTO core_outbox (id, prio, pending, created, ts, family, device, kind, size, data)"
-            " VALUES (?, ?, " + str(mask) + ", ?, ?, ?, ?, ?, ?, ?)",
-            [(i, *row) for i, row in zip(ids, rows)],
-        )
-        counts["seq:outbox"][0] = ids[-1]
-        touched = touched | {"seq:outbox"}
-        total = 0
-        for row in rows:
-            key = f"class:{CLASSES[row[0]]}"
-            counts[key][0] += 1
-            counts[key][1] += row[6]
-            touched.add(key)
-            total += row[6]
-        for name in self.sinks:
-            counts[f"sink:{name}"][0] += len(rows)
-            counts[f"sink:{name}"][1] += total
-            touched.add(f"sink:{name}")
-        return result, ids, dropped, self._commit_counts(counts, touched)
-
-    def _make_room(self, rows: list[tuple], counts: dict[str, list[int]], touched: set[str]) -> dict:
         add_rows = [0] * len(CLASSES)
         add_bytes = [0] * len(CLASSES)
         for row in rows:
             add_rows[row[0]] += 1
             add_bytes[row[0]] += row[6]
-        dropped: dict[tuple[str, str], int] = {}
-        reject = self.policy.policy == "reject"
-        for prio in range(len(CLASSES)):
-            if not add_rows[prio]:
-                continue
-            limits = self.policy.limits(prio)
-            have = counts[f"class:{CLASSES[prio]}"]
-            over_rows = have[0] + add_rows[prio] - limits.max_rows if limits.max_rows else 0
-            over_bytes = have[1] + add_bytes[prio] - limits.max_bytes if limits.max_bytes else 0
-            if over_rows > 0 or over_bytes > 0:
-                if reject or (limits.max_rows and add_rows[prio] > limits.max_rows) or (
-                    limits.max_bytes and add_bytes[prio] > limits.max_bytes
-                ):
-                    raise OutboxFull(f"outbox class {CLASSES[prio]!r} is full ({have[0]} records, {have[1]} bytes)")
-                n = self._drop_oldest(prio, over_rows, over_bytes, counts, touched)
-                dropped[(CLASSES[prio], "capacity")] = n
-        total_rows = sum(counts[f"class:{c}"][0] for c in CLASSES)
-        total_bytes = sum(counts[f"class:{c}"][1] for c in CLASSES)
-        over_rows = total_rows + len(rows) - self.policy.max_rows
-        over_bytes = total_bytes + sum(add_bytes) - self.policy.max_bytes
-        if over_rows > 0 or over_bytes > 0:
-            if reject or len(rows) > self.policy.max_rows or sum(add_bytes) > self.policy.max_bytes:
-                raise OutboxFull(f"outbox is full ({total_rows} records, {total_bytes} bytes)")
-            for prio in _DROP_ORDER:
-                if over_rows <= 0 and over_bytes <= 0:
-                    break
-                before = list(counts[f"class:{CLASSES[prio]}"])
-                n = self._drop_oldest(prio, over_rows, over_bytes, counts, touched)
-                if n:
-                    key = (CLASSES[prio], "capacity")
-                    dropped[key] = dropped.get(key, 0) + n
-                    over_rows -= n
-                    over_bytes -= before[1] - counts[f"class:{CLASSES[prio]}"][1]
-        return dropped
-
-    def _drop_oldest(self, prio: int, rows: int, nbytes: int, counts: dict, touched: set[str]) -> int:
-        conn = self.db.connection()
-        freed_rows = freed_bytes = 0
-        victims: list[tuple[int, int, int, int]] = []
-        while freed_rows < rows or freed_bytes < nbytes:
-            page = conn.execute(
-                "SELECT id, prio, size, pending FROM core_outbox WHERE prio = ? AND id > ? ORDER BY id LIMIT 1000",
-                (prio, victims[-1][0] if victims else -1),
-            ).fetchall()
-            if not page:
-                break
-            for row in page:
-                victims.append(row)
-                freed_rows += 1
-                freed_bytes += row[2]
-                if freed_rows >= rows and freed_bytes >= nbytes:
-                    break
-        conn.executemany("DELETE FROM core_outbox WHERE id = ?", [(v[0],) for v in victims])
-        self._forget(victims, counts, touched)
-        return len(victims)
+        touched: set[str] = {"seq:outbox"}
+        dropped = outbox_capacity.make_room(self, add_rows, add_bytes, counts, touched)
+        first = counts["seq:outbox"][0] + 1
+        ids = range(first, first + len(rows))
+        conn.executemany(_INSERT.format(mask=self.live_mask), [(i, *row) for i, row in zip(ids, rows)])
+        counts["seq:outbox"][0] = ids[-1]
+        for prio, n in enumerate(add_rows):
+            if n:
+                key = f"class:{CLASSES[prio]}"
+                counts[key][0] += n
+                counts[key][1] += add_bytes[prio]
+                touched.add(key)
+        total = sum(add_bytes)
+        for name in self.sinks:
+            counts[f"sink:{name}"][0] += len(rows)
+            counts[f"sink:{name}"][1] += total
+            touched.add(f"sink:{name}")
+        return result, ids, dropped, self._commit_counts(counts, touched)
 
     async def after_store(self, dropped: dict, stamped: tuple) -> None:
         """Trio side of an ingest commit: metrics, logs, wake the workers."""
@@ -471,57 +258,60 @@ class Outbox:
 
     # -- batches ------------------------------------------------------------------------
 
-    def _select(self, bit: int, max_records: int, max_bytes: int, exclude: set[int]) -> list[StoredRecord]:
+    def _select(self, bit: int, max_records: int, max_bytes: int, exclude: Iterable[int] = frozenset(),
+                skip: dict[int, list[tuple[int, int]]] | None = None) -> list[tuple]:
+        """Reader job: the next records with `bit` in sending order (see `outbox_select`)."""
+        return select_records(self.db.connection(), bit, max_records, max_bytes, exclude, skip)
+
+    def _skip(self, sink: str) -> dict[int, list[tuple[int, int]]]:
+        skip: dict[int, list[tuple[int, int]]] = {}
+        for spans in self._open.get(sink, {}).values():
+            for prio, span in spans.items():
+                skip.setdefault(prio, []).append(span)
+        return skip
+
+    def _persist(self, batches: Sequence[OpenBatch], replaces: str | None = None) -> None:
         conn = self.db.connection()
-        # First the ids, in sending order, from the covering index (prio, id, pending):
-        # cheap even when a page is all excluded (batches in flight) or other sinks' rows.
-        ids: list[int] = []
-        for prio, newest_first in CLASS_ORDER:
-            cursor: int | None = None
-            while len(ids) < max_records:
-                want = max_records - len(ids)
-                sql = "SELECT id FROM core_outbox WHERE prio = ? AND (pending & ?) != 0"
-                args: list[Any] = [prio, bit]
-                if cursor is not None:
-                    sql += " AND id < ?" if newest_first else " AND id > ?"
-                    args.append(cursor)
-                sql += f" ORDER BY id {'DESC' if newest_first else 'ASC'} LIMIT ?"
-                page = [row[0] for row in conn.execute(sql, (*args, want)).fetchall()]
-                ids += [i for i in page if i not in exclude][: max_records - len(ids)]
-                if len(page) < want:
-                    break
-                cursor = page[-1]
-            if len(ids) >= max_records:
-                break
-        # Then the rows, a chunk at a time, until the byte cap.
-        out: list[StoredRecord] = []
-        total = 0
-        for start in range(0, len(ids), _CHUNK):
-            chunk = ids[start : start + _CHUNK]
-            rows = {row[0]: row for row in self._rows_by_id(chunk, _COLUMNS)}
-            for i in chunk:
-                row = rows.get(i)
-                if row is None:  # dropped by the capacity policy in between
-                    continue
-                if out and total + row[7] + RECORD_OVERHEAD > max_bytes:
-                    return out
-                out.append(StoredRecord(row))
-                total += row[7] + RECORD_OVERHEAD
-        return out
+        if replaces is not None:
+            conn.execute("DELETE FROM core_outbox_batch WHERE batch_id = ?", (replaces,))
+        now = self.clock()
+        conn.executemany(
+            "INSERT INTO core_outbox_batch (batch_id, sink, created, record_ids) VALUES (?, ?, ?, ?)",
+            [(b.batch_id, b.sink, now, array("q", b.ids).tobytes()) for b in batches],
+        )
 
     async def next_batch(
-        self, sink: str, *, max_records: int, max_bytes: int, exclude: set[int] = frozenset()
+        self, sink: str, *, max_records: int, max_bytes: int, exclude: Iterable[int] = frozenset()
     ) -> OpenBatch | None:
-        """Choose the next batch for `sink` and persist it (its id is then fixed)."""
-        records = await self.storage.read(self._select, self.bits[sink], max_records, max_bytes, set(exclude))
+        """Choose the next batch for `sink` and persist it (its id is then fixed).
+
+        Records in this sink's open batches (chosen, not yet delivered or dead-lettered)
+        are never chosen again; `exclude` leaves out more ids.
+        """
+        records = await self.storage.read(self._select, self.bits[sink], max_records, max_bytes,
+                                          frozenset(exclude), self._skip(sink))
         if not records:
             return None
         batch = OpenBatch(sink, str(uuid.uuid4()), records)
-        blob = array("q", batch.ids).tobytes()
-        await self.storage.write(
-            lambda: OutboxBatch.insert(batch_id=batch.batch_id, sink=sink, created=self.clock(), record_ids=blob).execute()
-        )
+        await self.storage.write(self._persist, [batch])
+        self._open.setdefault(sink, {})[batch.batch_id] = batch.spans
         return batch
+
+    async def split(self, batch: OpenBatch) -> list[OpenBatch]:
+        """Replace an open batch by two halves, each with a new Idempotency-Key.
+
+        For a batch the far end found too large (413): it was not stored there, so new
+        keys lose nothing, and the records keep their ids (the receiver's dedup).
+        """
+        half = (len(batch.records) + 1) // 2
+        halves = [OpenBatch(batch.sink, str(uuid.uuid4()), part)
+                  for part in (batch.records[:half], batch.records[half:]) if part]
+        await self.storage.write(self._persist, halves, batch.batch_id)
+        opened = self._open.setdefault(batch.sink, {})
+        opened.pop(batch.batch_id, None)
+        for b in halves:
+            opened[b.batch_id] = b.spans
+        return halves
 
     def _load_batches(self, sink: str) -> list[OpenBatch]:
         conn = self.db.connection()
@@ -530,13 +320,15 @@ class Outbox:
             "SELECT batch_id, record_ids FROM core_outbox_batch WHERE sink = ? ORDER BY created, rowid", (sink,)
         ).fetchall():
             ids = array("q", bytes(blob)).tolist()
-            found = {row[0]: StoredRecord(row) for row in self._rows_by_id(ids, _COLUMNS)}
+            found = {row[0]: row for row in self._rows_by_id(ids, COLUMNS)}
             out.append(OpenBatch(sink, batch_id, [found[i] for i in ids if i in found]))
         return out
 
     async def open_batches(self, sink: str) -> list[OpenBatch]:
         """Batches chosen before a restart and not yet delivered: resend them first."""
-        return await self.storage.read(self._load_batches, sink)
+        batches = await self.storage.read(self._load_batches, sink)
+        self._open[sink] = {b.batch_id: b.spans for b in batches}
+        return batches
 
     def _rows_by_id(self, ids: Sequence[int], columns: str) -> list[tuple]:
         conn = self.db.connection()
@@ -547,90 +339,99 @@ class Outbox:
             rows += conn.execute(f"SELECT {columns} FROM core_outbox WHERE id IN ({marks})", chunk).fetchall()
         return rows
 
-    def _release(self, sink: str, ids: Sequence[int]) -> tuple[int, tuple]:
-        """Clear `sink`'s bit on `ids`; delete rows no sink needs any more."""
+    def _release(self, sink: str, records: Sequence[tuple]) -> tuple[int, tuple]:
+        """Clear `sink`'s bit on `records`; delete rows no sink needs any more.
+
+        Set-based: one DELETE (and, with several sinks, one UPDATE) per chunk of ids,
+        whose RETURNING rows are summed per class; a row dropped meanwhile by the
+        capacity policy or the TTL is simply not there any more (already counted).
+        """
         bit = self.bits[sink]
         conn = self.db.connection()
-        gone: list[tuple] = []
-        kept: list[tuple] = []
-        for start in range(0, len(ids), _CHUNK):
-            chunk = list(ids[start : start + _CHUNK])
-            marks = ",".join("?" * len(chunk))
-            gone += conn.execute(
-                f"DELETE FROM core_outbox WHERE id IN ({marks}) AND pending = ? RETURNING id, prio, size, pending",
-                (*chunk, bit),
-            ).fetchall()
-            if len(self.bits) > 1:  # rows other sinks still need: only this sink's bit goes
-                kept += conn.execute(
-                    f"UPDATE core_outbox SET pending = pending & ? WHERE id IN ({marks}) AND (pending & ?) != 0"
-                    " RETURNING id, prio, size, pending",
-                    (~bit, *chunk, bit),
-                ).fetchall()
+        n_class = [0] * len(CLASSES)
+        b_class = [0] * len(CLASSES)
+        kept_n = kept_b = 0
+        # A batch is in class order: one run of ids per class, summed without a Python loop per row.
+        for prio, group in groupby(records, key=_PRIO):
+            ids = list(map(_FIRST, group))
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start : start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                gone = conn.execute(f"DELETE FROM core_outbox WHERE id IN ({marks}) AND pending = ? RETURNING size",
+                                    (*chunk, bit)).fetchall()
+                n_class[prio] += len(gone)
+                b_class[prio] += sum(map(_FIRST, gone))
+                if len(self.bits) > 1:  # rows other sinks still need: only this sink's bit goes
+                    kept = conn.execute(
+                        f"UPDATE core_outbox SET pending = pending & ? WHERE id IN ({marks}) AND (pending & ?) != 0"
+                        " RETURNING size",
+                        (~bit, *chunk, bit),
+                    ).fetchall()
+                    kept_n += len(kept)
+                    kept_b += sum(map(_FIRST, kept))
         counts = self._read_counts()
         touched: set[str] = set()
-        self._forget(gone, counts, touched)
-        key = f"sink:{sink}"
-        for _, _, size, _ in kept:
-            counts[key][0] -= 1
-            counts[key][1] -= size
+        for prio, n in enumerate(n_class):
+            if n:
+                key = f"class:{CLASSES[prio]}"
+                counts[key][0] -= n
+                counts[key][1] -= b_class[prio]
+                touched.add(key)
+        released = sum(n_class) + kept_n
+        if released:
+            key = f"sink:{sink}"
+            counts[key][0] -= released
+            counts[key][1] -= sum(b_class) + kept_b
             touched.add(key)
-        return len(gone) + len(kept), self._commit_counts(counts, touched)
+        return released, self._commit_counts(counts, touched)
 
     def _delivered(self, batch: OpenBatch, when: float) -> tuple:
-        released, stamped = self._release(batch.sink, batch.ids)
-        OutboxBatch.delete().where(OutboxBatch.batch_id == batch.batch_id).execute()
-        OutboxSink.update(
-            delivered=OutboxSink.delivered + released, batches=OutboxSink.batches + 1, last_success=when
-        ).where(OutboxSink.name == batch.sink).execute()
+        released, stamped = self._release(batch.sink, batch.records)
+        conn = self.db.connection()
+        conn.execute("DELETE FROM core_outbox_batch WHERE batch_id = ?", (batch.batch_id,))
+        conn.execute(
+            "UPDATE core_outbox_sink SET delivered = delivered + ?, batches = batches + 1, last_success = ?"
+            " WHERE name = ?", (released, when, batch.sink))
         return stamped
 
     async def delivered(self, batch: OpenBatch) -> None:
         """The sink's far end acknowledged `batch`: it leaves the outbox for this sink."""
         self._saw(await self.storage.write(self._delivered, batch, self.clock()))
+        self._open.get(batch.sink, {}).pop(batch.batch_id, None)
 
     def _dead_letter(self, batch: OpenBatch, status: int, reason: str, when: float) -> tuple:
-        DeadLetter.insert(
-            sink=batch.sink, batch_id=batch.batch_id, status=status, reason=reason[:2000], created=when,
-            count=len(batch.records), records=json.dumps([list(r) for r in batch.records], ensure_ascii=False),
-        ).execute()
-        _, stamped = self._release(batch.sink, batch.ids)
-        OutboxBatch.delete().where(OutboxBatch.batch_id == batch.batch_id).execute()
-        OutboxSink.update(last_error=reason[:500], last_error_at=when).where(OutboxSink.name == batch.sink).execute()
+        conn = self.db.connection()
+        conn.execute(
+            "INSERT INTO core_dead_letter (sink, batch_id, status, reason, created, count, records)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch.sink, batch.batch_id, status, reason[:2000], when, len(batch.records),
+             json.dumps([list(r) for r in batch.records], ensure_ascii=False)))
+        _, stamped = self._release(batch.sink, batch.records)
+        conn.execute("DELETE FROM core_outbox_batch WHERE batch_id = ?", (batch.batch_id,))
+        self._note_error(batch.sink, reason, when)
         return stamped
 
     async def dead_letter(self, batch: OpenBatch, status: int, reason: str) -> None:
         """Set `batch` aside in `core_dead_letter` (records kept whole) and move on."""
         self._saw(await self.storage.write(self._dead_letter, batch, status, reason, self.clock()))
+        self._open.get(batch.sink, {}).pop(batch.batch_id, None)
         log.error("batch dead-lettered", sink=batch.sink, batch_id=batch.batch_id, status=status,
                   records=len(batch.records), reason=reason)
 
+    def _note_error(self, sink: str, reason: str, when: float) -> None:
+        self.db.connection().execute(
+            "UPDATE core_outbox_sink SET last_error = ?, last_error_at = ? WHERE name = ?", (reason[:500], when, sink))
+
     async def note_error(self, sink: str, reason: str) -> None:
         """Remember a sink's last error (for `gatewayd outbox status`)."""
-        when = self.clock()
-        await self.storage.write(
-            lambda: OutboxSink.update(last_error=reason[:500], last_error_at=when).where(OutboxSink.name == sink).execute()
-        )
+        await self.storage.write(self._note_error, sink, reason, self.clock())
 
     # -- time-to-live -------------------------------------------------------------------
 
     def _expire(self, now: float) -> tuple[dict, tuple]:
-        conn = self.db.connection()
         counts = self._read_counts()
         touched: set[str] = set()
-        dropped: dict[tuple[str, str], int] = {}
-        for prio in range(len(CLASSES)):
-            ttl = self.policy.limits(prio).ttl_s
-            if ttl <= 0:
-                continue
-            victims = conn.execute(
-                "SELECT id, prio, size, pending FROM core_outbox WHERE prio = ? AND created < ?"
-                " AND id IN (SELECT id FROM core_outbox WHERE prio = ? ORDER BY id LIMIT 5000)",
-                (prio, now - ttl, prio),
-            ).fetchall()
-            if victims:
-                conn.executemany("DELETE FROM core_outbox WHERE id = ?", [(v[0],) for v in victims])
-                self._forget(victims, counts, touched)
-                dropped[(CLASSES[prio], "ttl")] = len(victims)
+        dropped = outbox_capacity.expire(self, now, counts, touched)
         return dropped, self._commit_counts(counts, touched)
 
     async def expire(self) -> dict:
@@ -647,90 +448,22 @@ class Outbox:
         task_status.started()
         while True:
             try:
-                while sum((await self.expire()).values()) >= 5000:
+                while sum((await self.expire()).values()) >= outbox_capacity.EXPIRE_STEP:
                     await trio.sleep(0)  # a big expired backlog: keep going, in steps
             except Exception as e:  # disk full and the like: try again next round
                 log.warning("outbox maintenance failed", error=str(e))
             await trio.sleep(every_s)
 
-    # -- operators (blocking: CLI, or through storage.read) -------------------------
+    # -- operators (blocking: CLI, or through storage.read/write); see outbox_admin -----
 
     def status(self) -> dict[str, Any]:
         """Per class: rows, bytes, oldest age; per sink: backlog, last success/error."""
-        now = self.clock()
-        counts = self._read_counts()
-        oldest = self._oldest()
-        classes = {
-            c: {
-                "rows": counts.get(f"class:{c}", [0, 0])[0],
-                "bytes": counts.get(f"class:{c}", [0, 0])[1],
-                "oldest_age_s": None if oldest[p] is None else round(now - oldest[p], 3),
-            }
-            for p, c in enumerate(CLASSES)
-        }
-        sinks = {}
-        for row in OutboxSink.select().order_by(OutboxSink.name):
-            backlog = counts.get(f"sink:{row.name}", [0, 0])
-            sinks[row.name] = {
-                "configured": row.name in self.sinks,
-                "backlog": backlog[0],
-                "backlog_bytes": backlog[1],
-                "delivered": row.delivered,
-                "batches": row.batches,
-                "open_batches": OutboxBatch.select().where(OutboxBatch.sink == row.name).count(),
-                "last_success": row.last_success,
-                "last_error": row.last_error,
-                "last_error_at": row.last_error_at,
-            }
-        dead = DeadLetter.select(peewee.fn.COUNT(DeadLetter.id), peewee.fn.TOTAL(DeadLetter.count)).scalar(as_tuple=True)
-        return {"classes": classes, "sinks": sinks, "dead_letters": {"batches": dead[0], "records": int(dead[1])}}
+        return outbox_admin.status(self)
 
     def dead_letters(self) -> list[dict[str, Any]]:
         """Every dead-lettered batch, without its records."""
-        return [
-            {"id": d.id, "sink": d.sink, "batch_id": d.batch_id, "status": d.status, "reason": d.reason,
-             "created": d.created, "records": d.count}
-            for d in DeadLetter.select().order_by(DeadLetter.id)
-        ]
+        return outbox_admin.dead_letters(self)
 
     def retry_dead(self, ids: Iterable[int] | None = None) -> tuple[int, int]:
-        """Put dead-lettered records back in the outbox (same record ids, new batches).
-
-        Run inside one transaction (`storage.run_blocking` or a writer job). Returns
-        (batches, records). A record whose sink is no longer registered stays dead.
-        """
-        conn = self.db.connection()
-        query = DeadLetter.select().order_by(DeadLetter.id)
-        if ids is not None:
-            query = query.where(DeadLetter.id.in_(list(ids)))
-        counts = self._read_counts()
-        touched: set[str] = set()
-        batches = records = 0
-        for dead in query:
-            bit = self.bits.get(dead.sink)
-            if bit is None:
-                continue
-            for rid, prio, created, ts, family, device, kind, size, data in json.loads(dead.records):
-                row = conn.execute("SELECT pending FROM core_outbox WHERE id = ?", (rid,)).fetchone()
-                if row is not None:
-                    if row[0] & bit:
-                        continue
-                    conn.execute("UPDATE core_outbox SET pending = pending | ? WHERE id = ?", (bit, rid))
-                else:
-                    conn.execute(
-                        "INSERT INTO core_outbox (id, prio, pending, created, ts, family, device, kind, size, data)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (rid, prio, bit, created, ts, family, device, kind, size, data),
-                    )
-                    key = f"class:{CLASSES[prio]}"
-                    counts[key][0] += 1
-                    counts[key][1] += size
-                    touched.add(key)
-                counts[f"sink:{dead.sink}"][0] += 1
-                counts[f"sink:{dead.sink}"][1] += size
-                touched.add(f"sink:{dead.sink}")
-                records += 1
-            dead.delete_instance()
-            batches += 1
-        self._commit_counts(counts, touched)
-        return batches, records
+        """Put dead-lettered records back in the outbox (see `outbox_admin.retry_dead`)."""
+        return outbox_admin.retry_dead(self, ids)

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import json
 import re
+import threading
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +36,7 @@ __all__ = [
     "EncodedBatch",
     "ProtocolError",
     "Rejection",
+    "SerializedRecords",
     "decode_batch",
     "encode_batch",
     "mqtt_topic",
@@ -82,6 +84,21 @@ class EncodedBatch:
 
 
 @dataclass(frozen=True)
+class SerializedRecords:
+    """Records already serialised, for :func:`encode_batch` to splice in as they are.
+
+    ``json`` is the ``records`` array exactly as it goes on the wire: compact UTF-8
+    JSON (no insignificant whitespace, no NaN/Infinity), ``[{"id":..., ...}, ...]``.
+    The encoder does not re-check it: whoever builds it vouches for it (the outbox
+    builds it from record JSON it serialised itself at ingest). ``count`` is the number
+    of records in it.
+    """
+
+    json: bytes
+    count: int
+
+
+@dataclass(frozen=True)
 class Rejection:
     """A record refused by the receiver; ``id`` is None when it had no usable id."""
 
@@ -115,7 +132,7 @@ def sign(secret: bytes, timestamp: str, body: bytes) -> str:
 
 
 def encode_batch(
-    records: Iterable[Mapping[str, Any]],
+    records: Iterable[Mapping[str, Any]] | SerializedRecords,
     *,
     gateway_id: str,
     batch_id: str,
@@ -130,19 +147,32 @@ def encode_batch(
     timestamp, so call this again for each attempt: the body bytes may then differ
     but the Idempotency-Key does not. Records are sent as given and in order;
     the receiver, not the encoder, validates their fields.
+
+    ``records`` may also be :class:`SerializedRecords`: the array is then spliced into
+    the envelope as it is, byte for byte what encoding the same records as mappings
+    gives, without decoding and re-encoding them (the sync worker's path).
     """
     if not _GATEWAY_ID.fullmatch(gateway_id):
         raise ValueError(f"invalid gateway id {gateway_id!r}")
     if not _is_uuid4(batch_id):
         raise ValueError(f"batch id must be a canonical UUIDv4, got {batch_id!r}")
-    envelope = {
-        "gateway_id": gateway_id,
-        "batch_id": batch_id,
-        "sent_at": rfc3339_utc(now),
-        "records": [dict(record) for record in records],
-    }
-    raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    body = _compress(raw.encode("utf-8"), compression)
+    if isinstance(records, SerializedRecords):
+        # The three strings need no JSON escaping: the gateway id is [A-Za-z0-9._-],
+        # the batch id a canonical UUID and sent_at digits and punctuation, so this is
+        # exactly what json.dumps writes for the same envelope.
+        raw = b"".join((
+            b'{"gateway_id":"', gateway_id.encode("ascii"), b'","batch_id":"', batch_id.encode("ascii"),
+            b'","sent_at":"', rfc3339_utc(now).encode("ascii"), b'","records":', records.json, b"}",
+        ))
+    else:
+        envelope = {
+            "gateway_id": gateway_id,
+            "batch_id": batch_id,
+            "sent_at": rfc3339_utc(now),
+            "records": [dict(record) for record in records],
+        }
+        raw = json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    body = _compress(raw, compression)
     timestamp = str(int(now))
     headers = {
         "Content-Type": "application/json",
@@ -314,9 +344,17 @@ def _header(h: Mapping[str, str], name: str) -> str:
     return value
 
 
+# One zstd compressor per thread (a compressor is not safe to share between threads;
+# making one per batch costs more than compressing a small batch).
+_zstd = threading.local()
+
+
 def _compress(raw: bytes, compression: str) -> bytes:
     if compression == "zstd":
-        return zstandard.ZstdCompressor(level=3).compress(raw)
+        compressor = getattr(_zstd, "compressor", None)
+        if compressor is None:
+            compressor = _zstd.compressor = zstandard.ZstdCompressor(level=3)
+        return compressor.compress(raw)
     if compression == "gzip":
         # mtime=0: the same batch compresses to the same bytes on every attempt.
         return gzip.compress(raw, compresslevel=6, mtime=0)

@@ -123,6 +123,8 @@ class Upstream:
         if worker is None:
             return ComponentState("starting")
         details = worker.state()
+        if worker.paused is not None:  # 401/403: an operator has to act; the records wait
+            return ComponentState("failed", f"paused: {worker.paused}", details)
         if details["breaker"] == "open":
             return ComponentState("degraded", f"circuit open after repeated failures: {details['last_error']}", details)
         return ComponentState("ok", None, details)
@@ -164,6 +166,10 @@ class Upstream:
         m.collector("gatewayd_sync_worker_restarts_total", "counter", "Sync workers restarted after a crash",
                     lambda: [Sample("gatewayd_sync_worker_restarts_total", {"sink": s}, n)
                              for s, n in sorted(self.restarts.items())])
+        m.collector("gatewayd_sync_paused", "gauge",
+                    "1 while a sink is paused because the far end refuses the gateway's credentials (401/403)",
+                    lambda: [Sample("gatewayd_sync_paused", {"sink": s}, 1 if w.paused is not None else 0)
+                             for s, w in sorted(self.workers.items())])
         m.collector("gatewayd_sync_breaker_open", "gauge", "1 while a sink's circuit breaker holds it",
                     lambda: [Sample("gatewayd_sync_breaker_open", {"sink": s}, 1 if w.breaker.state == "open" else 0)
                              for s, w in sorted(self.workers.items())])

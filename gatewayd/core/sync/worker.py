@@ -2,14 +2,21 @@
 
 One worker per configured `[[upstream]]`. Batches go one at a time (the next only
 after the previous was acknowledged); while one is in flight, the next is chosen,
-persisted and prepared, so the database and the CPU work overlap the network.
+persisted and serialised, so the database and the CPU work overlap the network.
+Records are spliced into the batch from the JSON stored at ingest
+(`outbox_records.serialize_records`), never decoded and re-encoded.
 
 What an answer does (docs/upstream-protocol.md): 2xx and 409 deliver the batch;
-429/503 wait `Retry-After`/`next_hint` and resend the same batch; other 4xx set it aside
-in `core_dead_letter` and go on; 5xx, timeouts and resets back off 1 s -> 300 s
-(±25 %), and after `breaker_threshold` of them in a row the circuit breaker holds the
-sink for `breaker_cooldown_s` before one probe. Every resend keeps the batch's
-Idempotency-Key, also across a restart (the batch row is committed before sending).
+429/503 wait `Retry-After`/`next_hint` and resend the same batch; 401/403 pause the
+sink (the gateway's credentials or clock are wrong, not the batch): the records stay,
+/health reports the sink failed with the reason, and the same batch is tried again
+after a long backoff (60 s doubling to 30 min) until the far end takes it; 413 splits
+the batch in halves (new keys, same record ids) down to single records; other 4xx set
+the batch aside in `core_dead_letter` and go on; 5xx, timeouts and resets back off
+1 s -> 300 s (±25 %), and after `breaker_threshold` of them in a row the circuit
+breaker holds the sink for `breaker_cooldown_s` before one probe. Every resend keeps
+the batch's Idempotency-Key, also across a restart (the batch row is committed before
+sending). A delivered batch is committed as such while the next one is sent.
 """
 
 from __future__ import annotations
@@ -23,14 +30,18 @@ from typing import Any, Protocol
 import trio
 
 from ..logs import get_logger
-from ..outbox import OpenBatch, Outbox, wire_records
+from ..outbox import OpenBatch, Outbox
+from ..outbox_records import serialize_records
 from ..storage import StorageError
-from . import EncodedBatch, Outcome, encode_batch
+from . import EncodedBatch, Outcome, SerializedRecords, encode_batch
 from .retry import Backoff, CircuitBreaker
 
 __all__ = ["Sink", "SyncWorker", "SinkStats"]
 
 log = get_logger("gatewayd.sync")
+
+#: Answers that say the far end refuses *us* (secret, clock), whatever the batch.
+AUTH_REFUSED = frozenset({401, 403})
 
 
 class Sink(Protocol):
@@ -60,7 +71,7 @@ class SinkStats:
 @dataclass
 class _Prepared:
     batch: OpenBatch
-    wire: list[dict[str, Any]]
+    records: SerializedRecords
 
 
 class SyncWorker:
@@ -80,6 +91,7 @@ class SyncWorker:
         idle_poll_s: float = 5.0,
         backoff: Backoff | None = None,
         breaker: CircuitBreaker | None = None,
+        auth_backoff: Backoff | None = None,
         clock: Callable[[], float] = time.time,
     ):
         self.outbox = outbox
@@ -94,22 +106,25 @@ class SyncWorker:
         self.idle_poll_s = idle_poll_s
         self.backoff = backoff or Backoff()
         self.breaker = breaker or CircuitBreaker(clock=trio.current_time)
+        self.auth_backoff = auth_backoff or Backoff(base=60.0, cap=1800.0)
         self.clock = clock
         self.stats = SinkStats()
-        self._open_ids: set[int] = set()
+        #: Why the far end refuses this gateway (401/403), while it does: the sink is paused.
+        self.paused: str | None = None
+        self._nursery: trio.Nursery | None = None
+        # The previous batch's `delivered` write, committing while the next batch goes out.
+        self._settling: trio.Event | None = None
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Resend batches left open by a restart, then drain for ever."""
-        self._open_ids = set()
         resumed = await self._retrying(self.outbox.open_batches, self.name)
-        for batch in resumed:
-            self._open_ids.update(batch.ids)
         if resumed:
             log.info("resending open batches", sink=self.name, batches=len(resumed),
                      records=sum(len(b.records) for b in resumed))
         send, receive = trio.open_memory_channel[_Prepared](0)
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 if hasattr(self.sink, "run"):  # a sink with a connection of its own (MQTT)
                     await nursery.start(self.sink.run)
                 nursery.start_soon(self._produce, send, resumed)
@@ -131,22 +146,20 @@ class SyncWorker:
                 else:  # every record of it expired meanwhile
                     await self._retrying(self.outbox.delivered, batch)
             while True:
+                # The outbox skips the records of this sink's open batches by itself.
                 batch = await self._retrying(
-                    partial(self.outbox.next_batch, self.name, max_records=self.max_records,
-                            max_bytes=self.max_bytes, exclude=self._open_ids)
+                    partial(self.outbox.next_batch, self.name, max_records=self.max_records, max_bytes=self.max_bytes)
                 )
                 if batch is None:
                     await self.outbox.wait_for_records(self.idle_poll_s)
                     continue
-                self._open_ids.update(batch.ids)
                 await send.send(await self._prepare(batch))
                 if len(batch.records) < self.max_records:
                     # A partial batch: let records gather rather than send one per POST.
                     await trio.sleep(self.linger_s)
 
     async def _prepare(self, batch: OpenBatch) -> _Prepared:
-        wire = await trio.to_thread.run_sync(wire_records, batch.records)
-        return _Prepared(batch, wire)
+        return _Prepared(batch, await trio.to_thread.run_sync(serialize_records, batch.records))
 
     async def _retrying(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a storage call until it works (a full disk must not kill the worker)."""
@@ -162,6 +175,13 @@ class SyncWorker:
     # -- sending ----------------------------------------------------------------------
 
     async def _deliver(self, prepared: _Prepared) -> None:
+        todo = [prepared]
+        while todo:
+            halves = await self._deliver_one(todo.pop(0))
+            todo[0:0] = [await self._prepare(b) for b in halves]
+
+    async def _deliver_one(self, prepared: _Prepared) -> list[OpenBatch]:
+        """Send one batch until it is settled; returns its halves if it had to be split."""
         batch = prepared.batch
         while True:
             while not self.breaker.allow():
@@ -169,29 +189,38 @@ class SyncWorker:
                 await trio.sleep(max(self.breaker.retry_in(), 0.05))
             self.stats.waiting_until = None
             encoded = await trio.to_thread.run_sync(partial(
-                encode_batch, prepared.wire, gateway_id=self.gateway_id, batch_id=batch.batch_id,
+                encode_batch, prepared.records, gateway_id=self.gateway_id, batch_id=batch.batch_id,
                 secret=self._secret, compression=self.compression, now=self.clock(),
             ))
             outcome = await self.sink.send(encoded)
+            if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
+                await self._pause(outcome)
+                continue  # the same batch, the same key
+            if outcome.kind == "dead_letter" and outcome.status == 413 and len(batch.records) > 1:
+                self.breaker.record_success()
+                self._count_kind("split")
+                log.warning("batch too large for the far end; splitting it in halves", sink=self.name,
+                            batch_id=batch.batch_id, records=len(batch.records), bytes=len(encoded.body))
+                return await self._retrying(self.outbox.split, batch)
             self._count(outcome, len(batch.records))
             if outcome.kind in ("delivered", "already_delivered"):
                 self.breaker.record_success()
                 self.backoff.reset()
-                await self._retrying(self.outbox.delivered, batch)
-                self._open_ids.difference_update(batch.ids)
+                self._resume()
+                await self._settle(batch)
                 self.stats.last_success = self.clock()
                 if outcome.rejected:
                     log.warning("receiver rejected records", sink=self.name, batch_id=batch.batch_id,
                                 rejected=outcome.rejected, ids=str(outcome.rejected_ids[:20]))
                 if outcome.delay_s:  # next_hint on a 2xx: backpressure before the next batch
                     await self._wait(outcome.delay_s)
-                return
+                return []
             if outcome.kind == "dead_letter":
                 self.breaker.record_success()  # the far end answered
+                self._resume()
                 self._note(outcome)
                 await self._retrying(self.outbox.dead_letter, batch, outcome.status, outcome.reason or "")
-                self._open_ids.difference_update(batch.ids)
-                return
+                return []
             self._note(outcome)
             await self._retrying(self.outbox.note_error, self.name, self.stats.last_error or "")
             if outcome.kind == "retry_after":
@@ -200,6 +229,51 @@ class SyncWorker:
             else:
                 self.breaker.record_failure()
                 await self._wait(self.backoff.next_delay())
+
+    async def _settle(self, batch: OpenBatch) -> None:
+        """Commit `batch` as delivered while the next batch is already on its way.
+
+        The far end has acknowledged it, so sending the next one first is safe: its
+        records stay out of new batches until the commit (the outbox skips open
+        batches), and a crash before the commit resends it with its key (409). One
+        such commit at a time, in order.
+        """
+        if self._settling is not None:
+            await self._settling.wait()
+        done = self._settling = trio.Event()
+
+        async def commit() -> None:
+            try:
+                await self._retrying(self.outbox.delivered, batch)
+            finally:
+                done.set()
+
+        if self._nursery is None:  # not running under run(): commit inline
+            await commit()
+        else:
+            self._nursery.start_soon(commit)
+
+    async def _pause(self, outcome: Outcome) -> None:
+        """401/403: stop and alarm. The batch is not at fault; nothing is set aside."""
+        self.breaker.record_success()  # the far end answers; it is not unwell
+        self._count_kind("paused")
+        self.stats.last_status = outcome.status
+        delay = self.auth_backoff.next_delay()
+        reason = outcome.reason or f"HTTP {outcome.status}"
+        self.paused = (f"{reason}: the far end refuses this gateway's credentials (check the shared secret "
+                       "and the clock); records are kept and sent when it accepts them again")
+        self.stats.last_error = f"paused: {reason}"
+        self.stats.last_error_at = self.clock()
+        log.error("sink paused: the far end refuses the gateway's credentials; records are kept", sink=self.name,
+                  status=outcome.status, reason=reason, retry_in_s=round(delay, 1))
+        await self._retrying(self.outbox.note_error, self.name, self.stats.last_error)
+        await self._wait(delay)
+
+    def _resume(self) -> None:
+        if self.paused is not None:
+            log.info("sink resumed: the far end accepts the gateway's credentials again", sink=self.name)
+            self.paused = None
+        self.auth_backoff.reset()
 
     async def _wait(self, seconds: float) -> None:
         self.stats.waiting_until = self.clock() + seconds
@@ -212,10 +286,13 @@ class SyncWorker:
         log.warning("batch not delivered", sink=self.name, outcome=outcome.kind, status=outcome.status,
                     reason=outcome.reason, wait_s=outcome.delay_s)
 
+    def _count_kind(self, kind: str) -> None:
+        self.stats.batches[kind] = self.stats.batches.get(kind, 0) + 1
+
     def _count(self, outcome: Outcome, n: int) -> None:
         s = self.stats
         s.last_status = outcome.status
-        s.batches[outcome.kind] = s.batches.get(outcome.kind, 0) + 1
+        self._count_kind(outcome.kind)
         if outcome.kind in ("delivered", "already_delivered"):
             rejected = outcome.rejected or 0
             duplicates = outcome.duplicates or 0
@@ -231,9 +308,11 @@ class SyncWorker:
         return {
             "sink": self.sink.describe(),
             "breaker": self.breaker.state,
+            "paused": self.paused is not None,
             "backlog": backlog[0],
             "backlog_bytes": backlog[1],
             "last_success": self.stats.last_success,
             "last_error": self.stats.last_error,
             "last_status": self.stats.last_status,
+            "waiting_until": self.stats.waiting_until,
         }
