@@ -70,6 +70,17 @@ class FamilyDevices:
         """Heard from the device (auth helpers do this; call it for MQTT/serial traffic)."""
         self._s.presence.touch(self.family, device_id)
 
+    async def activate(self, device: Device) -> Device:
+        """The device authenticated and spoke: `provisioned`/`claimed` become `active`.
+
+        The HTTP auth helpers do this themselves; call it for traffic the core did not
+        authenticate for you (MQTT, where the broker checked the password; serial).
+        A disabled device stays disabled. Cheap once active: no write.
+        """
+        if device.status in ("provisioned", "claimed"):
+            return await self._s.registry.set_status(self.family, device.id, "active")
+        return device
+
     def is_online(self, device_id: str) -> bool:
         return self._s.presence.is_online(self.family, device_id)
 

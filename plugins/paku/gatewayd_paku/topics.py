@@ -306,6 +306,7 @@ class PakuMQTT:
         if device.status == "disabled":
             raise Rejected(f"device {device_id!r} is disabled")
         if touch:
+            device = await self.ctx.devices.activate(device)  # first word from it: active
             self.ctx.devices.touch(device_id)
             if not self.online.get(device_id):
                 self.wake(device_id)  # back from silence: hand it what waited

@@ -54,6 +54,7 @@ async def test_device_connects_publishes_and_is_queryable(gateway_factory, tmp_p
                     assert view["telemetry"]["payload"] == {"temp_c": 21.5, "hum": 40}
                     assert view["state"]["online"] is True and view["state"]["rssi"] == -61
                     assert view["fwVersion"] == "1.1.0" and view["lastSeenAt"] is not None
+                    assert view["status"] == "active"  # provisioned until it spoke
 
                     r = await client.get("/paku/devices/pk-1/telemetry", headers=AUTH)
                     assert [m["payload"]["temp_c"] for m in r.json()["telemetry"]] == [21.5]
