@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         cwd=ROOT,
     )
     try:
-        startup = wait_ready(f"http://127.0.0.1:{gw_port}/health") + (time.monotonic() - began) * 0
-        startup = time.monotonic() - began
+        wait_ready(f"http://127.0.0.1:{gw_port}/health")
+        startup = time.monotonic() - began  # from the process's start, imports included
         wait_ready(f"http://127.0.0.1:{hello_port}/")
         time.sleep(2)
         idle_rss = rss_mb(gateway.pid)
