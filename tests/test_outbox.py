@@ -153,6 +153,47 @@ async def test_an_open_batch_keeps_its_key_and_records_across_a_restart(tmp_path
         assert await seqs_in_outbox(storage, "state") == [0, 1]
 
 
+async def test_a_resumed_batch_carries_only_what_its_sink_still_owes(tmp_path):
+    # An orphan batch row (persisted by a worker that was cancelled) whose records the
+    # same sink delivered meanwhile under another batch: b still needs the rows, a must
+    # not send them again after a restart.
+    async with open_ingest(tmp_path, sinks=("a", "b")) as (ingest, outbox, storage):
+        await ingest.records(recs(4))
+        orphan = await outbox.next_batch("a", max_records=10, max_bytes=1 << 20)
+    async with open_ingest(tmp_path, sinks=("a", "b")) as (ingest, outbox, storage):
+        again = await outbox.next_batch("a", max_records=10, max_bytes=1 << 20)  # nobody resumed the orphan
+        assert again.ids == orphan.ids and again.batch_id != orphan.batch_id
+        await outbox.delivered(again)
+        assert len(await seqs_in_outbox(storage)) == 4  # b has not delivered them yet
+    async with open_ingest(tmp_path, sinks=("a", "b")) as (ingest, outbox, storage):
+        [resumed] = await outbox.open_batches("a")
+        assert resumed.batch_id == orphan.batch_id and resumed.records == []
+
+
+async def test_open_batches_waits_for_writes_still_queued(tmp_path):
+    # A cancelled next_batch leaves its batch row queued at the writer (an abandoned write
+    # still commits). open_batches must see it, or its records go out under a second key.
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.records(recs(3))
+        gate = __import__("threading").Event()
+        await storage.write(lambda: None)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(storage.write, gate.wait)  # holds the writer
+            await trio.sleep(0.05)
+            with trio.move_on_after(0.1):  # chooses, queues its batch row, then is cancelled
+                await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+            resumed = []
+
+            async def resume():
+                resumed.extend(await outbox.open_batches("cloud"))
+
+            nursery.start_soon(resume)
+            await trio.sleep(0.05)
+            assert resumed == []  # still behind the queued writes
+            gate.set()
+        assert len(resumed) == 1 and len(resumed[0].records) == 3
+
+
 async def test_dead_letters_keep_the_records_whole_and_can_be_retried(tmp_path):
     async with open_ingest(tmp_path) as (ingest, outbox, storage):
         await ingest.records(recs(3, "alert"))

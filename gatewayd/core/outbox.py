@@ -315,28 +315,37 @@ class Outbox:
 
     def _load_batches(self, sink: str) -> list[OpenBatch]:
         conn = self.db.connection()
+        bit = self.bits[sink]
         out = []
         for batch_id, blob in conn.execute(
             "SELECT batch_id, record_ids FROM core_outbox_batch WHERE sink = ? ORDER BY created, rowid", (sink,)
         ).fetchall():
             ids = array("q", bytes(blob)).tolist()
-            found = {row[0]: row for row in self._rows_by_id(ids, COLUMNS)}
+            # Only rows this sink still owes: another sink's pending bit keeps a row alive
+            # after this one delivered it.
+            found = {row[0]: row for row in self._rows_by_id(ids, COLUMNS, bit)}
             out.append(OpenBatch(sink, batch_id, [found[i] for i in ids if i in found]))
         return out
 
     async def open_batches(self, sink: str) -> list[OpenBatch]:
         """Batches chosen before a restart and not yet delivered: resend them first."""
+        # A barrier first: writes of a cancelled worker may still be queued (a write
+        # abandoned by its caller still commits), among them a batch being persisted.
+        # Read before it lands and its records would go out again under a second key.
+        await self.storage.write(_nothing)
         batches = await self.storage.read(self._load_batches, sink)
         self._open[sink] = {b.batch_id: b.spans for b in batches}
         return batches
 
-    def _rows_by_id(self, ids: Sequence[int], columns: str) -> list[tuple]:
+    def _rows_by_id(self, ids: Sequence[int], columns: str, bit: int = 0) -> list[tuple]:
+        """Rows by id; with `bit`, only those still pending for that sink."""
         conn = self.db.connection()
         rows: list[tuple] = []
+        where = "id IN ({marks})" + (" AND (pending & ?) != 0" if bit else "")
         for i in range(0, len(ids), _CHUNK):
             chunk = ids[i : i + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            rows += conn.execute(f"SELECT {columns} FROM core_outbox WHERE id IN ({marks})", chunk).fetchall()
+            sql = f"SELECT {columns} FROM core_outbox WHERE " + where.format(marks=",".join("?" * len(chunk)))
+            rows += conn.execute(sql, (*chunk, bit) if bit else chunk).fetchall()
         return rows
 
     def _release(self, sink: str, records: Sequence[tuple]) -> tuple[int, tuple]:
@@ -467,3 +476,7 @@ class Outbox:
     def retry_dead(self, ids: Iterable[int] | None = None) -> tuple[int, int]:
         """Put dead-lettered records back in the outbox (see `outbox_admin.retry_dead`)."""
         return outbox_admin.retry_dead(self, ids)
+
+
+def _nothing() -> None:
+    """A writer job that does nothing: waiting for it waits for every write queued before."""
