@@ -228,7 +228,7 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
     ("alerts", "list alert notifications and their delivery state: alerts list [--state S]",
      setup_alerts, cmd_alerts),
     ("firmware", "the OTA firmware store: add, list, rollout, verify, keygen", setup_firmware, cmd_firmware),
-    ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N]",
+    ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N], forget-sink NAME",
      setup_outbox, cmd_outbox),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
      _receive_arguments, _cmd_receive),

@@ -1,4 +1,4 @@
-"""`gatewayd outbox status|dead-letters|retry-dead`: the operator's view of the outbox.
+"""`gatewayd outbox status|dead-letters|retry-dead|forget-sink`: the operator's view of the outbox.
 
 They open the database directly (safe while the daemon runs: WAL), so they work when
 the daemon is down too. `status` also asks a running daemon's `/health` for what
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Any
 
@@ -20,9 +21,11 @@ __all__ = ["setup_outbox", "cmd_outbox"]
 
 
 def setup_outbox(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=["status", "dead-letters", "retry-dead"],
+    parser.add_argument("action", choices=["status", "dead-letters", "retry-dead", "forget-sink"],
                         help="status: per class and per sink; dead-letters: batches set aside; "
-                             "retry-dead: put dead-lettered records back in the outbox")
+                             "retry-dead: put dead-lettered records back in the outbox; "
+                             "forget-sink NAME: drop the backlog kept for a sink removed from [[upstream]]")
+    parser.add_argument("sink", nargs="?", help="forget-sink: the removed sink's name")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--id", type=int, action="append", metavar="N",
                         help="retry-dead: only this dead letter (repeatable; default: all)")
@@ -44,6 +47,17 @@ def cmd_outbox(args: argparse.Namespace, manager: Any) -> int:
         elif args.action == "dead-letters":
             rows = storage.run_blocking(outbox.dead_letters)
             print(json.dumps({"dead_letters": rows}, indent=2) if args.json else _dead_text(rows))
+        elif args.action == "forget-sink":
+            if not args.sink:
+                print("gatewayd outbox forget-sink: name the sink (see 'gatewayd outbox status')", file=sys.stderr)
+                return 2
+            try:
+                owed = storage.run_blocking(outbox.forget_sink, args.sink)
+            except ValueError as e:
+                print(f"gatewayd outbox forget-sink: {e}", file=sys.stderr)
+                return 2
+            print(json.dumps({"sink": args.sink, "records": owed}) if args.json else
+                  f"sink {args.sink!r} forgotten: {owed} records it had not delivered are no longer kept for it")
         else:
             batches, records = storage.run_blocking(outbox.retry_dead, args.id)
             doc = {"batches": batches, "records": records}

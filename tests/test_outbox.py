@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import pytest
 import trio
@@ -208,7 +209,7 @@ async def test_dead_letters_keep_the_records_whole_and_can_be_retried(tmp_path):
         assert await storage.read(outbox.dead_letters) == []
 
 
-def gatewayd_cli(tmp_path, *args):
+def gatewayd_cli(tmp_path, *args, expect=0):
     import json
     import subprocess
     import sys
@@ -218,7 +219,9 @@ def gatewayd_cli(tmp_path, *args):
                       "[[upstream]]\nname = 'cloud'\nurl = 'http://127.0.0.1:9'\n")
     done = subprocess.run([sys.executable, "-m", "gatewayd", *args, "--config", str(config)],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == expect, done.stderr
+    if expect:
+        return done.stderr
     return json.loads(done.stdout) if "--json" in args else done.stdout
 
 
@@ -242,6 +245,47 @@ async def test_operator_commands_show_and_retry_dead_letters(tmp_path):
         "batches": 1, "records": 4}
     status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
     assert status["classes"]["alert"]["rows"] == 4 and status["sinks"]["cloud"]["backlog"] == 10
+
+
+async def test_a_removed_sinks_backlog_is_kept_until_an_operator_forgets_it(tmp_path, caplog):
+    async with open_ingest(tmp_path, sinks=("a", "b")) as (ingest, outbox, storage):
+        await ingest.records(recs(5))
+        await outbox.delivered(await outbox.next_batch("a", max_records=3, max_bytes=1 << 20))
+        await outbox.next_batch("b", max_records=2, max_bytes=1 << 20)  # left open by b
+    with caplog.at_level(logging.WARNING, logger="gatewayd.outbox"):
+        async with open_ingest(tmp_path, sinks=("a",)) as (ingest, outbox, storage):  # b removed from config
+            assert "no longer configured" in caplog.text and "forget-sink b" in caplog.text
+            assert len(await seqs_in_outbox(storage)) == 5  # b's records are kept for it
+            with pytest.raises(ValueError, match="still configured"):
+                await storage.write(outbox.forget_sink, "a")
+            with pytest.raises(ValueError, match="no sink 'c'.*: b"):
+                await storage.write(outbox.forget_sink, "c")
+            assert await storage.write(outbox.forget_sink, "b") == 5
+            assert sorted(await seqs_in_outbox(storage)) == [0, 1]  # what a still owes
+            status = await storage.read(outbox.status)
+            assert "b" not in status["sinks"] and status["classes"]["history"]["rows"] == 2
+            assert status["sinks"]["a"]["backlog"] == 2
+            await ingest.records(recs(1, start=9))
+            rest = await outbox.next_batch("a", max_records=10, max_bytes=1 << 20)
+            await outbox.delivered(rest)
+            assert await seqs_in_outbox(storage) == [] and outbox.counts["class:history"] == [0, 0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gatewayd.outbox"):
+        async with open_ingest(tmp_path, sinks=("a",)) as (ingest, outbox, storage):
+            assert "no longer configured" not in caplog.text
+
+
+async def test_forget_sink_from_the_command_line(tmp_path):
+    async with open_ingest(tmp_path / "var", sinks=("cloud", "old"), name="gatewayd.sqlite3") as (ingest, outbox, _):
+        await ingest.records(recs(3))
+    status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
+    assert status["sinks"]["old"]["configured"] is False and status["sinks"]["old"]["backlog"] == 3
+    err = await trio.to_thread.run_sync(partial(gatewayd_cli, tmp_path, "outbox", "forget-sink", "cloud", expect=2))
+    assert "still configured in [[upstream]]" in err
+    assert await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "forget-sink", "old", "--json") == {
+        "sink": "old", "records": 3}
+    status = await trio.to_thread.run_sync(gatewayd_cli, tmp_path, "outbox", "status", "--json")
+    assert list(status["sinks"]) == ["cloud"] and status["sinks"]["cloud"]["backlog"] == 3
 
 
 async def test_records_are_spliced_byte_for_byte_as_the_dicts_would_encode(tmp_path):

@@ -126,6 +126,11 @@ class Outbox:
                 self._recount(keys)
             self.counts = self._read_counts()
             self.oldest = self._oldest()
+        for name in sorted(set(self.bits) - set(self.sinks)):
+            owed = self.counts.get(f"sink:{name}", [0, 0])[0]
+            if owed:
+                log.warning("outbox keeps records for a sink that is no longer configured (or disabled); they stay "
+                            f"until it returns or 'gatewayd outbox forget-sink {name}'", sink=name, records=owed)
 
     async def open(self) -> None:
         """`install` on a worker thread (call after storage opened)."""
@@ -476,6 +481,10 @@ class Outbox:
     def retry_dead(self, ids: Iterable[int] | None = None) -> tuple[int, int]:
         """Put dead-lettered records back in the outbox (see `outbox_admin.retry_dead`)."""
         return outbox_admin.retry_dead(self, ids)
+
+    def forget_sink(self, name: str) -> int:
+        """Let go of a removed sink's backlog (see `outbox_admin.forget_sink`)."""
+        return outbox_admin.forget_sink(self, name)
 
 
 def _nothing() -> None:

@@ -19,7 +19,7 @@ from .sync.protocol import CLASSES
 if TYPE_CHECKING:
     from .outbox import Outbox
 
-__all__ = ["status", "dead_letters", "retry_dead"]
+__all__ = ["status", "dead_letters", "retry_dead", "forget_sink"]
 
 
 def status(outbox: Outbox) -> dict[str, Any]:
@@ -105,3 +105,34 @@ def retry_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> tuple[int, i
         batches += 1
     outbox._commit_counts(counts, touched)
     return batches, records
+
+
+def forget_sink(outbox: Outbox, name: str) -> int:
+    """Stop keeping records for a sink that is no longer configured; returns how many it had.
+
+    A sink removed from `[[upstream]]` keeps its pending bit on every record it had not
+    delivered, so those rows stay (and count against capacity) until it comes back or
+    an operator lets them go: this clears its bit, deletes rows no other sink needs,
+    drops its open batches and its registration. Its dead letters stay (retry-dead
+    skips them). Run inside one transaction; safe while the daemon runs (every writer
+    job reads the counts afresh). Raises ValueError for a configured or unknown sink.
+    """
+    if name in outbox.sinks:
+        raise ValueError(f"sink {name!r} is still configured in [[upstream]]; remove it there "
+                         "(or set enabled = false) first")
+    bit = outbox.bits.get(name)
+    if bit is None:
+        known = ", ".join(sorted(set(outbox.bits) - set(outbox.sinks))) or "none"
+        raise ValueError(f"no sink {name!r} in the outbox (sinks not configured or disabled: {known})")
+    conn = outbox.db.connection()
+    owed = conn.execute("SELECT COUNT(*) FROM core_outbox WHERE (pending & ?) != 0", (bit,)).fetchone()[0]
+    conn.execute("UPDATE core_outbox SET pending = pending & ? WHERE (pending & ?) != 0", (~bit, bit))
+    conn.execute("DELETE FROM core_outbox WHERE pending = 0")
+    conn.execute("DELETE FROM core_outbox_batch WHERE sink = ?", (name,))
+    OutboxSink.delete().where(OutboxSink.name == name).execute()
+    del outbox.bits[name]
+    # Zeroed, not deleted: a running daemon still knows the bit until it restarts.
+    conn.execute("UPDATE core_outbox_count SET rows = 0, bytes = 0 WHERE key = ?", (f"sink:{name}",))
+    outbox._recount({f"class:{c}" for c in CLASSES} | {f"sink:{n}" for n in outbox.bits})
+    outbox.counts = outbox._read_counts()
+    return owed
