@@ -314,11 +314,9 @@ async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_a
 
 
 class PahoPublisher:
-    """A `Publish` for the MQTT sink over a plain paho client (QoS 1, waits for PUBACK).
-
-    The gateway's MQTTClient.publish() cannot carry MQTT 5 user properties yet, so the
-    sink is tested through this callable; `client_publisher()` is what production wires.
-    """
+    """A `Publish` for the MQTT sink over a plain paho client (QoS 1, waits for PUBACK):
+    the sink's contract with any publisher. Production wires `client_publisher()` over
+    the gateway's MQTTClient (the next test but one)."""
 
     def __init__(self, port: int):
         import paho.mqtt.client as paho
@@ -403,3 +401,64 @@ async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
         records += [r["data"]["i"] for r in batch.records]
     assert sorted(records) == list(range(12))
     assert worker.stats.batches == {"delivered": 3}
+
+
+async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_client(gateway_factory, tmp_path):
+    """`kind = "mqtt"` end to end: config -> Upstream -> MQTTClient (MQTT 5 user
+    properties) -> a real mosquitto -> a cloud subscriber that verifies every batch."""
+    import subprocess
+    import time
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from gatewayd.core.sync import decode_batch
+    from gatewayd.testing.mqtt import free_port as free_mqtt_port
+
+    port = free_mqtt_port()
+    broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    got: list = []
+    cloud = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud", protocol=paho.MQTTv5)
+    cloud.on_message = lambda c, u, msg: got.append(msg)
+    config = (f'[[upstream]]\nname = "cloudmq"\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{port}"\n'
+              'max_records = 10\nlinger_s = 0.05\n')
+    try:
+        with trio.fail_after(30):
+            while True:  # the broker takes a moment to listen
+                try:
+                    cloud.connect("127.0.0.1", port)
+                    break
+                except OSError:
+                    await trio.sleep(0.05)
+            cloud.subscribe("gatewayd/+/batch", qos=1)
+            cloud.loop_start()
+            async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
+                assert gw.upstream.problems == {}
+                async with gw_client(gw) as client:
+                    await bulk(client, 0, 25)
+                    await wait_for(lambda: gw.outbox.counts["sink:cloudmq"][0] == 0)
+                    component = (await client.get("/health")).json()["components"]["upstream.cloudmq"]
+                    assert component["state"] == "ok", component
+                worker = gw.upstream.workers["cloudmq"]
+                assert worker.stats.batches == {"delivered": 3}
+            await wait_for(lambda: len(got) >= 3)
+    finally:
+        cloud.loop_stop()
+        broker.terminate()
+        broker.wait(timeout=5)
+    records = []
+    for msg in got:
+        headers = dict(msg.properties.UserProperty)
+        batch = decode_batch(msg.payload, headers, secret_for=lambda g: SECRET.encode(), now=time.time())
+        assert msg.topic == f"gatewayd/{batch.gateway_id}/batch" and msg.qos == 1
+        records += [r["data"]["seq"] for r in batch.records]
+    assert sorted(records) == list(range(25))
+
+
+def test_the_mqtt_sink_refuses_a_3_1_1_client_at_set_up():
+    from gatewayd.core.mqtt import MQTTClient, MQTTSettings
+    from gatewayd.core.sync.mqtt_sink import client_publisher
+
+    with pytest.raises(ValueError, match="needs MQTT 5"):
+        client_publisher(MQTTClient(MQTTSettings(protocol="3.1.1")))

@@ -396,6 +396,7 @@ class MQTTClient:
         retain: bool = False,
         *,
         timeout: float | None = None,
+        properties: Properties | None = None,
     ) -> None:
         """Publish; with QoS 1, return only once the broker's PUBACK arrived.
 
@@ -403,16 +404,20 @@ class MQTTClient:
         connection or no PUBACK within ``timeout`` (default ``publish_timeout``), and
         :class:`PublishError` if the broker refuses it or the connection drops first
         (paho may still resend it on the next connection: QoS 1 is at-least-once).
+        ``properties``: MQTT 5 PUBLISH properties (user properties: the upstream MQTT
+        sink's headers); ValueError on a 3.1.1 connection, which would drop them.
         """
         validate_topic(topic)
         if qos not in (0, 1):
             raise ValueError("qos must be 0 or 1")
+        if properties is not None and self.settings.protocol != "5":
+            raise ValueError("MQTT 5 properties on an MQTT 3.1.1 connection would be dropped; set protocol 5")
         limit = self.settings.publish_timeout if timeout is None else timeout
         try:
             with trio.fail_after(limit):
                 while not self.connected:
                     await self._connected_event.wait()
-                info = self._client.publish(topic, payload, qos=qos, retain=retain)
+                info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
                 self._kick_writer()
                 if info.rc != _OK:
                     raise PublishError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")

@@ -12,7 +12,6 @@ builds it from the gateway's `MQTTClient`.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -64,13 +63,13 @@ class MqttSink:
 
 
 def client_publisher(client: Any) -> Publish:
-    """A `Publish` over `gatewayd.core.mqtt.MQTTClient` (needs MQTT 5 properties support).
+    """A `Publish` over `gatewayd.core.mqtt.MQTTClient`, headers as MQTT 5 user properties.
 
-    Raises TypeError at set-up when the client's `publish` cannot carry properties:
-    a batch without its signature headers would be refused by every consumer.
+    Raises ValueError at set-up for a client on MQTT 3.1.1: a batch without its
+    signature headers would be refused by every consumer.
     """
-    if "properties" not in inspect.signature(client.publish).parameters:
-        raise TypeError("this MQTTClient.publish() cannot send MQTT 5 user properties; the MQTT sink needs them")
+    if getattr(getattr(client, "settings", None), "protocol", "5") != "5":
+        raise ValueError("the MQTT sink needs MQTT 5 (its headers are user properties); the client speaks 3.1.1")
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
