@@ -310,6 +310,57 @@ async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_a
     assert sorted(r["data"]["seq"] for r in got) == list(range(40)) and len({r["id"] for r in got}) == 40
 
 
+async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gateway_factory, tmp_path):
+    """A proxy's body limit below any record: not the records' fault. A few single
+    records are dead-lettered, then the sink pauses and alarms; the rest stays."""
+    from gatewayd.core.sync.retry import Backoff
+    from gatewayd.core.sync.worker import TOO_LARGE_ALONE_MAX
+
+    db = tmp_path / "received.db"
+    port = free_port()
+    config = upstream_config(f"http://127.0.0.1:{port}", max_records=8, compression="identity")
+    async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
+        worker = gw.upstream.workers["cloud"]
+        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
+        async with gw_client(gw) as client:
+            async with receiver(db, port=port, max_body_bytes=100):
+                await bulk(client, 0, 30)
+                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 2)
+                component = (await client.get("/health")).json()["components"]["upstream.cloud"]
+                assert component["state"] == "failed" and "body size limit" in component["reason"]
+                dead = await gw.storage.read(gw.outbox.dead_letters)
+                assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] * TOO_LARGE_ALONE_MAX
+                assert gw.outbox.counts["sink:cloud"][0] == 30 - TOO_LARGE_ALONE_MAX
+            async with receiver(db, port=port):  # the limit fixed
+                await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+                assert worker.paused is None
+                assert await gw.storage.write(gw.outbox.retry_dead) == (TOO_LARGE_ALONE_MAX, TOO_LARGE_ALONE_MAX)
+                await wait_for(lambda: len(received(db)) == 30)
+    assert sorted(r["data"]["seq"] for r in received(db)) == list(range(30))
+
+
+async def test_a_413_for_a_record_smaller_than_what_was_taken_before_pauses_instead(gateway_factory, tmp_path):
+    """The far end's limit shrank (a proxy put in front): no record is set aside."""
+    from gatewayd.core.sync.retry import Backoff
+
+    db = tmp_path / "received.db"
+    port = free_port()
+    config = upstream_config(f"http://127.0.0.1:{port}", max_records=8, compression="identity")
+    async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
+        worker = gw.upstream.workers["cloud"]
+        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
+        async with gw_client(gw) as client:
+            async with receiver(db, port=port):
+                await bulk(client, 0, 8)
+                await wait_for(lambda: len(received(db)) == 8)
+            async with receiver(db, port=port, max_body_bytes=100):
+                await bulk(client, 8, 8)
+                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 1)
+                assert "after taking" in worker.paused and await gw.storage.read(gw.outbox.dead_letters) == []
+            async with receiver(db, port=port):
+                await wait_for(lambda: len(received(db)) == 16)
+
+
 # -- MQTT sink: a real mosquitto, a real paho subscriber -------------------------------
 
 

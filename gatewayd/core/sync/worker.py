@@ -42,6 +42,8 @@ log = get_logger("gatewayd.sync")
 
 #: Answers that say the far end refuses *us* (secret, clock), whatever the batch.
 AUTH_REFUSED = frozenset({401, 403})
+#: Single records answered 413 in a row, before any delivery, dead-lettered before the sink pauses.
+TOO_LARGE_ALONE_MAX = 3
 
 
 class Sink(Protocol):
@@ -111,6 +113,8 @@ class SyncWorker:
         self.stats = SinkStats()
         #: Why the far end refuses this gateway (401/403), while it does: the sink is paused.
         self.paused: str | None = None
+        self._too_large_alone = 0  # single records answered 413 since the last delivery
+        self._largest_delivered = 0  # bytes: the largest body the far end took in this run
         self._nursery: trio.Nursery | None = None
         # The previous batch's `delivered` write, committing while the next batch goes out.
         self._settling: trio.Event | None = None
@@ -196,6 +200,22 @@ class SyncWorker:
             if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
                 await self._pause(outcome)
                 continue  # the same batch, the same key
+            if outcome.kind == "dead_letter" and outcome.status == 413 and len(batch.records) == 1:
+                # One record too large is that record's fault, and is dead-lettered. But
+                # a body no larger than one the far end took before, or a run of single
+                # records refused before anything was delivered, means its limit (or a
+                # proxy's) is wrong: dead-lettering the backlog record by record would
+                # hide that, so pause and alarm instead.
+                self._too_large_alone += 1
+                size = len(encoded.body)
+                if size <= self._largest_delivered or (
+                        not self._largest_delivered and self._too_large_alone > TOO_LARGE_ALONE_MAX):
+                    await self._pause(outcome, why=(
+                        f"the far end refuses a single record of {size} bytes as too large (413)"
+                        + (f" after taking {self._largest_delivered}-byte batches" if self._largest_delivered
+                           else f", {self._too_large_alone} in a row")
+                        + ": check its body size limit, and any proxy's in front of it"))
+                    continue  # the same batch, the same key
             if outcome.kind == "dead_letter" and outcome.status == 413 and len(batch.records) > 1:
                 self.breaker.record_success()
                 self._count_kind("split")
@@ -204,6 +224,8 @@ class SyncWorker:
                 return await self._retrying(self.outbox.split, batch)
             self._count(outcome, len(batch.records))
             if outcome.kind in ("delivered", "already_delivered"):
+                self._too_large_alone = 0
+                self._largest_delivered = max(self._largest_delivered, len(encoded.body))
                 self.breaker.record_success()
                 self.backoff.reset()
                 self._resume()
@@ -253,25 +275,26 @@ class SyncWorker:
         else:
             self._nursery.start_soon(commit)
 
-    async def _pause(self, outcome: Outcome) -> None:
-        """401/403: stop and alarm. The batch is not at fault; nothing is set aside."""
+    async def _pause(self, outcome: Outcome, why: str = "") -> None:
+        """401/403 (or a run of 413s on single records): stop and alarm. The batch is
+        not at fault; nothing is set aside."""
         self.breaker.record_success()  # the far end answers; it is not unwell
         self._count_kind("paused")
         self.stats.last_status = outcome.status
         delay = self.auth_backoff.next_delay()
         reason = outcome.reason or f"HTTP {outcome.status}"
-        self.paused = (f"{reason}: the far end refuses this gateway's credentials (check the shared secret "
-                       "and the clock); records are kept and sent when it accepts them again")
+        why = why or "the far end refuses this gateway's credentials (check the shared secret and the clock)"
+        self.paused = f"{reason}: {why}; records are kept and sent when it accepts them again"
         self.stats.last_error = f"paused: {reason}"
         self.stats.last_error_at = self.clock()
-        log.error("sink paused: the far end refuses the gateway's credentials; records are kept", sink=self.name,
-                  status=outcome.status, reason=reason, retry_in_s=round(delay, 1))
+        log.error("sink paused; records are kept", sink=self.name, status=outcome.status, reason=reason, why=why,
+                  retry_in_s=round(delay, 1))
         await self._retrying(self.outbox.note_error, self.name, self.stats.last_error)
         await self._wait(delay)
 
     def _resume(self) -> None:
         if self.paused is not None:
-            log.info("sink resumed: the far end accepts the gateway's credentials again", sink=self.name)
+            log.info("sink resumed: the far end accepts batches again", sink=self.name)
             self.paused = None
         self.auth_backoff.reset()
 
