@@ -11,7 +11,8 @@ What an answer does (docs/upstream-protocol.md): 2xx and 409 deliver the batch;
 sink (the gateway's credentials or clock are wrong, not the batch): the records stay,
 /health reports the sink failed with the reason, and the same batch is tried again
 after a long backoff (60 s doubling to 30 min) until the far end takes it; 413 splits
-the batch in halves (new keys, same record ids) down to single records; other 4xx set
+the batch in halves (new keys, same record ids) down to single records (a far end that
+refuses a record smaller than batches it took before pauses the sink instead); other 4xx set
 the batch aside in `core_dead_letter` and go on; 5xx, timeouts and resets back off
 1 s -> 300 s (±25 %), and after `breaker_threshold` of them in a row the circuit
 breaker holds the sink for `breaker_cooldown_s` before one probe. Every resend keeps
