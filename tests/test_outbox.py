@@ -195,6 +195,30 @@ async def test_open_batches_waits_for_writes_still_queued(tmp_path):
         assert len(resumed) == 1 and len(resumed[0].records) == 3
 
 
+async def test_a_restored_backup_never_reissues_ids_the_original_sent(tmp_path, caplog):
+    import time
+
+    from gatewayd.core.storage import backup_database
+
+    (tmp_path / "live").mkdir(), (tmp_path / "saved").mkdir()
+    async with open_ingest(tmp_path / "live") as (ingest, outbox, storage):
+        assert list((await ingest.records(recs(3))).ids) == [1, 2, 3]
+        await trio.to_thread.run_sync(backup_database, storage.path, tmp_path / "saved" / "gw.sqlite3")
+        assert list((await ingest.records(recs(2))).ids) == [4, 5]  # sent upstream, then the disk dies
+    before = int(time.time() * 1_000_000)
+    with caplog.at_level(logging.WARNING, logger="gatewayd.outbox"):
+        async with open_ingest(tmp_path / "saved") as (ingest, outbox, storage):  # the backup, restored
+            assert "restored from a backup" in caplog.text
+            [new_id] = (await ingest.records(recs(1))).ids
+            assert new_id > before  # not 4: the far end would drop it as a duplicate
+            assert len(await seqs_in_outbox(storage)) == 4
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gatewayd.outbox"):
+        async with open_ingest(tmp_path / "saved") as (ingest, outbox, storage):  # restarted: no second jump
+            assert list((await ingest.records(recs(1))).ids) == [new_id + 1]
+            assert "restored from a backup" not in caplog.text
+
+
 async def test_dead_letters_keep_the_records_whole_and_can_be_retried(tmp_path):
     async with open_ingest(tmp_path) as (ingest, outbox, storage):
         await ingest.records(recs(3, "alert"))

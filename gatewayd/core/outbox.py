@@ -44,7 +44,7 @@ from .outbox_capacity import OutboxFull, OutboxLimits, OutboxPolicy
 from .outbox_records import CLASS_ORDER, COLUMNS, OpenBatch, StoredRecord, wire_records
 from .outbox_select import select_records
 from .outbox_tables import MODELS, SCHEMA, OutboxCount, OutboxSink
-from .storage import Storage
+from .storage import BACKUP_MARKER, Storage
 from .sync.protocol import CLASSES
 
 __all__ = ["Outbox", "OutboxFull", "OutboxLimits", "OutboxPolicy", "OpenBatch", "StoredRecord", "CLASS_ORDER",
@@ -124,6 +124,7 @@ class Outbox:
             have = {row.key for row in OutboxCount.select(OutboxCount.key)}
             if keys - have:
                 self._recount(keys)
+            self._after_restore()
             self.counts = self._read_counts()
             self.oldest = self._oldest()
         for name in sorted(set(self.bits) - set(self.sinks)):
@@ -156,6 +157,27 @@ class Outbox:
             "INSERT OR REPLACE INTO core_outbox_count (key, rows, bytes) VALUES (?, ?, ?)",
             [(k, r, b) for k, (r, b) in rows.items()],
         )
+
+    def _after_restore(self) -> None:
+        """On a database restored from a backup, skip the ids the original went on to use.
+
+        Records the original sent after the backup was taken carry ids this copy would
+        issue again; the far end (deduplicating by gateway and record id) would take
+        the new records for duplicates and drop them. Ids jump to the current time in
+        microseconds: more than any id issued before, since ids grow by one a record
+        from 1 (or from an earlier such jump), far slower than a microsecond clock.
+        """
+        conn = self.db.connection()
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                            (BACKUP_MARKER,)).fetchone():
+            return
+        taken = conn.execute(f"SELECT MAX(taken_at) FROM {BACKUP_MARKER}").fetchone()[0]
+        old = conn.execute("SELECT rows FROM core_outbox_count WHERE key = 'seq:outbox'").fetchone()[0]
+        new = max(old, int(time.time() * 1_000_000))
+        conn.execute("UPDATE core_outbox_count SET rows = ? WHERE key = 'seq:outbox'", (new,))
+        conn.execute(f"DROP TABLE {BACKUP_MARKER}")
+        log.warning("running on a database restored from a backup: record ids continue past every id the "
+                    "original could have sent since", backup_taken_at=taken, last_id=old, next_id=new + 1)
 
     def _read_counts(self) -> dict[str, list[int]]:
         cur = self.db.connection().execute("SELECT key, rows, bytes FROM core_outbox_count")

@@ -33,6 +33,7 @@ __all__ = [
     "StorageUnavailable",
     "SchemaSpec",
     "backup_database",
+    "BACKUP_MARKER",
 ]
 
 T = TypeVar("T")
@@ -385,11 +386,19 @@ def _set_all(jobs: Iterable[_Job]) -> None:
             reschedule(job.task)
 
 
+#: A table only backups have: a database that has it was restored from a backup (see
+#: `backup_database`), and whatever numbers records must skip what the original
+#: went on to issue after the copy (the outbox does: `Outbox.install`).
+BACKUP_MARKER = "core_backup_taken"
+
+
 def backup_database(source: str | Path, dest: str | Path) -> Path:
     """Copy a live database with SQLite's online backup API, then check the copy.
 
     The copy is made in one step under a read transaction, so it is one consistent
     snapshot even while the daemon keeps writing (WAL readers don't block the writer).
+    The copy is marked (`BACKUP_MARKER`, with the time it was taken) so that a gateway
+    later started on it knows it runs on a restored backup.
     """
     source, dest = Path(source), Path(dest)
     if not source.exists():
@@ -403,6 +412,10 @@ def backup_database(source: str | Path, dest: str | Path) -> Path:
         out = sqlite3.connect(tmp)
         try:
             src.backup(out)
+            with out:
+                out.execute(f"CREATE TABLE IF NOT EXISTS {BACKUP_MARKER} (taken_at REAL NOT NULL)")
+                out.execute(f"DELETE FROM {BACKUP_MARKER}")
+                out.execute(f"INSERT INTO {BACKUP_MARKER} (taken_at) VALUES (?)", (time.time(),))
             check = out.execute("PRAGMA integrity_check").fetchone()[0]
             out.execute("PRAGMA journal_mode=DELETE")
         finally:
