@@ -393,36 +393,65 @@ class PahoPublisher:
         self.client.disconnect()
 
 
-async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
+@asynccontextmanager
+async def cloud_broker():
+    """A plain mosquitto on a free port and a cloud-side MQTT 5 subscriber to
+    `gatewayd/+/batch`; yields (port, messages received)."""
     import subprocess
 
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gatewayd.core.ingest import Ingest, Record
-    from gatewayd.core.outbox import Outbox, OutboxPolicy
-    from gatewayd.core.storage import Storage
-    from gatewayd.core.sync import decode_batch
-    from gatewayd.core.sync.mqtt_sink import MqttSink
-    from gatewayd.core.sync.worker import SyncWorker
-    from gatewayd.testing.mqtt import free_port
+    from gatewayd.testing.mqtt import free_port as free_mqtt_port
 
-    port = free_port()
+    port = free_mqtt_port()
     broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     got: list = []
     cloud = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud", protocol=paho.MQTTv5)
     cloud.on_message = lambda c, u, msg: got.append(msg)
     try:
-        with trio.fail_after(20):
+        with trio.fail_after(10):
             while True:  # the broker takes a moment to listen
                 try:
                     cloud.connect("127.0.0.1", port)
                     break
                 except OSError:
                     await trio.sleep(0.05)
-            cloud.subscribe("gatewayd/+/batch", qos=1)
-            cloud.loop_start()
+        cloud.subscribe("gatewayd/+/batch", qos=1)
+        cloud.loop_start()
+        yield port, got
+    finally:
+        cloud.loop_stop()
+        broker.terminate()
+        broker.wait(timeout=5)
+
+
+def batches_from(messages: list) -> list:
+    """Verify and decode every batch published, as the cloud's consumer would."""
+    import time
+
+    from gatewayd.core.sync import decode_batch
+
+    out = []
+    for msg in messages:
+        headers = dict(msg.properties.UserProperty)
+        assert headers["content-encoding"] == "zstd" and "x-gateway-signature" in headers
+        batch = decode_batch(msg.payload, headers, secret_for=lambda g: SECRET.encode(), now=time.time())
+        assert msg.topic == f"gatewayd/{batch.gateway_id}/batch" and msg.qos == 1
+        out.append(batch)
+    return out
+
+
+async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
+    from gatewayd.core.ingest import Ingest, Record
+    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.storage import Storage
+    from gatewayd.core.sync.mqtt_sink import MqttSink
+    from gatewayd.core.sync.worker import SyncWorker
+
+    with trio.fail_after(30):
+        async with cloud_broker() as (port, got):
             publisher = PahoPublisher(port)
             storage = Storage(tmp_path / "gw.sqlite3")
             async with trio.open_nursery() as nursery:
@@ -439,51 +468,19 @@ async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
                 await wait_for(lambda: len(got) >= 3)
                 nursery.cancel_scope.cancel()
             publisher.close()
-    finally:
-        cloud.loop_stop()
-        broker.terminate()
-        broker.wait(timeout=5)
-    records = []
-    for msg in got:
-        assert msg.topic == "gatewayd/site-7/batch" and msg.qos == 1
-        headers = dict(msg.properties.UserProperty)
-        assert headers["content-encoding"] == "zstd" and "x-gateway-signature" in headers
-        batch = decode_batch(msg.payload, headers, secret_for=lambda g: SECRET.encode(), now=__import__("time").time())
-        records += [r["data"]["i"] for r in batch.records]
-    assert sorted(records) == list(range(12))
+    batches = batches_from(got)
+    assert {b.gateway_id for b in batches} == {"site-7"}
+    assert sorted(r["data"]["i"] for b in batches for r in b.records) == list(range(12))
     assert worker.stats.batches == {"delivered": 3}
 
 
-async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_client(gateway_factory, tmp_path):
+async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_client(gateway_factory):
     """`kind = "mqtt"` end to end: config -> Upstream -> MQTTClient (MQTT 5 user
     properties) -> a real mosquitto -> a cloud subscriber that verifies every batch."""
-    import subprocess
-    import time
-
-    import paho.mqtt.client as paho
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    from gatewayd.core.sync import decode_batch
-    from gatewayd.testing.mqtt import free_port as free_mqtt_port
-
-    port = free_mqtt_port()
-    broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    got: list = []
-    cloud = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud", protocol=paho.MQTTv5)
-    cloud.on_message = lambda c, u, msg: got.append(msg)
-    config = (f'[[upstream]]\nname = "cloudmq"\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{port}"\n'
-              'max_records = 10\nlinger_s = 0.05\n')
-    try:
-        with trio.fail_after(30):
-            while True:  # the broker takes a moment to listen
-                try:
-                    cloud.connect("127.0.0.1", port)
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
-            cloud.subscribe("gatewayd/+/batch", qos=1)
-            cloud.loop_start()
+    with trio.fail_after(30):
+        async with cloud_broker() as (port, got):
+            config = (f'[[upstream]]\nname = "cloudmq"\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{port}"\n'
+                      'max_records = 10\nlinger_s = 0.05\n')
             async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
                 assert gw.upstream.problems == {}
                 async with gw_client(gw) as client:
@@ -494,17 +491,8 @@ async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_
                 worker = gw.upstream.workers["cloudmq"]
                 assert worker.stats.batches == {"delivered": 3}
             await wait_for(lambda: len(got) >= 3)
-    finally:
-        cloud.loop_stop()
-        broker.terminate()
-        broker.wait(timeout=5)
-    records = []
-    for msg in got:
-        headers = dict(msg.properties.UserProperty)
-        batch = decode_batch(msg.payload, headers, secret_for=lambda g: SECRET.encode(), now=time.time())
-        assert msg.topic == f"gatewayd/{batch.gateway_id}/batch" and msg.qos == 1
-        records += [r["data"]["seq"] for r in batch.records]
-    assert sorted(records) == list(range(25))
+    batches = batches_from(got)
+    assert sorted(r["data"]["seq"] for b in batches for r in b.records) == list(range(25))
 
 
 def test_the_mqtt_sink_refuses_a_3_1_1_client_at_set_up():
