@@ -19,4 +19,8 @@ if __name__ == "__main__":
     config = Config()
     config.bind = [sys.argv[1]]
     config.accesslog = None
+    if "--default-gc" not in sys.argv:
+        from gatewayd.core.runtime import tune_gc
+
+        tune_gc()  # the same collector settings as `gatewayd run`: a like-for-like baseline
     trio.run(serve, app, config)

@@ -253,7 +253,8 @@ async def main(args: argparse.Namespace) -> None:
             n.cancel_scope.cancel()
     b, d = statistics.median(bare), statistics.median(durable)
     print(f"\nmode={args.mode} messages={args.messages} MQTT {args.protocol} QoS 1, payload {len(PAYLOAD % 0)} B, "
-          f"publisher alone ~{pub_rate:.0f} msg/s, sys.setswitchinterval({args.switch_interval})")
+          f"publisher alone ~{pub_rate:.0f} msg/s, sys.setswitchinterval({args.switch_interval}), "
+          f"gc {'default' if args.default_gc else 'tune_gc() as gatewayd run'}")
     print("durable write = gatewayd.core.storage.Storage.write (writer thread, group commit, WAL/NORMAL)")
     print(f"bare paho-on-trio, auto ack      : {b:8.0f} msg/s (median of {args.runs})")
     print(f"MQTTClient, manual ack + durable : {d:8.0f} msg/s (median of {args.runs})")
@@ -269,6 +270,7 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mode", choices=["backlog", "live"], default="backlog")
     parser.add_argument("--no-store", action="store_true", help="MQTTClient with a handler that stores nothing")
+    parser.add_argument("--default-gc", action="store_true", help="keep Python's GC thresholds (no tune_gc)")
     parser.add_argument("--protocol", choices=["3.1.1", "5"], default="3.1.1")  # what the local client should use
     # The writer thread re-takes the GIL after every sleep/step/commit; at the default
     # 5 ms switch interval each of those can wait behind the busy trio thread.
@@ -277,4 +279,8 @@ if __name__ == "__main__":
     logging.getLogger("gatewayd.broker").setLevel(logging.ERROR)
     parsed = parser.parse_args()
     sys.setswitchinterval(parsed.switch_interval)
+    if not parsed.default_gc:
+        from gatewayd.core.runtime import tune_gc
+
+        tune_gc()  # what `gatewayd run` does; both consumers run in this process
     trio.run(main, parsed)

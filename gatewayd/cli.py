@@ -101,7 +101,7 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from .core.runtime import Gateway, ListenError, find_exception, run_until_signalled
+    from .core.runtime import Gateway, ListenError, find_exception, run_until_signalled, tune_gc
 
     config = _load(args, manager)
     setup_logging(config.log.level, config.log.format)
@@ -113,6 +113,7 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
         if not settings.enabled:
             manager.block(name)
     gateway = Gateway(config, manager)
+    tune_gc()
     try:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:
