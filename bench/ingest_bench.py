@@ -326,7 +326,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller runs (CI smoke)")
     parser.add_argument("--drain-only", nargs=2, metavar=("DB", "URL"), help=argparse.SUPPRESS)
     parser.add_argument("--null-receiver", metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--default-gc", action="store_true", help="keep Python's GC thresholds (no tune_gc)")
     args = parser.parse_args()
+    if args.default_gc:
+        os.environ["GATEWAYD_BENCH_DEFAULT_GC"] = "1"  # for the drain subprocesses too
+    if not os.environ.get("GATEWAYD_BENCH_DEFAULT_GC"):
+        from gatewayd.core.runtime import tune_gc
+
+        tune_gc()  # what `gatewayd run` (and `gatewayd receive`) do
     if args.null_receiver:
         null_receiver(int(args.null_receiver))
         return

@@ -188,8 +188,10 @@ def _receive_arguments(parser: argparse.ArgumentParser) -> None:
 def _cmd_receive(args: argparse.Namespace, manager: PluginManager) -> int:
     import logging
 
+    from .core.runtime import tune_gc
     from .core.sync.receiver_cli import run_receive
 
+    tune_gc()  # a long-running server too, like `run`
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_receive(args)
 
