@@ -20,14 +20,12 @@ Prints msgs/s (median of the runs) and durable/bare. Goal: durable >= 80% of bar
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
 import os
 import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any

@@ -143,7 +143,7 @@ class Storage:
         self.database.bind([_Meta])
         with self.database.connection_context():
             self.database.create_tables([_Meta], safe=True)
-        self._writer = threading.Thread(target=self._writer_loop, name=f"gatewayd-writer", daemon=True)
+        self._writer = threading.Thread(target=self._writer_loop, name="gatewayd-writer", daemon=True)
         self._writer.start()
         self._open = True
 

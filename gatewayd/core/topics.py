@@ -122,8 +122,13 @@ class TopicRouter(Generic[H]):
     (:meth:`handlers_for`). Registration order is call order.
     """
 
+    #: Topics whose handlers are remembered (devices publish to few topics each, over
+    #: and over); past this many, the memory starts again.
+    CACHE_SIZE = 10_000
+
     def __init__(self) -> None:
         self._subs: list[Subscription[H]] = []
+        self._cache: dict[str, list[H]] = {}
 
     def add(self, topic_filter: str, handler: H, *, qos: int = 1, owner: Hashable = None) -> Subscription[H]:
         """Register ``handler`` for topics matching ``topic_filter``; raises TopicError."""
@@ -132,16 +137,19 @@ class TopicRouter(Generic[H]):
             raise ValueError(f"qos must be 0, 1 or 2, not {qos!r}")
         sub = Subscription(topic_filter, qos, handler, owner, tuple(topic_filter.split("/")))
         self._subs.append(sub)
+        self._cache.clear()
         return sub
 
     def remove(self, subscription: Subscription[H]) -> None:
         """Remove one registration (no error if it is already gone)."""
         self._subs = [s for s in self._subs if s is not subscription]
+        self._cache.clear()
 
     def remove_owner(self, owner: Hashable) -> list[Subscription[H]]:
         """Remove every registration of ``owner``; returns what was removed."""
         gone = [s for s in self._subs if s.owner == owner]
         self._subs = [s for s in self._subs if s.owner != owner]
+        self._cache.clear()
         return gone
 
     def subscriptions(self) -> list[Subscription[H]]:
@@ -156,12 +164,21 @@ class TopicRouter(Generic[H]):
         return out
 
     def handlers_for(self, topic: str) -> list[H]:
-        """The handlers whose filter matches ``topic`` (each handler at most once)."""
+        """The handlers whose filter matches ``topic`` (each handler at most once).
+
+        The list is shared with later calls for the same topic: do not modify it.
+        """
+        found = self._cache.get(topic)
+        if found is not None:
+            return found
         tlevels = topic.split("/")
-        found: list[H] = []
+        found = []
         for s in self._subs:
             if _matches_levels(s._levels, tlevels) and s.handler not in found:
                 found.append(s.handler)
+        if len(self._cache) >= self.CACHE_SIZE:
+            self._cache.clear()
+        self._cache[topic] = found
         return found
 
     def __len__(self) -> int:
