@@ -84,3 +84,21 @@ def test_router_remembers_handlers_per_topic_until_subscriptions_change():
     for t in ("t1", "t2", "t3", "t1"):
         assert router.handlers_for(t) == ["c"]
     assert len(router._cache) <= 2
+
+
+def test_the_fast_path_is_installed_on_this_paho_and_skipped_when_its_internals_differ(monkeypatch):
+    import paho.mqtt.client as paho
+
+    from gatewayd.core.mqtt import MQTTClient, MQTTSettings
+    from gatewayd.core.mqtt_fastpath import FastPublish
+
+    assert isinstance(MQTTClient(MQTTSettings(protocol="3.1.1"))._client._handle_publish, FastPublish)
+    # A paho whose packet state looks different: its own _handle_publish stays.
+    original = paho.Client.__init__
+
+    def changed(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._in_packet = object()
+
+    monkeypatch.setattr(paho.Client, "__init__", changed)
+    assert not isinstance(MQTTClient(MQTTSettings(protocol="3.1.1"))._client._handle_publish, FastPublish)

@@ -257,7 +257,10 @@ class MQTTClient:
             self._rbuf = ReadBuffer(self._client._sock_recv)
             self._client._sock_recv = self._rbuf.recv  # type: ignore[method-assign]
         decode = getattr(getattr(paho, "_packet", None), "decode_publish", None)
-        if decode is not None and callable(getattr(self._client, "_handle_publish", None)):
+        in_packet = getattr(self._client, "_in_packet", None)
+        if (decode is not None and callable(getattr(self._client, "_handle_publish", None))
+                and isinstance(in_packet, dict) and {"command", "packet"} <= in_packet.keys()
+                and isinstance(getattr(self._client, "_protocol", None), int)):
             self._client._handle_publish = FastPublish(  # type: ignore[method-assign]
                 self._client, decode, self._client._handle_publish, self._on_message)
 
