@@ -190,3 +190,33 @@ def test_find_mosquitto_looks_in_sbin() -> None:
     if not os.access("/usr/sbin/mosquitto", os.X_OK):
         pytest.skip("no /usr/sbin/mosquitto here")
     assert find_mosquitto("mosquitto") is not None
+
+
+def test_concurrent_credential_writes_never_collide(tmp_path):
+    """Each write has a temporary file of its own: many threads rewriting passwd at
+    once leave a whole file and no stray temporaries (one shared name used to fail
+    with FileNotFoundError when a second writer renamed it away)."""
+    import threading
+
+    from gatewayd.core.broker import _write_atomic
+
+    target = tmp_path / "passwd"
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(50):
+                _write_atomic(target, f"writer {n} line {i}\n" * 20, 0o600)
+        except BaseException as e:  # noqa: BLE001 - the test reports it
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    lines = target.read_text().splitlines()
+    assert len(lines) == 20 and len(set(line.rsplit(" line ", 1)[0] for line in lines)) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["passwd"]
+    assert target.stat().st_mode & 0o777 == 0o600

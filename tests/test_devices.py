@@ -119,14 +119,16 @@ async def test_credential_changes_call_the_hook(tmp_path):
         s.registry.on_credentials_changed = changed.append
         await s.registry.provision("paku", "p1")
         await s.registry.rotate("paku", "p1")
+        await s.registry.set_status("paku", "p1", "active")  # who may log in is unchanged: no call
         await s.registry.disable("paku", "p1")
+        await s.registry.set_status("paku", "p1", "active")  # enabled again: a call
 
         async def broken(family):
             raise RuntimeError("broker down")
 
         s.registry.on_credentials_changed = broken
         await s.registry.provision("paku", "p2")  # a failing hook doesn't fail provisioning
-    assert changed == ["paku", "paku", "paku"]
+    assert changed == ["paku", "paku", "paku", "paku"]
 
 
 async def test_claim_code_claims_its_device_once(tmp_path):

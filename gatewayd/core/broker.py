@@ -40,6 +40,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,15 +154,21 @@ def find_mosquitto(explicit: str | None = None) -> str | None:
 
 
 def _write_atomic(path: Path, text: str, mode: int) -> None:
-    # mosquitto may re-read on SIGHUP at any moment: never let it see half a file.
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    # mosquitto may re-read on SIGHUP at any moment: never let it see half a file. A
+    # temporary name of its own per write: two writers never share (or rename away)
+    # each other's half-written file.
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ManagedBroker:

@@ -336,8 +336,11 @@ class DeviceRegistry:
             raise ValueError(f"bad status {status!r} (one of {', '.join(STATUSES)})")
         now = self.clock()
 
+        was: list[str] = []
+
         def update() -> Device:
             row = self._row(family, device_id)
+            was.append(row.status)
             row.status, row.updated_at = status, now
             if status == "active" and row.first_seen is None:
                 row.first_seen = now
@@ -345,8 +348,9 @@ class DeviceRegistry:
             return Device.from_row(row)
 
         device = await self.storage.write(update)
-        log.info("device status changed", family=family, device=device_id, status=status)
-        await self.notify_changed(family)
+        log.info("device status changed", family=family, device=device_id, status=status, was=was[0])
+        if (was[0] == "disabled") != (status == "disabled"):  # only that changes who may log in
+            await self.notify_changed(family)
         return device
 
     async def disable(self, family: str, device_id: str) -> Device:

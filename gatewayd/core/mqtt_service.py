@@ -102,6 +102,7 @@ class MQTTService:
         self.client: MQTTClient | None = None
         self.registries: list[TopicRegistry] = []
         self._families: set[str] = set()
+        self._accounts_lock = trio.Lock()
         health.probe("mqtt", self._client_state)
         if config.mqtt.broker == "managed":
             health.probe("mqtt_broker", self._broker_state)
@@ -189,8 +190,11 @@ class MQTTService:
     async def _credentials_changed(self, family: str) -> None:
         if self.broker is None or family not in self._families:
             return
-        accounts = await self._accounts()
-        await trio.to_thread.run_sync(self.broker.set_accounts, accounts)
+        # One at a time: two concurrent changes could otherwise write in the wrong
+        # order, the older account list last.
+        async with self._accounts_lock:
+            accounts = await self._accounts()
+            await trio.to_thread.run_sync(self.broker.set_accounts, accounts)
         log.info("broker accounts updated", family=family, accounts=len(accounts))
 
     async def _record_rejected(self, topic: str, payload: bytes, reason: str) -> None:
