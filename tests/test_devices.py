@@ -189,3 +189,22 @@ async def test_registry_survives_a_restart(tmp_path):
     async with open_services(tmp_path) as s:
         assert (await s.registry.verify_key("kaiabc", creds.key)).id == "n1"
         assert (await s.registry.signing_secrets("kaiabc", "n1"))[1] == [creds.signing_secret]
+
+
+async def test_recent_lookups_see_this_processes_changes_at_once_and_others_after_max_age(tmp_path):
+    import trio
+
+    from gatewayd.core.devices import DeviceRow
+
+    async with open_services(tmp_path) as s:
+        reg = s.registry
+        assert await reg.recent("paku", "p1", 60) is None  # unknown, remembered as such...
+        await reg.provision("paku", "p1")  # ...until this registry writes
+        assert (await reg.recent("paku", "p1", 60)).status == "provisioned"
+        await reg.disable("paku", "p1")
+        assert (await reg.recent("paku", "p1", 60)).status == "disabled"  # seen at once
+        # Another process (the CLI) changes the row behind this registry's back:
+        await s.storage.write(lambda: DeviceRow.update(status="active").where(DeviceRow.device_id == "p1").execute())
+        assert (await reg.recent("paku", "p1", 60)).status == "disabled"  # within max_age: the old answer
+        await trio.sleep(0.06)
+        assert (await reg.recent("paku", "p1", 0.05)).status == "active"  # older than max_age: read again

@@ -50,8 +50,15 @@ class FamilyDevices:
         """Register a device; returns it and its credentials (shown once). See `DeviceRegistry.provision`."""
         return await self._s.registry.provision(self.family, device_id, **fields)
 
-    async def get(self, device_id: str) -> Device | None:
-        """The device, or None if it isn't registered."""
+    async def get(self, device_id: str, *, max_age_s: float = 0.0) -> Device | None:
+        """The device, or None if it isn't registered.
+
+        `max_age_s` > 0: an answer read up to that long ago will do (a per-message
+        lookup on a hot path); changes made in this process are seen at once, the
+        CLI's within `max_age_s`.
+        """
+        if max_age_s > 0:
+            return await self._s.registry.recent(self.family, device_id, max_age_s)
         found = await self._s.registry.find(device_id, self.family)
         return found[0] if found else None
 

@@ -25,7 +25,7 @@ import secrets as random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import peewee
 import trio
@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 log = get_logger("gatewayd.devices")
+T = TypeVar("T")
 
 STATUSES = ("provisioned", "claimed", "active", "disabled")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
@@ -220,6 +221,16 @@ class DeviceRegistry:
         self.keyring = keyring
         self.clock = clock
         self.on_credentials_changed: Callable[[str], Any] | None = None
+        # (family, id) -> (monotonic time read, Device or None): for `recent`. Cleared
+        # by every write through this registry; another process's writes (the CLI)
+        # are seen once an entry is older than the caller's `max_age_s`.
+        self._recent: dict[tuple[str, str], tuple[float, Device | None]] = {}
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self.storage.write(fn, *args)
+        finally:
+            self._recent.clear()
 
     # -- provisioning -------------------------------------------------------------
 
@@ -261,7 +272,7 @@ class DeviceRegistry:
             self._insert_credentials(row, material, now)
             return Device.from_row(row)
 
-        device = await self.storage.write(insert)
+        device = await self._write(insert)
         log.info("device provisioned", family=family, device=device_id)
         await self.notify_changed(family)
         return device, material.creds
@@ -308,7 +319,7 @@ class DeviceRegistry:
                 jwt_epoch=row.jwt_epoch + 1, jwt_grace_until=end, updated_at=now
             ).where(DeviceRow.id == row.id).execute()
 
-        await self.storage.write(swap)
+        await self._write(swap)
         log.info("device credentials rotated", family=family, device=device_id, grace_s=grace_s)
         await self.notify_changed(family)
         return material.creds
@@ -326,7 +337,7 @@ class DeviceRegistry:
                 DeviceRow.id == row.id
             ).execute()
 
-        await self.storage.write(revoke)
+        await self._write(revoke)
         log.info("device credentials revoked", family=family, device=device_id)
         await self.notify_changed(family)
 
@@ -347,7 +358,7 @@ class DeviceRegistry:
             row.save()
             return Device.from_row(row)
 
-        device = await self.storage.write(update)
+        device = await self._write(update)
         log.info("device status changed", family=family, device=device_id, status=status, was=was[0])
         if (was[0] == "disabled") != (status == "disabled"):  # only that changes who may log in
             await self.notify_changed(family)
@@ -374,7 +385,7 @@ class DeviceRegistry:
             row.save()
             return Device.from_row(row)
 
-        return await self.storage.write(update)
+        return await self._write(update)
 
     # -- claim codes ----------------------------------------------------------------
 
@@ -389,7 +400,7 @@ class DeviceRegistry:
                 self._row(family, device_id)
             ClaimCodeRow.create(lookup=lookup, family=family, device_id=device_id, created_at=now, expires_at=now + ttl_s)
 
-        await self.storage.write(insert)
+        await self._write(insert)
         return ClaimCode(code, family, device_id, now + ttl_s)
 
     async def redeem_claim_code(
@@ -427,7 +438,7 @@ class DeviceRegistry:
             row.save()
             return target
 
-        target = await self.storage.write(use)
+        target = await self._write(use)
         if target is not None:
             await self.notify_changed(family)
             return await self.get(family, target), None
@@ -435,7 +446,7 @@ class DeviceRegistry:
             device, creds = await self.provision(family, device_id, status="claimed", **provision)
         except Exception:
             # The code was spent on a registration that failed; give it back.
-            await self.storage.write(
+            await self._write(
                 lambda: ClaimCodeRow.update(used_at=None, used_by=None).where(ClaimCodeRow.lookup == lookup).execute()
             )
             raise
@@ -446,6 +457,21 @@ class DeviceRegistry:
     async def get(self, family: str, device_id: str) -> Device:
         """The device, or UnknownDevice."""
         return await self.storage.read(lambda: Device.from_row(self._row(family, device_id)))
+
+    async def recent(self, family: str, device_id: str, max_age_s: float) -> Device | None:
+        """The device (None if unknown) as read at most `max_age_s` ago: for hot paths
+        that look a device up per message. Changes made through this registry are
+        seen at once; changes by another process (the CLI) within `max_age_s`."""
+        key = (family, device_id)
+        now = time.monotonic()
+        hit = self._recent.get(key)
+        if hit is not None and now - hit[0] <= max_age_s:
+            return hit[1]
+        found = await self.find(device_id, family)
+        if len(self._recent) >= 10_000:  # bounded: ids are whatever devices send
+            self._recent.clear()
+        self._recent[key] = (now, found[0] if found else None)
+        return self._recent[key][1]
 
     async def find(self, device_id: str, family: str | None = None) -> list[Device]:
         """Devices with this id (in every family unless `family` is given)."""
@@ -549,7 +575,7 @@ class DeviceRegistry:
                     (DeviceRow.family == family) & (DeviceRow.device_id == device_id) & DeviceRow.first_seen.is_null()
                 ).execute()
 
-        await self.storage.write(update)
+        await self._write(update)
 
     # -- internals -------------------------------------------------------------------
 

@@ -300,7 +300,8 @@ class PakuMQTT:
 
     async def _device(self, msg: InboundMessage, *, touch: bool = True) -> tuple[str, Any]:
         device_id = parse_topic(msg.topic).device
-        device = await self.ctx.devices.get(device_id)
+        # Per message: a lookup up to 2 s old will do (a disable made here is seen at once).
+        device = await self.ctx.devices.get(device_id, max_age_s=2.0)
         if device is None:
             raise Rejected(f"unknown device {device_id!r}: not registered in family paku")
         if device.status == "disabled":
