@@ -22,16 +22,13 @@ work there. If it raises, nothing of the call is kept. For thousands of records 
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable, Iterable, Mapping
-from json.encoder import c_make_encoder, encode_basestring
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
 from .storage import StorageError
-from .sync.protocol import CLASS_PRIORITY, CLASSES
+from .sync.protocol import CLASS_PRIORITY, CLASSES, compact_json_encoder
 
 if TYPE_CHECKING:
     from .outbox import Outbox
@@ -42,35 +39,6 @@ __all__ = ["Ingest", "IngestError", "Ingested", "Record"]
 _INLINE = 64
 # Timestamps before 2000 or after 2200 are a device clock bug (or ms given for s).
 _TS_MIN, _TS_MAX = 946684800.0, 7258118400.0
-# One encoder for every record: json.dumps() with options builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_per_thread = threading.local()
-
-
-def _encode_fn() -> Callable[[Any], str]:
-    """This thread's compiled JSON encoder: `_ENCODER.encode` minus its per-call set-up.
-
-    JSONEncoder.encode builds the C encoder anew for every call, which costs more than
-    encoding a small record; this builds it once per thread (its circular-reference
-    markers are per call state, so one per thread).
-    """
-    fn = getattr(_per_thread, "encode", None)
-    if fn is None:
-        if c_make_encoder is None:  # a Python without the C accelerator
-            fn = _ENCODER.encode
-        else:
-            markers: dict = {}
-            make = c_make_encoder(markers, _ENCODER.default, encode_basestring, None, ":", ",", False, False, False)
-
-            def fn(data: Any) -> str:
-                try:
-                    return "".join(make(data, 0))
-                finally:
-                    markers.clear()  # an error leaves entries behind
-
-        _per_thread.encode = fn
-    return fn
-
 
 class IngestError(ValueError):
     """A record the outbox cannot take (bad class, empty device, non-JSON data).
@@ -150,7 +118,7 @@ class Ingest:
         out = []
         append = out.append
         family, extra = self.family, len(self.family)
-        encode = _encode_fn()
+        encode = compact_json_encoder()
         priority = CLASS_PRIORITY.get
         for i, item in enumerate(items):
             # The common case, checked inline (bulk ingest is this loop); anything else,
@@ -199,7 +167,7 @@ class Ingest:
         elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not _TS_MIN <= ts <= _TS_MAX:
             raise IngestError(f"ts must be epoch seconds between 2000 and 2200, got {ts!r}")
         try:
-            text = _ENCODER.encode(data)
+            text = compact_json_encoder()(data)
         except (TypeError, ValueError) as e:
             raise IngestError(f"data is not JSON: {e}") from None
         size = len(text) + len(device) + len(kind) + len(self.family)

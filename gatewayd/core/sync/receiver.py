@@ -23,16 +23,13 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .protocol import DecodedBatch, ProtocolError, decode_batch, rfc3339_utc
+from .protocol import DecodedBatch, ProtocolError, compact_json_encoder, decode_batch, rfc3339_utc
 
 __all__ = ["ReceiverStore", "create_receiver_app", "export_records"]
 
 log = logging.getLogger("gatewayd.receiver")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
-# One encoder for every stored record: json.dumps() with options builds a new one per
-# call, which cost more than the INSERT itself.
-_DATA_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 DEFAULT_MAX_DECOMPRESSED_BYTES = 64 * 1024 * 1024
 
 # record_id has no declared type on purpose: no column affinity, so 7 and "7" stay
@@ -105,7 +102,7 @@ class ReceiverStore:
                 if seen[0] != batch.gateway_id:
                     return 400, _error_body(400, "batch_id_conflict", "batch id used by another gateway")
                 return 409, _counts(seen[1], seen[2], seen[3], json.loads(seen[4]))
-            gateway_id, encode = batch.gateway_id, _DATA_ENCODER.encode
+            gateway_id, encode = batch.gateway_id, compact_json_encoder()  # decode refused NaN
             rows = [
                 (gateway_id, r["id"], r["family"], r["device"], r["kind"], r["class"], r["ts"], encode(r["data"]),
                  received_at)
