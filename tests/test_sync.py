@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from array import array
 from contextlib import asynccontextmanager
@@ -250,42 +249,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("status", [401, 403])
-async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(gateway_factory, tmp_path, status):
+@asynccontextmanager
+async def pausing_gateway(gateway_factory, port: int, **upstream):
+    """A gateway with one sink to 127.0.0.1:`port`; its pause is 0.3 s (60 s doubling
+    to 30 min in production, same logic). Yields (gateway, worker, HTTP client)."""
     from gatewayd.core.sync.retry import Backoff
 
-    db = tmp_path / "received.db"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=10)) as gw:
+    config = upstream_config(f"http://127.0.0.1:{port}", **upstream)
+    async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
         worker = gw.upstream.workers["cloud"]
-        # The pause is long in production (60 s doubling to 30 min); short here, same logic.
         worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
         async with gw_client(gw) as client:
-            # The far end refuses the gateway's credentials (fault injection: every batch 401/403).
-            async with receiver(db, port=port, status=status):
-                await bulk(client, 0, 25)
-                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
-                health = await client.get("/health")
-                component = health.json()["components"]["upstream.cloud"]
-                assert health.status_code == 503 and component["state"] == "failed"
-                assert f"HTTP {status} injected_fault" in component["reason"] and "secret" in component["reason"]
-                assert component["paused"] is True and component["backlog"] == 25
-                assert 'gatewayd_sync_paused{sink="cloud"} 1' in (await client.get("/metrics")).text
-                # Nothing was set aside, nothing left the outbox, and every attempt kept the key.
-                status_doc = await gw.storage.read(gw.outbox.status)
-                assert status_doc["dead_letters"] == {"batches": 0, "records": 0}
-                assert status_doc["sinks"]["cloud"]["backlog"] == 25
-                assert status_doc["sinks"]["cloud"]["last_error"].startswith(f"paused: HTTP {status}")
-                assert worker.stats.records.get("dead_lettered", 0) == 0
-            assert received(db) == []
-            # The secret is fixed at the far end: the next attempt after the pause goes through.
-            async with receiver(db, port=port):
-                await wait_for(lambda: len(received(db)) == 25)
-                await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
-                assert worker.paused is None
-                component = (await client.get("/health")).json()["components"]["upstream.cloud"]
-                assert component["state"] == "ok" and component["paused"] is False
+            yield gw, worker, client
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(gateway_factory, tmp_path, status):
+    db = tmp_path / "received.db"
+    port = free_port()
+    async with pausing_gateway(gateway_factory, port, max_records=10) as (gw, worker, client):
+        # The far end refuses the gateway's credentials (fault injection: every batch 401/403).
+        async with receiver(db, port=port, status=status):
+            await bulk(client, 0, 25)
+            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
+            health = await client.get("/health")
+            component = health.json()["components"]["upstream.cloud"]
+            assert health.status_code == 503 and component["state"] == "failed"
+            assert f"HTTP {status} injected_fault" in component["reason"] and "secret" in component["reason"]
+            assert component["paused"] is True and component["backlog"] == 25
+            assert 'gatewayd_sync_paused{sink="cloud"} 1' in (await client.get("/metrics")).text
+            # Nothing was set aside, nothing left the outbox, and every attempt kept the key.
+            status_doc = await gw.storage.read(gw.outbox.status)
+            assert status_doc["dead_letters"] == {"batches": 0, "records": 0}
+            assert status_doc["sinks"]["cloud"]["backlog"] == 25
+            assert status_doc["sinks"]["cloud"]["last_error"].startswith(f"paused: HTTP {status}")
+            assert worker.stats.records.get("dead_lettered", 0) == 0
+        assert received(db) == []
+        # The secret is fixed at the far end: the next attempt after the pause goes through.
+        async with receiver(db, port=port):
+            await wait_for(lambda: len(received(db)) == 25)
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            assert worker.paused is None
+            component = (await client.get("/health")).json()["components"]["upstream.cloud"]
+            assert component["state"] == "ok" and component["paused"] is False
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
 
 
@@ -313,52 +319,41 @@ async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_a
 async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gateway_factory, tmp_path):
     """A proxy's body limit below any record: not the records' fault. A few single
     records are dead-lettered, then the sink pauses and alarms; the rest stays."""
-    from gatewayd.core.sync.retry import Backoff
     from gatewayd.core.sync.worker import TOO_LARGE_ALONE_MAX
 
     db = tmp_path / "received.db"
     port = free_port()
-    config = upstream_config(f"http://127.0.0.1:{port}", max_records=8, compression="identity")
-    async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
-        worker = gw.upstream.workers["cloud"]
-        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
-        async with gw_client(gw) as client:
-            async with receiver(db, port=port, max_body_bytes=100):
-                await bulk(client, 0, 30)
-                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 2)
-                component = (await client.get("/health")).json()["components"]["upstream.cloud"]
-                assert component["state"] == "failed" and "body size limit" in component["reason"]
-                dead = await gw.storage.read(gw.outbox.dead_letters)
-                assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] * TOO_LARGE_ALONE_MAX
-                assert gw.outbox.counts["sink:cloud"][0] == 30 - TOO_LARGE_ALONE_MAX
-            async with receiver(db, port=port):  # the limit fixed
-                await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
-                assert worker.paused is None
-                assert await gw.storage.write(gw.outbox.retry_dead) == (TOO_LARGE_ALONE_MAX, TOO_LARGE_ALONE_MAX)
-                await wait_for(lambda: len(received(db)) == 30)
+    async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
+        async with receiver(db, port=port, max_body_bytes=100):
+            await bulk(client, 0, 30)
+            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 2)
+            component = (await client.get("/health")).json()["components"]["upstream.cloud"]
+            assert component["state"] == "failed" and "body size limit" in component["reason"]
+            dead = await gw.storage.read(gw.outbox.dead_letters)
+            assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] * TOO_LARGE_ALONE_MAX
+            assert gw.outbox.counts["sink:cloud"][0] == 30 - TOO_LARGE_ALONE_MAX
+        async with receiver(db, port=port):  # the limit fixed
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            assert worker.paused is None
+            assert await gw.storage.write(gw.outbox.retry_dead) == (TOO_LARGE_ALONE_MAX, TOO_LARGE_ALONE_MAX)
+            await wait_for(lambda: len(received(db)) == 30)
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(30))
 
 
 async def test_a_413_for_a_record_smaller_than_what_was_taken_before_pauses_instead(gateway_factory, tmp_path):
     """The far end's limit shrank (a proxy put in front): no record is set aside."""
-    from gatewayd.core.sync.retry import Backoff
-
     db = tmp_path / "received.db"
     port = free_port()
-    config = upstream_config(f"http://127.0.0.1:{port}", max_records=8, compression="identity")
-    async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
-        worker = gw.upstream.workers["cloud"]
-        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)
-        async with gw_client(gw) as client:
-            async with receiver(db, port=port):
-                await bulk(client, 0, 8)
-                await wait_for(lambda: len(received(db)) == 8)
-            async with receiver(db, port=port, max_body_bytes=100):
-                await bulk(client, 8, 8)
-                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 1)
-                assert "after taking" in worker.paused and await gw.storage.read(gw.outbox.dead_letters) == []
-            async with receiver(db, port=port):
-                await wait_for(lambda: len(received(db)) == 16)
+    async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
+        async with receiver(db, port=port):
+            await bulk(client, 0, 8)
+            await wait_for(lambda: len(received(db)) == 8)
+        async with receiver(db, port=port, max_body_bytes=100):
+            await bulk(client, 8, 8)
+            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 1)
+            assert "after taking" in worker.paused and await gw.storage.read(gw.outbox.dead_letters) == []
+        async with receiver(db, port=port):
+            await wait_for(lambda: len(received(db)) == 16)
 
 
 # -- MQTT sink: a real mosquitto, a real paho subscriber -------------------------------

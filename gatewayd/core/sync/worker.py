@@ -201,28 +201,18 @@ class SyncWorker:
             if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
                 await self._pause(outcome)
                 continue  # the same batch, the same key
-            if outcome.kind == "dead_letter" and outcome.status == 413 and len(batch.records) == 1:
-                # One record too large is that record's fault, and is dead-lettered. But
-                # a body no larger than one the far end took before, or a run of single
-                # records refused before anything was delivered, means its limit (or a
-                # proxy's) is wrong: dead-lettering the backlog record by record would
-                # hide that, so pause and alarm instead.
-                self._too_large_alone += 1
-                size = len(encoded.body)
-                if size <= self._largest_delivered or (
-                        not self._largest_delivered and self._too_large_alone > TOO_LARGE_ALONE_MAX):
-                    await self._pause(outcome, why=(
-                        f"the far end refuses a single record of {size} bytes as too large (413)"
-                        + (f" after taking {self._largest_delivered}-byte batches" if self._largest_delivered
-                           else f", {self._too_large_alone} in a row")
-                        + ": check its body size limit, and any proxy's in front of it"))
+            if outcome.kind == "dead_letter" and outcome.status == 413:
+                if len(batch.records) > 1:
+                    self.breaker.record_success()
+                    self._count_kind("split")
+                    log.warning("batch too large for the far end; splitting it in halves", sink=self.name,
+                                batch_id=batch.batch_id, records=len(batch.records), bytes=len(encoded.body))
+                    return await self._retrying(self.outbox.split, batch)
+                blame = self._limit_looks_wrong(len(encoded.body))
+                if blame:
+                    await self._pause(outcome, why=blame)
                     continue  # the same batch, the same key
-            if outcome.kind == "dead_letter" and outcome.status == 413 and len(batch.records) > 1:
-                self.breaker.record_success()
-                self._count_kind("split")
-                log.warning("batch too large for the far end; splitting it in halves", sink=self.name,
-                            batch_id=batch.batch_id, records=len(batch.records), bytes=len(encoded.body))
-                return await self._retrying(self.outbox.split, batch)
+                # else: this one record is too large; dead-lettered below
             self._count(outcome, len(batch.records))
             if outcome.kind in ("delivered", "already_delivered"):
                 self._too_large_alone = 0
@@ -253,6 +243,24 @@ class SyncWorker:
                 self.breaker.record_failure()
                 await self._wait(self.backoff.next_delay())
 
+    def _limit_looks_wrong(self, size: int) -> str:
+        """For a single record answered 413: why to blame the far end's limit, or "".
+
+        One record too large is that record's fault. But a body no larger than one the
+        far end took before, or a run of single records refused before anything was
+        delivered, means its limit (or a proxy's) is wrong: dead-lettering the backlog
+        record by record would hide that.
+        """
+        self._too_large_alone += 1
+        if size <= self._largest_delivered:
+            seen = f"after taking {self._largest_delivered}-byte batches"
+        elif not self._largest_delivered and self._too_large_alone > TOO_LARGE_ALONE_MAX:
+            seen = f"{self._too_large_alone} in a row"
+        else:
+            return ""
+        return (f"the far end refuses a single record of {size} bytes as too large (413), {seen}: "
+                "check its body size limit, and any proxy's in front of it")
+
     async def _settle(self, batch: OpenBatch) -> None:
         """Commit `batch` as delivered while the next batch is already on its way.
 
@@ -277,8 +285,8 @@ class SyncWorker:
             self._nursery.start_soon(commit)
 
     async def _pause(self, outcome: Outcome, why: str = "") -> None:
-        """401/403 (or a run of 413s on single records): stop and alarm. The batch is
-        not at fault; nothing is set aside."""
+        """401/403 (or 413s `_limit_looks_wrong` blames on the far end): stop and alarm.
+        The batch is not at fault; nothing is set aside."""
         self.breaker.record_success()  # the far end answers; it is not unwell
         self._count_kind("paused")
         self.stats.last_status = outcome.status
