@@ -290,6 +290,17 @@ class Outbox:
         """Reader job: the next records with `bit` in sending order (see `outbox_select`)."""
         return select_records(self.db.connection(), bit, max_records, max_bytes, exclude, skip)
 
+    def _choose(self, sink: str, max_records: int, max_bytes: int, exclude: Iterable[int],
+                skip: dict[int, list[tuple[int, int]]]) -> OpenBatch | None:
+        """Reader job: the next batch for `sink`, or None. Its spans are computed here,
+        off the trio thread (a loop over thousands of records)."""
+        records = self._select(self.bits[sink], max_records, max_bytes, exclude, skip)
+        if not records:
+            return None
+        batch = OpenBatch(sink, str(uuid.uuid4()), records)
+        batch.spans  # noqa: B018 - cached for the trio side
+        return batch
+
     def _skip(self, sink: str) -> dict[int, list[tuple[int, int]]]:
         skip: dict[int, list[tuple[int, int]]] = {}
         for spans in self._open.get(sink, {}).values():
@@ -315,11 +326,10 @@ class Outbox:
         Records in this sink's open batches (chosen, not yet delivered or dead-lettered)
         are never chosen again; `exclude` leaves out more ids.
         """
-        records = await self.storage.read(self._select, self.bits[sink], max_records, max_bytes,
-                                          frozenset(exclude), self._skip(sink))
-        if not records:
+        batch = await self.storage.read(self._choose, sink, max_records, max_bytes, frozenset(exclude),
+                                        self._skip(sink))
+        if batch is None:
             return None
-        batch = OpenBatch(sink, str(uuid.uuid4()), records)
         await self.storage.write(self._persist, [batch])
         self._open.setdefault(sink, {})[batch.batch_id] = batch.spans
         return batch
@@ -351,7 +361,9 @@ class Outbox:
             # Only rows this sink still owes: another sink's pending bit keeps a row alive
             # after this one delivered it.
             found = {row[0]: row for row in self._rows_by_id(ids, COLUMNS, bit)}
-            out.append(OpenBatch(sink, batch_id, [found[i] for i in ids if i in found]))
+            batch = OpenBatch(sink, batch_id, [found[i] for i in ids if i in found])
+            batch.spans  # noqa: B018 - cached here, in the reader thread
+            out.append(batch)
         return out
 
     async def open_batches(self, sink: str) -> list[OpenBatch]:

@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .sync.protocol import CLASS_PRIORITY, CLASSES, SerializedRecords, rfc3339_utc
@@ -72,11 +73,12 @@ class OpenBatch:
     def ids(self) -> list[int]:
         return [r[0] for r in self.records]
 
-    @property
+    @cached_property
     def spans(self) -> dict[int, tuple[int, int]]:
         """Per class, the lowest and highest record id: what later batches skip while
         this one is open (a conservative hull: a record re-queued inside it just waits
-        for this batch to be settled)."""
+        for this batch to be settled). A loop over every record, computed once: the
+        outbox computes it in the reader thread that chose the records."""
         out: dict[int, tuple[int, int]] = {}
         for r in self.records:
             span = out.get(r[1])
