@@ -63,14 +63,10 @@ class Publish:
 
     __slots__ = ("mid", "_topic", "payload", "qos", "retain", "dup", "properties")
 
-    def __init__(self, decoded: Any) -> None:
-        self.mid = decoded.mid
-        self._topic = decoded.topic
-        self.payload = decoded.payload
-        self.qos = decoded.qos
-        self.retain = decoded.retain
-        self.dup = decoded.dup
-        self.properties = decoded.properties
+    def __init__(self, topic: bytes, payload: bytes, qos: int, mid: int, retain: bool, dup: bool,
+                 properties: Any = None) -> None:
+        self._topic, self.payload, self.qos, self.mid = topic, payload, qos, mid
+        self.retain, self.dup, self.properties = retain, dup, properties
 
     @property
     def topic(self) -> str:
@@ -96,7 +92,8 @@ class FastPublish:
         if c._protocol != paho.MQTTv5:
             msg = decode_311(header, body)
         if msg is None:  # MQTT 5 (properties), or anything odd: paho's decoder, its errors
-            msg = Publish(self._decode(header, body, c._protocol))
+            d = self._decode(header, body, c._protocol)
+            msg = Publish(d.topic, d.payload, d.qos, d.mid, d.retain, d.dup, d.properties)
         if msg.qos > 1:
             return self._fallback()
         self._deliver(c, None, msg)  # not acked here: manual_ack
@@ -115,9 +112,5 @@ def decode_311(header: int, body: bytes | bytearray) -> Publish | None:
     start = end + 2 if qos else end
     if end == 2 or start > size:
         return None
-    msg = Publish.__new__(Publish)
-    msg._topic = bytes(body[2:end])
-    msg.mid = (body[end] << 8) | body[end + 1] if qos else 0
-    msg.payload = bytes(body[start:])
-    msg.qos, msg.retain, msg.dup, msg.properties = qos, bool(header & 0x01), bool(header & 0x08), None
-    return msg
+    mid = (body[end] << 8) | body[end + 1] if qos else 0
+    return Publish(bytes(body[2:end]), bytes(body[start:]), qos, mid, bool(header & 0x01), bool(header & 0x08))
