@@ -141,6 +141,9 @@ def null_receiver(port: int) -> None:
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes: without this, Nagle's algorithm holds
+        # the body until the client's delayed ACK (40 ms) and the bench measures that.
+        disable_nagle_algorithm = True
 
         def do_GET(self):
             self._answer(b'{"status":"ok"}')
