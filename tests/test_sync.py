@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from array import array
 from contextlib import asynccontextmanager
 from functools import partial
@@ -171,7 +172,8 @@ def flaky_receiver(db: Path, answers: list[tuple[int, dict, dict]]):
     @app.post("/v1/batch")
     async def batch():
         body = await request.get_data()
-        seen.append({"key": request.headers["Idempotency-Key"], "at": trio.current_time()})
+        seen.append({"key": request.headers["Idempotency-Key"], "at": trio.current_time(), "wall": time.time(),
+                     "signed": int(request.headers["X-Gateway-Timestamp"])})
         if answers:
             status, headers, doc = answers.pop(0)
             return Response(json.dumps(doc), status=status, headers=headers, content_type="application/json")
@@ -200,6 +202,27 @@ async def test_429_and_503_are_honoured_with_the_same_idempotency_key(gateway_fa
     assert len({s["key"] for s in seen}) == 1  # one batch, one key, three attempts
     assert seen[1]["at"] - seen[0]["at"] >= 1.9  # Retry-After: 2 was waited for
     assert seen[2]["at"] - seen[1]["at"] >= 1.4  # next_hint 1500 ms was waited for
+
+
+async def test_a_batch_encoded_ahead_is_signed_anew_when_it_waited_too_long(gateway_factory, tmp_path, monkeypatch):
+    # The next batch is compressed and signed while the previous one is in flight; held
+    # up behind a Retry-After longer than FRESH_S, it must not go out with an old timestamp.
+    from gatewayd.core.sync import worker
+
+    monkeypatch.setattr(worker, "FRESH_S", 1.0)
+    db = tmp_path / "received.db"
+    app, seen = flaky_receiver(db, [(429, {"Retry-After": "3"}, {"error": {"code": "slow_down", "message": "x"}})])
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 6)
+            stats = gw.upstream.workers["cloud"].stats
+            await wait_for(lambda: stats.batches.get("delivered") == 2)
+    assert len(seen) == 3 and len({s["key"] for s in seen}) == 2
+    assert seen[2]["at"] - seen[0]["at"] >= 2.9  # the second batch waited behind the first
+    for attempt in seen:  # whole seconds on the wire: a fresh signature is at most 1 s behind
+        assert attempt["wall"] - attempt["signed"] < 2, attempt
+    assert len(received(db)) == 6
 
 
 async def test_a_400_batch_is_dead_lettered_and_the_rest_flows(gateway_factory, tmp_path):

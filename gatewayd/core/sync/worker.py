@@ -2,7 +2,8 @@
 
 One worker per configured `[[upstream]]`. Batches go one at a time (the next only
 after the previous was acknowledged); while one is in flight, the next is chosen,
-persisted and serialised, so the database and the CPU work overlap the network.
+persisted, serialised, compressed and signed, so the database and the CPU work overlap
+the network (a body signed more than `FRESH_S` ago, or a resend, is signed anew).
 Records are spliced into the batch from the JSON stored at ingest
 (`outbox_records.serialize_records`), never decoded and re-encoded.
 
@@ -45,6 +46,9 @@ log = get_logger("gatewayd.sync")
 AUTH_REFUSED = frozenset({401, 403})
 #: Single records answered 413 in a row, before any delivery, dead-lettered before the sink pauses.
 TOO_LARGE_ALONE_MAX = 3
+#: Seconds a body encoded ahead may wait and still be sent (its signature timestamp
+#: must be near the far end's clock); older, it is encoded again.
+FRESH_S = 10.0
 
 
 class Sink(Protocol):
@@ -75,6 +79,8 @@ class SinkStats:
 class _Prepared:
     batch: OpenBatch
     records: SerializedRecords
+    encoded: EncodedBatch | None = None  # encoded ahead, for the first attempt only
+    encoded_at: float = 0.0  # trio.current_time() when it was
 
 
 class SyncWorker:
@@ -164,7 +170,18 @@ class SyncWorker:
                     await trio.sleep(self.linger_s)
 
     async def _prepare(self, batch: OpenBatch) -> _Prepared:
-        return _Prepared(batch, await trio.to_thread.run_sync(serialize_records, batch.records))
+        def work() -> _Prepared:
+            records = serialize_records(batch.records)
+            return _Prepared(batch, records, self._encode(batch, records))
+
+        prepared = await trio.to_thread.run_sync(work)
+        prepared.encoded_at = trio.current_time()
+        return prepared
+
+    def _encode(self, batch: OpenBatch, records: SerializedRecords) -> EncodedBatch:
+        """Compress and sign (blocking: a worker thread)."""
+        return encode_batch(records, gateway_id=self.gateway_id, batch_id=batch.batch_id, secret=self._secret,
+                            compression=self.compression, now=self.clock())
 
     async def _retrying(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a storage call until it works (a full disk must not kill the worker)."""
@@ -193,10 +210,9 @@ class SyncWorker:
                 self.stats.waiting_until = self.clock() + self.breaker.retry_in()
                 await trio.sleep(max(self.breaker.retry_in(), 0.05))
             self.stats.waiting_until = None
-            encoded = await trio.to_thread.run_sync(partial(
-                encode_batch, prepared.records, gateway_id=self.gateway_id, batch_id=batch.batch_id,
-                secret=self._secret, compression=self.compression, now=self.clock(),
-            ))
+            encoded, prepared.encoded = prepared.encoded, None
+            if encoded is None or trio.current_time() - prepared.encoded_at > FRESH_S:
+                encoded = await trio.to_thread.run_sync(self._encode, batch, prepared.records)
             outcome = await self.sink.send(encoded)
             if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
                 await self._pause(outcome)
