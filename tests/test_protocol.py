@@ -377,6 +377,38 @@ def test_validate_record():
     assert validate_record(record(1, device="")) is not None
 
 
+_ODD_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**64), max_value=2**64), st.floats(allow_nan=False),
+    st.text(max_size=3), st.sampled_from(["", "x" * 128, "x" * 129, "history", "2025-02-30T00:00:00Z",
+                                          "2025-12-31T23:59:58Z", "2025-12-31T23:59:58.1234567890Z"]),
+    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.integers(), max_size=2),
+)
+
+
+@settings(max_examples=500)
+@given(changes=st.dictionaries(st.sampled_from(["id", "family", "device", "kind", "ts", "class", "data", "x"]),
+                               _ODD_VALUES, max_size=3),
+       dropped=st.sets(st.sampled_from(["id", "family", "device", "kind", "ts", "class", "data"]), max_size=2))
+def test_validate_record_quick_path_agrees_with_the_full_check(changes, dropped):
+    from gatewayd.core.sync.protocol import _why_invalid
+
+    rec = {k: v for k, v in record(1, **changes).items() if k not in dropped}
+    assert validate_record(rec) == _why_invalid(rec)
+    assert validate_record(list(rec)) == _why_invalid(list(rec)) == "record is not a JSON object"
+
+
+@pytest.mark.parametrize("field", ["id", "family", "device", "kind", "ts", "class", "data"])
+def test_validate_record_quick_path_at_the_edges(field):
+    from gatewayd.core.sync.protocol import _why_invalid
+
+    edges = [None, True, 0, 1.5, -(2**63), 2**63 - 1, -(2**63) - 1, 2**63, "", "x", "x" * 128, "x" * 129,
+             "state", ["state"], {}, {"a": 1}, "2025-12-31T23:59:58Z", "2025-02-30T00:00:00Z",
+             "2025-12-31T23:59:58.123456789Z", "2025-12-31T23:59:58.1234567890Z", "2025-12-31 23:59:58Z"]
+    for value in edges:
+        rec = record(1, **{field: value})
+        assert validate_record(rec) == _why_invalid(rec), (field, value)
+
+
 def test_encoder_refuses_what_it_cannot_send():
     with pytest.raises(ValueError):
         encode(batch_id=str(uuid.uuid1()))

@@ -275,6 +275,35 @@ def validate_record(record: Any) -> str | None:
     Unknown extra fields are allowed (and ignored by the reference receiver) so that
     senders can add fields without breaking older receivers.
     """
+    if _plainly_valid(record):
+        return None
+    return _why_invalid(record)
+
+
+_CLASS_NAMES = frozenset(CLASSES)
+_ID_MIN, _ID_MAX = -(2**63), 2**63 - 1  # what SQLite stores as an integer
+
+
+def _plainly_valid(record: Any) -> bool:
+    """True for a record as JSON decoding makes a valid one; False means "look closer".
+
+    One expression instead of `_why_invalid`'s field-by-field report: this runs for
+    every record a receiver takes, and most are valid (half the cost per record).
+    """
+    try:
+        rid, ts = record["id"], record["ts"]
+        family, device, kind = record["family"], record["device"], record["kind"]
+        if not ((type(rid) is int and _ID_MIN <= rid <= _ID_MAX or type(rid) is str and 0 < len(rid) <= 128)
+                and type(family) is str and family and type(device) is str and device and type(kind) is str
+                and kind and record["class"] in _CLASS_NAMES and type(record["data"]) is dict
+                and type(ts) is str):
+            return False
+    except (TypeError, KeyError, IndexError):  # not a dict, a field missing, an unhashable class
+        return False
+    return _valid_ts(ts)
+
+
+def _why_invalid(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "record is not a JSON object"
     missing = [name for name in _REQUIRED if name not in record]
@@ -322,7 +351,7 @@ def _valid_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, int):
-        return -(2**63) <= value < 2**63  # what SQLite stores as an integer
+        return _ID_MIN <= value <= _ID_MAX
     return isinstance(value, str) and 0 < len(value) <= 128
 
 
