@@ -130,6 +130,34 @@ async def test_a_record_leaves_only_when_every_sink_has_it(tmp_path):
         assert outbox.counts["sink:a"] == [0, 0] and outbox.counts["sink:b"] == [0, 0]
 
 
+@pytest.mark.parametrize("sinks", [("cloud",), ("cloud", "other")])
+async def test_delivering_a_batch_with_a_gap_keeps_the_record_in_the_gap(tmp_path, sinks):
+    # A batch of one class is usually a run of consecutive ids, released as one id
+    # range; one with a hole (here: an excluded id) must release exactly its own.
+    async with open_ingest(tmp_path, sinks=sinks) as (ingest, outbox, storage):
+        await ingest.records(recs(10))
+        batch = await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20, exclude={5})
+        assert batch.ids == [10, 9, 8, 7, 6, 4, 3, 2, 1]
+        await outbox.delivered(batch)
+        assert outbox.counts["sink:cloud"][0] == 1
+        assert outbox.counts["class:history"][0] == (1 if sinks == ("cloud",) else 10)
+        [left] = (await outbox.next_batch("cloud", max_records=100, max_bytes=1 << 20)).ids
+        assert left == 5
+        if sinks == ("cloud",):
+            assert await seqs_in_outbox(storage) == [4]  # the record with id 5 (data i=4)
+        else:  # the other sink still owes all ten: only cloud's bit went
+            assert len((await outbox.next_batch("other", max_records=100, max_bytes=1 << 20)).ids) == 10
+
+
+def test_id_sets_use_a_range_only_for_a_whole_interval():
+    from gatewayd.core.outbox import _id_sets
+
+    assert _id_sets([7, 6, 5]) == [("id BETWEEN ? AND ?", (5, 7))]
+    assert _id_sets([1, 3]) == [("id IN (?,?)", (1, 3))]
+    assert _id_sets([1, 1, 3]) == [("id IN (?,?,?)", (1, 1, 3))]  # as many ids as the span, but not all of it
+    assert [len(args) for _, args in _id_sets(list(range(0, 4000, 2)))] == [900, 900, 200]
+
+
 async def test_batches_are_paged_and_capped_by_records_and_bytes(tmp_path):
     async with open_ingest(tmp_path) as (ingest, outbox, storage):
         await ingest.records([Record("d", "k", {"pad": "x" * 900, "i": i}) for i in range(30)])
