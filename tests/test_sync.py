@@ -225,6 +225,78 @@ async def test_a_batch_encoded_ahead_is_signed_anew_when_it_waited_too_long(gate
     assert len(received(db)) == 6
 
 
+async def test_the_http_sink_says_sent_once_the_request_is_written_before_the_answer(tmp_path):
+    # The worker holds its database work until then: a sink that never said so would
+    # hold it until the answer, and a far end waiting for it would wait for ever.
+    from gatewayd.core.sync import HttpSink, encode_batch
+
+    written = trio.Event()
+    app = QuartTrio("waits-for-sent")
+
+    @app.post("/v1/batch")
+    async def batch():
+        await request.get_data()
+        await written.wait()
+        return {"accepted": 1, "duplicates": 0, "rejected": 0, "next_hint": None}
+
+    encoded = encode_batch([{"id": 1}], gateway_id="gw", batch_id="0b7e0d5e-2d4f-4a51-9d4e-7a1c3b5f6e70",
+                           secret=b"s", compression="zstd", now=time.time())
+    async with serve_app(app) as url:
+        sink = HttpSink("cloud", url)
+        with trio.fail_after(10):
+            outcome = await sink.send(encoded, sent=written.set)
+        await sink.aclose()
+    assert outcome.kind == "delivered"
+
+
+async def test_a_delivered_batch_is_committed_while_the_next_ones_answer_is_pending(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    inner = create_receiver_app(db, {"*": SECRET.encode()})
+    app = QuartTrio("commit-check")
+    keys: list[str] = []
+    gateway = {}
+
+    def open_batches() -> list[str]:  # a reader job
+        rows = gateway["gw"].storage.database.execute_sql("SELECT batch_id FROM core_outbox_batch").fetchall()
+        return [key for (key,) in rows]
+
+    @app.post("/v1/batch")
+    async def batch():
+        body = await request.get_data()
+        if keys:  # answer only once the previous batch is committed as delivered
+            with trio.fail_after(10):
+                while keys[-1] in await gateway["gw"].storage.read(open_batches):
+                    await trio.sleep(0.01)
+        keys.append(request.headers["Idempotency-Key"])
+        async with inner.test_app() as test_app:
+            r = await test_app.test_client().post("/v1/batch", data=body, headers=dict(request.headers))
+            return Response(await r.get_data(), status=r.status_code, content_type="application/json")
+
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
+            gateway["gw"] = gw
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 9)
+            stats = gw.upstream.workers["cloud"].stats
+            await wait_for(lambda: stats.batches.get("delivered") == 3)
+    assert len(set(keys)) == 3 and len(received(db)) == 9
+
+
+async def test_a_next_hint_on_a_delivered_batch_delays_the_next_one(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    app, seen = flaky_receiver(db, [(200, {}, {"accepted": 3, "duplicates": 0, "rejected": 0,
+                                               "next_hint": "backoff_ms: 1500"})])
+    async with serve_app(app) as url:
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
+            async with gw_client(gw) as client:
+                await bulk(client, 0, 6)
+            stats = gw.upstream.workers["cloud"].stats
+            await wait_for(lambda: stats.batches.get("delivered") == 2)
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+    assert len(seen) == 2 and seen[1]["at"] - seen[0]["at"] >= 1.4
+    assert len(received(db)) == 3  # the first batch was answered by the front, not stored
+
+
 async def test_a_400_batch_is_dead_lettered_and_the_rest_flows(gateway_factory, tmp_path):
     db = tmp_path / "received.db"
     app, seen = flaky_receiver(db, [(400, {}, {"error": {"code": "bad_envelope", "message": "nope"}})])

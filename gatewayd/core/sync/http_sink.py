@@ -11,6 +11,9 @@ from . import EncodedBatch, Outcome, parse_response
 
 __all__ = ["HttpSink"]
 
+#: httpcore's trace events once the request is written, or failed to be ("http11." / "http2." first).
+_BODY_WRITTEN = (".send_request_body.complete", ".send_request_body.failed")
+
 
 class HttpSink:
     """Sends batches over HTTP(S) with httpx (which runs under trio).
@@ -40,10 +43,18 @@ class HttpSink:
             headers={"User-Agent": "gatewayd"},
         )
 
-    async def send(self, batch: EncodedBatch) -> Outcome:
-        """POST the batch; never raises for network trouble (that is a `retry`)."""
+    async def send(self, batch: EncodedBatch, *, sent: Callable[[], None] = lambda: None) -> Outcome:
+        """POST the batch; never raises for network trouble (that is a `retry`).
+
+        `sent()` is called once the request body is written (httpcore's `trace` extension).
+        """
+        async def trace(event: str, info: dict) -> None:
+            if event.endswith(_BODY_WRITTEN):
+                sent()
+
         try:
-            response = await self._client.post(self.endpoint, content=batch.body, headers=batch.headers)
+            response = await self._client.post(self.endpoint, content=batch.body, headers=batch.headers,
+                                               extensions={"trace": trace})
         except httpx.HTTPError as e:  # connect/read/write errors and timeouts
             return Outcome("retry", 0, reason=f"{type(e).__name__}: {e or 'no detail'}")
         return parse_response(response.status_code, response.headers, response.content, now=self.clock())

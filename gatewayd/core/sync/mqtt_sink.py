@@ -37,8 +37,12 @@ class MqttSink:
         self.timeout_s = timeout_s
         self._publish = publish
 
-    async def send(self, batch: EncodedBatch) -> Outcome:
-        """Publish; `delivered` on PUBACK, `retry` on anything else."""
+    async def send(self, batch: EncodedBatch, *, sent: Callable[[], None] = lambda: None) -> Outcome:
+        """Publish; `delivered` on PUBACK, `retry` on anything else.
+
+        `sent()` is called at once: the client queues the PUBLISH without waiting.
+        """
+        sent()
         try:
             with trio.fail_after(self.timeout_s):
                 await self._publish(self.topic, batch.body, mqtt_user_properties(batch))

@@ -55,7 +55,9 @@ class Sink(Protocol):
     name: str
     kind: str
 
-    async def send(self, batch: EncodedBatch) -> Outcome: ...
+    async def send(self, batch: EncodedBatch, *, sent: Callable[[], None] = ...) -> Outcome:
+        """Deliver one batch; call `sent()` once it is on the wire (before the answer)."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -125,6 +127,9 @@ class SyncWorker:
         self._nursery: trio.Nursery | None = None
         # The previous batch's `delivered` write, committing while the next batch goes out.
         self._settling: trio.Event | None = None
+        # Closed from a delivery until the next batch's request is written (see `_hold`).
+        self._gate = trio.Event()
+        self._gate.set()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Resend batches left open by a restart, then drain for ever."""
@@ -141,11 +146,24 @@ class SyncWorker:
                 nursery.start_soon(self._produce, send, resumed)
                 task_status.started()
                 async with receive:
-                    async for prepared in receive:
+                    while (prepared := await self._next(receive)) is not None:
                         await self._deliver(prepared)
         finally:
             with trio.CancelScope(shield=True):
                 await self.sink.aclose()
+
+    async def _next(self, receive: trio.MemoryReceiveChannel[_Prepared]) -> _Prepared | None:
+        """The next batch to send (None: no more); opens the gate if none is ready yet."""
+        try:
+            return receive.receive_nowait()
+        except trio.WouldBlock:
+            self._gate.set()  # nothing to write next: the held database work may go
+        except trio.EndOfChannel:
+            return None
+        try:
+            return await receive.receive()
+        except trio.EndOfChannel:
+            return None
 
     # -- choosing batches -------------------------------------------------------------
 
@@ -154,6 +172,7 @@ class SyncWorker:
             for batch in resumed:
                 if batch.records:
                     await send.send(await self._prepare(batch))
+                    await self._gate.wait()
                 else:  # every record of it expired meanwhile
                     await self._retrying(self.outbox.delivered, batch)
             while True:
@@ -165,6 +184,7 @@ class SyncWorker:
                     await self.outbox.wait_for_records(self.idle_poll_s)
                     continue
                 await send.send(await self._prepare(batch))
+                await self._gate.wait()
                 if len(batch.records) < self.max_records:
                     # A partial batch: let records gather rather than send one per POST.
                     await trio.sleep(self.linger_s)
@@ -213,7 +233,11 @@ class SyncWorker:
             encoded, prepared.encoded = prepared.encoded, None
             if encoded is None or trio.current_time() - prepared.encoded_at > FRESH_S:
                 encoded = await trio.to_thread.run_sync(self._encode, batch, prepared.records)
-            outcome = await self.sink.send(encoded)
+            gate = self._gate
+            try:
+                outcome = await self.sink.send(encoded, sent=gate.set)
+            finally:
+                gate.set()
             if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
                 await self._pause(outcome)
                 continue  # the same batch, the same key
@@ -236,6 +260,8 @@ class SyncWorker:
                 self.breaker.record_success()
                 self.backoff.reset()
                 self._resume()
+                if not outcome.delay_s:
+                    self._hold()
                 await self._settle(batch)
                 self.stats.last_success = self.clock()
                 if outcome.rejected:
@@ -277,6 +303,21 @@ class SyncWorker:
         return (f"the far end refuses a single record of {size} bytes as too large (413), {seen}: "
                 "check its body size limit, and any proxy's in front of it")
 
+    def _hold(self) -> None:
+        """Hold this worker's database work until the next batch's request is written.
+
+        The moment a batch is delivered, the next one is sent, the delivered one
+        committed and the one after chosen. Started together, the commit and the choice
+        (threads that want the GIL for Python work between SQLite steps) make the trio
+        thread wait up to a GIL switch interval (5 ms) at each step of writing the
+        request: the far end then idles. Measured: ~101k -> ~115k records/s end to end
+        (bench/ingest_bench.py, both ends on one 2-core machine).
+        The gate opens when the sink says the request is out, when `send` returns, or
+        when there is no next batch to send.
+        """
+        if self._nursery is not None and self._gate.is_set():
+            self._gate = trio.Event()
+
     async def _settle(self, batch: OpenBatch) -> None:
         """Commit `batch` as delivered while the next batch is already on its way.
 
@@ -289,8 +330,11 @@ class SyncWorker:
             await self._settling.wait()
         done = self._settling = trio.Event()
 
+        gate = self._gate
+
         async def commit() -> None:
             try:
+                await gate.wait()
                 await self._retrying(self.outbox.delivered, batch)
             finally:
                 done.set()
