@@ -49,6 +49,9 @@ TOO_LARGE_ALONE_MAX = 3
 #: Seconds a body encoded ahead may wait and still be sent (its signature timestamp
 #: must be near the far end's clock); older, it is encoded again.
 FRESH_S = 10.0
+#: Longest that database work waits for the next request to be written (see `_hold`):
+#: the gate is a speed-up, never a reason for a delivered batch to stay uncommitted.
+GATE_MAX_S = 0.05
 
 
 class Sink(Protocol):
@@ -172,7 +175,7 @@ class SyncWorker:
             for batch in resumed:
                 if batch.records:
                     await send.send(await self._prepare(batch))
-                    await self._gate.wait()
+                    await self._wait_for_gate(self._gate)
                 else:  # every record of it expired meanwhile
                     await self._retrying(self.outbox.delivered, batch)
             while True:
@@ -184,7 +187,7 @@ class SyncWorker:
                     await self.outbox.wait_for_records(self.idle_poll_s)
                     continue
                 await send.send(await self._prepare(batch))
-                await self._gate.wait()
+                await self._wait_for_gate(self._gate)
                 if len(batch.records) < self.max_records:
                     # A partial batch: let records gather rather than send one per POST.
                     await trio.sleep(self.linger_s)
@@ -313,10 +316,16 @@ class SyncWorker:
         request: the far end then idles. Measured: ~101k -> ~115k records/s end to end
         (bench/ingest_bench.py, both ends on one 2-core machine).
         The gate opens when the sink says the request is out, when `send` returns, or
-        when there is no next batch to send.
+        when there is no next batch to send; nothing waits for it longer than GATE_MAX_S
+        (a slow uplink writing a large body).
         """
         if self._nursery is not None and self._gate.is_set():
             self._gate = trio.Event()
+
+    @staticmethod
+    async def _wait_for_gate(gate: trio.Event) -> None:
+        with trio.move_on_after(GATE_MAX_S):
+            await gate.wait()
 
     async def _settle(self, batch: OpenBatch) -> None:
         """Commit `batch` as delivered while the next batch is already on its way.
@@ -334,7 +343,7 @@ class SyncWorker:
 
         async def commit() -> None:
             try:
-                await gate.wait()
+                await self._wait_for_gate(gate)
                 await self._retrying(self.outbox.delivered, batch)
             finally:
                 done.set()
