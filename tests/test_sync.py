@@ -249,7 +249,37 @@ async def test_the_http_sink_says_sent_once_the_request_is_written_before_the_an
     assert outcome.kind == "delivered"
 
 
+async def test_a_worker_run_again_after_it_ended_still_delivers(tmp_path):
+    # What Upstream._supervise does after a crash: run() the same worker again. The
+    # first run closed its HTTP sink on the way out; the sink must open a new client.
+    from gatewayd.core.ingest import Ingest, Record
+    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.storage import Storage
+    from gatewayd.core.sync import HttpSink, SyncWorker
+
+    db = tmp_path / "received.db"
+    async with receiver(db) as url:
+        storage = Storage(tmp_path / "gw.sqlite3")
+        async with trio.open_nursery() as nursery:
+            await nursery.start(storage.run)
+            outbox = Outbox(storage, OutboxPolicy(), ["cloud"])
+            await outbox.open()
+            ingest = Ingest(outbox, "fam", time.time)
+            worker = SyncWorker(outbox, HttpSink("cloud", url), gateway_id="gw1", secret=SECRET.encode(),
+                                linger_s=0, idle_poll_s=0.05)
+            for attempt in range(2):
+                await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
+                async with trio.open_nursery() as run:
+                    run.start_soon(worker.run)
+                    await wait_for(lambda: outbox.counts["sink:cloud"][0] == 0)
+                    run.cancel_scope.cancel()  # ended from outside, as a crash ends it
+                assert [r["data"]["i"] for r in received(db)] == list(range(attempt + 1))
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_delivered_batch_is_committed_while_the_next_ones_answer_is_pending(gateway_factory, tmp_path):
+    # The commit waits (at most GATE_MAX_S) for the next request to be written, never
+    # for its answer: this far end answers only once the previous batch is committed.
     db = tmp_path / "received.db"
     inner = create_receiver_app(db, {"*": SECRET.encode()})
     app = QuartTrio("commit-check")

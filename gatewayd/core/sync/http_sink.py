@@ -38,20 +38,34 @@ class HttpSink:
         self.name = name
         self.endpoint = url.rstrip("/") + path
         self.clock = clock
-        self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s), follow_redirects=False, verify=verify,
+        self._timeout_s = timeout_s
+        self._verify = verify
+        self._client = self._new_client()
+
+    def _new_client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            timeout=httpx.Timeout(self._timeout_s), follow_redirects=False, verify=self._verify,
             headers={"User-Agent": "gatewayd"},
         )
 
     async def send(self, batch: EncodedBatch, *, sent: Callable[[], None] = lambda: None) -> Outcome:
         """POST the batch; never raises for network trouble (that is a `retry`).
 
-        `sent()` is called once the request body is written (httpcore's `trace` extension).
+        `sent()` is called once the request body is written (httpcore's `trace` extension;
+        not for the CONNECT request of an HTTPS proxy, which goes through it too). A sink
+        closed by `aclose` (a worker restarted after a crash) opens a new client.
         """
+        connect = False
+
         async def trace(event: str, info: dict) -> None:
-            if event.endswith(_BODY_WRITTEN):
+            nonlocal connect
+            if event.endswith(".send_request_headers.started"):
+                connect = getattr(info.get("request"), "method", None) == b"CONNECT"
+            elif event.endswith(_BODY_WRITTEN) and not connect:
                 sent()
 
+        if self._client.is_closed:
+            self._client = self._new_client()
         try:
             response = await self._client.post(self.endpoint, content=batch.body, headers=batch.headers,
                                                extensions={"trace": trace})
