@@ -615,6 +615,38 @@ async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_
     assert sorted(r["data"]["seq"] for b in batches for r in b.records) == list(range(25))
 
 
+async def test_an_mqtt_upstream_worker_run_again_after_it_ended_still_delivers(tmp_path):
+    # The MQTT twin of test_a_worker_run_again_after_it_ended_still_delivers: the
+    # sink's own client is run again by the second run.
+    from gatewayd.core.config import UpstreamSection
+    from gatewayd.core.ingest import Ingest, Record
+    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.storage import Storage
+    from gatewayd.core.sync.mqtt_sink import cloud_sink
+    from gatewayd.core.sync.worker import SyncWorker
+
+    with trio.fail_after(40):
+        async with cloud_broker() as (port, got):
+            sink = cloud_sink(UpstreamSection("cloudmq", f"mqtt://127.0.0.1:{port}", kind="mqtt", timeout_s=10.0),
+                              "site-7")
+            storage = Storage(tmp_path / "gw.sqlite3")
+            async with trio.open_nursery() as nursery:
+                await nursery.start(storage.run)
+                outbox = Outbox(storage, OutboxPolicy(), ["cloudmq"])
+                await outbox.open()
+                ingest = Ingest(outbox, "fam", lambda: 1_800_000_000.0)
+                worker = SyncWorker(outbox, sink, gateway_id="site-7", secret=SECRET.encode(), linger_s=0)
+                for attempt in range(2):
+                    await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
+                    async with trio.open_nursery() as run:
+                        run.start_soon(worker.run)
+                        await wait_for(lambda: outbox.counts["sink:cloudmq"][0] == 0)
+                        run.cancel_scope.cancel()  # ended from outside, as a crash ends it
+                    await wait_for(lambda: len(got) >= attempt + 1)
+                nursery.cancel_scope.cancel()
+    assert sorted(r["data"]["i"] for b in batches_from(got) for r in b.records) == [0, 1]
+
+
 def test_the_mqtt_sink_refuses_a_3_1_1_client_at_set_up():
     from gatewayd.core.mqtt import MQTTClient, MQTTSettings
     from gatewayd.core.sync.mqtt_sink import client_publisher
