@@ -6,6 +6,7 @@ import json
 import sqlite3
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -93,6 +94,14 @@ async def bulk(client: httpx.AsyncClient, start: int, count: int, cls="history",
     assert r.status_code == 201, r.text
 
 
+async def deliver(gw, count: int, batches: int) -> None:
+    """Ingest `count` records; return once the sink "cloud" has delivered `batches` batches."""
+    async with gw_client(gw) as client:
+        await bulk(client, 0, count)
+    stats = gw.upstream.workers["cloud"].stats
+    await wait_for(lambda: stats.batches.get("delivered") == batches)
+
+
 async def ingest(client: httpx.AsyncClient, seqs, cls="history", device="d1"):
     for seq in seqs:
         r = await client.post("/ingest/records", json={"device": device, "seq": seq, "cls": cls})
@@ -163,8 +172,9 @@ async def test_backlog_drains_in_priority_order(gateway_factory, tmp_path):
     assert seqs["log"] == sorted(seqs["log"])
 
 
-def flaky_receiver(db: Path, answers: list[tuple[int, dict, dict]]):
-    """The reference receiver behind a front that first plays `answers` (status, headers, body)."""
+def flaky_receiver(db: Path, answers: list[tuple[int, dict, dict]], hold: Callable[[], Awaitable[None]] | None = None):
+    """The reference receiver behind a front that first plays `answers` (status, headers, body);
+    `hold()`, if given, is awaited before each request goes on to the receiver."""
     inner = create_receiver_app(db, {"*": SECRET.encode()})
     app = QuartTrio("flaky")
     seen: list[dict] = []
@@ -177,6 +187,8 @@ def flaky_receiver(db: Path, answers: list[tuple[int, dict, dict]]):
         if answers:
             status, headers, doc = answers.pop(0)
             return Response(json.dumps(doc), status=status, headers=headers, content_type="application/json")
+        if hold is not None:
+            await hold()
         async with inner.test_app() as test_app:
             client = test_app.test_client()
             r = await client.post("/v1/batch", data=body, headers=dict(request.headers))
@@ -214,10 +226,7 @@ async def test_a_batch_encoded_ahead_is_signed_anew_when_it_waited_too_long(gate
     app, seen = flaky_receiver(db, [(429, {"Retry-After": "3"}, {"error": {"code": "slow_down", "message": "x"}})])
     async with serve_app(app) as url:
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
-            async with gw_client(gw) as client:
-                await bulk(client, 0, 6)
-            stats = gw.upstream.workers["cloud"].stats
-            await wait_for(lambda: stats.batches.get("delivered") == 2)
+            await deliver(gw, 6, batches=2)
     assert len(seen) == 3 and len({s["key"] for s in seen}) == 2
     assert seen[2]["at"] - seen[0]["at"] >= 2.9  # the second batch waited behind the first
     for attempt in seen:  # whole seconds on the wire: a fresh signature is at most 1 s behind
@@ -249,67 +258,64 @@ async def test_the_http_sink_says_sent_once_the_request_is_written_before_the_an
     assert outcome.kind == "delivered"
 
 
-async def test_a_worker_run_again_after_it_ended_still_delivers(tmp_path):
-    # What Upstream._supervise does after a crash: run() the same worker again. The
-    # first run closed its HTTP sink on the way out; the sink must open a new client.
+async def run_a_worker_twice(tmp_path: Path, sink, arrived: Callable[[], list[int]]) -> None:
+    """What Upstream._supervise does after a crash: run() the same SyncWorker on `sink`
+    again. Each run gets one record (data {"i": 0}, then {"i": 1}) and is ended from
+    outside once it is delivered; `arrived()` (the far end's "i"s) must then show it."""
     from gatewayd.core.ingest import Ingest, Record
     from gatewayd.core.outbox import Outbox, OutboxPolicy
     from gatewayd.core.storage import Storage
-    from gatewayd.core.sync import HttpSink, SyncWorker
+    from gatewayd.core.sync import SyncWorker
+
+    storage = Storage(tmp_path / "gw.sqlite3")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        outbox = Outbox(storage, OutboxPolicy(), [sink.name])
+        await outbox.open()
+        ingest = Ingest(outbox, "fam", time.time)
+        worker = SyncWorker(outbox, sink, gateway_id="site-7", secret=SECRET.encode(), linger_s=0, idle_poll_s=0.05)
+        for attempt in range(2):
+            await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
+            async with trio.open_nursery() as run:
+                run.start_soon(worker.run)
+                await wait_for(lambda: outbox.counts[f"sink:{sink.name}"][0] == 0)
+                run.cancel_scope.cancel()  # ended from outside, as a crash ends it
+            await wait_for(lambda: sorted(arrived()) == list(range(attempt + 1)))
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_run_again_after_it_ended_still_delivers(tmp_path):
+    # The first run closed its HTTP sink on the way out; the sink must open a new client.
+    from gatewayd.core.sync import HttpSink
 
     db = tmp_path / "received.db"
     async with receiver(db) as url:
-        storage = Storage(tmp_path / "gw.sqlite3")
-        async with trio.open_nursery() as nursery:
-            await nursery.start(storage.run)
-            outbox = Outbox(storage, OutboxPolicy(), ["cloud"])
-            await outbox.open()
-            ingest = Ingest(outbox, "fam", time.time)
-            worker = SyncWorker(outbox, HttpSink("cloud", url), gateway_id="gw1", secret=SECRET.encode(),
-                                linger_s=0, idle_poll_s=0.05)
-            for attempt in range(2):
-                await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
-                async with trio.open_nursery() as run:
-                    run.start_soon(worker.run)
-                    await wait_for(lambda: outbox.counts["sink:cloud"][0] == 0)
-                    run.cancel_scope.cancel()  # ended from outside, as a crash ends it
-                assert [r["data"]["i"] for r in received(db)] == list(range(attempt + 1))
-            nursery.cancel_scope.cancel()
+        await run_a_worker_twice(tmp_path, HttpSink("cloud", url), lambda: [r["data"]["i"] for r in received(db)])
+    assert [r["data"]["i"] for r in received(db)] == [0, 1]
 
 
 async def test_a_delivered_batch_is_committed_while_the_next_ones_answer_is_pending(gateway_factory, tmp_path):
     # The commit waits (at most GATE_MAX_S) for the next request to be written, never
     # for its answer: this far end answers only once the previous batch is committed.
     db = tmp_path / "received.db"
-    inner = create_receiver_app(db, {"*": SECRET.encode()})
-    app = QuartTrio("commit-check")
-    keys: list[str] = []
     gateway = {}
 
     def open_batches() -> list[str]:  # a reader job
         rows = gateway["gw"].storage.database.execute_sql("SELECT batch_id FROM core_outbox_batch").fetchall()
         return [key for (key,) in rows]
 
-    @app.post("/v1/batch")
-    async def batch():
-        body = await request.get_data()
-        if keys:  # answer only once the previous batch is committed as delivered
+    async def previous_batch_committed() -> None:
+        if len(seen) > 1:
             with trio.fail_after(10):
-                while keys[-1] in await gateway["gw"].storage.read(open_batches):
+                while seen[-2]["key"] in await gateway["gw"].storage.read(open_batches):
                     await trio.sleep(0.01)
-        keys.append(request.headers["Idempotency-Key"])
-        async with inner.test_app() as test_app:
-            r = await test_app.test_client().post("/v1/batch", data=body, headers=dict(request.headers))
-            return Response(await r.get_data(), status=r.status_code, content_type="application/json")
 
+    app, seen = flaky_receiver(db, [], hold=previous_batch_committed)
     async with serve_app(app) as url:
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
             gateway["gw"] = gw
-            async with gw_client(gw) as client:
-                await bulk(client, 0, 9)
-            stats = gw.upstream.workers["cloud"].stats
-            await wait_for(lambda: stats.batches.get("delivered") == 3)
-    assert len(set(keys)) == 3 and len(received(db)) == 9
+            await deliver(gw, 9, batches=3)
+    assert len({s["key"] for s in seen}) == 3 and len(received(db)) == 9
 
 
 async def test_a_next_hint_on_a_delivered_batch_delays_the_next_one(gateway_factory, tmp_path):
@@ -318,10 +324,7 @@ async def test_a_next_hint_on_a_delivered_batch_delays_the_next_one(gateway_fact
                                                "next_hint": "backoff_ms: 1500"})])
     async with serve_app(app) as url:
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
-            async with gw_client(gw) as client:
-                await bulk(client, 0, 6)
-            stats = gw.upstream.workers["cloud"].stats
-            await wait_for(lambda: stats.batches.get("delivered") == 2)
+            await deliver(gw, 6, batches=2)
             await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
     assert len(seen) == 2 and seen[1]["at"] - seen[0]["at"] >= 1.4
     assert len(received(db)) == 3  # the first batch was answered by the front, not stored
@@ -619,31 +622,14 @@ async def test_an_mqtt_upstream_worker_run_again_after_it_ended_still_delivers(t
     # The MQTT twin of test_a_worker_run_again_after_it_ended_still_delivers: the
     # sink's own client is run again by the second run.
     from gatewayd.core.config import UpstreamSection
-    from gatewayd.core.ingest import Ingest, Record
-    from gatewayd.core.outbox import Outbox, OutboxPolicy
-    from gatewayd.core.storage import Storage
     from gatewayd.core.sync.mqtt_sink import cloud_sink
-    from gatewayd.core.sync.worker import SyncWorker
 
     with trio.fail_after(40):
         async with cloud_broker() as (port, got):
             sink = cloud_sink(UpstreamSection("cloudmq", f"mqtt://127.0.0.1:{port}", kind="mqtt", timeout_s=10.0),
                               "site-7")
-            storage = Storage(tmp_path / "gw.sqlite3")
-            async with trio.open_nursery() as nursery:
-                await nursery.start(storage.run)
-                outbox = Outbox(storage, OutboxPolicy(), ["cloudmq"])
-                await outbox.open()
-                ingest = Ingest(outbox, "fam", lambda: 1_800_000_000.0)
-                worker = SyncWorker(outbox, sink, gateway_id="site-7", secret=SECRET.encode(), linger_s=0)
-                for attempt in range(2):
-                    await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
-                    async with trio.open_nursery() as run:
-                        run.start_soon(worker.run)
-                        await wait_for(lambda: outbox.counts["sink:cloudmq"][0] == 0)
-                        run.cancel_scope.cancel()  # ended from outside, as a crash ends it
-                    await wait_for(lambda: len(got) >= attempt + 1)
-                nursery.cancel_scope.cancel()
+            await run_a_worker_twice(tmp_path, sink,
+                                     lambda: [r["data"]["i"] for b in batches_from(got) for r in b.records])
     assert sorted(r["data"]["i"] for b in batches_from(got) for r in b.records) == [0, 1]
 
 
