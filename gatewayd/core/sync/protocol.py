@@ -298,7 +298,7 @@ def _plainly_valid(record: Any) -> bool:
                 and kind and record["class"] in _CLASS_NAMES and type(record["data"]) is dict
                 and type(ts) is str):
             return False
-    except (TypeError, KeyError, IndexError):  # not a dict, a field missing, an unhashable class
+    except (TypeError, KeyError):  # not a dict, a field missing, an unhashable class
         return False
     return _valid_ts(ts)
 
