@@ -3,13 +3,18 @@
 Packets paho's client encodes (captured from a real socket it writes to) parse to the
 fields it was given; what our encoders write, paho's decoder reads back as built (and
 matches paho's own bytes where paho writes the same packet); any stream cut anywhere
-splits into the same packets; broken input only ever raises ProtocolError.
+splits into the same packets; broken input only ever raises ProtocolError. At the end,
+a real mosquitto: its CONNACKs parse, and it takes what we encode.
 """
 
 from __future__ import annotations
 
+import getpass
 import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
@@ -22,6 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from gatewayd.core.broker import find_mosquitto, hash_password
 from gatewayd.protocol import mqtt_packets as mp
 from gatewayd.protocol.mqtt_packets import (
     Connack,
@@ -36,6 +42,7 @@ from gatewayd.protocol.mqtt_packets import (
     parse_packet_id,
     parse_publish,
 )
+from gatewayd.testing import free_port
 
 PAHO_PROTOCOL = {3: paho.MQTTv31, 4: paho.MQTTv311, 5: paho.MQTTv5}
 # MQTT 5.0 3.2.2.2 lists 0x99 (Payload format invalid: of the will) for CONNACK; paho 2.2 does not.
@@ -621,3 +628,127 @@ def test_damaged_packets_raise_only_protocol_error(valid_packets, data):
             return
     parse_all(bytes(raw), 2, raw[0] & 0x0F)
 
+
+# A real mosquitto ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mosquitto(tmp_path_factory) -> Iterator[int]:
+    """A mosquitto of our own (its limits set, so its CONNACK has properties to read) with
+    one account, dev / secret; yields its port."""
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("mosquitto is not installed: apt-get install mosquitto")
+    directory: Path = tmp_path_factory.mktemp("mosquitto")
+    (directory / "passwd").write_text(f"dev:{hash_password('secret')}\n")
+    port = free_port()
+    (directory / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {directory / 'passwd'}\n"
+        "persistence false\nmax_inflight_messages 7\nmax_topic_alias 5\nmax_packet_size 100000\n"
+        f"user {getpass.getuser()}\n")  # as root it would become 'mosquitto', who cannot read passwd
+    proc = subprocess.Popen([binary, "-c", str(directory / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            assert proc.poll() is None, "mosquitto exited"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+class Device:
+    """A raw TCP connection to mosquitto whose packets are split by a FrameReader."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.reader = FrameReader(1 << 20)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def frame(self) -> tuple[int, int, bytes, int]:
+        while (frame := self.reader.next_frame()) is None:
+            data = self.sock.recv(65536)
+            assert data, "mosquitto closed the connection"
+            self.reader.feed(data)
+        return frame
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def paho_connect(level: int, password: str, client_id: str = "dev-1") -> bytes:
+    wire = PahoWire(level, client_id)
+    wire.client.username_pw_set("dev", password)
+    try:
+        return wire.connect(30)[0]
+    finally:
+        wire.close()
+
+
+@pytest.mark.parametrize("level", [3, 4, 5])
+@pytest.mark.parametrize("password", ["secret", "wrong"])
+def test_mosquittos_connack_for_a_paho_connect(mosquitto, level, password):
+    dev = Device(mosquitto)
+    try:
+        dev.send(paho_connect(level, password))
+        packet_type, flags, raw, body_start = dev.frame()
+        assert (packet_type, flags) == (mp.CONNACK, 0)
+        accepted = password == "secret"
+        if level == 5:
+            want = Connack(False, 0, 7, 5, 100_000) if accepted else Connack(False, 0x87, None, None, None)
+        else:
+            want = Connack(False, 0 if accepted else 5, None, None, None)
+        assert parse_connack(raw, body_start, level) == want
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize("level", [4, 5])
+def test_mosquitto_takes_what_we_encode(mosquitto, level):
+    """QoS 1 and 2 PUBLISHes we encode, our acks (with reason codes in MQTT 5) for what
+    it delivers back: mosquitto acks them all and still answers a PINGREQ."""
+    wire = PahoWire(level, "dev-2")
+    dev = Device(mosquitto)
+    try:
+        wire.client.username_pw_set("dev", "secret")
+        dev.send(wire.connect(30)[0])
+        assert parse_connack(*dev.frame()[2:], level).reason_code == 0
+        wire.client.subscribe(f"dev/{level}/#", 2)  # its own: the retained message stays
+        dev.send(wire.read()[0])
+        assert dev.frame()[0] == mp.SUBACK
+
+        dev.send(encode_publish(f"dev/{level}/one", b"1", 1, packet_id=10, protocol_level=level))
+        dev.send(encode_publish(f"dev/{level}/two", b"2" * 1000, 2, retain=True, packet_id=11, protocol_level=level))
+        delivered, acked, completed = [], set(), 0
+        while len(delivered) < 2 or len(acked) < 2 or not completed:
+            packet_type, flags, raw, body_start = dev.frame()
+            if packet_type == mp.PUBLISH:
+                msg = parse_publish(flags, raw, body_start, level)
+                delivered.append(msg[:3])
+                if msg.qos == 1:
+                    dev.send(mp.puback(msg.packet_id, 0x83 if level == 5 else 0, level))
+                else:
+                    dev.send(mp.pubrec(msg.packet_id, 0, level))
+            elif packet_type == mp.PUBREC:
+                dev.send(b"\x62\x02" + parse_packet_id(raw, body_start).to_bytes(2, "big"))  # PUBREL
+            elif packet_type == mp.PUBREL:
+                dev.send(mp.pubcomp(parse_packet_id(raw, body_start), 0, level))
+                completed += 1
+            else:
+                assert packet_type in (mp.PUBACK, mp.PUBCOMP)
+                acked.add(parse_packet_id(raw, body_start))
+        dev.send(mp.PINGREQ_PACKET)
+        assert dev.frame()[2] == mp.PINGRESP_PACKET  # nothing else: every flow completed
+        assert sorted(delivered) == [(f"dev/{level}/one", b"1", 1), (f"dev/{level}/two", b"2" * 1000, 2)]
+        assert acked == {10, 11}
+        dev.send(mp.disconnect(0x04 if level == 5 else 0, level))
+        assert dev.sock.recv(1) == b""  # mosquitto closes after our DISCONNECT
+    finally:
+        dev.close()
+        wire.close()
