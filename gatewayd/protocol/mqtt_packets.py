@@ -149,9 +149,13 @@ class FrameReader:
         length = buf[pos + 1]
         start = pos + 2
         if length > 0x7F:
-            length, start = _varint(buf, pos + 1, end, "remaining length")
-            if not start:
-                return None
+            if start < end and buf[start] < 0x80:  # two length bytes (up to 16383), inline
+                length = length & 0x7F | buf[start] << 7
+                start += 1
+            else:
+                length, start = _varint(buf, pos + 1, end, "remaining length")
+                if not start:
+                    return None
         if length > self._max_size:
             raise ProtocolError(f"remaining length of {length} bytes exceeds the limit of {self._max_size}", TOO_LARGE)
         stop = start + length
