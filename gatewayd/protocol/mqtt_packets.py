@@ -31,20 +31,21 @@ Encoders raise plain ``ValueError`` for arguments they cannot encode.
 Decisions taken on the specifications (OASIS MQTT 3.1.1 and 5.0), checked against
 mosquitto 2.0.11 where it matters:
 
-* DUP set on a QoS 0 PUBLISH: the specs forbid the sender to do it ([MQTT-3.3.1-2],
-  both versions) and name no error for the receiver. It is a Protocol Error (0x82) in
-  MQTT 5, where any data the protocol does not allow is one (5.0 sections 1.2, 4.13);
-  in 3.1 and 3.1.1 the flag is meaningless on QoS 0, so it is reported as sent and not
-  refused (mosquitto 2.0.11 accepts it in every version).
+* DUP set on a QoS 0 PUBLISH: both specs forbid the sender to do it ([MQTT-3.3.1-2])
+  without naming a receiver error. MQTT 5 defines any data the protocol does not allow
+  as a Protocol Error (1.2, 4.13): refused there (0x82). In 3.1 / 3.1.1 (only the
+  general "close on a protocol violation", 4.8) it is accepted and reported as sent:
+  the flag means nothing on QoS 0, and mosquitto 2.0.11 accepts it in every version,
+  so refusing would cut off devices that work against mosquitto today.
 * A remaining length (or property length) encoded in more bytes than needed is
   accepted, as mosquitto does: 5.0 asks the sender for the shortest form, and 3.1.1 does
   not; a fifth length byte is refused.
 * :class:`FrameReader` refuses packet type 0 (reserved in every version) but does not
-  check the fixed-header flags of other packets: MQTT 3.1 clients set DUP and QoS on
-  PUBREL / SUBSCRIBE / UNSUBSCRIBE, and only the caller knows the version. ``max_size``
-  bounds the remaining length (so a whole packet is at most ``max_size + 5`` bytes:
-  announce ``max_size + 2`` or less as an MQTT 5 Maximum Packet Size, which counts
-  the fixed header).
+  check the fixed-header flags of other packets: MQTT 3.1 clients may set DUP on a
+  resent PUBREL, SUBSCRIBE or UNSUBSCRIBE, and only the caller knows the version.
+  ``max_size`` bounds the remaining length (so a whole packet is at most
+  ``max_size + 5`` bytes: announce ``max_size + 2`` or less as an MQTT 5 Maximum
+  Packet Size, which counts the fixed header).
 * PUBLISH topic names: valid UTF-8 (Python's strict decoder refuses overlong forms and
   surrogates, 1.5.4), no U+0000 (0x81); no ``+`` or ``#`` (0x82, as mosquitto); not
   empty (0x82), except in MQTT 5 with a Topic Alias, in which case ``topic`` is ``""``
@@ -68,8 +69,8 @@ mosquitto 2.0.11 where it matters:
   two bytes of packet identifier (0 is 0x82); an MQTT 5 reason code and properties after
   them are left alone.
 * ``puback``/``pubrec``/``pubcomp``/``disconnect`` with a reason code write the short
-  MQTT 5 form without a property length (5.0 3.4.2.2.1: absent means 0), the form
-  mosquitto sends.
+  MQTT 5 form without a property length (5.0 3.4.2.2.1: absent means 0), byte for
+  byte what mosquitto 2.0.11 sends (tested).
 """
 
 from __future__ import annotations
