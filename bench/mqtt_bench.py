@@ -7,9 +7,10 @@ same QoS 1 messages, sent by the same publisher: a plain paho client in a separa
 process.
 
 - bare:    paho driven by trio (wait_readable + loop_read), automatic PUBACK, stores nothing.
-- durable: gatewayd.core.mqtt.MQTTClient, manual PUBACK after a handler that waits for a
-           durable write through the gateway's own Storage (writer thread, group commit,
-           WAL, synchronous=NORMAL): one prepared INSERT per message, acked after COMMIT.
+- durable: gatewayd.core.mqtt.MQTTClient and the gateway's delivery pool (with delivery
+           marks), manual PUBACK after a handler that waits for a durable write through
+           the gateway's own Storage (writer thread, group commit, WAL,
+           synchronous=NORMAL): one prepared INSERT per message, acked after COMMIT.
 
 Modes: ``backlog`` (default) publishes N messages into each consumer's persistent session
 while it is offline, then times the consumer draining them: this measures the consumer,
@@ -40,8 +41,11 @@ from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
 from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password  # noqa: E402
+from gatewayd.core.delivery_marks import DeliveryMarks  # noqa: E402
 from gatewayd.core.mqtt import InboundMessage, MQTTClient, MQTTSettings  # noqa: E402
+from gatewayd.core.mqtt_delivery import Delivery, DeliveryPool  # noqa: E402
 from gatewayd.core.storage import Storage  # noqa: E402
+from gatewayd.core.topics import TopicRouter  # noqa: E402
 from gatewayd.testing.mqtt import free_port  # noqa: E402
 
 TOPIC = "bench/dev1/data"
@@ -199,21 +203,26 @@ async def run_durable(
             state["last"] = time.perf_counter()
             done.set()
 
-    def make() -> MQTTClient:
-        client = MQTTClient(settings, logging.getLogger("bench"))
-        client.subscribe(TOPIC, handler)
-        return client
-
     async with trio.open_nursery() as n:
         await n.start(store.run)
         await store.write(lambda: store.database.execute_sql(
             "CREATE TABLE IF NOT EXISTS reading (topic TEXT, payload BLOB, at REAL)"))
-        client = make()
+        marks = DeliveryMarks(store)
+        await trio.to_thread.run_sync(marks.install)
+
+        async def make_async() -> MQTTClient:
+            pool = DeliveryPool(Delivery(TopicRouter(), store, marks=marks), size=256)
+            await n.start(pool.run)
+            client = MQTTClient(settings, pool, logging.getLogger("bench"))
+            client.subscribe(TOPIC, handler)
+            return client
+
+        client = await make_async()
         if mode == "backlog":
             await n.start(client.run)
             await client.stop()
             await publish(broker, count)
-            client = make()
+            client = await make_async()
             await n.start(client.run)
         else:
             await n.start(client.run)

@@ -21,9 +21,10 @@ from gatewayd.core.broker import (
     hash_password,
     verify_password,
 )
-from gatewayd.core.mqtt import InboundMessage, MQTTClient
+from gatewayd.core.mqtt import InboundMessage
+from gatewayd.core.storage import Storage
 from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
-from gatewayd.testing.mqtt import add_device_account, device_client, gateway_mqtt_settings
+from gatewayd.testing.mqtt import add_device_account, device_client, gateway_client
 
 
 async def wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -89,14 +90,16 @@ async def test_hash_password_accepted_by_real_login_anonymous_refused(mqtt_broke
                 pass
 
 
-async def test_device_cannot_publish_to_another_devices_topic(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+async def test_device_cannot_publish_to_another_devices_topic(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
+) -> None:
     with trio.fail_after(15):
         got: list[InboundMessage] = []
 
         async def handler(msg: InboundMessage) -> None:
             got.append(msg)
 
-        client = MQTTClient(gateway_mqtt_settings(mqtt_broker))
+        client = await gateway_client(nursery, mqtt_storage, mqtt_broker)
         client.subscribe("dev/#", handler)
         await nursery.start(client.run)
         await wait_until(lambda: client.ready, "gateway subscribed")
@@ -112,9 +115,11 @@ async def test_device_cannot_publish_to_another_devices_topic(mqtt_broker: Manag
         assert [(m.topic, m.payload) for m in got] == [("dev/dev1/data", b"mine")]
 
 
-async def test_device_cannot_read_another_devices_cmd(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+async def test_device_cannot_read_another_devices_cmd(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
+) -> None:
     with trio.fail_after(15):
-        client = MQTTClient(gateway_mqtt_settings(mqtt_broker))
+        client = await gateway_client(nursery, mqtt_storage, mqtt_broker)
         await nursery.start(client.run)
         add_device_account(mqtt_broker, "dev1")
         u2, p2 = add_device_account(mqtt_broker, "dev2")
@@ -137,7 +142,7 @@ async def test_sighup_reload_keeps_clients_and_admits_new_account(
         async def handler(msg: InboundMessage) -> None:
             got.append(msg.payload)
 
-        client = MQTTClient(gateway_mqtt_settings(mqtt_broker))
+        client = await gateway_client(nursery, mqtt_storage, mqtt_broker)
         client.subscribe("dev/+/data", handler)
         await nursery.start(client.run)
         u1, p1 = add_device_account(mqtt_broker, "dev1")

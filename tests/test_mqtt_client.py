@@ -1,4 +1,4 @@
-"""MQTTClient against a real mosquitto: persistent sessions, manual ack, redelivery, publish."""
+"""MQTTClient against a real mosquitto: persistent sessions, acks after delivery, publish."""
 
 from __future__ import annotations
 
@@ -7,11 +7,10 @@ import signal
 from pathlib import Path
 from typing import Any, Callable
 
-import peewee
 import pytest
 import trio
 
-from gatewayd.core.broker import BrokerAccount, ManagedBroker, hash_password
+from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, hash_password
 from gatewayd.core.mqtt import (
     InboundMessage,
     MQTTClient,
@@ -20,12 +19,13 @@ from gatewayd.core.mqtt import (
     Rejected,
     RejectedMessage,
 )
+from gatewayd.core.storage import Storage, StorageUnavailable
 from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
 from gatewayd.testing.mqtt import (
     add_device_account,
     device_client,
     free_port,
-    gateway_mqtt_settings,
+    gateway_client,
     start_managed_broker,
 )
 
@@ -54,8 +54,9 @@ class Collector:
         return [m.payload for m in self.got]
 
 
-async def run_client(nursery: trio.Nursery, broker: ManagedBroker, handler: Any, **settings: Any) -> MQTTClient:
-    client = MQTTClient(gateway_mqtt_settings(broker, **settings))
+async def run_client(nursery: trio.Nursery, broker: ManagedBroker, handler: Any, mqtt_storage: Storage,
+                     **settings: Any) -> MQTTClient:
+    client = await gateway_client(nursery, mqtt_storage, broker, **settings)
     client.subscribe("dev/+/data", handler, owner="test")
     await nursery.start(client.run)
     await wait_until(lambda: client.ready)
@@ -64,30 +65,30 @@ async def run_client(nursery: trio.Nursery, broker: ManagedBroker, handler: Any,
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_messages_published_while_gateway_is_stopped_arrive_after_start(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery, protocol: str
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage, protocol: str
 ) -> None:
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
         first = Collector()
-        client = await run_client(nursery, mqtt_broker, first, protocol=protocol)  # creates the session
+        client = await run_client(nursery, mqtt_broker, first, mqtt_storage, protocol=protocol)  # creates the session
         await client.stop()
         async with device_client(mqtt_broker, user, password) as dev:
             for i in range(50):
                 await dev.publish("dev/dev1/data", b"%d" % i)
         second = Collector()
-        await run_client(nursery, mqtt_broker, second, protocol=protocol)
+        await run_client(nursery, mqtt_broker, second, mqtt_storage, protocol=protocol)
         await wait_until(lambda: len(second.got) == 50)
         assert first.got == []
         assert sorted(second.payloads()) == sorted(b"%d" % i for i in range(50))
 
 
 async def test_broker_killed_and_restarted_client_reconnects_and_resubscribes(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
     with trio.fail_after(20):
         user, password = add_device_account(mqtt_broker, "dev1")
         handler = Collector()
-        client = await run_client(nursery, mqtt_broker, handler)
+        client = await run_client(nursery, mqtt_broker, handler, mqtt_storage)
         async with device_client(mqtt_broker, user, password) as dev:
             for i in range(20):
                 await dev.publish("dev/dev1/data", b"before-%d" % i)
@@ -102,7 +103,9 @@ async def test_broker_killed_and_restarted_client_reconnects_and_resubscribes(
         assert {b"before-%d" % i for i in range(20)} | {b"after-%d" % i for i in range(20)} == set(handler.payloads())
 
 
-async def test_broker_stopped_and_restarted_keeps_queued_messages(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_broker_stopped_and_restarted_keeps_queued_messages(
+    tmp_path: Path, nursery: trio.Nursery, mqtt_storage: Storage
+) -> None:
     """A clean broker stop saves the gateway's session; what devices send while the
     gateway is away still arrives, even across a credential reload (deferred until the
     gateway's restored session has reconnected: see gatewayd.core.broker)."""
@@ -118,7 +121,7 @@ async def test_broker_stopped_and_restarted_keeps_queued_messages(tmp_path: Path
 
         broker = await nursery.start(first_broker)
         handler = Collector()
-        client = await run_client(nursery, broker, handler)
+        client = await run_client(nursery, broker, handler, mqtt_storage)
         await client.stop()
         scope.cancel()  # SIGTERM: mosquitto saves its persistence file
         await wait_until(lambda: broker.state == "stopped")
@@ -128,7 +131,7 @@ async def test_broker_stopped_and_restarted_keeps_queued_messages(tmp_path: Path
             user2, password2 = add_device_account(broker, "dev2")  # must not break the session
             assert broker.reload_pending
             await dev.publish("dev/dev1/data", b"queued-2")
-        await run_client(nursery, broker, handler)
+        await run_client(nursery, broker, handler, mqtt_storage)
         await wait_until(lambda: len(handler.got) == 2)
         await wait_until(lambda: not broker.reload_pending)  # applied once the gateway is back
         async with device_client(broker, user2, password2) as dev:
@@ -139,26 +142,15 @@ async def test_broker_stopped_and_restarted_keeps_queued_messages(tmp_path: Path
 
 
 async def test_rejected_message_is_acked_once_and_recorded(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery, tmp_path: Path
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
-    db = peewee.SqliteDatabase(str(tmp_path / "rejected.db"), check_same_thread=False)
-    RejectedMessage.bind(db)
-    db.create_tables([RejectedMessage])
-    lock = trio.Lock()
-
-    async def record_rejected(topic: str, payload: bytes, reason: str) -> None:
-        async with lock:
-            await trio.to_thread.run_sync(lambda: RejectedMessage.create(topic=topic, payload=payload, reason=reason))
-
     def poison(msg: InboundMessage) -> BaseException | None:
         return Rejected("payload is not JSON") if msg.payload == b"poison" else None
 
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
         handler = Collector(poison)
-        client = MQTTClient(gateway_mqtt_settings(mqtt_broker), record_rejected=record_rejected)
-        client.subscribe("dev/+/data", handler)
-        await nursery.start(client.run)
+        client = await run_client(nursery, mqtt_broker, handler, mqtt_storage)
         async with device_client(mqtt_broker, user, password) as dev:
             await dev.publish("dev/dev1/data", b"poison")
             await dev.publish("dev/dev1/data", b"good")
@@ -166,61 +158,77 @@ async def test_rejected_message_is_acked_once_and_recorded(
             await client.stop()
             # a new session connection: an unacked poison message would come back first
             handler2 = Collector(poison)
-            client2 = MQTTClient(gateway_mqtt_settings(mqtt_broker), record_rejected=record_rejected)
-            client2.subscribe("dev/+/data", handler2)
-            await nursery.start(client2.run)
+            client2 = await run_client(nursery, mqtt_broker, handler2, mqtt_storage)
             await dev.publish("dev/dev1/data", b"marker")
             await wait_until(lambda: handler2.got)
         assert handler2.payloads() == [b"marker"]
-        assert client.stats.rejected == 1 and client.stats.handler_errors == 0
-        rows = await trio.to_thread.run_sync(lambda: list(RejectedMessage.select()))
+        stats = client.pool.delivery.stats
+        assert stats.rejected == 1 and stats.handler_errors == 0
+        rows = await mqtt_storage.read(lambda: list(RejectedMessage.select()))
         assert [(r.topic, bytes(r.payload), r.reason) for r in rows] == [
             ("dev/dev1/data", b"poison", "payload is not JSON")
         ]
-    db.close()
+        assert client2.stats.reconnects == 0
 
 
-async def test_handler_failure_is_not_acked_and_comes_back_after_forced_reconnect(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+async def test_a_handler_that_crashes_gets_its_message_rejected_not_redelivered(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
-    storage_up = False
+    """A RecursionError on a hostile payload (issue 14: it wedged ingest in a reconnect loop)."""
 
-    def storage(msg: InboundMessage) -> BaseException | None:
-        return None if storage_up else RuntimeError("storage unavailable")
+    def crash(msg: InboundMessage) -> BaseException | None:
+        return RecursionError("maximum recursion depth exceeded") if msg.payload == b"[[[[" else None
 
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
-        handler = Collector(storage)
-        client = await run_client(nursery, mqtt_broker, handler, redeliver_after=0.3)
+        handler = Collector(crash)
+        client = await run_client(nursery, mqtt_broker, handler, mqtt_storage)
+        async with device_client(mqtt_broker, user, password) as dev:
+            await dev.publish("dev/dev1/data", b"[[[[")
+            await dev.publish("dev/dev1/data", b"next")
+        await wait_until(lambda: client.stats.acked == 2)
+        assert handler.payloads() == [b"[[[[", b"next"]  # ran once: never came back
+        assert client.pool.delivery.stats.handler_errors == 1
+        assert client.stats.reconnects == 0
+        rows = await mqtt_storage.read(lambda: [r.reason for r in RejectedMessage.select()])
+        assert rows == ["handler error: RecursionError: maximum recursion depth exceeded"]
+
+
+async def test_storage_that_cannot_write_holds_the_message_until_it_can(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
+) -> None:
+    failures = iter([StorageUnavailable("storage is not open")] * 2)
+
+    with trio.fail_after(15):
+        user, password = add_device_account(mqtt_broker, "dev1")
+        handler = Collector(lambda m: next(failures, None))
+        client = await run_client(nursery, mqtt_broker, handler, mqtt_storage)
         async with device_client(mqtt_broker, user, password) as dev:
             await dev.publish("dev/dev1/data", b"reading")
-        await wait_until(lambda: client.stats.handler_errors >= 1)
-        assert client.stats.acked == 0
-        storage_up = True
         await wait_until(lambda: client.stats.acked == 1)
-        assert client.stats.forced_reconnects >= 1
-        assert handler.payloads()[-1] == b"reading" and handler.got[-1].dup
+        assert handler.payloads() == [b"reading"] * 3  # tried until storage took it
+        assert client.pool.delivery.stats.storage_waits == 2
 
 
-async def test_handler_failure_comes_back_after_gateway_restart(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+async def test_unwritable_storage_leaves_the_message_for_the_next_run(
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
-        failing = Collector(lambda m: RuntimeError("storage unavailable"))
-        client = await run_client(nursery, mqtt_broker, failing, redeliver_after=0)  # no forced reconnect
+        failing = Collector(lambda m: StorageUnavailable("storage is not open"))
+        client = await run_client(nursery, mqtt_broker, failing, mqtt_storage)
         async with device_client(mqtt_broker, user, password) as dev:
             await dev.publish("dev/dev1/data", b"reading")
-        await wait_until(lambda: client.stats.handler_errors == 1)
-        await client.stop()
-        assert client.stats.acked == 0 and client.stats.forced_reconnects == 0
+        await wait_until(lambda: failing.got)
+        await client.stop(grace=0.2)
+        assert client.stats.acked == 0
         working = Collector()
-        client2 = await run_client(nursery, mqtt_broker, working)
+        client2 = await run_client(nursery, mqtt_broker, working, mqtt_storage)
         await wait_until(lambda: client2.stats.acked == 1)
-        assert working.payloads() == [b"reading"]
+        assert working.payloads() == [b"reading"] and working.got[0].dup
 
 
-async def test_handlers_run_concurrently(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+async def test_handlers_run_concurrently(mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage) -> None:
     """Group commit needs many messages in flight at once: 20 handlers must block together."""
     gate = trio.Event()
     inside = 0
@@ -234,7 +242,7 @@ async def test_handlers_run_concurrently(mqtt_broker: ManagedBroker, nursery: tr
 
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
-        client = await run_client(nursery, mqtt_broker, handler)
+        client = await run_client(nursery, mqtt_broker, handler, mqtt_storage)
         async with device_client(mqtt_broker, user, password) as dev:
             for i in range(20):
                 await dev.publish("dev/dev1/data", b"%d" % i)
@@ -242,13 +250,13 @@ async def test_handlers_run_concurrently(mqtt_broker: ManagedBroker, nursery: tr
 
 
 async def test_publish_returns_after_puback_and_raises_when_refused(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
     with trio.fail_after(15):
         user, password = add_device_account(mqtt_broker, "dev1")
         async with device_client(mqtt_broker, user, password) as dev:
             await dev.subscribe("dev/dev1/cmd")
-            client = MQTTClient(gateway_mqtt_settings(mqtt_broker))
+            client = await gateway_client(nursery, mqtt_storage, mqtt_broker)
             await nursery.start(client.run)
             await client.publish("dev/dev1/cmd", b"reboot")
             assert client.stats.publishes == 1
@@ -256,23 +264,23 @@ async def test_publish_returns_after_puback_and_raises_when_refused(
             assert dev.received[0].payload == b"reboot"
         # a device account may not publish on dev2's topic: the MQTT 5 PUBACK says so
         # (MQTT 3.1.1 has no way to say it: mosquitto acknowledges and drops)
-        restricted = MQTTClient(
-            gateway_mqtt_settings(
-                mqtt_broker, client_id="as-dev1", username=user, password=password, status_topic=None
-            )
+        restricted = await gateway_client(
+            nursery, mqtt_storage, mqtt_broker, client_id="as-dev1", username=user, password=password, status_topic=None
         )
         await nursery.start(restricted.run)
         with pytest.raises(PublishError, match="Not authorized"):
             await restricted.publish("dev/dev2/data", b"x")
 
 
-async def test_first_attempt_is_bounded_when_broker_is_down(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_first_attempt_is_bounded_when_broker_is_down(
+    tmp_path: Path, nursery: trio.Nursery, mqtt_storage: Storage
+) -> None:
     with trio.fail_after(15):
         port = free_port()
         got = Collector()
         settings = dict(host="127.0.0.1", port=port, client_id="gw", reconnect_min=0.05, reconnect_max=0.2)
         probe = ManagedBroker(tmp_path / "m", port=port)
-        client = MQTTClient(gateway_mqtt_settings(probe, **settings))
+        client = await gateway_client(nursery, mqtt_storage, probe, **settings)
         client.subscribe("dev/+/data", got)
         await nursery.start(client.run)  # returns although nothing listens
         assert not client.connected and "failed" in (client.stats.last_error or "")
@@ -286,13 +294,16 @@ async def test_first_attempt_is_bounded_when_broker_is_down(tmp_path: Path, nurs
         await wait_until(lambda: got.got)
 
 
-async def test_status_topic_online_then_offline(mqtt_broker: ManagedBroker, nursery: trio.Nursery) -> None:
+async def test_status_topic_online_then_offline(tmp_path: Path, nursery: trio.Nursery, mqtt_storage: Storage) -> None:
+    # The watcher needs an account of its own: a second login as the gateway would take
+    # over the gateway's session (mosquitto binds client ids to usernames).
+    broker = await start_managed_broker(nursery, tmp_path / "m", acl_templates=[AclTemplate("gatewayd/#", "read")])
     with trio.fail_after(15):
-        gw_user, gw_password = mqtt_broker.gateway_credentials()
-        client = MQTTClient(gateway_mqtt_settings(mqtt_broker, status_topic="gatewayd/status"))
+        user, password = add_device_account(broker, "watcher")
+        client = await gateway_client(nursery, mqtt_storage, broker, status_topic="gatewayd/status")
         await nursery.start(client.run)
         await client.publish("gatewayd/ping", b"", qos=1)  # after our status publish
-        async with device_client(mqtt_broker, gw_user, gw_password, client_id="watcher") as watcher:
+        async with device_client(broker, user, password) as watcher:
             await watcher.subscribe("gatewayd/status")
             await wait_until(lambda: watcher.received)
             assert watcher.received[0].payload == b"online" and watcher.received[0].retain
@@ -303,7 +314,7 @@ async def test_status_topic_online_then_offline(mqtt_broker: ManagedBroker, nurs
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 async def test_burst_of_mixed_sizes_arrives_intact(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery, protocol: str
+    mqtt_broker: ManagedBroker, nursery: trio.Nursery, mqtt_storage: Storage, protocol: str
 ) -> None:
     """The client reads the socket in large chunks and parses packets out of them: packets
     that straddle a chunk, and payloads larger than a chunk, must come out whole."""
@@ -312,10 +323,10 @@ async def test_burst_of_mixed_sizes_arrives_intact(
     got = Collector()
     with trio.fail_after(30):
         user, password = add_device_account(mqtt_broker, "dev1")
-        client = await run_client(nursery, mqtt_broker, got, protocol=protocol)
+        client = await run_client(nursery, mqtt_broker, got, mqtt_storage, protocol=protocol)
         async with device_client(mqtt_broker, user, password) as dev:
             for p in payloads:
                 await dev.publish("dev/dev1/data", p)
         await wait_until(lambda: client.stats.acked == len(payloads))
     assert sorted(got.payloads()) == sorted(payloads)
-    assert client.stats.handler_errors == 0
+    assert client.pool.delivery.stats.handler_errors == 0

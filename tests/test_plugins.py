@@ -243,7 +243,7 @@ async def test_hook_mqtt_topics(gateway_factory):
                 await dev.publish("everything/dev2/reading", b'{"value": 99}')  # not its topic: ACL drops it
                 while await gw.storage.read(lambda: plugin_everything.Reading.select().count()) < 1:
                     await trio.sleep(0.05)
-                while gw.mqtt.client.stats.rejected < 1:
+                while gw.mqtt.delivery.stats.rejected < 1:
                     await trio.sleep(0.05)
             finally:
                 await trio.to_thread.run_sync(dev.close)

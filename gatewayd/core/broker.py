@@ -191,6 +191,7 @@ class ManagedBroker:
         autosave_interval: int = 10,
         max_queued_messages: int = 100_000,
         max_inflight_messages: int = 256,
+        max_packet_size: int = 0,
         startup_timeout: float = 10.0,
         reload_hold_max: float = 120.0,
         restart_min: float = 0.5,
@@ -204,6 +205,7 @@ class ManagedBroker:
         self.autosave_interval = autosave_interval
         self.max_queued_messages = max_queued_messages
         self.max_inflight_messages = max_inflight_messages
+        self.max_packet_size = max_packet_size
         self.startup_timeout = startup_timeout
         self.reload_hold_max = reload_hold_max
         self.restart_min = restart_min
@@ -246,12 +248,6 @@ class ManagedBroker:
     def add_account(self, account: BrokerAccount) -> None:
         """Add or replace one device account (and reload)."""
         self.set_accounts([*(a for a in self._accounts.values() if a.username != account.username), account])
-
-    def set_acl_templates(self, templates: Sequence[AclTemplate]) -> None:
-        """Replace the ACL patterns devices get; rewrites acl and reloads."""
-        self._templates = tuple(templates)
-        self._write_credentials()
-        self.reload()
 
     def reload(self) -> None:
         """SIGHUP mosquitto so it re-reads passwd and acl; connected clients stay.
@@ -305,6 +301,7 @@ class ManagedBroker:
             # What devices publish while the gateway is down waits here for it.
             f"max_queued_messages {self.max_queued_messages}",
             f"max_inflight_messages {self.max_inflight_messages}",
+            *([f"max_packet_size {self.max_packet_size}"] if self.max_packet_size else []),
             # As root mosquitto would switch to user 'mosquitto' and could not read
             # the 0600 files we wrote: stay who we are.
             f"user {getpass.getuser()}",
@@ -315,7 +312,16 @@ class ManagedBroker:
             "log_type information",
             "log_timestamp false",
             "connection_messages true",
+            # Listener options from here on: before the first 'listener' line, mosquitto
+            # would open a default listener on port 1883 of every interface for them.
             f"listener {self.port} {self.host}",
+            # A client's id is its username: a device cannot take over the gateway's
+            # session or another device's by connecting under its client id.
+            "use_username_as_clientid true",
+            # The gateway's edge reads topic names off device PUBLISHes; with aliases it
+            # would have to track each connection's alias table (a device using one is
+            # told it is not allowed).
+            "max_topic_alias 0",
             "",
         ]
         _write_atomic(self.conf_path, "\n".join(lines), 0o644)

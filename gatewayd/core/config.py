@@ -89,6 +89,14 @@ class MqttSection:
     client_id: str = ""
     keepalive_s: int = 30
     mosquitto: str = "mosquitto"
+    broker_port: int = 0
+    max_packet_bytes: int = 1048576
+
+    def validate(self) -> None:
+        if not 0 <= self.broker_port < 65536:
+            raise ConfigError("broker_port", f"must be a TCP port (0: a free loopback port), got {self.broker_port}")
+        if not 1024 <= self.max_packet_bytes <= 268435455:
+            raise ConfigError("max_packet_bytes", f"must be 1024 .. 268435455 (MQTT's limit), got {self.max_packet_bytes}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
+from .delivery_marks import current_mark
 from .storage import StorageError
 from .sync.protocol import CLASS_PRIORITY, CLASSES, compact_json_encoder
 
@@ -175,6 +176,11 @@ class Ingest:
 
     async def _store(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
         outbox = self._outbox
+        mark = current_mark.get()
+        if mark is not None:
+            # Called from an MQTT handler: the message's mark commits with its records,
+            # so a redelivery after a crash is recognised (core/delivery_marks.py).
+            family_rows = _with_mark(mark.write, family_rows)
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
@@ -183,3 +189,11 @@ class Ingest:
         await outbox.after_store(dropped, stamped)
         return Ingested(ids, result)
 
+
+
+def _with_mark(write_mark: Callable[[], None], family_rows: Callable[[], Any] | None) -> Callable[[], Any]:
+    def rows() -> Any:
+        write_mark()
+        return family_rows() if family_rows is not None else None
+
+    return rows

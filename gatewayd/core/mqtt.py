@@ -8,28 +8,26 @@ a worker thread, bounded by ``connect_timeout``, while nothing else touches the 
 
 Delivery contract (the product's first rule, "nothing acknowledged before committed"):
 
-- The client subscribes at QoS 1 with ``manual_ack=True``. An inbound message is
-  PUBACKed only after every matching handler returned, i.e. after the handler's ingest
-  was committed. Handlers run concurrently (at most ``max_in_flight``, which is also
-  the MQTT 5 Receive Maximum) so the storage layer's group commit can batch them.
-- A handler raising :class:`Rejected` (bad input) gets the message acknowledged (a
-  poison message must not come back forever), counted and passed to
-  ``record_rejected(topic, payload, reason)``.
-- Any other exception (storage down...) leaves the message unacknowledged. Brokers
-  redeliver unacknowledged QoS 1 messages only when the session reconnects (MQTT 3.1.1
-  4.4; MQTT 5 forbids resending on the same connection), so after a failure the client
-  reconnects on purpose, ``redeliver_after`` seconds later (doubling while failures go
-  on): otherwise the message would only come back at the next network blip, and the
-  unacknowledged messages would use up the broker's in-flight window and stall all
-  delivery. Before that reconnect it stops taking new messages and lets the handlers in
-  flight finish, so their acks still go out on the connection they came from.
-- An ack is only ever sent on the connection its message arrived on: packet ids are
-  reused, so a late ack on a newer connection could acknowledge a different message.
+- The client subscribes at QoS 1 with ``manual_ack=True``. An inbound message goes to
+  the shared :class:`~gatewayd.core.mqtt_delivery.DeliveryPool` and is PUBACKed once its
+  verdict is in: after its handlers' writes were committed, or after it was rejected and
+  recorded (:mod:`.mqtt_delivery` says which is which). Deliveries run concurrently (at
+  most the pool's size, also the MQTT 5 Receive Maximum) so the storage layer's group
+  commit can batch them; the reader stops reading while the pool is full.
+- Only storage that cannot take a write holds a message back: the delivery retries it
+  while it keeps its slot. Nothing is left unacknowledged on purpose, so nothing needs
+  a reconnect to be redelivered.
+- An ack is only ever sent on the connection its message arrived on (:mod:`.mqtt_dispatch`).
 - The session is persistent (stable client id; clean session off / MQTT 5 session
-  expiry), so what devices publish while the gateway is down waits in the broker.
+  expiry), so what is published while the gateway is down waits in the broker.
 - Handlers run concurrently, so messages are not handled in arrival order (readings
   carry their own timestamps). Subscriptions are capped at QoS 1: with QoS 2 paho
   answers PUBREC before the handler runs, and the broker then counts it delivered.
+
+With the managed broker, devices do not talk to mosquitto directly: they connect to the
+gateway's edge (:mod:`.mqtt_edge`), which handles the gateway's own topics itself. This
+client then carries what mosquitto itself publishes (devices' last wills) and what local
+clients publish; with an external broker it carries everything.
 
 The delivery side lives in :mod:`gatewayd.core.mqtt_dispatch`. Private paho 2.x names
 are used where paho's public API costs most of the throughput, each guarded (without
@@ -53,18 +51,17 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Awaitable, Callable, Hashable, Literal, NamedTuple
+from typing import Any, Hashable, Literal
 
 import paho.mqtt.client as paho
-import peewee
 import trio
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .mqtt_dispatch import InboundDispatcher
+from .mqtt_delivery import DeliveryPool, InboundMessage, MessageHandler, Rejected, RejectedMessage
+from .mqtt_dispatch import BrokerAcks
 from .mqtt_fastpath import FastPublish, ReadBuffer
 from .topics import Subscription, TopicRouter, validate_topic
 
@@ -76,7 +73,6 @@ __all__ = [
     "MessageHandler",
     "PublishError",
     "PublishTimeout",
-    "RecordRejected",
     "Rejected",
     "RejectedMessage",
     "TLSSettings",
@@ -120,22 +116,8 @@ class MQTTSettings:
     connect_timeout: float = 5.0
     first_connect_timeout: float = 5.0
     publish_timeout: float = 10.0
-    max_in_flight: int = 256  # concurrent inbound handlers; MQTT 5 Receive Maximum
+    max_in_flight: int = 256  # MQTT 5 Receive Maximum (the delivery pool's size)
     # (with 3.1.1 the broker's own limit applies: ManagedBroker sets mosquitto's to 256)
-    redeliver_after: float = 5.0  # 0: never reconnect on purpose after handler errors
-    drain_timeout: float = 5.0
-
-
-class Rejected(Exception):
-    """Raised by a handler for input that will never be acceptable.
-
-    The message is acknowledged (so it does not come back), counted, and recorded
-    through ``record_rejected``.
-    """
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class PublishError(Exception):
@@ -146,48 +128,17 @@ class PublishTimeout(PublishError):
     """No connection, or no PUBACK, within the publish timeout."""
 
 
-class InboundMessage(NamedTuple):
-    """What a handler receives (independent of paho). A NamedTuple: made per message."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    dup: bool
-
-
-MessageHandler = Callable[[InboundMessage], Awaitable[None]]
-RecordRejected = Callable[[str, bytes, str], Awaitable[None]]
-
-
-class RejectedMessage(peewee.Model):
-    """A message a handler rejected. Unbound: the core binds it to its database."""
-
-    topic = peewee.TextField()
-    payload = peewee.BlobField()
-    reason = peewee.TextField()
-    received_at = peewee.FloatField(default=time.time, index=True)  # unix seconds
-
-    class Meta:
-        table_name = "core_mqtt_rejected"
-        database = None
-
-
 @dataclass
 class MQTTStats:
     """Counters for /metrics; ``last_error`` for /health."""
 
     received: int = 0
     acked: int = 0
-    rejected: int = 0
-    handler_errors: int = 0
-    unrouted: int = 0
-    deferred: int = 0  # arrived while draining before a reconnect: left for redelivery
-    stale_acks: int = 0  # handler finished after its connection was gone: not acked
+    deferred: int = 0  # arrived while stopping: left unacknowledged for the next run
+    stale_acks: int = 0  # decided after its connection was gone: the broker sends it again
     publishes: int = 0
     publish_errors: int = 0
     reconnects: int = 0
-    forced_reconnects: int = 0
     last_error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -205,48 +156,39 @@ class _PubWaiter:
 _OK = MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
+class _NoPool:
+    full = False
+
+
+_NO_POOL = _NoPool()
+
+
 class MQTTClient:
     """The gateway's one MQTT connection: subscribe through the router, publish with PUBACK.
 
-    ``router`` holds the handlers (plugins add theirs before ``run``; :meth:`subscribe`
-    also works while connected). ``record_rejected`` stores rejected messages (the core
-    wires it to :class:`RejectedMessage`).
+    Messages are delivered by ``pool`` (run by whoever made it), whose router holds the
+    handlers: plugins add theirs before ``run``; :meth:`subscribe` also works while
+    connected. A client without a pool only publishes (the upstream MQTT sink).
     """
 
-    def __init__(
-        self,
-        settings: MQTTSettings,
-        logger: logging.Logger | None = None,
-        *,
-        router: TopicRouter[MessageHandler] | None = None,
-        record_rejected: RecordRejected | None = None,
-    ) -> None:
+    def __init__(self, settings: MQTTSettings, pool: DeliveryPool | None = None,
+                 logger: logging.Logger | None = None) -> None:
         self.settings = settings
         self.log = logger or log
-        self.router: TopicRouter[MessageHandler] = router if router is not None else TopicRouter()
+        self.pool = pool
+        self.router: TopicRouter[MessageHandler] = pool.delivery.router if pool is not None else TopicRouter()
         self.stats = MQTTStats()
         self.connected = False
         self._client = self._make_client()
-        self._inbound = InboundDispatcher(
-            self._client,
-            self.router,
-            self.stats,
-            self.log,
-            max_in_flight=settings.max_in_flight,
-            record_rejected=record_rejected,
-            on_failure=self._handler_failed,
-        )
-        self._generation = 0  # one per connection attempt; acks only go to their own
+        self._acks = BrokerAcks(self._client, self.stats)
+        self._acks.close()  # none before the first connection
+        self._paused = False  # stopping: new arrivals stay unacknowledged
         self._run_scope: trio.CancelScope | None = None
         self._want_write = trio.Event()
         self._connected_event = trio.Event()
         self._ready = trio.Event()
         self._first_attempt = trio.Event()
         self._stopped = trio.Event()
-        self._redeliver = trio.Event()
-        self._redeliver_delay = settings.redeliver_after
-        self._acked_before_redeliver = -1
-        self._stopping = False
         self._leaving = False
         self._ever_connected = False
         self._suback_pending: dict[int, list[str]] = {}
@@ -271,8 +213,8 @@ class MQTTClient:
 
     @property
     def in_flight(self) -> int:
-        """Inbound messages whose handlers are running."""
-        return self._inbound.in_flight
+        """Inbound messages being delivered (by this client and the edge: the pool is shared)."""
+        return self.pool.in_flight if self.pool is not None else 0
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -323,7 +265,6 @@ class MQTTClient:
         """Connect, subscribe, dispatch and reconnect until cancelled or :meth:`stop`."""
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(self._inbound.run)
                 self._run_scope = nursery.cancel_scope
                 nursery.start_soon(self._connection_loop)
                 with trio.move_on_after(self.settings.first_connect_timeout):
@@ -343,10 +284,11 @@ class MQTTClient:
                 self._stopped.set()
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Stop taking messages, let running handlers finish (up to ``grace``), disconnect."""
-        self._stopping = self._inbound.paused = True
-        with trio.move_on_after(grace):
-            await self._inbound.drain()
+        """Stop taking messages, let running deliveries finish (up to ``grace``), disconnect."""
+        self._paused = True
+        if self.pool is not None:
+            with trio.move_on_after(grace):
+                await self.pool.drain()
         if self._run_scope is not None:
             self._run_scope.cancel()
             await self._stopped.wait()
@@ -359,13 +301,6 @@ class MQTTClient:
         if self.connected:
             self._send_subscribe({topic_filter: self.router.filters()[topic_filter]})
         return sub
-
-    def unsubscribe_owner(self, owner: Hashable) -> None:
-        """Drop ``owner``'s routes; unsubscribes filters nobody routes any more."""
-        gone = {s.filter for s in self.router.remove_owner(owner)} - set(self.router.filters())
-        if gone and self.connected:
-            self._client.unsubscribe(sorted(gone))
-            self._kick_writer()
 
     async def publish(
         self,
@@ -424,8 +359,6 @@ class MQTTClient:
         while True:
             outcome = await self._connect_and_serve()
             self._first_attempt.set()
-            if outcome == "redeliver":
-                continue  # on purpose: come straight back for the redelivery
             if outcome == "lost":
                 delay = self.settings.reconnect_min
             pause = delay * random.uniform(0.75, 1.25)
@@ -435,10 +368,7 @@ class MQTTClient:
 
     async def _connect_and_serve(self) -> str:
         s = self.settings
-        self._generation += 1
         self._ready = trio.Event()
-        self._redeliver = trio.Event()
-        self._inbound.paused = self._stopping
         try:
             # paho's connect (getaddrinfo, TCP, TLS handshake) blocks; nothing else uses
             # the client meanwhile: publish waits for `connected`, acks check generation.
@@ -456,14 +386,14 @@ class MQTTClient:
             return "failed"
         if self._rbuf is not None:
             self._rbuf.clear()
+        self._acks = BrokerAcks(self._client, self.stats)  # acks of this connection only
         outcome = ["failed"]
         async with trio.open_nursery() as conn:
             conn.start_soon(self._reader, sock, conn.cancel_scope)
             conn.start_soon(self._writer, sock, conn.cancel_scope)
             conn.start_soon(self._keepalive, sock, conn.cancel_scope)
             conn.start_soon(self._watch_ready, conn.cancel_scope, outcome)
-            conn.start_soon(self._watch_redelivery, conn.cancel_scope, outcome)
-            conn.start_soon(self._ack_sender)
+            conn.start_soon(self._ack_sender, self._acks)
         self._drop_socket()
         self._connection_ended("connection closed")
         return outcome[0]
@@ -471,10 +401,11 @@ class MQTTClient:
     async def _reader(self, sock: Any, scope: trio.CancelScope) -> None:
         tls = isinstance(sock, ssl.SSLSocket)
         rbuf = self._rbuf
+        pool = self.pool or _NO_POOL
         try:
             while True:
-                while self._inbound.full:
-                    await self._inbound.wait_slot()  # backpressure: stop reading, let handlers catch up
+                while pool.full:
+                    await pool.wait_slot()  # backpressure: stop reading, let deliveries catch up
                 # Bytes already read (ours, or TLS's decrypted ones) would not wake us.
                 if rbuf is not None and rbuf.pending:
                     await trio.lowlevel.checkpoint()
@@ -485,7 +416,7 @@ class MQTTClient:
                 for _ in range(64):
                     before = self._packets
                     rc = self._client.loop_read()
-                    if rc != _OK or self._packets == before or self._inbound.full:
+                    if rc != _OK or self._packets == before or pool.full:
                         break
                 self._kick_writer()
                 if rc != _OK or self._client.socket() is not sock:
@@ -529,34 +460,12 @@ class MQTTClient:
         self._note_error(f"no CONNACK/SUBACK within {self.settings.connect_timeout:g} s")
         scope.cancel()
 
-    async def _watch_redelivery(self, scope: trio.CancelScope, outcome: list[str]) -> None:
-        await self._redeliver.wait()
-        if self.stats.acked != self._acked_before_redeliver:
-            self._redeliver_delay = self.settings.redeliver_after  # it worked in between
-        delay = self._redeliver_delay
-        self.log.warning("handler failures: reconnecting in %.0f s so the broker redelivers", delay)
-        await trio.sleep(delay)
-        self._redeliver_delay = min(delay * 2, max(self.settings.redeliver_after, 60.0))
-        self._inbound.paused = True  # new arrivals stay unacked and come back after the reconnect
-        with trio.move_on_after(self.settings.drain_timeout):
-            await self._inbound.drain()
-        self._inbound.send_acks()
-        self._acked_before_redeliver = self.stats.acked
-        self.stats.forced_reconnects += 1
-        outcome[0] = "redeliver"
-        self._leaving = True
-        self._client.disconnect()  # clean DISCONNECT: session kept, no last will
-        with trio.move_on_after(1):
-            while self._client.want_write() and self._client.socket() is not None:
-                await trio.sleep(0.01)
-        scope.cancel()
-
     async def _goodbye(self) -> None:
         # A clean DISCONNECT suppresses the last will, so say "offline" ourselves.
         sock = self._client.socket()
         if not self.connected or sock is None:
             return
-        self._inbound.send_acks()
+        self._acks.send()
         if self.settings.status_topic:
             self._client.publish(self.settings.status_topic, "offline", qos=1, retain=True)
         self._leaving = True
@@ -580,7 +489,7 @@ class MQTTClient:
 
     def _connection_ended(self, why: str) -> None:
         if self.connected:
-            # Our own DISCONNECT (shutdown, redelivery) is news, not a problem.
+            # Our own DISCONNECT (shutdown) is news, not a problem.
             level = logging.INFO if self._leaving else logging.WARNING
             self.log.log(level, "MQTT disconnected from %s:%d: %s", self.settings.host, self.settings.port, why)
         self._leaving = False
@@ -592,7 +501,7 @@ class MQTTClient:
             waiter.done.set()
         self._pub_waiters.clear()
         self._suback_pending.clear()
-        self._inbound.connection_down()
+        self._acks.close()
 
     # --- paho callbacks (all on the trio thread, inside loop_read/loop_write) -------------
 
@@ -604,7 +513,6 @@ class MQTTClient:
             self.stats.reconnects += 1
         self._ever_connected = True
         self.connected = True
-        self._inbound.connection_up(self._generation)
         self._connected_event.set()
         self.log.info(
             "MQTT connected to %s:%d as %r (session present: %s)",
@@ -656,16 +564,24 @@ class MQTTClient:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         self._packets += 1
         self.stats.received += 1
-        self._inbound.submit(msg, self._generation)
+        if self.pool is None:  # a publishing client subscribed nothing: nothing to deliver
+            self._acks.reply(msg.mid if msg.qos else None, "unrouted")
+            return
+        if self._paused or not self.pool.running:
+            self.stats.deferred += 1  # not acked: the broker gives it back to the next run
+            return
+        packet_id = msg.mid if msg.qos else None
+        try:
+            topic = msg.topic
+        except UnicodeDecodeError:  # mosquitto checks UTF-8; another broker may not
+            topic = msg._topic.decode("utf-8", "replace")
+        message = InboundMessage(topic, msg.payload, msg.qos, bool(msg.retain), bool(msg.dup))
+        self.pool.submit(message, "broker", packet_id, self._acks.reply)
 
-    def _handler_failed(self) -> None:
-        if self.settings.redeliver_after > 0:
-            self._redeliver.set()
-
-    async def _ack_sender(self) -> None:
+    async def _ack_sender(self, acks: BrokerAcks) -> None:
         while True:
-            await self._inbound.acks_due()
-            self._inbound.send_acks()
+            await acks.due()
+            acks.send()
             self._kick_writer()
 
     # --- small helpers --------------------------------------------------------------------

@@ -1,8 +1,11 @@
-"""The gateway's MQTT side, assembled: managed broker, client, plugin topics, accounts.
+"""The gateway's MQTT side, assembled: delivery, managed broker, client, edge, accounts.
 
-Start order: plugins declare topics and ACL templates (`gatewayd_mqtt_topics`), then
-the managed mosquitto starts with every device account from the registry, then the
-client connects with the gateway's own account and subscribes every plugin's filters.
+Start order: plugins declare topics and ACL templates (`gatewayd_mqtt_topics`); the
+delivery pool starts (it runs every plugin handler, whoever received the message); the
+managed mosquitto starts on a private loopback port with every device account from the
+registry; the gateway's own client connects to it and subscribes every plugin filter;
+then the device-facing edge (:mod:`.mqtt_edge`) starts listening on `mqtt.listen`.
+With an external broker there is no mosquitto and no edge: the client gets everything.
 Device credential changes rewrite mosquitto's password file and reload it (SIGHUP).
 """
 
@@ -11,14 +14,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import socket
+
 import trio
+from playhouse.migrate import migrate
 
 from .broker import AclTemplate, BrokerAccount, ManagedBroker
+from .delivery_marks import DeliveryMarks
 from .health import ComponentState, Health
 from .logs import get_logger
 from .metrics import Metrics, Sample
-from .mqtt import InboundMessage, MessageHandler, MQTTClient, MQTTSettings, Rejected, RejectedMessage, TLSSettings
+from .mqtt import MQTTClient, MQTTSettings, TLSSettings
+from .mqtt_delivery import Delivery, DeliveryPool, InboundMessage, MessageHandler, Rejected, RejectedMessage
+from .mqtt_edge import DeviceEdge, WriteAcl
 from .storage import SchemaSpec, Storage
+from .topics import TopicRouter
 
 if TYPE_CHECKING:
     from .config import Config
@@ -27,6 +37,9 @@ if TYPE_CHECKING:
 __all__ = ["MQTTService", "TopicRegistry", "PluginMQTT", "MQTTUnavailable", "InboundMessage", "Rejected"]
 
 log = get_logger("gatewayd.mqtt")
+
+#: How long /health reports MQTT "degraded" after a handler raised an unexpected error.
+HANDLER_ERROR_HOLD_S = 300.0
 
 
 class MQTTUnavailable(Exception):
@@ -51,9 +64,11 @@ class TopicRegistry:
     def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
         """Route messages matching `topic_filter` (`+`, `#` wildcards) to `await handler(msg)`.
 
-        The message is acknowledged (PUBACK) when the handler returns; raise
-        `Rejected(reason)` for bad input (acked, counted, kept in core_mqtt_rejected);
-        any other exception leaves it unacknowledged so the broker delivers it again.
+        The message is acknowledged (PUBACK) when the handler returns, i.e. after what
+        it wrote was committed. Raise `Rejected(reason)` for bad input: acknowledged,
+        counted, kept in core_mqtt_rejected with the reason. Any other exception is
+        treated the same way (and logged as a handler error), except `StorageFull` /
+        `StorageUnavailable`: the message then stays unacknowledged and is tried again.
         """
         from .topics import validate_filter
 
@@ -100,6 +115,11 @@ class MQTTService:
         self.devices = devices
         self.broker: ManagedBroker | None = None
         self.client: MQTTClient | None = None
+        self.edge: DeviceEdge | None = None
+        self.router: TopicRouter[MessageHandler] = TopicRouter()
+        self.marks = DeliveryMarks(storage)
+        self.delivery = Delivery(self.router, storage, marks=self.marks)
+        self.pool = DeliveryPool(self.delivery, size=256)
         self.registries: list[TopicRegistry] = []
         self._families: set[str] = set()
         self._accounts_lock = trio.Lock()
@@ -124,35 +144,46 @@ class MQTTService:
             self._families.add(registry.plugin)
 
     async def start(self, nursery: trio.Nursery) -> None:
-        """Start the broker (managed) and the client; returns once both are ready or retrying."""
-        mode = self.config.mqtt.broker
-        if mode == "off":
+        """Start delivery, the broker and client, and the edge; returns once each is ready
+        (the client may still be retrying an unreachable external broker)."""
+        m = self.config.mqtt
+        if m.broker == "off":
             log.info("MQTT is off (mqtt.broker = \"off\")")
             return
-        await trio.to_thread.run_sync(self.storage.install, SchemaSpec("core_mqtt", [RejectedMessage]))
-        if mode == "managed":
-            listen = self.config.mqtt.listen
+        await trio.to_thread.run_sync(self.storage.install, _REJECTED_SCHEMA)
+        await trio.to_thread.run_sync(self.marks.install)
+        await nursery.start(self.marks.run)
+        await nursery.start(self.pool.run)
+        templates = [t for r in self.registries for t in r.acls]
+        if m.broker == "managed":
             self.broker = ManagedBroker(
                 self.config.data_dir / "mosquitto",
-                host=listen.host,
-                port=listen.port,
-                acl_templates=[t for r in self.registries for t in r.acls],
+                host="127.0.0.1",  # private: devices reach it through the edge only
+                port=m.broker_port or _free_loopback_port(),
+                acl_templates=templates,
                 accounts=await self._accounts(),
-                mosquitto=self.config.mqtt.mosquitto,
+                mosquitto=m.mosquitto,
+                max_packet_size=m.max_packet_bytes,
             )
             await nursery.start(self.broker.run)
             if self.broker.state == "unavailable":
                 return  # logged by the broker with the install command; HTTP etc. run on
             self.devices.registry.on_credentials_changed = self._credentials_changed
-        self.client = MQTTClient(self._settings(), record_rejected=self._record_rejected)
         for registry in self.registries:
             for sub in registry.subscriptions:
-                self.client.subscribe(sub.filter, sub.handler, qos=sub.qos, owner=registry.plugin)
+                self.router.add(sub.filter, sub.handler, qos=sub.qos, owner=registry.plugin)
+        self.client = MQTTClient(self._settings(), self.pool)
         self.devices.commands.publish = lambda topic, payload: self.client.publish(topic, payload, qos=1)
         await nursery.start(self.client.run)
+        if self.broker is not None:
+            self.edge = DeviceEdge(m.listen, (self.broker.host, self.broker.port), self.pool, WriteAcl(templates),
+                                   max_packet=m.max_packet_bytes)
+            await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
 
     async def stop_accepting(self, grace: float) -> None:
-        """Shutdown step: stop taking messages and let running handlers finish."""
+        """Shutdown step: devices first (what is in flight is acknowledged), then the client."""
+        if self.edge is not None:
+            await self.edge.stop(grace)
         if self.client is not None:
             await self.client.stop(grace)
 
@@ -162,11 +193,11 @@ class MQTTService:
         status = f"gatewayd/{self.config.gateway.id}/status"
         if m.broker == "managed":
             username, password = self.broker.gateway_credentials()
-            host = "127.0.0.1" if m.listen.host in ("0.0.0.0", "::", "") else m.listen.host
             # MQTT 3.1.1 on our own broker: paho decodes MQTT 5 properties on every message,
             # about half the inbound rate (bench/mqtt_bench.py); and 3.1.1's silent drop of
             # a publish the ACL refuses can't bite here, the gateway's account may do anything.
-            return MQTTSettings(host=host, port=m.listen.port, client_id=client_id, username=username,
+            # (mosquitto replaces the client id by the username: use_username_as_clientid.)
+            return MQTTSettings(host=self.broker.host, port=self.broker.port, client_id=client_id, username=username,
                                 password=password, keepalive=m.keepalive_s, status_topic=status,
                                 protocol="3.1.1")
         from .config import read_secret
@@ -197,9 +228,6 @@ class MQTTService:
             await trio.to_thread.run_sync(self.broker.set_accounts, accounts)
         log.info("broker accounts updated", family=family, accounts=len(accounts))
 
-    async def _record_rejected(self, topic: str, payload: bytes, reason: str) -> None:
-        await self.storage.write(lambda: RejectedMessage.create(topic=topic, payload=payload, reason=reason))
-
     # -- health and metrics ------------------------------------------------------
 
     def _client_state(self) -> ComponentState:
@@ -207,10 +235,18 @@ class MQTTService:
             return ComponentState("off")
         if self.client is None:
             return ComponentState("unavailable", self.reason())
-        stats = self.client.stats
-        if self.client.connected:
-            return ComponentState("ok", None, {"received": stats.received, "rejected": stats.rejected})
-        return ComponentState("disconnected", stats.last_error)
+        d = self.delivery.stats
+        details = {"received": d.handled + d.rejected + d.duplicates + d.unrouted, "rejected": d.rejected,
+                   "handler_errors": d.handler_errors}
+        if self.edge is not None:
+            details["devices_connected"] = self.edge.stats.connections
+        if not self.client.connected:
+            return ComponentState("disconnected", self.client.stats.last_error, details)
+        # A handler that fails is a bug or a hostile payload: the message was rejected and
+        # acknowledged, so ingest goes on; an operator should still hear of it for a while.
+        if d.last_handler_error_at is not None and trio.current_time() - d.last_handler_error_at < HANDLER_ERROR_HOLD_S:
+            return ComponentState("degraded", d.last_handler_error, details)
+        return ComponentState("ok", None, details)
 
     def _broker_state(self) -> ComponentState:
         if self.broker is None:
@@ -220,14 +256,25 @@ class MQTTService:
                               {"listen": str(self.config.mqtt.listen), "restarts": self.broker.restarts})
 
     def _register_metrics(self, metrics: Metrics) -> None:
-        outcomes = ("received", "acked", "rejected", "handler_errors", "unrouted")
+        d = self.delivery.stats
+        outcomes = ("handled", "rejected", "duplicates", "unrouted")
 
         def stats() -> Any:
             return self.client.stats if self.client is not None else None
 
-        metrics.collector("gatewayd_mqtt_messages_total", "counter", "Inbound MQTT messages by outcome", lambda: [
-            Sample("gatewayd_mqtt_messages_total", {"outcome": o}, getattr(stats(), o)) for o in outcomes
-        ] if stats() else [])
+        def edge() -> Any:
+            return self.edge.stats if self.edge is not None else None
+
+        metrics.collector("gatewayd_mqtt_messages_total", "counter", "Inbound MQTT messages by verdict", lambda: [
+            Sample("gatewayd_mqtt_messages_total", {"outcome": o}, getattr(d, o)) for o in outcomes])
+        metrics.collector("gatewayd_mqtt_handler_errors_total", "counter",
+                          "Messages rejected because a handler raised an unexpected exception", lambda: [
+                              Sample("gatewayd_mqtt_handler_errors_total", {}, d.handler_errors)])
+        metrics.collector("gatewayd_mqtt_storage_waits_total", "counter",
+                          "Deliveries that found storage unable to take a write and waited", lambda: [
+                              Sample("gatewayd_mqtt_storage_waits_total", {}, d.storage_waits)])
+        metrics.collector("gatewayd_mqtt_in_flight", "gauge", "MQTT messages being delivered", lambda: [
+            Sample("gatewayd_mqtt_in_flight", {}, self.pool.in_flight)])
         metrics.collector("gatewayd_mqtt_publishes_total", "counter", "MQTT publishes by the gateway", lambda: [
             Sample("gatewayd_mqtt_publishes_total", {"result": "ok"}, stats().publishes),
             Sample("gatewayd_mqtt_publishes_total", {"result": "error"}, stats().publish_errors),
@@ -238,3 +285,34 @@ class MQTTService:
             Sample("gatewayd_mqtt_connected", {}, 1.0 if self.client is not None and self.client.connected else 0.0)])
         metrics.collector("gatewayd_mqtt_broker_restarts_total", "counter", "Managed mosquitto restarts", lambda: [
             Sample("gatewayd_mqtt_broker_restarts_total", {}, self.broker.restarts)] if self.broker else [])
+        metrics.collector("gatewayd_mqtt_edge_connections", "gauge", "Device connections open at the edge", lambda: [
+            Sample("gatewayd_mqtt_edge_connections", {}, edge().connections)] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_logins_total", "counter", "Device logins at the edge by result", lambda: [
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "accepted"}, edge().accepted),
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "refused"}, edge().refused),
+        ] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_packets_total", "counter",
+                          "Device packets: delivered by the gateway, or relayed to mosquitto", lambda: [
+                              Sample("gatewayd_mqtt_edge_packets_total", {"path": "delivered"}, edge().intercepted),
+                              Sample("gatewayd_mqtt_edge_packets_total", {"path": "relayed"}, edge().relayed),
+                          ] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_protocol_errors_total", "counter",
+                          "Device connections closed for a malformed or illegal packet", lambda: [
+                              Sample("gatewayd_mqtt_edge_protocol_errors_total", {}, edge().protocol_errors)]
+                          if edge() else [])
+
+
+def _free_loopback_port() -> int:
+    """A loopback port free a moment ago, for the private mosquitto (mqtt.broker_port = 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Version 2: the sender and the whole payload's size (the payload kept is cut to 4 KiB).
+_REJECTED_SCHEMA = SchemaSpec("core_mqtt", [RejectedMessage], version=2, migrations={
+    2: lambda migrator, db: migrate(
+        migrator.add_column("core_mqtt_rejected", "sender", RejectedMessage.sender),
+        migrator.add_column("core_mqtt_rejected", "size", RejectedMessage.size),
+    ),
+})

@@ -161,7 +161,14 @@ class Gateway:
             await core.start(self.devices.run)
             self._build_contexts()
             self._collect_topics()
-            await self.mqtt.start(core)
+            try:
+                await self.mqtt.start(core)
+            except (OSError, BaseExceptionGroup) as e:
+                error = find_exception(e, OSError)
+                if error is None:
+                    raise
+                listen = self.config.mqtt.listen
+                raise ListenError(f"cannot listen on {listen} (mqtt.listen): {error.strerror or error}") from None
             self._connect_services()
             async with trio.open_nursery() as front:
                 load_alert_rules(self)

@@ -26,7 +26,11 @@ import trio
 from paho.mqtt.enums import CallbackAPIVersion
 
 from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password
-from gatewayd.core.mqtt import MQTTSettings
+from gatewayd.core.delivery_marks import DeliveryMarks
+from gatewayd.core.mqtt import MQTTClient, MQTTSettings
+from gatewayd.core.mqtt_delivery import Delivery, DeliveryPool, RejectedMessage
+from gatewayd.core.storage import SchemaSpec, Storage
+from gatewayd.core.topics import TopicRouter
 
 __all__ = [
     "TEST_ACL_TEMPLATES",
@@ -34,8 +38,10 @@ __all__ = [
     "add_device_account",
     "device_client",
     "free_port",
+    "gateway_client",
     "gateway_mqtt_settings",
     "mqtt_broker",
+    "mqtt_storage",
     "start_managed_broker",
 ]
 
@@ -82,10 +88,27 @@ def gateway_mqtt_settings(broker: ManagedBroker, **overrides: Any) -> MQTTSettin
         password=password,
         reconnect_min=0.05,
         reconnect_max=0.5,
-        redeliver_after=0.2,
     )
     values.update(overrides)
     return MQTTSettings(**values)
+
+
+@pytest.fixture
+async def mqtt_storage(tmp_path: Path, nursery: trio.Nursery) -> Storage:
+    """A real gateway database with the MQTT delivery tables (rejected messages, marks)."""
+    storage = Storage(tmp_path / "gatewayd.sqlite3")
+    await nursery.start(storage.run)
+    await trio.to_thread.run_sync(storage.install, SchemaSpec("core_mqtt", [RejectedMessage], version=2))
+    await trio.to_thread.run_sync(DeliveryMarks(storage).install)
+    return storage
+
+
+async def gateway_client(nursery: trio.Nursery, storage: Storage, broker: ManagedBroker, **overrides: Any) -> MQTTClient:
+    """The gateway's own client for ``broker`` with a delivery pool of its own, as the
+    gateway builds them (the pool runs in ``nursery``; start the client yourself)."""
+    pool = DeliveryPool(Delivery(TopicRouter(), storage, marks=DeliveryMarks(storage)), size=256)
+    await nursery.start(pool.run)
+    return MQTTClient(gateway_mqtt_settings(broker, **overrides), pool)
 
 
 def add_device_account(broker: ManagedBroker, username: str, password: str | None = None) -> tuple[str, str]:
