@@ -192,6 +192,11 @@ class OtaPlugin:
         async def download(fid: int):
             return await ctx.ota.response(fid)
 
+        @bp.get("/ota/<int:fid>/meta")
+        async def meta(fid: int):  # what paku's firmware route does: look it up, then serve it
+            fw = await ctx.ota.get(fid)
+            return ({"error": "no such firmware"}, 404) if fw is None else fw.as_dict()
+
         return bp
 
 
@@ -275,3 +280,38 @@ async def test_reports_are_stored_and_failures_become_events(gateway_factory, mo
             assert [r["status"] for r in reports] == ["failed", "verified", "downloaded", "started"]
             events = (await client.get("/api/gateway/events", params={"type": "ota_failed"})).json()["events"]
             assert [(e["device_id"], e["severity"], e["data"]["detail"]) for e in events] == [("pk-1", "warning", "crc")]
+
+
+# -- ids out of range ----------------------------------------------------------------
+
+HUGE_ID = 99999999999999999999999  # past SQLite's 64-bit INTEGER
+
+
+async def test_ids_out_of_range_are_not_found(store, tmp_path):
+    await add(store, tmp_path, "1.0.0")
+    for bad in (HUGE_ID, -HUGE_ID, 2**63, 0, -1):
+        assert await store.get(bad) is None
+        with pytest.raises(OtaError, match=f"no firmware with id {bad}"):
+            await trio.to_thread.run_sync(store.get_blocking, bad)
+        with pytest.raises(OtaError, match=f"no firmware with id {bad}"):
+            await trio.to_thread.run_sync(store.set_rollout_blocking, bad, 50)
+    assert (await store.get(2**63 - 1)) is None
+    with pytest.raises(ValueError, match="firmware_id"):
+        await store.report("paku", "pk-1", "failed", firmware_id=HUGE_ID)
+
+
+@hard_timeout
+async def test_a_huge_firmware_id_is_a_404_on_admin_and_device_routes(gateway_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw, headers=ADMIN) as client:
+            for url in (f"/api/gateway/firmware/{HUGE_ID}", f"/api/gateway/firmware/{HUGE_ID}/download"):
+                r = await client.get(url)
+                assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found"), r.text
+        async with gw_client(gw) as anonymous:  # a device route: no admin token, like paku's
+            for fid in (HUGE_ID, 2**63):
+                r = await anonymous.get(f"/otaplug/ota/{fid}")
+                assert r.status_code == 404, r.text
+                r = await anonymous.get(f"/otaplug/ota/{fid}/meta")
+                assert r.status_code == 404, r.text

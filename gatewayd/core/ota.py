@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OtaStore", "OtaError", "Firmware", "OTA_SCHEMA", "CHANNELS", "REPORT_STATUSES",
     "rollout_bucket", "signed_message", "generate_keypair", "load_private_key", "load_public_key",
-    "key_id", "coerce_version", "manifest", "SigningError",
+    "key_id", "coerce_version", "manifest", "SigningError", "is_row_id", "MAX_ID",
 ]
 
 log = get_logger("gatewayd.ota")
@@ -61,6 +61,16 @@ VISIBLE = {"stable": ("stable",), "beta": ("stable", "beta")}
 REPORT_STATUSES = ("started", "downloaded", "verified", "installed", "failed", "rolled_back")
 _REPORT_EVENTS = {"failed": ("ota_failed", "warning"), "rolled_back": ("ota_rolled_back", "warning"),
                   "installed": ("ota_installed", "info")}
+
+
+#: The largest row id SQLite can hold (a signed 64-bit INTEGER). A larger number from a
+#: URL or a device must not reach a query: sqlite3 raises OverflowError for it.
+MAX_ID = 2**63 - 1
+
+
+def is_row_id(value: object) -> bool:
+    """Whether `value` can name a stored row (an int 1..MAX_ID); anything else names none."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
 
 
 class OtaError(Exception):
@@ -288,7 +298,9 @@ class OtaStore:
         return CoreFirmware.insert(**fields).execute()
 
     def get_blocking(self, firmware_id: int) -> Firmware:
-        row = self.storage.run_blocking(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
+        row = None
+        if is_row_id(firmware_id):
+            row = self.storage.run_blocking(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
         if row is None:
             raise OtaError(f"no firmware with id {firmware_id}")
         return _to_firmware(row, self.root)
@@ -305,6 +317,8 @@ class OtaStore:
     def set_rollout_blocking(self, firmware_id: int, percent: float) -> Firmware:
         if not 0 <= percent <= 100:
             raise OtaError(f"rollout: expected a percentage 0-100, got {percent}")
+        if not is_row_id(firmware_id):
+            raise OtaError(f"no firmware with id {firmware_id}")
         updated = self.storage.write_blocking(
             lambda: CoreFirmware.update(rollout_percent=float(percent)).where(CoreFirmware.id == firmware_id).execute())
         if not updated:
@@ -332,7 +346,9 @@ class OtaStore:
     # -- the plugin API (async) ----------------------------------------------------
 
     async def get(self, firmware_id: int) -> Firmware | None:
-        """The firmware with this id, or None."""
+        """The firmware with this id, or None (also for a number no row can have)."""
+        if not is_row_id(firmware_id):
+            return None
         row = await self.storage.read(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
         return None if row is None else _to_firmware(row, self.root)
 
@@ -377,10 +393,13 @@ class OtaStore:
         """Record a device's OTA progress; `failed`/`rolled_back`/`installed` also emit an event.
 
         `status`: started, downloaded, verified, installed, failed or rolled_back.
-        Raises ValueError for an unknown status. Returns the report's id.
+        Raises ValueError for an unknown status or a `firmware_id` no image can have.
+        Returns the report's id.
         """
         if status not in REPORT_STATUSES:
             raise ValueError(f"status: expected one of {', '.join(REPORT_STATUSES)}, got {status!r}")
+        if firmware_id is not None and not is_row_id(firmware_id):
+            raise ValueError(f"firmware_id: expected an integer 1-{MAX_ID}, got {firmware_id!r}")
         when = self.clock() if ts is None else float(ts)
         fields = dict(ts=when, family=family, device_id=device_id, firmware_id=firmware_id, version=version,
                       status=status, detail=str(detail)[:2000])
