@@ -83,6 +83,15 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
     assert r.returncode == 2 and "expected a percentage 0-100" in r.stderr
 
 
+def test_a_file_name_with_a_newline_is_refused_and_nothing_is_stored(tmp_path):
+    image = tmp_path / "door\nctl.bin"
+    image.write_bytes(b"image")
+    r = gatewayd("firmware", "add", str(image), "--family", "paku", "--model", "m1", "--version", "1.0.0",
+                 data_dir=tmp_path / "var")
+    assert r.returncode == 1 and "file name 'door\\nctl.bin': a control or formatting character (U+000A)" in r.stderr
+    assert json.loads(gatewayd("firmware", "list", "--json", data_dir=tmp_path / "var").stdout) == {"firmware": []}
+
+
 async def test_added_by_the_cli_then_downloaded_from_the_gateway(gateway_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     image = tmp_path / "fw.bin"

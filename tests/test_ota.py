@@ -315,3 +315,38 @@ async def test_a_huge_firmware_id_is_a_404_on_admin_and_device_routes(gateway_fa
                 assert r.status_code == 404, r.text
                 r = await anonymous.get(f"/otaplug/ota/{fid}/meta")
                 assert r.status_code == 404, r.text
+
+
+# -- file names -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fw\n.bin", "fw\r\nX-Evil: 1.bin", "fw\t.bin", "fw\x7f.bin", "fw\x85.bin",
+                                  "fw\u202egnp.bin", "fw\udcff.bin"])
+async def test_a_file_name_with_control_characters_is_refused(store, tmp_path, name):
+    path = tmp_path / "src" / name
+    path.parent.mkdir()
+    path.write_bytes(b"image")  # "\udcff": the byte 0xff, not UTF-8 (Python's surrogateescape)
+    with pytest.raises(OtaError, match=r"file name .*: a control or formatting character"):
+        await trio.to_thread.run_sync(functools.partial(
+            store.add_blocking, path, family="paku", model="m1", version="1.0.0"))
+    assert await store.list() == []
+
+
+@hard_timeout
+async def test_any_stored_file_name_downloads_with_a_safe_content_disposition(gateway_factory, tmp_path, monkeypatch):
+    """Names stored before they were checked (a newline, non-Latin-1) must not break downloads."""
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        fw, data = await stored(gw, tmp_path, size=1000)
+        names = {"bad\nname.bin": ('attachment; filename="bad_name.bin"; filename*=UTF-8\'\'bad_name.bin'),
+                 'fïrm "ware"\\✓.bin': ('attachment; filename="f_rm _ware___.bin"; '
+                                        "filename*=UTF-8''f%C3%AFrm%20%22ware%22%5C%E2%9C%93.bin"),
+                 "plain-1.0.bin": 'attachment; filename="plain-1.0.bin"'}
+        async with gw_client(gw, headers=ADMIN) as client:
+            for name, disposition in names.items():
+                await gw.storage.write(lambda n=name: gw.storage.database.execute_sql(
+                    "UPDATE core_firmware SET filename = ? WHERE id = ?", (n, fw.id)))
+                for url in (f"/api/gateway/firmware/{fw.id}/download", f"/otaplug/ota/{fw.id}"):
+                    r = await client.get(url)
+                    assert (r.status_code, r.content) == (200, data), r.text
+                    assert r.headers["content-disposition"] == disposition

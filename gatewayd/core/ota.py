@@ -23,6 +23,7 @@ import hashlib
 import os
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,30 @@ class Firmware:
         }
 
 
+# -- names ------------------------------------------------------------------------
+
+#: Unicode categories a name must not hold: controls (a newline breaks the download's
+#: headers), invisible formatting (a right-to-left override disguises an extension),
+#: line/paragraph separators, and surrogates (bytes of a file name that are not UTF-8).
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def unprintable(text: str) -> str | None:
+    """The first character of `text` that a name must not hold, or None."""
+    return next((c for c in text if unicodedata.category(c) in _UNPRINTABLE), None)
+
+
+def check_file_name(name: str) -> str:
+    """`name` if it can be an image's file name (shown in downloads and listings); else OtaError."""
+    bad = unprintable(name)
+    if bad is not None:
+        raise OtaError(f"file name {name!r}: a control or formatting character (U+{ord(bad):04X}) "
+                       "is not allowed; rename the file")
+    if not name or len(name) > 255:
+        raise OtaError(f"file name {name!r}: expected 1-255 characters")
+    return name
+
+
 # -- rollout ----------------------------------------------------------------------
 
 
@@ -234,9 +259,11 @@ class OtaStore:
         if not 0 <= percent <= 100:
             raise OtaError(f"rollout: expected a percentage 0-100, got {percent}")
         for name, value in (("family", family), ("model", model)):
-            if not value or "\n" in value or len(value) > 128:
-                raise OtaError(f"{name}: expected a short name, got {value!r}")
+            # No newline above all: the signed message is one field per line.
+            if not value or unprintable(value) is not None or len(value) > 128:
+                raise OtaError(f"{name}: expected a short name without control characters, got {value!r}")
         source = Path(source)
+        filename = check_file_name(source.name)
         if not source.is_file():
             raise OtaError(f"no such file: {source}")
         self._check_new(family, model, version)
@@ -259,7 +286,7 @@ class OtaStore:
             os.replace(tmp, dest)  # content-addressed: the same image twice is one file
             tmp = None
             row_id = self.storage.write_blocking(self._insert, dict(
-                family=family, model=model, version=version, channel=channel, filename=source.name[:255],
+                family=family, model=model, version=version, channel=channel, filename=filename,
                 size=size, sha256=sha, signature=signature, key_id=kid, rollout_percent=float(percent),
                 created_at=self.clock()))
         finally:

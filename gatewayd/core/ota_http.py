@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 from quart import Blueprint, Response, request
 
 from .http import error_response, require_admin
-from .ota import Firmware
+from .ota import Firmware, unprintable
 
 if TYPE_CHECKING:
     from .runtime import Gateway
 
-__all__ = ["parse_range", "firmware_response", "firmware_blueprint"]
+__all__ = ["parse_range", "content_disposition", "firmware_response", "firmware_blueprint"]
 
 CHUNK = 64 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -65,6 +66,21 @@ async def _read_file(fw: Firmware, start: int, length: int) -> AsyncIterator[byt
             yield chunk
 
 
+def content_disposition(filename: str) -> str:
+    """`attachment` with the name as a quoted ASCII `filename` and, when that had to
+    change it, the exact name as `filename*` (RFC 6266, RFC 8187).
+
+    Whatever is stored: a control character in a header value makes the server refuse
+    the whole response, and a name stored before names were checked must still download.
+    """
+    shown = "".join("_" if unprintable(c) else c for c in filename) or "firmware.bin"
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in shown)
+    value = f'attachment; filename="{plain}"'
+    if plain != filename:
+        value += "; filename*=UTF-8''" + quote(shown, safe="", errors="replace")
+    return value
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     if header.strip() == "*":
         return True
@@ -83,7 +99,7 @@ async def firmware_response(fw: Firmware) -> Response:
         "ETag": fw.etag,
         "Accept-Ranges": "bytes",
         "Cache-Control": "no-cache",
-        "Content-Disposition": f'attachment; filename="{fw.filename.replace(chr(34), "")}"',
+        "Content-Disposition": content_disposition(fw.filename),
         "X-Firmware-Version": fw.version,
         "X-Firmware-SHA256": fw.sha256,
     }
