@@ -192,6 +192,11 @@ class OtaPlugin:
         async def download(fid: int):
             return await ctx.ota.response(fid)
 
+        @bp.get("/ota/manifest.json")
+        async def manifest():
+            images = await ctx.ota.list("paku")
+            return {"manifest": ctx.ota.manifest(images, lambda fw: f"{ctx.mount}/ota/{fw.id}")}
+
         @bp.get("/ota/<int:fid>/meta")
         async def meta(fid: int):  # what paku's firmware route does: look it up, then serve it
             fw = await ctx.ota.get(fid)
@@ -350,3 +355,62 @@ async def test_any_stored_file_name_downloads_with_a_safe_content_disposition(ga
                     r = await client.get(url)
                     assert (r.status_code, r.content) == (200, data), r.text
                     assert r.headers["content-disposition"] == disposition
+
+
+# -- the URLs handed to devices --------------------------------------------------------
+
+EVIL = {"Host": "evil.example:666", "X-Forwarded-Host": "evil.example"}
+
+
+async def manifest_url(client) -> str:
+    r = await client.get("/otaplug/ota/manifest.json", headers=EVIL)
+    assert r.status_code == 200, r.text
+    [entry] = r.json()["manifest"]
+    return entry["url"]
+
+
+@hard_timeout
+async def test_manifest_urls_come_from_http_public_url_never_from_the_host_header(gateway_factory, tmp_path):
+    settings = ["http.public_url='http://gw.site.example:8080/edge/'"]
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())], settings=settings) as gw:
+        fw, _ = await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw) as client:
+            assert await manifest_url(client) == f"http://gw.site.example:8080/edge/otaplug/ota/{fw.id}"
+        assert gw.ota.url("/x") == "http://gw.site.example:8080/edge/x"
+        with pytest.raises(ValueError, match="absolute path"):
+            gw.ota.url("x")
+
+
+@hard_timeout
+async def test_without_public_url_the_urls_are_the_listen_address_as_bound(gateway_factory, tmp_path):
+    from gatewayd.testing import gw_url
+
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:  # http.listen = 127.0.0.1:0
+        fw, data = await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw) as client:
+            url = await manifest_url(client)
+            assert url == f"{gw_url(gw)}/otaplug/ota/{fw.id}" and not url.startswith("http://127.0.0.1:0/")
+            assert (await client.get(url)).content == data
+
+
+@hard_timeout
+async def test_a_wildcard_listen_address_becomes_a_real_one_logged_once(gateway_factory, tmp_path, caplog):
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    from gatewayd.testing import gw_url
+
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())], settings=["http.listen='0.0.0.0:0'"]) as gw:
+        fw, data = await stored(gw, tmp_path, size=1000)
+        with caplog.at_level(logging.WARNING, logger="gatewayd.ota"):
+            async with gw_client(gw) as client:
+                urls = [await manifest_url(client), await manifest_url(client)]
+                parts = urlsplit(urls[0])
+                assert urls[0] == urls[1] and parts.hostname != "0.0.0.0"
+                assert parts.port == urlsplit(gw_url(gw)).port
+                with socket.socket() as sock:
+                    sock.bind((parts.hostname, 0))  # an address of this machine
+                assert (await client.get(urls[0])).content == data  # and the gateway answers on it
+        [warning] = [r for r in caplog.records if "http.public_url is not set" in r.getMessage()]
+        assert "wildcard" in warning.getMessage()

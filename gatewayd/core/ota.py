@@ -220,6 +220,7 @@ class OtaStore:
         trusted_keys: Iterable[Ed25519PublicKey] = (),
         require_signed: bool = False,
         default_rollout: dict[str, float] | None = None,
+        public_url: Callable[[], str] | None = None,
     ):
         self.storage = storage
         self.root = Path(root)
@@ -228,6 +229,7 @@ class OtaStore:
         self.trusted_keys = list(trusted_keys)
         self.require_signed = require_signed
         self.default_rollout = dict(default_rollout or {})
+        self._public_url = public_url
 
     # -- adding (blocking: the CLI, or a thread) ------------------------------------
 
@@ -382,6 +384,23 @@ class OtaStore:
     async def list(self, family: str | None = None) -> list[Firmware]:
         """Every stored image (of one family)."""
         return await self.storage.read(self._list, family)
+
+    def url(self, path: str) -> str:
+        """The URL a device downloads `path` from (`f"{ctx.mount}/ota/{fw.id}"`): the
+        configured `http.public_url` (or the address derived from `http.listen`) + path.
+
+        Build every URL handed to a device with it, never from the request's `Host`
+        header, which the client chooses.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path: expected an absolute path starting with '/', got {path!r}")
+        if self._public_url is None:
+            raise RuntimeError("this firmware store has no public URL (only the gateway's own has one)")
+        return self._public_url() + path
+
+    def manifest(self, firmwares: Iterable[Firmware], path: Callable[[Firmware], str]) -> list[dict[str, Any]]:
+        """The paku manifest's shape, each image's URL `self.url(path(image))`."""
+        return manifest(firmwares, lambda fw: self.url(path(fw)))
 
     async def newest_for(
         self, family: str, model: str, current_version: str | None, channel: str = "stable",
