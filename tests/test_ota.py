@@ -414,3 +414,18 @@ async def test_a_wildcard_listen_address_becomes_a_real_one_logged_once(gateway_
                 assert (await client.get(urls[0])).content == data  # and the gateway answers on it
         [warning] = [r for r in caplog.records if "http.public_url is not set" in r.getMessage()]
         assert "wildcard" in warning.getMessage()
+
+
+@hard_timeout
+async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        fw, _ = await stored(gw, tmp_path, size=1000)
+        site = tmp_path / "var" / "firmware-signing.pem"
+        assert oct(os.stat(site).st_mode & 0o777) == "0o600"
+        public = load_public_key(tmp_path / "var" / "firmware-signing.pem.pub")
+        public.verify(base64.b64decode(fw.signature), fw.signed_message())
+        async with gw_client(gw) as client:
+            [entry] = (await client.get("/otaplug/ota/manifest.json")).json()["manifest"]
+            assert entry["signature"] == fw.signature
+            r = await client.get(f"/otaplug/ota/{fw.id}")
+            assert r.headers["x-firmware-signature"] == fw.signature

@@ -267,6 +267,9 @@ class OtaSection:
 
     trusted_keys: list[str] = field(default_factory=list)
     require_signed: bool = False
+    #: Sign images added without a key or signature of their own with the site key
+    #: (`<data_dir>/firmware-signing.pem`, made on first use).
+    sign_with_site_key: bool = True
     rollout: dict[str, float] = field(default_factory=lambda: {"stable": 100.0, "beta": 100.0})
 
     def validate(self) -> None:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .firmware_signing import (
     SigningError,
+    SiteKey,
     generate_keypair,
     key_id,
     load_private_key,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OtaStore", "OtaError", "Firmware", "OTA_SCHEMA", "CHANNELS", "REPORT_STATUSES",
     "rollout_bucket", "signed_message", "generate_keypair", "load_private_key", "load_public_key",
-    "key_id", "coerce_version", "manifest", "SigningError", "is_row_id", "MAX_ID",
+    "key_id", "coerce_version", "manifest", "SigningError", "is_row_id", "MAX_ID", "SiteKey",
 ]
 
 log = get_logger("gatewayd.ota")
@@ -221,6 +222,8 @@ class OtaStore:
         require_signed: bool = False,
         default_rollout: dict[str, float] | None = None,
         public_url: Callable[[], str] | None = None,
+        site_key: SiteKey | None = None,
+        sign_by_default: bool = True,
     ):
         self.storage = storage
         self.root = Path(root)
@@ -230,6 +233,10 @@ class OtaStore:
         self.require_signed = require_signed
         self.default_rollout = dict(default_rollout or {})
         self._public_url = public_url
+        #: Signs what is added without a key or signature of its own (when sign_by_default),
+        #: and is trusted when verifying.
+        self.site_key = site_key
+        self.sign_by_default = sign_by_default and site_key is not None
 
     # -- adding (blocking: the CLI, or a thread) ------------------------------------
 
@@ -245,12 +252,18 @@ class OtaStore:
         sign_key: Ed25519PrivateKey | None = None,
         signature: str | None = None,
         extra_keys: Iterable[Ed25519PublicKey] = (),
+        unsigned: bool = False,
     ) -> Firmware:
         """Copy an image into the store, hash it, sign or verify it, and record it.
 
         Give `sign_key` to sign here, or `signature` (base64) made elsewhere to have it
-        verified against the trusted keys (+ `extra_keys`). Raises OtaError.
+        verified against the trusted keys (+ `extra_keys`); with neither, the site key
+        signs it (unless `unsigned`, or the store does not sign by default). Raises OtaError.
         """
+        if unsigned and (sign_key is not None or signature is not None):
+            raise OtaError("unsigned: cannot be combined with a signing key or a signature")
+        if unsigned and self.require_signed:
+            raise OtaError("ota.require_signed is on: an unsigned image is refused")
         try:
             parse_version(version)
         except ValueError as e:
@@ -269,6 +282,11 @@ class OtaStore:
         if not source.is_file():
             raise OtaError(f"no such file: {source}")
         self._check_new(family, model, version)
+        if sign_key is None and signature is None and not unsigned and self.sign_by_default:
+            try:
+                sign_key = self.site_key.private_key()
+            except SigningError as e:
+                raise OtaError(f"{e} (or set ota.sign_with_site_key = false)") from None
         self.root.mkdir(parents=True, exist_ok=True)
         sha, size, tmp = self._copy_in(source)
         try:
@@ -279,7 +297,7 @@ class OtaStore:
                 kid = key_id(sign_key.public_key())
             elif signature is not None:
                 try:
-                    kid = verify_signature(message, signature.strip(), [*self.trusted_keys, *extra_keys])
+                    kid = verify_signature(message, signature.strip(), self._keys(extra_keys))
                 except SigningError as e:
                     raise OtaError(str(e)) from None
             elif self.require_signed:
@@ -295,7 +313,7 @@ class OtaStore:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
         log.info("firmware added", id=row_id, family=family, model=model, version=version, channel=channel,
-                 sha256=sha, signed=bool(signature))
+                 sha256=sha, signed=bool(signature), key_id=kid)
         return self.get_blocking(row_id)
 
     def _copy_in(self, source: Path) -> tuple[str, int, str]:
@@ -368,9 +386,17 @@ class OtaStore:
         if fw.signature is None:
             return None
         try:
-            return verify_signature(fw.signed_message(), fw.signature, [*self.trusted_keys, *extra_keys])
+            return verify_signature(fw.signed_message(), fw.signature, self._keys(extra_keys))
         except SigningError as e:
             raise OtaError(f"firmware {fw.id}: {e}") from None
+
+    def _keys(self, extra: Iterable[Ed25519PublicKey]) -> list[Ed25519PublicKey]:
+        """The keys a signature may verify with: ota.trusted_keys, the site key (if made), `extra`."""
+        try:
+            site = self.site_key.public_key() if self.site_key is not None else None
+        except SigningError as e:
+            raise OtaError(str(e)) from None
+        return [*self.trusted_keys, *([site] if site is not None else []), *extra]
 
     # -- the plugin API (async) ----------------------------------------------------
 
