@@ -181,3 +181,15 @@ async def test_the_gateway_answers_507_and_its_health_says_full_until_space_retu
             assert r.status_code == 201, r.text
             assert (await client.get("/health")).json()["components"]["storage"]["state"] == "ok"
             assert (await client.get("/ingest/count")).json()["count"] == acked + 1
+
+
+async def test_a_backup_onto_a_full_disk_is_storage_full_and_leaves_nothing_behind(small_disk, tmp_path):
+    storage = Storage(tmp_path / "db.sqlite3")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        await trio.to_thread.run_sync(storage.install, SchemaSpec("t", [Row]))
+        await storage.write(lambda: Row.insert_many([{"n": n, "pad": PAD} for n in range(2000)]).execute())
+        with pytest.raises(StorageFull):  # ~6 MB onto a 4 MB disk
+            await storage.backup(small_disk / "backup.sqlite3")
+        assert sorted(p.name for p in small_disk.iterdir()) == []
+        nursery.cancel_scope.cancel()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -187,7 +188,7 @@ class Storage:
 
     def open(self) -> None:
         """Open (creating) the database file and start the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         self.database.init(str(self.path))
         self.database.bind([_Meta])
         with self.database.connection_context():
@@ -195,6 +196,28 @@ class Storage:
         self._writer = threading.Thread(target=self._writer_loop, name="gatewayd-writer", daemon=True)
         self._writer.start()
         self._open = True
+
+    def _private_files(self) -> None:
+        """The database holds password hashes, encrypted secrets and all telemetry: only
+        its owner may read it. The data dir is made 0700 (if we make it), the database
+        0600 before SQLite opens it (SQLite gives its -wal and -shm the database's mode),
+        and files an older gatewayd left readable by others are set to 0600, logged."""
+        try:
+            self.path.parent.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            pass
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        for path in (self.path, *(self.path.with_name(self.path.name + end) for end in ("-wal", "-shm"))):
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    os.chmod(path, 0o600)
+                    log.warning("database file was readable by others; now 0600", file=str(path), was=oct(mode))
+            except FileNotFoundError:
+                continue
 
     def close(self) -> None:
         """Finish every queued write, stop the writer thread, close connections."""
@@ -537,9 +560,36 @@ def backup_database(source: str | Path, dest: str | Path) -> Path:
         dest = dest / f"gatewayd-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.sqlite3"
     tmp = dest.with_name(dest.name + ".partial")
     tmp.unlink(missing_ok=True)
+    # A copy of everything the database holds: as private as the database (0600, and
+    # SQLite's journal next to it takes that mode); `replace` keeps it over an old file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        check = _copy_database(source, tmp)
+    except sqlite3.Error as e:
+        _remove_database(tmp)
+        error = _classify(e, tmp)
+        raise (error if isinstance(error, StorageError) else StorageError(str(e))) from e
+    except BaseException:
+        _remove_database(tmp)
+        raise
+    if check != "ok":
+        _remove_database(tmp)
+        raise StorageError(f"backup failed its integrity check: {check}")
+    tmp.replace(dest)
+    return dest
+
+
+def _remove_database(path: Path) -> None:
+    """A database file and whatever SQLite left beside it (a failed copy's journal)."""
+    for end in ("", "-journal", "-wal", "-shm"):
+        path.with_name(path.name + end).unlink(missing_ok=True)
+
+
+def _copy_database(source: Path, dest: Path) -> str:
+    """Copy, mark as a backup, check; returns what integrity_check says."""
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
     try:
-        out = sqlite3.connect(tmp)
+        out = sqlite3.connect(dest)
         try:
             src.backup(out)
             with out:
@@ -552,8 +602,4 @@ def backup_database(source: str | Path, dest: str | Path) -> Path:
             out.close()
     finally:
         src.close()
-    if check != "ok":
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"backup failed its integrity check: {check}")
-    tmp.replace(dest)
-    return dest
+    return check
