@@ -429,3 +429,16 @@ async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factor
             assert entry["signature"] == fw.signature
             r = await client.get(f"/otaplug/ota/{fw.id}")
             assert r.headers["x-firmware-signature"] == fw.signature
+
+
+def test_a_public_url_asked_for_before_a_port_0_listener_is_bound_is_an_error_not_cached():
+    from gatewayd.core.ota_http import PublicUrl
+    from gatewayd.core.schema import Address
+
+    bound: list[str] = []
+    public = PublicUrl("", Address("127.0.0.1", 0), lambda: bound)
+    with pytest.raises(RuntimeError, match="not bound yet"):
+        public()
+    bound.append("http://127.0.0.1:41234")
+    assert public() == "http://127.0.0.1:41234"
+    assert PublicUrl("https://gw.example", Address("0.0.0.0", 0))() == "https://gw.example"

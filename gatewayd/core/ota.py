@@ -13,7 +13,11 @@ verify while streaming: it hashes as it downloads, then checks one short message
     gatewayd-firmware-v1\\n<family>\\n<model>\\n<version>\\n<sha256 hex>\\n
 
 Binding family, model and version stops a validly signed image being offered as
-another model or as a newer version than it is.
+another model or as a newer version than it is. Images added without a key or a
+signature of their own are signed with the site key (`firmware_signing.SiteKey`).
+
+URLs handed to devices are `ctx.ota.url(path)`: `http.public_url` + path, never built
+from the request's `Host` header.
 """
 
 from __future__ import annotations

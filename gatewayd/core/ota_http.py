@@ -52,16 +52,14 @@ class PublicUrl:
         if self.configured:
             return self.configured
         if self._derived is None:
-            self._derived = self._derive()
+            port = next((p for p in (urlsplit(url).port for url in self.bound()) if p), self.listen.port)
+            if not port:
+                raise RuntimeError("http.listen asks for any free port and the listener is not bound yet")
+            self._derived = self._derive(port)
         return self._derived
 
-    def _derive(self) -> str:
-        host, port = self.listen.host, self.listen.port
-        for url in self.bound():
-            parts = urlsplit(url)
-            if parts.port:
-                port = parts.port
-                break
+    def _derive(self, port: int) -> str:
+        host = self.listen.host
         if host not in WILDCARDS:
             return _http_url(host, port)
         address = default_route_address(ipv6=host == "::")
