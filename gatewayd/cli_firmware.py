@@ -1,7 +1,8 @@
-"""`gatewayd firmware ...`: add, list, rollout, verify, keygen.
+"""`gatewayd firmware ...`: add, list, rollout, verify, keygen, site-key.
 
-`add` copies the image into `<data_dir>/firmware/`, hashes it, and signs it (`--sign-key`)
-or verifies a signature made elsewhere (`--signature`, checked against `ota.trusted_keys`
+`add` copies the image into `<data_dir>/firmware/`, hashes it, and signs it (`--sign-key`,
+or by default the site key, `<data_dir>/firmware-signing.pem`, made on first use) or
+verifies a signature made elsewhere (`--signature`, checked against `ota.trusted_keys`
 or `--public-key`). Works while the daemon runs (WAL); devices see the new image at
 their next check.
 """
@@ -20,6 +21,7 @@ from .core.ota import (
     OtaError,
     OtaStore,
     SigningError,
+    SiteKey,
     generate_keypair,
     load_private_key,
     load_public_key,
@@ -63,10 +65,13 @@ def setup_firmware(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--channel", choices=CHANNELS, default="stable")
     p.add_argument("--rollout", type=_percent, metavar="PERCENT",
                    help="offer it to this share of devices (default: ota.rollout.<channel>, 100)")
-    p.add_argument("--sign-key", metavar="PATH", help="sign it with this Ed25519 private key (PEM)")
+    p.add_argument("--sign-key", metavar="PATH",
+                   help="sign it with this Ed25519 private key (PEM); default: the site key (see site-key)")
     p.add_argument("--signature", metavar="PATH", help="a base64 signature made elsewhere; verified before storing")
     p.add_argument("--public-key", metavar="PATH", action="append", default=[],
                    help="also trust this public key when verifying --signature")
+    p.add_argument("--unsigned", action="store_true", help="store it without a signature (not with --sign-key, "
+                   "--signature or ota.require_signed)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p = command("list", "list stored images")
     p.add_argument("--family")
@@ -79,6 +84,7 @@ def setup_firmware(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", metavar="PATH", action="append", default=[])
     p = command("keygen", "make an Ed25519 key pair: PATH (private, mode 0600) and PATH.pub")
     p.add_argument("path", metavar="PATH")
+    command("site-key", "print the public key of the site signing key, for the devices (made on first use)")
 
 
 def _store(config: Config, storage: Storage) -> OtaStore:
@@ -87,7 +93,8 @@ def _store(config: Config, storage: Storage) -> OtaStore:
         full = Path(path) if Path(path).is_absolute() or config.source is None else config.source.parent / path
         trusted.append(load_public_key(full))
     return OtaStore(storage, config.data_dir / "firmware", trusted_keys=trusted,
-                    require_signed=config.ota.require_signed, default_rollout=config.ota.rollout)
+                    require_signed=config.ota.require_signed, default_rollout=config.ota.rollout,
+                    site_key=SiteKey(config.data_dir), sign_by_default=config.ota.sign_with_site_key)
 
 
 def cmd_firmware(args: argparse.Namespace, manager: PluginManager) -> int:
@@ -99,6 +106,8 @@ def cmd_firmware(args: argparse.Namespace, manager: PluginManager) -> int:
             print(f"private key: {private} (keep it off the gateway if you can)\npublic key:  {public}")
             return 0
         config = _load(args, manager)
+        if args.firmware_run == "site-key":
+            return _print_site_key(SiteKey(config.data_dir))
         storage = Storage(config.data_dir / "gatewayd.sqlite3", synchronous=config.storage.synchronous)
         storage.open()
         try:
@@ -109,6 +118,16 @@ def cmd_firmware(args: argparse.Namespace, manager: PluginManager) -> int:
     except (OtaError, SigningError) as e:
         print(f"gatewayd: {e}", file=sys.stderr)
         return 1
+
+
+def _print_site_key(site: SiteKey) -> int:
+    from .core.firmware_signing import key_id, public_pem
+
+    public = site.private_key().public_key()
+    print(public_pem(public).decode(), end="")
+    print(f"key id {key_id(public)}; also in {site.public_path} (the private key: {site.path}, never copy it off)",
+          file=sys.stderr)
+    return 0
 
 
 def _run(args: argparse.Namespace, store: OtaStore) -> int:
@@ -122,7 +141,7 @@ def _run(args: argparse.Namespace, store: OtaStore) -> int:
         fw = store.add_blocking(
             args.file, family=args.family, model=args.model, version=args.version, channel=args.channel,
             rollout_percent=args.rollout, sign_key=load_private_key(args.sign_key) if args.sign_key else None,
-            signature=signature, extra_keys=[load_public_key(p) for p in args.public_key],
+            signature=signature, extra_keys=[load_public_key(p) for p in args.public_key], unsigned=args.unsigned,
         )
         if args.json:
             print(json.dumps(fw.as_dict(), indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import functools
 import hashlib
 import json
@@ -83,6 +84,15 @@ def test_bad_arguments_exit_with_a_message(tmp_path):
     assert r.returncode == 2 and "expected a percentage 0-100" in r.stderr
 
 
+def test_a_file_name_with_a_newline_is_refused_and_nothing_is_stored(tmp_path):
+    image = tmp_path / "door\nctl.bin"
+    image.write_bytes(b"image")
+    r = gatewayd("firmware", "add", str(image), "--family", "paku", "--model", "m1", "--version", "1.0.0",
+                 data_dir=tmp_path / "var")
+    assert r.returncode == 1 and "file name 'door\\nctl.bin': a control or formatting character (U+000A)" in r.stderr
+    assert json.loads(gatewayd("firmware", "list", "--json", data_dir=tmp_path / "var").stdout) == {"firmware": []}
+
+
 async def test_added_by_the_cli_then_downloaded_from_the_gateway(gateway_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     image = tmp_path / "fw.bin"
@@ -98,3 +108,44 @@ async def test_added_by_the_cli_then_downloaded_from_the_gateway(gateway_factory
                 assert r.status_code == 200
                 assert r.content == image.read_bytes()
                 assert r.headers["etag"] == f'"{hashlib.sha256(r.content).hexdigest()}"'
+
+
+def test_images_are_signed_by_default_with_a_site_key_made_on_first_use(tmp_path):
+    from gatewayd.core.ota import key_id, load_public_key
+
+    data_dir = tmp_path / "var"
+
+    def add(version, *extra):
+        image = tmp_path / f"fw-{version}.bin"
+        image.write_bytes(version.encode() * 1000)
+        r = gatewayd("firmware", "add", str(image), "--family", "paku", "--model", "m1", "--version", version,
+                     "--json", *extra, data_dir=data_dir)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    first = add("1.0.0")
+    private = data_dir / "firmware-signing.pem"
+    assert oct(os.stat(private).st_mode & 0o777) == "0o600"
+    public = load_public_key(data_dir / "firmware-signing.pem.pub")
+    assert first["key_id"] == key_id(public)
+    public.verify(base64.b64decode(first["signature"]), signed_message("paku", "m1", "1.0.0", first["sha256"]))
+    assert add("1.0.1")["key_id"] == first["key_id"]  # made once, then reused
+    r = gatewayd("firmware", "verify", "1", data_dir=data_dir)  # the site key is trusted without --public-key
+    assert r.returncode == 0 and f"signature ok (key {first['key_id']})" in r.stdout, r.stderr
+    r = gatewayd("firmware", "site-key", data_dir=data_dir)
+    assert r.stdout == (data_dir / "firmware-signing.pem.pub").read_text() and first["key_id"] in r.stderr
+    # Unsigned only when asked for: per image, or for the site.
+    assert add("1.0.2", "--unsigned")["signature"] is None
+    assert add("1.0.3", "--set", "ota.sign_with_site_key=false")["signature"] is None
+    r = gatewayd("firmware", "add", str(tmp_path / "fw-1.0.0.bin"), "--family", "paku", "--model", "m1",
+                 "--version", "1.0.4", "--unsigned", "--set", "ota.require_signed=true", data_dir=data_dir)
+    assert r.returncode == 1 and "ota.require_signed is on: an unsigned image is refused" in r.stderr
+
+
+def test_callers_making_the_site_key_at_once_end_up_with_one_key(tmp_path):
+    from gatewayd.core.firmware_signing import SiteKey, key_id
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        ids = list(pool.map(lambda _: key_id(SiteKey(tmp_path).private_key().public_key()), range(16)))
+    assert len(set(ids)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["firmware-signing.pem", "firmware-signing.pem.pub"]

@@ -1,5 +1,6 @@
 """Configuration: types, defaults, overrides, and error messages that name the key."""
 
+import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -189,3 +190,20 @@ def test_check_config_accepts_options_before_and_after_the_command(tmp_path):
         result = subprocess.run([sys.executable, "-m", "gatewayd", *argv], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         assert "from-file" in result.stdout
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("http://192.168.1.10:8080", "http://192.168.1.10:8080"),
+    ("https://gw.site.example/", "https://gw.site.example"),
+    ("http://[fd00::10]:8080/gateway/", "http://[fd00::10]:8080/gateway"),
+])
+def test_public_url_is_a_base_url_without_a_trailing_slash(value, expected):
+    assert load_config(None, [f"http.public_url='{value}'"], {}, text="").http.public_url == expected
+    assert load_config(None, [], {}, text="").http.public_url == ""  # derived from http.listen
+
+
+@pytest.mark.parametrize("value", ["192.168.1.10:8080", "ftp://gw", "http://", "http://gw:99999", "http://gw/?a=1",
+                                   "http://gw/#x", "http://user:pw@gw", "http://gw/a b", "http://gw/\n"])
+def test_a_bad_public_url_names_the_key(value):
+    (error,) = errors_of(overrides=[f"http.public_url={json.dumps(value)}"])
+    assert error.startswith("http.public_url: expected http(s)://HOST[:PORT][/PATH]"), error

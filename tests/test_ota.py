@@ -192,6 +192,16 @@ class OtaPlugin:
         async def download(fid: int):
             return await ctx.ota.response(fid)
 
+        @bp.get("/ota/manifest.json")
+        async def manifest():
+            images = await ctx.ota.list("paku")
+            return {"manifest": ctx.ota.manifest(images, lambda fw: f"{ctx.mount}/ota/{fw.id}")}
+
+        @bp.get("/ota/<int:fid>/meta")
+        async def meta(fid: int):  # what paku's firmware route does: look it up, then serve it
+            fw = await ctx.ota.get(fid)
+            return ({"error": "no such firmware"}, 404) if fw is None else fw.as_dict()
+
         return bp
 
 
@@ -275,3 +285,160 @@ async def test_reports_are_stored_and_failures_become_events(gateway_factory, mo
             assert [r["status"] for r in reports] == ["failed", "verified", "downloaded", "started"]
             events = (await client.get("/api/gateway/events", params={"type": "ota_failed"})).json()["events"]
             assert [(e["device_id"], e["severity"], e["data"]["detail"]) for e in events] == [("pk-1", "warning", "crc")]
+
+
+# -- ids out of range ----------------------------------------------------------------
+
+HUGE_ID = 99999999999999999999999  # past SQLite's 64-bit INTEGER
+
+
+async def test_ids_out_of_range_are_not_found(store, tmp_path):
+    await add(store, tmp_path, "1.0.0")
+    for bad in (HUGE_ID, -HUGE_ID, 2**63, 0, -1):
+        assert await store.get(bad) is None
+        with pytest.raises(OtaError, match=f"no firmware with id {bad}"):
+            await trio.to_thread.run_sync(store.get_blocking, bad)
+        with pytest.raises(OtaError, match=f"no firmware with id {bad}"):
+            await trio.to_thread.run_sync(store.set_rollout_blocking, bad, 50)
+    assert (await store.get(2**63 - 1)) is None
+    with pytest.raises(ValueError, match="firmware_id"):
+        await store.report("paku", "pk-1", "failed", firmware_id=HUGE_ID)
+
+
+@hard_timeout
+async def test_a_huge_firmware_id_is_a_404_on_admin_and_device_routes(gateway_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw, headers=ADMIN) as client:
+            for url in (f"/api/gateway/firmware/{HUGE_ID}", f"/api/gateway/firmware/{HUGE_ID}/download"):
+                r = await client.get(url)
+                assert (r.status_code, r.json()["error"]["code"]) == (404, "not_found"), r.text
+        async with gw_client(gw) as anonymous:  # a device route: no admin token, like paku's
+            for fid in (HUGE_ID, 2**63):
+                r = await anonymous.get(f"/otaplug/ota/{fid}")
+                assert r.status_code == 404, r.text
+                r = await anonymous.get(f"/otaplug/ota/{fid}/meta")
+                assert r.status_code == 404, r.text
+
+
+# -- file names -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fw\n.bin", "fw\r\nX-Evil: 1.bin", "fw\t.bin", "fw\x7f.bin", "fw\x85.bin",
+                                  "fw\u202egnp.bin", "fw\udcff.bin"])
+async def test_a_file_name_with_control_characters_is_refused(store, tmp_path, name):
+    path = tmp_path / "src" / name
+    path.parent.mkdir()
+    path.write_bytes(b"image")  # "\udcff": the byte 0xff, not UTF-8 (Python's surrogateescape)
+    with pytest.raises(OtaError, match=r"file name .*: a control or formatting character"):
+        await trio.to_thread.run_sync(functools.partial(
+            store.add_blocking, path, family="paku", model="m1", version="1.0.0"))
+    assert await store.list() == []
+
+
+@hard_timeout
+async def test_any_stored_file_name_downloads_with_a_safe_content_disposition(gateway_factory, tmp_path, monkeypatch):
+    """Names stored before they were checked (a newline, non-Latin-1) must not break downloads."""
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        fw, data = await stored(gw, tmp_path, size=1000)
+        names = {"bad\nname.bin": ('attachment; filename="bad_name.bin"; filename*=UTF-8\'\'bad_name.bin'),
+                 'fïrm "ware"\\✓.bin': ('attachment; filename="f_rm _ware___.bin"; '
+                                        "filename*=UTF-8''f%C3%AFrm%20%22ware%22%5C%E2%9C%93.bin"),
+                 "plain-1.0.bin": 'attachment; filename="plain-1.0.bin"'}
+        async with gw_client(gw, headers=ADMIN) as client:
+            for name, disposition in names.items():
+                await gw.storage.write(lambda n=name: gw.storage.database.execute_sql(
+                    "UPDATE core_firmware SET filename = ? WHERE id = ?", (n, fw.id)))
+                for url in (f"/api/gateway/firmware/{fw.id}/download", f"/otaplug/ota/{fw.id}"):
+                    r = await client.get(url)
+                    assert (r.status_code, r.content) == (200, data), r.text
+                    assert r.headers["content-disposition"] == disposition
+
+
+# -- the URLs handed to devices --------------------------------------------------------
+
+EVIL = {"Host": "evil.example:666", "X-Forwarded-Host": "evil.example"}
+
+
+async def manifest_url(client) -> str:
+    r = await client.get("/otaplug/ota/manifest.json", headers=EVIL)
+    assert r.status_code == 200, r.text
+    [entry] = r.json()["manifest"]
+    return entry["url"]
+
+
+@hard_timeout
+async def test_manifest_urls_come_from_http_public_url_never_from_the_host_header(gateway_factory, tmp_path):
+    settings = ["http.public_url='http://gw.site.example:8080/edge/'"]
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())], settings=settings) as gw:
+        fw, _ = await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw) as client:
+            assert await manifest_url(client) == f"http://gw.site.example:8080/edge/otaplug/ota/{fw.id}"
+        assert gw.ota.url("/x") == "http://gw.site.example:8080/edge/x"
+        with pytest.raises(ValueError, match="absolute path"):
+            gw.ota.url("x")
+
+
+@hard_timeout
+async def test_without_public_url_the_urls_are_the_listen_address_as_bound(gateway_factory, tmp_path):
+    from gatewayd.testing import gw_url
+
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:  # http.listen = 127.0.0.1:0
+        fw, data = await stored(gw, tmp_path, size=1000)
+        async with gw_client(gw) as client:
+            url = await manifest_url(client)
+            assert url == f"{gw_url(gw)}/otaplug/ota/{fw.id}" and not url.startswith("http://127.0.0.1:0/")
+            assert (await client.get(url)).content == data
+
+
+@hard_timeout
+async def test_a_wildcard_listen_address_becomes_a_real_one_logged_once(gateway_factory, tmp_path, caplog):
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    from gatewayd.testing import gw_url
+
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())], settings=["http.listen='0.0.0.0:0'"]) as gw:
+        fw, data = await stored(gw, tmp_path, size=1000)
+        with caplog.at_level(logging.WARNING, logger="gatewayd.ota"):
+            async with gw_client(gw) as client:
+                urls = [await manifest_url(client), await manifest_url(client)]
+                parts = urlsplit(urls[0])
+                assert urls[0] == urls[1] and parts.hostname != "0.0.0.0"
+                assert parts.port == urlsplit(gw_url(gw)).port
+                with socket.socket() as sock:
+                    sock.bind((parts.hostname, 0))  # an address of this machine
+                assert (await client.get(urls[0])).content == data  # and the gateway answers on it
+        [warning] = [r for r in caplog.records if "http.public_url is not set" in r.getMessage()]
+        assert "wildcard" in warning.getMessage()
+
+
+@hard_timeout
+async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
+        fw, _ = await stored(gw, tmp_path, size=1000)
+        site = tmp_path / "var" / "firmware-signing.pem"
+        assert oct(os.stat(site).st_mode & 0o777) == "0o600"
+        public = load_public_key(tmp_path / "var" / "firmware-signing.pem.pub")
+        public.verify(base64.b64decode(fw.signature), fw.signed_message())
+        async with gw_client(gw) as client:
+            [entry] = (await client.get("/otaplug/ota/manifest.json")).json()["manifest"]
+            assert entry["signature"] == fw.signature
+            r = await client.get(f"/otaplug/ota/{fw.id}")
+            assert r.headers["x-firmware-signature"] == fw.signature
+
+
+def test_a_public_url_asked_for_before_a_port_0_listener_is_bound_is_an_error_not_cached():
+    from gatewayd.core.ota_http import PublicUrl
+    from gatewayd.core.schema import Address
+
+    bound: list[str] = []
+    public = PublicUrl("", Address("127.0.0.1", 0), lambda: bound)
+    with pytest.raises(RuntimeError, match="not bound yet"):
+        public()
+    bound.append("http://127.0.0.1:41234")
+    assert public() == "http://127.0.0.1:41234"
+    assert PublicUrl("https://gw.example", Address("0.0.0.0", 0))() == "https://gw.example"

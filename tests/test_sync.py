@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 from array import array
@@ -10,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -420,6 +422,77 @@ async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(ga
             assert worker.paused is None
             component = (await client.get("/health")).json()["components"]["upstream.cloud"]
             assert component["state"] == "ok" and component["paused"] is False
+    assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
+
+
+def receiver_at(db: Path, route: str) -> QuartTrio:
+    """The reference receiver taking batches at `route` instead of /v1/batch."""
+    inner = create_receiver_app(db, {"*": SECRET.encode()})
+    app = QuartTrio("moved")
+
+    @app.post(route)
+    async def batch():
+        body = await request.get_data()
+        async with inner.test_app() as test_app:
+            r = await test_app.test_client().post("/v1/batch", data=body, headers=dict(request.headers))
+            return Response(await r.get_data(), status=r.status_code, content_type="application/json")
+
+    return app
+
+
+@pytest.mark.parametrize("status,base_path,keys", [
+    (404, "/v1/batch", {}),  # the full path given as the base: batches go to /v1/batch/v1/batch
+    (405, "", {"path": "/v1/health"}),  # an endpoint that exists, for GET only
+])
+async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_dead_lettering(
+        gateway_factory, tmp_path, caplog, status, base_path, keys):
+    from gatewayd.core.logs import KeyValueFormatter
+    from gatewayd.core.sync.retry import Backoff
+
+    db = tmp_path / "received.db"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}{base_path}"
+    appended = keys.get("path", "/v1/batch")
+    alarm = f"upstream answered {status} for {base}{appended}: check upstream.cloud.url, the gateway appends {appended}"
+    config = upstream_config(base, max_records=10, **keys)
+    async with gateway_factory(plugins=[INGEST], config_text=config) as gw, gw_client(gw) as client:
+        worker = gw.upstream.workers["cloud"]
+        worker.auth_backoff = Backoff(base=0.3, cap=0.3, jitter=0)  # 60 s doubling to 30 min in production
+        with caplog.at_level(logging.ERROR, logger="gatewayd.sync"):
+            async with receiver(db, port=port):  # takes batches at /v1/batch only
+                await bulk(client, 0, 25)
+                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
+                health = await client.get("/health")
+                component = health.json()["components"]["upstream.cloud"]
+                assert health.status_code == 503 and component["state"] == "failed"
+                assert alarm in component["reason"] and component["paused"] is True, component
+                assert 'gatewayd_sync_paused{sink="cloud"} 1' in (await client.get("/metrics")).text
+                status_doc = await gw.storage.read(gw.outbox.status)
+                assert status_doc["dead_letters"] == {"batches": 0, "records": 0}
+                assert status_doc["sinks"]["cloud"]["backlog"] == 25
+        assert any(alarm in KeyValueFormatter().format(r) for r in caplog.records if r.name == "gatewayd.sync")
+        assert received(db) == []
+        # The far end is fixed (it now takes batches where the gateway sends them): the sink resumes.
+        async with serve_app(receiver_at(db, urlsplit(base + appended).path), port):
+            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            assert worker.paused is None
+            assert (await client.get("/health")).json()["components"]["upstream.cloud"]["state"] == "ok"
+    assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
+
+
+async def test_a_404_upstream_fixed_in_the_configuration_delivers_what_waited(gateway_factory, tmp_path):
+    db = tmp_path / "received.db"
+    port = free_port()
+    async with receiver(db, port=port) as url:
+        wrong = upstream_config(f"{url}/v1/batch", max_records=10)
+        async with gateway_factory(plugins=[INGEST], config_text=wrong) as gw, gw_client(gw) as client:
+            await bulk(client, 0, 25)
+            worker = gw.upstream.workers["cloud"]
+            await wait_for(lambda: worker.paused is not None)
+        assert received(db) == []
+        async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=10)) as gw:
+            await wait_for(lambda: len(received(db)) == 25)
+            assert await gw.storage.read(gw.outbox.dead_letters) == []
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
 
 

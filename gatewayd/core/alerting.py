@@ -16,7 +16,8 @@ import trio
 from .events import EVENTS_SCHEMA, EventBus
 from .logs import get_logger
 from .notify import NOTIFY_SCHEMA, Notifier
-from .ota import OTA_SCHEMA, OtaStore, SigningError, load_public_key
+from .ota import OTA_SCHEMA, OtaStore, SigningError, SiteKey, load_public_key
+from .ota_http import PublicUrl
 from .rules import Rule, merge_rules, rule_from_dict
 from .schema import ConfigErrors
 
@@ -63,6 +64,9 @@ async def start_alerting(gateway: Gateway, nursery: trio.Nursery) -> None:
         gateway.storage, config.data_dir / "firmware", clock=gateway.clock, events=gateway.events,
         trusted_keys=_trusted_keys(gateway), require_signed=config.ota.require_signed,
         default_rollout=config.ota.rollout,
+        site_key=SiteKey(config.data_dir), sign_by_default=config.ota.sign_with_site_key,
+        # Resolved at the first URL handed out: by then the main listener is bound (port 0).
+        public_url=PublicUrl(config.http.public_url, config.http.listen, lambda: gateway.http_urls.get("main", [])),
     )
     await nursery.start(gateway.notifier.run)
     await nursery.start(gateway.events.run)

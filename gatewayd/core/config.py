@@ -50,6 +50,9 @@ class LogSection:
 @dataclass
 class HttpSection:
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8080))
+    #: The base URL devices use to reach the main listener (OTA download URLs are built
+    #: on it); "" = derived from `listen` (see ota_http.PublicUrl).
+    public_url: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
     admin_token_env: str = "GATEWAYD_ADMIN_TOKEN"
     access_log: bool = True
@@ -57,6 +60,26 @@ class HttpSection:
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes", f"must be at least 1024, got {self.max_body_bytes}")
+        if self.public_url:
+            self.public_url = _base_url(self.public_url)
+
+
+def _base_url(text: str) -> str:
+    """`http(s)://host[:port][/path]` without a trailing slash; ConfigError otherwise."""
+    from urllib.parse import urlsplit
+
+    expected = f"expected http(s)://HOST[:PORT][/PATH] as devices reach the gateway, got {text!r}"
+    if any(c.isspace() or not c.isprintable() for c in text):
+        raise ConfigError("public_url", expected)
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError("public_url", expected) from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment \
+            or parts.username is not None or text.endswith(("?", "#")):
+        raise ConfigError("public_url", expected)
+    return text.rstrip("/")
 
 
 @dataclass
@@ -252,6 +275,9 @@ class OtaSection:
 
     trusted_keys: list[str] = field(default_factory=list)
     require_signed: bool = False
+    #: Sign images added without a key or signature of their own with the site key
+    #: (`<data_dir>/firmware-signing.pem`, made on first use).
+    sign_with_site_key: bool = True
     rollout: dict[str, float] = field(default_factory=lambda: {"stable": 100.0, "beta": 100.0})
 
     def validate(self) -> None:

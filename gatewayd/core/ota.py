@@ -13,7 +13,11 @@ verify while streaming: it hashes as it downloads, then checks one short message
     gatewayd-firmware-v1\\n<family>\\n<model>\\n<version>\\n<sha256 hex>\\n
 
 Binding family, model and version stops a validly signed image being offered as
-another model or as a newer version than it is.
+another model or as a newer version than it is. Images added without a key or a
+signature of their own are signed with the site key (`firmware_signing.SiteKey`).
+
+URLs handed to devices are `ctx.ota.url(path)`: `http.public_url` + path, never built
+from the request's `Host` header.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import os
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from .firmware_signing import (
     SigningError,
+    SiteKey,
     generate_keypair,
     key_id,
     load_private_key,
@@ -51,7 +57,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OtaStore", "OtaError", "Firmware", "OTA_SCHEMA", "CHANNELS", "REPORT_STATUSES",
     "rollout_bucket", "signed_message", "generate_keypair", "load_private_key", "load_public_key",
-    "key_id", "coerce_version", "manifest", "SigningError",
+    "key_id", "coerce_version", "manifest", "SigningError", "is_row_id", "MAX_ID", "SiteKey",
 ]
 
 log = get_logger("gatewayd.ota")
@@ -61,6 +67,16 @@ VISIBLE = {"stable": ("stable",), "beta": ("stable", "beta")}
 REPORT_STATUSES = ("started", "downloaded", "verified", "installed", "failed", "rolled_back")
 _REPORT_EVENTS = {"failed": ("ota_failed", "warning"), "rolled_back": ("ota_rolled_back", "warning"),
                   "installed": ("ota_installed", "info")}
+
+
+#: The largest row id SQLite can hold (a signed 64-bit INTEGER). A larger number from a
+#: URL or a device must not reach a query: sqlite3 raises OverflowError for it.
+MAX_ID = 2**63 - 1
+
+
+def is_row_id(value: object) -> bool:
+    """Whether `value` can name a stored row (an int 1..MAX_ID); anything else names none."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ID
 
 
 class OtaError(Exception):
@@ -140,6 +156,30 @@ class Firmware:
         }
 
 
+# -- names ------------------------------------------------------------------------
+
+#: Unicode categories a name must not hold: controls (a newline breaks the download's
+#: headers), invisible formatting (a right-to-left override disguises an extension),
+#: line/paragraph separators, and surrogates (bytes of a file name that are not UTF-8).
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def unprintable(text: str) -> str | None:
+    """The first character of `text` that a name must not hold, or None."""
+    return next((c for c in text if unicodedata.category(c) in _UNPRINTABLE), None)
+
+
+def check_file_name(name: str) -> str:
+    """`name` if it can be an image's file name (shown in downloads and listings); else OtaError."""
+    bad = unprintable(name)
+    if bad is not None:
+        raise OtaError(f"file name {name!r}: a control or formatting character (U+{ord(bad):04X}) "
+                       "is not allowed; rename the file")
+    if not name or len(name) > 255:
+        raise OtaError(f"file name {name!r}: expected 1-255 characters")
+    return name
+
+
 # -- rollout ----------------------------------------------------------------------
 
 
@@ -185,6 +225,9 @@ class OtaStore:
         trusted_keys: Iterable[Ed25519PublicKey] = (),
         require_signed: bool = False,
         default_rollout: dict[str, float] | None = None,
+        public_url: Callable[[], str] | None = None,
+        site_key: SiteKey | None = None,
+        sign_by_default: bool = True,
     ):
         self.storage = storage
         self.root = Path(root)
@@ -193,6 +236,11 @@ class OtaStore:
         self.trusted_keys = list(trusted_keys)
         self.require_signed = require_signed
         self.default_rollout = dict(default_rollout or {})
+        self._public_url = public_url
+        #: Signs what is added without a key or signature of its own (when sign_by_default),
+        #: and is trusted when verifying.
+        self.site_key = site_key
+        self.sign_by_default = sign_by_default and site_key is not None
 
     # -- adding (blocking: the CLI, or a thread) ------------------------------------
 
@@ -208,12 +256,18 @@ class OtaStore:
         sign_key: Ed25519PrivateKey | None = None,
         signature: str | None = None,
         extra_keys: Iterable[Ed25519PublicKey] = (),
+        unsigned: bool = False,
     ) -> Firmware:
         """Copy an image into the store, hash it, sign or verify it, and record it.
 
         Give `sign_key` to sign here, or `signature` (base64) made elsewhere to have it
-        verified against the trusted keys (+ `extra_keys`). Raises OtaError.
+        verified against the trusted keys (+ `extra_keys`); with neither, the site key
+        signs it (unless `unsigned`, or the store does not sign by default). Raises OtaError.
         """
+        if unsigned and (sign_key is not None or signature is not None):
+            raise OtaError("unsigned: cannot be combined with a signing key or a signature")
+        if unsigned and self.require_signed:
+            raise OtaError("ota.require_signed is on: an unsigned image is refused")
         try:
             parse_version(version)
         except ValueError as e:
@@ -224,12 +278,19 @@ class OtaStore:
         if not 0 <= percent <= 100:
             raise OtaError(f"rollout: expected a percentage 0-100, got {percent}")
         for name, value in (("family", family), ("model", model)):
-            if not value or "\n" in value or len(value) > 128:
-                raise OtaError(f"{name}: expected a short name, got {value!r}")
+            # No newline above all: the signed message is one field per line.
+            if not value or unprintable(value) is not None or len(value) > 128:
+                raise OtaError(f"{name}: expected a short name without control characters, got {value!r}")
         source = Path(source)
+        filename = check_file_name(source.name)
         if not source.is_file():
             raise OtaError(f"no such file: {source}")
         self._check_new(family, model, version)
+        if sign_key is None and signature is None and not unsigned and self.sign_by_default:
+            try:
+                sign_key = self.site_key.private_key()
+            except SigningError as e:
+                raise OtaError(f"{e} (or set ota.sign_with_site_key = false)") from None
         self.root.mkdir(parents=True, exist_ok=True)
         sha, size, tmp = self._copy_in(source)
         try:
@@ -240,7 +301,7 @@ class OtaStore:
                 kid = key_id(sign_key.public_key())
             elif signature is not None:
                 try:
-                    kid = verify_signature(message, signature.strip(), [*self.trusted_keys, *extra_keys])
+                    kid = verify_signature(message, signature.strip(), self._keys(extra_keys))
                 except SigningError as e:
                     raise OtaError(str(e)) from None
             elif self.require_signed:
@@ -249,14 +310,14 @@ class OtaStore:
             os.replace(tmp, dest)  # content-addressed: the same image twice is one file
             tmp = None
             row_id = self.storage.write_blocking(self._insert, dict(
-                family=family, model=model, version=version, channel=channel, filename=source.name[:255],
+                family=family, model=model, version=version, channel=channel, filename=filename,
                 size=size, sha256=sha, signature=signature, key_id=kid, rollout_percent=float(percent),
                 created_at=self.clock()))
         finally:
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
         log.info("firmware added", id=row_id, family=family, model=model, version=version, channel=channel,
-                 sha256=sha, signed=bool(signature))
+                 sha256=sha, signed=bool(signature), key_id=kid)
         return self.get_blocking(row_id)
 
     def _copy_in(self, source: Path) -> tuple[str, int, str]:
@@ -288,7 +349,9 @@ class OtaStore:
         return CoreFirmware.insert(**fields).execute()
 
     def get_blocking(self, firmware_id: int) -> Firmware:
-        row = self.storage.run_blocking(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
+        row = None
+        if is_row_id(firmware_id):
+            row = self.storage.run_blocking(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
         if row is None:
             raise OtaError(f"no firmware with id {firmware_id}")
         return _to_firmware(row, self.root)
@@ -305,6 +368,8 @@ class OtaStore:
     def set_rollout_blocking(self, firmware_id: int, percent: float) -> Firmware:
         if not 0 <= percent <= 100:
             raise OtaError(f"rollout: expected a percentage 0-100, got {percent}")
+        if not is_row_id(firmware_id):
+            raise OtaError(f"no firmware with id {firmware_id}")
         updated = self.storage.write_blocking(
             lambda: CoreFirmware.update(rollout_percent=float(percent)).where(CoreFirmware.id == firmware_id).execute())
         if not updated:
@@ -325,20 +390,47 @@ class OtaStore:
         if fw.signature is None:
             return None
         try:
-            return verify_signature(fw.signed_message(), fw.signature, [*self.trusted_keys, *extra_keys])
+            return verify_signature(fw.signed_message(), fw.signature, self._keys(extra_keys))
         except SigningError as e:
             raise OtaError(f"firmware {fw.id}: {e}") from None
+
+    def _keys(self, extra: Iterable[Ed25519PublicKey]) -> list[Ed25519PublicKey]:
+        """The keys a signature may verify with: ota.trusted_keys, the site key (if made), `extra`."""
+        try:
+            site = self.site_key.public_key() if self.site_key is not None else None
+        except SigningError as e:
+            raise OtaError(str(e)) from None
+        return [*self.trusted_keys, *([site] if site is not None else []), *extra]
 
     # -- the plugin API (async) ----------------------------------------------------
 
     async def get(self, firmware_id: int) -> Firmware | None:
-        """The firmware with this id, or None."""
+        """The firmware with this id, or None (also for a number no row can have)."""
+        if not is_row_id(firmware_id):
+            return None
         row = await self.storage.read(lambda: CoreFirmware.get_or_none(CoreFirmware.id == firmware_id))
         return None if row is None else _to_firmware(row, self.root)
 
     async def list(self, family: str | None = None) -> list[Firmware]:
         """Every stored image (of one family)."""
         return await self.storage.read(self._list, family)
+
+    def url(self, path: str) -> str:
+        """The URL a device downloads `path` from (`f"{ctx.mount}/ota/{fw.id}"`): the
+        configured `http.public_url` (or the address derived from `http.listen`) + path.
+
+        Build every URL handed to a device with it, never from the request's `Host`
+        header, which the client chooses.
+        """
+        if not path.startswith("/"):
+            raise ValueError(f"path: expected an absolute path starting with '/', got {path!r}")
+        if self._public_url is None:
+            raise RuntimeError("this firmware store has no public URL (only the gateway's own has one)")
+        return self._public_url() + path
+
+    def manifest(self, firmwares: Iterable[Firmware], path: Callable[[Firmware], str]) -> list[dict[str, Any]]:
+        """The paku manifest's shape, each image's URL `self.url(path(image))`."""
+        return manifest(firmwares, lambda fw: self.url(path(fw)))
 
     async def newest_for(
         self, family: str, model: str, current_version: str | None, channel: str = "stable",
@@ -377,10 +469,13 @@ class OtaStore:
         """Record a device's OTA progress; `failed`/`rolled_back`/`installed` also emit an event.
 
         `status`: started, downloaded, verified, installed, failed or rolled_back.
-        Raises ValueError for an unknown status. Returns the report's id.
+        Raises ValueError for an unknown status or a `firmware_id` no image can have.
+        Returns the report's id.
         """
         if status not in REPORT_STATUSES:
             raise ValueError(f"status: expected one of {', '.join(REPORT_STATUSES)}, got {status!r}")
+        if firmware_id is not None and not is_row_id(firmware_id):
+            raise ValueError(f"firmware_id: expected an integer 1-{MAX_ID}, got {firmware_id!r}")
         when = self.clock() if ts is None else float(ts)
         fields = dict(ts=when, family=family, device_id=device_id, firmware_id=firmware_id, version=version,
                       status=status, detail=str(detail)[:2000])

@@ -9,19 +9,87 @@ route (`await ctx.ota.response(fw)`), so every family gets resumable downloads.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
+from urllib.parse import quote, urlsplit
 from typing import TYPE_CHECKING, Any, Literal
 
 import trio
 from quart import Blueprint, Response, request
 
 from .http import error_response, require_admin
-from .ota import Firmware
+from .logs import get_logger
+from .ota import Firmware, unprintable
+from .schema import Address
 
 if TYPE_CHECKING:
     from .runtime import Gateway
 
-__all__ = ["parse_range", "firmware_response", "firmware_blueprint"]
+__all__ = ["parse_range", "content_disposition", "firmware_response", "firmware_blueprint", "PublicUrl"]
+
+log = get_logger("gatewayd.ota")
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+class PublicUrl:
+    """The base URL devices reach the main listener at, for the URLs the gateway hands out.
+
+    `http.public_url` when set. Otherwise derived from `http.listen` as bound (port 0
+    becomes the port hypercorn picked): a wildcard host (`0.0.0.0`, `::`) is no address
+    a device can use, so it becomes the address of the interface that holds the default
+    route (where the LAN usually is), logged once as a warning naming the key to set. Never
+    the request's `Host` header: any client sets that, and a device must not be sent to
+    a host of an attacker's choosing.
+    """
+
+    def __init__(self, configured: str, listen: Address, bound: Callable[[], list[str]] = list):
+        self.configured = configured
+        self.listen = listen
+        self.bound = bound  # the main listener's URLs once it is bound, e.g. ["http://127.0.0.1:8080"]
+        self._derived: str | None = None
+
+    def __call__(self) -> str:
+        if self.configured:
+            return self.configured
+        if self._derived is None:
+            port = next((p for p in (urlsplit(url).port for url in self.bound()) if p), self.listen.port)
+            if not port:
+                raise RuntimeError("http.listen asks for any free port and the listener is not bound yet")
+            self._derived = self._derive(port)
+        return self._derived
+
+    def _derive(self, port: int) -> str:
+        host = self.listen.host
+        if host not in WILDCARDS:
+            return _http_url(host, port)
+        address = default_route_address(ipv6=host == "::")
+        url = _http_url(address, port)
+        log.warning("http.public_url is not set and http.listen is a wildcard address: device URLs (OTA) use "
+                    "the address of the default route; set http.public_url if devices reach the gateway "
+                    "at another address", listen=str(self.listen), public_url=url)
+        return url
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def default_route_address(*, ipv6: bool = False) -> str:
+    """This host's source address towards the default route; the loopback address if none.
+
+    Connecting a UDP socket only picks a route: nothing is sent. The destinations are
+    documentation addresses (RFC 5737, RFC 3849), never contacted.
+    """
+    tries = [(socket.AF_INET6, "2001:db8::1"), (socket.AF_INET, "192.0.2.1")] if ipv6 else \
+        [(socket.AF_INET, "192.0.2.1")]
+    for family, destination in tries:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((destination, 9))
+                return probe.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
 
 CHUNK = 64 * 1024
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -65,6 +133,21 @@ async def _read_file(fw: Firmware, start: int, length: int) -> AsyncIterator[byt
             yield chunk
 
 
+def content_disposition(filename: str) -> str:
+    """`attachment` with the name as a quoted ASCII `filename` and, when that had to
+    change it, the exact name as `filename*` (RFC 6266, RFC 8187).
+
+    Whatever is stored: a control character in a header value makes the server refuse
+    the whole response, and a name stored before names were checked must still download.
+    """
+    shown = "".join("_" if unprintable(c) else c for c in filename) or "firmware.bin"
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in shown)
+    value = f'attachment; filename="{plain}"'
+    if plain != filename:
+        value += "; filename*=UTF-8''" + quote(shown, safe="", errors="replace")
+    return value
+
+
 def _etag_matches(header: str, etag: str) -> bool:
     if header.strip() == "*":
         return True
@@ -83,7 +166,7 @@ async def firmware_response(fw: Firmware) -> Response:
         "ETag": fw.etag,
         "Accept-Ranges": "bytes",
         "Cache-Control": "no-cache",
-        "Content-Disposition": f'attachment; filename="{fw.filename.replace(chr(34), "")}"',
+        "Content-Disposition": content_disposition(fw.filename),
         "X-Firmware-Version": fw.version,
         "X-Firmware-SHA256": fw.sha256,
     }

@@ -380,9 +380,7 @@ class Gateway:
     # -- health and metrics ------------------------------------------------------
 
     def _storage_state(self) -> ComponentState:
-        if not self.storage.is_open:
-            return ComponentState("unavailable", "storage is closed")
-        return ComponentState("ok", None, {"path": str(self.storage.path)})
+        return self.storage.health_state()  # "full" while writes fail for lack of space
 
     def _register_core_metrics(self) -> None:
         s = self.storage.stats

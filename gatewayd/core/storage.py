@@ -11,8 +11,10 @@ lets them proceed while the writer commits.
 
 from __future__ import annotations
 
+import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +26,7 @@ import peewee
 import trio
 from playhouse.migrate import SqliteMigrator
 
+from .health import ComponentState
 from .logs import get_logger
 
 __all__ = [
@@ -53,13 +56,57 @@ class StorageUnavailable(StorageError):
     """The storage is closed or not yet open."""
 
 
-def _classify(exc: BaseException) -> BaseException:
-    if isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
-        text = str(exc).lower()
-        if "full" in text or "disk i/o" in text:
-            return StorageFull(str(exc))
-        return StorageError(str(exc))
-    return exc
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+#: An I/O error with less than this free on the database's filesystem is a full disk:
+#: SQLite reports ENOSPC as SQLITE_FULL on plain writes, but as an I/O error where it
+#: grows the WAL index (-shm) or syncs.
+LOW_SPACE_BYTES = 1 << 20
+
+
+def _sqlite_errors(exc: BaseException) -> list[sqlite3.Error]:
+    """The sqlite3 errors in `exc`'s chain, first raised first.
+
+    peewee re-raises each sqlite3 error as its own class (the original as context), and
+    a failed COMMIT is followed by peewee's ROLLBACK, which fails in turn ("cannot
+    rollback - no transaction is active") when SQLite already rolled back: the error
+    that matters is the first, not the last.
+    """
+    found: list[sqlite3.Error] = []
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, sqlite3.Error):
+            found.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return found[::-1]
+
+
+def _low_on_space(path: Path | None) -> bool:
+    if path is None:
+        return False
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < LOW_SPACE_BYTES
+
+
+def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
+    """StorageFull for a full disk or database, StorageError for another SQLite failure
+    (each with the message of the error that caused it), anything else unchanged."""
+    if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
+        return exc
+    errors = _sqlite_errors(exc)
+    codes = [getattr(e, "sqlite_errorcode", 0) & 0xFF for e in errors]
+    if SQLITE_FULL in codes:
+        return StorageFull(str(errors[codes.index(SQLITE_FULL)]))
+    if SQLITE_IOERR in codes:
+        error = errors[codes.index(SQLITE_IOERR)]
+        if _low_on_space(path):
+            return StorageFull(f"{error} (less than {LOW_SPACE_BYTES >> 20} MiB free on the disk holding {path})")
+        return StorageError(str(error))
+    return StorageError(str(errors[0] if errors else exc))
 
 
 class _Meta(peewee.Model):
@@ -133,12 +180,15 @@ class Storage:
         self._token: trio.lowlevel.TrioToken | None = None
         self._open = False
         self.stats = {"commits": 0, "jobs": 0, "job_errors": 0, "commit_errors": 0, "max_batch": 0}
+        #: (since, error) while writes fail for lack of space; set and cleared by the writer
+        #: thread (one assignment: /health reads it from the trio thread).
+        self.full: tuple[float, str] | None = None
 
     # -- life cycle --------------------------------------------------------------
 
     def open(self) -> None:
         """Open (creating) the database file and start the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._private_files()
         self.database.init(str(self.path))
         self.database.bind([_Meta])
         with self.database.connection_context():
@@ -146,6 +196,28 @@ class Storage:
         self._writer = threading.Thread(target=self._writer_loop, name="gatewayd-writer", daemon=True)
         self._writer.start()
         self._open = True
+
+    def _private_files(self) -> None:
+        """The database holds password hashes, encrypted secrets and all telemetry: only
+        its owner may read it. The data dir is made 0700 (if we make it), the database
+        0600 before SQLite opens it (SQLite gives its -wal and -shm the database's mode),
+        and files an older gatewayd left readable by others are set to 0600, logged."""
+        try:
+            self.path.parent.mkdir(parents=True, mode=0o700)
+        except FileExistsError:
+            pass
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            pass
+        for path in (self.path, *(self.path.with_name(self.path.name + end) for end in ("-wal", "-shm"))):
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+                if mode & 0o077:
+                    os.chmod(path, 0o600)
+                    log.warning("database file was readable by others; now 0600", file=str(path), was=oct(mode))
+            except FileNotFoundError:
+                continue
 
     def close(self) -> None:
         """Finish every queued write, stop the writer thread, close connections."""
@@ -173,10 +245,34 @@ class Storage:
     def is_open(self) -> bool:
         return self._open
 
+    def health_state(self) -> ComponentState:
+        """For /health: unavailable when closed, full while writes fail for lack of space."""
+        if not self._open:
+            return ComponentState("unavailable", "storage is closed")
+        details = {"path": str(self.path)}
+        full = self.full
+        if full is not None:
+            since, error = full
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+            return ComponentState("full", f"writes are refused for lack of space since {when} ({error}); free space "
+                                  f"on the disk holding {self.path.parent}", {**details, "full_since": since})
+        return ComponentState("ok", None, details)
+
     # -- schemas -----------------------------------------------------------------
 
     def install(self, spec: SchemaSpec) -> None:
-        """Create or upgrade a component's tables (blocking: call from a thread)."""
+        """Create or upgrade a component's tables (blocking: call from a thread).
+
+        Raises StorageFull / StorageError when SQLite fails (nothing of it is kept)."""
+        try:
+            self._install(spec)
+        except Exception as e:
+            error = self._classify(e)
+            if error is e:
+                raise
+            raise error from e
+
+    def _install(self, spec: SchemaSpec) -> None:
         db = self.database
         db.bind(spec.models)
         # IMMEDIATE: take the write lock up front; a deferred transaction that reads
@@ -280,8 +376,15 @@ class Storage:
         # thread, so two extra statements per job cost more than the jobs themselves
         # (bench/mqtt_bench.py). If any job raises, nothing was committed: run the group
         # again, each job in a savepoint of its own, so only the failing one fails.
-        if not self._run_group(batch):
-            self._run_isolated(batch)
+        changes = self.database.connection().total_changes
+        if self._run_group(batch):
+            full_error = None
+        else:
+            full_error = self._run_isolated(batch)
+        # Rows written and committed: there was room. (A batch that wrote nothing commits
+        # on a full disk too, and says nothing about space.)
+        wrote = full_error is None and self.database.connection().total_changes > changes
+        self._note_space(full_error, wrote)
         self.stats["jobs"] += len(batch)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
         self._wake(batch)
@@ -295,14 +398,44 @@ class Storage:
         except Exception:
             for job in batch:
                 job.result = None
+            self._end_transaction()
             return False
         self.stats["commits"] += 1
         return True
 
-    def _run_isolated(self, batch: list[_Job]) -> None:
+    def _end_transaction(self) -> None:
+        """After a failure: make sure no transaction is left open on the writer's connection.
+
+        peewee's ROLLBACK after a failed COMMIT may itself fail; if SQLite had not rolled
+        back, every later BEGIN would fail too and the writer would refuse all writes.
+        """
+        conn = self.database.connection()
+        if conn.in_transaction:
+            try:
+                conn.rollback()
+            except sqlite3.Error as e:
+                log.error("rollback after a failed write failed", error=str(e))
+
+    def _note_space(self, full_error: StorageFull | None, wrote: bool) -> None:
+        """Keep `self.full` (for /health): set while writes fail for lack of space, cleared
+        by the first batch that commits rows without such a failure."""
+        if full_error is not None:
+            if self.full is None:
+                log.error("storage is full: writes are refused until space is freed", path=str(self.path),
+                          error=str(full_error))
+                self.full = (time.time(), str(full_error))
+            else:
+                self.full = (self.full[0], str(full_error))
+        elif wrote and self.full is not None:
+            log.info("storage writes succeed again", path=str(self.path), full_s=round(time.time() - self.full[0], 1))
+            self.full = None
+
+    def _run_isolated(self, batch: list[_Job]) -> StorageFull | None:
+        """Each job in a savepoint; returns the first lack-of-space failure, if any."""
         db = self.database
         conn = db.connection()
         lost: BaseException | None = None
+        full: StorageFull | None = None
         try:
             with db.atomic():
                 for job in batch:
@@ -312,25 +445,34 @@ class Storage:
                     try:
                         job.result = job.fn(*job.args)
                     except Exception as e:
-                        job.error = _classify(e)
+                        job.error = self._classify(e)
                         self.stats["job_errors"] += 1
+                        if full is None and job.error is not e and isinstance(job.error, StorageFull):
+                            full = job.error  # classified from SQLite: the disk, not an outbox quota
                         if not conn.in_transaction:
                             # SQLite rolled the whole transaction back (SQLITE_FULL, IOERR):
                             # the jobs before this one are gone too, and the rest must not
                             # run outside a transaction. Fail the batch with the first cause
                             # (a failed ROLLBACK TO SAVEPOINT in the job hides it as __context__).
-                            lost = _classify(_first_cause(e))
+                            lost = self._classify(_first_cause(e))
                             raise
                         conn.execute("ROLLBACK TO gatewayd_job")
                     conn.execute("RELEASE gatewayd_job")
         except Exception as e:  # the COMMIT itself failed: nothing of the batch is kept
             self.stats["commit_errors"] += 1
-            error = lost or _classify(e)
-            log.error("commit failed", jobs=len(batch), error=str(e))
+            error = lost or self._classify(e)
+            log.error("commit failed", jobs=len(batch), error=str(error))
             for job in batch:
                 job.error, job.result = error, None
+            self._end_transaction()
+            if isinstance(error, StorageFull) and error is not e:
+                full = full or error
         else:
             self.stats["commits"] += 1
+        return full
+
+    def _classify(self, exc: BaseException) -> BaseException:
+        return _classify(exc, self.path)
 
     def _wake(self, batch: list[_Job]) -> None:
         # One call into trio per group, not one per job: every hand-off to the trio
@@ -360,12 +502,23 @@ class Storage:
         try:
             return fn(*args)
         except Exception as e:
-            raise _classify(e) from e
+            error = self._classify(e)
+            if error is e:
+                raise
+            raise error from e
 
     def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` in one transaction on the calling thread (CLI commands)."""
-        with self.database.connection_context(), self.database.atomic():
-            return fn(*args)
+        """Run `fn(*args)` in one transaction on the calling thread (CLI commands).
+
+        Raises StorageFull / StorageError for SQLite's failures, like `write`."""
+        try:
+            with self.database.connection_context(), self.database.atomic():
+                return fn(*args)
+        except Exception as e:
+            error = self._classify(e)
+            if error is e:
+                raise
+            raise error from e
 
     async def backup(self, dest: str | Path) -> Path:
         """A consistent online copy of the database (safe while writes continue)."""
@@ -407,9 +560,36 @@ def backup_database(source: str | Path, dest: str | Path) -> Path:
         dest = dest / f"gatewayd-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.sqlite3"
     tmp = dest.with_name(dest.name + ".partial")
     tmp.unlink(missing_ok=True)
+    # A copy of everything the database holds: as private as the database (0600, and
+    # SQLite's journal next to it takes that mode); `replace` keeps it over an old file.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        check = _copy_database(source, tmp)
+    except sqlite3.Error as e:
+        _remove_database(tmp)
+        error = _classify(e, tmp)
+        raise (error if isinstance(error, StorageError) else StorageError(str(e))) from e
+    except BaseException:
+        _remove_database(tmp)
+        raise
+    if check != "ok":
+        _remove_database(tmp)
+        raise StorageError(f"backup failed its integrity check: {check}")
+    tmp.replace(dest)
+    return dest
+
+
+def _remove_database(path: Path) -> None:
+    """A database file and whatever SQLite left beside it (a failed copy's journal)."""
+    for end in ("", "-journal", "-wal", "-shm"):
+        path.with_name(path.name + end).unlink(missing_ok=True)
+
+
+def _copy_database(source: Path, dest: Path) -> str:
+    """Copy, mark as a backup, check; returns what integrity_check says."""
     src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
     try:
-        out = sqlite3.connect(tmp)
+        out = sqlite3.connect(dest)
         try:
             src.backup(out)
             with out:
@@ -422,8 +602,4 @@ def backup_database(source: str | Path, dest: str | Path) -> Path:
             out.close()
     finally:
         src.close()
-    if check != "ok":
-        tmp.unlink(missing_ok=True)
-        raise StorageError(f"backup failed its integrity check: {check}")
-    tmp.replace(dest)
-    return dest
+    return check

@@ -36,6 +36,7 @@ class HttpSink:
         clock: Callable[[], float] = time.time,
     ):
         self.name = name
+        self.path = path  # appended to `url`: named in the alarm when the endpoint is missing (404)
         self.endpoint = url.rstrip("/") + path
         self.clock = clock
         self._timeout_s = timeout_s

@@ -123,7 +123,7 @@ class Upstream:
         if worker is None:
             return ComponentState("starting")
         details = worker.state()
-        if worker.paused is not None:  # 401/403, or a wrong size limit: an operator has to act
+        if worker.paused is not None:  # 401/403, a wrong URL, a wrong size limit: an operator has to act
             return ComponentState("failed", f"paused: {worker.paused}", details)
         if details["breaker"] == "open":
             return ComponentState("degraded", f"circuit open after repeated failures: {details['last_error']}", details)
@@ -167,8 +167,9 @@ class Upstream:
                     lambda: [Sample("gatewayd_sync_worker_restarts_total", {"sink": s}, n)
                              for s, n in sorted(self.restarts.items())])
         m.collector("gatewayd_sync_paused", "gauge",
-                    "1 while a sink is paused: the far end refuses the gateway's credentials (401/403) "
-                    "or has a size limit below what it took before (413)",
+                    "1 while a sink is paused: the far end refuses the gateway's credentials (401/403), "
+                    "has no batch endpoint at the configured URL (404/405) or has a size limit below what "
+                    "it took before (413)",
                     lambda: [Sample("gatewayd_sync_paused", {"sink": s}, 1 if w.paused is not None else 0)
                              for s, w in sorted(self.workers.items())])
         m.collector("gatewayd_sync_breaker_open", "gauge", "1 while a sink's circuit breaker holds it",

@@ -9,9 +9,10 @@ Records are spliced into the batch from the JSON stored at ingest
 
 What an answer does (docs/upstream-protocol.md): 2xx and 409 deliver the batch;
 429/503 wait `Retry-After`/`next_hint` and resend the same batch; 401/403 pause the
-sink (the gateway's credentials or clock are wrong, not the batch): the records stay,
-/health reports the sink failed with the reason, and the same batch is tried again
-after a long backoff (60 s doubling to 30 min) until the far end takes it; 413 splits
+sink (the gateway's credentials or clock are wrong, not the batch), and so do 404/405
+(no batch endpoint at the URL: a wrong `url`, every batch would get the same): the
+records stay, /health reports the sink failed with the reason, and the same batch is
+tried again after a long backoff (60 s doubling to 30 min) until the far end takes it; 413 splits
 the batch in halves (new keys, same record ids) down to single records (a far end that
 refuses a record smaller than batches it took before pauses the sink instead); other 4xx set
 the batch aside in `core_dead_letter` and go on; 5xx, timeouts and resets back off
@@ -44,6 +45,10 @@ log = get_logger("gatewayd.sync")
 
 #: Answers that say the far end refuses *us* (secret, clock), whatever the batch.
 AUTH_REFUSED = frozenset({401, 403})
+#: Answers that say there is no batch endpoint where we send: a wrong URL (`url` is the
+#: base, the sink appends its path), whatever the batch. A receiver never answers them
+#: about a batch (docs/upstream-protocol.md); dead-lettering would empty the backlog.
+NO_ENDPOINT = frozenset({404, 405})
 #: Single records answered 413 in a row, before any delivery, dead-lettered before the sink pauses.
 TOO_LARGE_ALONE_MAX = 3
 #: Seconds a body encoded ahead may wait and still be sent (its signature timestamp
@@ -123,7 +128,7 @@ class SyncWorker:
         self.auth_backoff = auth_backoff or Backoff(base=60.0, cap=1800.0)
         self.clock = clock
         self.stats = SinkStats()
-        #: Why the far end refuses this gateway (401/403), while it does: the sink is paused.
+        #: Why the far end refuses this gateway (401/403, 404/405, 413), while it does: the sink is paused.
         self.paused: str | None = None
         self._too_large_alone = 0  # single records answered 413 since the last delivery
         self._largest_delivered = 0  # bytes: the largest body the far end took in this run
@@ -244,6 +249,9 @@ class SyncWorker:
             if outcome.kind == "dead_letter" and outcome.status in AUTH_REFUSED:
                 await self._pause(outcome)
                 continue  # the same batch, the same key
+            if outcome.kind == "dead_letter" and outcome.status in NO_ENDPOINT:
+                await self._pause(outcome, why=self._wrong_url(outcome.status))
+                continue
             if outcome.kind == "dead_letter" and outcome.status == 413:
                 if len(batch.records) > 1:
                     self.breaker.record_success()
@@ -287,6 +295,11 @@ class SyncWorker:
             else:
                 self.breaker.record_failure()
                 await self._wait(self.backoff.next_delay())
+
+    def _wrong_url(self, status: int) -> str:
+        why = f"upstream answered {status} for {self.sink.describe()}: check upstream.{self.name}.url"
+        path = getattr(self.sink, "path", None)
+        return f"{why}, the gateway appends {path}" if path else why
 
     def _limit_looks_wrong(self, size: int) -> str:
         """For a single record answered 413: why to blame the far end's limit, or "".
@@ -354,8 +367,8 @@ class SyncWorker:
             self._nursery.start_soon(commit)
 
     async def _pause(self, outcome: Outcome, why: str = "") -> None:
-        """401/403 (or 413s `_limit_looks_wrong` blames on the far end): stop and alarm.
-        The batch is not at fault; nothing is set aside."""
+        """401/403, 404/405 (a wrong URL) or 413s `_limit_looks_wrong` blames on the far
+        end: stop and alarm. The batch is not at fault; nothing is set aside."""
         self.breaker.record_success()  # the far end answers; it is not unwell
         self._count_kind("paused")
         self.stats.last_status = outcome.status
