@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint, Response, request
 
 from .devices import ClaimError, DeviceExists, UnknownDevice
-from .http import error_response, require_admin
+from .http import error_response, read_json_object, require_admin
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -46,13 +46,8 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     def describe(device: Device) -> dict[str, Any]:
         return {**device.as_json(), "online": services.presence.is_online(device.family, device.id)}
 
-    async def body() -> dict[str, Any] | Response:
-        doc = await request.get_json(force=True, silent=True)
-        if doc is None and not await request.get_data():
-            return {}
-        if not isinstance(doc, dict):
-            return error_response(400, "expected a JSON object")
-        return doc
+    async def body() -> dict[str, Any]:
+        return await read_json_object()  # strict; BadJSON is the app's 400
 
     async def one(device_id: str) -> Device | Response:
         family = request.args.get("family")
@@ -72,8 +67,6 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("")
     async def create() -> Any:
         doc = await body()
-        if isinstance(doc, Response):
-            return doc
         family = doc.get("family")
         if not isinstance(family, str) or not family:
             return error_response(400, "'family' is required")
@@ -93,8 +86,6 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("/claim-codes")
     async def claim_code() -> Any:
         doc = await body()
-        if isinstance(doc, Response):
-            return doc
         family, ttl = doc.get("family"), doc.get("ttl_s", gateway.config.devices.claim_code_ttl_s)
         if not isinstance(family, str) or not family:
             return error_response(400, "'family' is required")
@@ -128,8 +119,6 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("/<device_id>/rotate")
     async def rotate(device_id: str) -> Any:
         doc = await body()
-        if isinstance(doc, Response):
-            return doc
         grace = doc.get("grace_s", 0)
         if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
             return error_response(400, "'grace_s' must be a number >= 0")
@@ -150,8 +139,6 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("/<device_id>/commands")
     async def enqueue(device_id: str) -> Any:
         doc = await body()
-        if isinstance(doc, Response):
-            return doc
         if "payload" not in doc:
             return error_response(400, "'payload' is required")
         ttl, priority = doc.get("ttl_s"), doc.get("priority", 0)

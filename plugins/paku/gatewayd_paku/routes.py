@@ -11,7 +11,8 @@
     GET   /ota/<id>/firmware.bin                the image (Range, ETag)
 
 "admin": `Authorization: Bearer <admin token>` (the core's admin token). Errors use the
-gateway's shape, `{"error": {"status", "code", "message"}}`.
+gateway's shape, `{"error": {"status", "code", "message"}}`: 400 names the field that is
+wrong (bodies are parsed strictly by the core's `read_json_object`).
 """
 
 from __future__ import annotations
@@ -24,12 +25,18 @@ from urllib.parse import urlsplit
 
 from quart import Blueprint, jsonify, request, url_for
 
-from gatewayd.plugins.api import ClaimError, DeviceExists, PluginContext
+from gatewayd.plugins.api import (
+    BadJSON,
+    ClaimError,
+    DeviceExists,
+    PluginContext,
+    read_json_object,
+)
 
 from . import models
 
 # The id is the MQTT username and a topic level: nothing mosquitto or a topic can't hold.
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 _CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited"}
 
 
@@ -56,11 +63,12 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     bp = Blueprint("paku", __name__)
     ctx.ratelimit.define("claim", 10, 60)  # per client address: claim codes are not for guessing
 
-    async def body() -> dict[str, Any] | None:
-        if not await request.get_data():
-            return {}
-        doc = await request.get_json(force=True, silent=True)
-        return doc if isinstance(doc, dict) else None
+    @bp.errorhandler(BadJSON)
+    async def _bad_json(e: BadJSON) -> Any:
+        return problem(400, str(e))
+
+    def valid_id(device_id: Any) -> bool:
+        return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
 
     def broker(device_id: str, password: str | None) -> dict[str, Any]:
         host = ctx.config.mqtt_host or urlsplit(request.host_url).hostname or "127.0.0.1"
@@ -103,11 +111,9 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     async def provision() -> Any:
         if denied := ctx.require_admin():
             return denied
-        doc = await body()
-        if doc is None:
-            return problem(400, "expected a JSON object: {\"id\"?, \"model\"?, \"name\"?, \"notes\"?}")
+        doc = await read_json_object()
         device_id = doc.get("id")
-        if device_id is not None and (not isinstance(device_id, str) or not DEVICE_ID.match(device_id)):
+        if device_id is not None and not valid_id(device_id):
             return problem(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
         extra = fields(doc)
         if isinstance(extra, str):
@@ -144,8 +150,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     async def update(device_id: str) -> Any:
         if denied := ctx.require_admin():
             return denied
-        doc = await body()
-        changes = fields(doc) if doc is not None else "expected a JSON object: {\"notes\"?, \"name\"?, \"model\"?}"
+        changes = fields(await read_json_object())
         if isinstance(changes, str):
             return problem(400, changes)
         if await ctx.devices.get(device_id) is None:
@@ -176,12 +181,12 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         decision = ctx.ratelimit.check(request.remote_addr or "-", "claim")
         if not decision.allowed:
             return problem(429, "too many claim attempts; retry later", ctx.ratelimit.headers(decision))
-        doc = await body()
-        code = (doc or {}).get("code")
+        doc = await read_json_object()
+        code = doc.get("code")
         if not isinstance(code, str) or not code.strip():
             return problem(400, "expected {\"code\": \"ABCD-EFGH-JKLM\", \"id\"?, \"model\"?}")
         device_id = doc.get("id")
-        if device_id is not None and (not isinstance(device_id, str) or not DEVICE_ID.match(device_id)):
+        if device_id is not None and not valid_id(device_id):
             return problem(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
         extra = fields({k: v for k, v in doc.items() if k in ("model", "name")})
         if isinstance(extra, str):

@@ -1,0 +1,46 @@
+"""Bad input to paku's HTTP API: a precise 4xx (or 507/503) in paku's error shape, never a 500.
+
+Each case here answered 500 before (issue 14, item 5).
+"""
+
+import pytest
+import trio
+
+import gatewayd_paku
+from gatewayd.testing import gw_client
+
+TOKEN = "paku-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PAKU = [("paku", gatewayd_paku)]
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+
+
+def error_of(r, status: int) -> str:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and isinstance(error["code"], str)
+    return error["message"]
+
+
+async def test_bodies_that_are_not_strict_json_are_400(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+            await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+            cases = [
+                (b'{"id": "pk-2", "notes": ' + b"[" * 1000 + b"]" * 1000 + b"}", "nested deeper than 64"),
+                (b'{"a": ' * 5000, "nested deeper than 64"),
+                (b'{"id": "pk-2", "name": "caf\xe9"}', "body: not UTF-8"),
+                (b'{"id": "pk-2", "notes": NaN}', "notes: NaN"),
+                (b'{"id": "pk-2", "n": 123456789012345678901234567890}', "n: 123456789012345678901234567890 is outside"),
+                (b'{"id": "pk-2", "name": "\\udc00"}', "name: a lone surrogate"),
+            ]
+            for method, path, headers in [("POST", "/paku/devices", AUTH), ("PATCH", "/paku/devices/pk-1", AUTH),
+                                          ("POST", "/paku/claim", {})]:
+                for raw, message in cases:
+                    r = await client.request(method, path, headers=headers, content=raw)
+                    assert message in error_of(r, 400), (method, path, raw[:40], r.text)
+            assert [d.id for d in await gw.devices.registry.list()] == ["pk-1"]

@@ -1,0 +1,84 @@
+"""Bad input to the core admin API: a precise 400 (or 404/507/503) in the core shape, never a 500.
+
+Each case here answered 500 ("unhandled error in request") or was wrongly accepted
+before (issue 14, items 5 and 6).
+"""
+
+import types
+
+import pytest
+import trio
+
+from gatewayd.testing import gw_client
+
+TOKEN = "admin-secret-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+DEVICES = "/api/gateway/devices"
+# A family exists when a plugin of that name is enabled; these have no hooks at all.
+FAMILIES = [("meter", types.ModuleType("meter")), ("other", types.ModuleType("other"))]
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+
+
+def error_of(r, status: int) -> str:
+    """The message of a core-shaped error with `status`."""
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["status"] == status and isinstance(error["code"], str)
+    return error["message"]
+
+
+DEEP = b'{"family": "meter", "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+WRITE_ROUTES = [f"{DEVICES}", f"{DEVICES}/claim-codes", f"{DEVICES}/m1/rotate", f"{DEVICES}/m1/commands"]
+
+
+@pytest.mark.parametrize("path", WRITE_ROUTES)
+async def test_deep_or_non_utf8_or_non_json_bodies_are_400(gateway_factory, path):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            await gw.devices.registry.provision("meter", "m1")
+            cases = [
+                (DEEP, "nested deeper than 64"),
+                (b"[" * 100_000, "nested deeper than 64"),
+                (b'{"family": "meter", "name": "caf\xe9"}', "body: not UTF-8"),
+                (b"\xff\xfe{\x00}\x00", "body: not UTF-8"),
+                (b'{"family": ', "body: not JSON"),
+                (b"[1, 2]", "body: expected a JSON object, got an array"),
+            ]
+            for raw, message in cases:
+                r = await client.post(path, headers=AUTH, content=raw)
+                assert message in error_of(r, 400), (raw[:40], r.text)
+
+
+async def test_numbers_json_cannot_hold_or_sqlite_cannot_store_are_400_naming_the_path(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            await gw.devices.registry.provision("meter", "m1")
+            big = "9" * 400
+            cases = [
+                (DEVICES, '{"family": "meter", "metadata": {"v": NaN}}', "metadata.v: NaN"),
+                (DEVICES, '{"family": "meter", "metadata": {"a": [1, Infinity]}}', "metadata.a[1]: Infinity"),
+                (DEVICES, '{"family": "meter", "metadata": {"a": -Infinity}}', "metadata.a: -Infinity"),
+                (DEVICES, '{"family": "meter", "metadata": {"a": 1e400}}', "metadata.a: 1e400 is out of range"),
+                (DEVICES, '{"family": "meter", "metadata": {"a": 9223372036854775808}}',
+                 "metadata.a: 9223372036854775808 is outside"),
+                (DEVICES, f'{{"family": "meter", "metadata": {{"odd key": -{big}}}}}', 'metadata["odd key"]: -999'),
+                (DEVICES, '{"family": "meter", "name": "\\ud800"}', "name: a lone surrogate"),
+                (f"{DEVICES}/claim-codes", '{"family": "meter", "ttl_s": NaN}', "ttl_s: NaN"),
+                (f"{DEVICES}/claim-codes", f'{{"family": "meter", "ttl_s": {big}}}', "ttl_s: 999"),
+                (f"{DEVICES}/m1/commands", '{"payload": {"v": NaN}}', "payload.v: NaN"),
+                (f"{DEVICES}/m1/commands", '{"payload": 1, "ttl_s": Infinity}', "ttl_s: Infinity"),
+                (f"{DEVICES}/m1/commands", '{"payload": 1, "priority": 1000000000000000000000000000000}',
+                 "priority: 1000000000000000000000000000000 is outside"),
+                (f"{DEVICES}/m1/commands", '{"payload": 1, "priority": -1000000000000000000000000000000}',
+                 "priority: -1000000000000000000000000000000 is outside"),
+                (f"{DEVICES}/m1/rotate", '{"grace_s": NaN}', "grace_s: NaN"),
+            ]
+            for path, text, message in cases:
+                r = await client.post(path, headers=AUTH, content=text.encode())
+                assert message in error_of(r, 400), (text[:60], r.text)
+            assert [d.id for d in await gw.devices.registry.list()] == ["m1"]
+            assert await gw.devices.commands.list() == []
