@@ -7,6 +7,8 @@ from gatewayd.testing import gw_client
 from tests import plugin_devices
 
 TOKEN = "admin-secret-for-tests"
+KEY = "m1-token-for-tests"
+
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -105,7 +107,7 @@ async def test_commands(gateway_factory, admin_token):
     with trio.fail_after(30):
         async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw, gw_client(gw) as client:
             await client.post("/api/gateway/devices", headers=AUTH,
-                              json={"family": "meter", "id": "m1", "key": "m1-token"})
+                              json={"family": "meter", "id": "m1", "key": KEY})
             r = await client.post("/api/gateway/devices/m1/commands", headers=AUTH,
                                   json={"payload": {"action": "on"}, "ttl_s": 60, "priority": 2})
             assert r.status_code == 201
@@ -113,7 +115,7 @@ async def test_commands(gateway_factory, admin_token):
             for bad in ({}, {"payload": 1, "ttl_s": 0}, {"payload": 1, "priority": "high"}):
                 r = await client.post("/api/gateway/devices/m1/commands", headers=AUTH, json=bad)
                 assert r.status_code == 400
-            r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+            r = await client.get("/meter/commands", params={"device_token": KEY})
             assert [c["id"] for c in r.json()["commands"]] == [cid]
             r = await client.get("/api/gateway/devices/m1/commands", headers=AUTH)
             assert [(c["id"], c["status"]) for c in r.json()["commands"]] == [(cid, "delivered")]

@@ -31,6 +31,15 @@ def error_of(r, status: int) -> str:
     return error["message"]
 
 
+async def test_a_device_id_of_the_wrong_type_is_a_400_naming_the_field(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            for bad in (5, [1], {"a": 1}, True, ""):
+                r = await client.post(DEVICES, headers=AUTH, json={"family": "meter", "id": bad})
+                assert error_of(r, 400).startswith("id:"), r.text
+            assert await gw.devices.registry.list() == []
+
+
 DEEP = b'{"family": "meter", "metadata": ' + b"[" * 1000 + b"]" * 1000 + b"}"
 WRITE_ROUTES = [f"{DEVICES}", f"{DEVICES}/claim-codes", f"{DEVICES}/m1/rotate", f"{DEVICES}/m1/commands"]
 
@@ -82,3 +91,54 @@ async def test_numbers_json_cannot_hold_or_sqlite_cannot_store_are_400_naming_th
                 assert message in error_of(r, 400), (text[:60], r.text)
             assert [d.id for d in await gw.devices.registry.list()] == ["m1"]
             assert await gw.devices.commands.list() == []
+
+
+async def test_field_values_out_of_range_are_400_naming_the_field(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            await gw.devices.registry.provision("meter", "m1")
+            cases = [
+                (f"{DEVICES}/claim-codes", {"family": "meter", "ttl_s": 1e300}, "ttl_s:"),
+                (f"{DEVICES}/claim-codes", {"family": "meter", "ttl_s": 0}, "ttl_s:"),
+                (f"{DEVICES}/claim-codes", {"family": "meter", "device_id": ["m1"]}, "device_id:"),
+                (f"{DEVICES}/claim-codes", {"family": "meter", "device_id": 7}, "device_id:"),
+                (f"{DEVICES}/claim-codes", {"family": ["meter"]}, "family:"),
+                (f"{DEVICES}/m1/commands", {"payload": 1, "ttl_s": 1e300}, "ttl_s:"),
+                (f"{DEVICES}/m1/commands", {"payload": 1, "priority": 2**63 - 1 + 0.5}, "priority:"),
+                (f"{DEVICES}/m1/commands", {"payload": 1, "priority": True}, "priority:"),
+                (f"{DEVICES}/m1/rotate", {"grace_s": 1e300}, "grace_s:"),
+                (f"{DEVICES}/m1/rotate", {"grace_s": "10"}, "grace_s:"),
+            ]
+            for path, doc, field in cases:
+                r = await client.post(path, headers=AUTH, json=doc)
+                assert error_of(r, 400).startswith(field), (doc, r.text)
+            r = await client.get(f"{DEVICES}/m1", headers=AUTH)
+            assert r.status_code == 200  # the rotations above were refused: the device is as it was
+
+
+async def test_length_limits_on_every_field(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            cases = [
+                ({"key": "k"}, "key:"),
+                ({"key": "k" * 15}, "key:"),
+                ({"key": "k" * 257}, "key:"),
+                ({"key": "with a space 123"}, "key:"),
+                ({"signing_secret": "s"}, "signing_secret:"),
+                ({"name": "n" * 200_000}, "name:"),
+                ({"model": "m" * 129}, "model:"),
+                ({"firmware": "f" * 65}, "firmware:"),
+                ({"metadata": {"notes": "x" * 20_000}}, "metadata:"),
+                ({"id": "i" * 129}, "id:"),
+                ({"family": "f" * 65}, "family:"),
+            ]
+            for fields, field in cases:
+                r = await client.post(DEVICES, headers=AUTH, json={"family": "meter", **fields})
+                assert error_of(r, 400).startswith(field), (str(fields)[:60], r.text)
+            assert await gw.devices.registry.list() == []
+            # At the limits: accepted.
+            r = await client.post(DEVICES, headers=AUTH, json={
+                "family": "meter", "id": "i" * 128, "key": "k" * 16, "signing_secret": "s" * 256, "name": "n" * 256,
+                "model": "m" * 128, "firmware": "f" * 64, "metadata": {"notes": "é" * 4096}})
+            assert r.status_code == 201, r.text
+            assert r.json()["credentials"]["key"] == "k" * 16

@@ -44,9 +44,9 @@ async def test_api_key(tmp_path):
 
 async def test_body_token_in_json_or_query(tmp_path):
     async with open_services(tmp_path) as s:
-        _, creds = await s.registry.provision("thingsnxt", "esp1", key="dev_token_12345")
-        assert (await s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_12345"})).id == "esp1"
-        assert (await s.auth.body_token("thingsnxt", CLIENT, query={"device_token": "dev_token_12345"})).id == "esp1"
+        _, creds = await s.registry.provision("thingsnxt", "esp1", key="dev_token_123456")
+        assert (await s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_123456"})).id == "esp1"
+        assert (await s.auth.body_token("thingsnxt", CLIENT, query={"device_token": "dev_token_123456"})).id == "esp1"
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_1234"}), 401)
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": 12345}), 401, "missing")
         await refused(s.auth.body_token("thingsnxt", CLIENT, json=["x"]), 401, "missing")

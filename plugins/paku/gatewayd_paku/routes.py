@@ -37,6 +37,9 @@ from . import models
 
 # The id is the MQTT username and a topic level: nothing mosquitto or a topic can't hold.
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+# The longest text of each field: the core registry's limits (docs/devices.md); notes
+# live in the device's metadata, which holds up to 16,384 characters of JSON.
+MAX_LENGTHS = {"name": 256, "model": 128, "firmware": 64, "notes": 4096}
 _CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited"}
 
 
@@ -89,10 +92,10 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     def fields(doc: dict[str, Any]) -> dict[str, Any] | str:
         """name / model / notes / firmware of a request, or what is wrong with them."""
         out: dict[str, Any] = {}
-        for key in ("name", "model", "firmware", "notes"):
+        for key, limit in MAX_LENGTHS.items():
             if key in doc:
-                if not isinstance(doc[key], str) or len(doc[key]) > 4096:
-                    return f"'{key}' must be a string (at most 4096 characters)"
+                if not isinstance(doc[key], str) or len(doc[key]) > limit:
+                    return f"'{key}' must be a string (at most {limit} characters)"
                 out[key] = doc[key]
         if "notes" in out:
             out["metadata"] = {"notes": out.pop("notes")}
@@ -155,7 +158,10 @@ def blueprint(ctx: PluginContext) -> Blueprint:
             return problem(400, changes)
         if await ctx.devices.get(device_id) is None:
             return problem(404, f"no paku device {device_id!r}")
-        return describe(await ctx.devices.update(device_id, **changes))
+        try:
+            return describe(await ctx.devices.update(device_id, **changes))
+        except ValueError as e:  # the merged notes and metadata too large, say
+            return problem(400, str(e))
 
     @bp.get("/devices/<device_id>/telemetry")
     async def telemetry(device_id: str) -> Any:

@@ -44,3 +44,17 @@ async def test_bodies_that_are_not_strict_json_are_400(gateway_factory):
                     r = await client.request(method, path, headers=headers, content=raw)
                     assert message in error_of(r, 400), (method, path, raw[:40], r.text)
             assert [d.id for d in await gw.devices.registry.list()] == ["pk-1"]
+
+
+async def test_field_limits_are_400_naming_the_field(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+            await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+            cases = [({"name": "n" * 200_000}, "'name'"), ({"model": "m" * 129}, "'model'"),
+                     ({"firmware": "f" * 65}, "'firmware'"), ({"notes": "x" * 4097}, "'notes'")]
+            for doc, field in cases:
+                for method, path in [("POST", "/paku/devices"), ("PATCH", "/paku/devices/pk-1")]:
+                    r = await client.request(method, path, headers=AUTH, json=doc)
+                    assert field in error_of(r, 400), (method, doc.keys(), r.text)
+            r = await client.patch("/paku/devices/pk-1", headers=AUTH, json={"name": "n" * 256, "notes": "é" * 4096})
+            assert r.status_code == 200 and r.json()["name"] == "n" * 256
