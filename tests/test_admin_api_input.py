@@ -142,3 +142,17 @@ async def test_length_limits_on_every_field(gateway_factory):
                 "model": "m" * 128, "firmware": "f" * 64, "metadata": {"notes": "é" * 4096}})
             assert r.status_code == 201, r.text
             assert r.json()["credentials"]["key"] == "k" * 16
+
+
+async def test_unknown_families_are_refused_naming_the_known_ones(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES, settings=["plugins.other.enabled=false"]) as gw, \
+                gw_client(gw) as client:
+            for family in ("nosuch", "other"):  # not installed; installed but disabled
+                for path in (DEVICES, f"{DEVICES}/claim-codes"):
+                    r = await client.post(path, headers=AUTH, json={"family": family})
+                    message = error_of(r, 400)
+                    assert message.startswith(f"family: no enabled plugin {family!r}") and "meter" in message, message
+            assert await gw.devices.registry.list() == []
+            r = await client.post(f"{DEVICES}/claim-codes", headers=AUTH, json={"family": "meter"})
+            assert r.status_code == 201

@@ -60,6 +60,16 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
             raise BadJSON(f"{unknown[0][:40]!r}: unknown field (expected {', '.join(fields) or 'no body'})")
         return doc
 
+    def family_of(doc: dict[str, Any]) -> str:
+        """The body's family: one of an enabled plugin (a device of no plugin can't talk)."""
+        family, known = doc.get("family"), gateway.enabled_plugins
+        if family is None:
+            raise BadJSON("family: required (the plugin name of the device family)")
+        if family not in known:
+            shown = repr(family) if isinstance(family, str) and len(family) <= 64 else f"{repr(family)[:40]}..."
+            raise BadJSON(f"family: no enabled plugin {shown} (enabled: {', '.join(known) or 'none'})")
+        return family
+
     async def one(device_id: str) -> Device | Response:
         family = request.args.get("family")
         found = await registry.find(device_id, family)
@@ -78,9 +88,10 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("")
     async def create() -> Any:
         doc = await body("family", "id", "name", "model", "firmware", "metadata", "key", "signing_secret")
+        family = family_of(doc)
         fields = {k: doc[k] for k in ("name", "model", "firmware", "metadata", "key", "signing_secret") if k in doc}
         try:  # an id that is absent or null is made up
-            device, creds = await registry.provision(doc.get("family"), doc.get("id"), **fields)
+            device, creds = await registry.provision(family, doc.get("id"), **fields)
         except DeviceExists as e:
             return error_response(409, str(e))
         except ValueError as e:
@@ -90,9 +101,10 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     @bp.post("/claim-codes")
     async def claim_code() -> Any:
         doc = await body("family", "device_id", "ttl_s")
+        family = family_of(doc)
         ttl = doc.get("ttl_s", gateway.config.devices.claim_code_ttl_s)
         try:
-            code = await registry.create_claim_code(doc.get("family"), ttl_s=ttl, device_id=doc.get("device_id"))
+            code = await registry.create_claim_code(family, ttl_s=ttl, device_id=doc.get("device_id"))
         except UnknownDevice as e:
             return error_response(404, str(e))
         except ValueError as e:
