@@ -156,3 +156,33 @@ async def test_unknown_families_are_refused_naming_the_known_ones(gateway_factor
             assert await gw.devices.registry.list() == []
             r = await client.post(f"{DEVICES}/claim-codes", headers=AUTH, json={"family": "meter"})
             assert r.status_code == 201
+
+
+async def test_write_routes_answer_507_on_a_full_disk_and_503_when_storage_fails(gateway_factory):
+    with trio.fail_after(60):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            await gw.devices.registry.provision("meter", "m1")
+            database = gw.storage.database
+            requests = [
+                (DEVICES, {"family": "meter", "id": "m2", "metadata": {"pad": "x" * 8000}}),
+                (f"{DEVICES}/claim-codes", {"family": "meter"}),
+                (f"{DEVICES}/m1/commands", {"payload": {"pad": "x" * 8000}}),
+                (f"{DEVICES}/m1/rotate", {}),
+                (f"{DEVICES}/m1/revoke", {}),
+                (f"{DEVICES}/m1/disable", {}),
+            ]
+            # A full disk: SQLite's own size cap at the current size (on the writer's connection).
+            pages = await gw.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
+            await gw.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages}"))
+            for path, doc in (requests[0], requests[2]):  # these need new pages
+                r = await client.post(path, headers=AUTH, json=doc)
+                assert "storage full" in error_of(r, 507), (path, r.text)
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count = 1073741823"))
+            # Another storage failure (the database refuses writes): 503.
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 1"))
+            for path, doc in requests:
+                r = await client.post(path, headers=AUTH, json=doc)
+                assert "storage" in error_of(r, 503), (path, r.text)
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 0"))
+            r = await client.post(*requests[0][:1], headers=AUTH, json=requests[0][1])
+            assert r.status_code == 201, r.text

@@ -25,6 +25,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from .schema import Address
+from .storage import StorageError, StorageFull
 
 if TYPE_CHECKING:
     from .runtime import Gateway
@@ -243,10 +244,18 @@ def _base_app(name: str, gateway: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
     app.register_error_handler(HTTPException, _http_error)
 
-    # The core shape; a plugin answers in its own with a handler on its Blueprint.
+    # The core shape for these; a plugin answers in its own with handlers on its Blueprint.
     @app.errorhandler(BadJSON)
     async def _bad_json(e: BadJSON) -> Response:
         return error_response(400, str(e))
+
+    @app.errorhandler(StorageFull)
+    async def _storage_full(e: StorageFull) -> Response:
+        return error_response(507, f"storage full: nothing was stored ({e})")
+
+    @app.errorhandler(StorageError)
+    async def _storage_error(e: StorageError) -> Response:
+        return error_response(503, f"storage unavailable: nothing was stored ({e})")
 
     @app.errorhandler(Exception)
     async def _crash(e: Exception) -> Response:

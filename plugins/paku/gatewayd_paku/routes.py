@@ -12,7 +12,8 @@
 
 "admin": `Authorization: Bearer <admin token>` (the core's admin token). Errors use the
 gateway's shape, `{"error": {"status", "code", "message"}}`: 400 names the field that is
-wrong (bodies are parsed strictly by the core's `read_json_object`).
+wrong (bodies are parsed strictly by the core's `read_json_object`), 507 when the disk
+is full, 503 when the database fails otherwise; nothing was stored in either case.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from gatewayd.plugins.api import (
     ClaimError,
     DeviceExists,
     PluginContext,
+    StorageError,
+    StorageFull,
     read_json_object,
 )
 
@@ -40,7 +43,8 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 # The longest text of each field: the core registry's limits (docs/devices.md); notes
 # live in the device's metadata, which holds up to 16,384 characters of JSON.
 MAX_LENGTHS = {"name": 256, "model": 128, "firmware": 64, "notes": 4096}
-_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited"}
+_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited",
+          503: "unavailable", 507: "insufficient_storage"}
 
 
 def problem(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
@@ -69,6 +73,14 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     @bp.errorhandler(BadJSON)
     async def _bad_json(e: BadJSON) -> Any:
         return problem(400, str(e))
+
+    @bp.errorhandler(StorageFull)
+    async def _storage_full(e: StorageFull) -> Any:
+        return problem(507, f"storage full: nothing was stored ({e})")
+
+    @bp.errorhandler(StorageError)
+    async def _storage_error(e: StorageError) -> Any:
+        return problem(503, f"storage unavailable: nothing was stored ({e})")
 
     def valid_id(device_id: Any) -> bool:
         return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None

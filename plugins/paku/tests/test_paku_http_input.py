@@ -58,3 +58,27 @@ async def test_field_limits_are_400_naming_the_field(gateway_factory):
                     assert field in error_of(r, 400), (method, doc.keys(), r.text)
             r = await client.patch("/paku/devices/pk-1", headers=AUTH, json={"name": "n" * 256, "notes": "é" * 4096})
             assert r.status_code == 200 and r.json()["name"] == "n" * 256
+
+
+async def test_a_full_disk_is_507_and_a_failing_database_503(gateway_factory):
+    with trio.fail_after(60):
+        async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+            await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+            r = await client.post("/api/gateway/devices/claim-codes", headers=AUTH, json={"family": "paku"})
+            code = r.json()["claim_code"]["code"]
+            database = gw.storage.database
+            pages = await gw.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
+            await gw.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages}"))
+            r = await client.post("/paku/devices", headers=AUTH, json={"id": "pk-2", "notes": "x" * 4000})
+            assert "storage full" in error_of(r, 507)
+            r = await client.patch("/paku/devices/pk-1", headers=AUTH, json={"notes": "x" * 4000})
+            assert "storage full" in error_of(r, 507)
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count = 1073741823"))
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 1"))
+            for method, path, doc in [("POST", "/paku/devices", {"id": "pk-3"}), ("PATCH", "/paku/devices/pk-1", {}),
+                                      ("POST", "/paku/claim", {"code": code})]:
+                r = await client.request(method, path, headers=AUTH, json=doc)
+                assert "storage" in error_of(r, 503), (method, path, r.text)
+            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 0"))
+            r = await client.post("/paku/claim", json={"code": code, "id": "pk-4"})
+            assert r.status_code == 201, r.text  # the failed claim did not spend the code
