@@ -186,3 +186,17 @@ async def test_write_routes_answer_507_on_a_full_disk_and_503_when_storage_fails
             await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 0"))
             r = await client.post(*requests[0][:1], headers=AUTH, json=requests[0][1])
             assert r.status_code == 201, r.text
+
+
+async def test_responses_never_carry_nan_or_infinity(gateway_factory):
+    """The response encoder refuses what strict JSON parsers refuse (a 500 in the log,
+    never `NaN` on the wire), and so does the command renderer that feeds MQTT."""
+    from gatewayd.core.commands import Command, default_render
+
+    async with gateway_factory(plugins=FAMILIES) as gw:
+        for value in (float("nan"), float("inf"), -float("inf")):
+            with pytest.raises(ValueError):
+                gw.app.json.dumps({"v": value})
+            with pytest.raises(ValueError):
+                default_render(Command("c1", "meter", "m1", {"v": value}, 0, "pending", 0.0, None))
+        assert gw.app.json.dumps({"v": 1.5}) == '{"v": 1.5}'

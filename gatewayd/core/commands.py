@@ -92,7 +92,8 @@ class Command:
 def default_render(command: Command) -> bytes:
     """`{"command_id": ..., **payload}` as JSON (payloads that aren't objects go under "payload")."""
     body = command.payload if isinstance(command.payload, dict) else {"payload": command.payload}
-    return json.dumps({"command_id": command.id, **body}, separators=(",", ":")).encode()
+    # allow_nan=False: `{"v":NaN}` is not JSON; a device's strict parser would drop the command.
+    return json.dumps({"command_id": command.id, **body}, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _json_text(name: str, value: Any, limit: int | None = None) -> str:

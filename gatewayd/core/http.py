@@ -4,7 +4,8 @@ Core routes answer errors in one shape: `{"error": {"status", "code", "message"}
 Plugins keep their family's own shape with error handlers on their Blueprint.
 
 Request bodies are read with `read_json_object()` / `parse_json()`: strict JSON only
-(BadJSON names what is wrong and where).
+(BadJSON names what is wrong and where). Responses are encoded strictly too: NaN and
+Infinity are not JSON, and a strict client would refuse the whole answer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
+from flask.json.provider import DefaultJSONProvider
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from quart import Blueprint, Response, jsonify, request
@@ -206,6 +208,19 @@ async def read_json_object(*, required: bool = False) -> dict[str, Any]:
     return doc
 
 
+class StrictJSONProvider(DefaultJSONProvider):
+    """Quart's JSON provider, strict both ways: responses never hold NaN or Infinity
+    (a ValueError, logged as a 500, instead of a body strict parsers refuse), and
+    `request.get_json()` parses like `parse_json` (a BadJSON is Quart's 400)."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(obj, **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return parse_json(s) if not kwargs else super().loads(s, **kwargs)
+
+
 def require_admin(gateway: Gateway) -> Response | None:
     """None when the request carries the admin token, else the 401/503 to return."""
     token = gateway.admin_token()
@@ -241,6 +256,7 @@ def _core_blueprint(gateway: Gateway) -> Blueprint:
 
 def _base_app(name: str, gateway: Gateway) -> QuartTrio:
     app = QuartTrio(name)
+    app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
     app.register_error_handler(HTTPException, _http_error)
 
