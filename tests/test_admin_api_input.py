@@ -188,6 +188,14 @@ async def test_write_routes_answer_507_on_a_full_disk_and_503_when_storage_fails
             assert r.status_code == 201, r.text
 
 
+async def test_the_plugin_list_needs_the_admin_token(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            assert error_of(await client.get("/api/gateway/plugins"), 401)
+            r = await client.get("/api/gateway/plugins", headers=AUTH)
+            assert r.status_code == 200 and {p["name"] for p in r.json()["plugins"]} == {"meter", "other"}
+
+
 async def test_responses_never_carry_nan_or_infinity(gateway_factory):
     """The response encoder refuses what strict JSON parsers refuse (a 500 in the log,
     never `NaN` on the wire), and so does the command renderer that feeds MQTT."""

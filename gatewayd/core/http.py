@@ -249,6 +249,10 @@ def _core_blueprint(gateway: Gateway) -> Blueprint:
 
     @bp.get("/api/gateway/plugins")
     async def plugins() -> Any:
+        # Behind the token like all of /api/gateway/*: versions and failure reasons
+        # tell an attacker what to aim at.
+        if denied := require_admin(gateway):
+            return denied
         return {"plugins": gateway.plugin_table()}
 
     return bp
