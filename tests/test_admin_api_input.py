@@ -208,3 +208,21 @@ async def test_responses_never_carry_nan_or_infinity(gateway_factory):
             with pytest.raises(ValueError):
                 default_render(Command("c1", "meter", "m1", {"v": value}, 0, "pending", 0.0, None))
         assert gw.app.json.dumps({"v": 1.5}) == '{"v": 1.5}'
+
+
+async def test_events_cursor_with_a_huge_number_is_400(gateway_factory):
+    import base64
+    import json
+
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
+            cursors = [base64.urlsafe_b64encode(json.dumps({"before": before}).encode()).decode()
+                       for before in (10**30, -(10**30), 2**63)]
+            cursors.append(base64.urlsafe_b64encode(b"[" * 1000 + b"]" * 1000).decode())
+            for cursor in cursors:
+                r = await client.get("/api/gateway/events", headers=AUTH, params={"cursor": cursor})
+                assert error_of(r, 400).startswith("cursor:"), r.text
+            for limit in ("²", "1e3", "9" * 5000):
+                for path in ("/api/gateway/events", "/api/gateway/alerts"):
+                    r = await client.get(path, headers=AUTH, params={"limit": limit})
+                    assert error_of(r, 400).startswith("limit:"), r.text

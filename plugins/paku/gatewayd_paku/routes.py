@@ -187,7 +187,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         except ValueError as e:
             return problem(400, str(e))
         limit = args.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (limit.isascii() and limit.isdigit() and len(limit) <= 4) or not 1 <= int(limit) <= 1000:
             return problem(400, f"limit: expected an integer 1-1000, got {limit!r}")
         if await ctx.devices.get(device_id) is None:
             return problem(404, f"no paku device {device_id!r}")
@@ -245,7 +246,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.get("/ota/<int:firmware_id>/firmware.bin")
     async def firmware(firmware_id: int) -> Any:
-        fw = await ctx.ota.get(firmware_id)
+        # An id past SQLite's integers can't exist (and would be an OverflowError in the query).
+        fw = await ctx.ota.get(firmware_id) if firmware_id < 2**63 else None
         if fw is None or fw.family != "paku":
             return problem(404, f"no paku firmware {firmware_id}")
         return await ctx.ota.response(fw)

@@ -3,6 +3,9 @@
 Each case here answered 500 before (issue 14, item 5).
 """
 
+import base64
+import json
+
 import pytest
 import trio
 
@@ -44,6 +47,31 @@ async def test_bodies_that_are_not_strict_json_are_400(gateway_factory):
                     r = await client.request(method, path, headers=headers, content=raw)
                     assert message in error_of(r, 400), (method, path, raw[:40], r.text)
             assert [d.id for d in await gw.devices.registry.list()] == ["pk-1"]
+
+
+async def test_query_parameters_and_cursors_out_of_range_are_400(gateway_factory):
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+            await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+
+            def cursor(doc) -> str:
+                return base64.urlsafe_b64encode(json.dumps(doc).encode()).decode().rstrip("=")
+
+            cases = [
+                ({"limit": "²"}, "limit:"),
+                ({"limit": "٣"}, "limit:"),
+                ({"limit": "9" * 5000}, "limit:"),
+                ({"cursor": cursor([1.0, 10**30])}, "cursor:"),
+                ({"cursor": cursor([10**400, 1])}, "cursor:"),
+                ({"cursor": cursor([1.0, -(2**63) - 1])}, "cursor:"),
+                ({"cursor": "%%%"}, "cursor:"),
+                ({"cursor": base64.urlsafe_b64encode(b"[" * 1000 + b"]" * 1000).decode()}, "cursor:"),
+            ]
+            for params, field in cases:
+                r = await client.get("/paku/devices/pk-1/telemetry", headers=AUTH, params=params)
+                assert error_of(r, 400).startswith(field), (params, r.text)
+            r = await client.get("/paku/ota/99999999999999999999999/firmware.bin")
+            assert error_of(r, 404).startswith("no paku firmware")
 
 
 async def test_field_limits_are_400_naming_the_field(gateway_factory):
