@@ -9,7 +9,7 @@ import types
 import pytest
 import trio
 
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, gw_url
 
 TOKEN = "admin-secret-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -226,3 +226,21 @@ async def test_events_cursor_with_a_huge_number_is_400(gateway_factory):
                 for path in ("/api/gateway/events", "/api/gateway/alerts"):
                     r = await client.get(path, headers=AUTH, params={"limit": limit})
                     assert error_of(r, 400).startswith("limit:"), r.text
+
+
+async def test_an_answer_before_the_body_was_read_does_not_stall_the_connection(gateway_factory):
+    """hypercorn 0.18 neither answers nor closes a keep-alive connection whose last
+    response went out before the request's body came in (a 401 from the token check, a
+    plugin's 429): the client's next request on it hung for ever. The app now reads the
+    body before it answers."""
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=FAMILIES) as gw:
+            host, port = gw_url(gw).split("//")[1].rsplit(":", 1)
+            stream = await trio.open_tcp_stream(host, int(port))
+            await stream.send_all(b"POST /api/gateway/devices HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\n")
+            await trio.sleep(0.2)  # a slow client: the body comes later (the old app answered meanwhile)
+            await stream.send_all(b"{}{}" + b"GET /health HTTP/1.1\r\nHost: gw\r\n\r\n")
+            received = b""
+            while b"HTTP/1.1 200" not in received or not received.endswith(b"}\n"):  # both answers, whole
+                received += await stream.receive_some()
+            assert received.startswith(b"HTTP/1.1 401")

@@ -264,6 +264,18 @@ def _base_app(name: str, gateway: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gateway.config.http.max_body_bytes
     app.register_error_handler(HTTPException, _http_error)
 
+    @app.after_request
+    async def _read_body_first(response: Response) -> Response:
+        # hypercorn 0.18 neither answers nor closes a keep-alive connection whose response
+        # went out before the request's body came in (a 401 from the token check, a 429):
+        # the client's next request on it hangs for ever. So the body (at most
+        # http.max_body_bytes) is read before any answer; one too large closes instead.
+        try:
+            await request.get_data()
+        except HTTPException:
+            response.headers["Connection"] = "close"
+        return response
+
     # The core shape for these; a plugin answers in its own with handlers on its Blueprint.
     @app.errorhandler(BadJSON)
     async def _bad_json(e: BadJSON) -> Response:
