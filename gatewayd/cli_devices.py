@@ -19,6 +19,7 @@ import trio
 
 from .core.devices import STATUSES, ClaimError, Device, DeviceExists, UnknownDevice
 from .core.device_services import DeviceServices
+from .core.http import BadJSON, parse_json
 from .core.metrics import Metrics
 from .core.storage import Storage
 
@@ -52,6 +53,22 @@ async def _one(services: DeviceServices, device_id: str, family: str | None) -> 
         raise CliError(f"device id {device_id!r} exists in several families "
                        f"({', '.join(d.family for d in found)}); add --family")
     return found[0]
+
+
+def _family(args: argparse.Namespace) -> str:
+    """--family, if a plugin of that name is enabled (a device of no plugin can't talk)."""
+    if args.family not in args.enabled_families:
+        raise CliError(f"--family: no enabled plugin {args.family!r} "
+                       f"(enabled: {', '.join(args.enabled_families) or 'none'})")
+    return args.family
+
+
+def _json_arg(option: str, text: str) -> Any:
+    """A JSON argument, parsed as strictly as the admin API parses bodies."""
+    try:
+        return parse_json(text)
+    except BadJSON as e:
+        raise CliError(f"{option} is not valid JSON: {e}") from None
 
 
 def _env_secret(name: str | None) -> str | None:
@@ -88,10 +105,10 @@ def _print_credentials(creds: dict[str, str]) -> None:
 
 
 async def _add(args: argparse.Namespace, s: DeviceServices) -> int:
-    metadata = json.loads(args.metadata) if args.metadata else {}
+    metadata = _json_arg("--metadata", args.metadata) if args.metadata else {}
     try:
         device, creds = await s.registry.provision(
-            args.family, args.id, name=args.name, model=args.model, firmware=args.firmware, metadata=metadata,
+            _family(args), args.id, name=args.name, model=args.model, firmware=args.firmware, metadata=metadata,
             key=_env_secret(args.key_env), signing_secret=_env_secret(args.signing_secret_env),
         )
     except (DeviceExists, ValueError) as e:
@@ -143,7 +160,10 @@ async def _enable(args: argparse.Namespace, s: DeviceServices) -> int:
 
 async def _rotate(args: argparse.Namespace, s: DeviceServices) -> int:
     device = await _one(s, args.device_id, args.family)
-    creds = await s.registry.rotate(device.family, device.id, grace_s=args.grace)
+    try:
+        creds = await s.registry.rotate(device.family, device.id, grace_s=args.grace)
+    except ValueError as e:
+        raise CliError(f"--grace: {e}") from None
     if args.json:
         print(json.dumps({"device": device.as_json(), "credentials": creds.as_json()}, indent=2))
     else:
@@ -154,12 +174,12 @@ async def _rotate(args: argparse.Namespace, s: DeviceServices) -> int:
 
 
 async def _command(args: argparse.Namespace, s: DeviceServices) -> int:
-    try:
-        payload = json.loads(args.payload)
-    except json.JSONDecodeError as e:
-        raise CliError(f"the command is not valid JSON: {e}") from None
+    payload = _json_arg("the command", args.payload)
     device = await _one(s, args.device_id, args.family)
-    command = await s.commands.enqueue(device.family, device.id, payload, ttl_s=args.ttl, priority=args.priority)
+    try:
+        command = await s.commands.enqueue(device.family, device.id, payload, ttl_s=args.ttl, priority=args.priority)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     if args.json:
         print(json.dumps({"command": command.as_json()}, indent=2))
     else:
@@ -168,10 +188,10 @@ async def _command(args: argparse.Namespace, s: DeviceServices) -> int:
 
 
 async def _claim_code(args: argparse.Namespace, s: DeviceServices) -> int:
-    ttl = args.ttl or s.config.devices.claim_code_ttl_s
+    ttl = s.config.devices.claim_code_ttl_s if args.ttl is None else args.ttl
     try:
-        code = await s.registry.create_claim_code(args.family, ttl_s=ttl, device_id=args.device)
-    except (UnknownDevice, ClaimError) as e:
+        code = await s.registry.create_claim_code(_family(args), ttl_s=ttl, device_id=args.device)
+    except (UnknownDevice, ClaimError, ValueError) as e:
         raise CliError(str(e)) from None
     if args.json:
         print(json.dumps({"claim_code": code.as_json()}, indent=2))
@@ -230,11 +250,13 @@ def cmd_devices(args: argparse.Namespace, manager: PluginManager) -> int:
     from .cli import _load
 
     config = _load(args, manager)
+    # As the daemon decides (Gateway.enabled_plugins): installed, loaded and enabled.
+    args.enabled_families = [
+        n for n in manager.names
+        if manager.is_loaded(n) and config.plugins.get(n) is not None and config.plugins[n].enabled
+    ]
     try:
         return _with_services(config, lambda s: args.devices_run(args, s))
     except CliError as e:
         print(f"gatewayd: {e}", file=sys.stderr)
-        return 1
-    except json.JSONDecodeError as e:
-        print(f"gatewayd: --metadata is not valid JSON: {e}", file=sys.stderr)
         return 1

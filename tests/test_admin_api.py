@@ -1,5 +1,7 @@
 """The admin device API: token required; provision, list, show, disable, rotate, commands, claim codes."""
 
+import types
+
 import pytest
 import trio
 
@@ -7,6 +9,12 @@ from gatewayd.testing import gw_client
 from tests import plugin_devices
 
 TOKEN = "admin-secret-for-tests"
+KEY = "m1-token-for-tests"
+
+
+def families(*names: str) -> list:
+    """Plugins with no hooks: a family exists (devices may be added) once its plugin is enabled."""
+    return [(name, types.ModuleType(name)) for name in names]
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -90,7 +98,7 @@ async def test_rotate_and_revoke(gateway_factory, admin_token):
 
 async def test_same_id_in_two_families_needs_family(gateway_factory, admin_token):
     with trio.fail_after(30):
-        async with gateway_factory() as gw, gw_client(gw) as client:
+        async with gateway_factory(plugins=families("kaiabc", "paku")) as gw, gw_client(gw) as client:
             for family in ("kaiabc", "paku"):
                 r = await client.post("/api/gateway/devices", headers=AUTH, json={"family": family, "id": "d1"})
                 assert r.status_code == 201
@@ -105,7 +113,7 @@ async def test_commands(gateway_factory, admin_token):
     with trio.fail_after(30):
         async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw, gw_client(gw) as client:
             await client.post("/api/gateway/devices", headers=AUTH,
-                              json={"family": "meter", "id": "m1", "key": "m1-token"})
+                              json={"family": "meter", "id": "m1", "key": KEY})
             r = await client.post("/api/gateway/devices/m1/commands", headers=AUTH,
                                   json={"payload": {"action": "on"}, "ttl_s": 60, "priority": 2})
             assert r.status_code == 201
@@ -113,7 +121,7 @@ async def test_commands(gateway_factory, admin_token):
             for bad in ({}, {"payload": 1, "ttl_s": 0}, {"payload": 1, "priority": "high"}):
                 r = await client.post("/api/gateway/devices/m1/commands", headers=AUTH, json=bad)
                 assert r.status_code == 400
-            r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+            r = await client.get("/meter/commands", params={"device_token": KEY})
             assert [c["id"] for c in r.json()["commands"]] == [cid]
             r = await client.get("/api/gateway/devices/m1/commands", headers=AUTH)
             assert [(c["id"], c["status"]) for c in r.json()["commands"]] == [(cid, "delivered")]
@@ -121,7 +129,7 @@ async def test_commands(gateway_factory, admin_token):
 
 async def test_claim_codes(gateway_factory, admin_token):
     with trio.fail_after(30):
-        async with gateway_factory() as gw, gw_client(gw) as client:
+        async with gateway_factory(plugins=families("edgesentinel")) as gw, gw_client(gw) as client:
             await client.post("/api/gateway/devices", headers=AUTH, json={"family": "edgesentinel", "id": "door-1"})
             r = await client.post("/api/gateway/devices/claim-codes", headers=AUTH,
                                   json={"family": "edgesentinel", "device_id": "door-1", "ttl_s": 600})
@@ -132,5 +140,5 @@ async def test_claim_codes(gateway_factory, admin_token):
             r = await client.post("/api/gateway/devices/claim-codes", headers=AUTH,
                                   json={"family": "edgesentinel", "device_id": "ghost"})
             assert r.status_code == 404
-            r = await client.post("/api/gateway/devices/claim-codes", headers=AUTH, json={"family": "x", "ttl_s": -5})
+            r = await client.post("/api/gateway/devices/claim-codes", headers=AUTH, json={"family": "edgesentinel", "ttl_s": -5})
             assert r.status_code == 400

@@ -44,9 +44,9 @@ async def test_api_key(tmp_path):
 
 async def test_body_token_in_json_or_query(tmp_path):
     async with open_services(tmp_path) as s:
-        _, creds = await s.registry.provision("thingsnxt", "esp1", key="dev_token_12345")
-        assert (await s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_12345"})).id == "esp1"
-        assert (await s.auth.body_token("thingsnxt", CLIENT, query={"device_token": "dev_token_12345"})).id == "esp1"
+        _, creds = await s.registry.provision("thingsnxt", "esp1", key="dev_token_123456")
+        assert (await s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_123456"})).id == "esp1"
+        assert (await s.auth.body_token("thingsnxt", CLIENT, query={"device_token": "dev_token_123456"})).id == "esp1"
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_1234"}), 401)
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": 12345}), 401, "missing")
         await refused(s.auth.body_token("thingsnxt", CLIENT, json=["x"]), 401, "missing")
@@ -256,3 +256,23 @@ async def test_lockout_over_http_answers_429_with_retry_after(gateway_factory):
                     assert (await client.post("/meter/ingest", headers={"X-API-Key": "guess"})).status_code == 401
                 r = await client.post("/meter/ingest", headers={"X-API-Key": "guess"})
                 assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+async def test_malformed_bearer_tokens_and_timestamps_are_401_not_500(gateway_factory):
+    """A JWT header nested 1,000 deep (RecursionError) or a token with non-ASCII bytes
+    (UnicodeEncodeError) answered 500; a timestamp of "nan" passed the skew check."""
+    nested = base64.urlsafe_b64encode(b"[" * 1000 + b"]" * 1000).decode().rstrip("=")
+    with trio.fail_after(30):
+        async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw:
+            _, creds = await gw.devices.registry.provision("meter", "m1")
+            async with gw_client(gw) as client:
+                for token in (f"{nested}.e30.c2ln".encode(), "\u00e9.e30.c2ln".encode("latin-1"),
+                              b"eyJhbGciOiJIUzI1NiJ9.\xff.c2ln"):
+                    r = await client.post("/meter/status/m1", headers={"Authorization": b"Bearer " + token})
+                    assert r.status_code == 401 and r.json()["reason"] == "invalid token", r.text
+                body = b"{}"
+                for stamp in ("nan", "inf", "-inf", "1e400"):
+                    sig = sign(creds.signing_secret, body, stamp.encode() + b".")
+                    r = await client.post("/meter/signed/m1", content=body,
+                                          headers={"X-Device-Signature": sig, "X-Timestamp": stamp})
+                    assert r.status_code == 401 and "X-Timestamp" in r.json()["reason"], (stamp, r.text)

@@ -44,7 +44,7 @@ def test_add_then_list_shows_the_device(tmp_path):
 
 
 def test_the_other_subcommands(tmp_path, capsys):
-    out = gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "streetlight").stdout
+    out = gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "kaiabc").stdout
     assert "provisioned" in out and "shown once" in out
     device_id = out.split()[1].split("/")[1]
     shown = json.loads(gatewayd_inproc(tmp_path, capsys, "devices", "show", device_id, "--json").stdout)
@@ -71,6 +71,32 @@ def test_errors_exit_1_with_a_message(tmp_path, capsys):
     assert r.returncode == 1 and "not valid JSON" in r.stderr
     r = gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "kaiabc", "--key-env", "UNSET_VAR_X", check=False)
     assert r.returncode == 1 and "UNSET_VAR_X" in r.stderr
+
+
+def test_bad_values_exit_1_naming_them(tmp_path, capsys, monkeypatch):
+    """Each of these was accepted (a NaN stored, a device of no plugin) or ended in a traceback."""
+    gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "kaiabc", "--id", "n1")
+    monkeypatch.setenv("SHORT_KEY", "k")
+    cases = [
+        (["add", "--family", "streetlight"], "--family: no enabled plugin 'streetlight' (enabled: kaiabc, paku)"),
+        (["add", "--family", "kaiabc", "--set", "plugins.kaiabc.enabled=false"], "no enabled plugin 'kaiabc'"),
+        (["claim-code", "--family", "nosuch"], "--family: no enabled plugin 'nosuch'"),
+        (["add", "--family", "kaiabc", "--metadata", '{"v": NaN}'], "--metadata is not valid JSON: v: NaN"),
+        (["add", "--family", "kaiabc", "--metadata", "[" * 5000], "nested deeper than 64"),
+        (["add", "--family", "kaiabc", "--key-env", "SHORT_KEY"], "key: expected 16-256"),
+        (["add", "--family", "kaiabc", "--name", "n" * 300], "name: 300 characters, more than 256"),
+        (["rotate", "n1", "--grace", "nan"], "grace_s: expected a number"),
+        (["command", "n1", '{"v": Infinity}'], "the command is not valid JSON: v: Infinity"),
+        (["command", "n1", "{}", "--ttl", "inf"], "ttl_s: expected a number"),
+        (["command", "n1", "{}", "--priority", str(10**30)], "priority: expected an integer"),
+        (["claim-code", "--family", "kaiabc", "--ttl", "nan"], "ttl_s: expected a number"),
+        (["claim-code", "--family", "kaiabc", "--ttl", "0"], "ttl_s: expected a number"),
+    ]
+    for args, message in cases:
+        r = gatewayd_inproc(tmp_path, capsys, "devices", *args, check=False)
+        assert r.returncode == 1 and message in r.stderr, (args, r.stderr[-300:])
+    listed = json.loads(gatewayd_inproc(tmp_path, capsys, "devices", "list", "--json").stdout)["devices"]
+    assert [d["id"] for d in listed] == ["n1"]
 
 
 async def test_cli_while_the_gateway_runs(gateway_factory, tmp_path):

@@ -129,22 +129,49 @@ async def test_sweep_service(tmp_path):
 async def test_commands_survive_a_gateway_restart(gateway_factory):
     with trio.fail_after(30):
         async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw:
-            await gw.devices.registry.provision("meter", "m1", key="m1-token")
+            await gw.devices.registry.provision("meter", "m1", key="m1-token-for-tests")
             first = await gw.devices.commands.enqueue("meter", "m1", {"action": "on"}, priority=1)
             second = await gw.devices.commands.enqueue("meter", "m1", {"action": "off"})
             async with gw_client(gw) as client:
-                r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+                r = await client.get("/meter/commands", params={"device_token": "m1-token-for-tests"})
                 assert [c["id"] for c in r.json()["commands"]] == [first.id, second.id]
         # The second gateway on the same data_dir: deliveries and queue are as they were.
         async with gateway_factory(plugins=[("meter", plugin_devices)]) as gw:
             third = await gw.devices.commands.enqueue("meter", "m1", {"action": "dim"})
             async with gw_client(gw) as client:
-                r = await client.get("/meter/commands", params={"device_token": "m1-token"})
+                r = await client.get("/meter/commands", params={"device_token": "m1-token-for-tests"})
                 assert [c["id"] for c in r.json()["commands"]] == [third.id]
                 r = await client.post(f"/meter/commands/{first.id}/ack",
-                                      json={"device_token": "m1-token", "ok": True, "result": {"on": True}})
+                                      json={"device_token": "m1-token-for-tests", "ok": True, "result": {"on": True}})
                 assert r.json() == {"ok": True, "status": "executed"}
-                r = await client.post("/meter/commands/nope/ack", json={"device_token": "m1-token", "ok": True})
+                r = await client.post("/meter/commands/nope/ack", json={"device_token": "m1-token-for-tests", "ok": True})
                 assert r.status_code == 404
             statuses = {c.id: c.status for c in await gw.devices.commands.list("meter", "m1")}
             assert statuses == {first.id: "executed", second.id: "delivered", third.id: "delivered"}
+
+
+async def test_bad_arguments_are_value_errors_naming_them(tmp_path):
+    """Before: NaN payloads stored and later sent as `{"v":NaN}`, an infinite ttl_s stored
+    as `expires_at: Infinity`, a priority of 10**30 an SQLite OverflowError."""
+    async with open_services(tmp_path) as s:
+        q = s.commands
+        cases = [
+            (("p1", {"v": float("nan")}), {}, "payload: not storable as strict JSON"),
+            (("p1", [float("inf")]), {}, "payload: not storable as strict JSON"),
+            (("p1", "x" * 70_000), {}, "payload: 70002 characters of JSON, more than 65536"),
+            (("p1", {}), {"ttl_s": float("inf")}, "ttl_s: expected a number of seconds > 0"),
+            (("p1", {}), {"ttl_s": float("nan")}, "ttl_s: expected a number of seconds > 0"),
+            (("p1", {}), {"ttl_s": 1e300}, "ttl_s: expected a number of seconds > 0"),
+            (("p1", {}), {"priority": 10**30}, "priority: expected an integer"),
+            (("p1", {}), {"priority": -(10**30)}, "priority: expected an integer"),
+            (("p1", {}), {"priority": 1.5}, "priority: expected an integer"),
+        ]
+        for args, kwargs, message in cases:
+            with pytest.raises(ValueError) as e:
+                await q.enqueue("paku", *args, **kwargs)
+            assert str(e.value).startswith(message), str(e.value)
+        assert await q.list() == []
+        c = await q.enqueue("paku", "p1", {"v": 1}, priority=2**63 - 1)
+        with pytest.raises(ValueError, match="result: not storable"):
+            await q.ack(c.id, True, {"v": float("nan")})
+        assert (await q.get(c.id)).status == "pending"

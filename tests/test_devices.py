@@ -49,11 +49,11 @@ async def test_secrets_are_not_in_the_database_files(tmp_path):
     async with open_services(tmp_path) as s:
         _, creds = await s.registry.provision("edgesentinel", "door-7")
         rotated = await s.registry.rotate("edgesentinel", "door-7", grace_s=60)
-        await s.registry.provision("thingsnxt", "esp1", key="dev_token_12345")
+        await s.registry.provision("thingsnxt", "esp1", key="dev_token_123456")
         # Read while the database is open, so the WAL still holds the recent pages.
         blobs = b"".join(p.read_bytes() for p in tmp_path.glob("gatewayd.sqlite3*"))
         assert b"door-7" in blobs  # the check can see what is there
-        for secret in (creds.key, creds.signing_secret, rotated.key, rotated.signing_secret, "dev_token_12345"):
+        for secret in (creds.key, creds.signing_secret, rotated.key, rotated.signing_secret, "dev_token_123456"):
             assert secret.encode() not in blobs
 
 
@@ -208,3 +208,46 @@ async def test_recent_lookups_see_this_processes_changes_at_once_and_others_afte
         assert (await reg.recent("paku", "p1", 60)).status == "disabled"  # within max_age: the old answer
         await trio.sleep(0.06)
         assert (await reg.recent("paku", "p1", 0.05)).status == "active"  # older than max_age: read again
+
+
+async def test_field_limits_and_bad_values_are_value_errors_naming_the_field(tmp_path):
+    """What plugins and the CLI pass is checked where it is stored: before, NaN metadata
+    was stored (and listed as `NaN`), a one-character key imported, a 200,000-character
+    name kept, a claim code made to live for ever (`expires_at: Infinity`)."""
+    async with open_services(tmp_path) as s:
+        r = s.registry
+        provision_cases = [
+            ({"metadata": {"v": float("nan")}}, "metadata: not storable as strict JSON"),
+            ({"metadata": ["a"]}, "metadata: expected an object"),
+            ({"metadata": {"n": "x" * 17_000}}, "metadata: 17008 characters of JSON, more than 16384"),
+            ({"key": "k"}, "key: expected 16-256 printable ASCII characters"),
+            ({"key": "ключ-ключ-ключ-ключ"}, "key: expected 16-256 printable ASCII characters"),
+            ({"signing_secret": "s" * 257}, "signing_secret: expected 16-256"),
+            ({"name": "n" * 200_000}, "name: 200000 characters, more than 256"),
+            ({"name": 5}, "name: expected a string"),
+            ({"name": "\ud800"}, "name: a lone surrogate"),
+            ({"device_id": "m1\n"}, "id: bad device id"),
+            ({"device_id": ["m1"]}, "id: bad device id"),
+        ]
+        for fields, message in provision_cases:
+            with pytest.raises(ValueError) as e:
+                await r.provision("meter", **fields)
+            assert str(e.value).startswith(message), str(e.value)
+        with pytest.raises(ValueError, match="^family: expected"):
+            await r.provision(["meter"])
+        assert await r.list() == []
+
+        await r.provision("meter", "m1", metadata={"notes": "x" * 16_000})
+        with pytest.raises(ValueError, match="^metadata: 17022 characters"):  # the merged object must fit too
+            await r.update("meter", "m1", metadata={"more": "y" * 1000})
+        with pytest.raises(ValueError, match="^firmware: 65 characters"):
+            await r.update("meter", "m1", firmware="f" * 65)
+        assert (await r.get("meter", "m1")).metadata == {"notes": "x" * 16_000}
+        for grace in (float("nan"), float("inf"), -1, 1e300):
+            with pytest.raises(ValueError, match="^grace_s: expected a number of seconds >= 0"):
+                await r.rotate("meter", "m1", grace_s=grace)
+        for ttl in (float("nan"), float("inf"), 0, 10**400):
+            with pytest.raises(ValueError, match="^ttl_s: expected a number of seconds > 0"):
+                await r.create_claim_code("meter", ttl_s=ttl)
+        with pytest.raises(ValueError, match="^device_id: bad device id"):
+            await r.create_claim_code("meter", ttl_s=60, device_id=["m1"])

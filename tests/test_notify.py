@@ -224,3 +224,26 @@ def test_queue_depth_metric_is_exposed():
     assert "gatewayd_notification_queue_depth 4" in text
     assert "# TYPE gatewayd_notifications_total counter" in text
 
+
+
+@hard_timeout
+async def test_a_payload_with_nan_is_never_sent(tmp_path):
+    """Strict JSON on the wire: a queued row holding NaN (written by an older gateway)
+    fails with the reason instead of reaching the receiver as `{"v":NaN}`."""
+    from gatewayd.core.notify import CoreNotification
+
+    receiver = Receiver(200)
+    async with serving(receiver) as url:
+        rules = rules_for(f"{url}/hook")
+        storage = Storage(tmp_path / "gw.sqlite3")
+        async with trio.open_nursery() as nursery:  # queue one notification, stop before delivering
+            await nursery.start(storage.run)
+            await trio.to_thread.run_sync(install_schemas, storage)
+            bus = EventBus(storage, rules=rules, notifier=Notifier(storage, gateway_id="gw"))
+            await bus.emit("edgesentinel", "door-7", "door_forced")
+            await storage.write(lambda: CoreNotification.update(payload='{"v": NaN}').execute())
+            nursery.cancel_scope.cancel()
+        async with alerting(tmp_path, rules) as (_, _, storage, _):
+            (row,) = await wait_for_state(storage, "failed")
+    assert receiver.received == []
+    assert row["last_error"].startswith("notification is not strict JSON")

@@ -77,7 +77,8 @@ async def test_hook_startup(gateway_factory):
         assert plugin_everything.calls.index("startup") > plugin_everything.calls.index("http_routes")
 
 
-async def test_failed_startup_is_isolated(gateway_factory):
+async def test_failed_startup_is_isolated(gateway_factory, monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", "admin-token")
     other = plugin_module("other", gatewayd_http_routes=lambda ctx: _ok_blueprint())
     async with gateway_factory(
         plugins=[EVERYTHING, ("other", other)], settings=["plugins.everything.fail_startup=true"]
@@ -92,7 +93,8 @@ async def test_failed_startup_is_isolated(gateway_factory):
             failed_route = await client.get("/everything/hello")
             assert failed_route.status_code == 503
             assert "told to fail" in failed_route.json()["error"]["message"]
-            plugins = (await client.get("/api/gateway/plugins")).json()["plugins"]
+            r = await client.get("/api/gateway/plugins", headers={"Authorization": "Bearer admin-token"})
+            plugins = r.json()["plugins"]
             assert {p["name"]: p["state"] for p in plugins} == {"everything": "failed", "other": "ok"}
 
 

@@ -13,6 +13,12 @@
 Every request needs `Authorization: Bearer <token>` where the token is the value of
 the environment variable `http.admin_token_env` names. Errors use the core shape.
 A device id that exists in several families needs `?family=`.
+
+Bodies are read strictly (`read_json_object`); an unknown field is refused, not
+ignored (a `grace` meant as `grace_s` would revoke the old key at once). The
+registry and the command queue check each field's type, range and length and raise
+ValueError naming the field (a 400 here); a full disk is 507 and another storage
+failure 503 (the app's handlers).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint, Response, request
 
 from .devices import ClaimError, DeviceExists, UnknownDevice
-from .http import error_response, require_admin
+from .http import BadJSON, error_response, read_json_object, require_admin
 
 if TYPE_CHECKING:
     from .devices import Device
@@ -46,13 +52,23 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     def describe(device: Device) -> dict[str, Any]:
         return {**device.as_json(), "online": services.presence.is_online(device.family, device.id)}
 
-    async def body() -> dict[str, Any] | Response:
-        doc = await request.get_json(force=True, silent=True)
-        if doc is None and not await request.get_data():
-            return {}
-        if not isinstance(doc, dict):
-            return error_response(400, "expected a JSON object")
+    async def body(*fields: str) -> dict[str, Any]:
+        """The request's JSON object with only `fields` in it (BadJSON otherwise)."""
+        doc = await read_json_object()
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise BadJSON(f"{unknown[0][:40]!r}: unknown field (expected {', '.join(fields) or 'no body'})")
         return doc
+
+    def family_of(doc: dict[str, Any]) -> str:
+        """The body's family: one of an enabled plugin (a device of no plugin can't talk)."""
+        family, known = doc.get("family"), gateway.enabled_plugins
+        if family is None:
+            raise BadJSON("family: required (the plugin name of the device family)")
+        if family not in known:
+            shown = repr(family) if isinstance(family, str) and len(family) <= 64 else f"{repr(family)[:40]}..."
+            raise BadJSON(f"family: no enabled plugin {shown} (enabled: {', '.join(known) or 'none'})")
+        return family
 
     async def one(device_id: str) -> Device | Response:
         family = request.args.get("family")
@@ -71,19 +87,11 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
 
     @bp.post("")
     async def create() -> Any:
-        doc = await body()
-        if isinstance(doc, Response):
-            return doc
-        family = doc.get("family")
-        if not isinstance(family, str) or not family:
-            return error_response(400, "'family' is required")
+        doc = await body("family", "id", "name", "model", "firmware", "metadata", "key", "signing_secret")
+        family = family_of(doc)
         fields = {k: doc[k] for k in ("name", "model", "firmware", "metadata", "key", "signing_secret") if k in doc}
-        if not all(isinstance(v, str) for k, v in fields.items() if k != "metadata"):
-            return error_response(400, "name, model, firmware, key and signing_secret must be strings")
-        if not isinstance(fields.get("metadata", {}), dict):
-            return error_response(400, "'metadata' must be an object")
-        try:
-            device, creds = await registry.provision(family, doc.get("id") or None, **fields)
+        try:  # an id that is absent or null is made up
+            device, creds = await registry.provision(family, doc.get("id"), **fields)
         except DeviceExists as e:
             return error_response(409, str(e))
         except ValueError as e:
@@ -92,18 +100,15 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
 
     @bp.post("/claim-codes")
     async def claim_code() -> Any:
-        doc = await body()
-        if isinstance(doc, Response):
-            return doc
-        family, ttl = doc.get("family"), doc.get("ttl_s", gateway.config.devices.claim_code_ttl_s)
-        if not isinstance(family, str) or not family:
-            return error_response(400, "'family' is required")
-        if not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0:
-            return error_response(400, "'ttl_s' must be a positive number")
+        doc = await body("family", "device_id", "ttl_s")
+        family = family_of(doc)
+        ttl = doc.get("ttl_s", gateway.config.devices.claim_code_ttl_s)
         try:
-            code = await registry.create_claim_code(family, ttl_s=float(ttl), device_id=doc.get("device_id"))
+            code = await registry.create_claim_code(family, ttl_s=ttl, device_id=doc.get("device_id"))
         except UnknownDevice as e:
             return error_response(404, str(e))
+        except ValueError as e:
+            return error_response(400, str(e))
         return {"claim_code": code.as_json()}, 201
 
     @bp.get("/<device_id>")
@@ -127,16 +132,14 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
 
     @bp.post("/<device_id>/rotate")
     async def rotate(device_id: str) -> Any:
-        doc = await body()
-        if isinstance(doc, Response):
-            return doc
-        grace = doc.get("grace_s", 0)
-        if not isinstance(grace, (int, float)) or isinstance(grace, bool) or grace < 0:
-            return error_response(400, "'grace_s' must be a number >= 0")
+        doc = await body("grace_s")
         device = await one(device_id)
         if isinstance(device, Response):
             return device
-        creds = await registry.rotate(device.family, device.id, grace_s=float(grace))
+        try:
+            creds = await registry.rotate(device.family, device.id, grace_s=doc.get("grace_s", 0))
+        except ValueError as e:
+            return error_response(400, str(e))
         return {"device": describe(device), "credentials": creds.as_json()}
 
     @bp.post("/<device_id>/revoke")
@@ -149,20 +152,18 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
 
     @bp.post("/<device_id>/commands")
     async def enqueue(device_id: str) -> Any:
-        doc = await body()
-        if isinstance(doc, Response):
-            return doc
+        doc = await body("payload", "ttl_s", "priority")
         if "payload" not in doc:
-            return error_response(400, "'payload' is required")
-        ttl, priority = doc.get("ttl_s"), doc.get("priority", 0)
-        if ttl is not None and (not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0):
-            return error_response(400, "'ttl_s' must be a positive number")
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            return error_response(400, "'priority' must be an integer")
+            raise BadJSON("payload: required (the command, any JSON value)")
         device = await one(device_id)
         if isinstance(device, Response):
             return device
-        command = await services.commands.enqueue(device.family, device.id, doc["payload"], ttl_s=ttl, priority=priority)
+        try:
+            command = await services.commands.enqueue(
+                device.family, device.id, doc["payload"], ttl_s=doc.get("ttl_s"), priority=doc.get("priority", 0)
+            )
+        except ValueError as e:
+            return error_response(400, str(e))
         return {"command": command.as_json()}, 201
 
     @bp.get("/<device_id>/commands")

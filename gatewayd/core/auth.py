@@ -27,6 +27,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -347,9 +348,11 @@ def _parse_time(value: str) -> float | None:
     if not value:
         return None
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "nan" would pass every skew check (comparisons with NaN are false)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:

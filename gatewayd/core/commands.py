@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import peewee
 import trio
 
+from .devices import check_seconds
 from .logs import get_logger
 from .storage import SchemaSpec
 
@@ -33,6 +34,11 @@ __all__ = ["Command", "CommandQueue", "FamilyCommands", "COMMAND_SCHEMA", "COMMA
 log = get_logger("gatewayd.commands")
 COMMAND_STATUSES = ("pending", "delivered", "executed", "failed", "expired")
 _OPEN = ("pending", "delivered")
+# Characters of a command's JSON: a device gets it in one MQTT message or poll answer
+# (paku takes 64 KiB payloads); a bigger "command" is a file, and OTA is for those.
+MAX_PAYLOAD = 65536
+# SQLite stores integers as signed 64-bit.
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class CommandRow(peewee.Model):
@@ -86,7 +92,19 @@ class Command:
 def default_render(command: Command) -> bytes:
     """`{"command_id": ..., **payload}` as JSON (payloads that aren't objects go under "payload")."""
     body = command.payload if isinstance(command.payload, dict) else {"payload": command.payload}
-    return json.dumps({"command_id": command.id, **body}, separators=(",", ":")).encode()
+    # allow_nan=False: `{"v":NaN}` is not JSON; a device's strict parser would drop the command.
+    return json.dumps({"command_id": command.id, **body}, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _json_text(name: str, value: Any, limit: int | None = None) -> str:
+    """Strict JSON text of `value` (no NaN/Infinity), or ValueError naming `name`."""
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{name}: not storable as strict JSON ({e})") from None
+    if limit is not None and len(text) > limit:
+        raise ValueError(f"{name}: {len(text)} characters of JSON, more than {limit}")
+    return text
 
 
 class CommandQueue:
@@ -111,15 +129,19 @@ class CommandQueue:
         self, family: str, device_id: str, payload: Any, *, ttl_s: float | None = None, priority: int = 0,
         command_id: str | None = None,
     ) -> Command:
-        """Store a command (returns after COMMIT), then tell the family's listener."""
-        try:
-            text = json.dumps(payload)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"command payload is not JSON-serialisable: {e}") from None
+        """Store a command (returns after COMMIT), then tell the family's listener.
+
+        ValueError names a bad argument: a payload that is not strict JSON or is over
+        MAX_PAYLOAD characters, a `ttl_s` that is not a finite number of seconds up to
+        ten years, a `priority` that is not an integer SQLite can hold.
+        """
+        text = _json_text("payload", payload, MAX_PAYLOAD)
+        ttl = check_seconds("ttl_s", self.default_ttl_s if ttl_s is None else ttl_s)
+        if isinstance(priority, bool) or not isinstance(priority, int) or not _INT64[0] <= priority <= _INT64[1]:
+            raise ValueError(f"priority: expected an integer {_INT64[0]}..{_INT64[1]}, got {priority!r:.60}")
+        if command_id is not None and (not isinstance(command_id, str) or not 0 < len(command_id) <= 128):
+            raise ValueError(f"command_id: expected a string of 1-128 characters, got {command_id!r:.60}")
         now = self.clock()
-        ttl = self.default_ttl_s if ttl_s is None else ttl_s
-        if ttl <= 0:
-            raise ValueError(f"ttl_s must be > 0, got {ttl}")
         cid = command_id or uuid.uuid4().hex
 
         def insert() -> Command:
@@ -207,7 +229,7 @@ class CommandQueue:
         """Record the device's answer. Returns the command, or None if unknown (or not
         that device's). A repeated ack, or one after expiry, changes nothing."""
         now = self.clock()
-        text = json.dumps(result)
+        text = _json_text("result", result)
 
         def update() -> Command | None:
             row = CommandRow.get_or_none(command_id=command_id)

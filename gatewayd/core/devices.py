@@ -49,6 +49,8 @@ __all__ = [
     "STATUSES",
     "DEVICE_SCHEMA",
     "valid_device_id",
+    "check_seconds",
+    "MAX_TTL_S",
 ]
 
 log = get_logger("gatewayd.devices")
@@ -59,6 +61,25 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 _FAMILY_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _MQTT_USER_BAD = re.compile(r"[^A-Za-z0-9_.@-]")
 _CLAIM_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I: read off a label
+
+# Field limits (docs/devices.md). Generous for any real device, small enough that one
+# request can't bloat every device list or the database.
+MAX_LENGTHS = {
+    "name": 256,  # a label people read
+    "model": 128,  # a product code; the OTA manifest matches on it
+    "firmware": 64,  # a version string (semver with pre-release and build fits)
+}
+# Characters of the metadata object as JSON: notes and a few tags, not a data store.
+MAX_METADATA = 16384
+# Imported secrets. At least 16 characters: a shorter key can be guessed offline from the
+# broker's password file (a backup, a stolen SD card) and online from many addresses.
+# At most 256: it travels in HTTP headers and MQTT passwords. Printable ASCII without
+# spaces: headers are ASCII and their values are stripped of surrounding whitespace.
+SECRET_LENGTH = (16, 256)
+_SECRET_RE = re.compile(r"[!-~]+")
+# The longest claim-code, command or rotation-grace lifetime: ten years is "for ever" for
+# a code on a label, and keeps expiry times ordinary numbers.
+MAX_TTL_S = 10 * 365 * 86400.0
 
 
 class DeviceExists(Exception):
@@ -75,7 +96,73 @@ class ClaimError(Exception):
 
 def valid_device_id(device_id: str) -> bool:
     """Ids are 1-128 characters of letters, digits and `_ . : @ -`, not starting with a symbol."""
-    return bool(_ID_RE.match(device_id))
+    return isinstance(device_id, str) and bool(_ID_RE.fullmatch(device_id))
+
+
+def _show(value: Any) -> str:
+    """A value as an error message quotes it: never 200,000 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _check_family(family: Any) -> str:
+    if not isinstance(family, str) or not _FAMILY_RE.fullmatch(family):
+        raise ValueError(f"family: expected 1-64 lower-case letters, digits and _ (a plugin name), got {_show(family)}")
+    return family
+
+
+def _check_id(name: str, device_id: Any) -> str:
+    if not valid_device_id(device_id):
+        raise ValueError(f"{name}: bad device id {_show(device_id)}: expected 1-128 of letters, digits and _ . : @ -, "
+                         "starting with a letter or digit")
+    return device_id
+
+
+def _check_text(name: str, value: Any) -> str:
+    limit = MAX_LENGTHS[name]
+    if not isinstance(value, str):
+        raise ValueError(f"{name}: expected a string, got {_show(value)}")
+    if len(value) > limit:
+        raise ValueError(f"{name}: {len(value)} characters, more than {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{name}: a lone surrogate is not a Unicode character") from None
+    return value
+
+
+def _check_secret(name: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    low, high = SECRET_LENGTH
+    if not isinstance(value, str) or not low <= len(value) <= high or not _SECRET_RE.fullmatch(value):
+        shown = f"{len(value)} characters" if isinstance(value, str) else type(value).__name__
+        raise ValueError(f"{name}: expected {low}-{high} printable ASCII characters without spaces, got {shown}")
+    return value
+
+
+def _metadata_json(metadata: Any) -> str:
+    """The metadata as the stored JSON text, or ValueError naming what is wrong."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"metadata: expected an object, got {_show(metadata)}")
+    try:
+        text = json.dumps(metadata, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text.encode("utf-8")
+    except (TypeError, ValueError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        raise ValueError(f"metadata: not storable as strict JSON ({e})") from None
+    if len(text) > MAX_METADATA:
+        raise ValueError(f"metadata: {len(text)} characters of JSON, more than {MAX_METADATA}")
+    return text
+
+
+def check_seconds(name: str, value: Any, *, zero: bool = False) -> float:
+    """A duration in seconds: a finite number > 0 (>= 0 with `zero`) and at most MAX_TTL_S."""
+    # Comparisons only (no float() of a 400-digit int); NaN fails every one of them.
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (0 <= value if zero else 0 < value) and value <= MAX_TTL_S):
+        low = ">= 0" if zero else "> 0"
+        raise ValueError(f"{name}: expected a number of seconds {low} and at most {MAX_TTL_S:.0f}, got {_show(value)}")
+    return float(value)
 
 
 # -- models --------------------------------------------------------------------------
@@ -250,13 +337,14 @@ class DeviceRegistry:
         """Register a device and issue its credentials (returned once, in clear).
 
         `key` / `signing_secret` import secrets already flashed into firmware; by
-        default fresh random ones are made. Raises DeviceExists or ValueError.
+        default fresh random ones are made. Raises DeviceExists, or ValueError naming
+        the field that is wrong (limits: MAX_LENGTHS, MAX_METADATA, SECRET_LENGTH).
         """
-        if not _FAMILY_RE.match(family):
-            raise ValueError(f"bad family name {family!r} (expected lower-case letters, digits, _)")
-        device_id = device_id or f"{family}-{random.token_hex(4)}"
-        if not valid_device_id(device_id):
-            raise ValueError(f"bad device id {device_id!r}: 1-128 of letters, digits and _ . : @ -")
+        _check_family(family)
+        device_id = _check_id("id", f"{family}-{random.token_hex(4)}" if device_id is None else device_id)
+        name, model, firmware = (_check_text(k, v) for k, v in (("name", name), ("model", model), ("firmware", firmware)))
+        text = _metadata_json({} if metadata is None else metadata)
+        key, signing_secret = _check_secret("key", key), _check_secret("signing_secret", signing_secret)
         if status not in STATUSES:
             raise ValueError(f"bad status {status!r} (one of {', '.join(STATUSES)})")
         material = await trio.to_thread.run_sync(self._material, family, device_id, key, signing_secret)
@@ -267,7 +355,7 @@ class DeviceRegistry:
                 raise DeviceExists(f"{family}/{device_id} is already registered")
             row = DeviceRow.create(
                 family=family, device_id=device_id, name=name, model=model, firmware=firmware,
-                metadata=json.dumps(metadata or {}), status=status, created_at=now, updated_at=now,
+                metadata=text, status=status, created_at=now, updated_at=now,
             )
             self._insert_credentials(row, material, now)
             return Device.from_row(row)
@@ -304,6 +392,7 @@ class DeviceRegistry:
 
     async def rotate(self, family: str, device_id: str, *, grace_s: float = 0.0) -> Credentials:
         """Issue a new key pair; the old one stops working now, or after `grace_s`."""
+        grace_s = check_seconds("grace_s", grace_s, zero=True)
         material = await trio.to_thread.run_sync(self._material, family, device_id, None, None)
         now = self.clock()
 
@@ -372,15 +461,18 @@ class DeviceRegistry:
         allowed = {"name", "model", "firmware", "metadata"}
         if set(fields) - allowed:
             raise ValueError(f"cannot update {sorted(set(fields) - allowed)}; only {sorted(allowed)}")
+        texts = {k: _check_text(k, v) for k, v in fields.items() if k != "metadata"}
+        if "metadata" in fields:
+            _metadata_json(fields["metadata"])
         now = self.clock()
 
         def update() -> Device:
             row = self._row(family, device_id)
-            for name in ("name", "model", "firmware"):
-                if name in fields:
-                    setattr(row, name, str(fields[name]))
+            for name, value in texts.items():
+                setattr(row, name, value)
             if "metadata" in fields:
-                row.metadata = json.dumps({**json.loads(row.metadata or "{}"), **dict(fields["metadata"])})
+                # The merged object must fit as well (ValueError: nothing is written).
+                row.metadata = _metadata_json({**json.loads(row.metadata or "{}"), **fields["metadata"]})
             row.updated_at = now
             row.save()
             return Device.from_row(row)
@@ -390,7 +482,14 @@ class DeviceRegistry:
     # -- claim codes ----------------------------------------------------------------
 
     async def create_claim_code(self, family: str, *, ttl_s: float, device_id: str | None = None) -> ClaimCode:
-        """A one-time code that claims `device_id`, or (if None) registers a new device."""
+        """A one-time code that claims `device_id`, or (if None) registers a new device.
+
+        ValueError names a bad argument; UnknownDevice if `device_id` is not registered.
+        """
+        _check_family(family)
+        ttl_s = check_seconds("ttl_s", ttl_s)
+        if device_id is not None:
+            _check_id("device_id", device_id)
         code = "-".join("".join(random.choice(_CLAIM_ALPHABET) for _ in range(4)) for _ in range(3))
         now = self.clock()
         lookup = self._keys().lookup(f"claim\x00{family}\x00{code}")
@@ -412,6 +511,8 @@ class DeviceRegistry:
         without one registers `device_id` (or a generated id) as a new, claimed device
         and returns its credentials. Raises ClaimError for a bad, used or expired code.
         """
+        if not isinstance(code, str):
+            raise ValueError(f"code: expected a string, got {_show(code)}")
         now = self.clock()
         lookup = self._keys().lookup(f"claim\x00{family}\x00{code.strip().upper()}")
 

@@ -365,9 +365,10 @@ def decode_cursor(cursor: str) -> int:
     try:
         doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         before = doc["before"]
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError):
+    except (binascii.Error, ValueError, TypeError, KeyError, RecursionError):  # RecursionError: "[[[[..."
         raise ValueError("cursor: not a cursor returned by this API") from None
-    if not isinstance(before, int) or isinstance(before, bool) or before < 1:
+    # An id SQLite can hold (a bigger one raises OverflowError in the query).
+    if not isinstance(before, int) or isinstance(before, bool) or not 1 <= before <= 2**63 - 1:
         raise ValueError("cursor: not a cursor returned by this API")
     return before
 

@@ -275,7 +275,10 @@ class Notifier:
         except ValueError as e:
             raise _Permanent(f"unreadable notification row: {e}") from None
         payload["delivery_id"] = row.id
-        body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+        try:  # strict JSON on the wire: a receiver's parser would refuse NaN and Infinity
+            body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as e:
+            raise _Permanent(f"notification is not strict JSON: {e}") from None
         if row.kind == "webhook":
             await self._webhook(action, row.id, body)
         elif row.kind == "mqtt":

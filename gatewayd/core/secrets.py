@@ -163,7 +163,7 @@ class JWTError(Exception):
 def encode_jwt(claims: dict[str, Any], key: bytes) -> str:
     """A compact HS256 JWT of `claims` (RFC 7519); callers set `exp` and `iat`."""
     header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True).encode())
+    payload = _b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True, allow_nan=False).encode())
     signing_input = f"{header}.{payload}".encode("ascii")
     signature = hmac.new(key, signing_input, hashlib.sha256).digest()
     return f"{header}.{payload}.{_b64url(signature)}"
@@ -174,10 +174,13 @@ def decode_jwt(token: str, key: bytes, *, now: float, leeway_s: float = 0) -> di
     parts = token.split(".")
     if len(parts) != 3:
         raise JWTError("not a JWT (expected three dot-separated parts)")
+    if not token.isascii():  # a header value can hold any byte; a JWT is base64url
+        raise JWTError("malformed JWT")
     try:
+        # Parsed before the signature is checked: anyone can send it ("[[[[..." recurses).
         header = json.loads(_unb64url(parts[0]))
         signature = _unb64url(parts[2])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise JWTError("malformed JWT") from None
     if not isinstance(header, dict) or header.get("alg") != "HS256":
         # Refusing every other alg (notably "none") is the point of checking it.
@@ -187,7 +190,7 @@ def decode_jwt(token: str, key: bytes, *, now: float, leeway_s: float = 0) -> di
         raise JWTError("bad JWT signature")
     try:
         claims = json.loads(_unb64url(parts[1]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise JWTError("malformed JWT payload") from None
     if not isinstance(claims, dict):
         raise JWTError("malformed JWT payload")

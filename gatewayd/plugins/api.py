@@ -48,6 +48,7 @@ import peewee
 import pluggy
 
 from ..core.devices import ClaimError, DeviceExists
+from ..core.http import MAX_JSON_DEPTH, BadJSON, parse_json, read_json_object
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
 from ..core.ingest import IngestError, Ingested, Record
@@ -82,6 +83,10 @@ __all__ = [
     "Record",
     "StorageError",
     "StorageFull",
+    "BadJSON",
+    "parse_json",
+    "read_json_object",
+    "MAX_JSON_DEPTH",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)

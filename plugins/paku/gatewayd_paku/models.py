@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
 import peewee
@@ -116,11 +117,13 @@ def decode_cursor(cursor: str) -> tuple[float, int]:
     """The position after which the next page starts; ValueError for anything else."""
     try:
         ts, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or type(row_id) is not int:
+        # Numbers SQLite can compare with: a finite float, a row id in signed 64 bits.
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or type(row_id) is not int \
+                or not math.isfinite(ts := float(ts)) or not 0 <= row_id < 2**63:
             raise ValueError
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise ValueError("cursor: not a cursor returned by this API") from None
-    return float(ts), row_id
+    return ts, row_id
 
 
 def _json_or_text(raw: bytes) -> Any:

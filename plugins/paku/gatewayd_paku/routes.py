@@ -11,7 +11,9 @@
     GET   /ota/<id>/firmware.bin                the image (Range, ETag)
 
 "admin": `Authorization: Bearer <admin token>` (the core's admin token). Errors use the
-gateway's shape, `{"error": {"status", "code", "message"}}`.
+gateway's shape, `{"error": {"status", "code", "message"}}`: 400 names the field that is
+wrong (bodies are parsed strictly by the core's `read_json_object`), 507 when the disk
+is full, 503 when the database fails otherwise; nothing was stored in either case.
 """
 
 from __future__ import annotations
@@ -24,13 +26,25 @@ from urllib.parse import urlsplit
 
 from quart import Blueprint, jsonify, request, url_for
 
-from gatewayd.plugins.api import ClaimError, DeviceExists, PluginContext
+from gatewayd.plugins.api import (
+    BadJSON,
+    ClaimError,
+    DeviceExists,
+    PluginContext,
+    StorageError,
+    StorageFull,
+    read_json_object,
+)
 
 from . import models
 
 # The id is the MQTT username and a topic level: nothing mosquitto or a topic can't hold.
-DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
-_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited"}
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
+# The longest text of each field: the core registry's limits (docs/devices.md); notes
+# live in the device's metadata, which holds up to 16,384 characters of JSON.
+MAX_LENGTHS = {"name": 256, "model": 128, "firmware": 64, "notes": 4096}
+_CODES = {400: "bad_request", 403: "forbidden", 404: "not_found", 409: "conflict", 429: "rate_limited",
+          503: "unavailable", 507: "insufficient_storage"}
 
 
 def problem(status: int, message: str, headers: dict[str, str] | None = None) -> Any:
@@ -56,11 +70,20 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     bp = Blueprint("paku", __name__)
     ctx.ratelimit.define("claim", 10, 60)  # per client address: claim codes are not for guessing
 
-    async def body() -> dict[str, Any] | None:
-        if not await request.get_data():
-            return {}
-        doc = await request.get_json(force=True, silent=True)
-        return doc if isinstance(doc, dict) else None
+    @bp.errorhandler(BadJSON)
+    async def _bad_json(e: BadJSON) -> Any:
+        return problem(400, str(e))
+
+    @bp.errorhandler(StorageFull)
+    async def _storage_full(e: StorageFull) -> Any:
+        return problem(507, f"storage full: nothing was stored ({e})")
+
+    @bp.errorhandler(StorageError)
+    async def _storage_error(e: StorageError) -> Any:
+        return problem(503, f"storage unavailable: nothing was stored ({e})")
+
+    def valid_id(device_id: Any) -> bool:
+        return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
 
     def broker(device_id: str, password: str | None) -> dict[str, Any]:
         host = ctx.config.mqtt_host or urlsplit(request.host_url).hostname or "127.0.0.1"
@@ -81,10 +104,10 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     def fields(doc: dict[str, Any]) -> dict[str, Any] | str:
         """name / model / notes / firmware of a request, or what is wrong with them."""
         out: dict[str, Any] = {}
-        for key in ("name", "model", "firmware", "notes"):
+        for key, limit in MAX_LENGTHS.items():
             if key in doc:
-                if not isinstance(doc[key], str) or len(doc[key]) > 4096:
-                    return f"'{key}' must be a string (at most 4096 characters)"
+                if not isinstance(doc[key], str) or len(doc[key]) > limit:
+                    return f"'{key}' must be a string (at most {limit} characters)"
                 out[key] = doc[key]
         if "notes" in out:
             out["metadata"] = {"notes": out.pop("notes")}
@@ -103,11 +126,9 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     async def provision() -> Any:
         if denied := ctx.require_admin():
             return denied
-        doc = await body()
-        if doc is None:
-            return problem(400, "expected a JSON object: {\"id\"?, \"model\"?, \"name\"?, \"notes\"?}")
+        doc = await read_json_object()
         device_id = doc.get("id")
-        if device_id is not None and (not isinstance(device_id, str) or not DEVICE_ID.match(device_id)):
+        if device_id is not None and not valid_id(device_id):
             return problem(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
         extra = fields(doc)
         if isinstance(extra, str):
@@ -144,13 +165,15 @@ def blueprint(ctx: PluginContext) -> Blueprint:
     async def update(device_id: str) -> Any:
         if denied := ctx.require_admin():
             return denied
-        doc = await body()
-        changes = fields(doc) if doc is not None else "expected a JSON object: {\"notes\"?, \"name\"?, \"model\"?}"
+        changes = fields(await read_json_object())
         if isinstance(changes, str):
             return problem(400, changes)
         if await ctx.devices.get(device_id) is None:
             return problem(404, f"no paku device {device_id!r}")
-        return describe(await ctx.devices.update(device_id, **changes))
+        try:
+            return describe(await ctx.devices.update(device_id, **changes))
+        except ValueError as e:  # the merged notes and metadata too large, say
+            return problem(400, str(e))
 
     @bp.get("/devices/<device_id>/telemetry")
     async def telemetry(device_id: str) -> Any:
@@ -164,7 +187,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         except ValueError as e:
             return problem(400, str(e))
         limit = args.get("limit", "100")
-        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if not (limit.isascii() and limit.isdigit() and len(limit) <= 4) or not 1 <= int(limit) <= 1000:
             return problem(400, f"limit: expected an integer 1-1000, got {limit!r}")
         if await ctx.devices.get(device_id) is None:
             return problem(404, f"no paku device {device_id!r}")
@@ -176,12 +200,12 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         decision = ctx.ratelimit.check(request.remote_addr or "-", "claim")
         if not decision.allowed:
             return problem(429, "too many claim attempts; retry later", ctx.ratelimit.headers(decision))
-        doc = await body()
-        code = (doc or {}).get("code")
+        doc = await read_json_object()
+        code = doc.get("code")
         if not isinstance(code, str) or not code.strip():
             return problem(400, "expected {\"code\": \"ABCD-EFGH-JKLM\", \"id\"?, \"model\"?}")
         device_id = doc.get("id")
-        if device_id is not None and (not isinstance(device_id, str) or not DEVICE_ID.match(device_id)):
+        if device_id is not None and not valid_id(device_id):
             return problem(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
         extra = fields({k: v for k, v in doc.items() if k in ("model", "name")})
         if isinstance(extra, str):
@@ -222,7 +246,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.get("/ota/<int:firmware_id>/firmware.bin")
     async def firmware(firmware_id: int) -> Any:
-        fw = await ctx.ota.get(firmware_id)
+        # An id past SQLite's integers can't exist (and would be an OverflowError in the query).
+        fw = await ctx.ota.get(firmware_id) if firmware_id < 2**63 else None
         if fw is None or fw.family != "paku":
             return problem(404, f"no paku firmware {firmware_id}")
         return await ctx.ota.response(fw)
