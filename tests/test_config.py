@@ -207,3 +207,14 @@ def test_public_url_is_a_base_url_without_a_trailing_slash(value, expected):
 def test_a_bad_public_url_names_the_key(value):
     (error,) = errors_of(overrides=[f"http.public_url={json.dumps(value)}"])
     assert error.startswith("http.public_url: expected http(s)://HOST[:PORT][/PATH]"), error
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("devices.command_ttl_s=inf", "devices.command_ttl_s: expected a finite number, got inf"),
+    ("gateway.shutdown_grace_s=nan", "gateway.shutdown_grace_s: expected a finite number, got nan"),
+    ("devices.claim_code_ttl_s=1e12", "devices.claim_code_ttl_s: must be at most 315360000 (10 years), got 1000000000000.0"),
+])
+def test_numbers_no_setting_can_mean_are_refused_naming_the_key(setting, message):
+    with pytest.raises(ConfigErrors) as info:
+        load_config(None, [setting], {}, text="")
+    assert [str(e) for e in info.value.errors] == [message]

@@ -122,6 +122,9 @@ class MqttSection:
             raise ConfigError("max_packet_bytes", f"must be 1024 .. 268435455 (MQTT's limit), got {self.max_packet_bytes}")
 
 
+_MAX_TTL_S = 10 * 365 * 86400.0  # = devices.MAX_TTL_S (config does not import the registry)
+
+
 @dataclass
 class DevicesSection:
     offline_after_s: float = 300.0
@@ -134,6 +137,9 @@ class DevicesSection:
         for name in ("offline_after_s", "presence_flush_s", "command_ttl_s", "command_sweep_s", "claim_code_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("command_ttl_s", "claim_code_ttl_s"):  # the registry's own limit on a lifetime
+            if getattr(self, name) > _MAX_TTL_S:
+                raise ConfigError(name, f"must be at most {_MAX_TTL_S:.0f} (10 years), got {getattr(self, name)}")
 
 
 @dataclass

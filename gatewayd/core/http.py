@@ -164,8 +164,9 @@ def _check(doc: Any, max_depth: int) -> None:
                 stack.extend((item, (*path, i)) for i, item in enumerate(value))
 
 
-def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """Parse a request body strictly, or raise BadJSON saying what and where.
+def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str = "body") -> Any:
+    """Parse a request body (or an MQTT payload: `name="payload"`) strictly, or raise
+    BadJSON saying what and where.
 
     Refused: bytes that are not UTF-8; anything that is not JSON; nesting deeper than
     `max_depth`; `NaN`, `Infinity`, `-Infinity` and numbers too large for a double
@@ -176,14 +177,18 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         try:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise BadJSON(f"body: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+            raise BadJSON(f"{name}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
         doc = json.loads(raw, parse_constant=_parse_constant, parse_int=_parse_int, parse_float=_parse_float)
     except RecursionError:
-        raise BadJSON(f"body: nested deeper than {max_depth} levels") from None
+        raise BadJSON(f"{name}: nested deeper than {max_depth} levels") from None
     except ValueError as e:
-        raise BadJSON(f"body: not JSON ({e})") from None
-    _check(doc, max_depth)
+        raise BadJSON(f"{name}: not JSON ({e})") from None
+    try:
+        _check(doc, max_depth)
+    except BadJSON as e:
+        text = str(e)
+        raise BadJSON(name + text[4:] if name != "body" and text.startswith("body") else text) from None
     return doc
 
 

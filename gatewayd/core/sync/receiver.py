@@ -308,7 +308,7 @@ def _error_body(status: int, code: str, message: str) -> dict[str, Any]:
 
 def _json(status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     return Response(
-        json.dumps(doc), status=status, headers=headers, content_type="application/json"
+        json.dumps(doc, allow_nan=False), status=status, headers=headers, content_type="application/json"
     )
 
 

@@ -37,7 +37,7 @@ class PakuConfig:
     """`[plugins.paku]` options."""
 
     mqtt_host: str = ""
-    """The broker address handed to devices at provisioning; "" = the host the HTTP request used."""
+    """The broker address handed to devices at provisioning; "" = the host of `http.public_url`."""
     mqtt_port: int = 0
     """The broker port handed to devices; 0 = the gateway's own (`mqtt.listen`, or the external port)."""
     default_model: str = "paku"

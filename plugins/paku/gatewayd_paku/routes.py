@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
-from quart import Blueprint, jsonify, request, url_for
+from quart import Blueprint, jsonify, request
 
 from gatewayd.plugins.api import (
     BadJSON,
@@ -86,7 +86,8 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
 
     def broker(device_id: str, password: str | None) -> dict[str, Any]:
-        host = ctx.config.mqtt_host or urlsplit(request.host_url).hostname or "127.0.0.1"
+        # The gateway's own configured address (http.public_url), never the request's Host header.
+        host = ctx.config.mqtt_host or urlsplit(ctx.ota.url("/")).hostname or "127.0.0.1"
         port = ctx.config.mqtt_port or ctx.mqtt.device_port or 1883
         doc = {"host": host, "port": port, "username": device_id}
         return {**doc, "password": password} if password is not None else doc
@@ -238,7 +239,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
                 fw = await ctx.ota.newest_for("paku", m, current, channel, device)
                 if fw is not None:
                     entries.append({"model": fw.model, "version": fw.version, "sha256": fw.sha256, "size": fw.size,
-                                    "url": url_for(".firmware", firmware_id=fw.id, _external=True),
+                                    "url": ctx.ota.url(f"{ctx.mount}/ota/{fw.id}/firmware.bin"),
                                     "signature": fw.signature})
         except ValueError as e:
             return problem(400, f"current: {e}")

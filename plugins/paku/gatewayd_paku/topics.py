@@ -22,13 +22,14 @@ from typing import Any, NamedTuple
 
 import trio
 
-from gatewayd.plugins.api import InboundMessage, IngestError, PluginContext, Rejected, TopicRegistry
+from gatewayd.plugins.api import BadJSON, InboundMessage, IngestError, PluginContext, Rejected, TopicRegistry, parse_json
 
 from .models import Event, Measurement, save_state, stored_state_raw
 
 EVENT_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 OTA_STATUSES = ("started", "downloaded", "verified", "installed", "failed", "rolled_back")
 _TS_MIN, _TS_MAX = 946684800.0, 7258118400.0  # 2000..2200: anything else is a device clock bug
+_RSSI_MIN, _RSSI_MAX = -200, 100  # dBm; wider than any radio reports, narrow enough for a column
 
 
 # -- parsing (pure) ------------------------------------------------------------------
@@ -68,10 +69,6 @@ def parse_topic(topic: str) -> Topic:
     raise Rejected(f"unexpected topic {topic!r}: expected paku/<id>/telemetry, /state or /event/<name>")
 
 
-def _no_constants(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
 def decode_object(payload: bytes, max_bytes: int, *, empty_ok: bool = False) -> dict[str, Any]:
     """The payload as a JSON object; Rejected naming what is wrong with it."""
     if len(payload) > max_bytes:
@@ -79,15 +76,10 @@ def decode_object(payload: bytes, max_bytes: int, *, empty_ok: bool = False) -> 
     if not payload.strip() and empty_ok:
         return {}
     try:
-        text = payload.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise Rejected(f"payload is not UTF-8 (byte {e.start})") from None
-    try:
-        doc = json.loads(text, parse_constant=_no_constants)
-    except json.JSONDecodeError as e:
-        raise Rejected(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except ValueError as e:  # NaN / Infinity
-        raise Rejected(f"malformed JSON: {e}") from None
+        # The core's strict parser: UTF-8, depth, NaN/Infinity, numbers SQLite can hold.
+        doc = parse_json(payload, name="payload")
+    except BadJSON as e:
+        raise Rejected(str(e)) from None
     if not isinstance(doc, dict):
         raise Rejected(f"expected a JSON object, got {_json_type(doc)}")
     return doc
@@ -144,8 +136,9 @@ def parse_state(payload: bytes, max_bytes: int) -> DeviceState:
             raise Rejected(f"status {status!r} contradicts online={online}")
         online = status == "online"
     rssi = doc.get("rssi")
-    if rssi is not None and (isinstance(rssi, bool) or not isinstance(rssi, (int, float)) or not math.isfinite(rssi)):
-        raise Rejected(f"rssi: expected a number (dBm), got {rssi!r}")
+    if rssi is not None and (isinstance(rssi, bool) or not isinstance(rssi, (int, float))
+                             or not _RSSI_MIN <= rssi <= _RSSI_MAX):
+        raise Rejected(f"rssi: expected a signal strength in dBm ({_RSSI_MIN}..{_RSSI_MAX}), got {rssi!r:.40}")
     fw = doc.get("fwVersion")
     if fw is not None and (not isinstance(fw, str) or not 0 < len(fw) <= 64):
         raise Rejected(f"fwVersion: expected a version string of at most 64 characters, got {fw!r}")
@@ -161,7 +154,7 @@ def is_alert(name: str, patterns: list[str]) -> bool:
 def render_command(command: Any) -> bytes:
     """What `paku/<id>/cmd` carries: the command's fields plus its `id`."""
     body = command.payload if isinstance(command.payload, dict) else {"payload": command.payload}
-    return json.dumps({**body, "id": command.id}, separators=(",", ":")).encode()
+    return json.dumps({**body, "id": command.id}, separators=(",", ":"), allow_nan=False).encode()
 
 
 def _json_type(value: Any) -> str:

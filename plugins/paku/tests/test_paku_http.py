@@ -154,12 +154,12 @@ async def test_bad_messages_are_rejected_precisely(gateway_factory):
             handlers = gw.contexts["paku"].extras["mqtt"]
             cases = [
                 (telemetry("ghost", {"t": 1}), "unknown device 'ghost'"),
-                (telemetry("pk-1", b'{"temp": '), "malformed JSON: Expecting value at line 1 column 10"),
+                (telemetry("pk-1", b'{"temp": '), "payload: not JSON (Expecting value: line 1 column 10 (char 9))"),
                 (telemetry("pk-1", b"[1, 2]"), "expected a JSON object, got an array"),
-                (telemetry("pk-1", b'{"t": NaN}'), "malformed JSON: NaN is not valid JSON"),
-                (telemetry("pk-1", b"\xff\xfe"), "payload is not UTF-8"),
+                (telemetry("pk-1", b'{"t": NaN}'), "t: NaN is not a JSON number"),
+                (telemetry("pk-1", b"\xff\xfe"), "payload: not UTF-8"),
                 (telemetry("pk-1", {"ts": 1767225600000}), "ts: 1767225600000 is not between 2000 and 2200"),
-                (InboundMessage("paku/pk-1/state", b'{"rssi": "strong"}', 0, True, False), "rssi: expected a number"),
+                (InboundMessage("paku/pk-1/state", b'{"rssi": "strong"}', 0, True, False), "rssi: expected a signal strength in dBm"),
                 (InboundMessage("paku/pk-1/event/a/b", b"{}", 1, False, False), "event name 'a/b'"),
                 (InboundMessage("paku/pk-1/event/ack", b'{"id": "nope"}', 1, False, False),
                  "ack: no command 'nope' for device 'pk-1'"),
@@ -203,6 +203,19 @@ async def test_ota_manifest_and_download(gateway_factory, tmp_path):
             r = await client.get(entry["url"], headers={"Range": "bytes=100-"})
             assert r.status_code == 206 and r.content == image.read_bytes()[100:]
             assert (await client.get("/paku/ota/999/firmware.bin")).status_code == 404
+
+
+async def test_urls_and_addresses_handed_to_devices_come_from_the_config_not_the_host_header(gateway_factory, tmp_path):
+    image = _write(tmp_path / "img.bin")
+    with trio.fail_after(30):
+        settings = ["http.public_url='http://192.0.2.10:8080'"]
+        async with gateway_factory(plugins=PAKU, settings=settings) as gw, gw_client(gw) as client:
+            await trio.to_thread.run_sync(lambda: gw.ota.add_blocking(image, family="paku", model="m", version="1.0.0"))
+            forged = {"Host": "evil.example"}
+            [entry] = (await client.get("/paku/ota/manifest.json", headers=forged)).json()
+            assert entry["url"].startswith("http://192.0.2.10:8080/paku/ota/")
+            r = await client.post("/paku/devices", headers={**AUTH, **forged}, json={"id": "pk-1"})
+            assert r.json()["mqtt"]["host"] == "192.0.2.10"
 
 
 def _write(path):

@@ -164,7 +164,7 @@ async def test_malformed_json_is_rejected_and_recorded_without_harming_the_next(
                 await dev.publish("paku/pk-1/telemetry", b'{"temp_c": 22.0}')
                 await wait_for(lambda: _telemetry_of(client, "pk-1"))
             [(topic, reason)] = await wait_for(lambda: rejected(gw))
-            assert topic == "paku/pk-1/telemetry" and reason.startswith("malformed JSON: Expecting")
+            assert topic == "paku/pk-1/telemetry" and reason.startswith("payload: not JSON (Expecting")
             r = await client.get("/paku/devices/pk-1/telemetry", headers=AUTH)
             assert [m["payload"] for m in r.json()["telemetry"]] == [{"temp_c": 22.0}]
             r = await client.get("/metrics")

@@ -27,12 +27,22 @@ def test_topics():
 def test_json_objects():
     assert decode_object(b'{"a": 1}', 100) == {"a": 1}
     assert decode_object(b"  ", 100, empty_ok=True) == {}
-    assert reason(decode_object, b"", 100) == "malformed JSON: Expecting value at line 1 column 1"
-    assert reason(decode_object, b'{"a": 1,}', 100).startswith("malformed JSON: Expecting property name")
+    assert reason(decode_object, b"", 100) == "payload: not JSON (Expecting value: line 1 column 1 (char 0))"
+    assert reason(decode_object, b'{"a": 1,}', 100).startswith("payload: not JSON (Expecting property name")
     assert reason(decode_object, b'"x"', 100) == "expected a JSON object, got a string"
-    assert reason(decode_object, b'{"a": Infinity}', 100) == "malformed JSON: Infinity is not valid JSON"
-    assert reason(decode_object, b"\xc3\x28", 100) == "payload is not UTF-8 (byte 0)"
+    assert reason(decode_object, b'{"a": Infinity}', 100) == "a: Infinity is not a JSON number (only finite numbers are)"
+    assert reason(decode_object, b"\xc3\x28", 100) == "payload: not UTF-8 (byte 0xc3 at offset 0)"
     assert reason(decode_object, b"{}" * 60, 100) == "payload of 120 bytes is over the limit of 100"
+    # What wedged ingest (issue 14): 1,001-deep nesting, integers no column can hold.
+    assert reason(decode_object, b"[" * 1001 + b"]" * 1001, 5000) == "payload: nested deeper than 64 levels"
+    assert reason(decode_object, b'{"a":' * 5000 + b"1" + b"}" * 5000, 50000) == "payload: nested deeper than 64 levels"
+    assert reason(decode_object, b'{"n": 99999999999999999999999}', 100).startswith("n: 99999999999999999999999 is outside")
+
+
+def test_rssi_must_fit_a_signal_strength():
+    assert parse_state(b'{"rssi": -61.5}', 1000).rssi == -61
+    assert reason(parse_state, b'{"rssi": 1e300}', 1000).startswith("rssi: expected a signal strength in dBm")
+    assert reason(parse_state, b'{"rssi": 99999999999999999999999}', 1000).startswith("rssi: 99999999999999999999999 is outside")
 
 
 def test_timestamps():
