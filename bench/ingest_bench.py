@@ -40,11 +40,11 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from gatewayd.core.ingest import Ingest, Record  # noqa: E402
-from gatewayd.core.outbox import Outbox, OutboxPolicy  # noqa: E402
+from gatewayd.core.outbox.ingest import Ingest, Record  # noqa: E402
+from gatewayd.core.outbox.store import Outbox, OutboxPolicy  # noqa: E402
 from gatewayd.core.storage import Storage  # noqa: E402
-from gatewayd.core.sync.http_sink import HttpSink  # noqa: E402
-from gatewayd.core.sync.worker import SyncWorker  # noqa: E402
+from gatewayd.core.upstream.http_sink import HttpSink  # noqa: E402
+from gatewayd.core.upstream.worker import SyncWorker  # noqa: E402
 
 SECRET = "bench-secret"
 CHUNK = 5000
@@ -238,7 +238,7 @@ def drain_in_subprocess(db: Path, url: str) -> dict:
 
 def receiver_ceiling(tmp: Path, total: int) -> float:
     """The reference receiver alone: pre-encoded batches posted back to back."""
-    from gatewayd.core.sync import encode_batch
+    from gatewayd.protocol.batch import encode_batch
 
     wire = [{"id": i, "family": "bench", "device": f"dev-{i % 50}", "kind": "reading",
              "ts": "2026-01-01T00:00:00.000Z", "class": "history", "data": {"seq": i, "value": i * 0.5, "unit": "C"}}
@@ -259,10 +259,9 @@ def receiver_ceiling(tmp: Path, total: int) -> float:
 
 def stage_costs(tmp: Path, total: int) -> dict:
     """Microseconds per record of each drain stage, one thread, no network."""
-    from gatewayd.core.outbox_records import OpenBatch, serialize_records
-    from gatewayd.core.sync import decode_batch, encode_batch
-    from gatewayd.core.sync.protocol import rfc3339_utc
-    from gatewayd.core.sync.receiver import ReceiverStore
+    from gatewayd.core.outbox.records import OpenBatch, serialize_records
+    from gatewayd.core.upstream.receiver import ReceiverStore
+    from gatewayd.protocol.batch import decode_batch, encode_batch, rfc3339_utc
 
     db = tmp / "stages.sqlite3"
     trio.run(fill, db, total)

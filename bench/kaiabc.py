@@ -23,12 +23,10 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 try:
-    from gatewayd_kaiabc.engine import (RUST_2007, SolverConfig, integrate_batch, limit_cycle, make_scalar_rhs,
-                                        preset)
+    from gatewayd_kaiabc.engine import RUST_2007, SolverConfig, integrate_batch, limit_cycle, make_scalar_rhs, preset
 except ImportError:  # running from a checkout without the plugin installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "plugins" / "kaiabc"))
-    from gatewayd_kaiabc.engine import (RUST_2007, SolverConfig, integrate_batch, limit_cycle, make_scalar_rhs,
-                                        preset)
+    from gatewayd_kaiabc.engine import RUST_2007, SolverConfig, integrate_batch, limit_cycle, make_scalar_rhs, preset
 
 HOURS = 24.0
 

@@ -40,12 +40,12 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from paho.mqtt.packettypes import PacketTypes  # noqa: E402
 from paho.mqtt.properties import Properties  # noqa: E402
 
-from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password  # noqa: E402
-from gatewayd.core.delivery_marks import DeliveryMarks  # noqa: E402
-from gatewayd.core.mqtt import InboundMessage, MQTTClient, MQTTSettings  # noqa: E402
-from gatewayd.core.mqtt_delivery import Delivery, DeliveryPool  # noqa: E402
+from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password  # noqa: E402
+from gatewayd.core.mqtt.client import InboundMessage, MQTTClient, MQTTSettings  # noqa: E402
+from gatewayd.core.mqtt.delivery import Delivery, DeliveryPool  # noqa: E402
+from gatewayd.core.mqtt.marks import DeliveryMarks  # noqa: E402
 from gatewayd.core.storage import Storage  # noqa: E402
-from gatewayd.core.topics import TopicRouter  # noqa: E402
+from gatewayd.protocol.topics import TopicRouter  # noqa: E402
 from gatewayd.testing.mqtt import free_port  # noqa: E402
 
 TOPIC = "bench/dev1/data"

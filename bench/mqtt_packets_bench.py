@@ -36,7 +36,7 @@ import paho.mqtt.client as paho  # noqa: E402
 from paho.mqtt import _packet  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode  # noqa: E402
 
-from gatewayd.core.mqtt_fastpath import ReadBuffer, decode_311  # noqa: E402
+from gatewayd.core.mqtt.fastpath import ReadBuffer, decode_311  # noqa: E402
 from gatewayd.protocol.mqtt_packets import FrameReader, encode_publish, parse_publish  # noqa: E402
 
 PAHO_PROTOCOL = {4: paho.MQTTv311, 5: paho.MQTTv5}

@@ -32,8 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gatewayd_paku  # noqa: E402
-
-from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, hash_password  # noqa: E402
+from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker, hash_password  # noqa: E402
 from gatewayd.core.runtime import tune_gc  # noqa: E402
 from gatewayd.testing import gw_client, start_gateway  # noqa: E402
 

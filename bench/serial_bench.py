@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import serial  # noqa: E402
 import trio  # noqa: E402
 
-from gatewayd.core.framing import make_framer  # noqa: E402
-from gatewayd.core.serial import SerialLink, SerialSettings  # noqa: E402
+from gatewayd.core.serial.link import SerialLink, SerialSettings  # noqa: E402
+from gatewayd.protocol.framing import make_framer  # noqa: E402
 
 CASES = [("jsonl", 64), ("jsonl", 512), ("cobs", 64), ("cobs", 512)]
 

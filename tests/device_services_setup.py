@@ -8,7 +8,7 @@ from pathlib import Path
 import trio
 
 from gatewayd.core.config import load_config
-from gatewayd.core.device_services import DeviceServices
+from gatewayd.core.devices.services import DeviceServices
 from gatewayd.core.metrics import Metrics
 from gatewayd.core.storage import Storage
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from quart import Blueprint, request
 
-from gatewayd.core.auth import AuthError
+from gatewayd.core.devices.auth import AuthError
 from gatewayd.plugins.api import PluginContext, hookimpl
 
 PLUGIN_NAME = "meter"

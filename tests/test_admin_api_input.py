@@ -199,7 +199,7 @@ async def test_the_plugin_list_needs_the_admin_token(gateway_factory):
 async def test_responses_never_carry_nan_or_infinity(gateway_factory):
     """The response encoder refuses what strict JSON parsers refuse (a 500 in the log,
     never `NaN` on the wire), and so does the command renderer that feeds MQTT."""
-    from gatewayd.core.commands import Command, default_render
+    from gatewayd.core.devices.commands import Command, default_render
 
     async with gateway_factory(plugins=FAMILIES) as gw:
         for value in (float("nan"), float("inf"), -float("inf")):

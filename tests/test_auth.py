@@ -8,7 +8,7 @@ import json
 import pytest
 import trio
 
-from gatewayd.core.auth import AuthError
+from gatewayd.core.devices.auth import AuthError
 from gatewayd.testing import gw_client
 from tests import plugin_devices
 from tests.device_services_setup import FakeClock, open_services

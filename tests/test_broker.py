@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from gatewayd.core.broker import (
+from gatewayd.core.mqtt.broker import (
     AclTemplate,
     BrokerAccount,
     ManagedBroker,
@@ -21,7 +21,7 @@ from gatewayd.core.broker import (
     hash_password,
     verify_password,
 )
-from gatewayd.core.mqtt import InboundMessage
+from gatewayd.core.mqtt.client import InboundMessage
 from gatewayd.core.storage import Storage
 from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
 from gatewayd.testing.mqtt import add_device_account, device_client, gateway_client
@@ -203,7 +203,7 @@ def test_concurrent_credential_writes_never_collide(tmp_path):
     with FileNotFoundError when a second writer renamed it away)."""
     import threading
 
-    from gatewayd.core.broker import _write_atomic
+    from gatewayd.core.mqtt.broker import _write_atomic
 
     target = tmp_path / "passwd"
     errors: list[BaseException] = []

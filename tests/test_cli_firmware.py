@@ -15,7 +15,7 @@ from pathlib import Path
 
 import trio
 
-from gatewayd.core.ota import load_private_key, signed_message
+from gatewayd.core.ota.store import load_private_key, signed_message
 from gatewayd.testing import gw_client
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ async def test_added_by_the_cli_then_downloaded_from_the_gateway(gateway_factory
 
 
 def test_images_are_signed_by_default_with_a_site_key_made_on_first_use(tmp_path):
-    from gatewayd.core.ota import key_id, load_public_key
+    from gatewayd.core.ota.store import key_id, load_public_key
 
     data_dir = tmp_path / "var"
 
@@ -143,7 +143,7 @@ def test_images_are_signed_by_default_with_a_site_key_made_on_first_use(tmp_path
 
 
 def test_callers_making_the_site_key_at_once_end_up_with_one_key(tmp_path):
-    from gatewayd.core.firmware_signing import SiteKey, key_id
+    from gatewayd.core.ota.signing import SiteKey, key_id
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         ids = list(pool.map(lambda _: key_id(SiteKey(tmp_path).private_key().public_key()), range(16)))

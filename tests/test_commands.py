@@ -5,7 +5,7 @@ import json
 import pytest
 import trio
 
-from gatewayd.core.commands import CommandQueue
+from gatewayd.core.devices.commands import CommandQueue
 from gatewayd.testing import gw_client
 from tests import plugin_devices
 from tests.device_services_setup import FakeClock, open_services

@@ -2,8 +2,8 @@
 
 import pytest
 
-from gatewayd.core.broker import verify_password
-from gatewayd.core.devices import ClaimError, DeviceExists, UnknownDevice
+from gatewayd.core.devices.registry import ClaimError, DeviceExists, UnknownDevice
+from gatewayd.core.mqtt.broker import verify_password
 from tests.device_services_setup import FakeClock, open_services
 
 
@@ -194,7 +194,7 @@ async def test_registry_survives_a_restart(tmp_path):
 async def test_recent_lookups_see_this_processes_changes_at_once_and_others_after_max_age(tmp_path):
     import trio
 
-    from gatewayd.core.devices import DeviceRow
+    from gatewayd.core.devices.registry import DeviceRow
 
     async with open_services(tmp_path) as s:
         reg = s.registry

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from gatewayd.core.events import EventError, EventQuery, parse_time
-from gatewayd.core.notify import list_notifications
+from gatewayd.core.alerts.events import EventError, EventQuery, parse_time
+from gatewayd.core.alerts.notify import list_notifications
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client
 from tests import plugin_everything

@@ -6,14 +6,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.core.framing import (
-    FRAMERS,
-    CobsFramer,
-    FramingError,
-    LengthFramer,
-    crc16_ccitt,
-    make_framer,
-)
+from gatewayd.protocol.framing import FRAMERS, CobsFramer, FramingError, LengthFramer, crc16_ccitt, make_framer
 
 MAX = 300  # small enough that oversized cases come up, > 254 for COBS blocks
 NAMES = sorted(FRAMERS)

@@ -10,8 +10,8 @@ import peewee
 import pytest
 import trio
 
-from gatewayd.core.ingest import Ingest, IngestError, Record
-from gatewayd.core.outbox import Outbox, OutboxPolicy
+from gatewayd.core.outbox.ingest import Ingest, IngestError, Record
+from gatewayd.core.outbox.store import Outbox, OutboxPolicy
 from gatewayd.core.storage import Storage
 from gatewayd.testing import gw_client
 from tests import plugin_ingest

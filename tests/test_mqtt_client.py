@@ -10,8 +10,8 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, hash_password
-from gatewayd.core.mqtt import (
+from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker, hash_password
+from gatewayd.core.mqtt.client import (
     InboundMessage,
     MQTTClient,
     PublishError,
@@ -21,13 +21,7 @@ from gatewayd.core.mqtt import (
 )
 from gatewayd.core.storage import Storage, StorageUnavailable
 from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
-from gatewayd.testing.mqtt import (
-    add_device_account,
-    device_client,
-    free_port,
-    gateway_client,
-    start_managed_broker,
-)
+from gatewayd.testing.mqtt import add_device_account, device_client, free_port, gateway_client, start_managed_broker
 
 PROTOCOLS = ["3.1.1", "5"]
 
@@ -108,7 +102,7 @@ async def test_broker_stopped_and_restarted_keeps_queued_messages(
 ) -> None:
     """A clean broker stop saves the gateway's session; what devices send while the
     gateway is away still arrives, even across a credential reload (deferred until the
-    gateway's restored session has reconnected: see gatewayd.core.broker)."""
+    gateway's restored session has reconnected: see gatewayd.core.mqtt.broker)."""
     with trio.fail_after(20):
         port = free_port()
         scope = trio.CancelScope()

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from paho.mqtt import _packet
 from paho.mqtt.client import MQTTMessage, MQTTv311
 
-from gatewayd.core.mqtt_fastpath import decode_311 as _decode_311
-from gatewayd.core.topics import TopicRouter
+from gatewayd.core.mqtt.fastpath import decode_311 as _decode_311
+from gatewayd.protocol.topics import TopicRouter
 
 
 def publish_body(topic: bytes, mid: int, payload: bytes, qos: int) -> bytes:
@@ -89,8 +89,8 @@ def test_router_remembers_handlers_per_topic_until_subscriptions_change():
 def test_the_fast_path_is_installed_on_this_paho_and_skipped_when_its_internals_differ(monkeypatch):
     import paho.mqtt.client as paho
 
-    from gatewayd.core.mqtt import MQTTClient, MQTTSettings
-    from gatewayd.core.mqtt_fastpath import FastPublish
+    from gatewayd.core.mqtt.client import MQTTClient, MQTTSettings
+    from gatewayd.core.mqtt.fastpath import FastPublish
 
     assert isinstance(MQTTClient(MQTTSettings(protocol="3.1.1"))._client._handle_publish, FastPublish)
     # A paho whose packet state looks different: its own _handle_publish stays.

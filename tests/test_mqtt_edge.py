@@ -15,7 +15,7 @@ import peewee
 import pytest
 import trio
 
-from gatewayd.core.mqtt import RejectedMessage
+from gatewayd.core.mqtt.client import RejectedMessage
 from gatewayd.core.storage import StorageFull
 from gatewayd.plugins.api import Rejected, hookimpl
 from gatewayd.protocol import mqtt_packets as mp

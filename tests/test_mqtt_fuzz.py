@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gatewayd_paku
-from gatewayd.core.mqtt_delivery import HANDLED, REJECTED, InboundMessage
+from gatewayd.core.mqtt.delivery import HANDLED, REJECTED, InboundMessage
 from gatewayd.plugins.api import Rejected, hookimpl
 from gatewayd.testing.mqtt import free_port
 

@@ -27,7 +27,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gatewayd.core.broker import find_mosquitto, hash_password
+from gatewayd.core.mqtt.broker import find_mosquitto, hash_password
 from gatewayd.protocol import mqtt_packets as mp
 from gatewayd.protocol.mqtt_packets import (
     Connack,

@@ -19,12 +19,12 @@ from hypercorn.trio import serve
 from quart import request
 from quart_trio import QuartTrio
 
-from gatewayd.core.alerting import install_schemas
+from gatewayd.core.alerts.events import EventBus
+from gatewayd.core.alerts.notify import Notifier, list_notifications
+from gatewayd.core.alerts.rules import rule_from_dict
+from gatewayd.core.alerts.setup import install_schemas
 from gatewayd.core.config import load_config
-from gatewayd.core.events import EventBus
 from gatewayd.core.metrics import Metrics
-from gatewayd.core.notify import Notifier, list_notifications
-from gatewayd.core.rules import rule_from_dict
 from gatewayd.core.storage import Storage
 
 SECRET = "webhook-test-secret"
@@ -230,7 +230,7 @@ def test_queue_depth_metric_is_exposed():
 async def test_a_payload_with_nan_is_never_sent(tmp_path):
     """Strict JSON on the wire: a queued row holding NaN (written by an older gateway)
     fails with the reason instead of reaching the receiver as `{"v":NaN}`."""
-    from gatewayd.core.notify import CoreNotification
+    from gatewayd.core.alerts.notify import CoreNotification
 
     receiver = Receiver(200)
     async with serving(receiver) as url:

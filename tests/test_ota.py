@@ -13,11 +13,18 @@ import pytest
 import trio
 from quart import Blueprint
 
-from gatewayd.core.ota import OtaError, OtaStore, generate_keypair, load_private_key, load_public_key, rollout_bucket
-from gatewayd.core.ota_http import parse_range
-from gatewayd.core.semver import parse_version
+from gatewayd.core.ota.http import parse_range
+from gatewayd.core.ota.store import (
+    OtaError,
+    OtaStore,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    rollout_bucket,
+)
 from gatewayd.core.storage import Storage
 from gatewayd.plugins.api import PluginContext, hookimpl
+from gatewayd.protocol.semver import parse_version
 from gatewayd.testing import gw_client
 
 TOKEN = "ota-admin-token"
@@ -91,7 +98,7 @@ async def store(tmp_path):
     storage = Storage(tmp_path / "gw.sqlite3")
     async with trio.open_nursery() as nursery:
         await nursery.start(storage.run)
-        from gatewayd.core.alerting import install_schemas
+        from gatewayd.core.alerts.setup import install_schemas
 
         await trio.to_thread.run_sync(install_schemas, storage)
         yield OtaStore(storage, tmp_path / "firmware")
@@ -432,7 +439,7 @@ async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factor
 
 
 def test_a_public_url_asked_for_before_a_port_0_listener_is_bound_is_an_error_not_cached():
-    from gatewayd.core.ota_http import PublicUrl
+    from gatewayd.core.ota.http import PublicUrl
     from gatewayd.core.schema import Address
 
     bound: list[str] = []

@@ -8,8 +8,8 @@ from functools import partial
 import pytest
 import trio
 
-from gatewayd.core.ingest import Record
-from gatewayd.core.outbox import OutboxFull, OutboxLimits, OutboxPolicy, wire_records
+from gatewayd.core.outbox.ingest import Record
+from gatewayd.core.outbox.store import OutboxFull, OutboxLimits, OutboxPolicy, wire_records
 from gatewayd.core.storage import StorageFull
 from gatewayd.testing import gw_client
 from tests import plugin_ingest
@@ -150,7 +150,7 @@ async def test_delivering_a_batch_with_a_gap_keeps_the_record_in_the_gap(tmp_pat
 
 
 def test_id_sets_use_a_range_only_for_a_whole_interval():
-    from gatewayd.core.outbox import _id_sets
+    from gatewayd.core.outbox.store import _id_sets
 
     assert _id_sets([7, 6, 5]) == [("id BETWEEN ? AND ?", (5, 7))]
     assert _id_sets([1, 3]) == [("id IN (?,?)", (1, 3))]
@@ -343,8 +343,8 @@ async def test_forget_sink_from_the_command_line(tmp_path):
 async def test_records_are_spliced_byte_for_byte_as_the_dicts_would_encode(tmp_path):
     import json
 
-    from gatewayd.core.outbox_records import serialize_records
-    from gatewayd.core.sync import SerializedRecords, encode_batch, rfc3339_utc
+    from gatewayd.core.outbox.records import serialize_records
+    from gatewayd.protocol.batch import SerializedRecords, encode_batch, rfc3339_utc
 
     tricky = [
         Record('dev "7"', "k\\n", {"s": 'quote " backslash \\ tab \t nl \n \x01 \u2028 é 漢 🙂', "f": 0.1 + 0.2}, 1_700_000_000.0005),

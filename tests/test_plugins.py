@@ -220,7 +220,7 @@ def test_serial_settings_errors_name_the_toml_key():
 
 
 async def test_hook_mqtt_topics(gateway_factory):
-    from gatewayd.core.mqtt import RejectedMessage
+    from gatewayd.core.mqtt.client import RejectedMessage
     from gatewayd.testing.mqtt import DeviceClient, free_port
 
     port = free_port()

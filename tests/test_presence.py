@@ -2,7 +2,7 @@
 
 import trio
 
-from gatewayd.core.presence import Presence
+from gatewayd.core.devices.presence import Presence
 from tests.device_services_setup import open_services
 
 

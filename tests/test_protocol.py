@@ -9,8 +9,8 @@ import json
 import random
 import re
 import uuid
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
@@ -18,21 +18,19 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gatewayd.core.sync import (
+from gatewayd.protocol.batch import (
     CLASSES,
-    Backoff,
-    CircuitBreaker,
     ProtocolError,
     SerializedRecords,
     decode_batch,
     encode_batch,
     mqtt_topic,
     mqtt_user_properties,
-    parse_response,
     rfc3339_utc,
     sign,
     validate_record,
 )
+from gatewayd.protocol.retry import Backoff, CircuitBreaker, parse_response
 
 SECRET = b"test-secret"
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -390,7 +388,7 @@ _ODD_VALUES = st.one_of(
                                _ODD_VALUES, max_size=3),
        dropped=st.sets(st.sampled_from(["id", "family", "device", "kind", "ts", "class", "data"]), max_size=2))
 def test_validate_record_quick_path_agrees_with_the_full_check(changes, dropped):
-    from gatewayd.core.sync.protocol import _why_invalid
+    from gatewayd.protocol.batch import _why_invalid
 
     rec = {k: v for k, v in record(1, **changes).items() if k not in dropped}
     assert validate_record(rec) == _why_invalid(rec)
@@ -399,7 +397,7 @@ def test_validate_record_quick_path_agrees_with_the_full_check(changes, dropped)
 
 @pytest.mark.parametrize("field", ["id", "family", "device", "kind", "ts", "class", "data"])
 def test_validate_record_quick_path_at_the_edges(field):
-    from gatewayd.core.sync.protocol import _why_invalid
+    from gatewayd.protocol.batch import _why_invalid
 
     edges = [None, True, 0, 1.5, -(2**63), 2**63 - 1, -(2**63) - 1, 2**63, "", "x", "x" * 128, "x" * 129,
              "state", ["state"], {}, {"a": 1}, "2025-12-31T23:59:58Z", "2025-02-30T00:00:00Z",

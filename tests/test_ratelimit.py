@@ -3,7 +3,7 @@
 import pytest
 import trio
 
-from gatewayd.core.ratelimit import FamilyRateLimits, RateLimiter
+from gatewayd.core.devices.ratelimit import FamilyRateLimits, RateLimiter
 from gatewayd.testing import gw_client
 from tests import plugin_devices
 from tests.device_services_setup import FakeClock

@@ -22,9 +22,10 @@ import httpx
 import pytest
 import trio
 
-from gatewayd.core.sync import decode_batch, encode_batch, parse_response
-from gatewayd.core.sync.receiver import ReceiverStore, create_receiver_app
-from gatewayd.core.sync.receiver_cli import add_receive_arguments, parse_listen, run_receive
+from gatewayd.cli.receive import add_receive_arguments, parse_listen, run_receive
+from gatewayd.core.upstream.receiver import ReceiverStore, create_receiver_app
+from gatewayd.protocol.batch import decode_batch, encode_batch
+from gatewayd.protocol.retry import parse_response
 
 SECRET = b"receiver-test-secret"
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +347,7 @@ def _start(tmp_path, *argv):
     env = dict(os.environ, RECEIVER_SECRET=SECRET.decode(), PYTHONPATH=str(REPO))
     stderr = open(tmp_path / "stderr.log", "wb")  # a file: a full pipe would block it
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gatewayd.core.sync.receiver_cli", "--secret-env", "RECEIVER_SECRET",
+        [sys.executable, "-m", "gatewayd.cli.receive", "--secret-env", "RECEIVER_SECRET",
          "--db", str(tmp_path / "r.db"), *argv],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=stderr,
     )

@@ -12,12 +12,12 @@ import pytest
 import trio
 import trio.testing
 
-from gatewayd.core.alerting import install_schemas
+from gatewayd.core.alerts.engine import RuleEngine
+from gatewayd.core.alerts.events import Event, EventBus, parse_time
+from gatewayd.core.alerts.notify import CoreNotification, Notifier, list_notifications
+from gatewayd.core.alerts.rules import parse_condition, rule_from_dict
+from gatewayd.core.alerts.setup import install_schemas
 from gatewayd.core.config import load_config
-from gatewayd.core.events import Event, EventBus, parse_time
-from gatewayd.core.notify import CoreNotification, Notifier, list_notifications
-from gatewayd.core.rule_engine import RuleEngine
-from gatewayd.core.rules import parse_condition, rule_from_dict
 from gatewayd.core.schema import ConfigErrors
 from gatewayd.core.storage import Storage
 
@@ -219,7 +219,7 @@ def test_escalation_after_the_episode_began_unless_resolved():
 
 
 def test_plugin_rules_are_replaced_by_config_rules_of_the_same_name():
-    from gatewayd.core.rules import merge_rules
+    from gatewayd.core.alerts.rules import merge_rules
 
     plugin = [rule_from_dict({"name": "hot", "type": "t", "actions": LOG}, "p", source="plugin:x", family="x")]
     assert plugin[0].family == "x"

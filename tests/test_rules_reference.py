@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from gatewayd.core.alerts.engine import RuleEngine
+from gatewayd.core.alerts.events import Event, parse_time
 from gatewayd.core.config import load_config
-from gatewayd.core.events import Event, parse_time
-from gatewayd.core.rule_engine import RuleEngine
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "rules-example.toml"
 T0 = parse_time("2026-03-02T12:00:00Z")  # 13:00 at the site (+01:00): operating hours

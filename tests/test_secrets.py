@@ -8,8 +8,15 @@ import stat
 import pytest
 from cryptography.exceptions import InvalidTag
 
-from gatewayd.core.secrets import (
-    JWTError, Keyring, decode_jwt, encode_jwt, hash_secret, load_master_key, new_secret, verify_secret,
+from gatewayd.core.devices.secrets import (
+    JWTError,
+    Keyring,
+    decode_jwt,
+    encode_jwt,
+    hash_secret,
+    load_master_key,
+    new_secret,
+    verify_secret,
 )
 
 

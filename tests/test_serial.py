@@ -24,14 +24,8 @@ import pytest
 import trio
 import trio.testing
 
-from gatewayd.core.framing import make_framer
-from gatewayd.core.serial import (
-    SerialLink,
-    SerialNotOpen,
-    SerialSettings,
-    SerialSettingsError,
-    SerialTimeout,
-)
+from gatewayd.core.serial.link import SerialLink, SerialNotOpen, SerialSettings, SerialSettingsError, SerialTimeout
+from gatewayd.protocol.framing import make_framer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -335,7 +329,7 @@ def test_settings_from_mapping():
 
 # -- the probe, as installers run it ------------------------------------------
 
-PROBE = [sys.executable, "-m", "gatewayd.core.serial_probe"]
+PROBE = [sys.executable, "-m", "gatewayd.core.serial.probe"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 

@@ -21,7 +21,7 @@ from hypercorn.trio import serve
 from quart import Response, request
 from quart_trio import QuartTrio
 
-from gatewayd.core.sync.receiver import create_receiver_app
+from gatewayd.core.upstream.receiver import create_receiver_app
 from gatewayd.testing import gw_client
 from tests import plugin_ingest
 
@@ -221,7 +221,7 @@ async def test_429_and_503_are_honoured_with_the_same_idempotency_key(gateway_fa
 async def test_a_batch_encoded_ahead_is_signed_anew_when_it_waited_too_long(gateway_factory, tmp_path, monkeypatch):
     # The next batch is compressed and signed while the previous one is in flight; held
     # up behind a Retry-After longer than FRESH_S, it must not go out with an old timestamp.
-    from gatewayd.core.sync import worker
+    from gatewayd.core.upstream import worker
 
     monkeypatch.setattr(worker, "FRESH_S", 1.0)
     db = tmp_path / "received.db"
@@ -239,7 +239,8 @@ async def test_a_batch_encoded_ahead_is_signed_anew_when_it_waited_too_long(gate
 async def test_the_http_sink_says_sent_once_the_request_is_written_before_the_answer(tmp_path):
     # The worker holds its database work until then: a sink that never said so would
     # hold it until the answer, and a far end waiting for it would wait for ever.
-    from gatewayd.core.sync import HttpSink, encode_batch
+    from gatewayd.core.upstream.http_sink import HttpSink
+    from gatewayd.protocol.batch import encode_batch
 
     written = trio.Event()
     app = QuartTrio("waits-for-sent")
@@ -264,10 +265,10 @@ async def run_a_worker_twice(tmp_path: Path, sink, arrived: Callable[[], list[in
     """What Upstream._supervise does after a crash: run() the same SyncWorker on `sink`
     again. Each run gets one record (data {"i": 0}, then {"i": 1}) and is ended from
     outside once it is delivered; `arrived()` (the far end's "i"s) must then show it."""
-    from gatewayd.core.ingest import Ingest, Record
-    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.outbox.ingest import Ingest, Record
+    from gatewayd.core.outbox.store import Outbox, OutboxPolicy
     from gatewayd.core.storage import Storage
-    from gatewayd.core.sync import SyncWorker
+    from gatewayd.core.upstream.worker import SyncWorker
 
     storage = Storage(tmp_path / "gw.sqlite3")
     async with trio.open_nursery() as nursery:
@@ -288,7 +289,7 @@ async def run_a_worker_twice(tmp_path: Path, sink, arrived: Callable[[], list[in
 
 async def test_a_worker_run_again_after_it_ended_still_delivers(tmp_path):
     # The first run closed its HTTP sink on the way out; the sink must open a new client.
-    from gatewayd.core.sync import HttpSink
+    from gatewayd.core.upstream.http_sink import HttpSink
 
     db = tmp_path / "received.db"
     async with receiver(db) as url:
@@ -383,7 +384,7 @@ def free_port() -> int:
 async def pausing_gateway(gateway_factory, port: int, **upstream):
     """A gateway with one sink to 127.0.0.1:`port`; its pause is 0.3 s (60 s doubling
     to 30 min in production, same logic). Yields (gateway, worker, HTTP client)."""
-    from gatewayd.core.sync.retry import Backoff
+    from gatewayd.protocol.retry import Backoff
 
     config = upstream_config(f"http://127.0.0.1:{port}", **upstream)
     async with gateway_factory(plugins=[INGEST], config_text=config) as gw:
@@ -447,7 +448,7 @@ def receiver_at(db: Path, route: str) -> QuartTrio:
 async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_dead_lettering(
         gateway_factory, tmp_path, caplog, status, base_path, keys):
     from gatewayd.core.logs import KeyValueFormatter
-    from gatewayd.core.sync.retry import Backoff
+    from gatewayd.protocol.retry import Backoff
 
     db = tmp_path / "received.db"
     port = free_port()
@@ -520,7 +521,7 @@ async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_a
 async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gateway_factory, tmp_path):
     """A proxy's body limit below any record: not the records' fault. A few single
     records are dead-lettered, then the sink pauses and alarms; the rest stays."""
-    from gatewayd.core.sync.worker import TOO_LARGE_ALONE_MAX
+    from gatewayd.core.upstream.worker import TOO_LARGE_ALONE_MAX
 
     db = tmp_path / "received.db"
     port = free_port()
@@ -627,7 +628,7 @@ def batches_from(messages: list) -> list:
     """Verify and decode every batch published, as the cloud's consumer would."""
     import time
 
-    from gatewayd.core.sync import decode_batch
+    from gatewayd.protocol.batch import decode_batch
 
     out = []
     for msg in messages:
@@ -640,11 +641,11 @@ def batches_from(messages: list) -> list:
 
 
 async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
-    from gatewayd.core.ingest import Ingest, Record
-    from gatewayd.core.outbox import Outbox, OutboxPolicy
+    from gatewayd.core.outbox.ingest import Ingest, Record
+    from gatewayd.core.outbox.store import Outbox, OutboxPolicy
     from gatewayd.core.storage import Storage
-    from gatewayd.core.sync.mqtt_sink import MqttSink
-    from gatewayd.core.sync.worker import SyncWorker
+    from gatewayd.core.upstream.mqtt_sink import MqttSink
+    from gatewayd.core.upstream.worker import SyncWorker
 
     with trio.fail_after(30):
         async with cloud_broker() as (port, got):
@@ -695,7 +696,7 @@ async def test_an_mqtt_upstream_worker_run_again_after_it_ended_still_delivers(t
     # The MQTT twin of test_a_worker_run_again_after_it_ended_still_delivers: the
     # sink's own client is run again by the second run.
     from gatewayd.core.config import UpstreamSection
-    from gatewayd.core.sync.mqtt_sink import cloud_sink
+    from gatewayd.core.upstream.mqtt_sink import cloud_sink
 
     with trio.fail_after(40):
         async with cloud_broker() as (port, got):
@@ -707,8 +708,8 @@ async def test_an_mqtt_upstream_worker_run_again_after_it_ended_still_delivers(t
 
 
 def test_the_mqtt_sink_refuses_a_3_1_1_client_at_set_up():
-    from gatewayd.core.mqtt import MQTTClient, MQTTSettings
-    from gatewayd.core.sync.mqtt_sink import client_publisher
+    from gatewayd.core.mqtt.client import MQTTClient, MQTTSettings
+    from gatewayd.core.upstream.mqtt_sink import client_publisher
 
     with pytest.raises(ValueError, match="needs MQTT 5"):
         client_publisher(MQTTClient(MQTTSettings(protocol="3.1.1")))

@@ -1,6 +1,6 @@
 """Topic names, filters and the router, against the MQTT rules (3.1.1 and 5.0 section 4.7).
 
-The reference matcher below is written independently of gatewayd.core.topics: it turns a
+The reference matcher below is written independently of gatewayd.protocol.topics: it turns a
 filter into a regular expression, the way the spec's prose reads.
 """
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gatewayd.core.topics import TopicError, TopicRouter, matches, validate_filter, validate_topic
+from gatewayd.protocol.topics import TopicError, TopicRouter, matches, validate_filter, validate_topic
 
 # --- the independent reference ---------------------------------------------------------
 

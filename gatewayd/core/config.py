@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from .rules import Rule, load_rules
+from .alerts.rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
 
 __all__ = [
@@ -51,7 +51,7 @@ class LogSection:
 class HttpSection:
     listen: Address = field(default_factory=lambda: Address("127.0.0.1", 8080))
     #: The base URL devices use to reach the main listener (OTA download URLs are built
-    #: on it); "" = derived from `listen` (see ota_http.PublicUrl).
+    #: on it); "" = derived from `listen` (see ota.http.PublicUrl).
     public_url: str = ""
     max_body_bytes: int = 8 * 1024 * 1024
     admin_token_env: str = "GATEWAYD_ADMIN_TOKEN"
@@ -185,7 +185,7 @@ class OutboxSection:
     classes: dict[str, OutboxClassSection] = field(default_factory=dict)
 
     def validate(self) -> None:
-        from .sync.protocol import CLASSES
+        from ..protocol.batch import CLASSES
 
         for name in self.classes:
             if name not in CLASSES:

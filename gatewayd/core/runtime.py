@@ -29,22 +29,22 @@ import trio
 
 from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
-from .admin_api import admin_blueprint
-from .alerting import load_alert_rules, start_alerting
+from .alerts.http import events_blueprint
+from .alerts.setup import load_alert_rules, start_alerting
 from .config import Config, read_secret
-from .device_services import DeviceServices
-from .events_http import events_blueprint
+from .devices.services import DeviceServices
 from .health import ComponentState, Health
-from .http import create_app, create_plugin_app, guard_plugin, require_admin, serve_app
-from .ingest import Ingest
+from .http.admin import admin_blueprint
+from .http.app import create_app, create_plugin_app, guard_plugin, require_admin, serve_app
 from .logs import get_logger
 from .metrics import Metrics, Sample
-from .mqtt_service import MQTTService
-from .ota_http import firmware_blueprint
-from .outbox import Outbox
-from .serial_links import SerialLinks
+from .mqtt.service import MQTTService
+from .ota.http import firmware_blueprint
+from .outbox.ingest import Ingest
+from .outbox.store import Outbox
+from .serial.links import SerialLinks
 from .storage import SchemaSpec, Storage
-from .sync.upstream import Upstream
+from .upstream.service import Upstream
 
 __all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc"]
 

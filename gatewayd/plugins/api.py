@@ -47,14 +47,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import peewee
 import pluggy
 
-from ..core.devices import ClaimError, DeviceExists
-from ..core.http import MAX_JSON_DEPTH, BadJSON, parse_json, read_json_object
+from ..core.devices.registry import ClaimError, DeviceExists
+from ..core.http.app import MAX_JSON_DEPTH, BadJSON, parse_json, read_json_object
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
-from ..core.ingest import IngestError, Ingested, Record
-from ..core.mqtt_service import InboundMessage, MQTTUnavailable, Rejected, TopicRegistry
+from ..core.mqtt.service import InboundMessage, MQTTUnavailable, Rejected, TopicRegistry
+from ..core.outbox.ingest import Ingested, IngestError, Record
 from ..core.schema import ConfigError
-from ..core.serial import SerialSettings
+from ..core.serial.link import SerialSettings
 from ..core.storage import StorageError, StorageFull
 from .hookspecs import PROJECT
 
@@ -161,7 +161,7 @@ class PluginContext:
     """The durable per-device command queue: enqueue/next_for/push/ack."""
     ingest: Any = None
     """Durable ingest + upstream outbox: `await ctx.ingest.record(device, kind, data, cls=...,
-    family_rows=...)` / `records([...])`; returns after COMMIT (gatewayd/core/ingest.py)."""
+    family_rows=...)` / `records([...])`; returns after COMMIT (gatewayd/core/outbox/ingest.py)."""
     events: Any = None
     """The event bus: `await ctx.events.emit(family, device_id, type, data, severity=...,
     duration_s=..., resolved=..., ts=...)` stores an event and runs the alert rules;

@@ -21,7 +21,7 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
-    from ..core.mqtt_service import TopicRegistry
+    from ..core.mqtt.service import TopicRegistry
     from .api import CommandRegistry, ModelRegistry, PluginContext, SerialRegistry, TaskRegistry
 
 PROJECT = "gatewayd"

@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from ..core.logs import get_logger
-from ..core.mqtt_service import TopicRegistry
+from ..core.mqtt.service import TopicRegistry
 from . import hookspecs
 from .api import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry
 

@@ -25,12 +25,12 @@ import pytest
 import trio
 from paho.mqtt.enums import CallbackAPIVersion
 
-from gatewayd.core.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password
-from gatewayd.core.delivery_marks import DeliveryMarks
-from gatewayd.core.mqtt import MQTTClient, MQTTSettings
-from gatewayd.core.mqtt_delivery import Delivery, DeliveryPool, RejectedMessage
+from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password
+from gatewayd.core.mqtt.client import MQTTClient, MQTTSettings
+from gatewayd.core.mqtt.delivery import Delivery, DeliveryPool, RejectedMessage
+from gatewayd.core.mqtt.marks import DeliveryMarks
 from gatewayd.core.storage import SchemaSpec, Storage
-from gatewayd.core.topics import TopicRouter
+from gatewayd.protocol.topics import TopicRouter
 
 __all__ = [
     "TEST_ACL_TEMPLATES",

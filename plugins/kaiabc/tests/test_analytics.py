@@ -3,8 +3,16 @@
 import numpy as np
 import pytest
 
-from gatewayd_kaiabc.engine import (RUST_2007, OscillatorBatch, crossing_times, period_stability,
-                                    phosphorylated_fraction, preset, q10_from_periods, temperature_correlation)
+from gatewayd_kaiabc.engine import (
+    RUST_2007,
+    OscillatorBatch,
+    crossing_times,
+    period_stability,
+    phosphorylated_fraction,
+    preset,
+    q10_from_periods,
+    temperature_correlation,
+)
 
 
 def test_period_stability_statistics():

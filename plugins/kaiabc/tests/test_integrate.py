@@ -3,9 +3,18 @@
 import numpy as np
 import pytest
 
-from gatewayd_kaiabc.engine import (RUST_2007, OscillatorBatch, SolverConfig, StepSizeError, estimate_period,
-                                    integrate_batch, lomb_scargle_period, phosphorylated_fraction, preset,
-                                    solve_reference)
+from gatewayd_kaiabc.engine import (
+    RUST_2007,
+    OscillatorBatch,
+    SolverConfig,
+    StepSizeError,
+    estimate_period,
+    integrate_batch,
+    lomb_scargle_period,
+    phosphorylated_fraction,
+    preset,
+    solve_reference,
+)
 
 T = np.arange(0.0, 400.0, 0.02)
 

@@ -3,9 +3,19 @@
 import numpy as np
 import pytest
 
-from gatewayd_kaiabc.engine import (RUST_2007, STEP_NAMES, KaiParameters, limit_cycle, make_scalar_rhs,
-                                    phosphorylated_fraction, preset, rhs_batch, solve_reference,
-                                    state_from_variables, state_variables)
+from gatewayd_kaiabc.engine import (
+    RUST_2007,
+    STEP_NAMES,
+    KaiParameters,
+    limit_cycle,
+    make_scalar_rhs,
+    phosphorylated_fraction,
+    preset,
+    rhs_batch,
+    solve_reference,
+    state_from_variables,
+    state_variables,
+)
 
 
 @pytest.fixture(scope="module")

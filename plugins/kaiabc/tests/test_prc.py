@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from gatewayd_kaiabc.engine import (RUST_2007, compute_prc, limit_cycle, plan_phase_shift, preset)
+from gatewayd_kaiabc.engine import RUST_2007, compute_prc, limit_cycle, plan_phase_shift, preset
 from gatewayd_kaiabc.engine.temperature import GAS_CONSTANT
 
 

@@ -3,8 +3,15 @@
 import numpy as np
 import pytest
 
-from gatewayd_kaiabc.engine import (COMPENSATION_RATIO, RUST_2007, EtfMappingError, from_etf, limit_cycle, preset,
-                                    simulated_q10)
+from gatewayd_kaiabc.engine import (
+    COMPENSATION_RATIO,
+    RUST_2007,
+    EtfMappingError,
+    from_etf,
+    limit_cycle,
+    preset,
+    simulated_q10,
+)
 from gatewayd_kaiabc.engine.temperature import GAS_CONSTANT, TemperatureModel
 
 

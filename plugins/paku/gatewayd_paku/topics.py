@@ -22,7 +22,15 @@ from typing import Any, NamedTuple
 
 import trio
 
-from gatewayd.plugins.api import BadJSON, InboundMessage, IngestError, PluginContext, Rejected, TopicRegistry, parse_json
+from gatewayd.plugins.api import (
+    BadJSON,
+    InboundMessage,
+    IngestError,
+    PluginContext,
+    Rejected,
+    TopicRegistry,
+    parse_json,
+)
 
 from .models import Event, Measurement, save_state, stored_state_raw
 

@@ -16,8 +16,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 import gatewayd_paku
-from gatewayd.core.broker import find_mosquitto
-from gatewayd.core.sync.receiver import create_receiver_app
+from gatewayd.core.mqtt.broker import find_mosquitto
+from gatewayd.core.upstream.receiver import create_receiver_app
 from gatewayd.testing.mqtt import DeviceClient, free_port
 
 TOKEN = "paku-admin-token"

@@ -5,15 +5,25 @@ import json
 
 import pytest
 import trio
+from paku_testbed import (
+    AUTH,
+    PAKU,
+    TOKEN,
+    UPSTREAM_SECRET,
+    device,
+    device_view,
+    free_port,
+    managed_settings,
+    provision,
+    received,
+    receiver,
+    upstream_config,
+    wait_for,
+)
 
-from gatewayd.core.mqtt import RejectedMessage
+from gatewayd.core.mqtt.client import RejectedMessage
 from gatewayd.testing import gw_client
 from gatewayd.testing.mqtt import DeviceClient
-
-from paku_testbed import (
-    AUTH, PAKU, TOKEN, UPSTREAM_SECRET, device, device_view, free_port, managed_settings, provision, received,
-    receiver, upstream_config, wait_for,
-)
 
 
 @pytest.fixture(autouse=True)
@@ -189,7 +199,7 @@ async def test_messages_sent_while_the_gateway_was_stopped_arrive(gateway_factor
     The broker here is one the gateway does not manage (`mqtt.broker = "external"`), so it
     stays up while the gateway restarts on the same data_dir.
     """
-    from gatewayd.core.broker import AclTemplate
+    from gatewayd.core.mqtt.broker import AclTemplate
     from gatewayd.testing.mqtt import add_device_account, start_managed_broker
 
     acls = (AclTemplate("paku/%u/telemetry", "write"), AclTemplate("paku/%u/state", "write"),

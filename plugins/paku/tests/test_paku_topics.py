@@ -4,7 +4,15 @@ import pytest
 
 from gatewayd.plugins.api import Rejected
 from gatewayd_paku.topics import (
-    Ack, Topic, decode_object, is_alert, message_ts, parse_ack, parse_state, parse_topic, render_command,
+    Ack,
+    Topic,
+    decode_object,
+    is_alert,
+    message_ts,
+    parse_ack,
+    parse_state,
+    parse_topic,
+    render_command,
 )
 
 

@@ -1,0 +1,337 @@
+"""`gatewayd ...`: run the daemon, check the config, list plugins, back up, and more.
+
+Every command takes `--config PATH` (default ./gatewayd.toml when present) and any
+number of `--set dotted.key=value` overrides. Configuration errors exit with status 2
+and name the key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..core.config import Config, ConfigErrors, load_config
+from ..core.logs import get_logger, setup_logging
+from ..core.storage import Storage, StorageError, backup_database
+from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
+from .devices import cmd_devices, setup_devices
+from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
+from .firmware import cmd_firmware, setup_firmware
+from .outbox import cmd_outbox, setup_outbox
+
+DEFAULT_CONFIG = "gatewayd.toml"
+EPILOG = """\
+examples:
+  gatewayd run                               start with ./gatewayd.toml
+  gatewayd run --set http.listen=0.0.0.0:8080
+  gatewayd check-config --config /etc/gatewayd.toml
+  gatewayd plugins --json
+  gatewayd backup /srv/backups/
+
+docs: README.md, docs/configuration.md, docs/plugins.md
+"""
+
+
+class CliContext:
+    """What a plugin command gets besides its arguments: the config, the database."""
+
+    def __init__(self, args: argparse.Namespace, manager: PluginManager):
+        self._args = args
+        self._manager = manager
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = _load(self._args, self._manager)
+        return self._config
+
+    def open_storage(self) -> Storage:
+        """Open the gateway database (also while the daemon runs: WAL allows it)."""
+        storage = Storage(self.config.data_dir / "gatewayd.sqlite3", synchronous=self.config.storage.synchronous)
+        storage.open()
+        return storage
+
+
+def _common(parser: argparse.ArgumentParser, *, sub: bool) -> None:
+    # On subcommands the defaults are suppressed so they don't overwrite what was given
+    # before the subcommand name (`gatewayd --config x run` and `gatewayd run --config x`).
+    default = argparse.SUPPRESS if sub else None
+    group = parser.add_argument_group("configuration")
+    group.add_argument(
+        "-c", "--config", metavar="PATH", default=default,
+        help=f"configuration file (default: ./{DEFAULT_CONFIG} if it exists, else built-in defaults)",
+    )
+    group.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", dest="set_sub" if sub else "set", default=default,
+        help="override one key, e.g. --set http.listen=0.0.0.0:8080 (repeatable; value parsed as TOML)",
+    )
+    group.add_argument(
+        "-p", "--plugin", metavar="MODULE", action="append", dest="plugin_sub" if sub else "plugin",
+        default=default, help="also load a plugin from a Python module (development)",
+    )
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config:
+        return Path(args.config)
+    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None
+
+
+def _load(args: argparse.Namespace, manager: PluginManager) -> Config:
+    return load_config(_config_path(args), args.set or [], manager.config_schemas())
+
+
+def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
+    where = f" in {path}" if path else ""
+    print(f"gatewayd: configuration error{where}:", file=sys.stderr)
+    for error in e.errors:
+        print(f"  {error}", file=sys.stderr)
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
+    from ..core.runtime import Gateway, ListenError, find_exception, run_until_signalled, tune_gc
+
+    config = _load(args, manager)
+    setup_logging(config.log.level, config.log.format)
+    log = get_logger("gatewayd")
+    path = _config_path(args)
+    log.info("starting gatewayd", version=__version__, config=str(path) if path else "built-in defaults",
+             data_dir=str(config.data_dir))
+    for name, settings in config.plugins.items():
+        if not settings.enabled:
+            manager.block(name)
+    gateway = Gateway(config, manager)
+    tune_gc()
+    try:
+        trio.run(run_until_signalled, gateway)
+    except BaseException as e:
+        error = find_exception(e, ListenError)
+        if error is None:
+            raise
+        log.error("cannot start", error=str(error))
+        print(f"gatewayd: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace, manager: PluginManager) -> int:
+    config = _load(args, manager)
+    path = _config_path(args)
+    enabled = [n for n, s in config.plugins.items() if s.enabled]
+    print(f"configuration ok: {path or 'built-in defaults'}")
+    print(f"  gateway.id       {config.gateway.id}")
+    print(f"  data_dir         {config.data_dir}")
+    print(f"  http.listen      {config.http.listen}")
+    print(f"  mqtt.broker      {config.mqtt.broker}")
+    print(f"  plugins enabled  {', '.join(enabled) or 'none'}")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace, manager: PluginManager) -> int:
+    config = _load(args, manager)
+    rows = []
+    for name in manager.names:
+        info = manager.infos[name]
+        settings = config.plugins.get(name)
+        rows.append({
+            "name": name,
+            "version": info.version,
+            "enabled": bool(settings and settings.enabled),
+            "state": "failed" if info.load_error else ("enabled" if settings and settings.enabled else "disabled"),
+            "reason": info.load_error,
+            "mount": settings.mount if settings else None,
+            "source": info.source,
+        })
+    if args.json:
+        print(json.dumps({"plugins": rows}, indent=2))
+        return 0
+    if not rows:
+        print("no plugins installed (see docs/plugins.md)")
+        return 0
+    print(f"{'NAME':<14} {'VERSION':<10} {'ENABLED':<8} {'STATE':<9} MOUNT")
+    for r in rows:
+        print(f"{r['name']:<14} {r['version']:<10} {str(r['enabled']).lower():<8} {r['state']:<9} {r['mount'] or '-'}"
+              + (f"  ({r['reason']})" if r["reason"] else ""))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace, manager: PluginManager) -> int:
+    config = _load(args, manager)
+    source = config.data_dir / "gatewayd.sqlite3"
+    try:
+        dest = backup_database(source, args.dest)
+    except (StorageError, OSError) as e:
+        print(f"gatewayd: backup failed: {e}", file=sys.stderr)
+        return 1
+    print(f"backup written: {dest} (integrity_check ok)")
+    return 0
+
+
+def _receive_arguments(parser: argparse.ArgumentParser) -> None:
+    from .receive import add_receive_arguments
+
+    add_receive_arguments(parser)
+
+
+def _cmd_receive(args: argparse.Namespace, manager: PluginManager) -> int:
+    import logging
+
+    from ..core.runtime import tune_gc
+    from .receive import run_receive
+
+    tune_gc()  # a long-running server too, like `run`
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_receive(args)
+
+
+def setup_serial(parser: argparse.ArgumentParser) -> None:
+    from ..core.serial.probe import add_probe_arguments
+
+    sub = parser.add_subparsers(dest="serial_command", metavar="COMMAND", required=True)
+    probe = sub.add_parser(
+        "probe", help="open a serial line and print every decoded frame (and framing errors)",
+        description="The first thing to run when a device 'doesn't talk': prints each frame as it "
+        "arrives; exit 0 after --count frames, 1 on timeout with a hint, 2 if the port can't be opened.",
+    )
+    add_probe_arguments(probe)
+
+
+def cmd_serial(args: argparse.Namespace, manager: PluginManager) -> int:
+    from ..core.serial.probe import run_probe
+
+    return run_probe(args)
+
+
+CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[..., int]]] = [
+    ("run", "run the gateway daemon (SIGTERM/SIGINT stop it gracefully)", lambda p: None, cmd_run),
+    ("check-config", "validate the configuration and exit (status 2 on errors)", lambda p: None, cmd_check_config),
+    ("plugins", "list installed plugins: name, version, enabled, state",
+     lambda p: p.add_argument("--json", action="store_true", help="machine-readable output"), cmd_plugins),
+    ("backup", "write a consistent copy of the database (safe while the daemon runs)",
+     lambda p: p.add_argument("dest", metavar="DEST", help="a file path, or a folder for a timestamped file"),
+     cmd_backup),
+    ("serial", "serial-line tools for installers: serial probe URL [--framing jsonl|slip|cobs|length]",
+     setup_serial, cmd_serial),
+    ("devices", "provision and manage devices: add, list, show, disable, rotate, command, claim-code",
+     setup_devices, cmd_devices),
+    ("events", "list stored events: events list [--family F] [--device D] [--type T] [--since ISO]",
+     setup_events, cmd_events),
+    ("alerts", "list alert notifications and their delivery state: alerts list [--state S]",
+     setup_alerts, cmd_alerts),
+    ("firmware", "the OTA firmware store: add, list, rollout, verify, keygen, site-key", setup_firmware,
+     cmd_firmware),
+    ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N], forget-sink NAME",
+     setup_outbox, cmd_outbox),
+    ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
+     _receive_arguments, _cmd_receive),
+]
+
+
+def _plugin_runner(run: Callable[..., Any]) -> Callable[[argparse.Namespace, PluginManager], int]:
+    wants_cli = len(inspect.signature(run).parameters) >= 2
+
+    def runner(args: argparse.Namespace, manager: PluginManager) -> int:
+        result = run(args, CliContext(args, manager)) if wants_cli else run(args)
+        return int(result or 0)
+
+    return runner
+
+
+def build_parser(manager: PluginManager, wanted: set[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; plugin subcommands only for the plugins in `wanted`.
+
+    A plugin's commands are built only when its name is on the command line, so
+    `gatewayd run` never imports what a plugin needs only for its commands (numpy and
+    scipy for kaiabc: seconds of start-up and tens of MB).
+    """
+    parser = argparse.ArgumentParser(
+        prog="gatewayd",
+        description="gatewayd: the site gateway. Devices talk to it over HTTP, MQTT and serial; "
+        "it stores everything durably and forwards it upstream.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    _common(parser, sub=False)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help, setup, fn in CORE_COMMANDS:
+        sub = commands.add_parser(name, help=help, description=help)
+        _common(sub, sub=True)
+        setup(sub)
+        sub.set_defaults(handler=fn)
+    for plugin in manager.names:
+        if not manager.is_loaded(plugin) or not manager.implements(plugin, "gatewayd_cli_commands"):
+            continue
+        group = commands.add_parser(plugin, help=f"commands of the {plugin} plugin")
+        group_sub = group.add_subparsers(dest="plugin_command", metavar="COMMAND", required=True)
+        if wanted is not None and plugin not in wanted:
+            continue
+        try:
+            registry = manager.cli_commands(plugin)
+        except Exception as e:  # one broken plugin must not take the whole CLI down
+            print(f"gatewayd: plugin {plugin!r}: its commands are unavailable: {e!r}", file=sys.stderr)
+            continue
+        for command in registry.commands:
+            sub = group_sub.add_parser(command.name, help=command.help, description=command.help)
+            _common(sub, sub=True)
+            command.setup(sub)
+            sub.set_defaults(handler=_plugin_runner(command.run))
+    return parser
+
+
+def _merge(args: argparse.Namespace) -> None:
+    args.set = (args.set or []) + (getattr(args, "set_sub", None) or [])
+    args.plugin = (args.plugin or []) + (getattr(args, "plugin_sub", None) or [])
+
+
+def _preparse_plugins(argv: list[str]) -> list[str]:
+    """`-p MODULE` must be known before the parser is built (it may add commands)."""
+    modules = []
+    for i, arg in enumerate(argv):
+        if arg in ("-p", "--plugin") and i + 1 < len(argv):
+            modules.append(argv[i + 1])
+        elif arg.startswith("--plugin="):
+            modules.append(arg.split("=", 1)[1])
+    return modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    modules = _preparse_plugins(argv)
+    if modules and "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # `-p tests.my_plugin` from the project folder, as python -m does
+    try:
+        manager = build_plugin_manager(modules=modules)
+    except (PluginLoadError, ImportError) as e:
+        print(f"gatewayd: plugin error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # pluggy's PluginValidationError: a misspelled hook
+        print(f"gatewayd: plugin error: {e}", file=sys.stderr)
+        return 2
+    parser = build_parser(manager, wanted=set(argv) & set(manager.names))
+    args = parser.parse_args(argv)
+    _merge(args)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args, manager)
+    except ConfigErrors as e:
+        _print_config_errors(e, _config_path(args))
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

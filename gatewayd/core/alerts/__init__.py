@@ -1,0 +1,1 @@
+"""Alerts: events, the alert-rule language and engine, notifications (log, webhook, MQTT, upstream)."""

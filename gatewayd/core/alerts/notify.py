@@ -1,0 +1,325 @@
+"""The notification queue: durable delivery of alert actions, with retries.
+
+Every action of a firing becomes one `core_notification` row (pending) in one commit.
+The `Notifier.run` worker delivers due rows - webhook (JSON POST signed with
+HMAC-SHA256), MQTT publish, an upstream record of the `alert` class, or a log line -
+and marks them sent, or schedules a retry with exponential backoff (±25 % jitter), or
+gives up after `max_attempts` (failed, with the last error). Rows survive restarts, so
+an alert raised while the network is down goes out when it comes back.
+
+Delivery is at-least-once: a crash between a webhook's 2xx and the commit of "sent"
+sends it again. Webhook receivers dedupe on the `X-Gatewayd-Delivery` header (the row id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import peewee
+import trio
+
+from ..config import read_secret
+from ..logs import get_logger
+from ..metrics import Sample
+from ..storage import SchemaSpec, StorageError
+from .engine import Firing
+
+if TYPE_CHECKING:
+    from ..metrics import Metrics
+    from ..storage import Storage
+
+__all__ = ["Notifier", "NOTIFY_SCHEMA", "STATES", "sign_body", "list_notifications"]
+
+log = get_logger("gatewayd.notify")
+STATES = ("pending", "sent", "failed")
+SIGNATURE_HEADER = "X-Gatewayd-Signature"
+DELIVERY_HEADER = "X-Gatewayd-Delivery"
+BATCH = 50
+
+PublishMqtt = Callable[[str, bytes, int], Awaitable[Any]]
+ForwardUpstream = Callable[[dict[str, Any]], Awaitable[Any]]
+
+
+class CoreNotification(peewee.Model):
+    created_at = peewee.FloatField()
+    rule = peewee.CharField(max_length=128)
+    level = peewee.CharField(max_length=16)
+    severity = peewee.CharField(max_length=16)
+    kind = peewee.CharField(max_length=16)
+    target = peewee.CharField(max_length=512)
+    action = peewee.TextField()
+    payload = peewee.TextField()
+    family = peewee.CharField(max_length=64, null=True)
+    device_id = peewee.CharField(max_length=128, null=True)
+    event_id = peewee.IntegerField(null=True)
+    state = peewee.CharField(max_length=16, default="pending")
+    attempts = peewee.IntegerField(default=0)
+    last_error = peewee.TextField(null=True)
+    next_attempt_at = peewee.FloatField()
+    sent_at = peewee.FloatField(null=True)
+
+    class Meta:
+        table_name = "core_notification"
+        indexes = ((("state", "next_attempt_at"), False),)
+
+
+NOTIFY_SCHEMA = SchemaSpec("core_notifications", [CoreNotification], version=1)
+
+
+class _Permanent(Exception):
+    """Retrying cannot help (a 4xx, a missing secret, no MQTT): fail the row now."""
+
+
+def sign_body(secret: str, body: bytes) -> str:
+    """The `X-Gatewayd-Signature` value: `sha256=<hex HMAC-SHA256 of the raw body>`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _rows_for(firings: list[Firing], gateway_id: str, now: float) -> list[dict[str, Any]]:
+    rows = []
+    for f in firings:
+        base = f.payload(gateway_id)
+        for action in f.actions:
+            payload = {**base, "to": list(action.to), "action": action.kind}
+            rows.append({
+                "created_at": now, "rule": f.rule.name, "level": f.level, "severity": f.severity,
+                "kind": action.kind, "target": action.target[:512], "action": json.dumps(asdict(action)),
+                "payload": json.dumps(payload), "family": f.key[1], "device_id": f.key[2] or None,
+                "event_id": getattr(f.event, "id", None), "state": "pending", "attempts": 0,
+                "next_attempt_at": now,
+            })
+    return rows
+
+
+def _insert_rows(rows: list[dict[str, Any]]) -> list[int]:
+    return [CoreNotification.insert(**row).execute() for row in rows]
+
+
+def _due(now: float, limit: int) -> list[CoreNotification]:
+    return list(CoreNotification.select()
+                .where((CoreNotification.state == "pending") & (CoreNotification.next_attempt_at <= now))
+                .order_by(CoreNotification.next_attempt_at, CoreNotification.id).limit(limit))
+
+
+def _next_due() -> tuple[float | None, int]:
+    pending = CoreNotification.select().where(CoreNotification.state == "pending")
+    first = pending.order_by(CoreNotification.next_attempt_at).first()
+    return (first.next_attempt_at if first else None), pending.count()
+
+
+def _save(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        row_id = r.pop("id")
+        CoreNotification.update(**r).where(CoreNotification.id == row_id).execute()
+
+
+def list_notifications(state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+    """Newest first; for `gatewayd alerts list` and `/api/gateway/alerts` (reader thread)."""
+    query = CoreNotification.select().order_by(CoreNotification.id.desc()).limit(limit)
+    if state:
+        query = query.where(CoreNotification.state == state)
+    return [
+        {
+            "id": r.id, "created_at": r.created_at, "rule": r.rule, "level": r.level, "severity": r.severity,
+            "action": r.kind, "target": r.target, "family": r.family, "device_id": r.device_id,
+            "event_id": r.event_id, "state": r.state, "attempts": r.attempts, "last_error": r.last_error,
+            "next_attempt_at": r.next_attempt_at if r.state == "pending" else None, "sent_at": r.sent_at,
+        }
+        for r in query
+    ]
+
+
+class Notifier:
+    """Queues firings durably and delivers them in the background (`run`)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        gateway_id: str,
+        clock: Callable[[], float] = time.time,
+        max_attempts: int = 8,
+        backoff_base_s: float = 1.0,
+        backoff_max_s: float = 300.0,
+        timeout_s: float = 10.0,
+        concurrency: int = 8,
+        publish_mqtt: PublishMqtt | None = None,
+        forward_upstream: ForwardUpstream | None = None,
+        metrics: Metrics | None = None,
+        rng: random.Random | None = None,
+    ):
+        self.storage = storage
+        self.gateway_id = gateway_id
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self.backoff_base_s = backoff_base_s
+        self.backoff_max_s = backoff_max_s
+        self.timeout_s = timeout_s
+        self.publish_mqtt = publish_mqtt
+        """`await publish_mqtt(topic, payload_bytes, qos)`; set by the runtime when MQTT is on."""
+        self.forward_upstream = forward_upstream
+        """`await forward_upstream(record)`: queue an `alert`-class record upstream."""
+        self._limiter = trio.CapacityLimiter(concurrency)
+        self._rng = rng or random.Random()
+        self._wake = trio.Event()
+        self._client: httpx.AsyncClient | None = None
+        self.depth = 0
+        self._total = None
+        if metrics is not None:
+            self._total = metrics.counter(
+                "gatewayd_notifications_total", "Notification deliveries by outcome", ("state",))
+            metrics.collector(
+                "gatewayd_notification_queue_depth", "gauge", "Notifications waiting for delivery",
+                lambda: [Sample("gatewayd_notification_queue_depth", {}, self.depth)],
+            )
+
+    def _count(self, state: str, n: int = 1) -> None:
+        if self._total is not None:
+            self._total.inc(n, state=state)
+
+    async def enqueue(self, firings: list[Firing]) -> list[int]:
+        """Commit one pending row per action of each firing; wake the worker."""
+        rows = _rows_for(firings, self.gateway_id, self.clock())
+        if not rows:
+            return []
+        ids = await self.storage.write(_insert_rows, rows)
+        self.depth += len(ids)
+        self._count("queued", len(ids))
+        self._wake.set()
+        return ids
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Deliver due notifications until cancelled; never dies of a bad row or a full disk."""
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            self._client = client
+            task_status.started()
+            failures = 0
+            while True:
+                self._wake = trio.Event()
+                try:
+                    if await self.deliver_due():
+                        failures = 0
+                        continue
+                    next_at, self.depth = await self.storage.read(_next_due)
+                    failures = 0
+                except Exception as e:  # a full disk, a bug: log, back off, never crash the core
+                    failures += 1
+                    if isinstance(e, StorageError):
+                        log.error("notification queue unavailable", error=str(e))
+                    else:
+                        log.exception("notification worker error", error=repr(e))
+                    next_at = self.clock() + min(60.0, 2.0 ** failures)
+                wait = 60.0 if next_at is None else min(60.0, max(0.0, next_at - self.clock()))
+                with trio.move_on_after(wait):
+                    await self._wake.wait()
+
+    async def deliver_due(self) -> int:
+        """One pass: deliver what is due now (concurrently), commit the outcomes."""
+        rows = await self.storage.read(_due, self.clock(), BATCH)
+        if not rows:
+            return 0
+        results: list[dict[str, Any]] = []
+        async with trio.open_nursery() as nursery:
+            for row in rows:
+                nursery.start_soon(self._attempt, row, results)
+        await self.storage.write(_save, results)
+        return len(rows)
+
+    async def _attempt(self, row: CoreNotification, results: list[dict[str, Any]]) -> None:
+        attempts = row.attempts + 1
+        async with self._limiter:
+            try:
+                await self._deliver(row)
+            except _Permanent as e:
+                outcome = self._failed(row, attempts, str(e))
+            except Exception as e:  # network errors, 5xx, a broken publish: retry
+                error = str(e) or e.__class__.__name__
+                if attempts >= self.max_attempts:
+                    outcome = self._failed(row, attempts, f"gave up after {attempts} attempts: {error}")
+                else:
+                    delay = self._delay(attempts)
+                    outcome = {"attempts": attempts, "last_error": error[:1000],
+                               "next_attempt_at": self.clock() + delay}
+                    self._count("retried")
+                    log.warning("notification delivery failed, will retry", id=row.id, rule=row.rule,
+                                action=row.kind, attempt=attempts, retry_in_s=round(delay, 1), error=error[:200])
+            else:
+                outcome = {"state": "sent", "attempts": attempts, "sent_at": self.clock()}
+                self.depth = max(0, self.depth - 1)
+                self._count("sent")
+        results.append({"id": row.id, **outcome})
+
+    def _failed(self, row: CoreNotification, attempts: int, error: str) -> dict[str, Any]:
+        self.depth = max(0, self.depth - 1)
+        self._count("failed")
+        log.error("notification failed", id=row.id, rule=row.rule, action=row.kind, target=row.target,
+                  attempts=attempts, error=error[:200])
+        return {"state": "failed", "attempts": attempts, "last_error": error[:1000]}
+
+    def _delay(self, attempts: int) -> float:
+        nominal = min(self.backoff_max_s, self.backoff_base_s * 2.0 ** min(attempts - 1, 32))
+        return min(self.backoff_max_s, nominal * self._rng.uniform(0.75, 1.25))
+
+    async def _deliver(self, row: CoreNotification) -> None:
+        try:
+            action = json.loads(row.action)
+            payload = json.loads(row.payload)
+        except ValueError as e:
+            raise _Permanent(f"unreadable notification row: {e}") from None
+        payload["delivery_id"] = row.id
+        try:  # strict JSON on the wire: a receiver's parser would refuse NaN and Infinity
+            body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError as e:
+            raise _Permanent(f"notification is not strict JSON: {e}") from None
+        if row.kind == "webhook":
+            await self._webhook(action, row.id, body)
+        elif row.kind == "mqtt":
+            if self.publish_mqtt is None:
+                raise _Permanent("MQTT is not available (mqtt.broker = 'off'?)")
+            topic = action["topic"].format_map(_Fields(payload))
+            await self.publish_mqtt(topic, body, int(action.get("qos", 1)))
+        elif row.kind == "upstream":
+            if self.forward_upstream is None:
+                raise _Permanent("no upstream is configured")
+            await self.forward_upstream({**payload, "class": "alert"})
+        elif row.kind == "log":
+            getattr(log, action.get("level", "warning"))(
+                "alert", rule=row.rule, level=row.level, severity=row.severity, family=row.family,
+                device=row.device_id, message=payload.get("message"), grouped=payload.get("grouped"))
+        else:
+            raise _Permanent(f"unknown action kind {row.kind!r}")
+
+    async def _webhook(self, action: dict[str, Any], delivery_id: int, body: bytes) -> None:
+        headers = {"Content-Type": "application/json", DELIVERY_HEADER: str(delivery_id)}
+        if action.get("secret_env"):
+            secret = read_secret(action["secret_env"])
+            if secret is None:
+                raise _Permanent(f"the webhook secret variable {action['secret_env']} is not set")
+            headers[SIGNATURE_HEADER] = sign_body(secret, body)
+        assert self._client is not None, "deliver inside Notifier.run"
+        response = await self._client.post(action["url"], content=body, headers=headers)
+        if response.is_success:
+            return
+        text = f"HTTP {response.status_code} from {action['url']}"
+        if 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429):
+            raise _Permanent(text)
+        raise RuntimeError(text)
+
+
+class _Fields(dict):
+    """format_map source for MQTT topics: `{family}`, `{device}`, `{rule}`, `{type}`."""
+
+    def __init__(self, payload: dict[str, Any]):
+        super().__init__(family=payload.get("family") or "", device=payload.get("device_id") or "-",
+                         rule=payload.get("rule") or "", type=payload.get("event_type") or "")
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"

@@ -1,0 +1,326 @@
+"""What happens to one inbound MQTT message: the delivery policy, and the pool that runs it.
+
+Wherever a message comes from (a device through the edge, :mod:`.edge`, or the
+broker through the gateway's own client, :mod:`.client`), it is delivered the same way,
+and the answer decides its acknowledgement:
+
+- ``HANDLED``: every matching handler returned. Acknowledge.
+- ``REJECTED``: a handler raised :class:`Rejected` (bad input), or any other exception
+  (a bug, a RecursionError on a hostile payload, a number SQLite cannot hold). The
+  message is recorded in ``core_mqtt_rejected`` with the reason, counted, and
+  acknowledged: one device's bad message must never come back to block the others.
+- ``DUPLICATE``: a redelivery (DUP flag) of a message whose records were committed
+  already (its mark was found, see :mod:`.marks`). Acknowledge, store nothing.
+- ``UNROUTED``: no handler for the topic. Acknowledge.
+
+The one failure that must not be acknowledged is storage that cannot take the write
+(disk full, database closed): the delivery waits and tries again (0.5 s doubling to
+30 s) while the message keeps its slot, so the sender's window fills and it stops
+sending. Cancellation (shutdown) leaves a message unacknowledged: it comes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any, Awaitable, Callable, NamedTuple
+
+import peewee
+import trio
+
+from ...protocol.topics import TopicRouter
+from ..storage import Storage, StorageFull, StorageUnavailable
+from .marks import DeliveryMarks, Mark, current_mark
+
+__all__ = [
+    "Delivery",
+    "DeliveryPool",
+    "DeliveryStats",
+    "InboundMessage",
+    "MessageHandler",
+    "Rejected",
+    "RejectedMessage",
+    "Verdict",
+    "HANDLED",
+    "REJECTED",
+    "DUPLICATE",
+    "UNROUTED",
+]
+
+HANDLED, REJECTED, DUPLICATE, UNROUTED = "handled", "rejected", "duplicate", "unrouted"
+Verdict = str
+"""One of HANDLED, REJECTED, DUPLICATE, UNROUTED: every one of them is acknowledged."""
+
+# A rejected message is kept for the operator to look at, not for ever in full.
+_KEEP_PAYLOAD = 4096
+_KEEP_REJECTED = 10_000
+_RETRY_MIN, _RETRY_MAX = 0.5, 30.0
+
+
+class Rejected(Exception):
+    """Raised by a handler for input that will never be acceptable.
+
+    The message is acknowledged (so it does not come back), counted, and recorded with
+    ``reason`` in ``core_mqtt_rejected``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class InboundMessage(NamedTuple):
+    """What a handler receives. ``sender`` is the device's MQTT username when the message
+    came through the gateway's edge (its ACL was checked), None when the broker relayed it."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    dup: bool
+    sender: str | None = None
+
+
+MessageHandler = Callable[[InboundMessage], Awaitable[None]]
+
+
+class RejectedMessage(peewee.Model):
+    """A message that was rejected, with the reason. Unbound: the core binds it."""
+
+    topic = peewee.TextField()
+    payload = peewee.BlobField()  # the first 4 KiB
+    reason = peewee.TextField()
+    received_at = peewee.FloatField(default=time.time, index=True)  # unix seconds
+    sender = peewee.TextField(null=True)
+    size = peewee.IntegerField(default=0)  # the whole payload's length
+
+    class Meta:
+        table_name = "core_mqtt_rejected"
+        database = None
+
+
+@dataclass
+class DeliveryStats:
+    """Counters for /metrics; the latest handler error for /health."""
+
+    handled: int = 0
+    rejected: int = 0
+    handler_errors: int = 0  # rejected because a handler raised something else than Rejected
+    duplicates: int = 0
+    unrouted: int = 0
+    storage_waits: int = 0  # deliveries that waited for storage and tried again
+    last_handler_error: str | None = None
+    last_handler_error_at: float | None = None  # trio.current_time()
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Delivery:
+    """Runs the handlers of one message and returns its verdict (see the module docstring)."""
+
+    def __init__(
+        self,
+        router: TopicRouter[MessageHandler],
+        storage: Storage,
+        *,
+        marks: DeliveryMarks | None = None,
+        log: logging.Logger | None = None,
+    ) -> None:
+        self.router = router
+        self.storage = storage
+        self.marks = marks
+        self.stats = DeliveryStats()
+        self.log = log or logging.getLogger("gatewayd.mqtt")
+        self._error_log_at = -1e9
+        self._errors_unlogged = 0
+        self._rejected_since_prune = 0
+
+    async def deliver(self, msg: InboundMessage, source: str, packet_id: int | None) -> Verdict:
+        """Deliver ``msg`` (sent by ``source`` under ``packet_id``, None for QoS 0)."""
+        handlers = self.router.handlers_for(msg.topic)
+        if not handlers:
+            self.stats.unrouted += 1
+            return UNROUTED
+        mark = None
+        if packet_id is not None and self.marks is not None:
+            mark = self.marks.mark(source, packet_id, msg.topic, msg.payload)
+            if msg.dup and await self._seen(mark):
+                self.stats.duplicates += 1
+                return DUPLICATE
+        reason = await self._run(handlers, msg, mark)
+        if reason is None:
+            self.stats.handled += 1
+            return HANDLED
+        try:
+            await self._retrying(self.storage.write, self._record_rejected, msg, reason, mark)
+        except Exception as exc:  # noqa: BLE001 - not kept, but still refused: it must not come back
+            self.log.error("could not record a rejected MQTT message: %r", exc)
+        self.stats.rejected += 1
+        self.log.info("rejected MQTT message on %r from %s: %s", msg.topic, msg.sender or source, reason)
+        return REJECTED
+
+    async def _seen(self, mark: Mark) -> bool:
+        assert self.marks is not None
+        try:
+            return bool(await self._retrying(self.marks.seen, mark))
+        except Exception as exc:  # noqa: BLE001 - unreadable marks: deliver it (a duplicate at worst)
+            self.log.error("could not read delivery marks: %r", exc)
+            return False
+
+    async def _run(self, handlers: list[MessageHandler], msg: InboundMessage, mark: Mark | None) -> str | None:
+        """The rejection reason, or None when every handler returned."""
+        delay = _RETRY_MIN
+        while True:
+            token = current_mark.set(mark)
+            try:
+                reason = None
+                for handler in handlers:
+                    try:
+                        await handler(msg)
+                    except Rejected as exc:
+                        reason = exc.reason
+                return reason
+            except (StorageFull, StorageUnavailable) as exc:
+                await self._storage_wait(exc, delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
+                return self._handler_error(msg, exc)
+            finally:
+                current_mark.reset(token)
+
+    async def _retrying(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        delay = _RETRY_MIN
+        while True:
+            try:
+                return await fn(*args)
+            except (StorageFull, StorageUnavailable) as exc:
+                await self._storage_wait(exc, delay)
+                delay = min(delay * 2, _RETRY_MAX)
+
+    async def _storage_wait(self, exc: Exception, delay: float) -> None:
+        self.stats.storage_waits += 1
+        self._log_error("storage cannot take an MQTT message (%s); it stays unacknowledged, retrying",
+                        exc, traceback=False)
+        await trio.sleep(delay)
+
+    def _handler_error(self, msg: InboundMessage, exc: Exception) -> str:
+        try:
+            text = f"{type(exc).__name__}: {exc}"
+        except Exception:  # noqa: BLE001 - a hostile __str__ must not take us down
+            text = type(exc).__name__
+        reason = f"handler error: {text[:300]}"
+        self.stats.handler_errors += 1
+        self.stats.last_handler_error = f"{msg.topic}: {reason}"
+        self.stats.last_handler_error_at = trio.current_time()
+        self._log_error("MQTT handler for %r failed; the message is rejected", msg.topic, exc=exc)
+        return reason
+
+    def _record_rejected(self, msg: InboundMessage, reason: str, mark: Mark | None) -> None:
+        # On the writer thread. The mark commits with the record, so a redelivery of a
+        # rejected message is recognised too (and not recorded twice).
+        if mark is not None:
+            mark.write()
+        RejectedMessage.insert(topic=msg.topic, payload=msg.payload[:_KEEP_PAYLOAD], reason=reason,
+                               received_at=time.time(), sender=msg.sender, size=len(msg.payload)).execute()
+        self._rejected_since_prune += 1
+        if self._rejected_since_prune >= 1000:  # keep the newest _KEEP_REJECTED
+            self._rejected_since_prune = 0
+            newest = RejectedMessage.select(RejectedMessage.id).order_by(RejectedMessage.id.desc())
+            edge = newest.offset(_KEEP_REJECTED).limit(1).scalar()
+            if edge is not None:
+                RejectedMessage.delete().where(RejectedMessage.id <= edge).execute()
+
+    def _log_error(self, text: str, arg: Any, *, exc: BaseException | None = None, traceback: bool = True) -> None:
+        # A flood of failures logs one line per 10 s, not one per message.
+        now = time.monotonic()
+        if now - self._error_log_at < 10:
+            self._errors_unlogged += 1
+            return
+        extra = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
+        self.log.error(text + extra, arg, exc_info=exc if traceback else None)
+        self._error_log_at = now
+        self._errors_unlogged = 0
+
+
+Reply = Callable[[int | None, Verdict], None]
+
+
+class DeliveryPool:
+    """A fixed pool of tasks running deliveries, fed by :meth:`submit`.
+
+    Cheaper per message than a task per message: a deque, and an idle worker woken
+    directly (a memory channel costs twice as much); a worker that finishes a message
+    takes the next one in the same scheduler step. The feeders bound it: they stop
+    reading while :attr:`full` and wait in :meth:`wait_slot`.
+    """
+
+    def __init__(self, delivery: Delivery, size: int) -> None:
+        self.delivery = delivery
+        self.size = size
+        self.in_flight = 0
+        self._pending: deque[tuple[InboundMessage, str, int | None, Reply]] = deque()
+        self._idle: list[trio.lowlevel.Task] = []
+        self._slot_freed = trio.Event()
+        self.running = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.size):
+                    nursery.start_soon(self._worker)
+                self.running = True
+                task_status.started()
+        finally:
+            self.running = False
+
+    def submit(self, msg: InboundMessage, source: str, packet_id: int | None, reply: Reply) -> None:
+        """Queue a delivery; ``reply(packet_id, verdict)`` is called when it is decided."""
+        self.in_flight += 1
+        self._pending.append((msg, source, packet_id, reply))
+        if self._idle:
+            trio.lowlevel.reschedule(self._idle.pop())
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= self.size
+
+    async def wait_slot(self) -> None:
+        """Wait until some delivery finished."""
+        if self._slot_freed.is_set():
+            self._slot_freed = trio.Event()
+        await self._slot_freed.wait()
+
+    async def drain(self) -> None:
+        """Wait until no delivery is running (bound it with a cancel scope)."""
+        while self.in_flight:
+            await self.wait_slot()
+
+    async def _next(self) -> tuple[InboundMessage, str, int | None, Reply]:
+        # A woken worker may find the deque empty (a busy worker took the message on
+        # its way round): it waits again.
+        while not self._pending:
+            task = trio.lowlevel.current_task()
+            self._idle.append(task)
+
+            def abort(_: object) -> trio.lowlevel.Abort:
+                self._idle.remove(task)
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return self._pending.popleft()
+
+    async def _worker(self) -> None:
+        deliver = self.delivery.deliver
+        while True:
+            msg, source, packet_id, reply = await self._next()
+            try:
+                verdict = await deliver(msg, source, packet_id)
+                reply(packet_id, verdict)
+            except Exception:  # a bug here must not take the pool down; unacked, it comes again
+                self.delivery.log.exception("MQTT delivery failed on %r", msg.topic)
+            finally:
+                self.in_flight -= 1
+                self._slot_freed.set()

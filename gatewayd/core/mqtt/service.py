@@ -1,0 +1,317 @@
+"""The gateway's MQTT side, assembled: delivery, managed broker, client, edge, accounts.
+
+Start order: plugins declare topics and ACL templates (`gatewayd_mqtt_topics`); the
+delivery pool starts (it runs every plugin handler, whoever received the message); the
+managed mosquitto starts on a private loopback port with every device account from the
+registry; the gateway's own client connects to it and subscribes every plugin filter;
+then the device-facing edge (:mod:`.edge`) starts listening on `mqtt.listen`.
+With an external broker there is no mosquitto and no edge: the client gets everything.
+Device credential changes rewrite mosquitto's password file and reload it (SIGHUP).
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from playhouse.migrate import migrate
+
+from ...protocol.topics import TopicRouter
+from ..health import ComponentState, Health
+from ..logs import get_logger
+from ..metrics import Metrics, Sample
+from ..storage import SchemaSpec, Storage
+from .broker import AclTemplate, BrokerAccount, ManagedBroker
+from .client import MQTTClient, MQTTSettings, TLSSettings
+from .delivery import Delivery, DeliveryPool, InboundMessage, MessageHandler, Rejected, RejectedMessage
+from .edge import DeviceEdge, WriteAcl
+from .marks import DeliveryMarks
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..devices.services import DeviceServices
+
+__all__ = ["MQTTService", "TopicRegistry", "PluginMQTT", "MQTTUnavailable", "InboundMessage", "Rejected"]
+
+log = get_logger("gatewayd.mqtt")
+
+#: How long /health reports MQTT "degraded" after a handler raised an unexpected error.
+HANDLER_ERROR_HOLD_S = 300.0
+
+
+class MQTTUnavailable(Exception):
+    """MQTT is off (`mqtt.broker = "off"`) or its broker could not be started."""
+
+
+@dataclass
+class _Sub:
+    filter: str
+    handler: MessageHandler
+    qos: int
+
+
+@dataclass
+class TopicRegistry:
+    """Collects a plugin's MQTT subscriptions and the ACL templates its devices get."""
+
+    plugin: str
+    subscriptions: list[_Sub] = field(default_factory=list)
+    acls: list[AclTemplate] = field(default_factory=list)
+
+    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Route messages matching `topic_filter` (`+`, `#` wildcards) to `await handler(msg)`.
+
+        The message is acknowledged (PUBACK) when the handler returns, i.e. after what
+        it wrote was committed. Raise `Rejected(reason)` for bad input: acknowledged,
+        counted, kept in core_mqtt_rejected with the reason. Any other exception is
+        treated the same way (and logged as a handler error), except `StorageFull` /
+        `StorageUnavailable`: the message then stays unacknowledged and is tried again.
+        """
+        from ...protocol.topics import validate_filter
+
+        validate_filter(topic_filter)
+        if qos not in (0, 1):
+            raise ValueError(f"{topic_filter}: qos must be 0 or 1")
+        self.subscriptions.append(_Sub(topic_filter, handler, qos))
+
+    def acl(self, pattern: str, access: str) -> None:
+        """A mosquitto ACL pattern for this family's device accounts (`%u` = username)."""
+        self.acls.append(AclTemplate(pattern, access))  # type: ignore[arg-type]
+
+
+class PluginMQTT:
+    """`ctx.mqtt`: publish as the gateway."""
+
+    def __init__(self, service: MQTTService):
+        self._service = service
+
+    @property
+    def connected(self) -> bool:
+        return self._service.client is not None and self._service.client.connected
+
+    @property
+    def device_port(self) -> int | None:
+        """The broker port devices connect to (`mqtt.listen` or the external port); None when off."""
+        m = self._service.config.mqtt
+        return {"managed": m.listen.port, "external": m.port}.get(m.broker)
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        """Publish; for QoS 1 returns after the broker's PUBACK. Raises MQTTUnavailable when off."""
+        client = self._service.client
+        if client is None:
+            raise MQTTUnavailable(f"MQTT is unavailable ({self._service.reason()})")
+        await client.publish(topic, payload, qos=qos, retain=retain)
+
+
+class MQTTService:
+    """Owns the managed broker and the client for one Gateway."""
+
+    def __init__(self, config: Config, storage: Storage, metrics: Metrics, health: Health, devices: DeviceServices):
+        self.config = config
+        self.storage = storage
+        self.devices = devices
+        self.broker: ManagedBroker | None = None
+        self.client: MQTTClient | None = None
+        self.edge: DeviceEdge | None = None
+        self.router: TopicRouter[MessageHandler] = TopicRouter()
+        self.marks = DeliveryMarks(storage)
+        self.delivery = Delivery(self.router, storage, marks=self.marks)
+        self.pool = DeliveryPool(self.delivery, size=256)
+        self.registries: list[TopicRegistry] = []
+        self._families: set[str] = set()
+        self._accounts_lock = trio.Lock()
+        health.probe("mqtt", self._client_state)
+        if config.mqtt.broker == "managed":
+            health.probe("mqtt_broker", self._broker_state)
+        self._register_metrics(metrics)
+
+    def facade(self) -> PluginMQTT:
+        return PluginMQTT(self)
+
+    def reason(self) -> str:
+        if self.config.mqtt.broker == "off":
+            return 'mqtt.broker = "off"'
+        if self.broker is not None and self.broker.state == "unavailable":
+            return self.broker.last_error or "broker unavailable"
+        return "not started"
+
+    def add(self, registry: TopicRegistry) -> None:
+        self.registries.append(registry)
+        if registry.acls:
+            self._families.add(registry.plugin)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Start delivery, the broker and client, and the edge; returns once each is ready
+        (the client may still be retrying an unreachable external broker)."""
+        m = self.config.mqtt
+        if m.broker == "off":
+            log.info("MQTT is off (mqtt.broker = \"off\")")
+            return
+        await trio.to_thread.run_sync(self.storage.install, _REJECTED_SCHEMA)
+        await trio.to_thread.run_sync(self.marks.install)
+        await nursery.start(self.marks.run)
+        await nursery.start(self.pool.run)
+        templates = [t for r in self.registries for t in r.acls]
+        if m.broker == "managed":
+            self.broker = ManagedBroker(
+                self.config.data_dir / "mosquitto",
+                host="127.0.0.1",  # private: devices reach it through the edge only
+                port=m.broker_port or _free_loopback_port(),
+                acl_templates=templates,
+                accounts=await self._accounts(),
+                mosquitto=m.mosquitto,
+                max_packet_size=m.max_packet_bytes,
+            )
+            await nursery.start(self.broker.run)
+            if self.broker.state == "unavailable":
+                return  # logged by the broker with the install command; HTTP etc. run on
+            self.devices.registry.on_credentials_changed = self._credentials_changed
+        for registry in self.registries:
+            for sub in registry.subscriptions:
+                self.router.add(sub.filter, sub.handler, qos=sub.qos, owner=registry.plugin)
+        self.client = MQTTClient(self._settings(), self.pool)
+        self.devices.commands.publish = lambda topic, payload: self.client.publish(topic, payload, qos=1)
+        await nursery.start(self.client.run)
+        if self.broker is not None:
+            self.edge = DeviceEdge(m.listen, (self.broker.host, self.broker.port), self.pool, WriteAcl(templates),
+                                   max_packet=m.max_packet_bytes)
+            await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
+
+    async def stop_accepting(self, grace: float) -> None:
+        """Shutdown step: devices first (what is in flight is acknowledged), then the client."""
+        if self.edge is not None:
+            await self.edge.stop(grace)
+        if self.client is not None:
+            await self.client.stop(grace)
+
+    def _settings(self) -> MQTTSettings:
+        m = self.config.mqtt
+        client_id = m.client_id or f"gatewayd-{self.config.gateway.id}"
+        status = f"gatewayd/{self.config.gateway.id}/status"
+        if m.broker == "managed":
+            username, password = self.broker.gateway_credentials()
+            # MQTT 3.1.1 on our own broker: paho decodes MQTT 5 properties on every message,
+            # about half the inbound rate (bench/mqtt_bench.py); and 3.1.1's silent drop of
+            # a publish the ACL refuses can't bite here, the gateway's account may do anything.
+            # (mosquitto replaces the client id by the username: use_username_as_clientid.)
+            return MQTTSettings(host=self.broker.host, port=self.broker.port, client_id=client_id, username=username,
+                                password=password, keepalive=m.keepalive_s, status_topic=status,
+                                protocol="3.1.1")
+        from ..config import read_secret
+
+        tls = TLSSettings(ca_file=m.tls_ca or None, cert_file=m.tls_cert or None, key_file=m.tls_key or None) \
+            if (m.tls_ca or m.tls_cert) else None
+        return MQTTSettings(host=m.host, port=m.port, client_id=client_id, username=m.username or None,
+                            password=read_secret(m.password_env), tls=tls, keepalive=m.keepalive_s,
+                            status_topic=status)
+
+    async def _accounts(self) -> list[BrokerAccount]:
+        accounts: dict[str, BrokerAccount] = {}
+        for family in sorted(self._families):
+            for username, password_hash in await self.devices.registry.mqtt_accounts(family):
+                try:
+                    accounts[username] = BrokerAccount(username, password_hash)
+                except ValueError as e:  # a device id mosquitto can't take as a username
+                    log.warning("device has no MQTT account", family=family, device=username, reason=str(e))
+        return list(accounts.values())
+
+    async def _credentials_changed(self, family: str) -> None:
+        if self.broker is None or family not in self._families:
+            return
+        # One at a time: two concurrent changes could otherwise write in the wrong
+        # order, the older account list last.
+        async with self._accounts_lock:
+            accounts = await self._accounts()
+            await trio.to_thread.run_sync(self.broker.set_accounts, accounts)
+        log.info("broker accounts updated", family=family, accounts=len(accounts))
+
+    # -- health and metrics ------------------------------------------------------
+
+    def _client_state(self) -> ComponentState:
+        if self.config.mqtt.broker == "off":
+            return ComponentState("off")
+        if self.client is None:
+            return ComponentState("unavailable", self.reason())
+        d = self.delivery.stats
+        details = {"received": d.handled + d.rejected + d.duplicates + d.unrouted, "rejected": d.rejected,
+                   "handler_errors": d.handler_errors}
+        if self.edge is not None:
+            details["devices_connected"] = self.edge.stats.connections
+        if not self.client.connected:
+            return ComponentState("disconnected", self.client.stats.last_error, details)
+        # A handler that fails is a bug or a hostile payload: the message was rejected and
+        # acknowledged, so ingest goes on; an operator should still hear of it for a while.
+        if d.last_handler_error_at is not None and trio.current_time() - d.last_handler_error_at < HANDLER_ERROR_HOLD_S:
+            return ComponentState("degraded", d.last_handler_error, details)
+        return ComponentState("ok", None, details)
+
+    def _broker_state(self) -> ComponentState:
+        if self.broker is None:
+            return ComponentState("starting")
+        state = "ok" if self.broker.state == "running" else self.broker.state
+        return ComponentState(state, self.broker.last_error if state != "ok" else None,
+                              {"listen": str(self.config.mqtt.listen), "restarts": self.broker.restarts})
+
+    def _register_metrics(self, metrics: Metrics) -> None:
+        d = self.delivery.stats
+        outcomes = ("handled", "rejected", "duplicates", "unrouted")
+
+        def stats() -> Any:
+            return self.client.stats if self.client is not None else None
+
+        def edge() -> Any:
+            return self.edge.stats if self.edge is not None else None
+
+        metrics.collector("gatewayd_mqtt_messages_total", "counter", "Inbound MQTT messages by verdict", lambda: [
+            Sample("gatewayd_mqtt_messages_total", {"outcome": o}, getattr(d, o)) for o in outcomes])
+        metrics.collector("gatewayd_mqtt_handler_errors_total", "counter",
+                          "Messages rejected because a handler raised an unexpected exception", lambda: [
+                              Sample("gatewayd_mqtt_handler_errors_total", {}, d.handler_errors)])
+        metrics.collector("gatewayd_mqtt_storage_waits_total", "counter",
+                          "Deliveries that found storage unable to take a write and waited", lambda: [
+                              Sample("gatewayd_mqtt_storage_waits_total", {}, d.storage_waits)])
+        metrics.collector("gatewayd_mqtt_in_flight", "gauge", "MQTT messages being delivered", lambda: [
+            Sample("gatewayd_mqtt_in_flight", {}, self.pool.in_flight)])
+        metrics.collector("gatewayd_mqtt_publishes_total", "counter", "MQTT publishes by the gateway", lambda: [
+            Sample("gatewayd_mqtt_publishes_total", {"result": "ok"}, stats().publishes),
+            Sample("gatewayd_mqtt_publishes_total", {"result": "error"}, stats().publish_errors),
+        ] if stats() else [])
+        metrics.collector("gatewayd_mqtt_reconnects_total", "counter", "MQTT reconnections", lambda: [
+            Sample("gatewayd_mqtt_reconnects_total", {}, stats().reconnects)] if stats() else [])
+        metrics.collector("gatewayd_mqtt_connected", "gauge", "1 when connected to the broker", lambda: [
+            Sample("gatewayd_mqtt_connected", {}, 1.0 if self.client is not None and self.client.connected else 0.0)])
+        metrics.collector("gatewayd_mqtt_broker_restarts_total", "counter", "Managed mosquitto restarts", lambda: [
+            Sample("gatewayd_mqtt_broker_restarts_total", {}, self.broker.restarts)] if self.broker else [])
+        metrics.collector("gatewayd_mqtt_edge_connections", "gauge", "Device connections open at the edge", lambda: [
+            Sample("gatewayd_mqtt_edge_connections", {}, edge().connections)] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_logins_total", "counter", "Device logins at the edge by result", lambda: [
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "accepted"}, edge().accepted),
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "refused"}, edge().refused),
+        ] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_packets_total", "counter",
+                          "Device packets: delivered by the gateway, or relayed to mosquitto", lambda: [
+                              Sample("gatewayd_mqtt_edge_packets_total", {"path": "delivered"}, edge().intercepted),
+                              Sample("gatewayd_mqtt_edge_packets_total", {"path": "relayed"}, edge().relayed),
+                          ] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_protocol_errors_total", "counter",
+                          "Device connections closed for a malformed or illegal packet", lambda: [
+                              Sample("gatewayd_mqtt_edge_protocol_errors_total", {}, edge().protocol_errors)]
+                          if edge() else [])
+
+
+def _free_loopback_port() -> int:
+    """A loopback port free a moment ago, for the private mosquitto (mqtt.broker_port = 0)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Version 2: the sender and the whole payload's size (the payload kept is cut to 4 KiB).
+_REJECTED_SCHEMA = SchemaSpec("core_mqtt", [RejectedMessage], version=2, migrations={
+    2: lambda migrator, db: migrate(
+        migrator.add_column("core_mqtt_rejected", "sender", RejectedMessage.sender),
+        migrator.add_column("core_mqtt_rejected", "size", RejectedMessage.size),
+    ),
+})

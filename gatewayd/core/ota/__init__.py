@@ -1,0 +1,1 @@
+"""OTA: the firmware store, image signing, and serving images and manifests over HTTP."""

@@ -1,0 +1,232 @@
+"""Serving firmware over HTTP: Content-Length, ETag, conditional GET and byte ranges.
+
+Devices on flaky links resume a download with `Range: bytes=N-` (206 Partial Content);
+`If-Range: "<sha256>"` makes sure the resumed part belongs to the same image. The same
+response serves the admin route `/api/gateway/firmware/<id>/download` and any plugin
+route (`await ctx.ota.response(fw)`), so every family gets resumable downloads.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote, urlsplit
+
+import trio
+from quart import Blueprint, Response, request
+
+from ..http.app import error_response, require_admin
+from ..logs import get_logger
+from ..schema import Address
+from .store import Firmware, unprintable
+
+if TYPE_CHECKING:
+    from ..runtime import Gateway
+
+__all__ = ["parse_range", "content_disposition", "firmware_response", "firmware_blueprint", "PublicUrl"]
+
+log = get_logger("gatewayd.ota")
+WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+class PublicUrl:
+    """The base URL devices reach the main listener at, for the URLs the gateway hands out.
+
+    `http.public_url` when set. Otherwise derived from `http.listen` as bound (port 0
+    becomes the port hypercorn picked): a wildcard host (`0.0.0.0`, `::`) is no address
+    a device can use, so it becomes the address of the interface that holds the default
+    route (where the LAN usually is), logged once as a warning naming the key to set. Never
+    the request's `Host` header: any client sets that, and a device must not be sent to
+    a host of an attacker's choosing.
+    """
+
+    def __init__(self, configured: str, listen: Address, bound: Callable[[], list[str]] = list):
+        self.configured = configured
+        self.listen = listen
+        self.bound = bound  # the main listener's URLs once it is bound, e.g. ["http://127.0.0.1:8080"]
+        self._derived: str | None = None
+
+    def __call__(self) -> str:
+        if self.configured:
+            return self.configured
+        if self._derived is None:
+            port = next((p for p in (urlsplit(url).port for url in self.bound()) if p), self.listen.port)
+            if not port:
+                raise RuntimeError("http.listen asks for any free port and the listener is not bound yet")
+            self._derived = self._derive(port)
+        return self._derived
+
+    def _derive(self, port: int) -> str:
+        host = self.listen.host
+        if host not in WILDCARDS:
+            return _http_url(host, port)
+        address = default_route_address(ipv6=host == "::")
+        url = _http_url(address, port)
+        log.warning("http.public_url is not set and http.listen is a wildcard address: device URLs (OTA) use "
+                    "the address of the default route; set http.public_url if devices reach the gateway "
+                    "at another address", listen=str(self.listen), public_url=url)
+        return url
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def default_route_address(*, ipv6: bool = False) -> str:
+    """This host's source address towards the default route; the loopback address if none.
+
+    Connecting a UDP socket only picks a route: nothing is sent. The destinations are
+    documentation addresses (RFC 5737, RFC 3849), never contacted.
+    """
+    tries = [(socket.AF_INET6, "2001:db8::1"), (socket.AF_INET, "192.0.2.1")] if ipv6 else \
+        [(socket.AF_INET, "192.0.2.1")]
+    for family, destination in tries:
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                probe.connect((destination, 9))
+                return probe.getsockname()[0]
+        except OSError:
+            continue
+    return "127.0.0.1"
+
+CHUNK = 64 * 1024
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None | Literal["unsatisfiable"]:
+    """One byte range of a `size`-byte file, inclusive; None = send it all.
+
+    Follows RFC 9110 14.2: a missing, malformed or multi-range header is ignored (the
+    whole file, 200); a range starting at or past the end is "unsatisfiable" (416);
+    an end past the file is clamped; `bytes=-N` is the last N bytes.
+    """
+    if not header:
+        return None
+    m = _RANGE.fullmatch(header.strip().replace(" ", ""))
+    if m is None or (not m[1] and not m[2]):
+        return None
+    if not m[1]:  # a suffix: the last N bytes
+        suffix = int(m[2])
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(m[1])
+    end = int(m[2]) if m[2] else size - 1
+    if m[2] and end < start:
+        return None  # invalid syntax: ignore the header
+    if start >= size:
+        return "unsatisfiable"
+    return start, min(end, size - 1)
+
+
+async def _read_file(fw: Firmware, start: int, length: int) -> AsyncIterator[bytes]:
+    async with await trio.open_file(fw.path, "rb") as f:
+        await f.seek(start)
+        remaining = length
+        while remaining > 0:
+            chunk = await f.read(min(CHUNK, remaining))
+            if not chunk:
+                return  # the file shrank under us; the client sees a short body and retries
+            remaining -= len(chunk)
+            yield chunk
+
+
+def content_disposition(filename: str) -> str:
+    """`attachment` with the name as a quoted ASCII `filename` and, when that had to
+    change it, the exact name as `filename*` (RFC 6266, RFC 8187).
+
+    Whatever is stored: a control character in a header value makes the server refuse
+    the whole response, and a name stored before names were checked must still download.
+    """
+    shown = "".join("_" if unprintable(c) else c for c in filename) or "firmware.bin"
+    plain = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in shown)
+    value = f'attachment; filename="{plain}"'
+    if plain != filename:
+        value += "; filename*=UTF-8''" + quote(shown, safe="", errors="replace")
+    return value
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    if header.strip() == "*":
+        return True
+    return any(tag.strip().removeprefix("W/") == etag for tag in header.split(","))
+
+
+async def firmware_response(fw: Firmware) -> Response:
+    """Serve `fw` for the current Quart request (200, 206, 304 or 416)."""
+    try:
+        size = (await trio.Path(fw.path).stat()).st_size
+    except OSError:
+        return error_response(500, f"firmware {fw.id}: the image file is missing from the store")
+    if size != fw.size:
+        return error_response(500, f"firmware {fw.id}: the image file changed on disk; run gatewayd firmware verify")
+    headers = {
+        "ETag": fw.etag,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "no-cache",
+        "Content-Disposition": content_disposition(fw.filename),
+        "X-Firmware-Version": fw.version,
+        "X-Firmware-SHA256": fw.sha256,
+    }
+    if fw.signature:
+        headers["X-Firmware-Signature"] = fw.signature
+    if_none_match = request.headers.get("If-None-Match")
+    if if_none_match and _etag_matches(if_none_match, fw.etag):
+        return Response(b"", status=304, headers={"ETag": fw.etag})
+    wanted = parse_range(request.headers.get("Range"), size)
+    if_range = request.headers.get("If-Range")
+    if wanted is not None and if_range is not None and if_range.strip() != fw.etag:
+        wanted = None  # the client holds part of another image: send this one whole
+    if wanted == "unsatisfiable":
+        response = error_response(416, f"range not satisfiable: the image is {size} bytes")
+        response.headers["Content-Range"] = f"bytes */{size}"
+        return response
+    start, end, status = (0, size - 1, 200) if wanted is None else (*wanted, 206)
+    length = max(0, end - start + 1)
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(length)
+    body: Any = _read_file(fw, start, length) if request.method != "HEAD" else b""
+    response = Response(body, status=status, headers=headers, content_type="application/octet-stream")
+    return response
+
+
+def firmware_blueprint(gateway: Gateway) -> Blueprint:
+    """Admin routes: list images, one image, its download, and OTA reports."""
+    bp = Blueprint("gatewayd_firmware", __name__)
+
+    @bp.before_request
+    async def _admin() -> Response | None:
+        if getattr(gateway, "ota", None) is None:
+            return error_response(503, "the firmware store is not available")
+        return require_admin(gateway)
+
+    @bp.get("/api/gateway/firmware")
+    async def list_firmware() -> Any:
+        family = request.args.get("family") or None
+        return {"firmware": [f.as_dict() for f in await gateway.ota.list(family)]}
+
+    @bp.get("/api/gateway/firmware/<int:firmware_id>")
+    async def one(firmware_id: int) -> Any:
+        fw = await gateway.ota.get(firmware_id)
+        if fw is None:
+            return error_response(404, f"no firmware with id {firmware_id}")
+        return fw.as_dict()
+
+    @bp.get("/api/gateway/firmware/<int:firmware_id>/download")
+    async def download(firmware_id: int) -> Any:
+        return await gateway.ota.response(firmware_id)
+
+    @bp.get("/api/gateway/firmware/reports")
+    async def reports() -> Any:
+        try:
+            limit = int(request.args.get("limit", "100"))
+        except ValueError:
+            return error_response(400, "limit: expected an integer 1-1000")
+        if not 1 <= limit <= 1000:
+            return error_response(400, "limit: expected an integer 1-1000")
+        return {"reports": await gateway.ota.reports(request.args.get("device") or None, limit)}
+
+    return bp

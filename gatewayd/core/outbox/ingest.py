@@ -1,0 +1,199 @@
+"""`ctx.ingest`: how a plugin stores what its devices sent, durably and for upstream.
+
+One call writes the family's own rows and the outbox rows in one transaction (group
+commit on the writer thread) and returns only after COMMIT, so a plugin acknowledges
+its device right after it::
+
+    async def post_reading(...):
+        try:
+            await ctx.ingest.record(
+                device_id, "telemetry", {"temp_c": 21.5},
+                cls="history", ts=reading_ts,
+                family_rows=lambda: Reading.insert(device=device_id, temp_c=21.5).execute(),
+            )
+        except StorageFull:            # disk or outbox full: nothing was stored
+            return {"error": "storage full"}, 507
+        return {"ok": True}, 201       # committed
+
+`family_rows()` runs on the writer thread inside the transaction: do only database
+work there. If it raises, nothing of the call is kept. For thousands of records use
+`records([...])`, which inserts them with one prepared statement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import trio
+
+from ...protocol.batch import CLASS_PRIORITY, CLASSES, compact_json_encoder
+from ..mqtt.marks import current_mark
+from ..storage import StorageError
+
+if TYPE_CHECKING:
+    from .store import Outbox
+
+__all__ = ["Ingest", "IngestError", "Ingested", "Record"]
+
+# Below this many records, serialising on the trio thread is cheaper than a thread hop.
+_INLINE = 64
+# Timestamps before 2000 or after 2200 are a device clock bug (or ms given for s).
+_TS_MIN, _TS_MAX = 946684800.0, 7258118400.0
+
+class IngestError(ValueError):
+    """A record the outbox cannot take (bad class, empty device, non-JSON data).
+
+    Raised before anything is written: nothing of the call was stored.
+    """
+
+
+class Record(NamedTuple):
+    """One record for `ctx.ingest.records([...])` (a plain tuple works as well)."""
+
+    device: str
+    kind: str
+    data: Mapping[str, Any]
+    ts: float | None = None
+    cls: str = "history"
+
+
+class Ingested(NamedTuple):
+    """What an ingest call stored: the records' outbox ids and `family_rows()`'s result.
+
+    `ids` is empty when no upstream is configured (nothing waits to be forwarded).
+    """
+
+    ids: range
+    result: Any
+
+
+class Ingest:
+    """A family's door to durable storage and upstream sync (`ctx.ingest`)."""
+
+    Record = Record
+
+    def __init__(self, outbox: Outbox, family: str, clock: Callable[[], float]):
+        self._outbox = outbox
+        self.family = family
+        self._clock = clock
+
+    async def record(
+        self,
+        device: str,
+        kind: str,
+        data: Mapping[str, Any],
+        *,
+        ts: float | None = None,
+        cls: str = "history",
+        family_rows: Callable[[], Any] | None = None,
+    ) -> Ingested:
+        """Store one record (and the family's rows); return after COMMIT.
+
+        `cls` is the upstream class: command_ack, alert, state, history or log.
+        `ts` is when it happened (epoch seconds; default: now). Raises IngestError
+        for a bad record, StorageFull (answer 507) when the disk or the outbox is
+        full, StorageError (answer 503) when the commit failed; in every error case
+        nothing was stored.
+        """
+        rows = [self._row(device, kind, data, ts, cls, self._clock())]
+        return await self._store(rows, family_rows)
+
+    async def records(
+        self, records: Iterable[Record | tuple], *, family_rows: Callable[[], Any] | None = None
+    ) -> Ingested:
+        """Store many records in one transaction (one prepared statement); return after COMMIT.
+
+        Each item is a `Record(device, kind, data, ts=None, cls="history")` or the same
+        as a tuple. One bad record fails the whole call (IngestError), nothing stored.
+        """
+        items = list(records)
+        now = self._clock()
+        if len(items) <= _INLINE:
+            rows = self._rows(items, now)
+        else:  # serialising thousands of records is CPU work: off the trio thread
+            rows = await trio.to_thread.run_sync(self._rows, items, now)
+        return await self._store(rows, family_rows)
+
+    def _rows(self, items: list, now: float) -> list[tuple]:
+        out = []
+        append = out.append
+        family, extra = self.family, len(self.family)
+        encode = compact_json_encoder()
+        priority = CLASS_PRIORITY.get
+        for i, item in enumerate(items):
+            # The common case, checked inline (bulk ingest is this loop); anything else,
+            # including every error, goes through _row, which says precisely what is wrong.
+            if type(item) is Record or (type(item) is tuple and len(item) == 5):
+                device, kind, data, ts, cls = item
+                prio = priority(cls) if type(cls) is str else None
+                if (prio is not None and type(device) is str and device and type(kind) is str and kind
+                        and type(data) is dict):
+                    if ts is None:
+                        ts = now
+                    elif (type(ts) is float or type(ts) is int) and _TS_MIN <= ts <= _TS_MAX:
+                        ts = float(ts)
+                    else:
+                        ts = -1.0
+                    if ts >= 0:
+                        try:
+                            text = encode(data)
+                        except (TypeError, ValueError):
+                            pass  # _row raises the IngestError
+                        else:
+                            append((prio, now, ts, family, device, kind, len(text) + len(device) + len(kind) + extra,
+                                    text))
+                            continue
+            try:
+                append(self._row(*item, now=now))
+            except IngestError as e:
+                raise IngestError(f"record {i}: {e}") from None
+            except TypeError:
+                raise IngestError(f"record {i}: expected Record(device, kind, data, ts, cls), got {item!r:.80}") from None
+        return out
+
+    def _row(self, device: str, kind: str, data: Mapping[str, Any], ts: float | None = None,
+             cls: str = "history", now: float = 0.0) -> tuple:
+        prio = CLASS_PRIORITY.get(cls)
+        if prio is None:
+            raise IngestError(f"cls must be one of {'|'.join(CLASSES)}, got {cls!r}")
+        if not isinstance(device, str) or not device:
+            raise IngestError(f"device must be a non-empty string, got {device!r}")
+        if not isinstance(kind, str) or not kind:
+            raise IngestError(f"kind must be a non-empty string, got {kind!r}")
+        if not isinstance(data, Mapping):
+            raise IngestError(f"data must be a mapping (a JSON object), got {type(data).__name__}")
+        if ts is None:
+            ts = now
+        elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not _TS_MIN <= ts <= _TS_MAX:
+            raise IngestError(f"ts must be epoch seconds between 2000 and 2200, got {ts!r}")
+        try:
+            text = compact_json_encoder()(data)
+        except (TypeError, ValueError) as e:
+            raise IngestError(f"data is not JSON: {e}") from None
+        size = len(text) + len(device) + len(kind) + len(self.family)
+        return (prio, now, float(ts), self.family, device, kind, size, text)
+
+    async def _store(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
+        outbox = self._outbox
+        mark = current_mark.get()
+        if mark is not None:
+            # Called from an MQTT handler: the message's mark commits with its records,
+            # so a redelivery after a crash is recognised (core/delivery_marks.py).
+            family_rows = _with_mark(mark.write, family_rows)
+        try:
+            result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
+        except StorageError:
+            outbox.count_refused(row[0] for row in rows)
+            raise
+        await outbox.after_store(dropped, stamped)
+        return Ingested(ids, result)
+
+
+
+def _with_mark(write_mark: Callable[[], None], family_rows: Callable[[], Any] | None) -> Callable[[], Any]:
+    def rows() -> Any:
+        write_mark()
+        return family_rows() if family_rows is not None else None
+
+    return rows
