@@ -6,7 +6,6 @@ the file: keys ending in `_env` name an environment variable that holds the secr
 
 from __future__ import annotations
 
-import os
 import socket
 import tomllib
 import typing
@@ -24,7 +23,6 @@ __all__ = [
     "PluginSettings",
     "apply_override",
     "load_config",
-    "read_secret",
 ]
 
 
@@ -332,14 +330,6 @@ class Config:
 
 
 _SECTIONS = {k: v for k, v in typing.get_type_hints(Config).items() if k not in ("plugins", "source", "upstream", "rules")}
-
-
-def read_secret(env_name: str) -> str | None:
-    """The secret held by the environment variable an `*_env` key names, or None."""
-    if not env_name:
-        return None
-    value = os.environ.get(env_name)
-    return value or None
 
 
 def _parse_value(text: str) -> Any:

@@ -31,7 +31,8 @@ from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
 from .alerts.http import events_blueprint
 from .alerts.setup import load_alert_rules, start_alerting
-from .config import Config, read_secret
+from .config import Config
+from .schema import read_secret
 from .devices.services import DeviceServices
 from .health import ComponentState, Health
 from .http.admin import admin_blueprint

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import types
 import typing
@@ -193,3 +194,11 @@ def load_section(cls: type, raw: Any, key: str = "") -> Any:
         except ConfigError as e:
             raise ConfigErrors([e.under(key)]) from None
     return obj
+
+
+def read_secret(env_name: str) -> str | None:
+    """The secret held by the environment variable an `*_env` key names, or None."""
+    if not env_name:
+        return None
+    value = os.environ.get(env_name)
+    return value or None

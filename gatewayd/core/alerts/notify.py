@@ -26,7 +26,7 @@ import httpx
 import peewee
 import trio
 
-from ..config import read_secret
+from ..schema import read_secret
 from ..logs import get_logger
 from ..metrics import Sample
 from ..storage import SchemaSpec, StorageError

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import peewee
 import trio
 
+from ...protocol.passwd import hash_password
 from ..logs import get_logger
-from ..mqtt.broker import hash_password
 from ..storage import SchemaSpec
 from .secrets import Keyring, hash_secret, new_secret, verify_secret
 

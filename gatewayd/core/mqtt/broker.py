@@ -29,10 +29,7 @@ of the gateway keep running.
 
 from __future__ import annotations
 
-import base64
 import getpass
-import hashlib
-import hmac
 import logging
 import os
 import re
@@ -47,6 +44,8 @@ from pathlib import Path
 from typing import Iterable, Literal, Sequence
 
 import trio
+
+from ...protocol.passwd import hash_password, is_password_hash, verify_password
 
 __all__ = [
     "AclTemplate",
@@ -64,40 +63,7 @@ BrokerMode = Literal["managed", "external", "off"]
 """``mqtt.broker``: run our own mosquitto, use a broker someone else runs, or no MQTT."""
 
 GATEWAY_USERNAME = "gatewayd"
-
-# mosquitto_passwd's defaults (mosquitto 2.0): 12 random salt bytes, 101 iterations.
-# Device passwords are random tokens issued at provisioning, not human passwords, so
-# the low count is no weakness; it keeps every device login cheap on a Raspberry Pi.
-_SALT_BYTES = 12
-_DEFAULT_ITERATIONS = 101
-_HASH_RE = re.compile(r"^\$7\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)$")
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
-
-
-def hash_password(plain: str, *, iterations: int = _DEFAULT_ITERATIONS, salt: bytes | None = None) -> str:
-    """Hash ``plain`` in mosquitto's ``$7$`` format (what ``mosquitto_passwd`` writes).
-
-    ``$7$<iterations>$<base64 salt>$<base64 PBKDF2-HMAC-SHA512(password, salt)>``,
-    as read by mosquitto 2.0's password file (``pw_sha512_pbkdf2``).
-    """
-    salt = secrets.token_bytes(_SALT_BYTES) if salt is None else salt
-    digest = hashlib.pbkdf2_hmac("sha512", plain.encode("utf-8"), salt, iterations)
-    return f"$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def verify_password(plain: str, hashed: str) -> bool:
-    """Constant-time check of ``plain`` against a ``$7$`` hash (False if malformed)."""
-    m = _HASH_RE.match(hashed)
-    if not m:
-        return False
-    try:
-        salt = base64.b64decode(m.group(2), validate=True)
-        want = base64.b64decode(m.group(3), validate=True)
-    except ValueError:
-        return False
-    got = hashlib.pbkdf2_hmac("sha512", plain.encode("utf-8"), salt, int(m.group(1)))
-    return hmac.compare_digest(got, want)
-
 
 @dataclass(frozen=True)
 class AclTemplate:
@@ -131,7 +97,7 @@ class BrokerAccount:
             raise ValueError(f"broker username must match {_USERNAME_RE.pattern}: {self.username!r}")
         if self.username == GATEWAY_USERNAME:
             raise ValueError(f"{GATEWAY_USERNAME!r} is the gateway's own account")
-        if not _HASH_RE.match(self.password_hash):
+        if not is_password_hash(self.password_hash):
             raise ValueError(f"password_hash for {self.username!r} is not a $7$ hash (use hash_password)")
 
     def __repr__(self) -> str:

@@ -32,7 +32,8 @@ import trio
 
 from ...protocol.topics import TopicRouter
 from ..storage import Storage, StorageFull, StorageUnavailable
-from .marks import DeliveryMarks, Mark, current_mark
+from ..outbox.ingest import commits_with_records
+from .marks import DeliveryMarks, Mark
 
 __all__ = [
     "Delivery",
@@ -174,7 +175,7 @@ class Delivery:
         """The rejection reason, or None when every handler returned."""
         delay = _RETRY_MIN
         while True:
-            token = current_mark.set(mark)
+            token = commits_with_records.set(mark.write if mark is not None else None)
             try:
                 reason = None
                 for handler in handlers:
@@ -189,7 +190,7 @@ class Delivery:
             except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
                 return self._handler_error(msg, exc)
             finally:
-                current_mark.reset(token)
+                commits_with_records.reset(token)
 
     async def _retrying(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         delay = _RETRY_MIN

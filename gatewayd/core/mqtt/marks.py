@@ -7,8 +7,9 @@ stored twice under new record ids, which the cloud cannot tell apart.
 
 So the delivery that runs a message's handlers sets a mark for it (the sender, the
 packet id, a digest of topic and payload), and ``ctx.ingest`` writes the mark in the
-same transaction as the records: the mark exists exactly when the records do. A DUP
-message whose mark is found is acknowledged without running the handlers again.
+same transaction as the records (``outbox.ingest.commits_with_records``): the mark
+exists exactly when the records do. A DUP message whose mark is found is acknowledged
+without running the handlers again.
 
 What a mark cannot tell apart: a sender that reuses a packet id for a message with
 the same topic and payload as the previous message under that id, whose records were
@@ -28,7 +29,6 @@ crashed survive however long the gateway was down.
 from __future__ import annotations
 
 import hashlib
-from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,7 +36,7 @@ import trio
 if TYPE_CHECKING:
     from ..storage import Storage
 
-__all__ = ["DeliveryMarks", "Mark", "current_mark", "digest"]
+__all__ = ["DeliveryMarks", "Mark", "digest"]
 
 _TABLES = ("core_mqtt_marks_a", "core_mqtt_marks_b")
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS {} (source TEXT NOT NULL, packet_id INTEGER NOT NULL, "
@@ -61,11 +61,6 @@ class Mark:
 
     def write(self) -> None:
         self.marks._write(self)
-
-
-#: The mark of the delivery whose handlers are running in this task (set by the
-#: delivery, read by ``Ingest`` so that the mark commits with the records).
-current_mark: ContextVar[Mark | None] = ContextVar("gatewayd_delivery_mark", default=None)
 
 
 class DeliveryMarks:

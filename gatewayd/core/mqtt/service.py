@@ -199,7 +199,7 @@ class MQTTService:
             return MQTTSettings(host=self.broker.host, port=self.broker.port, client_id=client_id, username=username,
                                 password=password, keepalive=m.keepalive_s, status_topic=status,
                                 protocol="3.1.1")
-        from ..config import read_secret
+        from ..schema import read_secret
 
         tls = TLSSettings(ca_file=m.tls_ca or None, cert_file=m.tls_cert or None, key_file=m.tls_key or None) \
             if (m.tls_ca or m.tls_cert) else None

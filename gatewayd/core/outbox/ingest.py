@@ -23,18 +23,25 @@ work there. If it raises, nothing of the call is kept. For thousands of records 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
 
 from ...protocol.batch import CLASS_PRIORITY, CLASSES, compact_json_encoder
-from ..mqtt.marks import current_mark
 from ..storage import StorageError
 
 if TYPE_CHECKING:
     from .store import Outbox
 
-__all__ = ["Ingest", "IngestError", "Ingested", "Record"]
+__all__ = ["Ingest", "IngestError", "Ingested", "Record", "commits_with_records"]
+
+#: A write (run on the writer thread) that must commit in the same transaction as the
+#: records this task ingests next. The MQTT delivery sets the mark of the message whose
+#: handler is running (core/mqtt/marks.py): the mark exists exactly when the records do,
+#: so a redelivery after a crash is recognised and not stored twice.
+commits_with_records: ContextVar[Callable[[], None] | None] = ContextVar("gatewayd_commits_with_records",
+                                                                        default=None)
 
 # Below this many records, serialising on the trio thread is cheaper than a thread hop.
 _INLINE = 64
@@ -176,11 +183,9 @@ class Ingest:
 
     async def _store(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
         outbox = self._outbox
-        mark = current_mark.get()
-        if mark is not None:
-            # Called from an MQTT handler: the message's mark commits with its records,
-            # so a redelivery after a crash is recognised (core/delivery_marks.py).
-            family_rows = _with_mark(mark.write, family_rows)
+        companion = commits_with_records.get()
+        if companion is not None:
+            family_rows = _with_companion(companion, family_rows)
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
@@ -191,9 +196,9 @@ class Ingest:
 
 
 
-def _with_mark(write_mark: Callable[[], None], family_rows: Callable[[], Any] | None) -> Callable[[], Any]:
+def _with_companion(companion: Callable[[], None], family_rows: Callable[[], Any] | None) -> Callable[[], Any]:
     def rows() -> Any:
-        write_mark()
+        companion()
         return family_rows() if family_rows is not None else None
 
     return rows

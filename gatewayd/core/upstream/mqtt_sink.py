@@ -90,7 +90,7 @@ def cloud_sink(entry: Any, gateway_id: str) -> MqttSink:
     """An MqttSink with a connection of its own to the cloud broker of one `[[upstream]]`."""
     from urllib.parse import urlsplit
 
-    from ..config import read_secret
+    from ..schema import read_secret
     from ..mqtt.client import MQTTClient, MQTTSettings, TLSSettings
 
     url = urlsplit(entry.url)

@@ -15,7 +15,7 @@ import trio
 
 from ...protocol.batch import CLASSES, mqtt_topic
 from ...protocol.retry import Backoff, CircuitBreaker
-from ..config import read_secret
+from ..schema import read_secret
 from ..health import ComponentState, Health
 from ..logs import get_logger
 from ..metrics import Metrics, Sample
