@@ -22,7 +22,7 @@ from quart_trio import QuartTrio
 from gatewayd.core.alerts.events import EventBus
 from gatewayd.core.alerts.notify import Notifier, list_notifications
 from gatewayd.core.alerts.rules import rule_from_dict
-from gatewayd.core.alerts.setup import install_schemas
+from tests.core_schemas import install_schemas
 from gatewayd.core.config import load_config
 from gatewayd.core.metrics import Metrics
 from gatewayd.core.storage import Storage

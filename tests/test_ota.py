@@ -98,7 +98,7 @@ async def store(tmp_path):
     storage = Storage(tmp_path / "gw.sqlite3")
     async with trio.open_nursery() as nursery:
         await nursery.start(storage.run)
-        from gatewayd.core.alerts.setup import install_schemas
+        from tests.core_schemas import install_schemas
 
         await trio.to_thread.run_sync(install_schemas, storage)
         yield OtaStore(storage, tmp_path / "firmware")
@@ -439,7 +439,7 @@ async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factor
 
 
 def test_a_public_url_asked_for_before_a_port_0_listener_is_bound_is_an_error_not_cached():
-    from gatewayd.core.ota.http import PublicUrl
+    from gatewayd.core.http.urls import PublicUrl
     from gatewayd.core.schema import Address
 
     bound: list[str] = []

@@ -16,7 +16,7 @@ from gatewayd.core.alerts.engine import RuleEngine
 from gatewayd.core.alerts.events import Event, EventBus, parse_time
 from gatewayd.core.alerts.notify import CoreNotification, Notifier, list_notifications
 from gatewayd.core.alerts.rules import parse_condition, rule_from_dict
-from gatewayd.core.alerts.setup import install_schemas
+from tests.core_schemas import install_schemas
 from gatewayd.core.config import load_config
 from gatewayd.core.schema import ConfigErrors
 from gatewayd.core.storage import Storage

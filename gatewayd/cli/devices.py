@@ -19,9 +19,9 @@ import trio
 
 from ..core.devices.registry import STATUSES, ClaimError, Device, DeviceExists, UnknownDevice
 from ..core.devices.services import DeviceServices
-from ..core.http.app import BadJSON, parse_json
 from ..core.metrics import Metrics
 from ..core.storage import Storage
+from ..protocol.strict_json import BadJSON, parse_json
 
 if TYPE_CHECKING:
     from ..core.config import Config

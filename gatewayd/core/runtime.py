@@ -1,18 +1,21 @@
-"""The Gateway: one trio nursery, services started in order, supervision, shutdown.
+"""The Gateway: the one place where services are built and wired; start order, shutdown.
 
-Start order, each service ready before the next (`nursery.start`):
+Every service gets its collaborators in its constructor, here (`Gateway.__init__`);
+blueprints get the services they use. Start order in `run`, each step ready before the
+next (`nursery.start`):
 
 1. storage: open the database, create/migrate core and plugin tables
-2. events, notifications, OTA store; device services (presence, command expiry)
+2. notifications and events (the rule timer), device services (presence, command expiry)
 3. plugin contexts; plugins declare MQTT topics and ACLs
-4. the managed mosquitto (with every device account), then the MQTT client
+4. MQTT: the delivery pool, the managed mosquitto (with every device account), the
+   gateway's client, then the device-facing edge
 5. HTTP listeners (main, and a plugin's own when `plugins.<name>.listen` is set)
 6. serial links
 7. plugin startup hooks, then their supervised background tasks
 8. upstream sync workers
 
 Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): HTTP and MQTT stop accepting and
-in-flight requests and handlers finish within `gateway.shutdown_grace_s`, plugin
+in-flight requests and deliveries finish within `gateway.shutdown_grace_s`, plugin
 shutdown hooks run, tasks are cancelled, and the writer commits every queued write.
 """
 
@@ -22,27 +25,34 @@ import gc
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
 
 from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
+from .alerts.events import EVENTS_SCHEMA, EventBus
 from .alerts.http import events_blueprint
-from .alerts.setup import load_alert_rules, start_alerting
+from .alerts.notify import NOTIFY_SCHEMA, Notifier
+from .alerts.rules import Rule, merge_rules, rule_from_dict
 from .config import Config
-from .schema import read_secret
+from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
-from .health import ComponentState, Health
-from .http.admin import admin_blueprint
-from .http.app import create_app, create_plugin_app, guard_plugin, require_admin, serve_app
+from .health import Health
+from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
+from .http.serve import serve_app
+from .http.urls import PublicUrl
 from .logs import get_logger
 from .metrics import Metrics, Sample
 from .mqtt.service import MQTTService
 from .ota.http import firmware_blueprint
+from .ota.signing import SiteKey, load_public_keys
+from .ota.store import OTA_SCHEMA, OtaStore
 from .outbox.ingest import Ingest
 from .outbox.store import Outbox
+from .schema import ConfigErrors
 from .serial.links import SerialLinks
 from .storage import SchemaSpec, Storage
 from .upstream.service import Upstream
@@ -90,14 +100,29 @@ class Gateway:
             group_commit_max=config.storage.group_commit_max,
             readers=config.storage.readers,
         )
-        self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock)
         self.outbox = Outbox.from_config(self.storage, config, clock=clock)
-        self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
-        self.events: Any = None  # EventBus, Notifier, OtaStore: created once storage is open
-        self.notifier: Any = None
-        self.ota: Any = None
-        self.serial = SerialLinks(self.metrics, self.health)
+        n = config.notifications
+        self.notifier = Notifier(
+            self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,
+            backoff_base_s=n.backoff_base_s, backoff_max_s=n.backoff_max_s, timeout_s=n.timeout_s,
+            metrics=self.metrics, publish_mqtt=self._publish_mqtt, forward_upstream=self._forward_alert,
+        )
+        self.events = EventBus(self.storage, rules=config.rules, notifier=self.notifier, clock=clock,
+                               metrics=self.metrics)
+        self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock, emit=self.events.emit,
+                                      on_credentials_changed=self._credentials_changed, publish=self._publish_command)
         self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices)
+        self.ota = OtaStore(
+            self.storage, config.data_dir / "firmware", clock=clock, events=self.events,
+            trusted_keys=self._trusted_keys(), require_signed=config.ota.require_signed,
+            default_rollout=config.ota.rollout, site_key=SiteKey(config.data_dir),
+            sign_by_default=config.ota.sign_with_site_key,
+            # Resolved at the first URL handed out: by then the main listener is bound (port 0).
+            public_url=PublicUrl(config.http.public_url, config.http.listen, lambda: self.http_urls.get("main", [])),
+        )
+        self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
+        self.serial = SerialLinks(self.metrics, self.health)
+        self.admin = AdminGuard(config.http.admin_token_env)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
@@ -122,9 +147,6 @@ class Gateway:
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown (what SIGTERM does)."""
         self._shutdown.set()
-
-    def admin_token(self) -> str | None:
-        return read_secret(self.config.http.admin_token_env)
 
     def plugin_table(self) -> list[dict[str, Any]]:
         """Name, version, enabled, state and reason of every installed plugin."""
@@ -156,9 +178,10 @@ class Gateway:
         async with trio.open_nursery() as core:
             self.health.set("storage", "starting")
             await core.start(self.storage.run)
-            self.health.probe("storage", self._storage_state)
+            self.health.probe("storage", self.storage.health_state)  # "full" while writes fail for lack of space
             await self._install_schemas()
-            await start_alerting(self, core)  # self.events, self.notifier, self.ota (core/alerting.py)
+            await core.start(self.notifier.run)
+            await core.start(self.events.run)
             await core.start(self.devices.run)
             self._build_contexts()
             self._collect_topics()
@@ -170,13 +193,12 @@ class Gateway:
                     raise
                 listen = self.config.mqtt.listen
                 raise ListenError(f"cannot listen on {listen} (mqtt.listen): {error.strerror or error}") from None
-            self._connect_services()
             async with trio.open_nursery() as front:
-                load_alert_rules(self)
+                self._load_alert_rules()
                 await self._start_http(front)
                 await self._start_serial(front)
                 await self._start_plugins(front)
-                await front.start(self.upstream.run)  # step 7: the sync workers, last
+                await front.start(self.upstream.run)  # the sync workers, last
                 log.info(
                     "gateway started",
                     id=self.config.gateway.id,
@@ -190,19 +212,54 @@ class Gateway:
             core.cancel_scope.cancel()
         log.info("gateway stopped", commits=self.storage.stats["commits"])
 
+    # -- what the services ask of each other (wired here, at construction) ----------
+
+    async def _publish_mqtt(self, topic: str, payload: bytes, qos: int) -> None:
+        await self.mqtt.publish(topic, payload, qos=qos)  # alert actions of kind "mqtt"
+
+    async def _publish_command(self, topic: str, payload: bytes) -> None:
+        await self.mqtt.publish(topic, payload, qos=1)  # commands pushed to devices
+
+    async def _credentials_changed(self, family: str) -> None:
+        await self.mqtt.credentials_changed(family)  # the managed broker's accounts follow
+
+    async def _forward_alert(self, record: dict[str, Any]) -> None:
+        ingest = Ingest(self.outbox, record.get("family") or "gateway", self.clock)
+        await ingest.record(record.get("device_id") or "-", "alert", record, cls="alert")
+
+    def _trusted_keys(self) -> list[Any]:
+        keys, errors = load_public_keys(self.config.ota.trusted_keys,
+                                        self.config.source.parent if self.config.source else None)
+        for error in errors:
+            self.health.set("ota", "failed", f"ota.trusted_keys: {error}")
+            log.error("cannot load a trusted firmware key", key="ota.trusted_keys", error=error)
+        return keys
+
     # -- start-up ----------------------------------------------------------------
+
+    def _live_plugins(self) -> list[str]:
+        """Enabled plugins that have not failed (yet)."""
+        return [n for n in self.enabled_plugins if n not in self.failed]
+
+    @contextmanager
+    def _plugin_step(self, name: str, what: str) -> Iterator[None]:
+        """A plugin's part in a start-up step: if it raises, that plugin fails, the rest go on."""
+        try:
+            yield
+        except Exception as e:
+            self._fail(name, f"{what}: {e}", e)
 
     async def _install_schemas(self) -> None:
         await trio.to_thread.run_sync(self.devices.install)
         await self.outbox.open()
-        for name in self.enabled_plugins:
-            try:
+        for spec in (EVENTS_SCHEMA, NOTIFY_SCHEMA, OTA_SCHEMA):
+            await trio.to_thread.run_sync(self.storage.install, spec)
+        for name in self._live_plugins():
+            with self._plugin_step(name, "storage models"):
                 registry = self.plugins.storage_models(name)
                 if registry.models:
                     spec = SchemaSpec(name, registry.models, registry.version, registry.migrations)
                     await trio.to_thread.run_sync(self.storage.install, spec)
-            except Exception as e:
-                self._fail(name, f"storage models: {e}", e)
 
     def _build_contexts(self) -> None:
         for name in self.enabled_plugins:
@@ -222,32 +279,53 @@ class Gateway:
                 ingest=Ingest(self.outbox, name, self.clock),
                 events=self.events,
                 ota=self.ota,
-                admin_check=lambda: require_admin(self),
+                admin_check=self.admin.check,
             )
 
+    def _collect_topics(self) -> None:
+        for name in self._live_plugins():
+            with self._plugin_step(name, "mqtt topics"):
+                self.mqtt.add(self.plugins.mqtt_topics(name, self.contexts[name]))
+
+    def _load_alert_rules(self) -> None:
+        """Every plugin's default rules, with the config's `[[rules]]` merged over them."""
+        plugin_rules: list[Rule] = []
+        for name in self._live_plugins():
+            with self._plugin_step(name, "alert rules"):
+                try:
+                    raw = self.plugins.alert_rules(name, self.contexts[name])
+                    plugin_rules += [rule_from_dict(r, f"plugins.{name}.alert_rules[{i}]", source=f"plugin:{name}",
+                                                    family=name) for i, r in enumerate(raw)]
+                except ConfigErrors as e:
+                    raise ValueError("; ".join(str(x) for x in e.errors)) from None
+        rules = merge_rules(plugin_rules, self.config.rules)
+        self.events.set_rules(rules)
+        log.info("alert rules loaded", rules=len(rules), from_plugins=len(plugin_rules),
+                 from_config=len(self.config.rules))
+
     async def _start_http(self, nursery: trio.Nursery) -> None:
-        app = create_app(self)
-        app.register_blueprint(admin_blueprint(self))
-        app.register_blueprint(events_blueprint(self))
-        app.register_blueprint(firmware_blueprint(self))
+        h = self.config.http
+        app = create_app("gatewayd", max_body_bytes=h.max_body_bytes, log=self.log)
+        app.register_blueprint(core_blueprint(self.health, self.metrics, self.admin, self.plugin_table))
+        app.register_blueprint(admin_blueprint(self.devices, self.admin, lambda: self.enabled_plugins))
+        app.register_blueprint(events_blueprint(self.events, self.storage, self.admin))
+        app.register_blueprint(firmware_blueprint(self.ota, self.admin))
         dedicated: list[tuple[str, Any]] = []
-        for name in self.enabled_plugins:
-            if name in self.failed:
-                continue
-            try:
+        for name in self._live_plugins():
+            blueprint = None
+            with self._plugin_step(name, "http routes"):
                 blueprint = self.plugins.http_routes(name, self.contexts[name])
-            except Exception as e:
-                self._fail(name, f"http routes: {e}", e)
-                continue
             if blueprint is None:
                 continue
             guard_plugin(blueprint, lambda n=name: self.failed.get(n))
             app.register_blueprint(blueprint, url_prefix=self.contexts[name].mount)
             if self.config.plugins[name].listen is not None:
-                dedicated.append((name, create_plugin_app(self, name, blueprint)))
+                own = create_app(f"gatewayd-{name}", max_body_bytes=h.max_body_bytes, log=self.log)
+                own.register_blueprint(blueprint, url_prefix=None, name=f"{blueprint.name}_root")
+                dedicated.append((name, own))
         self.app = app
         self.health.set("http", "starting")
-        await self._serve(nursery, "main", app, self.config.http.listen)
+        await self._serve(nursery, "main", app, h.listen)
         for name, plugin_app in dedicated:
             await self._serve(nursery, name, plugin_app, self.config.plugins[name].listen)
         self.health.set("http", "ok", listen=self.http_urls)
@@ -281,52 +359,20 @@ class Gateway:
             key = "http.listen" if label == "main" else f"plugins.{label}.listen"
             raise ListenError(f"cannot listen on {listen} ({key}): {error.strerror or error}") from None
 
-    def _connect_services(self) -> None:
-        """Point the services at each other once they all exist."""
-        self.devices.presence.emit = self.events.emit  # device_online / device_offline events
-        mqtt = self.mqtt.facade()
-        self.notifier.publish_mqtt = lambda topic, payload, qos: mqtt.publish(topic, payload, qos)
-
-        async def forward_alert(record: dict[str, Any]) -> None:
-            ingest = Ingest(self.outbox, record.get("family") or "gateway", self.clock)
-            await ingest.record(record.get("device_id") or "-", "alert", record, cls="alert")
-
-        self.notifier.forward_upstream = forward_alert
-
-    def _collect_topics(self) -> None:
-        for name in self.enabled_plugins:
-            if name in self.failed:
-                continue
-            try:
-                self.mqtt.add(self.plugins.mqtt_topics(name, self.contexts[name]))
-            except Exception as e:
-                self._fail(name, f"mqtt topics: {e}", e)
-
     async def _start_serial(self, nursery: trio.Nursery) -> None:
-        for name in self.enabled_plugins:
-            if name in self.failed:
-                continue
-            try:
-                registry = self.plugins.serial_links(name, self.contexts[name])
-                await self.serial.start(name, registry, nursery)
-            except Exception as e:
-                self._fail(name, f"serial links: {e}", e)
+        for name in self._live_plugins():
+            with self._plugin_step(name, "serial links"):
+                await self.serial.start(name, self.plugins.serial_links(name, self.contexts[name]), nursery)
 
     async def _start_plugins(self, nursery: trio.Nursery) -> None:
-        for name in self.enabled_plugins:
-            if name in self.failed:
-                continue
+        for name in self._live_plugins():
             ctx = self.contexts[name]
             self.health.set_plugin(name, "starting")
-            try:
+            with self._plugin_step(name, "startup"):
                 await self.plugins.startup(name, ctx)
-                tasks = self.plugins.background_tasks(name, ctx)
-            except Exception as e:
-                self._fail(name, f"startup: {e}", e)
-                continue
-            for task in tasks.tasks:
-                nursery.start_soon(self._supervise, name, task)
-            self.health.set_plugin(name, "ok")
+                for task in self.plugins.background_tasks(name, ctx).tasks:
+                    nursery.start_soon(self._supervise, name, task)
+                self.health.set_plugin(name, "ok")
 
     def _fail(self, name: str, reason: str, exc: BaseException) -> None:
         self.failed[name] = reason
@@ -379,9 +425,6 @@ class Gateway:
         front.cancel_scope.cancel()
 
     # -- health and metrics ------------------------------------------------------
-
-    def _storage_state(self) -> ComponentState:
-        return self.storage.health_state()  # "full" while writes fail for lack of space
 
     def _register_core_metrics(self) -> None:
         s = self.storage.stats

@@ -48,7 +48,7 @@ import peewee
 import pluggy
 
 from ..core.devices.registry import ClaimError, DeviceExists
-from ..core.http.app import MAX_JSON_DEPTH, BadJSON, parse_json, read_json_object
+from ..core.http.body import read_json_object
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
 from ..core.mqtt.service import InboundMessage, MQTTUnavailable, Rejected, TopicRegistry
@@ -56,6 +56,7 @@ from ..core.outbox.ingest import Ingested, IngestError, Record
 from ..core.schema import ConfigError
 from ..core.serial.link import SerialSettings
 from ..core.storage import StorageError, StorageFull
+from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, parse_json
 from .hookspecs import PROJECT
 
 if TYPE_CHECKING:

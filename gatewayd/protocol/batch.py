@@ -8,7 +8,7 @@ the two in step.
 - :func:`encode_batch` builds the body and headers of one batch (sender side).
 - :func:`decode_batch` verifies and opens one (receiver side), raising
   :class:`ProtocolError` with the HTTP status to answer.
-- :func:`~gatewayd.core.sync.retry.parse_response` (in ``retry``) tells the sender
+- :func:`~gatewayd.protocol.retry.parse_response` (in ``retry``) tells the sender
   what to do with the receiver's answer.
 """
 

@@ -27,7 +27,6 @@ import trio
 from ..core.config import load_config
 from ..core.runtime import Gateway
 from ..plugins.manager import build_plugin_manager
-
 from .mqtt import *  # noqa: F403  (the MQTT fixtures: mqtt_broker, device_client, ...)
 from .mqtt import __all__ as _mqtt_all
 

@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
 
-from ..http.app import error_response, require_admin
-from .events import EventQuery, parse_time
+from ..http.app import AdminGuard
+from ..http.errors import error_response
+from .events import EventBus, EventQuery, parse_time
 from .notify import STATES, list_notifications
 
 if TYPE_CHECKING:
-    from ..runtime import Gateway
+    from ..storage import Storage
 
 __all__ = ["events_blueprint", "query_from_args"]
 
@@ -44,14 +45,13 @@ def query_from_args(args: Any) -> EventQuery:
     return q
 
 
-def events_blueprint(gateway: Gateway) -> Blueprint:
+def events_blueprint(bus: EventBus, storage: Storage, admin: AdminGuard) -> Blueprint:
+    """`/api/gateway/events` and `/api/gateway/alerts`."""
     bp = Blueprint("gatewayd_events", __name__)
 
     @bp.before_request
     async def _admin() -> Response | None:
-        if getattr(gateway, "events", None) is None:
-            return error_response(503, "events are not available")
-        return require_admin(gateway)
+        return admin.check()
 
     @bp.get("/api/gateway/events")
     async def events() -> Any:
@@ -60,7 +60,7 @@ def events_blueprint(gateway: Gateway) -> Blueprint:
             q = query_from_args(request.args)
         except ValueError as e:
             return error_response(400, str(e))
-        rows, cursor = await gateway.events.query(q)
+        rows, cursor = await bus.query(q)
         return {"events": rows, "next_cursor": cursor}
 
     @bp.get("/api/gateway/alerts")
@@ -75,7 +75,7 @@ def events_blueprint(gateway: Gateway) -> Blueprint:
             limit = 0
         if not 1 <= limit <= 1000:
             return error_response(400, "limit: expected an integer 1-1000")
-        rows = await gateway.storage.read(list_notifications, state, limit)
-        return {"alerts": rows, "active": [list(k) for k in gateway.events.engine.active()]}
+        rows = await storage.read(list_notifications, state, limit)
+        return {"alerts": rows, "active": [list(k) for k in bus.engine.active()]}
 
     return bp

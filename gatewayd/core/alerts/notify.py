@@ -26,9 +26,9 @@ import httpx
 import peewee
 import trio
 
-from ..schema import read_secret
 from ..logs import get_logger
 from ..metrics import Sample
+from ..schema import read_secret
 from ..storage import SchemaSpec, StorageError
 from .engine import Firing
 

@@ -99,6 +99,7 @@ class Authenticator:
         max_skew_s: float = 300.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = trio.current_time,
+        presence: Any = None,
     ):
         self.registry = registry
         self.max_failures = max_failures
@@ -109,7 +110,7 @@ class Authenticator:
         self.clock = clock
         self.monotonic = monotonic
         self.policies: dict[str, FamilyPolicy] = {}
-        self.presence: Any = None  # anything with touch(family, device_id)
+        self.presence = presence  # anything with touch(family, device_id), or None
         self.device_failures: OrderedDict[tuple[str, str], int] = OrderedDict()
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         self._locked: dict[str, float] = {}

@@ -117,12 +117,13 @@ class CommandQueue:
         clock: Callable[[], float] = time.time,
         default_ttl_s: float = 86400.0,
         sweep_s: float = 30.0,
+        publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
     ):
         self.storage = storage
         self.clock = clock
         self.default_ttl_s = default_ttl_s
         self.sweep_s = sweep_s
-        self.publish: Callable[[str, bytes], Awaitable[Any]] | None = None
+        self.publish = publish  # MQTT, for push(); None: no MQTT (push raises)
         self.listeners: dict[str, Callable[[Command], Any]] = {}
 
     async def enqueue(

@@ -303,11 +303,12 @@ class DeviceRegistry:
     changes which MQTT accounts or keys are valid; the runtime points it at the broker.
     """
 
-    def __init__(self, storage: Storage, keyring: Keyring | None = None, *, clock: Callable[[], float] = time.time):
+    def __init__(self, storage: Storage, keyring: Keyring | None = None, *, clock: Callable[[], float] = time.time,
+                 on_credentials_changed: Callable[[str], Any] | None = None):
         self.storage = storage
         self.keyring = keyring
         self.clock = clock
-        self.on_credentials_changed: Callable[[str], Any] | None = None
+        self.on_credentials_changed = on_credentials_changed
         # (family, id) -> (monotonic time read, Device or None): for `recent`. Cleared
         # by every write through this registry; another process's writes (the CLI)
         # are seen once an entry is older than the caller's `max_age_s`.

@@ -3,19 +3,18 @@
 The Gateway owns one `DeviceServices`. It installs the core device tables, runs the
 presence and command-expiry services in the core nursery, and hands each plugin four
 facades bound to its family (`ctx.devices`, `ctx.auth`, `ctx.ratelimit`,
-`ctx.commands`). Hooks for the rest of the core:
+`ctx.commands`). What it tells the rest of the core comes through its constructor:
 
-- `services.registry.on_credentials_changed = fn(family)`: MQTT accounts changed
-  (also fired for changes made by `gatewayd devices ...` in another process, which
-  are noticed within `devices.presence_flush_s`);
-- `services.presence.emit = async fn(family, device_id, type, data)`: online/offline;
-- `services.commands.publish = async fn(topic, payload)`: MQTT push of commands.
+- `on_credentials_changed(family)`: MQTT accounts changed (also fired for changes made
+  by `gatewayd devices ...` in another process, noticed within `devices.presence_flush_s`);
+- `emit(family, device_id, type, data)` (async): a device went online or offline;
+- `publish(topic, payload)` (async): the MQTT push of commands.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import peewee
@@ -24,7 +23,7 @@ import trio
 from ..logs import get_logger
 from .auth import Authenticator, FamilyAuth
 from .commands import COMMAND_SCHEMA, CommandQueue, FamilyCommands
-from .presence import Presence
+from .presence import Emit, Presence, log_transition
 from .ratelimit import FamilyRateLimits, RateLimiter
 from .registry import DEVICE_SCHEMA, CredentialRow, Credentials, Device, DeviceRegistry, DeviceRow
 from .secrets import Keyring, load_master_key
@@ -102,20 +101,32 @@ class FamilyDevices:
 class DeviceServices:
     """Builds and runs everything device-facing for one Gateway (or one CLI command)."""
 
-    def __init__(self, config: Config, storage: Storage, metrics: Metrics, *, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        config: Config,
+        storage: Storage,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        emit: Emit = log_transition,
+        on_credentials_changed: Callable[[str], Any] | None = None,
+        publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
+    ):
         self.config = config
         self.storage = storage
-        self.registry = DeviceRegistry(storage, clock=clock)
+        self.registry = DeviceRegistry(storage, clock=clock, on_credentials_changed=on_credentials_changed)
+        d = config.devices
+        self.presence = Presence(self.registry, offline_after_s=d.offline_after_s, flush_s=d.presence_flush_s,
+                                 clock=clock, emit=emit)
         a = config.auth
         self.auth = Authenticator(
             self.registry, metrics, max_failures=a.max_failures, failure_window_s=a.failure_window_s,
             lockout_s=a.lockout_s, jwt_ttl_s=a.jwt_ttl_s, max_skew_s=a.signature_max_skew_s, clock=clock,
+            presence=self.presence,
         )
         self.ratelimit = RateLimiter(wall_clock=clock)
-        d = config.devices
-        self.presence = Presence(self.registry, offline_after_s=d.offline_after_s, flush_s=d.presence_flush_s, clock=clock)
-        self.auth.presence = self.presence
-        self.commands = CommandQueue(storage, clock=clock, default_ttl_s=d.command_ttl_s, sweep_s=d.command_sweep_s)
+        self.commands = CommandQueue(storage, clock=clock, default_ttl_s=d.command_ttl_s, sweep_s=d.command_sweep_s,
+                                     publish=publish)
         self._fingerprint: dict[str, tuple] | None = None
 
     def install(self) -> None:

@@ -1,1 +1,4 @@
-"""HTTP: the QuartTrio app served in-process by hypercorn, the core error shape, the admin API."""
+"""HTTP: the QuartTrio app with the core error shape and the admin token, strict JSON
+bodies, hypercorn serving in-process, the public URL. Each service's admin routes live in
+its own package (``devices/http.py``, ``alerts/http.py``, ``ota/http.py``).
+"""

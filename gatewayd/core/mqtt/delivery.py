@@ -31,8 +31,8 @@ import peewee
 import trio
 
 from ...protocol.topics import TopicRouter
-from ..storage import Storage, StorageFull, StorageUnavailable
 from ..outbox.ingest import commits_with_records
+from ..storage import Storage, StorageFull, StorageUnavailable
 from .marks import DeliveryMarks, Mark
 
 __all__ = [

@@ -99,10 +99,7 @@ class PluginMQTT:
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
         """Publish; for QoS 1 returns after the broker's PUBACK. Raises MQTTUnavailable when off."""
-        client = self._service.client
-        if client is None:
-            raise MQTTUnavailable(f"MQTT is unavailable ({self._service.reason()})")
-        await client.publish(topic, payload, qos=qos, retain=retain)
+        await self._service.publish(topic, payload, qos=qos, retain=retain)
 
 
 class MQTTService:
@@ -167,12 +164,10 @@ class MQTTService:
             await nursery.start(self.broker.run)
             if self.broker.state == "unavailable":
                 return  # logged by the broker with the install command; HTTP etc. run on
-            self.devices.registry.on_credentials_changed = self._credentials_changed
         for registry in self.registries:
             for sub in registry.subscriptions:
                 self.router.add(sub.filter, sub.handler, qos=sub.qos, owner=registry.plugin)
         self.client = MQTTClient(self._settings(), self.pool)
-        self.devices.commands.publish = lambda topic, payload: self.client.publish(topic, payload, qos=1)
         await nursery.start(self.client.run)
         if self.broker is not None:
             self.edge = DeviceEdge(m.listen, (self.broker.host, self.broker.port), self.pool, WriteAcl(templates),
@@ -217,7 +212,14 @@ class MQTTService:
                     log.warning("device has no MQTT account", family=family, device=username, reason=str(e))
         return list(accounts.values())
 
-    async def _credentials_changed(self, family: str) -> None:
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
+        """Publish as the gateway; for QoS 1 return after PUBACK. MQTTUnavailable when off."""
+        if self.client is None:
+            raise MQTTUnavailable(f"MQTT is unavailable ({self.reason()})")
+        await self.client.publish(topic, payload, qos=qos, retain=retain)
+
+    async def credentials_changed(self, family: str) -> None:
+        """The registry's MQTT accounts of `family` changed: the managed broker follows."""
         if self.broker is None or family not in self._families:
             return
         # One at a time: two concurrent changes could otherwise write in the wrong

@@ -31,6 +31,7 @@ from ..logs import get_logger
 
 __all__ = [
     "SigningError", "signed_message", "key_id", "generate_keypair", "load_private_key", "load_public_key",
+    "load_public_keys",
     "verify_signature", "SiteKey", "SITE_KEY_NAME",
 ]
 
@@ -188,3 +189,16 @@ def verify_signature(message: bytes, signature_b64: str, keys: Iterable[Ed25519P
         except InvalidSignature:
             continue
     raise SigningError("bad signature: it does not verify with any trusted key (wrong key, or the image was altered)")
+
+
+def load_public_keys(paths: list[str], base: Path | None) -> tuple[list[Ed25519PublicKey], list[str]]:
+    """The keys at `paths` (relative ones under `base`, the config file's folder), and
+    what was wrong with those that could not be loaded."""
+    keys, errors = [], []
+    for path in paths:
+        full = Path(path) if Path(path).is_absolute() or base is None else base / path
+        try:
+            keys.append(load_public_key(full))
+        except SigningError as e:
+            errors.append(str(e))
+    return keys, errors

@@ -507,7 +507,7 @@ class OtaStore:
 
         fw = firmware if isinstance(firmware, Firmware) else await self.get(firmware)
         if fw is None:
-            from ..http.app import error_response
+            from ..http.errors import error_response
 
             return error_response(404, f"no firmware with id {firmware}")
         return await firmware_response(fw)

@@ -90,8 +90,8 @@ def cloud_sink(entry: Any, gateway_id: str) -> MqttSink:
     """An MqttSink with a connection of its own to the cloud broker of one `[[upstream]]`."""
     from urllib.parse import urlsplit
 
-    from ..schema import read_secret
     from ..mqtt.client import MQTTClient, MQTTSettings, TLSSettings
+    from ..schema import read_secret
 
     url = urlsplit(entry.url)
     secure = url.scheme == "mqtts"

@@ -15,11 +15,11 @@ import trio
 
 from ...protocol.batch import CLASSES, mqtt_topic
 from ...protocol.retry import Backoff, CircuitBreaker
-from ..schema import read_secret
 from ..health import ComponentState, Health
 from ..logs import get_logger
 from ..metrics import Metrics, Sample
 from ..outbox.store import Outbox
+from ..schema import read_secret
 from .http_sink import HttpSink
 from .worker import SyncWorker
 

@@ -23,31 +23,36 @@ failure 503 (the app's handlers).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
 
-from ..devices.registry import ClaimError, DeviceExists, UnknownDevice
-from .app import BadJSON, error_response, read_json_object, require_admin
+from ...protocol.strict_json import BadJSON
+from ..http.app import AdminGuard
+from ..http.body import read_json_object
+from ..http.errors import error_response
+from .registry import ClaimError, DeviceExists, UnknownDevice
 
 if TYPE_CHECKING:
-    from ..devices.registry import Device
-    from ..runtime import Gateway
+    from .registry import Device
+    from .services import DeviceServices
 
 __all__ = ["admin_blueprint"]
 
 PREFIX = "/api/gateway/devices"
 
 
-def admin_blueprint(gateway: Gateway) -> Blueprint:
-    """The Blueprint; the runtime registers it on the main listener."""
+def admin_blueprint(services: DeviceServices, admin: AdminGuard, families: Callable[[], list[str]]) -> Blueprint:
+    """The Blueprint; the runtime registers it on the main listener. `families()` names
+    the enabled plugins: a device of no plugin could never talk to the gateway."""
     bp = Blueprint("gatewayd_devices_admin", __name__, url_prefix=PREFIX)
-    services = gateway.devices
     registry = services.registry
+    claim_code_ttl_s = services.config.devices.claim_code_ttl_s
 
     @bp.before_request
     async def _admin_only() -> Response | None:
-        return require_admin(gateway)
+        return admin.check()
 
     def describe(device: Device) -> dict[str, Any]:
         return {**device.as_json(), "online": services.presence.is_online(device.family, device.id)}
@@ -62,7 +67,7 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
 
     def family_of(doc: dict[str, Any]) -> str:
         """The body's family: one of an enabled plugin (a device of no plugin can't talk)."""
-        family, known = doc.get("family"), gateway.enabled_plugins
+        family, known = doc.get("family"), families()
         if family is None:
             raise BadJSON("family: required (the plugin name of the device family)")
         if family not in known:
@@ -102,7 +107,7 @@ def admin_blueprint(gateway: Gateway) -> Blueprint:
     async def claim_code() -> Any:
         doc = await body("family", "device_id", "ttl_s")
         family = family_of(doc)
-        ttl = doc.get("ttl_s", gateway.config.devices.claim_code_ttl_s)
+        ttl = doc.get("ttl_s", claim_code_ttl_s)
         try:
             code = await registry.create_claim_code(family, ttl_s=ttl, device_id=doc.get("device_id"))
         except UnknownDevice as e:

@@ -1,0 +1,79 @@
+"""hypercorn serving a QuartTrio app in this trio run (`serve_app`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart_trio import QuartTrio
+
+from ..schema import Address
+
+__all__ = ["RefuseBadHost", "serve_app"]
+
+
+class _DropEarlyClose(logging.Filter):
+    """hypercorn logs a request twice when the client closes its end first (`status=-`,
+    then the real line once the response completes): keep only the real one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, dict) and args.get("s") == "-")
+
+
+_access_log = logging.getLogger("gatewayd.access")
+_access_log.addFilter(_DropEarlyClose())
+
+
+async def serve_app(
+    app: QuartTrio,
+    listen: Address,
+    *,
+    shutdown_trigger: Callable[[], Any],
+    graceful_timeout: float,
+    access_log: bool,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`."""
+    config = HypercornConfig()
+    config.bind = [str(listen)]
+    config.graceful_timeout = graceful_timeout
+    config.errorlog = logging.getLogger("gatewayd.http")
+    config.accesslog = _access_log if access_log else None
+    config.access_log_format = 'client=%(h)s method=%(m)s path="%(U)s" status=%(s)s bytes=%(b)s duration_us=%(D)s'
+    await serve(RefuseBadHost(app), config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+class RefuseBadHost:
+    """ASGI wrapper: a request whose Host header is no valid host name (an empty label:
+    `a..b`, a label over 63 characters) gets a 400 in the core shape. Werkzeug refuses it
+    while Quart builds the request context, before any error handler of ours can answer,
+    and hypercorn then sends an empty 500 (found by tests/test_fuzz_http.py)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and not _valid_host(scope):
+            body = json.dumps({"error": {"status": 400, "code": "bad_request",
+                                         "message": "the Host header is not a valid host name"}}).encode()
+            await send({"type": "http.response.start", "status": 400,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def _valid_host(scope: dict[str, Any]) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"host":
+            try:
+                value.decode("latin-1").lower().encode("idna")  # what werkzeug does with it
+            except UnicodeError:
+                return False
+    return True

@@ -1,0 +1,141 @@
+"""Strict JSON for what devices and operators send: pure, no I/O.
+
+`parse_json` refuses what a lenient parser would let through and something downstream
+would then choke on: bytes that are not UTF-8, nesting deep enough to exhaust the
+stack, NaN/Infinity and numbers beyond a double (they would come back out as
+non-standard JSON), integers outside SQLite's signed 64-bit range, lone surrogates.
+`BadJSON` names what was wrong and where (`metadata.a[1]: NaN is not a JSON number`).
+The HTTP layer answers it with a 400; MQTT handlers turn it into `Rejected`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+__all__ = ["BadJSON", "INT_MAX", "INT_MIN", "MAX_JSON_DEPTH", "field_path", "parse_json", "json_kind"]
+
+# No admin or device document nests anywhere near this; json's C parser recurses (a
+# RecursionError near 1,000 levels), and everything downstream that walks a document
+# recurses too, so the limit sits far below either.
+MAX_JSON_DEPTH = 64
+# SQLite stores integers as signed 64-bit; a larger one raises OverflowError on insert.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # UTF-8 cannot encode them: SQLite refuses the string
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class BadJSON(ValueError):
+    """A request body (or a field of it) the route refuses; the message names the field
+    and what was wrong. Core routes answer 400 in the core shape; plugins catch it (or
+    register an error handler on their Blueprint) to answer in their own."""
+
+
+class _Refused:
+    """What `NaN`, `Infinity`, `-Infinity`, a float beyond a double and an integer too
+    long for SQLite parse to: kept as text so the walk can say what was where. (A huge
+    integer is never converted: that costs quadratic time, and Python refuses more than
+    4,300 digits.)"""
+
+    def __init__(self, text: str, why: str):
+        self.text, self.why = text, why
+
+
+def _parse_constant(text: str) -> _Refused:
+    return _Refused(text, "is not a JSON number (only finite numbers are)")
+
+
+def _parse_int(text: str) -> Any:
+    if len(text) <= 20:  # 19 digits and a sign; the range check is in the walk
+        return int(text)
+    return _Refused(text, f"is outside the signed 64-bit range {INT_MIN}..{INT_MAX}")
+
+
+def _parse_float(text: str) -> Any:
+    value = float(text)
+    return value if math.isfinite(value) else _Refused(text, "is out of range for a 64-bit float")
+
+
+def field_path(parts: tuple[Any, ...]) -> str:
+    """`metadata.a[3]["odd key"]`: where a value sits in a document (`body` is the top)."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _NAME.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part[:40] + ('...' if len(part) > 40 else ''))}]"
+    return out if out[:1].isalpha() or out[:1] == "_" else f"body{out}"
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text)} characters)"
+
+
+def _check(doc: Any, max_depth: int) -> None:
+    """Walk the parsed document without recursion; BadJSON at the first value a strict
+    parser, SQLite or a UTF-8 encoder would refuse, naming its path."""
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(doc, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                raise BadJSON(f"{field_path(path)}: a lone surrogate (\\ud800-\\udfff) is not a Unicode character")
+        elif isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, int):
+            if not INT_MIN <= value <= INT_MAX:
+                raise BadJSON(f"{field_path(path)}: {value} is outside the signed 64-bit range {INT_MIN}..{INT_MAX}")
+        elif isinstance(value, float):
+            pass
+        elif isinstance(value, _Refused):
+            raise BadJSON(f"{field_path(path)}: {_shorten(value.text)} {value.why}")
+        else:
+            if len(path) >= max_depth:
+                raise BadJSON(f"body: nested deeper than {max_depth} levels (at {field_path(path)})")
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if _LONE_SURROGATE.search(key):
+                        raise BadJSON(f"{field_path(path)}: a key with a lone surrogate (\\ud800-\\udfff)")
+                    stack.append((item, (*path, key)))
+            else:
+                stack.extend((item, (*path, i)) for i, item in enumerate(value))
+
+
+def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str = "body") -> Any:
+    """Parse a request body (or an MQTT payload: `name="payload"`) strictly, or raise
+    BadJSON saying what and where.
+
+    Refused: bytes that are not UTF-8; anything that is not JSON; nesting deeper than
+    `max_depth`; `NaN`, `Infinity`, `-Infinity` and numbers too large for a double
+    (they would come back out as non-standard JSON); integers outside SQLite's signed
+    64-bit range; strings with lone surrogates (no UTF-8 for them, so SQLite refuses).
+    """
+    if isinstance(raw, (bytes, bytearray)):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadJSON(f"{name}: not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        doc = json.loads(raw, parse_constant=_parse_constant, parse_int=_parse_int, parse_float=_parse_float)
+    except RecursionError:
+        raise BadJSON(f"{name}: nested deeper than {max_depth} levels") from None
+    except ValueError as e:
+        raise BadJSON(f"{name}: not JSON ({e})") from None
+    try:
+        _check(doc, max_depth)
+    except BadJSON as e:
+        text = str(e)
+        raise BadJSON(name + text[4:] if name != "body" and text.startswith("body") else text) from None
+    return doc
+
+
+_KINDS = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+def json_kind(value: Any) -> str:
+    """`an object`, `an array`, `a string`, ... for error messages."""
+    return _KINDS.get(type(value), "a number")
