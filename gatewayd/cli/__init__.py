@@ -18,16 +18,16 @@ from typing import Any
 import trio
 
 from .. import __version__
-from ..core.config import Config, ConfigErrors, load_config
+from ..core.config import ConfigErrors
 from ..core.logs import get_logger, setup_logging
-from ..core.storage import Storage, StorageError, backup_database
+from ..core.storage import StorageError, backup_database
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
+from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .outbox import cmd_outbox, setup_outbox
 
-DEFAULT_CONFIG = "gatewayd.toml"
 EPILOG = """\
 examples:
   gatewayd run                               start with ./gatewayd.toml
@@ -38,56 +38,6 @@ examples:
 
 docs: README.md, docs/configuration.md, docs/plugins.md
 """
-
-
-class CliContext:
-    """What a plugin command gets besides its arguments: the config, the database."""
-
-    def __init__(self, args: argparse.Namespace, manager: PluginManager):
-        self._args = args
-        self._manager = manager
-        self._config: Config | None = None
-
-    @property
-    def config(self) -> Config:
-        if self._config is None:
-            self._config = _load(self._args, self._manager)
-        return self._config
-
-    def open_storage(self) -> Storage:
-        """Open the gateway database (also while the daemon runs: WAL allows it)."""
-        storage = Storage(self.config.data_dir / "gatewayd.sqlite3", synchronous=self.config.storage.synchronous)
-        storage.open()
-        return storage
-
-
-def _common(parser: argparse.ArgumentParser, *, sub: bool) -> None:
-    # On subcommands the defaults are suppressed so they don't overwrite what was given
-    # before the subcommand name (`gatewayd --config x run` and `gatewayd run --config x`).
-    default = argparse.SUPPRESS if sub else None
-    group = parser.add_argument_group("configuration")
-    group.add_argument(
-        "-c", "--config", metavar="PATH", default=default,
-        help=f"configuration file (default: ./{DEFAULT_CONFIG} if it exists, else built-in defaults)",
-    )
-    group.add_argument(
-        "--set", metavar="KEY=VALUE", action="append", dest="set_sub" if sub else "set", default=default,
-        help="override one key, e.g. --set http.listen=0.0.0.0:8080 (repeatable; value parsed as TOML)",
-    )
-    group.add_argument(
-        "-p", "--plugin", metavar="MODULE", action="append", dest="plugin_sub" if sub else "plugin",
-        default=default, help="also load a plugin from a Python module (development)",
-    )
-
-
-def _config_path(args: argparse.Namespace) -> Path | None:
-    if args.config:
-        return Path(args.config)
-    return Path(DEFAULT_CONFIG) if Path(DEFAULT_CONFIG).exists() else None
-
-
-def _load(args: argparse.Namespace, manager: PluginManager) -> Config:
-    return load_config(_config_path(args), args.set or [], manager.config_schemas())
 
 
 def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
@@ -103,10 +53,10 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
     from ..core.runtime import Gateway, ListenError, find_exception, run_until_signalled, tune_gc
 
-    config = _load(args, manager)
+    config = load(args, manager)
     setup_logging(config.log.level, config.log.format)
     log = get_logger("gatewayd")
-    path = _config_path(args)
+    path = config_path(args)
     log.info("starting gatewayd", version=__version__, config=str(path) if path else "built-in defaults",
              data_dir=str(config.data_dir))
     for name, settings in config.plugins.items():
@@ -127,8 +77,8 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace, manager: PluginManager) -> int:
-    config = _load(args, manager)
-    path = _config_path(args)
+    config = load(args, manager)
+    path = config_path(args)
     enabled = [n for n, s in config.plugins.items() if s.enabled]
     print(f"configuration ok: {path or 'built-in defaults'}")
     print(f"  gateway.id       {config.gateway.id}")
@@ -140,7 +90,7 @@ def cmd_check_config(args: argparse.Namespace, manager: PluginManager) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace, manager: PluginManager) -> int:
-    config = _load(args, manager)
+    config = load(args, manager)
     rows = []
     for name in manager.names:
         info = manager.infos[name]
@@ -168,7 +118,7 @@ def cmd_plugins(args: argparse.Namespace, manager: PluginManager) -> int:
 
 
 def cmd_backup(args: argparse.Namespace, manager: PluginManager) -> int:
-    config = _load(args, manager)
+    config = load(args, manager)
     source = config.data_dir / "gatewayd.sqlite3"
     try:
         dest = backup_database(source, args.dest)
@@ -264,11 +214,11 @@ def build_parser(manager: PluginManager, wanted: set[str] | None = None) -> argp
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
-    _common(parser, sub=False)
+    add_common_options(parser, sub=False)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, help, setup, fn in CORE_COMMANDS:
         sub = commands.add_parser(name, help=help, description=help)
-        _common(sub, sub=True)
+        add_common_options(sub, sub=True)
         setup(sub)
         sub.set_defaults(handler=fn)
     for plugin in manager.names:
@@ -285,7 +235,7 @@ def build_parser(manager: PluginManager, wanted: set[str] | None = None) -> argp
             continue
         for command in registry.commands:
             sub = group_sub.add_parser(command.name, help=command.help, description=command.help)
-            _common(sub, sub=True)
+            add_common_options(sub, sub=True)
             command.setup(sub)
             sub.set_defaults(handler=_plugin_runner(command.run))
     return parser
@@ -329,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args, manager)
     except ConfigErrors as e:
-        _print_config_errors(e, _config_path(args))
+        _print_config_errors(e, config_path(args))
         return 2
 
 

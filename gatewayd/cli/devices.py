@@ -22,6 +22,7 @@ from ..core.devices.services import DeviceServices
 from ..core.metrics import Metrics
 from ..core.storage import Storage
 from ..protocol.strict_json import BadJSON, parse_json
+from .context import add_common_options, load
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -203,13 +204,12 @@ async def _claim_code(args: argparse.Namespace, s: DeviceServices) -> int:
 
 def setup_devices(parser: argparse.ArgumentParser) -> None:
     """Add the `devices` subcommands to the `devices` parser."""
-    from . import _common  # cli imports this module; by now it is loaded
 
     sub = parser.add_subparsers(dest="devices_command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, run: Callable, *, device: bool = False, json_flag: bool = True):
         p = sub.add_parser(name, help=help, description=help)
-        _common(p, sub=True)
+        add_common_options(p, sub=True)
         if device:
             p.add_argument("device_id", metavar="ID", help="the device id")
             p.add_argument("--family", help="the device's family (needed if the id exists in several)")
@@ -247,9 +247,8 @@ def setup_devices(parser: argparse.ArgumentParser) -> None:
 
 def cmd_devices(args: argparse.Namespace, manager: PluginManager) -> int:
     """Run the chosen `devices` subcommand against the gateway database."""
-    from . import _load
 
-    config = _load(args, manager)
+    config = load(args, manager)
     # As the daemon decides (Gateway.enabled_plugins): installed, loaded and enabled.
     args.enabled_families = [
         n for n in manager.names

@@ -16,6 +16,7 @@ from ..core.alerts.events import EVENTS_SCHEMA, EventQuery, parse_time, query_ev
 from ..core.alerts.notify import NOTIFY_SCHEMA, STATES, list_notifications
 from ..core.alerts.rules import SEVERITIES
 from ..core.storage import Storage
+from .context import add_common_options, load
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -40,11 +41,10 @@ def _when(ts: float | None) -> str:
 
 
 def _subcommand(parser: argparse.ArgumentParser, dest: str, help: str) -> argparse.ArgumentParser:
-    from . import _common  # cli imports this module; by now it is loaded
 
     sub = parser.add_subparsers(dest=dest, metavar="COMMAND", required=True)
     p = sub.add_parser("list", help=help, description=help)
-    _common(p, sub=True)
+    add_common_options(p, sub=True)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return p
 
@@ -63,9 +63,8 @@ def setup_events(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_events(args: argparse.Namespace, manager: PluginManager) -> int:
-    from . import _load
 
-    config = _load(args, manager)
+    config = load(args, manager)
     try:
         q = EventQuery(family=args.family, device=args.device, types=args.type, severities=args.severity,
                        limit=args.limit, cursor=args.cursor)
@@ -100,9 +99,8 @@ def setup_alerts(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_alerts(args: argparse.Namespace, manager: PluginManager) -> int:
-    from . import _load
 
-    config = _load(args, manager)
+    config = load(args, manager)
     if not 1 <= args.limit <= 1000:
         print("gatewayd: --limit: expected 1-1000", file=sys.stderr)
         return 2

@@ -27,6 +27,7 @@ from ..core.ota.store import (
     load_public_key,
 )
 from ..core.storage import Storage
+from .context import add_common_options, load
 
 if TYPE_CHECKING:
     from ..core.config import Config
@@ -47,13 +48,12 @@ def _percent(text: str) -> float:
 
 def setup_firmware(parser: argparse.ArgumentParser) -> None:
     """Add the `firmware` subcommands."""
-    from . import _common  # cli imports this module; by now it is loaded
 
     sub = parser.add_subparsers(dest="firmware_command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        _common(p, sub=True)
+        add_common_options(p, sub=True)
         p.set_defaults(firmware_run=name)
         return p
 
@@ -98,14 +98,13 @@ def _store(config: Config, storage: Storage) -> OtaStore:
 
 
 def cmd_firmware(args: argparse.Namespace, manager: PluginManager) -> int:
-    from . import _load
 
     try:
         if args.firmware_run == "keygen":
             private, public = generate_keypair(args.path)
             print(f"private key: {private} (keep it off the gateway if you can)\npublic key:  {public}")
             return 0
-        config = _load(args, manager)
+        config = load(args, manager)
         if args.firmware_run == "site-key":
             return _print_site_key(SiteKey(config.data_dir))
         storage = Storage(config.data_dir / "gatewayd.sqlite3", synchronous=config.storage.synchronous)

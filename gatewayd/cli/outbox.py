@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 
 from ..core.outbox.store import Outbox
+from .context import CliContext
 
 __all__ = ["setup_outbox", "cmd_outbox"]
 
@@ -32,7 +33,6 @@ def setup_outbox(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_outbox(args: argparse.Namespace, manager: Any) -> int:
-    from . import CliContext
 
     cli = CliContext(args, manager)
     config = cli.config
