@@ -25,8 +25,8 @@ __all__ = ["status", "dead_letters", "retry_dead", "forget_sink"]
 def status(outbox: Outbox) -> dict[str, Any]:
     """Per class: rows, bytes, oldest age; per sink: backlog, last success/error."""
     now = outbox.clock()
-    counts = outbox._read_counts()
-    oldest = outbox._oldest()
+    counts = outbox.tally.read()
+    oldest = outbox.tally.oldest()
     classes = {
         c: {
             "rows": counts.get(f"class:{c}", [0, 0])[0],
@@ -74,7 +74,7 @@ def retry_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> tuple[int, i
     query = DeadLetter.select().order_by(DeadLetter.id)
     if ids is not None:
         query = query.where(DeadLetter.id.in_(list(ids)))
-    counts = outbox._read_counts()
+    counts = outbox.tally.read()
     touched: set[str] = set()
     batches = records = 0
     for dead in query:
@@ -103,7 +103,7 @@ def retry_dead(outbox: Outbox, ids: Iterable[int] | None = None) -> tuple[int, i
             records += 1
         dead.delete_instance()
         batches += 1
-    outbox._commit_counts(counts, touched)
+    outbox.tally.commit(counts, touched)
     return batches, records
 
 
@@ -133,6 +133,6 @@ def forget_sink(outbox: Outbox, name: str) -> int:
     del outbox.bits[name]
     # Zeroed, not deleted: a running daemon still knows the bit until it restarts.
     conn.execute("UPDATE core_outbox_count SET rows = 0, bytes = 0 WHERE key = ?", (f"sink:{name}",))
-    outbox._recount({f"class:{c}" for c in CLASSES} | {f"sink:{n}" for n in outbox.bits})
-    outbox.counts = outbox._read_counts()
+    outbox.tally.recount({f"class:{c}" for c in CLASSES} | {f"sink:{n}" for n in outbox.bits})
+    outbox.counts = outbox.tally.read()
     return owed

@@ -113,7 +113,7 @@ def _drop_oldest(outbox: Outbox, prio: int, rows: int, nbytes: int, counts: dict
             if freed_rows >= rows and freed_bytes >= nbytes:
                 break
     conn.executemany("DELETE FROM core_outbox WHERE id = ?", [(v[0],) for v in victims])
-    outbox._forget(victims, counts, touched)
+    outbox.tally.forget(victims, counts, touched)
     return len(victims)
 
 
@@ -132,6 +132,6 @@ def expire(outbox: Outbox, now: float, counts: dict[str, list[int]], touched: se
         ).fetchall()
         if victims:
             conn.executemany("DELETE FROM core_outbox WHERE id = ?", [(v[0],) for v in victims])
-            outbox._forget(victims, counts, touched)
+            outbox.tally.forget(victims, counts, touched)
             dropped[(CLASSES[prio], "ttl")] = len(victims)
     return dropped

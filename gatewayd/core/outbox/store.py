@@ -44,6 +44,7 @@ from ..storage import BACKUP_MARKER, Storage
 from . import admin as outbox_admin
 from . import capacity as outbox_capacity
 from .capacity import OutboxFull, OutboxLimits, OutboxPolicy
+from .counts import OutboxCounts
 from .records import CLASS_ORDER, COLUMNS, OpenBatch, StoredRecord, wire_records
 from .select import select_records
 from .tables import MODELS, SCHEMA, OutboxCount, OutboxSink
@@ -74,7 +75,8 @@ class Outbox:
         self.policy = policy
         self.sinks = list(sinks)
         self.clock = clock
-        self.bits: dict[str, int] = {}
+        self.bits: dict[str, int] = {}  # sink name -> its bit in core_outbox.pending
+        self.tally = OutboxCounts(storage.database, self.bits)
         self.live_mask = 0
         # Mirror of core_outbox_count as of the last commit seen from trio (metrics).
         self.counts: dict[str, list[int]] = {}
@@ -83,7 +85,6 @@ class Outbox:
         self.refused: dict[str, int] = {}  # class -> records refused (policy reject)
         # sink -> batch id -> {prio: (lowest id, highest id)} of its open batches (trio side).
         self._open: dict[str, dict[str, dict[int, tuple[int, int]]]] = {}
-        self._seq = 0
         self._seen_seq = 0
         self._arrived = trio.Event()
 
@@ -117,17 +118,17 @@ class Outbox:
                     bit = next(b for b in range(62) if b not in used)
                     OutboxSink.insert(name=name, bit=bit).execute()
                     registered[name] = bit
-            self.bits = {name: 1 << bit for name, bit in registered.items()}
+            self.bits.update({name: 1 << bit for name, bit in registered.items()})
             self.live_mask = 0
             for name in self.sinks:
                 self.live_mask |= self.bits[name]
             keys = {f"class:{c}" for c in CLASSES} | {f"sink:{n}" for n in self.bits} | {"seq:outbox"}
             have = {row.key for row in OutboxCount.select(OutboxCount.key)}
             if keys - have:
-                self._recount(keys)
+                self.tally.recount(keys)
             self._after_restore()
-            self.counts = self._read_counts()
-            self.oldest = self._oldest()
+            self.counts = self.tally.read()
+            self.oldest = self.tally.oldest()
         for name in sorted(set(self.bits) - set(self.sinks)):
             owed = self.counts.get(f"sink:{name}", [0, 0])[0]
             if owed:
@@ -137,27 +138,6 @@ class Outbox:
     async def open(self) -> None:
         """`install` on a worker thread (call after storage opened)."""
         await trio.to_thread.run_sync(self.install)
-
-    def _recount(self, keys: Iterable[str]) -> None:
-        conn = self.db.connection()
-        rows = {k: [0, 0] for k in keys}
-        # The id high-water mark only ever grows.
-        old = conn.execute("SELECT rows FROM core_outbox_count WHERE key = 'seq:outbox'").fetchone()
-        top = conn.execute("SELECT MAX(id) FROM core_outbox").fetchone()[0]
-        rows["seq:outbox"] = [max(old[0] if old else 0, top or 0), 0]
-        for prio, pending, n, size in conn.execute(
-            "SELECT prio, pending, COUNT(*), TOTAL(size) FROM core_outbox GROUP BY prio, pending"
-        ).fetchall():
-            rows[f"class:{CLASSES[prio]}"][0] += n
-            rows[f"class:{CLASSES[prio]}"][1] += int(size)
-            for name, bit in self.bits.items():
-                if pending & bit:
-                    rows[f"sink:{name}"][0] += n
-                    rows[f"sink:{name}"][1] += int(size)
-        conn.executemany(
-            "INSERT OR REPLACE INTO core_outbox_count (key, rows, bytes) VALUES (?, ?, ?)",
-            [(k, r, b) for k, (r, b) in rows.items()],
-        )
 
     def _after_restore(self) -> None:
         """On a database restored from a backup, skip the ids the original went on to use.
@@ -180,48 +160,11 @@ class Outbox:
         log.warning("running on a database restored from a backup: record ids continue past every id the "
                     "original could have sent since", backup_taken_at=taken, last_id=old, next_id=new + 1)
 
-    def _read_counts(self) -> dict[str, list[int]]:
-        cur = self.db.connection().execute("SELECT key, rows, bytes FROM core_outbox_count")
-        return {k: [r, b] for k, r, b in cur.fetchall()}
-
-    def _oldest(self) -> dict[int, float | None]:
-        conn = self.db.connection()
-        out: dict[int, float | None] = {}
-        for prio in range(len(CLASSES)):
-            row = conn.execute(
-                "SELECT created FROM core_outbox WHERE id = (SELECT MIN(id) FROM core_outbox WHERE prio = ?)", (prio,)
-            ).fetchone()
-            out[prio] = row[0] if row else None
-        return out
-
-    # -- bookkeeping shared by writer jobs ----------------------------------------------
-
-    def _commit_counts(self, counts: dict[str, list[int]], touched: set[str]) -> tuple[int, dict[str, list[int]]]:
-        self.db.connection().executemany(
-            "UPDATE core_outbox_count SET rows = ?, bytes = ? WHERE key = ?",
-            [(counts[k][0], counts[k][1], k) for k in touched],
-        )
-        self._seq += 1  # writer thread only
-        return self._seq, counts
-
     def _saw(self, stamped: tuple[int, dict[str, list[int]]]) -> None:
         """Trio side, after a commit: keep the newest counts for metrics."""
         seq, counts = stamped
         if seq > self._seen_seq:
             self._seen_seq, self.counts = seq, counts
-
-    def _forget(self, rows: list[tuple[int, int, int, int]], counts: dict[str, list[int]], touched: set[str]) -> None:
-        """Account for deleted rows (id, prio, size, pending) in class and sink counts."""
-        for _, prio, size, pending in rows:
-            key = f"class:{CLASSES[prio]}"
-            counts[key][0] -= 1
-            counts[key][1] -= size
-            touched.add(key)
-            for name, bit in self.bits.items():
-                if pending & bit:
-                    counts[f"sink:{name}"][0] -= 1
-                    counts[f"sink:{name}"][1] -= size
-                    touched.add(f"sink:{name}")
 
     # -- ingest (writer thread) ---------------------------------------------------------
 
@@ -235,7 +178,7 @@ class Outbox:
         if not rows or not self.live_mask:
             return result, range(0), {}, (0, {})
         conn = self.db.connection()
-        counts = self._read_counts()
+        counts = self.tally.read()
         add_rows = [0] * len(CLASSES)
         add_bytes = [0] * len(CLASSES)
         for row in rows:
@@ -258,7 +201,7 @@ class Outbox:
             counts[f"sink:{name}"][0] += len(rows)
             counts[f"sink:{name}"][1] += total
             touched.add(f"sink:{name}")
-        return result, ids, dropped, self._commit_counts(counts, touched)
+        return result, ids, dropped, self.tally.commit(counts, touched)
 
     async def after_store(self, dropped: dict, stamped: tuple) -> None:
         """Trio side of an ingest commit: metrics, logs, wake the workers."""
@@ -417,7 +360,7 @@ class Outbox:
                     ).fetchall()
                     kept_n += len(kept)
                     kept_b += sum(map(_FIRST, kept))
-        counts = self._read_counts()
+        counts = self.tally.read()
         touched: set[str] = set()
         for prio, n in enumerate(n_class):
             if n:
@@ -431,7 +374,7 @@ class Outbox:
             counts[key][0] -= released
             counts[key][1] -= sum(b_class) + kept_b
             touched.add(key)
-        return released, self._commit_counts(counts, touched)
+        return released, self.tally.commit(counts, touched)
 
     def _delivered(self, batch: OpenBatch, when: float) -> tuple:
         released, stamped = self._release(batch.sink, batch.records)
@@ -477,10 +420,10 @@ class Outbox:
     # -- time-to-live -------------------------------------------------------------------
 
     def _expire(self, now: float) -> tuple[dict, tuple]:
-        counts = self._read_counts()
+        counts = self.tally.read()
         touched: set[str] = set()
         dropped = outbox_capacity.expire(self, now, counts, touched)
-        return dropped, self._commit_counts(counts, touched)
+        return dropped, self.tally.commit(counts, touched)
 
     async def expire(self) -> dict:
         """Drop records older than their class's TTL (5,000 per class per call)."""
@@ -488,7 +431,7 @@ class Outbox:
         self._saw(stamped)
         if dropped:
             self._count_drops(dropped, "outbox time-to-live: dropped expired records")
-        self.oldest = await self.storage.read(self._oldest)
+        self.oldest = await self.storage.read(self.tally.oldest)
         return dropped
 
     async def maintain(self, *, every_s: float = 30.0, task_status=trio.TASK_STATUS_IGNORED) -> None:
