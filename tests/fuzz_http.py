@@ -127,7 +127,7 @@ async def provision(gw: Any) -> Targets:
         await gw.ota.report("paku", "pk-1", "installed", version="1.2.0", firmware_id=images[1])
         await gw.ota.report("paku", "pk-2", "failed", version="2.0.0", detail="checksum")
 
-        handlers = gw.contexts["paku"].extras["mqtt"]
+        handlers = gw.contexts["paku"].state
         for i in range(25):
             doc = {"ts": T0 + i, "temp_c": 20 + i, "hum": 40}
             payload = json.dumps(doc).encode()

@@ -75,6 +75,20 @@ def gatewayd_storage_models(models: ModelRegistry):
         migrate(migrator.add_column("everything_reading", "note", peewee.CharField(default="")))
 
 
+class Everything:
+    """The plugin's own state (`ctx.state`), built once by gatewayd_setup."""
+
+    def __init__(self, ctx: PluginContext) -> None:
+        self.name = ctx.name
+        self.greeted = 0
+
+
+@hookimpl
+def gatewayd_setup(ctx: PluginContext) -> Everything:
+    calls.append("setup")
+    return Everything(ctx)
+
+
 @hookimpl
 def gatewayd_http_routes(ctx: PluginContext):
     calls.append("http_routes")
@@ -84,6 +98,11 @@ def gatewayd_http_routes(ctx: PluginContext):
     @bp.get("/hello")
     async def hello():
         return {"greeting": ctx.config.greeting}
+
+    @bp.get("/greeted")
+    async def greeted():
+        ctx.state.greeted += 1
+        return {"greeted": ctx.state.greeted}
 
     @bp.post("/readings")
     async def write_reading():

@@ -141,10 +141,10 @@ async def test_hook_alert_rules(gateway_factory):
         (rule,) = gw.events.engine.rules
         assert (rule.name, rule.family, rule.source) == ("everything-high-reading", "everything", "plugin:everything")
         ctx = gw.contexts["everything"]
-        await ctx.events.emit("everything", "d1", "reading", {"value": 40})
-        await ctx.events.emit("other", "d1", "reading", {"value": 99})  # another family: not this rule
+        await ctx.events.emit("d1", "reading", {"value": 40})
+        await gw.events.emit("other", "d1", "reading", {"value": 99})  # another family: not this rule
         assert gw.events.engine.stats.fired == 0
-        await ctx.events.emit("everything", "d1", "reading", {"value": 60})
+        await ctx.events.emit("d1", "reading", {"value": 60})
         assert gw.events.engine.stats.by_rule == {"everything-high-reading": 1}
 
 
@@ -153,7 +153,7 @@ async def test_a_config_rule_of_the_same_name_switches_a_plugin_rule_off(gateway
     config = '[[rules]]\nname = "everything-high-reading"\nenabled = false\n'
     async with gateway_factory(plugins=[EVERYTHING], config_text=config) as gw:
         assert gw.events.engine.rules == []
-        await gw.contexts["everything"].events.emit("everything", "d1", "reading", {"value": 1000})
+        await gw.contexts["everything"].events.emit("d1", "reading", {"value": 1000})
         assert gw.events.engine.stats.fired == 0
 
 

@@ -190,7 +190,7 @@ class OtaPlugin:
         async def check():
             from quart import request
 
-            fw = await ctx.ota.newest_for("paku", request.args["model"], request.args["current"], "stable",
+            fw = await ctx.ota.newest_for(request.args["model"], request.args["current"], "stable",
                                          request.args["device"])
             return {"update": None} if fw is None else {"update": {"version": fw.version, "sha256": fw.sha256,
                                                                    "url": f"{ctx.mount}/ota/{fw.id}"}}
@@ -201,7 +201,7 @@ class OtaPlugin:
 
         @bp.get("/ota/manifest.json")
         async def manifest():
-            images = await ctx.ota.list("paku")
+            images = await ctx.ota.list()
             return {"manifest": ctx.ota.manifest(images, lambda fw: f"{ctx.mount}/ota/{fw.id}")}
 
         @bp.get("/ota/<int:fid>/meta")
@@ -215,7 +215,7 @@ class OtaPlugin:
 async def stored(gw, tmp_path, size=300_000):
     path = image(tmp_path, size=size, seed=5)
     fw = await trio.to_thread.run_sync(functools.partial(
-        gw.ota.add_blocking, path, family="paku", model="m1", version="1.4.0"))
+        gw.ota.add_blocking, path, family="otaplug", model="m1", version="1.4.0"))  # the test plugin's family
     return fw, path.read_bytes()
 
 

@@ -63,6 +63,47 @@ async def test_hook_http_routes(gateway_factory):
             assert (await client.get("/everything/hello")).status_code == 404
 
 
+async def test_hook_setup(gateway_factory):
+    """gatewayd_setup runs once, before the hooks that take ctx; its result is ctx.state."""
+    plugin_everything.calls.clear()
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:
+        state = gw.contexts["everything"].state
+        assert isinstance(state, plugin_everything.Everything) and state.name == "everything"
+        assert plugin_everything.calls.index("setup") < plugin_everything.calls.index("http_routes")
+        assert plugin_everything.calls.count("setup") == 1
+        async with gw_client(gw) as client:
+            await client.get("/everything/greeted")
+            assert (await client.get("/everything/greeted")).json()["greeted"] == 2  # one state, shared
+
+
+async def test_a_plugin_without_setup_has_no_state(gateway_factory):
+    async with gateway_factory(plugins=[("bare", types.SimpleNamespace())]) as gw:
+        with pytest.raises(RuntimeError, match="ctx.state is unset"):
+            gw.contexts["bare"].state
+
+
+async def test_hooks_run_through_pluggy_so_its_ordering_and_wrappers_apply(gateway_factory):
+    """The manager calls a per-plugin subset of pm.hook: a wrapper of the plugin's own
+    sees its http_routes result (calling impl.function directly skipped wrappers)."""
+    seen = []
+
+    class Wrapped:
+        @hookimpl(wrapper=True)
+        def gatewayd_alert_rules(self, ctx):
+            results = yield  # one list of rules per implementation
+            seen.append(results)
+            return [*results, [{"name": "added-by-wrapper", "type": "x", "actions": [{"kind": "log"}]}]]
+
+        @hookimpl(specname="gatewayd_alert_rules")
+        def base_rules(self, ctx):  # a second impl of the same hook (datasette's specname=)
+            return [{"name": "base", "type": "y", "actions": [{"kind": "log"}]}]
+
+    async with gateway_factory(plugins=[("wrapped", Wrapped())]) as gw:
+        assert not gw.failed, gw.failed
+        assert [r.name for r in gw.events.engine.rules] == ["base", "added-by-wrapper"]
+        assert len(seen) == 1
+
+
 async def test_dedicated_listener_serves_routes_at_root(gateway_factory):
     async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.listen='127.0.0.1:0'"]) as gw:
         async with gw_client(gw, "everything") as client:

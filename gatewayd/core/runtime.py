@@ -31,9 +31,9 @@ from typing import Any
 
 import trio
 
-from ..plugins.api import PluginContext, PluginMetrics, PluginStorage
+from ..plugins.context import PluginContext, PluginHTTP, PluginMetrics, PluginStorage
 from ..plugins.manager import PluginManager
-from .alerts.events import EVENTS_SCHEMA, EventBus
+from .alerts.events import EVENTS_SCHEMA, EventBus, FamilyEvents
 from .alerts.http import events_blueprint
 from .alerts.notify import NOTIFY_SCHEMA, Notifier
 from .alerts.rules import Rule, merge_rules, rule_from_dict
@@ -49,6 +49,7 @@ from .metrics import Metrics, Sample
 from .mqtt.service import MQTTService
 from .ota.http import firmware_blueprint
 from .ota.signing import SiteKey, load_public_keys
+from .ota.family import FamilyOta
 from .ota.store import OTA_SCHEMA, OtaStore
 from .outbox.ingest import Ingest
 from .outbox.store import Outbox
@@ -112,13 +113,14 @@ class Gateway:
         self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock, emit=self.events.emit,
                                       on_credentials_changed=self._credentials_changed, publish=self._publish_command)
         self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices)
+        # The address devices reach the main listener at; resolved at the first URL handed
+        # out, by then the listener is bound (port 0 included).
+        self.public_url = PublicUrl(config.http.public_url, config.http.listen, lambda: self.http_urls.get("main", []))
         self.ota = OtaStore(
             self.storage, config.data_dir / "firmware", clock=clock, events=self.events,
             trusted_keys=self._trusted_keys(), require_signed=config.ota.require_signed,
             default_rollout=config.ota.rollout, site_key=SiteKey(config.data_dir),
-            sign_by_default=config.ota.sign_with_site_key,
-            # Resolved at the first URL handed out: by then the main listener is bound (port 0).
-            public_url=PublicUrl(config.http.public_url, config.http.listen, lambda: self.http_urls.get("main", [])),
+            sign_by_default=config.ota.sign_with_site_key, public_url=self.public_url,
         )
         self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
         self.serial = SerialLinks(self.metrics, self.health)
@@ -262,30 +264,33 @@ class Gateway:
                     await trio.to_thread.run_sync(self.storage.install, spec)
 
     def _build_contexts(self) -> None:
-        for name in self.enabled_plugins:
+        """Each plugin's context, every service bound to its family; then its own state."""
+        for name in self._live_plugins():
             settings = self.config.plugins[name]
-            self.contexts[name] = PluginContext(
+            self.contexts[name] = ctx = PluginContext(
                 name=name,
                 config=settings.options,
-                mount=settings.mount,
                 gateway_id=self.config.gateway.id,
                 data_dir=self.config.data_dir / "plugins" / name,
                 log=get_logger(f"gatewayd.plugin.{name}"),
                 storage=PluginStorage(self.storage),
                 metrics=PluginMetrics(self.metrics, name),
-                clock=self.clock,
+                http=PluginHTTP(self.admin, self.public_url, settings.mount),
                 mqtt=self.mqtt.facade(),
                 **self.devices.context_fields(name),
                 ingest=Ingest(self.outbox, name, self.clock),
-                events=self.events,
-                ota=self.ota,
-                admin_check=self.admin.check,
+                events=FamilyEvents(self.events, name),
+                ota=FamilyOta(self.ota, name),
+                clock=self.clock,
             )
+            with self._plugin_step(name, "setup"):
+                ctx._state = self.plugins.setup(name, ctx)
 
     def _collect_topics(self) -> None:
         for name in self._live_plugins():
             with self._plugin_step(name, "mqtt topics"):
-                self.mqtt.add(self.plugins.mqtt_topics(name, self.contexts[name]))
+                topics = self.plugins.mqtt_topics(name, self.contexts[name])
+                self.mqtt.add(name, [(s.filter, s.handler, s.qos) for s in topics.subscriptions], topics.acls)
 
     def _load_alert_rules(self) -> None:
         """Every plugin's default rules, with the config's `[[rules]]` merged over them."""
@@ -362,7 +367,8 @@ class Gateway:
     async def _start_serial(self, nursery: trio.Nursery) -> None:
         for name in self._live_plugins():
             with self._plugin_step(name, "serial links"):
-                await self.serial.start(name, self.plugins.serial_links(name, self.contexts[name]), nursery)
+                links = self.plugins.serial_links(name, self.contexts[name])
+                await self.serial.start(name, [(k.name, k.settings, k.handler) for k in links.links], nursery)
 
     async def _start_plugins(self, nursery: trio.Nursery) -> None:
         for name in self._live_plugins():

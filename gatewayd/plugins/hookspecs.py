@@ -4,10 +4,17 @@ All hooks are prefixed `gatewayd_` so that the manager can tell a misspelled hoo
 an ordinary function and refuse it at startup instead of silently never calling it.
 
 Hooks that concern one plugin (its config schema, models, routes, tasks, startup) are
-called by the runtime *per plugin*, each with that plugin's own `PluginContext`; a
-plugin that raises from one of them is marked failed in `/health` and the others run
-on. Async hooks may be written `async def` or plain `def`; the runtime awaits what is
-awaitable.
+called by the runtime *per plugin*, each with that plugin's own `PluginContext`, through
+pluggy (`PluginManager` calls a per-plugin subset of `pm.hook`), so `tryfirst`,
+`trylast`, wrappers and `firstresult` behave as pluggy documents; a plugin that raises
+from one of them is marked failed in `/health` and the others run on. Hooks marked
+`firstresult` take the first non-None answer of the plugin's implementations. Async
+hooks may be written `async def` or plain `def`; the runtime awaits what is awaitable.
+
+The order the runtime calls them in, which is also the order a plugin module reads in:
+config_schema, storage_models, setup, http_routes, mqtt_topics, serial_links,
+alert_rules, startup, background_tasks, ..., shutdown (cli_commands: when the command
+line is built).
 
 Documented with examples in docs/plugins.md; tests/test_docs.py keeps the two in step.
 """
@@ -21,8 +28,8 @@ import pluggy
 if TYPE_CHECKING:
     from quart import Blueprint
 
-    from ..core.mqtt.service import TopicRegistry
-    from .api import CommandRegistry, ModelRegistry, PluginContext, SerialRegistry, TaskRegistry
+    from .context import PluginContext
+    from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry, TopicRegistry
 
 PROJECT = "gatewayd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -31,7 +38,7 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 # -- configuration ---------------------------------------------------------------
 
 
-@hookspec
+@hookspec(firstresult=True)
 def gatewayd_config_schema() -> type | None:
     """Return the dataclass describing this plugin's `[plugins.<name>]` options.
 
@@ -58,11 +65,27 @@ def gatewayd_storage_models(models: ModelRegistry) -> None:
     """
 
 
+# -- the plugin's own state -------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gatewayd_setup(ctx: PluginContext[Any, Any]) -> Any:
+    """Build the plugin's own state once; what it returns is `ctx.state`.
+
+    Called once per plugin right after its context is built (storage is open; MQTT,
+    HTTP and serial are not started yet), before every other hook that takes `ctx`.
+    Return an object of the plugin's own (handlers, caches, counters) instead of keeping
+    module globals: hooks then reach it typed, as `ctx.state` of a
+    `PluginContext[Config, State]`. Return None (or don't implement it) when the plugin
+    keeps no state; `ctx.state` then raises. If it raises, the plugin is marked failed.
+    """
+
+
 # -- HTTP ------------------------------------------------------------------------
 
 
-@hookspec
-def gatewayd_http_routes(ctx: PluginContext) -> Blueprint | None:
+@hookspec(firstresult=True)
+def gatewayd_http_routes(ctx: PluginContext[Any, Any]) -> Blueprint | None:
     """Return a Quart Blueprint with the plugin's HTTP routes, or None.
 
     Called once per plugin before the HTTP server starts. The core mounts the
@@ -78,7 +101,7 @@ def gatewayd_http_routes(ctx: PluginContext) -> Blueprint | None:
 
 
 @hookspec
-def gatewayd_startup(ctx: PluginContext) -> Any:
+def gatewayd_startup(ctx: PluginContext[Any, Any]) -> Any:
     """Prepare the plugin once storage, MQTT and HTTP are up (may be async).
 
     Called once per plugin, in plugin order, before its background tasks start. If it
@@ -88,7 +111,7 @@ def gatewayd_startup(ctx: PluginContext) -> Any:
 
 
 @hookspec
-def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext) -> None:
+def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext[Any, Any]) -> None:
     """Declare long-running async tasks with `tasks.add(name, async_fn, *args)`.
 
     Called once per plugin after its startup succeeded. Each task is supervised: if it
@@ -99,7 +122,7 @@ def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext) -> None:
 
 
 @hookspec
-def gatewayd_shutdown(ctx: PluginContext) -> Any:
+def gatewayd_shutdown(ctx: PluginContext[Any, Any]) -> Any:
     """Release what startup took (may be async); called once at graceful shutdown.
 
     Called after the HTTP servers stopped accepting and in-flight requests finished,
@@ -112,7 +135,7 @@ def gatewayd_shutdown(ctx: PluginContext) -> Any:
 
 
 @hookspec
-def gatewayd_alert_rules(ctx: PluginContext) -> list[dict[str, Any]] | None:
+def gatewayd_alert_rules(ctx: PluginContext[Any, Any]) -> list[dict[str, Any]] | None:
     """Return the plugin's default alert rules: a list of rule tables (dicts), or None.
 
     Called once per plugin after its context is built, before its startup hook. Each
@@ -130,16 +153,18 @@ def gatewayd_alert_rules(ctx: PluginContext) -> list[dict[str, Any]] | None:
 
 
 @hookspec
-def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext) -> None:
+def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext[Any, Any]) -> None:
     """Subscribe to MQTT topics and declare the ACLs of the family's device accounts.
 
     Called once per plugin before the broker and the MQTT client start.
     `topics.subscribe(filter, handler, qos=1)` routes matching messages to
-    `await handler(msg)` (`msg.topic`, `msg.payload`, `msg.qos`, `msg.retain`); the
-    message is acknowledged (PUBACK) only when the handler returns, so return after
-    the data is committed. Raise `Rejected(reason)` for bad input: it is acked (a
-    poison message must not come back), counted and kept with the reason; any other
-    exception leaves it unacknowledged and the broker delivers it again.
+    `await handler(msg)` (`msg.topic`, `msg.payload`, `msg.qos`, `msg.retain`,
+    `msg.dup`, `msg.sender`); the message is acknowledged (PUBACK) only when the handler
+    returns, so return after the data is committed. Raise `Rejected(reason)` for bad
+    input: it is acked (a poison message must not come back), counted and kept with the
+    reason; any other exception is treated the same way and logged as a handler error,
+    except `StorageFull`/`StorageUnavailable`, which leave it unacknowledged and tried
+    again until storage takes it (docs/mqtt.md).
     `topics.acl(pattern, access)` adds a mosquitto ACL pattern (`%u` = the device's
     username, its device id) that every device account of the family gets on the
     managed broker. Publish with `ctx.mqtt.publish(topic, payload, qos, retain)`.
@@ -150,7 +175,7 @@ def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext) -> None:
 
 
 @hookspec
-def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext) -> None:
+def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext[Any, Any]) -> None:
     """Declare serial lines with `links.add(name, settings, handler)`.
 
     Called once per plugin after its HTTP routes, before its startup hook. `settings`

@@ -13,14 +13,18 @@ import importlib.metadata
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from ..core.logs import get_logger
-from ..core.mqtt.service import TopicRegistry
 from . import hookspecs
-from .api import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry
+from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry, TopicRegistry
+
+if TYPE_CHECKING:
+    from quart import Blueprint
+
+    from .context import PluginContext
 
 __all__ = ["PluginManager", "PluginInfo", "PluginLoadError", "build_plugin_manager", "ENTRY_POINT_GROUP"]
 
@@ -69,10 +73,12 @@ class PluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.infos: dict[str, PluginInfo] = {}
+        self._callers: dict[tuple[str, str], pluggy.HookCaller] = {}
 
     def register(self, plugin: object, name: str, *, version: str = "", source: str = "") -> None:
         _check_names(name, plugin)
         self.pm.register(plugin, name=name)
+        self._callers.clear()  # the per-plugin subsets are made from who is registered
         self.infos[name] = PluginInfo(name, version or getattr(plugin, "__version__", "") or "0", source)
 
     def record_failure(self, name: str, version: str, source: str, error: str) -> None:
@@ -91,14 +97,17 @@ class PluginManager:
         """Disable a plugin (config `enabled = false`): none of its hooks are called."""
         if self.pm.get_plugin(name) is not None:
             self.pm.set_blocked(name)
+            self._callers.clear()
 
-    def _call(self, name: str, hook: str, **kwargs: Any) -> Any:
-        """Call plugin `name`'s implementation of `hook` (None if it has none)."""
-        result = None
-        for impl in getattr(self.pm.hook, hook).get_hookimpls():
-            if impl.plugin_name == name:
-                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
-        return result
+    def _hook(self, name: str, hook: str) -> pluggy.HookCaller:
+        """Plugin `name`'s part of `hook`: pluggy's own caller, with every other plugin
+        removed, so tryfirst/trylast, wrappers and firstresult work as pluggy says."""
+        caller = self._callers.get((name, hook))
+        if caller is None:
+            others = [plugin for other, plugin in self.pm.list_name_plugin() if other != name]
+            caller = self.pm.subset_hook_caller(hook, remove_plugins=others)
+            self._callers[(name, hook)] = caller
+        return caller
 
     def implements(self, name: str, hook: str) -> bool:
         return any(i.plugin_name == name for i in getattr(self.pm.hook, hook).get_hookimpls())
@@ -106,46 +115,56 @@ class PluginManager:
     # -- one method per hook -------------------------------------------------------
 
     def config_schema(self, name: str) -> type | None:
-        return self._call(name, "gatewayd_config_schema")
+        schema: type | None = self._hook(name, "gatewayd_config_schema")()
+        return schema
 
     def config_schemas(self) -> dict[str, type | None]:
         return {n: self.config_schema(n) if self.is_loaded(n) else None for n in self.names}
 
     def storage_models(self, name: str) -> ModelRegistry:
         registry = ModelRegistry(name)
-        self._call(name, "gatewayd_storage_models", models=registry)
+        self._hook(name, "gatewayd_storage_models")(models=registry)
         return registry
 
-    def http_routes(self, name: str, ctx: Any) -> Any:
-        return self._call(name, "gatewayd_http_routes", ctx=ctx)
+    def setup(self, name: str, ctx: PluginContext[Any, Any]) -> Any:
+        return self._hook(name, "gatewayd_setup")(ctx=ctx)
 
-    def mqtt_topics(self, name: str, ctx: Any) -> TopicRegistry:
+    def http_routes(self, name: str, ctx: PluginContext[Any, Any]) -> Blueprint | None:
+        blueprint: Blueprint | None = self._hook(name, "gatewayd_http_routes")(ctx=ctx)
+        return blueprint
+
+    def mqtt_topics(self, name: str, ctx: PluginContext[Any, Any]) -> TopicRegistry:
         registry = TopicRegistry(name)
-        self._call(name, "gatewayd_mqtt_topics", topics=registry, ctx=ctx)
+        self._hook(name, "gatewayd_mqtt_topics")(topics=registry, ctx=ctx)
         return registry
 
-    def serial_links(self, name: str, ctx: Any) -> SerialRegistry:
+    def serial_links(self, name: str, ctx: PluginContext[Any, Any]) -> SerialRegistry:
         registry = SerialRegistry(name)
-        self._call(name, "gatewayd_serial_links", links=registry, ctx=ctx)
+        self._hook(name, "gatewayd_serial_links")(links=registry, ctx=ctx)
         return registry
 
-    async def startup(self, name: str, ctx: Any) -> None:
-        await await_me_maybe(self._call(name, "gatewayd_startup", ctx=ctx))
+    async def startup(self, name: str, ctx: PluginContext[Any, Any]) -> None:
+        for result in self._hook(name, "gatewayd_startup")(ctx=ctx):
+            await await_me_maybe(result)
 
-    def background_tasks(self, name: str, ctx: Any) -> TaskRegistry:
+    def background_tasks(self, name: str, ctx: PluginContext[Any, Any]) -> TaskRegistry:
         registry = TaskRegistry()
-        self._call(name, "gatewayd_background_tasks", tasks=registry, ctx=ctx)
+        self._hook(name, "gatewayd_background_tasks")(tasks=registry, ctx=ctx)
         return registry
 
-    async def shutdown(self, name: str, ctx: Any) -> None:
-        await await_me_maybe(self._call(name, "gatewayd_shutdown", ctx=ctx))
+    async def shutdown(self, name: str, ctx: PluginContext[Any, Any]) -> None:
+        for result in self._hook(name, "gatewayd_shutdown")(ctx=ctx):
+            await await_me_maybe(result)
 
-    def alert_rules(self, name: str, ctx: Any) -> list[dict[str, Any]]:
-        return list(self._call(name, "gatewayd_alert_rules", ctx=ctx) or [])
+    def alert_rules(self, name: str, ctx: PluginContext[Any, Any]) -> list[dict[str, Any]]:
+        rules: list[dict[str, Any]] = []
+        for result in self._hook(name, "gatewayd_alert_rules")(ctx=ctx):
+            rules += list(result or [])
+        return rules
 
     def cli_commands(self, name: str) -> CommandRegistry:
         registry = CommandRegistry(name)
-        self._call(name, "gatewayd_cli_commands", commands=registry)
+        self._hook(name, "gatewayd_cli_commands")(commands=registry)
         return registry
 
 

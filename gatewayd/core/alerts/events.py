@@ -13,8 +13,6 @@ event row per reading.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import math
 import re
@@ -27,6 +25,9 @@ from typing import TYPE_CHECKING, Any
 import peewee
 import trio
 
+from ...protocol.cursors import decode_cursor as _decode_cursor
+from ...protocol.cursors import encode_cursor as _encode_cursor
+from ...protocol.times import parse_time
 from ..logs import get_logger
 from ..storage import SchemaSpec, StorageError
 from .engine import Firing, RuleEngine
@@ -106,26 +107,6 @@ class Event:
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def parse_time(text: str) -> float:
-    """ISO 8601 (`2026-01-02T03:04:05Z`, a date, an offset) or epoch seconds -> epoch seconds."""
-    text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(value):
-            return value
-        raise ValueError(f"not a time: {text!r}")
-    try:
-        moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"expected an ISO 8601 time (2026-01-02T03:04:05Z) or epoch seconds, got {text!r}") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)  # a gateway speaks UTC unless told otherwise
-    return moment.timestamp()
 
 
 def make_event(
@@ -357,20 +338,15 @@ class EventQuery:
 
 
 def encode_cursor(before_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"before": before_id}).encode()).decode().rstrip("=")
+    return _encode_cursor(before_id)
 
 
 def decode_cursor(cursor: str) -> int:
     """The id the next page starts below; ValueError for anything not made by encode_cursor."""
-    try:
-        doc = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        before = doc["before"]
-    except (binascii.Error, ValueError, TypeError, KeyError, RecursionError):  # RecursionError: "[[[[..."
-        raise ValueError("cursor: not a cursor returned by this API") from None
-    # An id SQLite can hold (a bigger one raises OverflowError in the query).
-    if not isinstance(before, int) or isinstance(before, bool) or not 1 <= before <= 2**63 - 1:
+    (before,) = _decode_cursor(cursor, (int,))
+    if before < 1:
         raise ValueError("cursor: not a cursor returned by this API")
-    return before
+    return int(before)
 
 
 def query_events(q: EventQuery) -> tuple[list[dict[str, Any]], str | None]:
@@ -399,3 +375,28 @@ def query_events(q: EventQuery) -> tuple[list[dict[str, Any]], str | None]:
         for r in rows
     ]
     return out, (encode_cursor(rows[-1].id) if more else None)
+
+
+class FamilyEvents:
+    """`ctx.events`: the event bus bound to one family (rules and queries stay the core's)."""
+
+    def __init__(self, bus: EventBus, family: str) -> None:
+        self._bus = bus
+        self.family = family
+
+    async def emit(self, device_id: str | None, type: str, data: dict[str, Any] | None = None, *,
+                   severity: str = "info", duration_s: float | None = None, resolved: bool | None = None,
+                   ts: float | None = None) -> Event:
+        """Store an event of this family, then run the alert rules on it; returns it once
+        committed (with its `id`). `severity`: info, warning or critical; `duration_s`
+        and `resolved` describe conditions that last (docs/events.md). Raises EventError
+        on bad input, StorageError when it could not be committed."""
+        return await self._bus.emit(self.family, device_id, type, data, severity=severity, duration_s=duration_s,
+                                    resolved=resolved, ts=ts)
+
+    async def observe(self, device_id: str | None, type: str, data: dict[str, Any] | None = None, *,
+                      severity: str = "info", ts: float | None = None) -> Event | None:
+        """Run a reading through the rules; store it as an event only if a rule fires
+        (periodic reports: thresholds and silence rules see each one, the event table
+        only the interesting ones). Returns the stored event or None."""
+        return await self._bus.observe(self.family, device_id, type, data, severity=severity, ts=ts)

@@ -12,7 +12,7 @@ Device credential changes rewrite mosquitto's password file and reload it (SIGHU
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -25,7 +25,7 @@ from ..metrics import Metrics, Sample
 from ..storage import SchemaSpec, Storage
 from .broker import AclTemplate, BrokerAccount, ManagedBroker
 from .client import MQTTClient, MQTTSettings, TLSSettings
-from .delivery import Delivery, DeliveryPool, InboundMessage, MessageHandler, Rejected, RejectedMessage
+from .delivery import Delivery, DeliveryPool, MessageHandler, RejectedMessage
 from .edge import DeviceEdge, WriteAcl
 from .marks import DeliveryMarks
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from ..config import Config
     from ..devices.services import DeviceServices
 
-__all__ = ["MQTTService", "TopicRegistry", "PluginMQTT", "MQTTUnavailable", "InboundMessage", "Rejected"]
+__all__ = ["MQTTService", "PluginMQTT", "MQTTUnavailable"]
 
 log = get_logger("gatewayd.mqtt")
 
@@ -43,42 +43,6 @@ HANDLER_ERROR_HOLD_S = 300.0
 
 class MQTTUnavailable(Exception):
     """MQTT is off (`mqtt.broker = "off"`) or its broker could not be started."""
-
-
-@dataclass
-class _Sub:
-    filter: str
-    handler: MessageHandler
-    qos: int
-
-
-@dataclass
-class TopicRegistry:
-    """Collects a plugin's MQTT subscriptions and the ACL templates its devices get."""
-
-    plugin: str
-    subscriptions: list[_Sub] = field(default_factory=list)
-    acls: list[AclTemplate] = field(default_factory=list)
-
-    def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
-        """Route messages matching `topic_filter` (`+`, `#` wildcards) to `await handler(msg)`.
-
-        The message is acknowledged (PUBACK) when the handler returns, i.e. after what
-        it wrote was committed. Raise `Rejected(reason)` for bad input: acknowledged,
-        counted, kept in core_mqtt_rejected with the reason. Any other exception is
-        treated the same way (and logged as a handler error), except `StorageFull` /
-        `StorageUnavailable`: the message then stays unacknowledged and is tried again.
-        """
-        from ...protocol.topics import validate_filter
-
-        validate_filter(topic_filter)
-        if qos not in (0, 1):
-            raise ValueError(f"{topic_filter}: qos must be 0 or 1")
-        self.subscriptions.append(_Sub(topic_filter, handler, qos))
-
-    def acl(self, pattern: str, access: str) -> None:
-        """A mosquitto ACL pattern for this family's device accounts (`%u` = username)."""
-        self.acls.append(AclTemplate(pattern, access))  # type: ignore[arg-type]
 
 
 class PluginMQTT:
@@ -116,7 +80,7 @@ class MQTTService:
         self.marks = DeliveryMarks(storage)
         self.delivery = Delivery(self.router, storage, marks=self.marks)
         self.pool = DeliveryPool(self.delivery, size=256)
-        self.registries: list[TopicRegistry] = []
+        self._acls: list[AclTemplate] = []
         self._families: set[str] = set()
         self._accounts_lock = trio.Lock()
         health.probe("mqtt", self._client_state)
@@ -134,10 +98,15 @@ class MQTTService:
             return self.broker.last_error or "broker unavailable"
         return "not started"
 
-    def add(self, registry: TopicRegistry) -> None:
-        self.registries.append(registry)
-        if registry.acls:
-            self._families.add(registry.plugin)
+    def add(self, plugin: str, subscriptions: Iterable[tuple[str, MessageHandler, int]],
+            acls: Iterable[AclTemplate]) -> None:
+        """A plugin's topic filters (filter, handler, qos) and its devices' ACL patterns."""
+        acls = list(acls)
+        for topic_filter, handler, qos in subscriptions:
+            self.router.add(topic_filter, handler, qos=qos, owner=plugin)
+        self._acls += acls
+        if acls:
+            self._families.add(plugin)
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start delivery, the broker and client, and the edge; returns once each is ready
@@ -150,7 +119,7 @@ class MQTTService:
         await trio.to_thread.run_sync(self.marks.install)
         await nursery.start(self.marks.run)
         await nursery.start(self.pool.run)
-        templates = [t for r in self.registries for t in r.acls]
+        templates = list(self._acls)
         if m.broker == "managed":
             self.broker = ManagedBroker(
                 self.config.data_dir / "mosquitto",
@@ -164,9 +133,6 @@ class MQTTService:
             await nursery.start(self.broker.run)
             if self.broker.state == "unavailable":
                 return  # logged by the broker with the install command; HTTP etc. run on
-        for registry in self.registries:
-            for sub in registry.subscriptions:
-                self.router.add(sub.filter, sub.handler, qos=sub.qos, owner=registry.plugin)
         self.client = MQTTClient(self._settings(), self.pool)
         await nursery.start(self.client.run)
         if self.broker is not None:

@@ -3,7 +3,7 @@
 Devices on flaky links resume a download with `Range: bytes=N-` (206 Partial Content);
 `If-Range: "<sha256>"` makes sure the resumed part belongs to the same image. The same
 response serves the admin route `/api/gateway/firmware/<id>/download` and any plugin
-route (`await ctx.ota.response(fw)`), so every family gets resumable downloads.
+route (`await ctx.ota.response(fw)`, `ota/family.py`), so every family gets resumable downloads.
 """
 
 from __future__ import annotations
@@ -146,7 +146,10 @@ def firmware_blueprint(ota: OtaStore, admin: AdminGuard) -> Blueprint:
 
     @bp.get("/api/gateway/firmware/<int:firmware_id>/download")
     async def download(firmware_id: int) -> Any:
-        return await ota.response(firmware_id)
+        fw = await ota.get(firmware_id)
+        if fw is None:
+            return error_response(404, f"no firmware with id {firmware_id}")
+        return await firmware_response(fw)
 
     @bp.get("/api/gateway/firmware/reports")
     async def reports() -> Any:

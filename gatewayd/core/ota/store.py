@@ -498,20 +498,6 @@ class OtaStore:
                     for r in query]
         return await self.storage.read(read)
 
-    async def response(self, firmware: Firmware | int) -> Any:
-        """A Quart response serving the image for the current request (Range, ETag, 304/206/416).
-
-        Call it from a plugin's own route so devices download from the family's URL.
-        """
-        from .http import firmware_response
-
-        fw = firmware if isinstance(firmware, Firmware) else await self.get(firmware)
-        if fw is None:
-            from ..http.errors import error_response
-
-            return error_response(404, f"no firmware with id {firmware}")
-        return await firmware_response(fw)
-
 
 def manifest(firmwares: Iterable[Firmware], url: Callable[[Firmware], str]) -> list[dict[str, Any]]:
     """`[{model, version, url, sha256, size, signature}]` (the paku manifest's shape)."""

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import trio
 
 from ...protocol.batch import CLASS_PRIORITY, CLASSES, compact_json_encoder
+from ...protocol.times import TS_MAX as _TS_MAX
+from ...protocol.times import TS_MIN as _TS_MIN
 from ..storage import StorageError
 
 if TYPE_CHECKING:
@@ -45,8 +47,6 @@ commits_with_records: ContextVar[Callable[[], None] | None] = ContextVar("gatewa
 
 # Below this many records, serialising on the trio thread is cheaper than a thread hop.
 _INLINE = 64
-# Timestamps before 2000 or after 2200 are a device clock bug (or ms given for s).
-_TS_MIN, _TS_MAX = 946684800.0, 7258118400.0
 
 class IngestError(ValueError):
     """A record the outbox cannot take (bad class, empty device, non-JSON data).

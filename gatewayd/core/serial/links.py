@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable
 
 import trio
 
 from ..health import ComponentState, Health
 from ..metrics import Metrics, Sample
-from .link import SerialLink
+from .link import FrameHandler, SerialLink, SerialSettings
 
 __all__ = ["SerialLinks"]
 
@@ -33,10 +33,12 @@ class SerialLinks:
         self._health = health
         self._register_metrics(metrics)
 
-    async def start(self, plugin: str, registry: Any, nursery: trio.Nursery) -> None:
-        """Open the plugin's lines (each reports started after its first open attempt)."""
-        for spec in registry.links:
-            link = SerialLink(f"{plugin}.{spec.name}", spec.settings, spec.handler)
+    async def start(self, plugin: str, lines: Iterable[tuple[str, SerialSettings, FrameHandler]],
+                    nursery: trio.Nursery) -> None:
+        """Open the plugin's lines, (name, settings, handler) each; each reports started
+        after its first open attempt."""
+        for name, settings, handler in lines:
+            link = SerialLink(f"{plugin}.{name}", settings, handler)
             scope = trio.CancelScope()
             self._scopes.setdefault(plugin, []).append(scope)
 

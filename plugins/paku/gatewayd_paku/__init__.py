@@ -22,11 +22,6 @@ __version__ = "0.1.0"
 __all__ = ["PakuConfig", "PakuMQTT"]
 
 
-def _mqtt(ctx: PluginContext) -> PakuMQTT:
-    """The plugin's MQTT side for this gateway, made by whichever hook needs it first."""
-    if "mqtt" not in ctx.extras:
-        ctx.extras["mqtt"] = PakuMQTT(ctx)
-    return ctx.extras["mqtt"]
 
 
 # -- config --------------------------------------------------------------------------
@@ -74,6 +69,14 @@ def gatewayd_storage_models(models: ModelRegistry) -> None:
     models.add(*MODELS)  # paku_measurement, paku_event, paku_state (devices are the core's)
 
 
+# -- the plugin's own state ------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_setup(ctx: PluginContext) -> PakuMQTT:
+    return PakuMQTT(ctx)  # ctx.state: the MQTT handlers and the command push
+
+
 # -- routes --------------------------------------------------------------------------
 
 
@@ -87,7 +90,7 @@ def gatewayd_http_routes(ctx: PluginContext):
 
 @hookimpl
 def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext) -> None:
-    _mqtt(ctx).register(topics)
+    ctx.state.register(topics)
 
 
 # -- serial --------------------------------------------------------------------------
@@ -99,7 +102,7 @@ def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext) -> None:
 
 @hookimpl
 def gatewayd_background_tasks(tasks: TaskRegistry, ctx: PluginContext) -> None:
-    mqtt = _mqtt(ctx)
+    mqtt = ctx.state
     ctx.commands.on_enqueue(lambda command: mqtt.wake(command.device_id))
     tasks.add("push-commands", mqtt.push_commands)
 

@@ -87,7 +87,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     def broker(device_id: str, password: str | None) -> dict[str, Any]:
         # The gateway's own configured address (http.public_url), never the request's Host header.
-        host = ctx.config.mqtt_host or urlsplit(ctx.ota.url("/")).hostname or "127.0.0.1"
+        host = ctx.config.mqtt_host or urlsplit(ctx.http.url("/")).hostname or "127.0.0.1"
         port = ctx.config.mqtt_port or ctx.mqtt.device_port or 1883
         doc = {"host": host, "port": port, "username": device_id}
         return {**doc, "password": password} if password is not None else doc
@@ -125,7 +125,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.post("/devices")
     async def provision() -> Any:
-        if denied := ctx.require_admin():
+        if denied := ctx.http.require_admin():
             return denied
         doc = await read_json_object()
         device_id = doc.get("id")
@@ -146,13 +146,13 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.get("/devices")
     async def list_devices() -> Any:
-        if denied := ctx.require_admin():
+        if denied := ctx.http.require_admin():
             return denied
         return {"devices": [describe(d) for d in await ctx.devices.list()]}
 
     @bp.get("/devices/<device_id>")
     async def show(device_id: str) -> Any:
-        if denied := ctx.require_admin():
+        if denied := ctx.http.require_admin():
             return denied
         device = await ctx.devices.get(device_id)
         if device is None:
@@ -164,7 +164,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.patch("/devices/<device_id>")
     async def update(device_id: str) -> Any:
-        if denied := ctx.require_admin():
+        if denied := ctx.http.require_admin():
             return denied
         changes = fields(await read_json_object())
         if isinstance(changes, str):
@@ -178,7 +178,7 @@ def blueprint(ctx: PluginContext) -> Blueprint:
 
     @bp.get("/devices/<device_id>/telemetry")
     async def telemetry(device_id: str) -> Any:
-        if denied := ctx.require_admin():
+        if denied := ctx.http.require_admin():
             return denied
         args = request.args
         try:
@@ -232,11 +232,11 @@ def blueprint(ctx: PluginContext) -> Blueprint:
         channel, device = args.get("channel") or "stable", args.get("device") or None
         if channel not in ("stable", "beta"):
             return problem(400, f"channel: expected stable or beta, got {channel!r}")
-        wanted = [model] if model else sorted({fw.model for fw in await ctx.ota.list("paku")})
+        wanted = [model] if model else sorted({fw.model for fw in await ctx.ota.list()})
         entries = []
         try:
             for m in wanted:
-                fw = await ctx.ota.newest_for("paku", m, current, channel, device)
+                fw = await ctx.ota.newest_for(m, current, channel, device)
                 if fw is not None:
                     entries.append({"model": fw.model, "version": fw.version, "sha256": fw.sha256, "size": fw.size,
                                     "url": ctx.ota.url(f"{ctx.mount}/ota/{fw.id}/firmware.bin"),

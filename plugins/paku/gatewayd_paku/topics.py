@@ -252,7 +252,7 @@ class PakuMQTT:
             await self._ingest(device, "event", {"type": name, "payload": doc}, ts, cls, rows)
             if name == "ota":
                 version = None if doc.get("version") is None else str(doc["version"])
-                await self.ctx.ota.report("paku", device, doc["status"], version=version,
+                await self.ctx.ota.report(device, doc["status"], version=version,
                                           detail=str(doc.get("detail", "")), ts=ts)
             await self._observe(device, name, doc, "warning" if alert else "info", ts)
 
@@ -334,7 +334,7 @@ class PakuMQTT:
     async def _observe(self, device: str, name: str, doc: dict, severity: str, ts: float) -> None:
         # Stored already; the rules only decide whether an operator hears about it.
         try:
-            await self.ctx.events.observe("paku", device, name, doc, severity=severity, ts=ts)
+            await self.ctx.events.observe(device, name, doc, severity=severity, ts=ts)
         except Exception as e:
             self.ctx.log.warning("alert rules could not see an event", device=device, type=name, error=repr(e))
 

@@ -121,7 +121,7 @@ async def test_telemetry_query_with_cursor(gateway_factory):
     with trio.fail_after(30):
         async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
             await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
-            handlers = gw.contexts["paku"].extras["mqtt"]
+            handlers = gw.contexts["paku"].state
             for i in range(25):
                 await handlers.on_telemetry(telemetry("pk-1", {"ts": T0 + i, "temp_c": 20 + i}))
 
@@ -151,7 +151,7 @@ async def test_bad_messages_are_rejected_precisely(gateway_factory):
     with trio.fail_after(30):
         async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
             await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
-            handlers = gw.contexts["paku"].extras["mqtt"]
+            handlers = gw.contexts["paku"].state
             cases = [
                 (telemetry("ghost", {"t": 1}), "unknown device 'ghost'"),
                 (telemetry("pk-1", b'{"temp": '), "payload: not JSON (Expecting value: line 1 column 10 (char 9))"),
