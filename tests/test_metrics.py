@@ -139,6 +139,18 @@ def test_labels_must_match_and_counters_only_go_up():
     assert g.value(**{"class": "history"}) == 3
 
 
+def test_a_label_set_is_one_series_however_it_is_passed():
+    m = Metrics()
+    c = m.counter("gatewayd_v_total", "V", ("kind", "outcome"))
+    c.inc(kind="telemetry", outcome="stored")
+    c.inc(outcome="stored", kind="telemetry")
+    c.inc(kind="telemetry", outcome=["stored"])  # str()-ed, as before: a distinct series
+    c.inc(kind="telemetry", outcome=["stored"])
+    assert c.value(kind="telemetry", outcome="stored") == 2
+    assert c.value(kind="telemetry", outcome="['stored']") == 2
+    assert m.render().count("gatewayd_v_total{") == 2
+
+
 def test_value_does_not_create_a_series():
     m = Metrics()
     c = m.counter("gatewayd_w_total", "W", ("a",))
