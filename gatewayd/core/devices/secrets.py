@@ -190,7 +190,7 @@ def decode_jwt(token: str, key: bytes, *, now: float, leeway_s: float = 0) -> di
         raise JWTError("malformed JWT")
     try:
         # PyJWS parses the header before it checks the signature (anyone can send it:
-        # "[[[[..." recurses); it turns RecursionError into DecodeError since 2.15.
+        # "[[[[..." recurses); it turns RecursionError into DecodeError since 2.14.
         payload = _JWS.decode(token, key, algorithms=[_ALGORITHM])
     except jwt.InvalidAlgorithmError:
         raise JWTError("unsupported JWT algorithm (only HS256)") from None
