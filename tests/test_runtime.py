@@ -125,7 +125,7 @@ async def test_metrics_are_prometheus_text(gateway_factory):
             r = await client.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = r.text
-    assert "# TYPE gatewayd_everything_readings_total counter\ngatewayd_everything_readings_total 1\n" in text
+    assert "# TYPE gatewayd_everything_readings_total counter\ngatewayd_everything_readings_total 1.0\n" in text
     assert 'gatewayd_plugin_up{plugin="everything"} 1' in text
     for line in text.splitlines():
         if line and not line.startswith("#"):

@@ -1,10 +1,11 @@
-"""Secrets: salted hashes, the master key file, AES-GCM, and the own HS256 JWTs."""
+"""Secrets: salted hashes, the master key file, AES-GCM, and HS256 JWTs (PyJWT)."""
 
 import base64
 import json
 import os
 import stat
 
+import jwt
 import pytest
 from cryptography.exceptions import InvalidTag
 
@@ -120,3 +121,85 @@ def test_jwt_without_expiry_is_refused():
     key = os.urandom(32)
     with pytest.raises(JWTError, match="expiry"):
         decode_jwt(encode_jwt({"sub": "d1"}, key), key, now=0)
+
+
+# Issued by the hand-written encoder this codec replaced (same key derivation, same
+# claims as `Authenticator.issue_jwt`): tokens held by devices must still verify, and a
+# token is the same string whichever version issued it.
+GOLDEN_MASTER = bytes(range(32))
+GOLDEN_CLAIMS = {"sub": "SL001", "fam": "streetlight", "ep": 0, "iat": 1700000000, "exp": 1700604800}
+GOLDEN_TOKEN = (
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"
+    ".eyJlcCI6MCwiZXhwIjoxNzAwNjA0ODAwLCJmYW0iOiJzdHJlZXRsaWdodCIsImlhdCI6MTcwMDAwMDAwMCwic3ViIjoiU0wwMDEifQ"
+    ".D4780PCDXXZGtqp8H3ZGjvIi2nBejb4l5YHtf8ALIC8"
+)
+
+
+def test_tokens_issued_before_pyjwt_still_verify_and_encode_identically():
+    key = Keyring(GOLDEN_MASTER).jwt_key
+    assert decode_jwt(GOLDEN_TOKEN, key, now=1700000000) == GOLDEN_CLAIMS
+    assert encode_jwt(GOLDEN_CLAIMS, key) == GOLDEN_TOKEN
+    # Key order of the claims does not change the token: they are serialized sorted.
+    assert encode_jwt(dict(reversed(GOLDEN_CLAIMS.items())), key) == GOLDEN_TOKEN
+
+
+def test_jwt_expiry_is_inclusive_and_leeway_extends_it():
+    key = os.urandom(32)
+    token = encode_jwt({"sub": "d1", "exp": 1000}, key)
+    assert decode_jwt(token, key, now=1000)["sub"] == "d1"  # valid up to and including exp
+    assert decode_jwt(token, key, now=1005, leeway_s=5)["sub"] == "d1"
+    with pytest.raises(JWTError, match="expired"):
+        decode_jwt(token, key, now=1005.5, leeway_s=5)
+    # Fractional expiries are read as they are (PyJWT's own claim check would truncate).
+    assert decode_jwt(encode_jwt({"exp": 1000.5}, key), key, now=1000.25)["exp"] == 1000.5
+
+
+def test_jwt_time_is_the_callers_clock_not_the_wall_clock():
+    """iat/nbf in the future and an exp long past by the wall clock: only `now` counts."""
+    key = os.urandom(32)
+    token = encode_jwt({"sub": "d1", "iat": 4e9, "nbf": 4e9, "exp": 100}, key)
+    assert decode_jwt(token, key, now=50)["sub"] == "d1"
+
+
+@pytest.mark.parametrize("alg", ["HS384", "HS512", "none"])
+def test_only_hs256_is_accepted(alg):
+    key = os.urandom(64)
+    token = jwt.encode({"sub": "d1", "exp": 9e9}, key if alg != "none" else None, algorithm=alg)
+    with pytest.raises(JWTError, match="only HS256"):
+        decode_jwt(token, key, now=0)
+    # An HS256 signature under a header that names another alg is refused as well.
+    header, payload, signature = encode_jwt({"sub": "d1", "exp": 9e9}, key).split(".")
+    with pytest.raises(JWTError, match="only HS256|signature"):
+        decode_jwt(f"{_b64url({'alg': alg, 'typ': 'JWT'})}.{payload}.{signature}", key, now=0)
+
+
+@pytest.mark.parametrize("header", [
+    b"[" * 1000 + b"]" * 1000,  # RecursionError in a naive parser
+    b'{"alg": "HS256", "crit": ["exp"]}',
+    b'{"alg": "HS256", "kid": 7}',
+    b'"HS256"',
+])
+def test_hostile_headers_are_malformed_not_crashes(header):
+    key = os.urandom(32)
+    encoded = base64.urlsafe_b64encode(header).rstrip(b"=").decode()
+    with pytest.raises(JWTError, match="malformed|only HS256"):
+        decode_jwt(f"{encoded}.e30.c2ln", key, now=0)
+
+
+def test_signed_but_hostile_payloads_are_malformed():
+    key = os.urandom(32)
+    for payload in (b"[" * 1000 + b"]" * 1000, b"[1]", b"\xff", b"NaN"):
+        token = jwt.api_jws.encode(payload, key, algorithm="HS256")
+        with pytest.raises(JWTError, match="malformed JWT payload|without expiry"):
+            decode_jwt(token, key, now=0)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda t: t + "!!!!",                   # junk outside the base64url alphabet
+    lambda t: t.replace(".", ".\u00e9", 1),  # non-ASCII
+    lambda t: t[:-1] + chr(ord(t[-1]) + 1),  # the signature's unused low bits set
+])
+def test_non_canonical_tokens_are_refused(mangle):
+    key = os.urandom(32)
+    with pytest.raises(JWTError):
+        decode_jwt(mangle(encode_jwt({"sub": "d1", "exp": 9e9}, key)), key, now=0)

@@ -1,18 +1,38 @@
 """Counters and gauges, rendered in the Prometheus text format at `/metrics`.
 
-Deliberately tiny: components either own a Counter/Gauge, or register a collector that
-reads their live stats at scrape time (a serial link's byte counts, a queue's depth).
+Built on prometheus_client. Components either own a Counter/Gauge, or register a
+collector that reads their live stats at scrape time (a serial link's byte counts, a
+queue's depth). Each `Metrics` has a `CollectorRegistry` of its own, never the
+process-wide default one, so two gateways in one process (tests) share nothing.
+
+The exposition is prometheus_client's (text format 0.0.4), families sorted by name and
+the samples of an owned family by label values, as before; values are Go-style floats
+(`1.0`, `1.7e+09`, `NaN`). Counters carry no `_created` series: see below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
+
 __all__ = ["Metrics", "Counter", "Gauge", "Sample"]
 
+# A `<name>_created` gauge for every counter and label set would double the series
+# Prometheus stores for counters, on a Pi, for a timestamp nothing here reads (and the
+# old exposition never had it). The switch is process-wide in prometheus_client; the
+# gateway owns its process.
+prometheus_client.disable_created_metrics()
+
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_KINDS: dict[str, type[Metric]] = {
+    "counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "untyped": UnknownMetricFamily,
+}
 
 
 class Sample(NamedTuple):
@@ -23,103 +43,154 @@ class Sample(NamedTuple):
     value: float
 
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(
-        f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34)).replace(chr(10), "")}"'
-        for k, v in sorted(labels.items())
-    )
-    return "{" + body + "}"
-
-
-def _number(value: float) -> str:
-    if value == int(value) and abs(value) < 1e15:
-        return str(int(value))
-    return repr(float(value))
+def _check_name(name: str) -> None:
+    # prometheus_client accepts UTF-8 names and escapes them at exposition; ours stay
+    # the classic charset so the exposed name is the name asked for.
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"invalid metric name {name!r}")
 
 
 class _Family:
-    kind = "untyped"
+    _type: type[prometheus_client.Counter] | type[prometheus_client.Gauge]
+    kind: str
 
-    def __init__(self, name: str, help: str, labelnames: tuple[str, ...]):
-        if not _NAME.fullmatch(name):
-            raise ValueError(f"invalid metric name {name!r}")
+    def __init__(self, name: str, help: str, labelnames: tuple[str, ...], registry: CollectorRegistry):
+        _check_name(name)
         self.name, self.help, self.labelnames = name, help, tuple(labelnames)
-        self._values: dict[tuple[str, ...], float] = {}
+        self._metric = self._type(name, help, self.labelnames, registry=registry)
+        self._children: dict[tuple[tuple[str, object], ...], prometheus_client.Counter | prometheus_client.Gauge] = {}
+        self.family_name = name.removesuffix("_total") if self.kind == "counter" else name
 
-    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
-        if set(labels) != set(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {tuple(labels)}")
-        return tuple(str(labels[n]) for n in self.labelnames)
+    def _child(self, labels: dict[str, str]) -> prometheus_client.Counter | prometheus_client.Gauge:
+        # Counters are bumped per message: a dict hit here costs a third of `.labels()`
+        # (which sorts the names and takes a lock on every call).
+        key = tuple(labels.items())
+        try:
+            return self._children[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable value, str()-ed below
+            pass
+        try:
+            child = self._metric.labels(**labels) if self.labelnames or labels else self._metric
+        except ValueError:
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {tuple(labels)}") from None
+        with contextlib.suppress(TypeError):
+            self._children[key] = child
+        return child
 
     def value(self, **labels: str) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
-    def samples(self) -> Iterable[Sample]:
-        if not self.labelnames and not self._values:
-            yield Sample(self.name, {}, 0.0)
-        for key, value in sorted(self._values.items()):
-            yield Sample(self.name, dict(zip(self.labelnames, key)), value)
+        """The current value for `labels` (0 if never set); does not create the series."""
+        if set(labels) != set(self.labelnames):
+            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {tuple(labels)}")
+        want = {k: str(v) for k, v in labels.items()}
+        for family in self._metric.collect():
+            for s in family.samples:
+                if s.name == self.name and s.labels == want:
+                    return s.value
+        return 0.0
 
 
 class Counter(_Family):
     """A monotonically increasing count; name it `..._total`."""
 
+    _type = prometheus_client.Counter
     kind = "counter"
 
     def inc(self, amount: float = 1, **labels: str) -> None:
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        """Add `amount` (>= 0: a negative amount raises ValueError)."""
+        self._child(labels).inc(amount)
 
 
 class Gauge(_Family):
     """A value that goes up and down."""
 
+    _type = prometheus_client.Gauge
     kind = "gauge"
 
     def set(self, value: float, **labels: str) -> None:
-        self._values[self._key(labels)] = value
+        self._child(labels).set(value)
 
     def inc(self, amount: float = 1, **labels: str) -> None:
-        key = self._key(labels)
-        self._values[key] = self._values.get(key, 0.0) + amount
+        self._child(labels).inc(amount)
+
+
+class _LiveFamily:
+    """A family whose samples a component reads at scrape time (a custom collector)."""
+
+    def __init__(self, name: str, kind: str, help: str, collect: Callable[[], Iterable[Sample]]):
+        _check_name(name)
+        if kind not in _KINDS:
+            raise ValueError(f"{name}: kind must be one of {sorted(_KINDS)}, not {kind!r}")
+        if kind == "counter" and not name.endswith("_total"):
+            raise ValueError(f"{name}: a counter's name ends in _total")
+        self.name, self._kind, self._help, self._collect = name, kind, help, collect
+
+    def _family(self) -> Metric:
+        return _KINDS[self._kind](self.name, self._help)  # a counter family drops "_total"
+
+    def describe(self) -> list[Metric]:
+        """The names this collector exposes: a duplicate name fails at registration."""
+        return [self._family()]
+
+    def collect(self) -> list[Metric]:
+        family = self._family()
+        for s in self._collect():
+            family.add_sample(s.name, {k: str(v) for k, v in s.labels.items()}, s.value)
+        return [family]
 
 
 class Metrics:
     """The gateway's metric registry (one per Gateway, so tests don't share state)."""
 
     def __init__(self) -> None:
+        self.registry = CollectorRegistry()
         self._families: dict[str, _Family] = {}
-        self._collectors: list[tuple[str, str, str, Callable[[], Iterable[Sample]]]] = []
+        self._owned: set[str] = set()  # prometheus_client's family names of the above
 
-    def _get(self, cls: type, name: str, help: str, labels: Iterable[str]) -> _Family:
+    def _get(self, cls: type[_Family], name: str, help: str, labels: Iterable[str]) -> _Family:
         family = self._families.get(name)
         if family is None:
-            family = self._families[name] = cls(name, help, tuple(labels))
+            family = self._families[name] = cls(name, help, tuple(labels), self.registry)
+            self._owned.add(family.family_name)
         elif not isinstance(family, cls) or family.labelnames != tuple(labels):
             raise ValueError(f"metric {name!r} already registered with another type or labels")
         return family
 
     def counter(self, name: str, help: str, labels: Iterable[str] = ()) -> Counter:
-        """Get or create a counter; the same name returns the same counter."""
-        return self._get(Counter, name, help, labels)
+        """Get or create a counter; the same name returns the same counter.
+
+        It is exposed as `<name>` if `name` ends in `_total`, else as `<name>_total`
+        (Prometheus' naming rule for counters, applied by prometheus_client).
+        """
+        name = name if name.endswith("_total") else name + "_total"
+        return self._get(Counter, name, help, labels)  # type: ignore[return-value]
 
     def gauge(self, name: str, help: str, labels: Iterable[str] = ()) -> Gauge:
         """Get or create a gauge."""
-        return self._get(Gauge, name, help, labels)
+        return self._get(Gauge, name, help, labels)  # type: ignore[return-value]
 
     def collector(self, name: str, kind: str, help: str, collect: Callable[[], Iterable[Sample]]) -> None:
-        """Register a family whose samples are read at scrape time."""
-        self._collectors.append((name, kind, help, collect))
+        """Register a family whose samples are read at scrape time.
+
+        `kind` is "counter" (then `name` ends in `_total`), "gauge" or "untyped";
+        `collect()` returns the family's `Sample`s. A name already registered raises
+        ValueError.
+        """
+        self.registry.register(_LiveFamily(name, kind, help, collect))
+
+    def collect(self) -> list[Metric]:
+        """Every family, sorted by exposed name (what `render` writes)."""
+        families = sorted(self.registry.collect(), key=_exposed_name)
+        for family in families:
+            if family.name in self._owned:
+                # prometheus_client keeps label sets in first-use order; sorting them keeps
+                # the page stable from one scrape (and one run) to the next.
+                family.samples.sort(key=lambda s: tuple(s.labels.values()))
+        return families
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
-        lines: list[str] = []
-        families = [(f.name, f.kind, f.help, f.samples) for f in self._families.values()]
-        for name, kind, help, samples in sorted(families + self._collectors, key=lambda f: f[0]):
-            lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} {kind}")
-            for s in samples():
-                lines.append(f"{s.name}{_labels(s.labels)} {_number(s.value)}")
-        return "\n".join(lines) + "\n"
+        return generate_latest(self).decode("utf-8")
+
+
+def _exposed_name(family: Metric) -> str:
+    return family.name + "_total" if family.type == "counter" else family.name

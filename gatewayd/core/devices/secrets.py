@@ -9,8 +9,8 @@ Three ways a secret is kept, chosen by what the gateway must do with it:
 - A signing secret (HMAC of the body) must be *read back* to recompute a signature:
   it is stored encrypted with AES-GCM, the device's identity bound in as associated
   data, so a row copied onto another device does not decrypt.
-- Device JWTs are signed (HS256) with a key derived from the master key; nothing is
-  stored for them but the device's token epoch (bumped on rotation/revocation).
+- Device JWTs are signed (HS256, with PyJWT) with a key derived from the master key;
+  nothing is stored for them but the device's token epoch (bumped on rotation/revocation).
 
 Every derived key comes from one master key: `<data_dir>/master.key` (mode 0600,
 created on first use), or the base64 value of the environment variable the config
@@ -29,6 +29,7 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import jwt
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
@@ -149,7 +150,12 @@ class Keyring:
         return self._aead.decrypt(bytes(blob[:12]), bytes(blob[12:]), context.encode("utf-8")).decode("utf-8")
 
 
-# -- JWT (HS256) ---------------------------------------------------------------------
+# -- JWT (HS256, through PyJWT) ------------------------------------------------------
+
+# Only HS256 is registered, and `algorithms=` pins it again at each decode: a token
+# whose header names "none", HS512 or RS256 is refused before its signature is looked at.
+_ALGORITHM = "HS256"
+_JWS = jwt.PyJWS(algorithms=[_ALGORITHM])
 
 
 class JWTError(Exception):
@@ -161,35 +167,39 @@ class JWTError(Exception):
 
 
 def encode_jwt(claims: dict[str, Any], key: bytes) -> str:
-    """A compact HS256 JWT of `claims` (RFC 7519); callers set `exp` and `iat`."""
-    header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}, separators=(",", ":")).encode())
-    payload = _b64url(json.dumps(claims, separators=(",", ":"), sort_keys=True, allow_nan=False).encode())
-    signing_input = f"{header}.{payload}".encode("ascii")
-    signature = hmac.new(key, signing_input, hashlib.sha256).digest()
-    return f"{header}.{payload}.{_b64url(signature)}"
+    """A compact HS256 JWT of `claims` (RFC 7519); callers set `exp` and `iat`.
+
+    The claims are serialized here (sorted keys, no NaN) and signed by PyJWS, so the
+    bytes are those the hand-written encoder produced: a token is the same string
+    whichever version of the gateway issued it.
+    """
+    payload = json.dumps(claims, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+    return _JWS.encode(payload, key, algorithm=_ALGORITHM)
 
 
 def decode_jwt(token: str, key: bytes, *, now: float, leeway_s: float = 0) -> dict[str, Any]:
-    """Verify signature and expiry of an HS256 token; return its claims or raise JWTError."""
-    parts = token.split(".")
-    if len(parts) != 3:
+    """Verify signature and expiry of an HS256 token; return its claims or raise JWTError.
+
+    Expiry is checked against `now` (the gateway's clock, which tests move), not the
+    wall clock PyJWT's claim checks would read, so PyJWS verifies the signature and the
+    claims are read here.
+    """
+    if token.count(".") != 2:
         raise JWTError("not a JWT (expected three dot-separated parts)")
     if not token.isascii():  # a header value can hold any byte; a JWT is base64url
         raise JWTError("malformed JWT")
     try:
-        # Parsed before the signature is checked: anyone can send it ("[[[[..." recurses).
-        header = json.loads(_unb64url(parts[0]))
-        signature = _unb64url(parts[2])
-    except (ValueError, RecursionError):
+        # PyJWS parses the header before it checks the signature (anyone can send it:
+        # "[[[[..." recurses); it turns RecursionError into DecodeError since 2.14.
+        payload = _JWS.decode(token, key, algorithms=[_ALGORITHM])
+    except jwt.InvalidAlgorithmError:
+        raise JWTError("unsupported JWT algorithm (only HS256)") from None
+    except jwt.InvalidSignatureError:
+        raise JWTError("bad JWT signature") from None
+    except (jwt.InvalidTokenError, RecursionError):
         raise JWTError("malformed JWT") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        # Refusing every other alg (notably "none") is the point of checking it.
-        raise JWTError("unsupported JWT algorithm (only HS256)")
-    expected = hmac.new(key, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
-    if not hmac.compare_digest(signature, expected):
-        raise JWTError("bad JWT signature")
     try:
-        claims = json.loads(_unb64url(parts[1]))
+        claims = json.loads(payload)
     except (ValueError, RecursionError):
         raise JWTError("malformed JWT payload") from None
     if not isinstance(claims, dict):
@@ -208,14 +218,3 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
-def _unb64url(text: str) -> bytes:
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError):
-        raise ValueError("bad base64url") from None
