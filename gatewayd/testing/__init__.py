@@ -11,6 +11,10 @@ gets these fixtures just by having gatewayd installed::
 
 The gateway runs in the test's own trio run: real SQLite under `tmp_path`, hypercorn
 on a free port, MQTT off unless a test turns it on.
+
+:func:`wait_until` is the one way to wait for something. Every test, trio or plain,
+fails after 60 s unless marked ``@pytest.mark.timeout(SECONDS)``; ``PYTEST_TIMEOUT``
+for a slow machine (see :mod:`.timeouts`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,14 @@ from ..plugins.manager import build_plugin_manager
 
 from .mqtt import *  # noqa: F403  (the MQTT fixtures: mqtt_broker, device_client, ...)
 from .mqtt import __all__ as _mqtt_all
+from .timeouts import pytest_configure, pytest_report_header, pytest_runtest_call, pytest_timeout_set_timer
+from .waiting import wait_until
 
-__all__ = ["start_gateway", "gw_client", "gateway_factory", *_mqtt_all]
+__all__ = [
+    "start_gateway", "gw_client", "gateway_factory", "wait_until", *_mqtt_all,
+    # the per-test timeout (see .timeouts): pytest finds these hooks here
+    "pytest_configure", "pytest_report_header", "pytest_runtest_call", "pytest_timeout_set_timer",
+]
 
 
 @asynccontextmanager

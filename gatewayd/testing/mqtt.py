@@ -32,6 +32,8 @@ from gatewayd.core.mqtt.marks import DeliveryMarks
 from gatewayd.core.storage import SchemaSpec, Storage
 from gatewayd.protocol.topics import TopicRouter
 
+from .waiting import wait_until
+
 __all__ = [
     "TEST_ACL_TEMPLATES",
     "DeviceClient",
@@ -155,9 +157,7 @@ class DeviceClient:
     async def subscribe(self, topic_filter: str, qos: int = 1) -> Any:
         """Subscribe and wait for SUBACK; returns its reason codes."""
         _, mid = self.client.subscribe(topic_filter, qos)
-        with trio.fail_after(5):
-            while mid not in self._subacks:
-                await trio.sleep(0.01)
+        await wait_until(lambda: mid in self._subacks, timeout=5, step=0.01, what=f"SUBACK for {topic_filter!r}")
         return self._subacks[mid]
 
     def close(self) -> None:
