@@ -13,12 +13,10 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paku_testbed import AUTH, PAKU
 
-import gatewayd_paku
 from gatewayd.testing import gw_client, gw_url
 
-TOKEN = "paku-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 FIELDS = ["id", "name", "model", "firmware", "notes", "code"]
 
 scalars = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -55,11 +53,6 @@ def strict(r: httpx.Response) -> None:
         json.loads(r.content, parse_constant=lambda c: pytest.fail(f"{c} in {r.text[:300]}"))
 
 
-@pytest.fixture(autouse=True)
-def admin_token(monkeypatch):
-    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
-
-
 LIMITS = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 QUERY = st.dictionaries(st.sampled_from(["limit", "cursor", "since", "until", "model", "current", "channel", "device"]),
@@ -89,8 +82,8 @@ def requests_to(url: str) -> None:
         get()
 
 
+@pytest.mark.timeout(600)
 async def test_generated_requests_never_answer_500(gateway_factory):
-    with trio.fail_after(600):
-        async with gateway_factory(plugins=[("paku", gatewayd_paku)]) as gw, gw_client(gw) as client:
-            await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
-            await trio.to_thread.run_sync(requests_to, gw_url(gw, "main"))
+    async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+        await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+        await trio.to_thread.run_sync(requests_to, gw_url(gw, "main"))
