@@ -134,7 +134,7 @@ async def test_device_cannot_read_another_devices_cmd(
 
 
 async def test_sighup_reload_keeps_clients_and_admits_new_account(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+    mqtt_broker: ManagedBroker, mqtt_storage: Storage, nursery: trio.Nursery
 ) -> None:
     with trio.fail_after(15):
         got: list[bytes] = []
