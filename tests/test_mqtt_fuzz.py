@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import gatewayd_paku
 from gatewayd.core.mqtt.delivery import HANDLED, REJECTED, InboundMessage
 from gatewayd.plugins.api import Rejected, hookimpl
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import free_port
 
 EXAMPLES = int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "150"))
 DEVICE = "fz-1"
