@@ -9,7 +9,7 @@ import types
 import pytest
 import trio
 
-from gatewayd.testing import gw_client, gw_url
+from gatewayd.testing import gw_client, gw_url, storage_failing, storage_full
 
 TOKEN = "admin-secret-for-tests"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -162,7 +162,6 @@ async def test_write_routes_answer_507_on_a_full_disk_and_503_when_storage_fails
     with trio.fail_after(60):
         async with gateway_factory(plugins=FAMILIES) as gw, gw_client(gw) as client:
             await gw.devices.registry.provision("meter", "m1")
-            database = gw.storage.database
             requests = [
                 (DEVICES, {"family": "meter", "id": "m2", "metadata": {"pad": "x" * 8000}}),
                 (f"{DEVICES}/claim-codes", {"family": "meter"}),
@@ -171,19 +170,14 @@ async def test_write_routes_answer_507_on_a_full_disk_and_503_when_storage_fails
                 (f"{DEVICES}/m1/revoke", {}),
                 (f"{DEVICES}/m1/disable", {}),
             ]
-            # A full disk: SQLite's own size cap at the current size (on the writer's connection).
-            pages = await gw.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
-            await gw.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages}"))
-            for path, doc in (requests[0], requests[2]):  # these need new pages
-                r = await client.post(path, headers=AUTH, json=doc)
-                assert "storage full" in error_of(r, 507), (path, r.text)
-            await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count = 1073741823"))
-            # Another storage failure (the database refuses writes): 503.
-            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 1"))
-            for path, doc in requests:
-                r = await client.post(path, headers=AUTH, json=doc)
-                assert "storage" in error_of(r, 503), (path, r.text)
-            await gw.storage.write(lambda: database.execute_sql("PRAGMA query_only = 0"))
+            async with storage_full(gw):  # SQLite's own size cap at the current size
+                for path, doc in (requests[0], requests[2]):  # these need new pages
+                    r = await client.post(path, headers=AUTH, json=doc)
+                    assert "storage full" in error_of(r, 507), (path, r.text)
+            async with storage_failing(gw):  # another storage failure (the database refuses writes): 503
+                for path, doc in requests:
+                    r = await client.post(path, headers=AUTH, json=doc)
+                    assert "storage" in error_of(r, 503), (path, r.text)
             r = await client.post(*requests[0][:1], headers=AUTH, json=requests[0][1])
             assert r.status_code == 201, r.text
 

@@ -23,13 +23,7 @@ from gatewayd.core.mqtt.broker import (
 )
 from gatewayd.core.mqtt.client import InboundMessage
 from gatewayd.core.storage import Storage
-from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
-from gatewayd.testing.mqtt import add_device_account, device_client, gateway_client
-
-
-async def wait_until(predicate, what: str) -> None:  # type: ignore[no-untyped-def]
-    while not predicate():
-        await trio.sleep(0.01)
+from gatewayd.testing import add_device_account, device_client, gateway_client, wait_until
 
 
 def test_hash_password_format_and_verify() -> None:
@@ -102,7 +96,7 @@ async def test_device_cannot_publish_to_another_devices_topic(
         client = await gateway_client(nursery, mqtt_storage, mqtt_broker)
         client.subscribe("dev/#", handler)
         await nursery.start(client.run)
-        await wait_until(lambda: client.ready, "gateway subscribed")
+        await wait_until(lambda: client.ready, what="gateway subscribed")
         u1, p1 = add_device_account(mqtt_broker, "dev1")
         add_device_account(mqtt_broker, "dev2")
         async with device_client(mqtt_broker, u1, p1) as dev1:
@@ -111,7 +105,7 @@ async def test_device_cannot_publish_to_another_devices_topic(
             await dev1.publish("dev/dev1/data", b"mine")
             # one publisher's QoS 1 messages arrive in order: once "mine" is here,
             # the forged ones would have been here before it
-            await wait_until(lambda: any(m.payload == b"mine" for m in got), "own message")
+            await wait_until(lambda: any(m.payload == b"mine" for m in got), what="own message")
         assert [(m.topic, m.payload) for m in got] == [("dev/dev1/data", b"mine")]
 
 
@@ -128,13 +122,13 @@ async def test_device_cannot_read_another_devices_cmd(
             await dev2.subscribe("dev/+/cmd")  # matches both; only its own may come
             await client.publish("dev/dev1/cmd", b"for dev1")
             await client.publish("dev/dev2/cmd", b"for dev2")
-            await wait_until(lambda: dev2.received, "own cmd")
+            await wait_until(lambda: dev2.received, what="own cmd")
             await trio.sleep(0.1)  # not a timing assertion: only lets a wrong extra copy show
             assert [(m.topic, m.payload) for m in dev2.received] == [("dev/dev2/cmd", b"for dev2")]
 
 
 async def test_sighup_reload_keeps_clients_and_admits_new_account(
-    mqtt_broker: ManagedBroker, nursery: trio.Nursery
+    mqtt_broker: ManagedBroker, mqtt_storage: Storage, nursery: trio.Nursery
 ) -> None:
     with trio.fail_after(15):
         got: list[bytes] = []
@@ -152,7 +146,7 @@ async def test_sighup_reload_keeps_clients_and_admits_new_account(
             async with device_client(mqtt_broker, u2, p2) as dev2:
                 await dev2.publish("dev/dev2/data", b"new account")
             await dev1.publish("dev/dev1/data", b"still here")
-            await wait_until(lambda: len(got) == 2, "both messages")
+            await wait_until(lambda: len(got) == 2, what="both messages")
             assert dev1.client.is_connected()
         assert mqtt_broker.pid == pid and mqtt_broker.restarts == 0
         assert client.connected and client.stats.reconnects == 0
@@ -174,7 +168,7 @@ async def test_crashed_broker_is_restarted(mqtt_broker: ManagedBroker) -> None:
         old = mqtt_broker.pid
         assert old is not None
         os.kill(old, signal.SIGKILL)
-        await wait_until(lambda: mqtt_broker.restarts == 1 and mqtt_broker.state == "running", "restart")
+        await wait_until(lambda: mqtt_broker.restarts == 1 and mqtt_broker.state == "running", what="restart")
         assert mqtt_broker.pid not in (None, old)
         assert "exit code -9" in (mqtt_broker.last_error or "")
         async with device_client(mqtt_broker, user, password):

@@ -6,6 +6,7 @@ import sys
 
 import trio
 
+from gatewayd.testing import wait_until
 
 
 class Result:
@@ -110,6 +111,5 @@ async def test_cli_while_the_gateway_runs(gateway_factory, tmp_path):
             creds = json.loads(result.stdout)["credentials"]
             assert (await gw.devices.registry.verify_key("paku", creds["key"])).id == "plug-1"
             # The daemon notices the new MQTT account without a restart.
-            while "paku" not in changed:
-                await trio.sleep(0.05)
+            await wait_until(lambda: "paku" in changed)
             assert [u for u, _ in await gw.devices.registry.mqtt_accounts("paku")] == ["plug-1"]

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from gatewayd.core.devices.commands import CommandQueue
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, wait_until
 from tests import plugin_devices
 from tests.device_services_setup import FakeClock, open_services
 
@@ -120,9 +120,11 @@ async def test_sweep_service(tmp_path):
         await nursery.start(q.run)
         c = await q.enqueue("paku", "p1", "x", ttl_s=10)
         clock.advance(11)
-        with trio.fail_after(10):
-            while (await q.get(c.id)).status != "expired":
-                await trio.sleep(0.05)
+
+        async def expired():
+            return (await q.get(c.id)).status == "expired"
+
+        await wait_until(expired)
         nursery.cancel_scope.cancel()
 
 

@@ -20,15 +20,16 @@ from gatewayd.core.mqtt.client import (
     RejectedMessage,
 )
 from gatewayd.core.storage import Storage, StorageUnavailable
-from gatewayd.testing.mqtt import *  # noqa: F403 - fixtures (until gatewayd.testing re-exports them)
-from gatewayd.testing.mqtt import add_device_account, device_client, free_port, gateway_client, start_managed_broker
+from gatewayd.testing import (
+    add_device_account,
+    device_client,
+    free_port,
+    gateway_client,
+    start_managed_broker,
+    wait_until,
+)
 
 PROTOCOLS = ["3.1.1", "5"]
-
-
-async def wait_until(predicate: Callable[[], Any]) -> None:
-    while not predicate():
-        await trio.sleep(0.01)
 
 
 class Collector:

@@ -19,8 +19,8 @@ from gatewayd.core.mqtt.client import RejectedMessage
 from gatewayd.core.storage import StorageFull
 from gatewayd.plugins.api import Rejected, hookimpl
 from gatewayd.protocol import mqtt_packets as mp
-from gatewayd.testing import gw_client
-from gatewayd.testing.mqtt import DeviceClient, free_port
+from gatewayd import testing
+from gatewayd.testing import DeviceClient, MQTTLogin, device_mqtt, gw_client, gw_mqtt_address, wait_until
 
 
 class Reading(peewee.Model):
@@ -76,30 +76,17 @@ def plugin():
 
 @pytest.fixture
 async def edge(gateway_factory, plugin):
-    port = free_port()
-    settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'"]
-    async with gateway_factory(plugins=[("edgetest", plugin)], settings=settings) as gw:
-        with trio.fail_after(15):
-            while not gw.mqtt.client.ready:
-                await trio.sleep(0.02)
-        yield gw, port
+    async with gateway_factory(plugins=[("edgetest", plugin)], mqtt=True) as gw:
+        yield gw, gw_mqtt_address(gw)[1]
 
 
 async def provision(gw, device_id: str) -> tuple[str, str]:
-    _, creds = await gw.devices.registry.provision("edgetest", device_id)
-    return creds.mqtt_username, creds.key
+    creds = await testing.provision(gw, "edgetest", device_id)
+    return creds.mqtt.username, creds.mqtt.password
 
 
-async def connect_device(port: int, username: str, password: str, client_id: str | None = None) -> DeviceClient:
-    """A paho device; the account reaches mosquitto by a reload, so a refusal is retried."""
-    with trio.fail_after(15):
-        while True:
-            dev = DeviceClient("127.0.0.1", port, username, password, client_id or username)
-            reason = await dev.connect()
-            if reason is not None and not reason.is_failure:
-                return dev
-            await trio.to_thread.run_sync(dev.close)
-            await trio.sleep(0.1)
+def login(port: int, username: str, password: str) -> MQTTLogin:
+    return MQTTLogin("127.0.0.1", port, username, password)
 
 
 class RawDevice:
@@ -112,16 +99,19 @@ class RawDevice:
     @classmethod
     async def connect(cls, port: int, username: str, password: str, *, keepalive: int = 30,
                       client_id: str | None = None) -> "RawDevice":
-        with trio.fail_after(15):
-            while True:
-                dev = cls(await trio.open_tcp_stream("127.0.0.1", port))
-                await dev.stream.send_all(connect_packet(client_id or username, username, password, keepalive))
-                kind, _, raw, start = await dev.read()
-                assert kind == mp.CONNACK
-                if mp.parse_connack(raw, start, 4).reason_code == 0:
-                    return dev
-                await dev.stream.aclose()
-                await trio.sleep(0.1)
+        """Log in; the account reaches mosquitto by a reload, so a refusal is retried."""
+
+        async def attempt() -> RawDevice | None:
+            dev = cls(await trio.open_tcp_stream("127.0.0.1", port))
+            await dev.stream.send_all(connect_packet(client_id or username, username, password, keepalive))
+            kind, _, raw, start = await dev.read()
+            assert kind == mp.CONNACK
+            if mp.parse_connack(raw, start, 4).reason_code == 0:
+                return dev
+            await dev.stream.aclose()
+            return None
+
+        return await wait_until(attempt, step=0.1, what=f"the edge accepts {username!r}")
 
     async def read(self) -> tuple[int, int, bytes, int]:
         while (frame := self.reader.next_frame()) is None:
@@ -161,9 +151,7 @@ async def test_a_device_is_acknowledged_only_after_the_gateway_committed(edge, p
     user, password = await provision(gw, "d1")
     dev = await RawDevice.connect(port, user, password)
     await dev.publish("dev/d1/data", b"block", packet_id=1)
-    with trio.fail_after(5):
-        while plugin.calls < 1:
-            await trio.sleep(0.01)
+    await wait_until(lambda: plugin.calls >= 1)
     with trio.move_on_after(0.5) as waited:
         await dev.read()
     assert waited.cancelled_caught, "acknowledged before the handler returned"
@@ -183,11 +171,8 @@ async def test_the_handler_sees_who_sent_it_and_mosquitto_never_does(edge, plugi
     assert not (await spy.connect()).is_failure
     try:
         await spy.subscribe("dev/#")
-        dev = await connect_device(port, user, password)
-        try:
+        async with device_mqtt(login(port, user, password)) as dev:
             await dev.publish("dev/d1/data", b"hello")
-        finally:
-            await trio.to_thread.run_sync(dev.close)
         assert plugin.stored == [b"hello"]
         assert '"sender":"d1"' in (await stored_records(gw))[-1]
         await trio.sleep(0.3)
@@ -256,9 +241,9 @@ async def test_a_flooding_device_fills_its_own_window_not_the_sites(edge, plugin
 
 
 async def test_an_oversized_packet_closes_only_its_connection(gateway_factory, plugin):
-    port = free_port()
-    settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "mqtt.max_packet_bytes=4096"]
-    async with gateway_factory(plugins=[("edgetest", plugin)], settings=settings) as gw:
+    settings = ["mqtt.max_packet_bytes=4096"]
+    async with gateway_factory(plugins=[("edgetest", plugin)], mqtt=True, settings=settings) as gw:
+        port = gw_mqtt_address(gw)[1]
         user, password = await provision(gw, "d1")
         dev = await RawDevice.connect(port, user, password)
         await dev.publish("dev/d1/data", b"x" * 5000, packet_id=1)
@@ -357,16 +342,11 @@ async def test_a_device_may_not_write_another_devices_topic_through_the_edge(edg
 async def test_commands_reach_devices_through_the_relay(edge, plugin):
     gw, port = edge
     user, password = await provision(gw, "d1")
-    dev = await connect_device(port, user, password)
-    try:
+    async with device_mqtt(login(port, user, password)) as dev:
         await dev.subscribe("dev/d1/cmd")
         await gw.contexts["edgetest"].mqtt.publish("dev/d1/cmd", b'{"do":"blink"}')
-        with trio.fail_after(5):
-            while not dev.received:
-                await trio.sleep(0.02)
+        await wait_until(lambda: dev.received)
         assert dev.received[0].payload == b'{"do":"blink"}'
-    finally:
-        await trio.to_thread.run_sync(dev.close)
 
 
 async def test_a_busy_device_is_kept_alive_and_a_dead_one_gets_its_will(edge, plugin):
@@ -385,16 +365,13 @@ async def test_a_busy_device_is_kept_alive_and_a_dead_one_gets_its_will(edge, pl
 
 
 async def test_graceful_stop_acknowledges_what_is_in_flight(gateway_factory, plugin):
-    port = free_port()
-    settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "gateway.shutdown_grace_s=3"]
     async with trio.open_nursery() as nursery:
-        async with gateway_factory(plugins=[("edgetest", plugin)], settings=settings) as gw:
+        async with gateway_factory(plugins=[("edgetest", plugin)], mqtt=True, settings=["gateway.shutdown_grace_s=3"]) as gw:
+            port = gw_mqtt_address(gw)[1]
             user, password = await provision(gw, "d1")
             dev = await RawDevice.connect(port, user, password)
             await dev.publish("dev/d1/data", b"block", packet_id=5)
-            with trio.fail_after(5):
-                while plugin.calls < 1:
-                    await trio.sleep(0.01)
+            await wait_until(lambda: plugin.calls >= 1)
             nursery.start_soon(_release_later, plugin)
             gw.request_shutdown()
             with trio.fail_after(5):

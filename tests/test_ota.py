@@ -29,16 +29,6 @@ from gatewayd.testing import gw_client
 
 TOKEN = "ota-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-TIMEOUT_S = 30
-
-
-def hard_timeout(fn):
-    @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
-        with trio.fail_after(TIMEOUT_S):
-            return await fn(*args, **kwargs)
-
-    return wrapper
 
 
 # -- semantic versions ----------------------------------------------------------------
@@ -219,7 +209,6 @@ async def stored(gw, tmp_path, size=300_000):
     return fw, path.read_bytes()
 
 
-@hard_timeout
 async def test_resumed_range_download_matches_the_sha256(gateway_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     async with gateway_factory() as gw:
@@ -242,7 +231,6 @@ async def test_resumed_range_download_matches_the_sha256(gateway_factory, tmp_pa
             assert hashlib.sha256(whole).hexdigest() == fw.sha256 and whole == data
 
 
-@hard_timeout
 async def test_range_edge_cases_and_conditional_get(gateway_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     async with gateway_factory() as gw:
@@ -265,7 +253,6 @@ async def test_range_edge_cases_and_conditional_get(gateway_factory, tmp_path, m
             assert (await anonymous.get(url)).status_code == 401
 
 
-@hard_timeout
 async def test_a_plugin_serves_the_same_file_under_its_own_route(gateway_factory, tmp_path):
     async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
         fw, data = await stored(gw, tmp_path)
@@ -279,7 +266,6 @@ async def test_a_plugin_serves_the_same_file_under_its_own_route(gateway_factory
             assert r.json() == {"update": None}
 
 
-@hard_timeout
 async def test_reports_are_stored_and_failures_become_events(gateway_factory, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     async with gateway_factory() as gw:
@@ -312,7 +298,6 @@ async def test_ids_out_of_range_are_not_found(store, tmp_path):
         await store.report("paku", "pk-1", "failed", firmware_id=HUGE_ID)
 
 
-@hard_timeout
 async def test_a_huge_firmware_id_is_a_404_on_admin_and_device_routes(gateway_factory, tmp_path, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
     async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
@@ -344,7 +329,6 @@ async def test_a_file_name_with_control_characters_is_refused(store, tmp_path, n
     assert await store.list() == []
 
 
-@hard_timeout
 async def test_any_stored_file_name_downloads_with_a_safe_content_disposition(gateway_factory, tmp_path, monkeypatch):
     """Names stored before they were checked (a newline, non-Latin-1) must not break downloads."""
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
@@ -376,7 +360,6 @@ async def manifest_url(client) -> str:
     return entry["url"]
 
 
-@hard_timeout
 async def test_manifest_urls_come_from_http_public_url_never_from_the_host_header(gateway_factory, tmp_path):
     settings = ["http.public_url='http://gw.site.example:8080/edge/'"]
     async with gateway_factory(plugins=[("otaplug", OtaPlugin())], settings=settings) as gw:
@@ -388,7 +371,6 @@ async def test_manifest_urls_come_from_http_public_url_never_from_the_host_heade
             gw.ota.url("x")
 
 
-@hard_timeout
 async def test_without_public_url_the_urls_are_the_listen_address_as_bound(gateway_factory, tmp_path):
     from gatewayd.testing import gw_url
 
@@ -400,7 +382,6 @@ async def test_without_public_url_the_urls_are_the_listen_address_as_bound(gatew
             assert (await client.get(url)).content == data
 
 
-@hard_timeout
 async def test_a_wildcard_listen_address_becomes_a_real_one_logged_once(gateway_factory, tmp_path, caplog):
     import logging
     import socket
@@ -423,7 +404,6 @@ async def test_a_wildcard_listen_address_becomes_a_real_one_logged_once(gateway_
         assert "wildcard" in warning.getMessage()
 
 
-@hard_timeout
 async def test_the_gateway_signs_what_it_stores_with_its_site_key(gateway_factory, tmp_path):
     async with gateway_factory(plugins=[("otaplug", OtaPlugin())]) as gw:
         fw, _ = await stored(gw, tmp_path, size=1000)

@@ -9,7 +9,7 @@ import trio
 
 from gatewayd.plugins.api import hookimpl
 from gatewayd.plugins.manager import PluginLoadError, build_plugin_manager
-from gatewayd.testing import gw_client
+from gatewayd.testing import device_mqtt, gw_client, provision, rejected_messages, wait_handled, wait_until
 from tests import plugin_everything
 
 EVERYTHING = ("everything", plugin_everything)
@@ -153,8 +153,9 @@ def _ok_blueprint():
 
 async def test_hook_background_tasks(gateway_factory):
     async with gateway_factory(plugins=[EVERYTHING]) as gw:
-        await trio.sleep(0.05)
-        assert gw.metrics.counter("gatewayd_everything_task_runs_total", "").value() == 1
+        runs = gw.metrics.counter("gatewayd_everything_task_runs_total", "")
+        await wait_until(lambda: runs.value() >= 1)
+        assert runs.value() == 1
 
 
 async def test_crashing_task_restarts_with_backoff(gateway_factory, autojump_clock):
@@ -261,38 +262,16 @@ def test_serial_settings_errors_name_the_toml_key():
 
 
 async def test_hook_mqtt_topics(gateway_factory):
-    from gatewayd.core.mqtt.client import RejectedMessage
-    from gatewayd.testing.mqtt import DeviceClient, free_port
-
-    port = free_port()
-    async with gateway_factory(
-        plugins=[EVERYTHING], settings=["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'"]
-    ) as gw:
-        with trio.fail_after(30):
-            device, creds = await gw.devices.registry.provision("everything", "dev1")
-            while not gw.mqtt.client.ready:
-                await trio.sleep(0.05)
-            # The new account reaches mosquitto by a reload; retry the login until it has.
-            while True:
-                dev = DeviceClient("127.0.0.1", port, creds.mqtt_username, creds.key, "dev1")
-                reason = await dev.connect()
-                if reason is not None and not reason.is_failure:
-                    break
-                await trio.to_thread.run_sync(dev.close)
-                await trio.sleep(0.2)
-            try:
-                await dev.publish("everything/dev1/reading", b"not json")
-                await dev.publish("everything/dev1/reading", b'{"value": 7.25}')
-                await dev.publish("everything/dev2/reading", b'{"value": 99}')  # not its topic: ACL drops it
-                while await gw.storage.read(lambda: plugin_everything.Reading.select().count()) < 1:
-                    await trio.sleep(0.05)
-                while gw.mqtt.delivery.stats.rejected < 1:
-                    await trio.sleep(0.05)
-            finally:
-                await trio.to_thread.run_sync(dev.close)
+    async with gateway_factory(plugins=[EVERYTHING], mqtt=True) as gw:
+        async with device_mqtt(await provision(gw, "everything", "dev1")) as dev:
+            await dev.publish("everything/dev1/reading", b"not json")
+            await dev.publish("everything/dev1/reading", b'{"value": 7.25}')
+            await dev.publish("everything/dev2/reading", b'{"value": 99}')  # not its topic: ACL drops it
+        await wait_handled(gw, "everything/+/reading")
+        await wait_handled(gw, "everything/+/reading", verdict="rejected")
         rows = await gw.storage.read(lambda: [(r.device, r.value) for r in plugin_everything.Reading.select()])
         assert rows == [("dev1", 7.25)]
-        rejected = await gw.storage.read(lambda: [(r.topic, bytes(r.payload)) for r in RejectedMessage.select()])
+        rejected = [(r.topic, r.payload) for r in await rejected_messages(gw)]
         assert rejected == [("everything/dev1/reading", b"not json")]
         async with gw_client(gw) as client:
             health = (await client.get("/health")).json()

@@ -3,6 +3,7 @@
 import trio
 
 from gatewayd.core.devices.presence import Presence
+from gatewayd.testing import gw_client, wait_until
 from tests.device_services_setup import open_services
 
 
@@ -63,9 +64,11 @@ async def test_the_service_flushes_by_itself(tmp_path):
         presence = Presence(s.registry, flush_s=0.05)
         await nursery.start(presence.run)
         presence.touch("paku", "p1")
-        with trio.fail_after(10):
-            while (await s.registry.get("paku", "p1")).last_seen is None:
-                await trio.sleep(0.05)
+
+        async def seen():
+            return (await s.registry.get("paku", "p1")).last_seen is not None
+
+        await wait_until(seen)
         nursery.cancel_scope.cancel()
 
 
@@ -88,7 +91,6 @@ async def test_a_failing_consumer_does_not_stop_presence(tmp_path, autojump_cloc
 
 async def test_gateway_presence_is_fed_by_auth(gateway_factory):
     # Real time here (the gateway's HTTP and storage threads don't mix with autojump).
-    from gatewayd.testing import gw_client
     from tests import plugin_devices
 
     with trio.fail_after(20):
@@ -104,8 +106,10 @@ async def test_gateway_presence_is_fed_by_auth(gateway_factory):
             gw.devices.presence.offline_after("meter", 0.2)
             async with gw_client(gw) as client:
                 assert (await client.post("/meter/ingest", headers={"X-API-Key": creds.key})).status_code == 200
-            while len(events) < 2:
-                await trio.sleep(0.05)
+            await wait_until(lambda: len(events) >= 2)
             assert events == [("meter", "m1", "device_online"), ("meter", "m1", "device_offline")]
-            while (await gw.devices.registry.get("meter", "m1")).last_seen is None:
-                await trio.sleep(0.05)
+
+            async def seen():
+                return (await gw.devices.registry.get("meter", "m1")).last_seen is not None
+
+            await wait_until(seen)

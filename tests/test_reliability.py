@@ -22,9 +22,9 @@ import httpx
 import pytest
 import trio
 
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, wait_until
 from tests import plugin_ingest
-from tests.test_sync import SECRET, receiver, received, upstream_config, wait_for
+from tests.test_sync import SECRET, receiver, received, upstream_config
 
 INGEST = ("ingest", plugin_ingest)
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,15 +67,17 @@ class Daemon:
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GATEWAYD_UPSTREAM_SECRET": SECRET},
             )
         async with httpx.AsyncClient(timeout=1) as client:
-            with trio.fail_after(30):
-                while True:
-                    try:
-                        if (await client.get(self.base + "/health")).status_code == 200:
-                            return
-                    except httpx.TransportError:
-                        pass
-                    assert self.proc.poll() is None, self.log.read_text()[-3000:]
-                    await trio.sleep(0.05)
+
+            async def healthy() -> bool:
+                try:
+                    if (await client.get(self.base + "/health")).status_code == 200:
+                        return True
+                except httpx.TransportError:
+                    pass
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                return False
+
+            await wait_until(healthy, timeout=30, step=0.05, what="the daemon answers /health with 200")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -111,6 +113,7 @@ async def hammer(base: str, next_seq, attempted: set[int], acked: set[int], stop
                 raise AssertionError(f"unexpected {r.status_code}: {r.text}")
 
 
+@pytest.mark.timeout(150)
 async def test_kill_9_repeatedly_loses_nothing_acknowledged_and_duplicates_nothing(tmp_path):
     db = tmp_path / "received.db"
     attempted: set[int] = set()
@@ -120,22 +123,23 @@ async def test_kill_9_repeatedly_loses_nothing_acknowledged_and_duplicates_nothi
     # A slow, flaky receiver: kills land while batches are in flight and being retried.
     async with receiver(db, delay_ms=30, fail_rate=0.2, rng=random.Random(1)) as url:
         daemon = Daemon(tmp_path, url)
-        with trio.fail_after(150):
-            for _ in range(4):
-                await daemon.start()
-                stop = trio.Event()
-                async with trio.open_nursery() as nursery:
-                    for _ in range(6):
-                        nursery.start_soon(hammer, daemon.base, lambda: next(counter), attempted, acked, stop)
-                    await trio.sleep(rng.uniform(0.8, 1.6))
-                    daemon.kill()  # kill -9 while devices post and the sink drains
-                    stop.set()
+        for _ in range(4):
             await daemon.start()
-            await wait_for(lambda: acked <= {r["data"]["seq"] for r in received(db)}, timeout=60)
-            with trio.fail_after(30):
-                while await daemon.backlog():
-                    await trio.sleep(0.1)
-            assert daemon.stop() == 0
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for _ in range(6):
+                    nursery.start_soon(hammer, daemon.base, lambda: next(counter), attempted, acked, stop)
+                await trio.sleep(rng.uniform(0.8, 1.6))
+                daemon.kill()  # kill -9 while devices post and the sink drains
+                stop.set()
+        await daemon.start()
+        await wait_until(lambda: acked <= {r["data"]["seq"] for r in received(db)}, timeout=60)
+
+        async def drained() -> bool:
+            return not await daemon.backlog()
+
+        await wait_until(drained, timeout=30, step=0.1)
+        assert daemon.stop() == 0
     got = [r["data"]["seq"] for r in received(db)]
     assert len(acked) > 200, "the test did not ingest enough to mean anything"
     assert acked <= set(got), f"acknowledged but lost: {sorted(acked - set(got))[:20]}"
@@ -186,6 +190,7 @@ async def post_until_refused(client: httpx.AsyncClient, start: int, acked: set[i
     raise AssertionError("never refused: the disk did not fill")
 
 
+@pytest.mark.timeout(120)  # the drain below may take up to 60 s on its own
 @pytest.mark.parametrize("how", ["tmpfs", "max_page_count"])
 async def test_disk_full_refuses_new_records_keeps_old_ones_and_recovers(gateway_factory, tmp_path, how):
     """tmpfs: a real ENOSPC from a 16 MB filesystem (needs root to mount); max_page_count:
@@ -236,7 +241,7 @@ async def test_disk_full_refuses_new_records_keeps_old_ones_and_recovers(gateway
         async with receiver(db, port=port) as url:
             async with gateway_factory(plugins=[INGEST], settings=[f"gateway.data_dir='{disk / 'var'}'"],
                                        config_text=upstream_config(url)) as gw:
-                await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0, timeout=60)
+                await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0, timeout=60)
         got = [r["data"]["seq"] for r in received(db)]
         assert sorted(got) == sorted(acked)
     finally:

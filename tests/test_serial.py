@@ -26,6 +26,7 @@ import trio.testing
 
 from gatewayd.core.serial.link import SerialLink, SerialNotOpen, SerialSettings, SerialSettingsError, SerialTimeout
 from gatewayd.protocol.framing import make_framer
+from gatewayd.testing import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,11 +98,6 @@ class Collector:
         return self.frames
 
 
-async def until(predicate) -> None:
-    while not predicate():
-        await trio.sleep(0.005)
-
-
 async def test_frames_in_replies_out(nursery, device):
     got = Collector(reply=b"ack:")
     link = SerialLink("meter", settings(device.path), got)
@@ -161,11 +157,11 @@ async def test_reconnects_when_the_device_comes_back(nursery, tmp_path):
         assert link.state == "open"
         first.write(b"before\npartial")  # the device dies mid-frame
         await got.wait_for(1)
-        await until(lambda: link.stats.bytes_in == 14)
+        await wait_until(lambda: link.stats.bytes_in == 14)
 
         first.close()  # unplugged: the pty hangs up and udev removes the node
         port.unlink()
-        await until(lambda: link.state == "disconnected")
+        await wait_until(lambda: link.state == "disconnected")
         assert link.stats.reconnects == 0
         with pytest.raises(SerialNotOpen):
             await link.send(b"hello")
@@ -295,7 +291,7 @@ async def test_socket_url_reads_the_fd_and_reconnects_after_eof(nursery):
         await got.wait_for(1)
         await server.aclose()  # the remote end goes away: EOF, then a new connection
         server = await connections.receive()
-        await until(lambda: link.state == "open")
+        await wait_until(lambda: link.state == "open")
         assert link.stats.reconnects == 1
         await link.send(b"back")
         assert await server.receive_some() == b"back\n"

@@ -22,7 +22,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 
 from gatewayd.core.upstream.receiver import create_receiver_app
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, wait_until
 from tests import plugin_ingest
 
 INGEST = ("ingest", plugin_ingest)
@@ -82,15 +82,6 @@ def upstream_config(url: str, **keys) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def wait_for(predicate, timeout: float = 20.0, step: float = 0.05):
-    with trio.fail_after(timeout):
-        while True:
-            value = predicate()
-            if value:
-                return value
-            await trio.sleep(step)
-
-
 async def bulk(client: httpx.AsyncClient, start: int, count: int, cls="history", device="d1"):
     r = await client.post("/ingest/bulk", json={"device": device, "start": start, "count": count, "cls": cls})
     assert r.status_code == 201, r.text
@@ -101,7 +92,7 @@ async def deliver(gw, count: int, batches: int) -> None:
     async with gw_client(gw) as client:
         await bulk(client, 0, count)
     stats = gw.upstream.workers["cloud"].stats
-    await wait_for(lambda: stats.batches.get("delivered") == batches)
+    await wait_until(lambda: stats.batches.get("delivered") == batches)
 
 
 async def ingest(client: httpx.AsyncClient, seqs, cls="history", device="d1"):
@@ -118,8 +109,8 @@ async def test_records_reach_the_receiver_once(gateway_factory, tmp_path):
                 await ingest(client, range(50))
                 r = await client.post("/ingest/bulk", json={"device": "d2", "start": 1000, "count": 3000})
                 assert r.status_code == 201
-            await wait_for(lambda: len(received(db)) >= 3050)
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: len(received(db)) >= 3050)
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
             assert gw.outbox.counts["class:history"] == [0, 0]
     got = received(db)
     assert sorted(r["data"]["seq"] for r in got) == list(range(50)) + list(range(1000, 4000))
@@ -159,7 +150,7 @@ async def test_backlog_drains_in_priority_order(gateway_factory, tmp_path):
     # Same data dir, receiver up: the backlog drains by class, newest state first.
     async with receiver(db) as url:
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=4)) as gw:
-            await wait_for(lambda: len(received(db)) == 30)
+            await wait_until(lambda: len(received(db)) == 30)
     got = received(db)
     assert [r["id"] for r in got[: len(first)]] == first
     got = got[len(first):]
@@ -210,7 +201,7 @@ async def test_429_and_503_are_honoured_with_the_same_idempotency_key(gateway_fa
             async with gw_client(gw) as client:
                 await bulk(client, 0, 5)
             stats = gw.upstream.workers["cloud"].stats
-            await wait_for(lambda: stats.batches.get("delivered"))
+            await wait_until(lambda: stats.batches.get("delivered"))
             assert stats.batches == {"retry_after": 2, "delivered": 1}
     assert len(seen) == 3
     assert len({s["key"] for s in seen}) == 1  # one batch, one key, three attempts
@@ -281,9 +272,9 @@ async def run_a_worker_twice(tmp_path: Path, sink, arrived: Callable[[], list[in
             await ingest.records([Record("d", "k", {"i": attempt}, None, "state")])
             async with trio.open_nursery() as run:
                 run.start_soon(worker.run)
-                await wait_for(lambda: outbox.counts[f"sink:{sink.name}"][0] == 0)
+                await wait_until(lambda: outbox.counts[f"sink:{sink.name}"][0] == 0)
                 run.cancel_scope.cancel()  # ended from outside, as a crash ends it
-            await wait_for(lambda: sorted(arrived()) == list(range(attempt + 1)))
+            await wait_until(lambda: sorted(arrived()) == list(range(attempt + 1)))
         nursery.cancel_scope.cancel()
 
 
@@ -308,10 +299,11 @@ async def test_a_delivered_batch_is_committed_while_the_next_ones_answer_is_pend
         return [key for (key,) in rows]
 
     async def previous_batch_committed() -> None:
+        async def committed() -> bool:
+            return seen[-2]["key"] not in await gateway["gw"].storage.read(open_batches)
+
         if len(seen) > 1:
-            with trio.fail_after(10):
-                while seen[-2]["key"] in await gateway["gw"].storage.read(open_batches):
-                    await trio.sleep(0.01)
+            await wait_until(committed, timeout=10, step=0.01)
 
     app, seen = flaky_receiver(db, [], hold=previous_batch_committed)
     async with serve_app(app) as url:
@@ -328,7 +320,7 @@ async def test_a_next_hint_on_a_delivered_batch_delays_the_next_one(gateway_fact
     async with serve_app(app) as url:
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
             await deliver(gw, 6, batches=2)
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
     assert len(seen) == 2 and seen[1]["at"] - seen[0]["at"] >= 1.4
     assert len(received(db)) == 3  # the first batch was answered by the front, not stored
 
@@ -340,16 +332,16 @@ async def test_a_400_batch_is_dead_lettered_and_the_rest_flows(gateway_factory, 
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=3)) as gw:
             async with gw_client(gw) as client:
                 await bulk(client, 0, 3)
-                await wait_for(lambda: gw.upstream.workers["cloud"].stats.batches.get("dead_letter"))
+                await wait_until(lambda: gw.upstream.workers["cloud"].stats.batches.get("dead_letter"))
                 await bulk(client, 3, 3)
-            await wait_for(lambda: len(received(db)) == 3)
+            await wait_until(lambda: len(received(db)) == 3)
             status = await gw.storage.read(gw.outbox.status)
             assert status["dead_letters"] == {"batches": 1, "records": 3}
             dead = await gw.storage.read(gw.outbox.dead_letters)
             assert dead[0]["status"] == 400 and "bad_envelope" in dead[0]["reason"]
             # An operator puts them back: they go out again, with their original ids.
             assert await gw.storage.write(gw.outbox.retry_dead) == (1, 3)
-            await wait_for(lambda: len(received(db)) == 6, timeout=30)
+            await wait_until(lambda: len(received(db)) == 6, timeout=30)
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(6))
 
 
@@ -361,7 +353,7 @@ async def test_5xx_backs_off_then_delivers(gateway_factory, tmp_path):
             async with gw_client(gw) as client:
                 await bulk(client, 0, 2)
             worker = gw.upstream.workers["cloud"]
-            await wait_for(lambda: worker.stats.batches.get("delivered"))
+            await wait_until(lambda: worker.stats.batches.get("delivered"))
             assert worker.stats.batches == {"retry": 2, "delivered": 1}
             assert worker.backoff.attempt == 0  # reset by the success
     assert len({s["key"] for s in seen}) == 1
@@ -402,7 +394,7 @@ async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(ga
         # The far end refuses the gateway's credentials (fault injection: every batch 401/403).
         async with receiver(db, port=port, status=status):
             await bulk(client, 0, 25)
-            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
+            await wait_until(lambda: worker.stats.batches.get("paused", 0) >= 3)
             health = await client.get("/health")
             component = health.json()["components"]["upstream.cloud"]
             assert health.status_code == 503 and component["state"] == "failed"
@@ -418,8 +410,8 @@ async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(ga
         assert received(db) == []
         # The secret is fixed at the far end: the next attempt after the pause goes through.
         async with receiver(db, port=port):
-            await wait_for(lambda: len(received(db)) == 25)
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: len(received(db)) == 25)
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
             assert worker.paused is None
             component = (await client.get("/health")).json()["components"]["upstream.cloud"]
             assert component["state"] == "ok" and component["paused"] is False
@@ -462,7 +454,7 @@ async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_d
         with caplog.at_level(logging.ERROR, logger="gatewayd.sync"):
             async with receiver(db, port=port):  # takes batches at /v1/batch only
                 await bulk(client, 0, 25)
-                await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 3)
+                await wait_until(lambda: worker.stats.batches.get("paused", 0) >= 3)
                 health = await client.get("/health")
                 component = health.json()["components"]["upstream.cloud"]
                 assert health.status_code == 503 and component["state"] == "failed"
@@ -475,7 +467,7 @@ async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_d
         assert received(db) == []
         # The far end is fixed (it now takes batches where the gateway sends them): the sink resumes.
         async with serve_app(receiver_at(db, urlsplit(base + appended).path), port):
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
             assert worker.paused is None
             assert (await client.get("/health")).json()["components"]["upstream.cloud"]["state"] == "ok"
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
@@ -489,10 +481,10 @@ async def test_a_404_upstream_fixed_in_the_configuration_delivers_what_waited(ga
         async with gateway_factory(plugins=[INGEST], config_text=wrong) as gw, gw_client(gw) as client:
             await bulk(client, 0, 25)
             worker = gw.upstream.workers["cloud"]
-            await wait_for(lambda: worker.paused is not None)
+            await wait_until(lambda: worker.paused is not None)
         assert received(db) == []
         async with gateway_factory(plugins=[INGEST], config_text=upstream_config(url, max_records=10)) as gw:
-            await wait_for(lambda: len(received(db)) == 25)
+            await wait_until(lambda: len(received(db)) == 25)
             assert await gw.storage.read(gw.outbox.dead_letters) == []
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(25))
 
@@ -507,8 +499,8 @@ async def test_a_413_splits_the_batch_and_dead_letters_only_a_record_too_large_a
                 await ingest(client, [10_000], device="x" * 3000)  # too large even alone
                 await bulk(client, 0, 40)
             worker = gw.upstream.workers["cloud"]
-            await wait_for(lambda: len(received(db)) == 40 and worker.stats.batches.get("dead_letter"))
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: len(received(db)) == 40 and worker.stats.batches.get("dead_letter"))
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
             dead = await gw.storage.read(gw.outbox.dead_letters)
             assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] and "too_large" in dead[0]["reason"]
             assert worker.stats.batches["split"] >= 3  # 41 -> 21 + 20 -> ... until each half fits
@@ -528,17 +520,17 @@ async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gate
     async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
         async with receiver(db, port=port, max_body_bytes=100):
             await bulk(client, 0, 30)
-            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 2)
+            await wait_until(lambda: worker.stats.batches.get("paused", 0) >= 2)
             component = (await client.get("/health")).json()["components"]["upstream.cloud"]
             assert component["state"] == "failed" and "body size limit" in component["reason"]
             dead = await gw.storage.read(gw.outbox.dead_letters)
             assert [(d["status"], d["records"]) for d in dead] == [(413, 1)] * TOO_LARGE_ALONE_MAX
             assert gw.outbox.counts["sink:cloud"][0] == 30 - TOO_LARGE_ALONE_MAX
         async with receiver(db, port=port):  # the limit fixed
-            await wait_for(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
+            await wait_until(lambda: gw.outbox.counts["sink:cloud"][0] == 0)
             assert worker.paused is None
             assert await gw.storage.write(gw.outbox.retry_dead) == (TOO_LARGE_ALONE_MAX, TOO_LARGE_ALONE_MAX)
-            await wait_for(lambda: len(received(db)) == 30)
+            await wait_until(lambda: len(received(db)) == 30)
     assert sorted(r["data"]["seq"] for r in received(db)) == list(range(30))
 
 
@@ -549,13 +541,13 @@ async def test_a_413_for_a_record_smaller_than_what_was_taken_before_pauses_inst
     async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
         async with receiver(db, port=port):
             await bulk(client, 0, 8)
-            await wait_for(lambda: len(received(db)) == 8)
+            await wait_until(lambda: len(received(db)) == 8)
         async with receiver(db, port=port, max_body_bytes=100):
             await bulk(client, 8, 8)
-            await wait_for(lambda: worker.stats.batches.get("paused", 0) >= 1)
+            await wait_until(lambda: worker.stats.batches.get("paused", 0) >= 1)
             assert "after taking" in worker.paused and await gw.storage.read(gw.outbox.dead_letters) == []
         async with receiver(db, port=port):
-            await wait_for(lambda: len(received(db)) == 16)
+            await wait_until(lambda: len(received(db)) == 16)
 
 
 # -- MQTT sink: a real mosquitto, a real paho subscriber -------------------------------
@@ -599,7 +591,7 @@ async def cloud_broker():
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gatewayd.testing.mqtt import free_port as free_mqtt_port
+    from gatewayd.testing import free_port as free_mqtt_port
 
     port = free_mqtt_port()
     broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,
@@ -608,13 +600,14 @@ async def cloud_broker():
     cloud = paho.Client(CallbackAPIVersion.VERSION2, client_id="cloud", protocol=paho.MQTTv5)
     cloud.on_message = lambda c, u, msg: got.append(msg)
     try:
-        with trio.fail_after(10):
-            while True:  # the broker takes a moment to listen
-                try:
-                    cloud.connect("127.0.0.1", port)
-                    break
-                except OSError:
-                    await trio.sleep(0.05)
+        def connected() -> bool:
+            try:
+                cloud.connect("127.0.0.1", port)
+                return True
+            except OSError:
+                return False
+
+        await wait_until(connected, timeout=10, step=0.05, what="mosquitto listens")  # it takes a moment
         cloud.subscribe("gatewayd/+/batch", qos=1)
         cloud.loop_start()
         yield port, got
@@ -661,8 +654,8 @@ async def test_mqtt_sink_publishes_signed_batches_delivered_on_puback(tmp_path):
                 worker = SyncWorker(outbox, sink, gateway_id="site-7", secret=SECRET.encode(), max_records=5,
                                     linger_s=0)
                 await nursery.start(worker.run)
-                await wait_for(lambda: outbox.counts["sink:cloudmq"][0] == 0)
-                await wait_for(lambda: len(got) >= 3)
+                await wait_until(lambda: outbox.counts["sink:cloudmq"][0] == 0)
+                await wait_until(lambda: len(got) >= 3)
                 nursery.cancel_scope.cancel()
             publisher.close()
     batches = batches_from(got)
@@ -682,12 +675,12 @@ async def test_an_mqtt_upstream_in_the_config_delivers_through_the_gateways_own_
                 assert gw.upstream.problems == {}
                 async with gw_client(gw) as client:
                     await bulk(client, 0, 25)
-                    await wait_for(lambda: gw.outbox.counts["sink:cloudmq"][0] == 0)
+                    await wait_until(lambda: gw.outbox.counts["sink:cloudmq"][0] == 0)
                     component = (await client.get("/health")).json()["components"]["upstream.cloudmq"]
                     assert component["state"] == "ok", component
                 worker = gw.upstream.workers["cloudmq"]
                 assert worker.stats.batches == {"delivered": 3}
-            await wait_for(lambda: len(got) >= 3)
+            await wait_until(lambda: len(got) >= 3)
     batches = batches_from(got)
     assert sorted(r["data"]["seq"] for b in batches for r in b.records) == list(range(25))
 

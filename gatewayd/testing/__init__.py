@@ -1,91 +1,98 @@
-"""pytest fixtures for testing gatewayd and gatewayd plugins against a real gateway.
+"""pytest fixtures and helpers for testing gatewayd and its plugins against a real gateway.
 
-Installed as a pytest plugin (entry point `pytest11`), so a plugin's own test suite
-gets these fixtures just by having gatewayd installed::
+A pytest plugin (entry point ``pytest11``): a plugin's own test suite gets the fixtures
+and the per-test timeout just by having ``gatewayd[test]`` installed. Plugin tests
+import from here and from ``gatewayd.plugins.api``, never from ``gatewayd.core``.
 
-    async def test_my_route(gateway_factory):
-        async with gateway_factory(plugins=[("hello", gatewayd_hello)]) as gw:
-            async with gw_client(gw) as client:
-                r = await client.get("/hello/")
-                assert r.status_code == 200
+Quick start (``hello`` subscribes ``hello/+/reading`` and stores it with ``ctx.ingest``)::
 
-The gateway runs in the test's own trio run: real SQLite under `tmp_path`, hypercorn
-on a free port, MQTT off unless a test turns it on.
+    import gatewayd_hello
+    from gatewayd.testing import device_mqtt, provision, wait_handled
+
+    HELLO = [("hello", gatewayd_hello)]
+
+    async def test_a_reading_goes_upstream(gateway_factory, upstream_receiver):
+        async with gateway_factory(plugins=HELLO, mqtt=True, upstream=upstream_receiver) as gw:
+            creds = await provision(gw, "hello", "dev1")
+            async with device_mqtt(creds) as dev:
+                await dev.publish("hello/dev1/reading", b'{"value": 7}')
+            await wait_handled(gw, "hello/dev1/reading")
+            [record] = await upstream_receiver.wait_for(1)
+            assert record["device"] == "dev1"
+
+What there is:
+
+- ``gateway_factory`` (fixture) / :func:`start_gateway`: a real gateway in the test's
+  trio run; ``mqtt=True`` adds its managed mosquitto behind its MQTT edge,
+  ``upstream=`` points its outbox at a receiver. :func:`gw_client`, :func:`gw_url`.
+- ``upstream_receiver`` (fixture): the reference upstream receiver on a free port;
+  ``.records()``, ``await .wait_for(n)``.
+- :func:`provision`: a device of a family with working credentials (API key, signing
+  secret, MQTT login); :func:`device_mqtt`: that device connected, once the broker
+  has its account.
+- :func:`wait_handled`, :func:`deliveries`, :func:`rejected_messages`: what the gateway
+  did with inbound MQTT messages.
+- :func:`wait_until`: the one way to wait for something.
+- :func:`add_firmware`, :func:`storage_full`, :func:`storage_failing`.
+- For tests of the MQTT layer itself: ``mqtt_broker``, ``mqtt_storage``,
+  :func:`device_client`, :func:`add_device_account` (see :mod:`.mqtt`).
+- Every test, trio or plain, fails after 60 s unless marked
+  ``@pytest.mark.timeout(SECONDS)``; ``PYTEST_TIMEOUT=SECONDS`` for a slow machine
+  (see :mod:`.timeouts`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any
+from .gateway import (
+    DeviceCredentials,
+    add_firmware,
+    gateway_factory,
+    gw_client,
+    gw_mqtt_address,
+    gw_url,
+    provision,
+    start_gateway,
+    storage_failing,
+    storage_full,
+)
+from .mqtt import (
+    TEST_ACL_TEMPLATES,
+    AclTemplate,
+    Delivered,
+    DeviceClient,
+    MQTTLogin,
+    Rejection,
+    add_device_account,
+    deliveries,
+    device_client,
+    device_mqtt,
+    external_broker_settings,
+    free_port,
+    gateway_client,
+    gateway_mqtt_settings,
+    mqtt_broker,
+    mqtt_storage,
+    rejected_messages,
+    start_managed_broker,
+    wait_handled,
+)
+from .receiver import UpstreamReceiver, start_upstream_receiver, upstream_receiver
+from .timeouts import pytest_configure, pytest_report_header, pytest_runtest_call, pytest_timeout_set_timer
+from .waiting import wait_until
 
-import httpx
-import pytest
-import trio
-
-from ..core.config import load_config
-from ..core.runtime import Gateway
-from ..plugins.manager import build_plugin_manager
-from .mqtt import *  # noqa: F403  (the MQTT fixtures: mqtt_broker, device_client, ...)
-from .mqtt import __all__ as _mqtt_all
-
-__all__ = ["start_gateway", "gw_client", "gateway_factory", *_mqtt_all]
-
-
-@asynccontextmanager
-async def start_gateway(
-    data_dir: Path,
-    *,
-    plugins: Iterable[tuple[str, object]] = (),
-    settings: Iterable[str] = (),
-    config_text: str = "",
-    clock: Callable[[], float] | None = None,
-) -> AsyncIterator[Gateway]:
-    """Run a Gateway in this trio run until the block ends (then a graceful shutdown).
-
-    `settings` are `--set` style overrides (`"plugins.hello.greeting='hi'"`).
-    """
-    manager = build_plugin_manager(entry_points=False, plugins=plugins)
-    overrides = [
-        f"gateway.data_dir='{data_dir}'",
-        "gateway.id='test-gateway'",
-        "http.listen='127.0.0.1:0'",
-        "http.access_log=false",
-        "mqtt.broker='off'",
-        "gateway.shutdown_grace_s=1.0",
-        *settings,
-    ]
-    config = load_config(None, overrides, manager.config_schemas(), text=config_text)
-    for name, plugin_settings in config.plugins.items():
-        if not plugin_settings.enabled:
-            manager.block(name)
-    gateway = Gateway(config, manager, **({"clock": clock} if clock else {}))
-    async with trio.open_nursery() as nursery:
-        await nursery.start(gateway.run)
-        try:
-            yield gateway
-        finally:
-            gateway.request_shutdown()
-
-
-def gw_url(gateway: Gateway, listener: str = "main") -> str:
-    """The base URL of one of the gateway's listeners (`main` or a plugin name)."""
-    return gateway.http_urls[listener][0]
-
-
-@asynccontextmanager
-async def gw_client(gateway: Gateway, listener: str = "main", **kwargs: Any) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client for the gateway's real HTTP listener."""
-    async with httpx.AsyncClient(base_url=gw_url(gateway, listener), timeout=10, **kwargs) as client:
-        yield client
-
-
-@pytest.fixture
-def gateway_factory(tmp_path: Path) -> Callable[..., Any]:
-    """`async with gateway_factory(plugins=[...], settings=[...]) as gw:` in a test."""
-
-    def factory(**kwargs: Any):
-        return start_gateway(tmp_path / "var", **kwargs)
-
-    return factory
+__all__ = [
+    # a gateway
+    "gateway_factory", "start_gateway", "gw_client", "gw_url", "gw_mqtt_address",
+    "upstream_receiver", "start_upstream_receiver", "UpstreamReceiver",
+    # devices
+    "provision", "DeviceCredentials", "device_mqtt", "MQTTLogin", "DeviceClient",
+    # what the gateway did
+    "wait_until", "wait_handled", "deliveries", "Delivered", "rejected_messages", "Rejection",
+    "add_firmware", "storage_full", "storage_failing",
+    # the MQTT layer alone
+    "mqtt_broker", "mqtt_storage", "start_managed_broker", "add_device_account", "device_client",
+    "gateway_client", "gateway_mqtt_settings", "external_broker_settings", "free_port", "AclTemplate",
+    "TEST_ACL_TEMPLATES",
+    # pytest hooks (the per-test timeout), found here by pytest
+    "pytest_configure", "pytest_report_header", "pytest_runtest_call", "pytest_timeout_set_timer",
+]

@@ -7,61 +7,49 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import trio
+from paku_testbed import AUTH, PAKU, device_view
 
-from gatewayd.testing import gw_client
-from gatewayd.testing.mqtt import free_port
-
-from paku_testbed import AUTH, PAKU, TOKEN, device, device_view, managed_settings, provision
+from gatewayd.testing import add_firmware, device_mqtt, gw_client, provision
 
 FIRMWARE = Path(__file__).resolve().parents[3] / "firmware" / "paku" / "device.py"
-
-
-@pytest.fixture(autouse=True)
-def admin_token(monkeypatch):
-    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
 
 
 async def test_reference_firmware_one_cycle(gateway_factory, tmp_path):
     image = tmp_path / "pk-a-1.1.0.bin"
     image.write_bytes(b"\x7fPAKU" + bytes(range(256)) * 64)
-    port = free_port()
-    with trio.fail_after(90):
-        async with gateway_factory(plugins=PAKU, settings=managed_settings(port)) as gw, gw_client(gw) as client:
-            creds = await provision(client, "pk-1", model="pk-a")
-            await trio.to_thread.run_sync(lambda: gw.ota.add_blocking(image, family="paku", model="pk-a",
-                                                                      version="1.1.0"))
-            r = await client.post("/api/gateway/devices/pk-1/commands", headers=AUTH,
-                                  json={"payload": {"action": "ping"}})
-            command_id = r.json()["command"]["id"]
-            async with device(creds, client_id="probe"):
-                pass  # the broker has loaded the new account
+    async with gateway_factory(plugins=PAKU, mqtt=True) as gw, gw_client(gw) as client:
+        creds = await provision(gw, "paku", "pk-1", model="pk-a")
+        await add_firmware(gw, image, family="paku", model="pk-a", version="1.1.0")
+        r = await client.post("/api/gateway/devices/pk-1/commands", headers=AUTH,
+                              json={"payload": {"action": "ping"}})
+        command_id = r.json()["command"]["id"]
+        async with device_mqtt(creds, client_id="probe"):
+            pass  # the broker has loaded the new account
 
-            state_dir = tmp_path / "pk-1"
-            argv = [sys.executable, "-u", str(FIRMWARE), "--host", "127.0.0.1", "--port", str(port), "--id", "pk-1",
-                    "--password=" + creds["mqtt"]["password"], "--http", str(client.base_url).rstrip("/") + "/paku",
-                    "--once", "--ota-every", "1", "--listen-s", "5", "--state-dir", str(state_dir)]
-            with open(tmp_path / "firmware.log", "wb") as log:
-                with trio.fail_after(60):
-                    done = await trio.run_process(argv, stdout=log, stderr=subprocess.STDOUT, check=False)
-            out = (tmp_path / "firmware.log").read_text()
-            assert done.returncode == 0, out
-            assert f"command {command_id} done: pong" in out and "ota: installed 1.1.0" in out
+        state_dir = tmp_path / "pk-1"
+        argv = [sys.executable, "-u", str(FIRMWARE), "--host", creds.mqtt.host, "--port", str(creds.mqtt.port),
+                "--id", "pk-1", "--password=" + creds.key, "--http", str(client.base_url).rstrip("/") + "/paku",
+                "--once", "--ota-every", "1", "--listen-s", "5", "--state-dir", str(state_dir)]
+        with open(tmp_path / "firmware.log", "wb") as log:
+            done = await trio.run_process(argv, stdout=log, stderr=subprocess.STDOUT, check=False)
+        out = (tmp_path / "firmware.log").read_text()
+        assert done.returncode == 0, out
+        assert f"command {command_id} done: pong" in out and "ota: installed 1.1.0" in out
 
-            view = await device_view(client, "pk-1")
-            assert view["telemetry"]["payload"]["temp_c"] > 0
-            assert view["state"]["online"] is False  # said goodbye
-            assert view["fwVersion"] == "1.1.0"
-            r = await client.get("/api/gateway/devices/pk-1/commands", headers=AUTH)
-            [cmd] = r.json()["commands"]
-            assert cmd["status"] == "executed" and cmd["result"] == "pong"
-            statuses = [rep["status"] for rep in await gw.ota.reports("pk-1")]
-            assert statuses == ["installed", "verified", "started"]  # newest first
-            installed = json.loads((state_dir / "installed.json").read_text())
-            assert installed["version"] == "1.1.0"
-            assert hashlib.sha256(Path(installed["image"]).read_bytes()).digest() == \
-                hashlib.sha256(image.read_bytes()).digest()
+        view = await device_view(client, "pk-1")
+        assert view["telemetry"]["payload"]["temp_c"] > 0
+        assert view["state"]["online"] is False  # said goodbye
+        assert view["fwVersion"] == "1.1.0"
+        r = await client.get("/api/gateway/devices/pk-1/commands", headers=AUTH)
+        [cmd] = r.json()["commands"]
+        assert cmd["status"] == "executed" and cmd["result"] == "pong"
+        r = await client.get("/api/gateway/firmware/reports", headers=AUTH, params={"device": "pk-1"})
+        assert [rep["status"] for rep in r.json()["reports"]] == ["installed", "verified", "started"]  # newest first
+        installed = json.loads((state_dir / "installed.json").read_text())
+        assert installed["version"] == "1.1.0"
+        assert hashlib.sha256(Path(installed["image"]).read_bytes()).digest() == \
+            hashlib.sha256(image.read_bytes()).digest()
 
 
 def test_firmware_needs_a_password():
