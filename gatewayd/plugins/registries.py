@@ -24,6 +24,9 @@ from ..protocol.topics import validate_filter
 
 __all__ = ["CommandRegistry", "ModelRegistry", "SerialRegistry", "TaskRegistry", "TopicRegistry"]
 
+#: A schema upgrade step: `fn(migrator, database)` (playhouse.migrate's SqliteMigrator).
+Migration = Callable[[Any, peewee.Database], None]
+
 
 class ModelRegistry:
     """Collects a plugin's models, schema version and migrations."""
@@ -32,7 +35,7 @@ class ModelRegistry:
         self.plugin = plugin
         self.models: list[type[peewee.Model]] = []
         self.version = 1
-        self.migrations: dict[int, Callable] = {}
+        self.migrations: dict[int, Migration] = {}
 
     def add(self, *models: type[peewee.Model]) -> None:
         """Register models; each `Meta.table_name` must start with `<plugin>_`."""
@@ -45,10 +48,10 @@ class ModelRegistry:
                 )
             self.models.append(model)
 
-    def migration(self, version: int) -> Callable[[Callable], Callable]:
+    def migration(self, version: int) -> Callable[[Migration], Migration]:
         """Decorator: `fn(migrator, database)` upgrades schema `version - 1` to `version`."""
 
-        def register(fn: Callable) -> Callable:
+        def register(fn: Migration) -> Migration:
             self.migrations[version] = fn
             return fn
 
@@ -59,7 +62,7 @@ class ModelRegistry:
 class _Task:
     name: str
     fn: Callable[..., Awaitable[Any]]
-    args: tuple
+    args: tuple[Any, ...]
 
 
 class TaskRegistry:
