@@ -115,6 +115,15 @@ def test_protocol_depends_on_nothing_of_ours():
     assert dependency_graph().get("gatewayd.protocol", set()) == set()
 
 
+def test_plugins_import_only_the_plugin_api():
+    offenders = []
+    for path in (ROOT / "plugins").rglob("*.py"):
+        for target in _imports(path):
+            if target.startswith("gatewayd.core") or target.startswith("gatewayd.cli"):
+                offenders.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not offenders, "plugins talk to the core only through gatewayd.plugins.api:\n" + "\n".join(offenders)
+
+
 def test_the_checker_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
