@@ -11,17 +11,30 @@ import argparse
 import json
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-from .engine import (PRESETS, RUST_2007, EtfMappingError, SolverConfig, compute_prc, estimate_period,
-                     integrate_batch, limit_cycle, phosphorylated_fraction, preset, simulated_q10)
+from gatewayd.plugins.api import CommandRegistry
+
+from .engine import (
+    PRESETS,
+    RUST_2007,
+    EtfMappingError,
+    SolverConfig,
+    compute_prc,
+    estimate_period,
+    integrate_batch,
+    limit_cycle,
+    phosphorylated_fraction,
+    preset,
+    simulated_q10,
+)
 
 _MIN_HOURS = 48.0  # two-plus cycles: fewer gives no usable period
 
 
-def add_commands(commands) -> None:
+def add_commands(commands: CommandRegistry) -> None:
     """Register the kaiabc commands on the core's registry (``commands.add(name, help, setup, run)``)."""
     commands.add("simulate", "simulate nodes and report period, amplitude and wall time",
                  _setup_simulate, _guarded(_run_simulate))
@@ -47,7 +60,7 @@ def _preset_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _emit(args: argparse.Namespace, body: dict, lines: list[str]) -> int:
+def _emit(args: argparse.Namespace, body: dict[str, Any], lines: list[str]) -> int:
     print(json.dumps(body) if args.json else "\n".join(lines))
     return 0
 
@@ -73,6 +86,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - clock
     t = np.arange(0.0, args.hours, 0.02)
     one = integrate_batch(np.zeros((3, 1)), (0.0, args.hours), rates.node(0), config, t_eval=t)
+    assert one.y is not None  # t_eval given
     p = phosphorylated_fraction(one.y[:, :, 0].T, RUST_2007.kaic_total)
     est = estimate_period(t, p)
     tail = p[t >= args.hours - est.period]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .integrate import SolverConfig, StepStats, integrate_batch
-from .model import state_variables
+from .model import NodeRates, state_variables
 from .params import RUST_2007, KaiParameters
 from .temperature import TemperatureModel, preset
 
@@ -62,7 +62,7 @@ class OscillatorBatch:
         self.reset(state=initial_state)
         ref = self.temperature_model.reference_temperature_k
         self._temperatures = np.full(n_nodes, np.nan)
-        self._rates = None
+        self._rates: NodeRates | None = None
         self.set_temperatures(ref if temperatures is None else temperatures)
         self._next_step: float | None = None
         self._totals = StepStats()
@@ -107,6 +107,7 @@ class OscillatorBatch:
             self.set_temperatures(temperatures)
         if dt_hours == 0:
             return self.state
+        assert self._rates is not None  # set by the constructor's set_temperatures
         res = integrate_batch(self._state, (self.time, self.time + dt_hours), self._rates, self.config,
                               first_step=self._next_step)
         self._state = res.y_final
@@ -118,6 +119,7 @@ class OscillatorBatch:
 
     def state_variables(self) -> dict[str, np.ndarray]:
         """The spec's six state variables per node (uM), including the temperature-dependent sequestration."""
+        assert self._rates is not None
         return state_variables(self._state, self.params, sequestration=self._rates.sequestration)
 
     @property

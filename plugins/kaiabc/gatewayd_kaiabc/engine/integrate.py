@@ -168,6 +168,7 @@ def integrate_batch(y0: np.ndarray, t_span: tuple[float, float], rates: NodeRate
     out_y = None if out_t is None else np.empty((out_t.size,) + y.shape)
     n_out = 0
     if out_t is not None:
+        assert out_y is not None
         while n_out < out_t.size and out_t[n_out] <= t0:
             out_y[n_out] = y
             n_out += 1
@@ -199,6 +200,7 @@ def integrate_batch(y0: np.ndarray, t_span: tuple[float, float], rates: NodeRate
             f_new = stages[-1] if tab.fsal else rhs_batch(y_new, rates)
             stats.rhs_evaluations += 0 if tab.fsal else 1
             if out_t is not None:
+                assert out_y is not None
                 while n_out < out_t.size and out_t[n_out] <= t + h:
                     theta = (out_t[n_out] - t) / h
                     out_y[n_out] = _hermite(y, stages[0], y_new, f_new, h, theta)

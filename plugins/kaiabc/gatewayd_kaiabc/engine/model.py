@@ -91,7 +91,7 @@ def phosphorylated_fraction(y: np.ndarray, kaic_total: float) -> np.ndarray:
     return (y[0] + y[1] + y[2]) / kaic_total
 
 
-def state_variables(y: np.ndarray, params: KaiParameters, sequestration: float | None = None) -> dict:
+def state_variables(y: np.ndarray, params: KaiParameters, sequestration: np.ndarray | float | None = None) -> dict:
     """The specification's six state variables (uM) from ``(C_T, C_ST, C_S)``.
 
     * ``C_U`` = [KaiC] - C_T - C_ST - C_S (conservation of KaiC).

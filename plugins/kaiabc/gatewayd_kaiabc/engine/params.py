@@ -19,6 +19,8 @@ kDS = ST->S, ...) so the table can be checked against the paper.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -74,7 +76,8 @@ class KaiParameters:
 
     def with_overrides(self, **changes: float) -> "KaiParameters":
         """A copy with some fields replaced (validated like the original)."""
-        return replace(self, **changes)
+        fields: dict[str, Any] = dict(changes)
+        return replace(self, **fields)
 
 
 RUST_2007 = KaiParameters()

@@ -59,6 +59,7 @@ def _settled_shifts(cycle: LimitCycle, starts: np.ndarray, tm: TemperatureModel,
     y = integrate_batch(y, (duration_h, settle), rates, config).y_final
     t = np.linspace(settle, settle + 1.6 * cycle.period, int(1.6 * cycle.period / 0.01) + 1)
     traj = integrate_batch(y, (settle, t[-1]), rates, config, t_eval=t).y
+    assert traj is not None  # t_eval given
     p = phosphorylated_fraction(np.moveaxis(traj, 0, -1), params.kaic_total)  # (2n, len(t))
     first = np.array([crossing_times(t, row, cycle.level)[0] for row in p])
     d = first[n:] - first[:n]
@@ -78,9 +79,9 @@ def compute_prc(*, delta_k: float = 3.0, duration_h: float = 0.5, resolution: in
     base = tm.reference_temperature_k if base_temperature_k is None else float(base_temperature_k)
     cyc = cycle or limit_cycle(params, tm, base)
     phases = np.arange(resolution) / resolution
-    shifts = _settled_shifts(cyc, cyc.state_at(phases), tm, params, base, delta_k, duration_h,
+    shifts = _settled_shifts(cyc, np.asarray(cyc.state_at(phases)), tm, params, base, delta_k, duration_h,
                              settle_cycles, config)
-    return PhaseResponseCurve(circadian_time(phases), shifts, float(delta_k), float(duration_h), base,
+    return PhaseResponseCurve(np.asarray(circadian_time(phases)), shifts, float(delta_k), float(duration_h), base,
                               cyc.period)
 
 

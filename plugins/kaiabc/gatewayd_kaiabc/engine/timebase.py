@@ -143,7 +143,7 @@ def limit_cycle(params: KaiParameters = RUST_2007, temperature_model: Temperatur
     """
     tm = temperature_model or preset("compensated")
     temp = tm.reference_temperature_k if temperature_k is None else float(temperature_k)
-    rates = tm.node_rates(params, [temp])
+    rates = tm.node_rates(params, np.array([temp]))
     settle = solve_reference(rates, np.zeros(3), (0.0, settle_hours), method="LSODA",
                              rtol=1e-10, atol=1e-12, dense_output=True)
     t = np.linspace(0.5 * settle_hours, settle_hours, 20001)
