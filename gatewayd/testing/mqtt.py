@@ -36,7 +36,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from ..core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker, find_mosquitto, hash_password
 from ..core.mqtt.client import MQTTClient, MQTTSettings
-from ..core.mqtt.delivery import Delivery, DeliveryPool, InboundMessage, RejectedMessage
+from ..core.mqtt.delivery import Delivery, DeliveryPool, RejectedMessage
 from ..core.mqtt.marks import DeliveryMarks
 from ..core.storage import SchemaSpec, Storage
 from ..protocol.topics import TopicRouter, matches
@@ -284,17 +284,8 @@ _DELIVERED: weakref.WeakKeyDictionary[Any, list[Delivered]] = weakref.WeakKeyDic
 
 def record_deliveries(gateway: Gateway) -> None:
     """Keep every verdict of ``gateway``'s deliveries (call before it runs)."""
-    delivery = gateway.mqtt.delivery
-    deliver = delivery.deliver
     log = _DELIVERED.setdefault(gateway, [])
-
-    async def recorded(msg: InboundMessage, source: str, packet_id: int | None) -> str:
-        verdict = await deliver(msg, source, packet_id)
-        log.append(Delivered(msg.topic, msg.payload, msg.sender, verdict))
-        return verdict
-
-    # The pool's workers look `deliver` up when they start, after this.
-    delivery.deliver = recorded  # type: ignore[method-assign]
+    gateway.mqtt.delivery.watch(lambda msg, verdict: log.append(Delivered(msg.topic, msg.payload, msg.sender, verdict)))
 
 
 def deliveries(gateway: Gateway, topic_filter: str | None = None, verdict: str | None = None) -> list[Delivered]:

@@ -138,9 +138,21 @@ class Delivery:
         self._error_log_at = -1e9
         self._errors_unlogged = 0
         self._rejected_since_prune = 0
+        self._watchers: list[Callable[[InboundMessage, Verdict], None]] = []
+
+    def watch(self, callback: Callable[[InboundMessage, Verdict], None]) -> None:
+        """Call `callback(message, verdict)` after every delivery (tests, diagnostics).
+        It runs on the trio thread and must not raise or block."""
+        self._watchers.append(callback)
 
     async def deliver(self, msg: InboundMessage, source: str, packet_id: int | None) -> Verdict:
         """Deliver ``msg`` (sent by ``source`` under ``packet_id``, None for QoS 0)."""
+        verdict = await self._deliver(msg, source, packet_id)
+        for watcher in self._watchers:
+            watcher(msg, verdict)
+        return verdict
+
+    async def _deliver(self, msg: InboundMessage, source: str, packet_id: int | None) -> Verdict:
         handlers = self.router.handlers_for(msg.topic)
         if not handlers:
             self.stats.unrouted += 1
