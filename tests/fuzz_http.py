@@ -390,6 +390,10 @@ CATALOGUE: dict[str, Route] = {
     "/api/gateway/firmware/<int:firmware_id>/download": Route(params={"firmware_id": "firmware"}, binary_ok=True,
                                                               range_headers=True),
     "/api/gateway/firmware/reports": Route(query={"device": "device", "limit": "limit"}),
+    # Live streams: the SSE stream's answer is judged on its status and headers; the
+    # WebSocket route gets plain HTTP requests (no upgrade), which must be refused cleanly.
+    "/api/gateway/live/events": Route(query={"streams": "streams", "last_id": "limit", "token": "token"}),
+    "/api/gateway/live": Route(query={"streams": "streams", "token": "token"}),
     "/paku/health": Route(admin=False),
     "/paku/devices": Route(body={"id": "new-device", **PAKU_FIELDS}),
     "/paku/devices/<device_id>": Route(params={"device_id": "paku-device"}, body=PAKU_FIELDS),
@@ -506,6 +510,9 @@ class Strategies:
             "model": (["pk-a", "pk-b"], ["nope", "x" * 300]),
             "version": (VERSIONS_OK, VERSIONS_ODD),
             "channel": (["stable", "beta"], ["nightly"]),
+            "streams": (["paku.#", "paku.telemetry.*,kaiabc.#", "*.*.pk-1"], ["", "a..b", "#.x", "a*", "," * 40,
+                                                                         ",".join(["a"] * 40)]),
+            "token": (["gwt_not-a-real-token"], ["", "x" * 300, "gwt_"]),
         }
         self.query_ok = {kind: st.sampled_from(ok) for kind, (ok, _) in self.query_values.items()}
         self.query_odd = {kind: odd_text(odd) for kind, (_, odd) in self.query_values.items()}
@@ -869,15 +876,18 @@ class Sender:
         limit = sys.getrecursionlimit()
         sys.setrecursionlimit(self.recursion_limit)
         try:
-            r = self._client(source).request(req.method, "/", headers=list(req.headers), content=req.body,
-                                             extensions={"target": req.target})
+            with self._client(source).stream(req.method, "/", headers=list(req.headers), content=req.body,
+                                             extensions={"target": req.target}) as r:
+                # A live stream never ends: its answer is its status and headers.
+                live = r.headers.get("content-type", "").startswith("text/event-stream")
+                body = b"" if live else r.read()
         except (httpx.LocalProtocolError, UnicodeError) as e:
             raise HarnessError(f"cannot send {req!r}: {e}") from e
         except httpx.TransportError as e:  # no answer: reset, closed, timed out
             return Outcome(None, None, b"", e, self.tap.take())
         finally:
             sys.setrecursionlimit(limit)
-        return Outcome(r.status_code, r.headers, r.content, None, self.tap.take())
+        return Outcome(r.status_code, r.headers, body, None, self.tap.take())
 
     def close(self) -> None:
         for client in self._clients.values():

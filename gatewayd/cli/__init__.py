@@ -27,6 +27,7 @@ from .devices import cmd_devices, setup_devices
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .outbox import cmd_outbox, setup_outbox
+from .tokens import cmd_tokens, setup_tokens
 
 EPILOG = """\
 examples:
@@ -184,6 +185,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
      cmd_firmware),
     ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N], forget-sink NAME",
      setup_outbox, cmd_outbox),
+    ("tokens", "scoped read-only API tokens for apps: add NAME --scope live:<family> [--ttl 30d], list, revoke NAME",
+     setup_tokens, cmd_tokens),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
      _receive_arguments, _cmd_receive),
 ]

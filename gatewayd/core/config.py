@@ -293,6 +293,25 @@ class OtaSection:
 
 
 @dataclass
+class LiveSection:
+    """`[live]`: the live-event hub (core/live/hub.py) and its WebSocket/SSE endpoints."""
+
+    heartbeat_s: float = 15.0
+    per_token: int = 5
+    max_subscribers: int = 200
+    queue_size: int = 256
+    ring_size: int = 1000
+
+    def validate(self) -> None:
+        if not 1 <= self.heartbeat_s <= 300:
+            raise ConfigError("heartbeat_s", f"must be 1 .. 300 seconds, got {self.heartbeat_s}")
+        for name, low, high in (("per_token", 1, 1000), ("max_subscribers", 1, 100_000),
+                                ("queue_size", 16, 100_000), ("ring_size", 0, 1_000_000)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(name, f"must be {low} .. {high}, got {getattr(self, name)}")
+
+
+@dataclass
 class PluginSettings:
     """The keys every `[plugins.<name>]` table has, plus the plugin's own `options`."""
 
@@ -316,6 +335,7 @@ class Config:
     upstream: list[UpstreamSection] = field(default_factory=list)
     notifications: NotificationsSection = field(default_factory=NotificationsSection)
     ota: OtaSection = field(default_factory=OtaSection)
+    live: LiveSection = field(default_factory=LiveSection)
     rules: list[Rule] = field(default_factory=list)
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: Path | None = None

@@ -43,7 +43,10 @@ from .devices.services import DeviceServices
 from .health import Health
 from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
 from .http.serve import serve_app
+from .http.tokens import TOKEN_SCHEMA, TokenStore
 from .http.urls import PublicUrl
+from .live.http import live_blueprint
+from .live.hub import FamilyLive, LiveHub
 from .logs import get_logger
 from .metrics import Metrics, Sample
 from .mqtt.service import MQTTService
@@ -125,6 +128,10 @@ class Gateway:
         self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
         self.serial = SerialLinks(self.metrics, self.health)
         self.admin = AdminGuard(config.http.admin_token_env)
+        self.tokens = TokenStore(self.storage, clock=clock)
+        lv = config.live
+        self.live = LiveHub(ring_size=lv.ring_size, queue_size=lv.queue_size, max_subscribers=lv.max_subscribers,
+                            per_owner=lv.per_token, clock=clock)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
@@ -254,7 +261,7 @@ class Gateway:
     async def _install_schemas(self) -> None:
         await trio.to_thread.run_sync(self.devices.install)
         await self.outbox.open()
-        for spec in (EVENTS_SCHEMA, NOTIFY_SCHEMA, OTA_SCHEMA):
+        for spec in (EVENTS_SCHEMA, NOTIFY_SCHEMA, OTA_SCHEMA, TOKEN_SCHEMA):
             await trio.to_thread.run_sync(self.storage.install, spec)
         for name in self._live_plugins():
             with self._plugin_step(name, "storage models"):
@@ -281,6 +288,7 @@ class Gateway:
                 ingest=Ingest(self.outbox, name, self.clock),
                 events=FamilyEvents(self.events, name),
                 ota=FamilyOta(self.ota, name),
+                live=FamilyLive(self.live, name),
                 clock=self.clock,
             )
             with self._plugin_step(name, "setup"):
@@ -315,6 +323,7 @@ class Gateway:
         app.register_blueprint(admin_blueprint(self.devices, self.admin, lambda: self.enabled_plugins))
         app.register_blueprint(events_blueprint(self.events, self.storage, self.admin))
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
+        app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=self.config.live.heartbeat_s))
         dedicated: list[tuple[str, Any]] = []
         for name in self._live_plugins():
             blueprint = None
@@ -409,6 +418,7 @@ class Gateway:
         grace = self.config.gateway.shutdown_grace_s
         log.info("shutting down", grace_s=grace)
         self.health.set("http", "stopping")
+        self.live.close()  # live streams end (WebSocket 1001), so the servers can finish
         self._stop_http.set()
 
         async def servers_stopped() -> None:
@@ -455,6 +465,21 @@ class Gateway:
                 Sample("gatewayd_plugin_up", {"plugin": n}, 1.0 if st.state == "ok" else 0.0)
                 for n, st in sorted(self.health.plugins.items())
             ],
+        )
+        live = self.live.stats
+        self.metrics.collector(
+            "gatewayd_live_subscribers", "gauge", "Live-stream subscribers connected (WebSocket, SSE, plugins)",
+            lambda: [Sample("gatewayd_live_subscribers", {}, self.live.subscribers)],
+        )
+        self.metrics.collector(
+            "gatewayd_live_events_total", "counter",
+            "Live events: published, delivered to a subscriber's queue, dropped from a slow subscriber's queue",
+            lambda: [Sample("gatewayd_live_events_total", {"what": w}, live[w]) for w in ("published", "delivered",
+                                                                                          "dropped")],
+        )
+        self.metrics.collector(
+            "gatewayd_live_refused_total", "counter", "Live subscriptions refused (per-token or total limit)",
+            lambda: [Sample("gatewayd_live_refused_total", {}, live["refused"])],
         )
         self.metrics.collector(
             "gatewayd_uptime_seconds", "gauge", "Seconds since the gateway started",

@@ -48,6 +48,7 @@ from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
 from ..core.http.body import read_json_object
 from ..core.http.errors import error_response
+from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge
 from ..core.mqtt.delivery import InboundMessage, MessageHandler, Rejected
@@ -85,13 +86,16 @@ __all__ = [
     "Device",
     "Event",
     "Firmware",
+    "Gap",
     "InboundMessage",
+    "LiveEvent",
     "Ingested",
     "IssuedToken",
     "MessageHandler",
     "Record",
     "SerialSettings",
     "StructLogger",
+    "Subscription",
     "Gauge",
     # errors
     "AuthError",
@@ -101,6 +105,7 @@ __all__ = [
     "DeviceExists",
     "EventError",
     "IngestError",
+    "LiveLimit",
     "MQTTUnavailable",
     "Rejected",
     "StorageError",

@@ -32,6 +32,7 @@ from ..core.devices.commands import FamilyCommands
 from ..core.devices.ratelimit import FamilyRateLimits
 from ..core.devices.services import FamilyDevices
 from ..core.http.app import AdminGuard
+from ..core.live.hub import FamilyLive
 from ..core.logs import StructLogger
 from ..core.metrics import Counter, Gauge, Metrics
 from ..core.mqtt.service import PluginMQTT
@@ -140,6 +141,8 @@ class PluginContext(Generic[ConfigT, StateT]):
     """This family's events: `emit` (stored, rules run) and `observe` (stored if a rule fires)."""
     ota: FamilyOta
     """This family's firmware images and its devices' OTA reports."""
+    live: FamilyLive
+    """Live streams `<family>.<kind>.<device>`: `publish` after a commit; `subscribe` for a route of its own."""
     clock: Callable[[], float] = field(default=time.time)
     _state: Any = field(default=None, repr=False)
 

@@ -1,0 +1,1 @@
+"""Live streams: the hub (`hub`) and its WebSocket and SSE endpoints (`http`)."""

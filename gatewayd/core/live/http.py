@@ -1,0 +1,181 @@
+"""Live streams over WebSocket and Server-Sent Events, from the main listener.
+
+    WS   /api/gateway/live?streams=paku.#              send {"subscribe": [...]} / {"unsubscribe": [...]}
+    GET  /api/gateway/live/events?streams=a.*,b.#      text/event-stream; Last-Event-ID resumes
+
+Each event is `{"id", "stream", "ts", "data"}` (SSE: `id:`, `event: <stream>`, `data:`);
+a subscriber that fell behind first gets `{"gap": n}` (SSE: `event: gap`). Heartbeats
+every `live.heartbeat_s` (WebSocket: `{"heartbeat": <ts>}`; SSE: a comment line).
+
+Who may watch: the admin token (`Authorization: Bearer`), or a scoped read-only token
+(`gatewayd tokens add --scope live:<family>`) in that header or, for browsers' EventSource
+and WebSocket which cannot set headers, as `?token=`. The admin token is refused in a URL.
+A scoped token sees only its families' streams. At most `live.per_token` connections per
+token (5, as the kaiabc spec says), `live.max_subscribers` in all.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, request, websocket
+
+from ..http.app import AdminGuard
+from ..http.errors import error_response
+from ..http.tokens import TokenStore
+from .hub import Gap, LiveHub, LiveLimit, Subscription, validate_pattern
+
+__all__ = ["live_blueprint"]
+
+Authorizer = Callable[[str], bool]
+
+
+def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heartbeat_s: float = 15.0) -> Blueprint:
+    bp = Blueprint("gatewayd_live", __name__)
+
+    async def grant(headers: Mapping[str, str], args: Mapping[str, str]) -> tuple[str, Authorizer] | str:
+        """(owner, may-watch) for the credentials given, or why not."""
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        offered = value.strip() if scheme.lower() == "bearer" else ""
+        admin_token = admin.token()
+        in_url = args.get("token", "")
+        if admin_token and in_url and hmac.compare_digest(in_url.encode(), admin_token.encode()):
+            return "the admin token never goes in a URL: send it as Authorization: Bearer, or use a scoped token"
+        if admin_token and offered and hmac.compare_digest(offered.encode(), admin_token.encode()):
+            return "admin", lambda pattern: True
+        given = offered or in_url
+        found = await tokens.check(given) if given else None
+        if found is None:
+            return "missing, expired or wrong token (the admin token, or a scoped one from gatewayd tokens add)"
+
+        def may(pattern: str) -> bool:
+            family = pattern.split(".", 1)[0]
+            return family not in ("*", "#") and found.may_watch(family)
+
+        return f"token:{found.name}", may
+
+    def patterns_from(text: str, may: Authorizer) -> list[str]:
+        """Validated, allowed patterns (ValueError/PermissionError naming the bad one)."""
+        patterns = [p.strip() for p in text.split(",") if p.strip()]
+        if len(patterns) > 32:
+            raise ValueError("streams: at most 32 patterns")
+        for pattern in patterns:
+            validate_pattern(pattern)
+            if not may(pattern):
+                raise PermissionError(f"streams: this token may not watch {pattern!r}")
+        return patterns
+
+    @bp.get("/api/gateway/live/events")
+    async def sse() -> Any:
+        credentials = await grant(request.headers, request.args)
+        if isinstance(credentials, str):
+            return error_response(401, credentials)
+        owner, may = credentials
+        try:
+            patterns = patterns_from(request.args.get("streams", ""), may)
+            resume = request.headers.get("Last-Event-ID") or request.args.get("last_id")
+            last_id = _event_id(resume) if resume else None
+            sub = hub.subscribe(patterns, owner=owner, last_id=last_id)
+        except PermissionError as e:
+            return error_response(403, str(e))
+        except ValueError as e:
+            return error_response(400, str(e))
+        except LiveLimit as e:
+            return error_response(429, str(e), **{"Retry-After": "5"})
+        response = Response(_sse_stream(sub, heartbeat_s), content_type="text/event-stream")
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"  # a proxy in front must not hold it back
+        response.timeout = None  # a stream lasts as long as the client watches
+        return response
+
+    @bp.websocket("/api/gateway/live")
+    async def ws() -> None:
+        credentials = await grant(websocket.headers, websocket.args)
+        await websocket.accept()
+        if isinstance(credentials, str):
+            await websocket.close(4401, credentials[:120])
+            return
+        owner, may = credentials
+        try:
+            sub = hub.subscribe(patterns_from(websocket.args.get("streams", ""), may), owner=owner)
+        except (ValueError, PermissionError) as e:
+            await websocket.close(4400, str(e)[:120])
+            return
+        except LiveLimit as e:
+            await websocket.close(4429, str(e)[:120])
+            return
+        with sub:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_ws_commands, sub, may)
+                await _ws_events(sub, heartbeat_s)
+                nursery.cancel_scope.cancel()
+        await websocket.close(1001, "the gateway is shutting down")
+
+    return bp
+
+
+def _event_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"Last-Event-ID: expected an event id, got {text[:32]!r}") from None
+    if not 0 <= value < 2**63:
+        raise ValueError(f"Last-Event-ID: expected an event id, got {text[:32]!r}")
+    return value
+
+
+async def _sse_stream(sub: Subscription, heartbeat_s: float) -> AsyncIterator[bytes]:
+    with sub:
+        yield b"retry: 2000\n\n"
+        while True:
+            with trio.move_on_after(heartbeat_s) as idle:
+                batch = await sub.next()
+            if idle.cancelled_caught:
+                yield b": heartbeat\n\n"
+                continue
+            if not batch:
+                return  # closed: the gateway is shutting down
+            yield "".join(f"event: gap\ndata: {item.json()}\n\n" if isinstance(item, Gap) else
+                          f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode()
+
+
+async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
+    while True:
+        with trio.move_on_after(heartbeat_s) as idle:
+            batch = await sub.next()
+        if idle.cancelled_caught:
+            await websocket.send(json.dumps({"heartbeat": sub.hub.clock()}))
+            continue
+        if not batch:
+            return
+        for item in batch:
+            await websocket.send(item.json())
+
+
+async def _ws_commands(sub: Subscription, may: Authorizer) -> None:
+    """{"subscribe": [...]} / {"unsubscribe": [...]}; each answered {"ok": ...} or {"error": ...}."""
+    while True:
+        raw = await websocket.receive()
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict) or not ({"subscribe", "unsubscribe"} & doc.keys()):
+                raise ValueError('expected {"subscribe": [patterns]} or {"unsubscribe": [patterns]}')
+            add, drop = doc.get("subscribe", []), doc.get("unsubscribe", [])
+            if not all(isinstance(x, list) and all(isinstance(p, str) for p in x) for x in (add, drop)):
+                raise ValueError("patterns: expected a list of strings")
+            for pattern in add:
+                validate_pattern(pattern)
+                if not may(pattern):
+                    raise PermissionError(f"this token may not watch {pattern!r}")
+            if len(sub.patterns | set(add)) > 32:
+                raise ValueError("at most 32 patterns")
+            sub.add(add)
+            sub.remove(drop)
+            reply: dict[str, Any] = {"ok": sorted(sub.patterns)}
+        except (ValueError, PermissionError, RecursionError) as e:
+            reply = {"error": str(e)[:200]}
+        await websocket.send(json.dumps(reply))

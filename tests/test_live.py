@@ -1,0 +1,237 @@
+"""The live-event hub, and its WebSocket and SSE endpoints on a real gateway."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import trio
+from quart import Blueprint, Response, request
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from gatewayd.core.live.hub import Gap, LiveHub, LiveLimit, matches, validate_pattern
+from gatewayd.plugins.api import hookimpl
+from gatewayd.testing import gw_client, gw_url, wait_until
+
+TOKEN = "live-admin-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+
+
+# -- the hub -------------------------------------------------------------------------
+
+
+def test_patterns():
+    assert matches("paku.#", "paku.telemetry.pk-1") and matches("paku.*.pk-1", "paku.state.pk-1")
+    assert matches("*.*.pk-1", "kaiabc.oscillator.pk-1") and not matches("paku.*", "paku.telemetry.pk-1")
+    assert not matches("paku.telemetry.pk-1", "paku.telemetry.pk-10") and matches("#", "a.b")
+    for bad in ("", "a..b", "a.#.b", "a*.b", "x" * 300):
+        with pytest.raises(ValueError):
+            validate_pattern(bad)
+
+
+async def test_a_slow_subscriber_loses_its_oldest_events_and_sees_a_gap():
+    hub = LiveHub(queue_size=16)
+    slow = hub.subscribe(["paku.#"], owner="a")
+    other = hub.subscribe(["kaiabc.#"], owner="b")
+    for i in range(100):  # never waits, however far behind the subscriber is
+        hub.publish("paku.telemetry.pk-1", {"i": i})
+    batch = await slow.next()
+    assert batch[0] == Gap(84) and [e.data["i"] for e in batch[1:]] == list(range(84, 100))
+    assert hub.stats["dropped"] == 84 and hub.stats["published"] == 100
+    with trio.move_on_after(0.01):
+        await other.next()
+        pytest.fail("a subscriber got events of a stream it did not ask for")
+
+
+async def test_limits_per_owner_and_in_all():
+    hub = LiveHub(per_owner=2, max_subscribers=3)
+    hub.subscribe(["a.#"], owner="x")
+    hub.subscribe(["a.#"], owner="x")
+    with pytest.raises(LiveLimit, match="2 live connections"):
+        hub.subscribe(["a.#"], owner="x")
+    last = hub.subscribe(["a.#"], owner="y")
+    with pytest.raises(LiveLimit, match="3 live subscribers"):
+        hub.subscribe(["a.#"], owner="z")
+    last.close()
+    hub.subscribe(["a.#"], owner="z")  # a closed one frees its place
+    assert hub.stats["refused"] == 2
+
+
+async def test_resumption_from_the_ring_and_a_gap_when_it_moved_on():
+    hub = LiveHub(ring_size=5)
+    for i in range(8):
+        hub.publish("a.b.c", {"i": i})  # ids 1..8; the ring keeps 4..8
+    sub = hub.subscribe(["a.#"], owner="x", last_id=5)
+    assert [e.id for e in await sub.next()] == [6, 7, 8]
+    late = hub.subscribe(["a.#"], owner="y", last_id=1)
+    batch = await late.next()
+    assert batch[0] == Gap(2) and [e.id for e in batch[1:]] == [4, 5, 6, 7, 8]
+
+
+async def test_events_are_strict_json_and_bounded_in_size():
+    hub = LiveHub(max_event_bytes=100)
+    with pytest.raises(ValueError):
+        hub.publish("a.b.c", {"v": float("nan")})
+    with pytest.raises(ValueError, match="larger than 100 bytes"):
+        hub.publish("a.b.c", {"v": "x" * 200})
+    event = hub.publish("a.b.c", {"v": 1})
+    assert json.loads(event.json()) == {"id": 1, "stream": "a.b.c", "ts": event.ts, "data": {"v": 1}}
+    assert hub.stats["published"] == 1
+
+
+async def test_close_ends_every_subscription():
+    hub = LiveHub()
+    sub = hub.subscribe(["#"], owner="x")
+    hub.close()
+    assert await sub.next() == [] and hub.subscribers == 0
+    with pytest.raises(LiveLimit, match="shutting down"):
+        hub.subscribe(["#"], owner="x")
+
+
+# -- over HTTP -----------------------------------------------------------------------
+
+
+async def read_sse(response: httpx.Response, n: int) -> list[dict]:
+    """The first n events (`id`, `event`, `data` fields) of an SSE stream."""
+    events, fields = [], {}
+    async for line in response.aiter_lines():
+        if not line:
+            if "data" in fields:
+                events.append({**fields, "data": json.loads(fields["data"])})
+                if len(events) == n:
+                    return events
+            fields = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            fields[key] = value
+    return events
+
+
+async def test_sse_streams_what_matches_and_resumes_with_last_event_id(gateway_factory):
+    async with gateway_factory() as gw, gw_client(gw) as client:
+        async with client.stream("GET", "/api/gateway/live/events", params={"streams": "paku.telemetry.*"},
+                                 headers=ADMIN) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            await wait_until(lambda: gw.live.subscribers == 1)
+            gw.live.publish("paku.telemetry.pk-1", {"t": 1})
+            gw.live.publish("paku.state.pk-1", {"online": True})  # not asked for
+            gw.live.publish("paku.telemetry.pk-2", {"t": 2})
+            first, second = await read_sse(r, 2)
+        assert (first["event"], first["data"]["data"]) == ("paku.telemetry.pk-1", {"t": 1})
+        assert second["data"]["stream"] == "paku.telemetry.pk-2"
+        gw.live.publish("paku.telemetry.pk-3", {"t": 3})  # while the client was away
+        async with client.stream("GET", "/api/gateway/live/events", params={"streams": "paku.#"},
+                                 headers={**ADMIN, "Last-Event-ID": second["id"]}) as r:
+            [missed] = await read_sse(r, 1)
+        assert missed["data"]["data"] == {"t": 3}
+
+
+async def test_who_may_watch_what(gateway_factory):
+    async with gateway_factory() as gw, gw_client(gw) as client:
+        token = await trio.to_thread.run_sync(gw.tokens.add_blocking, "screen", ["live:paku"], 3600.0)
+        url = "/api/gateway/live/events"
+        r = await client.get(url, params={"streams": "paku.#"})
+        assert r.status_code == 401
+        r = await client.get(url, params={"streams": "paku.#", "token": TOKEN})
+        assert r.status_code == 401 and "never goes in a URL" in r.json()["error"]["message"]
+        r = await client.get(url, params={"streams": "kaiabc.#", "token": token})
+        assert r.status_code == 403 and "may not watch 'kaiabc.#'" in r.json()["error"]["message"]
+        r = await client.get(url, params={"streams": "#", "token": token})
+        assert r.status_code == 403
+        r = await client.get(url, params={"streams": "a..b"}, headers=ADMIN)
+        assert r.status_code == 400
+        async with client.stream("GET", url, params={"streams": "paku.#", "token": token}) as r:
+            assert r.status_code == 200
+            await wait_until(lambda: gw.live.subscribers == 1)
+            gw.live.publish("paku.state.pk-1", {"online": True})
+            [event] = await read_sse(r, 1)
+        assert event["data"]["data"] == {"online": True}
+        await trio.to_thread.run_sync(gw.tokens.revoke_blocking, "screen")
+        assert (await client.get(url, params={"streams": "paku.#", "token": token})).status_code == 401
+
+
+async def test_websocket_subscribes_by_message_and_is_limited_per_token(gateway_factory):
+    async with gateway_factory(settings=["live.per_token=2"]) as gw:
+        base = gw_url(gw).replace("http://", "ws://")
+        async with open_websocket_url(f"{base}/api/gateway/live", extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+            await ws.send_message(json.dumps({"subscribe": ["paku.telemetry.*"]}))
+            assert json.loads(await ws.get_message()) == {"ok": ["paku.telemetry.*"]}
+            gw.live.publish("paku.telemetry.pk-1", {"t": 1})
+            assert json.loads(await ws.get_message())["data"] == {"t": 1}
+            await ws.send_message(json.dumps({"subscribe": ["a..b"]}))
+            assert "error" in json.loads(await ws.get_message())
+            await ws.send_message("not json")
+            assert "error" in json.loads(await ws.get_message())
+            async with open_websocket_url(f"{base}/api/gateway/live?streams=x.%23",
+                                          extra_headers=[("Authorization", f"Bearer {TOKEN}")]):
+                async with open_websocket_url(f"{base}/api/gateway/live?streams=x.%23",
+                                              extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as third:
+                    with pytest.raises(ConnectionClosed) as closed:
+                        await third.get_message()
+                    assert closed.value.reason.code == 4429
+            await ws.send_message(json.dumps({"unsubscribe": ["paku.telemetry.*"]}))
+            assert json.loads(await ws.get_message()) == {"ok": []}
+
+
+async def test_shutdown_closes_live_connections_within_the_grace(gateway_factory):
+    closed: list[int] = []
+    async with gateway_factory(settings=["gateway.shutdown_grace_s=2"]) as gw:
+        url = gw_url(gw).replace("http://", "ws://") + "/api/gateway/live?streams=paku.%23"
+
+        async def watcher() -> None:
+            async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+                try:
+                    await ws.get_message()
+                except ConnectionClosed as e:
+                    closed.append(e.reason.code)
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watcher)
+                await wait_until(lambda: gw.live.subscribers == 1)
+                gw.request_shutdown()
+    assert closed == [1001]
+
+
+class Watcher:
+    """A family plugin: a reading route that publishes after storing, and a stream of its
+    own in the family's shape (plain JSON lines), as thingsnxt and kaiabc will."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("watch", __name__)
+
+        @bp.post("/reading/<device>")
+        async def reading(device: str):
+            ctx.live.publish("reading", device, {"value": 1})
+            return {"ok": True}
+
+        @bp.get("/stream")
+        async def stream():
+            sub = ctx.live.subscribe(["reading.*"], owner=request.remote_addr or "-")
+
+            async def lines():
+                with sub:
+                    for item in await sub.next():
+                        yield (item.json() + "\n").encode()
+
+            return Response(lines(), content_type="application/x-ndjson")
+
+        return bp
+
+
+async def test_a_plugin_publishes_its_own_streams_and_serves_them_in_its_shape(gateway_factory):
+    async with gateway_factory(plugins=[("watch", Watcher())]) as gw, gw_client(gw) as client:
+        async with client.stream("GET", "/watch/stream") as r:
+            await wait_until(lambda: gw.live.subscribers == 1)
+            assert (await client.post("/watch/reading/d1")).status_code == 200
+            line = json.loads(await r.aiter_lines().__anext__())
+        assert (line["stream"], line["data"]) == ("watch.reading.d1", {"value": 1})
+        # and the core's own endpoint sees the family's streams under its name
+        assert matches("watch.#", line["stream"])
