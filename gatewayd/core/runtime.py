@@ -323,7 +323,9 @@ class Gateway:
         app.register_blueprint(admin_blueprint(self.devices, self.admin, lambda: self.enabled_plugins))
         app.register_blueprint(events_blueprint(self.events, self.storage, self.admin))
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
-        app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=self.config.live.heartbeat_s))
+        lv = self.config.live
+        app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=lv.heartbeat_s,
+                                              batch_s=lv.batch_ms / 1000))
         dedicated: list[tuple[str, Any]] = []
         for name in self._live_plugins():
             blueprint = None
