@@ -167,7 +167,7 @@ async def test_the_handler_sees_who_sent_it_and_mosquitto_never_does(edge, plugi
     user, password = await provision(gw, "d1")
     # A second subscriber on mosquitto itself (the gateway's own account) sees nothing
     # of what the gateway consumed: it never reached the broker.
-    spy = DeviceClient(gw.mqtt.broker.host, gw.mqtt.broker.port, *gw.mqtt.broker.gateway_credentials(), "spy")
+    spy = DeviceClient(gw.mqtt.broker.socket, 1883, *gw.mqtt.broker.gateway_credentials(), "spy")
     assert not (await spy.connect()).is_failure
     try:
         await spy.subscribe("dev/#")
@@ -233,7 +233,7 @@ async def test_a_flooding_device_fills_its_own_window_not_the_sites(edge, plugin
         assert await calm.expect_ack() == 1
     assert plugin.stored == [b"still here"]
     edge_session = next(s for s in gw.mqtt.edge.sessions if s.username == "flood")
-    assert len(edge_session.in_flight) == gw.mqtt.edge.per_connection  # the rest waits unread
+    assert len(edge_session.in_flight) == gw.mqtt.edge.per_device  # the rest waits unread
     plugin.release.set()
     with trio.fail_after(10):
         acked = {await flood.expect_ack() for _ in range(199)}

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from typing import Any
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -105,3 +106,26 @@ class StructLogger:
 def get_logger(name: str) -> StructLogger:
     """Return a structured logger; core modules use `gatewayd.<module>`."""
     return StructLogger(name)
+
+
+class QuietLog:
+    """One line per `period_s` for a kind of event, with how many were not logged: one
+    misbehaving client must not fill the log."""
+
+    def __init__(self, logger: logging.Logger, period_s: float = 10.0) -> None:
+        self.log = logger
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+        self._skipped: Counter[str] = Counter()
+
+    def __call__(self, key: str, level: int, text: str, *args: Any, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.period_s:
+            self._skipped[key] += 1
+            return
+        skipped = self._skipped.pop(key, 0)
+        self.log.log(level, text + (f" ({skipped} more like it since)" if skipped else ""), *args,
+                     exc_info=exc_info)
+        self._last[key] = now
+        if len(self._last) > 1000:
+            self._last.clear()

@@ -123,6 +123,16 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf) - self._pos + self._chunked
 
+    @property
+    def max_size(self) -> int:
+        """The largest remaining length accepted; it may change between packets (a
+        server reads a CONNECT under a small limit, the rest under the negotiated one)."""
+        return self._max_size
+
+    @max_size.setter
+    def max_size(self, value: int) -> None:
+        self._max_size = value
+
     def feed(self, data: bytes) -> None:
         if self._pos == len(self._buf) and not self._chunked:
             self._buf, self._pos = bytes(data), 0  # no copy for bytes

@@ -125,6 +125,9 @@ class TopicRouter(Generic[H]):
     #: Topics whose handlers are remembered (devices publish to few topics each, over
     #: and over); past this many, the memory starts again.
     CACHE_SIZE = 10_000
+    #: Longer topic names are matched each time, not remembered: the cache's memory stays
+    #: under CACHE_SIZE * CACHE_TOPIC_MAX characters whatever senders make up.
+    CACHE_TOPIC_MAX = 256
 
     def __init__(self) -> None:
         self._subs: list[Subscription[H]] = []
@@ -176,9 +179,10 @@ class TopicRouter(Generic[H]):
         for s in self._subs:
             if _matches_levels(s._levels, tlevels) and s.handler not in found:
                 found.append(s.handler)
-        if len(self._cache) >= self.CACHE_SIZE:
-            self._cache.clear()
-        self._cache[topic] = found
+        if len(topic) <= self.CACHE_TOPIC_MAX:
+            if len(self._cache) >= self.CACHE_SIZE:
+                self._cache.clear()
+            self._cache[topic] = found
         return found
 
     def __len__(self) -> int:

@@ -11,8 +11,10 @@ Device credential changes rewrite mosquitto's password file and reload it (SIGHU
 
 from __future__ import annotations
 
-import socket
+import os
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -121,10 +123,13 @@ class MQTTService:
         await nursery.start(self.pool.run)
         templates = list(self._acls)
         if m.broker == "managed":
+            directory = self.config.data_dir / "mosquitto"
             self.broker = ManagedBroker(
-                self.config.data_dir / "mosquitto",
-                host="127.0.0.1",  # private: devices reach it through the edge only
-                port=m.broker_port or _free_loopback_port(),
+                directory,
+                # Private: devices reach it through the edge only.
+                host="127.0.0.1",
+                port=m.broker_port,
+                socket=None if m.broker_port else _socket_path(directory),
                 acl_templates=templates,
                 accounts=await self._accounts(),
                 mosquitto=m.mosquitto,
@@ -136,7 +141,7 @@ class MQTTService:
         self.client = MQTTClient(self._settings(), self.pool)
         await nursery.start(self.client.run)
         if self.broker is not None:
-            self.edge = DeviceEdge(m.listen, (self.broker.host, self.broker.port), self.pool, WriteAcl(templates),
+            self.edge = DeviceEdge(m.listen, self.broker.address, self.pool, WriteAcl(templates),
                                    max_packet=m.max_packet_bytes)
             await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
 
@@ -157,7 +162,8 @@ class MQTTService:
             # about half the inbound rate (bench/mqtt_bench.py); and 3.1.1's silent drop of
             # a publish the ACL refuses can't bite here, the gateway's account may do anything.
             # (mosquitto replaces the client id by the username: use_username_as_clientid.)
-            return MQTTSettings(host=self.broker.host, port=self.broker.port, client_id=client_id, username=username,
+            return MQTTSettings(host=self.broker.host, port=self.broker.port or 1883, unix_socket=self.broker.socket,
+                                client_id=client_id, username=username,
                                 password=password, keepalive=m.keepalive_s, status_topic=status,
                                 protocol="3.1.1")
         from ..schema import read_secret
@@ -252,8 +258,12 @@ class MQTTService:
             Sample("gatewayd_mqtt_connected", {}, 1.0 if self.client is not None and self.client.connected else 0.0)])
         metrics.collector("gatewayd_mqtt_broker_restarts_total", "counter", "Managed mosquitto restarts", lambda: [
             Sample("gatewayd_mqtt_broker_restarts_total", {}, self.broker.restarts)] if self.broker else [])
-        metrics.collector("gatewayd_mqtt_edge_connections", "gauge", "Device connections open at the edge", lambda: [
-            Sample("gatewayd_mqtt_edge_connections", {}, edge().connections)] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_connections", "gauge", "Logged-in device connections open at the edge",
+                          lambda: [Sample("gatewayd_mqtt_edge_connections", {}, edge().connections)] if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_pending_connections", "gauge",
+                          "Connections at the edge that have not logged in (yet)",
+                          lambda: [Sample("gatewayd_mqtt_edge_pending_connections", {}, edge().pending)]
+                          if edge() else [])
         metrics.collector("gatewayd_mqtt_edge_logins_total", "counter", "Device logins at the edge by result", lambda: [
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "accepted"}, edge().accepted),
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "refused"}, edge().refused),
@@ -267,13 +277,22 @@ class MQTTService:
                           "Device connections closed for a malformed or illegal packet", lambda: [
                               Sample("gatewayd_mqtt_edge_protocol_errors_total", {}, edge().protocol_errors)]
                           if edge() else [])
+        metrics.collector("gatewayd_mqtt_edge_acks_total", "counter",
+                          "Acknowledgements the edge sent (refused: MQTT 5 refusals), or could not (stale: "
+                          "the device had gone, it sends the message again)", lambda: [
+                              Sample("gatewayd_mqtt_edge_acks_total", {"result": "sent"}, edge().acked - edge().refused_acks),
+                              Sample("gatewayd_mqtt_edge_acks_total", {"result": "refused"}, edge().refused_acks),
+                              Sample("gatewayd_mqtt_edge_acks_total", {"result": "stale"}, edge().stale_acks),
+                          ] if edge() else [])
 
 
-def _free_loopback_port() -> int:
-    """A loopback port free a moment ago, for the private mosquitto (mqtt.broker_port = 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _socket_path(directory: Path) -> str:
+    """The private mosquitto's socket: in its (0700) directory, or, when that path is too
+    long for a unix socket (107 bytes), in a fresh 0700 directory under the system's temp."""
+    path = str(directory.resolve() / "mosquitto.sock")
+    if len(os.fsencode(path)) <= 107:
+        return path
+    return str(Path(tempfile.mkdtemp(prefix="gatewayd-mqtt-")) / "mosquitto.sock")
 
 
 # Version 2: the sender and the whole payload's size (the payload kept is cut to 4 KiB).
