@@ -10,13 +10,18 @@ and the answer decides its acknowledgement:
   message is recorded in ``core_mqtt_rejected`` with the reason, counted, and
   acknowledged: one device's bad message must never come back to block the others.
 - ``DUPLICATE``: a redelivery (DUP flag) of a message whose records were committed
-  already (its mark was found, see :mod:`.marks`). Acknowledge, store nothing.
+  already (its mark was found, see :mod:`.marks`), or that is being delivered now (the
+  sender reconnected and sent it again while the first copy waited for storage): it is
+  answered when the first copy is, and stored once. Acknowledge, store nothing.
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
 The one failure that must not be acknowledged is storage that cannot take the write
 (disk full, database closed): the delivery waits and tries again (0.5 s doubling to
 30 s) while the message keeps its slot, so the sender's window fills and it stops
-sending. Cancellation (shutdown) leaves a message unacknowledged: it comes again.
+sending. The handlers then run again from the start: what their ``ctx.ingest`` calls
+committed before the failure is not stored again (``outbox.ingest.DeliveryScope``);
+other writes of theirs that committed run again, so a handler keeps its own writes
+idempotent or inside its ingest call's ``family_rows``. Cancellation (shutdown) leaves a message unacknowledged: it comes again.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import peewee
 import trio
 
 from ...protocol.topics import TopicRouter
-from ..outbox.ingest import commits_with_records
+from ..logs import QuietLog
+from ..outbox.ingest import DeliveryScope, delivery_scope
 from ..storage import Storage, StorageFull, StorageUnavailable
 from .marks import DeliveryMarks, Mark
 
@@ -135,10 +141,13 @@ class Delivery:
         self.marks = marks
         self.stats = DeliveryStats()
         self.log = log or logging.getLogger("gatewayd.mqtt")
+        self._quiet = QuietLog(self.log)
         self._error_log_at = -1e9
         self._errors_unlogged = 0
         self._rejected_since_prune = 0
         self._watchers: list[Callable[[InboundMessage, Verdict], None]] = []
+        # Deliveries running now, by (sender, packet id, digest): a resend waits for the first.
+        self._running: dict[tuple[str, int, bytes], _Running] = {}
 
     def watch(self, callback: Callable[[InboundMessage, Verdict], None]) -> None:
         """Call `callback(message, verdict)` after every delivery (tests, diagnostics).
@@ -157,12 +166,31 @@ class Delivery:
         if not handlers:
             self.stats.unrouted += 1
             return UNROUTED
-        mark = None
-        if packet_id is not None and self.marks is not None:
-            mark = self.marks.mark(source, packet_id, msg.topic, msg.payload)
-            if msg.dup and await self._seen(mark):
+        if packet_id is None or self.marks is None:
+            return await self._handle(handlers, msg, source, None)
+        mark = self.marks.mark(source, packet_id, msg.topic, msg.payload)
+        key = (source, packet_id, mark.digest)
+        if msg.dup:
+            first = self._running.get(key)
+            if first is not None:  # sent again while the first copy is being delivered
+                verdict = await first.decided()
+                if verdict is not None:
+                    self.stats.duplicates += 1
+                    return DUPLICATE if verdict == HANDLED else verdict
+            elif await self._seen(mark):
                 self.stats.duplicates += 1
                 return DUPLICATE
+        running = self._running[key] = _Running()
+        try:
+            running.verdict = await self._handle(handlers, msg, source, mark)
+            return running.verdict
+        finally:
+            running.done.set()
+            if self._running.get(key) is running:
+                del self._running[key]
+
+    async def _handle(self, handlers: list[MessageHandler], msg: InboundMessage, source: str,
+                      mark: Mark | None) -> Verdict:
         reason = await self._run(handlers, msg, mark)
         if reason is None:
             self.stats.handled += 1
@@ -172,7 +200,11 @@ class Delivery:
         except Exception as exc:  # noqa: BLE001 - not kept, but still refused: it must not come back
             self.log.error("could not record a rejected MQTT message: %r", exc)
         self.stats.rejected += 1
-        self.log.info("rejected MQTT message on %r from %s: %s", msg.topic, msg.sender or source, reason)
+        # One line per sender per 10 s: a device sending nothing but bad messages must
+        # not fill the log (each is counted, and kept in core_mqtt_rejected).
+        sender = msg.sender or source
+        self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s", msg.topic,
+                    sender, reason)
         return REJECTED
 
     async def _seen(self, mark: Mark) -> bool:
@@ -186,8 +218,10 @@ class Delivery:
     async def _run(self, handlers: list[MessageHandler], msg: InboundMessage, mark: Mark | None) -> str | None:
         """The rejection reason, or None when every handler returned."""
         delay = _RETRY_MIN
+        scope = DeliveryScope(mark.write if mark is not None else None)
         while True:
-            token = commits_with_records.set(mark.write if mark is not None else None)
+            scope.again()
+            token = delivery_scope.set(scope)
             try:
                 reason = None
                 for handler in handlers:
@@ -202,7 +236,7 @@ class Delivery:
             except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
                 return self._handler_error(msg, exc)
             finally:
-                commits_with_records.reset(token)
+                delivery_scope.reset(token)
 
     async def _retrying(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         delay = _RETRY_MIN
@@ -256,6 +290,19 @@ class Delivery:
         self.log.error(text + extra, arg, exc_info=exc if traceback else None)
         self._error_log_at = now
         self._errors_unlogged = 0
+
+
+class _Running:
+    __slots__ = ("done", "verdict")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.verdict: Verdict | None = None
+
+    async def decided(self) -> Verdict | None:
+        """The first copy's verdict; None if it ended without one (cancelled)."""
+        await self.done.wait()
+        return self.verdict
 
 
 Reply = Callable[[int | None, Verdict], None]

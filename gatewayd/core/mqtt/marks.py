@@ -7,7 +7,7 @@ stored twice under new record ids, which the cloud cannot tell apart.
 
 So the delivery that runs a message's handlers sets a mark for it (the sender, the
 packet id, a digest of topic and payload), and ``ctx.ingest`` writes the mark in the
-same transaction as the records (``outbox.ingest.commits_with_records``): the mark
+same transaction as the records (``outbox.ingest.delivery_scope``): the mark
 exists exactly when the records do. A DUP message whose mark is found is acknowledged
 without running the handlers again.
 

@@ -36,14 +36,34 @@ from ..storage import StorageError
 if TYPE_CHECKING:
     from .store import Outbox
 
-__all__ = ["Ingest", "IngestError", "Ingested", "Record", "commits_with_records"]
+__all__ = ["Ingest", "IngestError", "Ingested", "Record", "DeliveryScope", "delivery_scope"]
 
-#: A write (run on the writer thread) that must commit in the same transaction as the
-#: records this task ingests next. The MQTT delivery sets the mark of the message whose
-#: handler is running (core/mqtt/marks.py): the mark exists exactly when the records do,
-#: so a redelivery after a crash is recognised and not stored twice.
-commits_with_records: ContextVar[Callable[[], None] | None] = ContextVar("gatewayd_commits_with_records",
-                                                                        default=None)
+class DeliveryScope:
+    """What the ingest calls of one MQTT delivery share (the delivery sets it in
+    :data:`delivery_scope` while its handlers run).
+
+    ``mark`` is a write (on the writer thread) that commits in the same transaction as
+    the records each call stores: the delivery mark (core/mqtt/marks.py), so a
+    redelivery after a crash is recognised and not stored twice. And when storage fails
+    midway through a handler (disk full after its first ingest call committed), the
+    delivery runs the handlers again: the calls that committed before are answered with
+    what they stored, in order, not stored a second time.
+    """
+
+    __slots__ = ("mark", "committed", "calls")
+
+    def __init__(self, mark: Callable[[], None] | None) -> None:
+        self.mark = mark
+        self.committed: list[Ingested] = []
+        self.calls = 0
+
+    def again(self) -> None:
+        """The handlers run again from the start."""
+        self.calls = 0
+
+
+delivery_scope: ContextVar[DeliveryScope | None] = ContextVar("gatewayd_delivery_scope", default=None)
+
 
 # Below this many records, serialising on the trio thread is cheaper than a thread hop.
 _INLINE = 64
@@ -183,16 +203,23 @@ class Ingest:
 
     async def _store(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
         outbox = self._outbox
-        companion = commits_with_records.get()
-        if companion is not None:
-            family_rows = _with_companion(companion, family_rows)
+        scope = delivery_scope.get()
+        if scope is not None:
+            scope.calls += 1
+            if scope.calls <= len(scope.committed):
+                return scope.committed[scope.calls - 1]  # committed before a storage retry
+            if scope.mark is not None:
+                family_rows = _with_companion(scope.mark, family_rows)
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
             outbox.count_refused(row[0] for row in rows)
             raise
+        stored = Ingested(ids, result)
+        if scope is not None:
+            scope.committed.append(stored)
         await outbox.after_store(dropped, stamped)
-        return Ingested(ids, result)
+        return stored
 
 
 
