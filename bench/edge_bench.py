@@ -132,7 +132,8 @@ async def run_bare(devices: int, messages: int) -> float:
 async def run_gateway(devices: int, messages: int, through_edge: bool) -> float:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "log.level='warning'"]
+        settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "log.level='warning'",
+                    f"mqtt.broker_port={free_port()}"]  # TCP, for the devices of the old path
         async with start_gateway(Path(tmp), plugins=[("bench", BenchPlugin())], settings=settings) as gw:
             creds = {}
             for d in range(devices):

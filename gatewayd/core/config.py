@@ -115,7 +115,7 @@ class MqttSection:
 
     def validate(self) -> None:
         if not 0 <= self.broker_port < 65536:
-            raise ConfigError("broker_port", f"must be a TCP port (0: a free loopback port), got {self.broker_port}")
+            raise ConfigError("broker_port", f"must be a TCP port (0: a unix socket in the data directory), got {self.broker_port}")
         if not 1024 <= self.max_packet_bytes <= 268435455:
             raise ConfigError("max_packet_bytes", f"must be 1024 .. 268435455 (MQTT's limit), got {self.max_packet_bytes}")
 

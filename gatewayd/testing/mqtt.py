@@ -159,8 +159,10 @@ class DeviceClient:
     """A plain paho client in its own thread, as a device would be: independent of MQTTClient."""
 
     def __init__(self, host: str, port: int, username: str | None, password: str | None, client_id: str) -> None:
+        # A host that is a path is a unix socket (the managed mosquitto's, `broker.address`).
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=False
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, reconnect_on_failure=False,
+            transport="unix" if host.startswith("/") else "tcp",
         )
         if username is not None:
             self.client.username_pw_set(username, password)

@@ -1,8 +1,11 @@
 """The managed local mosquitto: configuration, password file, ACLs, supervision.
 
-With ``mqtt.broker = "managed"`` the gateway runs its own mosquitto as a child process,
-listening on the LAN address the devices use. Everything mosquitto reads is written
-here under one directory (``<data_dir>/mosquitto/``):
+With ``mqtt.broker = "managed"`` the gateway runs its own mosquitto as a child process.
+Devices do not connect to it: they connect to the gateway's edge (:mod:`.edge`), which
+relays to mosquitto on a private listener, a unix socket in this directory (``socket``,
+in a 0700 directory: no other local user can connect to it, or squat it the way one
+can take a free loopback port first), or with ``port`` set a loopback TCP port.
+Everything mosquitto reads is written here under one directory (``<data_dir>/mosquitto/``):
 
 - ``mosquitto.conf``  persistence on, ``allow_anonymous false``, one listener
 - ``passwd``          mosquitto's own ``$7$`` PBKDF2-SHA512 entries, mode 0600
@@ -29,6 +32,7 @@ of the gateway keep running.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -46,6 +50,7 @@ from typing import Iterable, Literal, Sequence
 import trio
 
 from ...protocol.passwd import hash_password, is_password_hash, verify_password
+from ..logs import QuietLog
 
 __all__ = [
     "AclTemplate",
@@ -63,6 +68,9 @@ BrokerMode = Literal["managed", "external", "off"]
 """``mqtt.broker``: run our own mosquitto, use a broker someone else runs, or no MQTT."""
 
 GATEWAY_USERNAME = "gatewayd"
+_PER_CLIENT = ("New connection from", "New client connected", "Client ", "Socket error on client",
+               "Saving in-memory database")  # (the last: every autosave_interval)
+_SUN_PATH_MAX = 107  # a unix socket's path, in bytes (sun_path, less its NUL)
 _USERNAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,128}$")
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class ManagedBroker:
         *,
         host: str = "127.0.0.1",
         port: int = 1883,
+        socket: str | os.PathLike[str] | None = None,
         acl_templates: Sequence[AclTemplate] = (),
         accounts: Iterable[BrokerAccount] = (),
         mosquitto: str | None = None,
@@ -167,6 +176,9 @@ class ManagedBroker:
         self.directory = Path(directory)
         self.host = host
         self.port = port
+        self.socket = str(socket) if socket is not None else None
+        if self.socket is not None and len(os.fsencode(self.socket)) > _SUN_PATH_MAX:
+            raise ValueError(f"the broker socket path is over {_SUN_PATH_MAX} bytes: {self.socket}")
         self.mosquitto = mosquitto
         self.autosave_interval = autosave_interval
         self.max_queued_messages = max_queued_messages
@@ -177,6 +189,7 @@ class ManagedBroker:
         self.restart_min = restart_min
         self.restart_max = restart_max
         self.log = logger or log
+        self._quiet = QuietLog(self.log)
         self.state = "new"
         self.last_error: str | None = None
         self.restarts = 0
@@ -191,6 +204,15 @@ class ManagedBroker:
     @property
     def conf_path(self) -> Path:
         return self.directory / "mosquitto.conf"
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """Where mosquitto listens: the path of its unix socket, or (host, port)."""
+        return self.socket if self.socket is not None else (self.host, self.port)
+
+    @property
+    def where(self) -> str:
+        return self.socket if self.socket is not None else f"{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -251,6 +273,7 @@ class ManagedBroker:
     def write_config(self) -> None:
         """Write mosquitto.conf, passwd and acl (done by :meth:`run` too)."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.chmod(0o700)  # its socket, passwords and queued messages: ours alone
         (self.directory / "data").mkdir(exist_ok=True)
         d = self.directory.resolve()
         lines = [
@@ -280,14 +303,10 @@ class ManagedBroker:
             "connection_messages true",
             # Listener options from here on: before the first 'listener' line, mosquitto
             # would open a default listener on port 1883 of every interface for them.
-            f"listener {self.port} {self.host}",
+            f"listener 0 {self.socket}" if self.socket is not None else f"listener {self.port} {self.host}",
             # A client's id is its username: a device cannot take over the gateway's
             # session or another device's by connecting under its client id.
             "use_username_as_clientid true",
-            # The gateway's edge reads topic names off device PUBLISHes; with aliases it
-            # would have to track each connection's alias table (a device using one is
-            # told it is not allowed).
-            "max_topic_alias 0",
             "",
         ]
         _write_atomic(self.conf_path, "\n".join(lines), 0o644)
@@ -345,6 +364,9 @@ class ManagedBroker:
             self.state = "stopped"
 
     async def _run_once(self, binary: str, task_status: trio.TaskStatus[None] | None) -> None:
+        if self.socket is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket)  # left by a mosquitto that crashed: it would refuse to bind
         proc = await trio.lowlevel.open_process(
             [binary, "-c", str(self.conf_path)],
             stdin=subprocess.DEVNULL,
@@ -364,7 +386,7 @@ class ManagedBroker:
                 ready = await self._wait_ready(proc)
                 if ready:
                     self.state = "running"
-                    self.log.info("mosquitto listening on %s:%d (pid %d)", self.host, self.port, proc.pid)
+                    self.log.info("mosquitto listening on %s (pid %d)", self.where, proc.pid)
                 elif proc.returncode is None:
                     self.last_error = f"mosquitto did not accept connections within {self.startup_timeout:.0f} s"
                 if task_status is not None:
@@ -382,7 +404,10 @@ class ManagedBroker:
         with trio.move_on_after(self.startup_timeout):
             while proc.returncode is None:
                 try:
-                    stream = await trio.open_tcp_stream(self.host, self.port)
+                    if self.socket is not None:
+                        stream: trio.abc.Stream = await trio.open_unix_socket(self.socket)
+                    else:
+                        stream = await trio.open_tcp_stream(self.host, self.port)
                 except OSError:
                     await trio.sleep(0.05)
                     continue
@@ -406,13 +431,14 @@ class ManagedBroker:
                 tail[:] = [*tail[-4:], line]
                 if line.startswith("New client connected") and line.endswith(f"u'{GATEWAY_USERNAME}')."):
                     self._gateway_connected()
-                if "Error" in line or "Warning" in line:
-                    level = logging.WARNING
-                elif line.startswith("New connection from") or line.endswith("closed its connection."):
-                    level = logging.DEBUG  # TCP-level noise (and our own readiness probe)
-                else:
-                    level = logging.INFO
-                self.log.log(level, "mosquitto: %s", line)
+                if line.startswith(_PER_CLIENT):
+                    # One line per device connection, its end, its socket errors: the
+                    # edge counts these (and a reconnecting or hostile client must not
+                    # fill the log). Our own readiness probes are among them.
+                    self.log.debug("mosquitto: %s", line)
+                    continue
+                level = logging.WARNING if "Error" in line or "Warning" in line else logging.INFO
+                self._quiet(line[:40], level, "mosquitto: %s", line)
 
     async def _terminate(self, proc: trio.Process) -> None:
         if proc.returncode is not None:

@@ -97,6 +97,7 @@ class MQTTSettings:
 
     host: str = "127.0.0.1"
     port: int = 1883
+    unix_socket: str | None = None  # connect to this socket path instead of host:port
     client_id: str = "gatewayd"  # must be stable: it names the persistent session
     username: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -118,6 +119,11 @@ class MQTTSettings:
     publish_timeout: float = 10.0
     max_in_flight: int = 256  # MQTT 5 Receive Maximum (the delivery pool's size)
     # (with 3.1.1 the broker's own limit applies: ManagedBroker sets mosquitto's to 256)
+
+    @property
+    def where(self) -> str:
+        """The broker's address, for logs."""
+        return self.unix_socket or f"{self.host}:{self.port}"
 
 
 class PublishError(Exception):
@@ -228,6 +234,7 @@ class MQTTClient:
             protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
             reconnect_on_failure=False,  # else paho may reconnect, blocking, inside a read
             manual_ack=True,
+            transport="unix" if s.unix_socket else "tcp",
         )
         if s.username:
             c.username_pw_set(s.username, s.password)
@@ -250,7 +257,8 @@ class MQTTClient:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = s.session_expiry
             props.ReceiveMaximum = s.max_in_flight
-        c.connect_async(s.host, s.port, s.keepalive, clean_start=s.clean_start, properties=props)
+        # (paho takes a unix socket's path for the host, and wants a port all the same)
+        c.connect_async(s.unix_socket or s.host, s.port, s.keepalive, clean_start=s.clean_start, properties=props)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
@@ -271,8 +279,8 @@ class MQTTClient:
                     await self._first_attempt.wait()
                 if not self.connected:
                     self.log.warning(
-                        "MQTT broker %s:%d not reachable yet (%s); starting anyway and retrying",
-                        self.settings.host, self.settings.port, self.stats.last_error,
+                        "MQTT broker %s not reachable yet (%s); starting anyway and retrying",
+                        self.settings.where, self.stats.last_error,
                     )
                 task_status.started()
         finally:
@@ -375,10 +383,10 @@ class MQTTClient:
             with trio.fail_after(s.connect_timeout + 1):
                 await trio.to_thread.run_sync(self._client.reconnect, abandon_on_cancel=True)
         except trio.TooSlowError:
-            self._note_error(f"connect to {s.host}:{s.port} timed out")
+            self._note_error(f"connect to {s.where} timed out")
             return "failed"
         except (OSError, ValueError) as exc:  # refused, unreachable, DNS, TLS
-            self._note_error(f"connect to {s.host}:{s.port} failed: {exc}")
+            self._note_error(f"connect to {s.where} failed: {exc}")
             return "failed"
         sock = self._client.socket()
         if sock is None:
@@ -491,7 +499,7 @@ class MQTTClient:
         if self.connected:
             # Our own DISCONNECT (shutdown) is news, not a problem.
             level = logging.INFO if self._leaving else logging.WARNING
-            self.log.log(level, "MQTT disconnected from %s:%d: %s", self.settings.host, self.settings.port, why)
+            self.log.log(level, "MQTT disconnected from %s: %s", self.settings.where, why)
         self._leaving = False
         self.connected = False
         if self._connected_event.is_set():
@@ -515,8 +523,8 @@ class MQTTClient:
         self.connected = True
         self._connected_event.set()
         self.log.info(
-            "MQTT connected to %s:%d as %r (session present: %s)",
-            self.settings.host, self.settings.port, self.settings.client_id, flags.session_present,
+            "MQTT connected to %s as %r (session present: %s)",
+            self.settings.where, self.settings.client_id, flags.session_present,
         )
         if self.settings.status_topic:
             client.publish(self.settings.status_topic, "online", qos=1, retain=True)
