@@ -164,3 +164,15 @@ def test_plugins_command_lists_the_plugin(tmp_path):
     rows = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
     assert rows["everything"]["enabled"] is True
     assert rows["everything"]["mount"] == "/everything"
+
+
+def test_gatewayd_run_raises_its_open_files_limit_up_to_the_hard_one():
+    # ~500 MQTT devices need ~1,000 descriptors: a 1024 soft limit must not be the ceiling.
+    code = (
+        "import resource\n"
+        "from gatewayd.core.runtime import raise_open_files_limit\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2048))\n"
+        "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "(256, 2048) (2048, 2048)"

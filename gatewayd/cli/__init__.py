@@ -52,7 +52,7 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from ..core.runtime import Gateway, ListenError, find_exception, run_until_signalled, tune_gc
+    from ..core.runtime import Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled, tune_gc
 
     config = load(args, manager)
     setup_logging(config.log.level, config.log.format)
@@ -65,6 +65,12 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
             manager.block(name)
     gateway = Gateway(config, manager)
     tune_gc()
+    before, limit = raise_open_files_limit()
+    if limit < 4096:  # the hard limit: ours to read, the administrator's to raise
+        log.warning("few open files allowed: raise LimitNOFILE= in the service unit", open_files=limit,
+                    mqtt_devices_at_most=max(limit // 2 - 64, 0))
+    elif limit != before:
+        log.debug("open files limit raised", before=before, after=limit)
     try:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:

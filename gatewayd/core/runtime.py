@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import random
+import resource
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -487,6 +488,26 @@ class Gateway:
             "gatewayd_uptime_seconds", "gauge", "Seconds since the gateway started",
             lambda: [Sample("gatewayd_uptime_seconds", {}, (self.clock() - self.started_at) if self.started_at else 0)],
         )
+
+
+def raise_open_files_limit(want: int = 65536) -> tuple[int, int]:
+    """Raise this process's soft limit on open files towards the hard one (`gatewayd run`).
+
+    Each device on MQTT costs the gateway two descriptors (its socket and the relay to
+    mosquitto), each HTTP client one, SQLite a few: the soft limit most systems start
+    a service with (1024; systemd's default) is reached by ~500 devices. The hard limit
+    is the administrator's; up to it, raising is the process's own business. Returns
+    (before, after).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
 
 
 def tune_gc() -> None:
