@@ -251,3 +251,17 @@ async def test_field_limits_and_bad_values_are_value_errors_naming_the_field(tmp
                 await r.create_claim_code("meter", ttl_s=ttl)
         with pytest.raises(ValueError, match="^device_id: bad device id"):
             await r.create_claim_code("meter", ttl_s=60, device_id=["m1"])
+
+
+async def test_activation_does_not_undo_a_disable_made_after_the_device_was_read(tmp_path):
+    # The auto-activation of a device's first message must not flip an operator's
+    # `disabled` (made between reading the device and activating it) back to active.
+    async with open_services(tmp_path) as s:
+        registry = s.registry
+        device, _ = await registry.provision("kaiabc", "d1")
+        await registry.set_status("kaiabc", "d1", "disabled")
+        after = await registry.set_status("kaiabc", "d1", "active", only_from=("provisioned", "claimed"))
+        assert after.status == "disabled"
+        assert (await registry.get("kaiabc", "d1")).status == "disabled"
+        again = await registry.set_status("kaiabc", "d1", "active")
+        assert again.status == "active"

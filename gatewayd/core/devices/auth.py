@@ -310,7 +310,11 @@ class Authenticator:
             self._failed.inc(family=family, scheme=scheme)
             raise AuthError(403, "device is not claimed yet", device.id)
         if device.status != "active":
-            device = await self.registry.set_status(family, device.id, "active")
+            # Read again in the write: disabled meanwhile stays disabled, and is refused.
+            device = await self.registry.set_status(family, device.id, "active", only_from=("provisioned", "claimed"))
+            if device.status == "disabled":
+                self._failed.inc(family=family, scheme=scheme)
+                raise AuthError(403, "device is disabled", device.id)
         if self.presence is not None:
             self.presence.touch(family, device.id)
         return device

@@ -431,8 +431,14 @@ class DeviceRegistry:
         log.info("device credentials revoked", family=family, device=device_id)
         await self.notify_changed(family)
 
-    async def set_status(self, family: str, device_id: str, status: str) -> Device:
-        """Change a device's status (`disabled` refuses it, `active` enables it again)."""
+    async def set_status(self, family: str, device_id: str, status: str, *,
+                         only_from: tuple[str, ...] | None = None) -> Device:
+        """Change a device's status (`disabled` refuses it, `active` enables it again).
+
+        With `only_from`, only a device whose status (read in the same write) is one of
+        those changes: an automatic change must not undo an operator's `disabled` made
+        a moment before.
+        """
         if status not in STATUSES:
             raise ValueError(f"bad status {status!r} (one of {', '.join(STATUSES)})")
         now = self.clock()
@@ -442,6 +448,8 @@ class DeviceRegistry:
         def update() -> Device:
             row = self._row(family, device_id)
             was.append(row.status)
+            if only_from is not None and row.status not in only_from:
+                return Device.from_row(row)
             row.status, row.updated_at = status, now
             if status == "active" and row.first_seen is None:
                 row.first_seen = now
@@ -449,6 +457,8 @@ class DeviceRegistry:
             return Device.from_row(row)
 
         device = await self._write(update)
+        if device.status != status:
+            return device
         log.info("device status changed", family=family, device=device_id, status=status, was=was[0])
         if (was[0] == "disabled") != (status == "disabled"):  # only that changes who may log in
             await self.notify_changed(family)

@@ -84,7 +84,9 @@ class FamilyDevices:
         A disabled device stays disabled. Cheap once active: no write.
         """
         if device.status in ("provisioned", "claimed"):
-            return await self._s.registry.set_status(self.family, device.id, "active")
+            # Read again in the write: disabled since `device` was read stays disabled.
+            return await self._s.registry.set_status(self.family, device.id, "active",
+                                                     only_from=("provisioned", "claimed"))
         return device
 
     def is_online(self, device_id: str) -> bool:
