@@ -46,3 +46,86 @@ def test_hookspecs_have_docstrings(hook):
 
 def test_no_documented_hook_is_missing_from_hookspecs():
     assert documented_hooks() <= set(HOOKS)
+
+
+# -- the context reference ---------------------------------------------------------
+
+SERVICES = {"storage", "metrics", "http", "mqtt", "devices", "auth", "ratelimit", "commands", "ingest", "events", "ota"}
+
+
+def context_table() -> list[str]:
+    """The first column of docs/plugins.md's context reference, one code span per row."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text.split("\n## The context\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| `([^`]+)` \|", section, re.MULTILINE)
+
+
+def test_the_context_reference_lists_every_member_as_called():
+    from gatewayd.plugins.docgen import context_members
+
+    documented = context_table()
+    expected = [m.call for m in context_members()]
+    missing = [call for call in expected if call not in documented]
+    unknown = [call for call in documented if call not in expected]
+    assert not missing, "docs/plugins.md's context table lacks (python -m gatewayd.plugins.docgen --rows):\n" + \
+        "\n".join(missing)
+    assert not unknown, "docs/plugins.md's context table names what PluginContext has not (or not so):\n" + \
+        "\n".join(unknown)
+    assert len(documented) == len(set(documented)), "a member is documented twice"
+
+
+def test_the_context_reference_covers_every_service():
+    from gatewayd.plugins.docgen import context_members
+
+    paths = {m.path for m in context_members()}
+    assert {p.split(".")[0] for p in paths if "." in p} >= SERVICES
+    assert {"devices.get", "auth.api_key", "ratelimit.check", "commands.enqueue", "mqtt.publish", "mqtt.connected",
+            "ingest.record", "events.emit", "ota.newest_for", "storage.write", "metrics.counter", "http.url",
+            "http.mount", "state", "now"} <= paths
+
+
+def test_docgen_reads_signatures_as_a_plugin_calls_them():
+    from gatewayd.plugins.docgen import _members_of, signature_text
+
+    class Service:
+        def __init__(self) -> None:
+            self.family = "x"
+            self._hidden = 1
+
+        @property
+        def ready(self) -> bool:
+            return True
+
+        async def fetch(self, key: str, *, limit: int = 10, mode: str = "a", render=len) -> None: ...
+
+        def tally(self, *names: str, **labels: str) -> None: ...
+
+        def _private(self) -> None: ...
+
+    assert signature_text(Service.fetch) == "(key, *, limit=10, mode='a', render=len)"
+    assert [m.call for m in _members_of(Service, "svc.")] == [
+        "ctx.svc.family", "ctx.svc.ready", "await ctx.svc.fetch(key, *, limit=10, mode='a', render=len)",
+        "ctx.svc.tally(*names, **labels)",
+    ]
+
+
+# -- the tutorial ------------------------------------------------------------------
+
+
+def test_the_tutorial_quotes_the_code_plugin_new_writes():
+    from gatewayd.cli.plugin import render_plugin
+
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    tutorial = text.split("\n## Tutorial", 1)[1].split("\n## ", 1)[0]
+    code = render_plugin("meter", {"http", "mqtt"})["gatewayd_meter/__init__.py"]
+    quotes = re.findall(r"```python\n# gatewayd_meter/__init__.py\n(.*?)```", tutorial, re.DOTALL)
+    assert len(quotes) >= 3
+    for quote in quotes:
+        assert quote in code, f"the tutorial quotes code that gatewayd plugin new no longer writes:\n{quote}"
+
+
+def test_one_way_to_install_a_plugin():
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        text = path.read_text()
+        assert not re.search(r"pip install[^\n`]*(-e|plugins/)", text), f"{path.name}: an install other than bootstrap"
+    assert "## Installing a plugin" in (ROOT / "docs" / "plugins.md").read_text()
