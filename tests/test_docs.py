@@ -1,6 +1,8 @@
 """Every hook is documented in docs/plugins.md and has a test (datasette's model)."""
 
+import json
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,71 @@ def test_one_way_to_install_a_plugin():
         text = path.read_text()
         assert not re.search(r"pip install[^\n`]*(-e|plugins/)", text), f"{path.name}: an install other than bootstrap"
     assert "## Installing a plugin" in (ROOT / "docs" / "plugins.md").read_text()
+
+
+# -- events.md's examples ----------------------------------------------------------
+
+
+def _doc_json(after: str) -> dict:
+    text = (ROOT / "docs" / "events.md").read_text()
+    block = text.split(after, 1)[1].split("\n", 1)[1].split("```", 1)[0]  # from the next line
+    return json.loads(block)
+
+
+def _shape(doc):
+    """The keys of a JSON document, all the way down (lists: their first item's)."""
+    if isinstance(doc, dict):
+        return {k: _shape(v) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [_shape(doc[0])] if doc else []
+    return None
+
+
+async def test_events_md_shows_what_the_api_returns(gateway_factory, upstream_receiver, monkeypatch):
+    from gatewayd.plugins.api import hookimpl
+    from gatewayd.testing import gw_client, provision
+
+    # events.md's example: a plugin "meter" with its rule, a rule in the configuration,
+    # an event emitted, a device's reading that fires the plugin's rule.
+    @hookimpl
+    def gatewayd_alert_rules(ctx):
+        return [{"name": "meter-value-high", "type": "reading", "when": ["value > 50"], "alert_severity": "warning",
+                 "actions": [{"kind": "upstream"}, {"kind": "log", "level": "warning"}]}]
+
+    rules = ('[[rules]]\nname = "meter-tamper"\nfamily = "meter"\ntype = "tamper_detected"\n'
+             'actions = [{ kind = "upstream" }, { kind = "log", level = "error" }]\n')
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", "docs-example-token")
+    meter = types.ModuleType("meter")
+    meter.gatewayd_alert_rules = gatewayd_alert_rules
+    async with gateway_factory(plugins=[("meter", meter)], config_text=rules, upstream=upstream_receiver) as gw, \
+            gw_client(gw, headers={"Authorization": "Bearer docs-example-token"}) as client:
+        await provision(gw, "meter", "m-1")
+        ctx = gw.contexts["meter"]
+        await ctx.events.emit("m-1", "tamper_detected", {"lid": "open"}, severity="critical")
+        await ctx.events.observe("m-1", "reading", {"value": 72.5})
+        records = await upstream_receiver.wait_for(2)
+        events = (await client.get("/api/gateway/events")).json()
+        alerts = (await client.get("/api/gateway/alerts")).json()
+    assert _shape(events) == _shape(_doc_json("$ curl -s localhost:8080/api/gateway/events"))
+    documented = _doc_json("$ curl -s localhost:8080/api/gateway/alerts")
+    assert _shape(alerts) == _shape(documented)
+    assert len(alerts["alerts"]) == len(documented["alerts"]) == 4  # one row per action of each firing
+    assert sorted(alerts["active"]) == sorted(documented["active"])
+    [record] = [r for r in records if r["data"]["rule"] == "meter-tamper"]
+    assert _shape(record) == _shape(_doc_json("`gatewayd receive --export`):\n\n```json"))
+    assert record["data"]["event"]["data"] == {"lid": "open"}
+
+
+def test_every_ctx_call_in_the_docs_exists():
+    from gatewayd.plugins.docgen import context_members
+
+    members = {m.path: m.call.endswith(")") for m in context_members()}  # path -> is a method
+    wrong = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for name in set(re.findall(r"\bctx\.(\w+(?:\.\w+)*)", path.read_text())):
+            parts = name.split(".")
+            known = [".".join(parts[:k]) for k in range(len(parts), 0, -1) if ".".join(parts[:k]) in members]
+            # Beyond a member: the plugin's own (ctx.config.x, ctx.state.x) or a value's attributes.
+            if not known or (known[0] != name and members[known[0]]):
+                wrong.append(f"{path.name}: ctx.{name}")
+    assert not wrong, "the docs call what PluginContext does not have:\n" + "\n".join(sorted(wrong))
