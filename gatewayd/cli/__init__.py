@@ -27,6 +27,7 @@ from .devices import cmd_devices, setup_devices
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .outbox import cmd_outbox, setup_outbox
+from .plugin import cmd_plugin, setup_plugin
 from .tokens import cmd_tokens, setup_tokens
 
 EPILOG = """\
@@ -195,6 +196,7 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
      setup_tokens, cmd_tokens),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
      _receive_arguments, _cmd_receive),
+    ("plugin", "write a new plugin: plugin new NAME [--http] [--mqtt] [--serial]", setup_plugin, cmd_plugin),
 ]
 
 
