@@ -255,7 +255,7 @@ class Failing:
 async def test_a_failed_plugin_is_shown_failed_and_draws_no_panel(gateway_factory):
     async with gateway_factory(plugins=[("failing", Failing())]) as gw, gw_client(gw) as client:
         page = (await client.get("/", headers=ADMIN)).text
-        assert "Failing panel" not in page and "Degraded" in page
+        assert "Failing panel" not in page and "Gateway degraded" in page
         assert "plugin failing failed: startup: no lamps today" in unescape(page)
 
 
