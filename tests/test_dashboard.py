@@ -6,16 +6,24 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import asynccontextmanager
+from functools import partial
 from html import unescape
 
 import httpx
 import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
 from markupsafe import Markup
+from quart import request
+from quart_trio import QuartTrio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from gatewayd.core.dashboard.chart import series_of, svg_chart
 from gatewayd.core.dashboard.sessions import DashboardSessions
 from gatewayd.core.http.app import AdminGuard
+from gatewayd.core.outbox.ingest import Ingest
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client, gw_url, provision, wait_until
 
@@ -346,3 +354,45 @@ async def test_the_live_endpoint_takes_the_dashboard_session(gateway_factory):
         page = await client.get("/")
         await client.post("/dashboard/logout", data={"csrf": csrf_of(page.text)})
         assert await refused([("Cookie", cookie)]) == 4401
+
+
+# -- the outbox and upstream, as the far ends answer -------------------------------------------
+
+
+@asynccontextmanager
+async def refusing_far_end(status: int, message: str):
+    """A cloud endpoint that answers every batch `status` (a real server on a free port)."""
+    app = QuartTrio("refusing")
+
+    @app.post("/v1/batch")
+    async def batch():
+        await request.get_data()
+        return {"error": {"status": status, "code": "refused", "message": message}}, status
+
+    config = HypercornConfig()
+    config.bind, config.accesslog = ["127.0.0.1:0"], None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(partial(serve, app, config, shutdown_trigger=stop.wait))
+        yield url
+        stop.set()
+
+
+async def test_the_outbox_shows_a_paused_sink_and_dead_letters(gateway_factory, upstream_receiver, monkeypatch):
+    monkeypatch.setenv(upstream_receiver.secret_env, "not-the-receivers-secret")  # the receiver answers 401
+    monkeypatch.setenv("STRICT_SECRET", "s3cret")
+    async with refusing_far_end(422, "schema v0 is not accepted here") as strict:
+        config = upstream_receiver.config_text() + f'[[upstream]]\nname = "strict"\nurl = "{strict}"\n' \
+                                                   'secret_env = "STRICT_SECRET"\nlinger_s = 0.05\n'
+        async with gateway_factory(config_text=config) as gw, gw_client(gw) as client:
+            await Ingest(gw.outbox, "demo", gw.clock).record("d-1", "telemetry", {"v": 1})
+            await wait_until(lambda: gw.upstream.workers["cloud"].paused, what="the cloud sink paused (401)")
+            await wait_until(lambda: gw.upstream.workers["strict"].stats.records.get("dead_lettered"),
+                             what="the strict sink's batch dead-lettered (422)")
+            page = (await client.get("/", headers=ADMIN)).text
+    sinks = {m[1]: " ".join(unescape(re.sub(r"<[^>]+>", " ", m[2])).split())
+             for m in re.finditer(r'<tr data-sink="([^"]+)">(.*?)</tr>', page, re.S)}
+    assert sinks["cloud"].startswith("cloud") and "paused" in sinks["cloud"] and "401" in sinks["cloud"]
+    assert "records are kept" in sinks["cloud"] and " 1 " in sinks["cloud"]  # its backlog: the record waits
+    assert "schema v0 is not accepted here" in sinks["strict"] and "1 batches" in sinks["strict"]
+    assert "1 records in 1 dead-lettered batches" in unescape(page)  # and it needs attention

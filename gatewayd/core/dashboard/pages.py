@@ -109,7 +109,8 @@ async def outbox_view(src: DashboardSources, components: dict[str, Any]) -> dict
         sinks.append({
             "name": name, **sink,
             "state": state.get("state", "not configured" if not sink["configured"] else "starting"),
-            "reason": state.get("reason"),
+            # The state says "paused" already: the reason goes on with why.
+            "reason": (state.get("reason") or "").removeprefix("paused: ") or None,
             "breaker": state.get("breaker"),
             "paused": state.get("paused", False),
             "waiting_until": state.get("waiting_until"),
