@@ -65,6 +65,7 @@ def _local_path(target: str | None) -> str:
 
 def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: DashboardSessions) -> Blueprint:
     bp = Blueprint(NAME, __name__, template_folder="templates")
+    src.views.panels()  # the plugins are asked for their panels once, now, as the HTTP server starts
     # Three small files, read once and served from memory: nothing of a request's
     # choosing reaches the file system. Their URLs carry a digest of the content, so
     # browsers cache them and still get the new ones the moment the gateway is upgraded.

@@ -120,7 +120,8 @@ class PluginViews:
         return readings[-limit:] if limit > 0 else []
 
     def panels(self) -> list[Panel]:
-        """Every running plugin's panels (asked once; a plugin failed since is left out)."""
+        """Every running plugin's panels (asked at the first call, when the dashboard is built;
+        a plugin failed since is left out)."""
         if self._panels is None:
             self._panels = []
             for name in self.running():
