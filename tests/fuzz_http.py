@@ -357,6 +357,8 @@ class Route:
     """It serves byte ranges: Range, If-Range and If-None-Match are slots of their own."""
     claim: bool = False
     """Rate limited per client address: send from many loopback addresses."""
+    html: bool = False
+    """A page for a browser (the dashboard): its answers are HTML, its own errors too."""
 
 
 DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model": "text", "firmware": "text",
@@ -394,6 +396,13 @@ CATALOGUE: dict[str, Route] = {
     # WebSocket route gets plain HTTP requests (no upgrade), which must be refused cleanly.
     "/api/gateway/live/events": Route(query={"streams": "streams", "last_id": "limit", "token": "token"}),
     "/api/gateway/live": Route(query={"streams": "streams", "token": "token"}),
+    # The site dashboard: pages for a browser, with a session cookie or the admin token.
+    "/": Route(json=False, html=True),
+    "/dashboard/devices/<device_id>": Route(params={"device_id": "device"}, query={"family": "family"}, json=False,
+                                            html=True),
+    "/dashboard/login": Route(admin=False, json=False, html=True),
+    "/dashboard/logout": Route(admin=False, json=False, html=True),
+    "/dashboard/static/<name>": Route(params={"name": "file"}, admin=False, json=False),
     "/paku/health": Route(admin=False),
     "/paku/devices": Route(body={"id": "new-device", **PAKU_FIELDS}),
     "/paku/devices/<device_id>": Route(params={"device_id": "paku-device"}, body=PAKU_FIELDS),
@@ -1003,6 +1012,8 @@ def judge(route: Route, req: Req, out: Outcome) -> Problem | None:
             return Problem("invalid JSON", "not UTF-8", str(e))
         except ValueError as e:
             return Problem("invalid JSON", "syntax", f"{e}: {body[:200]!r}")
+    elif route.html and mimetype == "text/html":
+        return None  # a page, or the page telling what went wrong
     elif status >= 400 or (200 <= status < 300 and route.json and not route.binary_ok):
         # (3xx: werkzeug's own redirects for // in a path are HTML; not an answer of ours)
         return Problem("not JSON", f"{status} {mimetype or 'no content type'}", repr(body[:200]))

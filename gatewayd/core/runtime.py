@@ -39,6 +39,7 @@ from .alerts.http import events_blueprint
 from .alerts.notify import NOTIFY_SCHEMA, Notifier
 from .alerts.rules import Rule, merge_rules, rule_from_dict
 from .config import Config
+from .dashboard import DashboardSessions, DashboardSources, PluginViews, dashboard_blueprint
 from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
 from .health import Health
@@ -130,6 +131,7 @@ class Gateway:
         self.serial = SerialLinks(self.metrics, self.health)
         self.admin = AdminGuard(config.http.admin_token_env)
         self.tokens = TokenStore(self.storage, clock=clock)
+        self.sessions = DashboardSessions(self.admin)  # the site dashboard's log-ins (in memory)
         lv = config.live
         self.live = LiveHub(ring_size=lv.ring_size, queue_size=lv.queue_size, max_subscribers=lv.max_subscribers,
                             per_owner=lv.per_token, clock=clock)
@@ -326,7 +328,11 @@ class Gateway:
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
         lv = self.config.live
         app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=lv.heartbeat_s,
-                                              batch_s=lv.batch_ms / 1000))
+                                              batch_s=lv.batch_ms / 1000, session=self.sessions.live_owner))
+        app.register_blueprint(dashboard_blueprint(DashboardSources(
+            self.config.gateway.id, self.health, self.plugin_table, self.devices, self.outbox, self.events,
+            self.storage, PluginViews(self.plugins, self.contexts, self._live_plugins), lambda: self.started_at,
+            self.clock), self.admin, self.sessions))
         dedicated: list[tuple[str, Any]] = []
         for name in self._live_plugins():
             blueprint = None

@@ -14,7 +14,7 @@ hooks may be written `async def` or plain `def`; the runtime awaits what is awai
 The order the runtime calls them in, which is also the order a plugin module reads in:
 config_schema, storage_models, setup, http_routes, mqtt_topics, serial_links,
 alert_rules, startup, background_tasks, ..., shutdown (cli_commands: when the command
-line is built).
+line is built; the dashboard hooks: when a page of the site dashboard is drawn).
 
 Documented with examples in docs/plugins.md; tests/test_docs.py keeps the two in step.
 """
@@ -26,10 +26,16 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from markupsafe import Markup
     from quart import Blueprint
 
+    from ..core.devices.registry import Device
     from .context import PluginContext
     from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry, TopicRegistry
+
+    Renderer = Callable[[], Awaitable[str | Markup]]
 
 PROJECT = "gatewayd"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -186,6 +192,56 @@ def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext[Any, Any]) -
     answers and `link.request(payload, match=..., timeout=...)` polls a device. A
     handler that raises is counted and logged and never closes the line. Each line's
     state is in `/health` (`serial.<plugin>.<name>`) and its counters in `/metrics`.
+    """
+
+
+# -- the site dashboard ------------------------------------------------------------
+
+
+@hookspec
+def gatewayd_device_health(ctx: PluginContext[Any, Any], device: Device) -> Any:
+    """Return the family's health indicator of one device (may be async).
+
+    One of "green", "yellow", "red", "gray", or a pair `(colour, reason)` whose reason
+    (a short text, shown escaped) says why: `("red", "lamp failure")`. Return None to
+    say nothing. The family's rules live here, not in the core (streetlight: red on a
+    lamp fault, yellow on a low battery, gray when it was never heard from); the core
+    shows gray with no reason when the plugin says nothing, is failed, raises (logged)
+    or answers something else (logged). Called for every device of the family each
+    time a dashboard page that lists it is drawn (the overview redraws its device
+    tables when live events arrive): keep it cheap, from memory or one indexed read.
+    Not firstresult: the first non-None answer of the plugin's implementations, each
+    awaited, in pluggy's order.
+    """
+
+
+@hookspec
+def gatewayd_device_telemetry(ctx: PluginContext[Any, Any], device: Device, limit: int) -> Any:
+    """Return a device's recent readings for the dashboard's charts (may be async).
+
+    A list of `(ts, values)` pairs, `ts` in epoch seconds and `values` a mapping of
+    series name to number: `[(1767225600.0, {"temp_c": 21.5, "rssi": -61})]`, at most
+    `limit` of them, the newest ones (in any order: the core sorts them). Values that
+    are not finite numbers (text, booleans, NaN) are left out of the chart. The device
+    page charts up to `limit` = 200 readings, one small chart per series; the overview
+    shows the newest reading (`limit` = 1) of every device. Return None or [] when
+    there is nothing to show. Read the family's own tables (`ctx.storage.read`); a
+    plugin that raises gets "no telemetry" shown and the error logged.
+    Not firstresult: the lists of the plugin's implementations are joined.
+    """
+
+
+@hookspec
+def gatewayd_dashboard_panels(ctx: PluginContext[Any, Any]) -> list[tuple[str, Renderer]] | None:
+    """Return panels for the dashboard's overview: a list of `(title, render)` pairs.
+
+    Called once per plugin when the HTTP server starts. `render` is an async function
+    of no arguments called each time the overview is drawn; it returns the panel's
+    body. A plain `str` is shown as text (escaped); only a `markupsafe.Markup` is taken
+    as HTML, so build one with `Markup("<b>{}</b>").format(value)`, which escapes
+    `value`, never by concatenating text into HTML. The title is always escaped. A
+    render that raises shows an error line in its panel (and is logged); a failed
+    plugin's panels are not drawn. Not firstresult: the lists are joined, in order.
     """
 
 

@@ -24,6 +24,7 @@ from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegi
 if TYPE_CHECKING:
     from quart import Blueprint
 
+    from ..core.devices.registry import Device
     from .context import PluginContext
 
 __all__ = ["PluginManager", "PluginInfo", "PluginLoadError", "build_plugin_manager", "ENTRY_POINT_GROUP"]
@@ -161,6 +162,27 @@ class PluginManager:
         for result in self._hook(name, "gatewayd_alert_rules")(ctx=ctx):
             rules += list(result or [])
         return rules
+
+    async def device_health(self, name: str, ctx: PluginContext[Any, Any], device: Device) -> Any:
+        """The first answer of the plugin's gatewayd_device_health that is not None, or None."""
+        for result in self._hook(name, "gatewayd_device_health")(ctx=ctx, device=device):
+            answer = await await_me_maybe(result)
+            if answer is not None:
+                return answer
+        return None
+
+    async def device_telemetry(self, name: str, ctx: PluginContext[Any, Any], device: Device,
+                               limit: int) -> list[Any]:
+        readings: list[Any] = []
+        for result in self._hook(name, "gatewayd_device_telemetry")(ctx=ctx, device=device, limit=limit):
+            readings += list(await await_me_maybe(result) or [])
+        return readings
+
+    def dashboard_panels(self, name: str, ctx: PluginContext[Any, Any]) -> list[Any]:
+        panels: list[Any] = []
+        for result in self._hook(name, "gatewayd_dashboard_panels")(ctx=ctx):
+            panels += list(result or [])
+        return panels
 
     def cli_commands(self, name: str) -> CommandRegistry:
         registry = CommandRegistry(name)

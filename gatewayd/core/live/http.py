@@ -15,8 +15,11 @@ event; an array costs one per wake-up (bench/live_bench.py).
 Who may watch: the admin token (`Authorization: Bearer`), or a scoped read-only token
 (`gatewayd tokens add --scope live:<family>`) in that header or, for browsers' EventSource
 and WebSocket which cannot set headers, as `?token=`. The admin token is refused in a URL.
-A scoped token sees only its families' streams. At most `live.per_token` connections per
-token (5, as the kaiabc spec says), `live.max_subscribers` in all.
+A scoped token sees only its families' streams. The site dashboard's pages watch with
+their session cookie (`session`, given by the runtime: the owner name of a live session
+from the same origin, or None), which sees everything the admin token does. At most
+`live.per_token` connections per token or session (5, as the kaiabc spec says),
+`live.max_subscribers` in all.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ Authorizer = Callable[[str], bool]
 
 
 def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heartbeat_s: float = 15.0,
-                   batch_s: float = 0.02) -> Blueprint:
+                   batch_s: float = 0.02,
+                   session: Callable[[Mapping[str, str]], str | None] | None = None) -> Blueprint:
     bp = Blueprint("gatewayd_live", __name__)
 
     async def grant(headers: Mapping[str, str], args: Mapping[str, str]) -> tuple[str, Authorizer] | str:
@@ -54,6 +58,8 @@ def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heart
         if admin_token and offered and hmac.compare_digest(offered.encode(), admin_token.encode()):
             return "admin", lambda pattern: True
         given = offered or in_url
+        if not given and session is not None and (owner := session(headers)) is not None:
+            return owner, lambda pattern: True  # the dashboard: what the admin token sees
         found = await tokens.check(given) if given else None
         if found is None:
             return "missing, expired or wrong token (the admin token, or a scoped one from gatewayd tokens add)"
