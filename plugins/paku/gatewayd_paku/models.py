@@ -1,47 +1,48 @@
-"""paku's tables (the spec's data model) and the queries the routes need.
+"""paku's tables (the spec's data model) and the queries its routes need.
 
-Device and Credential live in the core registry (`ctx.devices`); paku keeps what its
-devices send: every measurement, every event, and the latest state per device.
+Devices and their credentials are the core's registry (`ctx.devices`); paku keeps what
+its devices send: every measurement, every event, and the latest state of each device.
+Tables are named after the plugin (`paku_measurement`, ... under the name paku).
 """
 
 from __future__ import annotations
 
-import base64
 import json
-import math
 from typing import Any
 
 import peewee
 
+from gatewayd.plugins.api import encode_cursor
+
 
 class Measurement(peewee.Model):
-    """One telemetry message: `paku/<device>/telemetry`."""
+    """One telemetry message: `<name>/<device>/telemetry`."""
 
+    id = peewee.AutoField()
     device = peewee.CharField(max_length=128)
     ts = peewee.FloatField()  # when the device measured it (its "ts", else arrival)
     received_at = peewee.FloatField()
     payload = peewee.TextField()  # the JSON object as received
 
     class Meta:
-        table_name = "paku_measurement"
         indexes = ((("device", "ts"), False),)
 
 
 class Event(peewee.Model):
-    """One event: `paku/<device>/event/<type>` (button, error, ack, ota, ...)."""
+    """One event: `<name>/<device>/event/<type>` (button, error, ack, ota, ...)."""
 
+    id = peewee.AutoField()
     device = peewee.CharField(max_length=128)
     ts = peewee.FloatField()
     type = peewee.CharField(max_length=64)
     payload = peewee.TextField()
 
     class Meta:
-        table_name = "paku_event"
         indexes = ((("device", "ts"), False),)
 
 
 class State(peewee.Model):
-    """The latest `paku/<device>/state` of each device (the topic is retained)."""
+    """The latest `<name>/<device>/state` of each device (the topic is retained)."""
 
     device = peewee.CharField(max_length=128, primary_key=True)
     online = peewee.BooleanField(null=True)
@@ -49,29 +50,42 @@ class State(peewee.Model):
     fw_version = peewee.CharField(max_length=64, null=True)
     ts = peewee.FloatField()
     received_at = peewee.FloatField()
-    raw = peewee.BlobField()  # the payload as received: a retained copy delivered again is recognised
-
-    class Meta:
-        table_name = "paku_state"
+    payload = peewee.BlobField(column_name="raw")  # as received: a retained copy sent again is recognised
 
 
-MODELS = (Measurement, Event, State)
+def named(plugin: str) -> list[type[peewee.Model]]:
+    """The models, their tables named after the plugin: `<plugin>_measurement`, ..."""
+    models: list[type[peewee.Model]] = [Measurement, Event, State]
+    for model in models:
+        model._meta.set_table_name(f"{plugin}_{model.__name__.lower()}")
+    return models
 
 
-# -- writes (run on the writer thread, inside ctx.ingest's transaction) --------------
+# -- writes: one per message, on the writer thread, inside ctx.ingest's transaction ----
 
 
-def save_state(device: str, state: dict[str, Any], ts: float, now: float, raw: bytes) -> None:
-    State.replace(device=device, online=state.get("online"), rssi=state.get("rssi"),
-                  fw_version=state.get("fwVersion"), ts=ts, received_at=now, raw=raw).execute()
+class Rows:
+    """paku's rows, written on the writer thread inside ctx.ingest's transaction."""
+
+    def measurement(self, device: str, ts: float, received_at: float, payload: str) -> None:
+        Measurement.insert(device=device, ts=ts, received_at=received_at, payload=payload).execute()
+
+    def event(self, device: str, ts: float, type: str, payload: str) -> None:
+        Event.insert(device=device, ts=ts, type=type, payload=payload).execute()
+
+    def state(self, device: str, online: bool | None, rssi: int | None, fw_version: str | None, ts: float,
+              received_at: float, payload: bytes) -> None:
+        State.insert(device=device, online=online, rssi=rssi, fw_version=fw_version, ts=ts,
+                     received_at=received_at, payload=payload).on_conflict_replace().execute()
 
 
 # -- reads ---------------------------------------------------------------------------
 
 
-def stored_state_raw(device: str) -> bytes | None:
+def stored_state(device: str) -> bytes | None:
+    """The device's latest state as it was received (None if it never sent one)."""
     row = State.get_or_none(State.device == device)
-    return None if row is None else bytes(row.raw)
+    return None if row is None else bytes(row.payload)
 
 
 def latest(device: str) -> dict[str, Any]:
@@ -82,7 +96,7 @@ def latest(device: str) -> dict[str, Any]:
     return {
         "state": None if state is None else {
             "online": state.online, "rssi": state.rssi, "fwVersion": state.fw_version, "ts": state.ts,
-            "receivedAt": state.received_at, "payload": _json_or_text(bytes(state.raw)),
+            "receivedAt": state.received_at, "payload": _json_or_text(bytes(state.payload)),
         },
         "telemetry": None if measurement is None else {
             "ts": measurement.ts, "receivedAt": measurement.received_at, "payload": json.loads(measurement.payload),
@@ -92,38 +106,19 @@ def latest(device: str) -> dict[str, Any]:
 
 
 def telemetry_page(device: str, since: float | None, until: float | None, limit: int,
-                   cursor: tuple[float, int] | None) -> tuple[list[dict[str, Any]], str | None]:
+                   after: tuple[float, int] | None) -> tuple[list[dict[str, Any]], str | None]:
     """Measurements newest first, `since <= ts < until`, and the cursor of the next page."""
     q = Measurement.select().where(Measurement.device == device)
     if since is not None:
         q = q.where(Measurement.ts >= since)
     if until is not None:
         q = q.where(Measurement.ts < until)
-    if cursor is not None:
-        ts, row_id = cursor
+    if after is not None:
+        ts, row_id = after
         q = q.where((Measurement.ts < ts) | ((Measurement.ts == ts) & (Measurement.id < row_id)))
     rows = list(q.order_by(Measurement.ts.desc(), Measurement.id.desc()).limit(limit + 1))
-    more = len(rows) > limit
-    rows = rows[:limit]
-    items = [{"ts": r.ts, "receivedAt": r.received_at, "payload": json.loads(r.payload)} for r in rows]
-    return items, (encode_cursor(rows[-1].ts, rows[-1].id) if more else None)
-
-
-def encode_cursor(ts: float, row_id: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps([ts, row_id]).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, int]:
-    """The position after which the next page starts; ValueError for anything else."""
-    try:
-        ts, row_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        # Numbers SQLite can compare with: a finite float, a row id in signed 64 bits.
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or type(row_id) is not int \
-                or not math.isfinite(ts := float(ts)) or not 0 <= row_id < 2**63:
-            raise ValueError
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        raise ValueError("cursor: not a cursor returned by this API") from None
-    return ts, row_id
+    items = [{"ts": r.ts, "receivedAt": r.received_at, "payload": json.loads(r.payload)} for r in rows[:limit]]
+    return items, (encode_cursor(rows[limit - 1].ts, rows[limit - 1].id) if len(rows) > limit else None)
 
 
 def _json_or_text(raw: bytes) -> Any:
