@@ -11,7 +11,17 @@ import json
 import re
 from typing import Any, NamedTuple
 
-from gatewayd.plugins.api import REPORT_STATUSES, BadJSON, Command, Rejected, json_kind, parse_json, parse_time, plausible_ts
+from gatewayd.plugins.api import (
+    REPORT_STATUSES,
+    BadJSON,
+    Command,
+    InboundMessage,
+    Rejected,
+    json_kind,
+    parse_json,
+    parse_time,
+    plausible_ts,
+)
 
 EVENT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 RSSI_MIN, RSSI_MAX = -200, 100  # dBm; wider than any radio reports, narrow enough for a column
@@ -41,6 +51,14 @@ class OtaReport(NamedTuple):
     status: str
     version: str | None
     detail: str
+
+
+def replayed(msg: InboundMessage) -> bool:
+    """A retained copy a broker hands the gateway when it (re)subscribes, not a device
+    speaking now. What devices publish reaches the handlers live: through the gateway's
+    edge with its sender, retained or not (mosquitto never keeps it); through a broker
+    with the retain flag cleared (MQTT clears it for a subscription that already exists)."""
+    return msg.retain and msg.sender is None
 
 
 def parse_topic(topic: str, family: str) -> Topic:

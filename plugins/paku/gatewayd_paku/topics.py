@@ -22,7 +22,7 @@ from gatewayd.plugins.api import Device, InboundMessage, IngestError, PluginCont
 
 from .commands import Commands
 from .config import PakuConfig
-from .messages import decode_object, is_alert, message_ts, parse_ack, parse_ota, parse_state, parse_topic
+from .messages import decode_object, is_alert, message_ts, parse_ack, parse_ota, parse_state, parse_topic, replayed
 from .models import Rows, stored_state
 
 
@@ -58,6 +58,7 @@ class Paku:
         await self._counted(kind, msg, self._event(msg))
 
     async def _telemetry(self, msg: InboundMessage) -> str:
+        self._not_retained(msg, "telemetry")
         device = await self._heard(msg)
         doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes)
         now = self.ctx.now()
@@ -73,8 +74,8 @@ class Paku:
             self.online[device.id] = state.online
         if state.online:
             self.commands.wake(device.id)  # commands that waited for it go out now
-        if msg.retain and await self.ctx.storage.read(stored_state, device.id) == msg.payload:
-            return "duplicate"  # the broker hands out the retained copy on every subscribe
+        if replayed(msg) and await self.ctx.storage.read(stored_state, device.id) == msg.payload:
+            return "duplicate"  # the broker hands out its retained copy on every subscribe
         if state.online is not False:
             self.ctx.devices.touch(device.id)  # a last will "offline" is not a sign of life
         now = self.ctx.now()
@@ -89,6 +90,7 @@ class Paku:
         return "stored"
 
     async def _event(self, msg: InboundMessage) -> str:
+        self._not_retained(msg, "events")
         device = await self._heard(msg)
         name = parse_topic(msg.topic, self.ctx.name).name
         doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes, empty_ok=True)
@@ -124,6 +126,13 @@ class Paku:
             self.ctx.log.warning("message rejected", topic=msg.topic, reason=e.reason)
             raise
         self.messages.inc(kind=kind, outcome=outcome)
+
+    def _not_retained(self, msg: InboundMessage, what: str) -> None:
+        # The spec: telemetry and events are not retained. A device that retains them
+        # anyway leaves a copy on the broker, handed out again on every (re)subscribe.
+        if replayed(msg):
+            raise Rejected(f"a retained copy: {self.ctx.name} {what} must not be retained (the broker kept it and "
+                           "sent it again; the original was handled when it was published)")
 
     async def _known(self, device_id: str) -> Device:
         # Per message: a lookup up to 2 s old will do (a disable made here is seen at once).
