@@ -101,7 +101,6 @@ def latest(device: str) -> dict[str, Any]:
         "telemetry": None if measurement is None else {
             "ts": measurement.ts, "receivedAt": measurement.received_at, "payload": json.loads(measurement.payload),
         },
-        "lastReceivedAt": max((r.received_at for r in (state, measurement) if r is not None), default=None),
     }
 
 

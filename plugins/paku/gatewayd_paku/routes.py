@@ -115,10 +115,12 @@ class Routes:
         device = await self.ctx.devices.get(device_id)
         if device is None:
             return self._no_device(device_id)
-        latest = await self.ctx.storage.read(models.latest, device_id)
-        doc = self._describe(device)
-        seen = [t for t in (doc["lastSeenAt"], latest.pop("lastReceivedAt")) if t is not None]
-        return {**doc, "lastSeenAt": max(seen, default=None), **latest}
+        doc = {**self._describe(device), **await self.ctx.storage.read(models.latest, device_id)}
+        # The registry's last-seen time is written every `devices.presence_flush_s`; the
+        # newest telemetry may be newer. (A state saying offline is no sign of life.)
+        if doc["telemetry"] is not None and (doc["lastSeenAt"] or 0) < doc["telemetry"]["receivedAt"]:
+            doc["lastSeenAt"] = doc["telemetry"]["receivedAt"]
+        return doc
 
     async def update(self, device_id: str) -> ResponseReturnValue:
         if denied := self.ctx.http.require_admin():
@@ -233,7 +235,7 @@ class Routes:
     def _describe(self, device: Device) -> dict[str, Any]:
         return {"id": device.id, "name": device.name, "model": device.model, "status": device.status,
                 "createdAt": device.created_at, "fwVersion": device.firmware or None, "lastSeenAt": device.last_seen,
-                "online": self.ctx.devices.is_online(device.id), "notes": device.metadata.get("notes", "")}
+                "online": self.ctx.state.is_online(device.id), "notes": device.metadata.get("notes", "")}
 
     def _no_device(self, device_id: str) -> ResponseReturnValue:
         return error_response(404, f"no {self.ctx.name} device {device_id!r}")

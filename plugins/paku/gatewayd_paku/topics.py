@@ -33,14 +33,17 @@ class Paku:
     def __init__(self, ctx: PluginContext[PakuConfig, Paku]) -> None:
         self.ctx = ctx
         self.rows = Rows()
-        self.commands = Commands(ctx, lambda device_id: self.online.get(device_id, False))
+        self.commands = Commands(ctx, self.is_online)
         self.messages = ctx.metrics.counter("messages_total", "MQTT messages by topic kind and outcome",
                                             ("kind", "outcome"))
-        self.online: dict[str, bool] = {}  # from state messages; commands are pushed to online devices
+        # Devices that said they are offline (or whose last will did) since they last spoke.
+        # The core's presence has no way to be told (README.md, "Presence"): until it
+        # does, paku remembers, and asks the core only about the others.
+        self.gone: set[str] = set()
 
     def is_online(self, device_id: str) -> bool:
-        """Heard from within the family's `offline_after_s` (the core's presence)."""
-        return self.ctx.devices.is_online(device_id)
+        """Heard from within the family's `offline_after_s`, and not said offline since."""
+        return device_id not in self.gone and self.ctx.devices.is_online(device_id)
 
     # -- the handlers, one per topic ---------------------------------------------------
 
@@ -70,14 +73,11 @@ class Paku:
     async def _state(self, msg: InboundMessage) -> str:
         device = await self._known(parse_topic(msg.topic, self.ctx.name).device)
         state = parse_state(msg.payload, self.ctx.config.max_payload_bytes)
-        if state.online is not None:
-            self.online[device.id] = state.online
-        if state.online:
-            self.commands.wake(device.id)  # commands that waited for it go out now
-        if replayed(msg) and await self.ctx.storage.read(stored_state, device.id) == msg.payload:
+        replay = replayed(msg)
+        if replay and await self.ctx.storage.read(stored_state, device.id) == msg.payload:
             return "duplicate"  # the broker hands out its retained copy on every subscribe
-        if state.online is not False:
-            self.ctx.devices.touch(device.id)  # a last will "offline" is not a sign of life
+        if state.online is not False and not replay:
+            await self._alive(device)  # a last will, or a broker's old copy, is no sign of life
         now = self.ctx.now()
         ts = message_ts(state.doc, now)
         if state.ack is not None and await self.commands.ack(device.id, state.ack) is None:
@@ -85,6 +85,8 @@ class Paku:
         data = {**state.doc, "online": state.online}
         row = partial(self.rows.state, device.id, state.online, state.rssi, state.fw_version, ts, now, msg.payload)
         await self._ingest(device.id, "state", data, ts, "state", row)
+        if state.online is False:
+            self.gone.add(device.id)  # offline now, by its word or its last will
         if state.fw_version and state.fw_version != device.firmware:
             await self.ctx.devices.update(device.id, firmware=state.fw_version)
         return "stored"
@@ -150,11 +152,12 @@ class Paku:
 
     async def _alive(self, device: Device) -> None:
         """The device spoke: it is active and online, and gets what waited for it."""
+        was_online = self.is_online(device.id)
         await self.ctx.devices.activate(device)
         self.ctx.devices.touch(device.id)
-        if not self.online.get(device.id):
-            self.commands.wake(device.id)  # back from silence: hand it what waited
-        self.online[device.id] = True
+        self.gone.discard(device.id)
+        if not was_online:
+            self.commands.wake(device.id)  # back: hand it what waited
 
     async def _ingest(self, device: str, kind: str, data: dict[str, Any], ts: float, cls: str,
                       rows: Callable[[], None]) -> None:
