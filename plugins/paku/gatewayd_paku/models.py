@@ -8,6 +8,7 @@ Tables are named after the plugin (`paku_measurement`, ... under the name paku).
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 import peewee
@@ -65,18 +66,36 @@ def named(plugin: str) -> list[type[peewee.Model]]:
 
 
 class Rows:
-    """paku's rows, written on the writer thread inside ctx.ingest's transaction."""
+    """paku's rows as prepared statements on the writer's connection (ARCHITECTURE.md:
+    hot paths do). peewee builds an INSERT's SQL anew on every call, which cost more than
+    the insert and the rest of the transaction together (bench/paku_bench.py)."""
+
+    def __init__(self, database: peewee.Database) -> None:
+        self._database = database
+        self._measurement = _insert(Measurement, "device", "ts", "received_at", "payload")
+        self._event = _insert(Event, "device", "ts", "type", "payload")
+        self._state = _insert(State, "device", "online", "rssi", "fw_version", "ts", "received_at", "payload",
+                              verb="INSERT OR REPLACE")
 
     def measurement(self, device: str, ts: float, received_at: float, payload: str) -> None:
-        Measurement.insert(device=device, ts=ts, received_at=received_at, payload=payload).execute()
+        self._connection().execute(self._measurement, (device, ts, received_at, payload))
 
     def event(self, device: str, ts: float, type: str, payload: str) -> None:
-        Event.insert(device=device, ts=ts, type=type, payload=payload).execute()
+        self._connection().execute(self._event, (device, ts, type, payload))
 
     def state(self, device: str, online: bool | None, rssi: int | None, fw_version: str | None, ts: float,
               received_at: float, payload: bytes) -> None:
-        State.insert(device=device, online=online, rssi=rssi, fw_version=fw_version, ts=ts,
-                     received_at=received_at, payload=payload).on_conflict_replace().execute()
+        self._connection().execute(self._state, (device, online, rssi, fw_version, ts, received_at, payload))
+
+    def _connection(self) -> sqlite3.Connection:
+        connection: sqlite3.Connection = self._database.connection()  # type: ignore[no-untyped-call]
+        return connection  # the writer thread's: these run inside its transaction
+
+
+def _insert(model: type[peewee.Model], *names: str, verb: str = "INSERT") -> str:
+    fields = model._meta.fields
+    columns = ", ".join(f'"{fields[name].column_name}"' for name in names)
+    return f'{verb} INTO "{model._meta.table_name}" ({columns}) VALUES ({", ".join("?" * len(names))})'
 
 
 # -- reads ---------------------------------------------------------------------------

@@ -13,7 +13,6 @@ bad input raises `Rejected` with the reason (acknowledged, counted, kept by the 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -32,7 +31,7 @@ class Paku:
 
     def __init__(self, ctx: PluginContext[PakuConfig, Paku]) -> None:
         self.ctx = ctx
-        self.rows = Rows()
+        self.rows = Rows(ctx.storage.database)
         self.commands = Commands(ctx, self.is_online)
         self.messages = ctx.metrics.counter("messages_total", "MQTT messages by topic kind and outcome",
                                             ("kind", "outcome"))
@@ -66,7 +65,8 @@ class Paku:
         doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes)
         now = self.ctx.now()
         ts = message_ts(doc, now)
-        row = partial(self.rows.measurement, device.id, ts, now, json.dumps(doc, separators=(",", ":")))
+        # Stored as received (it is strict JSON): not encoded a second time.
+        row = partial(self.rows.measurement, device.id, ts, now, msg.payload.decode())
         await self._ingest(device.id, "telemetry", doc, ts, "history", row)
         return "stored"
 
@@ -98,7 +98,7 @@ class Paku:
         doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes, empty_ok=True)
         now = self.ctx.now()
         ts = message_ts(doc, now)
-        row = partial(self.rows.event, device.id, ts, name, json.dumps(doc, separators=(",", ":")))
+        row = partial(self.rows.event, device.id, ts, name, msg.payload.decode() if doc else "{}")
         if name == "ack":
             ack = parse_ack(doc)
             status = await self.commands.ack(device.id, ack)
