@@ -151,13 +151,13 @@ class Paku:
         return device
 
     async def _alive(self, device: Device) -> None:
-        """The device spoke: it is active and online, and gets what waited for it."""
-        was_online = self.is_online(device.id)
-        await self.ctx.devices.activate(device)
-        self.ctx.devices.touch(device.id)
-        self.gone.discard(device.id)
-        if not was_online:
-            self.commands.wake(device.id)  # back: hand it what waited
+        """The device spoke: it is online; back from silence, it is active and gets what waited."""
+        back = not self.is_online(device.id)
+        self.ctx.devices.touch(device.id)  # online before any await: the rest of its burst stops here
+        if back:
+            self.gone.discard(device.id)
+            await self.ctx.devices.activate(device)  # provisioned or claimed until its first word
+            self.commands.wake(device.id)
 
     async def _ingest(self, device: str, kind: str, data: dict[str, Any], ts: float, cls: str,
                       rows: Callable[[], None]) -> None:
