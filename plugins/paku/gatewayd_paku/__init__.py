@@ -20,13 +20,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import peewee
 from quart import Blueprint
 
 from gatewayd.plugins.api import ModelRegistry, PluginContext, TaskRegistry, TopicRegistry, hookimpl
 
 from .config import PakuConfig
-from .models import named
+from .models import VERSION, index_names, named
 from .routes import Routes
 from .topics import Paku
 
@@ -47,8 +46,9 @@ def gatewayd_config_schema() -> type[PakuConfig]:
 
 @hookimpl
 def gatewayd_storage_models(models: ModelRegistry) -> None:
-    tables: list[type[peewee.Model]] = named(models.plugin)  # <name>_measurement, _event, _state
-    models.add(*tables)  # devices and credentials are the core's
+    models.add(*named(models.plugin))  # <name>_measurement, _event, _state; devices are the core's
+    models.version = VERSION
+    models.migration(2)(index_names)
 
 
 # -- the plugin's state ----------------------------------------------------------------

@@ -16,7 +16,17 @@ import peewee
 from gatewayd.plugins.api import encode_cursor
 
 
-class Measurement(peewee.Model):
+VERSION = 2  # the schema's; migrations below
+
+
+class Table(peewee.Model):
+    class Meta:
+        # Index names from the table's name (`paku_measurement_device_ts`), not the
+        # class's: SQLite's index names are per database, shared by every plugin.
+        legacy_table_names = False
+
+
+class Measurement(Table):
     """One telemetry message: `<name>/<device>/telemetry`."""
 
     id = peewee.AutoField()
@@ -29,7 +39,7 @@ class Measurement(peewee.Model):
         indexes = ((("device", "ts"), False),)
 
 
-class Event(peewee.Model):
+class Event(Table):
     """One event: `<name>/<device>/event/<type>` (button, error, ack, ota, ...)."""
 
     id = peewee.AutoField()
@@ -42,7 +52,7 @@ class Event(peewee.Model):
         indexes = ((("device", "ts"), False),)
 
 
-class State(peewee.Model):
+class State(Table):
     """The latest `<name>/<device>/state` of each device (the topic is retained)."""
 
     device = peewee.CharField(max_length=128, primary_key=True)
@@ -62,6 +72,17 @@ def named(plugin: str) -> list[type[peewee.Model]]:
     return models
 
 
+def index_names(migrator: Any, database: peewee.Database) -> None:
+    """Schema 2: indexes named after their table. Schema 1's `measurement_device_ts` and
+    `event_device_ts` were the names any plugin's Measurement and Event would want."""
+    for model in (Measurement, Event):
+        old, table = f"{model.__name__.lower()}_device_ts", model._meta.table_name
+        connection = _connection(database)
+        if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ? AND tbl_name = ?",
+                              (old, table)).fetchone():
+            connection.execute(f'DROP INDEX "{old}"')  # the new one is created right after
+
+
 # -- writes: one per message, on the writer thread, inside ctx.ingest's transaction ----
 
 
@@ -77,19 +98,22 @@ class Rows:
         self._state = _insert(State, "device", "online", "rssi", "fw_version", "ts", "received_at", "payload",
                               verb="INSERT OR REPLACE")
 
+    # The writer thread's connection: these run inside its transaction.
+
     def measurement(self, device: str, ts: float, received_at: float, payload: str) -> None:
-        self._connection().execute(self._measurement, (device, ts, received_at, payload))
+        _connection(self._database).execute(self._measurement, (device, ts, received_at, payload))
 
     def event(self, device: str, ts: float, type: str, payload: str) -> None:
-        self._connection().execute(self._event, (device, ts, type, payload))
+        _connection(self._database).execute(self._event, (device, ts, type, payload))
 
     def state(self, device: str, online: bool | None, rssi: int | None, fw_version: str | None, ts: float,
               received_at: float, payload: bytes) -> None:
-        self._connection().execute(self._state, (device, online, rssi, fw_version, ts, received_at, payload))
+        _connection(self._database).execute(self._state, (device, online, rssi, fw_version, ts, received_at, payload))
 
-    def _connection(self) -> sqlite3.Connection:
-        connection: sqlite3.Connection = self._database.connection()  # type: ignore[no-untyped-call]
-        return connection  # the writer thread's: these run inside its transaction
+
+def _connection(database: peewee.Database) -> sqlite3.Connection:
+    connection: sqlite3.Connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
+    return connection
 
 
 def _insert(model: type[peewee.Model], *names: str, verb: str = "INSERT") -> str:

@@ -51,3 +51,37 @@ async def test_the_plugin_under_another_name(gateway_factory):
         metrics = (await client.get("/metrics")).text
         assert 'gatewayd_acme_messages_total{kind="telemetry",outcome="stored"} 1' in metrics
         assert (await client.get("/paku/health")).status_code == 404
+
+
+def indexes(ctx) -> set[tuple[str, str]]:
+    rows = ctx.storage.database.execute_sql("SELECT name, tbl_name FROM sqlite_master WHERE type = 'index'")
+    return {(name, table) for name, table in rows if not name.startswith("sqlite_")}
+
+
+async def test_a_copy_beside_paku_gets_indexes_of_its_own(gateway_factory):
+    """SQLite's index names are per database: a copy's must not be paku's."""
+    async with gateway_factory(plugins=[("paku", gatewayd_paku)]) as gw:
+        ctx = gw.contexts["paku"]
+        assert {("paku_measurement_device_ts", "paku_measurement"),
+                ("paku_event_device_ts", "paku_event")} <= await ctx.storage.read(indexes, ctx)
+    async with gateway_factory(plugins=ACME) as gw:  # the same database
+        ctx = gw.contexts["acme"]
+        assert {("acme_measurement_device_ts", "acme_measurement"),
+                ("acme_event_device_ts", "acme_event")} <= await ctx.storage.read(indexes, ctx)
+
+
+async def test_schema_1_indexes_are_renamed(gateway_factory):
+    async with gateway_factory(plugins=[("paku", gatewayd_paku)]) as gw:
+        ctx = gw.contexts["paku"]
+
+        def schema_1() -> None:
+            for table in ("measurement", "event"):
+                ctx.storage.database.execute_sql(f'DROP INDEX "paku_{table}_device_ts"')
+                ctx.storage.database.execute_sql(f'CREATE INDEX "{table}_device_ts" ON "paku_{table}" (device, ts)')
+            ctx.storage.database.execute_sql("UPDATE core_schema SET version = 1 WHERE component = 'paku'")
+
+        await ctx.storage.write(schema_1)
+    async with gateway_factory(plugins=[("paku", gatewayd_paku)]) as gw:
+        ctx = gw.contexts["paku"]
+        found = {name for name, table in await ctx.storage.read(indexes, ctx) if table.startswith("paku_")}
+        assert found == {"paku_measurement_device_ts", "paku_event_device_ts"}
