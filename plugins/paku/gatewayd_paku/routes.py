@@ -1,20 +1,5 @@
-"""paku's HTTP API, under the plugin's mount (`/paku` by default): one method per route.
-
-    GET   /health                               200 with the MQTT side's state
-    POST  /devices                    admin     provision: credentials, returned once -> 201
-    GET   /devices                    admin     the family's devices
-    GET   /devices/<id>               admin     one device with its latest state and telemetry
-    PATCH /devices/<id>               admin     notes, name, model
-    GET   /devices/<id>/telemetry     admin     ?since=&until=&limit=&cursor= newest first
-    POST  /claim                      code      {"code"} -> credentials of a new device, once
-    GET   /ota/manifest.json                    ?model=&current=&channel=&device= -> [{model, version, url, sha256}]
-    GET   /ota/<id>/firmware.bin                the image (Range, ETag)
-
-"admin": `Authorization: Bearer <admin token>` (the core's admin token). Errors use the
-gateway's shape (`error_response`): 400 names the field that is wrong (bodies are parsed
-strictly by the core's `read_json_object`), 507 when the disk is full, 503 when the
-database fails otherwise; nothing was stored in either case.
-"""
+"""paku's HTTP API under the plugin's mount (`/paku`): one method per route, in the
+gateway's error shape (`error_response`). README.md has the table with the answers."""
 
 from __future__ import annotations
 
@@ -53,8 +38,16 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}")
 MAX_LENGTHS = {"name": 256, "model": 128, "firmware": 64, "notes": 4096}
 
 
+class Refused(Exception):
+    """A request answered with an error: `raise Refused(404, "no such device")`."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
 class Routes:
-    """The routes of one plugin context; `blueprint()` mounts them."""
+    """The routes of one plugin; `blueprint()` mounts them."""
 
     def __init__(self, ctx: PluginContext[PakuConfig, Paku]) -> None:
         self.ctx = ctx
@@ -63,44 +56,38 @@ class Routes:
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.ctx.name, __name__)
         bp.get("/health")(self.health)
-        bp.post("/devices")(self.provision)
-        bp.get("/devices")(self.list_devices)
-        bp.get("/devices/<device_id>")(self.show)
-        bp.patch("/devices/<device_id>")(self.update)
-        bp.get("/devices/<device_id>/telemetry")(self.telemetry)
-        bp.post("/claim")(self.claim)
+        bp.post("/devices")(self.provision)  # admin
+        bp.get("/devices")(self.list_devices)  # admin
+        bp.get("/devices/<device_id>")(self.show)  # admin
+        bp.patch("/devices/<device_id>")(self.update)  # admin
+        bp.get("/devices/<device_id>/telemetry")(self.telemetry)  # admin
+        bp.post("/claim")(self.claim)  # a claim code
         bp.get("/ota/manifest.json")(self.manifest)
         bp.get("/ota/<int:firmware_id>/firmware.bin")(self.firmware)
-        bp.register_error_handler(BadJSON, self.bad_json)
-        bp.register_error_handler(StorageFull, self.storage_full)
-        bp.register_error_handler(StorageError, self.storage_error)
+        bp.register_error_handler(Refused, self.refused)
+        bp.register_error_handler(BadJSON, self.bad_json)  # read_json_object's: names the field
+        bp.register_error_handler(StorageFull, self.storage_full)  # nothing was stored: 507
+        bp.register_error_handler(StorageError, self.storage_error)  # nothing was stored: 503
         return bp
 
     async def health(self) -> ResponseReturnValue:
         connected = self.ctx.mqtt.connected
-        return {"status": "ok", "mqtt": {
-            "connected": connected,
-            "detail": "receiving device topics" if connected
-            else "idle: MQTT is off or the broker is not reachable; the HTTP API works",
-        }}
+        detail = "receiving device topics" if connected else \
+            "idle: MQTT is off or the broker is not reachable; the HTTP API works"
+        return {"status": "ok", "mqtt": {"connected": connected, "detail": detail}}
 
     async def provision(self) -> ResponseReturnValue:
         if denied := self.ctx.http.require_admin():
             return denied
         doc = await read_json_object()
-        device_id = doc.get("id")
-        if device_id is not None and not _valid_id(device_id):
-            return error_response(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
-        extra = _fields(doc)
-        if isinstance(extra, str):
-            return error_response(400, extra)
-        extra.setdefault("model", self.ctx.config.default_model or self.ctx.name)
+        device_id = _device_id(doc)
+        fields = {"model": self._default_model(), **_fields(doc, MAX_LENGTHS)}
         try:
-            device, creds = await self.ctx.devices.provision(device_id, **extra)
+            device, creds = await self.ctx.devices.provision(device_id, **fields)
         except DeviceExists:
-            return error_response(409, f"device {device_id!r} already exists")
+            raise Refused(409, f"device {device_id!r} already exists") from None
         except ValueError as e:
-            return error_response(400, str(e))
+            raise Refused(400, str(e)) from None
         self.ctx.log.info("device provisioned", device=device.id, via="api")
         return self._credentials(device, creds.key), 201
 
@@ -112,10 +99,8 @@ class Routes:
     async def show(self, device_id: str) -> ResponseReturnValue:
         if denied := self.ctx.http.require_admin():
             return denied
-        device = await self.ctx.devices.get(device_id)
-        if device is None:
-            return self._no_device(device_id)
-        doc = {**self._describe(device), **await self.ctx.storage.read(models.latest, device_id)}
+        doc = {**self._describe(await self._device(device_id)),
+               **await self.ctx.storage.read(models.latest, device_id)}
         # The registry's last-seen time is written every `devices.presence_flush_s`; the
         # newest telemetry may be newer. (A state saying offline is no sign of life.)
         if doc["telemetry"] is not None and (doc["lastSeenAt"] or 0) < doc["telemetry"]["receivedAt"]:
@@ -125,61 +110,50 @@ class Routes:
     async def update(self, device_id: str) -> ResponseReturnValue:
         if denied := self.ctx.http.require_admin():
             return denied
-        changes = _fields(await read_json_object())
-        if isinstance(changes, str):
-            return error_response(400, changes)
-        if await self.ctx.devices.get(device_id) is None:
-            return self._no_device(device_id)
+        changes = _fields(await read_json_object(), MAX_LENGTHS)
+        await self._device(device_id)
         try:
             return self._describe(await self.ctx.devices.update(device_id, **changes))
         except ValueError as e:  # the merged notes and metadata too large, say
-            return error_response(400, str(e))
+            raise Refused(400, str(e)) from None
 
     async def telemetry(self, device_id: str) -> ResponseReturnValue:
         if denied := self.ctx.http.require_admin():
             return denied
         args = request.args
+        since, until = _time(args, "since"), _time(args, "until")
         try:
-            since = _time("since", args.get("since"))
-            until = _time("until", args.get("until"))
-            cursor = args.get("cursor")
-            after = decode_cursor(cursor, (float, int)) if cursor else None
+            after = decode_cursor(args["cursor"], (float, int)) if args.get("cursor") else None
         except ValueError as e:
-            return error_response(400, str(e))
+            raise Refused(400, str(e)) from None
         limit = args.get("limit", "100")
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
         if not (limit.isascii() and limit.isdigit() and len(limit) <= 4) or not 1 <= int(limit) <= 1000:
-            return error_response(400, f"limit: expected an integer 1-1000, got {limit!r}")
-        if await self.ctx.devices.get(device_id) is None:
-            return self._no_device(device_id)
+            raise Refused(400, f"limit: expected an integer 1-1000, got {limit!r}")
+        await self._device(device_id)
         position = None if after is None else (float(after[0]), int(after[1]))
-        items, next_cursor = await self.ctx.storage.read(models.telemetry_page, device_id, since, until, int(limit),
-                                                         position)
-        return {"device": device_id, "telemetry": items, "next_cursor": next_cursor}
+        items, cursor = await self.ctx.storage.read(models.telemetry_page, device_id, since, until, int(limit),
+                                                    position)
+        return {"device": device_id, "telemetry": items, "next_cursor": cursor}
 
     async def claim(self) -> ResponseReturnValue:
         decision = self.ctx.ratelimit.check(request.remote_addr or "-", "claim")
         if not decision.allowed:
-            return error_response(429, "too many claim attempts; retry later", **self.ctx.ratelimit.headers(decision))
+            raise Refused(429, "too many claim attempts; retry later", self.ctx.ratelimit.headers(decision))
         doc = await read_json_object()
         code = doc.get("code")
         if not isinstance(code, str) or not code.strip():
-            return error_response(400, 'expected {"code": "ABCD-EFGH-JKLM", "id"?, "model"?}')
-        device_id = doc.get("id")
-        if device_id is not None and not _valid_id(device_id):
-            return error_response(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
-        extra = _fields({k: v for k, v in doc.items() if k in ("model", "name")})
-        if isinstance(extra, str):
-            return error_response(400, extra)
-        extra.setdefault("model", self.ctx.config.default_model or self.ctx.name)
+            raise Refused(400, 'expected {"code": "ABCD-EFGH-JKLM", "id"?, "model"?}')
+        device_id = _device_id(doc)
+        fields = {"model": self._default_model(), **_fields(doc, {k: MAX_LENGTHS[k] for k in ("name", "model")})}
         try:
-            device, creds = await self.ctx.devices.claim(code, device_id, **extra)
+            device, creds = await self.ctx.devices.claim(code, device_id, **fields)
         except ClaimError as e:
-            return error_response(403, f"claim refused: {e}")
+            raise Refused(403, f"claim refused: {e}") from None
         except DeviceExists:
-            return error_response(409, f"device {device_id!r} already exists")
+            raise Refused(409, f"device {device_id!r} already exists") from None
         except ValueError as e:
-            return error_response(400, str(e))
+            raise Refused(400, str(e)) from None
         self.ctx.log.info("device claimed", device=device.id)
         if creds is None:  # a code made for a provisioned device: its password was given then
             return self._credentials(device, None), 200
@@ -190,12 +164,12 @@ class Routes:
         model, current = args.get("model") or None, args.get("current") or None
         channel, device = args.get("channel") or "stable", args.get("device") or None
         if channel not in CHANNELS:
-            return error_response(400, f"channel: expected one of {', '.join(CHANNELS)}, got {channel!r}")
+            raise Refused(400, f"channel: expected one of {', '.join(CHANNELS)}, got {channel!r}")
         wanted = [model] if model else sorted({fw.model for fw in await self.ctx.ota.list()})
         try:
             newest = [await self.ctx.ota.newest_for(m, current, channel, device) for m in wanted]
         except ValueError as e:
-            return error_response(400, f"current: {e}")
+            raise Refused(400, f"current: {e}") from None
         return jsonify(self.ctx.ota.manifest([fw for fw in newest if fw is not None],
                                              lambda fw: f"{self.ctx.mount}/ota/{fw.id}/firmware.bin"))
 
@@ -203,11 +177,14 @@ class Routes:
         # An id past SQLite's integers can't exist (and would be an OverflowError in the query).
         fw = await self.ctx.ota.get(firmware_id) if firmware_id < 2**63 else None
         if fw is None:
-            return error_response(404, f"no {self.ctx.name} firmware {firmware_id}")
+            raise Refused(404, f"no {self.ctx.name} firmware {firmware_id}")
         response: ResponseReturnValue = await self.ctx.ota.response(fw)
         return response
 
-    # -- errors raised by the core's helpers, in the gateway's shape ----------------------
+    # -- errors ----------------------------------------------------------------------------
+
+    async def refused(self, e: Refused) -> ResponseReturnValue:
+        return error_response(e.status, e.message, **e.headers)
 
     async def bad_json(self, e: BadJSON) -> ResponseReturnValue:
         return error_response(400, str(e))
@@ -218,51 +195,57 @@ class Routes:
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return error_response(503, f"storage unavailable: nothing was stored ({e})")
 
-    # -- answers -------------------------------------------------------------------------
+    # -- what the routes share -------------------------------------------------------------
+
+    async def _device(self, device_id: str) -> Device:
+        device = await self.ctx.devices.get(device_id)
+        if device is None:
+            raise Refused(404, f"no {self.ctx.name} device {device_id!r}")
+        return device
+
+    def _default_model(self) -> str:
+        return self.ctx.config.default_model or self.ctx.name
 
     def _credentials(self, device: Device, password: str | None) -> dict[str, Any]:
         # The gateway's own configured address (http.public_url), never the request's Host header.
         host = self.ctx.config.mqtt_host or urlsplit(self.ctx.http.url("/")).hostname or "127.0.0.1"
         port = self.ctx.config.mqtt_port or self.ctx.mqtt.device_port or 1883
-        mqtt: dict[str, Any] = {"host": host, "port": port, "username": device.id}
-        if password is not None:
-            mqtt["password"] = password
+        mqtt = {"host": host, "port": port, "username": device.id, "password": password}
         base = f"{self.ctx.name}/{device.id}"
-        topics = {"telemetry": f"{base}/telemetry", "state": f"{base}/state", "event": f"{base}/event/<name>",
-                  "cmd": f"{base}/cmd"}
-        return {"id": device.id, "model": device.model, "status": device.status, "mqtt": mqtt, "topics": topics}
+        return {"id": device.id, "model": device.model, "status": device.status,
+                "mqtt": {k: v for k, v in mqtt.items() if v is not None},
+                "topics": {"telemetry": f"{base}/telemetry", "state": f"{base}/state",
+                           "event": f"{base}/event/<name>", "cmd": f"{base}/cmd"}}
 
     def _describe(self, device: Device) -> dict[str, Any]:
         return {"id": device.id, "name": device.name, "model": device.model, "status": device.status,
                 "createdAt": device.created_at, "fwVersion": device.firmware or None, "lastSeenAt": device.last_seen,
                 "online": self.ctx.state.is_online(device.id), "notes": device.metadata.get("notes", "")}
 
-    def _no_device(self, device_id: str) -> ResponseReturnValue:
-        return error_response(404, f"no {self.ctx.name} device {device_id!r}")
+
+def _device_id(doc: dict[str, Any]) -> str | None:
+    device_id = doc.get("id")
+    if device_id is not None and not (isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id)):
+        raise Refused(400, f"id: expected 1-128 of letters, digits and _ . @ -, got {device_id!r}")
+    return device_id
 
 
-def _valid_id(device_id: Any) -> bool:
-    return isinstance(device_id, str) and DEVICE_ID.fullmatch(device_id) is not None
-
-
-def _fields(doc: dict[str, Any]) -> dict[str, Any] | str:
-    """name / model / notes / firmware of a request, or what is wrong with them."""
+def _fields(doc: dict[str, Any], limits: dict[str, int]) -> dict[str, Any]:
+    """The registry's fields of a request (notes go in the metadata); Refused naming a bad one."""
     out: dict[str, Any] = {}
-    for key, limit in MAX_LENGTHS.items():
+    for key, limit in limits.items():
         if key in doc:
             if not isinstance(doc[key], str) or len(doc[key]) > limit:
-                return f"'{key}' must be a string (at most {limit} characters)"
+                raise Refused(400, f"'{key}' must be a string (at most {limit} characters)")
             out[key] = doc[key]
     if "notes" in out:
         out["metadata"] = {"notes": out.pop("notes")}
     return out
 
 
-def _time(name: str, text: str | None) -> float | None:
-    """A `since`/`until` parameter: epoch seconds or ISO 8601; ValueError naming it."""
-    if not text:
-        return None
+def _time(args: Any, name: str) -> float | None:
+    """`since` / `until`: epoch seconds or ISO 8601."""
     try:
-        return parse_time(text)
+        return parse_time(args[name]) if args.get(name) else None
     except ValueError as e:
-        raise ValueError(f"{name}: {e}") from None
+        raise Refused(400, f"{name}: {e}") from None
