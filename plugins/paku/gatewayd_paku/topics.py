@@ -36,8 +36,8 @@ class Paku:
         self.messages = ctx.metrics.counter("messages_total", "MQTT messages by topic kind and outcome",
                                             ("kind", "outcome"))
         # Devices that said they are offline (or whose last will did) since they last spoke.
-        # The core's presence has no way to be told (README.md, "Presence"): until it
-        # does, paku remembers, and asks the core only about the others.
+        # The core's presence cannot be told yet (README.md, "Online and offline"): until
+        # it can, paku remembers, and asks the core only about the others.
         self.gone: set[str] = set()
 
     def is_online(self, device_id: str) -> bool:
