@@ -313,12 +313,15 @@ class DeviceRegistry:
         # by every write through this registry; another process's writes (the CLI)
         # are seen once an entry is older than the caller's `max_age_s`.
         self._recent: dict[tuple[str, str], tuple[float, Device | None]] = {}
+        self._loading: dict[tuple[str, str], trio.Event] = {}  # `recent` reads under way
+        self._generation = 0  # bumped by every write: a read begun before it is not cached
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await self.storage.write(fn, *args)
         finally:
             self._recent.clear()
+            self._generation += 1
 
     # -- provisioning -------------------------------------------------------------
 
@@ -573,17 +576,32 @@ class DeviceRegistry:
     async def recent(self, family: str, device_id: str, max_age_s: float) -> Device | None:
         """The device (None if unknown) as read at most `max_age_s` ago: for hot paths
         that look a device up per message. Changes made through this registry are
-        seen at once; changes by another process (the CLI) within `max_age_s`."""
+        seen at once (last-seen times excepted); changes by another process (the CLI)
+        within `max_age_s`. Concurrent misses for one device share one read."""
         key = (family, device_id)
-        now = time.monotonic()
-        hit = self._recent.get(key)
-        if hit is not None and now - hit[0] <= max_age_s:
-            return hit[1]
-        found = await self.find(device_id, family)
-        if len(self._recent) >= 10_000:  # bounded: ids are whatever devices send
-            self._recent.clear()
-        self._recent[key] = (now, found[0] if found else None)
-        return self._recent[key][1]
+        while True:
+            hit = self._recent.get(key)
+            if hit is not None and time.monotonic() - hit[0] <= max_age_s:
+                return hit[1]
+            loading = self._loading.get(key)
+            if loading is None:
+                break
+            await loading.wait()  # a burst from one device: one read, not one per message
+            if key not in self._recent:  # that read failed, or a write came in between
+                break
+        self._loading[key] = done = trio.Event()
+        generation, now = self._generation, time.monotonic()
+        try:
+            found = await self.find(device_id, family)
+            device = found[0] if found else None
+            if generation == self._generation:  # else a write may have changed it meanwhile
+                if len(self._recent) >= 10_000:  # bounded: ids are whatever devices send
+                    self._recent.clear()
+                self._recent[key] = (now, device)
+            return device
+        finally:
+            del self._loading[key]
+            done.set()
 
     async def find(self, device_id: str, family: str | None = None) -> list[Device]:
         """Devices with this id (in every family unless `family` is given)."""
@@ -687,7 +705,10 @@ class DeviceRegistry:
                     (DeviceRow.family == family) & (DeviceRow.device_id == device_id) & DeviceRow.first_seen.is_null()
                 ).execute()
 
-        await self._write(update)
+        # Not through _write: last-seen times change every few seconds, and emptying the
+        # cache of `recent` for them would send every hot path back to the database.
+        # (`recent` answers last_seen as old as its max_age_s; presence knows better.)
+        await self.storage.write(update)
 
     # -- internals -------------------------------------------------------------------
 
