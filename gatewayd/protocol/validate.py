@@ -226,8 +226,9 @@ def _reader(t: mi.Type) -> tuple[Callable[[str], Any], str]:
 class QueryParser:
     """A query string as the msgspec `Struct` `tp`: each value is read as its field's
     type (integers as digits only, numbers finite, booleans `true`/`false`/`1`/`0`),
-    then the Struct's constraints are checked. Keys the Struct does not name are
-    ignored (a cache-buster must not break a request); the first of repeated keys wins."""
+    then the Struct's constraints are checked. A key the Struct does not name is
+    refused when it says `forbid_unknown_fields=True` (a `famly=` typo must not list
+    everything), else ignored; the first of repeated keys wins."""
 
     def __init__(self, tp: type[T]) -> None:
         info = mi.type_info(tp)
@@ -235,8 +236,14 @@ class QueryParser:
             raise TypeError(f"a query is declared as a msgspec Struct, got {tp!r}")
         self.type = tp
         self.readers = {f.encode_name: _reader(f.type) for f in info.fields}
+        self.forbid_unknown = info.forbid_unknown_fields
 
     def __call__(self, args: Mapping[str, str]) -> Any:
+        if self.forbid_unknown:
+            for key in args:
+                if key not in self.readers:
+                    expected = ", ".join(self.readers) or "none"
+                    raise InvalidInput("query", key[:40], f"unknown query parameter (expected {expected})")
         doc: dict[str, Any] = {}
         for name, (read, what) in self.readers.items():
             text = args.get(name)

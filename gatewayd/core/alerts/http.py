@@ -23,7 +23,7 @@ Limit = Annotated[int, Meta(ge=1, le=1000)]
 Time = Annotated[str, Meta(description="ISO 8601 (2026-01-02T03:04:05Z, a date, an offset) or epoch seconds")]
 
 
-class EventsQuery(Struct):
+class EventsQuery(Struct, forbid_unknown_fields=True):
     family: str = ""
     device: str = ""
     type: Annotated[str, Meta(description="event types, comma-separated")] = ""
@@ -34,7 +34,7 @@ class EventsQuery(Struct):
     cursor: Annotated[str, Meta(description="next_cursor of the previous page")] = ""
 
 
-class AlertsQuery(Struct):
+class AlertsQuery(Struct, forbid_unknown_fields=True):
     state: Annotated[str, Meta(pattern="^(" + "|".join(STATES) + ")$")] | None = None
     limit: Limit = 100
 

@@ -89,16 +89,16 @@ class NewCommand(Struct, forbid_unknown_fields=True):
     priority: Annotated[int, Meta(description="higher first")] = 0
 
 
-class DeviceQuery(Struct):
+class DeviceQuery(Struct, forbid_unknown_fields=True):
     family: Annotated[str, Meta(description="needed when the id exists in several families")] = ""
 
 
-class ListQuery(Struct):
+class ListQuery(Struct, forbid_unknown_fields=True):
     family: str = ""
     status: str = ""
 
 
-class CommandsQuery(Struct):
+class CommandsQuery(Struct, forbid_unknown_fields=True):
     family: str = ""
     status: Annotated[str, Meta(description="one of " + ", ".join(COMMAND_STATUSES))] = ""
 

@@ -57,13 +57,13 @@ WATCHERS = AuthScheme(
     {401: "missing, expired or wrong token (or the admin token in the URL)"}, core_shaped=True, either=True)
 
 
-class EventsQuery(Struct):
+class EventsQuery(Struct, forbid_unknown_fields=True):
     streams: Streams = ""
     last_id: Annotated[str, Meta(description="resume after this event id (as Last-Event-ID)")] = ""
     token: ScopedToken = ""
 
 
-class SocketQuery(Struct):
+class SocketQuery(Struct, forbid_unknown_fields=True):
     streams: Streams = ""
     token: ScopedToken = ""
 

@@ -160,11 +160,11 @@ class Reports(Struct):
     reports: list[Report]
 
 
-class ListQuery(Struct):
+class ListQuery(Struct, forbid_unknown_fields=True):
     family: str = ""
 
 
-class ReportsQuery(Struct):
+class ReportsQuery(Struct, forbid_unknown_fields=True):
     device: str = ""
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
 
