@@ -322,6 +322,7 @@ class PluginSettings:
     enabled: bool = True
     mount: str = ""
     listen: Address | None = None
+    public_docs: bool = False  # its OpenAPI document and page readable without the admin token
     options: Any = None
 
 
@@ -398,7 +399,7 @@ def _load_plugins(raw: Any, schemas: dict[str, type | None]) -> dict[str, Plugin
         if not isinstance(table, dict):
             errors.append(ConfigError(key, "expected a table"))
             continue
-        common = {k: table[k] for k in ("enabled", "mount", "listen") if k in table}
+        common = {k: table[k] for k in ("enabled", "mount", "listen", "public_docs") if k in table}
         rest = {k: v for k, v in table.items() if k not in common}
         try:
             settings = load_section(PluginSettings, {"name": name, **common}, key)

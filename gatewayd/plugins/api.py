@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import pluggy
 from markupsafe import Markup
+from msgspec import Meta, Struct
 
 from ..core.alerts.events import Event, EventError
 from ..core.devices.auth import AuthError, IssuedToken
@@ -48,6 +49,7 @@ from ..core.devices.commands import Command
 from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
 from ..core.http.body import read_json_object
+from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
@@ -62,6 +64,7 @@ from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.cursors import decode_cursor, encode_cursor
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
+from ..protocol.validate import InvalidInput, convert
 from .context import PluginContext, PluginHTTP, PluginMetrics, PluginStorage
 from .hookspecs import PROJECT
 from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry, TopicRegistry
@@ -73,6 +76,17 @@ __all__ = [
     "PluginHTTP",
     "PluginMetrics",
     "PluginStorage",
+    # declared routes (their OpenAPI operations): docs/plugins.md, "Declaring routes"
+    "Routes",
+    "DeviceAuth",
+    "ADMIN_TOKEN",
+    "AuthScheme",
+    "ErrorBody",
+    "ErrorDetail",
+    "Raw",
+    "Struct",
+    "Meta",
+    "convert",
     # what hooks register into
     "CommandRegistry",
     "ModelRegistry",
@@ -109,6 +123,7 @@ __all__ = [
     "DeviceExists",
     "EventError",
     "IngestError",
+    "InvalidInput",
     "LiveLimit",
     "MQTTUnavailable",
     "Rejected",
