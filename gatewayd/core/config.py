@@ -148,10 +148,14 @@ class AuthSection:
     jwt_ttl_s: float = 7 * 86400.0
     signature_max_skew_s: float = 300.0
     master_key_env: str = "GATEWAYD_MASTER_KEY"
+    key_cache_s: float = 300.0
 
     def validate(self) -> None:
         if self.max_failures < 1:
             raise ConfigError("max_failures", f"must be >= 1, got {self.max_failures}")
+        if not 0 <= self.key_cache_s <= 3600:
+            raise ConfigError("key_cache_s", f"must be 0 .. 3600 (0: check every key against its hash), "
+                                             f"got {self.key_cache_s}")
         for name in ("failure_window_s", "lockout_s", "jwt_ttl_s", "signature_max_skew_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")

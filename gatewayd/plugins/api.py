@@ -48,7 +48,7 @@ from ..core.devices.auth import AuthError, IssuedToken
 from ..core.devices.commands import Command
 from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
-from ..core.http.body import read_json_object
+from ..core.http.body import read_body, read_json_object
 from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
@@ -62,6 +62,7 @@ from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.cursors import decode_cursor, encode_cursor
+from ..protocol.encoding import EncodingError
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
 from ..protocol.validate import InvalidInput, convert
@@ -121,6 +122,7 @@ __all__ = [
     "ClaimError",
     "ConfigError",
     "DeviceExists",
+    "EncodingError",
     "EventError",
     "IngestError",
     "InvalidInput",
@@ -143,6 +145,7 @@ __all__ = [
     "parse_json",
     "parse_time",
     "plausible_ts",
+    "read_body",
     "read_json_object",
 ]
 

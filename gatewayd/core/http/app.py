@@ -17,6 +17,7 @@ from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON
 from ..schema import read_secret
 from ..storage import StorageError, StorageFull
@@ -145,6 +146,10 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
     @app.errorhandler(BadJSON)
     async def _bad_json(e: BadJSON) -> Response:
         return error_response(400, str(e))
+
+    @app.errorhandler(EncodingError)
+    async def _bad_encoding(e: EncodingError) -> Response:
+        return error_response(e.status, e.message, code=e.code)
 
     @app.errorhandler(StorageFull)
     async def _storage_full(e: StorageFull) -> Response:
