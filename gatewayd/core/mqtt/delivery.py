@@ -16,7 +16,8 @@ and the answer decides its acknowledgement:
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
 The one failure that must not be acknowledged is storage that cannot take the write
-(disk full, database closed): the delivery waits and tries again (0.5 s doubling to
+(any ``StorageError``: disk full, database closed, read-only, locked by another
+process, an I/O error): the delivery waits and tries again (0.5 s doubling to
 30 s) while the message keeps its slot, so the sender's window fills and it stops
 sending. The handlers then run again from the start: what their ``ctx.ingest`` calls
 committed before the failure is not stored again (``outbox.ingest.DeliveryScope``);
@@ -38,7 +39,7 @@ import trio
 from ...protocol.topics import TopicRouter
 from ..logs import QuietLog
 from ..outbox.ingest import DeliveryScope, delivery_scope
-from ..storage import Storage, StorageFull, StorageUnavailable
+from ..storage import Storage, StorageError, StorageFull, StorageUnavailable
 from .marks import DeliveryMarks, Mark
 
 __all__ = [
@@ -230,7 +231,7 @@ class Delivery:
                     except Rejected as exc:
                         reason = exc.reason
                 return reason
-            except (StorageFull, StorageUnavailable) as exc:
+            except StorageError as exc:  # nothing of the failed write was committed: never acknowledged
                 await self._storage_wait(exc, delay)
                 delay = min(delay * 2, _RETRY_MAX)
             except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
