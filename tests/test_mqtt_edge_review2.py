@@ -138,6 +138,37 @@ class ChangesOnly(TwoSteps):
         await self.store(device, "reading", msg.payload)
 
 
+async def test_a_storage_retry_whose_handler_now_skips_a_call_does_not_lose_the_next_one(gateway_factory):
+    """DeliveryScope (outbox/ingest.py:207-210) answers a handler's ingest calls on a run
+    after a storage failure by their *position*: call n gets what call n of the first
+    run committed. A handler whose calls depend on what is stored (store the state only
+    if it changed, then the reading) makes one call fewer on the second run, since its
+    first run stored the state: its 'reading' call is call 1 and gets the state's
+    Ingested back, stores nothing, and the message is acknowledged. The reading is lost
+    (and while the disk is still full: the retry writes nothing, so it is acknowledged
+    at once).
+
+    Fix: a replayed call is matched by what it stores, not by its position: each
+    committed call keeps a key of its rows (class, family, device, kind, data; not the
+    timestamp); a call is answered from `committed` only if its key matches a committed
+    one not answered yet in this run, and any other call is stored."""
+    plugin = ChangesOnly(gate_open=False)
+    async with gateway_factory(plugins=[("steps", plugin)], mqtt=True) as gw:
+        port = gw_mqtt_address(gw)[1]
+        creds = await provision_in(gw, "steps", "d1")
+        dev = await RawDevice.connect(port, *creds)
+        payload = b"online  " + b"r" * 200_000  # big enough to need pages of its own
+        await dev.publish("dev/d1/data", payload, packet_id=1)
+        with trio.fail_after(10):
+            await plugin.first_done.wait()
+        async with storage_full(gw):
+            plugin.gate.set()  # the reading's write finds the disk full
+            await wait_until(lambda: gw.mqtt.delivery.stats.storage_waits >= 1)
+        with trio.fail_after(20):
+            assert await dev.expect_ack() == 1
+        assert await steps(gw) == ["state", "reading"], "acknowledged, the reading never stored"
+
+
 # -- sessions that never end ---------------------------------------------------------------------
 
 

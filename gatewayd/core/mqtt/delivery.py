@@ -20,7 +20,8 @@ The one failure that must not be acknowledged is storage that cannot take the wr
 process, an I/O error): the delivery waits and tries again (0.5 s doubling to
 30 s) while the message keeps its slot, so the sender's window fills and it stops
 sending. The handlers then run again from the start: what their ``ctx.ingest`` calls
-committed before the failure is not stored again (``outbox.ingest.DeliveryScope``);
+committed before the failure is not stored again (``outbox.ingest.DeliveryScope``: a
+call is recognised by the records it stores, not by its position);
 other writes of theirs that committed run again, so a handler keeps its own writes
 idempotent or inside its ingest call's ``family_rows``. Cancellation (shutdown) leaves a message unacknowledged: it comes again.
 """
