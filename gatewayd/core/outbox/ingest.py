@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -43,9 +44,10 @@ class DeliveryScope:
     """What the ingest calls of one MQTT delivery share (the delivery sets it in
     :data:`delivery_scope` while its handlers run).
 
-    ``mark`` is a write (on the writer thread) that commits in the same transaction as
-    the records each call stores: the delivery mark (core/mqtt/marks.py), so a
-    redelivery after a crash is recognised and not stored twice. And when storage fails
+    ``mark(calls)`` is a write (on the writer thread) that commits in the same
+    transaction as the records each call stores: the delivery mark (core/mqtt/marks.py),
+    with the keys of the calls committed so far (``calls``), so a redelivery after a
+    crash is recognised and what was stored of it is not stored twice. And when storage fails
     midway through a handler (disk full after its first ingest call committed), the
     delivery runs the handlers again: a call that stores what a call of an earlier run
     committed (the same records, see :func:`call_key`) is answered with what that call
@@ -56,9 +58,11 @@ class DeliveryScope:
 
     __slots__ = ("mark", "committed", "_answered")
 
-    def __init__(self, mark: Callable[[], None] | None) -> None:
+    def __init__(self, mark: Callable[[bytes], None] | None, committed: Iterable[bytes] = ()) -> None:
+        """``committed``: the keys of calls an earlier run committed, known from its mark
+        only (what they stored is answered as ``Ingested(range(0), None)``)."""
         self.mark = mark
-        self.committed: list[tuple[bytes, Ingested]] = []  # (call key, what it stored)
+        self.committed: list[tuple[bytes, Ingested]] = [(key, Ingested(range(0), None)) for key in committed]
         self._answered: set[int] = set()  # indexes into committed, this run
 
     def again(self) -> None:
@@ -72,6 +76,9 @@ class DeliveryScope:
                 self._answered.add(i)
                 return stored
         return None
+
+    def keys(self) -> bytes:
+        return b"".join(key for key, _ in self.committed)
 
     def add(self, key: bytes, stored: Ingested) -> None:
         self._answered.add(len(self.committed))
@@ -236,7 +243,7 @@ class Ingest:
             if done is not None:
                 return done  # committed by an earlier run of the handlers (a storage retry)
             if scope.mark is not None:
-                family_rows = _with_companion(scope.mark, family_rows)
+                family_rows = _with_companion(partial(scope.mark, scope.keys() + key), family_rows)
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
