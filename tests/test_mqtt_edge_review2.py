@@ -266,6 +266,47 @@ async def _stop_reading_with_a_full_queue(gw, port: int, user: str, password: st
     return dev
 
 
+@pytest.mark.timeout(120)
+async def test_a_session_mosquitto_closed_ends_even_if_its_device_does_not_read(edge, plugin):
+    """A device that stops reading while more than 256 KiB wait for it: the edge stops
+    reading it (right) and stops reading mosquitto (session.py:388, `_from_broker`
+    waits in `_to_device.wait_drained()`), and the writer is blocked in send_all to
+    the device for ever (a live peer answers zero-window probes: TCP never gives up).
+    When mosquitto then ends the session (the device logged in again and took it over,
+    or its keepalive ran out), nobody reads the EOF that would end it
+    (session.py:390-393): the edge session stays, for ever, with the device's socket,
+    the dead relay socket and its queue. One device credential, reconnecting like this
+    in a loop, piles up sessions until the gateway runs out of file descriptors (two
+    each) or memory (~0.3 MB each): 'one device cannot stop the site' does not hold;
+    and gatewayd_mqtt_edge_connections counts them as logged-in devices.
+
+    Fix: mosquitto's side is watched for its end while the device's queue is full
+    (what mosquitto sends meanwhile is held, unparsed, up to 256 KiB), and a write to
+    the device that makes no progress for a minute ends the session (next test)."""
+    gw, port = edge
+    user, password = await provision(gw, "d1")
+    held = [await _stop_reading_with_a_full_queue(gw, port, user, password) for _ in range(5)]  # each login takes
+    held.append(await RawDevice.connect(port, user, password))  # the last one over; then one that reads
+    await trio.sleep(8)  # more than 1.5 keepalives: mosquitto has timed every one of them out as well
+    assert gw.mqtt.edge.stats.connections == 1, (
+        f"{gw.mqtt.edge.stats.connections} edge sessions for one device that mosquitto has one session for")
+
+
+@pytest.mark.timeout(120)
+async def test_a_device_that_reads_nothing_is_closed_even_if_mosquitto_keeps_its_session(edge, plugin):
+    """The other half of the fix above: a device with no keepalive (mosquitto never times
+    it out) that stops reading, and whose session mosquitto does not end, is closed once
+    the edge's writes to it made no progress for ``stall_timeout`` (a minute by default,
+    shortened here): TCP itself never gives up on a peer that answers window probes."""
+    gw, port = edge
+    gw.mqtt.edge.stall_timeout = 6.0  # longer than the 3 s the helper floods for
+    user, password = await provision(gw, "d1")
+    dev = await _stop_reading_with_a_full_queue(gw, port, user, password, keepalive=0)  # kept open
+    assert gw.mqtt.edge.stats.connections == 1
+    await wait_until(lambda: gw.mqtt.edge.stats.connections == 0, timeout=30)
+    await dev.stream.aclose()
+
+
 # -- the private socket -------------------------------------------------------------------------
 
 

@@ -133,6 +133,7 @@ class DeviceEdge:
         max_packet: int = 1 << 20,
         per_device: int = 32,
         connect_timeout: float = 5.0,
+        stall_timeout: float = 60.0,
         max_pending: int = 256,
         pending_per_address: int = 32,
         logger: logging.Logger | None = None,
@@ -145,6 +146,7 @@ class DeviceEdge:
         self.max_packet = max_packet
         self.per_device = per_device
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout  # a device that reads nothing for this long is closed
         self.max_pending = max_pending
         self.pending_per_address = pending_per_address
         self.log = logger or log
