@@ -313,6 +313,58 @@ async def test_a_device_that_reads_nothing_is_closed_even_if_mosquitto_keeps_its
 # -- connections not logged in -------------------------------------------------------------------
 
 
+async def test_connections_from_many_addresses_do_not_evict_a_device_logging_in_from_its_own(edge):
+    """Past max_pending (256) connections not logged in, enter_pending (edge.py:224-225)
+    closes the globally oldest one, whichever address it came from. The per-address cap
+    (32) only keeps one address from doing it: an attacker with 9 addresses or more
+    (IP aliases on one LAN host; any IPv6 host, which has a /64 of them) holds 256 idle
+    sockets and evicts, with each new one, the oldest pending connection of anyone
+    else. A device whose CONNECT takes a moment to arrive (a slow or lossy link: 5 s
+    are allowed) is closed before it can log in, again and again, for as long as the
+    attacker keeps opening sockets: devices are locked out, as before the cap.
+
+    Fix: when the global cap is reached, the oldest connection of the address that
+    holds the most pending connections is closed (the newcomer's own on a tie), so an
+    address with one connection in progress is never the victim of others'; IPv6 peers
+    count per /64."""
+    gw, port = edge
+    # Not the 5 s of a real gateway: opening 256 sockets on a loaded machine must not time
+    # the device (or the held sockets) out, which would fail or pass this for another reason.
+    gw.mqtt.edge.connect_timeout = 60
+    user, password = await provision(gw, "d1")
+    await RawDevice.connect(port, user, password)  # the account is loaded; the device logs in fine
+    device = await trio.open_tcp_stream("127.0.0.1", port)  # it logs in again, over a slow link
+    await wait_until(lambda: gw.mqtt.edge.stats.pending == 1)  # its connection is the oldest
+    held = []
+    try:
+        for i in range(256):  # 16 addresses, 16 sockets each: under every per-address cap
+            sock = trio.socket.socket()
+            await sock.bind((f"127.0.0.{2 + i % 16}", 0))
+            await sock.connect(("127.0.0.1", port))
+            held.append(sock)
+        await wait_until(lambda: gw.mqtt.edge.stats.pending >= 256)
+        await device.send_all(connect_packet_for(user, password))
+        dev = RawDevice(device)
+        with trio.fail_after(5):
+            try:
+                kind, _, raw, start = await dev.read()
+            except (EOFError, trio.BrokenResourceError):
+                pytest.fail("the device was closed to make room for another address's idle sockets")
+        assert kind == mp.CONNACK and mp.parse_connack(raw, start, 4).reason_code == 0
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_ipv6_peers_are_counted_per_64():
+    from gatewayd.core.mqtt.edge import peer_group
+
+    assert peer_group("2001:db8:1:2:aaaa::1") == peer_group("2001:db8:1:2:bbbb::2") == "2001:db8:1:2::/64"
+    assert peer_group("2001:db8:1:3::1") != peer_group("2001:db8:1:2::1")
+    assert peer_group("::ffff:192.0.2.7") == "192.0.2.7" == peer_group("192.0.2.7")
+    assert peer_group("?") == "?"
+
+
 def connect_packet_for(user: str, password: str) -> bytes:
     from .test_mqtt_edge import connect_packet
 
