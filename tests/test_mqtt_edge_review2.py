@@ -310,6 +310,31 @@ async def test_a_device_that_reads_nothing_is_closed_even_if_mosquitto_keeps_its
 # -- the private socket -------------------------------------------------------------------------
 
 
+@pytest.mark.timeout(120)
+async def test_a_data_dir_with_a_space_still_gets_its_private_broker(tmp_path, plugin):
+    """mosquitto reads `listener 0 <path>` word by word (conf.c: strtok_r on ' '), so
+    the socket path broker.py:306 writes is cut at the first space: with data_dir
+    '/srv/site gateway/var', mosquitto binds '/srv/site' (outside the 0700 directory, or
+    not at all when that is a directory), the gateway waits for its socket where it is
+    not, and the managed broker never comes up: no device can connect. Before b869293
+    the listener line held only a port and a host, and every other path in
+    mosquitto.conf (password_file, acl_file, persistence_location) is read to the end of
+    the line, so such a data_dir worked.
+
+    Fix: a socket path that holds a space (any whitespace) goes to the temp-directory
+    fallback of service.py:_socket_path, as a path too long for a unix socket does (a
+    fresh 0700 directory under the system's temp)."""
+    from gatewayd.testing.gateway import start_gateway
+
+    async with start_gateway(tmp_path / "site gateway" / "var", plugins=[("edgetest", plugin)], mqtt=True) as gw:
+        port = gw_mqtt_address(gw)[1]
+        with trio.fail_after(30):
+            user, password = await provision(gw, "d1")
+            dev = await RawDevice.connect(port, user, password)
+            await dev.publish("dev/d1/data", b"hello", packet_id=1)
+            assert await dev.expect_ack() == 1
+
+
 # -- connections not logged in -------------------------------------------------------------------
 
 

@@ -288,9 +288,11 @@ class MQTTService:
 
 def _socket_path(directory: Path) -> str:
     """The private mosquitto's socket: in its (0700) directory, or, when that path is too
-    long for a unix socket (107 bytes), in a fresh 0700 directory under the system's temp."""
+    long for a unix socket (107 bytes) or holds a space (mosquitto.conf's ``listener``
+    line is read word by word: the path would be cut there), in a fresh 0700 directory
+    under the system's temp."""
     path = str(directory.resolve() / "mosquitto.sock")
-    if len(os.fsencode(path)) <= 107:
+    if len(os.fsencode(path)) <= 107 and not any(c.isspace() for c in path):
         return path
     return str(Path(tempfile.mkdtemp(prefix="gatewayd-mqtt-")) / "mosquitto.sock")
 
