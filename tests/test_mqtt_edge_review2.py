@@ -399,3 +399,45 @@ def connect_packet_for(user: str, password: str) -> bytes:
 # -- what the operator is told --------------------------------------------------------------------
 
 
+@pytest.mark.timeout(60)
+async def test_a_stalled_broker_is_not_blamed_on_the_devices(edge, plugin, caplog):
+    """Session._open runs the device's CONNECT, the connection to mosquitto and
+    mosquitto's CONNACK under one `fail_after(connect_timeout)` (session.py:163-186).
+    When mosquitto does not answer (stalled: SIGSTOP here; a long autosave on slow
+    flash, swapping), every device that logs in is closed after 5 s and logged as
+    'sent no CONNECT within 5 s' (session.py:145-148), counted as a refused login, and
+    /health's mqtt_broker still says ok: the operator is sent looking at devices that
+    did everything right.
+
+    Fix: the device's CONNECT and mosquitto's answer are timed separately; when
+    mosquitto does not answer in time the edge says so (a 'broker did not answer'
+    line), answers the device CONNACK 3 / 0x88 'server unavailable' and counts it
+    (gatewayd_mqtt_edge_logins_total{result="broker_unavailable"})."""
+    import logging
+    import os
+    import signal
+
+    gw, port = edge
+    user, password = await provision(gw, "d1")
+    await RawDevice.connect(port, user, password)  # the account is loaded
+    caplog.set_level(logging.INFO, logger="gatewayd.mqtt.edge")
+    os.kill(gw.mqtt.broker.pid, signal.SIGSTOP)
+    answer = None
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await stream.send_all(connect_packet_for(user, password))  # at once, whole
+        with trio.fail_after(30):
+            answer = await RawDevice(stream).read()
+    except (EOFError, trio.BrokenResourceError):
+        pass
+    finally:
+        os.kill(gw.mqtt.broker.pid, signal.SIGCONT)
+    lines = [r.getMessage() for r in caplog.records if r.name == "gatewayd.mqtt.edge"]
+    assert not any("sent no CONNECT" in line for line in lines), f"the device is blamed: {lines}"
+    assert any("broker did not answer" in line for line in lines), lines
+    assert answer is not None, "closed without an answer"
+    kind, _, raw, start = answer
+    assert kind == mp.CONNACK and mp.parse_connack(raw, start, 4).reason_code == 3  # server unavailable
+    assert gw.mqtt.edge.stats.broker_unavailable == 1
+
+

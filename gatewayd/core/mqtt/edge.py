@@ -105,6 +105,7 @@ class EdgeStats:
     pending: int = 0  # connections that have not logged in (yet)
     accepted: int = 0  # logins mosquitto accepted
     refused: int = 0  # refused: credentials, the gateway's account, no CONNECT in time, over a limit
+    broker_unavailable: int = 0  # logins mosquitto could not take: unreachable, or no answer in time
     protocol_errors: int = 0
     intercepted: int = 0  # PUBLISHes delivered here
     relayed: int = 0  # packets relayed from devices to mosquitto

@@ -267,6 +267,7 @@ class MQTTService:
         metrics.collector("gatewayd_mqtt_edge_logins_total", "counter", "Device logins at the edge by result", lambda: [
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "accepted"}, edge().accepted),
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "refused"}, edge().refused),
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "broker_unavailable"}, edge().broker_unavailable),
         ] if edge() else [])
         metrics.collector("gatewayd_mqtt_edge_packets_total", "counter",
                           "Device packets: delivered by the gateway, or relayed to mosquitto", lambda: [

@@ -184,16 +184,24 @@ class Session:
                            "MQTT edge: refused a login as the gateway's own account from %s", self.peer)
                 await _send_quietly(self.device, mp.connack(0x87 if self.level == 5 else 5, self.level))
                 return False
+        # mosquitto's answer is timed on its own: a stalled broker is not a device's fault.
+        with trio.move_on_after(edge.connect_timeout) as waiting:
             try:
                 self.upstream = await _connect(edge.broker)
             except OSError as exc:
-                edge.stats.refused += 1
+                edge.stats.broker_unavailable += 1
                 edge.quiet("broker-down", logging.WARNING, "MQTT edge: the broker is unreachable: %s", exc)
                 await _send_quietly(self.device, mp.connack(0x88 if self.level == 5 else 3, self.level))
                 return False
             await self.upstream.send_all(raw)
             self._broker_reader = mp.FrameReader(1 << 28)
             kind, _, ack, start = await _read_frame(self.upstream, self._broker_reader)
+        if waiting.cancelled_caught:
+            edge.stats.broker_unavailable += 1
+            edge.quiet("broker-slow", logging.WARNING, "MQTT edge: the broker did not answer a login (of %s from %s) "
+                       "within %.0f s", connect.username, self.peer, edge.connect_timeout)
+            await _send_quietly(self.device, mp.connack(0x88 if self.level == 5 else 3, self.level))
+            return False
         if kind != mp.CONNACK:
             raise mp.ProtocolError(f"the broker answered CONNECT with packet type {kind}")
         connack = mp.parse_connack(ack, start, self.level)
