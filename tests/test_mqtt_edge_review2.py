@@ -441,3 +441,36 @@ async def test_a_stalled_broker_is_not_blamed_on_the_devices(edge, plugin, caplo
     assert gw.mqtt.edge.stats.broker_unavailable == 1
 
 
+async def test_a_devices_window_is_forgotten_when_its_last_connection_ends(edge, plugin):
+    """forget_window (edge.py:252-255) is called from Session.run's finally
+    (session.py:156-157), while the session is still in edge.sessions (it is discarded
+    only after run() returns, edge.py:211): `any(s.username == username ...)` always
+    finds the session itself, and no window is ever forgotten. Every account that ever
+    logged in keeps a Window for the life of the process (small, but the clean-up the
+    code promises never happens).
+
+    Fix: forget_window counts only connections still alive (the ending session set
+    alive = False before it calls it), and a delivery that ends after its connection
+    did calls it too (next test)."""
+    gw, port = edge
+    user, password = await provision(gw, "d1")
+    dev = await RawDevice.connect(port, user, password)
+    with trio.fail_after(5):
+        await dev.publish("dev/d1/data", b"once", packet_id=1)
+        assert await dev.expect_ack() == 1
+    await dev.stream.aclose()
+    await wait_until(lambda: not gw.mqtt.edge.sessions)
+    assert user not in gw.mqtt.edge._windows
+
+
+async def test_a_devices_window_is_forgotten_when_its_last_delivery_ends_after_its_connection(edge, plugin):
+    gw, port = edge
+    user, password = await provision(gw, "d1")
+    dev = await RawDevice.connect(port, user, password)
+    await dev.publish("dev/d1/data", b"block", packet_id=1)  # the handler waits for plugin.release
+    await wait_until(lambda: plugin.calls == 1)
+    await dev.stream.aclose()
+    await wait_until(lambda: not gw.mqtt.edge.sessions)
+    assert user in gw.mqtt.edge._windows  # a delivery of the device's is in flight: its window stays
+    plugin.release.set()
+    await wait_until(lambda: user not in gw.mqtt.edge._windows)

@@ -273,8 +273,11 @@ class DeviceEdge:
         return window
 
     def forget_window(self, username: str) -> None:
+        """A connection of the device ended, or one of its deliveries did after that: its
+        window goes once no connection of its is open and nothing of its is in flight."""
         window = self._windows.get(username)
-        if window is not None and window.size == 0 and not any(s.username == username for s in self.sessions):
+        if window is not None and window.size == 0 and not any(
+                s.username == username and s.alive for s in self.sessions):
             del self._windows[username]
 
     def intercepts(self, username: str, topic: str) -> bool:

@@ -381,6 +381,8 @@ class Session:
     def _release(self) -> None:
         assert self.window is not None
         self.window.release()
+        if not self.alive:  # the connection ended while this was delivered
+            self.edge.forget_window(self.username)
 
     def _ack(self, build: Any, pid: int, verdict: Verdict) -> bool:
         stats = self.edge.stats
