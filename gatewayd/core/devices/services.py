@@ -99,6 +99,12 @@ class FamilyDevices:
     async def mqtt_accounts(self) -> list[tuple[str, str]]:
         return await self._s.registry.mqtt_accounts(self.family)
 
+    async def issue_key(self, device_id: str, *, mqtt_username: str | None = None) -> str:
+        """A fresh key (API key and MQTT password) for a device, in clear, once; its other
+        keys stop working now, its signing secret and JWTs stay valid. For a protocol that
+        hands the device its own login (streetlight's configure); see `DeviceRegistry.issue_key`."""
+        return await self._s.registry.issue_key(self.family, device_id, mqtt_username=mqtt_username)
+
 
 class DeviceServices:
     """Builds and runs everything device-facing for one Gateway (or one CLI command)."""
