@@ -8,7 +8,9 @@ facades bound to its family (`ctx.devices`, `ctx.auth`, `ctx.ratelimit`,
 - `on_credentials_changed(family)`: MQTT accounts changed (also fired for changes made
   by `gatewayd devices ...` in another process, noticed within `devices.presence_flush_s`);
 - `emit(family, device_id, type, data)` (async): a device went online or offline;
-- `publish(topic, payload)` (async): the MQTT push of commands.
+- `publish(topic, payload)` (async): the MQTT push of commands;
+- `check_command(family, payload)`: the family plugin's check of a queued command
+  (`gatewayd_check_command`), returning what to store or raising ValueError.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class DeviceServices:
         emit: Emit = log_transition,
         on_credentials_changed: Callable[[str], Any] | None = None,
         publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
+        check_command: Callable[[str, Any], Any] | None = None,
     ):
         self.config = config
         self.storage = storage
@@ -134,7 +137,7 @@ class DeviceServices:
         )
         self.ratelimit = RateLimiter(wall_clock=clock)
         self.commands = CommandQueue(storage, clock=clock, default_ttl_s=d.command_ttl_s, sweep_s=d.command_sweep_s,
-                                     publish=publish)
+                                     publish=publish, check=check_command)
         self._fingerprint: dict[str, tuple] | None = None
 
     def install(self) -> None:
