@@ -47,7 +47,7 @@ from ..core.devices.auth import AuthError, IssuedToken
 from ..core.devices.commands import Command
 from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
-from ..core.http.body import read_body, read_json_object
+from ..core.http.body import read_json_object
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
@@ -59,7 +59,6 @@ from ..core.outbox.ingest import Ingested, IngestError, Record
 from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
-from ..protocol.compression import DecodeError
 from ..protocol.cursors import decode_cursor, encode_cursor
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
@@ -107,7 +106,6 @@ __all__ = [
     "BadJSON",
     "ClaimError",
     "ConfigError",
-    "DecodeError",
     "DeviceExists",
     "EventError",
     "IngestError",
@@ -130,7 +128,6 @@ __all__ = [
     "parse_json",
     "parse_time",
     "plausible_ts",
-    "read_body",
     "read_json_object",
 ]
 

@@ -7,10 +7,9 @@ from typing import Any
 from flask.json.provider import DefaultJSONProvider
 from quart import request
 
-from ...protocol.compression import DecodeError, decompress
 from ...protocol.strict_json import BadJSON, json_kind, parse_json
 
-__all__ = ["StrictJSONProvider", "read_body", "read_json_object"]
+__all__ = ["StrictJSONProvider", "read_json_object"]
 
 
 async def read_json_object(*, required: bool = False) -> dict[str, Any]:
@@ -29,20 +28,6 @@ async def read_json_object(*, required: bool = False) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise BadJSON(f"body: expected a JSON object, got {json_kind(doc)}")
     return doc
-
-
-async def read_body(*, max_bytes: int) -> bytes:
-    """The current request's body decoded per its `Content-Encoding` (`gzip`, `zstd`,
-    or none / `identity`), at most `max_bytes` once decoded.
-
-    Raises `DecodeError` (`.status`, `.message`): 400 for a corrupt or truncated
-    stream, 413 when it decodes to more than `max_bytes` (decoding stops there: a
-    small "zip bomb" costs `max_bytes` of memory, no more), 415 for another encoding.
-    What arrives on the wire is capped by `http.max_body_bytes` as for every route.
-    """
-    raw = await request.get_data()
-    encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
-    return decompress(raw, "gzip" if encoding == "x-gzip" else encoding, max_bytes)
 
 
 class StrictJSONProvider(DefaultJSONProvider):
