@@ -91,6 +91,12 @@ class FamilyDevices:
                                                      only_from=("provisioned", "claimed"))
         return device
 
+    def leave(self, device_id: str, *, reason: str = "said offline") -> bool:
+        """The device said it is going (an offline state, its last will): offline at once,
+        with a `device_offline` event carrying `reason`; its last-seen time stays when
+        it last spoke. False if it was not online."""
+        return self._s.presence.leave(self.family, device_id, reason=reason)
+
     def is_online(self, device_id: str) -> bool:
         return self._s.presence.is_online(self.family, device_id)
 
@@ -132,7 +138,8 @@ class DeviceServices:
         a = config.auth
         self.auth = Authenticator(
             self.registry, metrics, max_failures=a.max_failures, failure_window_s=a.failure_window_s,
-            lockout_s=a.lockout_s, jwt_ttl_s=a.jwt_ttl_s, max_skew_s=a.signature_max_skew_s, clock=clock,
+            lockout_s=a.lockout_s, jwt_ttl_s=a.jwt_ttl_s, max_skew_s=a.signature_max_skew_s,
+            key_cache_s=a.key_cache_s, clock=clock,
             presence=self.presence,
         )
         self.ratelimit = RateLimiter(wall_clock=clock)

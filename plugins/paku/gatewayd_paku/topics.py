@@ -31,18 +31,14 @@ class Paku:
 
     def __init__(self, ctx: PluginContext[PakuConfig, Paku]) -> None:
         self.ctx = ctx
-        self.rows = Rows(ctx.storage.database)
+        self.rows = Rows(ctx.storage)
         self.commands = Commands(ctx, self.is_online)
         self.messages = ctx.metrics.counter("messages_total", "MQTT messages by topic kind and outcome",
                                             ("kind", "outcome"))
-        # Devices that said they are offline (or whose last will did) since they last spoke.
-        # The core's presence cannot be told yet (README.md, "Online and offline"): until
-        # it can, paku remembers, and asks the core only about the others.
-        self.gone: set[str] = set()
 
     def is_online(self, device_id: str) -> bool:
         """Heard from within the family's `offline_after_s`, and not said offline since."""
-        return device_id not in self.gone and self.ctx.devices.is_online(device_id)
+        return self.ctx.devices.is_online(device_id)
 
     # -- the handlers, one per topic ---------------------------------------------------
 
@@ -86,7 +82,7 @@ class Paku:
         row = partial(self.rows.state, device.id, state.online, state.rssi, state.fw_version, ts, now, msg.payload)
         await self._ingest(device.id, "state", data, ts, "state", row)
         if state.online is False:
-            self.gone.add(device.id)  # offline now, by its word or its last will
+            self.ctx.devices.leave(device.id, reason="said offline")  # by its word or its last will
         if state.fw_version and state.fw_version != device.firmware:
             await self.ctx.devices.update(device.id, firmware=state.fw_version)
         return "stored"
@@ -155,7 +151,6 @@ class Paku:
         back = not self.is_online(device.id)
         self.ctx.devices.touch(device.id)  # online before any await: the rest of its burst stops here
         if back:
-            self.gone.discard(device.id)
             await self.ctx.devices.activate(device)  # provisioned or claimed until its first word
             self.commands.wake(device.id)
 

@@ -22,9 +22,13 @@ class Clock:
 
 
 async def online(client, device_id: str) -> tuple[bool, bool]:
-    """(the device view's "online", the device list's "online")."""
+    """(the device view's "online", the device list's "online"), once the core's own
+    device API has said the same."""
     listed = (await client.get("/paku/devices", headers=AUTH)).json()["devices"]
-    return (await device_view(client, device_id))["online"], {d["id"]: d["online"] for d in listed}[device_id]
+    view, listing = (await device_view(client, device_id))["online"], {d["id"]: d["online"] for d in listed}[device_id]
+    core = (await client.get(f"/api/gateway/devices/{device_id}?family=paku", headers=AUTH)).json()["device"]
+    assert core["online"] == view, "the core and paku disagree about whether the device is online"
+    return view, listing
 
 
 async def test_a_device_that_says_offline_is_offline_at_once(gateway_factory):
