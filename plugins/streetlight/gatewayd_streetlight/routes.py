@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
 
 import jwt
@@ -96,7 +96,7 @@ class LightRoutes:
         r.get("/device/<device_id>/health", path=DEVICE, responses={200: schemas.HealthReport}, errors=gone)(self.health)
         r.put("/device/<device_id>/firmware", path=DEVICE, body=schemas.FirmwareRequest,
               responses={200: schemas.FirmwareAnswer}, errors=gone)(self.firmware)
-        r.get("/firmware/<int:firmware_id>/image", path={"firmware_id": Meta(ge=1, le=2**63 - 1)},
+        r.get("/firmware/<firmware_id>/image", path={"firmware_id": Annotated[int, Meta(ge=1, le=2**63 - 1)]},
               responses={200: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
@@ -176,8 +176,11 @@ class LightRoutes:
     async def commands(self, device_id: str, query: schemas.CommandsQuery) -> schemas.PendingCommands:
         """The light's pending commands, high priority first, and when to poll again."""
         await self._authenticate(device_id)
-        taken = await self.ctx.commands.next_for(device_id, limit=query.limit,
-                                                 redeliver_after_s=self.ctx.config.command_redeliver_s)
+        # A light that polls is not listening on MQTT (any more): what was pushed to it and
+        # never acknowledged is handed out again now, not after command_redeliver_s.
+        pushed_to = self.ctx.state.mqtt_seen.pop(device_id, None) is not None
+        taken = await self.ctx.commands.next_for(
+            device_id, limit=query.limit, redeliver_after_s=0.0 if pushed_to else self.ctx.config.command_redeliver_s)
         waiting = any(cmds.priority_of(c) == "high" for c in taken) or any(
             cmds.priority_of(c) == "high" for c in await self.ctx.commands.list(device_id, status="delivered"))
         latest = self.ctx.state.latest.get(device_id)

@@ -269,3 +269,19 @@ async def test_a_light_silent_for_thirty_days_must_configure_again(gateway_facto
         assert r.status_code == 401 and r.json()["code"] == "TOKEN_EXPIRED", r.text
         token = (await configure(client))["device_token"]
         assert (await client.get(f"{BASE}/{IMEI}/commands", headers=bearer(token))).status_code == 200
+
+
+async def test_every_route_is_declared_in_the_plugins_openapi_document(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
+        doc = (await client.get("/streetlight/openapi.json")).json()
+        device = "/streetlight/device/{device_id}"
+        assert sorted(doc["paths"]) == sorted([f"{device}/{p}" for p in (
+            "configure", "status", "sync", "commands", "command-ack", "alert", "logs", "health", "firmware")]
+            + ["/streetlight/firmware/{firmware_id}/image"])
+        status = doc["paths"][f"{device}/status"]["post"]
+        assert status["security"] == [{"deviceJwt": []}] and "404" in status["responses"]
+        assert "security" not in doc["paths"][f"{device}/configure"]["post"]
+        assert "415" in doc["paths"][f"{device}/sync"]["post"]["responses"]  # gzip welcome
+        error = doc["components"]["schemas"]["Error"]
+        assert sorted(error["required"]) == ["code", "message", "retry_after_seconds", "status"]
+        assert (await client.get("/streetlight/docs")).status_code == 200

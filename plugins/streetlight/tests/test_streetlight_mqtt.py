@@ -32,8 +32,11 @@ async def test_configure_hands_out_the_mqtt_login_and_commands_are_pushed(gatewa
             assert doc["command_id"] == queued["id"] and doc["command_type"] == "power_control"
             assert doc["action"] == "off" and doc["priority"] == "high" and doc["timestamp"] == doc["requested_at"]
             assert pushed_after < 2.0  # ~100 ms here; generous for a loaded CI machine
-            # pushed means delivered: a poll does not hand it out again (until the redelivery time)
+            # a light that polls (its MQTT link lost) gets the same command, not yet acknowledged
             auth = bearer(answer["device_token"])
+            polled = (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()["commands"]
+            assert polled == [{k: v for k, v in doc.items() if k != "timestamp"}]
+            # ... once: it is not pushed to a light that polls, nor handed out again before command_redeliver_s
             assert (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()["commands"] == []
             r = await client.post(f"{BASE}/{IMEI}/command-ack", headers=auth,
                                   json={"command_id": doc["command_id"], "status": "executed"})
