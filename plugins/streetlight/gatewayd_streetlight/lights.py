@@ -50,6 +50,7 @@ class Streetlight:
         self.refused = ctx.metrics.counter("refused_total", "Requests refused, by error code", ("code",))
         self.pushed = ctx.metrics.counter("commands_pushed_total", "Commands pushed over MQTT")
         self._wake_send, self._wake_receive = trio.open_memory_channel[str](1000)
+        self.rows = models.Rows(ctx.storage)
 
     async def load(self) -> None:
         """At startup: the light ids, and each light's newest status."""
@@ -105,7 +106,7 @@ class Streetlight:
         data = status.data(ts)
         await self.ctx.ingest.record(
             device_id, "status", data, ts=ts, cls="state",
-            family_rows=lambda: models.insert_statuses(device_id, [(status, ts)], now, via))
+            family_rows=lambda: self.rows.statuses(device_id, [(status, ts)], now, via))
         latest = {"ts": ts, "received_at": now, "power_state": status.power_state, "brightness": status.brightness,
                   "temperature": status.temperature, "battery": status.battery, "gsm_signal": status.gsm_signal,
                   "uptime": status.uptime, "error_flags": list(status.error_flags)}
@@ -125,7 +126,7 @@ class Streetlight:
         now = self.ctx.now()
         pairs = [(s, s.ts if s.ts is not None else now) for s in readings]
         records = [Record(device_id, "status", s.data(ts), ts, "history") for s, ts in pairs]
-        await self.ctx.ingest.records(records, family_rows=lambda: models.insert_statuses(device_id, pairs, now, "sync"))
+        await self.ctx.ingest.records(records, family_rows=lambda: self.rows.statuses(device_id, pairs, now, "sync"))
         self.heard[device_id] = now
         self.statuses.inc(len(readings), via="sync")
         return len(readings)

@@ -65,6 +65,7 @@ class LightRoutes:
 
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
+        self._expiry: dict[str, float] = {}  # token -> its expiry
         ctx.ratelimit.define("device", ctx.config.requests_per_minute, 60)
         ctx.ratelimit.define("configure", ctx.config.configure_per_minute, 60)
 
@@ -348,8 +349,12 @@ class LightRoutes:
     def _token_expires_at(self) -> float:
         """The expiry of the token this request carried (verified by `_authenticate`)."""
         token = request.headers.get("Authorization", "").partition(" ")[2].strip()
-        claims = jwt.decode(token, options={"verify_signature": False})
-        return float(claims.get("exp", 0))
+        expires = self._expiry.get(token)
+        if expires is None:
+            if len(self._expiry) >= 10_000:  # a light keeps its token for days: a small memory
+                self._expiry.clear()
+            expires = self._expiry[token] = float(jwt.decode(token, options={"verify_signature": False})["exp"])
+        return expires
 
     @staticmethod
     def _same(doc: dict[str, Any], device_id: str) -> None:
