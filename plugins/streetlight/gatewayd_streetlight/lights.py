@@ -142,9 +142,9 @@ class Streetlight:
 
     async def error(self, device_id: str, ts: float, data: dict[str, Any]) -> None:
         """A light's error (a flagged status, an alert): counted for the malfunction rule."""
-        seen = self.errors[device_id]
-        seen.append(ts)
-        while seen and seen[0] < self.ctx.now() - HOUR:
+        seen, now = self.errors[device_id], self.ctx.now()
+        seen.append(now)  # by arrival: the indicator's "errors in the last hour"
+        while seen and seen[0] < now - HOUR:
             seen.popleft()
         await self.ctx.events.emit(device_id, "light_error", data, severity="warning", ts=ts)
 

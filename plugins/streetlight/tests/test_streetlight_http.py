@@ -285,3 +285,21 @@ async def test_every_route_is_declared_in_the_plugins_openapi_document(gateway_f
         error = doc["components"]["schemas"]["Error"]
         assert sorted(error["required"]) == ["code", "message", "retry_after_seconds", "status"]
         assert (await client.get("/streetlight/docs")).status_code == 200
+
+
+async def test_the_health_thresholds_are_the_default_alert_rules(gateway_factory, upstream_receiver):
+    settings = ["plugins.streetlight.health.errors_per_hour_max=2"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        for status in ({"battery_percentage": 8}, {"temperature_celsius": 70}, {"gsm_signal_strength": 5},
+                       {"error_flags": ["lamp"]}, {"error_flags": ["relay"]}, {"error_flags": ["lamp"]}):
+            r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(**status), headers=auth)
+            assert r.status_code == 200
+        records = await upstream_receiver.wait_for(1 + 6 + 4)
+        rules = sorted(r["data"]["rule"] for r in records if r["kind"] == "alert")
+        assert rules == ["streetlight-battery-critical", "streetlight-malfunction", "streetlight-overheating",
+                         "streetlight-poor-connectivity"]
+        health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
+        assert health["indicator"] == "red" and "malfunction (3 errors in the last hour)" in health["reason"]
