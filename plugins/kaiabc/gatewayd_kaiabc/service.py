@@ -1,0 +1,182 @@
+"""`Kaiabc`, the plugin's state (`ctx.state`): nodes, readings and the live oscillators.
+
+The routes (and later the MQTT and serial handlers) call it; it checks nothing about
+who asks (the routes did) and acknowledges nothing before the write that stores it
+returned.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import trio
+
+from gatewayd.plugins.api import PluginContext, Record
+
+from .config import KaiabcConfig
+from .engine import TEMPERATURE_RANGE_K
+from .errors import Fail, invalid
+from .live import Fleet
+from .models import NodeInfo, Store
+
+HUMIDITY_RANGE = (0.0, 100.0)
+PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One reading as the node sent it (kelvin, percent, pascal), its time in epoch seconds."""
+
+    ts: float
+    temperature_k: float | None
+    humidity_percent: float | None = None
+    pressure_pa: float | None = None
+
+
+def check_reading(r: Reading, where: str) -> None:
+    """400 INVALID_PARAMETER, with the spec's details, for a value outside its range."""
+    for name, value, (low, high) in (("temperature_kelvin", r.temperature_k, TEMPERATURE_RANGE_K),
+                                     ("humidity_percent", r.humidity_percent, HUMIDITY_RANGE),
+                                     ("pressure_pa", r.pressure_pa, PRESSURE_RANGE_PA)):
+        if value is not None and not (math.isfinite(value) and low <= value <= high):
+            label = name.split("_")[0].capitalize()
+            raise invalid(f"{where}{name}", f"{label} value out of valid range", value, valid_range=[low, high])
+
+
+class Kaiabc:
+    """The plugin's state: built once by `gatewayd_setup`."""
+
+    def __init__(self, ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
+        self.ctx = ctx
+        self.store = Store()
+        self.fleet = Fleet()
+        self.nodes: dict[str, NodeInfo] = {}
+        self.started = 0.0
+        self.readings = ctx.metrics.counter("readings_total", "Sensor readings accepted", labels=("via",))
+        self.refused = ctx.metrics.counter("refused_total", "Requests refused", labels=("code",))
+        self.live_nodes = ctx.metrics.gauge("live_nodes", "Live oscillators")
+        self._node_lock = trio.Lock()
+        self._reading_locks: dict[str, trio.Lock] = {}  # one node's readings are filtered in order
+
+    # -- start and stop -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume every persisted oscillator where it was."""
+        self.started = self.ctx.now()
+        await self.fleet.prepare()
+        self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
+        for row in await self.ctx.storage.read(self.store.oscillators):
+            if row["node_id"] in self.nodes:
+                self.fleet.restore(row)
+        for node_id in self.nodes:  # a node whose oscillator row is missing starts afresh
+            if node_id not in self.fleet.index:
+                self.fleet.add(node_id)
+        self.live_nodes.set(len(self.fleet.ids))
+
+    async def persist(self) -> None:
+        rows = self.fleet.rows(self.ctx.now())
+        if rows:
+            await self.ctx.storage.write(self.store.save_oscillators, rows)
+
+    async def run(self) -> None:
+        """The background task: tick every `tick_s`, persist every `persist_every_s`."""
+        config = self.ctx.config
+        last = saved = trio.current_time()
+        while True:
+            await trio.sleep(config.tick_s)
+            now = trio.current_time()
+            await self.fleet.tick((now - last) * config.time_acceleration / 3600.0)
+            last = now
+            if now - saved >= config.persist_every_s:
+                await self.persist()
+                saved = now
+
+    # -- nodes --------------------------------------------------------------------------
+
+    def node(self, node_id: str) -> NodeInfo:
+        info = self.nodes.get(node_id)
+        if info is None:
+            raise Fail(404, "NODE_NOT_FOUND", f"sensor node {node_id!r} is not registered",
+                       {"parameter": "node_id", "provided": node_id})
+        return info
+
+    async def register(self, info: NodeInfo, key: str | None) -> str | None:
+        """Register a node (and, with no device in the registry yet, provision it with a fresh key,
+        returned); 409 CONFLICT when it is registered already."""
+        async with self._node_lock:
+            if info.node_id in self.nodes:
+                raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered",
+                           {"parameter": "node_id", "provided": info.node_id})
+            if len(self.nodes) >= self.ctx.config.max_nodes:
+                raise Fail(503, "SERVICE_UNAVAILABLE", f"this gateway keeps at most {self.ctx.config.max_nodes} nodes "
+                           "(plugins.kaiabc.max_nodes)")
+            new_key = None
+            fields = {"name": info.name or info.node_id, "model": info.hardware_type,
+                      "firmware": info.firmware_version}
+            if await self.ctx.devices.get(info.node_id) is None:
+                new_key = key or "kaiabc_node_" + secrets.token_urlsafe(18)
+                try:
+                    await self.ctx.devices.provision(info.node_id, key=new_key, **fields)
+                except ValueError as e:
+                    raise invalid("node_id", str(e), info.node_id) from None
+            else:
+                await self.ctx.devices.update(info.node_id, **fields)
+            row = self.fleet.add(info.node_id) if info.node_id not in self.fleet.index else \
+                self.fleet.row(info.node_id, self.ctx.now())
+            if not await self.ctx.storage.write(self.store.add_node, info, row):
+                raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered")
+            self.nodes[info.node_id] = info
+            self.live_nodes.set(len(self.fleet.ids))
+            self.ctx.log.info("node registered", node=info.node_id, hardware=info.hardware_type)
+            return new_key
+
+    # -- readings -----------------------------------------------------------------------
+
+    async def ingest(self, node_id: str, readings: Sequence[Reading], via: str) -> dict[str, Any]:
+        """Filter and store a node's readings; the filter moves on only once they are committed.
+
+        Readings not newer than the filter's last (a buffered batch sent twice) are
+        rejected, not stored. Returns accepted, rejected (indexes and reasons) and the
+        latest filtered values."""
+        lock = self._reading_locks.setdefault(node_id, trio.Lock())
+        async with lock:
+            return await self._ingest(node_id, readings, via)
+
+    async def _ingest(self, node_id: str, readings: Sequence[Reading], via: str) -> dict[str, Any]:
+        info = self.node(node_id)
+        offset = float(info.calibration.get("temperature_offset", 0.0))
+        hum_offset = float(info.calibration.get("humidity_offset", 0.0))
+        fil = self.fleet.filter_copy(node_id)
+        now = self.ctx.now()
+        rows: list[dict[str, Any]] = []
+        records: list[Record] = []
+        rejected: list[dict[str, Any]] = []
+        state: Mapping[str, Any] = fil.state()
+        for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
+            if fil._t is not None and r.ts <= fil._t:
+                rejected.append({"index": i, "reason": "not newer than the last reading filtered"})
+                continue
+            values = {"temperature_kelvin": None if r.temperature_k is None else r.temperature_k + offset,
+                      "humidity_percent": None if r.humidity_percent is None else r.humidity_percent + hum_offset,
+                      "pressure_pa": r.pressure_pa}
+            state = fil.update(r.ts, values)
+            est = state["state_estimate"]
+            rows.append({"node_id": node_id, "ts": r.ts, "received_at": now, "temperature_k": values["temperature_kelvin"],
+                         "humidity_percent": values["humidity_percent"], "pressure_pa": r.pressure_pa,
+                         "filtered_k": est["temperature_kelvin"]})
+            records.append(Record(node_id, "reading", {k: v for k, v in values.items() if v is not None} |
+                                  {"filtered_temperature_kelvin": est["temperature_kelvin"]}, r.ts, "history"))
+        if records:
+            await self.ctx.ingest.records(records, family_rows=lambda: self.store.add_readings(rows))
+            self.fleet.filtered(node_id, fil, now)
+            self.readings.inc(len(records), via=via)
+        estimate = dict(state["state_estimate"])
+        variance = None
+        cov = state["covariance_matrix"]
+        if cov:
+            variance = float(cov[0][0])
+        return {"accepted": len(records), "rejected": len(rejected), "rejections": rejected,
+                "latest_filtered": estimate, "kalman_variance": variance}
