@@ -419,6 +419,16 @@ CATALOGUE: dict[str, Route] = {
         "model": "model", "current": "version", "channel": "channel", "device": "device"}),
     "/paku/ota/<int:firmware_id>/firmware.bin": Route(admin=False, params={"firmware_id": "firmware"}, binary_ok=True,
                                                      range_headers=True),
+    # kaiabc: the spec's /v1 under its mount; nodes call with X-API-Key, people with the admin token
+    "/kaiabc/openapi.json": Route(),
+    "/kaiabc/docs": Route(json=False, html=True),
+    "/kaiabc/v1/health": Route(admin=False),
+    "/kaiabc/v1/sensors/nodes": Route(admin=False, query={"limit": "limit"}, body={
+        "!node_id": "new-device", "!hardware_type": "text", "!runtime": "text", "name": "text", "location": "text"}),
+    "/kaiabc/v1/sensors/temperature": Route(admin=False, body={"!node_id": "device", "!temperature_kelvin": "positive",
+                                                               "timestamp": "text"}),
+    "/kaiabc/v1/sensors/batch": Route(admin=False, body={"!node_id": "device", "!readings": "any"}),
+    "/kaiabc/v1/oscillator/state": Route(admin=False, query={"node_id": "device", "detail_level": "state"}),
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every rule by Quart; generated as variants of the others

@@ -1,6 +1,7 @@
 """The specification's error object, on every error of this plugin:
 `{"error": {"code", "message", "details", "timestamp", "request_id"}}`, `code` from the
-spec's list (a 429 also carries the spec's `retry_after_seconds`)."""
+spec's list (a 429 also carries the spec's `retry_after_seconds`), plus `status` (the
+HTTP status, as every error of the gateway carries it)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ CODES = ("INVALID_PARAMETER", "NODE_NOT_FOUND", "NODE_OFFLINE", "ODE_INSTABILITY
 
 
 class SpecErrorDetail(msgspec.Struct, omit_defaults=True):
+    status: int  # beyond the spec's fields: the HTTP status, as in every gateway error
     code: str
     message: str
     timestamp: str
@@ -59,7 +61,7 @@ def request_id() -> str:
 
 
 def answer(e: Fail, now: float) -> ResponseReturnValue:
-    body = SpecError(SpecErrorDetail(e.code, e.message, iso(now), request_id(), e.details, e.retry_after_s))
+    body = SpecError(SpecErrorDetail(e.status, e.code, e.message, iso(now), request_id(), e.details, e.retry_after_s))
     response = jsonify(msgspec.to_builtins(body))
     response.status_code = e.status
     response.headers.update(e.headers)

@@ -12,14 +12,15 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import trio
 
-from .engine import (RUST_2007, EtfParameters, LimitCycle, PwmMapping, SensorKalmanFilter, SolverConfig,
-                     integrate_batch, koa, koa_normalized, limit_cycle, state_variables)
+from .engine import (RUST_2007, EtfParameters, LimitCycle, ModelStack, PwmMapping, SensorKalmanFilter,
+                     SolverConfig, TemperatureModel, integrate_batch, koa, koa_normalized, koa_trend, limit_cycle,
+                     state_variables)
 from .engine.timebase import circadian_time
 
 SPEC_STATE = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex")
@@ -50,10 +51,15 @@ class Fleet:
         self.paused = np.zeros(0, dtype=bool)
         self.last_reading = np.zeros(0)  # epoch s; nan = never
         self.filters: dict[str, SensorKalmanFilter] = {}
-        self.etf = etf or EtfParameters()
+        self.etf = etf or EtfParameters()  # the site's default, for new nodes
         self.model = self.etf.model()
+        self.etfs: list[EtfParameters] = []  # per node
+        self.mappings: list[PwmMapping] = []  # per node
+        self.overrides: dict[str, tuple[int, float, str]] = {}  # node -> (pwm, expires at, override id)
+        self.previous_koa: dict[str, float] = {}
+        self._models: dict[EtfParameters, TemperatureModel] = {}
+        self._stack: ModelStack | None = None
         self.config = config or SolverConfig()
-        self.mapping = PwmMapping()
         self.cycle: LimitCycle | None = None
         self._koa_range = (0.0, 1.0)
         self._touched: set[int] = set()
@@ -78,8 +84,27 @@ class Fleet:
             self.sim_hours, self.temps, self.last_reading = (np.concatenate([a, np.zeros(extra)]) for a in
                                                              (self.sim_hours, self.temps, self.last_reading))
             self.paused = np.concatenate([self.paused, np.zeros(extra, dtype=bool)])
+        self.etfs.append(self.etf)
+        self.mappings.append(PwmMapping())
+        self._stack = None
         self._touched.add(i)
         return i
+
+    def model_of(self, etf: EtfParameters) -> TemperatureModel:
+        model = self._models.get(etf)
+        if model is None:
+            model = self._models[etf] = etf.model()
+        return model
+
+    def set_etf(self, node_id: str, etf: EtfParameters) -> None:
+        self.etfs[self.index[node_id]] = etf
+        self._stack = None
+
+    def stack(self) -> ModelStack:
+        """Every node's temperature model as arrays (rebuilt only after a change)."""
+        if self._stack is None or len(self._stack) != len(self.ids):
+            self._stack = ModelStack([self.model_of(e) for e in self.etfs])
+        return self._stack
 
     def add(self, node_id: str) -> dict[str, Any]:
         """A new node: on the limit cycle at CT 0, at the reference temperature. Returns its stored row."""
@@ -97,6 +122,15 @@ class Fleet:
         self.sim_hours[i], self.temps[i], self.paused[i] = row["sim_hours"], row["temperature_k"], row["paused"]
         self.last_reading[i] = math.nan if row["last_reading_at"] is None else row["last_reading_at"]
         self.filters[row["node_id"]] = _filter_from(json.loads(row["filter_state"]))
+        settings = json.loads(row["settings"] or "{}")
+        if "etf" in settings:
+            self.etfs[i] = EtfParameters(**settings["etf"])
+        if "mapping" in settings:
+            m = settings["mapping"]
+            self.mappings[i] = PwmMapping(**{**m, "custom_points": tuple(map(tuple, m.get("custom_points", ())))})
+        if "override" in settings:
+            pwm, expires, override_id = settings["override"]
+            self.overrides[row["node_id"]] = (int(pwm), float(expires), str(override_id))
 
     # -- the tick ---------------------------------------------------------------------
 
@@ -106,8 +140,8 @@ class Fleet:
         if n == 0 or dt_hours <= 0:
             return
         self._touched = set()
-        y0, temps = self.y[:, :n].copy(), self.temps[:n].copy()
-        y1, seconds = await trio.to_thread.run_sync(self._solve, y0, temps, dt_hours)
+        y0, temps, stack = self.y[:, :n].copy(), self.temps[:n].copy(), self.stack()
+        y1, seconds = await trio.to_thread.run_sync(self._solve, y0, temps, stack, dt_hours)
         keep = self.paused[:n].copy()
         keep[list(i for i in self._touched if i < n)] = True  # reset or restored while it ran
         self.y[:, :n] = np.where(keep, self.y[:, :n], y1)
@@ -115,11 +149,12 @@ class Fleet:
         self.ticks += 1
         self.tick_seconds += seconds
 
-    def _solve(self, y0: np.ndarray, temps: np.ndarray, dt_hours: float) -> tuple[np.ndarray, float]:
+    def _solve(self, y0: np.ndarray, temps: np.ndarray, stack: ModelStack,
+               dt_hours: float) -> tuple[np.ndarray, float]:
         import time
 
         clock = time.perf_counter()
-        rates = self.model.node_rates(RUST_2007, temps)
+        rates = stack.node_rates(RUST_2007, temps)
         y1 = integrate_batch(y0, (0.0, dt_hours), rates, self.config).y_final
         return y1, time.perf_counter() - clock
 
@@ -132,21 +167,38 @@ class Fleet:
                         bool(self.paused[i]), bool(math.isnan(last) or now - last > stale_after_s),
                         not math.isnan(last))
 
-    def describe(self, snap: Snapshot, now_iso: str, detail: str) -> dict[str, Any]:
+    def output(self, snap: Snapshot, now: float) -> dict[str, Any]:
+        """KOA, its normalised value, trend and the PWM duty (a live manual override wins)."""
+        i = self.index[snap.node_id]
+        value = float(koa(snap.state, RUST_2007.kaic_total))
+        normalized = float(koa_normalized(value, *self._koa_range))
+        previous = self.previous_koa.get(snap.node_id, value)
+        self.previous_koa[snap.node_id] = value
+        duty = int(self.mappings[i].pwm(normalized))
+        override = self.overrides.get(snap.node_id)
+        if override is not None and override[1] <= now:
+            del self.overrides[snap.node_id]
+            override = None
+        if override is not None:
+            duty = override[0]
+        return {"koa_value": value, "koa_normalized": normalized, "koa_phase": koa_trend(previous, value),
+                "duty": duty, "override": override}
+
+    def describe(self, snap: Snapshot, now: float, now_iso: str, detail: str) -> dict[str, Any]:
         """The spec's `GET /oscillator/state` body for one node."""
         y = snap.state
-        k = float(koa(y, RUST_2007.kaic_total))
-        metric = float(koa_normalized(k, *self._koa_range))
+        out = self.output(snap, now)
         phase = float(self.cycle.phase_of(y)[0]) if self.cycle is not None else None
         body: dict[str, Any] = {
             "node_id": snap.node_id, "timestamp": now_iso,
             "circadian_time": None if phase is None else round(float(circadian_time(phase)), 4),
             "phase": None if phase is None else round(phase, 4),
-            "koa_metric": round(metric, 4), "output_pwm": int(self.mapping.pwm(metric)),
+            "koa_metric": round(out["koa_normalized"], 4), "output_pwm": out["duty"],
         }
         if detail == "minimal":
             return body
-        rates = self.model.node_rates(RUST_2007, np.array([snap.temperature_k]))
+        model = self.model_of(self.etfs[self.index[snap.node_id]])
+        rates = model.node_rates(RUST_2007, np.array([snap.temperature_k]))
         sv = state_variables(y[:, None], RUST_2007, sequestration=rates.sequestration)
         body.update({
             "period_hours": None if self.cycle is None else round(self.cycle.period, 4),
@@ -160,6 +212,14 @@ class Fleet:
             body["simulated_hours"] = snap.sim_hours
             body["filter"] = self.filters[snap.node_id].state()
         return body
+
+    def circadian_time_of(self, node_id: str) -> float | None:
+        if self.cycle is None:
+            return None
+        return round(float(circadian_time(float(self.cycle.phase_of(self.y[:, self.index[node_id]])[0]))), 4)
+
+    def set_paused(self, node_id: str, paused: bool) -> None:
+        self.paused[self.index[node_id]] = paused
 
     def reset(self, node_id: str, state: np.ndarray) -> None:
         i = self.index[node_id]
@@ -188,7 +248,19 @@ class Fleet:
                 "c_s": float(self.y[2, i]), "sim_hours": float(self.sim_hours[i]),
                 "temperature_k": float(self.temps[i]), "filter_state": json.dumps(_filter_state(self.filters[node_id])),
                 "last_reading_at": None if math.isnan(last) else float(last), "paused": bool(self.paused[i]),
-                "saved_at": now}
+                "settings": json.dumps(self.settings(node_id)), "saved_at": now}
+
+    def settings(self, node_id: str) -> dict[str, Any]:
+        """What a node was set to, when it differs from the defaults."""
+        i = self.index[node_id]
+        out: dict[str, Any] = {}
+        if self.etfs[i] != EtfParameters():
+            out["etf"] = self.etfs[i].as_dict()
+        if self.mappings[i] != PwmMapping():
+            out["mapping"] = asdict(self.mappings[i])
+        if node_id in self.overrides:
+            out["override"] = list(self.overrides[node_id])
+        return out
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
         return [tuple(self.row(node_id, now).values()) for node_id in self.ids]

@@ -47,6 +47,7 @@ class Oscillator(Table):
     filter_state = peewee.TextField()  # JSON: the Kalman filter's estimate and count
     last_reading_at = peewee.FloatField(null=True)
     paused = peewee.BooleanField(default=False)
+    settings = peewee.TextField(default="{}")  # JSON: the node's ETF, output mapping, override
     saved_at = peewee.FloatField()
 
 
@@ -119,11 +120,11 @@ class Store:
 
     def save_oscillators(self, rows: list[tuple[Any, ...]]) -> None:
         """Rows (node_id, c_t, c_st, c_s, sim_hours, temperature_k, filter_state, last_reading_at, paused,
-        saved_at), one statement per row in one transaction."""
+        settings, saved_at), one statement per row in one transaction."""
         table = self.oscillator._meta.table_name
         self.oscillator._meta.database.connection().executemany(
             f"INSERT OR REPLACE INTO {table} (node_id, c_t, c_st, c_s, sim_hours, temperature_k, filter_state, "
-            "last_reading_at, paused, saved_at) VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+            "last_reading_at, paused, settings, saved_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     # -- readings -------------------------------------------------------------------
 

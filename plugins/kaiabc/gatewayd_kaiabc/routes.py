@@ -224,7 +224,7 @@ class Api:
         state.node(node_id)
         now = self.ctx.now()
         snap = state.fleet.snapshot(node_id, now, self.ctx.config.stale_after_s)
-        return state.fleet.describe(snap, iso(now), query.detail_level)
+        return state.fleet.describe(snap, now, iso(now), query.detail_level)
 
     # -- who asks ---------------------------------------------------------------------------
 
