@@ -429,6 +429,23 @@ CATALOGUE: dict[str, Route] = {
                                                                "timestamp": "text"}),
     "/kaiabc/v1/sensors/batch": Route(admin=False, body={"!node_id": "device", "!readings": "any"}),
     "/kaiabc/v1/oscillator/state": Route(admin=False, query={"node_id": "device", "detail_level": "state"}),
+    "/kaiabc/v1/oscillator/reset": Route(body={"!node_id": "device", "initial_conditions": "object",
+                                               "units": "text", "reason": "text"}),
+    "/kaiabc/v1/entrainment/parameters": Route(admin=False, query={"node_id": "device"}, body={
+        "node_id": "device", "parameters": "object", "reference_temperature_kelvin": "positive", "reason": "text"}),
+    "/kaiabc/v1/simulation/config": Route(body={"tolerance": "object", "max_step_size": "positive",
+                                                "solver_type": "text"}),
+    "/kaiabc/v1/simulation/pause": Route(body={"node_id": "device", "reason": "text"}),
+    "/kaiabc/v1/simulation/resume": Route(body={"node_id": "device", "reason": "text"}),
+    "/kaiabc/v1/output/koa": Route(admin=False, query={"node_id": "device"}),
+    "/kaiabc/v1/output/mapping": Route(body={"node_id": "device", "mapping_function": "text", "pwm_min": "priority",
+                                             "pwm_max": "positive", "invert": "any"}),
+    "/kaiabc/v1/output/manual-override": Route(body={"!node_id": "device", "!override_enabled": "any",
+                                                     "pwm_value": "positive", "duration_minutes": "positive"}),
+    "/kaiabc/v1/filter/state": Route(admin=False, query={"node_id": "device"}),
+    "/kaiabc/v1/filter/parameters": Route(body={"!node_id": "device", "process_noise": "object",
+                                                "measurement_noise": "object"}),
+    "/kaiabc/v1/filter/reset": Route(body={"!node_id": "device", "reason": "text"}),
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every rule by Quart; generated as variants of the others

