@@ -21,6 +21,10 @@ class KaiabcConfig:
     stale_after_s: float = 300.0
     """A node silent this long is flagged `temperature_stale` (its oscillator runs on its last filtered
     temperature)."""
+    history_every_s: float = 60.0
+    """How often every oscillator is sampled into its history (GET /oscillator/history)."""
+    history_days: float = 30.0
+    """History older than this is deleted."""
     max_nodes: int = 20000
     """Registrations beyond this many nodes are refused (503)."""
     ingestion_per_minute: int = 100
@@ -31,7 +35,8 @@ class KaiabcConfig:
     """Configuration changes per node or person and minute (the spec's)."""
 
     def validate(self) -> None:
-        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s"):
+        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "history_every_s",
+                    "history_days"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(key, f"must be a finite number > 0, got {value}")

@@ -67,6 +67,22 @@ class Reading(Table):
         indexes = ((("node_id", "ts"), False),)
 
 
+class History(Table):
+    """A node's oscillator, sampled every `history_every_s` (GET /oscillator/history)."""
+
+    id = peewee.AutoField()
+    node_id = peewee.CharField(max_length=128)
+    ts = peewee.FloatField()
+    c_t = peewee.FloatField()
+    c_st = peewee.FloatField()
+    c_s = peewee.FloatField()
+    koa = peewee.FloatField()
+    temperature_k = peewee.FloatField()
+
+    class Meta:
+        indexes = ((("node_id", "ts"), False), (("ts",), False))
+
+
 class Setting(Table):
     """The site's settings (the default ETF, the solver configuration), as JSON."""
 
@@ -74,7 +90,8 @@ class Setting(Table):
     value = peewee.TextField()
 
 
-TABLES = (Node, Oscillator, Reading, Setting)
+TABLES = (Node, Oscillator, Reading, History, Setting)
+HISTORY_COLUMNS = ("c_t", "c_st", "c_s", "koa", "temperature_k")
 
 
 def named(plugin: str) -> list[type[Table]]:
@@ -102,6 +119,7 @@ class Store:
 
     def __init__(self) -> None:
         self.node, self.oscillator, self.reading, self.setting = Node, Oscillator, Reading, Setting
+        self.history = History
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -132,6 +150,31 @@ class Store:
         self.oscillator._meta.database.connection().executemany(
             f"INSERT OR REPLACE INTO {table} (node_id, c_t, c_st, c_s, sim_hours, temperature_k, filter_state, "
             "last_reading_at, paused, settings, saved_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    # -- history --------------------------------------------------------------------
+
+    def add_history(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows (node_id, ts, c_t, c_st, c_s, koa, temperature_k) in one statement."""
+        table = self.history._meta.table_name
+        self.history._meta.database.connection().executemany(
+            f"INSERT INTO {table} (node_id, ts, c_t, c_st, c_s, koa, temperature_k) VALUES (?,?,?,?,?,?,?)", rows)
+
+    def history_page(self, node_id: str, start: float, end: float, resolution_s: float, limit: int,
+                     after: float | None) -> tuple[list[tuple[float, ...]], bool, int]:
+        """Bucket means (bucket start, c_t, c_st, c_s, koa, temperature_k) oldest first, from after
+        the bucket `after`; whether more follow; how many buckets in all."""
+        table = self.history._meta.table_name
+        conn = self.history._meta.database.connection()
+        bucket = f"CAST(ts / {resolution_s!r} AS INTEGER)"
+        where = "node_id = ? AND ts >= ? AND ts < ?"
+        total = conn.execute(f"SELECT COUNT(DISTINCT {bucket}) FROM {table} WHERE {where}",
+                             (node_id, start, end)).fetchone()[0]
+        lower = start if after is None else max(start, after + resolution_s)
+        rows = conn.execute(
+            f"SELECT {bucket} * {resolution_s!r}, AVG(c_t), AVG(c_st), AVG(c_s), AVG(koa), AVG(temperature_k) "
+            f"FROM {table} WHERE node_id = ? AND ts >= ? AND ts < ? GROUP BY {bucket} ORDER BY {bucket} LIMIT ?",
+            (node_id, lower, end, limit + 1)).fetchall()
+        return [tuple(r) for r in rows[:limit]], len(rows) > limit, int(total)
 
     # -- settings -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, D
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
 from .control import Control
+from .engine import RUST_2007
 from .errors import Fail, SpecError, answer, invalid, iso
 from .models import NodeInfo
 from .service import Reading, check_reading
@@ -88,6 +89,20 @@ class StateQuery(Struct, forbid_unknown_fields=True):
     detail_level: Literal["minimal", "standard", "full"] = "standard"
 
 
+RESOLUTIONS = {"1s": 1.0, "10s": 10.0, "1m": 60.0, "10m": 600.0, "1h": 3600.0}
+SERIES = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex", "koa_metric", "temperature_kelvin")
+
+
+class HistoryQuery(Struct, forbid_unknown_fields=True):
+    node_id: NodeId | None = None
+    start_time: Annotated[str, Meta(max_length=64)] | None = None
+    end_time: Annotated[str, Meta(max_length=64)] | None = None
+    resolution: Literal["1s", "10s", "1m", "10m", "1h"] = "1m"
+    variables: Annotated[str, Meta(max_length=200)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 1000
+    cursor: Annotated[str, Meta(max_length=64)] | None = None
+
+
 class NodesQuery(Struct, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
     cursor: Annotated[str, Meta(max_length=200)] | None = None
@@ -118,6 +133,8 @@ class Api:
                errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.batch)
         r.get("/v1/oscillator/state", query=StateQuery, responses={200: dict[str, Any]},
               errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.state)
+        r.get("/v1/oscillator/history", query=HistoryQuery, responses={200: dict[str, Any]},
+              errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.history)
         Control(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
@@ -228,6 +245,44 @@ class Api:
         snap = state.fleet.snapshot(node_id, now, self.ctx.config.stale_after_s)
         return state.fleet.describe(snap, now, iso(now), query.detail_level)
 
+    async def history(self, query: HistoryQuery) -> ResponseReturnValue:
+        """A node's oscillator over time, averaged per `resolution`, a page at a time"""
+        state = self.ctx.state
+        if query.node_id is None:
+            await self.person("query")
+        else:
+            await self.caller(query.node_id, "query")
+        node_id = _one(state.nodes, query.node_id)
+        info = state.node(node_id)
+        now = self.ctx.now()
+        end = _time(query.end_time, "end_time", now)
+        start = _time(query.start_time, "start_time", end - 86400)
+        if not start < end:
+            raise invalid("start_time", "start_time must be before end_time", query.start_time)
+        wanted = SERIES if query.variables is None else tuple(v.strip() for v in query.variables.split(","))
+        unknown = [v for v in wanted if v not in SERIES]
+        if unknown:
+            raise invalid("variables", f"unknown variables {unknown}; choose from {list(SERIES)}", query.variables)
+        after = None
+        if query.cursor is not None:
+            try:
+                after = float(query.cursor)
+            except ValueError:
+                raise invalid("cursor", "not a cursor this route gave", query.cursor) from None
+        resolution = RESOLUTIONS[query.resolution]
+        rows, more, total = await self.ctx.storage.read(state.store.history_page, node_id, start, end, resolution,
+                                                        query.limit, after)
+        series: dict[str, list[Any]] = {"timestamp": [iso(r[0]) for r in rows]}
+        found = state.fleet.cycle_of(node_id)
+        low, high = found[1] if found is not None else (0.0, 1.0)
+        for name in wanted:
+            series[name] = [_series_value(name, r, low, high) for r in rows]
+        return {"node_id": node_id, "hardware_type": info.hardware_type, "start_time": iso(start),
+                "end_time": iso(end), "resolution": query.resolution, "data_points": len(rows), "series": series,
+                "pagination": {"has_next": more, "has_prev": after is not None,
+                               "next_cursor": repr(rows[-1][0]) if more and rows else None, "prev_cursor": None,
+                               "total_count": total, "limit": query.limit}}
+
     # -- who asks ---------------------------------------------------------------------------
 
     async def caller(self, node_id: str, cls: str) -> None:
@@ -294,6 +349,24 @@ class Api:
 
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return await self.failed(Fail(503, "SERVICE_UNAVAILABLE", f"storage unavailable: nothing was stored ({e})"))
+
+
+def _one(nodes: Any, node_id: str | None) -> str:
+    if node_id is None:
+        if len(nodes) != 1:
+            raise invalid("node_id", f"node_id is required: this gateway has {len(nodes)} nodes")
+        return str(next(iter(nodes)))
+    return node_id
+
+
+def _series_value(name: str, row: tuple[float, ...], koa_low: float, koa_high: float) -> float:
+    """One variable of a history bucket (bucket start, c_t, c_st, c_s, koa, temperature_k)."""
+    _, c_t, c_st, c_s, koa_value, temperature = row
+    a_free = max(RUST_2007.kaia_total - RUST_2007.sequestration * c_s, 0.0)
+    value = {"C_T": c_t, "C_ST": c_st, "C_S": c_s, "C_U": RUST_2007.kaic_total - c_t - c_st - c_s,
+             "A_free": a_free, "CABC_complex": RUST_2007.kaia_total - a_free, "temperature_kelvin": temperature,
+             "koa_metric": min(max((koa_value - koa_low) / (koa_high - koa_low), 0.0), 1.0)}[name]
+    return round(value, 6)
 
 
 def _time(text: str | None, field: str, now: float) -> float:

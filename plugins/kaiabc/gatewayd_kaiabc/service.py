@@ -104,15 +104,29 @@ class Kaiabc:
     async def run(self) -> None:
         """The background task: tick every `tick_s`, persist every `persist_every_s`."""
         config = self.ctx.config
-        last = saved = trio.current_time()
+        last = saved = sampled = trio.current_time()
         while True:
             await trio.sleep(config.tick_s)
             now = trio.current_time()
             await self.fleet.tick((now - last) * config.time_acceleration / 3600.0)
             last = now
+            if now - sampled >= config.history_every_s:
+                await self.sample()
+                sampled = now
             if now - saved >= config.persist_every_s:
                 await self.persist()
                 saved = now
+
+    async def sample(self) -> None:
+        """Every node's oscillator into its history (one statement); older than history_days goes."""
+        rows = self.fleet.history_rows(self.ctx.now())
+        if rows:
+            cutoff = self.ctx.now() - self.ctx.config.history_days * 86400
+            await self.ctx.storage.write(self._sample, rows, cutoff)
+
+    def _sample(self, rows: list[tuple[Any, ...]], cutoff: float) -> None:
+        self.store.add_history(rows)
+        self.store.history.delete().where(self.store.history.ts < cutoff).execute()
 
     # -- nodes --------------------------------------------------------------------------
 

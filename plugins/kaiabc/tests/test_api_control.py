@@ -178,3 +178,48 @@ async def test_filter_state_parameters_reset(gateway_factory):
         assert r.json()["message"] == "Kalman filter reset"
         doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
         assert doc["measurement_count"] == 0 and doc["state_estimate"]["temperature_kelvin"] is None
+
+
+async def test_history_downsampled_and_paginated(gateway_factory):
+    settings = FAST + ["plugins.kaiabc.history_every_s=0.1"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        key = await register(client)
+        node = {"X-API-Key": key}
+
+        async def three_buckets():
+            r = await client.get(f"{V1}/oscillator/history", headers=node,
+                                 params={"node_id": "pico_001", "resolution": "1s"})
+            assert r.status_code == 200, r.text
+            return r.json() if r.json()["data_points"] >= 3 else None
+
+        doc = await wait_until(three_buckets, what="three seconds of history")
+        assert doc["hardware_type"] == "raspberry_pi_pico" and doc["resolution"] == "1s"
+        series = doc["series"]
+        assert set(series) == {"timestamp", "C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex", "koa_metric",
+                               "temperature_kelvin"}
+        assert all(len(v) == doc["data_points"] for v in series.values())
+        assert series["timestamp"] == sorted(series["timestamp"]) and len(set(series["timestamp"])) == len(
+            series["timestamp"])
+        assert all(0 <= k <= 1 for k in series["koa_metric"])
+        assert series["C_ST"][0] != series["C_ST"][-1]  # an hour of simulated time per second
+        # pages of one bucket walk the same buckets
+        walked, cursor = [], None
+        for _ in range(3):
+            params = {"node_id": "pico_001", "resolution": "1s", "limit": 1, "variables": "C_ST,koa_metric",
+                      "end_time": series["timestamp"][2]}
+            if cursor:
+                params["cursor"] = cursor
+            page = (await client.get(f"{V1}/oscillator/history", headers=node, params=params)).json()
+            assert set(page["series"]) == {"timestamp", "C_ST", "koa_metric"}
+            walked += page["series"]["timestamp"]
+            cursor = page["pagination"]["next_cursor"]
+            if not page["pagination"]["has_next"]:
+                break
+        assert walked == series["timestamp"][:2]
+        error(await client.get(f"{V1}/oscillator/history", headers=node,
+                               params={"node_id": "pico_001", "variables": "C_X"}), 400, "INVALID_PARAMETER")
+        error(await client.get(f"{V1}/oscillator/history", headers=node,
+                               params={"node_id": "pico_001", "resolution": "2s"}), 400, "INVALID_PARAMETER")
+        error(await client.get(f"{V1}/oscillator/history", headers=node,
+                               params={"node_id": "pico_001", "start_time": "2030-01-01T00:00:00Z",
+                                       "end_time": "2029-01-01T00:00:00Z"}), 400, "INVALID_PARAMETER")
