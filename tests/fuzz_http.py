@@ -429,6 +429,9 @@ CATALOGUE: dict[str, Route] = {
                                                                "timestamp": "text"}),
     "/kaiabc/v1/sensors/batch": Route(admin=False, body={"!node_id": "device", "!readings": "any"}),
     "/kaiabc/v1/oscillator/state": Route(admin=False, query={"node_id": "device", "detail_level": "state"}),
+    "/kaiabc/v1/oscillator/history": Route(admin=False, query={
+        "node_id": "device", "start_time": "time", "end_time": "time", "limit": "limit", "cursor": "telemetry-cursor"}),
+    "/kaiabc/v1/ws": Route(admin=False),
     "/kaiabc/v1/oscillator/reset": Route(body={"!node_id": "device", "initial_conditions": "object",
                                                "units": "text", "reason": "text"}),
     "/kaiabc/v1/entrainment/parameters": Route(admin=False, query={"node_id": "device"}, body={

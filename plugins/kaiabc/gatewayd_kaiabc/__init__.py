@@ -10,6 +10,8 @@ holds the details:
     service.py   `Kaiabc`, the plugin's state (`ctx.state`): nodes, readings, persistence
     live.py      `Fleet`: every node's live oscillator, advanced in one batch per tick
     routes.py    the HTTP API, one declared route per endpoint
+    control.py   reset, entrainment parameters, simulation, output, filter
+    ws.py        the spec's WebSocket (`/v1/ws`) on the live hub
     errors.py    the spec's error object
     engine/      the oscillator engine (numpy/scipy; docs/model.md)
     commands.py  `gatewayd kaiabc simulate | q10 | prc | entrain`

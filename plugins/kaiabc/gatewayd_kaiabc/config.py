@@ -21,6 +21,8 @@ class KaiabcConfig:
     stale_after_s: float = 300.0
     """A node silent this long is flagged `temperature_stale` (its oscillator runs on its last filtered
     temperature)."""
+    state_every_s: float = 5.0
+    """How often every oscillator's state goes to WebSocket watchers (the spec: every 1-10 s)."""
     history_every_s: float = 60.0
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
@@ -35,7 +37,7 @@ class KaiabcConfig:
     """Configuration changes per node or person and minute (the spec's)."""
 
     def validate(self) -> None:
-        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "history_every_s",
+        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s",
                     "history_days"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):

@@ -57,6 +57,7 @@ class Fleet:
         self.mappings: list[PwmMapping] = []  # per node
         self.overrides: dict[str, tuple[int, float, str]] = {}  # node -> (pwm, expires at, override id)
         self.previous_koa: dict[str, float] = {}
+        self._last_duty: dict[str, int] = {}
         self._models: dict[EtfParameters, TemperatureModel] = {}
         self._stack: ModelStack | None = None
         self.config = config or SolverConfig()
@@ -276,6 +277,47 @@ class Fleet:
             out["mapping"] = asdict(self.mappings[i])
         if node_id in self.overrides:
             out["override"] = list(self.overrides[node_id])
+        return out
+
+    def live_events(self, now: float, now_iso: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """The spec's `oscillator.state` of every node, and `output.pwm` of those whose duty changed
+        since the last call: (hub kind, node, event). Phases in one KD-tree query per ETF."""
+        n = len(self.ids)
+        if n == 0:
+            return []
+        y = self.y[:, :n]
+        values = koa(y, RUST_2007.kaic_total)
+        a_free = np.maximum(RUST_2007.kaia_total - RUST_2007.sequestration * y[2], 0.0)
+        phase = np.full(n, np.nan)
+        normalized = values.copy()
+        groups: dict[EtfParameters, list[int]] = {}
+        for i, etf in enumerate(self.etfs[:n]):
+            groups.setdefault(etf if etf in self.cycles else self.etf, []).append(i)
+        for etf, members in groups.items():
+            found = self.cycles.get(etf)
+            if found is None:
+                continue
+            idx = np.asarray(members)
+            phase[idx] = found[0].phase_of(y[:, idx])
+            normalized[idx] = koa_normalized(values[idx], *found[1])
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        for i, node_id in enumerate(self.ids):
+            ph = None if math.isnan(phase[i]) else round(float(phase[i]), 4)
+            metric = round(float(normalized[i]), 4)
+            out.append(("oscillator_state", node_id, {
+                "event": "oscillator.state", "node_id": node_id, "timestamp": now_iso, "data": {
+                    "circadian_time": None if ph is None else round(24.0 * ph, 4), "phase": ph,
+                    "state_variables": {"C_ST": round(float(y[1, i]), 6), "A_free": round(float(a_free[i]), 6)},
+                    "koa_metric": metric}}))
+            override = self.overrides.get(node_id)
+            live_override = override is not None and override[1] > now
+            duty = override[0] if override is not None and live_override else int(self.mappings[i].pwm(metric))
+            if self._last_duty.get(node_id) != duty:
+                self._last_duty[node_id] = duty
+                out.append(("output_pwm", node_id, {
+                    "event": "output.pwm", "node_id": node_id, "timestamp": now_iso, "data": {
+                        "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1), "koa_source": metric,
+                        "manual_override": live_override}}))
         return out
 
     def history_rows(self, now: float) -> list[tuple[Any, ...]]:

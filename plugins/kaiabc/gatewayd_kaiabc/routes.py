@@ -17,6 +17,7 @@ from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, D
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
 from .control import Control
+from .ws import Socket
 from .engine import RUST_2007
 from .errors import Fail, SpecError, answer, invalid, iso
 from .models import NodeInfo
@@ -136,6 +137,7 @@ class Api:
         r.get("/v1/oscillator/history", query=HistoryQuery, responses={200: dict[str, Any]},
               errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.history)
         Control(self).register(routes)
+        Socket(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
         bp.register_error_handler(EncodingError, self.bad_encoding)
@@ -203,7 +205,8 @@ class Api:
     async def temperature(self, body: TemperatureReading) -> ResponseReturnValue:
         """One temperature reading"""
         await self.caller(body.node_id, "ingestion")
-        reading = Reading(_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin)
+        reading = Reading(_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
+                          quality=body.quality)
         check_reading(reading, "")
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
         accepted = result["accepted"] == 1
@@ -220,7 +223,7 @@ class Api:
             if r.node_id is not None and r.node_id != body.node_id:
                 raise invalid(f"{where}node_id", "a reading of another node", r.node_id, expected=body.node_id)
             reading = Reading(_time(r.timestamp, f"{where}timestamp", self.ctx.now()), r.temperature_kelvin,
-                              r.humidity_percent, r.pressure_pa)
+                              r.humidity_percent, r.pressure_pa, r.quality)
             check_reading(reading, where)
             readings.append(reading)
         result = await self.ctx.state.ingest(body.node_id, readings, "http")

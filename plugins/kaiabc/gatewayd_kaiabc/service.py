@@ -18,7 +18,7 @@ from gatewayd.plugins.api import PluginContext, Record
 
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, SolverConfig
-from .errors import Fail, invalid
+from .errors import Fail, invalid, iso
 from .live import Fleet
 from .models import NodeInfo, Store
 
@@ -34,6 +34,7 @@ class Reading:
     temperature_k: float | None
     humidity_percent: float | None = None
     pressure_pa: float | None = None
+    quality: str | None = None
 
 
 def check_reading(r: Reading, where: str) -> None:
@@ -104,18 +105,27 @@ class Kaiabc:
     async def run(self) -> None:
         """The background task: tick every `tick_s`, persist every `persist_every_s`."""
         config = self.ctx.config
-        last = saved = sampled = trio.current_time()
+        last = saved = sampled = streamed = trio.current_time()
         while True:
             await trio.sleep(config.tick_s)
             now = trio.current_time()
             await self.fleet.tick((now - last) * config.time_acceleration / 3600.0)
             last = now
+            if now - streamed >= config.state_every_s:
+                self.stream()
+                streamed = now
             if now - sampled >= config.history_every_s:
                 await self.sample()
                 sampled = now
             if now - saved >= config.persist_every_s:
                 await self.persist()
                 saved = now
+
+    def stream(self) -> None:
+        """Every node's `oscillator.state` (and `output.pwm` where it changed) to the live hub."""
+        now = self.ctx.now()
+        for kind, node_id, event in self.fleet.live_events(now, iso(now)):
+            self.ctx.live.publish(kind, node_id, event)
 
     async def sample(self) -> None:
         """Every node's oscillator into its history (one statement); older than history_days goes."""
@@ -189,10 +199,12 @@ class Kaiabc:
         records: list[Record] = []
         rejected: list[dict[str, Any]] = []
         state: Mapping[str, Any] = fil.state()
+        kept: list[Reading] = []
         for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
             if fil._t is not None and r.ts <= fil._t:
                 rejected.append({"index": i, "reason": "not newer than the last reading filtered"})
                 continue
+            kept.append(r)
             values = {"temperature_kelvin": None if r.temperature_k is None else r.temperature_k + offset,
                       "humidity_percent": None if r.humidity_percent is None else r.humidity_percent + hum_offset,
                       "pressure_pa": r.pressure_pa}
@@ -207,6 +219,13 @@ class Kaiabc:
             await self.ctx.ingest.records(records, family_rows=lambda: self.store.add_readings(rows))
             self.fleet.filtered(node_id, fil, now)
             self.readings.inc(len(records), via=via)
+            last = rows[-1]
+            cov = fil.state()["covariance_matrix"]
+            self.ctx.live.publish("sensors_reading", node_id, {
+                "event": "sensors.reading", "node_id": node_id, "timestamp": iso(last["ts"]), "data": {
+                    "temperature_kelvin": last["filtered_k"], "temperature_raw": last["temperature_k"],
+                    "kalman_variance": float(cov[0][0]) if cov else None,
+                    "quality": kept[-1].quality or "good"}})
         estimate = dict(state["state_estimate"])
         variance = None
         cov = state["covariance_matrix"]
