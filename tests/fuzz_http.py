@@ -436,6 +436,9 @@ CATALOGUE: dict[str, Route] = {
                                                "units": "text", "reason": "text"}),
     "/kaiabc/v1/entrainment/parameters": Route(admin=False, query={"node_id": "device"}, body={
         "node_id": "device", "parameters": "object", "reference_temperature_kelvin": "positive", "reason": "text"}),
+    "/kaiabc/v1/entrainment/phase-shift": Route(body={"!node_id": "device", "!shift_type": "text",
+                                                      "!magnitude_hours": "positive", "duration_minutes": "positive"}),
+    "/kaiabc/v1/entrainment/prc": Route(admin=False, query={"node_id": "device", "resolution": "limit"}),
     "/kaiabc/v1/simulation/config": Route(body={"tolerance": "object", "max_step_size": "positive",
                                                 "solver_type": "text"}),
     "/kaiabc/v1/simulation/pause": Route(body={"node_id": "device", "reason": "text"}),

@@ -23,6 +23,8 @@ class KaiabcConfig:
     temperature)."""
     state_every_s: float = 5.0
     """How often every oscillator's state goes to WebSocket watchers (the spec: every 1-10 s)."""
+    phase_shift_settle_hours: float = 24.0
+    """Simulated hours after a phase shift's pulse before its shift is measured (phase_shift.complete)."""
     history_every_s: float = 60.0
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
@@ -37,7 +39,7 @@ class KaiabcConfig:
     """Configuration changes per node or person and minute (the spec's)."""
 
     def validate(self) -> None:
-        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s",
+        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s", "phase_shift_settle_hours",
                     "history_days"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):

@@ -8,6 +8,7 @@ rate limited as configuration; each change is committed before it is answered.
 from __future__ import annotations
 
 import secrets
+import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
@@ -17,6 +18,7 @@ from quart.typing import ResponseReturnValue
 from .engine import RUST_2007, EtfMappingError, EtfParameters, PwmMapping, SensorKalmanFilter, SolverConfig
 from .engine.model import state_from_variables
 from .errors import Fail, invalid, iso
+from .shifts import Shift
 
 if TYPE_CHECKING:
     from gatewayd.plugins.api import Routes
@@ -101,6 +103,23 @@ class FilterReset(Struct, forbid_unknown_fields=True):
     reason: Reason | None = None
 
 
+class PhaseShiftBody(Struct, forbid_unknown_fields=True):
+    node_id: NodeId
+    shift_type: Literal["advance", "delay"]
+    magnitude_hours: Annotated[float, Meta(gt=0, le=12)]
+    method: Literal["temperature_step"] = "temperature_step"
+    temperature_delta_kelvin: Annotated[float, Meta(ge=-20, le=20)] = 3.0
+    duration_minutes: Annotated[float, Meta(ge=1, le=600)] = 30.0
+
+
+class PrcQuery(Struct, forbid_unknown_fields=True):
+    model: Literal["standard", "custom"] = "standard"
+    resolution: Annotated[int, Meta(ge=4, le=96)] = 24
+    node_id: NodeId | None = None
+    temperature_delta_kelvin: Annotated[float, Meta(gt=0, le=20)] = 3.0
+    duration_minutes: Annotated[float, Meta(ge=1, le=600)] = 30.0
+
+
 NODE_404 = {404: "the node is not registered (NODE_NOT_FOUND)"}
 
 
@@ -118,6 +137,10 @@ class Control:
         r.put("/v1/entrainment/parameters", body=EtfBody, responses=ok,
               errors={**NODE_404, 422: "the model does not oscillate with these parameters (ODE_INSTABILITY)"}
               )(self.put_etf)
+        r.post("/v1/entrainment/phase-shift", body=PhaseShiftBody, responses=ok,
+               errors={**NODE_404, 409: "a shift of this node is under way (CONFLICT)",
+                       422: "no circadian time gives that shift with this pulse (INVALID_PARAMETER)"})(self.phase_shift)
+        r.get("/v1/entrainment/prc", query=PrcQuery, responses=ok, errors=NODE_404)(self.prc)
         r.get("/v1/simulation/config", responses=ok)(self.solver)
         r.put("/v1/simulation/config", body=ANY_OBJECT, responses=ok)(self.put_solver)
         r.post("/v1/simulation/pause", body=PauseBody, responses=ok, errors=NODE_404)(self.pause)
@@ -203,6 +226,58 @@ class Control:
         self.ctx.log.info("ETF parameters updated", node=body.node_id or "*", reason=body.reason or "")
         return {"success": True, "message": "ETF parameters updated", "effective_timestamp": iso(self.ctx.now()),
                 "previous_parameters": before.document(), "new_parameters": after.document()}
+
+    async def phase_shift(self, body: PhaseShiftBody) -> ResponseReturnValue:
+        """Shift a node's live oscillator with a temperature step given at the PRC's best time"""
+        await self.api.person("configuration")
+        state = self.ctx.state
+        state.node(body.node_id)
+        if body.temperature_delta_kelvin == 0:
+            raise invalid("temperature_delta_kelvin", "a temperature step of 0 K shifts nothing", 0.0)
+        fleet = state.fleet
+        if any(s.node_id == body.node_id and s.stage != "complete" for s in fleet.shifts.values()):
+            raise Fail(409, "CONFLICT", f"a phase shift of {body.node_id!r} is under way; wait for phase_shift.complete")
+        etf = fleet.etfs[fleet.index[body.node_id]]
+        duration_h = body.duration_minutes / 60.0
+        prc = await state.prc(etf, body.temperature_delta_kelvin, duration_h, 48)
+        sign = 1.0 if body.shift_type == "advance" else -1.0
+        candidates = [(abs(v - sign * body.magnitude_hours), i) for i, v in enumerate(prc.shift_hours) if sign * v > 0]
+        if not candidates:
+            raise Fail(422, "INVALID_PARAMETER", f"a {body.temperature_delta_kelvin:+g} K step for "
+                       f"{body.duration_minutes:g} min gives no {body.shift_type} at any circadian time; "
+                       "try the opposite temperature_delta_kelvin", {"parameter": "temperature_delta_kelvin"})
+        _, best = min(candidates)
+        start_ct, expected = float(prc.circadian_time[best]), float(prc.shift_hours[best])
+        good = [float(ct) for ct, v in zip(prc.circadian_time, prc.shift_hours) if sign * v >= 0.5 * sign * expected]
+        window = _window(good, start_ct, 24.0 / prc.shift_hours.size)
+        now = self.ctx.now()
+        current = fleet.circadian_time_of(body.node_id) or 0.0
+        found = fleet.cycle_of(body.node_id)
+        period = found[0].period if found is not None else 24.0
+        settle_h = self.ctx.config.phase_shift_settle_hours
+        sim_hours = ((start_ct - current) % 24.0) / 24.0 * period + duration_h + settle_h
+        done_at = now + sim_hours * 3600.0 / self.ctx.config.time_acceleration
+        shift_id = f"shift_{time.strftime('%Y%m%d', time.gmtime(now))}_{secrets.token_hex(3)}"
+        fleet.shifts[shift_id] = Shift(shift_id, body.node_id, body.shift_type, sign * body.magnitude_hours,
+                                       body.temperature_delta_kelvin, duration_h, start_ct, expected, settle_h, now)
+        return {"success": True, "shift_id": shift_id, "expected_phase_change": round(expected, 3),
+                "current_circadian_time": current, "optimal_ct_window": window,
+                "start_circadian_time": start_ct, "estimated_completion": iso(done_at)}
+
+    async def prc(self, query: PrcQuery) -> ResponseReturnValue:
+        """The phase response curve to warm and cold steps (this gateway's model, computed)"""
+        await self._reader(query.node_id)
+        etf = EtfParameters() if query.model == "standard" else self._etf_of(query.node_id)
+        d, h = query.temperature_delta_kelvin, query.duration_minutes / 60.0
+        warm = await self.ctx.state.prc(etf, d, h, query.resolution)
+        cold = await self.ctx.state.prc(etf, -d, h, query.resolution)
+        rows = [{"circadian_time": float(ct), "phase_shift_advance": round(max(w, c, 0.0), 4),
+                 "phase_shift_delay": round(min(w, c, 0.0), 4), "warm_pulse_shift": round(float(w), 4),
+                 "cold_pulse_shift": round(float(c), 4)}
+                for ct, w, c in zip(warm.circadian_time, warm.shift_hours.tolist(), cold.shift_hours.tolist())]
+        return {"model": query.model, "reference": "Rust et al. 2007, with this gateway's ETF (docs/model.md)",
+                "resolution": query.resolution, "temperature_delta_kelvin": d,
+                "duration_minutes": query.duration_minutes, "period_hours": round(warm.period, 4), "data": rows}
 
     # -- 5. simulation -------------------------------------------------------------------
 
@@ -361,3 +436,15 @@ class Control:
         self.ctx.state.node(node_id)
         return node_id
 
+
+
+def _window(good: list[float], center: float, step: float) -> str:
+    """The contiguous run of circadian times around `center` (in `good`), as "16-22"."""
+    have = {round(ct / step) for ct in good}
+    n = round(24.0 / step)
+    lo = hi = round(center / step)
+    while (lo - 1) % n in have and hi - lo < n - 1:
+        lo -= 1
+    while (hi + 1) % n in have and hi - lo < n - 1:
+        hi += 1
+    return f"{(lo % n) * step:g}-{((hi + 1) % n) * step or 24:g}"

@@ -22,6 +22,7 @@ from .engine import (RUST_2007, EtfParameters, LimitCycle, ModelStack, PwmMappin
                      SolverConfig, TemperatureModel, integrate_batch, koa, koa_normalized, koa_trend, limit_cycle,
                      state_variables)
 from .engine.timebase import circadian_time
+from .shifts import Shift, ct_reached, measured
 
 SPEC_STATE = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex")
 
@@ -58,6 +59,8 @@ class Fleet:
         self.overrides: dict[str, tuple[int, float, str]] = {}  # node -> (pwm, expires at, override id)
         self.previous_koa: dict[str, float] = {}
         self._last_duty: dict[str, int] = {}
+        self.shifts: dict[str, Shift] = {}  # by shift id; complete ones stay for analytics
+        self.completed: list[Shift] = []  # completed since the service last took them
         self._models: dict[EtfParameters, TemperatureModel] = {}
         self._stack: ModelStack | None = None
         self.config = config or SolverConfig()
@@ -154,13 +157,45 @@ class Fleet:
             return
         self._touched = set()
         y0, temps, stack = self.y[:, :n].copy(), self.temps[:n].copy(), self.stack()
+        active = [s for s in self.shifts.values() if s.stage in ("pulsing", "settling")]
+        if active:  # pulses on their nodes, and the unpulsed twins as extra columns of the same batch
+            cols = [self.index[s.node_id] for s in active]
+            for s, i in zip(active, cols):
+                if s.stage == "pulsing":
+                    temps[i] += s.delta_k
+            y0 = np.concatenate([y0, np.stack([s.twin for s in active], axis=1)], axis=1)
+            temps = np.concatenate([temps, self.temps[cols]])
+            stack = ModelStack([*stack.models, *(stack.models[i] for i in cols)])
+        ct_before = {s.node_id: self.circadian_time_of(s.node_id) for s in self.shifts.values()
+                     if s.stage == "waiting"}
         y1, seconds = await trio.to_thread.run_sync(self._solve, y0, temps, stack, dt_hours)
         keep = self.paused[:n].copy()
         keep[list(i for i in self._touched if i < n)] = True  # reset or restored while it ran
-        self.y[:, :n] = np.where(keep, self.y[:, :n], y1)
+        self.y[:, :n] = np.where(keep, self.y[:, :n], y1[:, :n])
         self.sim_hours[:n] += np.where(keep, 0.0, dt_hours)
+        for k, s in enumerate(active):
+            s.twin = y1[:, n + k].copy()
+        self._advance_shifts(ct_before)
         self.ticks += 1
         self.tick_seconds += seconds
+
+    def _advance_shifts(self, ct_before: dict[str, float | None]) -> None:
+        """Move each shift on: waiting -> pulsing (its CT reached) -> settling -> complete."""
+        for s in list(self.shifts.values()):
+            if s.node_id not in self.index:
+                continue
+            i = self.index[s.node_id]
+            if s.stage == "waiting":
+                before, after = ct_before.get(s.node_id), self.circadian_time_of(s.node_id)
+                if before is not None and after is not None and ct_reached(before, after, s.start_ct):
+                    s.stage, s.pulse_start_h, s.twin = "pulsing", float(self.sim_hours[i]), self.y[:, i].copy()
+            elif s.stage == "pulsing" and self.sim_hours[i] >= s.pulse_start_h + s.duration_h:
+                s.stage = "settling"
+            elif s.stage == "settling" and self.sim_hours[i] >= s.pulse_start_h + s.duration_h + s.settle_h:
+                found = self.cycle_of(s.node_id)
+                s.actual_hours = measured(found[0], self.y[:, i], s.twin) if found is not None else 0.0
+                s.stage = "complete"
+                self.completed.append(s)
 
     def _solve(self, y0: np.ndarray, temps: np.ndarray, stack: ModelStack,
                dt_hours: float) -> tuple[np.ndarray, float]:

@@ -17,7 +17,7 @@ import trio
 from gatewayd.plugins.api import PluginContext, Record
 
 from .config import KaiabcConfig
-from .engine import TEMPERATURE_RANGE_K, EtfParameters, SolverConfig
+from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
 from .live import Fleet
 from .models import NodeInfo, Store
@@ -61,6 +61,8 @@ class Kaiabc:
         self.live_nodes = ctx.metrics.gauge("live_nodes", "Live oscillators")
         self._node_lock = trio.Lock()
         self._reading_locks: dict[str, trio.Lock] = {}  # one node's readings are filtered in order
+        self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
+        self.shift_log: list[dict[str, Any]] = []  # completed shifts (the spec's recent_shifts), newest last
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -71,6 +73,7 @@ class Kaiabc:
         if "etf" in settings:
             self.fleet.etf = EtfParameters(**settings["etf"])
             self.fleet.model = self.fleet.model_of(self.fleet.etf)
+        self.shift_log = list(settings.get("shifts", []))
         if "solver" in settings:
             self.fleet.config = SolverConfig.from_spec(settings["solver"])
         await self.fleet.prepare()
@@ -111,6 +114,8 @@ class Kaiabc:
             now = trio.current_time()
             await self.fleet.tick((now - last) * config.time_acceleration / 3600.0)
             last = now
+            if self.fleet.completed:
+                await self.shifts_completed()
             if now - streamed >= config.state_every_s:
                 self.stream()
                 streamed = now
@@ -120,6 +125,37 @@ class Kaiabc:
             if now - saved >= config.persist_every_s:
                 await self.persist()
                 saved = now
+
+    async def prc(self, etf: EtfParameters, delta_k: float, duration_h: float, resolution: int) -> PhaseResponseCurve:
+        """The PRC of these parameters to this pulse (cached; half a second on a worker thread)."""
+        key = (etf, delta_k, duration_h, resolution)
+        if key not in self._prcs:
+            await self.fleet.prepare(etf)
+            cycle = self.fleet.cycles[etf][0]
+            model = self.fleet.model_of(etf)
+            self._prcs[key] = await trio.to_thread.run_sync(
+                lambda: compute_prc(delta_k=delta_k, duration_h=duration_h, resolution=resolution,
+                                    temperature_model=model, cycle=cycle))
+            if len(self._prcs) > 64:
+                self._prcs.pop(next(iter(self._prcs)))
+        return self._prcs[key]
+
+    async def shifts_completed(self) -> None:
+        """`phase_shift.complete` for each shift the tick completed: stored as an event, then live."""
+        done, self.fleet.completed = self.fleet.completed, []
+        for s in done:
+            now = self.ctx.now()
+            s.completed_at = now
+            summary = s.summary(iso)
+            self.shift_log = (self.shift_log + [summary])[-500:]
+            await self.put_setting("shifts", self.shift_log)
+            data = {"target_shift_hours": abs(s.target_hours), "actual_shift_hours": summary["actual_shift_hours"],
+                    "efficiency": summary["efficiency"], "duration_minutes": round(s.duration_h * 60, 3)}
+            await self.ctx.events.emit(s.node_id, "phase_shift.complete", {"shift_id": s.shift_id, **data})
+            self.ctx.live.publish("phase_shift_complete", s.node_id, {
+                "event": "phase_shift.complete", "shift_id": s.shift_id, "node_id": s.node_id,
+                "timestamp": iso(now), "data": data})
+            self.fleet.shifts.pop(s.shift_id, None)
 
     def stream(self) -> None:
         """Every node's `oscillator.state` (and `output.pwm` where it changed) to the live hub."""

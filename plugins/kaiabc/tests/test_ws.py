@@ -78,3 +78,51 @@ async def test_a_node_watches_only_itself_and_five_connections(gateway_factory):
                     await sixth.get_message()
                 assert closed.value.reason.code == 4429
             nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(120)
+async def test_a_phase_shift_is_applied_tracked_and_completed(gateway_factory):
+    settings = ["plugins.kaiabc.tick_s=0.05", "plugins.kaiabc.time_acceleration=7200",
+                "plugins.kaiabc.phase_shift_settle_hours=2", "plugins.kaiabc.queries_per_minute=100000"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client)
+        url = gw_url(gw).replace("http://", "ws://") + f"{V1}/ws"
+        async with open_websocket_url(url, extra_headers=list(AUTH.items())) as ws:
+            await ws.send_message(json.dumps({"action": "subscribe", "streams": ["phase_shift.complete.pico_001"]}))
+            await ws.get_message()
+            r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json={
+                "node_id": "pico_001", "shift_type": "delay", "magnitude_hours": 0.2, "method": "temperature_step",
+                "temperature_delta_kelvin": 3.0, "duration_minutes": 30})
+            assert r.status_code == 200, r.text
+            plan = r.json()
+            assert plan["success"] is True and plan["shift_id"].startswith("shift_")
+            assert plan["expected_phase_change"] < 0 and 0 <= plan["current_circadian_time"] < 24
+            assert "-" in plan["optimal_ct_window"] and plan["estimated_completion"].endswith("Z")
+            r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json={
+                "node_id": "pico_001", "shift_type": "delay", "magnitude_hours": 0.2})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "CONFLICT"
+            with trio.fail_after(90):
+                done = await next_event(ws, "phase_shift.complete")
+        assert done["shift_id"] == plan["shift_id"] and done["node_id"] == "pico_001"
+        data = done["data"]
+        assert data["target_shift_hours"] == 0.2 and data["duration_minutes"] == 30
+        # measured against an unpulsed twin: the pulse delayed the clock, as the PRC said
+        # (actual_shift_hours is the size of the shift when it went the asked way)
+        assert data["actual_shift_hours"] > 0.05 and data["efficiency"] > 0.25
+        assert data["efficiency"] == pytest.approx(data["actual_shift_hours"] / 0.2, abs=0.01)
+        events = (await client.get("/api/gateway/events", headers=AUTH, params={"family": "kaiabc"})).json()
+        assert any(e["type"] == "phase_shift.complete" for e in events["events"])
+
+
+async def test_prc_route(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        r = await client.get(f"{V1}/entrainment/prc", headers=AUTH, params={"resolution": 12})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["model"] == "standard" and doc["resolution"] == 12 and len(doc["data"]) == 12
+        assert doc["period_hours"] == pytest.approx(20.71, abs=0.01)
+        assert all(row["phase_shift_advance"] >= 0 >= row["phase_shift_delay"] for row in doc["data"])
+        assert max(row["phase_shift_advance"] for row in doc["data"]) > 0.05
+        assert min(row["phase_shift_delay"] for row in doc["data"]) < -0.1
+        r = await client.get(f"{V1}/entrainment/prc", headers=AUTH, params={"resolution": 2})
+        assert r.status_code == 400
