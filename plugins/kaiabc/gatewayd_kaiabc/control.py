@@ -171,7 +171,7 @@ class Control:
             raise invalid("initial_conditions", str(e)) from None
         state.fleet.reset(body.node_id, y)
         await state.save(body.node_id)
-        self.ctx.log.info("oscillator reset", node=body.node_id, reason=body.reason or "")
+        self.ctx.state.note("info", "oscillator reset", body.node_id, reason=body.reason or "")
         return {"success": True, "message": "Oscillator reset to initial conditions", "node_id": body.node_id,
                 "timestamp": iso(self.ctx.now()), "derived_not_set": derived}
 
@@ -223,7 +223,7 @@ class Control:
             await state.put_setting("etf", after.as_dict())
             if nodes:
                 await state.save(*nodes)
-        self.ctx.log.info("ETF parameters updated", node=body.node_id or "*", reason=body.reason or "")
+        self.ctx.state.note("info", "ETF parameters updated", body.node_id, reason=body.reason or "")
         return {"success": True, "message": "ETF parameters updated", "effective_timestamp": iso(self.ctx.now()),
                 "previous_parameters": before.document(), "new_parameters": after.document()}
 
@@ -416,7 +416,7 @@ class Control:
         old = state.fleet.filters[body.node_id]
         state.fleet.filters[body.node_id] = SensorKalmanFilter(old.process_noise, old.measurement_noise)
         await state.save(body.node_id)
-        self.ctx.log.info("filter reset", node=body.node_id, reason=body.reason or "")
+        self.ctx.state.note("info", "filter reset", body.node_id, reason=body.reason or "")
         return {"success": True, "message": "Kalman filter reset", "timestamp": iso(self.ctx.now())}
 
     # -- shared --------------------------------------------------------------------------

@@ -68,6 +68,9 @@ class Fleet:
         self._touched: set[int] = set()
         self.ticks = 0
         self.tick_seconds = 0.0
+        self.last_tick_at = 0.0  # trio clock
+        self.accepted_steps = 0
+        self.rejected_steps = 0
 
     # -- setup ------------------------------------------------------------------------
 
@@ -176,6 +179,7 @@ class Fleet:
         for k, s in enumerate(active):
             s.twin = y1[:, n + k].copy()
         self._advance_shifts(ct_before)
+        self.last_tick_at = trio.current_time()
         self.ticks += 1
         self.tick_seconds += seconds
 
@@ -203,8 +207,12 @@ class Fleet:
 
         clock = time.perf_counter()
         rates = stack.node_rates(RUST_2007, temps)
-        y1 = integrate_batch(y0, (0.0, dt_hours), rates, self.config).y_final
-        return y1, time.perf_counter() - clock
+        res = integrate_batch(y0, (0.0, dt_hours), rates, self.config)
+        self.accepted_steps += res.stats.accepted
+        self.rejected_steps += res.stats.rejected
+        if not np.all(np.isfinite(res.y_final)):
+            raise FloatingPointError("the integration gave a non-finite state")
+        return res.y_final, time.perf_counter() - clock
 
     # -- nodes ------------------------------------------------------------------------
 

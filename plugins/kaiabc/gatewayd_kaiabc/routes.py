@@ -5,6 +5,7 @@ README.md has the table and the decisions taken where the spec is silent."""
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, D
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
 from .control import Control
+from .ops import Ops
 from .ws import Socket
 from .engine import RUST_2007
 from .errors import Fail, SpecError, answer, invalid, iso
@@ -114,6 +116,7 @@ class Api:
 
     def __init__(self, ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
         self.ctx = ctx
+        self.sockets = 0  # open WebSockets
         config = ctx.config
         self.limits = {"ingestion": config.ingestion_per_minute, "query": config.queries_per_minute,
                        "configuration": config.configuration_per_minute}  # the spec's "Rate Limiting"
@@ -138,12 +141,14 @@ class Api:
               errors={404: "the node is not registered (NODE_NOT_FOUND)"})(self.history)
         Control(self).register(routes)
         Socket(self).register(routes)
+        Ops(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
         bp.register_error_handler(EncodingError, self.bad_encoding)
         bp.register_error_handler(AuthError, self.auth_failed)
         bp.register_error_handler(StorageFull, self.storage_full)
         bp.register_error_handler(StorageError, self.storage_error)
+        bp.before_request(self.started)
         bp.after_request(self.headers)
         return bp
 
@@ -286,6 +291,9 @@ class Api:
                                "next_cursor": repr(rows[-1][0]) if more and rows else None, "prev_cursor": None,
                                "total_count": total, "limit": query.limit}}
 
+    def time(self, text: str | None, field: str) -> float:
+        return _time(text, field, self.ctx.now())
+
     # -- who asks ---------------------------------------------------------------------------
 
     async def caller(self, node_id: str, cls: str) -> None:
@@ -321,7 +329,14 @@ class Api:
 
     # -- errors and headers -----------------------------------------------------------------
 
+    async def started(self) -> None:
+        g.kaiabc_started = time.perf_counter()
+
     async def headers(self, response: Response) -> Response:
+        state = self.ctx.state
+        state.requests += 1
+        state.errors += response.status_code >= 400
+        state.response_seconds += time.perf_counter() - getattr(g, "kaiabc_started", time.perf_counter())
         response.headers["X-API-Version"] = API_VERSION
         for name, value in getattr(g, "kaiabc_limit", {}).items():
             response.headers.setdefault(name, value)

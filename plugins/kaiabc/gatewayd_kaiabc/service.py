@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -62,7 +63,12 @@ class Kaiabc:
         self._node_lock = trio.Lock()
         self._reading_locks: dict[str, trio.Lock] = {}  # one node's readings are filtered in order
         self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
-        self.shift_log: list[dict[str, Any]] = []  # completed shifts (the spec's recent_shifts), newest last
+        self.shift_log: list[dict[str, Any]] = []
+        self.notes: deque[dict[str, Any]] = deque(maxlen=2000)  # GET /diagnostics/logs
+        self.diverged: dict[str, bool] = {}  # nodes whose filter diverged (FILTER_DIVERGENCE)
+        self.requests = 0
+        self.errors = 0
+        self.response_seconds = 0.0  # completed shifts (the spec's recent_shifts), newest last
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -174,6 +180,12 @@ class Kaiabc:
         self.store.add_history(rows)
         self.store.history.delete().where(self.store.history.ts < cutoff).execute()
 
+    def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
+        """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""
+        getattr(self.ctx.log, level)(message, node=node_id or "-", **details)
+        self.notes.append({"timestamp": self.ctx.now(), "level": level, "node_id": node_id, "message": message,
+                           "details": details})
+
     # -- nodes --------------------------------------------------------------------------
 
     def node(self, node_id: str) -> NodeInfo:
@@ -210,7 +222,7 @@ class Kaiabc:
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered")
             self.nodes[info.node_id] = info
             self.live_nodes.set(len(self.fleet.ids))
-            self.ctx.log.info("node registered", node=info.node_id, hardware=info.hardware_type)
+            self.note("info", "node registered", info.node_id, hardware_type=info.hardware_type)
             return new_key
 
     # -- readings -----------------------------------------------------------------------

@@ -57,11 +57,15 @@ class Socket:
         except LiveLimit as e:
             await websocket.close(4429, str(e)[:120])
             return
-        with sub:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._commands, sub, node)
-                await self._events(sub)
-                nursery.cancel_scope.cancel()
+        self.api.sockets += 1
+        try:
+            with sub:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._commands, sub, node)
+                    await self._events(sub)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.api.sockets -= 1
         await websocket.close(1001, "the gateway is shutting down")
 
     async def _who(self) -> tuple[str | None, str | None]:
