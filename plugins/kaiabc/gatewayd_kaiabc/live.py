@@ -364,12 +364,12 @@ class Fleet:
         return out
 
     def history_rows(self, now: float) -> list[tuple[Any, ...]]:
-        """(node_id, ts, c_t, c_st, c_s, koa, temperature_k) of every node, computed in one pass."""
+        """(node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) of every node, in one pass."""
         n = len(self.ids)
         y = self.y[:, :n]
         values = koa(y, RUST_2007.kaic_total)
         return list(zip(self.ids, [now] * n, y[0].tolist(), y[1].tolist(), y[2].tolist(), values.tolist(),
-                        self.temps[:n].tolist()))
+                        self.temps[:n].tolist(), self.sim_hours[:n].tolist()))
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
         return [tuple(self.row(node_id, now).values()) for node_id in self.ids]

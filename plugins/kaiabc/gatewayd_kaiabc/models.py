@@ -78,6 +78,7 @@ class History(Table):
     c_s = peewee.FloatField()
     koa = peewee.FloatField()
     temperature_k = peewee.FloatField()
+    sim_hours = peewee.FloatField(default=0.0)  # the node's simulated clock (periods are measured in it)
 
     class Meta:
         indexes = ((("node_id", "ts"), False), (("ts",), False))
@@ -154,10 +155,19 @@ class Store:
     # -- history --------------------------------------------------------------------
 
     def add_history(self, rows: list[tuple[Any, ...]]) -> None:
-        """Rows (node_id, ts, c_t, c_st, c_s, koa, temperature_k) in one statement."""
+        """Rows (node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) in one statement."""
         table = self.history._meta.table_name
         self.history._meta.database.connection().executemany(
-            f"INSERT INTO {table} (node_id, ts, c_t, c_st, c_s, koa, temperature_k) VALUES (?,?,?,?,?,?,?)", rows)
+            f"INSERT INTO {table} (node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) "
+            "VALUES (?,?,?,?,?,?,?,?)", rows)
+
+    def history_rows(self, node_id: str, start: float, end: float, after_id: int, limit: int) -> list[tuple[Any, ...]]:
+        """Raw rows (id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) oldest first, after row `after_id`."""
+        table = self.history._meta.table_name
+        return [tuple(r) for r in self.history._meta.database.connection().execute(
+            f"SELECT id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours FROM {table} "
+            "WHERE node_id = ? AND ts >= ? AND ts < ? AND id > ? ORDER BY id LIMIT ?",
+            (node_id, start, end, after_id, limit)).fetchall()]
 
     def history_page(self, node_id: str, start: float, end: float, resolution_s: float, limit: int,
                      after: float | None) -> tuple[list[tuple[float, ...]], bool, int]:

@@ -17,6 +17,7 @@ from quart.typing import ResponseReturnValue
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
+from .analytics import Analytics
 from .control import Control
 from .ops import Ops
 from .ws import Socket
@@ -142,6 +143,7 @@ class Api:
         Control(self).register(routes)
         Socket(self).register(routes)
         Ops(self).register(routes)
+        Analytics(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
         bp.register_error_handler(EncodingError, self.bad_encoding)

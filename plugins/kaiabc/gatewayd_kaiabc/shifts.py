@@ -38,7 +38,8 @@ class Shift:
     def summary(self, iso: Any) -> dict[str, Any]:
         """The spec's `recent_shifts` item (GET /analytics/entrainment-efficiency)."""
         efficiency = None if self.actual_hours is None else round(self.actual_hours / self.target_hours, 3)
-        return {"shift_id": self.shift_id, "timestamp": iso(self.requested_at), "type": self.shift_type,
+        return {"shift_id": self.shift_id, "node_id": self.node_id, "timestamp": iso(self.requested_at),
+                "type": self.shift_type,
                 "target_shift_hours": abs(self.target_hours),
                 "actual_shift_hours": None if self.actual_hours is None else round(abs(self.actual_hours), 3)
                 if self.actual_hours * self.target_hours > 0 else round(self.actual_hours, 3),
