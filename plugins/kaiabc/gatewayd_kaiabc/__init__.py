@@ -10,6 +10,7 @@ holds the details:
     service.py   `Kaiabc`, the plugin's state (`ctx.state`): nodes, readings, persistence
     live.py      `Fleet`: every node's live oscillator, advanced in one batch per tick
     routes.py    the HTTP API, one declared route per endpoint
+    intake.py    readings over MQTT and a UART
     control.py   reset, entrainment parameters, simulation, output, filter
     ws.py        the spec's WebSocket (`/v1/ws`) on the live hub
     errors.py    the spec's error object
@@ -21,10 +22,12 @@ from __future__ import annotations
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import CommandRegistry, ModelRegistry, PluginContext, TaskRegistry, hookimpl
+from gatewayd.plugins.api import (CommandRegistry, ModelRegistry, PluginContext, SerialRegistry, TaskRegistry,
+                                  TopicRegistry, hookimpl)
 
 from .commands import add_commands
 from .config import KaiabcConfig
+from .intake import Intake
 from .models import VERSION, named
 from .routes import Api
 from .service import Kaiabc
@@ -74,6 +77,25 @@ async def gatewayd_shutdown(ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
 @hookimpl
 def gatewayd_http_routes(ctx: PluginContext[KaiabcConfig, Kaiabc]) -> Blueprint:
     return Api(ctx).blueprint()
+
+
+# -- topics --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
+    # The spec's optional MQTT path: a node publishes its readings on its own topic (%u: its id).
+    topics.subscribe(f"{ctx.name}/sensors/+", Intake(ctx).on_mqtt, qos=1)
+    topics.acl(f"{ctx.name}/sensors/%u", "write")
+
+
+# -- serial --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_serial_links(links: SerialRegistry, ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
+    if ctx.config.serial is not None:  # a Pico on a UART: JSON lines, answered line by line
+        links.add("uart", ctx.config.serial, Intake(ctx).on_frame)
 
 
 # -- tasks ---------------------------------------------------------------------------

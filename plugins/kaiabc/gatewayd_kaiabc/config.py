@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from gatewayd.plugins.api import ConfigError
+from gatewayd.plugins.api import ConfigError, SerialSettings
 
 
 @dataclass
@@ -29,6 +29,8 @@ class KaiabcConfig:
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
     """History older than this is deleted."""
+    serial: SerialSettings | None = None
+    """A UART with Pico nodes on it (`[plugins.kaiabc.serial] port = "/dev/ttyACM0"`): JSON lines."""
     max_nodes: int = 20000
     """Registrations beyond this many nodes are refused (503)."""
     ingestion_per_minute: int = 100
