@@ -388,7 +388,10 @@ class Control:
         """A node's Kalman filter"""
         await self._reader(query.node_id)
         self.ctx.state.node(query.node_id)
-        return {"node_id": query.node_id, **self.ctx.state.fleet.filters[query.node_id].state()}
+        state = self.ctx.state
+        return {"node_id": query.node_id, **state.fleet.filters[query.node_id].state(),
+                "diverged": bool(state.diverged.get(query.node_id)),
+                "consecutive_outliers": state.outliers.get(query.node_id, 0)}
 
     async def filter_parameters(self, body: FilterBody) -> ResponseReturnValue:
         """Change a node's filter noise levels (the estimate is kept)"""
@@ -415,6 +418,7 @@ class Control:
         state.node(body.node_id)
         old = state.fleet.filters[body.node_id]
         state.fleet.filters[body.node_id] = SensorKalmanFilter(old.process_noise, old.measurement_noise)
+        state.filter_reset(body.node_id)
         await state.save(body.node_id)
         self.ctx.state.note("info", "filter reset", body.node_id, reason=body.reason or "")
         return {"success": True, "message": "Kalman filter reset", "timestamp": iso(self.ctx.now())}

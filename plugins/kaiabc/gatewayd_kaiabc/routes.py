@@ -218,7 +218,7 @@ class Api:
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
         accepted = result["accepted"] == 1
         return {"accepted": accepted, "filtered_value": result["latest_filtered"]["temperature_kelvin"],
-                "kalman_variance": result["kalman_variance"],
+                "kalman_variance": result["kalman_variance"], "filter_diverged": result["filter_diverged"],
                 "message": "Sensor data processed" if accepted else "not newer than the last reading: not stored"}
 
     async def batch(self, body: Batch) -> ResponseReturnValue:
@@ -235,7 +235,8 @@ class Api:
             readings.append(reading)
         result = await self.ctx.state.ingest(body.node_id, readings, "http")
         return {"accepted": result["accepted"], "rejected": result["rejected"],
-                "latest_filtered": result["latest_filtered"], "rejections": result["rejections"]}
+                "latest_filtered": result["latest_filtered"], "rejections": result["rejections"],
+                "filter_diverged": result["filter_diverged"]}
 
     # -- 2. oscillator ---------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from .live import Fleet
 from .models import NodeInfo, Store
 
 HUMIDITY_RANGE = (0.0, 100.0)
+OUTLIER_SIGMA = 5.0  # a temperature reading this many predicted standard deviations off is an outlier
+DIVERGED_AFTER = 5  # consecutive outliers: the filter diverged
 PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
 
 
@@ -66,6 +68,7 @@ class Kaiabc:
         self.shift_log: list[dict[str, Any]] = []
         self.notes: deque[dict[str, Any]] = deque(maxlen=2000)  # GET /diagnostics/logs
         self.diverged: dict[str, bool] = {}  # nodes whose filter diverged (FILTER_DIVERGENCE)
+        self.outliers: dict[str, int] = {}
         self.requests = 0
         self.errors = 0
         self.response_seconds = 0.0  # completed shifts (the spec's recent_shifts), newest last
@@ -225,6 +228,34 @@ class Kaiabc:
             self.note("info", "node registered", info.node_id, hardware_type=info.hardware_type)
             return new_key
 
+    # -- filter divergence ----------------------------------------------------------------
+
+    def _outlier(self, node_id: str, fil: Any, ts: float, temperature: float, count: int) -> int:
+        """The run of consecutive temperature readings beyond OUTLIER_SIGMA of the filter's prediction."""
+        if not fil.estimate()["temperature_kelvin"]:
+            return 0
+        fil.predict(ts)
+        spread = float(fil._p[0, 0]) + fil.measurement_noise["temperature"]
+        innovation = temperature - float(fil._x[0])
+        return count + 1 if innovation * innovation > OUTLIER_SIGMA ** 2 * spread else 0
+
+    async def _diverged(self, node_id: str, outliers: int) -> None:
+        """FILTER_DIVERGENCE: an alert event (stored, then live) until POST /filter/reset."""
+        self.diverged[node_id] = True
+        details = {"consecutive_outliers": outliers, "threshold_sigma": OUTLIER_SIGMA,
+                   "action": "POST /v1/filter/reset, or PUT /v1/filter/parameters with more process noise"}
+        self.note("warning", "Kalman filter diverged", node_id, code="FILTER_DIVERGENCE", **details)
+        await self.ctx.events.emit(node_id, "alert", {"code": "FILTER_DIVERGENCE", **details}, severity="warning")
+        now = self.ctx.now()
+        self.ctx.live.publish("alert", node_id, {
+            "event": "alert", "severity": "warning", "node_id": node_id, "timestamp": iso(now),
+            "message": "Kalman filter diverged: the readings left its prediction", "code": "FILTER_DIVERGENCE",
+            "details": details})
+
+    def filter_reset(self, node_id: str) -> None:
+        self.diverged.pop(node_id, None)
+        self.outliers.pop(node_id, None)
+
     # -- readings -----------------------------------------------------------------------
 
     async def ingest(self, node_id: str, readings: Sequence[Reading], via: str) -> dict[str, Any]:
@@ -248,11 +279,14 @@ class Kaiabc:
         rejected: list[dict[str, Any]] = []
         state: Mapping[str, Any] = fil.state()
         kept: list[Reading] = []
+        outliers = self.outliers.get(node_id, 0)
         for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
             if fil._t is not None and r.ts <= fil._t:
                 rejected.append({"index": i, "reason": "not newer than the last reading filtered"})
                 continue
             kept.append(r)
+            if r.temperature_k is not None:
+                outliers = self._outlier(node_id, fil, r.ts, r.temperature_k + offset, outliers)
             values = {"temperature_kelvin": None if r.temperature_k is None else r.temperature_k + offset,
                       "humidity_percent": None if r.humidity_percent is None else r.humidity_percent + hum_offset,
                       "pressure_pa": r.pressure_pa}
@@ -267,6 +301,9 @@ class Kaiabc:
             await self.ctx.ingest.records(records, family_rows=lambda: self.store.add_readings(rows))
             self.fleet.filtered(node_id, fil, now)
             self.readings.inc(len(records), via=via)
+            self.outliers[node_id] = outliers
+            if outliers >= DIVERGED_AFTER and not self.diverged.get(node_id):
+                await self._diverged(node_id, outliers)
             last = rows[-1]
             cov = fil.state()["covariance_matrix"]
             self.ctx.live.publish("sensors_reading", node_id, {
@@ -280,4 +317,5 @@ class Kaiabc:
         if cov:
             variance = float(cov[0][0])
         return {"accepted": len(records), "rejected": len(rejected), "rejections": rejected,
+                "filter_diverged": bool(self.diverged.get(node_id)),
                 "latest_filtered": estimate, "kalman_variance": variance}

@@ -223,3 +223,27 @@ async def test_history_downsampled_and_paginated(gateway_factory):
         error(await client.get(f"{V1}/oscillator/history", headers=node,
                                params={"node_id": "pico_001", "start_time": "2030-01-01T00:00:00Z",
                                        "end_time": "2029-01-01T00:00:00Z"}), 400, "INVALID_PARAMETER")
+
+
+async def test_filter_divergence_is_detected_alerted_and_reset(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        key = await register(client)
+        steady = [{"timestamp": f"2025-10-06T12:00:{s:02d}Z", "temperature_kelvin": 300.0 + 0.01 * (s % 2)}
+                  for s in range(10)]
+        r = await client.post(f"{V1}/sensors/batch", headers={"X-API-Key": key},
+                              json={"node_id": "pico_001", "readings": steady})
+        assert r.json()["filter_diverged"] is False
+        # a sensor swinging 10 K between readings: far outside what the filter predicts, every time
+        wild = [{"timestamp": f"2025-10-06T12:01:{s:02d}Z", "temperature_kelvin": 295.0 + 10 * (s % 2)}
+                for s in range(6)]
+        r = await client.post(f"{V1}/sensors/batch", headers={"X-API-Key": key},
+                              json={"node_id": "pico_001", "readings": wild})
+        assert r.json()["accepted"] == 6 and r.json()["filter_diverged"] is True  # stored all the same
+        doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+        assert doc["diverged"] is True and doc["consecutive_outliers"] >= 5
+        events = (await client.get("/api/gateway/events", headers=AUTH, params={"family": "kaiabc"})).json()
+        [alert] = [e for e in events["events"] if e["type"] == "alert"]
+        assert alert["data"]["code"] == "FILTER_DIVERGENCE" and alert["severity"] == "warning"
+        await client.post(f"{V1}/filter/reset", headers=AUTH, json={"node_id": "pico_001"})
+        doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+        assert doc["diverged"] is False and doc["consecutive_outliers"] == 0
