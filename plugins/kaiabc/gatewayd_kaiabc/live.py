@@ -24,6 +24,8 @@ from .engine import (RUST_2007, EtfParameters, LimitCycle, ModelStack, PwmMappin
 from .engine.timebase import circadian_time
 from .shifts import Shift, ct_reached, measured
 
+DEFAULT_ETF = EtfParameters()
+DEFAULT_MAPPING = PwmMapping()
 SPEC_STATE = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex")
 
 
@@ -314,9 +316,9 @@ class Fleet:
         """What a node was set to, when it differs from the defaults."""
         i = self.index[node_id]
         out: dict[str, Any] = {}
-        if self.etfs[i] != EtfParameters():
+        if self.etfs[i] != DEFAULT_ETF:
             out["etf"] = self.etfs[i].as_dict()
-        if self.mappings[i] != PwmMapping():
+        if self.mappings[i] != DEFAULT_MAPPING:
             out["mapping"] = asdict(self.mappings[i])
         if node_id in self.overrides:
             out["override"] = list(self.overrides[node_id])
@@ -343,24 +345,35 @@ class Fleet:
             idx = np.asarray(members)
             phase[idx] = found[0].phase_of(y[:, idx])
             normalized[idx] = koa_normalized(values[idx], *found[1])
+        duties = np.zeros(n, dtype=int)
+        by_mapping: dict[PwmMapping, list[int]] = {}
+        for i, mapping in enumerate(self.mappings[:n]):
+            by_mapping.setdefault(mapping, []).append(i)
+        for mapping, members in by_mapping.items():  # one vectorised call per distinct mapping
+            duties[members] = mapping.pwm(normalized[members])
+        for node_id, (pwm, expires, _) in self.overrides.items():
+            if expires > now:
+                duties[self.index[node_id]] = pwm
+        cts = np.round(24.0 * phase, 4).tolist()
+        phases = np.round(phase, 4).tolist()
+        metrics = np.round(normalized, 4).tolist()
+        c_st, free = np.round(y[1], 6).tolist(), np.round(a_free, 6).tolist()
         out: list[tuple[str, str, dict[str, Any]]] = []
+        last = self._last_duty
         for i, node_id in enumerate(self.ids):
-            ph = None if math.isnan(phase[i]) else round(float(phase[i]), 4)
-            metric = round(float(normalized[i]), 4)
+            ph = None if phases[i] != phases[i] else phases[i]  # NaN: no cycle yet
             out.append(("oscillator_state", node_id, {
                 "event": "oscillator.state", "node_id": node_id, "timestamp": now_iso, "data": {
-                    "circadian_time": None if ph is None else round(24.0 * ph, 4), "phase": ph,
-                    "state_variables": {"C_ST": round(float(y[1, i]), 6), "A_free": round(float(a_free[i]), 6)},
-                    "koa_metric": metric}}))
-            override = self.overrides.get(node_id)
-            live_override = override is not None and override[1] > now
-            duty = override[0] if override is not None and live_override else int(self.mappings[i].pwm(metric))
-            if self._last_duty.get(node_id) != duty:
-                self._last_duty[node_id] = duty
+                    "circadian_time": None if ph is None else cts[i], "phase": ph,
+                    "state_variables": {"C_ST": c_st[i], "A_free": free[i]}, "koa_metric": metrics[i]}}))
+            duty = int(duties[i])
+            if last.get(node_id) != duty:
+                last[node_id] = duty
+                override = self.overrides.get(node_id)
                 out.append(("output_pwm", node_id, {
                     "event": "output.pwm", "node_id": node_id, "timestamp": now_iso, "data": {
-                        "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1), "koa_source": metric,
-                        "manual_override": live_override}}))
+                        "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1),
+                        "koa_source": metrics[i], "manual_override": override is not None and override[1] > now}}))
         return out
 
     def history_rows(self, now: float) -> list[tuple[Any, ...]]:

@@ -11,8 +11,8 @@ from trio_websocket import ConnectionClosed, open_websocket_url
 from gatewayd.testing import gw_client, gw_url
 
 
-async def next_event(ws, name):
-    with trio.fail_after(10):
+async def next_event(ws, name, timeout=10):
+    with trio.fail_after(timeout):
         while True:
             doc = json.loads(await ws.get_message())
             if doc.get("event") == name:
@@ -101,8 +101,7 @@ async def test_a_phase_shift_is_applied_tracked_and_completed(gateway_factory):
             r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json={
                 "node_id": "pico_001", "shift_type": "delay", "magnitude_hours": 0.2})
             assert r.status_code == 409 and r.json()["error"]["code"] == "CONFLICT"
-            with trio.fail_after(90):
-                done = await next_event(ws, "phase_shift.complete")
+            done = await next_event(ws, "phase_shift.complete", timeout=90)
         assert done["shift_id"] == plan["shift_id"] and done["node_id"] == "pico_001"
         data = done["data"]
         assert data["target_shift_hours"] == 0.2 and data["duration_minutes"] == 30
