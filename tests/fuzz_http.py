@@ -452,6 +452,8 @@ CATALOGUE: dict[str, Route] = {
                                                                               "shift_id": "type"}),
     "/kaiabc/v1/analytics/export": Route(admin=False, query={"node_id": "device", "start_time": "time",
                                                              "end_time": "time", "format": "type"}),
+    "/kaiabc/v1/auth/tokens": Route(body={"!name": "text", "!role": "text", "ttl_days": "positive"}),
+    "/kaiabc/v1/auth/tokens/<name>": Route(params={"name": "file"}),
     "/kaiabc/v1/simulation/config": Route(body={"tolerance": "object", "max_step_size": "positive",
                                                 "solver_type": "text"}),
     "/kaiabc/v1/simulation/pause": Route(body={"node_id": "device", "reason": "text"}),

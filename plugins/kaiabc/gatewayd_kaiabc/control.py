@@ -156,7 +156,7 @@ class Control:
 
     async def reset(self, body: ResetBody) -> ResponseReturnValue:
         """Reset a node's oscillator to initial conditions (default: the spec's, all unphosphorylated)"""
-        await self.api.person("configuration")
+        await self.api.person("configuration", "researcher")
         state = self.ctx.state
         state.node(body.node_id)
         given = {k: v for k, v in msgspec.structs.asdict(body.initial_conditions or InitialConditions()).items()
@@ -194,7 +194,7 @@ class Control:
 
     async def put_etf(self, body: EtfBody) -> ResponseReturnValue:
         """Change ETF parameters: merged into the current ones (null restores a default)"""
-        await self.api.person("configuration")
+        await self.api.person("configuration", "researcher")
         state = self.ctx.state
         before = self._etf_of(body.node_id)
         patch: dict[str, Any] = dict(body.parameters)
@@ -229,7 +229,7 @@ class Control:
 
     async def phase_shift(self, body: PhaseShiftBody) -> ResponseReturnValue:
         """Shift a node's live oscillator with a temperature step given at the PRC's best time"""
-        await self.api.person("configuration")
+        await self.api.person("configuration", "researcher")
         state = self.ctx.state
         state.node(body.node_id)
         if body.temperature_delta_kelvin == 0:
@@ -293,7 +293,7 @@ class Control:
 
     async def put_solver(self, body: dict[str, Any]) -> ResponseReturnValue:
         """Change the solver configuration (from the next tick; no restart)"""
-        await self.api.person("configuration")
+        await self.api.person("configuration", "researcher")
         fleet = self.ctx.state.fleet
         try:
             config = SolverConfig.from_spec({k: v for k, v in body.items() if k != "performance_metrics"},
@@ -317,7 +317,7 @@ class Control:
         return await self._pause(body, False)
 
     async def _pause(self, body: PauseBody, paused: bool) -> ResponseReturnValue:
-        await self.api.person("configuration")
+        await self.api.person("configuration", "researcher")
         state = self.ctx.state
         nodes = [body.node_id] if body.node_id is not None else list(state.fleet.ids)
         for n in nodes:

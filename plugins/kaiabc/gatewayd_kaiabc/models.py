@@ -84,6 +84,16 @@ class History(Table):
         indexes = ((("node_id", "ts"), False), (("ts",), False))
 
 
+class Token(Table):
+    """A person's or an app's token with a role (POST /v1/auth/tokens): only its SHA-256 is kept."""
+
+    name = peewee.CharField(max_length=64, primary_key=True)
+    role = peewee.CharField(max_length=16)
+    digest = peewee.CharField(max_length=64, unique=True)
+    created_at = peewee.FloatField()
+    expires_at = peewee.FloatField()
+
+
 class Setting(Table):
     """The site's settings (the default ETF, the solver configuration), as JSON."""
 
@@ -91,7 +101,7 @@ class Setting(Table):
     value = peewee.TextField()
 
 
-TABLES = (Node, Oscillator, Reading, History, Setting)
+TABLES = (Node, Oscillator, Reading, History, Token, Setting)
 HISTORY_COLUMNS = ("c_t", "c_st", "c_s", "koa", "temperature_k")
 
 
@@ -121,6 +131,7 @@ class Store:
     def __init__(self) -> None:
         self.node, self.oscillator, self.reading, self.setting = Node, Oscillator, Reading, Setting
         self.history = History
+        self.token = Token
 
     # -- nodes ----------------------------------------------------------------------
 
@@ -185,6 +196,21 @@ class Store:
             f"FROM {table} WHERE node_id = ? AND ts >= ? AND ts < ? GROUP BY {bucket} ORDER BY {bucket} LIMIT ?",
             (node_id, lower, end, limit + 1)).fetchall()
         return [tuple(r) for r in rows[:limit]], len(rows) > limit, int(total)
+
+    # -- tokens ---------------------------------------------------------------------
+
+    def tokens(self) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = list(self.token.select().order_by(self.token.name).dicts())  # type: ignore[arg-type]
+        return rows
+
+    def add_token(self, name: str, role: str, digest: str, created_at: float, expires_at: float) -> bool:
+        if self.token.get_or_none(self.token.name == name) is not None:
+            return False
+        self.token.create(name=name, role=role, digest=digest, created_at=created_at, expires_at=expires_at)
+        return True
+
+    def revoke_token(self, name: str) -> bool:
+        return bool(self.token.delete().where(self.token.name == name).execute())
 
     # -- settings -------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, D
 from .analytics import Analytics
 from .control import Control
 from .ops import Ops
+from .people import ROLES, People
 from .ws import Socket
 from .engine import RUST_2007
 from .errors import Fail, SpecError, answer, invalid, iso
@@ -41,6 +42,7 @@ NODE_OR_PERSON = AuthScheme({**DeviceAuth.api_key().security_schemes, **ADMIN_TO
                              403: "a node's key used for another node (PERMISSION_DENIED)",
                              429: "too many requests (RATE_LIMIT_EXCEEDED)"}, either=True)
 PERSON = AuthScheme(ADMIN_TOKEN.security_schemes, {401: "missing or wrong token (AUTHENTICATION_FAILED)",
+                                                   403: "the token's role may not do this (PERMISSION_DENIED)",
                                                    429: "too many requests (RATE_LIMIT_EXCEEDED)"})
 
 
@@ -118,6 +120,7 @@ class Api:
     def __init__(self, ctx: PluginContext[KaiabcConfig, Kaiabc]) -> None:
         self.ctx = ctx
         self.sockets = 0  # open WebSockets
+        self.person_auth = PERSON
         config = ctx.config
         self.limits = {"ingestion": config.ingestion_per_minute, "query": config.queries_per_minute,
                        "configuration": config.configuration_per_minute}  # the spec's "Rate Limiting"
@@ -144,6 +147,7 @@ class Api:
         Socket(self).register(routes)
         Ops(self).register(routes)
         Analytics(self).register(routes)
+        People(self).register(routes)
         bp.register_error_handler(Fail, self.failed)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
         bp.register_error_handler(EncodingError, self.bad_encoding)
@@ -315,11 +319,23 @@ class Api:
             raise e from None
         self.limit(node_id, cls)
 
-    async def person(self, cls: str) -> None:
-        if self.ctx.http.require_admin() is not None:
+    async def person(self, cls: str, role: str | None = None) -> None:
+        """A person or an app: the gateway's admin token, or a token with a role (people.py) of at
+        least `role` (default: observer for queries, admin for the rest)."""
+        need = role or ("observer" if cls == "query" else "admin")
+        if self.ctx.http.require_admin() is None:
+            self.limit("person:admin", cls)
+            return
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        found = self.ctx.state.tokens.role_of(value.strip(), self.ctx.now()) if scheme.lower() == "bearer" else None
+        if found is None:
             raise Fail(401, "AUTHENTICATION_FAILED", "this route needs a person's token: Authorization: Bearer "
-                       "<admin token>")
-        self.limit("person:admin", cls)
+                       "<admin token, or a token from POST /v1/auth/tokens>")
+        name, have = found
+        if ROLES.index(have) < ROLES.index(need):
+            raise Fail(403, "PERMISSION_DENIED", f"the role {have} may not do this; it needs {need}",
+                       {"role": have, "required_role": need})
+        self.limit(f"person:{name}", cls)
 
     def limit(self, key: str, cls: str) -> None:
         decision = self.ctx.ratelimit.check(key, cls)

@@ -21,6 +21,7 @@ from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
 from .live import Fleet
+from .people import Tokens
 from .models import NodeInfo, Store
 
 HUMIDITY_RANGE = (0.0, 100.0)
@@ -69,6 +70,7 @@ class Kaiabc:
         self.notes: deque[dict[str, Any]] = deque(maxlen=2000)  # GET /diagnostics/logs
         self.diverged: dict[str, bool] = {}  # nodes whose filter diverged (FILTER_DIVERGENCE)
         self.outliers: dict[str, int] = {}
+        self.tokens = Tokens()
         self.requests = 0
         self.errors = 0
         self.response_seconds = 0.0  # completed shifts (the spec's recent_shifts), newest last
@@ -86,6 +88,7 @@ class Kaiabc:
         if "solver" in settings:
             self.fleet.config = SolverConfig.from_spec(settings["solver"])
         await self.fleet.prepare()
+        self.tokens.load(await self.ctx.storage.read(self.store.tokens))
         self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
         for row in await self.ctx.storage.read(self.store.oscillators):
             if row["node_id"] in self.nodes:

@@ -4,7 +4,7 @@ A client subscribes by message, `{"action": "subscribe", "streams":
 ["oscillator.state.pico_001", "sensors.temperature.pico_001", "output.koa.pico_001"]}`
 (and `"unsubscribe"`), and receives the spec's events one per frame: `oscillator.state`,
 `sensors.reading`, `output.pwm`, `alert`, `phase_shift.complete`. A person (the admin
-token) may watch every node, `*` for all; a node (its `X-API-Key`) only itself. At most
+token, or any role's token) may watch every node, `*` for all; a node (its `X-API-Key`) only itself. At most
 5 connections per client (the hub's `live.per_token`, the spec's limit): the sixth is
 closed with 4429.
 """
@@ -79,7 +79,9 @@ class Socket:
             return f"node:{device.id}", device.id
         if self.ctx.http.require_admin() is None:
             return "person:admin", None
-        return None, None
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        found = self.ctx.state.tokens.role_of(value.strip(), self.ctx.now()) if scheme.lower() == "bearer" else None
+        return (f"person:{found[0]}", None) if found is not None else (None, None)
 
     async def _events(self, sub: Subscription) -> None:
         while True:
