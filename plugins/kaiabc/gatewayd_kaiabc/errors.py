@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 import msgspec
-from quart import jsonify
+from quart import has_request_context, jsonify, request
 from quart.typing import ResponseReturnValue
 
 CODES = ("INVALID_PARAMETER", "NODE_NOT_FOUND", "NODE_OFFLINE", "ODE_INSTABILITY", "FILTER_DIVERGENCE",
@@ -28,6 +28,8 @@ class SpecErrorDetail(msgspec.Struct, omit_defaults=True):
     request_id: str
     details: dict[str, Any] | None = None
     retry_after_seconds: int | None = None
+    path: str | None = None  # the spec's "Detailed Error Response"
+    method: str | None = None
 
 
 class SpecError(msgspec.Struct):
@@ -61,7 +63,9 @@ def request_id() -> str:
 
 
 def answer(e: Fail, now: float) -> ResponseReturnValue:
-    body = SpecError(SpecErrorDetail(e.status, e.code, e.message, iso(now), request_id(), e.details, e.retry_after_s))
+    body = SpecError(SpecErrorDetail(e.status, e.code, e.message, iso(now), request_id(), e.details, e.retry_after_s,
+                                     request.path if has_request_context() else None,
+                                     request.method if has_request_context() else None))
     response = jsonify(msgspec.to_builtins(body))
     response.status_code = e.status
     response.headers.update(e.headers)

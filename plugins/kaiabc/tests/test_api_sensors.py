@@ -129,6 +129,7 @@ async def test_bad_readings_are_400_invalid_parameter_and_store_nothing(gateway_
                               json={"node_id": "pico_001", **reading})
         body = error(r, 400, "INVALID_PARAMETER")
         assert parameter in body["details"]["parameter"]
+        assert (body["path"], body["method"]) == (f"{V1}/sensors/temperature", "POST")
         if reading["temperature_kelvin"] in (400.0, 200.0):
             assert body["details"] == {"parameter": "temperature_kelvin", "provided": reading["temperature_kelvin"],
                                        "valid_range": [273.15, 323.15]}
