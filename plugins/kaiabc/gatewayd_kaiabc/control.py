@@ -132,25 +132,26 @@ class Control:
 
     def register(self, r: Routes) -> None:
         ok: dict[int, Any] = {200: ANY_OBJECT}
-        r.post("/v1/oscillator/reset", body=ResetBody, responses=ok, errors=NODE_404)(self.reset)
+        person = self.api.person_auth
+        r.post("/v1/oscillator/reset", body=ResetBody, auth=person, responses=ok, errors=NODE_404)(self.reset)
         r.get("/v1/entrainment/parameters", query=NodeQuery, responses=ok, errors=NODE_404)(self.etf)
-        r.put("/v1/entrainment/parameters", body=EtfBody, responses=ok,
+        r.put("/v1/entrainment/parameters", body=EtfBody, auth=person, responses=ok,
               errors={**NODE_404, 422: "the model does not oscillate with these parameters (ODE_INSTABILITY)"}
               )(self.put_etf)
-        r.post("/v1/entrainment/phase-shift", body=PhaseShiftBody, responses=ok,
+        r.post("/v1/entrainment/phase-shift", body=PhaseShiftBody, auth=person, responses=ok,
                errors={**NODE_404, 409: "a shift of this node is under way (CONFLICT)",
                        422: "no circadian time gives that shift with this pulse (INVALID_PARAMETER)"})(self.phase_shift)
         r.get("/v1/entrainment/prc", query=PrcQuery, responses=ok, errors=NODE_404)(self.prc)
-        r.get("/v1/simulation/config", responses=ok)(self.solver)
-        r.put("/v1/simulation/config", body=ANY_OBJECT, responses=ok)(self.put_solver)
-        r.post("/v1/simulation/pause", body=PauseBody, responses=ok, errors=NODE_404)(self.pause)
-        r.post("/v1/simulation/resume", body=PauseBody, responses=ok, errors=NODE_404)(self.resume)
+        r.get("/v1/simulation/config", auth=person, responses=ok)(self.solver)
+        r.put("/v1/simulation/config", body=ANY_OBJECT, auth=person, responses=ok)(self.put_solver)
+        r.post("/v1/simulation/pause", body=PauseBody, auth=person, responses=ok, errors=NODE_404)(self.pause)
+        r.post("/v1/simulation/resume", body=PauseBody, auth=person, responses=ok, errors=NODE_404)(self.resume)
         r.get("/v1/output/koa", query=NodeQuery, responses=ok, errors=NODE_404)(self.koa)
-        r.put("/v1/output/mapping", body=MappingBody, responses=ok, errors=NODE_404)(self.mapping)
-        r.post("/v1/output/manual-override", body=OverrideBody, responses=ok, errors=NODE_404)(self.override)
+        r.put("/v1/output/mapping", body=MappingBody, auth=person, responses=ok, errors=NODE_404)(self.mapping)
+        r.post("/v1/output/manual-override", body=OverrideBody, auth=person, responses=ok, errors=NODE_404)(self.override)
         r.get("/v1/filter/state", query=NodeRequired, responses=ok, errors=NODE_404)(self.filter_state)
-        r.put("/v1/filter/parameters", body=FilterBody, responses=ok, errors=NODE_404)(self.filter_parameters)
-        r.post("/v1/filter/reset", body=FilterReset, responses=ok, errors=NODE_404)(self.filter_reset)
+        r.put("/v1/filter/parameters", body=FilterBody, auth=person, responses=ok, errors=NODE_404)(self.filter_parameters)
+        r.post("/v1/filter/reset", body=FilterReset, auth=person, responses=ok, errors=NODE_404)(self.filter_reset)
 
     # -- 2. reset ------------------------------------------------------------------------
 

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 import trio
 from msgspec import Meta, Struct
+from quart import request
 from quart.typing import ResponseReturnValue
 
 from .engine.kalman import DEFAULT_MEASUREMENT_NOISE, DEFAULT_PROCESS_NOISE
-from .errors import invalid, iso
+from .errors import Fail, invalid, iso
 from .service import Reading, check_reading
 
 if TYPE_CHECKING:
@@ -82,13 +83,14 @@ class Ops:
 
     def register(self, r: Routes) -> None:
         ok: dict[int, Any] = {200: dict[str, Any]}
+        person = self.api.person_auth
         r.post("/v1/bulk/sensor-readings", body=BulkReadings, responses=ok)(self.bulk_readings)
         r.post("/v1/bulk/oscillator-states", body=BulkStates, responses=ok)(self.bulk_states)
-        r.get("/v1/diagnostics/performance", responses=ok)(self.performance)
-        r.get("/v1/diagnostics/logs", query=LogsQuery, responses=ok)(self.logs)
-        r.post("/v1/diagnostics/health-check", body=HealthCheck, responses=ok)(self.health_check)
+        r.get("/v1/diagnostics/performance", responses=ok, auth=person)(self.performance)
+        r.get("/v1/diagnostics/logs", query=LogsQuery, responses=ok, auth=person)(self.logs)
+        r.post("/v1/diagnostics/health-check", body=HealthCheck, responses=ok, auth=person)(self.health_check)
         r.get("/v1/config/templates", query=TemplatesQuery, responses=ok, auth=None)(self.templates)
-        r.post("/v1/config/validate", body=ValidateBody, responses=ok)(self.validate)
+        r.post("/v1/config/validate", body=ValidateBody, responses=ok, auth=person)(self.validate)
 
     # -- 9. bulk -------------------------------------------------------------------------
 
@@ -144,11 +146,14 @@ class Ops:
         return {"states": states, "timestamp": iso(now)}
 
     async def _who(self, nodes: set[str], cls: str) -> None:
-        """A person for any nodes; a node only for itself."""
-        if len(nodes) == 1:
-            await self.api.caller(next(iter(nodes)), cls)
-        else:
+        """A person for any nodes; a node (its X-API-Key) only for itself."""
+        if request.headers.get("X-API-Key") is None and request.headers.get("Authorization") is not None:
             await self.api.person(cls)
+            return
+        device = await self.api.node_key(None, cls)
+        if nodes != {device}:
+            raise Fail(403, "PERMISSION_DENIED", f"node {device!r} may send and ask only for itself",
+                       {"parameter": "node_id"})
 
     # -- 10. diagnostics -----------------------------------------------------------------
 

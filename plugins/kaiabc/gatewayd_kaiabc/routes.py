@@ -310,14 +310,17 @@ class Api:
         else:
             await self.person(cls)
 
-    async def node_key(self, node_id: str, cls: str) -> None:
+    async def node_key(self, node_id: str | None, cls: str) -> str:
+        """The node of the X-API-Key (which must be `node_id`'s when given); rate limited as it."""
         try:
-            await self.ctx.auth.api_key(request.headers, request.remote_addr, device_id=node_id)
+            device = await self.ctx.auth.api_key(request.headers, request.remote_addr, device_id=node_id)
         except AuthError as e:
-            if e.status == 401 and request.headers.get("X-API-Key") and await self.ctx.devices.get(node_id) is None:
+            if e.status == 401 and request.headers.get("X-API-Key") and node_id is not None \
+                    and await self.ctx.devices.get(node_id) is None:
                 e = AuthError(401, f"no node {node_id!r} holds this key")
             raise e from None
-        self.limit(node_id, cls)
+        self.limit(device.id, cls)
+        return device.id
 
     async def person(self, cls: str, role: str | None = None) -> None:
         """A person or an app: the gateway's admin token, or a token with a role (people.py) of at

@@ -34,7 +34,7 @@ async def test_bulk_readings_and_states(gateway_factory):
         r = await client.post(f"{V1}/bulk/sensor-readings", headers={"X-API-Key": key}, json={"readings": [
             {"node_id": "pico_001", "timestamp": "2025-10-06T12:00:03Z", "temperature_kelvin": 298.7},
             {"node_id": "elm11_002", "timestamp": "2025-10-06T12:00:03Z", "temperature_kelvin": 298.7}]})
-        error(r, 401, "AUTHENTICATION_FAILED")
+        error(r, 403, "PERMISSION_DENIED")
 
         r = await client.post(f"{V1}/bulk/oscillator-states", headers=AUTH,
                               json={"node_ids": ["pico_001", "elm11_002", "pico_003"], "detail_level": "minimal"})
