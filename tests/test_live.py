@@ -262,3 +262,27 @@ async def test_require_admin_on_a_plugin_websocket_handshake(gateway_factory):
         for headers in ([], [("Authorization", "Bearer wrong")]):
             async with open_websocket_url(url, extra_headers=headers) as ws:
                 assert await ws.get_message() == "denied"
+
+
+class Crashing:
+    """A plugin WebSocket route that raises before its handshake."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("crash", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            raise RuntimeError("boom in a websocket route")
+
+        return bp
+
+
+async def test_an_error_in_a_plugin_websocket_route_is_logged_as_itself(gateway_factory, caplog):
+    async with gateway_factory(plugins=[("crash", Crashing())]) as gw:
+        url = gw_url(gw).replace("http://", "ws://") + "/crash/ws"
+        with pytest.raises(Exception):
+            async with open_websocket_url(url) as ws:
+                await ws.get_message()
+    logged = [r for r in caplog.records if "unhandled error in request" in r.getMessage()]
+    assert logged and "boom in a websocket route" in (logged[0].exc_text or "")

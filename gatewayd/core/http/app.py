@@ -163,7 +163,8 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
 
     @app.errorhandler(Exception)
     async def _crash(e: Exception) -> Response:
-        log.exception("unhandled error in request", path=request.path)
+        # On a WebSocket there is no request context: request.path would raise here and hide e.
+        log.exception("unhandled error in request", path=websocket.path if has_websocket_context() else request.path)
         return error_response(500, "internal error; see the gateway log")
 
     return app
