@@ -326,11 +326,15 @@ class Fleet:
 
     def live_events(self, now: float, now_iso: str) -> list[tuple[str, str, dict[str, Any]]]:
         """The spec's `oscillator.state` of every node, and `output.pwm` of those whose duty changed
-        since the last call: (hub kind, node, event). Phases in one KD-tree query per ETF."""
-        n = len(self.ids)
+        since the last call: (hub kind, node, event). Phases in one KD-tree query per ETF.
+
+        Safe on a worker thread while the trio thread goes on: it works on copies (a node added
+        meanwhile waits for the next call)."""
+        ids = list(self.ids)
+        n = len(ids)
         if n == 0:
             return []
-        y = self.y[:, :n]
+        y = self.y[:, :n].copy()
         values = koa(y, RUST_2007.kaic_total)
         a_free = np.maximum(RUST_2007.kaia_total - RUST_2007.sequestration * y[2], 0.0)
         phase = np.full(n, np.nan)
@@ -351,8 +355,8 @@ class Fleet:
             by_mapping.setdefault(mapping, []).append(i)
         for mapping, members in by_mapping.items():  # one vectorised call per distinct mapping
             duties[members] = mapping.pwm(normalized[members])
-        for node_id, (pwm, expires, _) in self.overrides.items():
-            if expires > now:
+        for node_id, (pwm, expires, _) in list(self.overrides.items()):
+            if expires > now and self.index.get(node_id, n) < n:
                 duties[self.index[node_id]] = pwm
         cts = np.round(24.0 * phase, 4).tolist()
         phases = np.round(phase, 4).tolist()
@@ -360,7 +364,7 @@ class Fleet:
         c_st, free = np.round(y[1], 6).tolist(), np.round(a_free, 6).tolist()
         out: list[tuple[str, str, dict[str, Any]]] = []
         last = self._last_duty
-        for i, node_id in enumerate(self.ids):
+        for i, node_id in enumerate(ids):
             ph = None if phases[i] != phases[i] else phases[i]  # NaN: no cycle yet
             out.append(("oscillator_state", node_id, {
                 "event": "oscillator.state", "node_id": node_id, "timestamp": now_iso, "data": {
