@@ -28,6 +28,7 @@ Number = Annotated[float, Meta(ge=-1e12, le=1e12)]
 Component = Literal["database", "oscillator", "network", "filter"]
 COMPONENTS: tuple[Component, ...] = ("database", "oscillator", "network", "filter")
 LEVELS = ("debug", "info", "warning", "error")
+BULK_MAX = 250  # readings or node ids per bulk request: the largest such body stays well under 64 KiB
 
 
 class BulkReading(Struct, kw_only=True, forbid_unknown_fields=True):
@@ -42,11 +43,11 @@ class BulkReading(Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 class BulkReadings(Struct, forbid_unknown_fields=True):
-    readings: Annotated[list[BulkReading], Meta(min_length=1, max_length=10_000)]
+    readings: Annotated[list[BulkReading], Meta(min_length=1, max_length=BULK_MAX)]
 
 
 class BulkStates(Struct, forbid_unknown_fields=True):
-    node_ids: Annotated[list[NodeId], Meta(min_length=1, max_length=10_000)]
+    node_ids: Annotated[list[NodeId], Meta(min_length=1, max_length=BULK_MAX)]
     detail_level: Literal["minimal", "standard", "full"] = "standard"
 
 
