@@ -238,6 +238,19 @@ async def test_recent_lookups_of_one_device_at_once_share_one_read(tmp_path, mon
             await trio.sleep(0.01)
             await reg.disable("paku", "p1")
         assert (await reg.recent("paku", "p1", 60)).status == "disabled"
+        # Many waiting on a read that a write overtakes (so it caches nothing): one of
+        # them reads again while the others wait for it (before, each woken waiter began
+        # a read of its own, and the second to finish failed with a KeyError: paku's
+        # bench lost a message to it).
+        reads, found = 0, []
+        async with trio.open_nursery() as nursery:
+            reg._recent.clear()
+            for _ in range(20):
+                nursery.start_soon(lambda: _append(found, reg.recent("paku", "p1", 60)))
+            await trio.sleep(0.01)
+            await reg.update("paku", "p1", name="lamp")
+        assert len(found) == 20 and {d.id for d in found} == {"p1"}
+        assert reads == 2 and not reg._loading
         # Last-seen times (presence, every few seconds) do not empty the cache.
         reads = 0
         await reg.record_seen({("paku", "p1"): 1.0})
