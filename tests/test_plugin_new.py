@@ -113,6 +113,7 @@ def test_without_a_feature_it_writes_an_http_plugin(tmp_path):
     ("m" * 65, "too long"),
     ("core", "reserved"),
     ("api", "reserved"),
+    ("dashboard", "reserved"),  # a path of the core
     ("devices", "reserved"),  # a core command
     ("plugin", "reserved"),
     ("paku", "already installed"),

@@ -41,6 +41,24 @@ async def test_online_then_offline_after_the_family_threshold(tmp_path, autojump
         nursery.cancel_scope.cancel()
 
 
+async def test_a_device_that_says_it_leaves_is_offline_at_once(tmp_path, autojump_clock):
+    async with open_services(tmp_path) as s, trio.open_nursery() as nursery:
+        presence, events = await start(s, nursery, offline_after_s=600, flush_s=5)
+        presence.touch("paku", "pk-1")
+        await trio.sleep(1)
+        assert presence.leave("paku", "pk-1", reason="last will") is True
+        await trio.sleep(0.1)
+        assert not presence.is_online("paku", "pk-1")
+        assert events[-1] == ("paku", "pk-1", "device_offline")
+        assert presence.leave("paku", "pk-1") is False  # gone already: no second event
+        await trio.sleep(700)  # and the sweep does not report it again
+        assert [e for e in events if e[2] == "device_offline"] == [("paku", "pk-1", "device_offline")]
+        presence.touch("paku", "pk-1")
+        await trio.sleep(1)
+        assert events[-1] == ("paku", "pk-1", "device_online")
+        nursery.cancel_scope.cancel()
+
+
 async def test_last_seen_is_flushed_in_one_write(tmp_path):
     async with open_services(tmp_path) as s:
         for i in range(20):

@@ -41,3 +41,14 @@ def test_a_wrong_call_on_ctx_fails_the_check(tmp_path):
     assert 'Argument 3 to "emit" of "FamilyEvents" has incompatible type "str"' in out
     assert 'Too many arguments for "newest_for" of "FamilyOta"' in out
     assert "must be used  [unused-coroutine]" in out, out
+
+
+def test_what_plugin_new_writes_type_checks(tmp_path):
+    # Every feature at once, strict, with unused `type: ignore`s reported: what an
+    # integrator starts from must not teach them to silence the checker.
+    from gatewayd.cli import main
+
+    assert main(["plugin", "new", "demo", "--http", "--mqtt", "--serial", "--dir", str(tmp_path)]) == 0
+    done = mypy("--config-file", str(ROOT / "pyproject.toml"), "--warn-unused-ignores",
+                str(tmp_path / "demo" / "gatewayd_demo"))
+    assert done.returncode == 0, done.stdout + done.stderr

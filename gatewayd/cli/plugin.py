@@ -39,7 +39,7 @@ TEMPLATES = {  # template -> where it goes in the plugin's folder
 # Names a plugin cannot take: the core's table prefix (core_*) and the first segments of
 # its URL paths (a plugin is mounted at /<name>); the names of the core's commands are
 # checked too (a plugin's own commands are `gatewayd <name> ...`).
-RESERVED = frozenset({"core", "api", "health", "metrics"})
+RESERVED = frozenset({"core", "api", "health", "metrics", "dashboard", "docs", "openapi"})  # the core's tables and top-level paths
 MAX_NAME = 64  # a device family's longest name (docs/devices.md)
 
 _MARK = re.compile(r"#\[(!?)([a-z|]+)\]$")
@@ -62,7 +62,7 @@ def check_name(name: str, directory: Path, installed: Mapping[str, str], reserve
     if len(name) > MAX_NAME:
         raise PluginNameError(f"{name!r} is too long: a plugin name (its device family) has at most {MAX_NAME} characters")
     if name in RESERVED or name in set(reserved):
-        raise PluginNameError(f"{name!r} is reserved by gatewayd (a command or the core's table prefix): choose another")
+        raise PluginNameError(f"{name!r} is reserved by gatewayd (a command, the core's table prefix or one of its paths): choose another")
     if name in installed:
         dist = installed[name]
         raise PluginNameError(

@@ -40,6 +40,7 @@ to the core only through its `PluginContext` and the names below; it never impor
 from __future__ import annotations
 
 import pluggy
+from markupsafe import Markup
 
 from ..core.alerts.events import Event, EventError
 from ..core.devices.auth import AuthError, IssuedToken
@@ -56,7 +57,7 @@ from ..core.mqtt.service import MQTTUnavailable
 from ..core.ota.store import CHANNELS, REPORT_STATUSES, Firmware
 from ..core.outbox.ingest import Ingested, IngestError, Record
 from ..core.schema import ConfigError
-from ..core.serial.link import SerialSettings
+from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.batch import ProtocolError, decompress
 from ..protocol.cursors import decode_cursor, encode_cursor
@@ -94,6 +95,9 @@ __all__ = [
     "IssuedToken",
     "MessageHandler",
     "Record",
+    "FrameHandler",
+    "Markup",
+    "SerialLink",
     "SerialSettings",
     "StructLogger",
     "Subscription",

@@ -76,13 +76,14 @@ from .mqtt import (
     start_managed_broker,
     wait_handled,
 )
+from ..core.config import ConfigErrors
 from .receiver import UpstreamReceiver, start_upstream_receiver, upstream_receiver
 from .timeouts import pytest_configure, pytest_report_header, pytest_runtest_call, pytest_timeout_set_timer
 from .waiting import wait_until
 
 __all__ = [
     # a gateway
-    "gateway_factory", "start_gateway", "gw_client", "gw_url", "gw_mqtt_address",
+    "ConfigErrors", "gateway_factory", "start_gateway", "gw_client", "gw_url", "gw_mqtt_address",
     "upstream_receiver", "start_upstream_receiver", "UpstreamReceiver",
     # devices
     "provision", "DeviceCredentials", "device_mqtt", "MQTTLogin", "DeviceClient",

@@ -20,6 +20,7 @@ import trio
 from ..core.config import load_config
 from ..core.mqtt.broker import find_mosquitto
 from ..core.runtime import Gateway
+from ..core.storage import StorageFull
 from ..plugins.manager import build_plugin_manager
 from .mqtt import MQTTLogin, free_port, record_deliveries
 from .receiver import UpstreamReceiver
@@ -164,15 +165,30 @@ async def add_firmware(gateway: Gateway, image: Path, *, family: str, model: str
 
 @asynccontextmanager
 async def storage_full(gateway: Gateway) -> AsyncIterator[None]:
-    """While the block runs, the gateway's database cannot grow, as on a full disk:
-    a write that needs a new page fails with ``StorageFull`` (SQLite's own size cap)."""
+    """While the block runs, the gateway's database is full, as on a full disk: it cannot
+    grow (SQLite's own size cap), and its free pages are taken by a filler table, so any
+    write that stores something new fails with ``StorageFull``. (A write may still fit in
+    the last few bytes of a page its table already has: rare, and as on a real disk.)"""
     database = gateway.storage.database
+    await gateway.storage.write(lambda: database.execute_sql(f"CREATE TABLE IF NOT EXISTS {_FILLER} (b BLOB)"))
     pages = await gateway.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
+    page_size = await gateway.storage.write(lambda: database.execute_sql("PRAGMA page_size").fetchone()[0])
     await gateway.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages}"))
+    size = page_size * 64
+    while size >= 16:  # fill what is left, big pieces first
+        try:
+            await gateway.storage.write(
+                lambda n=size: database.execute_sql(f"INSERT INTO {_FILLER} VALUES (zeroblob(?))", (n,)))
+        except StorageFull:
+            size //= 2
     try:
         yield
     finally:
+        await gateway.storage.write(lambda: database.execute_sql(f"DROP TABLE IF EXISTS {_FILLER}"))
         await gateway.storage.write(lambda: database.execute_sql("PRAGMA max_page_count = 1073741823"))
+
+
+_FILLER = "gatewayd_testing_storage_full_filler"
 
 
 @asynccontextmanager

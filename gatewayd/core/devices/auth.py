@@ -33,7 +33,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -75,7 +75,13 @@ class FamilyPolicy:
     jwt_ttl_s: float | None = None
 
 
-def header(headers: Mapping[str, str], name: str) -> str | None:
+class Headers(Protocol):
+    """What the auth helpers read headers from: Quart's `request.headers`, or a dict."""
+
+    def get(self, key: str, /) -> str | None: ...
+
+
+def header(headers: Headers, name: str) -> str | None:
     """A header by case-insensitive name (Quart's Headers already are; plain dicts too)."""
     value = headers.get(name)
     if value is None and isinstance(headers, dict):
@@ -128,7 +134,7 @@ class Authenticator:
     # -- the schemes -------------------------------------------------------------------
 
     async def api_key(
-        self, family: str, headers: Mapping[str, str], client: str | None, *,
+        self, family: str, headers: Headers, client: str | None, *,
         header_name: str = "X-API-Key", device_id: str | None = None,
     ) -> Device:
         """A key in a header that alone identifies the device (kaiabc's `X-API-Key`).
@@ -161,7 +167,7 @@ class Authenticator:
         return await self._accept(family, "token", device, client)
 
     async def device_key(
-        self, family: str, headers: Mapping[str, str], client: str | None, *,
+        self, family: str, headers: Headers, client: str | None, *,
         id_header: str = "X-Device-Id", key_header: str = "X-Auth-Key",
     ) -> Device:
         """An id header plus a key header (edgesentinel's `X-Device-Id` + `X-Auth-Key`)."""
@@ -175,7 +181,7 @@ class Authenticator:
         return await self._accept(family, "device_key", device, client)
 
     async def bearer_jwt(
-        self, family: str, headers: Mapping[str, str], client: str | None, *, device_id: str | None = None
+        self, family: str, headers: Headers, client: str | None, *, device_id: str | None = None
     ) -> Device:
         """`Authorization: Bearer <jwt>` issued by `issue_jwt` (streetlight device tokens).
 
@@ -203,7 +209,7 @@ class Authenticator:
         return await self._accept(family, "jwt", device, client)
 
     async def signature(
-        self, family: str, headers: Mapping[str, str], body: bytes, client: str | None, *,
+        self, family: str, headers: Headers, body: bytes, client: str | None, *,
         device_id: str, header_name: str = "X-Device-Signature",
         timestamp_header: str | None = None, nonce_header: str | None = None,
     ) -> Device:
@@ -380,7 +386,7 @@ class FamilyAuth:
         if jwt_ttl_s is not None:
             policy.jwt_ttl_s = jwt_ttl_s
 
-    async def api_key(self, headers: Mapping[str, str], client: str | None, *, header_name: str = "X-API-Key",
+    async def api_key(self, headers: Headers, client: str | None, *, header_name: str = "X-API-Key",
                       device_id: str | None = None) -> Device:
         return await self._auth.api_key(self.family, headers, client, header_name=header_name, device_id=device_id)
 
@@ -388,15 +394,15 @@ class FamilyAuth:
                          field: str = "device_token") -> Device:
         return await self._auth.body_token(self.family, client, json=json, query=query, field=field)
 
-    async def device_key(self, headers: Mapping[str, str], client: str | None, *, id_header: str = "X-Device-Id",
+    async def device_key(self, headers: Headers, client: str | None, *, id_header: str = "X-Device-Id",
                          key_header: str = "X-Auth-Key") -> Device:
         return await self._auth.device_key(self.family, headers, client, id_header=id_header, key_header=key_header)
 
-    async def bearer_jwt(self, headers: Mapping[str, str], client: str | None, *,
+    async def bearer_jwt(self, headers: Headers, client: str | None, *,
                          device_id: str | None = None) -> Device:
         return await self._auth.bearer_jwt(self.family, headers, client, device_id=device_id)
 
-    async def signature(self, headers: Mapping[str, str], body: bytes, client: str | None, *, device_id: str,
+    async def signature(self, headers: Headers, body: bytes, client: str | None, *, device_id: str,
                         header_name: str = "X-Device-Signature", timestamp_header: str | None = None,
                         nonce_header: str | None = None) -> Device:
         return await self._auth.signature(

@@ -73,6 +73,18 @@ class Presence:
         if not was_online:
             self._queue(family, device_id, "device_online", {})
 
+    def leave(self, family: str, device_id: str, *, reason: str = "said offline") -> bool:
+        """The device said it is going (its offline state, its last will): offline now,
+        not after the family's threshold. Not a sign of life: its last-seen time stays.
+        False if it was not online."""
+        key = (family, device_id)
+        seen = self._seen.pop(key, None)
+        if seen is None:
+            return False
+        self._queue(family, device_id, "device_offline",
+                    {"reason": reason, "silent_s": round(self.monotonic() - seen, 3)})
+        return True
+
     def is_online(self, family: str, device_id: str) -> bool:
         return (family, device_id) in self._seen
 

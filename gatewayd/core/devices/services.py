@@ -89,6 +89,12 @@ class FamilyDevices:
                                                      only_from=("provisioned", "claimed"))
         return device
 
+    def leave(self, device_id: str, *, reason: str = "said offline") -> bool:
+        """The device said it is going (an offline state, its last will): offline at once,
+        with a `device_offline` event carrying `reason`; its last-seen time stays when
+        it last spoke. False if it was not online."""
+        return self._s.presence.leave(self.family, device_id, reason=reason)
+
     def is_online(self, device_id: str) -> bool:
         return self._s.presence.is_online(self.family, device_id)
 

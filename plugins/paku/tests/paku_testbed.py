@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gatewayd_paku
 
 TOKEN = "paku-admin-token"
@@ -21,3 +23,14 @@ async def device_view(client, device_id: str) -> dict:
     r = await client.get(f"/paku/devices/{device_id}", headers=AUTH)
     assert r.status_code == 200, r.text
     return r.json()
+
+
+async def stored_rows(gw) -> dict:
+    """paku's telemetry and event rows, oldest first (payloads decoded)."""
+    from gatewayd_paku.models import Event, Measurement
+
+    def query() -> dict:
+        return {"telemetry": [json.loads(m.payload) for m in Measurement.select().order_by(Measurement.id)],
+                "events": [(e.type, json.loads(e.payload)) for e in Event.select().order_by(Event.id)]}
+
+    return await gw.contexts["paku"].storage.read(query)

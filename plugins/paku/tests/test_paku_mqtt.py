@@ -9,15 +9,12 @@ from paku_testbed import AUTH, PAKU, device_view, provision_over_http
 from gatewayd.testing import (
     DeviceClient,
     MQTTLogin,
-    add_device_account,
     deliveries,
     device_mqtt,
-    external_broker_settings,
     gw_client,
     gw_mqtt_address,
     provision,
     rejected_messages,
-    start_managed_broker,
     wait_handled,
     wait_until,
 )
@@ -149,27 +146,3 @@ async def test_malformed_json_is_rejected_and_recorded_without_harming_the_next(
         await wait_handled(gw, "paku/ghost/telemetry", verdict="rejected")
         assert (await rejected_messages(gw))[1][:2] == ("paku/ghost/telemetry",
                                                         "unknown device 'ghost': not registered in family paku")
-
-
-async def test_messages_sent_while_the_gateway_was_stopped_arrive(gateway_factory, tmp_path, nursery, monkeypatch):
-    """A persistent session: the broker keeps what devices publish while the gateway is down.
-
-    The broker here is one the gateway does not manage (`mqtt.broker = "external"`), so it
-    stays up while the gateway restarts on the same data_dir.
-    """
-    acls = [("paku/%u/telemetry", "write"), ("paku/%u/state", "write"), ("paku/%u/event/#", "write"),
-            ("paku/%u/cmd", "read")]
-    broker = await start_managed_broker(nursery, tmp_path / "broker", acl_templates=acls)
-    settings = external_broker_settings(broker, monkeypatch)
-    async with gateway_factory(plugins=PAKU, settings=settings) as gw:
-        creds = await provision(gw, "paku", "pk-1")
-        await wait_until(lambda: gw.contexts["paku"].mqtt.connected)
-    # The gateway is stopped; its session (and subscriptions) stay with the broker.
-    add_device_account(broker, creds.mqtt.username, creds.mqtt.password)
-    async with device_mqtt(creds) as dev:
-        for i in range(3):
-            await dev.publish("paku/pk-1/telemetry", json.dumps({"seq": i}))
-    async with gateway_factory(plugins=PAKU, settings=settings) as gw, gw_client(gw) as client:
-        await wait_handled(gw, "paku/pk-1/telemetry", n=3)
-        r = await client.get("/paku/devices/pk-1/telemetry", headers=AUTH)
-        assert sorted(m["payload"]["seq"] for m in r.json()["telemetry"]) == [0, 1, 2]

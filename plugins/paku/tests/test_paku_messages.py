@@ -3,7 +3,7 @@
 import pytest
 
 from gatewayd.plugins.api import Rejected
-from gatewayd_paku.topics import (
+from gatewayd_paku.messages import (
     Ack,
     Topic,
     decode_object,
@@ -23,13 +23,13 @@ def reason(fn, *args, **kwargs) -> str:
 
 
 def test_topics():
-    assert parse_topic("paku/pk-1/telemetry") == Topic("pk-1", "telemetry")
-    assert parse_topic("paku/pk-1/state") == Topic("pk-1", "state")
-    assert parse_topic("paku/pk-1/event/button") == Topic("pk-1", "event", "button")
-    assert reason(parse_topic, "paku/pk-1/event").startswith("event name ''")
-    assert reason(parse_topic, "paku/pk-1/event/a/b").startswith("event name 'a/b'")
-    assert reason(parse_topic, "paku/pk-1/cmd").startswith("unexpected topic")
-    assert reason(parse_topic, "other/pk-1/telemetry").startswith("unexpected topic")
+    assert parse_topic("paku/pk-1/telemetry", "paku") == Topic("pk-1", "telemetry")
+    assert parse_topic("paku/pk-1/state", "paku") == Topic("pk-1", "state")
+    assert parse_topic("paku/pk-1/event/button", "paku") == Topic("pk-1", "event", "button")
+    assert reason(parse_topic, "paku/pk-1/event", "paku").startswith("event name ''")
+    assert reason(parse_topic, "paku/pk-1/event/a/b", "paku").startswith("event name 'a/b'")
+    assert reason(parse_topic, "paku/pk-1/cmd", "paku").startswith("unexpected topic")
+    assert reason(parse_topic, "other/pk-1/telemetry", "paku").startswith("unexpected topic")
 
 
 def test_json_objects():
