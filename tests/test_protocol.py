@@ -645,28 +645,3 @@ def test_circuit_breaker_transitions():
     breaker.record_success()
     assert breaker.state == "closed" and breaker.allow() and breaker.retry_in() == 0
     assert breaker.consecutive_failures == 0
-
-
-# -- decompress: what plugins open compressed request bodies with ------------------------
-
-
-def test_decompress_is_the_api_s_and_caps_truncates_and_concatenates():
-    from gatewayd.plugins.api import ProtocolError as ApiProtocolError
-    from gatewayd.plugins.api import decompress
-
-    raw = b'{"points": []}' * 100
-    for encoding, packed in (("gzip", gzip.compress(raw)), ("zstd", zstandard.ZstdCompressor().compress(raw))):
-        assert decompress(packed, encoding, len(raw)) == raw
-        assert decompress(packed + packed, encoding, 2 * len(raw)) == raw + raw  # concatenated: one stream
-        with pytest.raises(ApiProtocolError) as e:
-            decompress(packed[:-5], encoding, len(raw))
-        assert (e.value.status, e.value.code) == (400, "corrupt_body") and "truncated" in e.value.message
-        with pytest.raises(ApiProtocolError) as e:
-            decompress(packed, encoding, len(raw) - 1)
-        assert (e.value.status, e.value.code) == (413, "too_large")
-    bomb = zstandard.ZstdCompressor().compress(b"\0" * (256 * 1024 * 1024))  # 256 MiB of zeros, a few KiB sent
-    with pytest.raises(ApiProtocolError) as e:
-        decompress(bomb, "zstd", 1024 * 1024)
-    assert e.value.code == "too_large"
-    with pytest.raises(ValueError, match="expected gzip, zstd or identity"):
-        decompress(raw, "br", 1 << 20)

@@ -59,7 +59,6 @@ from ..core.outbox.ingest import Ingested, IngestError, Record
 from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
-from ..protocol.batch import ProtocolError, decompress
 from ..protocol.cursors import decode_cursor, encode_cursor
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
@@ -112,7 +111,6 @@ __all__ = [
     "IngestError",
     "LiveLimit",
     "MQTTUnavailable",
-    "ProtocolError",
     "Rejected",
     "StorageError",
     "StorageFull",
@@ -124,7 +122,6 @@ __all__ = [
     "TS_MAX",
     "TS_MIN",
     "decode_cursor",
-    "decompress",
     "encode_cursor",
     "error_response",
     "json_kind",

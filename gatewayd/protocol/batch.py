@@ -40,7 +40,6 @@ __all__ = [
     "SerializedRecords",
     "compact_json_encoder",
     "decode_batch",
-    "decompress",
     "encode_batch",
     "mqtt_topic",
     "mqtt_user_properties",
@@ -247,7 +246,7 @@ def decode_batch(
             f"X-Gateway-Timestamp is more than {max_skew_s:g} s from server time",
         )
 
-    raw = decompress(body, encoding, max_decompressed_bytes)
+    raw = _decompress(body, encoding, max_decompressed_bytes)
     envelope = _parse_envelope(raw)
     if envelope["gateway_id"] != gateway_id:
         raise ProtocolError(400, "header_mismatch", "envelope gateway_id differs from X-Gateway-Id")
@@ -426,14 +425,7 @@ def _compress(raw: bytes, compression: str) -> bytes:
     raise ValueError(f"unknown compression {compression!r}")
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    """Decompress a request body with an output cap: `encoding` is `gzip`, `zstd` or
-    `identity`. Concatenated gzip members and zstd frames are one stream. Raises
-    ProtocolError: 400 `corrupt_body` for a corrupt or truncated stream (one that ends
-    before its gzip member or zstd frame does), 413 `too_large` past `limit` bytes
-    (a compression bomb is stopped there, never inflated in full)."""
-    if encoding not in ("identity", "gzip", "zstd"):
-        raise ValueError(f"encoding: expected gzip, zstd or identity, got {encoding!r}")
+def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding == "identity":
         if len(body) > limit:
             raise _too_large(limit)
