@@ -403,6 +403,11 @@ CATALOGUE: dict[str, Route] = {
     "/dashboard/login": Route(admin=False, json=False, html=True),
     "/dashboard/logout": Route(admin=False, json=False, html=True),
     "/dashboard/static/<name>": Route(params={"name": "file"}, admin=False, json=False),
+    # The OpenAPI documents and their pages (behind the token or a dashboard session).
+    "/openapi.json": Route(),
+    "/docs": Route(json=False, html=True),
+    "/paku/openapi.json": Route(),
+    "/paku/docs": Route(json=False, html=True),
     "/paku/health": Route(admin=False),
     "/paku/devices": Route(body={"id": "new-device", **PAKU_FIELDS}),
     "/paku/devices/<device_id>": Route(params={"device_id": "paku-device"}, body=PAKU_FIELDS),

@@ -23,6 +23,7 @@ from gatewayd.plugins.api import (
     SerialSettings,
     TaskRegistry,
     hookimpl,
+    read_json_object,
 )
 
 PLUGIN_NAME = "everything"
@@ -134,6 +135,11 @@ def gatewayd_http_routes(ctx: PluginContext):
         await trio.sleep(float(request.args.get("s", "0.5")))
         row_id = await ctx.storage.write(lambda: Reading.insert(device="slow", value=0.0).execute())
         return {"id": row_id}, 201
+
+    @bp.post("/inflated")
+    async def inflated():
+        # A body that may come compressed (gzip, zstd), at most 1 KiB once inflated.
+        return {"keys": sorted(await read_json_object(max_inflated=1024))}
 
     @bp.get("/readings")
     async def count_readings():

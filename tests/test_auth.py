@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from gatewayd.core.devices.auth import AuthError
+from gatewayd.core.devices.registry import DeviceRegistry
 from gatewayd.testing import gw_client
 from tests import plugin_devices
 from tests.device_services_setup import FakeClock, open_services
@@ -50,6 +51,72 @@ async def test_body_token_in_json_or_query(tmp_path):
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": "dev_token_1234"}), 401)
         await refused(s.auth.body_token("thingsnxt", CLIENT, json={"device_token": 12345}), 401, "missing")
         await refused(s.auth.body_token("thingsnxt", CLIENT, json=["x"]), 401, "missing")
+
+
+async def test_body_token_for_the_device_the_url_names(tmp_path):
+    async with open_services(tmp_path) as s:
+        await s.registry.provision("thingsnxt", "esp1", key="dev_token_123456")
+        await s.registry.provision("thingsnxt", "esp2", key="dev_token_654321")
+        token = {"device_token": "dev_token_123456"}
+        assert (await s.auth.body_token("thingsnxt", CLIENT, json=token, device_id="esp1")).id == "esp1"
+        e = await refused(s.auth.body_token("thingsnxt", CLIENT, json=token, device_id="esp2"), 401, "invalid")
+        assert e.device_id == "esp2" and s.auth.device_failures[("thingsnxt", "esp2")] == 1
+        assert not s.presence.is_online("thingsnxt", "esp2")
+
+
+async def test_a_verified_key_is_remembered_until_the_registry_changes(tmp_path):
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        headers = {"X-API-Key": creds.key}
+        for _ in range(2):  # the first activates the device: a change, which forgets what was verified
+            assert (await s.auth.api_key("kaiabc", headers, CLIENT)).id == "n1"
+        # Another process (the CLI) revokes the key in the same database: this registry
+        # has not been told, so the key it checked a moment ago is still accepted...
+        other = DeviceRegistry(s.storage, s.registry.keyring)
+        await other.revoke("kaiabc", "n1")
+        assert (await s.auth.api_key("kaiabc", headers, CLIENT)).id == "n1"
+        assert await s.registry.verify_key("kaiabc", creds.key) is None  # without max_age_s: the hash
+        # ...until the change is reported (DeviceServices' watch does it: next test).
+        await s.registry.notify_changed("kaiabc")
+        await refused(s.auth.api_key("kaiabc", headers, CLIENT), 401, "invalid API key")
+
+
+async def test_the_watch_makes_another_processs_revocation_count(tmp_path):
+    async with open_services(tmp_path, settings=["devices.presence_flush_s=0.05"]) as s, trio.open_nursery() as n:
+        await n.start(s.run)
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        headers = {"X-API-Key": creds.key}
+        for _ in range(2):
+            assert (await s.auth.api_key("kaiabc", headers, CLIENT)).id == "n1"
+        await DeviceRegistry(s.storage, s.registry.keyring).disable("kaiabc", "n1")
+        with trio.fail_after(10):
+            while (await s.registry.verify_key("kaiabc", creds.key, max_age_s=300)).status != "disabled":
+                await trio.sleep(0.05)
+        await refused(s.auth.api_key("kaiabc", headers, CLIENT), 403, "disabled")
+        n.cancel_scope.cancel()
+
+
+async def test_this_processs_changes_and_the_grace_period_end_count_at_once(tmp_path):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        _, old = await s.registry.provision("kaiabc", "n1")
+        assert (await s.auth.api_key("kaiabc", {"X-API-Key": old.key}, CLIENT)).id == "n1"
+        new = await s.registry.rotate("kaiabc", "n1", grace_s=600)
+        for key in (old.key, new.key, old.key, new.key):  # remembered from the second time on
+            assert (await s.auth.api_key("kaiabc", {"X-API-Key": key}, CLIENT)).id == "n1"
+        clock.advance(601)  # remembered, but no longer than the old key lives
+        await refused(s.auth.api_key("kaiabc", {"X-API-Key": old.key}, CLIENT), 401)
+        await s.registry.revoke("kaiabc", "n1")
+        await refused(s.auth.api_key("kaiabc", {"X-API-Key": new.key}, CLIENT), 401)
+
+
+async def test_without_the_cache_every_key_is_checked_against_its_hash(tmp_path):
+    async with open_services(tmp_path, settings=["auth.key_cache_s=0"]) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        for _ in range(2):
+            assert (await s.auth.api_key("kaiabc", {"X-API-Key": creds.key}, CLIENT)).id == "n1"
+        await DeviceRegistry(s.storage, s.registry.keyring).revoke("kaiabc", "n1")
+        await refused(s.auth.api_key("kaiabc", {"X-API-Key": creds.key}, CLIENT), 401)
 
 
 async def test_device_id_and_key_headers(tmp_path):

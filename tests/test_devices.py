@@ -210,6 +210,45 @@ async def test_recent_lookups_see_this_processes_changes_at_once_and_others_afte
         assert (await reg.recent("paku", "p1", 0.05)).status == "active"  # older than max_age: read again
 
 
+async def test_recent_lookups_of_one_device_at_once_share_one_read(tmp_path, monkeypatch):
+    import trio
+
+    async with open_services(tmp_path) as s:
+        reg = s.registry
+        await reg.provision("paku", "p1")
+        reads = 0
+        real_find = reg.find
+
+        async def counting_find(*args, **kwargs):
+            nonlocal reads
+            reads += 1
+            await trio.sleep(0.05)  # a slow disk: every lookup arrives while the first reads
+            return await real_find(*args, **kwargs)
+
+        monkeypatch.setattr(reg, "find", counting_find)
+        found = []
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(lambda: _append(found, reg.recent("paku", "p1", 60)))
+        assert reads == 1 and len(found) == 50 and {d.id for d in found} == {"p1"}
+        # A write while a read is under way: that read's answer is not kept.
+        async with trio.open_nursery() as nursery:
+            reg._recent.clear()
+            nursery.start_soon(lambda: _append(found, reg.recent("paku", "p1", 60)))
+            await trio.sleep(0.01)
+            await reg.disable("paku", "p1")
+        assert (await reg.recent("paku", "p1", 60)).status == "disabled"
+        # Last-seen times (presence, every few seconds) do not empty the cache.
+        reads = 0
+        await reg.record_seen({("paku", "p1"): 1.0})
+        await reg.recent("paku", "p1", 60)
+        assert reads == 0
+
+
+async def _append(found, lookup):
+    found.append(await lookup)
+
+
 async def test_field_limits_and_bad_values_are_value_errors_naming_the_field(tmp_path):
     """What plugins and the CLI pass is checked where it is stored: before, NaN metadata
     was stored (and listed as `NaN`), a one-character key imported, a 200,000-character

@@ -76,7 +76,7 @@ async def test_cursor_pages_cover_everything_once(gateway_factory):
 
 
 @pytest.mark.parametrize("params,message", [
-    ({"limit": "0"}, "limit: expected 1-1000, got 0"),
+    ({"limit": "0"}, "limit: expected an integer 1-1000, got 0"),
     ({"limit": "many"}, "limit: expected an integer 1-1000, got 'many'"),
     ({"severity": "urgent"}, "severity: expected one of info, warning, critical, got 'urgent'"),
     ({"since": "yesterday"}, "since: expected an ISO 8601 time (2026-01-02T03:04:05Z) or epoch seconds, "

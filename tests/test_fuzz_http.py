@@ -195,13 +195,16 @@ BAIT_CATALOGUE = {
     "/bait/things": fuzz.Route(admin=False, body={"id": "text", "name": "text"}),
     "/bait/nan": fuzz.Route(admin=False),
     "/bait/shape": fuzz.Route(admin=False),
+    "/bait/openapi.json": fuzz.Route(),  # every plugin's Blueprint gets its document and page
+    "/bait/docs": fuzz.Route(json=False, html=True),
 }
 
 
 async def test_the_harness_finds_planted_defects(gateway_factory, monkeypatch):
     monkeypatch.setenv(fuzz.TOKEN_ENV, fuzz.TOKEN)
     async with gateway_factory(plugins=[*fuzz.PLUGINS, ("bait", _Bait())], settings=fuzz.SETTINGS) as gw:
-        assert fuzz.uncovered(gw.app) == ["/bait/nan", "/bait/shape", "/bait/things"]  # a new route is noticed
+        # a new route is noticed
+        assert fuzz.uncovered(gw.app) == ["/bait/docs", "/bait/nan", "/bait/openapi.json", "/bait/shape", "/bait/things"]
         targets = fuzz.Targets(core_devices=["d"], paku_devices=["d"], device_keys=["k"], claim_codes=["c"],
                                firmware_ids=[1], cursors={"events": "e", "telemetry": "t"})
 

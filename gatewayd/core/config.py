@@ -148,10 +148,14 @@ class AuthSection:
     jwt_ttl_s: float = 7 * 86400.0
     signature_max_skew_s: float = 300.0
     master_key_env: str = "GATEWAYD_MASTER_KEY"
+    key_cache_s: float = 300.0
 
     def validate(self) -> None:
         if self.max_failures < 1:
             raise ConfigError("max_failures", f"must be >= 1, got {self.max_failures}")
+        if not 0 <= self.key_cache_s <= 3600:
+            raise ConfigError("key_cache_s", f"must be 0 .. 3600 (0: check every key against its hash), "
+                                             f"got {self.key_cache_s}")
         for name in ("failure_window_s", "lockout_s", "jwt_ttl_s", "signature_max_skew_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(name, f"must be > 0, got {getattr(self, name)}")
@@ -322,6 +326,7 @@ class PluginSettings:
     enabled: bool = True
     mount: str = ""
     listen: Address | None = None
+    public_docs: bool = False  # its OpenAPI document and page readable without the admin token
     options: Any = None
 
 
@@ -398,7 +403,7 @@ def _load_plugins(raw: Any, schemas: dict[str, type | None]) -> dict[str, Plugin
         if not isinstance(table, dict):
             errors.append(ConfigError(key, "expected a table"))
             continue
-        common = {k: table[k] for k in ("enabled", "mount", "listen") if k in table}
+        common = {k: table[k] for k in ("enabled", "mount", "listen", "public_docs") if k in table}
         rest = {k: v for k, v in table.items() if k not in common}
         try:
             settings = load_section(PluginSettings, {"name": name, **common}, key)

@@ -43,7 +43,9 @@ from .dashboard import DashboardSessions, DashboardSources, PluginViews, dashboa
 from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
 from .health import Health
+from .. import __version__
 from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
+from .http.openapi import ApiDocs
 from .http.serve import serve_app
 from .http.tokens import TOKEN_SCHEMA, TokenStore
 from .http.urls import PublicUrl
@@ -333,6 +335,13 @@ class Gateway:
             self.config.gateway.id, self.health, self.plugin_table, self.devices, self.outbox, self.events,
             self.storage, PluginViews(self.plugins, self.contexts, self._live_plugins), lambda: self.started_at,
             self.clock), self.admin, self.sessions))
+        plugin_blueprints: set[str] = set()
+        docs = ApiDocs(title=f"gatewayd {self.config.gateway.id}", version=__version__,
+                       description="The gateway's HTTP API: the admin API under /api/gateway (the admin token), "
+                                   "health and metrics, and each plugin's routes under its mount.",
+                       allowed=lambda r: self.admin.presented() or self.sessions.signed_in(r.cookies),
+                       login_url="/dashboard/login", plugin_blueprints=lambda: plugin_blueprints)
+        app.register_blueprint(docs.blueprint())
         dedicated: list[tuple[str, Any]] = []
         for name in self._live_plugins():
             blueprint = None
@@ -341,6 +350,12 @@ class Gateway:
             if blueprint is None:
                 continue
             guard_plugin(blueprint, lambda n=name: self.failed.get(n))
+            settings = self.config.plugins[name]
+            docs.add_to(blueprint, title=f"gatewayd plugin {name}", version=self.plugins.infos[name].version,
+                        description=f"The routes of the {name} plugin, mounted at {settings.mount} (and at / on its "
+                                    "own listener when plugins.{name}.listen is set).".replace("{name}", name),
+                        public=settings.public_docs)
+            plugin_blueprints.update({blueprint.name, f"{blueprint.name}_root"})
             app.register_blueprint(blueprint, url_prefix=self.contexts[name].mount)
             if self.config.plugins[name].listen is not None:
                 own = create_app(f"gatewayd-{name}", max_body_bytes=h.max_body_bytes, log=self.log)

@@ -41,13 +41,15 @@ from __future__ import annotations
 
 import pluggy
 from markupsafe import Markup
+from msgspec import Meta, Struct
 
 from ..core.alerts.events import Event, EventError
 from ..core.devices.auth import AuthError, IssuedToken
 from ..core.devices.commands import Command
 from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
-from ..core.http.body import read_json_object
+from ..core.http.body import read_body, read_json_object
+from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
@@ -60,8 +62,10 @@ from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.cursors import decode_cursor, encode_cursor
+from ..protocol.encoding import EncodingError
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
+from ..protocol.validate import InvalidInput, convert
 from .context import PluginContext, PluginHTTP, PluginMetrics, PluginStorage
 from .hookspecs import PROJECT
 from .registries import CommandRegistry, ModelRegistry, SerialRegistry, TaskRegistry, TopicRegistry
@@ -73,6 +77,17 @@ __all__ = [
     "PluginHTTP",
     "PluginMetrics",
     "PluginStorage",
+    # declared routes (their OpenAPI operations): docs/plugins.md, "Declaring routes"
+    "Routes",
+    "DeviceAuth",
+    "ADMIN_TOKEN",
+    "AuthScheme",
+    "ErrorBody",
+    "ErrorDetail",
+    "Raw",
+    "Struct",
+    "Meta",
+    "convert",
     # what hooks register into
     "CommandRegistry",
     "ModelRegistry",
@@ -107,8 +122,10 @@ __all__ = [
     "ClaimError",
     "ConfigError",
     "DeviceExists",
+    "EncodingError",
     "EventError",
     "IngestError",
+    "InvalidInput",
     "LiveLimit",
     "MQTTUnavailable",
     "Rejected",
@@ -128,6 +145,7 @@ __all__ = [
     "parse_json",
     "parse_time",
     "plausible_ts",
+    "read_body",
     "read_json_object",
 ]
 

@@ -17,6 +17,7 @@ docs/plugins.md's context reference is tested against this class.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,13 @@ class PluginStorage:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run `fn(*args)` on a reader thread with its own connection."""
         return await self._storage.read(fn, *args)
+
+    def connection(self) -> sqlite3.Connection:
+        """The calling thread's SQLite connection, for prepared statements on a hot path:
+        call it inside a function given to `write` (the writer's connection, inside its
+        transaction) or `read`, never on the trio thread."""
+        connection: sqlite3.Connection = self._storage.database.connection()  # type: ignore[no-untyped-call]
+        return connection
 
 
 class PluginMetrics:

@@ -21,7 +21,6 @@ import json
 import re
 import threading
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +28,8 @@ from json.encoder import c_make_encoder, encode_basestring
 from typing import Any, Literal
 
 import zstandard
+
+from .encoding import EncodingError, inflate
 
 __all__ = [
     "CLASSES",
@@ -62,8 +63,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _RFC3339_UTC = re.compile(r"(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2})(\.\d{1,9})?Z")
 _REQUIRED = ("id", "family", "device", "kind", "ts", "class", "data")
-# zstd's worst case is a 4-byte RLE block expanding to 128 KiB.
-_ZSTD_MAX_RATIO = 32 * 1024
 
 
 class ProtocolError(Exception):
@@ -426,67 +425,10 @@ def _compress(raw: bytes, compression: str) -> bytes:
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
-    if encoding == "identity":
-        if len(body) > limit:
-            raise _too_large(limit)
-        return body
-    if not body:
-        raise ProtocolError(400, "corrupt_body", f"truncated {encoding} body (empty)")
-    return _gunzip(body, limit) if encoding == "gzip" else _unzstd(body, limit)
-
-
-def _too_large(limit: int) -> ProtocolError:
-    return ProtocolError(413, "too_large", f"body decompresses to more than {limit} bytes")
-
-
-def _gunzip(body: bytes, limit: int) -> bytes:
-    out: list[bytes] = []
-    total = 0
-    data = body
-    while data:  # concatenated gzip members are one valid stream
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        try:
-            while True:
-                chunk = inflater.decompress(data, limit - total + 1)
-                total += len(chunk)
-                if total > limit:
-                    raise _too_large(limit)
-                out.append(chunk)
-                data = inflater.unconsumed_tail
-                if inflater.eof or not data:
-                    break
-        except zlib.error as exc:
-            raise ProtocolError(400, "corrupt_body", f"corrupt gzip body: {exc}") from None
-        if not inflater.eof:
-            raise ProtocolError(400, "corrupt_body", "truncated gzip body")
-        data = inflater.unused_data
-    return b"".join(out)
-
-
-def _unzstd(body: bytes, limit: int) -> bytes:
-    # zstandard's decompressobj has no output cap, so feed it input in slices small
-    # enough that even the worst-case ratio cannot overshoot the limit by much.
-    out: list[bytes] = []
-    total = 0
-    data = body
-    while data:  # concatenated frames are one valid stream
-        inflater = zstandard.ZstdDecompressor().decompressobj()
-        pos = 0
-        try:
-            while pos < len(data) and not inflater.eof:
-                step = max(256, min(65536, (limit - total) // _ZSTD_MAX_RATIO))
-                chunk = inflater.decompress(data[pos : pos + step])
-                pos += step
-                total += len(chunk)
-                if total > limit:
-                    raise _too_large(limit)
-                out.append(chunk)
-        except zstandard.ZstdError as exc:
-            raise ProtocolError(400, "corrupt_body", f"corrupt zstd body: {exc}") from None
-        if not inflater.eof:
-            raise ProtocolError(400, "corrupt_body", "truncated zstd body")
-        data = inflater.unused_data + data[pos:]
-    return b"".join(out)
+    try:
+        return inflate(body, encoding, limit)
+    except EncodingError as e:
+        raise ProtocolError(e.status, e.code, e.message) from None
 
 
 def _reject_constant(name: str) -> None:

@@ -130,6 +130,10 @@ class DashboardSessions:
         session.last_used = now
         return session
 
+    def signed_in(self, cookies: Mapping[str, str]) -> bool:
+        """Whether these cookies hold a live session (the API documents' page accepts one)."""
+        return self.find(cookies.get(COOKIE)) is not None
+
     def logout(self, value: str | None) -> bool:
         """End the session of this cookie value; False if there was none."""
         if not value:

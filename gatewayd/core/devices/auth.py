@@ -103,6 +103,7 @@ class Authenticator:
         lockout_s: float = 300.0,
         jwt_ttl_s: float = 7 * 86400,
         max_skew_s: float = 300.0,
+        key_cache_s: float = 0.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = trio.current_time,
         presence: Any = None,
@@ -113,6 +114,7 @@ class Authenticator:
         self.lockout_s = lockout_s
         self.jwt_ttl_s = jwt_ttl_s
         self.max_skew_s = max_skew_s
+        self.key_cache_s = key_cache_s  # a key that passed its hash is accepted from memory this long
         self.clock = clock
         self.monotonic = monotonic
         self.policies: dict[str, FamilyPolicy] = {}
@@ -145,7 +147,7 @@ class Authenticator:
         key = header(headers, header_name)
         if not key:
             raise self._fail(family, "api_key", client, device_id, f"missing {header_name} header")
-        device = await self.registry.verify_key(family, key.strip(), device_id)
+        device = await self.registry.verify_key(family, key.strip(), device_id, max_age_s=self.key_cache_s)
         if device is None:
             raise self._fail(family, "api_key", client, device_id, "invalid API key")
         return await self._accept(family, "api_key", device, client)
@@ -153,17 +155,22 @@ class Authenticator:
     async def body_token(
         self, family: str, client: str | None, *,
         json: Any = None, query: Mapping[str, str] | None = None, field: str = "device_token",
+        device_id: str | None = None,
     ) -> Device:
-        """A token in the parsed JSON body or the query string (thingsnxt's `device_token`)."""
+        """A token in the parsed JSON body or the query string (thingsnxt's `device_token`).
+
+        With `device_id` (thingsnxt's `/devices/{device_id}/telemetry`) the token must be
+        that device's.
+        """
         self._check_lockout(family, client)
         token = json.get(field) if isinstance(json, dict) else None
         if token is None and query is not None:
             token = query.get(field)
         if not isinstance(token, str) or not token:
-            raise self._fail(family, "token", client, None, f"missing {field}")
-        device = await self.registry.verify_key(family, token)
+            raise self._fail(family, "token", client, device_id, f"missing {field}")
+        device = await self.registry.verify_key(family, token, device_id, max_age_s=self.key_cache_s)
         if device is None:
-            raise self._fail(family, "token", client, None, f"invalid {field}")
+            raise self._fail(family, "token", client, device_id, f"invalid {field}")
         return await self._accept(family, "token", device, client)
 
     async def device_key(
@@ -175,7 +182,7 @@ class Authenticator:
         device_id, key = header(headers, id_header), header(headers, key_header)
         if not device_id or not key:
             raise self._fail(family, "device_key", client, device_id, f"missing {id_header} or {key_header} header")
-        device = await self.registry.verify_key(family, key.strip(), device_id.strip())
+        device = await self.registry.verify_key(family, key.strip(), device_id.strip(), max_age_s=self.key_cache_s)
         if device is None:
             raise self._fail(family, "device_key", client, device_id, "unknown device or wrong key")
         return await self._accept(family, "device_key", device, client)
@@ -391,8 +398,9 @@ class FamilyAuth:
         return await self._auth.api_key(self.family, headers, client, header_name=header_name, device_id=device_id)
 
     async def body_token(self, client: str | None, *, json: Any = None, query: Mapping[str, str] | None = None,
-                         field: str = "device_token") -> Device:
-        return await self._auth.body_token(self.family, client, json=json, query=query, field=field)
+                         field: str = "device_token", device_id: str | None = None) -> Device:
+        return await self._auth.body_token(self.family, client, json=json, query=query, field=field,
+                                           device_id=device_id)
 
     async def device_key(self, headers: Headers, client: str | None, *, id_header: str = "X-Device-Id",
                          key_header: str = "X-Auth-Key") -> Device:

@@ -313,12 +313,26 @@ class DeviceRegistry:
         # by every write through this registry; another process's writes (the CLI)
         # are seen once an entry is older than the caller's `max_age_s`.
         self._recent: dict[tuple[str, str], tuple[float, Device | None]] = {}
+        self._loading: dict[tuple[str, str], trio.Event] = {}  # `recent` reads under way
+        # (family, key lookup digest, device_id) -> (monotonic time verified, the key's
+        # expiry or None, Device): keys that passed their salted hash, for `verify_key`'s
+        # `max_age_s`. Forgotten on every write through this registry and on
+        # `notify_changed` (another process's changes, noticed by DeviceServices' watch).
+        self._verified: dict[tuple[str, str, str | None], tuple[float, float | None, Device]] = {}
+        # Bumped by every write and each forgetting: a `recent` read or a key check
+        # that overlapped one is not kept.
+        self._generation = 0
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await self.storage.write(fn, *args)
         finally:
             self._recent.clear()
+            self._forget_keys()
+
+    def _forget_keys(self) -> None:
+        self._verified.clear()
+        self._generation += 1
 
     # -- provisioning -------------------------------------------------------------
 
@@ -573,17 +587,32 @@ class DeviceRegistry:
     async def recent(self, family: str, device_id: str, max_age_s: float) -> Device | None:
         """The device (None if unknown) as read at most `max_age_s` ago: for hot paths
         that look a device up per message. Changes made through this registry are
-        seen at once; changes by another process (the CLI) within `max_age_s`."""
+        seen at once (last-seen times excepted); changes by another process (the CLI)
+        within `max_age_s`. Concurrent misses for one device share one read."""
         key = (family, device_id)
-        now = time.monotonic()
-        hit = self._recent.get(key)
-        if hit is not None and now - hit[0] <= max_age_s:
-            return hit[1]
-        found = await self.find(device_id, family)
-        if len(self._recent) >= 10_000:  # bounded: ids are whatever devices send
-            self._recent.clear()
-        self._recent[key] = (now, found[0] if found else None)
-        return self._recent[key][1]
+        while True:
+            hit = self._recent.get(key)
+            if hit is not None and time.monotonic() - hit[0] <= max_age_s:
+                return hit[1]
+            loading = self._loading.get(key)
+            if loading is None:
+                break
+            await loading.wait()  # a burst from one device: one read, not one per message
+            if key not in self._recent:  # that read failed, or a write came in between
+                break
+        self._loading[key] = done = trio.Event()
+        generation, now = self._generation, time.monotonic()
+        try:
+            found = await self.find(device_id, family)
+            device = found[0] if found else None
+            if generation == self._generation:  # else a write may have changed it meanwhile
+                if len(self._recent) >= 10_000:  # bounded: ids are whatever devices send
+                    self._recent.clear()
+                self._recent[key] = (now, device)
+            return device
+        finally:
+            del self._loading[key]
+            done.set()
 
     async def find(self, device_id: str, family: str | None = None) -> list[Device]:
         """Devices with this id (in every family unless `family` is given)."""
@@ -631,12 +660,25 @@ class DeviceRegistry:
 
     # -- verification (used by core/auth.py) -----------------------------------------
 
-    async def verify_key(self, family: str, key: str, device_id: str | None = None) -> Device | None:
-        """The device whose live key is `key` (and whose id is `device_id`, if given)."""
+    async def verify_key(self, family: str, key: str, device_id: str | None = None, *,
+                         max_age_s: float = 0.0) -> Device | None:
+        """The device whose live key is `key` (and whose id is `device_id`, if given).
+
+        The salted hash costs tens of milliseconds (PBKDF2, on a worker thread): with
+        `max_age_s`, a key that passed it that recently is accepted from memory, until
+        anything of the registry changes (this process's writes at once, another's when
+        `notify_changed` reports it) or the key expires (a rotation's grace period).
+        """
         now = self.clock()
         lookup = self._keys().lookup(f"{family}\x00{key}")
+        cache_key = (family, lookup, device_id)
+        if max_age_s > 0 and (hit := self._verified.get(cache_key)) is not None:
+            verified_at, expires_at, device = hit
+            if time.monotonic() - verified_at <= max_age_s and (expires_at is None or now < expires_at):
+                return device
+            del self._verified[cache_key]
 
-        def check() -> Device | None:
+        def check() -> tuple[Device, float | None] | None:
             q = (
                 CredentialRow.select(CredentialRow, DeviceRow).join(DeviceRow)
                 .where((CredentialRow.lookup == lookup) & (DeviceRow.family == family) & (CredentialRow.kind == "key"))
@@ -648,10 +690,20 @@ class DeviceRegistry:
                     continue
                 # The lookup digest found the row; the salted hash is the real check.
                 if verify_secret(key, cred.secret_hash):
-                    return Device.from_row(cred.device)
+                    return Device.from_row(cred.device), cred.expires_at
             return None
 
-        return await self.storage.read(check)
+        generation = self._generation
+        found = await self.storage.read(check)
+        if found is None:
+            return None
+        device, expires_at = found
+        # Not if the registry changed while the hash was checked: the answer may be stale.
+        if max_age_s > 0 and generation == self._generation:
+            if len(self._verified) >= 10_000:  # bounded: one entry per device key in use
+                self._verified.clear()
+            self._verified[cache_key] = (time.monotonic(), expires_at, device)
+        return device
 
     async def signing_secrets(self, family: str, device_id: str) -> tuple[Device, list[str]]:
         """The device and its live signing secrets (newest first), decrypted."""
@@ -687,7 +739,11 @@ class DeviceRegistry:
                     (DeviceRow.family == family) & (DeviceRow.device_id == device_id) & DeviceRow.first_seen.is_null()
                 ).execute()
 
-        await self._write(update)
+        # Not through _write: last-seen times change every few seconds, and emptying the
+        # cache of `recent` or of verified keys for them would send every hot path back
+        # to the database. (`recent` answers last_seen as old as its max_age_s; presence
+        # knows better.)
+        await self.storage.write(update)
 
     # -- internals -------------------------------------------------------------------
 
@@ -699,7 +755,10 @@ class DeviceRegistry:
         return row
 
     async def notify_changed(self, family: str) -> None:
-        """Call `on_credentials_changed(family)`; its errors are logged, never raised."""
+        """Something of `family`'s devices or credentials changed (here, or in another
+        process): forget the verified keys, and call `on_credentials_changed(family)`, whose
+        errors are logged, never raised."""
+        self._forget_keys()
         hook = self.on_credentials_changed
         if hook is None:
             return

@@ -129,7 +129,8 @@ class DeviceServices:
         a = config.auth
         self.auth = Authenticator(
             self.registry, metrics, max_failures=a.max_failures, failure_window_s=a.failure_window_s,
-            lockout_s=a.lockout_s, jwt_ttl_s=a.jwt_ttl_s, max_skew_s=a.signature_max_skew_s, clock=clock,
+            lockout_s=a.lockout_s, jwt_ttl_s=a.jwt_ttl_s, max_skew_s=a.signature_max_skew_s,
+            key_cache_s=a.key_cache_s, clock=clock,
             presence=self.presence,
         )
         self.ratelimit = RateLimiter(wall_clock=clock)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
+from msgspec import Meta, Struct
 from quart import Blueprint, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON
 from ..schema import read_secret
 from ..storage import StorageError, StorageFull
 from .body import StrictJSONProvider
+from .declare import ADMIN_TOKEN, Raw, Routes
 from .errors import error_response
 
 if TYPE_CHECKING:
@@ -48,28 +51,65 @@ class AdminGuard:
         token = self.token()
         if token is None:
             return error_response(503, f"the admin API is disabled: set the environment variable {self.token_env}")
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        if not self.presented(token):
             return error_response(401, "missing or wrong admin token (Authorization: Bearer <token>)")
         return None
+
+    def presented(self, token: str | None = None) -> bool:
+        """Whether the current request carries the admin token (False when none is set)."""
+        token = self.token() if token is None else token
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        return token is not None and scheme.lower() == "bearer" and \
+            hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+class ComponentOut(Struct, forbid_unknown_fields=False):
+    """One component or plugin; components add details of their own (e.g. `listen`)."""
+
+    state: Annotated[str, Meta(description="ok, disabled and off are healthy; starting, degraded, failed, ... "
+                                           "are not")]
+    reason: str | None = None
+
+
+class HealthOut(Struct):
+    status: Annotated[str, Meta(pattern="^(ok|degraded)$")]
+    components: dict[str, ComponentOut]
+    plugins: dict[str, ComponentOut]
+
+
+class PluginOut(Struct):
+    name: str
+    version: str
+    enabled: bool
+    state: str
+    reason: str | None
+    mount: str | None
+
+
+class Plugins(Struct):
+    plugins: list[PluginOut]
 
 
 def core_blueprint(health: Health, metrics: Metrics, admin: AdminGuard,
                    plugin_table: Callable[[], list[dict[str, Any]]]) -> Blueprint:
     """`/health`, `/metrics` and `/api/gateway/plugins`."""
     bp = Blueprint("gatewayd_core", __name__)
+    routes = Routes(bp, tag="gateway")
 
-    @bp.get("/health")
+    @routes.get("/health", responses={200: HealthOut, 503: HealthOut})
     async def health_route() -> Any:
+        """Each component and plugin: 200 when all are healthy, else 503 (with the same body)."""
         ok, doc = health.snapshot()
         return doc, (200 if ok else 503)
 
-    @bp.get("/metrics")
+    @routes.get("/metrics", responses={200: Raw("text/plain", "Prometheus text format 0.0.4")})
     async def metrics_route() -> Any:
+        """Counters and gauges for Prometheus."""
         return Response(metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @bp.get("/api/gateway/plugins")
+    @routes.get("/api/gateway/plugins", responses={200: Plugins}, auth=ADMIN_TOKEN)
     async def plugins() -> Any:
+        """Every installed plugin: version, enabled, state, and why it failed."""
         # Behind the token like all of /api/gateway/*: versions and failure reasons
         # tell an attacker what to aim at.
         if denied := admin.check():
@@ -106,6 +146,10 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
     @app.errorhandler(BadJSON)
     async def _bad_json(e: BadJSON) -> Response:
         return error_response(400, str(e))
+
+    @app.errorhandler(EncodingError)
+    async def _bad_encoding(e: EncodingError) -> Response:
+        return error_response(e.status, e.message, code=e.code)
 
     @app.errorhandler(StorageFull)
     async def _storage_full(e: StorageFull) -> Response:

@@ -4,22 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
+import trio
 from flask.json.provider import DefaultJSONProvider
 from quart import request
 
+from ...protocol.encoding import inflate
 from ...protocol.strict_json import BadJSON, json_kind, parse_json
 
-__all__ = ["StrictJSONProvider", "read_json_object"]
+__all__ = ["StrictJSONProvider", "read_body", "read_json_object"]
+
+# Inflating a larger body takes milliseconds: a worker thread does it, not the trio thread.
+_INFLATE_INLINE_BYTES = 64 * 1024
 
 
-async def read_json_object(*, required: bool = False) -> dict[str, Any]:
+async def read_body(*, max_inflated: int | None = None) -> bytes:
+    """The current request's body. With `max_inflated`, a body sent with
+    `Content-Encoding: gzip` or `zstd` is inflated, up to that many bytes: EncodingError
+    (answer its `status`: 400 corrupt or truncated, 413 too large once inflated, 415 an
+    encoding not supported). Without it the bytes are returned as they came. Either way
+    a body over `http.max_body_bytes` as sent has already been refused with 413."""
+    raw = await request.get_data()
+    if max_inflated is None:
+        return raw
+    encoding = request.headers.get("Content-Encoding", "")
+    if len(raw) > _INFLATE_INLINE_BYTES:
+        return await trio.to_thread.run_sync(inflate, raw, encoding, max_inflated)
+    return inflate(raw, encoding, max_inflated)
+
+
+async def read_json_object(*, required: bool = False, max_inflated: int | None = None) -> dict[str, Any]:
     """The current request's body as a JSON object, parsed strictly (`parse_json`).
 
     An empty body is `{}` unless `required`. Raises BadJSON (answer 400); a body over
     `http.max_body_bytes` has already been refused with 413. The Content-Type is not
-    checked: device firmware often sends none.
+    checked: device firmware often sends none. With `max_inflated`, a gzip or zstd body
+    is inflated first (`read_body`; EncodingError).
     """
-    raw = await request.get_data()
+    raw = await read_body(max_inflated=max_inflated)
     if not raw:
         if required:
             raise BadJSON("body: expected a JSON object, got an empty body")

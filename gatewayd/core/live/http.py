@@ -27,12 +27,14 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import trio
+from msgspec import Meta, Struct
 from quart import Blueprint, Response, request, websocket
 
 from ..http.app import AdminGuard
+from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
 from ..http.tokens import TokenStore
 from .hub import Gap, LiveHub, LiveLimit, Subscription, validate_pattern
@@ -41,11 +43,36 @@ __all__ = ["live_blueprint"]
 
 Authorizer = Callable[[str], bool]
 
+Streams = Annotated[str, Meta(description="stream patterns, comma-separated: <family>.<kind>.<device>, "
+                                          "* one part, # the rest (paku.#, thingsnxt.telemetry.*)")]
+ScopedToken = Annotated[str, Meta(description="a scoped token (gatewayd tokens add), for clients that cannot "
+                                              "set headers; never the admin token")]
+
+WATCHERS = AuthScheme(
+    {**ADMIN_TOKEN.security_schemes,
+     "scopedToken": {"type": "http", "scheme": "bearer",
+                     "description": "A read-only token from gatewayd tokens add --scope live:<family>."},
+     "scopedTokenQuery": {"type": "apiKey", "in": "query", "name": "token",
+                          "description": "The same scoped token in the URL (EventSource, WebSocket)."}},
+    {401: "missing, expired or wrong token (or the admin token in the URL)"}, core_shaped=True, either=True)
+
+
+class EventsQuery(Struct, forbid_unknown_fields=True):
+    streams: Streams = ""
+    last_id: Annotated[str, Meta(description="resume after this event id (as Last-Event-ID)")] = ""
+    token: ScopedToken = ""
+
+
+class SocketQuery(Struct, forbid_unknown_fields=True):
+    streams: Streams = ""
+    token: ScopedToken = ""
+
 
 def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heartbeat_s: float = 15.0,
                    batch_s: float = 0.02,
                    session: Callable[[Mapping[str, str]], str | None] | None = None) -> Blueprint:
     bp = Blueprint("gatewayd_live", __name__)
+    routes = Routes(bp, tag="live", auth=WATCHERS)
 
     async def grant(headers: Mapping[str, str], args: Mapping[str, str]) -> tuple[str, Authorizer] | str:
         """(owner, may-watch) for the credentials given, or why not."""
@@ -81,15 +108,19 @@ def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heart
                 raise PermissionError(f"streams: this token may not watch {pattern!r}")
         return patterns
 
-    @bp.get("/api/gateway/live/events")
-    async def sse() -> Any:
+    @routes.get("/api/gateway/live/events", query=EventsQuery,
+                responses={200: Raw("text/event-stream", "the events, as they happen (docs/live.md)")},
+                errors={403: "this token may not watch one of the streams",
+                        429: "too many connections (for this token, or in all): retry later"})
+    async def sse(query: EventsQuery) -> Any:
+        """Watch live streams as Server-Sent Events; Last-Event-ID resumes."""
         credentials = await grant(request.headers, request.args)
         if isinstance(credentials, str):
             return error_response(401, credentials)
         owner, may = credentials
         try:
-            patterns = patterns_from(request.args.get("streams", ""), may)
-            resume = request.headers.get("Last-Event-ID") or request.args.get("last_id")
+            patterns = patterns_from(query.streams, may)
+            resume = request.headers.get("Last-Event-ID") or query.last_id
             last_id = _event_id(resume) if resume else None
             sub = hub.subscribe(patterns, owner=owner, last_id=last_id)
         except PermissionError as e:
@@ -104,8 +135,13 @@ def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heart
         response.timeout = None  # a stream lasts as long as the client watches
         return response
 
-    @bp.websocket("/api/gateway/live")
-    async def ws() -> None:
+    @routes.websocket("/api/gateway/live", query=SocketQuery, responses={101: None},
+                      errors={400: "not a WebSocket handshake"})
+    async def ws(query: SocketQuery) -> None:
+        """Watch live streams over a WebSocket; send {"subscribe": [...]} / {"unsubscribe": [...]}.
+
+        A refusal closes the socket after the handshake: 4401 (credentials), 4400 (a bad pattern),
+        4429 (too many connections)."""
         credentials = await grant(websocket.headers, websocket.args)
         await websocket.accept()
         if isinstance(credentials, str):
@@ -113,7 +149,7 @@ def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heart
             return
         owner, may = credentials
         try:
-            sub = hub.subscribe(patterns_from(websocket.args.get("streams", ""), may), owner=owner)
+            sub = hub.subscribe(patterns_from(query.streams, may), owner=owner)
         except (ValueError, PermissionError) as e:
             await websocket.close(4400, str(e)[:120])
             return

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import trio
+from msgspec import Meta, Struct
 from quart import Blueprint, Response, request
 
 from ..http.app import AdminGuard
+from ..http.declare import ADMIN_TOKEN, Raw, Routes
 from ..http.errors import error_response
-from .store import Firmware, OtaStore, unprintable
+from .store import REPORT_STATUSES, Firmware, OtaStore, unprintable
 
 __all__ = ["parse_range", "content_disposition", "firmware_response", "firmware_blueprint"]
 
@@ -124,41 +126,90 @@ async def firmware_response(fw: Firmware) -> Response:
     return response
 
 
+class FirmwareOut(Struct):
+    id: int
+    family: str
+    model: str
+    version: str
+    channel: str
+    filename: str
+    size: int
+    sha256: str
+    signature: str | None
+    key_id: str | None
+    rollout_percent: float
+    created_at: float
+
+
+class FirmwareList(Struct):
+    firmware: list[FirmwareOut]
+
+
+class Report(Struct):
+    id: int
+    ts: float
+    family: str
+    device_id: str
+    firmware_id: int | None
+    version: str | None
+    status: Annotated[str, Meta(description="one of " + ", ".join(REPORT_STATUSES))]
+    detail: str
+
+
+class Reports(Struct):
+    reports: list[Report]
+
+
+class ListQuery(Struct, forbid_unknown_fields=True):
+    family: str = ""
+
+
+class ReportsQuery(Struct, forbid_unknown_fields=True):
+    device: str = ""
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+
+
+IMAGE = Raw("application/octet-stream", "the image (with Content-Length, ETag and its X-Firmware-* headers)")
+NO_IMAGE = {404: "no firmware with this id", 500: "the image file is missing from the store or changed on disk"}
+
+
 def firmware_blueprint(ota: OtaStore, admin: AdminGuard) -> Blueprint:
     """Admin routes: list images, one image, its download, and OTA reports."""
     bp = Blueprint("gatewayd_firmware", __name__)
+    routes = Routes(bp, tag="firmware", auth=ADMIN_TOKEN)
 
     @bp.before_request
     async def _admin() -> Response | None:
         return admin.check()
 
-    @bp.get("/api/gateway/firmware")
-    async def list_firmware() -> Any:
-        family = request.args.get("family") or None
-        return {"firmware": [f.as_dict() for f in await ota.list(family)]}
+    @routes.get("/api/gateway/firmware", query=ListQuery, responses={200: FirmwareList})
+    async def list_firmware(query: ListQuery) -> Any:
+        """The images in the OTA store (of one family), newest first."""
+        return {"firmware": [f.as_dict() for f in await ota.list(query.family or None)]}
 
-    @bp.get("/api/gateway/firmware/<int:firmware_id>")
+    @routes.get("/api/gateway/firmware/<int:firmware_id>", responses={200: FirmwareOut},
+                errors={404: "no firmware with this id"})
     async def one(firmware_id: int) -> Any:
+        """One image."""
         fw = await ota.get(firmware_id)
         if fw is None:
             return error_response(404, f"no firmware with id {firmware_id}")
         return fw.as_dict()
 
-    @bp.get("/api/gateway/firmware/<int:firmware_id>/download")
+    @routes.get("/api/gateway/firmware/<int:firmware_id>/download",
+                responses={200: IMAGE, 206: Raw("application/octet-stream", "the range asked for (Range, If-Range)"),
+                           304: None},
+                errors={**NO_IMAGE, 416: "the range starts past the end of the image"})
     async def download(firmware_id: int) -> Any:
+        """An image, resumable: Range, If-Range and If-None-Match (docs/ota.md)."""
         fw = await ota.get(firmware_id)
         if fw is None:
             return error_response(404, f"no firmware with id {firmware_id}")
         return await firmware_response(fw)
 
-    @bp.get("/api/gateway/firmware/reports")
-    async def reports() -> Any:
-        try:
-            limit = int(request.args.get("limit", "100"))
-        except ValueError:
-            return error_response(400, "limit: expected an integer 1-1000")
-        if not 1 <= limit <= 1000:
-            return error_response(400, "limit: expected an integer 1-1000")
-        return {"reports": await ota.reports(request.args.get("device") or None, limit)}
+    @routes.get("/api/gateway/firmware/reports", query=ReportsQuery, responses={200: Reports})
+    async def reports(query: ReportsQuery) -> Any:
+        """Devices' OTA progress reports, newest first (of one device)."""
+        return {"reports": await ota.reports(query.device or None, query.limit)}
 
     return bp

@@ -8,12 +8,11 @@ Tables are named after the plugin (`paku_measurement`, ... under the name paku).
 from __future__ import annotations
 
 import json
-import sqlite3
 from typing import Any
 
 import peewee
 
-from gatewayd.plugins.api import encode_cursor
+from gatewayd.plugins.api import PluginStorage, encode_cursor
 
 
 VERSION = 2  # the schema's; migrations below
@@ -77,7 +76,7 @@ def index_names(migrator: Any, database: peewee.Database) -> None:
     `event_device_ts` were the names any plugin's Measurement and Event would want."""
     for model in (Measurement, Event):
         old, table = f"{model.__name__.lower()}_device_ts", model._meta.table_name
-        connection = _connection(database)
+        connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
         if connection.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ? AND tbl_name = ?",
                               (old, table)).fetchone():
             connection.execute(f'DROP INDEX "{old}"')  # the new one is created right after
@@ -91,8 +90,8 @@ class Rows:
     hot paths do). peewee builds an INSERT's SQL anew on every call, which cost more than
     the insert and the rest of the transaction together (bench/paku_bench.py)."""
 
-    def __init__(self, database: peewee.Database) -> None:
-        self._database = database
+    def __init__(self, storage: PluginStorage) -> None:
+        self._connection = storage.connection
         self._measurement = _insert(Measurement, "device", "ts", "received_at", "payload")
         self._event = _insert(Event, "device", "ts", "type", "payload")
         self._state = _insert(State, "device", "online", "rssi", "fw_version", "ts", "received_at", "payload",
@@ -101,19 +100,14 @@ class Rows:
     # The writer thread's connection: these run inside its transaction.
 
     def measurement(self, device: str, ts: float, received_at: float, payload: str) -> None:
-        _connection(self._database).execute(self._measurement, (device, ts, received_at, payload))
+        self._connection().execute(self._measurement, (device, ts, received_at, payload))
 
     def event(self, device: str, ts: float, type: str, payload: str) -> None:
-        _connection(self._database).execute(self._event, (device, ts, type, payload))
+        self._connection().execute(self._event, (device, ts, type, payload))
 
     def state(self, device: str, online: bool | None, rssi: int | None, fw_version: str | None, ts: float,
               received_at: float, payload: bytes) -> None:
-        _connection(self._database).execute(self._state, (device, online, rssi, fw_version, ts, received_at, payload))
-
-
-def _connection(database: peewee.Database) -> sqlite3.Connection:
-    connection: sqlite3.Connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
-    return connection
+        self._connection().execute(self._state, (device, online, rssi, fw_version, ts, received_at, payload))
 
 
 def _insert(model: type[peewee.Model], *names: str, verb: str = "INSERT") -> str:

@@ -31,7 +31,7 @@ class Paku:
 
     def __init__(self, ctx: PluginContext[PakuConfig, Paku]) -> None:
         self.ctx = ctx
-        self.rows = Rows(ctx.storage.database)
+        self.rows = Rows(ctx.storage)
         self.commands = Commands(ctx, self.is_online)
         self.messages = ctx.metrics.counter("messages_total", "MQTT messages by topic kind and outcome",
                                             ("kind", "outcome"))
