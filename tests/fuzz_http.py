@@ -385,6 +385,8 @@ CATALOGUE: dict[str, Route] = {
     "/api/gateway/devices/<device_id>/commands": Route(
         params={"device_id": "device"}, query={"family": "family", "status": "status"},
         body={"!payload": "any", "ttl_s": "positive", "priority": "priority"}),
+    # Valid requests switch maintenance off only: on, device routes would answer 503 (by design).
+    "/api/gateway/maintenance": Route(body={"!active": "off", "reason": "text", "retry_after_s": "positive"}),
     "/api/gateway/events": Route(query=EVENTS_QUERY),
     "/api/gateway/alerts": Route(query={"state": "state", "limit": "limit"}),
     "/api/gateway/firmware": Route(query={"family": "family"}),
@@ -540,6 +542,7 @@ class Strategies:
             "positive": st.one_of(st.integers(1, 10**6), st.floats(0.001, 1e6)),
             "non-negative": st.one_of(st.integers(0, 10**6), st.floats(0, 1e6)),
             "priority": st.integers(-10, 10),
+            "off": st.just(False),
             "any": json_values,
             "claim-code": st.sampled_from([*t.claim_codes, "AAAA-BBBB-CCCC", "aaaa-bbbb-cccc"]),
         }
@@ -656,7 +659,7 @@ def slots_of(route: Route, method: str) -> list[tuple[str, str]]:
 
 BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCCC", "device": "pk-1",
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
-                 "non-negative": 0, "priority": 0}
+                 "non-negative": 0, "priority": 0, "off": False}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]

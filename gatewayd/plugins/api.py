@@ -53,6 +53,7 @@ from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, 
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
+from ..core.maintenance import MaintenanceState
 from ..core.metrics import Counter, Gauge
 from ..core.mqtt.delivery import InboundMessage, MessageHandler, Rejected
 from ..core.mqtt.service import MQTTUnavailable
@@ -107,6 +108,7 @@ __all__ = [
     "LiveEvent",
     "Ingested",
     "IssuedToken",
+    "MaintenanceState",
     "MessageHandler",
     "Record",
     "FrameHandler",
