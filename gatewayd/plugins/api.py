@@ -58,7 +58,7 @@ from ..core.metrics import Counter, Gauge
 from ..core.mqtt.delivery import InboundMessage, MessageHandler, Rejected
 from ..core.mqtt.service import MQTTUnavailable
 from ..core.ota.store import CHANNELS, REPORT_STATUSES, Firmware
-from ..core.outbox.ingest import Ingested, IngestError, Record
+from ..core.outbox.ingest import Ingested, IngestError, IngestPressure, Record
 from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
@@ -107,6 +107,7 @@ __all__ = [
     "InboundMessage",
     "LiveEvent",
     "Ingested",
+    "IngestPressure",
     "IssuedToken",
     "MaintenanceState",
     "MessageHandler",
