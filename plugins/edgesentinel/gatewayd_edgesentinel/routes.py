@@ -25,7 +25,9 @@ from gatewayd.plugins.api import (
     AuthError,
     AuthScheme,
     BadJSON,
+    ClaimError,
     Device,
+    DeviceExists,
     DeviceAuth,
     EncodingError,
     ErrorDetail,
@@ -105,6 +107,19 @@ class Recorded(Struct):
     recorded: bool
 
 
+class Claim(Struct, forbid_unknown_fields=True):
+    """What the claim QR holds: the device id and its one-time code (the bootstrap token)."""
+
+    device_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    code: Annotated[str, Meta(min_length=1, max_length=64, description="ABCD-EFGH-JKLM")]
+
+
+class Claimed(Struct):
+    device_id: str
+    status: str
+    key: Annotated[str | None, Meta(description="a new device's key (a code made without a device), once")] = None
+
+
 class FirmwareQuery(Struct, forbid_unknown_fields=True):
     device: Annotated[str, Meta(max_length=128)]
     expires: Annotated[int, Meta(ge=0, le=2**40)]
@@ -146,6 +161,7 @@ class DeviceRoutes:
     def __init__(self, ctx: PluginContext[EdgesentinelConfig, Sentinel]) -> None:
         self.ctx = ctx
         self._url_key = secrets.token_bytes(32)  # signs firmware URLs; a restart voids them (README.md)
+        ctx.ratelimit.define("claim", 10, 60)  # per client address: claim codes are not for guessing
 
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.ctx.name, __name__)
@@ -161,6 +177,10 @@ class DeviceRoutes:
         routes.post(f"{API}/ota/report", body=OtaReport, responses={200: Recorded},
                     errors={503: "maintenance mode, or the database failed", 507: "the disk is full"})(
             self.ota_report)
+        routes.post("/claim", auth=None, body=Claim, responses={200: Claimed, 201: Claimed},
+                    errors={403: "the code is wrong, expired, used, or another device's", 409: "the id is taken",
+                            429: "too many claim attempts from this address", 503: "the database failed",
+                            507: "the disk is full"})(self.claim)
         routes.get("/ota/<int:firmware_id>/firmware.bin", auth=None, query=FirmwareQuery,
                    responses={200: None, 206: None, 304: None},
                    errors={403: "the URL's signature is wrong or it has expired", 404: "no such firmware"})(
@@ -259,6 +279,23 @@ class DeviceRoutes:
         device = await self._device()
         await self.ctx.ota.report(device.id, body.status, version=body.version, detail=body.detail)
         return Recorded(True)
+
+    async def claim(self, body: Claim) -> tuple[Claimed, int]:
+        """A technician claims a node: the QR's device id and code. The node's key works from now on."""
+        decision = self.ctx.ratelimit.check(request.remote_addr or "-", "claim")
+        if not decision.allowed:
+            raise Refused(429, "rate_limited", "too many claim attempts; retry later", None,
+                          self.ctx.ratelimit.headers(decision))
+        try:
+            device, creds = await self.ctx.devices.claim(body.code, body.device_id)
+        except ClaimError as e:
+            raise Refused(403, "claim_refused", f"claim refused: {e}") from None
+        except DeviceExists:
+            raise Refused(409, "exists", f"device {body.device_id!r} already exists") from None
+        except ValueError as e:
+            raise BadJSON(f"device_id: {e}") from None
+        self.ctx.log.info("device claimed", device=device.id)
+        return Claimed(device.id, device.status, creds.key if creds else None), 201 if creds else 200
 
     async def firmware(self, firmware_id: int, query: FirmwareQuery) -> Any:
         """The image behind a URL `/ota/check` gave (Range, ETag); no credentials but the URL's signature."""

@@ -163,6 +163,15 @@ async def test_credentials_and_claiming(gateway_factory):
             "next_hint": None}
         r = await client.post(f"{API}/telemetry/batch", **upload(claimed, body))
         assert r.status_code == 200, r.text
+        # The technician scans the QR (device id + code) and claims es-1: its key works from now on.
+        code = (await gw.devices.registry.create_claim_code("edgesentinel", ttl_s=600, device_id="es-1")).code
+        r = await client.post("/edgesentinel/claim", json={"device_id": "es-2", "code": code})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "claim_refused"
+        r = await client.post("/edgesentinel/claim", json={"device_id": "es-1", "code": code})
+        assert (r.status_code, r.json()) == (200, {"device_id": "es-1", "status": "claimed", "key": None})
+        assert (await client.post("/edgesentinel/claim", json={"device_id": "es-1", "code": code})).status_code == 403
+        r = await client.post(f"{API}/telemetry/batch", **upload(node, body))
+        assert r.status_code == 200, r.text
 
 
 async def test_maintenance_mode_answers_503_with_the_hint(gateway_factory):
