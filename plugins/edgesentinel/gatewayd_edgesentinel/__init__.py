@@ -11,6 +11,7 @@ hook hands over to the module that holds the details:
     profiles.py  a node's configuration profile and its ETag (pure)
     state.py     `Sentinel`, the plugin's state: a batch from its headers to its commit
     routes.py    the device API of the specification, declared
+    workflows.py the spec's workflow table as default alert rules (pure)
 
 Names, tables and the mount come from the plugin's name (`ctx.name`). The
 specification is EdgeSentinel's API specification; README.md has the routes, the
@@ -18,6 +19,8 @@ batch schema, the options, a walkthrough and what was decided where it is silent
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from quart import Blueprint
 
@@ -27,6 +30,7 @@ from .config import EdgesentinelConfig
 from .models import VERSION, named
 from .routes import DeviceRoutes
 from .state import Sentinel
+from .workflows import rules
 
 __version__ = "0.1.0"
 __all__ = ["EdgesentinelConfig", "Sentinel"]
@@ -57,6 +61,7 @@ def gatewayd_storage_models(models: ModelRegistry) -> None:
 @hookimpl
 def gatewayd_setup(ctx: Ctx) -> Sentinel:
     ctx.auth.configure(require_claim=ctx.config.require_claim)  # the spec: inactive until claimed
+    ctx.devices.set_offline_after(ctx.config.silence_s)  # device_offline: connectivity_lost's start
     return Sentinel(ctx)
 
 
@@ -82,3 +87,11 @@ def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
 @hookimpl
 def gatewayd_background_tasks(tasks: TaskRegistry, ctx: Ctx) -> None:
     tasks.add("retention", ctx.state.run_retention)  # dedup keys, series and raw windows by age
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_alert_rules(ctx: Ctx) -> list[dict[str, Any]]:
+    return rules(ctx.name, ctx.config)  # the spec's workflow table (workflows.py)

@@ -131,8 +131,9 @@ class Windows:
 
 @dataclass
 class Webhook:
+    """The core's webhook action: the alert as JSON, signed with the secret `secret_env` names."""
+
     url: str
-    format: Literal["json", "slack", "teams"] = "json"
     secret_env: str = ""
 
 
@@ -165,7 +166,9 @@ class EdgesentinelConfig:
     max_records: int = 20_000
     """Records in one batch at most (the spec: 5-10k)."""
     silence_s: float = 120.0
-    """A node silent this long opens a `connectivity_lost` (the rule fires after 5 min of it)."""
+    """A node silent this long is offline (`device_offline`): a connectivity loss begins."""
+    connectivity_lost_s: float = 300.0
+    """Silence this long raises `connectivity-lost` (the spec: "Duration > 5 minutes")."""
     operating_hours: str = "07:00-19:00"
     """The site's working hours: a light-curtain breach outside them is a security alert."""
     utc_offset: str = "+00:00"
@@ -204,6 +207,12 @@ class EdgesentinelConfig:
         for key in ("max_skew_s", "nonce_ttl_s", "silence_s", "safety_edge_window_s", "escalate_l2_s", "url_ttl_s"):
             if getattr(self, key) <= 0:
                 raise ConfigError(key, f"must be > 0, got {getattr(self, key)}")
+        if self.connectivity_lost_s <= self.silence_s:
+            raise ConfigError("connectivity_lost_s", f"must be longer than silence_s ({self.silence_s}), "
+                                                     f"got {self.connectivity_lost_s}")
+        if self.escalate_l2_s <= self.connectivity_lost_s:
+            raise ConfigError("escalate_l2_s", f"must be after connectivity_lost_s ({self.connectivity_lost_s}), "
+                                               f"got {self.escalate_l2_s}")
         if self.escalate_l3_s <= self.escalate_l2_s:
             raise ConfigError("escalate_l3_s", f"must be after escalate_l2_s ({self.escalate_l2_s}), "
                                                f"got {self.escalate_l3_s}")

@@ -195,14 +195,20 @@ class Sentinel:
         return rows, records, duplicates
 
     async def _observe(self, device_id: str, batch: Batch) -> None:
-        """The batch's events through the family's rules (README.md, "Workflows")."""
+        """The batch's events through the family's rules (workflows.py), after the commit:
+        system events are stored as the core's events too (`/api/gateway/events`)."""
+        events = self.ctx.events
         for ts, event_type, severity, description, duration, resolved, meta, _ in batch.system_events:
-            await self.ctx.events.observe(device_id, event_type, {
-                "severity": severity, "description": description, "duration": duration, "resolved": resolved,
-                **{k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}}, ts=ts)
+            data = {k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))}
+            await events.emit(device_id, event_type, {**data, "description": description}, severity=severity,
+                              duration_s=duration, resolved=resolved, ts=ts)
+        for ts, door, kind, rest, _ in batch.door_events:
+            if kind in ("over_torque", "vibration_alert"):
+                await events.observe(device_id, kind, {"door_id": door, **{k: v for k, v in rest.items()
+                                                                          if k != "meta"}}, severity="warning", ts=ts)
         retries = batch.diagnostics.get("retry_count")
         if retries is not None:
-            await self.ctx.events.observe(device_id, "upload_diagnostics", {"retry_count": retries})
+            await events.observe(device_id, "upload_diagnostics", {"retry_count": retries})
 
     # -- retention ----------------------------------------------------------------------
 
