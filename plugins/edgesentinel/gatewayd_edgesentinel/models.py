@@ -199,6 +199,55 @@ def seen_hashes(device: str, batch_id: str) -> set[int]:
     return {int(h) for (h,) in rows}
 
 
+# -- the data explorer (reader threads) ------------------------------------------------
+
+COLUMNS: dict[str, list[str]] = {
+    "points": ["ts", "device_id", "metric", "value", "unit", "meta", "id"],
+    "windows": ["ts", "device_id", "metric", "stats", "window_s", "source", "id"],
+    "door_events": ["ts", "device_id", "door_id", "type", "data", "id"],
+    "system_events": ["ts", "device_id", "event_type", "severity", "description", "duration", "resolved", "meta",
+                      "id"],
+}
+_NAME = {"points": "metric", "windows": "metric", "door_events": "type", "system_events": "event_type"}
+
+
+def explore(series: str, device: str, name: str, since: float | None, until: float | None,
+            after: tuple[float, int] | None, limit: int) -> list[tuple[Any, ...]]:
+    """One page of a series, oldest first, after `(ts, id)`: through `(device, ts)` or `(metric, ts)`."""
+    model = SERIES[series]
+    columns = ", ".join(f'"{c if c != "device_id" else "device"}"' for c in COLUMNS[series])
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("device", device), (_NAME[series], name)):
+        if value:
+            where.append(f'"{column}" = ?')
+            params.append(value)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        params.append(until)
+    if after is not None:
+        where.append("(ts > ? OR (ts = ? AND id > ?))")
+        params += [after[0], after[0], after[1]]
+    sql = (f'SELECT {columns} FROM "{model._meta.table_name}"' + (" WHERE " + " AND ".join(where) if where else "")
+           + f" ORDER BY ts, id LIMIT {int(limit)}")
+    return list(_connection(model._meta.database).execute(sql, params))
+
+
+def door_cycles(device: str, since: float, offset_s: float) -> dict[tuple[str, str], dict[str, int]]:
+    """(device, door) -> {site-local day: cycle_open count} since `since`."""
+    sql = (f"SELECT device, door_id, date(ts + ?, 'unixepoch'), count(*) FROM \"{DoorEvent._meta.table_name}\" "
+           "WHERE type = 'cycle_open' AND ts >= ?" + (" AND device = ?" if device else "")
+           + " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")
+    params: list[Any] = [offset_s, since, *([device] if device else [])]
+    out: dict[tuple[str, str], dict[str, int]] = {}
+    for dev, door, day, n in _connection(DoorEvent._meta.database).execute(sql, params):
+        out.setdefault((dev, door), {})[day] = int(n)
+    return out
+
+
 # -- retention (the writer thread, a step at a time) --------------------------------------------
 
 STEP = 5000

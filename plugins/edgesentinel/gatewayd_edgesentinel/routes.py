@@ -39,7 +39,7 @@ from gatewayd.plugins.api import (
     read_body,
 )
 
-from . import profiles
+from . import explorer, profiles
 from .batch import BatchError, content_sha256, encoding_of, idempotency_key, refused_encoding
 from .profiles import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 
@@ -185,6 +185,7 @@ class DeviceRoutes:
                    responses={200: None, 206: None, 304: None},
                    errors={403: "the URL's signature is wrong or it has expired", 404: "no such firmware"})(
             self.firmware)
+        explorer.add_routes(self.ctx, bp)  # the site's data: explorer, CSV export, door histograms (admin)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(BatchError, self.batch_refused)
         bp.register_error_handler(AuthError, self.auth_refused)

@@ -240,3 +240,25 @@ async def test_a_failing_database_stores_nothing_and_keeps_the_key_free(gateway_
             assert r.status_code == 503 and r.json()["error"]["code"] == "storage_unavailable", r.text
         r = await client.post(f"{API}/telemetry/batch", **kwargs)
         assert r.status_code == 200 and r.json()["accepted"] == 3 and r.headers["Idempotency-Replayed"] == "false"
+
+
+async def test_retention_forgets_keys_and_old_rows_by_age(gateway_factory):
+    now = [T0 + 3600]
+    settings = [*OPEN, "plugins.edgesentinel.dedup_days=30", "plugins.edgesentinel.retention_days=90",
+                "plugins.edgesentinel.windows.raw_retention_days=7"]
+    wave = {"ts": T0, "metric": "vibration", "rate_hz": 100.0, "samples": [0.5, -0.5] * 32}
+    async with gateway_factory(plugins=PLUGIN, settings=settings, clock=lambda: now[0]) as gw, \
+            gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        kwargs = upload(node, compress({"batch_id": "b1", "points": points(3), "waveforms": [wave]}))
+        assert (await client.post(f"{API}/telemetry/batch", **kwargs)).json()["accepted"] == 4
+        state = gw.contexts["edgesentinel"].state
+        now[0] = T0 + 8 * 86400  # the raw waveform is past its 7 days; nothing else is
+        assert await state.expire() == 1 and await count(gw, "waveform") == 0 and await count(gw, "packet") == 1
+        now[0] = T0 + 31 * 86400  # the key and the hashes are past dedup_days: the same batch is new again
+        assert await state.expire() == 1 + 4 and await count(gw, "seen") == 0 and await count(gw, "point") == 3
+        r = await client.post(f"{API}/telemetry/batch", **kwargs)
+        assert r.headers["Idempotency-Replayed"] == "false" and r.json()["accepted"] == 4
+        now[0] = T0 + 91 * 86400  # the series are past retention_days
+        await state.expire()
+        assert await count(gw, "point") == 0 and await count(gw, "window") == 0
