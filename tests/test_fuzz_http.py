@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import hypothesis
+import pytest
 import trio
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
 from quart import Blueprint, Response, request
@@ -132,8 +133,10 @@ def fuzz_app(gw: Any, targets: fuzz.Targets, catalogue: dict[str, fuzz.Route]) -
         try:
             for rule, method in pairs:
                 findings += sweep_pair(sender, catalogue[rule], rule, method, targets, known)
+                fuzz.maintenance_off(gw)
             for rule, method in pairs:
                 findings += search_pair(sender, catalogue[rule], rule, method, targets, known)
+                fuzz.maintenance_off(gw)
         finally:
             sender.close()
     return findings
@@ -146,6 +149,7 @@ def report(gw: Any, findings: list[Finding]) -> str:
     return "\n\n".join(lines)
 
 
+@pytest.mark.timeout(300)  # every route of three plugins: about a minute alone on two cores
 async def test_every_route_answers_generated_requests_without_5xx(gateway_factory, monkeypatch):
     monkeypatch.setenv(fuzz.TOKEN_ENV, fuzz.TOKEN)
     async with gateway_factory(plugins=fuzz.PLUGINS, settings=fuzz.SETTINGS, config_text=fuzz.CONFIG_TEXT) as gw:
