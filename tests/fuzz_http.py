@@ -449,7 +449,7 @@ CATALOGUE: dict[str, Route] = {
     "/edgesentinel/api/iot/v1/ota/report": Route(admin=False, node=True, body={"!status": "ota-status", "version": "version",
                                                                                 "detail": "text"}),
     "/edgesentinel/data": Route(query={"series": "text", "device": "device", "metric": "text", "since": "time",
-                                       "until": "time", "format": "text", "limit": "limit"}),
+                                       "until": "time", "limit": "limit"}, json=False),
     "/edgesentinel/doors": Route(query={"device": "device", "days": "limit"}),
     "/edgesentinel/claim": Route(admin=False, claim=True, body={"!device_id": "text", "!code": "claim-code"}),
     "/edgesentinel/ota/<int:firmware_id>/firmware.bin": Route(admin=False, params={"firmware_id": "firmware"},

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
-import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -34,7 +33,6 @@ class DataQuery(Struct, forbid_unknown_fields=True):
     metric: Annotated[str, Meta(max_length=64, description="points and windows: the metric; events: the type")] = ""
     since: Annotated[str, Meta(description="ISO 8601 or epoch seconds")] = ""
     until: Annotated[str, Meta(description="before this time")] = ""
-    format: Annotated[str, Meta(pattern="^(csv|json)$")] = "csv"
     limit: Annotated[int, Meta(ge=1, le=10_000_000)] = 1_000_000
 
 
@@ -58,9 +56,9 @@ class Doors(Struct):
 def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) -> None:
     routes = Routes(bp, tag=ctx.name, auth=ADMIN_TOKEN)
 
-    @routes.get("/data", query=DataQuery, responses={200: Raw("text/csv", "or JSON lines with format=json")})
+    @routes.get("/data", query=DataQuery, responses={200: Raw("text/csv", "a header line, then the rows")})
     async def data(query: DataQuery) -> Any:
-        """The data explorer: one series filtered by device, metric and time, oldest first, streamed."""
+        """The data explorer: one series filtered by device, metric and time, oldest first, streamed as CSV."""
         if denied := ctx.http.require_admin():
             return denied
         since, until = _time(query.since, "since"), _time(query.until, "until")
@@ -72,17 +70,16 @@ def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) 
             while left > 0:
                 page = await ctx.storage.read(models.explore, query.series, query.device, query.metric, since, until,
                                               after, min(PAGE, left))
-                if header and query.format == "csv":
+                if header:
                     yield _csv([models.COLUMNS[query.series]])
                 header = False
                 if not page:
                     return
-                yield _csv(page) if query.format == "csv" else _json_lines(query.series, page)
+                yield _csv(page)
                 left -= len(page)
                 after = (float(page[-1][0]), int(page[-1][-1]))
 
-        kind = "text/csv; charset=utf-8" if query.format == "csv" else "application/x-ndjson"
-        return Response(rows(), content_type=kind)
+        return Response(rows(), content_type="text/csv; charset=utf-8")
 
     @routes.get("/doors", query=DoorsQuery, responses={200: Doors})
     async def doors(query: DoorsQuery) -> Any:
@@ -108,11 +105,6 @@ def _csv(rows: list[tuple[Any, ...]] | list[list[str]]) -> bytes:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue().encode()
-
-
-def _json_lines(series: str, rows: list[tuple[Any, ...]]) -> bytes:
-    names = models.COLUMNS[series]
-    return "".join(json.dumps(dict(zip(names, row, strict=True))) + "\n" for row in rows).encode()
 
 
 def _weekly(daily: dict[str, int]) -> dict[str, int]:

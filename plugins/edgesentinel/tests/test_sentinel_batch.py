@@ -262,3 +262,17 @@ async def test_retention_forgets_keys_and_old_rows_by_age(gateway_factory):
         now[0] = T0 + 91 * 86400  # the series are past retention_days
         await state.expire()
         assert await count(gw, "point") == 0 and await count(gw, "window") == 0
+
+
+async def test_a_batch_of_only_duplicates_stores_nothing_new_and_is_answered(gateway_factory, upstream_receiver):
+    async with gateway_factory(plugins=PLUGIN, settings=OPEN, upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        doc = {"batch_id": "file-7", "points": [*points(4), points(4)[0]]}  # the first point twice
+        r = await client.post(f"{API}/telemetry/batch", **upload(node, compress(doc)))
+        assert (r.json()["accepted"], r.json()["duplicates"]) == (4, 1)
+        r = await client.post(f"{API}/telemetry/batch", **upload(node, compress(doc)))  # a new key: the node lost the answer
+        assert r.status_code == 200 and (r.json()["accepted"], r.json()["duplicates"]) == (0, 5)
+        assert await count(gw, "point") == 4 and await count(gw, "packet") == 2
+        await upstream_receiver.wait_for(4)
+        assert len(upstream_receiver.records()) == 4

@@ -13,7 +13,7 @@ from pathlib import Path
 import trio
 from sentinel_testbed import OPEN, PLUGIN
 
-from gatewayd.core.maintenance import MaintenanceState
+from gatewayd.plugins.api import MaintenanceState
 from gatewayd.testing import gw_client, provision
 
 NODE = Path(__file__).resolve().parents[3] / "firmware" / "edgesentinel" / "node.py"
