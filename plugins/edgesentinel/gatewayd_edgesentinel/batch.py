@@ -121,8 +121,8 @@ class Batch:
     sent_at: float | None
     restamp: bool
     diagnostics: dict[str, Any]
-    points: list[tuple[float, str, float, str, str | None, int]] = field(default_factory=list)
-    """(ts, metric, value, unit, meta as JSON or None, hash)"""
+    points: list[tuple[float, str, float, str, str | None, dict[str, Any] | None, int]] = field(default_factory=list)
+    """(ts, metric, value, unit, meta as JSON or None, meta, hash)"""
     windows: list[tuple[float, str, dict[str, Any], float | None, int]] = field(default_factory=list)
     """(ts, metric, stats, window_s, hash)"""
     waveforms: list[tuple[float, str, float, list[float], str, int]] = field(default_factory=list)
@@ -254,7 +254,7 @@ def _points(items: list[Any], batch: Batch) -> None:
             continue
         value = float(value)
         key = f"p\n{ts!r}\n{metric}\n{value!r}\n{unit}\n{meta_text or ''}".encode("utf-8", "surrogatepass")
-        append((ts, metric, value, unit, meta_text,
+        append((ts, metric, value, unit, meta_text, meta,
                 int.from_bytes(blake(key, digest_size=8).digest(), "big", signed=True)))
 
 

@@ -3,6 +3,7 @@ profile and its ETag, the options' checks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -109,3 +110,74 @@ async def test_a_bad_option_is_named(gateway_factory, setting, message):
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         async with gateway_factory(plugins=PLUGIN, settings=[setting]):
             pass
+
+
+# -- the fast path answers exactly as the full one --------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gatewayd_edgesentinel.batch import open_body  # noqa: E402
+from gatewayd_edgesentinel.fastpath import GiveUp, fast_batch, read_batch  # noqa: E402
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False),
+                    st.text(max_size=5))
+metrics = st.one_of(st.sampled_from(["temp_c", "rh", "a.b:c-d", "x" * 64, "x" * 65, "", "a\n", "é", " a"]),
+                    st.text(max_size=8))
+times = st.one_of(st.floats(9e8, 8e9), st.integers(9 * 10**8, 8 * 10**9), st.just("2026-01-01T00:00:00Z"),
+                  st.just(True))
+point = st.fixed_dictionaries({"ts": times, "metric": metrics, "value": st.one_of(st.floats(-1e9, 1e9), scalars)},
+                              optional={"unit": st.one_of(st.text(max_size=20), scalars),
+                                        "meta": st.one_of(st.none(), st.dictionaries(st.text(max_size=4), scalars,
+                                                                                     max_size=3),
+                                                          st.just({"nested": {"a": 1}}), st.just([1])),
+                                        "extra": scalars})
+others = st.fixed_dictionaries({}, optional={
+    "batch_id": st.one_of(st.just("f-1"), st.just(""), scalars), "restamp": st.booleans(),
+    "sent_at": st.just(1_767_225_600), "diagnostics": st.just({"retry_count": 2}),
+    "door_events": st.lists(st.fixed_dictionaries({"ts": times, "type": st.sampled_from(["cycle_open", "bad"])}),
+                            max_size=2),
+    "system_events": st.lists(st.fixed_dictionaries({"ts": times, "event_type": metrics}), max_size=2)})
+
+
+def outcome(read, raw: bytes):
+    try:
+        batch = read(raw)
+    except BatchError as e:
+        return ("error", e.status, e.code, e.message)
+    return ("batch", batch)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(points_=st.lists(point, max_size=6), rest=others, as_text=st.booleans())
+def test_the_fast_path_answers_as_the_full_one(points_, rest, as_text):
+    doc = {**rest, "points": points_}
+    try:
+        raw = json.dumps(doc, ensure_ascii=not as_text).encode("utf-8")
+    except (UnicodeEncodeError, ValueError):
+        return
+    kwargs = dict(device_id="es-1", idempotency_key="k", max_records=8, max_samples=100)
+
+    def full(raw: bytes):
+        return parse_batch(open_body(raw), **kwargs)
+
+    expected = outcome(full, raw)
+    assert outcome(lambda r: read_batch(r, **kwargs), raw) == expected
+    try:
+        fast = fast_batch(raw, **kwargs)
+    except (GiveUp, BatchError):
+        return
+    assert ("batch", fast) == expected  # when it answers, it answers the same
+
+
+def test_the_fast_path_takes_the_common_batch_and_gives_up_on_the_odd_one():
+    kwargs = dict(device_id="es-1", idempotency_key="k", max_records=100, max_samples=100)
+    common = json.dumps({"points": [{"ts": 1_767_225_600, "metric": "t", "value": 1, "meta": {"a": 1}}]}).encode()
+    assert fast_batch(common, **kwargs).valid == 1
+    for odd in ([{"ts": "2026-01-01T00:00:00Z", "metric": "t", "value": 1}],
+                [{"ts": 1_767_225_600, "metric": "t", "value": 10**30}],
+                [{"ts": 1_767_225_600, "metric": "t", "value": 1, "meta": {"a": {"b": 1}}}]):
+        with pytest.raises(GiveUp):
+            fast_batch(json.dumps({"points": odd}).encode(), **kwargs)
+    with pytest.raises(GiveUp):
+        fast_batch(b'{"points": [{"ts": 1767225600, "metric": "t", "value": NaN}]}', **kwargs)
