@@ -4,16 +4,15 @@ TelemetryWindow `stats` (rms, max, std, band power), computed on the gateway.
 Vectorised over a batch: the waveforms of one metric, rate and length are one 2-D
 array, and every statistic is one numpy/scipy call along its rows (scipy's Welch
 estimate for the power spectral density). CPU work: call it through
-`trio.to_thread.run_sync`, never on the trio thread.
+`trio.to_thread.run_sync`, never on the trio thread. numpy and scipy are imported on
+first use: scipy.signal alone takes seconds to import on a small board, and every
+`gatewayd` command loads the plugin.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
-from scipy.signal import welch
 
 
 def band_name(low: float, high: float) -> str:
@@ -30,6 +29,9 @@ def window_stats(
     "bandpower": {"10-100": ...}, "rate_hz", "samples"}`. `max` is the largest absolute
     sample; band power is the integral of the Welch PSD over `[low, high)` (units²), over
     the metric's configured bands or, without any, the whole band up to Nyquist."""
+    import numpy as np
+    from scipy.signal import welch
+
     out: list[dict[str, Any]] = [{} for _ in waveforms]
     groups: dict[tuple[str, float, int], list[int]] = {}
     for i, (_, metric, rate, samples) in enumerate(waveforms):
@@ -55,8 +57,12 @@ def window_stats(
 
 def pack(samples: Sequence[float]) -> bytes:
     """A raw waveform as stored locally: little-endian float32 (4 bytes a sample)."""
+    import numpy as np
+
     return np.asarray(samples, dtype="<f4").tobytes()
 
 
 def unpack(blob: bytes) -> list[float]:
+    import numpy as np
+
     return [float(v) for v in np.frombuffer(blob, dtype="<f4")]
