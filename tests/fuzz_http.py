@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import logging
 import sys
 import threading
 import traceback
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ import httpx
 import trio
 from hypothesis import strategies as st
 
+import gatewayd_edgesentinel
 import gatewayd_kaiabc
 import gatewayd_paku
 import gatewayd_streetlight
@@ -54,9 +57,11 @@ from gatewayd.testing import gw_client, gw_url
 TOKEN = "fuzz-admin-token"
 LIGHT = "IMEI:351234567890123"  # a streetlight: its id has a ":"
 TOKEN_ENV = "GATEWAYD_ADMIN_TOKEN"
-PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("streetlight", gatewayd_streetlight)]
+PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("streetlight", gatewayd_streetlight),
+           ("edgesentinel", gatewayd_edgesentinel)]
 MAX_BODY = 64 * 1024
-SETTINGS = [f"http.max_body_bytes={MAX_BODY}"]  # an oversized body costs 64 KiB, not 8 MiB
+SETTINGS = [f"http.max_body_bytes={MAX_BODY}",  # an oversized body costs 64 KiB, not 8 MiB
+            "plugins.edgesentinel.require_claim=false"]  # its node works unclaimed: requests reach the code
 # One rule that fires, so /api/gateway/alerts has notifications to list.
 CONFIG_TEXT = """
 [[rules]]
@@ -85,6 +90,7 @@ class Targets:
     families: list[str] = field(default_factory=lambda: ["paku", "kaiabc", "streetlight"])
     light_tokens: list[str] = field(default_factory=list)  # streetlight device tokens (JWT), its lights' ids below
     lights: list[str] = field(default_factory=lambda: [LIGHT])
+    node: tuple[str, str] = ("es-1", "")  # an edgesentinel node: X-Device-Id, X-Auth-Key
 
 
 async def provision(gw: Any) -> Targets:
@@ -153,9 +159,21 @@ async def provision(gw: Any) -> Targets:
                             200)["next_cursor"],
         }
         assert all(cursors.values()), cursors
+        node = ok(await c.post("/api/gateway/devices", headers=auth, json={"family": "edgesentinel", "id": "es-1"}),
+                  201)["credentials"]["key"]
     return Targets(core_devices=["pk-1", "pk-2", "kb-1", "dup"], paku_devices=["pk-1", "pk-2", "dup"],
                    device_keys=keys, claim_codes=codes, firmware_ids=images, cursors=cursors,
-                   light_tokens=[light_token])
+                   light_tokens=[light_token], node=("es-1", node))
+
+
+def maintenance_off(gw: Any) -> None:
+    """From a worker thread: switch maintenance mode off. A generated request may switch
+    it on (PUT /api/gateway/maintenance), and then device routes answer 503 by design,
+    which would read as server errors of the routes tested after it."""
+    from gatewayd.core.maintenance import MaintenanceState
+
+    if gw.maintenance.state.active:
+        trio.from_thread.run(gw.maintenance.set, MaintenanceState())
 
 
 # -- bytes on the wire ------------------------------------------------------------------
@@ -317,7 +335,8 @@ def encode_piece(value: Any, safe: str = "") -> bytes:
 # -- who may call: the Authorization header ----------------------------------------------
 
 AUTH_KINDS = ["admin", "none", "wrong", "device-key", "lower-case scheme", "basic", "no-space", "token-only",
-              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key", "light-jwt"]
+              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key", "light-jwt",
+              "node-key", "node-wrong"]
 
 
 def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, bytes]]:
@@ -341,6 +360,9 @@ def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, 
         return [("X-API-Key", key)]
     if kind == "light-jwt":  # a streetlight's own device token (configure hands it out)
         return [("Authorization", b"Bearer " + (targets.light_tokens or ["none"])[0].encode())]
+    if kind in ("node-key", "node-wrong"):  # edgesentinel's X-Device-Id + X-Auth-Key
+        node_id, node_key = targets.node
+        return [("X-Device-Id", node_id.encode()), ("X-Auth-Key", (node_key if kind == "node-key" else "x" * 43).encode())]
     return [] if value is None else [("Authorization", value)]
 
 
@@ -377,6 +399,14 @@ class Route:
     light: bool = False
     """A streetlight device route: a light's token by default, errors in the specification's
     body `{"status": "error", "code", "message", "retry_after_seconds"}`."""
+    node: bool = False
+    """A device route of edgesentinel: valid requests carry its node's X-Device-Id + X-Auth-Key."""
+    upload: bool = False
+    """edgesentinel's batch: valid requests carry an Idempotency-Key and the body's Content-SHA256."""
+
+    @property
+    def base_auth(self) -> str:
+        return "admin" if self.admin else "light-jwt" if self.light else "node-key" if self.node else "none"
 
 
 DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model": "text", "firmware": "text",
@@ -403,6 +433,8 @@ CATALOGUE: dict[str, Route] = {
     "/api/gateway/devices/<device_id>/commands": Route(
         params={"device_id": "device"}, query={"family": "family", "status": "status"},
         body={"!payload": "any", "ttl_s": "positive", "priority": "priority"}),
+    # Valid requests switch maintenance off only: on, device routes would answer 503 (by design).
+    "/api/gateway/maintenance": Route(body={"!active": "off", "reason": "text", "retry_after_s": "positive"}),
     "/api/gateway/events": Route(query=EVENTS_QUERY),
     "/api/gateway/alerts": Route(query={"state": "state", "limit": "limit"}),
     "/api/gateway/firmware": Route(query={"family": "family"}),
@@ -425,6 +457,24 @@ CATALOGUE: dict[str, Route] = {
     "/openapi.json": Route(),
     "/docs": Route(json=False, html=True),
     "/paku/openapi.json": Route(),
+    "/edgesentinel/openapi.json": Route(),
+    "/edgesentinel/docs": Route(json=False, html=True),
+    "/edgesentinel/api/iot/v1/auth/handshake": Route(admin=False, node=True),
+    "/edgesentinel/api/iot/v1/telemetry/batch": Route(admin=False, node=True, upload=True, body={
+        "batch_id": "text", "restamp": "off", "points": "any", "windows": "any",
+        "waveforms": "any", "door_events": "any", "system_events": "any", "diagnostics": "object"}),
+    "/edgesentinel/api/iot/v1/config": Route(admin=False, node=True),
+    "/edgesentinel/api/iot/v1/ota/check": Route(admin=False, node=True, query={"current": "version", "channel": "channel",
+                                                                                "model": "model"}),
+    "/edgesentinel/api/iot/v1/ota/report": Route(admin=False, node=True, body={"!status": "ota-status", "version": "version",
+                                                                                "detail": "text"}),
+    "/edgesentinel/data": Route(query={"series": "text", "device": "device", "metric": "text", "since": "time",
+                                       "until": "time", "limit": "limit"}, json=False),
+    "/edgesentinel/doors": Route(query={"device": "device", "days": "limit"}),
+    "/edgesentinel/claim": Route(admin=False, claim=True, body={"!device_id": "text", "!code": "claim-code"}),
+    "/edgesentinel/ota/<int:firmware_id>/firmware.bin": Route(admin=False, params={"firmware_id": "firmware"},
+                                                             binary_ok=True, query={"device": "text", "expires": "limit",
+                                                                                    "sig": "text"}),
     "/paku/docs": Route(json=False, html=True),
     "/paku/health": Route(admin=False),
     "/streetlight/openapi.json": Route(),
@@ -617,6 +667,7 @@ class Strategies:
             "streams": (["paku.#", "paku.telemetry.*,kaiabc.#", "*.*.pk-1"], ["", "a..b", "#.x", "a*", "," * 40,
                                                                          ",".join(["a"] * 40)]),
             "token": (["gwt_not-a-real-token"], ["", "x" * 300, "gwt_"]),
+            "text": (["x", "es-1", "0" * 64], ["", "x" * 300, "é", "-1"]),
         }
         self.query_ok = {kind: st.sampled_from(ok) for kind, (ok, _) in self.query_values.items()}
         self.query_odd = {kind: odd_text(odd) for kind, (_, odd) in self.query_values.items()}
@@ -630,6 +681,7 @@ class Strategies:
             "positive": st.one_of(st.integers(1, 10**6), st.floats(0.001, 1e6)),
             "non-negative": st.one_of(st.integers(0, 10**6), st.floats(0, 1e6)),
             "priority": st.integers(-10, 10),
+            "off": st.just(False),
             "any": json_values,
             "claim-code": st.sampled_from([*t.claim_codes, "AAAA-BBBB-CCCC", "aaaa-bbbb-cccc"]),
             "light-id": st.sampled_from([*t.lights, "IMEI:1"]),
@@ -646,6 +698,8 @@ class Strategies:
             "alert-type": st.sampled_from(["battery_low", "lamp_failure", "x.y:z"]),
             "severity": st.sampled_from(["info", "warning", "critical"]),
             "logs": st.lists(st.fixed_dictionaries({"message": st.text(max_size=20)}), min_size=1, max_size=3),
+            "version": st.sampled_from(VERSIONS_OK),
+            "ota-status": st.sampled_from(["started", "installed", "failed", "bogus"]),
         }
         self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0], "light": t.lights[0],
                            "firmware": str(t.firmware_ids[0]), "file": "x.js"}
@@ -742,6 +796,10 @@ def make_request(rule: str, route: Route, targets: Targets, *, method: str, path
     if doc is not None:
         body, body_headers = encode_body(doc, form, arg)
         all_headers += body_headers
+    if route.upload:  # a fresh key per body (the same body again is a replay), its hash as sent
+        digest = hashlib.sha256(body).hexdigest()
+        all_headers += [("Idempotency-Key", str(uuid.UUID(digest[:32], version=4)).encode()),
+                        ("Content-SHA256", digest.encode())]
     all_headers += list(headers)
     return Req(rule, method, target, tuple(all_headers), body, auth, route.claim)
 
@@ -762,7 +820,8 @@ def slots_of(route: Route, method: str) -> list[tuple[str, str]]:
 BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCCC", "device": "pk-1",
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
                  "non-negative": 0, "priority": 0, "power-state": "on", "readings": [{"status": "on", "timestamp": T0}],
-                 "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}]}
+                 "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}],
+                 "off": False, "ota-status": "installed", "version": "1.0.0"}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]
@@ -777,7 +836,8 @@ SWEEP_BODIES = [
     ("content-encoding", b"deflate"),
 ]
 SWEEP_HOSTS = [b"a" * 64, b"a..b", b".", b"[::1", b"\xe9.example", b"", b"h:port", b"evil.example"]
-SWEEP_AUTH = ["none", "wrong", "device-key", "basic", "token-only", "latin-1", "empty-bearer", "x-api-key", "admin"]
+SWEEP_AUTH = ["none", "wrong", "device-key", "basic", "token-only", "latin-1", "empty-bearer", "x-api-key", "admin",
+              "node-key", "node-wrong"]
 QUERY_ODD_ALSO = ["", "\ud800", "x" * 3000, Raw(b"%FF"), Raw(b"%00")]
 
 
@@ -787,7 +847,7 @@ def sweep(rule: str, method: str, targets: Targets, route: Route | None = None) 
     here is already minimal: one odd thing."""
     route = route or CATALOGUE[rule]
     gen = strategies_for(targets)
-    base_auth = "admin" if route.admin else "light-jwt" if route.light else "none"
+    base_auth = route.base_auth
     doc = {name.lstrip("!"): BODY_DEFAULTS[kind] for name, kind in route.body.items() if name.startswith("!")}
     has_body = method in BODY_METHODS
     base: dict[str, Any] = dict(method=method, path={n: gen.path_first[k] for n, k in route.params.items()},
@@ -863,8 +923,7 @@ def requests(draw: Any, rule: str, method: str, targets: Targets, route: Route |
         if draw(st.booleans()):
             query = draw(st.permutations(query))
 
-    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else \
-        ("admin" if route.admin else "light-jwt" if route.light else "none")
+    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else route.base_auth
     key_index = draw(st.integers(0, len(targets.device_keys) - 1))
 
     doc: Any = None

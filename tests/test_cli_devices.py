@@ -79,7 +79,7 @@ def test_bad_values_exit_1_naming_them(tmp_path, capsys, monkeypatch):
     gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "kaiabc", "--id", "n1")
     monkeypatch.setenv("SHORT_KEY", "k")
     cases = [
-        (["add", "--family", "lamp"], "--family: no enabled plugin 'lamp' (enabled: kaiabc, paku, streetlight)"),
+        (["add", "--family", "lamp"], "--family: no enabled plugin 'lamp' (enabled: edgesentinel, kaiabc, paku, streetlight)"),
         (["add", "--family", "kaiabc", "--set", "plugins.kaiabc.enabled=false"], "no enabled plugin 'kaiabc'"),
         (["claim-code", "--family", "nosuch"], "--family: no enabled plugin 'nosuch'"),
         (["add", "--family", "kaiabc", "--metadata", '{"v": NaN}'], "--metadata is not valid JSON: v: NaN"),
@@ -113,3 +113,30 @@ async def test_cli_while_the_gateway_runs(gateway_factory, tmp_path):
             # The daemon notices the new MQTT account without a restart.
             await wait_until(lambda: "paku" in changed)
             assert [u for u, _ in await gw.devices.registry.mqtt_accounts("paku")] == ["plug-1"]
+
+
+def test_keys_flashed_at_manufacture_and_the_claim_qr(tmp_path, capsys):
+    import segno
+
+    (tmp_path / "es.key").write_text("k" * 32 + "\n")
+    (tmp_path / "es.secret").write_text("s" * 32 + "\n")
+    out = json.loads(gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "paku", "--id", "pk-9",
+                                     "--key-file", str(tmp_path / "es.key"), "--signing-secret-file",
+                                     str(tmp_path / "es.secret"), "--json").stdout)
+    assert out["credentials"]["key"] == "k" * 32 and out["credentials"]["signing_secret"] == "s" * 32
+    (tmp_path / "empty.key").write_text("\n")
+    r = gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "paku", "--key-file",
+                        str(tmp_path / "empty.key"), check=False)
+    assert r.returncode == 1 and "empty.key is empty" in r.stderr
+    r = gatewayd_inproc(tmp_path, capsys, "devices", "claim-code", "--family", "paku", "--device", "pk-9", "--qr",
+                        str(tmp_path / "qr.svg"))
+    code = r.stdout.split()[2]
+    payload = json.dumps({"device_id": "pk-9", "code": code}, separators=(",", ":"))
+    assert f"claim QR written to {tmp_path / 'qr.svg'}: {payload}" in r.stdout and "\u2580" in r.stdout  # the terminal's
+    expected = tmp_path / "expected.svg"
+    segno.make(payload, error="m").save(str(expected), scale=8, border=4)
+    assert (tmp_path / "qr.svg").read_bytes() == expected.read_bytes()
+    gatewayd_inproc(tmp_path, capsys, "devices", "claim-code", "--family", "paku", "--qr", str(tmp_path / "qr.png"))
+    assert (tmp_path / "qr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = gatewayd_inproc(tmp_path, capsys, "devices", "claim-code", "--family", "paku", "--qr", "qr.jpg", check=False)
+    assert r.returncode == 1 and "expected a .png or .svg file" in r.stderr

@@ -159,3 +159,41 @@ async def test_the_plugin_route_answers_400_for_a_bad_class(gateway_factory):
             r = await client.post("/ingest/records", json={"device": "d", "seq": 2, "cls": "alert"})
             assert r.status_code == 201
             assert (await client.get("/ingest/count")).json() == {"count": 1}
+
+
+async def test_pressure_is_the_fullest_outbox_limit_and_the_writer_queue(tmp_path):
+    from gatewayd.core.outbox.store import OutboxLimits
+
+    policy = OutboxPolicy(max_rows=1000, classes={"history": OutboxLimits(max_rows=100)})
+    async with open_ingest(tmp_path, policy=policy) as (ingest, outbox, storage):
+        assert ingest.pressure() == (0.0, 0, 0, 0)
+        await ingest.records([Record("d", "t", {"n": i}) for i in range(40)])
+        pressure = ingest.pressure()
+        assert pressure.outbox_fill == pytest.approx(0.4)  # history's own limit, not the total's 0.04
+        assert pressure.outbox_rows == 40 and pressure.outbox_bytes > 0
+        await ingest.records([Record("d", "t", {"n": i}, cls="alert") for i in range(60)])
+        assert ingest.pressure().outbox_fill == pytest.approx(0.4)  # 100 of 1000 in all: 0.1
+        # Jobs queued behind a slow one are the writer's queue.
+        release = trio.Event()
+        started = trio.Event()
+
+        def slow() -> None:
+            trio.from_thread.run_sync(started.set, trio_token=token)
+            trio.from_thread.run(release.wait, trio_token=token)
+
+        token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(storage.write, slow)
+            await started.wait()
+            for _ in range(3):
+                nursery.start_soon(storage.write, lambda: None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert ingest.pressure().writer_queue == 3
+            release.set()
+        assert ingest.pressure().writer_queue == 0
+
+
+async def test_pressure_of_an_outbox_without_sinks_is_nought(tmp_path):
+    async with open_ingest(tmp_path, sinks=()) as (ingest, outbox, storage):
+        await ingest.records([Record("d", "t", {"n": i}) for i in range(10)])
+        assert ingest.pressure().outbox_fill == 0.0

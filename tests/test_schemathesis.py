@@ -57,7 +57,8 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 STREAMS = {("GET", "/api/gateway/live/events"), ("GET", "/api/gateway/live"), ("GET", "/kaiabc/v1/ws"),
            ("GET", "/v1/ws")}  # kaiabc's WebSocket: plugins/kaiabc/tests/test_ws.py
 DOCUMENTS = [("main", "/openapi.json"), ("main", "/paku/openapi.json"), ("paku", "/openapi.json"),
-             ("main", "/streetlight/openapi.json"), ("main", "/kaiabc/openapi.json")]
+             ("main", "/streetlight/openapi.json"), ("main", "/kaiabc/openapi.json"),
+             ("main", "/edgesentinel/openapi.json")]
 
 
 def known_values(targets: fuzz.Targets) -> dict[str, list[Any]]:
@@ -102,7 +103,7 @@ def run_operation(operation: Any, base_url: str, known: dict[str, list[Any]], mo
     return failures
 
 
-def run_document(doc: dict[str, Any], base_url: str, targets: fuzz.Targets) -> dict[str, list[str]]:
+def run_document(doc: dict[str, Any], base_url: str, targets: fuzz.Targets, gw: Any) -> dict[str, list[str]]:
     schema = schemathesis.openapi.from_dict(doc)
     known = known_values(targets)
     found: dict[str, list[str]] = {}
@@ -115,6 +116,7 @@ def run_document(doc: dict[str, Any], base_url: str, targets: fuzz.Targets) -> d
             # explicit and schemathesis's probes take each away in turn (device_keys[3]: kb-1, kaiabc).
             credentials = {**ADMIN, "X-API-Key": targets.device_keys[3]} if "/kaiabc/" in operation.path else ADMIN
             failures = run_operation(operation, base_url, known, mode, credentials)
+            fuzz.maintenance_off(gw)  # a PUT /api/gateway/maintenance may have switched it on
             if failures:
                 found[f"{operation.method.upper()} {operation.path} ({mode.value})"] = failures
     return found
@@ -138,7 +140,7 @@ async def test_every_document_holds_against_the_running_gateway(gateway_factory,
             operations += sum(len(methods) for methods in doc["paths"].values())
             inputless |= {f"{m.upper()} {p}" for p, methods in doc["paths"].items() for m, op in methods.items()
                           if not op.get("parameters") and not op.get("requestBody")}
-            found = await trio.to_thread.run_sync(run_document, doc, base, targets)
+            found = await trio.to_thread.run_sync(run_document, doc, base, targets, gw)
             report.update({f"{listener}{path}: {op}": failures for op, failures in found.items()})
         assert operations >= 20, f"only {operations} operations in the documents"
         # Every operation but the streams was sent at least EXAMPLES requests that fit.
@@ -204,7 +206,7 @@ async def test_the_harness_finds_planted_defects(gateway_factory, monkeypatch):
         base = gw_url(gw)
         doc = await trio.to_thread.run_sync(lambda: requests.get(base + "/bait/openapi.json", headers=ADMIN).json())
         empty = fuzz.Targets([], [], [], [], [], {})
-        found = await trio.to_thread.run_sync(run_document, doc, base, empty)
+        found = await trio.to_thread.run_sync(run_document, doc, base, empty, gw)
     text = {op: "\n".join(failures) for op, failures in found.items()}
     assert "ST103 Undocumented status code" in text["POST /bait/things (positive)"]
     assert "Response violates schema" in text["GET /bait/shape (positive)"]

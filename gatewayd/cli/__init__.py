@@ -26,6 +26,7 @@ from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
+from .maintenance import cmd_maintenance, setup_maintenance
 from .outbox import cmd_outbox, setup_outbox
 from .plugin import cmd_plugin, setup_plugin
 from .tokens import cmd_tokens, setup_tokens
@@ -192,6 +193,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
      cmd_firmware),
     ("outbox", "the upstream outbox: status [--json], dead-letters [--json], retry-dead [--id N], forget-sink NAME",
      setup_outbox, cmd_outbox),
+    ("maintenance", "maintenance mode: on [--reason TEXT] [--retry-after S], off, status (devices are told to come back)",
+     setup_maintenance, cmd_maintenance),
     ("tokens", "scoped read-only API tokens for apps: add NAME --scope live:<family> [--ttl 30d], list, revoke NAME",
      setup_tokens, cmd_tokens),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -82,6 +83,23 @@ def _env_secret(name: str | None) -> str | None:
     return value
 
 
+def _secret(env: str | None, file: str | None, what: str) -> str | None:
+    """A secret flashed at manufacture: from an environment variable or a file (its
+    first line, stripped), never from the command line (it would sit in the shell's history)."""
+    if env and file:
+        raise CliError(f"give the {what} by --{what}-env or --{what}-file, not both")
+    if not file:
+        return _env_secret(env)
+    try:
+        lines = Path(file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CliError(f"--{what}-file: cannot read {file}: {e}") from None
+    value = lines[0].strip() if lines else ""
+    if not value:
+        raise CliError(f"--{what}-file: {file} is empty")
+    return value
+
+
 def _print_device(d: Device) -> None:
     print(f"family      {d.family}\nid          {d.id}\nstatus      {d.status}\nname        {d.name or '-'}")
     print(f"model       {d.model or '-'}\nfirmware    {d.firmware or '-'}")
@@ -111,7 +129,8 @@ async def _add(args: argparse.Namespace, s: DeviceServices) -> int:
     try:
         device, creds = await s.registry.provision(
             _family(args), args.id, name=args.name, model=args.model, firmware=args.firmware, metadata=metadata,
-            key=_env_secret(args.key_env), signing_secret=_env_secret(args.signing_secret_env),
+            key=_secret(args.key_env, args.key_file, "key"),
+            signing_secret=_secret(args.signing_secret_env, args.signing_secret_file, "signing-secret"),
         )
     except (DeviceExists, ValueError) as e:
         raise CliError(str(e)) from None
@@ -191,6 +210,8 @@ async def _command(args: argparse.Namespace, s: DeviceServices) -> int:
 
 async def _claim_code(args: argparse.Namespace, s: DeviceServices) -> int:
     ttl = s.config.devices.claim_code_ttl_s if args.ttl is None else args.ttl
+    if args.qr and Path(args.qr).suffix.lower() not in (".png", ".svg"):  # before a code is made for nothing
+        raise CliError(f"--qr: expected a .png or .svg file, got {args.qr!r}")
     try:
         code = await s.registry.create_claim_code(_family(args), ttl_s=ttl, device_id=args.device)
     except (UnknownDevice, ClaimError, ValueError) as e:
@@ -200,7 +221,26 @@ async def _claim_code(args: argparse.Namespace, s: DeviceServices) -> int:
     else:
         target = f"device {args.device}" if args.device else "a new device"
         print(f"claim code {code.code} (family {args.family}, {target}, valid until {_when(code.expires_at)})")
+    if args.qr:
+        _write_qr(args.qr, args.device, code.code, terminal=not args.json)
     return 0
+
+
+def _write_qr(path: str, device_id: str | None, code: str, *, terminal: bool) -> None:
+    """The claim QR for a technician to scan: `{"device_id", "code"}` as JSON (the
+    specification's "device id + bootstrap token"), as PNG or SVG (by the file's
+    suffix), and in the terminal."""
+    import segno  # the CLI's only user of it: imported when asked
+
+    payload = json.dumps({"device_id": device_id, "code": code}, separators=(",", ":"))
+    qr = segno.make(payload, error="m")
+    try:
+        qr.save(path, scale=8, border=4)
+    except OSError as e:
+        raise CliError(f"--qr: cannot write {path}: {e}") from None
+    if terminal:
+        qr.terminal(compact=True)
+        print(f"claim QR written to {path}: {payload}")
 
 
 def setup_devices(parser: argparse.ArgumentParser) -> None:
@@ -228,6 +268,8 @@ def setup_devices(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", help="a JSON object")
     p.add_argument("--key-env", metavar="VAR", help="import the key already in the firmware from this env var")
     p.add_argument("--signing-secret-env", metavar="VAR", help="import the signing secret from this env var")
+    p.add_argument("--key-file", metavar="FILE", help="import the key flashed at manufacture from this file")
+    p.add_argument("--signing-secret-file", metavar="FILE", help="import the signing secret from this file")
     p = command("list", "list devices", _list)
     p.add_argument("--family")
     p.add_argument("--status", choices=STATUSES)
@@ -244,6 +286,8 @@ def setup_devices(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--family", required=True)
     p.add_argument("--ttl", type=float, default=None, metavar="S", help="valid for S seconds")
     p.add_argument("--device", metavar="ID", help="the device it claims (default: registers a new one)")
+    p.add_argument("--qr", metavar="FILE", help='also write the claim QR ({"device_id", "code"}) to FILE (.png or '
+                                                '.svg) and show it in the terminal')
 
 
 def cmd_devices(args: argparse.Namespace, manager: PluginManager) -> int:

@@ -42,7 +42,7 @@ from .config import Config
 from .dashboard import DashboardSessions, DashboardSources, PluginViews, dashboard_blueprint
 from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
-from .health import Health
+from .health import ComponentState, Health
 from .. import __version__
 from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
 from .http.openapi import ApiDocs
@@ -52,6 +52,7 @@ from .http.urls import PublicUrl
 from .live.http import live_blueprint
 from .live.hub import FamilyLive, LiveHub
 from .logs import get_logger
+from .maintenance import Maintenance, PluginMaintenance, maintenance_blueprint
 from .metrics import Metrics, Sample
 from .mqtt.service import MQTTService
 from .ota.http import firmware_blueprint
@@ -133,6 +134,7 @@ class Gateway:
         self.upstream = Upstream(config, self.outbox, self.metrics, self.health, clock=clock)
         self.serial = SerialLinks(self.metrics, self.health)
         self.admin = AdminGuard(config.http.admin_token_env)
+        self.maintenance = Maintenance(self.storage, clock=clock)
         self.tokens = TokenStore(self.storage, clock=clock)
         self.sessions = DashboardSessions(self.admin)  # the site dashboard's log-ins (in memory)
         lv = config.live
@@ -195,6 +197,8 @@ class Gateway:
             await core.start(self.storage.run)
             self.health.probe("storage", self.storage.health_state)  # "full" while writes fail for lack of space
             await self._install_schemas()
+            self.health.probe("maintenance", self._maintenance_health)
+            await core.start(self.maintenance.run)
             await core.start(self.notifier.run)
             await core.start(self.events.run)
             await core.start(self.devices.run)
@@ -248,6 +252,14 @@ class Gateway:
         ingest = Ingest(self.outbox, record.get("family") or "gateway", self.clock)
         await ingest.record(record.get("device_id") or "-", "alert", record, cls="alert")
 
+    def _maintenance_health(self) -> ComponentState:
+        # Maintenance is the operator's choice, not a failure: /health stays 200 ("off" and
+        # "ok" are healthy states) and says so.
+        state = self.maintenance.state
+        if not state.active:
+            return ComponentState("off")
+        return ComponentState("ok", state.reason or "maintenance mode", {"maintenance": True, "since": state.since})
+
     def _trusted_keys(self) -> list[Any]:
         keys, errors = load_public_keys(self.config.ota.trusted_keys,
                                         self.config.source.parent if self.config.source else None)
@@ -273,6 +285,7 @@ class Gateway:
     async def _install_schemas(self) -> None:
         await trio.to_thread.run_sync(self.devices.install)
         await self.outbox.open()
+        await trio.to_thread.run_sync(self.maintenance.install)
         for spec in (EVENTS_SCHEMA, NOTIFY_SCHEMA, OTA_SCHEMA, TOKEN_SCHEMA):
             await trio.to_thread.run_sync(self.storage.install, spec)
         for name in self._live_plugins():
@@ -301,6 +314,7 @@ class Gateway:
                 events=FamilyEvents(self.events, name),
                 ota=FamilyOta(self.ota, name),
                 live=FamilyLive(self.live, name),
+                maintenance=PluginMaintenance(self.maintenance),
                 clock=self.clock,
             )
             with self._plugin_step(name, "setup"):
@@ -335,6 +349,7 @@ class Gateway:
         app.register_blueprint(admin_blueprint(self.devices, self.admin, lambda: self.enabled_plugins))
         app.register_blueprint(events_blueprint(self.events, self.storage, self.admin))
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
+        app.register_blueprint(maintenance_blueprint(self.maintenance, self.admin))
         lv = self.config.live
         app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=lv.heartbeat_s,
                                               batch_s=lv.batch_ms / 1000, session=self.sessions.live_owner))
@@ -511,6 +526,10 @@ class Gateway:
         self.metrics.collector(
             "gatewayd_live_refused_total", "counter", "Live subscriptions refused (per-token or total limit)",
             lambda: [Sample("gatewayd_live_refused_total", {}, live["refused"])],
+        )
+        self.metrics.collector(
+            "gatewayd_maintenance", "gauge", "1 while the gateway is in maintenance mode",
+            lambda: [Sample("gatewayd_maintenance", {}, 1.0 if self.maintenance.state.active else 0.0)],
         )
         self.metrics.collector(
             "gatewayd_uptime_seconds", "gauge", "Seconds since the gateway started",

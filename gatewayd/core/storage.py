@@ -241,6 +241,10 @@ class Storage:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
 
+    def queue_depth(self) -> int:
+        """Write jobs waiting for the writer thread (approximate: read without a lock)."""
+        return self._queue.qsize()
+
     @property
     def is_open(self) -> bool:
         return self._open

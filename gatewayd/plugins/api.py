@@ -53,11 +53,12 @@ from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, 
 from ..core.http.errors import error_response
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
+from ..core.maintenance import MaintenanceState
 from ..core.metrics import Counter, Gauge
 from ..core.mqtt.delivery import InboundMessage, MessageHandler, Rejected
 from ..core.mqtt.service import MQTTUnavailable
 from ..core.ota.store import CHANNELS, REPORT_STATUSES, Firmware
-from ..core.outbox.ingest import Ingested, IngestError, Record
+from ..core.outbox.ingest import Ingested, IngestError, IngestPressure, Record
 from ..core.schema import ConfigError
 from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
@@ -106,7 +107,9 @@ __all__ = [
     "InboundMessage",
     "LiveEvent",
     "Ingested",
+    "IngestPressure",
     "IssuedToken",
+    "MaintenanceState",
     "MessageHandler",
     "Record",
     "FrameHandler",

@@ -35,6 +35,7 @@ from ..core.devices.services import FamilyDevices
 from ..core.http.app import AdminGuard
 from ..core.live.hub import FamilyLive
 from ..core.logs import StructLogger
+from ..core.maintenance import PluginMaintenance
 from ..core.metrics import Counter, Gauge, Metrics
 from ..core.mqtt.service import PluginMQTT
 from ..core.ota.family import FamilyOta
@@ -151,6 +152,8 @@ class PluginContext(Generic[ConfigT, StateT]):
     """This family's firmware images and its devices' OTA reports."""
     live: FamilyLive
     """Live streams `<family>.<kind>.<device>`: `publish` after a commit; `subscribe` for a route of its own."""
+    maintenance: PluginMaintenance
+    """The operator's maintenance switch (`gatewayd maintenance on|off`): `active`, `state`."""
     clock: Callable[[], float] = field(default=time.time)
     _state: Any = field(default=None, repr=False)
 

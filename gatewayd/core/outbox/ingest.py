@@ -38,7 +38,8 @@ from ..storage import StorageError
 if TYPE_CHECKING:
     from .store import Outbox
 
-__all__ = ["Ingest", "IngestError", "Ingested", "Record", "DeliveryScope", "call_key", "delivery_scope"]
+__all__ = ["Ingest", "IngestError", "Ingested", "IngestPressure", "Record", "DeliveryScope", "call_key",
+           "delivery_scope"]
 
 class DeliveryScope:
     """What the ingest calls of one MQTT delivery share (the delivery sets it in
@@ -128,6 +129,21 @@ class Ingested(NamedTuple):
     result: Any
 
 
+class IngestPressure(NamedTuple):
+    """How loaded the way into storage is (`ctx.ingest.pressure()`), for a plugin's backpressure.
+
+    `outbox_fill` is the fullest of the outbox's limits (its total rows and bytes, and each
+    class's own), 0.0 (empty) to 1.0 (full: under `drop_oldest` the oldest records go,
+    under `reject` new ones are refused). `writer_queue` is the write jobs waiting for the
+    writer thread: a deep queue means every acknowledgement waits for it.
+    """
+
+    outbox_fill: float
+    outbox_rows: int
+    outbox_bytes: int
+    writer_queue: int
+
+
 class Ingest:
     """A family's door to durable storage and upstream sync (`ctx.ingest`)."""
 
@@ -137,6 +153,27 @@ class Ingest:
         self._outbox = outbox
         self.family = family
         self._clock = clock
+
+    def pressure(self) -> IngestPressure:
+        """The outbox's fill and the writer's queue, now (from memory: cheap, call it per request)."""
+        outbox = self._outbox
+        policy = outbox.policy
+        rows = nbytes = 0
+        fill = 0.0
+        for name in CLASSES:
+            have_rows, have_bytes = outbox.counts.get(f"class:{name}", (0, 0))
+            rows += have_rows
+            nbytes += have_bytes
+            limits = policy.limits(CLASS_PRIORITY[name])
+            if limits.max_rows:
+                fill = max(fill, have_rows / limits.max_rows)
+            if limits.max_bytes:
+                fill = max(fill, have_bytes / limits.max_bytes)
+        if policy.max_rows:
+            fill = max(fill, rows / policy.max_rows)
+        if policy.max_bytes:
+            fill = max(fill, nbytes / policy.max_bytes)
+        return IngestPressure(min(fill, 1.0), rows, nbytes, outbox.storage.queue_depth())
 
     async def record(
         self,

@@ -1,0 +1,204 @@
+"""EdgeSentinel reference node: what a door sensor node does, against the gateway as
+against its cloud (only the base URL changes).
+
+    python firmware/edgesentinel/node.py --base http://127.0.0.1:8080/edgesentinel \
+        --id es-1 --key KEY --state-dir /var/lib/es [--sample 3000] [--until-drained]
+
+- Samples: synthetic door cycles (cycle_open / cycle_close with durations) and
+  vibration RMS points, appended to buffer files of `--file-records` records each
+  (`buffer-000001.jsonl`, ...): the node's offline buffer.
+- Uploads zstd batches of at most `--batch` records with `X-Device-Id`, `X-Auth-Key`,
+  `Idempotency-Key` and `Content-SHA256`. The key and `batch_id` are derived from the
+  file and the record offset, so a batch sent again after a crash is the same batch:
+  the gateway answers it from its ledger or counts its records as duplicates.
+- Resumes at the last acknowledged position: `cursor.json` holds, per file, the
+  offset of the first record not yet acknowledged, written (atomically) only after a
+  200. Newest data first: the newest file with unsent records goes first, then the
+  older ones (backfill).
+- Backs off exponentially from 1 s to 300 s with +-25 % jitter after a failure,
+  honours `next_hint: "backoff_ms: N"` in any answer, and opens a circuit breaker
+  after `--breaker` consecutive failures (no request until it half-opens).
+
+Printed lines (`uploaded`, `waiting`, `breaker`) are what the tests read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import zstandard
+
+API = "/api/iot/v1"
+T_BASE = 1_767_225_600.0
+
+
+class Node:
+    def __init__(self, opts: argparse.Namespace) -> None:
+        self.o = opts
+        self.dir = Path(opts.state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cursor: dict[str, int] = json.loads((self.dir / "cursor.json").read_text()) \
+            if (self.dir / "cursor.json").exists() else {}
+        self.failures = 0
+        self.backoff_s = 0.0
+        self.rng = random.Random(opts.seed)
+        self.zstd = zstandard.ZstdCompressor(level=3)
+        self.sent_batches = 0
+
+    # -- the buffer ---------------------------------------------------------------------
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("buffer-*.jsonl"))
+
+    def sample(self, n: int) -> None:
+        """n synthetic records, appended to the buffer (a new file every file_records)."""
+        seq = sum(len(f.read_text().splitlines()) for f in self.files())
+        for i in range(seq, seq + n):
+            ts = T_BASE + i * 0.5
+            if i % 10 == 0:
+                record = {"kind": "door_events", "ts": ts, "door_id": "dock-1",
+                          "type": "cycle_open" if i % 20 == 0 else "cycle_close", "duration_ms": 1800 + i % 400}
+            else:
+                record = {"kind": "points", "ts": ts, "metric": "vibration_rms_g",
+                          "value": round(0.3 + 0.1 * math.sin(i / 7), 4), "unit": "g", "meta": {"seq": i}}
+            path = self.dir / f"buffer-{i // self.o.file_records:06d}.jsonl"
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def pending(self) -> list[tuple[Path, int, list[str]]]:
+        """(file, acknowledged offset, its lines) of every file with unsent records, newest first."""
+        out = []
+        for path in self.files():
+            lines = path.read_text().splitlines()
+            done = self.cursor.get(path.name, 0)
+            if done < len(lines):
+                out.append((path, done, lines))
+        return out[::-1]  # newest first, then the backlog
+
+    def acknowledge(self, path: Path, offset: int) -> None:
+        self.cursor[path.name] = offset
+        tmp = self.dir / "cursor.json.tmp"
+        tmp.write_text(json.dumps(self.cursor))
+        os.replace(tmp, self.dir / "cursor.json")
+
+    # -- one upload ------------------------------------------------------------------------
+
+    def upload_one(self) -> bool | None:
+        """Send the next batch; True if acknowledged, False if refused or failed, None if nothing to send."""
+        queue = self.pending()
+        if not queue:
+            return None
+        path, start, lines = queue[0]
+        chunk = [json.loads(line) for line in lines[start:start + self.o.batch]]
+        doc: dict[str, object] = {"batch_id": f"{self.o.id}:{path.stem}:{start}",
+                                  "diagnostics": {"retry_count": self.failures}}
+        for record in chunk:
+            kind = record.pop("kind")
+            doc.setdefault(kind, []).append(record)  # type: ignore[union-attr]
+        body = self.zstd.compress(json.dumps(doc).encode())
+        key = idempotency_key(f"{self.o.id}:{path.name}:{start}:{len(chunk)}")
+        headers = {"X-Device-Id": self.o.id, "X-Auth-Key": self.o.key, "Idempotency-Key": key,
+                   "Content-SHA256": hashlib.sha256(body).hexdigest(), "Content-Encoding": "zstd",
+                   "Content-Type": "application/json"}
+        status, answer = post(self.o.base + API + "/telemetry/batch", body, headers)
+        self.sent_batches += 1
+        if self.o.crash_after and self.sent_batches >= self.o.crash_after:
+            print(f"crash: after sending batch {self.sent_batches}, before saving the cursor", flush=True)
+            os._exit(3)  # the worst moment: the gateway has it, the node does not know
+        hint = hint_ms(answer)
+        if status == 200:
+            self.acknowledge(path, start + len(chunk))
+            self.failures = 0
+            self.backoff_s = (hint or 0) / 1000
+            print(f"uploaded {path.name}@{start}+{len(chunk)}: accepted {answer.get('accepted')} duplicates "
+                  f"{answer.get('duplicates')} rejected {answer.get('rejected')}"
+                  + (f" next_hint {hint} ms" if hint else ""), flush=True)
+            return True
+        self.failures += 1
+        base = min(300.0, 1.0 * 2 ** (self.failures - 1))
+        self.backoff_s = max(base * self.rng.uniform(0.75, 1.25), (hint or 0) / 1000)
+        print(f"refused {status} {answer.get('error', {}).get('code') if isinstance(answer, dict) else ''}"
+              f" (failure {self.failures})", flush=True)
+        return False
+
+    def run(self) -> int:
+        if self.o.sample:
+            self.sample(self.o.sample)
+        deadline = time.monotonic() + self.o.max_s
+        while time.monotonic() < deadline:
+            if self.failures >= self.o.breaker:
+                print(f"breaker: open after {self.failures} failures; half-open in {self.backoff_s:.1f} s", flush=True)
+            if self.backoff_s > 0:
+                print(f"waiting {self.backoff_s * 1000:.0f} ms", flush=True)
+                time.sleep(min(self.backoff_s, self.o.max_wait_s))
+                self.backoff_s = 0.0
+            done = self.upload_one()
+            if done is None:
+                print("drained", flush=True)
+                return 0
+        print("gave up: time is out", flush=True)
+        return 1
+
+
+def idempotency_key(seed: str) -> str:
+    """A UUIDv4-shaped key derived from the batch's place in the buffer: the same batch, the same key."""
+    h = bytearray(hashlib.sha256(seed.encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x40
+    h[8] = (h[8] & 0x3F) | 0x80
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
+def hint_ms(answer: object) -> int | None:
+    hint = answer.get("next_hint") if isinstance(answer, dict) else None
+    if isinstance(hint, str) and hint.startswith("backoff_ms:"):
+        try:
+            return int(hint.split(":", 1)[1])
+        except ValueError:
+            return None
+    return None
+
+
+def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as e:
+        try:
+            return e.code, json.loads(e.read() or b"{}")
+        except ValueError:
+            return e.code, {}
+    except (urllib.error.URLError, OSError) as e:
+        return 0, {"error": {"code": f"network: {e}"}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--base", required=True, help="http://<gateway>:8080/edgesentinel")
+    p.add_argument("--id", required=True)
+    p.add_argument("--key", required=True)
+    p.add_argument("--state-dir", required=True)
+    p.add_argument("--sample", type=int, default=0, help="records to sample before uploading")
+    p.add_argument("--file-records", type=int, default=1000)
+    p.add_argument("--batch", type=int, default=500)
+    p.add_argument("--breaker", type=int, default=5, help="consecutive failures that open the breaker")
+    p.add_argument("--max-s", type=float, default=120.0, help="give up after this long")
+    p.add_argument("--max-wait-s", type=float, default=300.0, help="cap on one wait (tests shorten it)")
+    p.add_argument("--crash-after", type=int, default=0, help="exit hard after sending this many batches")
+    p.add_argument("--seed", type=int, default=None)
+    return Node(p.parse_args(argv)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Data for the site (admin token): the data explorer with its CSV export, streamed a
+page at a time so a month of data never sits in memory, and the door cycle counters
+with their daily and weekly histograms. Queries use the `(device, ts)` and
+`(metric, ts)` indexes; pages are keyed on `(ts, id)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Annotated, Any
+
+from msgspec import Meta, Struct
+from quart import Blueprint, Response
+
+from gatewayd.plugins.api import ADMIN_TOKEN, BadJSON, PluginContext, Raw, Routes, parse_time
+
+from . import models
+
+if TYPE_CHECKING:
+    from .config import EdgesentinelConfig
+    from .state import Sentinel
+
+PAGE = 5000
+SERIES = ("points", "windows", "door_events", "system_events")
+
+
+class DataQuery(Struct, forbid_unknown_fields=True):
+    series: Annotated[str, Meta(pattern="^(" + "|".join(SERIES) + ")$")] = "points"
+    device: Annotated[str, Meta(max_length=128)] = ""
+    metric: Annotated[str, Meta(max_length=64, description="points and windows: the metric; events: the type")] = ""
+    since: Annotated[str, Meta(description="ISO 8601 or epoch seconds")] = ""
+    until: Annotated[str, Meta(description="before this time")] = ""
+    limit: Annotated[int, Meta(ge=1, le=10_000_000)] = 1_000_000
+
+
+class DoorsQuery(Struct, forbid_unknown_fields=True):
+    device: Annotated[str, Meta(max_length=128)] = ""
+    days: Annotated[int, Meta(ge=1, le=366)] = 28
+
+
+class DoorCount(Struct):
+    device: str
+    door_id: str
+    cycles: int
+    daily: Annotated[dict[str, int], Meta(description="YYYY-MM-DD (site time) -> cycles")]
+    weekly: Annotated[dict[str, int], Meta(description="ISO week YYYY-Www -> cycles")]
+
+
+class Doors(Struct):
+    doors: list[DoorCount]
+
+
+def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) -> None:
+    routes = Routes(bp, tag=ctx.name, auth=ADMIN_TOKEN)
+
+    @routes.get("/data", query=DataQuery, responses={200: Raw("text/csv", "a header line, then the rows")})
+    async def data(query: DataQuery) -> Any:
+        """The data explorer: one series filtered by device, metric and time, oldest first, streamed as CSV."""
+        if denied := ctx.http.require_admin():
+            return denied
+        since, until = _time(query.since, "since"), _time(query.until, "until")
+
+        async def rows() -> AsyncIterator[bytes]:
+            after: tuple[float, int] | None = None
+            left = query.limit
+            header = True
+            while left > 0:
+                page = await ctx.storage.read(models.explore, query.series, query.device, query.metric, since, until,
+                                              after, min(PAGE, left))
+                if header:
+                    yield _csv([models.COLUMNS[query.series]])
+                header = False
+                if not page:
+                    return
+                yield _csv(page)
+                left -= len(page)
+                after = (float(page[-1][0]), int(page[-1][-1]))
+
+        return Response(rows(), content_type="text/csv; charset=utf-8")
+
+    @routes.get("/doors", query=DoorsQuery, responses={200: Doors})
+    async def doors(query: DoorsQuery) -> Any:
+        """Door cycle counters (a cycle: one cycle_open) and their daily and weekly histograms."""
+        if denied := ctx.http.require_admin():
+            return denied
+        since = ctx.now() - query.days * 86400
+        counts = await ctx.storage.read(models.door_cycles, query.device, since, ctx.config.offset_s())
+        return Doors([DoorCount(device, door, sum(daily.values()), daily, _weekly(daily))
+                      for (device, door), daily in sorted(counts.items())])
+
+
+def _time(text: str, name: str) -> float | None:
+    if not text:
+        return None
+    try:
+        return parse_time(text)
+    except ValueError as e:
+        raise BadJSON(f"{name}: {e}") from None
+
+
+def _csv(rows: list[tuple[Any, ...]] | list[list[str]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue().encode()
+
+
+def _weekly(daily: dict[str, int]) -> dict[str, int]:
+    weeks: dict[str, int] = {}
+    for day, n in daily.items():
+        year, week, _ = dt.date.fromisoformat(day).isocalendar()
+        key = f"{year}-W{week:02d}"
+        weeks[key] = weeks.get(key, 0) + n
+    return weeks
