@@ -1,0 +1,109 @@
+"""gatewayd plugin for thingsnxt devices: ESP32s with their token in the JSON body.
+
+Read top to bottom: config, models, state, routes, topics, serial, tasks, events; each
+hook hands over to the module that holds the details:
+
+    config.py     the options (`[plugins.thingsnxt]`), the security rules, the webhooks
+    models.py     the tables (history, latest state, latest value per key)
+    telemetry.py  what devices and apps send, checked; the device state; the answers (pure)
+    service.py    `Thingsnxt`, the plugin's state (`ctx.state`): telemetry in, state from apps
+    routes.py     the HTTP API, declared (`/thingsnxt/openapi.json`)
+    streams.py    the live streams, SSE and WebSocket, in the family's shapes
+
+Names, tables and streams come from the plugin's name (`ctx.name`). The specification
+is the ThingsNXT ESP32 telemetry summary; README.md has the routes, the options, a
+walkthrough and what was decided where the specification is silent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Blueprint
+
+from gatewayd.plugins.api import ModelRegistry, PluginContext, hookimpl
+
+from .config import ThingsnxtConfig
+from .models import VERSION, named
+from .routes import Api
+from .service import Thingsnxt
+from .streams import Streams
+
+__version__ = "0.1.0"
+__all__ = ["Thingsnxt", "ThingsnxtConfig"]
+
+Ctx = PluginContext[ThingsnxtConfig, Thingsnxt]
+
+
+# -- config --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_config_schema() -> type[ThingsnxtConfig]:
+    return ThingsnxtConfig
+
+
+# -- models --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_storage_models(models: ModelRegistry) -> None:
+    models.add(*named(models.plugin))  # <name>_telemetry, _state, _value; devices are the core's
+    models.version = VERSION
+
+
+# -- the plugin's state ----------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_setup(ctx: Ctx) -> Thingsnxt:
+    return Thingsnxt(ctx)
+
+
+# -- routes --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
+    bp = Blueprint(ctx.name, __name__)  # mounted at /thingsnxt: the firmware's API_BASE_URL
+    Api(ctx).register(bp)
+    Streams(ctx).register(bp)
+    return bp
+
+
+# -- topics --------------------------------------------------------------------------
+# None: thingsnxt devices speak HTTP.
+
+
+# -- serial --------------------------------------------------------------------------
+# None yet: provisioning over serial is a CLI command (README.md, "What is left").
+
+
+# -- tasks ---------------------------------------------------------------------------
+# None: online/offline is the core's presence (ctx.devices.set_offline_after in service.py):
+# its device_online / device_offline events go through the rules below.
+
+
+# -- events --------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_alert_rules(ctx: Ctx) -> list[dict[str, Any]]:
+    """Notifications on each online/offline transition, at most one per device and kind
+    every `notify_cooldown_s` (a flapping device sends one, then a summary); webhooks."""
+    config, name = ctx.config, ctx.name
+    hooks = [(i, hook) for i, hook in enumerate(config.webhooks)]
+    rules: list[dict[str, Any]] = []
+    for status in ("online", "offline"):
+        event = f"device_{status}"
+        rules.append({"name": f"{name}-{status}", "type": event, "cooldown_s": config.notify_cooldown_s,
+                      "alert_severity": "info" if status == "online" else "warning",
+                      "actions": [{"kind": "upstream"}, {"kind": "log", "level": "info"}]})
+    for i, hook in hooks:
+        action = {"kind": "webhook", "url": hook.url, **({"secret_env": hook.secret_env} if hook.secret_env else {})}
+        for event in hook.events:
+            cooldown = 0.0 if event == "telemetry_update" else config.notify_cooldown_s
+            for j, device in enumerate(hook.devices):
+                rules.append({"name": f"{name}-webhook-{i}-{event}-{j}", "type": event, "device": device,
+                              "cooldown_s": cooldown, "actions": [action]})
+    return rules
