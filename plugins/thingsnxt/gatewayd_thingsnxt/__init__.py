@@ -9,6 +9,7 @@ hook hands over to the module that holds the details:
     service.py    `Thingsnxt`, the plugin's state (`ctx.state`): telemetry in, state from apps
     routes.py     the HTTP API, declared (`/thingsnxt/openapi.json`)
     streams.py    the live streams, SSE and WebSocket, in the family's shapes
+    provisioning.py  `gatewayd thingsnxt provision PORT --id ID`: an ESP32 over serial
 
 Names, tables and streams come from the plugin's name (`ctx.name`). The specification
 is the ThingsNXT ESP32 telemetry summary; README.md has the routes, the options, a
@@ -21,7 +22,7 @@ from typing import Any
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import ModelRegistry, PluginContext, hookimpl
+from gatewayd.plugins.api import CommandRegistry, ModelRegistry, PluginContext, hookimpl
 
 from .config import ThingsnxtConfig
 from .models import VERSION, named
@@ -76,7 +77,8 @@ def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
 
 
 # -- serial --------------------------------------------------------------------------
-# None yet: provisioning over serial is a CLI command (README.md, "What is left").
+# No line the gateway keeps open: an ESP32's serial console is used once, to provision it
+# (the command below, provisioning.py, over the core's serial link).
 
 
 # -- tasks ---------------------------------------------------------------------------
@@ -107,3 +109,13 @@ def gatewayd_alert_rules(ctx: Ctx) -> list[dict[str, Any]]:
                 rules.append({"name": f"{name}-webhook-{i}-{event}-{j}", "type": event, "device": device,
                               "cooldown_s": cooldown, "actions": [action]})
     return rules
+
+
+# -- command line ------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_cli_commands(commands: CommandRegistry) -> None:
+    from .provisioning import add_commands
+
+    add_commands(commands)
