@@ -597,9 +597,10 @@ class DeviceRegistry:
             loading = self._loading.get(key)
             if loading is None:
                 break
-            await loading.wait()  # a burst from one device: one read, not one per message
-            if key not in self._recent:  # that read failed, or a write came in between
-                break
+            # A burst from one device: one read, not one per message. If that read failed or a
+            # write came in between, look again: the first waiter to wake reads, the rest wait
+            # for it (they must not each start a read of their own over one another's).
+            await loading.wait()
         self._loading[key] = done = trio.Event()
         generation, now = self._generation, time.monotonic()
         try:
