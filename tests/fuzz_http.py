@@ -47,14 +47,17 @@ from hypothesis import strategies as st
 
 import gatewayd_kaiabc
 import gatewayd_paku
+import gatewayd_thingsnxt
 from gatewayd.plugins.api import InboundMessage
 from gatewayd.testing import gw_client, gw_url
 
 TOKEN = "fuzz-admin-token"
 TOKEN_ENV = "GATEWAYD_ADMIN_TOKEN"
-PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc)]
+PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("thingsnxt", gatewayd_thingsnxt)]
 MAX_BODY = 64 * 1024
-SETTINGS = [f"http.max_body_bytes={MAX_BODY}"]  # an oversized body costs 64 KiB, not 8 MiB
+SETTINGS = [f"http.max_body_bytes={MAX_BODY}",  # an oversized body costs 64 KiB, not 8 MiB
+            "plugins.thingsnxt.rate_limit=0"]  # its 100 requests a minute would make the rest 429s
+TX_TOKEN = "tx-token-0123456789abcdef"  # thingsnxt device tx-1's device_token
 # One rule that fires, so /api/gateway/alerts has notifications to list.
 CONFIG_TEXT = """
 [[rules]]
@@ -80,6 +83,7 @@ class Targets:
     claim_codes: list[str]
     firmware_ids: list[int]
     cursors: dict[str, str]          # a real next_cursor per paging route ("events", "telemetry")
+    thingsnxt_devices: list[str] = field(default_factory=lambda: ["tx-1", "tx-2"])
     families: list[str] = field(default_factory=lambda: ["paku", "kaiabc"])
 
 
@@ -101,6 +105,11 @@ async def provision(gw: Any) -> Targets:
             doc = ok(await c.post("/api/gateway/devices", headers=auth, json={
                 "family": "kaiabc", "id": device, "name": "KaiABC 1", "metadata": {"floor": 2}}), 201)
             keys.append(doc["credentials"]["key"])
+        for device in ("tx-1", "tx-2"):  # thingsnxt: tx-1's token is known (TX_TOKEN), for the sweep's bodies
+            doc = ok(await c.post("/api/gateway/devices", headers=auth, json={
+                "family": "thingsnxt", "id": device, **({"key": TX_TOKEN} if device == "tx-1" else {})}), 201)
+            keys.append(doc["credentials"]["key"])
+        ok(await c.post("/thingsnxt/devices/tx-1/telemetry", json={"device_token": TX_TOKEN, "data": {"v0": 1}}), 200)
         for family, device_id, n in (("paku", None, 12), ("paku", "pk-2", 2), ("kaiabc", "kb-1", 2)):
             for _ in range(n):
                 body = {"family": family, "ttl_s": 3600, **({"device_id": device_id} if device_id else {})}
@@ -359,6 +368,9 @@ class Route:
     """Rate limited per client address: send from many loopback addresses."""
     html: bool = False
     """A page for a browser (the dashboard): its answers are HTML, its own errors too."""
+    detail_errors: bool = False
+    """Its family's errors are FastAPI's `{"detail": "..."}` (thingsnxt); the core's own
+    refusals in front of it (the admin token, an oversized body) keep the core shape."""
 
 
 DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model": "text", "firmware": "text",
@@ -366,6 +378,9 @@ DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model":
 PAKU_FIELDS = {"name": "text", "model": "text", "firmware": "text", "notes": "text"}
 EVENTS_QUERY = {"family": "family", "device": "device", "type": "type", "severity": "severity", "since": "time",
                 "until": "time", "limit": "limit", "cursor": "events-cursor"}
+
+TX_DEVICE = {"device_id": "thingsnxt-device"}
+TX_TELEMETRY = {"!device_token": "thingsnxt-token", "data": "object"}
 
 CATALOGUE: dict[str, Route] = {
     # Quart's own: no static folder ships, so everything is 404
@@ -419,6 +434,23 @@ CATALOGUE: dict[str, Route] = {
         "model": "model", "current": "version", "channel": "channel", "device": "device"}),
     "/paku/ota/<int:firmware_id>/firmware.bin": Route(admin=False, params={"firmware_id": "firmware"}, binary_ok=True,
                                                      range_headers=True),
+    "/thingsnxt/openapi.json": Route(),
+    "/thingsnxt/docs": Route(json=False, html=True),
+    "/thingsnxt/health": Route(admin=False, detail_errors=True),
+    "/thingsnxt/devices/<device_id>/telemetry": Route(admin=False, detail_errors=True, params=TX_DEVICE,
+                                                      body=TX_TELEMETRY),
+    "/thingsnxt/telemetry": Route(admin=False, detail_errors=True, body=TX_TELEMETRY),
+    "/thingsnxt/telemetry/latest": Route(admin=False, detail_errors=True, query={"device_token": "thingsnxt-token"}),
+    "/thingsnxt/devices/<device_id>/telemetry/bulk": Route(
+        admin=False, detail_errors=True, params=TX_DEVICE,
+        body={"!device_token": "thingsnxt-token", "!readings": "readings"}),
+    "/thingsnxt/devices": Route(detail_errors=True, body={"device_id": "new-device", "name": "text", "model": "text"}),
+    "/thingsnxt/devices/<device_id>/state": Route(detail_errors=True, params=TX_DEVICE, body={"!data": "pins"}),
+    # Its live streams: a scoped token or the admin token (so admin=False: a live token opens them too).
+    "/thingsnxt/sse": Route(admin=False, detail_errors=True, query={"token": "token"}),
+    "/thingsnxt/sse/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),
+    "/thingsnxt/ws": Route(admin=False, detail_errors=True, query={"token": "token"}),
+    "/thingsnxt/ws/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every rule by Quart; generated as variants of the others
@@ -501,6 +533,7 @@ PATH_ODD = {
              Raw(b"/etc/passwd"), Raw(b"a/../../b"), Raw(b"%00")],
 }
 PATH_ODD["paku-device"] = [*PATH_ODD["device"], "kb-1"]  # a device of another family
+PATH_ODD["thingsnxt-device"] = [*PATH_ODD["device"], "pk-1"]
 HOSTS = [b"evil.example", b"evil.example:99999", b"[::1]", b"[::1", b"127.0.0.1:1", b"a_b", b"%00", b"\xe9.example",
          b"xn--bcher-kva.example", b"a" * 64, b"a" * 300, b"a..b", b".", b"", b"host with spaces", b"h:-1", b"h:port"]
 
@@ -527,6 +560,7 @@ class Strategies:
             "streams": (["paku.#", "paku.telemetry.*,kaiabc.#", "*.*.pk-1"], ["", "a..b", "#.x", "a*", "," * 40,
                                                                          ",".join(["a"] * 40)]),
             "token": (["gwt_not-a-real-token"], ["", "x" * 300, "gwt_"]),
+            "thingsnxt-token": ([TX_TOKEN], ["", "x" * 300, "wrong-token"]),
         }
         self.query_ok = {kind: st.sampled_from(ok) for kind, (ok, _) in self.query_values.items()}
         self.query_odd = {kind: odd_text(odd) for kind, (_, odd) in self.query_values.items()}
@@ -542,12 +576,20 @@ class Strategies:
             "priority": st.integers(-10, 10),
             "any": json_values,
             "claim-code": st.sampled_from([*t.claim_codes, "AAAA-BBBB-CCCC", "aaaa-bbbb-cccc"]),
+            "thingsnxt-token": st.sampled_from([TX_TOKEN, "wrong-token"]),
+            "readings": st.lists(st.fixed_dictionaries({"timestamp": st.sampled_from([T0, "2026-01-01T00:00:05Z"]),
+                                                        "data": st.dictionaries(st.sampled_from(["t", "v0"]),
+                                                                                json_values, max_size=2)}),
+                                 min_size=1, max_size=3),
+            "pins": st.dictionaries(st.sampled_from(["v0", "v1", "led"]), st.integers(0, 1), min_size=1, max_size=2),
         }
         self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0],
+                           "thingsnxt-device": t.thingsnxt_devices[0],
                            "firmware": str(t.firmware_ids[0]), "file": "x.js"}
         self.path_ok = {
             "device": st.sampled_from(t.core_devices),
             "paku-device": st.sampled_from(t.paku_devices),
+            "thingsnxt-device": st.sampled_from(t.thingsnxt_devices),
             "firmware": st.sampled_from([str(i) for i in t.firmware_ids]),
             "file": st.sampled_from(["x.js", "a/b.css"]),
         }
@@ -656,7 +698,8 @@ def slots_of(route: Route, method: str) -> list[tuple[str, str]]:
 
 BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCCC", "device": "pk-1",
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
-                 "non-negative": 0, "priority": 0}
+                 "non-negative": 0, "priority": 0, "thingsnxt-token": TX_TOKEN,
+                 "readings": [{"timestamp": T0, "data": {"t": 1}}], "pins": {"v0": 1}}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]
@@ -1023,6 +1066,8 @@ def judge(route: Route, req: Req, out: Outcome) -> Problem | None:
         # (3xx: werkzeug's own redirects for // in a path are HTML; not an answer of ours)
         return Problem("not JSON", f"{status} {mimetype or 'no content type'}", repr(body[:200]))
     if status >= 400:
+        if route.detail_errors and isinstance(doc, dict) and list(doc) == ["detail"] and isinstance(doc["detail"], str):
+            return None
         error = doc.get("error") if isinstance(doc, dict) else None
         if not (isinstance(error, dict) and error.get("status") == status and isinstance(error.get("code"), str)
                 and isinstance(error.get("message"), str)):
