@@ -22,10 +22,10 @@ from typing import Any
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import CommandRegistry, ModelRegistry, PluginContext, hookimpl
+from gatewayd.plugins.api import CommandRegistry, Device, ModelRegistry, PluginContext, hookimpl
 
 from .config import ThingsnxtConfig
-from .models import VERSION, named
+from .models import VERSION, named, recent
 from .routes import Api
 from .service import Thingsnxt
 from .streams import Streams
@@ -109,6 +109,24 @@ def gatewayd_alert_rules(ctx: Ctx) -> list[dict[str, Any]]:
                 rules.append({"name": f"{name}-webhook-{i}-{event}-{j}", "type": event, "device": device,
                               "cooldown_s": cooldown, "actions": [action]})
     return rules
+
+
+# -- the site dashboard ----------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_device_health(ctx: Ctx, device: Device) -> tuple[str, str] | None:
+    if not ctx.devices.is_online(device.id):
+        return None  # gray: never heard from, or silent for offline_after_s
+    return ("green", "sending")
+
+
+@hookimpl
+async def gatewayd_device_telemetry(ctx: Ctx, device: Device, limit: int) -> list[tuple[float, dict[str, float]]]:
+    """The numeric keys of its recent messages (temperature, the pins) for the device page's charts."""
+    readings = await ctx.storage.read(recent, device.id, limit)
+    return [(ts, {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            for ts, data in readings]
 
 
 # -- command line ------------------------------------------------------------------

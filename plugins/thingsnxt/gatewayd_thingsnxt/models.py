@@ -18,8 +18,6 @@ from typing import Any
 
 import peewee
 
-from gatewayd.plugins.api import encode_cursor
-
 from .telemetry import DeviceState
 
 VERSION = 1
@@ -122,29 +120,6 @@ def load_state(device: str) -> DeviceState:
     """The device's stored state (empty before its first telemetry)."""
     row = State.get_or_none(State.device == device)
     return DeviceState() if row is None else DeviceState.from_json(row.state, row.ts)
-
-
-def values(device: str) -> dict[str, dict[str, Any]]:
-    """Each key's latest value: `{key: {"value", "timestamp", "source"}}` (ts as epoch seconds)."""
-    rows = Value.select().where(Value.device == device).order_by(Value.key)
-    return {r.key: {"value": json.loads(r.value), "ts": r.ts, "source": r.source} for r in rows}
-
-
-def history_page(device: str, since: float | None, until: float | None, limit: int,
-                 after: tuple[float, int] | None) -> tuple[list[dict[str, Any]], str | None]:
-    """Telemetry newest first, `since <= ts < until`, and the cursor of the next page."""
-    q = Telemetry.select().where(Telemetry.device == device)
-    if since is not None:
-        q = q.where(Telemetry.ts >= since)
-    if until is not None:
-        q = q.where(Telemetry.ts < until)
-    if after is not None:
-        ts, row_id = after
-        q = q.where((Telemetry.ts < ts) | ((Telemetry.ts == ts) & (Telemetry.id < row_id)))
-    rows = list(q.order_by(Telemetry.ts.desc(), Telemetry.id.desc()).limit(limit + 1))
-    items = [{"ts": r.ts, "received_at": r.received_at, "endpoint": r.endpoint, "data": json.loads(r.data)}
-             for r in rows[:limit]]
-    return items, (encode_cursor(rows[limit - 1].ts, rows[limit - 1].id) if len(rows) > limit else None)
 
 
 def recent(device: str, limit: int) -> list[tuple[float, dict[str, Any]]]:

@@ -251,3 +251,13 @@ async def test_a_signed_webhook_and_one_notification_despite_flapping(gateway_fa
 def _iso(ts):
     from gatewayd_thingsnxt.telemetry import iso
     return iso(ts)
+
+
+async def test_the_dashboard_shows_its_health_and_charts(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        for t in (20.5, 21.0):
+            assert (await v2(client, esp, {"temperature": t, "relay_on": True, "room_name": "hall"})).status_code == 200
+        page = await client.get("/dashboard/devices/esp-1", params={"family": "thingsnxt"}, headers=ADMIN)
+        assert page.status_code == 200 and "temperature" in page.text and "sending" in page.text
+        assert "relay_on" not in page.text and "room_name" not in page.text  # booleans and text are not charted
