@@ -22,7 +22,7 @@ from typing import Any
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import CommandRegistry, Device, ModelRegistry, PluginContext, hookimpl
+from gatewayd.plugins.api import CommandRegistry, Device, ModelRegistry, PluginContext, TaskRegistry, hookimpl
 
 from .config import ThingsnxtConfig
 from .models import VERSION, named, recent
@@ -82,8 +82,14 @@ def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
 
 
 # -- tasks ---------------------------------------------------------------------------
-# None: online/offline is the core's presence (ctx.devices.set_offline_after in service.py):
-# its device_online / device_offline events go through the rules below.
+
+
+@hookimpl
+def gatewayd_background_tasks(tasks: TaskRegistry, ctx: Ctx) -> None:
+    # Online/offline is the core's presence (ctx.devices.set_offline_after in service.py);
+    # its device_online / device_offline events go through the rules below. This task only
+    # tells the live streams when a device went silent.
+    tasks.add("watch-presence", ctx.state.watch_presence)
 
 
 # -- events --------------------------------------------------------------------------

@@ -13,16 +13,19 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from gatewayd.plugins.api import Device, PluginContext, Record
 
 from . import models
 from .errors import Refused
-from .telemetry import DeviceState, KeyPolicy, Limits, Reading, policy_for, update_message
+from .telemetry import DeviceState, KeyPolicy, Limits, Reading, policy_for, status_message, update_message
 
 if TYPE_CHECKING:
     from .config import ThingsnxtConfig
 
 RATE_CLASS = "requests"
+STATUS_EVERY_S = 1.0
 
 
 class Thingsnxt:
@@ -34,6 +37,7 @@ class Thingsnxt:
         self.messages = ctx.metrics.counter("telemetry_total", "Telemetry readings stored", ("endpoint",))
         self.app_sets = ctx.metrics.counter("state_sets_total", "Virtual pins set by apps and operators")
         ctx.devices.set_offline_after(config.offline_after_s)
+        self.online: set[str] = set()  # devices whose "online" the live streams were told
         if config.rate_limit:
             ctx.ratelimit.define(RATE_CLASS, config.rate_limit, config.rate_window_s)
 
@@ -75,6 +79,9 @@ class Thingsnxt:
                                                family_rows=rows)
         state: DeviceState = stored.result[0]
         self.messages.inc(len(stamped), endpoint=endpoint)
+        if device.id not in self.online:
+            self.online.add(device.id)
+            self.ctx.live.publish("telemetry", device.id, status_message(device.id, "online", now))
         for ts, data in stamped:
             self.ctx.live.publish("telemetry", device.id, update_message(device.id, data, ts, source="device"))
         ts, data = stamped[-1]
@@ -102,6 +109,16 @@ class Thingsnxt:
         self.ctx.live.publish("telemetry", device.id, update_message(device.id, values, now, source="app"))
         state: DeviceState = stored.result
         return state
+
+    async def watch_presence(self) -> None:
+        """The background task: `{"type": "status_update", "status": "offline"}` on the live
+        streams once the core's presence says a device went silent (its event and its
+        notification are the core's: the rules in __init__.py)."""
+        while True:
+            await trio.sleep(STATUS_EVERY_S)
+            for device_id in [d for d in self.online if not self.ctx.devices.is_online(d)]:
+                self.online.discard(device_id)
+                self.ctx.live.publish("telemetry", device_id, status_message(device_id, "offline", self.ctx.now()))
 
     async def state(self, device_id: str) -> DeviceState:
         return await self.ctx.storage.read(models.load_state, device_id)

@@ -9,7 +9,8 @@ specification's platform reads: one JSON object per message, its `type` first.
 Messages: `{"type": "state", "device_id", "data", "timestamp"}` (a device's whole state,
 first, so a late subscriber shows the current values at once), then
 `{"type": "telemetry_update", "device_id", "timestamp", "data", "source"}` for each
-reading or app change. Who may watch is the core's rule (`ctx.live.authorize`): the
+reading or app change, `{"type": "status_update", "status": "online" | "offline"}` when a
+device comes and goes. Who may watch is the core's rule (`ctx.live.authorize`): the
 admin token, a token scoped `live:<name>` (header, or `?token=` for browsers), a
 dashboard session; at most `live.per_token` connections each.
 """
