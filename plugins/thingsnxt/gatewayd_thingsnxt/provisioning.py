@@ -32,7 +32,13 @@ MAX_FIELD = 256  # what the firmware's preferences keep per key
 
 
 def add_commands(commands: CommandRegistry) -> None:
-    commands.add("provision", "write a device's id, token and API base URL to an ESP32 over serial", setup, run)
+    plugin = commands.plugin  # its [plugins.<name>] table and mount: a copy under another name works
+
+    def run_provision(args: argparse.Namespace, cli: Any) -> int:
+        return run(args, cli, plugin)
+
+    commands.add("provision", "write a device's id, token and API base URL to an ESP32 over serial", setup,
+                 run_provision)
 
 
 def setup(parser: argparse.ArgumentParser) -> None:
@@ -41,49 +47,51 @@ def setup(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-env", default="THINGSNXT_DEVICE_TOKEN", metavar="VAR",
                         help="the environment variable holding its token (default THINGSNXT_DEVICE_TOKEN)")
     parser.add_argument("--api-base-url", default="", metavar="URL",
-                        help="default: plugins.thingsnxt.api_base_url, else http.public_url + /thingsnxt")
+                        help="default: plugins.<name>.api_base_url, else http.public_url + the mount")
     parser.add_argument("--baudrate", type=int, default=115200, metavar="N")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="S", help="wait for the device this long")
 
 
-def run(args: argparse.Namespace, cli: Any) -> int:
+def run(args: argparse.Namespace, cli: Any, plugin: str) -> int:
     try:
-        message = _message(args, cli)
+        message = _message(args, cli, plugin)
         settings = SerialSettings(port=args.port, baudrate=args.baudrate, framing="jsonl", max_frame=2048)
         if not 0 < args.timeout <= 600:
             raise ValueError(f"--timeout: expected 0 < seconds <= 600, got {args.timeout}")
     except ValueError as e:
-        print(f"thingsnxt provision: {e}", file=sys.stderr)
+        print(f"{plugin} provision: {e}", file=sys.stderr)
         return 2
     answer, problem = trio.run(_provision, settings, message, args.timeout)
     if problem:
-        print(f"thingsnxt provision: {problem}", file=sys.stderr)
+        print(f"{plugin} provision: {problem}", file=sys.stderr)
         return 1
     print(json.dumps({"provisioned": True, "device_id": answer["device_id"], "api_base_url": message["api_base_url"],
                       "port": args.port}))
     return 0
 
 
-def _message(args: argparse.Namespace, cli: Any) -> dict[str, str]:
+def _message(args: argparse.Namespace, cli: Any, plugin: str) -> dict[str, str]:
     if not DEVICE_ID.fullmatch(args.device_id):
         raise ValueError(f"--id: expected 1-128 of letters, digits and _ . : @ -, got {args.device_id!r}")
     token = os.environ.get(args.token_env, "")
     if not token or len(token) > MAX_FIELD:
         raise ValueError(f"{args.token_env}: expected the device's token in this environment variable "
-                         "(gatewayd devices add --family thingsnxt prints it)")
-    url = args.api_base_url or _configured_url(cli)
+                         f"(gatewayd devices add --family {plugin} prints it)")
+    url = args.api_base_url or _configured_url(cli, plugin)
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) or len(url) > MAX_FIELD:
         raise ValueError(f"--api-base-url: expected an http:// or https:// URL, got {url!r}")
     return {"cmd": "provision", "device_id": args.device_id, "device_token": token, "api_base_url": url}
 
 
-def _configured_url(cli: Any) -> str:
-    plugin = cli.config.plugins.get("thingsnxt", {}) if cli is not None else {}
-    configured = plugin.get("api_base_url", "") if isinstance(plugin, dict) else ""
+def _configured_url(cli: Any, plugin: str) -> str:
+    """`plugins.<name>.api_base_url`, else `http.public_url` + the plugin's mount, else ""."""
+    settings = cli.config.plugins.get(plugin)
+    configured = getattr(getattr(settings, "options", None), "api_base_url", "")
     if configured:
         return str(configured)
-    public = str(getattr(cli.config.http, "public_url", "") or "") if cli is not None else ""
-    return public.rstrip("/") + "/thingsnxt" if public else ""
+    public = str(cli.config.http.public_url or "")
+    mount = getattr(settings, "mount", "") or f"/{plugin}"
+    return public.rstrip("/") + mount if public else ""
 
 
 async def _provision(settings: SerialSettings, message: dict[str, str],

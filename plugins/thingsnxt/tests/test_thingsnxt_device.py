@@ -2,21 +2,19 @@
 `gatewayd thingsnxt provision`, then running its loop against a real gateway, an app's
 change reaching its LEDs, and its back-off on 429."""
 
-import argparse
+import functools
 import importlib.util
 import json
 import os
 import threading
 import tty
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import trio
 
 import gatewayd_thingsnxt
 from gatewayd.testing import gw_client, gw_url, provision
-from gatewayd_thingsnxt import provisioning
 
 PLUGIN = [("thingsnxt", gatewayd_thingsnxt)]
 TOKEN = "thingsnxt-admin-token"
@@ -54,15 +52,16 @@ class Pty:
                 pass
 
 
-def provision_args(port, device_id="esp-1", **extra):
-    return argparse.Namespace(port=port, device_id=device_id, token_env="THINGSNXT_DEVICE_TOKEN",
-                              api_base_url=extra.get("api_base_url", ""), baudrate=115200,
-                              timeout=extra.get("timeout", 5.0))
+def gatewayd(tmp_path, *args):
+    """`gatewayd ...` in this process (its own trio.run: call it from a thread)."""
+    from gatewayd.cli import main
+
+    return main([*args, "--set", f"gateway.data_dir='{tmp_path / 'cli'}'"])
 
 
-def cli_for(url):
-    return SimpleNamespace(config=SimpleNamespace(plugins={"thingsnxt": {"api_base_url": url}},
-                                                  http=SimpleNamespace(public_url="")))
+def provision_cmd(tmp_path, port, *extra, device_id="esp-1", timeout="5"):
+    return functools.partial(gatewayd, tmp_path, "thingsnxt", "provision", port, "--id", device_id,
+                             "--timeout", timeout, *extra)
 
 
 async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_factory, firmware, tmp_path,
@@ -77,7 +76,9 @@ async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_
         try:
             console = threading.Thread(target=firmware.serve_console, args=(pty.master, prefs), daemon=True)
             console.start()
-            code = await trio.to_thread.run_sync(provisioning.run, provision_args(pty.path), cli_for(base))
+            # The URL from the configuration (plugins.thingsnxt.api_base_url), as an installer's gatewayd.toml.
+            code = await trio.to_thread.run_sync(provision_cmd(
+                tmp_path, pty.path, "--set", f"plugins.thingsnxt.api_base_url='{base}'"))
             assert code == 0, capsys.readouterr().err
             assert json.loads(capsys.readouterr().out)["device_id"] == "esp-1"
         finally:
@@ -95,13 +96,13 @@ async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_
         assert r.json()["pending"] == {} and r.json()["data"]["v1"] == 1  # it reported the app's value back
 
 
-async def test_provisioning_refuses_clearly(gateway_factory, firmware, tmp_path, monkeypatch, capsys):
+async def test_provisioning_refuses_clearly(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("THINGSNXT_DEVICE_TOKEN", "tok-123")
-    cli = cli_for("http://gw.example:8080/thingsnxt")
+    public = ("--set", "http.public_url='http://gw.example:8080'")  # the URL: public_url + the mount
     # Nobody answers on the line.
     pty = Pty()
     try:
-        code = await trio.to_thread.run_sync(provisioning.run, provision_args(pty.path, timeout=0.5), cli)
+        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, pty.path, *public, timeout="0.5"))
     finally:
         pty.close()
     assert code == 1 and "no answer from the device" in capsys.readouterr().err
@@ -109,24 +110,31 @@ async def test_provisioning_refuses_clearly(gateway_factory, firmware, tmp_path,
     pty = Pty()
 
     def wrong_device():
-        os.read(pty.master, 4096)
+        sent.append(json.loads(os.read(pty.master, 4096)))
         os.write(pty.master, b'booting...\n{"provisioned": true, "device_id": "esp-9"}\n')
+
+    sent = []
 
     threading.Thread(target=wrong_device, daemon=True).start()
     try:
-        code = await trio.to_thread.run_sync(provisioning.run, provision_args(pty.path), cli)
+        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, pty.path, *public))
     finally:
         pty.close()
     assert code == 1 and "another id: 'esp-9'" in capsys.readouterr().err
+    assert sent == [{"cmd": "provision", "device_id": "esp-1", "device_token": "tok-123",
+                     "api_base_url": "http://gw.example:8080/thingsnxt"}]
     # A port that does not exist.
-    code = await trio.to_thread.run_sync(provisioning.run, provision_args(str(tmp_path / "ttyNONE"), timeout=0.5), cli)
+    code = await trio.to_thread.run_sync(provision_cmd(tmp_path, str(tmp_path / "ttyNONE"), *public, timeout="0.5"))
     assert code == 1 and "cannot open" in capsys.readouterr().err
     # Bad arguments: exit 2, naming them.
-    for args, env, message in ((provision_args("/dev/null", device_id="a b"), "tok", "--id: expected"),
-                               (provision_args("/dev/null"), "", "THINGSNXT_DEVICE_TOKEN: expected the device's token"),
-                               (provision_args("/dev/null", api_base_url="ftp://x"), "tok", "--api-base-url")):
+    for extra, device_id, env, message in (
+            (public, "a b", "tok", "--id: expected"),
+            (public, "esp-1", "", "THINGSNXT_DEVICE_TOKEN: expected the device's token"),
+            ((), "esp-1", "tok", "--api-base-url: expected an http"),  # no URL configured anywhere
+            (("--api-base-url", "ftp://x"), "esp-1", "tok", "--api-base-url: expected an http")):
         monkeypatch.setenv("THINGSNXT_DEVICE_TOKEN", env)
-        assert provisioning.run(args, cli) == 2 and message in capsys.readouterr().err
+        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, "/dev/null", *extra, device_id=device_id))
+        assert code == 2 and message in capsys.readouterr().err
 
 
 def test_the_firmware_refuses_a_bad_provisioning_and_keeps_nothing(firmware, tmp_path):
