@@ -91,7 +91,7 @@ class Streams:
     async def _sse(self, device_id: str | None) -> Any:
         try:
             owner = await self.ctx.live.authorize(request.headers, request.args)  # type: ignore[arg-type]
-            sub = self.ctx.live.subscribe([f"telemetry.{device_id or '*'}"], owner=owner)
+            sub = self.ctx.live.subscribe([_stream(device_id)], owner=owner)
         except LiveDenied as e:
             return detail(e.reason), e.status
         except LiveLimit as e:
@@ -125,7 +125,7 @@ class Streams:
     async def _ws(self, device_id: str | None) -> None:
         try:
             owner = await self.ctx.live.authorize(websocket.headers, websocket.args)  # type: ignore[arg-type]
-            sub = self.ctx.live.subscribe([f"telemetry.{device_id or '*'}"], owner=owner)
+            sub = self.ctx.live.subscribe([_stream(device_id)], owner=owner)
         except LiveDenied as e:
             await websocket.accept()
             await websocket.close(4000 + e.status, e.reason[:120])
@@ -147,6 +147,11 @@ class Streams:
         if device_id is None or await self.ctx.devices.get(device_id, max_age_s=2.0) is None:
             return []
         return [{"type": "state", **latest_answer(device_id, await self.ctx.state.state(device_id))}]
+
+
+def _stream(device_id: str | None) -> str:
+    """The pattern of one device's stream, or every device's (the hub writes an id's dots as _)."""
+    return "telemetry." + (device_id.replace(".", "_") if device_id else "*")
 
 
 class _Item:

@@ -265,14 +265,14 @@ async def test_the_dashboard_shows_its_health_and_charts(gateway_factory):
 
 async def test_the_streams_say_when_a_device_comes_and_goes(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
-        esp = await provision(gw, "thingsnxt", "esp-1")
+        esp = await provision(gw, "thingsnxt", "esp.1")  # a dot: one name in the hub's stream (esp_1)
         gw.devices.presence.offline_after("thingsnxt", 0.3)
         ws_url = gw_url(gw).replace("http", "ws", 1)
-        async with open_websocket_url(f"{ws_url}/thingsnxt/ws/esp-1", extra_headers=[("Authorization",
+        async with open_websocket_url(f"{ws_url}/thingsnxt/ws/esp.1", extra_headers=[("Authorization",
                                                                                      f"Bearer {TOKEN}")]) as ws:
             await wait_until(lambda: gw.live.subscribers == 1)
             assert (await v2(client, esp, {"v0": 1})).status_code == 200
             messages = [json.loads(await ws.get_message()) for _ in range(4)]
             assert [(m["type"], m.get("status")) for m in messages] == [
                 ("state", None), ("status_update", "online"), ("telemetry_update", None), ("status_update", "offline")]
-            assert all(m["device_id"] == "esp-1" for m in messages)
+            assert all(m["device_id"] == "esp.1" for m in messages)
