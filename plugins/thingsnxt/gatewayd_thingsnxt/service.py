@@ -38,6 +38,7 @@ class Thingsnxt:
         self.app_sets = ctx.metrics.counter("state_sets_total", "Virtual pins set by apps and operators")
         ctx.devices.set_offline_after(config.offline_after_s)
         self.online: set[str] = set()  # devices whose "online" the live streams were told
+        self._first_online = trio.Event()  # watch_presence waits for one while none is online
         if config.rate_limit:
             ctx.ratelimit.define(RATE_CLASS, config.rate_limit, config.rate_window_s)
 
@@ -81,6 +82,7 @@ class Thingsnxt:
         self.messages.inc(len(stamped), endpoint=endpoint)
         if device.id not in self.online:
             self.online.add(device.id)
+            self._first_online.set()
             self.ctx.live.publish("telemetry", device.id, status_message(device.id, "online", now))
         for ts, data in stamped:
             self.ctx.live.publish("telemetry", device.id, update_message(device.id, data, ts, source="device"))
@@ -115,6 +117,9 @@ class Thingsnxt:
         streams once the core's presence says a device went silent (its event and its
         notification are the core's: the rules in __init__.py)."""
         while True:
+            if not self.online:  # nothing to watch: no wake-ups on a site without these devices
+                self._first_online = trio.Event()
+                await self._first_online.wait()
             await trio.sleep(STATUS_EVERY_S)
             for device_id in [d for d in self.online if not self.ctx.devices.is_online(d)]:
                 self.online.discard(device_id)
