@@ -597,9 +597,9 @@ class DeviceRegistry:
             loading = self._loading.get(key)
             if loading is None:
                 break
-            # A burst from one device: one read, not one per message. If that read failed or a
-            # write came in between, look again: the first waiter to wake reads, the rest wait
-            # for it (they must not each start a read of their own over one another's).
+            # A burst from one device: one read, not one per message. If that read failed
+            # or was overtaken by a write (nothing cached), look again: the first waiter
+            # to wake reads, the others wait for it.
             await loading.wait()
         self._loading[key] = done = trio.Event()
         generation, now = self._generation, time.monotonic()
