@@ -2,10 +2,11 @@
 `gatewayd thingsnxt provision`, then running its loop against a real gateway, an app's
 change reaching its LEDs, and its back-off on 429."""
 
-import functools
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import threading
 import tty
 from pathlib import Path
@@ -52,20 +53,24 @@ class Pty:
                 pass
 
 
-def gatewayd(tmp_path, *args):
-    """`gatewayd ...` in this process (its own trio.run: call it from a thread)."""
-    from gatewayd.cli import main
-
-    return main([*args, "--set", f"gateway.data_dir='{tmp_path / 'cli'}'"])
+class Ran:
+    def __init__(self, done: subprocess.CompletedProcess):
+        self.code, self.out, self.err = done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 def provision_cmd(tmp_path, port, *extra, device_id="esp-1", timeout="5"):
-    return functools.partial(gatewayd, tmp_path, "thingsnxt", "provision", port, "--id", device_id,
-                             "--timeout", timeout, *extra)
+    """`gatewayd thingsnxt provision ...` as an installer runs it (a process of its own)."""
+    argv = [sys.executable, "-m", "gatewayd", "thingsnxt", "provision", port, "--id", device_id, "--timeout", timeout,
+            *extra, "--set", f"gateway.data_dir='{tmp_path / 'cli'}'"]
+
+    async def run() -> Ran:
+        return Ran(await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False))
+
+    return run
 
 
 async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_factory, firmware, tmp_path,
-                                                                      monkeypatch, capsys):
+                                                                      monkeypatch):
     settings = ["plugins.thingsnxt.rate_limit=0"]
     async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
         creds = await provision(gw, "thingsnxt", "esp-1")
@@ -77,10 +82,9 @@ async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_
             console = threading.Thread(target=firmware.serve_console, args=(pty.master, prefs), daemon=True)
             console.start()
             # The URL from the configuration (plugins.thingsnxt.api_base_url), as an installer's gatewayd.toml.
-            code = await trio.to_thread.run_sync(provision_cmd(
-                tmp_path, pty.path, "--set", f"plugins.thingsnxt.api_base_url='{base}'"))
-            assert code == 0, capsys.readouterr().err
-            assert json.loads(capsys.readouterr().out)["device_id"] == "esp-1"
+            ran = await provision_cmd(tmp_path, pty.path, "--set", f"plugins.thingsnxt.api_base_url='{base}'")()
+            assert ran.code == 0, ran.err
+            assert json.loads(ran.out)["device_id"] == "esp-1"
         finally:
             pty.close()
         stored = firmware.load_prefs(prefs)
@@ -96,16 +100,16 @@ async def test_provisioned_over_serial_then_it_runs_against_the_gateway(gateway_
         assert r.json()["pending"] == {} and r.json()["data"]["v1"] == 1  # it reported the app's value back
 
 
-async def test_provisioning_refuses_clearly(tmp_path, monkeypatch, capsys):
+async def test_provisioning_refuses_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("THINGSNXT_DEVICE_TOKEN", "tok-123")
     public = ("--set", "http.public_url='http://gw.example:8080'")  # the URL: public_url + the mount
     # Nobody answers on the line.
     pty = Pty()
     try:
-        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, pty.path, *public, timeout="0.5"))
+        ran = await provision_cmd(tmp_path, pty.path, *public, timeout="0.5")()
     finally:
         pty.close()
-    assert code == 1 and "no answer from the device" in capsys.readouterr().err
+    assert ran.code == 1 and "no answer from the device" in ran.err
     # The device answers another id (its console echoes a stale provisioning).
     pty = Pty()
 
@@ -117,15 +121,15 @@ async def test_provisioning_refuses_clearly(tmp_path, monkeypatch, capsys):
 
     threading.Thread(target=wrong_device, daemon=True).start()
     try:
-        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, pty.path, *public))
+        ran = await provision_cmd(tmp_path, pty.path, *public)()
     finally:
         pty.close()
-    assert code == 1 and "another id: 'esp-9'" in capsys.readouterr().err
+    assert ran.code == 1 and "another id: 'esp-9'" in ran.err
     assert sent == [{"cmd": "provision", "device_id": "esp-1", "device_token": "tok-123",
                      "api_base_url": "http://gw.example:8080/thingsnxt"}]
     # A port that does not exist.
-    code = await trio.to_thread.run_sync(provision_cmd(tmp_path, str(tmp_path / "ttyNONE"), *public, timeout="0.5"))
-    assert code == 1 and "cannot open" in capsys.readouterr().err
+    ran = await provision_cmd(tmp_path, str(tmp_path / "ttyNONE"), *public, timeout="0.5")()
+    assert ran.code == 1 and "cannot open" in ran.err
     # Bad arguments: exit 2, naming them.
     for extra, device_id, env, message in (
             (public, "a b", "tok", "--id: expected"),
@@ -133,8 +137,8 @@ async def test_provisioning_refuses_clearly(tmp_path, monkeypatch, capsys):
             ((), "esp-1", "tok", "--api-base-url: expected an http"),  # no URL configured anywhere
             (("--api-base-url", "ftp://x"), "esp-1", "tok", "--api-base-url: expected an http")):
         monkeypatch.setenv("THINGSNXT_DEVICE_TOKEN", env)
-        code = await trio.to_thread.run_sync(provision_cmd(tmp_path, "/dev/null", *extra, device_id=device_id))
-        assert code == 2 and message in capsys.readouterr().err
+        ran = await provision_cmd(tmp_path, "/dev/null", *extra, device_id=device_id)()
+        assert ran.code == 2 and message in ran.err, ran.err
 
 
 def test_the_firmware_refuses_a_bad_provisioning_and_keeps_nothing(firmware, tmp_path):
