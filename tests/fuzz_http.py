@@ -47,13 +47,16 @@ from hypothesis import strategies as st
 
 import gatewayd_kaiabc
 import gatewayd_paku
+import gatewayd_streetlight
 import gatewayd_thingsnxt
 from gatewayd.plugins.api import InboundMessage
 from gatewayd.testing import gw_client, gw_url
 
 TOKEN = "fuzz-admin-token"
+LIGHT = "IMEI:351234567890123"  # a streetlight: its id has a ":"
 TOKEN_ENV = "GATEWAYD_ADMIN_TOKEN"
-PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("thingsnxt", gatewayd_thingsnxt)]
+PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("streetlight", gatewayd_streetlight),
+           ("thingsnxt", gatewayd_thingsnxt)]
 MAX_BODY = 64 * 1024
 SETTINGS = [f"http.max_body_bytes={MAX_BODY}",  # an oversized body costs 64 KiB, not 8 MiB
             "plugins.thingsnxt.rate_limit=0"]  # its 100 requests a minute would make the rest 429s
@@ -83,8 +86,10 @@ class Targets:
     claim_codes: list[str]
     firmware_ids: list[int]
     cursors: dict[str, str]          # a real next_cursor per paging route ("events", "telemetry")
+    families: list[str] = field(default_factory=lambda: ["paku", "kaiabc", "streetlight"])
+    light_tokens: list[str] = field(default_factory=list)  # streetlight device tokens (JWT), its lights' ids below
+    lights: list[str] = field(default_factory=lambda: [LIGHT])
     thingsnxt_devices: list[str] = field(default_factory=lambda: ["tx-1", "tx-2"])
-    families: list[str] = field(default_factory=lambda: ["paku", "kaiabc"])
 
 
 async def provision(gw: Any) -> Targets:
@@ -144,6 +149,14 @@ async def provision(gw: Any) -> Targets:
         state = b'{"online": true, "rssi": -60, "fwVersion": "1.1.0"}'
         await handlers.on_state(InboundMessage("paku/pk-1/state", state, 1, True, False))
 
+        doc = ok(await c.post("/api/gateway/devices", headers=auth, json={"family": "streetlight", "id": LIGHT}), 201)
+        keys.append(doc["credentials"]["key"])
+        light_token = ok(await c.post(f"/streetlight/device/{LIGHT}/configure", json={"latitude": 28.6,
+                                                                                       "longitude": 77.2}),
+                         200)["device_token"]
+        ok(await c.post(f"/api/gateway/devices/{LIGHT}/commands", headers=auth, params={"family": "streetlight"},
+                        json={"payload": {"command_type": "power_control", "action": "on"}}), 201)
+
         cursors = {
             "events": ok(await c.get("/api/gateway/events", headers=auth, params={"limit": 5}), 200)["next_cursor"],
             "telemetry": ok(await c.get("/paku/devices/pk-1/telemetry", headers=auth, params={"limit": 5}),
@@ -151,7 +164,8 @@ async def provision(gw: Any) -> Targets:
         }
         assert all(cursors.values()), cursors
     return Targets(core_devices=["pk-1", "pk-2", "kb-1", "dup"], paku_devices=["pk-1", "pk-2", "dup"],
-                   device_keys=keys, claim_codes=codes, firmware_ids=images, cursors=cursors)
+                   device_keys=keys, claim_codes=codes, firmware_ids=images, cursors=cursors,
+                   light_tokens=[light_token])
 
 
 # -- bytes on the wire ------------------------------------------------------------------
@@ -313,7 +327,7 @@ def encode_piece(value: Any, safe: str = "") -> bytes:
 # -- who may call: the Authorization header ----------------------------------------------
 
 AUTH_KINDS = ["admin", "none", "wrong", "device-key", "lower-case scheme", "basic", "no-space", "token-only",
-              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key"]
+              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key", "light-jwt"]
 
 
 def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, bytes]]:
@@ -335,6 +349,8 @@ def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, 
     }.get(kind)
     if kind == "x-api-key":
         return [("X-API-Key", key)]
+    if kind == "light-jwt":  # a streetlight's own device token (configure hands it out)
+        return [("Authorization", b"Bearer " + (targets.light_tokens or ["none"])[0].encode())]
     return [] if value is None else [("Authorization", value)]
 
 
@@ -368,6 +384,9 @@ class Route:
     """Rate limited per client address: send from many loopback addresses."""
     html: bool = False
     """A page for a browser (the dashboard): its answers are HTML, its own errors too."""
+    light: bool = False
+    """A streetlight device route: a light's token by default, errors in the specification's
+    body `{"status": "error", "code", "message", "retry_after_seconds"}`."""
     detail_errors: bool = False
     """Its family's errors are FastAPI's `{"detail": "..."}` (thingsnxt); the core's own
     refusals in front of it (the admin token, an oversized body) keep the core shape."""
@@ -424,6 +443,29 @@ CATALOGUE: dict[str, Route] = {
     "/paku/openapi.json": Route(),
     "/paku/docs": Route(json=False, html=True),
     "/paku/health": Route(admin=False),
+    "/streetlight/openapi.json": Route(),
+    "/streetlight/docs": Route(json=False, html=True),
+    "/streetlight/device/<device_id>/configure": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "device_id": "light-id", "latitude": "latitude", "longitude": "longitude", "status": "power-state",
+        "name": "text", "firmware_version": "text", "timestamp": "time"}),
+    "/streetlight/device/<device_id>/status": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!status": "power-state", "brightness": "percent", "battery": "percent", "timestamp": "time",
+        "light_id": "text", "energy": "object"}),
+    "/streetlight/device/<device_id>/sync": Route(admin=False, light=True, params={"device_id": "light"},
+                                                   body={"!readings": "readings"}),
+    "/streetlight/device/<device_id>/commands": Route(admin=False, light=True, params={"device_id": "light"},
+                                                       query={"limit": "limit"}),
+    "/streetlight/device/<device_id>/command-ack": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!command_id": "text", "!status": "ack-status", "result": "any", "execution_timestamp": "time"}),
+    "/streetlight/device/<device_id>/alert": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!alert_type": "alert-type", "severity": "severity", "message": "text", "data": "object"}),
+    "/streetlight/device/<device_id>/logs": Route(admin=False, light=True, params={"device_id": "light"},
+                                                   body={"!logs": "logs"}),
+    "/streetlight/device/<device_id>/health": Route(admin=False, light=True, params={"device_id": "light"}),
+    "/streetlight/device/<device_id>/firmware": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!firmware_version": "text", "status": "text", "channel": "text"}),
+    "/streetlight/firmware/<firmware_id>/image": Route(admin=False, light=True, binary_ok=True, range_headers=True,
+                                                           params={"firmware_id": "firmware"}),
     "/paku/devices": Route(body={"id": "new-device", **PAKU_FIELDS}),
     "/paku/devices/<device_id>": Route(params={"device_id": "paku-device"}, body=PAKU_FIELDS),
     "/paku/devices/<device_id>/telemetry": Route(params={"device_id": "paku-device"}, query={
@@ -443,7 +485,7 @@ CATALOGUE: dict[str, Route] = {
     "/thingsnxt/telemetry/latest": Route(admin=False, detail_errors=True, query={"device_token": "thingsnxt-token"}),
     "/thingsnxt/devices/<device_id>/telemetry/bulk": Route(
         admin=False, detail_errors=True, params=TX_DEVICE,
-        body={"!device_token": "thingsnxt-token", "!readings": "readings"}),
+        body={"!device_token": "thingsnxt-token", "!readings": "tx-readings"}),
     "/thingsnxt/devices": Route(detail_errors=True, body={"device_id": "new-device", "name": "text", "model": "text"}),
     "/thingsnxt/devices/<device_id>/state": Route(detail_errors=True, params=TX_DEVICE, body={"!data": "pins"}),
     # Its live streams: a scoped token or the admin token (so admin=False: a live token opens them too).
@@ -533,6 +575,7 @@ PATH_ODD = {
              Raw(b"/etc/passwd"), Raw(b"a/../../b"), Raw(b"%00")],
 }
 PATH_ODD["paku-device"] = [*PATH_ODD["device"], "kb-1"]  # a device of another family
+PATH_ODD["light"] = [*PATH_ODD["device"], "kb-1", "IMEI:", ":", "IMEI:351234567890123:x", Raw(b"IMEI%3A1")]
 PATH_ODD["thingsnxt-device"] = [*PATH_ODD["device"], "pk-1"]
 HOSTS = [b"evil.example", b"evil.example:99999", b"[::1]", b"[::1", b"127.0.0.1:1", b"a_b", b"%00", b"\xe9.example",
          b"xn--bcher-kva.example", b"a" * 64, b"a" * 300, b"a..b", b".", b"", b"host with spaces", b"h:-1", b"h:port"]
@@ -576,19 +619,34 @@ class Strategies:
             "priority": st.integers(-10, 10),
             "any": json_values,
             "claim-code": st.sampled_from([*t.claim_codes, "AAAA-BBBB-CCCC", "aaaa-bbbb-cccc"]),
+            "light-id": st.sampled_from([*t.lights, "IMEI:1"]),
+            "latitude": st.floats(-90, 90),
+            "longitude": st.floats(-180, 180),
+            "power-state": st.sampled_from(["on", "off", "error"]),
+            "percent": st.floats(0, 100),
+            "time": st.one_of(st.sampled_from(["2025-12-17T10:30:35Z", "2025-12-17T10:30:35+05:30"]),
+                              st.floats(946684800, 7258118400)),
+            "readings": st.lists(st.fixed_dictionaries({"status": st.sampled_from(["on", "off"]),
+                                                        "timestamp": st.floats(946684800, 7258118400)}),
+                                 min_size=1, max_size=5),
+            "ack-status": st.sampled_from(["executed", "failed"]),
+            "alert-type": st.sampled_from(["battery_low", "lamp_failure", "x.y:z"]),
+            "severity": st.sampled_from(["info", "warning", "critical"]),
+            "logs": st.lists(st.fixed_dictionaries({"message": st.text(max_size=20)}), min_size=1, max_size=3),
             "thingsnxt-token": st.sampled_from([TX_TOKEN, "wrong-token"]),
-            "readings": st.lists(st.fixed_dictionaries({"timestamp": st.sampled_from([T0, "2026-01-01T00:00:05Z"]),
+            "tx-readings": st.lists(st.fixed_dictionaries({"timestamp": st.sampled_from([T0, "2026-01-01T00:00:05Z"]),
                                                         "data": st.dictionaries(st.sampled_from(["t", "v0"]),
                                                                                 json_values, max_size=2)}),
                                  min_size=1, max_size=3),
             "pins": st.dictionaries(st.sampled_from(["v0", "v1", "led"]), st.integers(0, 1), min_size=1, max_size=2),
         }
-        self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0],
+        self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0], "light": t.lights[0],
                            "thingsnxt-device": t.thingsnxt_devices[0],
                            "firmware": str(t.firmware_ids[0]), "file": "x.js"}
         self.path_ok = {
             "device": st.sampled_from(t.core_devices),
             "paku-device": st.sampled_from(t.paku_devices),
+            "light": st.sampled_from(t.lights),
             "thingsnxt-device": st.sampled_from(t.thingsnxt_devices),
             "firmware": st.sampled_from([str(i) for i in t.firmware_ids]),
             "file": st.sampled_from(["x.js", "a/b.css"]),
@@ -698,8 +756,9 @@ def slots_of(route: Route, method: str) -> list[tuple[str, str]]:
 
 BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCCC", "device": "pk-1",
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
-                 "non-negative": 0, "priority": 0, "thingsnxt-token": TX_TOKEN,
-                 "readings": [{"timestamp": T0, "data": {"t": 1}}], "pins": {"v0": 1}}
+                 "non-negative": 0, "priority": 0, "power-state": "on", "readings": [{"status": "on", "timestamp": T0}],
+                 "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}],
+                 "thingsnxt-token": TX_TOKEN, "tx-readings": [{"timestamp": T0, "data": {"t": 1}}], "pins": {"v0": 1}}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]
@@ -724,7 +783,7 @@ def sweep(rule: str, method: str, targets: Targets, route: Route | None = None) 
     here is already minimal: one odd thing."""
     route = route or CATALOGUE[rule]
     gen = strategies_for(targets)
-    base_auth = "admin" if route.admin else "none"
+    base_auth = "admin" if route.admin else "light-jwt" if route.light else "none"
     doc = {name.lstrip("!"): BODY_DEFAULTS[kind] for name, kind in route.body.items() if name.startswith("!")}
     has_body = method in BODY_METHODS
     base: dict[str, Any] = dict(method=method, path={n: gen.path_first[k] for n, k in route.params.items()},
@@ -800,7 +859,8 @@ def requests(draw: Any, rule: str, method: str, targets: Targets, route: Route |
         if draw(st.booleans()):
             query = draw(st.permutations(query))
 
-    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else ("admin" if route.admin else "none")
+    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else \
+        ("admin" if route.admin else "light-jwt" if route.light else "none")
     key_index = draw(st.integers(0, len(targets.device_keys) - 1))
 
     doc: Any = None
@@ -1065,6 +1125,11 @@ def judge(route: Route, req: Req, out: Outcome) -> Problem | None:
     elif status >= 400 or (200 <= status < 300 and route.json and not route.binary_ok):
         # (3xx: werkzeug's own redirects for // in a path are HTML; not an answer of ours)
         return Problem("not JSON", f"{status} {mimetype or 'no content type'}", repr(body[:200]))
+    if status >= 400 and route.light and isinstance(doc, dict) and doc.get("status") == "error":
+        if not (isinstance(doc.get("code"), str) and isinstance(doc.get("message"), str)
+                and type(doc.get("retry_after_seconds")) is int):
+            return Problem("error shape", str(status), repr(body[:200]))
+        return None
     if status >= 400:
         if route.detail_errors and isinstance(doc, dict) and list(doc) == ["detail"] and isinstance(doc["detail"], str):
             return None

@@ -147,7 +147,7 @@ def report(gw: Any, findings: list[Finding]) -> str:
     return "\n\n".join(lines)
 
 
-@pytest.mark.timeout(300)  # like schemathesis's: it grows with the routes (each family adds its own)
+@pytest.mark.timeout(300)  # every route of the core and four plugins (streetlight's twelve, thingsnxt's fourteen)
 async def test_every_route_answers_generated_requests_without_5xx(gateway_factory, monkeypatch):
     monkeypatch.setenv(fuzz.TOKEN_ENV, fuzz.TOKEN)
     async with gateway_factory(plugins=fuzz.PLUGINS, settings=fuzz.SETTINGS, config_text=fuzz.CONFIG_TEXT) as gw:
