@@ -51,6 +51,7 @@ import gatewayd_edgesentinel
 import gatewayd_kaiabc
 import gatewayd_paku
 import gatewayd_streetlight
+import gatewayd_thingsnxt
 from gatewayd.plugins.api import InboundMessage
 from gatewayd.testing import gw_client, gw_url
 
@@ -58,10 +59,12 @@ TOKEN = "fuzz-admin-token"
 LIGHT = "IMEI:351234567890123"  # a streetlight: its id has a ":"
 TOKEN_ENV = "GATEWAYD_ADMIN_TOKEN"
 PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("streetlight", gatewayd_streetlight),
-           ("edgesentinel", gatewayd_edgesentinel)]
+           ("edgesentinel", gatewayd_edgesentinel), ("thingsnxt", gatewayd_thingsnxt)]
 MAX_BODY = 64 * 1024
 SETTINGS = [f"http.max_body_bytes={MAX_BODY}",  # an oversized body costs 64 KiB, not 8 MiB
-            "plugins.edgesentinel.require_claim=false"]  # its node works unclaimed: requests reach the code
+            "plugins.edgesentinel.require_claim=false",  # its node works unclaimed: requests reach the code
+            "plugins.thingsnxt.rate_limit=0"]  # its 100 requests a minute would make the rest 429s
+TX_TOKEN = "tx-token-0123456789abcdef"  # thingsnxt device tx-1's device_token
 # One rule that fires, so /api/gateway/alerts has notifications to list.
 CONFIG_TEXT = """
 [[rules]]
@@ -91,6 +94,7 @@ class Targets:
     light_tokens: list[str] = field(default_factory=list)  # streetlight device tokens (JWT), its lights' ids below
     lights: list[str] = field(default_factory=lambda: [LIGHT])
     node: tuple[str, str] = ("es-1", "")  # an edgesentinel node: X-Device-Id, X-Auth-Key
+    thingsnxt_devices: list[str] = field(default_factory=lambda: ["tx-1", "tx-2"])
 
 
 async def provision(gw: Any) -> Targets:
@@ -111,6 +115,11 @@ async def provision(gw: Any) -> Targets:
             doc = ok(await c.post("/api/gateway/devices", headers=auth, json={
                 "family": "kaiabc", "id": device, "name": "KaiABC 1", "metadata": {"floor": 2}}), 201)
             keys.append(doc["credentials"]["key"])
+        for device in ("tx-1", "tx-2"):  # thingsnxt: tx-1's token is known (TX_TOKEN), for the sweep's bodies
+            doc = ok(await c.post("/api/gateway/devices", headers=auth, json={
+                "family": "thingsnxt", "id": device, **({"key": TX_TOKEN} if device == "tx-1" else {})}), 201)
+            keys.append(doc["credentials"]["key"])
+        ok(await c.post("/thingsnxt/devices/tx-1/telemetry", json={"device_token": TX_TOKEN, "data": {"v0": 1}}), 200)
         for family, device_id, n in (("paku", None, 12), ("paku", "pk-2", 2), ("kaiabc", "kb-1", 2)):
             for _ in range(n):
                 body = {"family": family, "ttl_s": 3600, **({"device_id": device_id} if device_id else {})}
@@ -407,6 +416,9 @@ class Route:
     @property
     def base_auth(self) -> str:
         return "admin" if self.admin else "light-jwt" if self.light else "node-key" if self.node else "none"
+    detail_errors: bool = False
+    """Its family's errors are FastAPI's `{"detail": "..."}` (thingsnxt); the core's own
+    refusals in front of it (the admin token, an oversized body) keep the core shape."""
 
 
 DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model": "text", "firmware": "text",
@@ -414,6 +426,9 @@ DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model":
 PAKU_FIELDS = {"name": "text", "model": "text", "firmware": "text", "notes": "text"}
 EVENTS_QUERY = {"family": "family", "device": "device", "type": "type", "severity": "severity", "since": "time",
                 "until": "time", "limit": "limit", "cursor": "events-cursor"}
+
+TX_DEVICE = {"device_id": "thingsnxt-device"}
+TX_TELEMETRY = {"!device_token": "thingsnxt-token", "data": "object"}
 
 CATALOGUE: dict[str, Route] = {
     # Quart's own: no static folder ships, so everything is 404
@@ -558,6 +573,23 @@ CATALOGUE: dict[str, Route] = {
     "/kaiabc/v1/filter/parameters": Route(body={"!node_id": "device", "process_noise": "object",
                                                 "measurement_noise": "object"}),
     "/kaiabc/v1/filter/reset": Route(body={"!node_id": "device", "reason": "text"}),
+    "/thingsnxt/openapi.json": Route(),
+    "/thingsnxt/docs": Route(json=False, html=True),
+    "/thingsnxt/health": Route(admin=False, detail_errors=True),
+    "/thingsnxt/devices/<device_id>/telemetry": Route(admin=False, detail_errors=True, params=TX_DEVICE,
+                                                      body=TX_TELEMETRY),
+    "/thingsnxt/telemetry": Route(admin=False, detail_errors=True, body=TX_TELEMETRY),
+    "/thingsnxt/telemetry/latest": Route(admin=False, detail_errors=True, query={"device_token": "thingsnxt-token"}),
+    "/thingsnxt/devices/<device_id>/telemetry/bulk": Route(
+        admin=False, detail_errors=True, params=TX_DEVICE,
+        body={"!device_token": "thingsnxt-token", "!readings": "tx-readings"}),
+    "/thingsnxt/devices": Route(detail_errors=True, body={"device_id": "new-device", "name": "text", "model": "text"}),
+    "/thingsnxt/devices/<device_id>/state": Route(detail_errors=True, params=TX_DEVICE, body={"!data": "pins"}),
+    # Its live streams: a scoped token or the admin token (so admin=False: a live token opens them too).
+    "/thingsnxt/sse": Route(admin=False, detail_errors=True, query={"token": "token"}),
+    "/thingsnxt/sse/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),
+    "/thingsnxt/ws": Route(admin=False, detail_errors=True, query={"token": "token"}),
+    "/thingsnxt/ws/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every rule by Quart; generated as variants of the others
@@ -641,6 +673,7 @@ PATH_ODD = {
 }
 PATH_ODD["paku-device"] = [*PATH_ODD["device"], "kb-1"]  # a device of another family
 PATH_ODD["light"] = [*PATH_ODD["device"], "kb-1", "IMEI:", ":", "IMEI:351234567890123:x", Raw(b"IMEI%3A1")]
+PATH_ODD["thingsnxt-device"] = [*PATH_ODD["device"], "pk-1"]
 HOSTS = [b"evil.example", b"evil.example:99999", b"[::1]", b"[::1", b"127.0.0.1:1", b"a_b", b"%00", b"\xe9.example",
          b"xn--bcher-kva.example", b"a" * 64, b"a" * 300, b"a..b", b".", b"", b"host with spaces", b"h:-1", b"h:port"]
 
@@ -668,6 +701,7 @@ class Strategies:
                                                                          ",".join(["a"] * 40)]),
             "token": (["gwt_not-a-real-token"], ["", "x" * 300, "gwt_"]),
             "text": (["x", "es-1", "0" * 64], ["", "x" * 300, "é", "-1"]),
+            "thingsnxt-token": ([TX_TOKEN], ["", "x" * 300, "wrong-token"]),
         }
         self.query_ok = {kind: st.sampled_from(ok) for kind, (ok, _) in self.query_values.items()}
         self.query_odd = {kind: odd_text(odd) for kind, (_, odd) in self.query_values.items()}
@@ -700,13 +734,21 @@ class Strategies:
             "logs": st.lists(st.fixed_dictionaries({"message": st.text(max_size=20)}), min_size=1, max_size=3),
             "version": st.sampled_from(VERSIONS_OK),
             "ota-status": st.sampled_from(["started", "installed", "failed", "bogus"]),
+            "thingsnxt-token": st.sampled_from([TX_TOKEN, "wrong-token"]),
+            "tx-readings": st.lists(st.fixed_dictionaries({"timestamp": st.sampled_from([T0, "2026-01-01T00:00:05Z"]),
+                                                        "data": st.dictionaries(st.sampled_from(["t", "v0"]),
+                                                                                json_values, max_size=2)}),
+                                 min_size=1, max_size=3),
+            "pins": st.dictionaries(st.sampled_from(["v0", "v1", "led"]), st.integers(0, 1), min_size=1, max_size=2),
         }
         self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0], "light": t.lights[0],
+                           "thingsnxt-device": t.thingsnxt_devices[0],
                            "firmware": str(t.firmware_ids[0]), "file": "x.js"}
         self.path_ok = {
             "device": st.sampled_from(t.core_devices),
             "paku-device": st.sampled_from(t.paku_devices),
             "light": st.sampled_from(t.lights),
+            "thingsnxt-device": st.sampled_from(t.thingsnxt_devices),
             "firmware": st.sampled_from([str(i) for i in t.firmware_ids]),
             "file": st.sampled_from(["x.js", "a/b.css"]),
         }
@@ -822,6 +864,7 @@ BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCC
                  "non-negative": 0, "priority": 0, "power-state": "on", "readings": [{"status": "on", "timestamp": T0}],
                  "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}],
                  "off": False, "ota-status": "installed", "version": "1.0.0"}
+                 "thingsnxt-token": TX_TOKEN, "tx-readings": [{"timestamp": T0, "data": {"t": 1}}], "pins": {"v0": 1}}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]
@@ -1194,6 +1237,8 @@ def judge(route: Route, req: Req, out: Outcome) -> Problem | None:
             return Problem("error shape", str(status), repr(body[:200]))
         return None
     if status >= 400:
+        if route.detail_errors and isinstance(doc, dict) and list(doc) == ["detail"] and isinstance(doc["detail"], str):
+            return None
         error = doc.get("error") if isinstance(doc, dict) else None
         if not (isinstance(error, dict) and error.get("status") == status and isinstance(error.get("code"), str)
                 and isinstance(error.get("message"), str)):

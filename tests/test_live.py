@@ -11,7 +11,7 @@ from quart import Blueprint, Response, request, websocket
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from gatewayd.core.live.hub import Gap, LiveHub, LiveLimit, matches, validate_pattern
-from gatewayd.plugins.api import hookimpl
+from gatewayd.plugins.api import LiveDenied, hookimpl
 from gatewayd.testing import gw_client, gw_url, wait_until
 
 TOKEN = "live-admin-token"
@@ -216,13 +216,22 @@ class Watcher:
         @bp.get("/stream")
         async def stream():
             sub = ctx.live.subscribe(["reading.*"], owner=request.remote_addr or "-")
+            return Response(lines(sub), content_type="application/x-ndjson")
 
-            async def lines():
-                with sub:
-                    for item in await sub.next():
-                        yield (item.json() + "\n").encode()
+        @bp.get("/watched")
+        async def watched():
+            # Who may watch, as the core's endpoints decide: the family's own answer shape.
+            try:
+                owner = await ctx.live.authorize(request.headers, request.args)
+            except LiveDenied as e:
+                return {"refused": e.reason}, e.status
+            sub = ctx.live.subscribe(["reading.*"], owner=owner)
+            return Response(lines(sub), content_type="application/x-ndjson")
 
-            return Response(lines(), content_type="application/x-ndjson")
+        async def lines(sub):
+            with sub:
+                for item in await sub.next():
+                    yield (item.json() + "\n").encode()
 
         return bp
 
@@ -286,3 +295,23 @@ async def test_an_error_in_a_plugin_websocket_route_is_logged_as_itself(gateway_
                 await ws.get_message()
     logged = [r for r in caplog.records if "unhandled error in request" in r.getMessage()]
     assert logged and "boom in a websocket route" in (logged[0].exc_text or "")
+
+
+async def test_a_plugins_stream_admits_whom_the_cores_endpoints_admit(gateway_factory):
+    async with gateway_factory(plugins=[("watch", Watcher())]) as gw, gw_client(gw) as client:
+        mine = await trio.to_thread.run_sync(gw.tokens.add_blocking, "app", ["live:watch"], 3600.0)
+        other = await trio.to_thread.run_sync(gw.tokens.add_blocking, "lobby", ["live:paku"], 3600.0)
+        refusals = [(await client.get("/watch/watched", **kwargs)) for kwargs in (
+            {}, {"params": {"token": "gwt_nope"}}, {"params": {"token": other}}, {"params": {"token": TOKEN}})]
+        expected = [(401, "missing, expired or wrong token"), (401, "missing, expired or wrong token"),
+                    (403, "this token may not watch watch's streams"), (401, "the admin token never goes in a URL")]
+        assert [(r.status_code, r.json()["refused"][:len(start)]) for r, (_, start) in zip(refusals, expected)] \
+            == expected
+        for kwargs in ({"params": {"token": mine}}, {"headers": {"Authorization": f"Bearer {mine}"}},
+                       {"headers": ADMIN}):
+            async with client.stream("GET", "/watch/watched", **kwargs) as r:
+                assert r.status_code == 200
+                await wait_until(lambda: gw.live.subscribers == 1)
+                assert (await client.post("/watch/reading/d1")).status_code == 200
+                assert json.loads(await r.aiter_lines().__anext__())["stream"] == "watch.reading.d1"
+            await wait_until(lambda: gw.live.subscribers == 0)

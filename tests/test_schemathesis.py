@@ -1,6 +1,6 @@
 """schemathesis against a real gateway, for every OpenAPI document it serves.
 
-One gateway (core, paku with its own listener, kaiabc, streetlight; real SQLite under tmp_path,
+One gateway (core, paku with its own listener, kaiabc, streetlight, thingsnxt; real SQLite under tmp_path,
 hypercorn on free ports) with devices, claim codes, commands, events, alerts and firmware
 in it (tests/fuzz_http.provision). Each document is fetched from the gateway, and every
 operation in it gets EXAMPLES requests that fit its schema and EXAMPLES that do not,
@@ -55,14 +55,16 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, negative_data_rejection, ignored_auth]
 # A stream has no end, so no answer to check as a whole: tests/test_live.py tests both.
 STREAMS = {("GET", "/api/gateway/live/events"), ("GET", "/api/gateway/live"), ("GET", "/kaiabc/v1/ws"),
-           ("GET", "/v1/ws")}  # kaiabc's WebSocket: plugins/kaiabc/tests/test_ws.py
+           ("GET", "/v1/ws"),  # kaiabc's WebSocket: plugins/kaiabc/tests/test_ws.py
+           *(("GET", f"/thingsnxt/{kind}{device}") for kind in ("sse", "ws") for device in ("", "/{device_id}"))}
 DOCUMENTS = [("main", "/openapi.json"), ("main", "/paku/openapi.json"), ("paku", "/openapi.json"),
              ("main", "/streetlight/openapi.json"), ("main", "/kaiabc/openapi.json"),
-             ("main", "/edgesentinel/openapi.json")]
+             ("main", "/edgesentinel/openapi.json"), ("main", "/thingsnxt/openapi.json")]
 
 
 def known_values(targets: fuzz.Targets) -> dict[str, list[Any]]:
-    return {"device_id": [*targets.core_devices, *targets.lights], "firmware_id": targets.firmware_ids}
+    return {"device_id": [*targets.core_devices, *targets.lights, *targets.thingsnxt_devices],
+            "firmware_id": targets.firmware_ids}
 
 
 SENT: dict[str, int] = {}  # requests sent per operation label (the test says how many it checked)

@@ -49,6 +49,7 @@ from .http.openapi import ApiDocs
 from .http.serve import serve_app
 from .http.tokens import TOKEN_SCHEMA, TokenStore
 from .http.urls import PublicUrl
+from .live.access import LiveAccess
 from .live.http import live_blueprint
 from .live.hub import FamilyLive, LiveHub
 from .logs import get_logger
@@ -137,6 +138,7 @@ class Gateway:
         self.maintenance = Maintenance(self.storage, clock=clock)
         self.tokens = TokenStore(self.storage, clock=clock)
         self.sessions = DashboardSessions(self.admin)  # the site dashboard's log-ins (in memory)
+        self.live_access = LiveAccess(self.admin, self.tokens, self.sessions.live_owner)
         lv = config.live
         self.live = LiveHub(ring_size=lv.ring_size, queue_size=lv.queue_size, max_subscribers=lv.max_subscribers,
                             per_owner=lv.per_token, clock=clock)
@@ -313,7 +315,7 @@ class Gateway:
                 ingest=Ingest(self.outbox, name, self.clock),
                 events=FamilyEvents(self.events, name),
                 ota=FamilyOta(self.ota, name),
-                live=FamilyLive(self.live, name),
+                live=FamilyLive(self.live, name, self.live_access),
                 maintenance=PluginMaintenance(self.maintenance),
                 clock=self.clock,
             )
@@ -351,8 +353,8 @@ class Gateway:
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
         app.register_blueprint(maintenance_blueprint(self.maintenance, self.admin))
         lv = self.config.live
-        app.register_blueprint(live_blueprint(self.live, self.admin, self.tokens, heartbeat_s=lv.heartbeat_s,
-                                              batch_s=lv.batch_ms / 1000, session=self.sessions.live_owner))
+        app.register_blueprint(live_blueprint(self.live, self.live_access, heartbeat_s=lv.heartbeat_s,
+                                              batch_s=lv.batch_ms / 1000))
         app.register_blueprint(dashboard_blueprint(DashboardSources(
             self.config.gateway.id, self.health, self.plugin_table, self.devices, self.outbox, self.events,
             self.storage, PluginViews(self.plugins, self.contexts, self._live_plugins), lambda: self.started_at,

@@ -51,6 +51,7 @@ from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExist
 from ..core.http.body import read_body, read_json_object
 from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
+from ..core.live.access import LiveDenied
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
 from ..core.maintenance import MaintenanceState
@@ -129,6 +130,7 @@ __all__ = [
     "EventError",
     "IngestError",
     "InvalidInput",
+    "LiveDenied",
     "LiveLimit",
     "MQTTUnavailable",
     "Rejected",

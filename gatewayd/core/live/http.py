@@ -12,36 +12,28 @@ together, in order, or a JSON object: an answer (`{"ok"}`, `{"error"}`) or a hea
 One message per event would cost a frame and a scheduler round trip per subscriber per
 event; an array costs one per wake-up (bench/live_bench.py).
 
-Who may watch: the admin token (`Authorization: Bearer`), or a scoped read-only token
-(`gatewayd tokens add --scope live:<family>`) in that header or, for browsers' EventSource
-and WebSocket which cannot set headers, as `?token=`. The admin token is refused in a URL.
-A scoped token sees only its families' streams. The site dashboard's pages watch with
-their session cookie (`session`, given by the runtime: the owner name of a live session
-from the same origin, or None), which sees everything the admin token does. At most
-`live.per_token` connections per token or session (5, as the kaiabc spec says),
-`live.max_subscribers` in all.
+Who may watch: live/access.py (the admin token, a scoped read-only token, the dashboard's
+session). At most `live.per_token` connections per token or session (5, as the kaiabc
+spec says), `live.max_subscribers` in all.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Annotated, Any
 
 import trio
 from msgspec import Meta, Struct
 from quart import Blueprint, Response, request, websocket
 
-from ..http.app import AdminGuard
 from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
-from ..http.tokens import TokenStore
+from .access import Authorizer, LiveAccess, LiveDenied
 from .hub import Gap, LiveHub, LiveLimit, Subscription, validate_pattern
 
 __all__ = ["live_blueprint"]
 
-Authorizer = Callable[[str], bool]
 
 Streams = Annotated[str, Meta(description="stream patterns, comma-separated: <family>.<kind>.<device>, "
                                           "* one part, # the rest (paku.#, thingsnxt.telemetry.*)")]
@@ -68,34 +60,17 @@ class SocketQuery(Struct, forbid_unknown_fields=True):
     token: ScopedToken = ""
 
 
-def live_blueprint(hub: LiveHub, admin: AdminGuard, tokens: TokenStore, *, heartbeat_s: float = 15.0,
-                   batch_s: float = 0.02,
-                   session: Callable[[Mapping[str, str]], str | None] | None = None) -> Blueprint:
+def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.0,
+                   batch_s: float = 0.02) -> Blueprint:
     bp = Blueprint("gatewayd_live", __name__)
     routes = Routes(bp, tag="live", auth=WATCHERS)
 
     async def grant(headers: Mapping[str, str], args: Mapping[str, str]) -> tuple[str, Authorizer] | str:
         """(owner, may-watch) for the credentials given, or why not."""
-        scheme, _, value = headers.get("Authorization", "").partition(" ")
-        offered = value.strip() if scheme.lower() == "bearer" else ""
-        admin_token = admin.token()
-        in_url = args.get("token", "")
-        if admin_token and in_url and hmac.compare_digest(in_url.encode(), admin_token.encode()):
-            return "the admin token never goes in a URL: send it as Authorization: Bearer, or use a scoped token"
-        if admin_token and offered and hmac.compare_digest(offered.encode(), admin_token.encode()):
-            return "admin", lambda pattern: True
-        given = offered or in_url
-        if not given and session is not None and (owner := session(headers)) is not None:
-            return owner, lambda pattern: True  # the dashboard: what the admin token sees
-        found = await tokens.check(given) if given else None
-        if found is None:
-            return "missing, expired or wrong token (the admin token, or a scoped one from gatewayd tokens add)"
-
-        def may(pattern: str) -> bool:
-            family = pattern.split(".", 1)[0]
-            return family not in ("*", "#") and found.may_watch(family)
-
-        return f"token:{found.name}", may
+        try:
+            return await access.grant(headers, args)
+        except LiveDenied as e:
+            return e.reason
 
     def patterns_from(text: str, may: Authorizer) -> list[str]:
         """Validated, allowed patterns (ValueError/PermissionError naming the bad one)."""

@@ -18,11 +18,14 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from .access import LiveAccess
 
 __all__ = ["FamilyLive", "Gap", "LiveEvent", "LiveHub", "LiveLimit", "Subscription", "matches", "validate_pattern"]
 
@@ -226,9 +229,18 @@ class LiveHub:
 class FamilyLive:
     """`ctx.live`: a plugin's streams, `<family>.<kind>.<device>`."""
 
-    def __init__(self, hub: LiveHub, family: str) -> None:
+    def __init__(self, hub: LiveHub, family: str, access: LiveAccess) -> None:
         self._hub = hub
+        self._access = access
         self.family = family
+
+    async def authorize(self, headers: Mapping[str, str], args: Mapping[str, str]) -> str:
+        """For a plugin's own stream route: the owner of the connection (pass it to
+        `subscribe`) if the request may watch this family's streams: the admin token
+        (`Authorization: Bearer`), a token scoped `live:<family>` or `live:*` (header or
+        `?token=`), or a dashboard session. Raises LiveDenied (`status` 401 or 403,
+        `reason`): answer it in the family's shape."""
+        return await self._access.owner_for(self.family, headers, args)
 
     def publish(self, kind: str, device_id: str, data: Any) -> None:
         """Push `data` (JSON) to whoever watches `<family>.<kind>.<device_id>`; never waits.

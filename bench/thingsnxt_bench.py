@@ -1,0 +1,151 @@
+"""thingsnxt telemetry through the full path: `POST /thingsnxt/devices/{id}/telemetry` on the
+real daemon (`gatewayd run`, the thingsnxt plugin: parse, token check, the state read and
+written, history + per-key rows + the upstream record in one transaction, the live
+broadcast, the rules), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws`, against a
+bare QuartTrio hello-world in the same run.
+
+    .venv/bin/python bench/thingsnxt_bench.py [--duration 10] [--connections 32] [--repeats 3]
+
+wrk drives each target in turn, repeats interleaved, medians reported (machines here are
+noisy). The subscribers are raw WebSocket clients in a process of their own that count the
+messages in the bytes (no decoding: they share the 2 cores). Goal (issue 19): the telemetry
+path >= 70% of the hello-world's req/s with no subscriber, >= 60% with 10.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.run import free_port, wait_ready, wrk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "thingsnxt-bench-token"
+SUBSCRIBERS = 10
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = '{"device_token": "%s", "data": {"v0": 1, "v1": 0, "temperature": 25.5}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+
+
+def subscribers_main(host: str, port: int, path: str, n: int) -> None:
+    """N WebSocket clients reading until SIGTERM; then print how many messages each got."""
+    import trio
+
+    counts = [0] * n
+
+    async def one(i: int, ready: trio.Semaphore) -> None:
+        stream = await trio.open_tcp_stream(host, port)
+        key = base64.b64encode(os.urandom(16)).decode()
+        await stream.send_all((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+                               f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                               f"Authorization: Bearer {TOKEN}\r\n\r\n").encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(4096)
+        assert head.startswith(b"HTTP/1.1 101"), head[:100]
+        ready.release()
+        while data := await stream.receive_some(262144):
+            counts[i] += data.count(b'"telemetry_update"')
+
+    async def main() -> None:
+        ready = trio.Semaphore(0)
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(one, i, ready)
+                for _ in range(n):
+                    await ready.acquire()
+                print("ready", flush=True)
+                async for _ in signals:
+                    break
+                nursery.cancel_scope.cancel()
+        print(json.dumps(counts), flush=True)
+
+    trio.run(main)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="thingsnxt-bench-"))
+    hello_port, gw_port = free_port(), free_port()
+    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
+    hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}"])
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{gw_port}",
+         "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
+         "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
+         "--set", f"live.per_token={SUBSCRIBERS + 5}"], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{gw_port}"
+    results: dict[str, list[dict[str, float]]] = {}
+    delivered: list[int] = []
+    try:
+        wait_ready(f"{base}/health")
+        wait_ready(f"http://127.0.0.1:{hello_port}/")
+        r = httpx.post(f"{base}/thingsnxt/devices", json={"device_id": "bench-1"},
+                       headers={"Authorization": f"Bearer {TOKEN}"})
+        r.raise_for_status()
+        script = tmp / "post.lua"
+        script.write_text(POST_LUA % r.json()["device_token"])
+        url = f"{base}/thingsnxt/devices/bench-1/telemetry"
+        for _ in range(args.repeats):
+            runs = [("hello-world (bare QuartTrio)", f"http://127.0.0.1:{hello_port}/", None, 0),
+                    ("telemetry, 0 subscribers", url, str(script), 0),
+                    (f"telemetry, {SUBSCRIBERS} subscribers", url, str(script), SUBSCRIBERS)]
+            for name, target, lua, n in runs:
+                subs = None
+                if n:
+                    subs = subprocess.Popen([sys.executable, __file__, "--subscribers", str(gw_port), str(n)],
+                                            stdout=subprocess.PIPE, text=True)
+                    assert subs.stdout is not None and subs.stdout.readline().strip() == "ready"
+                results.setdefault(name, []).append(wrk(target, args.duration, args.connections, lua))
+                if subs is not None:
+                    subs.send_signal(signal.SIGTERM)
+                    out, _ = subs.communicate(timeout=30)
+                    delivered.append(min(json.loads(out.strip().splitlines()[-1])))
+        time.sleep(0.5)
+    finally:
+        gateway.send_signal(signal.SIGTERM)
+        hello.terminate()
+        gateway.wait(timeout=15)
+        hello.wait(timeout=10)
+
+    hello_rps = statistics.median(r["rps"] for r in results["hello-world (bare QuartTrio)"])
+    goals = {"telemetry, 0 subscribers": 0.70, f"telemetry, {SUBSCRIBERS} subscribers": 0.60}
+    print(f"\nthingsnxt bench: wrk -t1 -c{args.connections} -d{args.duration}s, {args.repeats} repeats, medians "
+          f"({os.cpu_count()} cores)")
+    print(f"{'target':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'goal':>6} {'non-2xx':>8}")
+    for name, runs in results.items():
+        rps = statistics.median(r["rps"] for r in runs)
+        goal = f"{goals[name]:.0%}" if name in goals else ""
+        print(f"{name:<30} {rps:>8.0f} {statistics.median(r['p50'] for r in runs):>8.2f} "
+              f"{statistics.median(r['p99'] for r in runs):>8.2f} {rps / hello_rps:>8.0%} {goal:>6} "
+              f"{sum(r['non2xx'] for r in runs):>8}")
+    print(f"messages each subscriber got, per run (the fewest of the {SUBSCRIBERS}): {delivered}")
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--subscribers"]:
+        subscribers_main("127.0.0.1", int(sys.argv[2]), "/thingsnxt/ws", int(sys.argv[3]))
+        sys.exit(0)
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""What devices and apps send, checked; the device state it makes; the answers. Pure.
+
+    {"device_token": "...", "data": {"v0": 1, "temperature": 25.5}}          v2 and legacy telemetry
+    {"device_token": "...", "readings": [{"timestamp": ..., "data": {...}}]}  bulk (cached while offline)
+    {"data": {"v0": 1}}                                                       an app sets virtual pins
+
+A device's state is the specification's `telemetry_json`: the latest value of each key,
+whoever set it. Apps set keys (the virtual pins `v0`, `v1`, ...); devices report theirs.
+A value an app set stays *pending* until the device reports that same value: until then
+the device's older value for that key does not overwrite it, and the device reads the
+app's value in its next answer (README.md, "State").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from gatewayd.plugins.api import BadJSON, TS_MAX, TS_MIN, json_kind, parse_time
+
+from .config import KeyRules, Security
+
+KEY = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+"""A telemetry key: what a widget, a rule (`when = ["data.temperature > 30"]`) and a column can name."""
+PIN = re.compile(r"v[0-9]{1,3}")
+"""A virtual pin: `v0` .. `v999`."""
+MAX_TOKEN = 256
+FUTURE_SKEW_S = 300.0
+"""A bulk reading stamped later than this after the gateway's clock is a device clock bug."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_keys: int
+    max_data_bytes: int
+    max_bulk: int
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """One telemetry request: the token, and readings (one, or a bulk's) oldest first."""
+
+    token: str
+    readings: tuple[Reading, ...]
+
+
+@dataclass(frozen=True)
+class Reading:
+    data: dict[str, Any]
+    ts: float | None = None
+    """The device's time (bulk); None: it arrived now."""
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+def parse_telemetry(doc: dict[str, Any], limits: Limits) -> Telemetry:
+    """`{"device_token", "data"}` (v2, legacy). A missing `data` is `{}`: a sign of life.
+    Other fields are ignored, as the specification's backend does. BadJSON naming the field."""
+    return Telemetry(token_of(doc), (Reading(data_of(doc.get("data", {}), "data", limits)),))
+
+
+def parse_bulk(doc: dict[str, Any], limits: Limits, now: float) -> Telemetry:
+    """`{"device_token", "readings": [{"timestamp", "data"}, ...]}`, sorted oldest first."""
+    token = token_of(doc)
+    readings = doc.get("readings")
+    if not isinstance(readings, list) or not readings:
+        raise BadJSON(f"readings: expected a list of {{\"timestamp\", \"data\"}}, got {_kind(readings)}")
+    if len(readings) > limits.max_bulk:
+        raise BadJSON(f"readings: at most {limits.max_bulk} in one request, got {len(readings)}")
+    out = []
+    for i, item in enumerate(readings):
+        where = f"readings[{i}]"
+        if not isinstance(item, dict):
+            raise BadJSON(f"{where}: expected an object {{\"timestamp\", \"data\"}}, got {json_kind(item)}")
+        out.append(Reading(data_of(item.get("data", {}), f"{where}.data", limits),
+                           timestamp_of(item.get("timestamp"), f"{where}.timestamp", now)))
+    return Telemetry(token, tuple(sorted(out, key=lambda r: r.ts or 0.0)))  # stable: same time keeps its order
+
+
+def parse_app_values(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
+    """`{"data": {"v0": 1}}`: what an app or operator sets. Values are numbers, strings or
+    booleans (what a widget shows and a device's pin takes)."""
+    data = data_of(doc.get("data"), "data", limits)
+    if not data:
+        raise BadJSON('data: expected at least one key to set, e.g. {"data": {"v0": 1}}')
+    for key, value in data.items():
+        if value is None or isinstance(value, (dict, list)):
+            raise BadJSON(f"data.{key}: expected a number, a string or true/false, got {json_kind(value)}")
+    return data
+
+
+def token_of(doc: dict[str, Any]) -> str:
+    token = doc.get("device_token")
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
+        raise BadJSON(f"device_token: expected the device's token (a string of 1-{MAX_TOKEN} characters), "
+                      f"got {_kind(token)}")
+    return token
+
+
+def data_of(value: Any, where: str, limits: Limits) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadJSON(f"{where}: expected an object of keys and values, got {_kind(value)}")
+    if len(value) > limits.max_keys:
+        raise BadJSON(f"{where}: at most {limits.max_keys} keys, got {len(value)}")
+    for key in value:
+        if not KEY.fullmatch(key):
+            raise BadJSON(f"{where}: key {key[:70]!r}: expected 1-64 of letters, digits and _ . : -")
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > limits.max_data_bytes:
+        raise BadJSON(f"{where}: at most {limits.max_data_bytes} bytes as JSON, got {size}")
+    return value
+
+
+def timestamp_of(value: Any, where: str, now: float) -> float:
+    """ISO 8601 (UTC unless it says otherwise) or epoch seconds, 2000 .. now + 5 min."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise BadJSON(f"{where}: expected an ISO 8601 time or epoch seconds, got {_kind(value)}")
+    try:
+        ts = parse_time(value) if isinstance(value, str) else float(value)
+    except ValueError as e:
+        raise BadJSON(f"{where}: {e}") from None
+    if not (TS_MIN <= ts <= TS_MAX and math.isfinite(ts)):
+        raise BadJSON(f"{where}: {value!r} is not a plausible time (epoch seconds, not milliseconds; 2000-2200)")
+    if ts > now + FUTURE_SKEW_S:
+        raise BadJSON(f"{where}: {iso(ts)} is in the future (the gateway's clock says {iso(now)})")
+    return ts
+
+
+def _kind(value: Any) -> str:
+    return "nothing" if value is None else json_kind(value)
+
+
+# -- the security rules -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyPolicy:
+    """Which keys a device may write and an app may set (the specification's security rules)."""
+
+    device_writes: tuple[str, ...]
+    app_sets: tuple[str, ...]
+
+    def device_refused(self, data: dict[str, Any]) -> list[str]:
+        return [k for k in data if not any(fnmatch.fnmatchcase(k, g) for g in self.device_writes)]
+
+    def app_refused(self, data: dict[str, Any]) -> list[str]:
+        return [k for k in data if not any(fnmatch.fnmatchcase(k, g) for g in self.app_sets)]
+
+
+def policy_for(security: Security, device_id: str, model: str) -> KeyPolicy:
+    """The device's own table, else its model's, else the default, list by list."""
+    tables = [t for t in (security.devices.get(device_id), security.models.get(model)) if t is not None]
+    tables.append(KeyRules(security.device_writes, security.app_sets))
+    writes = next(t.device_writes for t in tables if t.device_writes is not None)
+    sets = next(t.app_sets for t in tables if t.app_sets is not None)
+    return KeyPolicy(tuple(writes or ()), tuple(sets or ()))
+
+
+# -- the state ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """The server's view of one device: each key's latest value and when it was set, and
+    what apps set that the device has not confirmed yet."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    stamps: dict[str, float] = field(default_factory=dict)
+    pending: dict[str, Any] = field(default_factory=dict)
+    ts: float | None = None
+    """When the state last changed (`timestamp` in answers)."""
+
+    def with_device(self, values: dict[str, Any], ts: float) -> tuple[DeviceState, dict[str, Any]]:
+        """The state after a device reported `values` measured at `ts`, and what changed.
+
+        A value older than the key's (a bulk reading from before) does not replace it; a
+        value for a key an app set and the device has not confirmed yet is stale, except
+        the app's own value, which confirms it."""
+        data, stamps, pending = dict(self.data), dict(self.stamps), dict(self.pending)
+        changed: dict[str, Any] = {}
+        for key, value in values.items():
+            if ts < stamps.get(key, -math.inf):
+                continue
+            if key in pending:
+                if not same(value, pending[key]):
+                    continue
+                del pending[key]
+            if key not in data or not same(data[key], value):
+                changed[key] = value
+            data[key] = value
+            stamps[key] = ts
+        newest = max(ts, self.ts) if self.ts is not None else ts
+        return replace(self, data=data, stamps=stamps, pending=pending, ts=newest), changed
+
+    def with_app(self, values: dict[str, Any], ts: float) -> DeviceState:
+        """The state after an app or operator set `values`: pending until the device reports them."""
+        return replace(self, data={**self.data, **values}, stamps={**self.stamps, **dict.fromkeys(values, ts)},
+                       pending={**self.pending, **values}, ts=max(ts, self.ts or ts))
+
+    def to_json(self) -> str:
+        return json.dumps({"data": self.data, "stamps": self.stamps, "pending": self.pending},
+                          separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str, ts: float | None) -> DeviceState:
+        doc = json.loads(text)
+        return cls(doc["data"], doc["stamps"], doc["pending"], ts)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal as JSON values: 1 and 1.0 are the same pin value; 1 and true are not."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return bool(a == b)
+
+
+# -- answers ------------------------------------------------------------------------------
+
+
+def iso(ts: float) -> str:
+    """`2026-02-12T16:00:00.000Z`: the specification's timestamps (UTC, milliseconds)."""
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+
+def v2_answer(device_id: str, state: DeviceState, now: float) -> dict[str, Any]:
+    """`POST /devices/{id}/telemetry`: the state as the server sees it, for the ESP32 to sync."""
+    return {"message": "ok", "device_id": device_id, "data": state.data, "timestamp": iso(now)}
+
+
+def legacy_answer(device_id: str, state: DeviceState, now: float) -> dict[str, Any]:
+    """`POST /telemetry`: the LED state the legacy firmware reads (`led`, else `v0`, else 0),
+    and the whole state as `updated_data`."""
+    led = state.data.get("led", state.data.get("v0", 0))
+    return {"message": "ok", "device_id": device_id, "led": led, "updated_data": state.data, "timestamp": iso(now)}
+
+
+def latest_answer(device_id: str, state: DeviceState) -> dict[str, Any]:
+    """`GET /telemetry/latest`: the state for polling; `timestamp` null before any."""
+    return {"device_id": device_id, "data": state.data, "timestamp": None if state.ts is None else iso(state.ts)}
+
+
+def update_message(device_id: str, data: dict[str, Any], ts: float, **extra: Any) -> dict[str, Any]:
+    """`{"type": "telemetry_update", ...}`: what apps receive over WebSocket and SSE."""
+    return {"type": "telemetry_update", "device_id": device_id, "timestamp": iso(ts), "data": data, **extra}
+
+
+def status_message(device_id: str, status: str, ts: float) -> dict[str, Any]:
+    """`{"type": "status_update", "status": "online" | "offline"}`."""
+    return {"type": "status_update", "device_id": device_id, "status": status, "timestamp": iso(ts)}

@@ -1,0 +1,166 @@
+"""What devices and apps send, the security rules and the state it makes: pure, no gateway."""
+
+import json
+from datetime import datetime, timezone
+
+import pytest
+
+from gatewayd.plugins.api import BadJSON, parse_json
+from gatewayd_thingsnxt.config import KeyRules, Security
+from gatewayd_thingsnxt.telemetry import (
+    DeviceState,
+    Limits,
+    iso,
+    latest_answer,
+    legacy_answer,
+    parse_app_values,
+    parse_bulk,
+    parse_telemetry,
+    policy_for,
+    same,
+    v2_answer,
+)
+
+LIMITS = Limits(max_keys=4, max_data_bytes=200, max_bulk=3)
+NOW = datetime(2026, 2, 12, 16, 0, tzinfo=timezone.utc).timestamp()
+
+
+def test_the_specifications_request_parses():
+    doc = parse_json(b'{"device_token": "abc123", "data": {"v0": 1, "v1": 0, "temperature": 25.5}}')
+    t = parse_telemetry(doc, LIMITS)
+    assert t.token == "abc123"
+    [reading] = t.readings
+    assert reading.data == {"v0": 1, "v1": 0, "temperature": 25.5} and reading.ts is None
+
+
+def test_no_data_is_a_sign_of_life_and_other_fields_are_ignored():
+    [reading] = parse_telemetry({"device_token": "t", "device_id": "x"}, LIMITS).readings
+    assert reading.data == {}
+
+
+@pytest.mark.parametrize("doc, message", [
+    ({"data": {}}, "device_token: expected the device's token (a string of 1-256 characters), got nothing"),
+    ({"device_token": 5}, "device_token: expected the device's token (a string of 1-256 characters), got a number"),
+    ({"device_token": ""}, "device_token: expected"),
+    ({"device_token": "t" * 257}, "device_token: expected"),
+    ({"device_token": "t", "data": [1]}, "data: expected an object of keys and values, got an array"),
+    ({"device_token": "t", "data": None}, "data: expected an object of keys and values, got nothing"),
+    ({"device_token": "t", "data": {"a b": 1}}, "data: key 'a b': expected 1-64 of letters, digits and _ . : -"),
+    ({"device_token": "t", "data": {"k" * 65: 1}}, "data: key 'kkkk"),
+    ({"device_token": "t", "data": dict.fromkeys("abcde", 1)}, "data: at most 4 keys, got 5"),
+    ({"device_token": "t", "data": {"a": "x" * 200}}, "data: at most 200 bytes as JSON, got 208"),
+])
+def test_bad_telemetry_is_refused_naming_the_field(doc, message):
+    with pytest.raises(BadJSON) as e:
+        parse_telemetry(doc, LIMITS)
+    assert str(e.value).startswith(message)
+
+
+def test_a_bulk_request_is_sorted_oldest_first():
+    doc = {"device_token": "t", "readings": [
+        {"timestamp": "2026-02-12T15:59:00Z", "data": {"t": 2}},
+        {"timestamp": NOW - 120, "data": {"t": 1}},
+        {"timestamp": "2026-02-12T15:59:00+00:00", "data": {"t": 3}},
+    ]}
+    t = parse_bulk(doc, LIMITS, NOW)
+    assert [(r.ts, r.data["t"]) for r in t.readings] == [(NOW - 120, 1), (NOW - 60, 2), (NOW - 60, 3)]
+
+
+@pytest.mark.parametrize("readings, message", [
+    (None, "readings: expected a list of"),
+    ([], "readings: expected a list of"),
+    ([{"timestamp": NOW}] * 4, "readings: at most 3 in one request, got 4"),
+    ([5], "readings[0]: expected an object"),
+    ([{"data": {}}], "readings[0].timestamp: expected an ISO 8601 time or epoch seconds, got nothing"),
+    ([{"timestamp": True}], "readings[0].timestamp: expected an ISO 8601 time"),
+    ([{"timestamp": "yesterday"}], "readings[0].timestamp: expected an ISO 8601 time (2026-01-02T03:04:05Z)"),
+    ([{"timestamp": NOW * 1000}], "readings[0].timestamp: 1770912000000.0 is not a plausible time"),
+    ([{"timestamp": NOW + 3600}], "readings[0].timestamp: 2026-02-12T17:00:00.000Z is in the future"),
+    ([{"timestamp": NOW, "data": {"x": [1]}}, {"timestamp": NOW, "data": 3}], "readings[1].data: expected an object"),
+])
+def test_bad_bulk_requests_are_refused_naming_the_reading(readings, message):
+    with pytest.raises(BadJSON) as e:
+        parse_bulk({"device_token": "t", "readings": readings}, LIMITS, NOW)
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_an_app_sets_scalars():
+    assert parse_app_values({"data": {"v0": 1, "label": "on", "v1": False}}, LIMITS) == \
+        {"v0": 1, "label": "on", "v1": False}
+    for doc, message in (({}, "data: expected an object"), ({"data": {}}, "data: expected at least one key"),
+                         ({"data": {"v0": None}}, "data.v0: expected a number, a string or true/false, got null"),
+                         ({"data": {"v0": [1]}}, "data.v0: expected a number, a string or true/false, got an array")):
+        with pytest.raises(BadJSON, match=message.replace("(", r"\(")):
+            parse_app_values(doc, LIMITS)
+
+
+def test_the_security_rules_come_from_the_device_then_its_model_then_the_default():
+    security = Security(device_writes=["*"], app_sets=["v*"],
+                        models={"relay": KeyRules(device_writes=["temperature", "v9"])},
+                        devices={"esp-7": KeyRules(app_sets=["v0"])})
+    default = policy_for(security, "esp-1", "")
+    assert default.device_refused({"anything": 1}) == [] and default.app_refused({"v3": 1, "led": 1}) == ["led"]
+    relay = policy_for(security, "esp-2", "relay")
+    assert relay.device_refused({"temperature": 1, "v0": 1, "v9": 0}) == ["v0"]
+    assert relay.app_refused({"v3": 1}) == []  # the default's app_sets: the model gave none
+    seven = policy_for(security, "esp-7", "relay")
+    assert seven.app_refused({"v0": 1, "v1": 1}) == ["v1"] and seven.device_refused({"v0": 1}) == ["v0"]
+    nothing = policy_for(Security(app_sets=[]), "esp-1", "")
+    assert nothing.app_refused({"v0": 1}) == ["v0"]
+
+
+def test_the_device_writes_its_keys_and_reads_the_whole_state():
+    state, changed = DeviceState().with_device({"v0": 1, "temperature": 25.5}, NOW)
+    assert state.data == {"v0": 1, "temperature": 25.5} and changed == state.data and state.ts == NOW
+    state, changed = state.with_device({"temperature": 25.5, "humidity": 40}, NOW + 10)
+    assert changed == {"humidity": 40}  # the same temperature is no change
+    assert state.data == {"v0": 1, "temperature": 25.5, "humidity": 40}
+    assert state.stamps == {"v0": NOW, "temperature": NOW + 10, "humidity": NOW + 10}
+
+
+def test_a_value_an_app_set_waits_for_the_device_to_report_it():
+    state, _ = DeviceState().with_device({"v0": 0, "v1": 0}, NOW)
+    state = state.with_app({"v0": 1}, NOW + 1)
+    assert state.data["v0"] == 1 and state.pending == {"v0": 1}
+    # The device had not polled yet: it reports its old LED; the app's value stands.
+    state, changed = state.with_device({"v0": 0, "v1": 0}, NOW + 2)
+    assert state.data == {"v0": 1, "v1": 0} and changed == {} and state.pending == {"v0": 1}
+    # It synced its LED from the answer and reports it: confirmed.
+    state, changed = state.with_device({"v0": 1}, NOW + 3)
+    assert state.pending == {} and changed == {}
+    # From now on the device's own changes count again (a button on the board).
+    state, changed = state.with_device({"v0": 0}, NOW + 4)
+    assert state.data["v0"] == 0 and changed == {"v0": 0}
+
+
+def test_an_older_reading_does_not_replace_a_newer_value():
+    state, _ = DeviceState().with_device({"t": 20}, NOW)
+    state, changed = state.with_device({"t": 10, "h": 5}, NOW - 60)  # cached while offline
+    assert state.data == {"t": 20, "h": 5} and changed == {"h": 5} and state.ts == NOW
+
+
+def test_pin_values_compare_as_json():
+    assert same(1, 1.0) and not same(1, True) and not same(0, False) and same(True, True) and not same("1", 1)
+
+
+def test_the_state_round_trips_through_json():
+    state = DeviceState().with_app({"v0": 1}, NOW)
+    back = DeviceState.from_json(state.to_json(), state.ts)
+    assert back == state and json.loads(state.to_json())["pending"] == {"v0": 1}
+
+
+def test_the_answers_have_the_specifications_shapes():
+    state, _ = DeviceState().with_device({"v0": 1, "v1": 0, "temperature": 25.5}, NOW)
+    assert v2_answer("6123456", state, NOW) == {"message": "ok", "device_id": "6123456",
+                                                "data": {"v0": 1, "v1": 0, "temperature": 25.5},
+                                                "timestamp": "2026-02-12T16:00:00.000Z"}
+    legacy = legacy_answer("6123456", state, NOW + 0.25)
+    assert legacy["led"] == 1 and legacy["updated_data"] == state.data and legacy["timestamp"].endswith(":00.250Z")
+    assert legacy_answer("d", DeviceState(), NOW)["led"] == 0
+    assert legacy_answer("d", DeviceState().with_app({"led": 0, "v0": 1}, NOW), NOW)["led"] == 0
+    assert latest_answer("d", DeviceState()) == {"device_id": "d", "data": {}, "timestamp": None}
+    assert latest_answer("d", state)["timestamp"] == "2026-02-12T16:00:00.000Z"
+
+
+def test_iso_is_utc_with_milliseconds():
+    assert iso(0) == "1970-01-01T00:00:00.000Z" and iso(NOW + 0.9999) == "2026-02-12T16:00:00.999Z"
