@@ -28,6 +28,7 @@ from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .outbox import cmd_outbox, setup_outbox
 from .plugin import cmd_plugin, setup_plugin
+from .tls import cmd_tls, setup_tls
 from .tokens import cmd_tokens, setup_tokens
 
 EPILOG = """\
@@ -194,6 +195,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
      setup_outbox, cmd_outbox),
     ("tokens", "scoped read-only API tokens for apps: add NAME --scope live:<family> [--ttl 30d], list, revoke NAME",
      setup_tokens, cmd_tokens),
+    ("tls", "TLS on the LAN: tls init (site CA + server certificate), tls show, tls client NAME --out DIR",
+     setup_tls, cmd_tls),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
      _receive_arguments, _cmd_receive),
     ("plugin", "write a new plugin: plugin new NAME [--http] [--mqtt] [--serial]", setup_plugin, cmd_plugin),

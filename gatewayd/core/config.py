@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .alerts.rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
+from .tls import TlsSection
 
 __all__ = [
     "Config",
@@ -344,6 +345,7 @@ class Config:
     notifications: NotificationsSection = field(default_factory=NotificationsSection)
     ota: OtaSection = field(default_factory=OtaSection)
     live: LiveSection = field(default_factory=LiveSection)
+    tls: TlsSection = field(default_factory=TlsSection)
     rules: list[Rule] = field(default_factory=list)
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: Path | None = None

@@ -63,6 +63,7 @@ from .outbox.store import Outbox
 from .schema import ConfigErrors
 from .serial.links import SerialLinks
 from .storage import SchemaSpec, Storage
+from .tls import SiteTls, TlsError
 from .upstream.service import Upstream
 
 __all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc"]
@@ -119,7 +120,9 @@ class Gateway:
                                metrics=self.metrics)
         self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock, emit=self.events.emit,
                                       on_credentials_changed=self._credentials_changed, publish=self._publish_command)
-        self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices)
+        self.tls = SiteTls.from_config(config)  # [tls]: the certificate the listeners serve
+        self.tls.register(self.health, self.metrics, clock)
+        self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices, self.tls)
         # The address devices reach the main listener at; resolved at the first URL handed
         # out, by then the listener is bound (port 0 included).
         self.public_url = PublicUrl(config.http.public_url, config.http.listen, lambda: self.http_urls.get("main", []))
@@ -183,6 +186,10 @@ class Gateway:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start everything, report started, and run until `request_shutdown()`."""
         self.started_at = self.clock()
+        try:
+            self.tls.load()  # a missing certificate is named before anything starts
+        except TlsError as e:
+            raise ListenError(str(e)) from None
         for name in self.plugins.names:
             if self.plugins.infos[name].load_error:
                 self.failed[name] = self.plugins.infos[name].load_error
@@ -383,6 +390,7 @@ class Gateway:
                     shutdown_trigger=trigger,
                     graceful_timeout=self.config.gateway.shutdown_grace_s,
                     access_log=self.config.http.access_log,
+                    tls=self.tls if self.config.tls.http else None,
                     task_status=task_status,
                 )
             finally:
