@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from .alerts.rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
+from .backup import BackupSection
 from .tls import TlsSection
 
 __all__ = [
@@ -346,6 +347,7 @@ class Config:
     ota: OtaSection = field(default_factory=OtaSection)
     live: LiveSection = field(default_factory=LiveSection)
     tls: TlsSection = field(default_factory=TlsSection)
+    backup: BackupSection = field(default_factory=BackupSection)
     rules: list[Rule] = field(default_factory=list)
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: Path | None = None

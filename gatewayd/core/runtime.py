@@ -38,6 +38,7 @@ from .alerts.events import EVENTS_SCHEMA, EventBus, FamilyEvents
 from .alerts.http import events_blueprint
 from .alerts.notify import NOTIFY_SCHEMA, Notifier
 from .alerts.rules import Rule, merge_rules, rule_from_dict
+from .backup import Backups
 from .config import Config
 from .dashboard import DashboardSessions, DashboardSources, PluginViews, dashboard_blueprint
 from .devices.http import admin_blueprint
@@ -110,6 +111,7 @@ class Gateway:
             readers=config.storage.readers,
         )
         self.outbox = Outbox.from_config(self.storage, config, clock=clock)
+        self.backups = Backups.from_config(config, self.storage.path, self.health, self.metrics, clock=clock)
         n = config.notifications
         self.notifier = Notifier(
             self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,
@@ -204,6 +206,7 @@ class Gateway:
             await core.start(self.notifier.run)
             await core.start(self.events.run)
             await core.start(self.devices.run)
+            await core.start(self.backups.run)  # [backup]: the daemon's own, checked copies
             self._build_contexts()
             self._collect_topics()
             try:
