@@ -24,6 +24,7 @@ from ..core.storage import StorageError, backup_database
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
+from .doctor import cmd_doctor, setup_doctor
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .outbox import cmd_outbox, setup_outbox
@@ -181,6 +182,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
     ("backup", "write a consistent copy of the database (safe while the daemon runs)",
      lambda p: p.add_argument("dest", metavar="DEST", help="a file path, or a folder for a timestamped file"),
      cmd_backup),
+    ("doctor", "check this box: config, ports, disk, mosquitto, clock, master key, TLS, upstream, serial "
+     "(exit 1 on a real problem)", setup_doctor, cmd_doctor),
     ("serial", "serial-line tools for installers: serial probe URL [--framing jsonl|slip|cobs|length]",
      setup_serial, cmd_serial),
     ("devices", "provision and manage devices: add, list, show, disable, rotate, command, claim-code",
