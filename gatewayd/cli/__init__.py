@@ -20,7 +20,7 @@ import trio
 from .. import __version__
 from ..core.config import ConfigErrors
 from ..core.logs import get_logger, setup_logging
-from ..core.storage import StorageError, backup_database
+from ..core.storage import MigrationError, StorageError, backup_database
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
     try:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:
-        error = find_exception(e, ListenError)
+        error = find_exception(e, ListenError) or find_exception(e, MigrationError)
         if error is None:
             raise
         log.error("cannot start", error=str(error))
