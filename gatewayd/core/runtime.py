@@ -63,6 +63,7 @@ from .outbox.ingest import Ingest
 from .outbox.store import Outbox
 from .schema import ConfigErrors
 from .serial.links import SerialLinks
+from .sdnotify import SystemdNotifier
 from .storage import SchemaSpec, Storage
 from .tls import SiteTls, TlsError
 from .upstream.service import Upstream
@@ -560,8 +561,14 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 10, 10)
 
 
-async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it."""
+async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED,
+                              notifier: SystemdNotifier | None = None) -> None:
+    """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it.
+
+    Under systemd (`Type=notify`) it says READY once the gateway has started, STOPPING
+    at the first signal, and feeds the watchdog from this trio loop (core/sdnotify.py).
+    """
+    notifier = notifier or SystemdNotifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -572,11 +579,22 @@ async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_
                     name = signal.Signals(signum).name
                     if count == 1:
                         log.info("signal received, stopping", signal=name)
+                        notifier.stopping()
                         gateway.request_shutdown()
                     else:
                         log.warning("second signal, stopping now", signal=name)
                         nursery.cancel_scope.cancel()
 
+            class Started:
+                @staticmethod
+                def started(value: Any = None) -> None:
+                    notifier.ready(f"running: {' '.join(u for urls in gateway.http_urls.values() for u in urls)}")
+                    nursery.start_soon(notifier.watchdog)
+                    task_status.started(value)
+
             nursery.start_soon(watch)
-            await gateway.run(task_status=task_status)
+            try:
+                await gateway.run(task_status=Started())
+            finally:
+                notifier.close()
             nursery.cancel_scope.cancel()
