@@ -55,19 +55,20 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from ..core.runtime import Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled, tune_gc
+    from ..core.profile import tune_gc_for
+    from ..core.runtime import Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled
 
     config = load(args, manager)
     setup_logging(config.log.level, config.log.format)
     log = get_logger("gatewayd")
     path = config_path(args)
     log.info("starting gatewayd", version=__version__, config=str(path) if path else "built-in defaults",
-             data_dir=str(config.data_dir))
+             data_dir=str(config.data_dir), profile=config.gateway.profile)
     for name, settings in config.plugins.items():
         if not settings.enabled:
             manager.block(name)
     gateway = Gateway(config, manager)
-    tune_gc()
+    tune_gc_for(config.gateway.profile)
     before, limit = raise_open_files_limit()
     if limit < 4096:  # the hard limit: ours to read, the administrator's to raise
         log.warning("few open files allowed: raise LimitNOFILE= in the service unit", open_files=limit,
