@@ -217,8 +217,10 @@ class Gateway:
                 error = find_exception(e, OSError)
                 if error is None:
                     raise
-                listen = self.config.mqtt.listen
-                raise ListenError(f"cannot listen on {listen} (mqtt.listen): {error.strerror or error}") from None
+                where = f"{self.config.mqtt.listen} (mqtt.listen)"
+                if self.config.tls.mqtt_listen is not None:
+                    where += f" or {self.config.tls.mqtt_listen} (tls.mqtt_listen)"
+                raise ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
             async with trio.open_nursery() as front:
                 self._load_alert_rules()
                 await self._start_http(front)
