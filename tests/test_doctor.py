@@ -12,6 +12,10 @@ from pathlib import Path
 import trio
 
 from gatewayd.cli import main
+from gatewayd.cli.doctor import run_checks
+from gatewayd.core.serial.link import SerialSettings
+from gatewayd.plugins.api import hookimpl
+from gatewayd.plugins.manager import build_plugin_manager
 from gatewayd.core.devices.secrets import load_master_key
 from gatewayd.core.tls import init_site
 from gatewayd.testing import provision
@@ -136,3 +140,36 @@ async def test_upstream_dry_batch(upstream_receiver, tmp_path, capsys):
     config.write_text(upstream_receiver.config_text().replace(upstream_receiver.url, f"http://127.0.0.1:{free_port()}"))
     code, checks = await trio.to_thread.run_sync(lambda: _doctor(capsys, tmp_path, config=config))
     assert code == 1 and "unreachable" in checks["upstream cloud"]["message"]
+
+
+class SerialPlugin:
+    """Two serial lines: one on a real pty (opens), one on a device that is not there."""
+
+    def __init__(self, good: str) -> None:
+        self.good = good
+
+    @hookimpl
+    def gatewayd_serial_links(self, links, ctx):
+        async def handler(frame, link):
+            pass
+
+        links.add("meter", SerialSettings(port=self.good), handler)
+        links.add("gone", SerialSettings(port="/dev/ttyGATEWAYD-NOT-THERE"), handler)
+
+
+def test_serial_lines_the_plugins_declare_are_opened(tmp_path):
+    import argparse
+
+    _fresh(tmp_path)
+    master, slave = os.openpty()
+    try:
+        manager = build_plugin_manager(entry_points=False, plugins=[("serialdoc", SerialPlugin(os.ttyname(slave)))])
+        args = argparse.Namespace(config=None, set=[f"gateway.data_dir='{tmp_path / 'var'}'"], no_network=True,
+                                  timeout=5.0)
+        checks = {c.name: c for c in run_checks(args, manager)}
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert checks["serial serialdoc.meter"].status == "ok"
+    assert checks["serial serialdoc.gone"].status == "fail"
+    assert "/dev/ttyGATEWAYD-NOT-THERE" in checks["serial serialdoc.gone"].message
