@@ -367,7 +367,7 @@ def main() -> None:
     if args.default_gc:
         os.environ["GATEWAYD_BENCH_DEFAULT_GC"] = "1"  # for the drain subprocesses too
     if args.profile:
-        from gatewayd.core.profile import tune_gc_for
+        from gatewayd.core.runtime import tune_gc_for
 
         tune_gc_for(args.profile)  # what `gatewayd run` does with that profile
     elif not os.environ.get("GATEWAYD_BENCH_DEFAULT_GC"):

@@ -8,7 +8,8 @@ import gc
 import pytest
 
 from gatewayd.core.config import load_config
-from gatewayd.core.profile import PROFILES, tune_gc_for
+from gatewayd.core.profile import PROFILES
+from gatewayd.core.runtime import tune_gc_for
 from gatewayd.core.schema import ConfigErrors
 
 UPSTREAMS = '[[upstream]]\nname = "a"\nurl = "http://a"\n\n[[upstream]]\nname = "b"\nurl = "http://b"\nmax_records = 7\n'

@@ -55,8 +55,8 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from ..core.profile import tune_gc_for
-    from ..core.runtime import Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled
+    from ..core.runtime import (Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled,
+                                tune_gc_for)
 
     config = load(args, manager)
     setup_logging(config.log.level, config.log.format)

@@ -4,16 +4,16 @@
 512 MB board (a Raspberry Pi Zero 2 / 3): Python's own garbage-collector thresholds
 instead of the daemon's relaxed ones (`runtime.tune_gc`: fewer collections, more memory
 held between them), smaller upstream batches, fewer reader threads and smaller live
-buffers. Any key the configuration sets itself wins over its profile's default.
+buffers. Any key the configuration sets itself wins over its profile's default. The garbage
+collector is set by `runtime.tune_gc_for(profile)` at `gatewayd run`.
 Figures: bench/ingest_bench.py's profiles section (peak RSS of a 1,000,000-record drain).
 """
 
 from __future__ import annotations
 
-import gc
 from typing import Any
 
-__all__ = ["PROFILES", "apply_profile", "tune_gc_for"]
+__all__ = ["PROFILES", "apply_profile"]
 
 #: What each profile changes: section -> key -> default. "upstream" applies to every
 #: [[upstream]] table.
@@ -46,17 +46,3 @@ def apply_profile(raw: dict[str, Any]) -> None:
         if isinstance(table, dict):
             for key, value in defaults.items():
                 table.setdefault(key, value)
-
-
-def tune_gc_for(profile: str) -> None:
-    """The garbage collector for `gatewayd run`: the daemon's relaxed thresholds
-    (`runtime.tune_gc`), or, for "small", Python's own (objects alive at start-up still
-    frozen out of later collections: that costs no memory)."""
-    if profile == "small":
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(700, 10, 10)
-        return
-    from .runtime import tune_gc
-
-    tune_gc()

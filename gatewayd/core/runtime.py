@@ -68,7 +68,7 @@ from .storage import SchemaSpec, Storage
 from .tls import SiteTls, TlsError
 from .upstream.service import Upstream
 
-__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc"]
+__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc", "tune_gc_for"]
 
 log = get_logger("gatewayd.runtime")
 
@@ -561,6 +561,18 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 10, 10)
+
+
+def tune_gc_for(profile: str) -> None:
+    """The garbage collector for `gatewayd run` with `gateway.profile`: `tune_gc`'s relaxed
+    thresholds, or, for "small" (core/profile.py), Python's own (objects alive at start-up
+    are still frozen out of later collections: that costs no memory)."""
+    if profile == "small":
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(700, 10, 10)
+        return
+    tune_gc()
 
 
 async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED,
