@@ -7,7 +7,9 @@ Devices (paho, QoS 1, 100 in flight) and subscribers (trio-websocket clients) ru
 processes of their own. Figures per N, medians of the runs: the ingest rate (messages
 acknowledged, i.e. stored, per second), events delivered to subscribers per second, and
 the hub latency (a subscriber's receive time minus the event's publish time, same clock),
-p50 and p99. The baseline is N = 0 in the same run. Goals (issue 16): ingest with 100
+p50 and p99, and the gateway's own CPU time per message (this process's, all its threads:
+on 2 cores the subscribers' process takes CPU from the gateway, which the ingest ratio
+mixes in; the CPU figure is the gateway's fan-out cost alone). The baseline is N = 0 in the same run. Goals (issue 16): ingest with 100
 subscribers >= 90% of ingest without any; p99 latency at 10 subscribers < 50 ms.
 """
 
@@ -136,7 +138,9 @@ async def run(devices: int, messages: int, n: int) -> dict[str, float]:
                     url = gw_url(gw).replace("http://", "ws://") + "/api/gateway/live?streams=bench.%23"
                     proc = await nursery.start(_spawn_subscribers, url, n, devices * messages)
                     await wait_until(lambda: gw.live.subscribers == n, timeout=60)
+                cpu = time.process_time()  # this process is the gateway: devices and subscribers are not
                 result["ingest"] = await publishers(port, messages, creds)
+                result["cpu_us"] = (time.process_time() - cpu) / (devices * messages) * 1e6
                 if proc is not None:
                     out = json.loads(await _last_line(proc))
                     result.update(delivered_per_s=out["delivered"] / out["elapsed"], p50_ms=out["p50"] * 1000,
@@ -190,12 +194,16 @@ def main() -> None:
             got = results[n][-1]
             extra = (f"   delivered {got['delivered_per_s']:8.0f}/s   p50 {got['p50_ms']:6.1f} ms   "
                      f"p99 {got['p99_ms']:6.1f} ms   dropped {got['dropped']:.0f}") if n else ""
-            print(f"run {r + 1}, {n:3d} subscribers: ingest {got['ingest']:7.0f} msg/s{extra}", flush=True)
+            print(f"run {r + 1}, {n:3d} subscribers: ingest {got['ingest']:7.0f} msg/s   gateway CPU "
+                  f"{got['cpu_us']:5.0f} us/msg{extra}", flush=True)
     base = statistics.median(x["ingest"] for x in results[args.subscribers[0]])
+    base_cpu = statistics.median(x["cpu_us"] for x in results[args.subscribers[0]])
     print(f"\n{args.devices} devices x {args.messages} messages through the edge; each stored, then published live")
     for n in args.subscribers:
         ingest = statistics.median(x["ingest"] for x in results[n])
-        line = f"{n:3d} subscribers: ingest {ingest:7.0f} msg/s ({ingest / base:6.1%} of {args.subscribers[0]})"
+        cpu = statistics.median(x["cpu_us"] for x in results[n])
+        line = (f"{n:3d} subscribers: ingest {ingest:7.0f} msg/s ({ingest / base:6.1%} of {args.subscribers[0]})"
+                f"   gateway CPU {cpu:5.0f} us/msg ({cpu / base_cpu:4.2f}x)")
         if n:
             med = {k: statistics.median(x[k] for x in results[n]) for k in ("delivered_per_s", "p50_ms", "p99_ms")}
             line += (f"   delivered {med['delivered_per_s']:8.0f} events/s   p50 {med['p50_ms']:6.1f} ms"

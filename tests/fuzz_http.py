@@ -47,12 +47,14 @@ from hypothesis import strategies as st
 
 import gatewayd_kaiabc
 import gatewayd_paku
+import gatewayd_streetlight
 from gatewayd.plugins.api import InboundMessage
 from gatewayd.testing import gw_client, gw_url
 
 TOKEN = "fuzz-admin-token"
+LIGHT = "IMEI:351234567890123"  # a streetlight: its id has a ":"
 TOKEN_ENV = "GATEWAYD_ADMIN_TOKEN"
-PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc)]
+PLUGINS = [("paku", gatewayd_paku), ("kaiabc", gatewayd_kaiabc), ("streetlight", gatewayd_streetlight)]
 MAX_BODY = 64 * 1024
 SETTINGS = [f"http.max_body_bytes={MAX_BODY}"]  # an oversized body costs 64 KiB, not 8 MiB
 # One rule that fires, so /api/gateway/alerts has notifications to list.
@@ -80,7 +82,9 @@ class Targets:
     claim_codes: list[str]
     firmware_ids: list[int]
     cursors: dict[str, str]          # a real next_cursor per paging route ("events", "telemetry")
-    families: list[str] = field(default_factory=lambda: ["paku", "kaiabc"])
+    families: list[str] = field(default_factory=lambda: ["paku", "kaiabc", "streetlight"])
+    light_tokens: list[str] = field(default_factory=list)  # streetlight device tokens (JWT), its lights' ids below
+    lights: list[str] = field(default_factory=lambda: [LIGHT])
 
 
 async def provision(gw: Any) -> Targets:
@@ -135,6 +139,14 @@ async def provision(gw: Any) -> Targets:
         state = b'{"online": true, "rssi": -60, "fwVersion": "1.1.0"}'
         await handlers.on_state(InboundMessage("paku/pk-1/state", state, 1, True, False))
 
+        doc = ok(await c.post("/api/gateway/devices", headers=auth, json={"family": "streetlight", "id": LIGHT}), 201)
+        keys.append(doc["credentials"]["key"])
+        light_token = ok(await c.post(f"/streetlight/device/{LIGHT}/configure", json={"latitude": 28.6,
+                                                                                       "longitude": 77.2}),
+                         200)["device_token"]
+        ok(await c.post(f"/api/gateway/devices/{LIGHT}/commands", headers=auth, params={"family": "streetlight"},
+                        json={"payload": {"command_type": "power_control", "action": "on"}}), 201)
+
         cursors = {
             "events": ok(await c.get("/api/gateway/events", headers=auth, params={"limit": 5}), 200)["next_cursor"],
             "telemetry": ok(await c.get("/paku/devices/pk-1/telemetry", headers=auth, params={"limit": 5}),
@@ -142,7 +154,8 @@ async def provision(gw: Any) -> Targets:
         }
         assert all(cursors.values()), cursors
     return Targets(core_devices=["pk-1", "pk-2", "kb-1", "dup"], paku_devices=["pk-1", "pk-2", "dup"],
-                   device_keys=keys, claim_codes=codes, firmware_ids=images, cursors=cursors)
+                   device_keys=keys, claim_codes=codes, firmware_ids=images, cursors=cursors,
+                   light_tokens=[light_token])
 
 
 # -- bytes on the wire ------------------------------------------------------------------
@@ -304,7 +317,7 @@ def encode_piece(value: Any, safe: str = "") -> bytes:
 # -- who may call: the Authorization header ----------------------------------------------
 
 AUTH_KINDS = ["admin", "none", "wrong", "device-key", "lower-case scheme", "basic", "no-space", "token-only",
-              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key"]
+              "token+x", "latin-1", "empty-bearer", "inner-tab", "two-tokens", "x-api-key", "light-jwt"]
 
 
 def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, bytes]]:
@@ -326,6 +339,8 @@ def auth_header(kind: str, targets: Targets, key_index: int) -> list[tuple[str, 
     }.get(kind)
     if kind == "x-api-key":
         return [("X-API-Key", key)]
+    if kind == "light-jwt":  # a streetlight's own device token (configure hands it out)
+        return [("Authorization", b"Bearer " + (targets.light_tokens or ["none"])[0].encode())]
     return [] if value is None else [("Authorization", value)]
 
 
@@ -359,6 +374,9 @@ class Route:
     """Rate limited per client address: send from many loopback addresses."""
     html: bool = False
     """A page for a browser (the dashboard): its answers are HTML, its own errors too."""
+    light: bool = False
+    """A streetlight device route: a light's token by default, errors in the specification's
+    body `{"status": "error", "code", "message", "retry_after_seconds"}`."""
 
 
 DEVICE_BODY = {"!family": "family", "id": "new-device", "name": "text", "model": "text", "firmware": "text",
@@ -409,6 +427,29 @@ CATALOGUE: dict[str, Route] = {
     "/paku/openapi.json": Route(),
     "/paku/docs": Route(json=False, html=True),
     "/paku/health": Route(admin=False),
+    "/streetlight/openapi.json": Route(),
+    "/streetlight/docs": Route(json=False, html=True),
+    "/streetlight/device/<device_id>/configure": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "device_id": "light-id", "latitude": "latitude", "longitude": "longitude", "status": "power-state",
+        "name": "text", "firmware_version": "text", "timestamp": "time"}),
+    "/streetlight/device/<device_id>/status": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!status": "power-state", "brightness": "percent", "battery": "percent", "timestamp": "time",
+        "light_id": "text", "energy": "object"}),
+    "/streetlight/device/<device_id>/sync": Route(admin=False, light=True, params={"device_id": "light"},
+                                                   body={"!readings": "readings"}),
+    "/streetlight/device/<device_id>/commands": Route(admin=False, light=True, params={"device_id": "light"},
+                                                       query={"limit": "limit"}),
+    "/streetlight/device/<device_id>/command-ack": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!command_id": "text", "!status": "ack-status", "result": "any", "execution_timestamp": "time"}),
+    "/streetlight/device/<device_id>/alert": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!alert_type": "alert-type", "severity": "severity", "message": "text", "data": "object"}),
+    "/streetlight/device/<device_id>/logs": Route(admin=False, light=True, params={"device_id": "light"},
+                                                   body={"!logs": "logs"}),
+    "/streetlight/device/<device_id>/health": Route(admin=False, light=True, params={"device_id": "light"}),
+    "/streetlight/device/<device_id>/firmware": Route(admin=False, light=True, params={"device_id": "light"}, body={
+        "!firmware_version": "text", "status": "text", "channel": "text"}),
+    "/streetlight/firmware/<firmware_id>/image": Route(admin=False, light=True, binary_ok=True, range_headers=True,
+                                                           params={"firmware_id": "firmware"}),
     "/paku/devices": Route(body={"id": "new-device", **PAKU_FIELDS}),
     "/paku/devices/<device_id>": Route(params={"device_id": "paku-device"}, body=PAKU_FIELDS),
     "/paku/devices/<device_id>/telemetry": Route(params={"device_id": "paku-device"}, query={
@@ -419,6 +460,54 @@ CATALOGUE: dict[str, Route] = {
         "model": "model", "current": "version", "channel": "channel", "device": "device"}),
     "/paku/ota/<int:firmware_id>/firmware.bin": Route(admin=False, params={"firmware_id": "firmware"}, binary_ok=True,
                                                      range_headers=True),
+    # kaiabc: the spec's /v1 under its mount; nodes call with X-API-Key, people with the admin token
+    "/kaiabc/openapi.json": Route(),
+    "/kaiabc/docs": Route(json=False, html=True),
+    "/kaiabc/v1/health": Route(admin=False),
+    "/kaiabc/v1/sensors/nodes": Route(admin=False, query={"limit": "limit"}, body={
+        "!node_id": "new-device", "!hardware_type": "text", "!runtime": "text", "name": "text", "location": "text"}),
+    "/kaiabc/v1/sensors/temperature": Route(admin=False, body={"!node_id": "device", "!temperature_kelvin": "positive",
+                                                               "timestamp": "text"}),
+    "/kaiabc/v1/sensors/batch": Route(admin=False, body={"!node_id": "device", "!readings": "any"}),
+    "/kaiabc/v1/oscillator/state": Route(admin=False, query={"node_id": "device", "detail_level": "state"}),
+    "/kaiabc/v1/oscillator/history": Route(admin=False, query={
+        "node_id": "device", "start_time": "time", "end_time": "time", "limit": "limit", "cursor": "telemetry-cursor"}),
+    "/kaiabc/v1/ws": Route(admin=False),
+    "/kaiabc/v1/oscillator/reset": Route(body={"!node_id": "device", "initial_conditions": "object",
+                                               "units": "text", "reason": "text"}),
+    "/kaiabc/v1/entrainment/parameters": Route(admin=False, query={"node_id": "device"}, body={
+        "node_id": "device", "parameters": "object", "reference_temperature_kelvin": "positive", "reason": "text"}),
+    "/kaiabc/v1/entrainment/phase-shift": Route(body={"!node_id": "device", "!shift_type": "text",
+                                                      "!magnitude_hours": "positive", "duration_minutes": "positive"}),
+    "/kaiabc/v1/entrainment/prc": Route(admin=False, query={"node_id": "device", "resolution": "limit"}),
+    "/kaiabc/v1/bulk/sensor-readings": Route(admin=False, body={"!readings": "any"}),
+    "/kaiabc/v1/bulk/oscillator-states": Route(admin=False, body={"!node_ids": "any", "detail_level": "text"}),
+    "/kaiabc/v1/diagnostics/performance": Route(),
+    "/kaiabc/v1/diagnostics/logs": Route(query={"node_id": "device", "limit": "limit", "start_time": "time",
+                                               "end_time": "time"}),
+    "/kaiabc/v1/diagnostics/health-check": Route(body={"components": "any", "detailed": "any"}),
+    "/kaiabc/v1/config/templates": Route(admin=False, query={"hardware_type": "family", "runtime": "family"}),
+    "/kaiabc/v1/config/validate": Route(body={"!config": "object", "node_id": "device"}),
+    "/kaiabc/v1/analytics/period-stability": Route(admin=False, query={"node_id": "device", "days": "limit"}),
+    "/kaiabc/v1/analytics/entrainment-efficiency": Route(admin=False, query={"node_id": "device",
+                                                                              "shift_id": "type"}),
+    "/kaiabc/v1/analytics/export": Route(admin=False, query={"node_id": "device", "start_time": "time",
+                                                             "end_time": "time", "format": "type"}),
+    "/kaiabc/v1/auth/tokens": Route(body={"!name": "text", "!role": "text", "ttl_days": "positive"}),
+    "/kaiabc/v1/auth/tokens/<name>": Route(params={"name": "file"}),
+    "/kaiabc/v1/simulation/config": Route(body={"tolerance": "object", "max_step_size": "positive",
+                                                "solver_type": "text"}),
+    "/kaiabc/v1/simulation/pause": Route(body={"node_id": "device", "reason": "text"}),
+    "/kaiabc/v1/simulation/resume": Route(body={"node_id": "device", "reason": "text"}),
+    "/kaiabc/v1/output/koa": Route(admin=False, query={"node_id": "device"}),
+    "/kaiabc/v1/output/mapping": Route(body={"node_id": "device", "mapping_function": "text", "pwm_min": "priority",
+                                             "pwm_max": "positive", "invert": "any"}),
+    "/kaiabc/v1/output/manual-override": Route(body={"!node_id": "device", "!override_enabled": "any",
+                                                     "pwm_value": "positive", "duration_minutes": "positive"}),
+    "/kaiabc/v1/filter/state": Route(admin=False, query={"node_id": "device"}),
+    "/kaiabc/v1/filter/parameters": Route(body={"!node_id": "device", "process_noise": "object",
+                                                "measurement_noise": "object"}),
+    "/kaiabc/v1/filter/reset": Route(body={"!node_id": "device", "reason": "text"}),
 }
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}  # added to every rule by Quart; generated as variants of the others
@@ -501,6 +590,7 @@ PATH_ODD = {
              Raw(b"/etc/passwd"), Raw(b"a/../../b"), Raw(b"%00")],
 }
 PATH_ODD["paku-device"] = [*PATH_ODD["device"], "kb-1"]  # a device of another family
+PATH_ODD["light"] = [*PATH_ODD["device"], "kb-1", "IMEI:", ":", "IMEI:351234567890123:x", Raw(b"IMEI%3A1")]
 HOSTS = [b"evil.example", b"evil.example:99999", b"[::1]", b"[::1", b"127.0.0.1:1", b"a_b", b"%00", b"\xe9.example",
          b"xn--bcher-kva.example", b"a" * 64, b"a" * 300, b"a..b", b".", b"", b"host with spaces", b"h:-1", b"h:port"]
 
@@ -542,12 +632,27 @@ class Strategies:
             "priority": st.integers(-10, 10),
             "any": json_values,
             "claim-code": st.sampled_from([*t.claim_codes, "AAAA-BBBB-CCCC", "aaaa-bbbb-cccc"]),
+            "light-id": st.sampled_from([*t.lights, "IMEI:1"]),
+            "latitude": st.floats(-90, 90),
+            "longitude": st.floats(-180, 180),
+            "power-state": st.sampled_from(["on", "off", "error"]),
+            "percent": st.floats(0, 100),
+            "time": st.one_of(st.sampled_from(["2025-12-17T10:30:35Z", "2025-12-17T10:30:35+05:30"]),
+                              st.floats(946684800, 7258118400)),
+            "readings": st.lists(st.fixed_dictionaries({"status": st.sampled_from(["on", "off"]),
+                                                        "timestamp": st.floats(946684800, 7258118400)}),
+                                 min_size=1, max_size=5),
+            "ack-status": st.sampled_from(["executed", "failed"]),
+            "alert-type": st.sampled_from(["battery_low", "lamp_failure", "x.y:z"]),
+            "severity": st.sampled_from(["info", "warning", "critical"]),
+            "logs": st.lists(st.fixed_dictionaries({"message": st.text(max_size=20)}), min_size=1, max_size=3),
         }
-        self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0],
+        self.path_first = {"device": t.core_devices[0], "paku-device": t.paku_devices[0], "light": t.lights[0],
                            "firmware": str(t.firmware_ids[0]), "file": "x.js"}
         self.path_ok = {
             "device": st.sampled_from(t.core_devices),
             "paku-device": st.sampled_from(t.paku_devices),
+            "light": st.sampled_from(t.lights),
             "firmware": st.sampled_from([str(i) for i in t.firmware_ids]),
             "file": st.sampled_from(["x.js", "a/b.css"]),
         }
@@ -656,7 +761,8 @@ def slots_of(route: Route, method: str) -> list[tuple[str, str]]:
 
 BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCCC", "device": "pk-1",
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
-                 "non-negative": 0, "priority": 0}
+                 "non-negative": 0, "priority": 0, "power-state": "on", "readings": [{"status": "on", "timestamp": T0}],
+                 "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}]}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
                -1, 0, 1.5, *ODD_INSIDE[:5]]
@@ -681,7 +787,7 @@ def sweep(rule: str, method: str, targets: Targets, route: Route | None = None) 
     here is already minimal: one odd thing."""
     route = route or CATALOGUE[rule]
     gen = strategies_for(targets)
-    base_auth = "admin" if route.admin else "none"
+    base_auth = "admin" if route.admin else "light-jwt" if route.light else "none"
     doc = {name.lstrip("!"): BODY_DEFAULTS[kind] for name, kind in route.body.items() if name.startswith("!")}
     has_body = method in BODY_METHODS
     base: dict[str, Any] = dict(method=method, path={n: gen.path_first[k] for n, k in route.params.items()},
@@ -757,7 +863,8 @@ def requests(draw: Any, rule: str, method: str, targets: Targets, route: Route |
         if draw(st.booleans()):
             query = draw(st.permutations(query))
 
-    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else ("admin" if route.admin else "none")
+    auth = draw(gen.auth_odd[route.admin]) if odd("auth") else \
+        ("admin" if route.admin else "light-jwt" if route.light else "none")
     key_index = draw(st.integers(0, len(targets.device_keys) - 1))
 
     doc: Any = None
@@ -1022,6 +1129,11 @@ def judge(route: Route, req: Req, out: Outcome) -> Problem | None:
     elif status >= 400 or (200 <= status < 300 and route.json and not route.binary_ok):
         # (3xx: werkzeug's own redirects for // in a path are HTML; not an answer of ours)
         return Problem("not JSON", f"{status} {mimetype or 'no content type'}", repr(body[:200]))
+    if status >= 400 and route.light and isinstance(doc, dict) and doc.get("status") == "error":
+        if not (isinstance(doc.get("code"), str) and isinstance(doc.get("message"), str)
+                and type(doc.get("retry_after_seconds")) is int):
+            return Problem("error shape", str(status), repr(body[:200]))
+        return None
     if status >= 400:
         error = doc.get("error") if isinstance(doc, dict) else None
         if not (isinstance(error, dict) and error.get("status") == status and isinstance(error.get("code"), str)

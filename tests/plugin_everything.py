@@ -222,6 +222,17 @@ def gatewayd_alert_rules(ctx: PluginContext):
 
 
 @hookimpl
+def gatewayd_check_command(payload):
+    # A command with a "level" must give it as an integer 0-10; what is stored is marked.
+    if isinstance(payload, dict) and "level" in payload:
+        level = payload["level"]
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 10:
+            raise ValueError(f"level: expected an integer 0-10, got {level!r}")
+        return {**payload, "checked": True}
+    return None
+
+
+@hookimpl
 async def gatewayd_shutdown(ctx: PluginContext):
     calls.append("shutdown")
 

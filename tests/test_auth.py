@@ -181,6 +181,29 @@ async def test_rotation_and_revocation_invalidate_jwts(tmp_path):
         await refused(s.auth.bearer_jwt("streetlight", new, CLIENT), 401, "revoked")
 
 
+async def test_a_jwt_check_reads_its_device_once_per_few_seconds(tmp_path, monkeypatch):
+    """A light reporting every few seconds costs no database read per request; a change
+    through the registry (revoke, disable) is seen at once all the same."""
+    async with open_services(tmp_path) as s:
+        device, _ = await s.registry.provision("streetlight", "SL001")
+        bearer = {"Authorization": f"Bearer {s.auth.issue_jwt(device).token}"}
+        reads = []
+        find = s.registry.find
+
+        async def counted(*args, **kwargs):
+            reads.append(args)
+            return await find(*args, **kwargs)
+
+        monkeypatch.setattr(s.registry, "find", counted)
+        await s.auth.bearer_jwt("streetlight", bearer, CLIENT)  # its first: provisioned becomes active (a write)
+        reads.clear()
+        for _ in range(20):
+            assert (await s.auth.bearer_jwt("streetlight", bearer, CLIENT)).id == "SL001"
+        assert len(reads) == 1
+        await s.registry.set_status("streetlight", "SL001", "disabled")
+        await refused(s.auth.bearer_jwt("streetlight", bearer, CLIENT), 403, "disabled")
+
+
 async def test_signature_of_the_raw_body(tmp_path):
     async with open_services(tmp_path) as s:
         _, creds = await s.registry.provision("streetlight", "SL001")

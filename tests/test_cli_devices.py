@@ -79,7 +79,7 @@ def test_bad_values_exit_1_naming_them(tmp_path, capsys, monkeypatch):
     gatewayd_inproc(tmp_path, capsys, "devices", "add", "--family", "kaiabc", "--id", "n1")
     monkeypatch.setenv("SHORT_KEY", "k")
     cases = [
-        (["add", "--family", "streetlight"], "--family: no enabled plugin 'streetlight' (enabled: kaiabc, paku)"),
+        (["add", "--family", "lamp"], "--family: no enabled plugin 'lamp' (enabled: kaiabc, paku, streetlight)"),
         (["add", "--family", "kaiabc", "--set", "plugins.kaiabc.enabled=false"], "no enabled plugin 'kaiabc'"),
         (["claim-code", "--family", "nosuch"], "--family: no enabled plugin 'nosuch'"),
         (["add", "--family", "kaiabc", "--metadata", '{"v": NaN}'], "--metadata is not valid JSON: v: NaN"),

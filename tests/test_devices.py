@@ -113,6 +113,37 @@ async def test_mqtt_accounts_are_mosquitto_hashes_of_the_key(tmp_path):
         assert verify_password(rotated.key, accounts["plug-1"]) and not verify_password(creds.key, accounts["plug-1"])
 
 
+async def test_issue_key_replaces_the_key_and_keeps_the_signing_secret_and_tokens(tmp_path):
+    changed = []
+    async with open_services(tmp_path) as s:
+        device, creds = await s.registry.provision("streetlight", "IMEI:351234567890123",
+                                                   signing_secret="flashed-at-the-factory-0001")
+        token = s.auth.issue_jwt(device)
+        s.registry.on_credentials_changed = changed.append
+        key = await s.registry.issue_key("streetlight", "IMEI:351234567890123", mqtt_username="SL001")
+        assert key != creds.key and changed == ["streetlight"]
+        assert await s.registry.verify_key("streetlight", creds.key) is None
+        assert (await s.registry.verify_key("streetlight", key)).id == "IMEI:351234567890123"
+        assert (await s.registry.signing_secrets("streetlight", "IMEI:351234567890123"))[1] == \
+            ["flashed-at-the-factory-0001"]
+        headers = {"Authorization": f"Bearer {token.token}"}
+        assert (await s.auth.bearer_jwt("streetlight", headers, "10.0.0.9")).id == "IMEI:351234567890123"
+        [(username, hashed)] = await s.registry.mqtt_accounts("streetlight")
+        assert username == "SL001" and verify_password(key, hashed)
+        # Another key keeps the username; so does an operator's rotation (new signing secret).
+        again = await s.registry.issue_key("streetlight", "IMEI:351234567890123")
+        assert [u for u, _ in await s.registry.mqtt_accounts("streetlight")] == ["SL001"]
+        rotated = await s.registry.rotate("streetlight", "IMEI:351234567890123")
+        assert rotated.mqtt_username == "SL001" and await s.registry.verify_key("streetlight", again) is None
+        [(username, hashed)] = await s.registry.mqtt_accounts("streetlight")
+        assert username == "SL001" and verify_password(rotated.key, hashed)
+        for bad in ("SL:001", "a/b", "", "x" * 129, "+", 7):
+            with pytest.raises(ValueError, match="mqtt_username"):
+                await s.registry.issue_key("streetlight", "IMEI:351234567890123", mqtt_username=bad)
+        with pytest.raises(UnknownDevice):
+            await s.registry.issue_key("streetlight", "IMEI:000")
+
+
 async def test_credential_changes_call_the_hook(tmp_path):
     changed = []
     async with open_services(tmp_path) as s:
@@ -238,6 +269,19 @@ async def test_recent_lookups_of_one_device_at_once_share_one_read(tmp_path, mon
             await trio.sleep(0.01)
             await reg.disable("paku", "p1")
         assert (await reg.recent("paku", "p1", 60)).status == "disabled"
+        # Many waiting on a read that a write overtakes (so it caches nothing): one of
+        # them reads again while the others wait for it (before, each woken waiter began
+        # a read of its own, and the second to finish failed with a KeyError: paku's
+        # bench lost a message to it).
+        reads, found = 0, []
+        async with trio.open_nursery() as nursery:
+            reg._recent.clear()
+            for _ in range(20):
+                nursery.start_soon(lambda: _append(found, reg.recent("paku", "p1", 60)))
+            await trio.sleep(0.01)
+            await reg.update("paku", "p1", name="lamp")
+        assert len(found) == 20 and {d.id for d in found} == {"p1"}
+        assert reads == 2 and not reg._loading
         # Last-seen times (presence, every few seconds) do not empty the cache.
         reads = 0
         await reg.record_seen({("paku", "p1"): 1.0})

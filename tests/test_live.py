@@ -7,7 +7,7 @@ import json
 import httpx
 import pytest
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, request, websocket
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from gatewayd.core.live.hub import Gap, LiveHub, LiveLimit, matches, validate_pattern
@@ -236,3 +236,53 @@ async def test_a_plugin_publishes_its_own_streams_and_serves_them_in_its_shape(g
         assert (line["stream"], line["data"]) == ("watch.reading.d1", {"value": 1})
         # and the core's own endpoint sees the family's streams under its name
         assert matches("watch.#", line["stream"])
+
+
+class Socket:
+    """A plugin's own WebSocket route guarded by the admin token (kaiabc's /v1/ws)."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("sock", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            denied = ctx.http.require_admin()
+            await websocket.accept()
+            await websocket.send("denied" if denied is not None else "admin")
+
+        return bp
+
+
+async def test_require_admin_on_a_plugin_websocket_handshake(gateway_factory):
+    async with gateway_factory(plugins=[("sock", Socket())]) as gw:
+        url = gw_url(gw).replace("http://", "ws://") + "/sock/ws"
+        async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+            assert await ws.get_message() == "admin"
+        for headers in ([], [("Authorization", "Bearer wrong")]):
+            async with open_websocket_url(url, extra_headers=headers) as ws:
+                assert await ws.get_message() == "denied"
+
+
+class Crashing:
+    """A plugin WebSocket route that raises before its handshake."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("crash", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            raise RuntimeError("boom in a websocket route")
+
+        return bp
+
+
+async def test_an_error_in_a_plugin_websocket_route_is_logged_as_itself(gateway_factory, caplog):
+    async with gateway_factory(plugins=[("crash", Crashing())]) as gw:
+        url = gw_url(gw).replace("http://", "ws://") + "/crash/ws"
+        with pytest.raises(Exception):
+            async with open_websocket_url(url) as ws:
+                await ws.get_message()
+    logged = [r for r in caplog.records if "unhandled error in request" in r.getMessage()]
+    assert logged and "boom in a websocket route" in (logged[0].exc_text or "")

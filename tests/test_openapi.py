@@ -5,10 +5,12 @@ read them, markup only."""
 
 from __future__ import annotations
 
+import gzip
 import re
 from typing import Annotated, Any
 
 import pytest
+import zstandard
 from msgspec import Meta, Struct
 from quart import Blueprint, Response, jsonify, request
 
@@ -66,6 +68,11 @@ class Thermo:
             await ctx.auth.api_key(request.headers, request.remote_addr, device_id=device_id)
             return Stored(int(body.value)), 201
 
+        @routes.post("/batch", body=list[NewReading], auth=None, max_inflated=4096, responses={200: Stored})
+        async def post_batch(body: list[NewReading]) -> Stored:
+            """Count a batch of readings, gzip or zstd accepted."""
+            return Stored(len(body))
+
         @routes.get("/recent", query=Window, auth=None, responses={200: list[Stored]})
         async def recent(query: Window) -> Any:
             """The newest readings."""
@@ -96,11 +103,11 @@ async def test_a_plugin_may_make_its_own_document_public(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client, \
             gw_client(gw, "thermo") as own:
         doc = (await client.get("/thermo/openapi.json")).json()
-        assert sorted(doc["paths"]) == ["/thermo/devices/{device_id}/readings", "/thermo/recent"]
+        assert sorted(doc["paths"]) == ["/thermo/batch", "/thermo/devices/{device_id}/readings", "/thermo/recent"]
         assert (await client.get("/thermo/docs")).status_code == 200
         assert (await client.get("/openapi.json")).status_code == 401  # the whole gateway's is not
         own_doc = (await own.get("/openapi.json")).json()
-        assert sorted(own_doc["paths"]) == ["/devices/{device_id}/readings", "/recent"]
+        assert sorted(own_doc["paths"]) == ["/batch", "/devices/{device_id}/readings", "/recent"]
 
 
 async def test_a_document_says_what_the_declarations_check(gateway_factory):
@@ -143,6 +150,32 @@ async def test_a_refusal_of_the_declaration_is_answered_in_the_familys_shape(gat
         r = await client.get("/thermo/recent", params={"limit": "1e3"})
         assert r.json() == {"ok": False, "reason": "limit: expected an integer 1-50, got '1e3'"}
         assert (await client.get("/thermo/recent", params={"limit": "2"})).json() == [{"id": 0}, {"id": 1}]
+
+
+async def test_a_declared_body_may_come_compressed(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
+        batch = b'[{"value": 1}, {"value": 2}]'
+        for encoding, body in (("gzip", gzip.compress(batch)), ("zstd", zstandard.compress(batch)),
+                               ("identity", batch)):
+            r = await client.post("/thermo/batch", content=body, headers={"Content-Encoding": encoding})
+            assert (r.status_code, r.json()) == (200, {"id": 2}), encoding
+        r = await client.post("/thermo/batch", content=gzip.compress(b'[{"value": 1}]' * 1000),
+                              headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 413 and "4096" in r.text
+        r = await client.post("/thermo/batch", content=gzip.compress(batch)[:-6], headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400
+        r = await client.post("/thermo/batch", content=batch, headers={"Content-Encoding": "br"})
+        assert r.status_code == 415
+        r = await client.post("/thermo/batch", content=gzip.compress(b'[{"value": 500}]'),
+                              headers={"Content-Encoding": "gzip"})
+        assert r.json() == {"ok": False, "reason": "[0].value: expected a number -100-100, got 500"}
+        post = (await client.get("/thermo/openapi.json")).json()["paths"]["/thermo/batch"]["post"]
+        assert {"400", "413", "415"} <= set(post["responses"])
+        assert "4096 bytes once inflated" in post["responses"]["413"]["description"]
+        # Without max_inflated the body is taken as sent: compressed bytes are no JSON.
+        r = await client.post("/thermo/devices/t1/readings", content=gzip.compress(b'{"value": 1}'),
+                              headers={"Content-Encoding": "gzip"})
+        assert r.status_code == 400
 
 
 # Served on the main listener, in no document: pages for people, their assets, the documents.

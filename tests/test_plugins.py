@@ -1,5 +1,6 @@
 """The plugin contract: each hook through a real gateway, isolation, supervision."""
 
+import json
 import subprocess
 import sys
 import types
@@ -183,6 +184,36 @@ def test_hook_cli_commands(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "hello ada from site-9"
+
+
+async def test_hook_check_command(gateway_factory, monkeypatch, tmp_path):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", "test-admin-token")
+    auth = {"Authorization": "Bearer test-admin-token"}
+    async with gateway_factory(plugins=[EVERYTHING]) as gw, gw_client(gw) as client:
+        await provision(gw, "everything", "e1")
+        url = "/api/gateway/devices/e1/commands"
+        r = await client.post(url, headers=auth, json={"payload": {"level": 11}})
+        assert r.status_code == 400 and r.json()["error"]["message"] == "level: expected an integer 0-10, got 11"
+        r = await client.post(url, headers=auth, json={"payload": {"level": 3}})
+        assert r.status_code == 201 and r.json()["command"]["payload"] == {"level": 3, "checked": True}
+        r = await client.post(url, headers=auth, json={"payload": "reboot"})  # None from the hook: as given
+        assert r.status_code == 201 and r.json()["command"]["payload"] == "reboot"
+        with pytest.raises(ValueError, match="level: expected"):  # the plugin's own enqueue is checked too
+            await gw.contexts["everything"].commands.enqueue("e1", {"level": "high"})
+        stored = await gw.contexts["everything"].commands.list("e1")
+        assert [c.payload for c in stored] == ["reboot", {"level": 3, "checked": True}]
+    data_dir = tmp_path / "var"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gatewayd", "-p", "tests.plugin_everything", "devices", "command",
+                               "--set", f"gateway.data_dir='{data_dir}'", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    refused = cli("e1", '{"level": -1}')
+    assert refused.returncode == 1 and refused.stderr.strip() == "gatewayd: level: expected an integer 0-10, got -1"
+    queued = cli("e1", '{"level": 10}', "--json")
+    assert queued.returncode == 0, queued.stderr
+    assert json.loads(queued.stdout)["command"]["payload"] == {"level": 10, "checked": True}
 
 
 def test_misspelled_hook_is_refused():

@@ -35,11 +35,12 @@ class CliError(Exception):
     """Printed as `gatewayd: <message>`, exit status 1."""
 
 
-def _with_services(config: Config, fn: Callable[[DeviceServices], Awaitable[Any]]) -> Any:
+def _with_services(config: Config, fn: Callable[[DeviceServices], Awaitable[Any]],
+                   check_command: Callable[[str, Any], Any] | None = None) -> Any:
     storage = Storage(config.data_dir / "gatewayd.sqlite3", synchronous=config.storage.synchronous)
     storage.open()
     try:
-        services = DeviceServices(config, storage, Metrics())
+        services = DeviceServices(config, storage, Metrics(), check_command=check_command)
         services.install()
         return trio.run(fn, services)
     finally:
@@ -254,8 +255,12 @@ def cmd_devices(args: argparse.Namespace, manager: PluginManager) -> int:
         n for n in manager.names
         if manager.is_loaded(n) and config.plugins.get(n) is not None and config.plugins[n].enabled
     ]
+    def check_command(family: str, payload: Any) -> Any:
+        # As the daemon does: the family's plugin checks what is queued for its devices.
+        return manager.check_command(family, payload) if family in args.enabled_families else payload
+
     try:
-        return _with_services(config, lambda s: args.devices_run(args, s))
+        return _with_services(config, lambda s: args.devices_run(args, s), check_command)
     except CliError as e:
         print(f"gatewayd: {e}", file=sys.stderr)
         return 1

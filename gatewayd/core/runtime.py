@@ -123,7 +123,8 @@ class Gateway:
         self.events = EventBus(self.storage, rules=config.rules, notifier=self.notifier, clock=clock,
                                metrics=self.metrics)
         self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock, emit=self.events.emit,
-                                      on_credentials_changed=self._credentials_changed, publish=self._publish_command)
+                                      on_credentials_changed=self._credentials_changed, publish=self._publish_command,
+                                      check_command=self._check_command)
         self.tls = SiteTls.from_config(config)  # [tls]: the certificate the listeners serve
         self.tls.register(self.health, self.metrics, clock)
         self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices, self.tls)
@@ -247,6 +248,12 @@ class Gateway:
 
     async def _publish_command(self, topic: str, payload: bytes) -> None:
         await self.mqtt.publish(topic, payload, qos=1)  # commands pushed to devices
+
+    def _check_command(self, family: str, payload: Any) -> Any:
+        # The family's plugin, if it runs, checks what is queued for its devices.
+        if family not in self.enabled_plugins or family in self.failed:
+            return payload
+        return self.plugins.check_command(family, payload)
 
     async def _credentials_changed(self, family: str) -> None:
         await self.mqtt.credentials_changed(family)  # the managed broker's accounts follow

@@ -104,8 +104,8 @@ class PluginHTTP:
         """Where the plugin's Blueprint is mounted on the main listener (`/<name>`)."""
 
     def require_admin(self) -> Response | None:
-        """In a route: None if the request carries the admin token, else the core's 401/503
-        to return as is: `if (denied := ctx.http.require_admin()): return denied`."""
+        """In a route (or a WebSocket route, on its handshake): None if the request carries the admin
+        token, else the core's 401/503 to return as is: `if (denied := ctx.http.require_admin()): return denied`."""
         return self._admin.check()
 
     def url(self, path: str) -> str:

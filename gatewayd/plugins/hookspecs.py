@@ -177,6 +177,25 @@ def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext[Any, Any]) ->
     """
 
 
+# -- commands --------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def gatewayd_check_command(payload: Any) -> Any:
+    """Check a command queued for one of the family's devices; return what to store.
+
+    Called before a command for a device of this plugin's family is stored, whoever
+    queues it: the admin API (`POST /api/gateway/devices/<id>/commands`), `gatewayd
+    devices command`, the plugin's own `ctx.commands.enqueue`. Raise `ValueError` with
+    a message that names the field (`brightness_level: expected an integer 0-100`):
+    nothing is stored, the API answers 400 with it, the CLI prints it and exits 1.
+    Return the payload to store (normalised: defaults filled in), or None to store it
+    as given. Called without a context, since the CLI calls it where no gateway runs:
+    check the command against the family's specification only. Runs on the trio
+    thread: keep it quick, no I/O.
+    """
+
+
 # -- serial links ----------------------------------------------------------------
 
 

@@ -178,6 +178,11 @@ class PluginManager:
             readings += list(await await_me_maybe(result) or [])
         return readings
 
+    def check_command(self, name: str, payload: Any) -> Any:
+        """The payload plugin `name` stores for a command of its family (ValueError: refused)."""
+        checked = self._hook(name, "gatewayd_check_command")(payload=payload)
+        return payload if checked is None else checked
+
     def dashboard_panels(self, name: str, ctx: PluginContext[Any, Any]) -> list[Any]:
         panels: list[Any] = []
         for result in self._hook(name, "gatewayd_dashboard_panels")(ctx=ctx):

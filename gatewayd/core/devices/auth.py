@@ -48,6 +48,7 @@ __all__ = ["AuthError", "Authenticator", "FamilyAuth", "IssuedToken", "FamilyPol
 
 log = get_logger("gatewayd.auth")
 _MAX_TRACKED = 10_000  # client addresses / nonces kept in memory at most
+JWT_DEVICE_MAX_AGE_S = 2.0  # how stale a JWT's device may be read (registry.recent)
 
 
 class AuthError(Exception):
@@ -205,10 +206,12 @@ class Authenticator:
         sub = claims.get("sub")
         if claims.get("fam") != family or not isinstance(sub, str) or (device_id is not None and sub != device_id):
             raise self._fail(family, "jwt", client, device_id, "token is not for this device")
-        try:
-            device = await self.registry.get(family, sub)
-        except UnknownDevice:
-            raise self._fail(family, "jwt", client, sub, "unknown device") from None
+        # From the registry's recent reads: a light that reports every few seconds costs no
+        # read per request. Rotations and revocations through this registry are seen at
+        # once, another process's (the CLI's) within JWT_DEVICE_MAX_AGE_S.
+        device = await self.registry.recent(family, sub, JWT_DEVICE_MAX_AGE_S)
+        if device is None:
+            raise self._fail(family, "jwt", client, sub, "unknown device")
         epoch = claims.get("ep")
         in_grace = epoch == device.jwt_epoch - 1 and (device.jwt_grace_until or 0) > self.clock()
         if epoch != device.jwt_epoch and not in_grace:

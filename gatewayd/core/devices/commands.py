@@ -118,12 +118,16 @@ class CommandQueue:
         default_ttl_s: float = 86400.0,
         sweep_s: float = 30.0,
         publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
+        check: Callable[[str, Any], Any] | None = None,
     ):
         self.storage = storage
         self.clock = clock
         self.default_ttl_s = default_ttl_s
         self.sweep_s = sweep_s
         self.publish = publish  # MQTT, for push(); None: no MQTT (push raises)
+        # check(family, payload) -> the payload to store; ValueError refuses it (the
+        # family plugin's gatewayd_check_command). None: every payload is stored as given.
+        self.check = check
         self.listeners: dict[str, Callable[[Command], Any]] = {}
 
     async def enqueue(
@@ -133,9 +137,12 @@ class CommandQueue:
         """Store a command (returns after COMMIT), then tell the family's listener.
 
         ValueError names a bad argument: a payload that is not strict JSON or is over
-        MAX_PAYLOAD characters, a `ttl_s` that is not a finite number of seconds up to
-        ten years, a `priority` that is not an integer SQLite can hold.
+        MAX_PAYLOAD characters, or that the family refuses (`check`), a `ttl_s` that is
+        not a finite number of seconds up to ten years, a `priority` that is not an
+        integer SQLite can hold.
         """
+        if self.check is not None:
+            payload = self.check(family, payload)
         text = _json_text("payload", payload, MAX_PAYLOAD)
         ttl = check_seconds("ttl_s", self.default_ttl_s if ttl_s is None else ttl_s)
         if isinstance(priority, bool) or not isinstance(priority, int) or not _INT64[0] <= priority <= _INT64[1]:

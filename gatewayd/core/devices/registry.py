@@ -406,13 +406,19 @@ class DeviceRegistry:
         return self.keyring
 
     async def rotate(self, family: str, device_id: str, *, grace_s: float = 0.0) -> Credentials:
-        """Issue a new key pair; the old one stops working now, or after `grace_s`."""
+        """Issue a new key pair; the old one stops working now, or after `grace_s`.
+
+        The MQTT username stays the one the device's key has (`issue_key` may have
+        chosen it)."""
         grace_s = check_seconds("grace_s", grace_s, zero=True)
         material = await trio.to_thread.run_sync(self._material, family, device_id, None, None)
         now = self.clock()
 
         def swap() -> None:
             row = self._row(family, device_id)
+            username = self._live_username(row, now)
+            if username is not None:
+                material.creds.mqtt_username = username
             end = now + grace_s if grace_s > 0 else None
             live = CredentialRow.update(expires_at=end) if end else CredentialRow.update(revoked_at=now)
             live.where(
@@ -427,6 +433,51 @@ class DeviceRegistry:
         log.info("device credentials rotated", family=family, device=device_id, grace_s=grace_s)
         await self.notify_changed(family)
         return material.creds
+
+    async def issue_key(self, family: str, device_id: str, *, mqtt_username: str | None = None) -> str:
+        """A fresh key for the device, returned in clear once; its other keys stop working now.
+
+        For a family whose own protocol hands a device its password (streetlight's
+        configure answer carries the MQTT login): the key is the device's MQTT password
+        (and API key), under `mqtt_username` when given (1-128 of letters, digits and
+        `_ . @ -`; default: the username its key has, else the one provisioning gives).
+        Unlike `rotate`, the signing secret (flashed at manufacture) and the device's
+        JWTs stay valid. Raises UnknownDevice, or ValueError for a bad username.
+        """
+        if mqtt_username is not None and (not isinstance(mqtt_username, str) or not 0 < len(mqtt_username) <= 128
+                                          or _MQTT_USER_BAD.search(mqtt_username)):
+            raise ValueError(f"mqtt_username: expected 1-128 of letters, digits and _ . @ -, got {_show(mqtt_username)}")
+        key = new_secret()
+        lookup, secret_hash, mqtt_hash = await trio.to_thread.run_sync(
+            lambda: (self._keys().lookup(f"{family}\x00{key}"), hash_secret(key), hash_password(key)))
+        now = self.clock()
+
+        def swap() -> None:
+            row = self._row(family, device_id)
+            username = mqtt_username or self._live_username(row, now) or _MQTT_USER_BAD.sub("_", device_id)
+            CredentialRow.update(revoked_at=now).where(
+                (CredentialRow.device == row) & (CredentialRow.kind == "key") & CredentialRow.revoked_at.is_null()
+            ).execute()
+            CredentialRow.create(device=row, kind="key", lookup=lookup, secret_hash=secret_hash,
+                                 mqtt_username=username, mqtt_hash=mqtt_hash, created_at=now)
+            DeviceRow.update(updated_at=now).where(DeviceRow.id == row.id).execute()
+
+        await self._write(swap)
+        log.info("device key issued", family=family, device=device_id)
+        await self.notify_changed(family)
+        return key
+
+    @staticmethod
+    def _live_username(row: DeviceRow, now: float) -> str | None:
+        """The MQTT username of the device's newest live key."""
+        cred = (
+            CredentialRow.select(CredentialRow.mqtt_username)
+            .where((CredentialRow.device == row) & (CredentialRow.kind == "key") & CredentialRow.revoked_at.is_null()
+                   & (CredentialRow.expires_at.is_null() | (CredentialRow.expires_at > now)))
+            .order_by(CredentialRow.created_at.desc(), CredentialRow.id.desc())
+            .first()
+        )
+        return None if cred is None else cred.mqtt_username
 
     async def revoke(self, family: str, device_id: str) -> None:
         """Revoke every credential and token of a device (it can't authenticate until rotated)."""
@@ -597,9 +648,10 @@ class DeviceRegistry:
             loading = self._loading.get(key)
             if loading is None:
                 break
-            await loading.wait()  # a burst from one device: one read, not one per message
-            if key not in self._recent:  # that read failed, or a write came in between
-                break
+            # A burst from one device: one read, not one per message. If that read failed
+            # or was overtaken by a write (nothing cached), look again: the first waiter
+            # to wake reads, the others wait for it.
+            await loading.wait()
         self._loading[key] = done = trio.Event()
         generation, now = self._generation, time.monotonic()
         try:

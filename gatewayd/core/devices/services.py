@@ -8,7 +8,9 @@ facades bound to its family (`ctx.devices`, `ctx.auth`, `ctx.ratelimit`,
 - `on_credentials_changed(family)`: MQTT accounts changed (also fired for changes made
   by `gatewayd devices ...` in another process, noticed within `devices.presence_flush_s`);
 - `emit(family, device_id, type, data)` (async): a device went online or offline;
-- `publish(topic, payload)` (async): the MQTT push of commands.
+- `publish(topic, payload)` (async): the MQTT push of commands;
+- `check_command(family, payload)`: the family plugin's check of a queued command
+  (`gatewayd_check_command`), returning what to store or raising ValueError.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ class FamilyDevices:
     async def mqtt_accounts(self) -> list[tuple[str, str]]:
         return await self._s.registry.mqtt_accounts(self.family)
 
+    async def issue_key(self, device_id: str, *, mqtt_username: str | None = None) -> str:
+        """A fresh key (API key and MQTT password) for a device, in clear, once; its other
+        keys stop working now, its signing secret and JWTs stay valid. For a protocol that
+        hands the device its own login (streetlight's configure); see `DeviceRegistry.issue_key`."""
+        return await self._s.registry.issue_key(self.family, device_id, mqtt_username=mqtt_username)
+
 
 class DeviceServices:
     """Builds and runs everything device-facing for one Gateway (or one CLI command)."""
@@ -119,6 +127,7 @@ class DeviceServices:
         emit: Emit = log_transition,
         on_credentials_changed: Callable[[str], Any] | None = None,
         publish: Callable[[str, bytes], Awaitable[Any]] | None = None,
+        check_command: Callable[[str, Any], Any] | None = None,
     ):
         self.config = config
         self.storage = storage
@@ -135,7 +144,7 @@ class DeviceServices:
         )
         self.ratelimit = RateLimiter(wall_clock=clock)
         self.commands = CommandQueue(storage, clock=clock, default_ttl_s=d.command_ttl_s, sweep_s=d.command_sweep_s,
-                                     publish=publish)
+                                     publish=publish, check=check_command)
         self._fingerprint: dict[str, tuple] | None = None
 
     def install(self) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from msgspec import Meta, Struct
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -56,9 +56,11 @@ class AdminGuard:
         return None
 
     def presented(self, token: str | None = None) -> bool:
-        """Whether the current request carries the admin token (False when none is set)."""
+        """Whether the current request (or WebSocket handshake) carries the admin token (False
+        when none is set)."""
         token = self.token() if token is None else token
-        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        headers = websocket.headers if has_websocket_context() else request.headers
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
         return token is not None and scheme.lower() == "bearer" and \
             hmac.compare_digest(value.strip().encode(), token.encode())
 
@@ -161,7 +163,8 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
 
     @app.errorhandler(Exception)
     async def _crash(e: Exception) -> Response:
-        log.exception("unhandled error in request", path=request.path)
+        # On a WebSocket there is no request context: request.path would raise here and hide e.
+        log.exception("unhandled error in request", path=websocket.path if has_websocket_context() else request.path)
         return error_response(500, "internal error; see the gateway log")
 
     return app

@@ -32,6 +32,7 @@ from quart import Blueprint, has_websocket_context, request, websocket
 
 from ...protocol.strict_json import BadJSON, parse_json
 from ...protocol.validate import InvalidInput, QueryParser, convert
+from .body import read_body
 
 __all__ = ["ADMIN_TOKEN", "AuthScheme", "Declaration", "DeviceAuth", "ErrorBody", "ErrorDetail", "InvalidInput",
            "Operation", "Raw", "Routes", "operation_of"]
@@ -146,6 +147,7 @@ class Operation:
     error: Any
     tag: str | None
     hidden: bool
+    max_inflated: int | None = None
     body_required: bool = field(init=False)
     parse_query: QueryParser | None = field(init=False)
 
@@ -160,6 +162,11 @@ class Operation:
             out[400] = ("the request is invalid; the message names the field and what is wrong", False)
         if self.body is not None:
             out[413] = ("the body is larger than http.max_body_bytes", True)
+        if self.body is not None and self.max_inflated is not None:
+            out[400] = (out[400][0] + "; or a gzip or zstd body is corrupt or truncated", False)
+            out[413] = (f"the body is larger than http.max_body_bytes, or than {self.max_inflated} bytes once "
+                        "inflated", False)
+            out[415] = ("a Content-Encoding other than gzip, zstd or identity", False)
         if self.auth is not None:
             out.update({s: (d, self.auth.core_shaped) for s, d in self.auth.refusals.items()})
         for status, description in self.errors.items():
@@ -194,6 +201,7 @@ class Declaration(TypedDict, total=False):
     errors: Mapping[int, str]
     auth: AuthScheme | None
     hidden: bool
+    max_inflated: int
 
 
 class Routes:
@@ -223,6 +231,8 @@ class Routes:
         the body's type, `Raw(...)` or None (no body). `errors`: status -> when it happens,
         answered in the Blueprint's error shape. `auth`: an AuthScheme, None (public),
         or the Routes' default. `hidden`: served, but in no document (pages for people).
+        `max_inflated`: a body sent with `Content-Encoding: gzip` or `zstd` is inflated
+        (`read_body(max_inflated=N)`) before it is parsed; EncodingError refuses it.
         The view's docstring's first line is the summary unless `summary` is given.
         """
         d = declaration
@@ -232,7 +242,8 @@ class Routes:
             op = Operation(d.get("summary") or " ".join(first.split()), d.get("description") or " ".join(rest.split()),
                            d.get("body"), d.get("query"), dict(d.get("path", {})),
                            dict(d.get("responses", {200: None})), dict(d.get("errors", {})),
-                           d["auth"] if "auth" in d else self.auth, self.error, self.tag, d.get("hidden", False))
+                           d["auth"] if "auth" in d else self.auth, self.error, self.tag, d.get("hidden", False),
+                           d.get("max_inflated"))
             wrapped = _validating(op, view)
             self.blueprint.add_url_rule(rule, view_func=wrapped, methods=[method], websocket=websocket)
             return wrapped
@@ -269,7 +280,7 @@ def _validating(op: Operation, view: View) -> View:
         if op.parse_query is not None:
             kwargs["query"] = op.parse_query(websocket.args if has_websocket_context() else request.args)
         if op.body is not None:
-            raw = await request.get_data()
+            raw = await request.get_data() if op.max_inflated is None else await read_body(max_inflated=op.max_inflated)
             if not raw and op.body_required:
                 raise BadJSON("body: expected a JSON object, got an empty body")
             kwargs["body"] = convert(parse_json(raw) if raw else {}, op.body)

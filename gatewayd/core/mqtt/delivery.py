@@ -10,16 +10,21 @@ and the answer decides its acknowledgement:
   message is recorded in ``core_mqtt_rejected`` with the reason, counted, and
   acknowledged: one device's bad message must never come back to block the others.
 - ``DUPLICATE``: a redelivery (DUP flag) of a message whose records were committed
-  already (its mark was found, see :mod:`.marks`), or that is being delivered now (the
-  sender reconnected and sent it again while the first copy waited for storage): it is
-  answered when the first copy is, and stored once. Acknowledge, store nothing.
+  already (its final mark was found, see :mod:`.marks`), or that is being delivered now
+  (the sender reconnected and sent it again while the first copy waited for storage):
+  it is answered when the first copy is, and stored once. Acknowledge, store nothing.
+  A redelivery whose mark lists only some calls (the gateway stopped after a handler's
+  first ingest call committed, before its second) runs the handlers again, the calls
+  that committed answered without storing: ``HANDLED`` if that stored anything new.
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
 The one failure that must not be acknowledged is storage that cannot take the write
-(disk full, database closed): the delivery waits and tries again (0.5 s doubling to
+(any ``StorageError``: disk full, database closed, read-only, locked by another
+process, an I/O error): the delivery waits and tries again (0.5 s doubling to
 30 s) while the message keeps its slot, so the sender's window fills and it stops
 sending. The handlers then run again from the start: what their ``ctx.ingest`` calls
-committed before the failure is not stored again (``outbox.ingest.DeliveryScope``);
+committed before the failure is not stored again (``outbox.ingest.DeliveryScope``: a
+call is recognised by the records it stores, not by its position);
 other writes of theirs that committed run again, so a handler keeps its own writes
 idempotent or inside its ingest call's ``family_rows``. Cancellation (shutdown) leaves a message unacknowledged: it comes again.
 """
@@ -38,8 +43,8 @@ import trio
 from ...protocol.topics import TopicRouter
 from ..logs import QuietLog
 from ..outbox.ingest import DeliveryScope, delivery_scope
-from ..storage import Storage, StorageFull, StorageUnavailable
-from .marks import DeliveryMarks, Mark
+from ..storage import Storage, StorageError, StorageFull, StorageUnavailable
+from .marks import DeliveryMarks, Mark, Seen
 
 __all__ = [
     "Delivery",
@@ -170,6 +175,7 @@ class Delivery:
             return await self._handle(handlers, msg, source, None)
         mark = self.marks.mark(source, packet_id, msg.topic, msg.payload)
         key = (source, packet_id, mark.digest)
+        committed: list[bytes] = []
         if msg.dup:
             first = self._running.get(key)
             if first is not None:  # sent again while the first copy is being delivered
@@ -177,12 +183,16 @@ class Delivery:
                 if verdict is not None:
                     self.stats.duplicates += 1
                     return DUPLICATE if verdict == HANDLED else verdict
-            elif await self._seen(mark):
-                self.stats.duplicates += 1
-                return DUPLICATE
+            else:
+                seen = await self._seen(mark)
+                if seen is not None:
+                    if seen.calls is None:  # final: every handler had returned
+                        self.stats.duplicates += 1
+                        return DUPLICATE
+                    committed = seen.calls  # some calls committed, maybe not all: run the rest
         running = self._running[key] = _Running()
         try:
-            running.verdict = await self._handle(handlers, msg, source, mark)
+            running.verdict = await self._handle(handlers, msg, source, mark, committed)
             return running.verdict
         finally:
             running.done.set()
@@ -190,9 +200,15 @@ class Delivery:
                 del self._running[key]
 
     async def _handle(self, handlers: list[MessageHandler], msg: InboundMessage, source: str,
-                      mark: Mark | None) -> Verdict:
-        reason = await self._run(handlers, msg, mark)
+                      mark: Mark | None, committed: list[bytes] | None = None) -> Verdict:
+        scope = DeliveryScope(mark.write if mark is not None else None, committed or ())
+        reason = await self._run(handlers, msg, scope)
         if reason is None:
+            if mark is not None and scope.committed:
+                await self._finish(mark)
+            if committed and len(scope.committed) == len(committed):  # a redelivery: nothing new stored
+                self.stats.duplicates += 1
+                return DUPLICATE
             self.stats.handled += 1
             return HANDLED
         try:
@@ -207,18 +223,27 @@ class Delivery:
                     sender, reason)
         return REJECTED
 
-    async def _seen(self, mark: Mark) -> bool:
+    async def _finish(self, mark: Mark) -> None:
+        # Every handler returned: a redelivery is a duplicate, not a delivery cut short.
+        # Not done (storage failing now), the message is still acknowledged: it is stored;
+        # a redelivery would run the handlers again, and store nothing it stored already.
         assert self.marks is not None
         try:
-            return bool(await self._retrying(self.marks.seen, mark))
+            await self.marks.finish(mark)
+        except StorageError as exc:
+            self.log.warning("could not make a delivery mark final: %s", exc)
+
+    async def _seen(self, mark: Mark) -> Seen | None:
+        assert self.marks is not None
+        try:
+            return await self._retrying(self.marks.seen, mark)  # type: ignore[no-any-return]
         except Exception as exc:  # noqa: BLE001 - unreadable marks: deliver it (a duplicate at worst)
             self.log.error("could not read delivery marks: %r", exc)
-            return False
+            return None
 
-    async def _run(self, handlers: list[MessageHandler], msg: InboundMessage, mark: Mark | None) -> str | None:
+    async def _run(self, handlers: list[MessageHandler], msg: InboundMessage, scope: DeliveryScope) -> str | None:
         """The rejection reason, or None when every handler returned."""
         delay = _RETRY_MIN
-        scope = DeliveryScope(mark.write if mark is not None else None)
         while True:
             scope.again()
             token = delivery_scope.set(scope)
@@ -230,7 +255,7 @@ class Delivery:
                     except Rejected as exc:
                         reason = exc.reason
                 return reason
-            except (StorageFull, StorageUnavailable) as exc:
+            except StorageError as exc:  # nothing of the failed write was committed: never acknowledged
                 await self._storage_wait(exc, delay)
                 delay = min(delay * 2, _RETRY_MAX)
             except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
@@ -266,10 +291,10 @@ class Delivery:
         return reason
 
     def _record_rejected(self, msg: InboundMessage, reason: str, mark: Mark | None) -> None:
-        # On the writer thread. The mark commits with the record, so a redelivery of a
-        # rejected message is recognised too (and not recorded twice).
+        # On the writer thread. The mark (final) commits with the record, so a redelivery
+        # of a rejected message is recognised too (and not recorded twice).
         if mark is not None:
-            mark.write()
+            mark.write(None)
         RejectedMessage.insert(topic=msg.topic, payload=msg.payload[:_KEEP_PAYLOAD], reason=reason,
                                received_at=time.time(), sender=msg.sender, size=len(msg.payload)).execute()
         self._rejected_since_prune += 1

@@ -32,8 +32,9 @@ Consequences, by design:
   device cannot take the gateway's session or another device's by its client id; and the
   edge refuses logins as the gateway's own account (it connects to mosquitto directly).
 - Connections that have not logged in are few and cheap: at most ``max_pending`` at
-  once (``pending_per_address`` per address; past that the oldest is closed), a CONNECT
-  of at most 64 KiB, within ``connect_timeout``.
+  once (``pending_per_address`` per address, per /64 for IPv6; past that the oldest of
+  the address that holds the most is closed), a CONNECT of at most 64 KiB, within
+  ``connect_timeout``.
 - A gateway restart closes every device connection: the gateway is what acknowledges.
   On a graceful stop, deliveries in flight finish and are acknowledged first, and the
   relay ends with a DISCONNECT, so devices' last wills do not fire; after a crash they do.
@@ -41,6 +42,7 @@ Consequences, by design:
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 from dataclasses import asdict, dataclass
@@ -63,6 +65,20 @@ log = logging.getLogger("gatewayd.mqtt.edge")
 def socket_of(stream: Any) -> Any:
     """The TCP socket under a device's stream (plain, or TLS on ``tls.mqtt_listen``)."""
     return stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
+
+
+def peer_group(address: str) -> str:
+    """What the limits on connections not logged in count per: the IPv4 address, or the
+    /64 of an IPv6 one (one host has a whole /64 to connect from)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return address
 
 
 class WriteAcl:
@@ -95,6 +111,7 @@ class EdgeStats:
     pending: int = 0  # connections that have not logged in (yet)
     accepted: int = 0  # logins mosquitto accepted
     refused: int = 0  # refused: credentials, the gateway's account, no CONNECT in time, over a limit
+    broker_unavailable: int = 0  # logins mosquitto could not take: unreachable, or no answer in time
     protocol_errors: int = 0
     intercepted: int = 0  # PUBLISHes delivered here
     relayed: int = 0  # packets relayed from devices to mosquitto
@@ -139,6 +156,7 @@ class DeviceEdge:
         max_packet: int = 1 << 20,
         per_device: int = 32,
         connect_timeout: float = 5.0,
+        stall_timeout: float = 60.0,
         max_pending: int = 256,
         pending_per_address: int = 32,
         logger: logging.Logger | None = None,
@@ -155,6 +173,7 @@ class DeviceEdge:
         self.max_packet = max_packet
         self.per_device = per_device
         self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout  # a device that reads nothing for this long is closed
         self.max_pending = max_pending
         self.pending_per_address = pending_per_address
         self.log = logger or log
@@ -213,7 +232,7 @@ class DeviceEdge:
         from .session import Session  # the relay of one connection (imports this module)
 
         try:
-            address = str(socket_of(stream).getpeername()[0])
+            address = peer_group(str(socket_of(stream).getpeername()[0]))
         except OSError:
             address = "?"
         if self._stopping:
@@ -232,16 +251,20 @@ class DeviceEdge:
     # -- what sessions share -------------------------------------------------------------
 
     def enter_pending(self, session: Any) -> None:
-        """A connection that has not logged in yet. Over ``max_pending`` in all, or over
-        ``pending_per_address`` from its address, the oldest one goes: a device sends its
-        CONNECT at once, so what has waited longest is most likely a socket held open
-        to lock devices out (refusing the newest instead would lock them out)."""
+        """A connection that has not logged in yet. Over ``pending_per_address`` from its
+        address, the oldest of that address goes; over ``max_pending`` in all, the oldest
+        of the address that holds the most (the newcomer's own when it ties): a device
+        sends its CONNECT at once, so what has waited longest is most likely a socket held
+        open to lock devices out (refusing the newest instead would lock them out), and
+        sockets held from many addresses must not close a device's login in progress
+        from an address of its own."""
         same = self._pending_by_address.setdefault(session.address, {})
         oldest = None
         if len(same) >= self.pending_per_address:
             oldest = next(iter(same))
         elif len(self._pending) >= self.max_pending:
-            oldest = next(iter(self._pending))
+            crowded = max(self._pending_by_address.values(), key=len)
+            oldest = next(iter(same if same and len(same) + 1 >= len(crowded) else crowded))
         if oldest is not None:
             self.leave_pending(oldest)
             oldest.evict()
@@ -269,8 +292,11 @@ class DeviceEdge:
         return window
 
     def forget_window(self, username: str) -> None:
+        """A connection of the device ended, or one of its deliveries did after that: its
+        window goes once no connection of its is open and nothing of its is in flight."""
         window = self._windows.get(username)
-        if window is not None and window.size == 0 and not any(s.username == username for s in self.sessions):
+        if window is not None and window.size == 0 and not any(
+                s.username == username and s.alive for s in self.sessions):
             del self._windows[username]
 
     def intercepts(self, username: str, topic: str) -> bool:

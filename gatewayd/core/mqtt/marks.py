@@ -6,10 +6,18 @@ sends the message again with the DUP flag, and without a mark its records would 
 stored twice under new record ids, which the cloud cannot tell apart.
 
 So the delivery that runs a message's handlers sets a mark for it (the sender, the
-packet id, a digest of topic and payload), and ``ctx.ingest`` writes the mark in the
-same transaction as the records (``outbox.ingest.delivery_scope``): the mark
-exists exactly when the records do. A DUP message whose mark is found is acknowledged
-without running the handlers again.
+packet id, a digest of topic and payload), and each ``ctx.ingest`` call writes the mark
+in the same transaction as its records (``outbox.ingest.delivery_scope``), with the keys
+of every call of the delivery committed so far (``outbox.ingest.call_key``): the mark
+says which of the message's records are stored. Once every handler returned, and before
+the message is acknowledged, the mark is made final (its ``calls`` NULL); a rejected
+message's mark is final from the start. A DUP message whose mark is final is
+acknowledged without running the handlers again; one whose mark lists calls (the
+gateway stopped, or crashed, after some of a handler's ingest calls committed and
+before the others did, or before the mark was made final) has its handlers run again,
+each call that stores what a listed call stored answered without storing anything, the
+others stored. (A handler whose records come out different on its second run, say with
+a time taken in its data, has them stored again then.)
 
 What a mark cannot tell apart: a sender that reuses a packet id for a message with
 the same topic and payload as the previous message under that id, whose records were
@@ -29,18 +37,22 @@ crashed survive however long the gateway was down.
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
+
+from ..storage import StorageError
 
 if TYPE_CHECKING:
     from ..storage import Storage
 
-__all__ = ["DeliveryMarks", "Mark", "digest"]
+__all__ = ["DeliveryMarks", "Mark", "Seen", "digest"]
 
 _TABLES = ("core_mqtt_marks_a", "core_mqtt_marks_b")
+# calls: the keys (16 bytes each) of the delivery's ingest calls committed; NULL when final.
 _SCHEMA = ("CREATE TABLE IF NOT EXISTS {} (source TEXT NOT NULL, packet_id INTEGER NOT NULL, "
-           "digest BLOB NOT NULL, PRIMARY KEY (source, packet_id)) WITHOUT ROWID")
+           "digest BLOB NOT NULL, calls BLOB, PRIMARY KEY (source, packet_id)) WITHOUT ROWID")
+KEY_SIZE = 16
 
 
 def digest(topic: str, payload: bytes) -> bytes:
@@ -51,6 +63,12 @@ def digest(topic: str, payload: bytes) -> bytes:
     return h.digest()
 
 
+class Seen(NamedTuple):
+    """A mark found: ``calls`` are the keys of the ingest calls committed, None when final."""
+
+    calls: list[bytes] | None
+
+
 class Mark:
     """One delivery's mark; ``write()`` runs on the writer thread, inside a transaction."""
 
@@ -59,8 +77,20 @@ class Mark:
     def __init__(self, marks: DeliveryMarks, source: str, packet_id: int, digest: bytes) -> None:
         self.marks, self.source, self.packet_id, self.digest = marks, source, packet_id, digest
 
-    def write(self) -> None:
-        self.marks._write(self)
+    def write(self, calls: bytes | None = None) -> None:
+        """With the keys of the ingest calls committed (an ingest call), or final (None)."""
+        self.marks._write(self, calls)
+
+
+class _Finishing:
+    """Marks made final by one write: every delivery that finishes while it waits joins it."""
+
+    __slots__ = ("marks", "done", "error")
+
+    def __init__(self) -> None:
+        self.marks: list[Mark] = []
+        self.done = trio.Event()
+        self.error: BaseException | None = None
 
 
 class DeliveryMarks:
@@ -70,6 +100,39 @@ class DeliveryMarks:
         self.storage = storage
         self.window_s = window_s
         self._current = 0  # read and changed on the writer thread only
+        self._finishing: _Finishing | None = None  # marks waiting to be made final together
+
+    async def finish(self, mark: Mark) -> None:
+        """Make ``mark`` final; return once that is committed (raises StorageError if not).
+
+        Marks finished together share one write: the first one waits a scheduler pass
+        for the others (a group commit wakes many deliveries at once), then writes them
+        all; those finished while it waits for the writer go in the next write."""
+        batch = self._finishing
+        if batch is not None:
+            batch.marks.append(mark)
+            await batch.done.wait()
+            if batch.error is not None:
+                raise StorageError(f"delivery marks not made final: {batch.error!r}")
+            return
+        batch = self._finishing = _Finishing()
+        batch.marks.append(mark)
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._finishing = None
+            await self.storage.write(self._finish, batch.marks)
+        except BaseException as exc:
+            batch.error = exc
+            raise
+        finally:
+            if self._finishing is batch:
+                self._finishing = None
+            batch.done.set()
+
+    def _finish(self, marks: list[Mark]) -> None:
+        self.storage.database.connection().executemany(
+            f"INSERT OR REPLACE INTO {_TABLES[self._current]} (source, packet_id, digest, calls) VALUES (?, ?, ?, NULL)",
+            [(m.source, m.packet_id, m.digest) for m in marks])
 
     def install(self) -> None:
         """Create both tables (blocking: call from a thread)."""
@@ -77,27 +140,33 @@ class DeliveryMarks:
         with db.connection_context():
             for table in _TABLES:
                 db.execute_sql(_SCHEMA.format(table))
+                if "calls" not in [row[1] for row in db.execute_sql(f"PRAGMA table_info({table})")]:
+                    db.execute_sql(f"ALTER TABLE {table} ADD COLUMN calls BLOB")  # marks of an older version: final
 
     def mark(self, source: str, packet_id: int, topic: str, payload: bytes) -> Mark:
         return Mark(self, source, packet_id, digest(topic, payload))
 
-    async def seen(self, mark: Mark) -> bool:
-        """True if a message with this sender, packet id and content was committed."""
+    async def seen(self, mark: Mark) -> Seen | None:
+        """What was committed of a message with this sender, packet id and content; None: nothing."""
         return await self.storage.read(self._seen, mark)
 
-    def _seen(self, mark: Mark) -> bool:
+    def _seen(self, mark: Mark) -> Seen | None:
         conn = self.storage.database.connection()
-        for table in _TABLES:
-            row = conn.execute(f"SELECT digest FROM {table} WHERE source = ? AND packet_id = ?",
+        seen = None
+        for table in _TABLES:  # a mark made final after a rotation is in both: the final one counts
+            row = conn.execute(f"SELECT digest, calls FROM {table} WHERE source = ? AND packet_id = ?",
                                (mark.source, mark.packet_id)).fetchone()
             if row is not None and bytes(row[0]) == mark.digest:
-                return True
-        return False
+                if row[1] is None:
+                    return Seen(None)
+                calls = bytes(row[1])
+                seen = Seen([calls[i:i + KEY_SIZE] for i in range(0, len(calls), KEY_SIZE)])
+        return seen
 
-    def _write(self, mark: Mark) -> None:
+    def _write(self, mark: Mark, calls: bytes | None) -> None:
         self.storage.database.connection().execute(
-            f"INSERT OR REPLACE INTO {_TABLES[self._current]} (source, packet_id, digest) VALUES (?, ?, ?)",
-            (mark.source, mark.packet_id, mark.digest))
+            f"INSERT OR REPLACE INTO {_TABLES[self._current]} (source, packet_id, digest, calls) VALUES (?, ?, ?, ?)",
+            (mark.source, mark.packet_id, mark.digest, calls))
 
     def _rotate(self) -> None:
         # On the writer thread: marks queued before this job went to the old table,

@@ -278,6 +278,7 @@ class MQTTService:
         metrics.collector("gatewayd_mqtt_edge_logins_total", "counter", "Device logins at the edge by result", lambda: [
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "accepted"}, edge().accepted),
             Sample("gatewayd_mqtt_edge_logins_total", {"result": "refused"}, edge().refused),
+            Sample("gatewayd_mqtt_edge_logins_total", {"result": "broker_unavailable"}, edge().broker_unavailable),
         ] if edge() else [])
         metrics.collector("gatewayd_mqtt_edge_packets_total", "counter",
                           "Device packets: delivered by the gateway, or relayed to mosquitto", lambda: [
@@ -299,9 +300,11 @@ class MQTTService:
 
 def _socket_path(directory: Path) -> str:
     """The private mosquitto's socket: in its (0700) directory, or, when that path is too
-    long for a unix socket (107 bytes), in a fresh 0700 directory under the system's temp."""
+    long for a unix socket (107 bytes) or holds a space (mosquitto.conf's ``listener``
+    line is read word by word: the path would be cut there), in a fresh 0700 directory
+    under the system's temp."""
     path = str(directory.resolve() / "mosquitto.sock")
-    if len(os.fsencode(path)) <= 107:
+    if len(os.fsencode(path)) <= 107 and not any(c.isspace() for c in path):
         return path
     return str(Path(tempfile.mkdtemp(prefix="gatewayd-mqtt-")) / "mosquitto.sock")
 

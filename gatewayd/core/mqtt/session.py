@@ -6,7 +6,9 @@ writing to the device (mosquitto's packets and the gateway's acks, from one queu
 reading mosquitto, writing to mosquitto (the relayed packets and the pings sent for the
 device, from one queue). The device is not read further while its window is full, while
 it does not read what is queued for it, or while mosquitto does not read what is queued
-for mosquitto: a slow or hostile peer costs a bounded amount of memory.
+for mosquitto: a slow or hostile peer costs a bounded amount of memory. The session
+still ends when mosquitto ends its side, and when the device reads nothing of what waits
+for it for ``edge.stall_timeout``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class _Outbox:
         self.size = 0
         return out
 
-    async def write_to(self, stream: trio.abc.SendStream) -> None:
-        """Forever: write what is queued (one writer per stream)."""
+    async def write_to(self, stream: trio.abc.SendStream, stall: float | None = None) -> None:
+        """Forever: write what is queued (one writer per stream). With ``stall``: raise
+        TooSlowError when a write made no progress for that long (a peer that reads nothing)."""
         while True:
             while not self.packets:
                 self.drained.set()
@@ -73,7 +76,14 @@ class _Outbox:
             await trio.lowlevel.checkpoint_if_cancelled()
             self._writing = True
             try:
-                await stream.send_all(self.take())
+                data = self.take()
+                if stall is None:
+                    await stream.send_all(data)
+                else:
+                    view = memoryview(data)
+                    for at in range(0, len(data), _READ_SIZE):
+                        with trio.fail_after(stall):
+                            await stream.send_all(view[at:at + _READ_SIZE])
             finally:
                 self._writing = False
 
@@ -176,16 +186,24 @@ class Session:
                            "MQTT edge: refused a login as the gateway's own account from %s", self.peer)
                 await _send_quietly(self.device, mp.connack(0x87 if self.level == 5 else 5, self.level))
                 return False
+        # mosquitto's answer is timed on its own: a stalled broker is not a device's fault.
+        with trio.move_on_after(edge.connect_timeout) as waiting:
             try:
                 self.upstream = await _connect(edge.broker)
             except OSError as exc:
-                edge.stats.refused += 1
+                edge.stats.broker_unavailable += 1
                 edge.quiet("broker-down", logging.WARNING, "MQTT edge: the broker is unreachable: %s", exc)
                 await _send_quietly(self.device, mp.connack(0x88 if self.level == 5 else 3, self.level))
                 return False
             await self.upstream.send_all(raw)
             self._broker_reader = mp.FrameReader(1 << 28)
             kind, _, ack, start = await _read_frame(self.upstream, self._broker_reader)
+        if waiting.cancelled_caught:
+            edge.stats.broker_unavailable += 1
+            edge.quiet("broker-slow", logging.WARNING, "MQTT edge: the broker did not answer a login (of %s from %s) "
+                       "within %.0f s", connect.username, self.peer, edge.connect_timeout)
+            await _send_quietly(self.device, mp.connack(0x88 if self.level == 5 else 3, self.level))
+            return False
         if kind != mp.CONNACK:
             raise mp.ProtocolError(f"the broker answered CONNECT with packet type {kind}")
         connack = mp.parse_connack(ack, start, self.level)
@@ -365,6 +383,8 @@ class Session:
     def _release(self) -> None:
         assert self.window is not None
         self.window.release()
+        if not self.alive:  # the connection ended while this was delivered
+            self.edge.forget_window(self.username)
 
     def _ack(self, build: Any, pid: int, verdict: Verdict) -> bool:
         stats = self.edge.stats
@@ -383,26 +403,64 @@ class Session:
 
     async def _from_broker(self) -> None:
         reader = self._broker_reader
-        assert self.upstream is not None
+        assert self.upstream is not None and self._scope is not None
         while True:
-            # Not read further while the device does not read: mosquitto holds it (and
-            # applies its own limits), not the gateway's memory.
-            await self._to_device.wait_drained() if self._to_device.size > _QUEUE_MAX else None
-            data = await self.upstream.receive_some(_READ_SIZE)
-            if not data:
-                assert self._scope is not None
-                self._scope.cancel()  # taken over, or mosquitto went down: the device reconnects
-                return
-            reader.feed(data)
             while (frame := reader.next_frame()) is not None:
                 kind, _, raw, _ = frame
                 if kind == mp.PINGRESP and self._pings:
                     self._pings -= 1  # the answer to a ping we sent for the device
                     continue
                 self._to_device.put(raw)
+            if self._to_device.size > _QUEUE_MAX:
+                # Not passed on while the device does not read: mosquitto holds it (and
+                # applies its own limits), not the gateway's memory.
+                if not await self._device_drained_or_broker_gone(reader):
+                    self._scope.cancel()  # mosquitto ended the session while the device did not read
+                    return
+                continue  # what came meanwhile first
+            data = await self.upstream.receive_some(_READ_SIZE)
+            if not data:
+                self._scope.cancel()  # taken over, or mosquitto went down: the device reconnects
+                return
+            reader.feed(data)
+
+    async def _device_drained_or_broker_gone(self, reader: mp.FrameReader) -> bool:
+        """Wait until the device read what waits for it (True), still watching mosquitto's
+        end of the session (False): a session mosquitto closed (taken over by a new login
+        of the device, timed out) must end here too, or a device that stops reading and
+        logs in again, over and over, would pile up sessions here. What mosquitto sends
+        meanwhile is kept, unparsed, up to _QUEUE_MAX; past that it is not read either."""
+        assert self.upstream is not None
+        upstream = self.upstream
+        gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal gone
+                held = 0
+                while held <= _QUEUE_MAX:
+                    data = await upstream.receive_some(_READ_SIZE)
+                    if not data:
+                        gone = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    reader.feed(data)
+                    held += len(data)
+
+            nursery.start_soon(watch)
+            await self._to_device.wait_drained()
+            nursery.cancel_scope.cancel()
+        return not gone
 
     async def _write_device(self) -> None:
-        await self._to_device.write_to(self.device)
+        try:
+            await self._to_device.write_to(self.device, self.edge.stall_timeout)
+        except trio.TooSlowError:
+            # The device read nothing of what waits for it for a minute (the kernel's
+            # buffers are full too): it is gone or hostile, and TCP never gives up on a
+            # peer that answers its window probes. The session ends.
+            self.edge.quiet("stalled", logging.INFO, "MQTT edge: closing %s (%s): it read nothing for %.0f s",
+                            self.peer, self.username, self.edge.stall_timeout)
 
     async def _write_broker(self) -> None:
         assert self.upstream is not None

@@ -22,8 +22,10 @@ work there. If it raises, nothing of the call is kept. For thousands of records 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import trio
@@ -36,30 +38,61 @@ from ..storage import StorageError
 if TYPE_CHECKING:
     from .store import Outbox
 
-__all__ = ["Ingest", "IngestError", "Ingested", "Record", "DeliveryScope", "delivery_scope"]
+__all__ = ["Ingest", "IngestError", "Ingested", "Record", "DeliveryScope", "call_key", "delivery_scope"]
 
 class DeliveryScope:
     """What the ingest calls of one MQTT delivery share (the delivery sets it in
     :data:`delivery_scope` while its handlers run).
 
-    ``mark`` is a write (on the writer thread) that commits in the same transaction as
-    the records each call stores: the delivery mark (core/mqtt/marks.py), so a
-    redelivery after a crash is recognised and not stored twice. And when storage fails
+    ``mark(calls)`` is a write (on the writer thread) that commits in the same
+    transaction as the records each call stores: the delivery mark (core/mqtt/marks.py),
+    with the keys of the calls committed so far (``calls``), so a redelivery after a
+    crash is recognised and what was stored of it is not stored twice. And when storage fails
     midway through a handler (disk full after its first ingest call committed), the
-    delivery runs the handlers again: the calls that committed before are answered with
-    what they stored, in order, not stored a second time.
+    delivery runs the handlers again: a call that stores what a call of an earlier run
+    committed (the same records, see :func:`call_key`) is answered with what that call
+    stored, not stored a second time. Calls are matched by what they store, not by
+    their position: a handler that now skips a call (it stores a state only when it
+    changed) does not have its next call taken for the skipped one.
     """
 
-    __slots__ = ("mark", "committed", "calls")
+    __slots__ = ("mark", "committed", "_answered")
 
-    def __init__(self, mark: Callable[[], None] | None) -> None:
+    def __init__(self, mark: Callable[[bytes], None] | None, committed: Iterable[bytes] = ()) -> None:
+        """``committed``: the keys of calls an earlier run committed, known from its mark
+        only (what they stored is answered as ``Ingested(range(0), None)``)."""
         self.mark = mark
-        self.committed: list[Ingested] = []
-        self.calls = 0
+        self.committed: list[tuple[bytes, Ingested]] = [(key, Ingested(range(0), None)) for key in committed]
+        self._answered: set[int] = set()  # indexes into committed, this run
 
     def again(self) -> None:
         """The handlers run again from the start."""
-        self.calls = 0
+        self._answered = set()
+
+    def answer(self, key: bytes) -> Ingested | None:
+        """What an earlier call that stored the same records committed, not answered yet in this run."""
+        for i, (committed_key, stored) in enumerate(self.committed):
+            if committed_key == key and i not in self._answered:
+                self._answered.add(i)
+                return stored
+        return None
+
+    def keys(self) -> bytes:
+        return b"".join(key for key, _ in self.committed)
+
+    def add(self, key: bytes, stored: Ingested) -> None:
+        self._answered.add(len(self.committed))
+        self.committed.append((key, stored))
+
+
+def call_key(rows: list[tuple]) -> bytes:
+    """What identifies an ingest call's records across runs of a handler: each record's
+    class, family, device, kind and data; not its timestamp, nor when it was stored
+    (a time taken by the handler differs from one run to the next)."""
+    h = hashlib.blake2b(digest_size=16)
+    for prio, _now, _ts, family, device, kind, _size, text in rows:
+        h.update(repr((prio, family, device, kind, text)).encode("utf-8", "surrogatepass"))
+    return h.digest()
 
 
 delivery_scope: ContextVar[DeliveryScope | None] = ContextVar("gatewayd_delivery_scope", default=None)
@@ -205,11 +238,12 @@ class Ingest:
         outbox = self._outbox
         scope = delivery_scope.get()
         if scope is not None:
-            scope.calls += 1
-            if scope.calls <= len(scope.committed):
-                return scope.committed[scope.calls - 1]  # committed before a storage retry
+            key = call_key(rows) if len(rows) <= _INLINE else await trio.to_thread.run_sync(call_key, rows)
+            done = scope.answer(key)
+            if done is not None:
+                return done  # committed by an earlier run of the handlers (a storage retry)
             if scope.mark is not None:
-                family_rows = _with_companion(scope.mark, family_rows)
+                family_rows = _with_companion(partial(scope.mark, scope.keys() + key), family_rows)
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
@@ -217,7 +251,7 @@ class Ingest:
             raise
         stored = Ingested(ids, result)
         if scope is not None:
-            scope.committed.append(stored)
+            scope.add(key, stored)
         await outbox.after_store(dropped, stamped)
         return stored
 

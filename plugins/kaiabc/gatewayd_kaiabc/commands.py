@@ -1,4 +1,4 @@
-"""``gatewayd kaiabc simulate | q10 | prc``: the engine from the command line.
+"""``gatewayd kaiabc simulate | q10 | prc | entrain``: the engine from the command line.
 
 Registered through the core's command registry (``add_commands``).  Every
 command prints a short human table, or one JSON object with ``--json``;
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from typing import Any, Callable
@@ -20,9 +21,11 @@ from gatewayd.plugins.api import CommandRegistry
 from .engine import (
     PRESETS,
     RUST_2007,
+    TEMPERATURE_RANGE_K,
     EtfMappingError,
     SolverConfig,
     compute_prc,
+    entrain,
     estimate_period,
     integrate_batch,
     limit_cycle,
@@ -31,7 +34,8 @@ from .engine import (
     simulated_q10,
 )
 
-_MIN_HOURS = 48.0  # two-plus cycles: fewer gives no usable period
+_PERIOD_HOURS = 48.0  # two-plus cycles: fewer gives no usable period
+_MAX_HOURS = 24.0 * 365  # a year of simulated time: a bound, so a typo cannot run for ever
 
 
 def add_commands(commands: CommandRegistry) -> None:
@@ -42,6 +46,8 @@ def add_commands(commands: CommandRegistry) -> None:
                  _guarded(_run_q10))
     commands.add("prc", "phase response curve to warm and cold temperature pulses", _setup_prc,
                  _guarded(_run_prc))
+    commands.add("entrain", "does the oscillator lock to a square temperature cycle? period and phase angle",
+                 _setup_entrain, _guarded(_run_entrain))
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -68,14 +74,16 @@ def _emit(args: argparse.Namespace, body: dict[str, Any], lines: list[str]) -> i
 def _setup_simulate(p: argparse.ArgumentParser) -> None:
     _preset_arg(p)
     p.add_argument("--temperature-k", type=float, default=303.15, help="temperature in kelvin (303.15)")
-    p.add_argument("--hours", type=float, default=120.0, help=f"simulated hours (>= {_MIN_HOURS:g}; 120)")
+    p.add_argument("--hours", type=float, default=120.0,
+                   help=f"simulated hours (up to {_MAX_HOURS:g}; a period needs {_PERIOD_HOURS:g}; 120)")
     p.add_argument("--nodes", type=int, default=1, help="nodes advanced together (1)")
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
     """Integrate --nodes identical nodes (timed), plus one sampled node for the statistics."""
-    if args.hours < _MIN_HOURS:
-        raise ValueError(f"--hours must be >= {_MIN_HOURS:g} to estimate a period")
+    _temperature(args.temperature_k, "--temperature-k")
+    if not (math.isfinite(args.hours) and 0 < args.hours <= _MAX_HOURS):
+        raise ValueError(f"--hours must be within (0, {_MAX_HOURS:g}], got {args.hours}")
     if not 1 <= args.nodes <= 1_000_000:
         raise ValueError("--nodes must be within 1..1000000")
     tm = preset(args.preset)
@@ -84,24 +92,42 @@ def _run_simulate(args: argparse.Namespace) -> int:
     clock = time.perf_counter()
     batch = integrate_batch(np.zeros((3, args.nodes)), (0.0, args.hours), rates, config)
     wall = time.perf_counter() - clock
-    t = np.arange(0.0, args.hours, 0.02)
+    t = np.linspace(0.0, args.hours, max(2, int(args.hours / 0.02)) + 1)
     one = integrate_batch(np.zeros((3, 1)), (0.0, args.hours), rates.node(0), config, t_eval=t)
     assert one.y is not None  # t_eval given
     p = phosphorylated_fraction(one.y[:, :, 0].T, RUST_2007.kaic_total)
-    est = estimate_period(t, p)
-    tail = p[t >= args.hours - est.period]
-    body = {"preset": args.preset, "temperature_k": args.temperature_k, "hours": args.hours,
-            "nodes": args.nodes, "period_hours": est.period, "cycles_used": est.cycles,
-            "amplitude": float(0.5 * (tail.max() - tail.min())),
-            "phosphorylated_fraction_min": float(tail.min()), "phosphorylated_fraction_max": float(tail.max()),
-            "wall_time_s": wall, "solver": config.solver_type, "steps": batch.stats.accepted,
-            "rejected_steps": batch.stats.rejected}
-    return _emit(args, body, [
-        f"preset {args.preset} at {args.temperature_k:.2f} K, {args.nodes} node(s), {args.hours:g} h",
-        f"period            {est.period:.3f} h  ({est.cycles} cycles)",
-        f"amplitude         {body['amplitude']:.4f}  (half peak-to-trough, phosphorylated fraction)",
-        f"phosphorylated    {tail.min():.4f} .. {tail.max():.4f}  (last cycle)",
-        f"wall time         {wall:.3f} s  ({batch.stats.accepted} steps, {config.solver_type})"])
+    body: dict[str, Any] = {"preset": args.preset, "temperature_k": args.temperature_k, "hours": args.hours,
+                            "nodes": args.nodes, "phosphorylated_fraction_final": float(p[-1]),
+                            "wall_time_s": wall, "solver": config.solver_type, "steps": batch.stats.accepted,
+                            "rejected_steps": batch.stats.rejected}
+    lines = [f"preset {args.preset} at {args.temperature_k:.2f} K, {args.nodes} node(s), {args.hours:g} h",
+             f"phosphorylated    {p[-1]:.4f}  (at {args.hours:g} h)"]
+    est = None
+    if args.hours >= _PERIOD_HOURS:
+        try:
+            est = estimate_period(t, p)
+        except ValueError:
+            est = None
+    if est is None:
+        body.update(period_hours=None, note=f"a period needs at least {_PERIOD_HOURS:g} simulated hours "
+                                            f"(--hours {_PERIOD_HOURS:g} or more)")
+        lines.append(f"period            -  (needs at least {_PERIOD_HOURS:g} simulated hours)")
+    else:
+        tail = p[t >= args.hours - est.period]
+        body.update(period_hours=est.period, cycles_used=est.cycles, amplitude=float(0.5 * (tail.max() - tail.min())),
+                    phosphorylated_fraction_min=float(tail.min()), phosphorylated_fraction_max=float(tail.max()))
+        lines += [f"period            {est.period:.3f} h  ({est.cycles} cycles)",
+                  f"amplitude         {body['amplitude']:.4f}  (half peak-to-trough, phosphorylated fraction)",
+                  f"last cycle        {tail.min():.4f} .. {tail.max():.4f}  (phosphorylated fraction)"]
+    lines.append(f"wall time         {wall:.3f} s  ({batch.stats.accepted} steps, {config.solver_type})")
+    return _emit(args, body, lines)
+
+
+def _temperature(value: float, flag: str) -> float:
+    low, high = TEMPERATURE_RANGE_K
+    if not (math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"{flag} must be within {low}..{high} K, got {value}")
+    return value
 
 
 def _setup_q10(p: argparse.ArgumentParser) -> None:
@@ -148,3 +174,27 @@ def _run_prc(args: argparse.Namespace) -> int:
     lines += [f"{ct:5.1f}  {w:+9.3f}  {c:+9.3f}"
               for ct, w, c in zip(warm.circadian_time, warm.shift_hours, cold.shift_hours)]
     return _emit(args, body, lines)
+
+
+def _setup_entrain(p: argparse.ArgumentParser) -> None:
+    _preset_arg(p)
+    p.add_argument("--cycle-hours", type=float, default=24.0, help="length of one temperature cycle (24)")
+    p.add_argument("--low-k", type=float, required=True, help="cold half temperature, kelvin")
+    p.add_argument("--high-k", type=float, required=True, help="warm half temperature, kelvin")
+    p.add_argument("--days", type=int, default=30, help="cycles simulated (30)")
+
+
+def _run_entrain(args: argparse.Namespace) -> int:
+    """Drive the oscillator with a 12:12 square temperature cycle; report lock, period, phase angle."""
+    low, high = _temperature(args.low_k, "--low-k"), _temperature(args.high_k, "--high-k")
+    if not math.isfinite(args.cycle_hours):
+        raise ValueError("--cycle-hours must be a finite number")
+    res = entrain(cycle_hours=args.cycle_hours, low_k=low, high_k=high, days=args.days,
+                  temperature_model=preset(args.preset))
+    angle = "-" if res.phase_angle_hours is None else f"{res.phase_angle_hours:.2f} h after the warm onset"
+    return _emit(args, {"preset": args.preset, **res.to_json()}, [
+        f"{args.cycle_hours:g} h cycle {low:.2f} K / {high:.2f} K, {args.days} cycles, preset {args.preset}",
+        f"locked            {'yes' if res.locked else 'no'}",
+        f"period            {res.period_hours:.3f} h  (last {res.cycles} cycles; free-running "
+        f"{res.free_running_period_hours:.3f} h)",
+        f"phase angle       {angle}"])

@@ -32,8 +32,8 @@ def run(registry, argv):
     return runner(parser.parse_args(argv[1:]))
 
 
-def test_registers_three_commands(registry):
-    assert set(registry.commands) == {"simulate", "q10", "prc"}
+def test_registers_four_commands(registry):
+    assert set(registry.commands) == {"simulate", "q10", "prc", "entrain"}
     assert all(help for help, _, _ in registry.commands.values())
 
 
@@ -53,6 +53,24 @@ def test_simulate_text(registry, capsys):
     assert "period" in out and "wall time" in out
 
 
+def test_simulate_too_short_for_a_period_prints_the_state_and_says_so(registry, capsys):
+    assert run(registry, ["simulate", "--hours", "24", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["period_hours"] is None and "48" in body["note"]
+    assert 0 < body["phosphorylated_fraction_final"] < 1
+    assert run(registry, ["simulate", "--hours", "24"]) == 0
+    assert "needs at least 48 simulated hours" in capsys.readouterr().out
+
+
+def test_entrain_json(registry, capsys):
+    assert run(registry, ["entrain", "--low-k", "298.15", "--high-k", "308.15", "--days", "20", "--json"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert body["locked"] is True and abs(body["period_hours"] - 24.0) <= 0.1
+    assert 0 <= body["phase_angle_hours"] < 24
+    assert run(registry, ["entrain", "--low-k", "302.65", "--high-k", "303.65", "--days", "12"]) == 0
+    assert "locked            no" in capsys.readouterr().out
+
+
 def test_q10_json(registry, capsys):
     assert run(registry, ["q10", "--preset", "case_ii_mutant", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["q10"] > 1.3
@@ -66,7 +84,13 @@ def test_prc_json(registry, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["simulate", "--preset", "nope"], "unknown temperature preset"),
-    (["simulate", "--hours", "10"], "--hours"),
+    (["simulate", "--hours", "1e9"], "--hours"),
+    (["simulate", "--hours", "nan"], "--hours"),
+    (["simulate", "--temperature-k", "nan"], "--temperature-k"),
+    (["simulate", "--temperature-k", "inf"], "--temperature-k"),
+    (["simulate", "--temperature-k", "400"], "--temperature-k"),
+    (["entrain", "--low-k", "nan", "--high-k", "300"], "--low-k"),
+    (["entrain", "--low-k", "305", "--high-k", "300"], "low_k must be below high_k"),
     (["q10", "--preset", "wild_type"], "unknown temperature preset"),
     (["prc", "--resolution", "1"], "--resolution"),
 ])

@@ -71,3 +71,16 @@ def test_plan_rejects_impossible_requests(cycle):
         plan_phase_shift("delay", 1.0, [only_advance], cycle=cycle)
     with pytest.raises(ValueError):
         plan_phase_shift("sideways", 1.0, [only_advance], cycle=cycle)
+
+
+def test_the_specs_pulse_acts_differently_by_phase(cycle):
+    # +3 K for 30 min (the spec's example): the phosphorylation and the T432
+    # dephosphorylation phases answer differently, so the curve has advance and
+    # delay regions, and it is not flat while KaiA is sequestered (CT 12-19) as a
+    # pure rescaling of time would make it ((s - 1) * duration everywhere).
+    prc = compute_prc(delta_k=3.0, duration_h=0.5, resolution=24, cycle=cycle)
+    assert prc.shift_hours.max() > 0.1 and prc.shift_hours.min() < -0.2
+    sequestered = prc.shift_hours[(prc.circadian_time >= 12) & (prc.circadian_time <= 19)]
+    assert np.ptp(sequestered) > 0.04
+    rescaling = (np.exp(40e3 / GAS_CONSTANT * (1 / 303.15 - 1 / 306.15)) - 1) * 0.5
+    assert np.abs(prc.shift_hours - rescaling).max() > 0.2

@@ -1,5 +1,7 @@
 """Temperature presets: compensation, the uncompensated mutant, and the ETF parameter mapping."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -12,7 +14,8 @@ from gatewayd_kaiabc.engine import (
     preset,
     simulated_q10,
 )
-from gatewayd_kaiabc.engine.temperature import GAS_CONSTANT, TemperatureModel
+from gatewayd_kaiabc.engine.params import STEP_NAMES
+from gatewayd_kaiabc.engine.temperature import GAS_CONSTANT, EtfParameters, ModelStack, TemperatureModel
 
 
 def test_compensated_q10_within_bounds():
@@ -60,26 +63,69 @@ def test_published_rates_apply_at_reference_temperature():
 
 
 def test_compensated_preset_structure():
-    ea = preset("compensated", activation_energy_kj_mol=50).activation_energies
-    assert ea[:4] == (50e3,) * 4
-    assert ea[4:] == pytest.approx((50e3 * COMPENSATION_RATIO,) * 4)
+    # Kinase and S431 steps carry E; the ATPase-coupled T432 dephosphorylation (TU, DS) the compensating share.
+    ea = dict(zip(STEP_NAMES, preset("compensated", activation_energy_kj_mol=50).activation_energies))
+    for step in ("UT", "TD", "SD", "US", "DT", "SU"):
+        assert ea[step] == 50e3
+    assert ea["TU"] == ea["DS"] == pytest.approx(50e3 * COMPENSATION_RATIO)
+
+
+SPEC_GET_BODY = {  # GET /entrainment/parameters in the specification, as written
+    "arrhenius_scaling": {"activation_energy_kJ_mol": 40.0, "pre_exponential_factor": 1.5e8},
+    "structural_coupling": {"baseline_d_i": 0.85, "modulation_function": "nonlinear_sigmoid", "sensitivity": 1.2},
+    "atpase_constraint": {"baseline_f_hyd": 0.5, "temperature_dependence": "case_ii_mutant", "coupling_strength": 0.9},
+}
+
+
+def test_the_specs_body_is_accepted_as_written_and_acts_on_the_model():
+    etf = EtfParameters().merge(SPEC_GET_BODY)
+    assert etf.document() == SPEC_GET_BODY
+    tm = etf.model()
+    assert tm.name == "case_ii_mutant" and tm.structural is not None
+    assert limit_cycle(RUST_2007, tm, 303.15).period != pytest.approx(limit_cycle(RUST_2007).period, abs=0.05)
+
+
+def test_a_partial_patch_merges_and_null_restores_the_default():
+    etf = EtfParameters().merge(SPEC_GET_BODY)
+    patched = etf.merge({"structural_coupling": {"sensitivity": 1.5}})
+    assert patched.sensitivity == 1.5
+    assert patched.baseline_d_i == 0.85 and patched.temperature_dependence == "case_ii_mutant"  # the rest kept
+    assert patched.merge({"structural_coupling": {"baseline_d_i": None}}).baseline_d_i == 1.0
+    assert patched.merge({"atpase_constraint": None}) == replace(patched, baseline_f_hyd=0.5,
+                                                                 temperature_dependence="compensated",
+                                                                 coupling_strength=1.0)
+    assert EtfParameters(**patched.as_dict()) == patched
+
+
+def test_prefactor_and_hydrolysis_fraction_scale_rates():
+    tm = EtfParameters().merge({"arrhenius_scaling": {"pre_exponential_factor": 3e8}}).model()
+    r = tm.node_rates(RUST_2007, [303.15])
+    np.testing.assert_allclose(r.ka[:, 0], 2 * np.asarray(RUST_2007.ka))
+    assert limit_cycle(RUST_2007, tm).period == pytest.approx(limit_cycle(RUST_2007).period / 2, rel=1e-3)
+    tm = EtfParameters().merge({"atpase_constraint": {"baseline_f_hyd": 0.6}}).model()
+    r = tm.node_rates(RUST_2007, [303.15])
+    scale = dict(zip(STEP_NAMES, r.k0[:, 0] / np.where(RUST_2007.k0_array() == 0, 1, RUST_2007.k0_array())))
+    assert scale["DS"] == pytest.approx(1.2) and scale["SU"] == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("body, field", [
-    ({"arrhenius_scaling": {"activation_energy_kJ_mol": 40, "pre_exponential_factor": 1.5e8}},
-     "pre_exponential_factor"),
-    ({"atpase_constraint": {"baseline_f_hyd": 0.5}}, "baseline_f_hyd"),
-    ({"atpase_constraint": {"temperature_dependence": "case_ii_mutant", "coupling_strength": 0.9}},
-     "coupling_strength"),
-    ({"atpase_constraint": {"temperature_dependence": "wild"}}, "wild"),
-    ({"structural_coupling": {"modulation_function": "cubic"}}, "modulation_function"),
-    ({"structural_coupling": {"baseline_d_i": 0}}, "baseline_d_i"),
-    ({"arrhenius_scaling": {"activation_energy": 40}}, "activation_energy"),
+    ({"atpase_constraint": {"temperature_dependence": "wild"}}, "atpase_constraint.temperature_dependence"),
+    ({"structural_coupling": {"modulation_function": "cubic"}}, "structural_coupling.modulation_function"),
+    ({"structural_coupling": {"baseline_d_i": 0}}, "structural_coupling.baseline_d_i"),
+    ({"arrhenius_scaling": {"activation_energy": 40}}, "arrhenius_scaling.activation_energy"),
+    ({"arrhenius_scaling": {"activation_energy_kJ_mol": True}}, "arrhenius_scaling.activation_energy_kJ_mol"),
+    ({"arrhenius_scaling": {"activation_energy_kJ_mol": "40"}}, "arrhenius_scaling.activation_energy_kJ_mol"),
+    ({"arrhenius_scaling": {"pre_exponential_factor": 0}}, "arrhenius_scaling.pre_exponential_factor"),
+    ({"atpase_constraint": {"baseline_f_hyd": 1.0}}, "atpase_constraint.baseline_f_hyd"),
+    ({"atpase_constraint": {"coupling_strength": 1.5}}, "atpase_constraint.coupling_strength"),
+    ({"atpase_constraint": [1]}, "atpase_constraint"),
+    ({"reference_temperature_kelvin": 400.0}, "reference_temperature_kelvin"),
     ({"optics": {}}, "optics"),
 ])
 def test_unmappable_etf_parameters_rejected(body, field):
-    with pytest.raises(EtfMappingError, match=field):
+    with pytest.raises(EtfMappingError, match=field) as caught:
         from_etf(body)
+    assert caught.value.field == field
 
 
 def test_structural_coupling_and_coupling_strength_take_effect():
@@ -92,10 +138,21 @@ def test_structural_coupling_and_coupling_strength_take_effect():
     seq = weaker.node_rates(RUST_2007, [303.15, 313.15]).sequestration
     assert seq[0] == pytest.approx(2 * 0.85) and seq[1] > seq[0]
     half = from_etf({"atpase_constraint": {"temperature_dependence": "compensated", "coupling_strength": 0.5}})
-    assert half.activation_energies[4] > plain.activation_energies[4]
+    assert half.activation_energies[STEP_NAMES.index("DS")] > plain.activation_energies[STEP_NAMES.index("DS")]
 
 
 def test_reference_temperature_override():
     tm = from_etf({}, reference_temperature_k=298.15)
     r = tm.node_rates(RUST_2007, [298.15])
     np.testing.assert_allclose(r.ka[:, 0], RUST_2007.ka)
+
+
+def test_a_stack_of_models_gives_each_node_its_own_rates():
+    models = [from_etf({}), from_etf({"structural_coupling": {"sensitivity": 1.0}}), preset("case_ii_mutant")]
+    temps = np.array([300.0, 306.0, 310.0])
+    stacked = ModelStack(models).node_rates(RUST_2007, temps)
+    for i, (tm, temp) in enumerate(zip(models, temps)):
+        one = tm.node_rates(RUST_2007, [temp])
+        np.testing.assert_allclose(stacked.k0[:, i], one.k0[:, 0])
+        np.testing.assert_allclose(stacked.ka[:, i], one.ka[:, 0])
+        assert stacked.sequestration[i] == pytest.approx(one.sequestration[0])

@@ -24,18 +24,20 @@ from .model import (SPEC_VARIABLES, STATE_NAMES, NodeRates, make_scalar_rhs, pho
 from .output import MAPPING_FUNCTIONS, PwmMapping, koa, koa_normalized, koa_trend
 from .params import RUST_2007, RUST_2007_TEMPERATURE_K, STEP_NAMES, KaiParameters
 from .prc import PhaseResponseCurve, PhaseShiftPlan, compute_prc, plan_phase_shift
-from .temperature import (COMPENSATION_RATIO, PRESETS, EtfMappingError, StructuralCoupling,
-                          TemperatureModel, from_etf, preset)
+from .entrain import EntrainmentResult, entrain
+from .temperature import (COMPENSATION_RATIO, PRESETS, TEMPERATURE_RANGE_K, EtfMappingError, EtfParameters,
+                          ModelStack, StructuralCoupling, TemperatureModel, from_etf, preset)
 from .timebase import (LimitCycle, PeriodEstimate, circadian_time, crossing_times, estimate_period,
                        limit_cycle, lomb_scargle_period)
 
 __all__ = [
-    "BatchResult", "CHANNELS", "COMPENSATION_RATIO", "Correlation", "EtfMappingError", "KaiParameters",
+    "BatchResult", "CHANNELS", "COMPENSATION_RATIO", "Correlation", "EntrainmentResult", "EtfMappingError",
+    "EtfParameters", "KaiParameters", "ModelStack", "TEMPERATURE_RANGE_K",
     "LimitCycle", "MAPPING_FUNCTIONS", "NodeRates", "OscillatorBatch", "PRESETS", "PerformanceMetrics",
     "PeriodEstimate", "PeriodStability", "PhaseResponseCurve", "PhaseShiftPlan", "PwmMapping", "Q10Result",
     "RUST_2007", "RUST_2007_TEMPERATURE_K", "SPEC_VARIABLES", "STATE_NAMES", "STEP_NAMES",
     "SensorKalmanFilter", "SolverConfig", "StepSizeError", "StepStats", "StructuralCoupling",
-    "TemperatureModel", "circadian_time", "compute_prc", "crossing_times", "estimate_period", "from_etf",
+    "TemperatureModel", "circadian_time", "compute_prc", "crossing_times", "entrain", "estimate_period", "from_etf",
     "integrate_batch", "koa", "koa_normalized", "koa_trend", "limit_cycle", "lomb_scargle_period",
     "make_scalar_rhs", "period_stability", "phosphorylated_fraction", "plan_phase_shift", "preset",
     "q10_from_periods", "rhs_batch", "simulated_q10", "solve_reference", "state_from_variables",

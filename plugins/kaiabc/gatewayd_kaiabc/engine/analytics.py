@@ -90,7 +90,7 @@ def temperature_correlation(periods: np.ndarray, temperatures: np.ndarray) -> Co
     ok = np.isfinite(p) & np.isfinite(t)
     if ok.sum() < 3:
         raise ValueError("need at least three finite pairs")
-    if np.ptp(p[ok]) == 0 or np.ptp(t[ok]) == 0:
+    if any(np.ptp(x[ok]) <= 1e-9 * max(1.0, float(np.abs(x[ok]).max())) for x in (p, t)):
         raise ValueError("correlation is undefined when either series is constant")
     res = pearsonr(p[ok], t[ok])
     return Correlation(float(res.statistic), float(res.pvalue), int(ok.sum()))

@@ -1,0 +1,57 @@
+"""kaiabc's options: the plugin's `[plugins.kaiabc]` table in gatewayd.toml."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from gatewayd.plugins.api import ConfigError, SerialSettings
+
+
+@dataclass
+class KaiabcConfig:
+    """`[plugins.kaiabc]` (README.md, "Configuration")."""
+
+    tick_s: float = 1.0
+    """Wall seconds between two advances of every live oscillator (one batch)."""
+    time_acceleration: float = 1.0
+    """Simulated seconds per wall second (1 = real time; the spec's `time_acceleration`)."""
+    persist_every_s: float = 10.0
+    """How often every oscillator's state is written, so a restart resumes it."""
+    stale_after_s: float = 300.0
+    """A node silent this long is flagged `temperature_stale` (its oscillator runs on its last filtered
+    temperature)."""
+    state_every_s: float = 5.0
+    """How often every oscillator's state goes to WebSocket watchers (the spec: every 1-10 s)."""
+    phase_shift_settle_hours: float = 24.0
+    """Simulated hours after a phase shift's pulse before its shift is measured (phase_shift.complete)."""
+    history_every_s: float = 60.0
+    """How often every oscillator is sampled into its history (GET /oscillator/history)."""
+    history_days: float = 30.0
+    """History older than this is deleted."""
+    serial: SerialSettings | None = None
+    """A UART with Pico nodes on it (`[plugins.kaiabc.serial] port = "/dev/ttyACM0"`): JSON lines."""
+    max_nodes: int = 20000
+    """Registrations beyond this many nodes are refused (503)."""
+    ingestion_per_minute: int = 100
+    """Sensor data requests per node and minute (the spec's rate limit)."""
+    queries_per_minute: int = 60
+    """State queries per node or person and minute (the spec's)."""
+    configuration_per_minute: int = 10
+    """Configuration changes per node or person and minute (the spec's)."""
+
+    def validate(self) -> None:
+        for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s", "phase_shift_settle_hours",
+                    "history_days"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(key, f"must be a finite number > 0, got {value}")
+        if not 0.05 <= self.tick_s <= 3600:
+            raise ConfigError("tick_s", f"must be within 0.05 .. 3600, got {self.tick_s}")
+        if self.time_acceleration > 1e5:
+            raise ConfigError("time_acceleration", f"must be at most 100000, got {self.time_acceleration}")
+        for key in ("ingestion_per_minute", "queries_per_minute", "configuration_per_minute"):
+            if not 1 <= getattr(self, key) <= 1_000_000:
+                raise ConfigError(key, f"must be within 1 .. 1000000, got {getattr(self, key)}")
+        if not 1 <= self.max_nodes <= 1_000_000:
+            raise ConfigError("max_nodes", f"must be within 1 .. 1000000, got {self.max_nodes}")

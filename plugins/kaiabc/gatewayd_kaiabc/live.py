@@ -1,0 +1,406 @@
+"""The live oscillators: one per registered node, advanced together.
+
+`Fleet` holds every node's state as columns of one `(3, n)` array, its filtered
+temperature, its Kalman filter and its pause flag. `tick(dt_hours)` advances every
+running node in one vectorised batch on a worker thread (never one solve per node,
+never on the trio thread); a node that stops reporting runs on its last filtered
+temperature and is flagged stale. `rows()` / `restore()` persist and resume it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import trio
+
+from .engine import (RUST_2007, EtfParameters, LimitCycle, ModelStack, PwmMapping, SensorKalmanFilter,
+                     SolverConfig, TemperatureModel, integrate_batch, koa, koa_normalized, koa_trend, limit_cycle,
+                     state_variables)
+from .engine.timebase import circadian_time
+from .shifts import Shift, ct_reached, measured
+
+DEFAULT_ETF = EtfParameters()
+DEFAULT_MAPPING = PwmMapping()
+SPEC_STATE = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One node's oscillator as the state routes answer it."""
+
+    node_id: str
+    state: np.ndarray  # (3,) C_T, C_ST, C_S in uM
+    temperature_k: float
+    sim_hours: float
+    paused: bool
+    stale: bool
+    has_reading: bool
+
+
+class Fleet:
+    """Every node's live oscillator (see the module doc). Drive `tick` from one task."""
+
+    def __init__(self, etf: EtfParameters | None = None, config: SolverConfig | None = None) -> None:
+        self.ids: list[str] = []
+        self.index: dict[str, int] = {}
+        self.y = np.zeros((3, 0))
+        self.sim_hours = np.zeros(0)
+        self.temps = np.zeros(0)
+        self.paused = np.zeros(0, dtype=bool)
+        self.last_reading = np.zeros(0)  # epoch s; nan = never
+        self.filters: dict[str, SensorKalmanFilter] = {}
+        self.etf = etf or EtfParameters()  # the site's default, for new nodes
+        self.model = self.etf.model()
+        self.etfs: list[EtfParameters] = []  # per node
+        self.mappings: list[PwmMapping] = []  # per node
+        self.overrides: dict[str, tuple[int, float, str]] = {}  # node -> (pwm, expires at, override id)
+        self.previous_koa: dict[str, float] = {}
+        self._last_duty: dict[str, int] = {}
+        self.shifts: dict[str, Shift] = {}  # by shift id; complete ones stay for analytics
+        self.completed: list[Shift] = []  # completed since the service last took them
+        self._models: dict[EtfParameters, TemperatureModel] = {}
+        self._stack: ModelStack | None = None
+        self.config = config or SolverConfig()
+        self.cycles: dict[EtfParameters, tuple[LimitCycle, tuple[float, float]]] = {}
+        self._touched: set[int] = set()
+        self.ticks = 0
+        self.tick_seconds = 0.0
+        self.last_tick_at = 0.0  # trio clock
+        self.accepted_steps = 0
+        self.rejected_steps = 0
+
+    # -- setup ------------------------------------------------------------------------
+
+    async def prepare(self, etf: EtfParameters | None = None) -> None:
+        """The limit cycle of an ETF (phase, period, KOA range): a second of numerics, off the
+        trio thread; ValueError when the model does not oscillate with those parameters."""
+        etf = etf or self.etf
+        if etf in self.cycles:
+            return
+        cycle = await trio.to_thread.run_sync(limit_cycle, RUST_2007, self.model_of(etf))
+        values = koa(cycle.samples.T, RUST_2007.kaic_total)
+        self.cycles[etf] = (cycle, (float(values.min()), float(values.max())))
+
+    @property
+    def cycle(self) -> LimitCycle | None:
+        """The site default's limit cycle (None until `prepare` ran)."""
+        found = self.cycles.get(self.etf)
+        return None if found is None else found[0]
+
+    def cycle_of(self, node_id: str) -> tuple[LimitCycle, tuple[float, float]] | None:
+        return self.cycles.get(self.etfs[self.index[node_id]]) or self.cycles.get(self.etf)
+
+    def _grow(self, node_id: str) -> int:
+        i = len(self.ids)
+        self.ids.append(node_id)
+        self.index[node_id] = i
+        if self.y.shape[1] <= i:  # amortised growth: columns beyond len(ids) are spare
+            extra = max(16, i)
+            self.y = np.concatenate([self.y, np.zeros((3, extra))], axis=1)
+            self.sim_hours, self.temps, self.last_reading = (np.concatenate([a, np.zeros(extra)]) for a in
+                                                             (self.sim_hours, self.temps, self.last_reading))
+            self.paused = np.concatenate([self.paused, np.zeros(extra, dtype=bool)])
+        self.etfs.append(self.etf)
+        self.mappings.append(PwmMapping())
+        self._stack = None
+        self._touched.add(i)
+        return i
+
+    def model_of(self, etf: EtfParameters) -> TemperatureModel:
+        model = self._models.get(etf)
+        if model is None:
+            model = self._models[etf] = etf.model()
+        return model
+
+    def set_etf(self, node_id: str, etf: EtfParameters) -> None:
+        self.etfs[self.index[node_id]] = etf
+        self._stack = None
+
+    def stack(self) -> ModelStack:
+        """Every node's temperature model as arrays (rebuilt only after a change)."""
+        if self._stack is None or len(self._stack) != len(self.ids):
+            self._stack = ModelStack([self.model_of(e) for e in self.etfs])
+        return self._stack
+
+    def add(self, node_id: str) -> dict[str, Any]:
+        """A new node: on the limit cycle at CT 0, at the reference temperature. Returns its stored row."""
+        i = self._grow(node_id)
+        self.y[:, i] = self.cycle.state_at(0.0) if self.cycle is not None else 0.0
+        self.sim_hours[i], self.temps[i], self.paused[i] = 0.0, self.model.reference_temperature_k, False
+        self.last_reading[i] = math.nan
+        self.filters[node_id] = SensorKalmanFilter()
+        return self.row(node_id, 0.0)
+
+    def restore(self, row: Mapping[str, Any]) -> None:
+        """A node as it was persisted (the `Oscillator` table's row)."""
+        i = self._grow(row["node_id"])
+        self.y[:, i] = (row["c_t"], row["c_st"], row["c_s"])
+        self.sim_hours[i], self.temps[i], self.paused[i] = row["sim_hours"], row["temperature_k"], row["paused"]
+        self.last_reading[i] = math.nan if row["last_reading_at"] is None else row["last_reading_at"]
+        self.filters[row["node_id"]] = _filter_from(json.loads(row["filter_state"]))
+        settings = json.loads(row["settings"] or "{}")
+        if "etf" in settings:
+            self.etfs[i] = EtfParameters(**settings["etf"])
+        if "mapping" in settings:
+            m = settings["mapping"]
+            self.mappings[i] = PwmMapping(**{**m, "custom_points": tuple(map(tuple, m.get("custom_points", ())))})
+        if "override" in settings:
+            pwm, expires, override_id = settings["override"]
+            self.overrides[row["node_id"]] = (int(pwm), float(expires), str(override_id))
+
+    # -- the tick ---------------------------------------------------------------------
+
+    async def tick(self, dt_hours: float) -> None:
+        """Advance every running node by `dt_hours` in one batch on a worker thread."""
+        n = len(self.ids)
+        if n == 0 or dt_hours <= 0:
+            return
+        self._touched = set()
+        y0, temps, stack = self.y[:, :n].copy(), self.temps[:n].copy(), self.stack()
+        active = [s for s in self.shifts.values() if s.stage in ("pulsing", "settling")]
+        if active:  # pulses on their nodes, and the unpulsed twins as extra columns of the same batch
+            cols = [self.index[s.node_id] for s in active]
+            for s, i in zip(active, cols):
+                if s.stage == "pulsing":
+                    temps[i] += s.delta_k
+            y0 = np.concatenate([y0, np.stack([s.twin for s in active], axis=1)], axis=1)
+            temps = np.concatenate([temps, self.temps[cols]])
+            stack = ModelStack([*stack.models, *(stack.models[i] for i in cols)])
+        ct_before = {s.node_id: self.circadian_time_of(s.node_id) for s in self.shifts.values()
+                     if s.stage == "waiting"}
+        y1, seconds = await trio.to_thread.run_sync(self._solve, y0, temps, stack, dt_hours)
+        keep = self.paused[:n].copy()
+        keep[list(i for i in self._touched if i < n)] = True  # reset or restored while it ran
+        self.y[:, :n] = np.where(keep, self.y[:, :n], y1[:, :n])
+        self.sim_hours[:n] += np.where(keep, 0.0, dt_hours)
+        for k, s in enumerate(active):
+            s.twin = y1[:, n + k].copy()
+        self._advance_shifts(ct_before)
+        self.last_tick_at = trio.current_time()
+        self.ticks += 1
+        self.tick_seconds += seconds
+
+    def _advance_shifts(self, ct_before: dict[str, float | None]) -> None:
+        """Move each shift on: waiting -> pulsing (its CT reached) -> settling -> complete."""
+        for s in list(self.shifts.values()):
+            if s.node_id not in self.index:
+                continue
+            i = self.index[s.node_id]
+            if s.stage == "waiting":
+                before, after = ct_before.get(s.node_id), self.circadian_time_of(s.node_id)
+                if before is not None and after is not None and ct_reached(before, after, s.start_ct):
+                    s.stage, s.pulse_start_h, s.twin = "pulsing", float(self.sim_hours[i]), self.y[:, i].copy()
+            elif s.stage == "pulsing" and self.sim_hours[i] >= s.pulse_start_h + s.duration_h:
+                s.stage = "settling"
+            elif s.stage == "settling" and self.sim_hours[i] >= s.pulse_start_h + s.duration_h + s.settle_h:
+                found = self.cycle_of(s.node_id)
+                s.actual_hours = measured(found[0], self.y[:, i], s.twin) if found is not None else 0.0
+                s.stage = "complete"
+                self.completed.append(s)
+
+    def _solve(self, y0: np.ndarray, temps: np.ndarray, stack: ModelStack,
+               dt_hours: float) -> tuple[np.ndarray, float]:
+        import time
+
+        clock = time.perf_counter()
+        rates = stack.node_rates(RUST_2007, temps)
+        res = integrate_batch(y0, (0.0, dt_hours), rates, self.config)
+        self.accepted_steps += res.stats.accepted
+        self.rejected_steps += res.stats.rejected
+        if not np.all(np.isfinite(res.y_final)):
+            raise FloatingPointError("the integration gave a non-finite state")
+        return res.y_final, time.perf_counter() - clock
+
+    # -- nodes ------------------------------------------------------------------------
+
+    def snapshot(self, node_id: str, now: float, stale_after_s: float) -> Snapshot:
+        i = self.index[node_id]
+        last = self.last_reading[i]
+        return Snapshot(node_id, self.y[:, i].copy(), float(self.temps[i]), float(self.sim_hours[i]),
+                        bool(self.paused[i]), bool(math.isnan(last) or now - last > stale_after_s),
+                        not math.isnan(last))
+
+    def output(self, snap: Snapshot, now: float) -> dict[str, Any]:
+        """KOA, its normalised value, trend and the PWM duty (a live manual override wins)."""
+        i = self.index[snap.node_id]
+        value = float(koa(snap.state, RUST_2007.kaic_total))
+        found = self.cycle_of(snap.node_id)
+        normalized = float(koa_normalized(value, *found[1])) if found is not None else value
+        previous = self.previous_koa.get(snap.node_id, value)
+        self.previous_koa[snap.node_id] = value
+        duty = int(self.mappings[i].pwm(normalized))
+        override = self.overrides.get(snap.node_id)
+        if override is not None and override[1] <= now:
+            del self.overrides[snap.node_id]
+            override = None
+        if override is not None:
+            duty = override[0]
+        return {"koa_value": value, "koa_normalized": normalized, "koa_phase": koa_trend(previous, value),
+                "duty": duty, "override": override}
+
+    def describe(self, snap: Snapshot, now: float, now_iso: str, detail: str) -> dict[str, Any]:
+        """The spec's `GET /oscillator/state` body for one node."""
+        y = snap.state
+        out = self.output(snap, now)
+        found = self.cycle_of(snap.node_id)
+        cycle = None if found is None else found[0]
+        phase = float(cycle.phase_of(y)[0]) if cycle is not None else None
+        body: dict[str, Any] = {
+            "node_id": snap.node_id, "timestamp": now_iso,
+            "circadian_time": None if phase is None else round(float(circadian_time(phase)), 4),
+            "phase": None if phase is None else round(phase, 4),
+            "koa_metric": round(out["koa_normalized"], 4), "output_pwm": out["duty"],
+        }
+        if detail == "minimal":
+            return body
+        model = self.model_of(self.etfs[self.index[snap.node_id]])
+        rates = model.node_rates(RUST_2007, np.array([snap.temperature_k]))
+        sv = state_variables(y[:, None], RUST_2007, sequestration=rates.sequestration)
+        body.update({
+            "period_hours": None if cycle is None else round(cycle.period, 4),
+            "state_variables": {name: round(float(np.asarray(sv[name]).ravel()[0]), 6) for name in SPEC_STATE},
+            "entrainment_active": snap.has_reading and not snap.stale and not snap.paused,
+            "temperature_kelvin": round(snap.temperature_k, 4),
+            "temperature_stale": snap.stale, "paused": snap.paused,
+        })
+        if detail == "full":
+            body["raw_state_um"] = {"C_T": float(y[0]), "C_ST": float(y[1]), "C_S": float(y[2])}
+            body["simulated_hours"] = snap.sim_hours
+            body["filter"] = self.filters[snap.node_id].state()
+        return body
+
+    def circadian_time_of(self, node_id: str) -> float | None:
+        found = self.cycle_of(node_id)
+        if found is None:
+            return None
+        return round(float(circadian_time(float(found[0].phase_of(self.y[:, self.index[node_id]])[0]))), 4)
+
+    def set_paused(self, node_id: str, paused: bool) -> None:
+        self.paused[self.index[node_id]] = paused
+
+    def reset(self, node_id: str, state: np.ndarray) -> None:
+        i = self.index[node_id]
+        self.y[:, i] = state
+        self.sim_hours[i] = 0.0
+        self._touched.add(i)
+
+    def filtered(self, node_id: str, fil: SensorKalmanFilter, at: float) -> None:
+        """A committed reading: the node's filter, and its oscillator's temperature from now on."""
+        self.filters[node_id] = fil
+        i = self.index[node_id]
+        estimate = fil.estimate()["temperature_kelvin"]
+        if estimate is not None:
+            self.temps[i] = estimate
+        self.last_reading[i] = at
+
+    def filter_copy(self, node_id: str) -> SensorKalmanFilter:
+        return copy.deepcopy(self.filters[node_id])
+
+    # -- persistence --------------------------------------------------------------------
+
+    def row(self, node_id: str, now: float) -> dict[str, Any]:
+        i = self.index[node_id]
+        last = self.last_reading[i]
+        return {"node_id": node_id, "c_t": float(self.y[0, i]), "c_st": float(self.y[1, i]),
+                "c_s": float(self.y[2, i]), "sim_hours": float(self.sim_hours[i]),
+                "temperature_k": float(self.temps[i]), "filter_state": json.dumps(_filter_state(self.filters[node_id])),
+                "last_reading_at": None if math.isnan(last) else float(last), "paused": bool(self.paused[i]),
+                "settings": json.dumps(self.settings(node_id)), "saved_at": now}
+
+    def settings(self, node_id: str) -> dict[str, Any]:
+        """What a node was set to, when it differs from the defaults."""
+        i = self.index[node_id]
+        out: dict[str, Any] = {}
+        if self.etfs[i] != DEFAULT_ETF:
+            out["etf"] = self.etfs[i].as_dict()
+        if self.mappings[i] != DEFAULT_MAPPING:
+            out["mapping"] = asdict(self.mappings[i])
+        if node_id in self.overrides:
+            out["override"] = list(self.overrides[node_id])
+        return out
+
+    def live_events(self, now: float, now_iso: str) -> list[tuple[str, str, dict[str, Any]]]:
+        """The spec's `oscillator.state` of every node, and `output.pwm` of those whose duty changed
+        since the last call: (hub kind, node, event). Phases in one KD-tree query per ETF.
+
+        Safe on a worker thread while the trio thread goes on: it works on copies (a node added
+        meanwhile waits for the next call)."""
+        ids = list(self.ids)
+        n = len(ids)
+        if n == 0:
+            return []
+        y = self.y[:, :n].copy()
+        values = koa(y, RUST_2007.kaic_total)
+        a_free = np.maximum(RUST_2007.kaia_total - RUST_2007.sequestration * y[2], 0.0)
+        phase = np.full(n, np.nan)
+        normalized = values.copy()
+        groups: dict[EtfParameters, list[int]] = {}
+        for i, etf in enumerate(self.etfs[:n]):
+            groups.setdefault(etf if etf in self.cycles else self.etf, []).append(i)
+        for etf, members in groups.items():
+            found = self.cycles.get(etf)
+            if found is None:
+                continue
+            idx = np.asarray(members)
+            phase[idx] = found[0].phase_of(y[:, idx])
+            normalized[idx] = koa_normalized(values[idx], *found[1])
+        duties = np.zeros(n, dtype=int)
+        by_mapping: dict[PwmMapping, list[int]] = {}
+        for i, mapping in enumerate(self.mappings[:n]):
+            by_mapping.setdefault(mapping, []).append(i)
+        for mapping, members in by_mapping.items():  # one vectorised call per distinct mapping
+            duties[members] = mapping.pwm(normalized[members])
+        for node_id, (pwm, expires, _) in list(self.overrides.items()):
+            if expires > now and self.index.get(node_id, n) < n:
+                duties[self.index[node_id]] = pwm
+        cts = np.round(24.0 * phase, 4).tolist()
+        phases = np.round(phase, 4).tolist()
+        metrics = np.round(normalized, 4).tolist()
+        c_st, free = np.round(y[1], 6).tolist(), np.round(a_free, 6).tolist()
+        out: list[tuple[str, str, dict[str, Any]]] = []
+        last = self._last_duty
+        for i, node_id in enumerate(ids):
+            ph = None if phases[i] != phases[i] else phases[i]  # NaN: no cycle yet
+            out.append(("oscillator_state", node_id, {
+                "event": "oscillator.state", "node_id": node_id, "timestamp": now_iso, "data": {
+                    "circadian_time": None if ph is None else cts[i], "phase": ph,
+                    "state_variables": {"C_ST": c_st[i], "A_free": free[i]}, "koa_metric": metrics[i]}}))
+            duty = int(duties[i])
+            if last.get(node_id) != duty:
+                last[node_id] = duty
+                override = self.overrides.get(node_id)
+                out.append(("output_pwm", node_id, {
+                    "event": "output.pwm", "node_id": node_id, "timestamp": now_iso, "data": {
+                        "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1),
+                        "koa_source": metrics[i], "manual_override": override is not None and override[1] > now}}))
+        return out
+
+    def history_rows(self, now: float) -> list[tuple[Any, ...]]:
+        """(node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) of every node, in one pass."""
+        n = len(self.ids)
+        y = self.y[:, :n]
+        values = koa(y, RUST_2007.kaic_total)
+        return list(zip(self.ids, [now] * n, y[0].tolist(), y[1].tolist(), y[2].tolist(), values.tolist(),
+                        self.temps[:n].tolist(), self.sim_hours[:n].tolist()))
+
+    def rows(self, now: float) -> list[tuple[Any, ...]]:
+        return [tuple(self.row(node_id, now).values()) for node_id in self.ids]
+
+
+def _filter_state(fil: SensorKalmanFilter) -> dict[str, Any]:
+    return {"estimate": fil.estimate(), "t": fil._t, "count": fil.measurement_count,
+            "process_noise": fil.process_noise, "measurement_noise": fil.measurement_noise}
+
+
+def _filter_from(doc: Mapping[str, Any]) -> SensorKalmanFilter:
+    """The filter resumes from its last estimate (its covariance restarts at the measurement noise)."""
+    fil = SensorKalmanFilter(doc.get("process_noise"), doc.get("measurement_noise"))
+    if doc.get("t") is not None:
+        fil.update(doc["t"], {k: v for k, v in doc["estimate"].items() if v is not None})
+        fil.measurement_count = int(doc.get("count", 0))
+    return fil

@@ -1,0 +1,137 @@
+"""The spec's WebSocket at `/<mount>/v1/ws`, on the gateway's live hub.
+
+A client subscribes by message, `{"action": "subscribe", "streams":
+["oscillator.state.pico_001", "sensors.temperature.pico_001", "output.koa.pico_001"]}`
+(and `"unsubscribe"`), and receives the spec's events one per frame: `oscillator.state`,
+`sensors.reading`, `output.pwm`, `alert`, `phase_shift.complete`. A person (the admin
+token, or any role's token) may watch every node, `*` for all; a node (its `X-API-Key`) only itself. At most
+5 connections per client (the hub's `live.per_token`, the spec's limit): the sixth is
+closed with 4429.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import trio
+from msgspec import Struct
+from quart import websocket
+
+from gatewayd.plugins.api import AuthError, Gap, LiveLimit, Subscription
+
+if TYPE_CHECKING:
+    from gatewayd.plugins.api import Routes
+
+    from .routes import Api
+
+# The spec's stream names (`<what>.<node>`) -> the hub's kind (`kaiabc.<kind>.<node>`).
+STREAMS = {"oscillator.state": "oscillator_state", "sensors.temperature": "sensors_reading",
+           "sensors.reading": "sensors_reading", "output.koa": "output_pwm", "output.pwm": "output_pwm",
+           "alert": "alert", "phase_shift.complete": "phase_shift_complete", "phase_shift": "phase_shift_complete"}
+MAX_PATTERNS = 64
+
+
+class SocketQuery(Struct, forbid_unknown_fields=True):
+    pass
+
+
+class Socket:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.ctx = api.ctx
+
+    def register(self, r: Routes) -> None:
+        r.websocket("/v1/ws", query=SocketQuery, responses={101: None})(self.ws)
+
+    async def ws(self, query: SocketQuery) -> None:
+        """The spec's event streams; subscribe by message. Refusals close the socket after the
+        handshake: 4401 (credentials), 4429 (more than 5 connections)."""
+        owner, node = await self._who()
+        await websocket.accept()
+        if owner is None:
+            await websocket.close(4401, "send the admin token (Authorization: Bearer) or a node's X-API-Key")
+            return
+        try:
+            sub = self.ctx.live.subscribe([], owner=owner)
+        except LiveLimit as e:
+            await websocket.close(4429, str(e)[:120])
+            return
+        self.api.sockets += 1
+        try:
+            with sub:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._commands, sub, node)
+                    await self._events(sub)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self.api.sockets -= 1
+        await websocket.close(1001, "the gateway is shutting down")
+
+    async def _who(self) -> tuple[str | None, str | None]:
+        """(owner, the node it is limited to or None for a person); owner None: refused."""
+        headers = websocket.headers
+        if headers.get("X-API-Key"):
+            try:
+                device = await self.ctx.auth.api_key(headers, websocket.remote_addr)
+            except AuthError:
+                return None, None
+            return f"node:{device.id}", device.id
+        if self.ctx.http.require_admin() is None:
+            return "person:admin", None
+        scheme, _, value = headers.get("Authorization", "").partition(" ")
+        found = self.ctx.state.tokens.role_of(value.strip(), self.ctx.now()) if scheme.lower() == "bearer" else None
+        return (f"person:{found[0]}", None) if found is not None else (None, None)
+
+    async def _events(self, sub: Subscription) -> None:
+        while True:
+            with trio.move_on_after(15) as idle:
+                batch = await sub.next()
+            if idle.cancelled_caught:
+                await websocket.send(json.dumps({"event": "heartbeat", "timestamp": self.ctx.now()}))
+                continue
+            if not batch:
+                return
+            for item in batch:
+                if isinstance(item, Gap):
+                    await websocket.send(json.dumps({"event": "gap", "dropped": item.dropped}))
+                else:
+                    await websocket.send(json.dumps(item.data))
+
+    async def _commands(self, sub: Subscription, node: str | None) -> None:
+        while True:
+            raw = await websocket.receive()
+            try:
+                doc = json.loads(raw)
+                if not isinstance(doc, dict) or doc.get("action") not in ("subscribe", "unsubscribe"):
+                    raise ValueError('expected {"action": "subscribe" | "unsubscribe", "streams": [...]}')
+                streams = doc.get("streams")
+                if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
+                    raise ValueError("streams: expected a list of strings like oscillator.state.pico_001")
+                patterns = [self._pattern(s, node) for s in streams]
+                if doc["action"] == "subscribe":
+                    if len(sub.patterns | set(patterns)) > MAX_PATTERNS:
+                        raise ValueError(f"at most {MAX_PATTERNS} streams")
+                    sub.add(patterns)
+                else:
+                    sub.remove(patterns)
+                reply: dict[str, Any] = {"action": f"{doc['action']}d", "streams": streams}
+            except (ValueError, PermissionError, RecursionError) as e:
+                reply = {"event": "error", "error": {"code": "PERMISSION_DENIED" if isinstance(e, PermissionError)
+                                                     else "INVALID_PARAMETER", "message": str(e)[:200]}}
+            await websocket.send(json.dumps(reply))
+
+    def _pattern(self, stream: str, node: str | None) -> str:
+        """A spec stream name as the hub's pattern (with the family), checked against who asks."""
+        for name in sorted(STREAMS, key=len, reverse=True):
+            if stream.startswith(name + "."):
+                target = stream[len(name) + 1:]
+                break
+        else:
+            raise ValueError(f"unknown stream {stream[:64]!r}; streams are {sorted(STREAMS)} followed by "
+                             ".<node_id> or .*")
+        if not target or "." in target or ("*" in target and target != "*") or "#" in target:
+            raise ValueError(f"stream {stream[:64]!r}: expected one node id or * after the name")
+        if node is not None and target != node.replace(".", "_"):
+            raise PermissionError(f"a node may watch only its own streams ({name}.{node})")
+        return f"{self.ctx.name}.{STREAMS[name]}.{target}"

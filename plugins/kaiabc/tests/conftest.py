@@ -1,0 +1,7 @@
+import pytest
+from kaiabc_testbed import TOKEN
+
+
+@pytest.fixture(autouse=True)
+def admin_token(monkeypatch):
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)

@@ -1,0 +1,305 @@
+"""The lights' HTTP API against a real gateway: the specification's bodies, codes and cadence."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jwt
+from streetlight_testbed import (
+    ADMIN,
+    BASE,
+    IMEI,
+    PLUGIN,
+    REGISTRATION,
+    bearer,
+    command,
+    configure,
+    gz,
+    sign,
+    status_report,
+)
+
+from gatewayd.testing import gw_client, provision
+
+
+async def test_configure_answers_the_light_id_its_config_and_a_seven_day_token(gateway_factory, upstream_receiver):
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        answer = await configure(client)
+        assert answer["status"] == "success" and answer["light_id"] == "SL001"
+        assert answer["config"] == {"schedule_enabled": True, "sunrise_time": "06:00:00", "sunset_time": "18:30:00",
+                                    "brightness_level": 100, "auto_dimming": True}
+        assert answer["mqtt_enabled"] is False and "mqtt_password" not in answer
+        claims = jwt.decode(answer["device_token"], options={"verify_signature": False})
+        assert claims["sub"] == IMEI and claims["exp"] - claims["iat"] == 7 * 86400
+        assert answer["server_timestamp"].endswith("Z")
+        again = await configure(client)  # a reboot: the same light id
+        assert again["light_id"] == "SL001"
+        [record, _] = await upstream_receiver.wait_for(2)
+        assert record["device"] == IMEI and record["kind"] == "configure" and record["data"]["city"] == "Delhi"
+
+
+async def test_configure_refusals_in_the_specifications_error_body(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=["plugins.streetlight.service_area=[8, 68, 37, 97]"]) as gw, \
+            gw_client(gw) as client:
+        r = await client.post(f"{BASE}/{IMEI}/configure", json=REGISTRATION)
+        assert r.status_code == 404 and r.json() == {
+            "status": "error", "code": "DEVICE_NOT_FOUND",
+            "message": f"light {IMEI} is not registered on this gateway", "retry_after_seconds": 300}
+        await provision(gw, "streetlight", IMEI)
+        r = await client.post(f"{BASE}/{IMEI}/configure", json={**REGISTRATION, "latitude": 51.5, "longitude": -0.1})
+        assert r.status_code == 400 and r.json()["code"] == "CONFIG_INVALID"
+        assert r.json()["message"] == "GPS coordinates 51.5, -0.1 out of service area"
+        assert r.json()["retry_after_seconds"] == 300
+        r = await client.post(f"{BASE}/{IMEI}/configure", json={**REGISTRATION, "latitude": "north"})
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_PAYLOAD" and "latitude" in r.json()["message"]
+        r = await client.post(f"{BASE}/{IMEI}/configure", content=b'{"latitude": NaN}')
+        assert r.status_code == 400 and "NaN" in r.json()["message"]
+        r = await client.post(f"{BASE}/{IMEI}/configure", json={**REGISTRATION, "device_id": "IMEI:1"})
+        assert r.status_code == 400 and r.json()["message"].startswith("device_id:")
+        r = await client.post(f"{BASE}/{IMEI}/configure", json={**REGISTRATION, "timestamp": "1970-01-01T00:00:00Z"})
+        assert r.status_code == 400 and "clock" in r.json()["message"]
+
+
+async def test_a_light_with_a_flashed_secret_must_sign(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        creds = await provision(gw, "streetlight", IMEI, metadata={"signed": True})
+        body = json.dumps(REGISTRATION).encode()
+        r = await client.post(f"{BASE}/{IMEI}/configure", content=body)
+        assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID"
+        r = await client.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign("wrong", body))
+        assert r.status_code == 401
+        r = await client.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 200
+        token = r.json()["device_token"]
+        report = json.dumps(status_report()).encode()
+        r = await client.post(f"{BASE}/{IMEI}/status", content=report, headers=bearer(token))
+        assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID"
+        r = await client.post(f"{BASE}/{IMEI}/status", content=report,
+                              headers={**bearer(token), **sign(creds.signing_secret, report)})
+        assert r.status_code == 200
+
+
+async def test_enrollment_keeps_an_unknown_light_pending_until_approved(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=["plugins.streetlight.enrollment=true"]) as gw, \
+            gw_client(gw, headers=ADMIN) as client:
+        for _ in range(2):
+            r = await client.post(f"{BASE}/{IMEI}/configure", json=REGISTRATION)
+            assert r.status_code == 403 and r.json()["code"] == "PENDING_APPROVAL"
+        r = await client.get(f"/api/gateway/devices/{IMEI}")
+        assert r.json()["device"]["status"] == "disabled"
+        assert (await client.post(f"/api/gateway/devices/{IMEI}/enable")).status_code == 200
+        assert (await configure(client))["light_id"] == "SL001"
+
+
+async def test_status_is_stored_and_answered_with_the_cadence(gateway_factory, upstream_receiver):
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=auth)
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert (answer["status"], answer["message"], answer["next_update_seconds"]) == ("success", "Status recorded", 30)
+        assert "device_token" not in answer  # seven days left: no refresh yet
+        for status, seconds in (({"temperature_celsius": 61}, 10), ({"battery_percentage": 19}, 10),
+                                ({"temperature_celsius": 60, "battery_percentage": 20}, 30)):
+            r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(**status), headers=auth)
+            assert r.json()["next_update_seconds"] == seconds, status
+        records = await upstream_receiver.wait_for(5)
+        first = records[1]
+        assert first["kind"] == "status" and first["data"]["energy"]["cumulative_kwh"] == 1245.67
+        assert first["data"]["timestamp"] == "2025-12-17T10:30:35Z"
+        r = await client.get(f"{BASE}/{IMEI}/health", headers=auth)
+        health = r.json()
+        assert health["indicator"] == "green" and health["last_status"]["battery"] == 20
+        # the compact form of the MQTT topic and the pseudocode
+        r = await client.post(f"{BASE}/{IMEI}/status", headers=auth,
+                              json={"light_id": "SL001", "status": "on", "brightness": 85, "battery": 9})
+        assert r.status_code == 200 and r.json()["next_update_seconds"] == 10
+        health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
+        assert health["indicator"] == "red" and "battery critical" in health["reason"]
+
+
+async def test_status_refusals(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        await provision(gw, "streetlight", "IMEI:351234567890999")
+        auth = bearer((await configure(client))["device_token"])
+        other = bearer((await configure(client, "IMEI:351234567890999"))["device_token"])
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report())
+        assert r.status_code == 401 and r.json()["code"] == "UNAUTHORIZED"
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=other)
+        assert r.status_code == 401
+        r = await client.post(f"{BASE}/IMEI:000000000000001/status", json=status_report(), headers=auth)
+        assert r.status_code == 404 and r.json()["code"] == "DEVICE_NOT_FOUND"
+        for bad, field in (({"battery_percentage": 140}, "status.battery_percentage"),
+                           ({"error_flags": "lamp"}, "status.error_flags"),
+                           ({"power_state": "dim"}, "status.power_state")):
+            r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(**bad), headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(field), r.text
+            assert set(r.json()) == {"status", "code", "message", "retry_after_seconds"}
+        r = await client.post(f"{BASE}/{IMEI}/status", content=b"{", headers=auth)
+        assert r.status_code == 400 and r.json()["code"] == "INVALID_PAYLOAD"
+
+
+async def test_commands_in_the_specifications_shape_high_priority_first(gateway_factory, upstream_receiver):
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+        assert r.json()["commands"] == [] and r.json()["status"] == "ok" and r.json()["next_poll_seconds"] == 10
+        schedule = {"enabled": True, "sunrise_time": "06:30:00", "sunset_time": "18:00:00"}
+        low = await command(client, IMEI, {"command_type": "schedule_update", "schedule": schedule})
+        normal = await command(client, IMEI, {"command_type": "brightness_control", "brightness_level": 75})
+        high = await command(client, IMEI, {"command_type": "power_control", "action": "on"})
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+        body = r.json()
+        assert [c["command_id"] for c in body["commands"]] == [high["id"], normal["id"], low["id"]]
+        first = body["commands"][0]
+        assert set(first) == {"command_id", "command_type", "action", "priority", "requested_at"}
+        assert (first["command_type"], first["action"], first["priority"]) == ("power_control", "on", "high")
+        assert body["commands"][2]["schedule"] == schedule
+        assert body["next_poll_seconds"] == 2  # a user's command waits for its ack
+        assert (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()["commands"] == []
+        ack = {"device_id": IMEI, "command_id": high["id"], "status": "executed",
+               "execution_timestamp": "2025-12-17T10:30:47Z", "result": {"new_state": "on", "actual_brightness": 100}}
+        for _ in range(2):  # a repeated ack changes nothing
+            r = await client.post(f"{BASE}/{IMEI}/command-ack", json=ack, headers=auth)
+            assert r.status_code == 200 and r.json()["command_status"] == "executed"
+        r = await client.post(f"{BASE}/{IMEI}/command-ack", json={**ack, "status": "failed"}, headers=auth)
+        assert r.json()["command_status"] == "executed"
+        r = await client.post(f"{BASE}/{IMEI}/command-ack", json={**ack, "command_id": "CMD_404"}, headers=auth)
+        assert r.status_code == 404 and r.json()["code"] == "COMMAND_NOT_FOUND"
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+        assert r.json()["next_poll_seconds"] == 10
+        stored = (await client.get(f"/api/gateway/devices/{IMEI}/commands", headers=ADMIN)).json()["commands"]
+        assert {c["id"]: c["status"] for c in stored}[high["id"]] == "executed"
+        records = await upstream_receiver.wait_for(2)
+        acks = [r for r in records if r["kind"] == "command_ack"]
+        assert len(acks) == 1 and acks[0]["data"]["result"] == {"new_state": "on", "actual_brightness": 100}
+
+
+async def test_an_operators_command_is_checked_against_the_specification(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
+        await provision(gw, "streetlight", IMEI)
+        url = f"/api/gateway/devices/{IMEI}/commands"
+        for payload, message in (
+                ({"command_type": "dim"}, "command_type: expected one of power_control, brightness_control, "
+                                          "schedule_update, got 'dim'"),
+                ({"command_type": "brightness_control"}, "brightness_level: expected an integer 0-100"),
+                ({"command_type": "power_control", "action": "on", "command_id": "X"}, "command_id: unknown field"),
+                ({"command_type": "schedule_update", "schedule": {"sunset_time": "25:00:00"}}, "schedule.sunset_time")):
+            r = await client.post(url, json={"payload": payload})
+            assert r.status_code == 400 and r.json()["error"]["message"].startswith(message), r.text
+
+
+async def test_offline_sync_alert_and_logs(gateway_factory, upstream_receiver):
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        readings = [{**status_report(), "timestamp": 1765967400 + 30 * i} for i in range(360)]  # 3 hours
+        r = await client.post(f"{BASE}/{IMEI}/sync", content=gz({"readings": readings}),
+                              headers={**auth, "Content-Encoding": "gzip"})
+        assert r.status_code == 200 and r.json()["stored"] == 360, r.text
+        bad = readings[:3] + [{**status_report(), "timestamp": None}]
+        r = await client.post(f"{BASE}/{IMEI}/sync", json={"readings": bad}, headers=auth)
+        assert r.status_code == 400 and r.json()["message"].startswith("readings[3].timestamp: required")
+        r = await client.post(f"{BASE}/{IMEI}/sync", content=gz({"readings": readings})[:-8],
+                              headers={**auth, "Content-Encoding": "gzip"})
+        assert r.status_code == 400 and r.json()["code"] == "PAYLOAD_CORRUPT"
+        r = await client.post(f"{BASE}/{IMEI}/alert", headers=auth, json={
+            "alert_type": "battery_low", "severity": "critical", "message": "battery 8%", "data": {"battery": 8}})
+        assert r.status_code == 200 and r.json()["status"] == "success"
+        r = await client.post(f"{BASE}/{IMEI}/logs", content=gz({"logs": [{"level": "error", "message": "relay"}]}),
+                              headers={**auth, "Content-Encoding": "gzip"})
+        assert r.status_code == 200, r.text
+        records = await upstream_receiver.wait_for(1 + 360 + 2)
+        kinds = [r["kind"] for r in records]
+        assert kinds.count("status") == 360 and "alert" in kinds and "logs" in kinds
+        synced = [r for r in records if r["kind"] == "status"]
+        assert min(r["data"]["timestamp"] for r in synced) == "2025-12-17T10:30:00Z"  # each at its own time
+        assert max(r["data"]["timestamp"] for r in synced) == "2025-12-17T13:29:30Z"
+
+
+async def test_rate_limit_answers_429_with_retry_after_seconds(gateway_factory):
+    settings = ["plugins.streetlight.requests_per_minute=3"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        codes = [(await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3] == 429
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+        assert r.json()["code"] == "RATE_LIMITED" and r.json()["retry_after_seconds"] >= 1
+        assert int(r.headers["Retry-After"]) == r.json()["retry_after_seconds"]
+
+
+async def test_a_status_answer_refreshes_a_token_near_its_expiry(gateway_factory):
+    settings = ["plugins.streetlight.token_ttl_s=7200", "plugins.streetlight.token_refresh_before_s=3600"]
+    now = [time.time()]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, clock=lambda: now[0]) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        token = (await configure(client))["device_token"]
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=bearer(token))
+        assert "device_token" not in r.json()
+        now[0] += 3700  # 58 minutes left
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=bearer(token))
+        fresh = r.json()["device_token"]
+        assert jwt.decode(fresh, options={"verify_signature": False})["exp"] == int(now[0]) + 7200
+        now[0] += 3600  # the old one expired: the light reconfigures (401), the fresh one works
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=bearer(token))
+        assert r.status_code == 401 and r.json()["code"] == "TOKEN_EXPIRED"
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=bearer(fresh))
+        assert r.status_code == 200
+
+
+async def test_a_light_silent_for_thirty_days_must_configure_again(gateway_factory):
+    now = [time.time()]
+    settings = [f"plugins.streetlight.token_ttl_s={60 * 86400}"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, clock=lambda: now[0]) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        token = (await configure(client))["device_token"]
+        now[0] += 29 * 86400
+        assert (await client.get(f"{BASE}/{IMEI}/commands", headers=bearer(token))).status_code == 200
+        now[0] += 31 * 86400 - 60
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=bearer(token))
+        assert r.status_code == 401 and r.json()["code"] == "TOKEN_EXPIRED", r.text
+        token = (await configure(client))["device_token"]
+        assert (await client.get(f"{BASE}/{IMEI}/commands", headers=bearer(token))).status_code == 200
+
+
+async def test_every_route_is_declared_in_the_plugins_openapi_document(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
+        doc = (await client.get("/streetlight/openapi.json")).json()
+        device = "/streetlight/device/{device_id}"
+        assert sorted(doc["paths"]) == sorted([f"{device}/{p}" for p in (
+            "configure", "status", "sync", "commands", "command-ack", "alert", "logs", "health", "firmware")]
+            + ["/streetlight/firmware/{firmware_id}/image"])
+        status = doc["paths"][f"{device}/status"]["post"]
+        assert status["security"] == [{"deviceJwt": []}] and "404" in status["responses"]
+        assert "security" not in doc["paths"][f"{device}/configure"]["post"]
+        assert "415" in doc["paths"][f"{device}/sync"]["post"]["responses"]  # gzip welcome
+        error = doc["components"]["schemas"]["Error"]
+        assert sorted(error["required"]) == ["code", "message", "retry_after_seconds", "status"]
+        assert (await client.get("/streetlight/docs")).status_code == 200
+
+
+async def test_the_health_thresholds_are_the_default_alert_rules(gateway_factory, upstream_receiver):
+    settings = ["plugins.streetlight.health.errors_per_hour_max=2"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        for status in ({"battery_percentage": 8}, {"temperature_celsius": 70}, {"gsm_signal_strength": 5},
+                       {"error_flags": ["lamp"]}, {"error_flags": ["relay"]}, {"error_flags": ["lamp"]}):
+            r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(**status), headers=auth)
+            assert r.status_code == 200
+        records = await upstream_receiver.wait_for(1 + 6 + 4)
+        rules = sorted(r["data"]["rule"] for r in records if r["kind"] == "alert")
+        assert rules == ["streetlight-battery-critical", "streetlight-malfunction", "streetlight-overheating",
+                         "streetlight-poor-connectivity"]
+        health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
+        assert health["indicator"] == "red" and "malfunction (3 errors in the last hour)" in health["reason"]
