@@ -14,8 +14,12 @@
    encode = compress + sign, mark delivered) and the reference receiver's (decode =
    verify + decompress + parse + validate, store).
 
+5. Profiles (`gateway.profile`, core/profile.py): the 1,000,000-record drain again with
+   each profile's settings (garbage collector, upstream batch size, reader threads),
+   peak RSS side by side.
+
 Medians of the repeats; goals: ingest >= 40 % of executemany, drain >= 100k records/s,
-RSS during the 1M drain < 200 MB.
+RSS during the 1M drain < 200 MB; with gateway.profile = "small", peak RSS < 100 MB.
 """
 
 from __future__ import annotations
@@ -205,8 +209,18 @@ def rss_kb() -> int:
     return 0
 
 
-async def drain(path: Path, url: str) -> dict:
-    storage = Storage(path)
+async def drain(path: Path, url: str, profile: str | None = None) -> dict:
+    """Drain the backlog; with `profile`, with what that profile configures (a gateway
+    with one [[upstream]] and nothing else set), else with the bench's own settings."""
+    max_records, max_bytes, readers = 5000, 4 << 20, 4
+    if profile is not None:
+        from gatewayd.core.config import load_config
+
+        config = load_config(None, [f"gateway.profile='{profile}'"],
+                             text='[[upstream]]\nname = "cloud"\nurl = "http://bench"\n')
+        sink = config.upstream[0]
+        max_records, max_bytes, readers = sink.max_records, sink.max_bytes, config.storage.readers
+    storage = Storage(path, readers=readers)
     samples: list[int] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(storage.run)
@@ -214,7 +228,7 @@ async def drain(path: Path, url: str) -> dict:
         await outbox.open()
         total = outbox.counts["sink:cloud"][0]
         worker = SyncWorker(outbox, HttpSink("cloud", url), gateway_id="bench-gw", secret=SECRET.encode(),
-                            compression="zstd", max_records=5000, max_bytes=4 << 20, linger_s=0)
+                            compression="zstd", max_records=max_records, max_bytes=max_bytes, linger_s=0)
         began = time.perf_counter()
         await nursery.start(worker.run)
         while outbox.counts["sink:cloud"][0]:
@@ -229,10 +243,11 @@ async def drain(path: Path, url: str) -> dict:
             "batches": worker.stats.batches}
 
 
-def drain_in_subprocess(db: Path, url: str) -> dict:
+def drain_in_subprocess(db: Path, url: str, profile: str | None = None) -> dict:
     """A fresh process, so its peak RSS is the drain's and nothing else's."""
-    out = subprocess.run([sys.executable, __file__, "--drain-only", str(db), url], capture_output=True, text=True,
-                         cwd=ROOT, check=True)
+    extra = ["--profile", profile] if profile else []
+    out = subprocess.run([sys.executable, __file__, "--drain-only", str(db), url, *extra], capture_output=True,
+                         text=True, cwd=ROOT, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -303,24 +318,41 @@ def stage_costs(tmp: Path, total: int) -> dict:
     return {key: took * 1e6 / total for key, took in spent.items()}
 
 
-def bench_drain(tmp: Path, total: int, repeats: int, *, null: bool = False) -> dict:
+def bench_drain(tmp: Path, total: int, repeats: int, *, null: bool = False, profile: str | None = None) -> dict:
     runs = []
     for r in range(repeats):
-        db = tmp / f"drain-{total}-{null}-{r}.sqlite3"
-        received = None if null else tmp / f"received-{total}-{r}.db"
+        db = tmp / f"drain-{total}-{null}-{profile}-{r}.sqlite3"
+        received = None if null else tmp / f"received-{total}-{profile}-{r}.db"
         trio.run(fill, db, total)
         proc, url = start_receiver(received)
         try:
-            runs.append(drain_in_subprocess(db, url))
+            runs.append(drain_in_subprocess(db, url, profile))
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=10)
         if received is not None:
             got = sqlite3.connect(received).execute("SELECT COUNT(*) FROM records").fetchone()[0]
             assert got == total, f"receiver holds {got} of {total}"
+        db.unlink()
     return {"records": total, "rps": statistics.median(r["rps"] for r in runs),
             "rss_max_mb": max(r["rss_max_mb"] for r in runs), "vmhwm_mb": max(r["vmhwm_mb"] for r in runs),
             "runs": runs}
+
+
+def bench_profiles(tmp: Path, total: int) -> dict:
+    """The big drain with each profile's settings, one after the other in this run."""
+    out = {}
+    for profile in ("default", "small"):
+        run = bench_drain(tmp, total, 1, profile=profile)
+        out[profile] = {"rps": run["rps"], "vmhwm_mb": run["vmhwm_mb"], "rss_max_mb": run["rss_max_mb"],
+                        "batches": run["runs"][0]["batches"]}
+    d, s = out["default"], out["small"]
+    print(f"{total:,}-record drain, profile default  {d['rps']:>10,.0f} records/s   VmHWM {d['vmhwm_mb']:.0f} MB, "
+          f"RSS max {d['rss_max_mb']:.0f} MB")
+    print(f"{total:,}-record drain, profile small    {s['rps']:>10,.0f} records/s   VmHWM {s['vmhwm_mb']:.0f} MB, "
+          f"RSS max {s['rss_max_mb']:.0f} MB (goal < 100 MB); throughput ratio {s['rps'] / d['rps']:.2f}, "
+          f"peak ratio {s['vmhwm_mb'] / d['vmhwm_mb']:.2f}")
+    return out
 
 
 def main() -> None:
@@ -329,10 +361,16 @@ def main() -> None:
     parser.add_argument("--drain-only", nargs=2, metavar=("DB", "URL"), help=argparse.SUPPRESS)
     parser.add_argument("--null-receiver", metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--default-gc", action="store_true", help="keep Python's GC thresholds (no tune_gc)")
+    parser.add_argument("--profile", choices=["default", "small"], help=argparse.SUPPRESS)  # a drain subprocess
+    parser.add_argument("--profiles-only", action="store_true", help="only the profiles' 1M drains (section 5)")
     args = parser.parse_args()
     if args.default_gc:
         os.environ["GATEWAYD_BENCH_DEFAULT_GC"] = "1"  # for the drain subprocesses too
-    if not os.environ.get("GATEWAYD_BENCH_DEFAULT_GC"):
+    if args.profile:
+        from gatewayd.core.runtime import tune_gc_for
+
+        tune_gc_for(args.profile)  # what `gatewayd run` does with that profile
+    elif not os.environ.get("GATEWAYD_BENCH_DEFAULT_GC"):
         from gatewayd.core.runtime import tune_gc
 
         tune_gc()  # what `gatewayd run` (and `gatewayd receive`) do
@@ -340,11 +378,14 @@ def main() -> None:
         null_receiver(int(args.null_receiver))
         return
     if args.drain_only:
-        print(json.dumps(trio.run(drain, Path(args.drain_only[0]), args.drain_only[1])))
+        print(json.dumps(trio.run(drain, Path(args.drain_only[0]), args.drain_only[1], args.profile)))
         return
     n_ingest, n_drain, n_big, repeats = (50_000, 50_000, 200_000, 3) if args.quick else (200_000, 200_000, 1_000_000, 5)
     with tempfile.TemporaryDirectory(prefix="gatewayd-ingest-bench-") as d:
         tmp = Path(d)
+        if args.profiles_only:
+            print(json.dumps({"profiles": bench_profiles(tmp, n_big)}))
+            return
         ingest = bench_ingest(tmp, n_ingest, repeats)
         print(f"raw executemany (same rows)       {ingest['raw_executemany_rps']:>10,.0f} records/s")
         print(f"batch ingest, 1 caller            {ingest['ingest_rps']:>10,.0f} records/s   ratio {ingest['ratio']:.2f}"
@@ -361,12 +402,13 @@ def main() -> None:
         big = bench_drain(tmp, n_big, 1)
         print(f"{n_big:,}-record backlog drain  {big['rps']:>10,.0f} records/s   RSS max {big['rss_max_mb']:.0f} MB, "
               f"VmHWM {big['vmhwm_mb']:.0f} MB (goal < 200 MB)")
+        profiles = bench_profiles(tmp, n_big)
         stages = stage_costs(tmp, n_drain)
         print("per record, one thread (us):       " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
         print(json.dumps({"ingest": ingest, "receiver_alone_rps": ceiling, "stages_us_per_record": stages,
                           "drain": {k: v for k, v in drained.items() if k != "runs"},
                           "drain_null": {k: v for k, v in null.items() if k != "runs"},
-                          "big_drain": big["runs"][0]}))
+                          "big_drain": big["runs"][0], "profiles": profiles}))
 
 
 if __name__ == "__main__":

@@ -5,4 +5,4 @@ family speaks that family's protocol. Everything is stored durably in SQLite bef
 device is acknowledged, and forwarded upstream when the link is up.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

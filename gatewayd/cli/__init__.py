@@ -20,15 +20,17 @@ import trio
 from .. import __version__
 from ..core.config import ConfigErrors
 from ..core.logs import get_logger, setup_logging
-from ..core.storage import StorageError, backup_database
+from ..core.storage import MigrationError, StorageError, backup_database
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
+from .doctor import cmd_doctor, setup_doctor
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .maintenance import cmd_maintenance, setup_maintenance
 from .outbox import cmd_outbox, setup_outbox
 from .plugin import cmd_plugin, setup_plugin
+from .tls import cmd_tls, setup_tls
 from .tokens import cmd_tokens, setup_tokens
 
 EPILOG = """\
@@ -54,19 +56,20 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
-    from ..core.runtime import Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled, tune_gc
+    from ..core.runtime import (Gateway, ListenError, find_exception, raise_open_files_limit, run_until_signalled,
+                                tune_gc_for)
 
     config = load(args, manager)
     setup_logging(config.log.level, config.log.format)
     log = get_logger("gatewayd")
     path = config_path(args)
     log.info("starting gatewayd", version=__version__, config=str(path) if path else "built-in defaults",
-             data_dir=str(config.data_dir))
+             data_dir=str(config.data_dir), profile=config.gateway.profile)
     for name, settings in config.plugins.items():
         if not settings.enabled:
             manager.block(name)
     gateway = Gateway(config, manager)
-    tune_gc()
+    tune_gc_for(config.gateway.profile)
     before, limit = raise_open_files_limit()
     if limit < 4096:  # the hard limit: ours to read, the administrator's to raise
         log.warning("few open files allowed: raise LimitNOFILE= in the service unit", open_files=limit,
@@ -76,7 +79,7 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
     try:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:
-        error = find_exception(e, ListenError)
+        error = find_exception(e, ListenError) or find_exception(e, MigrationError)
         if error is None:
             raise
         log.error("cannot start", error=str(error))
@@ -181,6 +184,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
     ("backup", "write a consistent copy of the database (safe while the daemon runs)",
      lambda p: p.add_argument("dest", metavar="DEST", help="a file path, or a folder for a timestamped file"),
      cmd_backup),
+    ("doctor", "check this box: config, ports, disk, mosquitto, clock, master key, TLS, upstream, serial "
+     "(exit 1 on a real problem)", setup_doctor, cmd_doctor),
     ("serial", "serial-line tools for installers: serial probe URL [--framing jsonl|slip|cobs|length]",
      setup_serial, cmd_serial),
     ("devices", "provision and manage devices: add, list, show, disable, rotate, command, claim-code",
@@ -197,6 +202,8 @@ CORE_COMMANDS: list[tuple[str, str, Callable[[argparse.ArgumentParser], None], C
      setup_maintenance, cmd_maintenance),
     ("tokens", "scoped read-only API tokens for apps: add NAME --scope live:<family> [--ttl 30d], list, revoke NAME",
      setup_tokens, cmd_tokens),
+    ("tls", "TLS on the LAN: tls init (site CA + server certificate), tls show, tls client NAME --out DIR",
+     setup_tls, cmd_tls),
     ("receive", "run the reference upstream receiver (docs/upstream-protocol.md), or --export what it stored",
      _receive_arguments, _cmd_receive),
     ("plugin", "write a new plugin: plugin new NAME [--http] [--mqtt] [--serial]", setup_plugin, cmd_plugin),

@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 from .alerts.rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
+from .backup import BackupSection
+from .profile import apply_profile
+from .tls import TlsSection
 
 __all__ = [
     "Config",
@@ -31,6 +34,8 @@ class GatewaySection:
     id: str = field(default_factory=socket.gethostname)
     data_dir: str = "var"
     shutdown_grace_s: float = 3.0
+    #: "default", or "small" for a 512 MB board (core/profile.py; keys set here win).
+    profile: Literal["default", "small"] = "default"
 
     def validate(self) -> None:
         if not self.id or any(c in self.id for c in "/#+ "):
@@ -344,6 +349,8 @@ class Config:
     notifications: NotificationsSection = field(default_factory=NotificationsSection)
     ota: OtaSection = field(default_factory=OtaSection)
     live: LiveSection = field(default_factory=LiveSection)
+    tls: TlsSection = field(default_factory=TlsSection)
+    backup: BackupSection = field(default_factory=BackupSection)
     rules: list[Rule] = field(default_factory=list)
     plugins: dict[str, PluginSettings] = field(default_factory=dict)
     source: Path | None = None
@@ -457,6 +464,7 @@ def load_config(
             apply_override(raw, assignment)
         except ConfigError as e:
             errors.append(e)
+    apply_profile(raw)  # gateway.profile's defaults, under what the file and --set say
     sections: dict[str, Any] = {}
     for name, value in raw.items():
         if name == "plugins":

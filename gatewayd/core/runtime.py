@@ -38,6 +38,7 @@ from .alerts.events import EVENTS_SCHEMA, EventBus, FamilyEvents
 from .alerts.http import events_blueprint
 from .alerts.notify import NOTIFY_SCHEMA, Notifier
 from .alerts.rules import Rule, merge_rules, rule_from_dict
+from .backup import Backups
 from .config import Config
 from .dashboard import DashboardSessions, DashboardSources, PluginViews, dashboard_blueprint
 from .devices.http import admin_blueprint
@@ -64,10 +65,12 @@ from .outbox.ingest import Ingest
 from .outbox.store import Outbox
 from .schema import ConfigErrors
 from .serial.links import SerialLinks
+from .sdnotify import SystemdNotifier
 from .storage import SchemaSpec, Storage
+from .tls import SiteTls, TlsError
 from .upstream.service import Upstream
 
-__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc"]
+__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc", "tune_gc_for"]
 
 log = get_logger("gatewayd.runtime")
 
@@ -111,6 +114,8 @@ class Gateway:
             readers=config.storage.readers,
         )
         self.outbox = Outbox.from_config(self.storage, config, clock=clock)
+        self.backups = Backups.from_config(config, self.storage.path, self.health, self.metrics, clock=clock)
+        self.storage.migration_backup_dir = self.backups.directory  # the copy taken before a schema migration
         n = config.notifications
         self.notifier = Notifier(
             self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,
@@ -122,7 +127,9 @@ class Gateway:
         self.devices = DeviceServices(config, self.storage, self.metrics, clock=clock, emit=self.events.emit,
                                       on_credentials_changed=self._credentials_changed, publish=self._publish_command,
                                       check_command=self._check_command)
-        self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices)
+        self.tls = SiteTls.from_config(config)  # [tls]: the certificate the listeners serve
+        self.tls.register(self.health, self.metrics, clock)
+        self.mqtt = MQTTService(config, self.storage, self.metrics, self.health, self.devices, self.tls)
         # The address devices reach the main listener at; resolved at the first URL handed
         # out, by then the listener is bound (port 0 included).
         self.public_url = PublicUrl(config.http.public_url, config.http.listen, lambda: self.http_urls.get("main", []))
@@ -188,6 +195,10 @@ class Gateway:
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Start everything, report started, and run until `request_shutdown()`."""
         self.started_at = self.clock()
+        try:
+            self.tls.load()  # a missing certificate is named before anything starts
+        except TlsError as e:
+            raise ListenError(str(e)) from None
         for name in self.plugins.names:
             if self.plugins.infos[name].load_error:
                 self.failed[name] = self.plugins.infos[name].load_error
@@ -204,6 +215,7 @@ class Gateway:
             await core.start(self.notifier.run)
             await core.start(self.events.run)
             await core.start(self.devices.run)
+            await core.start(self.backups.run)  # [backup]: the daemon's own, checked copies
             self._build_contexts()
             self._collect_topics()
             try:
@@ -212,8 +224,10 @@ class Gateway:
                 error = find_exception(e, OSError)
                 if error is None:
                     raise
-                listen = self.config.mqtt.listen
-                raise ListenError(f"cannot listen on {listen} (mqtt.listen): {error.strerror or error}") from None
+                where = f"{self.config.mqtt.listen} (mqtt.listen)"
+                if self.config.tls.mqtt_listen is not None:
+                    where += f" or {self.config.tls.mqtt_listen} (tls.mqtt_listen)"
+                raise ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
             async with trio.open_nursery() as front:
                 self._load_alert_rules()
                 await self._start_http(front)
@@ -407,6 +421,7 @@ class Gateway:
                     shutdown_trigger=trigger,
                     graceful_timeout=self.config.gateway.shutdown_grace_s,
                     access_log=self.config.http.access_log,
+                    tls=self.tls if self.config.tls.http else None,
                     task_status=task_status,
                 )
             finally:
@@ -576,8 +591,26 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 10, 10)
 
 
-async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it."""
+def tune_gc_for(profile: str) -> None:
+    """The garbage collector for `gatewayd run` with `gateway.profile`: `tune_gc`'s relaxed
+    thresholds, or, for "small" (core/profile.py), Python's own (objects alive at start-up
+    are still frozen out of later collections: that costs no memory)."""
+    if profile == "small":
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(700, 10, 10)
+        return
+    tune_gc()
+
+
+async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED,
+                              notifier: SystemdNotifier | None = None) -> None:
+    """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it.
+
+    Under systemd (`Type=notify`) it says READY once the gateway has started, STOPPING
+    at the first signal, and feeds the watchdog from this trio loop (core/sdnotify.py).
+    """
+    notifier = notifier or SystemdNotifier()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -588,11 +621,22 @@ async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_
                     name = signal.Signals(signum).name
                     if count == 1:
                         log.info("signal received, stopping", signal=name)
+                        notifier.stopping()
                         gateway.request_shutdown()
                     else:
                         log.warning("second signal, stopping now", signal=name)
                         nursery.cancel_scope.cancel()
 
+            class Started:
+                @staticmethod
+                def started(value: Any = None) -> None:
+                    notifier.ready(f"running: {' '.join(u for urls in gateway.http_urls.values() for u in urls)}")
+                    nursery.start_soon(notifier.watchdog)
+                    task_status.started(value)
+
             nursery.start_soon(watch)
-            await gateway.run(task_status=task_status)
+            try:
+                await gateway.run(task_status=Started())
+            finally:
+                notifier.close()
             nursery.cancel_scope.cancel()

@@ -34,6 +34,7 @@ __all__ = [
     "StorageError",
     "StorageFull",
     "StorageUnavailable",
+    "MigrationError",
     "SchemaSpec",
     "backup_database",
     "BACKUP_MARKER",
@@ -54,6 +55,10 @@ class StorageFull(StorageError):
 
 class StorageUnavailable(StorageError):
     """The storage is closed or not yet open."""
+
+
+class MigrationError(StorageError):
+    """A schema migration failed; its component's tables are as they were before it."""
 
 
 SQLITE_FULL = 13
@@ -183,6 +188,10 @@ class Storage:
         #: (since, error) while writes fail for lack of space; set and cleared by the writer
         #: thread (one assignment: /health reads it from the trio thread).
         self.full: tuple[float, str] | None = None
+        #: Before the first migration this process makes, the whole database is copied
+        #: here (`gatewayd-pre-upgrade-<UTC time>.sqlite3`); the runtime sets `[backup] dir`.
+        self.migration_backup_dir: Path = self.path.parent / "backups"
+        self.pre_migration_backup: Path | None = None
 
     # -- life cycle --------------------------------------------------------------
 
@@ -267,9 +276,17 @@ class Storage:
     def install(self, spec: SchemaSpec) -> None:
         """Create or upgrade a component's tables (blocking: call from a thread).
 
-        Raises StorageFull / StorageError when SQLite fails (nothing of it is kept)."""
+        Before the first migration, the database is copied (`pre_migration_backup`); no
+        copy, no migration. A migration runs in one transaction with its component's
+        version: if it fails, MigrationError says how to roll back and nothing of that
+        component changed. Raises StorageFull / StorageError when SQLite fails (nothing
+        of it is kept)."""
         try:
+            if self.pre_migration_backup is None and self._migration_pending(spec):
+                self._backup_before_migrating(spec)
             self._install(spec)
+        except MigrationError:
+            raise
         except Exception as e:
             error = self._classify(e)
             if error is e:
@@ -295,10 +312,38 @@ class Storage:
                     step = spec.migrations.get(version)
                     if step is None:
                         raise StorageError(f"{spec.component}: no migration to schema version {version}")
-                    log.info("migrating schema", component=spec.component, to_version=version)
-                    step(migrator, db)
+                    log.info("migrating schema", component=spec.component, to_version=version,
+                             backup=str(self.pre_migration_backup))
+                    try:
+                        step(migrator, db)
+                    except Exception as e:
+                        raise MigrationError(self._rollback_advice(spec.component, row.version, version, e)) from e
             db.create_tables(spec.models, safe=True)
             _Meta.replace(component=spec.component, version=spec.version, updated_at=time.time()).execute()
+
+    def _migration_pending(self, spec: SchemaSpec) -> bool:
+        version = self.schema_version(spec.component)
+        return version is not None and version < spec.version
+
+    def _backup_before_migrating(self, spec: SchemaSpec) -> None:
+        """The whole database, once, before anything is migrated; failing that, no migration."""
+        dest = self.migration_backup_dir / time.strftime("gatewayd-pre-upgrade-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime())
+        try:
+            self.migration_backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.pre_migration_backup = backup_database(self.path, dest)
+        except (StorageError, OSError) as e:
+            raise MigrationError(
+                f"{spec.component}: schema version {self.schema_version(spec.component)} needs migrating to "
+                f"{spec.version}, but the copy of the database before migrating failed ({e}): nothing was "
+                f"migrated; free space in {self.migration_backup_dir} (backup.dir) and start again") from e
+        log.warning("database copied before migrating its schema", backup=str(self.pre_migration_backup),
+                    component=spec.component)
+
+    def _rollback_advice(self, component: str, old: int, new: int, error: BaseException) -> str:
+        return (f"{component}: migrating schema version {old} to {new} failed ({type(error).__name__}: {error}); "
+                f"{component}'s tables are as they were (the migration is one transaction). To roll back: stop "
+                f"gatewayd, reinstall the previous release, and restore the copy taken before migrating, "
+                f"{self.pre_migration_backup} (docs/site-box.md#upgrades)")
 
     def schema_version(self, component: str) -> int | None:
         with self.database.connection_context():

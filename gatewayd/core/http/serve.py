@@ -13,6 +13,7 @@ from hypercorn.trio import serve
 from quart_trio import QuartTrio
 
 from ..schema import Address
+from ..tls import SiteTls
 
 __all__ = ["RefuseBadHost", "serve_app"]
 
@@ -37,15 +38,19 @@ async def serve_app(
     shutdown_trigger: Callable[[], Any],
     graceful_timeout: float,
     access_log: bool,
+    tls: SiteTls | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`."""
+    """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`.
+    With `tls` (and `tls.http` set) the listener speaks HTTPS only."""
     config = HypercornConfig()
     config.bind = [str(listen)]
     config.graceful_timeout = graceful_timeout
     config.errorlog = logging.getLogger("gatewayd.http")
     config.accesslog = _access_log if access_log else None
     config.access_log_format = 'client=%(h)s method=%(m)s path="%(U)s" status=%(s)s bytes=%(b)s duration_us=%(D)s'
+    if tls is not None:
+        tls.hypercorn(config)
     await serve(RefuseBadHost(app), config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Any, Sequence
@@ -56,9 +57,14 @@ from ..schema import Address
 from .broker import AclTemplate
 from .delivery import DeliveryPool
 
-__all__ = ["DeviceEdge", "EdgeStats", "WriteAcl"]
+__all__ = ["DeviceEdge", "EdgeStats", "WriteAcl", "socket_of"]
 
 log = logging.getLogger("gatewayd.mqtt.edge")
+
+
+def socket_of(stream: Any) -> Any:
+    """The TCP socket under a device's stream (plain, or TLS on ``tls.mqtt_listen``)."""
+    return stream.transport_stream.socket if isinstance(stream, trio.SSLStream) else stream.socket
 
 
 def peer_group(address: str) -> str:
@@ -142,7 +148,7 @@ class DeviceEdge:
 
     def __init__(
         self,
-        listen: Address,
+        listen: Address | None,
         broker: tuple[str, int] | str,
         pool: DeliveryPool,
         acl: WriteAcl,
@@ -154,8 +160,12 @@ class DeviceEdge:
         max_pending: int = 256,
         pending_per_address: int = 32,
         logger: logging.Logger | None = None,
+        tls_listen: Address | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.listen = listen
+        self.tls_listen = tls_listen
+        self.ssl_context = ssl_context
         self.broker = broker
         self.pool = pool
         self.router: TopicRouter[Any] = pool.delivery.router
@@ -184,9 +194,18 @@ class DeviceEdge:
 
     async def run(self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until :meth:`stop` (or cancelled); ``started`` with the bound addresses."""
-        host = self.listen.host or None
-        listeners = await trio.open_tcp_listeners(self.listen.port, host=host)
-        bound = [f"{s.socket.getsockname()[0]}:{s.socket.getsockname()[1]}" for s in listeners]
+        listeners: list[trio.abc.Listener[Any]] = []
+        bound: list[str] = []
+        if self.listen is not None:
+            plain = await trio.open_tcp_listeners(self.listen.port, host=self.listen.host or None)
+            listeners += plain
+            bound += [f"{s.socket.getsockname()[0]}:{s.socket.getsockname()[1]}" for s in plain]
+        if self.tls_listen is not None:
+            assert self.ssl_context is not None, "a TLS listener needs an SSLContext"
+            secure = await trio.open_tcp_listeners(self.tls_listen.port, host=self.tls_listen.host or None)
+            # The handshake happens on the session's first read, within its CONNECT deadline.
+            listeners += [trio.SSLListener(s, self.ssl_context, https_compatible=False) for s in secure]
+            bound += [f"tls://{s.socket.getsockname()[0]}:{s.socket.getsockname()[1]}" for s in secure]
         async with trio.open_nursery() as sessions:
             async with trio.open_nursery() as accepting:
                 self._accepting = accepting.cancel_scope
@@ -209,11 +228,11 @@ class DeviceEdge:
                     nursery.start_soon(session.finish)
         self._closed.set()
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.SocketStream | trio.SSLStream[trio.SocketStream]) -> None:
         from .session import Session  # the relay of one connection (imports this module)
 
         try:
-            address = peer_group(str(stream.socket.getpeername()[0]))
+            address = peer_group(str(socket_of(stream).getpeername()[0]))
         except OSError:
             address = "?"
         if self._stopping:

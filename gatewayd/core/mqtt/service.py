@@ -34,6 +34,7 @@ from .marks import DeliveryMarks
 if TYPE_CHECKING:
     from ..config import Config
     from ..devices.services import DeviceServices
+    from ..tls import SiteTls
 
 __all__ = ["MQTTService", "PluginMQTT", "MQTTUnavailable"]
 
@@ -59,8 +60,12 @@ class PluginMQTT:
 
     @property
     def device_port(self) -> int | None:
-        """The broker port devices connect to (`mqtt.listen` or the external port); None when off."""
+        """The broker port devices connect to (`mqtt.listen`, `tls.mqtt_listen` when MQTT is TLS
+        only, or the external port); None when off."""
         m = self._service.config.mqtt
+        t = self._service.config.tls
+        if m.broker == "managed" and t.mqtt_listen is not None and not t.mqtt_plain:
+            return t.mqtt_listen.port
         return {"managed": m.listen.port, "external": m.port}.get(m.broker)
 
     async def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> None:
@@ -71,8 +76,10 @@ class PluginMQTT:
 class MQTTService:
     """Owns the managed broker and the client for one Gateway."""
 
-    def __init__(self, config: Config, storage: Storage, metrics: Metrics, health: Health, devices: DeviceServices):
+    def __init__(self, config: Config, storage: Storage, metrics: Metrics, health: Health, devices: DeviceServices,
+                 tls: SiteTls | None = None):
         self.config = config
+        self.tls = tls
         self.storage = storage
         self.devices = devices
         self.broker: ManagedBroker | None = None
@@ -141,8 +148,12 @@ class MQTTService:
         self.client = MQTTClient(self._settings(), self.pool)
         await nursery.start(self.client.run)
         if self.broker is not None:
-            self.edge = DeviceEdge(m.listen, self.broker.address, self.pool, WriteAcl(templates),
-                                   max_packet=m.max_packet_bytes)
+            t = self.config.tls
+            secure = self.tls is not None and t.mqtt_listen is not None
+            self.edge = DeviceEdge(m.listen if t.mqtt_plain else None, self.broker.address, self.pool,
+                                   WriteAcl(templates), max_packet=m.max_packet_bytes,
+                                   tls_listen=t.mqtt_listen if secure else None,
+                                   ssl_context=self.tls.server_context() if secure and self.tls else None)
             await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
 
     async def stop_accepting(self, grace: float) -> None:

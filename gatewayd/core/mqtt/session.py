@@ -23,6 +23,7 @@ import trio
 from ...protocol import mqtt_packets as mp
 from .broker import GATEWAY_USERNAME
 from .delivery import DUPLICATE, HANDLED, UNROUTED, InboundMessage, Verdict
+from .edge import socket_of
 
 if TYPE_CHECKING:
     from .edge import DeviceEdge, Window
@@ -97,12 +98,13 @@ class _Outbox:
 class Session:
     """One device connection and its relay to mosquitto."""
 
-    def __init__(self, edge: DeviceEdge, device: trio.SocketStream, address: str) -> None:
+    def __init__(self, edge: DeviceEdge, device: trio.SocketStream | trio.SSLStream[trio.SocketStream],
+                 address: str) -> None:
         self.edge = edge
         self.device = device
         self.address = address
         try:
-            self.peer = "%s:%s" % device.socket.getpeername()[:2]
+            self.peer = "%s:%s" % socket_of(device).getpeername()[:2]
         except OSError:
             self.peer = address
         self.upstream: trio.abc.Stream | None = None

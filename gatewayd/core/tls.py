@@ -1,0 +1,405 @@
+"""TLS on the LAN: the site CA, the gateway's certificate, and the listeners' contexts.
+
+`gatewayd tls init` makes a site CA (once; it stays, so devices that pin it keep
+trusting the gateway across renewals) and a server certificate for the gateway's names
+and addresses, signed by it, under `<data_dir>/tls/`:
+
+    ca.crt       the site CA: what devices pin (public)
+    ca.key       its private key (0600; keep it on the box, back it up with the master key)
+    server.crt   the gateway's certificate (server.key, 0600)
+
+`[tls]` says which listeners speak TLS (docs/configuration.md): the HTTP listeners
+(hypercorn's TLS), and the MQTT edge's TLS listener (trio's SSLStream; mosquitto stays
+private behind the edge, on its unix socket). The certificate's expiry is in /health
+(`tls`, "expiring" within `tls.warn_days`) and /metrics.
+
+Keys are ECDSA P-256 (every TLS stack of the last decade, ESP-IDF's mbedTLS included,
+and small handshakes for microcontrollers).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from .health import ComponentState
+from .schema import Address, ConfigError
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
+
+__all__ = [
+    "CertInfo",
+    "SiteTls",
+    "TlsError",
+    "TlsSection",
+    "certificate_info",
+    "default_names",
+    "init_site",
+    "issue_client",
+]
+
+CA_DAYS = 20 * 365
+SERVER_DAYS = 825  # what browsers and most TLS stacks accept for a leaf
+CLIENT_DAYS = 825
+
+
+class TlsError(Exception):
+    """A TLS file is missing or unusable; the message names the config key."""
+
+
+@dataclass
+class TlsSection:
+    """`[tls]`: which listeners speak TLS, and with which certificate."""
+
+    #: The HTTP listeners (`http.listen` and plugins' own) speak HTTPS only.
+    http: bool = False
+    #: The MQTT edge's TLS listener (conventionally port 8883); unset: none.
+    mqtt_listen: Address | None = None
+    #: Keep the plain MQTT listener on `mqtt.listen` too (false: MQTT over TLS only).
+    mqtt_plain: bool = True
+    #: The server certificate (PEM, chain allowed) and its key; "" = `<data_dir>/tls/server.crt|key`.
+    cert: str = ""
+    key: str = ""
+    #: Client certificates (mutual TLS): "optional" asks for one and checks any that is
+    #: sent, "required" refuses a connection without one.
+    client_auth: Literal["none", "optional", "required"] = "none"
+    #: CA that client certificates must chain to; "" = the site CA (`<data_dir>/tls/ca.crt`).
+    client_ca: str = ""
+    #: /health says "expiring" this many days before the certificate's end.
+    warn_days: int = 30
+
+    def validate(self) -> None:
+        if not self.mqtt_plain and self.mqtt_listen is None:
+            raise ConfigError("mqtt_plain", "false needs tls.mqtt_listen (devices would have no MQTT listener)")
+        if not 1 <= self.warn_days <= 365:
+            raise ConfigError("warn_days", f"must be 1 .. 365, got {self.warn_days}")
+        if self.client_auth != "none" and not (self.http or self.mqtt_listen):
+            raise ConfigError("client_auth", "client certificates need a TLS listener (tls.http or tls.mqtt_listen)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.http or self.mqtt_listen is not None
+
+
+# -- certificates --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    subject: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+    dns_names: list[str] = field(default_factory=list)
+    ip_addresses: list[str] = field(default_factory=list)
+    is_ca: bool = False
+
+    def days_left(self, now: dt.datetime | None = None) -> float:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return (self.not_after - now).total_seconds() / 86400
+
+
+def certificate_info(path: Path) -> CertInfo:
+    """The first certificate of a PEM file. Raises TlsError."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except OSError as e:
+        raise TlsError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise TlsError(f"{path} is not a PEM certificate: {e}") from None
+    dns: list[str] = []
+    ips: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+        ips = [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    return CertInfo(cert.subject.rfc4514_string(), cert.not_valid_before_utc, cert.not_valid_after_utc,
+                    dns, ips, is_ca)
+
+
+def default_names() -> tuple[list[str], list[str]]:
+    """The names and addresses a device may use for this box: its host name (and
+    `<name>.local`, mDNS), localhost, and every address its host name resolves to."""
+    host = socket.gethostname()
+    names = [host, f"{host.split('.')[0]}.local", "localhost"]
+    ips = ["127.0.0.1", "::1"]
+    try:
+        for *_, sockaddr in socket.getaddrinfo(host, None):
+            ips.append(str(sockaddr[0]).split("%")[0])
+    except OSError:
+        pass
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:  # the address the box's default route leaves from (a UDP "connect" sends nothing)
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                ips.append(str(s.getsockname()[0]).split("%")[0])
+        except OSError:
+            pass
+    return list(dict.fromkeys(names)), list(dict.fromkeys(ips))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    tmp.replace(path)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+
+
+def _key_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    pem: bytes = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption())
+    return pem
+
+
+def _load_ca(directory: Path) -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    return cert, key
+
+
+def _new_ca(directory: Path, site: str, now: dt.datetime) -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gatewayd"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"gatewayd site CA {site}")])
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(directory / "ca.key", _key_pem(key))
+    _write_public(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def _issue(ca_cert: Any, ca_key: Any, common_name: str, *, days: int, now: dt.datetime, server: bool,
+           dns_names: Sequence[str] = (), ip_addresses: Sequence[str] = ()) -> tuple[bytes, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                              else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+    )
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ip_addresses]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+@dataclass(frozen=True)
+class InitResult:
+    directory: Path
+    ca_created: bool
+    server: CertInfo
+
+
+def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: list[str], *,
+              days: int = SERVER_DAYS, now: dt.datetime | None = None) -> InitResult:
+    """Make the site CA if there is none (an existing one is kept: devices pinned it),
+    then a new server certificate and key for `dns_names` and `ip_addresses`.
+    Raises TlsError (a bad address, an unreadable CA)."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    for a in ip_addresses:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise TlsError(f"not an IP address: {a!r}") from None
+    if not dns_names and not ip_addresses:
+        raise TlsError("the certificate needs at least one name or address")
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    created = not (directory / "ca.crt").exists()
+    if created:
+        if (directory / "ca.key").exists():
+            raise TlsError(f"{directory / 'ca.key'} exists without ca.crt: restore ca.crt or remove both")
+        ca_cert, ca_key = _new_ca(directory, site, now)
+    else:
+        try:
+            ca_cert, ca_key = _load_ca(directory)
+        except (OSError, ValueError) as e:
+            raise TlsError(f"cannot load the site CA in {directory}: {e}") from None
+    cert, key = _issue(ca_cert, ca_key, dns_names[0] if dns_names else ip_addresses[0], days=days, now=now,
+                       server=True, dns_names=dns_names, ip_addresses=ip_addresses)
+    _write_private(directory / "server.key", key)
+    _write_public(directory / "server.crt", cert)
+    return InitResult(directory, created, certificate_info(directory / "server.crt"))
+
+
+def issue_client(directory: Path, common_name: str, out: Path, *, days: int = CLIENT_DAYS,
+                 now: dt.datetime | None = None) -> tuple[Path, Path]:
+    """A client certificate signed by the site CA (mutual TLS): `<out>/<cn>.crt|key`."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    try:
+        ca_cert, ca_key = _load_ca(directory)
+    except (OSError, ValueError) as e:
+        raise TlsError(f"no usable site CA in {directory} ({e}): run `gatewayd tls init` first") from None
+    cert, key = _issue(ca_cert, ca_key, common_name, days=days, now=now, server=False)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in common_name)
+    crt_path, key_path = out / f"{safe}.crt", out / f"{safe}.key"
+    _write_private(key_path, key)
+    _write_public(crt_path, cert)
+    return crt_path, key_path
+
+
+# -- the running gateway's side ------------------------------------------------------
+
+
+class SiteTls:
+    """The TLS files one gateway serves with: their paths, the server SSLContext for
+    the MQTT edge, hypercorn's settings, and the certificate's expiry for /health."""
+
+    def __init__(self, section: TlsSection, data_dir: Path, config_dir: Path | None) -> None:
+        self.section = section
+        base = config_dir or Path.cwd()
+        tls_dir = data_dir / "tls"
+
+        def path(value: str, default: Path) -> Path:
+            return default if not value else (Path(value) if Path(value).is_absolute() else base / value)
+
+        self.cert = path(section.cert, tls_dir / "server.crt")
+        self.key = path(section.key, tls_dir / "server.key")
+        self.client_ca = path(section.client_ca, tls_dir / "ca.crt")
+        self.info: CertInfo | None = None
+
+    @classmethod
+    def from_config(cls, config: Any) -> SiteTls:
+        """From a loaded `Config` (config imports this module, not the other way round)."""
+        return cls(config.tls, config.data_dir, config.source.parent if config.source else None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.section.enabled
+
+    def load(self) -> None:
+        """Check the files now (at start), so a missing one is named before anything listens."""
+        if not self.enabled:
+            return
+        hint = " (make them with `gatewayd tls init`)" if not self.section.cert else ""
+        for key, p in (("tls.cert", self.cert), ("tls.key", self.key)):
+            if not p.is_file():
+                raise TlsError(f"{key}: no file at {p}{hint}")
+        if self.section.client_auth != "none" and not self.client_ca.is_file():
+            raise TlsError(f"tls.client_ca: no file at {self.client_ca}")
+        self.info = certificate_info(self.cert)
+        self.server_context()  # the key matches the certificate, the CA loads
+
+    def server_context(self) -> ssl.SSLContext:
+        """For the MQTT edge: TLS 1.2+, the site certificate, client certificates as configured."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert, self.key)
+        except (OSError, ssl.SSLError) as e:
+            raise TlsError(f"tls.cert/tls.key: cannot use {self.cert} with {self.key}: {e}") from None
+        if self.section.client_auth != "none":
+            try:
+                ctx.load_verify_locations(cafile=str(self.client_ca))
+            except (OSError, ssl.SSLError) as e:
+                raise TlsError(f"tls.client_ca: cannot load {self.client_ca}: {e}") from None
+            ctx.verify_mode = ssl.CERT_REQUIRED if self.section.client_auth == "required" else ssl.CERT_OPTIONAL
+        return ctx
+
+    def hypercorn(self, config: Any) -> None:
+        """Set a hypercorn Config up for HTTPS (when `tls.http`)."""
+        if not self.section.http:
+            return
+        config.certfile = str(self.cert)
+        config.keyfile = str(self.key)
+        if self.section.client_auth != "none":
+            config.ca_certs = str(self.client_ca)
+            config.verify_mode = ssl.CERT_REQUIRED if self.section.client_auth == "required" else ssl.CERT_OPTIONAL
+
+    # -- /health and /metrics ----------------------------------------------------------
+
+    def state(self, now: dt.datetime | None = None) -> ComponentState:
+        if not self.enabled:
+            return ComponentState("off")
+        if self.info is None:
+            return ComponentState("starting")
+        left = self.info.days_left(now)
+        details = {"expires_at": self.info.not_after.isoformat().replace("+00:00", "Z"),
+                   "days_left": round(left, 1), "cert": str(self.cert)}
+        if left <= 0:
+            return ComponentState("expired", f"the certificate expired: renew it (gatewayd tls init)", details)
+        if left <= self.section.warn_days:
+            return ComponentState("expiring", f"the certificate expires in {left:.0f} days: renew it "
+                                              "(gatewayd tls init, then restart)", details)
+        return ComponentState("ok", None, details)
+
+    def register(self, health: Any, metrics: Metrics, clock: Any) -> None:
+        from .metrics import Sample
+
+        if not self.enabled:
+            return
+        health.probe("tls", lambda: self.state(dt.datetime.fromtimestamp(clock(), dt.timezone.utc)))
+        metrics.collector(
+            "gatewayd_tls_certificate_expiry_timestamp_seconds", "gauge",
+            "When the certificate the listeners serve expires (Unix time)",
+            lambda: [Sample("gatewayd_tls_certificate_expiry_timestamp_seconds", {"cert": "server"},
+                            self.info.not_after.timestamp())] if self.info else [])
+        metrics.collector(
+            "gatewayd_tls_certificate_expires_in_seconds", "gauge",
+            "Seconds until the certificate the listeners serve expires (negative: expired)",
+            lambda: [Sample("gatewayd_tls_certificate_expires_in_seconds", {"cert": "server"},
+                            self.info.not_after.timestamp() - clock())] if self.info else [])
