@@ -863,7 +863,7 @@ BODY_DEFAULTS = {"family": "paku", "any": {"a": 1}, "claim-code": "AAAA-BBBB-CCC
                  "new-device": "fz-sweep", "text": "x", "secret": "s" * 20, "object": {}, "positive": 60,
                  "non-negative": 0, "priority": 0, "power-state": "on", "readings": [{"status": "on", "timestamp": T0}],
                  "ack-status": "executed", "alert-type": "battery_low", "logs": [{"message": "x"}],
-                 "off": False, "ota-status": "installed", "version": "1.0.0"}
+                 "off": False, "ota-status": "installed", "version": "1.0.0",
                  "thingsnxt-token": TX_TOKEN, "tx-readings": [{"timestamp": T0, "data": {"t": 1}}], "pins": {"v0": 1}}
 SWEEP_FIELD = [True, None, [], {}, 1, "1", 10**30, 2**63, Raw(NINES.encode()), Raw(b"NaN"), Raw(b"Infinity"),
                Raw(b"1e309"), NESTED[2], NESTED[5], Raw(b'"\xff"'), Raw(b'"\\ud800"'), "\x00", "x" * 5000, "", "a/b",
