@@ -83,3 +83,11 @@ async def test_backups_are_private_even_over_a_file_readable_by_others(tmp_path)
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
     assert mode(tmp_path / "cli.sqlite3") == "0o600"
+    # The command never writes over a file: it could be the master key or the live database.
+    live = tmp_path / "var" / "gatewayd.sqlite3"
+    before = live.stat().st_ino
+    again = subprocess.run([sys.executable, "-m", "gatewayd", "backup", str(live),
+                            "--set", f"gateway.data_dir='{tmp_path / 'var'}'"],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert again.returncode == 1 and "exists already" in again.stderr and live.stat().st_ino == before

@@ -130,6 +130,10 @@ def test_cli_init_show_and_client(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["dns_names"] == ["gw.site"] and 824 < doc["days_left"] <= 825 and doc["listeners"]["http"] is True
     assert main(["tls", "client", "sensor-17", "--out", str(tmp_path / "c"), *common]) == 0
+    # Never over existing files (with --out <data_dir>/tls, the name "ca" replaced the CA's key).
+    before = (tmp_path / "c" / "sensor-17.key").read_bytes()
+    assert main(["tls", "client", "sensor-17", "--out", str(tmp_path / "c"), *common]) == 1
+    assert (tmp_path / "c" / "sensor-17.key").read_bytes() == before
     assert certificate_info(tmp_path / "c" / "sensor-17.crt").subject == "CN=sensor-17"
     assert main(["tls", "init", "--only", "--ip", "nope", *common]) == 1
     assert "not an IP address" in capsys.readouterr().err

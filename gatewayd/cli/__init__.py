@@ -132,6 +132,10 @@ def cmd_plugins(args: argparse.Namespace, manager: PluginManager) -> int:
 def cmd_backup(args: argparse.Namespace, manager: PluginManager) -> int:
     config = load(args, manager)
     source = config.data_dir / "gatewayd.sqlite3"
+    if Path(args.dest).exists() and not Path(args.dest).is_dir():
+        # Not over a file: it could be the master key, or the live database itself.
+        print(f"gatewayd: backup refused: {args.dest} exists already (give a new file or a folder)", file=sys.stderr)
+        return 1
     try:
         dest = backup_database(source, args.dest)
     except (StorageError, OSError) as e:

@@ -297,6 +297,10 @@ def issue_client(directory: Path, common_name: str, out: Path, *, days: int = CL
     out.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in common_name)
     crt_path, key_path = out / f"{safe}.crt", out / f"{safe}.key"
+    # Never over an existing file: `--out <data_dir>/tls` with the name `ca` or `server`
+    # would replace the site CA's or the server's key.
+    if existing := [str(p) for p in (crt_path, key_path) if p.exists()]:
+        raise TlsError(f"{' and '.join(existing)} exist already: choose another --out or name")
     _write_private(key_path, key)
     _write_public(crt_path, cert)
     return crt_path, key_path
