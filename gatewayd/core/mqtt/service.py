@@ -152,6 +152,7 @@ class MQTTService:
             secure = self.tls is not None and t.mqtt_listen is not None
             self.edge = DeviceEdge(m.listen if t.mqtt_plain else None, self.broker.address, self.pool,
                                    WriteAcl(templates), max_packet=m.max_packet_bytes,
+                                   stall_timeout=m.stall_timeout_s,
                                    tls_listen=t.mqtt_listen if secure else None,
                                    ssl_context=self.tls.server_context() if secure and self.tls else None)
             await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
