@@ -191,6 +191,7 @@ class Delivery:
                         return DUPLICATE
                     committed = seen.calls  # some calls committed, maybe not all: run the rest
         running = self._running[key] = _Running()
+        self.marks.forget(source, packet_id)  # an older message's final mark under this id is moot
         try:
             running.verdict = await self._handle(handlers, msg, source, mark, committed)
             return running.verdict
@@ -205,7 +206,10 @@ class Delivery:
         reason = await self._run(handlers, msg, scope)
         if reason is None:
             if mark is not None and scope.committed:
-                await self._finish(mark)
+                # Every handler returned: a redelivery is a duplicate, not a delivery cut
+                # short. Noted now, written a few ms later with others (marks.py): the
+                # acknowledgement waits for the records' commit, not for this one.
+                mark.marks.finish(mark)
             if committed and len(scope.committed) == len(committed):  # a redelivery: nothing new stored
                 self.stats.duplicates += 1
                 return DUPLICATE
@@ -222,16 +226,6 @@ class Delivery:
         self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s", msg.topic,
                     sender, reason)
         return REJECTED
-
-    async def _finish(self, mark: Mark) -> None:
-        # Every handler returned: a redelivery is a duplicate, not a delivery cut short.
-        # Not done (storage failing now), the message is still acknowledged: it is stored;
-        # a redelivery would run the handlers again, and store nothing it stored already.
-        assert self.marks is not None
-        try:
-            await self.marks.finish(mark)
-        except StorageError as exc:
-            self.log.warning("could not make a delivery mark final: %s", exc)
 
     async def _seen(self, mark: Mark) -> Seen | None:
         assert self.marks is not None

@@ -24,7 +24,7 @@ from ...protocol.topics import TopicRouter
 from ..health import ComponentState, Health
 from ..logs import get_logger
 from ..metrics import Metrics, Sample
-from ..storage import SchemaSpec, Storage
+from ..storage import SchemaSpec, Storage, StorageError
 from .broker import AclTemplate, BrokerAccount, ManagedBroker
 from .client import MQTTClient, MQTTSettings, TLSSettings
 from .delivery import Delivery, DeliveryPool, MessageHandler, RejectedMessage
@@ -163,6 +163,10 @@ class MQTTService:
             await self.edge.stop(grace)
         if self.client is not None:
             await self.client.stop(grace)
+        try:  # the final marks of what was just acknowledged: a restart knows it is done
+            await self.marks.flush()
+        except StorageError as exc:
+            log.warning("could not write final delivery marks at the stop", error=str(exc))
 
     def _settings(self) -> MQTTSettings:
         m = self.config.mqtt
