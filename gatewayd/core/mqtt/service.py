@@ -259,6 +259,9 @@ class MQTTService:
         metrics.collector("gatewayd_mqtt_handler_errors_total", "counter",
                           "Messages rejected because a handler raised an unexpected exception", lambda: [
                               Sample("gatewayd_mqtt_handler_errors_total", {}, d.handler_errors)])
+        metrics.collector("gatewayd_mqtt_statement_errors_total", "counter",
+                          "Messages rejected because a handler's own SQL was refused (no such column, a constraint)",
+                          lambda: [Sample("gatewayd_mqtt_statement_errors_total", {}, d.statement_errors)])
         metrics.collector("gatewayd_mqtt_storage_waits_total", "counter",
                           "Deliveries that found storage unable to take a write and waited", lambda: [
                               Sample("gatewayd_mqtt_storage_waits_total", {}, d.storage_waits)])
