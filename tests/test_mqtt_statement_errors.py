@@ -149,12 +149,20 @@ async def storage(tmp_path, nursery):
     ("SELECT b FROM t", "no such column: b"),
     ("INSERT INTO nosuch VALUES (1)", "no such table: nosuch"),
     ("INSER INTO t VALUES (1)", 'near "INSER": syntax error'),
+    ("INSERT INTO transactions VALUES (1)", "no such table: transactions"),  # not the writer's transaction state
 ])
 async def test_statements_sqlite_refuses_are_statement_errors(storage, sql, message):
     with pytest.raises(StatementError, match=message):
         await storage.write(lambda: storage.database.execute_sql(sql))
     with pytest.raises(StatementError, match=message):
         await storage.read(lambda: storage.database.execute_sql(sql))
+
+
+async def test_the_writers_transaction_state_is_not_a_statement_error(storage):
+    # What SQLite says when the connection's transaction state is off: it can pass.
+    with pytest.raises(StorageError, match="no such savepoint") as info:
+        await storage.write(lambda: storage.database.execute_sql("RELEASE nosuch"))
+    assert not isinstance(info.value, StatementError)
 
 
 async def test_storage_that_cannot_write_for_now_is_not_a_statement_error(storage, tmp_path):

@@ -102,11 +102,14 @@ def _sqlite_errors(exc: BaseException) -> list[sqlite3.Error]:
     return found[::-1]
 
 
+#: SQLITE_ERROR about the connection's transaction state: the writer's, not the statement's
+#: fault, and it can pass (the writer ends a transaction left open after a failure).
+_WRITER_STATE = ("cannot start a transaction within a transaction", "cannot commit - no transaction is active",
+                 "cannot rollback - no transaction is active", "no such savepoint")
+
+
 def _writer_state(message: str) -> bool:
-    """SQLITE_ERROR about the connection's transaction state ("cannot start a transaction
-    within a transaction", "no such savepoint"): the writer's state, not the statement's
-    fault, and it can pass."""
-    return "transaction" in message or "savepoint" in message
+    return message.startswith(_WRITER_STATE)
 
 
 def _low_on_space(path: Path | None) -> bool:
