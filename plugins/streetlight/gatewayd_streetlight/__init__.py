@@ -53,6 +53,7 @@ def gatewayd_config_schema() -> type[StreetlightConfig]:
 def gatewayd_storage_models(models: ModelRegistry) -> None:
     models.add(*tables.named(models.plugin))  # <name>_light, _status, _energy_parameters
     models.version = tables.VERSION
+    models.migration(2)(tables.add_arrival_index)
 
 
 # -- the plugin's state ----------------------------------------------------------------

@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, "Streetlight"]
 
 HOUR = 3600.0
+DAY = 86400.0
+PURGE_PART = 2000  # status rows per write: ingest waits for one part at most
 
 
 class Streetlight:
@@ -217,14 +219,29 @@ class Streetlight:
     # -- retention ------------------------------------------------------------------------
 
     async def purge(self) -> None:
-        """Hourly: the plugin's rows older than `retention_days` (the outbox keeps what is
-        not delivered yet, whatever its age)."""
+        """The background task: `purge_once` at startup, then hourly."""
         while True:
-            cutoff = self.ctx.now() - self.ctx.config.retention_days * 86400
-            removed = await self.ctx.storage.write(models.purge, cutoff)
-            if removed:
-                self.ctx.log.info("old status rows removed", rows=removed, before=iso(cutoff))
+            await self.purge_once()
             await trio.sleep(HOUR)
+
+    async def purge_once(self) -> tuple[int, int]:
+        """Remove the status and energy rows received more than `retention_days` ago, but
+        none the cloud does not have yet: rows from a minute before the family's oldest
+        undelivered record on are kept, whatever their age. (status rows, energy rows) removed."""
+        cutoff = self.ctx.now() - self.ctx.config.retention_days * DAY
+        pending = await self.ctx.ingest.oldest_pending()
+        if pending is not None:
+            # A row is stamped a moment before its upstream record: a minute covers that.
+            cutoff = min(cutoff, pending - 60.0)
+        statuses = energy = 0
+        while True:
+            part = await self.ctx.storage.write(models.purge, cutoff, PURGE_PART)
+            statuses, energy = statuses + part[0], energy + part[1]
+            if max(part) < PURGE_PART:
+                break
+        if statuses or energy:
+            self.ctx.log.info("old rows removed", statuses=statuses, energy=energy, before=iso(cutoff))
+        return statuses, energy
 
 
 def retry_after(seconds: float | None) -> int:
