@@ -68,6 +68,7 @@ class LightRoutes:
         self._expiry: dict[str, float] = {}  # token -> its expiry
         ctx.ratelimit.define("device", ctx.config.requests_per_minute, 60)
         ctx.ratelimit.define("configure", ctx.config.configure_per_minute, 60)
+        ctx.ratelimit.define("configure-address", ctx.config.configure_per_address_per_minute, 60)
 
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.ctx.name, __name__)
@@ -116,7 +117,9 @@ class LightRoutes:
         IMEI:...`), or, with `enrollment = true`, any light once an operator approved it.
         A light whose metadata says `"signed": true` (or every light, with
         `require_signatures`) signs its body: `X-Device-Signature`."""
-        self._limit(device_id, "configure")
+        # Before anything, per client address; per light only once the request passed the
+        # light's checks (below): forged requests do not use up a light's configures.
+        self._limit(request.remote_addr or "", "configure-address", "this address's configure")
         try:
             reg = parse_registration(msgspec.to_builtins(body), device_id, self.ctx.config.service_area)
         except Invalid as e:
@@ -133,7 +136,10 @@ class LightRoutes:
             if device.metadata.get("enrollment") == "pending":
                 raise Refused(403, "PENDING_APPROVAL", f"light {device_id} waits for an operator's approval", pending)
             raise Refused(403, "DEVICE_DISABLED", f"light {device_id} is disabled on this gateway", pending)
-        await self._signature(device)
+        signed = await self._signature(device)
+        # A light that signed is itself; an unsigned one may be anyone knowing its id, so
+        # each client address has its own count for it.
+        self._limit(device_id if signed else f"{device_id} {request.remote_addr}", "configure", "the light's configure")
         light_id, config = await self.ctx.state.configure(device, reg)
         token = self.ctx.auth.issue_jwt(device, ttl_s=self.ctx.config.token_ttl_s)
         answer = schemas.Configured(
@@ -317,7 +323,7 @@ class LightRoutes:
                 raise Refused(404, "DEVICE_NOT_FOUND", f"light {device_id} is not registered: configure again",
                               None) from None
             raise
-        self._limit(device_id, "device")
+        self._limit(device_id, "device", "the light's request")
         state, now = self.ctx.state, self.ctx.now()
         silent = state.silent_s(device)
         if silent is not None and silent > self.ctx.config.token_max_silence_s:
@@ -329,22 +335,23 @@ class LightRoutes:
     async def _authenticate_any(self) -> Device:
         """A firmware download: any light of the family with its token."""
         device = await self.ctx.auth.bearer_jwt(request.headers, request.remote_addr)
-        self._limit(device.id, "device")
+        self._limit(device.id, "device", "the light's request")
         return device
 
-    async def _signature(self, device: Device) -> None:
+    async def _signature(self, device: Device) -> bool:
+        """Check `X-Device-Signature` when the light must sign or sent one; True if it signed."""
         header = request.headers.get("X-Device-Signature")
         if header is None and not (self.ctx.config.require_signatures or device.metadata.get("signed") is True):
-            return
+            return False
         body = await request.get_data(as_text=False)  # as sent (compressed too): what the light signed
         assert isinstance(body, bytes)
         await self.ctx.auth.signature(request.headers, body, request.remote_addr, device_id=device.id)
+        return True
 
-    def _limit(self, key: str, cls: str) -> None:
+    def _limit(self, key: str, cls: str, what: str) -> None:
         decision = self.ctx.ratelimit.check(key, cls)
         if not decision.allowed:
-            raise Refused(429, "RATE_LIMITED", f"more than the light's {cls} rate allows: retry later",
-                          decision.retry_after_s)
+            raise Refused(429, "RATE_LIMITED", f"more than {what} rate allows: retry later", decision.retry_after_s)
 
     def _token_expires_at(self) -> float:
         """The expiry of the token this request carried (verified by `_authenticate`)."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
+import httpx
 import jwt
 from streetlight_testbed import (
     ADMIN,
@@ -233,6 +235,43 @@ async def test_rate_limit_answers_429_with_retry_after_seconds(gateway_factory):
         r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
         assert r.json()["code"] == "RATE_LIMITED" and r.json()["retry_after_seconds"] >= 1
         assert int(r.headers["Retry-After"]) == r.json()["retry_after_seconds"]
+
+
+def from_address(address: str) -> dict[str, Any]:
+    """gw_client's arguments for a client at another loopback address (127.0.0.0/8)."""
+    return {"transport": httpx.AsyncHTTPTransport(local_address=address)}
+
+
+async def test_a_stranger_cannot_use_up_a_lights_configures(gateway_factory):
+    settings = ["plugins.streetlight.configure_per_minute=2", "plugins.streetlight.configure_per_address_per_minute=8"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as light, \
+            gw_client(gw, **from_address("127.0.0.2")) as stranger:
+        creds = await provision(gw, "streetlight", IMEI, metadata={"signed": True})
+        await provision(gw, "streetlight", "IMEI:351234567890124")
+        body = json.dumps(REGISTRATION).encode()
+        # Forged signatures: refused, and not counted against the light.
+        for _ in range(4):
+            r = await stranger.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign("forged", body))
+            assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID"
+        # An unsigned light's configures count per client address: the stranger's run out...
+        other = f"{BASE}/IMEI:351234567890124/configure"
+        answers = [await stranger.post(other, json={"latitude": 28.6, "longitude": 77.2}) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert "the light's configure" in answers[2].json()["message"]
+        # ... and the per-address limit stops the stranger whatever the id (8 a minute: the 9th).
+        assert (await stranger.post(f"{BASE}/IMEI:999/configure", json={})).status_code == 404
+        r = await stranger.post(f"{BASE}/IMEI:999/configure", json={})
+        assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED" and "address" in r.json()["message"]
+        assert int(r.headers["Retry-After"]) == r.json()["retry_after_seconds"] >= 1
+        # The lights themselves, from their own address, are served.
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 200, r.text
+        assert (await light.post(other, json={"latitude": 28.6, "longitude": 77.2})).status_code == 200
+        # A light's own configures are limited (signed: per light, whatever the address).
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 200
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 429 and "the light's configure" in r.json()["message"]
 
 
 async def test_a_status_answer_refreshes_a_token_near_its_expiry(gateway_factory):
