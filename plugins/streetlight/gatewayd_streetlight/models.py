@@ -167,6 +167,26 @@ def latest_status(device: str) -> dict[str, Any] | None:
             "gsm_signal": row.gsm_signal, "uptime": row.uptime, "error_flags": json.loads(row.error_flags)}
 
 
+def energy_since(since: float) -> tuple[float, int]:
+    """The energy the lights used since `since` (by their readings' timestamps): per light
+    its newest `cumulative_kwh` less its first since then, two index lookups per light.
+    (kWh in all, lights with readings); a meter that went back (replaced) counts 0."""
+    def reading(newest: bool) -> peewee.SelectQuery:
+        e = EnergyParameters
+        return (e.select(e.cumulative_kwh)
+                .where((e.device == Light.device) & (e.ts >= since) & e.cumulative_kwh.is_null(False))
+                .order_by(e.ts.desc() if newest else e.ts).limit(1))
+
+    total, lights = 0.0, 0
+    query: Any = Light.select(reading(False), reading(True)).tuples()  # rows of (first, last)
+    rows: list[tuple[float | None, float | None]] = list(query)
+    for first, last in rows:
+        if first is not None and last is not None:
+            total += max(0.0, last - first)
+            lights += 1
+    return total, lights
+
+
 def recent_statuses(device: str, limit: int) -> list[dict[str, Any]]:
     rows = (StatusRow.select().where(StatusRow.device == device).order_by(StatusRow.ts.desc()).limit(limit))
     return [{"ts": r.ts, "brightness": r.brightness, "temperature": r.temperature, "battery": r.battery,
