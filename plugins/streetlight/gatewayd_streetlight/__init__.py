@@ -10,6 +10,7 @@ hook hands over to the module that holds the details:
     commands.py  operators' commands in the specification's shape, by poll or push
     health.py    the health metrics and the green / yellow / red / gray indicator (pure)
     dashboard.py the panel on the dashboard's overview
+    cli.py       `gatewayd streetlight config ID ...`: one light's config, by an operator
     lights.py    `Streetlight`, the plugin's state (`ctx.state`)
     routes.py    the HTTP API, one method per route
 
@@ -26,7 +27,16 @@ from typing import Any
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import Device, Markup, ModelRegistry, PluginContext, TaskRegistry, TopicRegistry, hookimpl
+from gatewayd.plugins.api import (
+    CommandRegistry,
+    Device,
+    Markup,
+    ModelRegistry,
+    PluginContext,
+    TaskRegistry,
+    TopicRegistry,
+    hookimpl,
+)
 
 from . import commands
 from . import models as tables
@@ -152,3 +162,14 @@ async def gatewayd_device_telemetry(ctx: Ctx, device: Device, limit: int) -> lis
 def gatewayd_dashboard_panels(ctx: Ctx) -> list[tuple[str, Callable[[], Awaitable[Markup]]]]:
     """Lights by colour, on / off, the offline ones, waiting commands, energy today."""
     return [("Street lights", Panel(ctx).render)]
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_cli_commands(commands: CommandRegistry) -> None:
+    """`gatewayd <name> config ID --brightness 60 --schedule 18:30-06:00`: one light's config."""
+    from .cli import add_commands
+
+    add_commands(commands)

@@ -39,6 +39,16 @@ class LightDefaults:
                 "sunset_time": self.sunset_time, "brightness_level": self.brightness_level,
                 "auto_dimming": self.auto_dimming}
 
+    def merged(self, overrides: object) -> tuple[dict[str, object], dict[str, str]]:
+        """A light's config: these defaults, overridden by an operator's (the light's
+        metadata `config`); and the overrides not valid, ignored: {key: reason}."""
+        config = self.as_dict()
+        if not isinstance(overrides, dict):
+            return config, {}
+        bad = dict(check_light_config(overrides))
+        config.update({k: v for k, v in overrides.items() if k not in bad})
+        return config, bad
+
 
 @dataclass
 class Health:

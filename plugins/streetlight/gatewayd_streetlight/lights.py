@@ -29,7 +29,7 @@ from gatewayd.plugins.api import (
 from . import commands, models
 from .config import StreetlightConfig
 from .health import Assessment, assess
-from .messages import Invalid, Registration, Status, check_light_config, iso, parse_status
+from .messages import Invalid, Registration, Status, iso, parse_status
 
 if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, "Streetlight"]
@@ -89,13 +89,9 @@ class Streetlight:
 
     def light_config(self, device: Device) -> dict[str, Any]:
         """The site's defaults, overridden by the light's metadata `config` (an operator's)."""
-        config = self.ctx.config.light.as_dict()
-        overrides = device.metadata.get("config")
-        if isinstance(overrides, dict):
-            bad = dict(check_light_config(overrides))
-            for key, reason in bad.items():
-                self.ctx.log.warning("light config override ignored", device=device.id, key=key, reason=reason)
-            config.update({k: v for k, v in overrides.items() if k not in bad})
+        config, bad = self.ctx.config.light.merged(device.metadata.get("config"))
+        for key, reason in bad.items():
+            self.ctx.log.warning("light config override ignored", device=device.id, key=key, reason=reason)
         return config
 
     # -- status -------------------------------------------------------------------------
