@@ -29,7 +29,7 @@ from gatewayd.plugins.api import (
 from . import commands, models
 from .config import StreetlightConfig
 from .health import Assessment, assess
-from .messages import Invalid, Registration, Status, iso, parse_status
+from .messages import Invalid, Registration, Status, iso, read_status
 
 if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, "Streetlight"]
@@ -176,11 +176,8 @@ class Streetlight:
         if device is None or device.status == "disabled":
             raise Rejected(f"light {light_id!r} ({device_id}) is not registered or is disabled")
         try:
-            doc = parse_json(msg.payload)
-            if not isinstance(doc, dict):
-                raise Invalid("expected a JSON object")
-            status = parse_status(doc)
-        except (BadJSON, Invalid) as e:
+            status = read_status(parse_json(msg.payload))
+        except (BadJSON, Invalid) as e:  # InvalidInput, the declaration's, is a BadJSON
             raise Rejected(f"status: {e}") from None
         await self.ctx.devices.activate(device)
         self.ctx.devices.touch(device_id)

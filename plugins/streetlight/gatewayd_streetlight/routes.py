@@ -19,6 +19,7 @@ from gatewayd.plugins.api import (
     DeviceAuth,
     DeviceExists,
     EncodingError,
+    REPORT_STATUSES,
     Meta,
     PluginContext,
     Routes,
@@ -121,7 +122,7 @@ class LightRoutes:
         # light's checks (below): forged requests do not use up a light's configures.
         self._limit(request.remote_addr or "", "configure-address", "this address's configure")
         try:
-            reg = parse_registration(msgspec.to_builtins(body), device_id, self.ctx.config.service_area)
+            reg = parse_registration(body, device_id, self.ctx.config.service_area)
         except Invalid as e:
             raise Refused(400, e.code, e.message, 300 if e.code == "CONFIG_INVALID" else None) from None
         device = await self.ctx.devices.get(device_id)
@@ -160,8 +161,7 @@ class LightRoutes:
         """Store a status report; answer when to send the next one (and a fresh token when
         the light's nears its expiry)."""
         await self._authenticate(device_id)
-        doc = msgspec.to_builtins(body)
-        status = self._parse(lambda: (self._same(doc, device_id), parse_status(doc))[1])
+        status = self._parse(lambda: parse_status(body, device_id=device_id))
         latest = await self.ctx.state.record_status(device_id, status, via="http")
         answer = schemas.StatusRecorded("success", "Status recorded",
                                         next_update_seconds(latest, self.ctx.config.health), iso(self.ctx.now()))
@@ -175,8 +175,7 @@ class LightRoutes:
     async def sync(self, device_id: str, body: schemas.Sync) -> schemas.Synced:
         """The offline sync: cached readings (gzip welcome), stored in one transaction."""
         await self._authenticate(device_id)
-        readings = self._parse(lambda: parse_sync(msgspec.to_builtins(body), device_id,
-                                                  self.ctx.config.max_sync_readings))
+        readings = self._parse(lambda: parse_sync(body, device_id, self.ctx.config.max_sync_readings))
         stored = await self.ctx.state.record_sync(device_id, readings)
         return schemas.Synced("success", f"{stored} readings stored", stored, iso(self.ctx.now()))
 
@@ -197,7 +196,7 @@ class LightRoutes:
     async def ack(self, device_id: str, body: schemas.CommandAck) -> schemas.Acked:
         """A command executed (or failed), with its result; a repeated ack changes nothing."""
         await self._authenticate(device_id)
-        ack = self._parse(lambda: parse_ack(msgspec.to_builtins(body), device_id))
+        ack = self._parse(lambda: parse_ack(body, device_id))
         command = await self.ctx.commands.get(ack.command_id)
         if command is None or command.device_id != device_id or command.family != self.ctx.name:
             raise Refused(404, "COMMAND_NOT_FOUND", f"no command {ack.command_id!r} for light {device_id}")
@@ -211,7 +210,7 @@ class LightRoutes:
     async def alert(self, device_id: str, body: schemas.AlertRequest) -> schemas.Recorded:
         """A light's alert: an event (the alert rules see it) and an `alert` record upstream."""
         await self._authenticate(device_id)
-        alert = self._parse(lambda: parse_alert(msgspec.to_builtins(body), device_id))
+        alert = self._parse(lambda: parse_alert(body, device_id))
         ts = alert.ts or self.ctx.now()
         data = {"alert_type": alert.alert_type, "severity": alert.severity, "message": alert.message,
                 "timestamp": iso(ts), "data": alert.data}
@@ -225,7 +224,7 @@ class LightRoutes:
     async def logs(self, device_id: str, body: schemas.LogsRequest) -> schemas.Recorded:
         """A light's log lines (gzip welcome): upstream in the lowest class."""
         await self._authenticate(device_id)
-        entries = self._parse(lambda: parse_logs(msgspec.to_builtins(body), device_id))
+        entries = self._parse(lambda: parse_logs(body, device_id))
         await self.ctx.ingest.record(device_id, "logs", {"logs": entries}, ts=self.ctx.now(), cls="log")
         return schemas.Recorded("success", f"{len(entries)} log entries recorded", iso(self.ctx.now()))
 
@@ -247,7 +246,7 @@ class LightRoutes:
         """The light says what it runs (and how an update goes); the answer says whether a
         newer image waits in the gateway's OTA store, and where."""
         device = await self._authenticate(device_id)
-        report = self._parse(lambda: parse_firmware(msgspec.to_builtins(body), device_id, CHANNELS))
+        report = self._parse(lambda: parse_firmware(body, device_id, REPORT_STATUSES, CHANNELS))
         if report.status is not None:
             await self.ctx.ota.report(device_id, report.status, version=report.version, detail=report.detail)
         if report.version != device.firmware:
@@ -362,12 +361,6 @@ class LightRoutes:
                 self._expiry.clear()
             expires = self._expiry[token] = float(jwt.decode(token, options={"verify_signature": False})["exp"])
         return expires
-
-    @staticmethod
-    def _same(doc: dict[str, Any], device_id: str) -> None:
-        given = doc.get("device_id")
-        if given is not None and given != device_id:
-            raise Invalid(f"device_id: {given!r} is not the device of the path ({device_id!r})")
 
     @staticmethod
     def _parse(fn: Any) -> Any:

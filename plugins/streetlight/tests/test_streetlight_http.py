@@ -208,6 +208,16 @@ async def test_offline_sync_alert_and_logs(gateway_factory, upstream_receiver):
         bad = readings[:3] + [{**status_report(), "timestamp": None}]
         r = await client.post(f"{BASE}/{IMEI}/sync", json={"readings": bad}, headers=auth)
         assert r.status_code == 400 and r.json()["message"].startswith("readings[3].timestamp: required")
+        for reading, message in (({"device_id": "IMEI:1"}, "readings[1].device_id: 'IMEI:1' is not the device"),
+                                 ({"timestamp": "1970-01-01T00:00:00Z"}, "readings[1].timestamp: '1970-01-01"),
+                                 ({"status": {"battery_percentage": -1}}, "readings[1].status.battery_percentage: ")):
+            bad = [readings[0], {**readings[1], **reading}]
+            r = await client.post(f"{BASE}/{IMEI}/sync", json={"readings": bad}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text
+        for logs, message in (([{"level": "loud", "message": "x"}], "logs[0].level: expected"),
+                              ([{"message": "x", "timestamp": "soon"}], "logs[0].timestamp: expected an ISO 8601")):
+            r = await client.post(f"{BASE}/{IMEI}/logs", json={"logs": logs}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text
         r = await client.post(f"{BASE}/{IMEI}/sync", content=gz({"readings": readings})[:-8],
                               headers={**auth, "Content-Encoding": "gzip"})
         assert r.status_code == 400 and r.json()["code"] == "PAYLOAD_CORRUPT"
@@ -342,3 +352,4 @@ async def test_the_health_thresholds_are_the_default_alert_rules(gateway_factory
                          "streetlight-poor-connectivity"]
         health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
         assert health["indicator"] == "red" and "malfunction (3 errors in the last hour)" in health["reason"]
+
