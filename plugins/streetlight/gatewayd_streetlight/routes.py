@@ -99,8 +99,8 @@ class LightRoutes:
         r.get("/device/<device_id>/health", path=DEVICE, responses={200: schemas.HealthReport}, errors=gone)(self.health)
         r.put("/device/<device_id>/firmware", path=DEVICE, body=schemas.FirmwareRequest,
               responses={200: schemas.FirmwareAnswer}, errors=gone)(self.firmware)
-        r.get("/firmware/<firmware_id>/image", path={"firmware_id": Annotated[int, Meta(ge=1, le=2**63 - 1)]},
-              responses={200: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
+        r.get("/firmware/<int:firmware_id>/image", path={"firmware_id": Annotated[int, Meta(ge=1, le=2**63 - 1)]},
+              responses={200: None, 206: None, 304: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
         bp.register_error_handler(BadJSON, self.bad_json)  # strict JSON and the declarations alike

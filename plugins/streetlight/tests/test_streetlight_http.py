@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -22,7 +24,7 @@ from streetlight_testbed import (
     status_report,
 )
 
-from gatewayd.testing import gw_client, provision
+from gatewayd.testing import add_firmware, gw_client, provision
 
 
 async def test_configure_answers_the_light_id_its_config_and_a_seven_day_token(gateway_factory, upstream_receiver):
@@ -353,3 +355,36 @@ async def test_the_health_thresholds_are_the_default_alert_rules(gateway_factory
         health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
         assert health["indicator"] == "red" and "malfunction (3 errors in the last hour)" in health["reason"]
 
+
+async def test_firmware_says_whether_a_newer_image_waits_and_serves_it(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        url = f"{BASE}/{IMEI}/firmware"
+        r = await client.put(url, json={"firmware_version": "v2.1.0"}, headers=auth)
+        assert r.status_code == 200 and r.json()["update_available"] is False and "firmware" not in r.json()
+        image = tmp_path / "sl-2.2.0.bin"
+        image.write_bytes(bytes(range(256)) * 64)
+        await add_firmware(gw, image, family="streetlight", model="streetlight", version="v2.2.0")
+        r = await client.put(url, json={"firmware_version": "v2.1.0"}, headers=auth)
+        answer = r.json()
+        assert answer["update_available"] is True and answer["firmware"]["version"] == "v2.2.0"
+        assert answer["firmware"]["size"] == 16384 and answer["firmware"]["sha256"] == hashlib.sha256(
+            image.read_bytes()).hexdigest()
+        path = urlsplit(answer["firmware"]["url"]).path
+        nope = await client.get(path)
+        assert nope.status_code == 401, (path, nope.text)  # the light's token
+        got = await client.get(path, headers=auth)
+        assert got.status_code == 200 and got.content == image.read_bytes()
+        part = await client.get(path, headers={**auth, "Range": "bytes=256-511"})
+        assert part.status_code == 206 and part.content == image.read_bytes()[256:512]
+        # How the update goes, reported; the new version known.
+        r = await client.put(url, json={"firmware_version": "v2.2.0", "status": "installed"}, headers=auth)
+        assert r.status_code == 200 and r.json()["update_available"] is False
+        device = await gw.contexts["streetlight"].devices.get(IMEI)
+        assert device is not None and device.firmware == "v2.2.0"
+        for bad, message in (({"status": "flying"}, "status: expected one of started, downloaded"),
+                             ({"channel": "nightly"}, "channel: expected one of stable, beta"),
+                             ({"firmware_version": ""}, "firmware_version: ")):
+            r = await client.put(url, json={"firmware_version": "v2.2.0", **bad}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text
