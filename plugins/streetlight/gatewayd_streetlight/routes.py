@@ -185,10 +185,12 @@ class LightRoutes:
         # A light that polls is not listening on MQTT (any more): what was pushed to it and
         # never acknowledged is handed out again now, not after command_redeliver_s.
         pushed_to = self.ctx.state.mqtt_seen.pop(device_id, None) is not None
-        taken = await self.ctx.commands.next_for(
-            device_id, limit=query.limit, redeliver_after_s=0.0 if pushed_to else self.ctx.config.command_redeliver_s)
-        waiting = any(cmds.priority_of(c) == "high" for c in taken) or any(
-            cmds.priority_of(c) == "high" for c in await self.ctx.commands.list(device_id, status="delivered"))
+        redeliver_s = 0.0 if pushed_to else self.ctx.config.command_redeliver_s
+        # One read in the common case (nothing waits); the queue's write only to hand out.
+        unacked = await self.ctx.commands.list(device_id, status=("pending", "delivered"))
+        taken = await self.ctx.commands.next_for(device_id, limit=query.limit, redeliver_after_s=redeliver_s) \
+            if cmds.any_due(unacked, self.ctx.now(), redeliver_s) else []
+        waiting = any(cmds.priority_of(c) == "high" for c in unacked)  # until its ack: poll fast
         latest = self.ctx.state.latest.get(device_id)
         return schemas.PendingCommands("ok", [cmds.shape(c) for c in cmds.ordered(taken)],
                                        poll_seconds(latest, waiting, self.ctx.config.health), iso(self.ctx.now()))

@@ -185,6 +185,29 @@ async def test_commands_in_the_specifications_shape_high_priority_first(gateway_
         assert len(acks) == 1 and acks[0]["data"]["result"] == {"new_state": "on", "actual_brightness": 100}
 
 
+async def test_a_command_not_acknowledged_is_handed_out_again_after_command_redeliver_s(gateway_factory):
+    now = [time.time()]
+    async with gateway_factory(plugins=PLUGIN, clock=lambda: now[0]) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        queued = await command(client, IMEI, {"command_type": "power_control", "action": "off"})
+
+        async def poll() -> tuple[list[str], int]:
+            body = (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()
+            return [c["command_id"] for c in body["commands"]], body["next_poll_seconds"]
+
+        assert await poll() == ([queued["id"]], 2)
+        now[0] += 29
+        assert await poll() == ([], 2)  # handed out, its ack awaited: poll fast, nothing new
+        now[0] += 2  # 31 s: the light must have missed it (rebooted before acking)
+        assert await poll() == ([queued["id"]], 2)
+        r = await client.post(f"{BASE}/{IMEI}/command-ack", headers=auth,
+                              json={"command_id": queued["id"], "status": "executed"})
+        assert r.status_code == 200
+        now[0] += 60
+        assert await poll() == ([], 10)
+
+
 async def test_an_operators_command_is_checked_against_the_specification(gateway_factory):
     async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
         await provision(gw, "streetlight", IMEI)
