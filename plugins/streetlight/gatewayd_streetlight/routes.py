@@ -50,6 +50,7 @@ if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, Streetlight]
 
 DEVICE = {"device_id": schemas.DeviceId}
+FirmwareId = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,17}$")]
 CHANNELS = ("stable", "beta")
 
 
@@ -99,7 +100,8 @@ class LightRoutes:
         r.get("/device/<device_id>/health", path=DEVICE, responses={200: schemas.HealthReport}, errors=gone)(self.health)
         r.put("/device/<device_id>/firmware", path=DEVICE, body=schemas.FirmwareRequest,
               responses={200: schemas.FirmwareAnswer}, errors=gone)(self.firmware)
-        r.get("/firmware/<int:firmware_id>/image", path={"firmware_id": Annotated[int, Meta(ge=1, le=2**63 - 1)]},
+        # The id as digits, not <int:>: Quart's own 404 for "abc" would not be the family's error body.
+        r.get("/firmware/<firmware_id>/image", path={"firmware_id": FirmwareId},
               responses={200: None, 206: None, 304: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
@@ -265,10 +267,10 @@ class LightRoutes:
                                       newest.sha256, newest.size)
         return schemas.FirmwareAnswer("success", f"Firmware {newest.version} available", True, now, image)
 
-    async def image(self, firmware_id: int) -> Response:
+    async def image(self, firmware_id: str) -> Response:
         """A firmware image from the OTA store (Range and ETag honoured)."""
         await self._authenticate_any()
-        fw = await self.ctx.ota.get(firmware_id)
+        fw = await self.ctx.ota.get(int(firmware_id))
         if fw is None:
             raise Refused(404, "FIRMWARE_NOT_FOUND", f"no {self.ctx.name} firmware {firmware_id}")
         response: Response = await self.ctx.ota.response(fw)

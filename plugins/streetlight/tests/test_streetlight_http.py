@@ -399,6 +399,10 @@ async def test_firmware_says_whether_a_newer_image_waits_and_serves_it(gateway_f
         assert nope.status_code == 401, (path, nope.text)  # the light's token
         got = await client.get(path, headers=auth)
         assert got.status_code == 200 and got.content == image.read_bytes()
+        for wrong in ("/streetlight/firmware/abc/image", "/streetlight/firmware/-1/image"):
+            r = await client.get(wrong, headers=auth)  # the family's error body, not the router's
+            assert r.status_code == 400 and r.json()["code"] == "INVALID_PAYLOAD", r.text
+        assert (await client.get("/streetlight/firmware/99/image", headers=auth)).json()["code"] == "FIRMWARE_NOT_FOUND"
         part = await client.get(path, headers={**auth, "Range": "bytes=256-511"})
         assert part.status_code == 206 and part.content == image.read_bytes()[256:512]
         # How the update goes, reported; the new version known.
