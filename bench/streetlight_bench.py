@@ -58,7 +58,9 @@ def start_gateway(tmp: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
-         "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000"],
+         "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
+         # 1,000 lights configure from this one address within a minute (the bench, not a site)
+         "--set", "plugins.streetlight.configure_per_address_per_minute=100000"],
         cwd=ROOT, env=env)
 
 
