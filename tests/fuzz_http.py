@@ -465,6 +465,9 @@ CATALOGUE: dict[str, Route] = {
     "/": Route(json=False, html=True),
     "/dashboard/devices/<device_id>": Route(params={"device_id": "device"}, query={"family": "family"}, json=False,
                                             html=True),
+    # A form of the device page: a session and its CSRF token (the fuzzer has neither: 303 to the log-in).
+    "/dashboard/devices/<device_id>/commands": Route(params={"device_id": "device"}, admin=False, json=False,
+                                                     html=True),
     "/dashboard/login": Route(admin=False, json=False, html=True),
     "/dashboard/logout": Route(admin=False, json=False, html=True),
     "/dashboard/static/<name>": Route(params={"name": "file"}, admin=False, json=False),

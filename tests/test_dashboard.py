@@ -26,6 +26,7 @@ from gatewayd.core.http.app import AdminGuard
 from gatewayd.core.outbox.ingest import Ingest
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client, gw_url, provision, wait_until
+from tests import plugin_everything
 
 TOKEN = "dashboard-admin-token-0b8e"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -396,3 +397,42 @@ async def test_the_outbox_shows_a_paused_sink_and_dead_letters(gateway_factory, 
     assert "records are kept" in sinks["cloud"] and " 1 " in sinks["cloud"]  # its backlog: the record waits
     assert "schema v0 is not accepted here" in sinks["strict"] and "1 batches" in sinks["strict"]
     assert "1 records in 1 dead-lettered batches" in unescape(page)  # and it needs attention
+
+
+# -- commands from the device page ----------------------------------------------------------
+
+
+async def test_an_operator_queues_a_command_from_the_device_page(gateway_factory):
+    everything = ("everything", plugin_everything)
+    async with gateway_factory(plugins=[everything]) as gw, gw_client(gw) as client:
+        await provision(gw, "everything", "e1")
+        url = "/dashboard/devices/e1?family=everything"
+        assert 'id="send-command"' not in (await client.get(url, headers=ADMIN)).text  # a script: no form
+        await log_in(client)
+        page = await client.get(url)
+        assert 'id="send-command"' in page.text and "No command for this device." in page.text
+        csrf, post = csrf_of(page.text), "/dashboard/devices/e1/commands"
+        form = {"csrf": csrf, "family": "everything", "payload": '{"level": 3}'}
+        # Only from the page itself: its form token and its origin.
+        assert (await client.post(post, data={**form, "csrf": "forged"})).status_code == 403
+        assert (await client.post(post, data=form, headers={"Origin": "http://evil.example"})).status_code == 403
+        assert await gw.devices.commands.list("everything", "e1") == []
+        queued = await client.post(post, data=form, headers={"Origin": gw_url(gw)})
+        assert queued.status_code == 303
+        [command] = await gw.devices.commands.list("everything", "e1")
+        assert command.payload == {"level": 3, "checked": True}  # through the family's check
+        assert queued.headers["location"] == f"/dashboard/devices/e1?family=everything&queued={command.id}"
+        shown = await client.get(queued.headers["location"])
+        assert f"Command {command.id} queued" in shown.text
+        assert re.search(rf'<tr data-command="{command.id}" data-state="pending">', shown.text)
+        # Refusals are shown on the page with what was typed, nothing queued.
+        for text, problem in (('{"level": 11}', "level: expected an integer 0-10, got 11"),
+                              ('{"level": ', "JSON")):
+            refused = await client.post(post, data={**form, "payload": text})
+            assert refused.status_code == 400 and "Not queued: " in refused.text and problem in refused.text
+            assert f">{text}</textarea>".replace('"', "&#34;") in refused.text
+        assert len(await gw.devices.commands.list("everything", "e1")) == 1
+        missing = await client.post("/dashboard/devices/e9/commands", data=form)
+        assert missing.status_code == 404
+        async with httpx.AsyncClient(base_url=gw_url(gw)) as stranger:  # no session: to the log-in form
+            assert (await stranger.post(post, data=form)).status_code == 303

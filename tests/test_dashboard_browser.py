@@ -26,6 +26,7 @@ import pytest
 import trio
 from markupsafe import Markup
 
+import gatewayd_streetlight
 from gatewayd.plugins.api import PluginContext, Rejected, hookimpl
 from gatewayd.testing import device_mqtt, gw_url, provision, wait_handled, wait_until
 
@@ -184,6 +185,9 @@ TAIL = """return Array.from(document.querySelectorAll("#tail li[data-stream]"), 
 DOTS = """const svg = document.querySelector(`svg.chart[data-series="${arguments[0]}"]`);
           return svg && svg.querySelectorAll("circle.dot").length === arguments[1];"""
 LIVE = "return document.querySelector('#live-state').dataset.state === 'open'"
+STREETLIGHT_PANEL = """const panel = document.querySelector('section.panel[data-plugin="streetlight"]');
+                       const gray = panel && panel.querySelector('[data-colour="gray"]');
+                       return gray && gray.textContent === '1' && panel.textContent.replace(/\\s+/g, ' ');"""
 WARM_RULE = """
 [[rules]]
 name = "meter-too-warm"
@@ -196,10 +200,11 @@ actions = [{ kind = "log" }]
 @pytest.mark.timeout(120)
 async def test_a_technician_watches_a_meter_come_online(gateway_factory, upstream_receiver, browser, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
-    async with gateway_factory(plugins=[("meter", Meter())], mqtt=True, upstream=upstream_receiver,
-                               config_text=WARM_RULE) as gw:
+    async with gateway_factory(plugins=[("meter", Meter()), ("streetlight", gatewayd_streetlight)], mqtt=True,
+                               upstream=upstream_receiver, config_text=WARM_RULE) as gw:
         base = gw_url(gw)
         await provision(gw, "meter", "m-2", name="Spare meter (never installed)")
+        await provision(gw, "streetlight", "IMEI:351234567890123", name="Main Road light")  # never configured
 
         # Log in: the overview sends the browser to the log-in form, which sends it back.
         await browser.open(base + "/")
@@ -236,6 +241,9 @@ async def test_a_technician_watches_a_meter_come_online(gateway_factory, upstrea
                                 what="the too_warm event and its alert on the overview, redrawn")
             await browser.until("return document.querySelector('tr[data-device=\"m-1\"]').dataset.health === 'yellow'",
                                 what="m-1 yellow (warm)")
+            # A family's own panel (streetlight's), drawn under the page's CSP and redrawn with it.
+            panel = await browser.until(STREETLIGHT_PANEL, what="the streetlight panel, one light gray")
+            assert "Lights: 1" in panel and "0 on, 0 off, 0 in error, 1 not reported yet" in panel
             await browser.screenshot("2-overview")
 
             # Its page: the facts, a chart of its readings, and the next reading live.
