@@ -393,12 +393,14 @@ class Fleet:
 
 
 def _filter_state(fil: SensorKalmanFilter) -> dict[str, Any]:
-    return {"estimate": fil.estimate(), "t": fil._t, "count": fil.measurement_count,
-            "process_noise": fil.process_noise, "measurement_noise": fil.measurement_noise}
+    return fil.to_doc()
 
 
 def _filter_from(doc: Mapping[str, Any]) -> SensorKalmanFilter:
-    """The filter resumes from its last estimate (its covariance restarts at the measurement noise)."""
+    """The filter exactly as it was persisted: estimate and covariance resume. A row written before
+    the covariance was kept (no `p`) resumes from its estimate, its covariance at the measurement noise."""
+    if "p" in doc:
+        return SensorKalmanFilter.from_doc(doc)
     fil = SensorKalmanFilter(doc.get("process_noise"), doc.get("measurement_noise"))
     if doc.get("t") is not None:
         fil.update(doc["t"], {k: v for k, v in doc["estimate"].items() if v is not None})
