@@ -6,10 +6,11 @@ What runs is the plugin's own loop (`gatewayd_kaiabc.live.Fleet`): every node ad
 by one simulated second per wall second (1 s ticks, the default `tick_s` and
 `time_acceleration`), one batch on a worker thread, each node at its own temperature
 (25-35 degC) and phase; every `--stream-every` seconds every node's `oscillator.state`
-(and `output.pwm` where the duty changed) is published on the core's live hub, and one
-WebSocket-like subscriber watching every stream takes each event and encodes it as the
-socket sends it (`json.dumps`). The HTTP/WebSocket transport itself is not in the
-figure. CPU is the process's (`time.process_time`: the trio thread and the worker
+is published on the core's live hub as the plugin does it (`publish_states`: columnar
+batches of the tick, and `output.pwm` where the duty changed), and one WebSocket-like
+subscriber watching every stream turns them into the spec's per-node text frames as the
+plugin's socket does (`gatewayd_kaiabc.ws.state_frames`, `frame`). The HTTP/WebSocket
+transport itself is not in the figure. CPU is the process's (`time.process_time`: the trio thread and the worker
 threads). Baseline in the same run: the engine alone, `integrate_batch` advancing the
 same N nodes by one simulated second (CPU per call = CPU per wall second at 1 s ticks).
 Medians over the ticks; the goal (issue 20): 10,000 live nodes under 0.25 CPU s/s.
@@ -18,7 +19,6 @@ Medians over the ticks; the goal (issue 20): 10,000 live nodes under 0.25 CPU s/
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -34,7 +34,8 @@ except ImportError:  # a checkout without the plugin installed
 
 from gatewayd.core.live.hub import FamilyLive, LiveHub  # noqa: E402
 from gatewayd_kaiabc.engine import RUST_2007, integrate_batch  # noqa: E402
-from gatewayd_kaiabc.live import Fleet  # noqa: E402
+from gatewayd_kaiabc.live import STATE_BATCH, Fleet, publish_states  # noqa: E402
+from gatewayd_kaiabc.ws import frame, state_frames  # noqa: E402
 
 
 async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, int]:
@@ -49,16 +50,19 @@ async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, i
     fleet.y[:, :n] = cycle.state_at(rng.uniform(0, 1, n))
     fleet.temps[:n] = rng.uniform(298.15, 308.15, n)
     hub = LiveHub(queue_size=4 * n + 16, max_subscribers=4)
-    family = FamilyLive(hub, "kaiabc")
-    sub = hub.subscribe(["kaiabc.oscillator_state.*", "kaiabc.output_pwm.*"], owner="bench")
+    family = FamilyLive(hub, "kaiabc", None)  # type: ignore[arg-type]  # publishing needs no access check
+    # what the plugin's WebSocket asks of the hub for a client subscribed to oscillator.state.* and output.pwm.*
+    sub = hub.subscribe([f"kaiabc.{STATE_BATCH}.*", "kaiabc.output_pwm.*"], owner="bench")
+    watched = {"*"}
     delivered = 0
 
     async def socket() -> None:
         nonlocal delivered
         while batch := await sub.next():
-            for item in batch:
-                json.dumps(item.data)  # what the WebSocket sends, one frame per event
-                delivered += 1
+            for item in batch:  # what the plugin's WebSocket sends: one text frame per node's event
+                frames = state_frames(item.data, watched) if item.stream.startswith(f"kaiabc.{STATE_BATCH}.") \
+                    else [frame(item.data)]
+                delivered += len(frames)
 
     ticks: list[float] = []
     async with trio.open_nursery() as nursery:
@@ -73,9 +77,8 @@ async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, i
             await fleet.tick(1 / 3600)
             if second % stream_every == 0:
                 now = time.time()  # as the plugin does: events built on a worker thread, published here
-                events = await trio.to_thread.run_sync(fleet.live_events, now, "2026-01-01T00:00:00Z")
-                for kind, node_id, event in events:
-                    family.publish(kind, node_id, event)
+                batches, pwm = await trio.to_thread.run_sync(fleet.live_events, now, "2026-01-01T00:00:00Z")
+                publish_states(family, batches, pwm)
                 await trio.sleep(0)  # let the subscriber take them within this tick
             ticks.append(time.process_time() - cpu)
         await trio.sleep(0.5)  # the last events out

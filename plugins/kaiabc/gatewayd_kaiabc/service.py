@@ -20,7 +20,7 @@ from gatewayd.plugins.api import PluginContext, Record
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
-from .live import Fleet
+from .live import Fleet, publish_states
 from .people import Tokens
 from .models import NodeInfo, Store
 
@@ -170,12 +170,12 @@ class Kaiabc:
             self.fleet.shifts.pop(s.shift_id, None)
 
     async def stream(self) -> None:
-        """Every node's `oscillator.state` (and `output.pwm` where it changed) to the live hub; the
-        events are built on a worker thread (10,000 nodes: tens of milliseconds)."""
+        """Every node's `oscillator.state` to the live hub as a few columnar batches (one hub event
+        per batch, `live.state_batches`; the WebSocket sends the spec's per-node frames), and
+        `output.pwm` where a duty changed; built on a worker thread."""
         now = self.ctx.now()
-        events = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
-        for kind, node_id, event in events:
-            self.ctx.live.publish(kind, node_id, event)
+        batches, pwm = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
+        publish_states(self.ctx.live, batches, pwm)
 
     async def sample(self) -> None:
         """Every node's oscillator into its history (one statement); older than history_days goes."""

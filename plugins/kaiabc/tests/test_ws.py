@@ -47,6 +47,35 @@ async def test_events_after_subscribing(gateway_factory):
             assert (await next_event(ws, "error"))["error"]["code"] == "INVALID_PARAMETER"
 
 
+async def test_states_of_the_watched_nodes_only_then_none_after_unsubscribing(gateway_factory):
+    settings = FAST + ["plugins.kaiabc.state_every_s=0.1"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client, "pico_001")
+        await register(client, "elm_002")
+        url = gw_url(gw).replace("http://", "ws://") + f"{V1}/ws"
+        async with open_websocket_url(url, extra_headers=list(AUTH.items())) as ws:
+            await ws.send_message(json.dumps({"action": "subscribe", "streams": ["oscillator.state.elm_002"]}))
+            assert json.loads(await ws.get_message())["action"] == "subscribed"
+            seen = [(await next_event(ws, "oscillator.state"))["node_id"] for _ in range(6)]
+            assert seen == ["elm_002"] * 6
+            await ws.send_message(json.dumps({"action": "subscribe", "streams": ["oscillator.state.*"]}))
+            with trio.fail_after(10):
+                while {"pico_001", "elm_002"} - set(seen[6:]):
+                    doc = json.loads(await ws.get_message())
+                    if doc.get("event") == "oscillator.state":
+                        seen.append(doc["node_id"])
+            await ws.send_message(json.dumps({"action": "unsubscribe", "streams": [
+                "oscillator.state.*", "oscillator.state.elm_002"]}))
+            while json.loads(await ws.get_message()).get("action") != "unsubscribed":
+                pass
+            with trio.move_on_after(0.3):  # frames already on their way when the answer went
+                while True:
+                    await ws.get_message()
+            with trio.move_on_after(0.5):  # five stream intervals: nothing more comes
+                doc = json.loads(await ws.get_message())
+                assert doc.get("event") != "oscillator.state", doc
+
+
 async def test_a_node_watches_only_itself_and_five_connections(gateway_factory):
     async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
         key = await register(client)
