@@ -29,6 +29,10 @@ class KaiabcConfig:
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
     """History older than this is deleted."""
+    ws_query_token: bool = False
+    """Accept a role token (or a core token scoped live:kaiabc) as `?token=` on the WebSocket, the
+    spec's way; off by default: a URL ends up in proxies' and browsers' logs. Never the admin token
+    nor a node's key, even on."""
     serial: SerialSettings | None = None
     """A UART with Pico nodes on it (`[plugins.kaiabc.serial] port = "/dev/ttyACM0"`): JSON lines."""
     max_nodes: int = 20000

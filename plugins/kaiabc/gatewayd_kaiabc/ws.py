@@ -22,7 +22,7 @@ import trio
 from msgspec import Struct
 from quart import websocket
 
-from gatewayd.plugins.api import AuthError, Gap, LiveLimit, Subscription
+from gatewayd.plugins.api import AuthError, Gap, LiveDenied, LiveLimit, Subscription
 
 from .live import STATE_BATCH
 
@@ -60,7 +60,8 @@ def state_frames(batch: dict[str, Any], watched: set[str]) -> list[str]:
 
 
 class SocketQuery(Struct, forbid_unknown_fields=True):
-    pass
+    token: str | None = None
+    """A role token or a core scoped token (the spec's `?token=`), only with `ws_query_token = true`."""
 
 
 class Socket:
@@ -73,11 +74,12 @@ class Socket:
 
     async def ws(self, query: SocketQuery) -> None:
         """The spec's event streams; subscribe by message. Refusals close the socket after the
-        handshake: 4401 (credentials), 4429 (more than 5 connections)."""
-        owner, node = await self._who()
+        handshake: 4401 (credentials), 4403 (a core token not scoped for kaiabc), 4429 (more than
+        5 connections)."""
+        owner, node, (code, why) = await self._who(query)
         await websocket.accept()
         if owner is None:
-            await websocket.close(4401, "send the admin token (Authorization: Bearer) or a node's X-API-Key")
+            await websocket.close(code, why[:120])
             return
         try:
             sub = self.ctx.live.subscribe([], owner=owner)
@@ -96,20 +98,35 @@ class Socket:
             self.api.sockets -= 1
         await websocket.close(1001, "the gateway is shutting down")
 
-    async def _who(self) -> tuple[str | None, str | None]:
-        """(owner, the node it is limited to or None for a person); owner None: refused."""
+    async def _who(self, query: SocketQuery) -> tuple[str | None, str | None, tuple[int, str]]:
+        """(owner, the node it is limited to or None for a person, (close code, why) when refused);
+        owner None: refused.
+
+        Credentials go in the handshake's headers: a node's `X-API-Key`, or `Authorization:
+        Bearer` with a role token, the admin token or a core token scoped `live:kaiabc`.
+        `?token=` (the spec's way) only when the operator enabled `ws_query_token`, and then
+        never the admin token nor a node's key (README, "WebSocket")."""
         headers = websocket.headers
         if headers.get("X-API-Key"):
             try:
                 device = await self.ctx.auth.api_key(headers, websocket.remote_addr)
             except AuthError:
-                return None, None
-            return f"node:{device.id}", device.id
-        if self.ctx.http.require_admin() is None:
-            return "person:admin", None
+                return None, None, (4401, "wrong X-API-Key")
+            return f"node:{device.id}", device.id, (0, "")
+        if query.token is not None and not self.ctx.config.ws_query_token:
+            self.ctx.state.refused.inc(code="QUERY_TOKEN")
+            return None, None, (4401, "a token in the URL is refused here (plugins.kaiabc.ws_query_token is "
+                                      "off): send it as Authorization: Bearer")
         scheme, _, value = headers.get("Authorization", "").partition(" ")
-        found = self.ctx.state.tokens.role_of(value.strip(), self.ctx.now()) if scheme.lower() == "bearer" else None
-        return (f"person:{found[0]}", None) if found is not None else (None, None)
+        bearer = value.strip() if scheme.lower() == "bearer" else ""
+        found = self.ctx.state.tokens.role_of(bearer or query.token or "", self.ctx.now())
+        if found is not None:
+            return f"person:{found[0]}", None, (0, "")
+        try:  # the admin token (header only), a core token scoped live:kaiabc, the dashboard's session
+            owner = await self.ctx.live.authorize(headers, {"token": query.token} if query.token else {})  # type: ignore[arg-type]
+        except LiveDenied as e:
+            return None, None, (4000 + e.status, e.reason)
+        return f"person:{owner}", None, (0, "")
 
     async def _events(self, sub: Subscription, watched: set[str]) -> None:
         batches = f"{self.ctx.name}.{STATE_BATCH}."

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import trio
-from kaiabc_testbed import AUTH, FAST, KAIABC, V1, register
+from kaiabc_testbed import AUTH, FAST, KAIABC, TOKEN, V1, register
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from gatewayd.testing import gw_client, gw_url
@@ -154,3 +154,55 @@ async def test_prc_route(gateway_factory):
         assert min(row["phase_shift_delay"] for row in doc["data"]) < -0.1
         r = await client.get(f"{V1}/entrainment/prc", headers=AUTH, params={"resolution": 2})
         assert r.status_code == 400
+
+
+async def role_token(client, name="screen", role="observer"):
+    r = await client.post(f"{V1}/auth/tokens", headers=AUTH, json={"name": name, "role": role, "ttl_days": 1})
+    assert r.status_code == 201, r.text
+    return r.json()["token"]
+
+
+async def refused(url, headers=()):
+    async with open_websocket_url(url, extra_headers=list(headers)) as ws:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+    return closed.value.reason
+
+
+async def subscribed(url, headers=()):
+    async with open_websocket_url(url, extra_headers=list(headers)) as ws:
+        await ws.send_message(json.dumps({"action": "subscribe", "streams": ["alert.*"]}))
+        return json.loads(await ws.get_message())["action"] == "subscribed"
+
+
+async def test_tokens_go_in_a_header_a_url_token_is_refused_by_default(gateway_factory, caplog):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        token = await role_token(client)
+        url = gw_url(gw).replace("http://", "ws://") + f"{V1}/ws"
+        assert await subscribed(url, [("Authorization", f"Bearer {token}")])
+        reason = await refused(f"{url}?token={token}")
+        assert reason.code == 4401 and "ws_query_token" in reason.reason
+        # a core token scoped to this family's streams opens it too (gatewayd tokens add --scope live:kaiabc)
+        app = await trio.to_thread.run_sync(gw.tokens.add_blocking, "app", ["live:kaiabc"], 3600.0)
+        other = await trio.to_thread.run_sync(gw.tokens.add_blocking, "lobby", ["live:paku"], 3600.0)
+        assert await subscribed(url, [("Authorization", f"Bearer {app}")])
+        assert (await refused(url, [("Authorization", f"Bearer {other}")])).code == 4403
+        assert (await refused(url, [("Authorization", "Bearer kbt_not_a_token")])).code == 4401
+    assert token not in caplog.text
+
+
+async def test_a_url_token_when_the_operator_enables_it_never_the_admin_token_nor_a_key(gateway_factory, caplog):
+    caplog.set_level("INFO")
+    settings = ["plugins.kaiabc.ws_query_token=true", "http.access_log=true"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, \
+            gw_client(gw) as client:
+        key = await register(client)
+        token = await role_token(client)
+        url = gw_url(gw).replace("http://", "ws://") + f"{V1}/ws"
+        assert await subscribed(f"{url}?token={token}")
+        reason = await refused(f"{url}?token={TOKEN}")
+        assert reason.code == 4401 and "URL" in reason.reason
+        assert (await refused(f"{url}?token={key}")).code == 4401
+    assert "/kaiabc/v1/ws" in caplog.text  # the access log saw the requests...
+    for secret in (token, TOKEN, key):
+        assert secret not in caplog.text  # ...without their query strings
