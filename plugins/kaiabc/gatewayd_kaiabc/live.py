@@ -324,10 +324,9 @@ class Fleet:
             out["override"] = list(self.overrides[node_id])
         return out
 
-    def live_events(self, now: float, now_iso: str) -> tuple[list[dict[str, Any]], list[tuple[str, dict[str, Any]]]]:
-        """Every node's `oscillator.state`, as columnar batches (`state_batches`), and the spec's
-        `output.pwm` of each node whose duty changed since the last call: (node, event). Phases
-        in one KD-tree query per ETF.
+    def live_events(self, now: float, now_iso: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every node's `oscillator.state`, and the `output.pwm` of each node whose duty changed
+        since the last call, as columnar batches (`batches`). Phases in one KD-tree query per ETF.
 
         Safe on a worker thread while the trio thread goes on: it works on copies (a node added
         meanwhile waits for the next call)."""
@@ -357,19 +356,16 @@ class Fleet:
         columns = {"circadian_time": _nullable(np.round(24.0 * phase, 4), known),
                    "phase": _nullable(np.round(phase, 4), known), "koa_metric": metrics.tolist(),
                    "C_ST": np.round(y[1], 6).tolist(), "A_free": np.round(a_free, 6).tolist()}
-        batches = state_batches(ids, now_iso, columns)
-        pwm: list[tuple[str, dict[str, Any]]] = []
+        states = batches(ids, now_iso, columns, STATE_COLUMNS)
         last = self._last_duty
-        changed = np.nonzero(duties != np.array([last.get(i, -1) for i in ids]))[0]
-        for i in changed.tolist():
-            node_id, duty = ids[i], int(duties[i])
-            last[node_id] = duty
-            override = self.overrides.get(node_id)
-            pwm.append((node_id, {
-                "event": "output.pwm", "node_id": node_id, "timestamp": now_iso, "data": {
-                    "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1),
-                    "koa_source": float(metrics[i]), "manual_override": override is not None and override[1] > now}}))
-        return batches, pwm
+        changed = np.nonzero(duties != np.array([last.get(i, -1) for i in ids]))[0].tolist()
+        moved = [ids[i] for i in changed]
+        for i in changed:
+            last[ids[i]] = int(duties[i])
+        overridden = {node for node, override in self.overrides.items() if override[1] > now}
+        pwm = batches(moved, now_iso, {"duty_cycle": duties[changed].tolist(), "koa_source": metrics[changed].tolist(),
+                                       "manual_override": [node in overridden for node in moved]}, PWM_COLUMNS)
+        return states, pwm if moved else []
 
     def history_rows(self, now: float) -> list[tuple[Any, ...]]:
         """(node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) of every node, in one pass."""
@@ -383,19 +379,22 @@ class Fleet:
         return [tuple(self.row(node_id, now).values()) for node_id in self.ids]
 
 
-STATE_BATCH = "oscillator_state_batch"  # the hub's kind of a state batch
+# The hub's kinds of the batches (`kaiabc.<kind>.<k>`), by the kind of the events they carry.
+BATCHED = {"oscillator_state": "oscillator_state_batch", "output_pwm": "output_pwm_batch"}
 STATE_COLUMNS = ("circadian_time", "phase", "koa_metric", "C_ST", "A_free")
-BATCH_BYTES = 48_000  # a state batch's JSON stays under the hub's 64 KiB per event
+PWM_COLUMNS = ("duty_cycle", "koa_source", "manual_override")
+BATCH_BYTES = 16_384  # a batch's JSON: under the hub's 64 KiB per event; 10,000 nodes in about 60 (a queue holds 256)
 
 
-def state_batches(ids: list[str], timestamp: str, columns: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every node's `oscillator.state` of one tick as a few columnar documents (`node_id` and
-    `STATE_COLUMNS`, one list each, in one order), each under BATCH_BYTES of JSON: what the plugin
-    publishes on the hub (`kaiabc.oscillator_state_batch.<k>`, one event per batch, not one per node).
-    The WebSocket turns a batch into the spec's per-node frames for the nodes its client watches
-    (`ws.state_frames`)."""
+def batches(ids: list[str], timestamp: str, columns: Mapping[str, list[Any]],
+            names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One tick's events of many nodes as a few columnar documents (`timestamp`, `node_id` and
+    the `names` columns, one list each, in one order), each under BATCH_BYTES of JSON: what the
+    plugin publishes on the hub (`kaiabc.oscillator_state_batch.<k>`, `kaiabc.output_pwm_batch.<k>`:
+    one event per batch, not one per node). The WebSocket turns a batch into the spec's per-node
+    frames for the nodes its client watches (`ws.frames`)."""
     def batch(a: int, b: int) -> dict[str, Any]:
-        return {"timestamp": timestamp, "node_id": ids[a:b], **{k: columns[k][a:b] for k in STATE_COLUMNS}}
+        return {"timestamp": timestamp, "node_id": ids[a:b], **{k: columns[k][a:b] for k in names}}
 
     out: list[dict[str, Any]] = []
     start = size = 0
@@ -413,13 +412,11 @@ class Publisher(Protocol):
     def publish(self, kind: str, device_id: str, data: Any) -> None: ...
 
 
-def publish_states(live: Publisher, batches: list[dict[str, Any]], pwm: list[tuple[str, dict[str, Any]]]) -> None:
-    """One tick's state batches (`kaiabc.oscillator_state_batch.<k>`) and `output.pwm` events
-    (`kaiabc.output_pwm.<node>`) on the live hub (`ctx.live`)."""
-    for k, batch in enumerate(batches):
-        live.publish(STATE_BATCH, str(k), batch)
-    for node_id, event in pwm:
-        live.publish("output_pwm", node_id, event)
+def publish_states(live: Publisher, states: list[dict[str, Any]], pwm: list[dict[str, Any]]) -> None:
+    """One tick's state and PWM batches on the live hub (`ctx.live`)."""
+    for kind, found in (("oscillator_state", states), ("output_pwm", pwm)):
+        for k, batch in enumerate(found):
+            live.publish(BATCHED[kind], str(k), batch)
 
 
 def _nullable(values: np.ndarray, known: np.ndarray) -> list[float | None]:

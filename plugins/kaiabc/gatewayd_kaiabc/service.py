@@ -172,12 +172,12 @@ class Kaiabc:
             self.fleet.shifts.pop(s.shift_id, None)
 
     async def stream(self) -> None:
-        """Every node's `oscillator.state` to the live hub as a few columnar batches (one hub event
-        per batch, `live.state_batches`; the WebSocket sends the spec's per-node frames), and
-        `output.pwm` where a duty changed; built on a worker thread."""
+        """Every node's `oscillator.state`, and `output.pwm` where a duty changed, to the live hub as a
+        few columnar batches (`live.batches`: one hub event per batch; the WebSocket sends the spec's
+        per-node frames); built on a worker thread."""
         now = self.ctx.now()
-        batches, pwm = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
-        publish_states(self.ctx.live, batches, pwm)
+        states, pwm = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
+        publish_states(self.ctx.live, states, pwm)
 
     async def sample(self) -> None:
         """Every node's oscillator into its history (one statement); older than `history_full_days`

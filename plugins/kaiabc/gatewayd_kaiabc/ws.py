@@ -3,10 +3,10 @@
 A client subscribes by message, `{"action": "subscribe", "streams":
 ["oscillator.state.pico_001", "sensors.temperature.pico_001", "output.koa.pico_001"]}`
 (and `"unsubscribe"`), and receives the spec's events one per frame: `oscillator.state`,
-`sensors.reading`, `output.pwm`, `alert`, `phase_shift.complete`. The states come from the
-hub as one columnar batch per tick (`live.state_batches`: 10,000 per-node hub events a
-second would cost more than the oscillators); `state_frames` turns a batch into the spec's
-frames of the nodes this client watches. A person (the admin
+`sensors.reading`, `output.pwm`, `alert`, `phase_shift.complete`. States and PWM duties
+come from the hub as a few columnar batches per tick (`live.batches`: 10,000 per-node hub
+events a second would cost more than the oscillators, and overflow every subscriber's
+queue); `frames` turns a batch into the spec's frames of the nodes this client watches. A person (the admin
 token, or any role's token) may watch every node, `*` for all; a node (its `X-API-Key`) only itself. At most
 5 connections per client (the hub's `live.per_token`, the spec's limit): the sixth is
 closed with 4429.
@@ -24,7 +24,7 @@ from quart import websocket
 
 from gatewayd.plugins.api import AuthError, Gap, LiveDenied, LiveLimit, Subscription
 
-from .live import STATE_BATCH
+from .live import BATCHED
 
 if TYPE_CHECKING:
     from gatewayd.plugins.api import Routes
@@ -47,16 +47,21 @@ def frame(event: Any) -> str:
     return _encode(event).decode()
 
 
-def state_frames(batch: dict[str, Any], watched: set[str]) -> list[str]:
-    """The spec's `oscillator.state` frame of each node of a state batch that `watched` names
-    (node ids as the hub writes them, `.` as `_`; `*` for every node)."""
+def frames(kind: str, batch: dict[str, Any], watched: set[str]) -> list[str]:
+    """The spec's frame (`oscillator.state` or `output.pwm`, by the hub's `kind`) of each node of a
+    batch that `watched` names (node ids as the hub writes them, `.` as `_`; `*` for every node)."""
     every = "*" in watched
     ts, ids = batch["timestamp"], batch["node_id"]
-    ct, ph, koa, c_st, a_free = (batch[k] for k in ("circadian_time", "phase", "koa_metric", "C_ST", "A_free"))
-    return [frame({"event": "oscillator.state", "node_id": node_id, "timestamp": ts, "data": {
-                "circadian_time": ct[i], "phase": ph[i], "state_variables": {"C_ST": c_st[i], "A_free": a_free[i]},
-                "koa_metric": koa[i]}})
-            for i, node_id in enumerate(ids) if every or node_id.replace(".", "_") in watched]
+    chosen = [i for i, node_id in enumerate(ids) if every or node_id.replace(".", "_") in watched]
+    if kind == "oscillator_state":
+        ct, ph, koa, c_st, a_free = (batch[k] for k in ("circadian_time", "phase", "koa_metric", "C_ST", "A_free"))
+        return [frame({"event": "oscillator.state", "node_id": ids[i], "timestamp": ts, "data": {
+            "circadian_time": ct[i], "phase": ph[i], "state_variables": {"C_ST": c_st[i], "A_free": a_free[i]},
+            "koa_metric": koa[i]}}) for i in chosen]
+    duty, koa, forced = batch["duty_cycle"], batch["koa_source"], batch["manual_override"]
+    return [frame({"event": "output.pwm", "node_id": ids[i], "timestamp": ts, "data": {
+        "duty_cycle": duty[i], "duty_cycle_percent": round(100 * duty[i] / 255, 1), "koa_source": koa[i],
+        "manual_override": forced[i]}}) for i in chosen]
 
 
 class SocketQuery(Struct, forbid_unknown_fields=True):
@@ -90,7 +95,7 @@ class Socket:
         try:
             with sub:
                 async with trio.open_nursery() as nursery:
-                    watched: set[str] = set()  # the nodes whose oscillator.state this client watches
+                    watched: dict[str, set[str]] = {kind: set() for kind in BATCHED}  # nodes watched, per kind
                     nursery.start_soon(self._commands, sub, node, watched)
                     await self._events(sub, watched)
                     nursery.cancel_scope.cancel()
@@ -128,8 +133,8 @@ class Socket:
             return None, None, (4000 + e.status, e.reason)
         return f"person:{owner}", None, (0, "")
 
-    async def _events(self, sub: Subscription, watched: set[str]) -> None:
-        batches = f"{self.ctx.name}.{STATE_BATCH}."
+    async def _events(self, sub: Subscription, watched: dict[str, set[str]]) -> None:
+        batched = {f"{self.ctx.name}.{hub_kind}": kind for kind, hub_kind in BATCHED.items()}
         while True:
             with trio.move_on_after(15) as idle:
                 batch = await sub.next()
@@ -141,14 +146,14 @@ class Socket:
             for item in batch:
                 if isinstance(item, Gap):
                     await websocket.send(json.dumps({"event": "gap", "dropped": item.dropped}))
-                elif item.stream.startswith(batches):
-                    for text in state_frames(item.data, watched):
+                elif (kind := batched.get(item.stream.rsplit(".", 1)[0])) is not None:
+                    for text in frames(kind, item.data, watched[kind]):
                         await websocket.send(text)
                 else:
                     await websocket.send(frame(item.data))
 
-    async def _commands(self, sub: Subscription, node: str | None, watched: set[str]) -> None:
-        batches = f"{self.ctx.name}.{STATE_BATCH}.*"
+    async def _commands(self, sub: Subscription, node: str | None, watched: dict[str, set[str]]) -> None:
+        family = self.ctx.name
         while True:
             raw = await websocket.receive()
             try:
@@ -159,16 +164,21 @@ class Socket:
                 if not isinstance(streams, list) or not all(isinstance(s, str) for s in streams):
                     raise ValueError("streams: expected a list of strings like oscillator.state.pico_001")
                 patterns = [self._pattern(s, node) for s in streams]
-                states = {p.rsplit(".", 1)[1] for p in patterns if p.startswith(f"{self.ctx.name}.oscillator_state.")}
-                others = [p for p in patterns if not p.startswith(f"{self.ctx.name}.oscillator_state.")]
+                asked = {kind: {p.rsplit(".", 1)[1] for p in patterns if p.startswith(f"{family}.{kind}.")}
+                         for kind in BATCHED}
+                others = [p for p in patterns if p.split(".")[1] not in BATCHED]
                 if doc["action"] == "subscribe":
-                    if len(sub.patterns | set(others)) + len(watched | states) > MAX_PATTERNS:
+                    count = len(sub.patterns | set(others)) + sum(len(watched[k] | asked[k]) for k in BATCHED)
+                    if count > MAX_PATTERNS:
                         raise ValueError(f"at most {MAX_PATTERNS} streams")
-                    watched |= states
-                    sub.add(others + ([batches] if watched else []))
+                    for kind in BATCHED:
+                        watched[kind] |= asked[kind]
                 else:
-                    watched -= states
-                    sub.remove(others + ([] if watched else [batches]))
+                    for kind in BATCHED:
+                        watched[kind] -= asked[kind]
+                    sub.remove(others + [f"{family}.{BATCHED[k]}.*" for k in BATCHED if not watched[k]])
+                sub.add((others if doc["action"] == "subscribe" else [])
+                        + [f"{family}.{BATCHED[k]}.*" for k in BATCHED if watched[k]])
                 reply: dict[str, Any] = {"action": f"{doc['action']}d", "streams": streams}
             except (ValueError, PermissionError, RecursionError) as e:
                 reply = {"event": "error", "error": {"code": "PERMISSION_DENIED" if isinstance(e, PermissionError)
