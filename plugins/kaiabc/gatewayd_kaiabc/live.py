@@ -152,6 +152,9 @@ class Fleet:
         if "override" in settings:
             pwm, expires, override_id = settings["override"]
             self.overrides[row["node_id"]] = (int(pwm), float(expires), str(override_id))
+        if "shift" in settings:  # under way when the gateway stopped: it goes on from its stage
+            shift = Shift.from_doc(settings["shift"])
+            self.shifts[shift.shift_id] = shift
 
     # -- the tick ---------------------------------------------------------------------
 
@@ -303,17 +306,17 @@ class Fleet:
 
     # -- persistence --------------------------------------------------------------------
 
-    def row(self, node_id: str, now: float) -> dict[str, Any]:
+    def row(self, node_id: str, now: float, under_way: dict[str, Shift] | None = None) -> dict[str, Any]:
         i = self.index[node_id]
         last = self.last_reading[i]
         return {"node_id": node_id, "c_t": float(self.y[0, i]), "c_st": float(self.y[1, i]),
                 "c_s": float(self.y[2, i]), "sim_hours": float(self.sim_hours[i]),
                 "temperature_k": float(self.temps[i]), "filter_state": json.dumps(_filter_state(self.filters[node_id])),
                 "last_reading_at": None if math.isnan(last) else float(last), "paused": bool(self.paused[i]),
-                "settings": json.dumps(self.settings(node_id)), "saved_at": now}
+                "settings": json.dumps(self.settings(node_id, under_way)), "saved_at": now}
 
-    def settings(self, node_id: str) -> dict[str, Any]:
-        """What a node was set to, when it differs from the defaults."""
+    def settings(self, node_id: str, under_way: dict[str, Shift] | None = None) -> dict[str, Any]:
+        """What a node was set to, when it differs from the defaults, and its phase shift under way."""
         i = self.index[node_id]
         out: dict[str, Any] = {}
         if self.etfs[i] != DEFAULT_ETF:
@@ -322,7 +325,14 @@ class Fleet:
             out["mapping"] = asdict(self.mappings[i])
         if node_id in self.overrides:
             out["override"] = list(self.overrides[node_id])
+        shift = (under_way if under_way is not None else self.shifts_under_way()).get(node_id)
+        if shift is not None:
+            out["shift"] = shift.to_doc()
         return out
+
+    def shifts_under_way(self) -> dict[str, Shift]:
+        """Each node's phase shift not yet complete (at most one: the route answers 409 for a second)."""
+        return {s.node_id: s for s in self.shifts.values() if s.stage != "complete"}
 
     def live_events(self, now: float, now_iso: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """Every node's `oscillator.state`, and the `output.pwm` of each node whose duty changed
@@ -376,7 +386,8 @@ class Fleet:
                         self.temps[:n].tolist(), self.sim_hours[:n].tolist()))
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
-        return [tuple(self.row(node_id, now).values()) for node_id in self.ids]
+        under_way = self.shifts_under_way()
+        return [tuple(self.row(node_id, now, under_way).values()) for node_id in self.ids]
 
 
 # The hub's kinds of the batches (`kaiabc.<kind>.<k>`), by the kind of the events they carry.

@@ -170,6 +170,7 @@ class Kaiabc:
                 "event": "phase_shift.complete", "shift_id": s.shift_id, "node_id": s.node_id,
                 "timestamp": iso(now), "data": data})
             self.fleet.shifts.pop(s.shift_id, None)
+            await self.save(s.node_id)  # its settings no longer hold the shift
 
     async def stream(self) -> None:
         """Every node's `oscillator.state`, and `output.pwm` where a duty changed, to the live hub as a

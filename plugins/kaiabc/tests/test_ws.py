@@ -8,7 +8,7 @@ import trio
 from kaiabc_testbed import AUTH, FAST, KAIABC, TOKEN, V1, register
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from gatewayd.testing import gw_client, gw_url
+from gatewayd.testing import gw_client, gw_url, wait_until
 
 
 async def next_event(ws, name, timeout=10):
@@ -206,3 +206,31 @@ async def test_a_url_token_when_the_operator_enables_it_never_the_admin_token_no
     assert "/kaiabc/v1/ws" in caplog.text  # the access log saw the requests...
     for secret in (token, TOKEN, key):
         assert secret not in caplog.text  # ...without their query strings
+
+
+@pytest.mark.timeout(120)
+async def test_a_phase_shift_under_way_resumes_after_a_restart(gateway_factory, tmp_path):
+    settings = ["plugins.kaiabc.tick_s=0.05", "plugins.kaiabc.time_acceleration=7200",
+                "plugins.kaiabc.phase_shift_settle_hours=2", "plugins.kaiabc.queries_per_minute=100000",
+                f"gateway.data_dir='{tmp_path}/data'"]
+    shift = {"node_id": "pico_001", "shift_type": "delay", "magnitude_hours": 0.2, "method": "temperature_step",
+             "temperature_delta_kelvin": 3.0, "duration_minutes": 30}
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client)
+        r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json=shift)
+        assert r.status_code == 200, r.text
+        plan = r.json()
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json=shift)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "CONFLICT"  # still under way
+
+        async def completed():
+            events = (await client.get("/api/gateway/events", headers=AUTH, params={"family": "kaiabc"})).json()
+            done = [e for e in events["events"] if e["type"] == "phase_shift.complete"]
+            return done or None
+
+        (done,) = await wait_until(completed, timeout=90, what="the resumed shift's completion")
+        # measured (its size, under a loaded machine's uneven accelerated ticks, is the test above's business)
+        assert done["data"]["shift_id"] == plan["shift_id"] and done["data"]["actual_shift_hours"] is not None
+        r = await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json=shift)
+        assert r.status_code == 200, r.text  # the node is free again
