@@ -175,7 +175,7 @@ async def subscribed(url, headers=()):
         return json.loads(await ws.get_message())["action"] == "subscribed"
 
 
-async def test_tokens_go_in_a_header_a_url_token_is_refused_by_default(gateway_factory, caplog):
+async def test_tokens_go_in_a_header_a_url_token_is_refused_by_default(gateway_factory):
     async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
         token = await role_token(client)
         url = gw_url(gw).replace("http://", "ws://") + f"{V1}/ws"
@@ -188,7 +188,6 @@ async def test_tokens_go_in_a_header_a_url_token_is_refused_by_default(gateway_f
         assert await subscribed(url, [("Authorization", f"Bearer {app}")])
         assert (await refused(url, [("Authorization", f"Bearer {other}")])).code == 4403
         assert (await refused(url, [("Authorization", "Bearer kbt_not_a_token")])).code == 4401
-    assert token not in caplog.text
 
 
 async def test_a_url_token_when_the_operator_enables_it_never_the_admin_token_nor_a_key(gateway_factory, caplog):
