@@ -67,7 +67,8 @@ async def test_the_specifications_error_codes(gateway_factory):
         cases = [
             (post(content=b"{not json"), 400, "body: "),
             (post(content=b'{"device_token": "x", "data": {"t": NaN}}'), 400, ""),
-            (post(json={"data": {"v0": 1}}), 400, "device_token: expected"),
+            (post(json={"data": {"v0": 1}}), 400, "device_token: required"),
+            (post(json={"device_token": esp.key, "data": {"a b": 1}}), 400, "data: key 'a b': expected 1-64"),
             (post(json={"device_token": other.key, "data": {}}), 403, "Invalid device token"),
             (post(json={"device_token": "wrong", "data": {}}), 403, "Invalid device token"),
             (v2(client, esp, {}, device_id="nobody"), 404, "Device not found"),
@@ -136,6 +137,23 @@ async def test_an_app_sets_a_pin_and_the_device_gets_it(gateway_factory, upstrea
         assert ("state_set", {"v0": 1}) in [(rec["kind"], rec["data"]) for rec in records]
 
 
+async def test_the_telemetry_bodies_are_in_the_openapi_document(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
+        doc = (await client.get("/thingsnxt/openapi.json", headers=ADMIN)).json()
+        bodies = {}
+        for path, method in (("/thingsnxt/devices/{device_id}/telemetry", "post"), ("/thingsnxt/telemetry", "post"),
+                             ("/thingsnxt/devices/{device_id}/telemetry/bulk", "post")):
+            operation = doc["paths"][path][method]
+            assert {"400", "403", "413", "415", "429"} <= set(operation["responses"]), path
+            assert "gzip" in operation["responses"]["400"]["description"]
+            ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            bodies[path] = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        v2 = bodies["/thingsnxt/devices/{device_id}/telemetry"]
+        assert v2["required"] == ["device_token"] and set(v2["properties"]) == {"device_token", "data"}
+        assert v2["properties"]["data"]["propertyNames"] == {"pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+        assert set(bodies["/thingsnxt/devices/{device_id}/telemetry/bulk"]["required"]) == {"device_token", "readings"}
+
+
 async def test_an_operator_registers_a_device(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
         r = await client.post("/thingsnxt/devices", json={"device_id": "esp-9", "name": "hall"}, headers=ADMIN)
@@ -156,6 +174,9 @@ async def test_429_after_the_limit_but_never_for_health(gateway_factory):
         esp = await provision(gw, "thingsnxt", "esp-1")
         statuses = [(await v2(client, esp, {"t": i})).status_code for i in range(7)]
         assert statuses == [200] * 5 + [429] * 2
+        # Before the body is read: a client over its limit is not answered about its body.
+        r = await client.post("/thingsnxt/telemetry", content=b"{not json")
+        assert r.status_code == 429 and "Too many requests" in r.json()["detail"]
         r = await client.get("/thingsnxt/telemetry/latest", params={"device_token": esp.key})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["detail"]
         assert all([(await client.get("/thingsnxt/health")).status_code == 200 for _ in range(10)])
