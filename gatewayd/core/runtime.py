@@ -323,7 +323,7 @@ class Gateway:
                 log=get_logger(f"gatewayd.plugin.{name}"),
                 storage=PluginStorage(self.storage),
                 metrics=PluginMetrics(self.metrics, name),
-                http=PluginHTTP(self.admin, self.public_url, settings.mount),
+                http=PluginHTTP(self.admin, self.public_url, settings.mount, self.sessions),
                 mqtt=self.mqtt.facade(),
                 **self.devices.context_fields(name),
                 ingest=Ingest(self.outbox, name, self.clock),
