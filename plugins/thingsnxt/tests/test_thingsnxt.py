@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import hmac
 import json
+import re
+from html import unescape
 
 import pytest
 import trio
@@ -297,3 +299,62 @@ async def test_the_streams_say_when_a_device_comes_and_goes(gateway_factory):
             assert [(m["type"], m.get("status")) for m in messages] == [
                 ("state", None), ("status_update", "online"), ("telemetry_update", None), ("status_update", "offline")]
             assert all(m["device_id"] == "esp.1" for m in messages)
+
+
+async def test_an_operator_sets_a_pin_from_the_dashboard(gateway_factory, upstream_receiver):
+    settings = [*UNLIMITED, "plugins.thingsnxt.security.devices.esp-2={app_sets=['v1']}"]
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver, settings=settings) as gw, \
+            gw_client(gw) as client:
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        await provision(gw, "thingsnxt", "esp-2")
+        assert (await v2(client, esp, {"v0": 0, "temperature": 20})).status_code == 200
+        # A script with the admin token sees the pins, and no form (it has no session).
+        page = (await client.get("/", headers=ADMIN)).text
+        assert "Log in to the dashboard to set pins" in page and 'class="set-pin"' not in page
+        assert (await client.post("/dashboard/login", data={"token": TOKEN})).status_code == 303
+        row = _pins_row((await client.get("/")).text, "esp-1")
+        assert "<code>v0</code> 0" in row and "temperature" not in row and ">v*<" in row  # only what an app may set
+        assert ">v1<" in _pins_row((await client.get("/")).text, "esp-2")  # its own rules
+        csrf = re.search(r'name="csrf" value="([^"]+)"', row)[1]
+        origin = {"Origin": gw_url(gw)}
+
+        async def set_pin(device, key, value, **extra):
+            return await client.post("/thingsnxt/dashboard/pins", headers=origin,
+                                     data={"csrf": csrf, "device": device, "key": key, "value": value, **extra})
+
+        r = await set_pin("esp-1", "v0", "1")
+        assert r.status_code == 303 and r.headers["location"] == "/#thingsnxt-pins"
+        r = await client.get("/thingsnxt/telemetry/latest", params={"device_token": esp.key})
+        assert r.json()["data"] == {"v0": 1, "temperature": 20}  # a number, as an app sets it
+        page = (await client.get("/")).text
+        assert 'data-outcome="ok"' in page and "(pending)" in _pins_row(page, "esp-1")
+        assert (await set_pin("esp-1", "v2", "on")).status_code == 303
+        state = (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()
+        assert state["pending"] == {"v0": 1, "v2": "on"}
+        # The security rules, a bad key, an unknown device: refused, said on the panel, nothing set.
+        for device, key, message in (("esp-1", "temperature", "esp-1: Security rules: an app may not set temperature"),
+                                     ("esp-2", "v0", "esp-2: Security rules: an app may not set v0"),
+                                     ("esp-1", "a b", "esp-1: data: key 'a b'"),
+                                     ("ghost", "v0", "ghost: Device not found")):
+            assert (await set_pin(device, key, "5")).status_code == 303
+            outcome = re.search(r'data-outcome="(\w+)">([^<]*)<', (await client.get("/")).text)
+            assert outcome[1] == "refused" and unescape(outcome[2]).startswith(message), outcome[2]
+        assert (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()["pending"] == \
+            {"v0": 1, "v2": "on"}
+        # Not from the dashboard's page: refused in the family's shape.
+        for r in (await client.post("/thingsnxt/dashboard/pins", headers=origin,
+                                    data={"device": "esp-1", "key": "v0", "value": "0"}),
+                  await set_pin("esp-1", "v0", "0", csrf="forged"),
+                  await client.post("/thingsnxt/dashboard/pins", data={"csrf": csrf, "device": "esp-1", "key": "v0",
+                                                                       "value": "0"},
+                                    headers={"Origin": "http://evil.example"}),
+                  await client.post("/thingsnxt/dashboard/pins", headers=ADMIN,
+                                    data={"device": "esp-1", "key": "v0", "value": "0"})):
+            assert r.status_code == 403 and r.json()["detail"].startswith("This form was not sent"), r.text
+        assert (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()["data"]["v0"] == 1
+        records = await upstream_receiver.wait_for(3)
+        assert [r["data"] for r in records if r["kind"] == "state_set"] == [{"v0": 1}, {"v2": "on"}]
+
+
+def _pins_row(page, device):
+    return re.search(rf'<tr data-pins="{device}">(.*?)</tr>', page, re.S)[1]
