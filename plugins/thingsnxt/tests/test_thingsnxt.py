@@ -367,3 +367,73 @@ async def test_an_operator_sets_a_pin_from_the_dashboard(gateway_factory, upstre
 
 def _pins_row(page, device):
     return re.search(rf'<tr data-pins="{device}">(.*?)</tr>', page, re.S)[1]
+
+
+class HeldReceiver(Receiver):
+    """/global: its first delivery is held until `release`, then refused (503): retried;
+    /esp-2: a per-device webhook's."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = trio.Event()
+        self.held = trio.Event()
+        self.by_path: dict[str, list[dict]] = {"/global": [], "/esp-2": []}
+        self.answers: list[int] = []
+        self.app.add_url_rule("/global", "global", self.hook_at, methods=["POST"])
+        self.app.add_url_rule("/esp-2", "esp2", self.hook_at, methods=["POST"])
+
+    async def hook_at(self):
+        doc = json.loads(await request.get_data())
+        self.by_path[request.path].append(doc)
+        if request.path == "/global" and not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
+            self.answers.append(503)
+            return {"busy": True}, 503
+        self.answers.append(200)
+        return {"ok": True}
+
+
+async def test_global_and_per_device_webhooks_retried_and_never_in_the_way(gateway_factory):
+    receiver = HeldReceiver()
+    config = HypercornConfig()
+    config.bind, config.accesslog = ["127.0.0.1:0"], None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(functools.partial(serve, receiver.app, config, shutdown_trigger=stop.wait))
+        hooks = (f"plugins.thingsnxt.webhooks=[{{url='{url}/global'}}, "
+                 f"{{url='{url}/esp-2', devices=['esp-2'], events=['telemetry_update']}}]")
+        async with gateway_factory(plugins=PLUGIN, settings=[*UNLIMITED, hooks]) as gw, gw_client(gw) as client:
+            one, two = await provision(gw, "thingsnxt", "esp-1"), await provision(gw, "thingsnxt", "esp-2")
+            assert (await v2(client, one, {"t": 1})).status_code == 200
+            await receiver.held.wait()  # the global webhook's receiver holds esp-1's delivery
+            # Telemetry is answered meanwhile: the queue does not stand in its way.
+            assert (await v2(client, two, {"t": 2})).status_code == 200
+            assert (await v2(client, one, {"t": 3})).status_code == 200
+            receiver.release.set()
+            await wait_until(lambda: len(receiver.by_path["/global"]) >= 4 and receiver.by_path["/esp-2"], timeout=15,
+                             what="the global webhook's three events (one retried) and esp-2's own")
+            deliveries = [(d["device_id"], d["event"]["data"]["data"]["t"]) for d in receiver.by_path["/global"]]
+            assert deliveries.count(("esp-1", 1)) == 2 and 503 in receiver.answers  # refused once, retried
+            assert sorted(set(deliveries)) == [("esp-1", 1), ("esp-1", 3), ("esp-2", 2)]
+            assert [(d["device_id"], d["event"]["data"]["data"]) for d in receiver.by_path["/esp-2"]] == [("esp-2", {"t": 2})]
+        stop.set()
+
+
+async def test_offline_after_s_is_the_families_threshold_and_bulk_readings_go_live(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=[*UNLIMITED, "plugins.thingsnxt.offline_after_s=7"]) as gw, \
+            gw_client(gw) as client:
+        assert gw.devices.presence.thresholds["thingsnxt"] == 7
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        now = gw.clock()
+        ws_url = gw_url(gw).replace("http", "ws", 1)
+        async with open_websocket_url(f"{ws_url}/thingsnxt/ws/esp-1",
+                                      extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+            await wait_until(lambda: gw.live.subscribers == 1)
+            doc = {"device_token": esp.key, "readings": [{"timestamp": now - 30 + i, "data": {"t": i}} for i in (2, 0, 1)]}
+            r = await client.post("/thingsnxt/devices/esp-1/telemetry/bulk", json=doc)
+            assert r.status_code == 200 and r.json()["stored"] == 3
+            messages = [json.loads(await ws.get_message()) for _ in range(5)]
+        assert [m["type"] for m in messages] == ["state", "status_update"] + ["telemetry_update"] * 3
+        # Each reading, oldest first, with its own time.
+        assert [(m["data"]["t"], m["timestamp"]) for m in messages[2:]] == [(i, _iso(now - 30 + i)) for i in range(3)]
