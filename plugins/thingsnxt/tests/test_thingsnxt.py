@@ -217,6 +217,10 @@ async def test_sse_and_websocket_clients_receive_the_broadcast(gateway_factory):
             assert (got["type"], got["device_id"], got["data"]) == \
                 ("telemetry_update", "esp-1", {"v0": 0, "temperature": 22})
             assert await anext(messages) == got
+            # Readings that arrive while the client is not reading come as one batch, each its own event, in order.
+            for t in range(5):
+                assert (await v2(client, esp, {"t": t})).status_code == 200
+            assert [(await anext(messages))["data"] for _ in range(5)] == [{"t": t} for t in range(5)]
         async with open_websocket_url(f"{ws_url}/thingsnxt/ws?token={other}") as ws:
             with pytest.raises(Exception):
                 await ws.get_message()
