@@ -588,6 +588,8 @@ CATALOGUE: dict[str, Route] = {
         body={"!device_token": "thingsnxt-token", "!readings": "tx-readings"}),
     "/thingsnxt/devices": Route(detail_errors=True, body={"device_id": "new-device", "name": "text", "model": "text"}),
     "/thingsnxt/devices/<device_id>/state": Route(detail_errors=True, params=TX_DEVICE, body={"!data": "pins"}),
+    # The dashboard panel's form: obeyed only with a session and its form token (never 2xx: 303 or 403).
+    "/thingsnxt/dashboard/pins": Route(detail_errors=True),
     # Its live streams: a scoped token or the admin token (so admin=False: a live token opens them too).
     "/thingsnxt/sse": Route(admin=False, detail_errors=True, query={"token": "token"}),
     "/thingsnxt/sse/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),

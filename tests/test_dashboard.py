@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from markupsafe import Markup
-from quart import request
+from quart import Blueprint, redirect, request
 from quart_trio import QuartTrio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -328,6 +328,65 @@ async def test_a_device_page_asks_which_family_when_an_id_is_in_two(gateway_fact
 
 
 # -- the live endpoint takes the session -------------------------------------------------------
+
+
+class Levels:
+    """A panel with a form that posts to the plugin's own route (ctx.http.dashboard_token/_form)."""
+
+    def __init__(self):
+        self.levels: list[dict[str, str]] = []
+
+    @hookimpl
+    def gatewayd_dashboard_panels(self, ctx):
+        async def render():
+            token = ctx.http.dashboard_token()
+            if token is None:
+                return "log in to set the level"
+            return Markup('<form class="level" method="post" action="{}"><input type="hidden" name="csrf" '
+                          'value="{}"><input name="level"><button>Set</button></form>').format(
+                              f"{ctx.mount}/level", token)
+
+        return [("Level", render)]
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint(ctx.name, __name__)
+
+        @bp.post("/level")
+        async def level():
+            form = await ctx.http.dashboard_form()
+            if form is None:
+                return {"refused": True}, 403
+            self.levels.append(form)
+            return redirect("/", 303)
+
+        return bp
+
+
+async def test_a_panels_form_is_obeyed_only_from_a_dashboard_page(gateway_factory):
+    levels = Levels()
+    async with gateway_factory(plugins=[("levels", levels)]) as gw, gw_client(gw) as client:
+        origin = {"Origin": gw_url(gw)}
+        # A script with the admin token has no session: no form token, no form drawn.
+        assert "log in to set the level" in (await client.get("/", headers=ADMIN)).text
+        await log_in(client)
+        part = (await client.get("/", headers=PART)).text  # the redrawn part carries the form too
+        token = re.search(r'class="level".*?name="csrf" value="([^"]+)"', part, re.S)[1]
+        assert token == csrf_of((await client.get("/")).text)  # the session's, as the log-out form's
+        refused = [
+            await client.post("/levels/level", data={"level": "1", "csrf": "wrong"}, headers=origin),
+            await client.post("/levels/level", data={"level": "2"}, headers=origin),
+            await client.post("/levels/level", data={"level": "3", "csrf": token}, headers={"Origin": "http://evil.example"}),
+            await client.post("/levels/level", content=b"\xff\x00", headers={**origin, "Content-Type": "text/plain"}),
+        ]
+        async with httpx.AsyncClient(base_url=gw_url(gw)) as stranger:  # no cookie
+            refused.append(await stranger.post("/levels/level", data={"level": "4", "csrf": token}, headers=origin))
+        assert [r.status_code for r in refused] == [403] * 5
+        r = await client.post("/levels/level", data={"level": "5", "csrf": token}, headers=origin)
+        assert r.status_code == 303 and levels.levels == [{"level": "5"}]  # the token is not among the fields
+        await client.post("/dashboard/logout", data={"csrf": token}, headers=origin)
+        r = await client.post("/levels/level", data={"level": "6", "csrf": token}, headers=origin)
+        assert r.status_code == 403 and levels.levels == [{"level": "5"}]  # a stale page after log-out
 
 
 async def test_the_live_endpoint_takes_the_dashboard_session(gateway_factory):

@@ -20,7 +20,6 @@ cookie (live/http.py).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -217,10 +216,9 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
     @bp.post("/dashboard/logout")
     async def logout() -> Any:
         value = request.cookies.get(COOKIE)
-        session = sessions.find(value)
-        if session is not None:
+        if sessions.find(value) is not None:
             form = await _form()
-            if not same_origin(request.headers) or not _same(form.get("csrf", ""), session.csrf):
+            if not sessions.form_allowed(request.headers, request.cookies, form.get("csrf", "")):
                 return await page("error.html", 403, title="Not logged out",
                                   message="This request did not come from the dashboard's own page "
                                           "(its form token is missing or wrong). Use the Log out button.")
@@ -231,10 +229,6 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
         return response
 
     return bp
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 async def _form() -> dict[str, str]:
