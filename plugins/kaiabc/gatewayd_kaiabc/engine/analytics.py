@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import pearsonr
 
 from .params import RUST_2007, KaiParameters
 from .temperature import TemperatureModel
@@ -92,5 +91,7 @@ def temperature_correlation(periods: np.ndarray, temperatures: np.ndarray) -> Co
         raise ValueError("need at least three finite pairs")
     if any(np.ptp(x[ok]) <= 1e-9 * max(1.0, float(np.abs(x[ok]).max())) for x in (p, t)):
         raise ValueError("correlation is undefined when either series is constant")
+    from scipy.stats import pearsonr  # imported when used: scipy.stats costs ~1 s at every start
+
     res = pearsonr(p[ok], t[ok])
     return Correlation(float(res.statistic), float(res.pvalue), int(ok.sum()))

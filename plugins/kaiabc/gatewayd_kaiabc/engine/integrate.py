@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import numpy as np
-from scipy.integrate import solve_ivp
 
 from .model import NodeRates, make_scalar_rhs, rhs_batch
 
@@ -230,6 +229,8 @@ def solve_reference(rates: NodeRates, y0: np.ndarray, t_span: tuple[float, float
     ``rates`` must hold a single node (see :meth:`NodeRates.node`).  Returns
     scipy's result object; raises RuntimeError if the solver fails.
     """
+    from scipy.integrate import solve_ivp  # imported when used: scipy.integrate costs ~0.5 s at every start
+
     res = solve_ivp(make_scalar_rhs(rates), t_span, np.asarray(y0, dtype=float).reshape(3),
                     method=method, t_eval=t_eval, rtol=rtol, atol=atol, **kwargs)
     if not res.success:
