@@ -10,7 +10,7 @@ import trio
 from quart import Blueprint, Response, request, websocket
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from gatewayd.core.live.hub import Gap, LiveHub, LiveLimit, matches, validate_pattern
+from gatewayd.core.live.hub import FamilyLive, Gap, LiveHub, LiveLimit, matches, overlaps, validate_pattern
 from gatewayd.plugins.api import LiveDenied, hookimpl
 from gatewayd.testing import gw_client, gw_url, wait_until
 
@@ -92,6 +92,96 @@ async def test_close_ends_every_subscription():
     assert await sub.next() == [] and hub.subscribers == 0
     with pytest.raises(LiveLimit, match="shutting down"):
         hub.subscribe(["#"], owner="x")
+
+
+async def test_subscribers_of_the_same_patterns_share_one_encoded_batch(autojump_clock):
+    hub = LiveHub(batch_s=0.02)
+    subs = [hub.subscribe(["paku.#"], owner=str(i)) for i in range(5)]
+    calls: list[list[int]] = []
+
+    def encode(batch):
+        calls.append([e.id for e in batch])
+        return "[" + ",".join(e.json() for e in batch) + "]"
+
+    for i in range(3):
+        hub.publish("paku.telemetry.pk-1", {"i": i})
+    frames = [await sub.next_encoded(encode) for sub in subs[:3]]
+    hub.publish("paku.telemetry.pk-1", {"i": 3})  # after the cut: in the next batch, for all
+    frames += [await sub.next_encoded(encode) for sub in subs[3:]]
+    assert all(f is frames[0] for f in frames) and calls == [[1, 2, 3]]  # encoded once for five
+    assert [e["data"]["i"] for e in json.loads(frames[0])] == [0, 1, 2]
+    before = trio.current_time()
+    again = [await sub.next_encoded(encode) for sub in subs]
+    assert trio.current_time() - before >= 0.02  # the next cut waits out batch_s
+    assert all(f is again[0] for f in again) and calls[1:] == [[4]]
+    assert len(hub._channels) == 1 and hub.stats["delivered"] == 20
+
+
+async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_clock):
+    hub = LiveHub(batch_s=0.02, queue_size=16)
+    fast, slow = hub.subscribe(["a.#"], owner="x"), hub.subscribe(["a.#"], owner="y")
+    hub.publish("a.b.c", {"i": 0})
+    assert [e.id for e in await fast.next()] == [1]
+    for i in range(1, 4):
+        hub.publish("a.b.c", {"i": i})
+    assert [e.id for e in await fast.next()] == [2, 3, 4]
+    assert [e.id for e in await slow.next()] == [1, 2, 3, 4]  # from its own cursor, nothing lost
+    for i in range(40):  # slow reads nothing meanwhile: past the ring's 16, it sees a gap
+        hub.publish("a.b.c", {"i": i})
+        assert (await fast.next())[-1].id == 5 + i
+    assert await slow.next_encoded(list) == [Gap(24)] + [e for e in hub._ring][-16:]
+    assert hub.stats["dropped"] == 24 and hub.stats["gaps"] == 1
+    hub.publish("a.b.c", {"i": 99})
+    assert await fast.next_encoded(list) is await slow.next_encoded(list)  # in step again
+
+
+async def test_changing_patterns_keeps_what_was_not_read_yet():
+    hub = LiveHub()
+    sub = hub.subscribe(["a.#"], owner="x")
+    other = hub.subscribe(["a.#"], owner="y")
+    hub.publish("a.b.c", {"i": 1})
+    sub.add(["b.#"])  # another channel now; the unread event comes first
+    hub.publish("b.x.y", {"i": 2})
+    hub.publish("c.x.y", {"i": 3})
+    assert [e.data["i"] for e in await sub.next()] == [1, 2]
+    sub.remove(["a.#", "b.#"])
+    hub.publish("a.b.c", {"i": 4})
+    assert [e.data["i"] for e in await other.next()] == [1, 4]
+    with trio.move_on_after(0.05):
+        await sub.next()
+        pytest.fail("a subscriber with no patterns got an event")
+    sub.close()
+    other.close()
+    assert hub._channels == {} and hub.subscribers == 0  # nothing held for nobody
+
+
+async def test_a_subscriber_that_goes_without_reading_counts_what_it_lost():
+    hub = LiveHub(queue_size=16)
+    sub = hub.subscribe(["a.#"], owner="x")
+    for i in range(20):
+        hub.publish("a.b.c", {"i": i})
+    sub.close()
+    assert hub.stats["dropped"] == 4
+
+
+def test_has_subscribers_names_what_is_watched():
+    hub = LiveHub()
+    assert not hub.has_subscribers("kaiabc.#")
+    sub = hub.subscribe(["kaiabc.phase_shift_complete.*"], owner="x")
+    assert hub.has_subscribers("kaiabc.#") and hub.has_subscribers("kaiabc.phase_shift_complete.n1")
+    assert not hub.has_subscribers("kaiabc.oscillator_state.*") and not hub.has_subscribers("paku.#")
+    sub.add(["*.*.n7"])
+    assert hub.has_subscribers("kaiabc.oscillator_state.n7") and not hub.has_subscribers("kaiabc.oscillator_state.n8")
+    sub.close()
+    assert not hub.has_subscribers("kaiabc.#")
+    with pytest.raises(ValueError):
+        hub.has_subscribers("a..b")
+    assert overlaps("a.#", "a") and overlaps("*.b.c", "a.*.c") and not overlaps("a.b", "a.b.c")
+    family = FamilyLive(hub, "kaiabc", access=None)  # type: ignore[arg-type]  (ctx.live, as a plugin sees it)
+    with hub.subscribe(["kaiabc.oscillator_state.pico_1"], owner="x"):
+        assert family.has_subscribers() and family.has_subscribers("oscillator_state")
+        assert family.has_subscribers("oscillator_state", "pico_1") and not family.has_subscribers("output_pwm")
+    assert not family.has_subscribers()
 
 
 # -- over HTTP -----------------------------------------------------------------------
