@@ -133,13 +133,13 @@ async def subscribers_main(url: str, n: int, expect: int, sse_share: bool = True
 # -- one run ------------------------------------------------------------------------------
 
 
-async def run(devices: int, messages: int, n: int) -> dict[str, float]:
+async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
     port = free_port()
     os.environ["GATEWAYD_ADMIN_TOKEN"] = TOKEN
     with tempfile.TemporaryDirectory() as tmp:
         settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "log.level='warning'",
                     f"live.max_subscribers={max(n, 1) + 5}", f"live.per_token={max(n, 1) + 5}",
-                    "live.queue_size=100000"]
+                    "live.queue_size=100000", *extra]
         async with start_gateway(Path(tmp), plugins=[("bench", LivePlugin())], settings=settings) as gw:
             creds = {}
             for d in range(devices):
@@ -200,12 +200,14 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=3000, help="per device")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--subscribers", type=int, nargs="*", default=[0, 1, 10, 100])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a gateway setting for every run, e.g. live.batch_ms=50")
     args = parser.parse_args()
     tune_gc()
     results: dict[int, list[dict[str, float]]] = {n: [] for n in args.subscribers}
     for r in range(args.runs):
         for n in args.subscribers:
-            results[n].append(trio.run(run, args.devices, args.messages, n))
+            results[n].append(trio.run(run, args.devices, args.messages, n, tuple(args.set)))
             got = results[n][-1]
             extra = (f"   delivered {got['delivered_per_s']:8.0f}/s   p50 {got['p50_ms']:6.1f} ms   "
                      f"p99 {got['p99_ms']:6.1f} ms   dropped {got['dropped']:.0f}"

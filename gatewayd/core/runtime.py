@@ -148,7 +148,8 @@ class Gateway:
         self.live_access = LiveAccess(self.admin, self.tokens, self.sessions.live_owner)
         lv = config.live
         self.live = LiveHub(ring_size=lv.ring_size, queue_size=lv.queue_size, max_subscribers=lv.max_subscribers,
-                            per_owner=lv.per_token, batch_s=lv.batch_ms / 1000, clock=clock)
+                            per_owner=lv.per_token, batch_s=lv.batch_ms / 1000,
+                            writes_per_s=lv.writes_per_s, clock=clock)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}

@@ -9,9 +9,10 @@ work per *channel*, not per subscriber. Subscribers that watch the same patterns
 channel: one bounded ring (`queue_size` events) of what matched, and each subscriber a
 cursor into it. One that reads too slowly falls behind the ring's tail and loses its
 oldest undelivered events; the next thing it reads is a `Gap` saying how many, and the
-drop is counted. A channel's events become readable in cuts, at most one per `batch_s`,
-so the subscribers woken meanwhile read the same events, and `next_encoded` encodes them
-once (a WebSocket frame, an SSE chunk) however many subscribers send them.
+drop is counted. A channel's events become readable in cuts, at most one per `batch_s`
+(longer when more subscribers than `writes_per_s` × `batch_s` watch: each cut is a write
+per subscriber), so the subscribers woken meanwhile read the same events, and
+`next_encoded` encodes them once (a WebSocket frame, an SSE chunk) for all of them.
 
 Memory is bounded: a channel holds at most `queue_size` events, there are no more
 channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
@@ -205,16 +206,16 @@ class Subscription:
     async def _wait(self) -> bool:
         """Until there is something to read (False: closed, and nothing left).
 
-        Events become readable in cuts, at most one per `batch_s`: every reader of the
-        channel woken meanwhile reads up to the same cut, so they read the same events and
-        `next_encoded` encodes them once."""
+        Events become readable in cuts, at most one per `hub.cut_every_s`: every reader of
+        the channel woken meanwhile reads up to the same cut, so they read the same events
+        and `next_encoded` encodes them once."""
         while True:
             ch = self._channel
             start = max(self._cursor, ch.tail)
             own = bool(self._pending or self._dropped or self._cursor < ch.tail)  # a gap, its own events
             if ch.cut <= start < ch.head:  # unread events, none readable yet: a cut now, or when due
                 now = trio.current_time()
-                due = ch.cut_at + self.hub.batch_s
+                due = ch.cut_at + self.hub.cut_every_s
                 if now >= due or self.closed:
                     ch.cut, ch.cut_at = ch.head, now
                     ch.encoded.clear()
@@ -290,12 +291,13 @@ class LiveHub:
 
     def __init__(self, *, ring_size: int = 1000, queue_size: int = 256, max_subscribers: int = 200,
                  per_owner: int = 5, max_event_bytes: int = 65536, batch_s: float = 0.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 writes_per_s: float = math.inf, clock: Callable[[], float] = time.time) -> None:
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
         self.per_owner = per_owner
         self.max_event_bytes = max_event_bytes
         self.batch_s = batch_s
+        self.writes_per_s = writes_per_s
         self.clock = clock
         self._ring: deque[LiveEvent] = deque(maxlen=ring_size)
         self._subs: list[Subscription] = []
@@ -309,6 +311,13 @@ class LiveHub:
     @property
     def subscribers(self) -> int:
         return len(self._subs)
+
+    @property
+    def cut_every_s(self) -> float:
+        """How often a channel's events are cut into a batch: `batch_s`, or longer when there are
+        so many subscribers that each writing a batch that often would pass `writes_per_s` in
+        all (a write costs the gateway about as much whatever its size: bench/live_bench.py)."""
+        return max(self.batch_s, len(self._subs) / self.writes_per_s)
 
     def publish(self, stream: str, data: Any) -> LiveEvent:
         """Hand an event to every subscriber whose patterns match; never waits.
