@@ -361,6 +361,38 @@ async def test_websocket_subscribes_by_message_and_is_limited_per_token(gateway_
             assert json.loads(await ws.get_message()) == {"ok": []}
 
 
+async def test_websocket_and_sse_subscribers_of_the_same_streams_get_one_encoding(gateway_factory, monkeypatch):
+    import gatewayd.core.live.http as live_http
+
+    encoded = {"ws": 0, "sse": 0}
+    ws_frame, sse_chunk = live_http._ws_frame, live_http._sse_chunk
+
+    def counting(kind, encode):
+        def wrapper(batch):
+            encoded[kind] += 1
+            return encode(batch)
+        return wrapper
+
+    monkeypatch.setattr(live_http, "_ws_frame", counting("ws", ws_frame))
+    monkeypatch.setattr(live_http, "_sse_chunk", counting("sse", sse_chunk))
+    async with gateway_factory(settings=["live.batch_ms=200"]) as gw, gw_client(gw) as client:
+        url = gw_url(gw).replace("http://", "ws://") + "/api/gateway/live?streams=paku.%23"
+        headers = [("Authorization", f"Bearer {TOKEN}")]
+        async with open_websocket_url(url, extra_headers=headers) as a, \
+                open_websocket_url(url, extra_headers=headers) as b, \
+                client.stream("GET", "/api/gateway/live/events", params={"streams": "paku.#"}, headers=ADMIN) as r:
+            await wait_until(lambda: gw.live.subscribers == 3)
+            got: dict[str, list[int]] = {"a": [], "b": []}
+            for i in range(5):
+                gw.live.publish("paku.telemetry.pk-1", {"i": i})
+            sse = [e["data"]["data"]["i"] for e in await read_sse(r, 5)]
+            for name, ws in (("a", a), ("b", b)):
+                while len(got[name]) < 5:
+                    got[name] += [e["data"]["i"] for e in json.loads(await ws.get_message())]
+        assert got["a"] == got["b"] == sse == [0, 1, 2, 3, 4]
+        assert encoded == {"ws": 1, "sse": 1}  # one batch: encoded once for each shape, not per subscriber
+
+
 async def test_shutdown_closes_live_connections_within_the_grace(gateway_factory):
     closed: list[int] = []
     async with gateway_factory(settings=["gateway.shutdown_grace_s=2"]) as gw:
