@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queue-size", type=int, default=4096,
+                        help="live.queue_size: how many events a subscriber may lag before it loses some "
+                             "(thingsnxt sends one frame per event, so its sockets fall behind wrk's 32 "
+                             "connections by more than the default 256; tests/test_live.py shows why)")
     args = parser.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="thingsnxt-bench-"))
@@ -106,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{gw_port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
-         "--set", f"live.per_token={SUBSCRIBERS + 5}"], cwd=ROOT, env=env)
+         "--set", f"live.per_token={SUBSCRIBERS + 5}",
+         "--set", f"live.queue_size={args.queue_size}"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{gw_port}"
     results: dict[str, list[dict[str, float]]] = {}
     delivered: dict[str, list[str]] = {}

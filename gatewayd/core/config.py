@@ -311,6 +311,7 @@ class LiveSection:
 
     heartbeat_s: float = 15.0
     batch_ms: float = 20.0
+    writes_per_s: int = 500
     per_token: int = 5
     max_subscribers: int = 200
     queue_size: int = 256
@@ -321,7 +322,7 @@ class LiveSection:
             raise ConfigError("heartbeat_s", f"must be 1 .. 300 seconds, got {self.heartbeat_s}")
         if not 0 <= self.batch_ms <= 1000:
             raise ConfigError("batch_ms", f"must be 0 .. 1000 ms, got {self.batch_ms}")
-        for name, low, high in (("per_token", 1, 1000), ("max_subscribers", 1, 100_000),
+        for name, low, high in (("per_token", 1, 1000), ("max_subscribers", 1, 100_000), ("writes_per_s", 10, 1_000_000),
                                 ("queue_size", 16, 100_000), ("ring_size", 0, 1_000_000)):
             if not low <= getattr(self, name) <= high:
                 raise ConfigError(name, f"must be {low} .. {high}, got {getattr(self, name)}")

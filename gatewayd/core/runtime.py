@@ -150,7 +150,8 @@ class Gateway:
         self.live_access = LiveAccess(self.admin, self.tokens, self.sessions.live_owner)
         lv = config.live
         self.live = LiveHub(ring_size=lv.ring_size, queue_size=lv.queue_size, max_subscribers=lv.max_subscribers,
-                            per_owner=lv.per_token, clock=clock)
+                            per_owner=lv.per_token, batch_s=lv.batch_ms / 1000,
+                            writes_per_s=lv.writes_per_s, clock=clock)
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
@@ -374,8 +375,7 @@ class Gateway:
         app.register_blueprint(firmware_blueprint(self.ota, self.admin))
         app.register_blueprint(maintenance_blueprint(self.maintenance, self.admin))
         lv = self.config.live
-        app.register_blueprint(live_blueprint(self.live, self.live_access, heartbeat_s=lv.heartbeat_s,
-                                              batch_s=lv.batch_ms / 1000))
+        app.register_blueprint(live_blueprint(self.live, self.live_access, heartbeat_s=lv.heartbeat_s))
         app.register_blueprint(dashboard_blueprint(DashboardSources(
             self.config.gateway.id, self.health, self.plugin_table, self.devices, self.outbox, self.events,
             self.storage, PluginViews(self.plugins, self.contexts, self._live_plugins), lambda: self.started_at,

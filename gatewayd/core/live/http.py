@@ -10,7 +10,8 @@ every `live.heartbeat_s` (WebSocket: `{"heartbeat": <ts>}`; SSE: a comment line)
 A WebSocket message is either a JSON array of the events (and gaps) that were ready
 together, in order, or a JSON object: an answer (`{"ok"}`, `{"error"}`) or a heartbeat.
 One message per event would cost a frame and a scheduler round trip per subscriber per
-event; an array costs one per wake-up (bench/live_bench.py).
+event; an array costs one per wake-up, and subscribers of the same patterns send the same
+array, encoded once (the hub's `next_encoded`; bench/live_bench.py).
 
 Who may watch: live/access.py (the admin token, a scoped read-only token, the dashboard's
 session). At most `live.per_token` connections per token or session (5, as the kaiabc
@@ -30,7 +31,7 @@ from quart import Blueprint, Response, request, websocket
 from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
 from .access import Authorizer, LiveAccess, LiveDenied
-from .hub import Gap, LiveHub, LiveLimit, Subscription, validate_pattern
+from .hub import Gap, LiveEvent, LiveHub, LiveLimit, Subscription, validate_pattern
 
 __all__ = ["live_blueprint"]
 
@@ -60,8 +61,7 @@ class SocketQuery(Struct, forbid_unknown_fields=True):
     token: ScopedToken = ""
 
 
-def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.0,
-                   batch_s: float = 0.02) -> Blueprint:
+def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.0) -> Blueprint:
     bp = Blueprint("gatewayd_live", __name__)
     routes = Routes(bp, tag="live", auth=WATCHERS)
 
@@ -104,7 +104,7 @@ def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.
             return error_response(400, str(e))
         except LiveLimit as e:
             return error_response(429, str(e), **{"Retry-After": "5"})
-        response = Response(_sse_stream(sub, heartbeat_s, batch_s), content_type="text/event-stream")
+        response = Response(_sse_stream(sub, heartbeat_s), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # a proxy in front must not hold it back
         response.timeout = None  # a stream lasts as long as the client watches
@@ -134,7 +134,7 @@ def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.
         with sub:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_ws_commands, sub, may)
-                await _ws_events(sub, heartbeat_s, batch_s)
+                await _ws_events(sub, heartbeat_s)
                 nursery.cancel_scope.cancel()
         await websocket.close(1001, "the gateway is shutting down")
 
@@ -151,36 +151,45 @@ def _event_id(text: str) -> int:
     return value
 
 
-async def _sse_stream(sub: Subscription, heartbeat_s: float, batch_s: float) -> AsyncIterator[bytes]:
+def _sse_chunk(batch: list[LiveEvent | Gap]) -> bytes:
+    """A batch as one SSE write (encoded once for every subscriber that reads the same batch)."""
+    return "".join(f"event: gap\ndata: {item.json()}\n\n" if isinstance(item, Gap) else
+                   f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode()
+
+
+def _ws_frame(batch: list[LiveEvent | Gap]) -> str:
+    """A batch as one WebSocket message, a JSON array (encoded once, as _sse_chunk)."""
+    return "[" + ",".join(item.json() for item in batch) + "]"
+
+
+async def _sse_stream(sub: Subscription, heartbeat_s: float) -> AsyncIterator[bytes]:
     with sub:
         yield b"retry: 2000\n\n"
         while True:
             with trio.move_on_after(heartbeat_s) as idle:
-                batch = await sub.next()
+                chunk = await sub.next_encoded(_sse_chunk)
             if idle.cancelled_caught:
                 yield b": heartbeat\n\n"
                 continue
-            if not batch:
+            if chunk is None:
                 return  # closed: the gateway is shutting down
-            yield "".join(f"event: gap\ndata: {item.json()}\n\n" if isinstance(item, Gap) else
-                          f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode()
-            await trio.sleep(batch_s)  # what arrives meanwhile goes in the next write, together
+            yield chunk
 
 
-async def _ws_events(sub: Subscription, heartbeat_s: float, batch_s: float) -> None:
+async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
+    # One frame per batch: the hub cuts a channel's events at most once per live.batch_ms, so
+    # under load what arrives meanwhile goes out together, and every subscriber of the same
+    # patterns sends the same frame, encoded once (a frame per event per subscriber took the
+    # CPU ingest needs: bench/live_bench.py). Latency: at most batch_ms more.
     while True:
         with trio.move_on_after(heartbeat_s) as idle:
-            batch = await sub.next()
+            frame = await sub.next_encoded(_ws_frame)
         if idle.cancelled_caught:
             await websocket.send(json.dumps({"heartbeat": sub.hub.clock()}))
             continue
-        if not batch:
+        if frame is None:
             return
-        await websocket.send("[" + ",".join(item.json() for item in batch) + "]")
-        # At most one frame per batch_s per subscriber: under load, what arrives in the
-        # meantime goes out together (a frame costs as much as its events: 100 subscribers
-        # of a busy site otherwise take the CPU ingest needs). Latency: at most batch_s more.
-        await trio.sleep(batch_s)
+        await websocket.send(frame)
 
 
 async def _ws_commands(sub: Subscription, may: Authorizer) -> None:

@@ -5,29 +5,38 @@ for patterns: `*` stands for one name, `#` as the last part for any number of th
 (`paku.#` is everything of one family, `*.*.pk-1` one device of any family).
 
 The hub never makes ingest wait: `publish` is synchronous and does a bounded amount of
-work per subscriber (append to its queue). A subscriber that reads too slowly loses its
+work per *channel*, not per subscriber. Subscribers that watch the same patterns share a
+channel: one bounded ring (`queue_size` events) of what matched, and each subscriber a
+cursor into it. One that reads too slowly falls behind the ring's tail and loses its
 oldest undelivered events; the next thing it reads is a `Gap` saying how many, and the
-drop is counted. Memory is bounded: each subscriber holds at most `queue_size` events,
-the hub at most `max_subscribers` subscribers (`per_owner` each for one token or
-session: the kaiabc spec says 5), and a ring of the last `ring_size` events lets an SSE
-client resume after a reconnect (`Last-Event-ID`).
+drop is counted. A channel's events become readable in cuts, at most one per `batch_s`
+(longer when more subscribers than `writes_per_s` × `batch_s` watch: each cut is a write
+per subscriber), so the subscribers woken meanwhile read the same events, and
+`next_encoded` encodes them once (a WebSocket frame, an SSE chunk) for all of them.
+
+Memory is bounded: a channel holds at most `queue_size` events, there are no more
+channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
+token or session: the kaiabc spec says 5), and a ring of the last `ring_size` events lets
+an SSE client resume after a reconnect (`Last-Event-ID`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 if TYPE_CHECKING:
     from .access import LiveAccess
 
-__all__ = ["FamilyLive", "Gap", "LiveEvent", "LiveHub", "LiveLimit", "Subscription", "matches", "validate_pattern"]
+__all__ = ["FamilyLive", "Gap", "LiveEvent", "LiveHub", "LiveLimit", "Subscription", "matches", "overlaps",
+           "validate_pattern"]
 
 
 class LiveLimit(Exception):
@@ -84,53 +93,190 @@ def matches(pattern: str, stream: str) -> bool:
     return len(want) == len(have)
 
 
-class Subscription:
-    """One client's view of the hub: its patterns and a bounded queue of what matched."""
+T = TypeVar("T")
 
-    def __init__(self, hub: LiveHub, owner: str, patterns: Iterable[str], queue_size: int) -> None:
+
+def overlaps(a: str, b: str) -> bool:
+    """True if some stream matches both patterns (`paku.*.pk-1` and `paku.telemetry.#`)."""
+    pa, pb = a.split("."), b.split(".")
+    for i in range(max(len(pa), len(pb))):
+        x = pa[i] if i < len(pa) else None
+        y = pb[i] if i < len(pb) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None or (x != y and "*" not in (x, y)):
+            return False
+    return True
+
+
+class _Channel:
+    """What the subscribers of one set of patterns get: a bounded ring of events, numbered
+    from 0 (`head` is the number of the next one), read through each subscriber's cursor."""
+
+    __slots__ = ("cut", "cut_at", "encoded", "events", "head", "members", "patterns", "size", "wake")
+
+    def __init__(self, patterns: frozenset[str], size: int) -> None:
+        self.patterns = patterns
+        self.size = size
+        self.events: list[LiveEvent] = []  # grows to `size`, then event n lives at n % size
+        self.head = 0
+        self.members = 0
+        self.wake = trio.Event()  # set by publish; a reader with nothing to read replaces it
+        self.cut = 0  # readers see the events before `cut` (batching: see Subscription._wait)
+        self.cut_at = -math.inf
+        self.encoded: dict[tuple[object, int], Any] = {}  # (encoder, start) -> its output up to `cut`
+
+    @property
+    def tail(self) -> int:
+        """The number of the oldest event still held."""
+        return self.head - len(self.events)
+
+    def append(self, event: LiveEvent) -> None:
+        if len(self.events) < self.size:
+            self.events.append(event)
+        else:
+            self.events[self.head % self.size] = event
+        self.head += 1
+        self.wake.set()
+
+    def between(self, start: int, end: int) -> list[LiveEvent]:
+        """Events start .. end-1 (tail <= start <= end <= head)."""
+        if start >= end:
+            return []
+        a, b = start % self.size, end % self.size
+        return self.events[a:b] if a < b else self.events[a:] + self.events[:b]
+
+
+class Subscription:
+    """One client's view of the hub: its patterns, its cursor into their channel, and what
+    it must read first (a gap; events carried over when its patterns changed, or replayed)."""
+
+    def __init__(self, hub: LiveHub, owner: str, patterns: Iterable[str]) -> None:
         self.hub = hub
         self.owner = owner
-        self.patterns: set[str] = set()
-        self._queue: deque[LiveEvent] = deque(maxlen=queue_size)
+        self.patterns: frozenset[str] = frozenset()
+        self._channel = hub._join(self.patterns)
+        self._cursor = self._channel.head
+        self._pending: deque[LiveEvent] = deque(maxlen=hub.queue_size)  # read before the channel
         self._dropped = 0  # not yet reported to the client
-        self._wake = trio.Event()
         self.closed = False
         self.add(patterns)
 
     def add(self, patterns: Iterable[str]) -> None:
-        self.patterns |= {validate_pattern(p) for p in patterns}
-        self.hub._changed()
+        self._move(self.patterns | {validate_pattern(p) for p in patterns})
 
     def remove(self, patterns: Iterable[str]) -> None:
-        self.patterns -= set(patterns)
+        self._move(self.patterns - set(patterns))
+
+    def _move(self, patterns: frozenset[str]) -> None:
+        """To the channel of `patterns`; what it had not read yet of the old one comes first."""
+        if patterns == self.patterns:
+            return
+        if self.closed:
+            self.patterns = patterns
+            return
+        old = self._channel
+        self._catch_up()
+        for event in old.between(self._cursor, old.head):
+            self._push(event)
+        self.hub._leave(old)
+        old.wake.set()  # a reader waiting on the old channel looks again
+        self.patterns = patterns
+        self._channel = self.hub._join(patterns)
+        self._cursor = self._channel.head
         self.hub._changed()
 
     def _push(self, event: LiveEvent) -> None:
-        if len(self._queue) == self._queue.maxlen:
-            self._dropped += 1  # the deque drops its oldest on append
-            self.hub.stats["dropped"] += 1
-        self._queue.append(event)
-        self._wake.set()
+        """Queue an event of its own (replay, carry-over), the oldest dropped past queue_size."""
+        if len(self._pending) == self._pending.maxlen:
+            self._drop(1)
+        self._pending.append(event)
 
-    async def next(self) -> list[LiveEvent | Gap]:
-        """Wait for what came since the last call: events in order, a Gap first if some were
-        dropped. An empty list means the hub closed this subscription."""
-        while not self._queue and not self._dropped and not self.closed:
-            self._wake = trio.Event()
-            await self._wake.wait()
+    def _drop(self, n: int) -> None:
+        self._dropped += n
+        self.hub.stats["dropped"] += n
+
+    def _catch_up(self) -> None:
+        """Past the channel's tail: the events it missed are dropped (counted, then a Gap)."""
+        tail = self._channel.tail
+        if self._cursor < tail:
+            self._drop(tail - self._cursor)
+            self._cursor = tail
+
+    async def _wait(self) -> bool:
+        """Until there is something to read (False: closed, and nothing left).
+
+        Events become readable in cuts, at most one per `hub.cut_every_s`: every reader of
+        the channel woken meanwhile reads up to the same cut, so they read the same events
+        and `next_encoded` encodes them once."""
+        while True:
+            ch = self._channel
+            start = max(self._cursor, ch.tail)
+            own = bool(self._pending or self._dropped or self._cursor < ch.tail)  # a gap, its own events
+            if ch.cut <= start < ch.head:  # unread events, none readable yet: a cut now, or when due
+                now = trio.current_time()
+                due = ch.cut_at + self.hub.cut_every_s
+                if now >= due or self.closed:
+                    ch.cut, ch.cut_at = ch.head, now
+                    ch.encoded.clear()
+                elif not own:
+                    await trio.sleep_until(due)
+                    continue
+            if own or start < ch.cut:
+                return True
+            if self.closed:
+                return False
+            wake = ch.wake
+            if wake.is_set():
+                ch.wake = wake = trio.Event()
+            await wake.wait()
+
+    def _take(self) -> list[LiveEvent | Gap]:
+        """What there is to read now, in order: a Gap first, then events (advances the cursor)."""
+        self._catch_up()
         out: list[LiveEvent | Gap] = []
         if self._dropped:
             out.append(Gap(self._dropped))
             self.hub.stats["gaps"] += 1
             self._dropped = 0
-        out.extend(self._queue)
-        self._queue.clear()
+        out.extend(self._pending)
+        self._pending.clear()
+        ch = self._channel
+        end = max(self._cursor, min(ch.cut, ch.head))
+        out.extend(ch.between(self._cursor, end))
+        self._cursor = end
         return out
+
+    async def next(self) -> list[LiveEvent | Gap]:
+        """Wait for what came since the last call: events in order, a Gap first if some were
+        dropped. An empty list means the hub closed this subscription."""
+        if not await self._wait():
+            return []
+        return self._take()
+
+    async def next_encoded(self, encode: Callable[[list[LiveEvent | Gap]], T]) -> T | None:
+        """As `next`, but the batch as `encode` makes it (one WebSocket frame, one SSE chunk):
+        subscribers of the same patterns that read the same events get the same object, encoded
+        once (pass the same function, not a new lambda each time). None: closed."""
+        if not await self._wait():
+            return None
+        ch = self._channel
+        if self._pending or self._dropped or self._cursor < ch.tail:
+            return encode(self._take())  # its own batch: a gap, or events of its own first
+        key = (encode, self._cursor)
+        found = ch.encoded.get(key)
+        if found is None:
+            if len(ch.encoded) >= 4:  # readers that lag read from older starts: keep a few
+                ch.encoded.clear()
+            found = ch.encoded[key] = encode(list(ch.between(self._cursor, ch.cut)))
+        self._cursor = ch.cut
+        return found
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._wake.set()
+            self._catch_up()  # what it lost before it went is counted too
+            self._channel.wake.set()
             self.hub._remove(self)
 
     def __enter__(self) -> Subscription:
@@ -144,15 +290,20 @@ class LiveHub:
     """Named streams of events, fanned out to bounded subscribers (see the module docstring)."""
 
     def __init__(self, *, ring_size: int = 1000, queue_size: int = 256, max_subscribers: int = 200,
-                 per_owner: int = 5, max_event_bytes: int = 65536, clock: Callable[[], float] = time.time) -> None:
+                 per_owner: int = 5, max_event_bytes: int = 65536, batch_s: float = 0.0,
+                 writes_per_s: float = math.inf, clock: Callable[[], float] = time.time) -> None:
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
         self.per_owner = per_owner
         self.max_event_bytes = max_event_bytes
+        self.batch_s = batch_s
+        self.writes_per_s = writes_per_s
         self.clock = clock
         self._ring: deque[LiveEvent] = deque(maxlen=ring_size)
         self._subs: list[Subscription] = []
-        self._routes: dict[str, list[Subscription]] = {}  # stream -> who gets it (cached)
+        self._channels: dict[frozenset[str], _Channel] = {}
+        self._routes: dict[str, tuple[list[_Channel], int]] = {}  # stream -> (channels, subscribers) (cached)
+        self._watched: dict[str, bool] = {}  # pattern -> has_subscribers (cached)
         self._next_id = 1
         self.closed = False
         self.stats = {"published": 0, "delivered": 0, "dropped": 0, "gaps": 0, "refused": 0}
@@ -160,6 +311,13 @@ class LiveHub:
     @property
     def subscribers(self) -> int:
         return len(self._subs)
+
+    @property
+    def cut_every_s(self) -> float:
+        """How often a channel's events are cut into a batch: `batch_s`, or longer when there are
+        so many subscribers that each writing a batch that often would pass `writes_per_s` in
+        all (a write costs the gateway about as much whatever its size: bench/live_bench.py)."""
+        return max(self.batch_s, len(self._subs) / self.writes_per_s)
 
     def publish(self, stream: str, data: Any) -> LiveEvent:
         """Hand an event to every subscriber whose patterns match; never waits.
@@ -173,16 +331,29 @@ class LiveHub:
         self._next_id += 1
         self._ring.append(event)
         self.stats["published"] += 1
-        targets = self._routes.get(stream)
-        if targets is None:
-            targets = [s for s in self._subs if any(matches(p, stream) for p in s.patterns)]
+        route = self._routes.get(stream)
+        if route is None:
+            channels = [c for c in self._channels.values() if any(matches(p, stream) for p in c.patterns)]
             if len(self._routes) > 10_000:
                 self._routes.clear()
-            self._routes[stream] = targets
-        for sub in targets:
-            sub._push(event)
-        self.stats["delivered"] += len(targets)
+            route = self._routes[stream] = (channels, sum(c.members for c in channels))
+        for channel in route[0]:
+            channel.append(event)
+        self.stats["delivered"] += route[1]
         return event
+
+    def has_subscribers(self, pattern: str) -> bool:
+        """True if a subscriber watches some stream `pattern` names (`kaiabc.oscillator_state.#`):
+        a publisher may skip building events nobody watches. Cheap: cached until the next
+        subscribe, unsubscribe or close."""
+        found = self._watched.get(pattern)
+        if found is None:
+            validate_pattern(pattern)
+            if len(self._watched) > 1000:
+                self._watched.clear()
+            found = self._watched[pattern] = any(
+                overlaps(p, pattern) for c in self._channels.values() if c.members for p in c.patterns)
+        return found
 
     def subscribe(self, patterns: Iterable[str], *, owner: str, last_id: int | None = None) -> Subscription:
         """A new subscriber. `last_id`: the last event the client saw (SSE's Last-Event-ID):
@@ -196,7 +367,10 @@ class LiveHub:
         if sum(1 for s in self._subs if s.owner == owner) >= self.per_owner:
             self.stats["refused"] += 1
             raise LiveLimit(f"{self.per_owner} live connections for this token already")
-        sub = Subscription(self, owner, patterns, self.queue_size)
+        patterns = list(patterns)
+        for pattern in patterns:
+            validate_pattern(pattern)
+        sub = Subscription(self, owner, patterns)
         self._subs.append(sub)
         self._changed()
         if last_id is not None:
@@ -206,7 +380,7 @@ class LiveHub:
     def _replay(self, sub: Subscription, last_id: int) -> None:
         oldest = self._ring[0].id if self._ring else self._next_id
         if last_id + 1 < oldest:
-            sub._dropped += oldest - last_id - 1  # gone from the ring: the client sees a gap
+            sub._drop(oldest - last_id - 1)  # gone from the ring: the client sees a gap
         for event in self._ring:
             if event.id > last_id and any(matches(p, event.stream) for p in sub.patterns):
                 sub._push(event)
@@ -217,13 +391,27 @@ class LiveHub:
         for sub in list(self._subs):
             sub.close()
 
+    def _join(self, patterns: frozenset[str]) -> _Channel:
+        channel = self._channels.get(patterns)
+        if channel is None:
+            channel = self._channels[patterns] = _Channel(patterns, self.queue_size)
+        channel.members += 1
+        return channel
+
+    def _leave(self, channel: _Channel) -> None:
+        channel.members -= 1
+        if not channel.members:
+            del self._channels[channel.patterns]
+
     def _remove(self, sub: Subscription) -> None:
         if sub in self._subs:
             self._subs.remove(sub)
+            self._leave(sub._channel)
             self._changed()
 
     def _changed(self) -> None:
         self._routes.clear()
+        self._watched.clear()
 
 
 class FamilyLive:
@@ -249,6 +437,12 @@ class FamilyLive:
         then failed to store. Dots in `kind` or `device_id` are replaced by `_`.
         """
         self._hub.publish(f"{self.family}.{kind.replace('.', '_')}.{device_id.replace('.', '_')}", data)
+
+    def has_subscribers(self, kind: str | None = None, device_id: str | None = None) -> bool:
+        """Does anybody watch `<family>.<kind>.<device_id>` (None: any)? Cheap (cached until
+        the next subscribe or close): a plugin may skip building events nobody watches."""
+        parts = [self.family] + [x.replace(".", "_") if x is not None else "*" for x in (kind, device_id)]
+        return self._hub.has_subscribers(".".join(parts))
 
     def subscribe(self, patterns: Iterable[str], *, owner: str, last_id: int | None = None) -> Subscription:
         """Watch this family's streams from a plugin route of its own (in the family's own
