@@ -91,7 +91,8 @@ class Ops:
         r.get("/v1/diagnostics/logs", query=LogsQuery, responses=ok, auth=person)(self.logs)
         r.post("/v1/diagnostics/health-check", body=HealthCheck, responses=ok, auth=person)(self.health_check)
         r.get("/v1/config/templates", query=TemplatesQuery, responses=ok, auth=None)(self.templates)
-        r.post("/v1/config/validate", body=ValidateBody, responses=ok, auth=person)(self.validate)
+        r.post("/v1/config/validate", body=ValidateBody, responses=ok, auth=person,
+               errors={404: "node_id names a node that is not registered (NODE_NOT_FOUND)"})(self.validate)
 
     # -- 9. bulk -------------------------------------------------------------------------
 

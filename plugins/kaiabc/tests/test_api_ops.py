@@ -96,3 +96,9 @@ async def test_config_templates_and_validate(gateway_factory):
         doc = r.json()
         assert doc["valid"] is False and {e["field"] for e in doc["errors"]} == {"sensor.bme280.i2c_address",
                                                                                 "network.wifi.password"}
+        # A node_id that is not registered is the spec's NODE_NOT_FOUND, and the document says so
+        # (schemathesis found the 404 undeclared).
+        r = await client.post(f"{V1}/config/validate", headers=AUTH, json={"node_id": "nobody", "config": {}})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "NODE_NOT_FOUND", r.text
+        operation = (await client.get("/kaiabc/openapi.json", headers=AUTH)).json()["paths"]["/kaiabc/v1/config/validate"]["post"]
+        assert "404" in operation["responses"]
