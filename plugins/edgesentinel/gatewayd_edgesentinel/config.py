@@ -16,6 +16,7 @@ from gatewayd.plugins.api import ConfigError
 
 HOURS = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})")
 OFFSET = re.compile(r"[+-]\d{2}:\d{2}")
+EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+\.[^@\s,;<>\"]+")  # as the core's email action checks it
 
 
 @dataclass
@@ -139,10 +140,15 @@ class Webhook:
 
 @dataclass
 class Team:
-    """Who hears of a workflow: e-mail addresses and webhooks (README.md, "Workflows")."""
+    """Who hears of a workflow (README.md, "Workflows"): the core's alert actions."""
 
     email: list[str] = field(default_factory=list)
+    """Addresses mailed through `[notifications.smtp]` (and passed to the webhooks as `to`)."""
     webhooks: list[Webhook] = field(default_factory=list)
+    slack: list[str] = field(default_factory=list)
+    """Slack incoming-webhook URLs."""
+    msteams: list[str] = field(default_factory=list)
+    """Microsoft Teams Workflows webhook URLs (an Adaptive Card each)."""
 
 
 @dataclass
@@ -234,11 +240,13 @@ class EdgesentinelConfig:
             raise ConfigError("safety_edge_max" if self.safety_edge_max < 1 else "retry_alert_after",
                               "must be a positive count")
         for name, team in self.teams.items():
-            for i, hook in enumerate(team.webhooks):
-                if not re.match(r"https?://[^\s/]+", hook.url):
-                    raise ConfigError(f"teams.{name}.webhooks[{i}].url", f"expected an http(s) URL, got {hook.url!r}")
+            urls = [(f"webhooks[{i}].url", hook.url) for i, hook in enumerate(team.webhooks)]
+            urls += [(f"{kind}[{i}]", url) for kind in ("slack", "msteams") for i, url in enumerate(getattr(team, kind))]
+            for key, url in urls:
+                if not re.match(r"https?://[^\s/]+", url):
+                    raise ConfigError(f"teams.{name}.{key}", f"expected an http(s) URL, got {url!r}")
             for i, address in enumerate(team.email):
-                if not re.fullmatch(r"[^@\s]+@[^@\s]+", address):
+                if not EMAIL.fullmatch(address):
                     raise ConfigError(f"teams.{name}.email[{i}]", f"expected an e-mail address, got {address!r}")
 
     def offset_s(self) -> float:
