@@ -16,7 +16,7 @@ from typing import Any
 
 import peewee
 
-VERSION = 1  # the schema's
+VERSION = 2  # the schema's; 2: the ledger's (device, received_at) index (the dashboard's last batch per node)
 
 
 class Table(peewee.Model):
@@ -41,7 +41,7 @@ class Packet(Table):
     answer = peewee.TextField()  # the JSON answered, given again for a replay
 
     class Meta:
-        indexes = ((("device", "upload_id"), True),)
+        indexes = ((("device", "upload_id"), True), (("device", "received_at"), False))
 
 
 class Seen(Table):
@@ -137,6 +137,13 @@ def named(plugin: str) -> list[type[peewee.Model]]:
     for model in MODELS:
         model._meta.set_table_name(f"{plugin}_{_snake(model.__name__)}")
     return MODELS
+
+
+def index_packets(migrator: Any, database: peewee.Database) -> None:
+    """Migration 1 -> 2: the ledger's `(device, received_at)` index (as a new table has it)."""
+    from playhouse.migrate import migrate
+
+    migrate(migrator.add_index(Packet._meta.table_name, ("device", "received_at"), False))
 
 
 def _snake(name: str) -> str:
@@ -245,6 +252,20 @@ def door_cycles(device: str, since: float, offset_s: float) -> dict[tuple[str, s
     out: dict[tuple[str, str], dict[str, int]] = {}
     for dev, door, day, n in _connection(DoorEvent._meta.database).execute(sql, params):
         out.setdefault((dev, door), {})[day] = int(n)
+    return out
+
+
+def last_batches(devices: list[str]) -> dict[str, tuple[float, int, int, int]]:
+    """device -> (received_at, accepted, duplicates, rejected) of its newest accepted batch
+    (one index probe per device, through `(device, received_at)`)."""
+    sql = (f'SELECT received_at, accepted, duplicates, rejected FROM "{Packet._meta.table_name}" '
+           "WHERE device = ? ORDER BY received_at DESC LIMIT 1")
+    connection = _connection(Packet._meta.database)
+    out = {}
+    for device in devices:
+        row = connection.execute(sql, (device,)).fetchone()
+        if row is not None:
+            out[device] = (float(row[0]), int(row[1]), int(row[2]), int(row[3]))
     return out
 
 
