@@ -75,6 +75,10 @@ class Backpressure:
     """Batches being decoded or stored at once; one more is refused with 429."""
     max_writer_queue: int = 200
     """Write jobs queued for the database; beyond this, batches are refused with 429."""
+    max_inflight_bytes: int = 32 * 1024 * 1024
+    """Inflated bytes of the batches being parsed and stored at once; a batch that would
+    exceed it (with others in flight) is refused with 429. Parsed, a batch takes about 6x
+    its inflated size in memory (README.md, "Memory")."""
     backoff_ms: int = 5000
     """The hint at the threshold; it grows towards `max_backoff_ms` as the outbox fills."""
     max_backoff_ms: int = 300_000
@@ -89,6 +93,8 @@ class Backpressure:
                                                f"{self.elevated_fill} and {self.reject_fill}")
         if self.max_inflight < 1:
             raise ConfigError("max_inflight", f"must be at least 1, got {self.max_inflight}")
+        if self.max_inflight_bytes < 1024:
+            raise ConfigError("max_inflight_bytes", f"must be at least 1024, got {self.max_inflight_bytes}")
         if self.max_writer_queue < 1:
             raise ConfigError("max_writer_queue", f"must be at least 1, got {self.max_writer_queue}")
         if not 1 <= self.backoff_ms <= self.max_backoff_ms <= 3_600_000:
@@ -167,8 +173,9 @@ class EdgesentinelConfig:
     """Idempotency keys and record hashes are kept this long (the spec's 30 days)."""
     retention_days: float = 90.0
     """Telemetry, windows and events are kept locally this long (0: forever)."""
-    max_decompressed_bytes: int = 64 * 1024 * 1024
-    """A batch that decompresses to more is refused (400): a compression bomb."""
+    max_decompressed_bytes: int = 16 * 1024 * 1024
+    """A batch that decompresses to more is refused (400): a compression bomb. The spec's
+    batches are 1-5 MB; a small board sets less (README.md, "Memory")."""
     max_records: int = 20_000
     """Records in one batch at most (the spec: 5-10k)."""
     silence_s: float = 120.0

@@ -40,6 +40,7 @@ from gatewayd.plugins.api import (
 
 from . import explorer, profiles
 from .batch import BatchError, content_sha256, encoding_of, idempotency_key, refused_encoding
+from .pressure import over_budget
 from .profiles import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
 from .state import url_key
 
@@ -237,7 +238,15 @@ class DeviceRoutes:
                         inflated = await read_body(max_inflated=config.max_decompressed_bytes)
                     except EncodingError as e:
                         raise refused_encoding(e, encoding, config.max_decompressed_bytes) from None
-                    answer = await state.take(device, key, checksum, inflated, verdict)
+                    if (tight := over_budget(state.inflight_bytes, len(inflated), config.backpressure)) is not None:
+                        state.batches.inc(outcome="backpressure")
+                        raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
+                                      {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+                    state.inflight_bytes += len(inflated)
+                    try:
+                        answer = await state.take(device, key, checksum, inflated, verdict)
+                    finally:
+                        state.inflight_bytes -= len(inflated)
                 finally:
                     state.inflight -= 1
             else:

@@ -79,6 +79,7 @@ class Sentinel:
         self.rows = models.Rows(ctx.storage.connection)
         self.degrade = Degrade(ctx.config.backpressure)
         self.inflight = 0
+        self.inflight_bytes = 0  # inflated bytes of those batches (backpressure.max_inflight_bytes)
         self._locks: dict[str, trio.Lock] = {}
         self._nonces: OrderedDict[str, float] = OrderedDict()  # "<device>\n<nonce>" -> expiry
         m = ctx.metrics
