@@ -264,6 +264,25 @@ async def test_retention_forgets_keys_and_old_rows_by_age(gateway_factory):
         assert await count(gw, "point") == 0 and await count(gw, "window") == 0
 
 
+async def test_retention_deletes_in_bounded_steps(gateway_factory, monkeypatch):
+    """Each step is one short write transaction of at most STEP rows: other writes go between."""
+    from gatewayd_edgesentinel import models
+
+    monkeypatch.setattr(models, "STEP", 10)
+    async with gateway_factory(plugins=PLUGIN, settings=OPEN) as gw, gw_client(gw) as client:
+        for device in ("es-1", "es-2"):
+            node = await provision(gw, "edgesentinel", device)
+            r = await client.post(f"{API}/telemetry/batch", **upload(node, compress({"points": points(20)})))
+            assert r.json()["accepted"] == 20
+        storage = gw.contexts["edgesentinel"].storage
+        steps = []
+        while n := await storage.write(models.expire_series, models.Point, "device", T0 + 15):  # 15 of each are old
+            steps.append(n)
+        assert steps == [10, 10, 10] and await count(gw, "point") == 10
+        left = await storage.read(lambda: sorted(p.ts for p in models.Point.select()))
+        assert left == [T0 + i for i in range(15, 20) for _ in range(2)]
+
+
 async def test_a_batch_of_only_duplicates_stores_nothing_new_and_is_answered(gateway_factory, upstream_receiver):
     async with gateway_factory(plugins=PLUGIN, settings=OPEN, upstream=upstream_receiver) as gw, \
             gw_client(gw) as client:
