@@ -2,7 +2,8 @@
 gateway and the reference upstream receiver: everything arrives once; a node killed
 mid-upload resumes without loss or duplicates; maintenance mode and backpressure (429
 while the upstream is away and the outbox fills) are honoured without loss; a tamper
-the node reports fires its workflow's webhook and e-mail."""
+the node reports fires its workflow's webhook and e-mail; a node gone silent is mailed
+to maintenance, then escalated to L2 and L3."""
 
 from __future__ import annotations
 
@@ -201,3 +202,22 @@ async def test_a_tamper_the_node_reports_fires_a_webhook_and_an_email(gateway_fa
     assert "Device: es-1" in message.get_content()
     kinds = Counter(r["kind"] for r in await upstream_receiver.wait_for(22))
     assert kinds["alert"] == 1 and kinds["system_event"] == 1, kinds  # the alert record went upstream too
+
+
+async def test_a_node_gone_silent_is_mailed_to_maintenance_then_escalated_l2_l3(gateway_factory, tmp_path):
+    teams = [f"plugins.edgesentinel.teams.{t}.email=['{t}@site.example']" for t in ("maintenance", "l2", "l3")]
+    timing = ["devices.presence_flush_s=0.2", "plugins.edgesentinel.silence_s=0.5",
+              "plugins.edgesentinel.connectivity_lost_s=1.5", "plugins.edgesentinel.escalate_l2_s=3",
+              "plugins.edgesentinel.escalate_l3_s=4.5"]
+    async with MailSink() as mail:
+        async with gateway_factory(plugins=PLUGIN, settings=[*OPEN, *mail.settings(), *teams, *timing]) as gw, \
+                gw_client(gw) as client:
+            node = await provision(gw, "edgesentinel", "es-1")
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "20")
+            assert code == 0 and "drained" in out, out  # then the node is silent
+            await wait_until(lambda: len(mail.messages) >= 3, what="the alert, L2 and L3 mails", timeout=30)
+    sent = [(m["To"], m["Subject"].split(": ", 1)[0]) for m in mail.messages]
+    gw_id = gw.config.gateway.id
+    assert sent == [("maintenance@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost"),
+                    ("l2@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost (escalation)"),
+                    ("l3@site.example", f"[{gw_id}] CRITICAL edgesentinel-connectivity-lost-l3")], sent
