@@ -271,7 +271,7 @@ def last_batches(devices: list[str]) -> dict[str, tuple[float, int, int, int]]:
 
 # -- retention (the writer thread, a step at a time) --------------------------------------------
 
-STEP = 5000
+STEP = 2000  # rows a retention step deletes (one write transaction): bench section 3
 
 
 def expire_ledger(model: type[peewee.Model], column: str, before: float) -> int:
@@ -290,11 +290,15 @@ def expire_ledger(model: type[peewee.Model], column: str, before: float) -> int:
 
 def expire_series(model: type[peewee.Model], prefix: str, before: float) -> int:
     """Delete up to STEP rows with `ts` before `before` (a backfill stores old times late,
-    so by time, through the `(prefix, ts)` index, one range per distinct prefix)."""
+    so by time, through the `(prefix, ts)` index, one range per distinct prefix). The
+    distinct prefixes are found by skipping along the index (one probe each): `SELECT
+    DISTINCT` scanned all of it, 167 ms a step at 1,000,000 rows against 1.7 ms."""
     table = model._meta.table_name
     connection = _connection(model._meta.database)
     ids = connection.execute(
-        f'SELECT id FROM "{table}" WHERE "{prefix}" IN (SELECT DISTINCT "{prefix}" FROM "{table}") AND ts < ? '
+        f'WITH RECURSIVE p(v) AS (SELECT min("{prefix}") FROM "{table}" UNION ALL '
+        f'SELECT (SELECT min("{prefix}") FROM "{table}" WHERE "{prefix}" > p.v) FROM p WHERE p.v IS NOT NULL) '
+        f'SELECT id FROM "{table}" WHERE "{prefix}" IN (SELECT v FROM p WHERE v IS NOT NULL) AND ts < ? '
         f"LIMIT {STEP}", (before,)).fetchall()
     connection.executemany(f'DELETE FROM "{table}" WHERE id = ?', ids)
     return len(ids)
