@@ -16,6 +16,12 @@
 2. Windows: `window_stats` over 1,000 vibration waveforms of 1,024 samples (one batch:
    one 2-D numpy array, scipy's Welch along its rows), against the same statistics
    computed one waveform at a time (the baseline); windows/s of each, medians.
+3. Retention: the same gateway's point table grown to `--purge-rows` more rows (20
+   nodes, a row every few seconds), then the purge of the older half by age, a step
+   (`models.STEP` rows, one write transaction) at a time: how long each step holds the
+   writer (median, max), against the baseline of the run's `ctx.ingest.records` commits
+   of 5,000 records. Goal: a step holds the writer no longer than an ingest batch does
+   (else monthly partitioning would be worth it).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 import gatewayd_edgesentinel  # noqa: E402
 from gatewayd.core.runtime import tune_gc  # noqa: E402
 from gatewayd.testing.gateway import gw_url, start_gateway  # noqa: E402
+from gatewayd_edgesentinel import models  # noqa: E402
 from gatewayd_edgesentinel.batch import parse_batch  # noqa: E402
 from gatewayd_edgesentinel.windows import window_stats  # noqa: E402
 
@@ -69,9 +76,9 @@ def batch_doc(round_: int, n: int) -> dict[str, object]:
     return {"batch_id": f"buf-{round_}", "points": points, "door_events": doors, "system_events": events}
 
 
-async def run(batches: int, n: int) -> tuple[list[float], list[float]]:
+async def run(batches: int, n: int, purge_rows: int) -> tuple[list[float], list[float], list[float], list[float]]:
     os.environ["ES_BENCH_SECRET"] = "s" * 32
-    http_rates, core_rates = [], []
+    http_rates, core_rates, core_s = [], [], []
     settings = ["plugins.edgesentinel.require_claim=false", "log.level='warning'", "outbox.max_rows=100000000",
                 "http.max_body_bytes=67108864"]
     with tempfile.TemporaryDirectory(prefix="es-bench-") as tmp:
@@ -105,9 +112,37 @@ async def run(batches: int, n: int) -> tuple[list[float], list[float]]:
                     if r:
                         http_rates.append(n / took)
                         core_rates.append(n / core_took)
+                        core_s.append(core_took)
                     print(f"  round {r}: http {n / took:,.0f} records/s, core {n / core_took:,.0f} records/s"
                           + (" (warm-up)" if not r else ""), flush=True)
-    return http_rates, core_rates
+            steps = await purge(ctx, purge_rows)
+    return http_rates, core_rates, core_s, steps
+
+
+async def purge(ctx: object, rows: int) -> list[float]:
+    """Grow the point table by `rows` (20 devices, by time), then time each retention step
+    deleting the older half."""
+    table = models.Point._meta.table_name
+    sql = f'INSERT INTO "{table}" (ts, device, metric, value, unit, meta) VALUES (?, ?, ?, ?, ?, ?)'
+    chunk = 50_000
+
+    def insert(start: int) -> None:
+        models._connection(models.Point._meta.database).executemany(sql, (
+            (T0 - 40 * 86400 + i * 3.0, f"node-{i % 20}", "vibration_rms_g", 0.5, "g", "{}")
+            for i in range(start, min(rows, start + chunk))))
+
+    for start in range(0, rows, chunk):
+        await ctx.storage.write(insert, start)  # type: ignore[attr-defined]
+    cut = T0 - 40 * 86400 + rows * 3.0 / 2
+    steps = []
+    while True:
+        began = time.perf_counter()
+        n = await ctx.storage.write(models.expire_series, models.Point, "device", cut)  # type: ignore[attr-defined]
+        if not n:
+            break
+        steps.append(time.perf_counter() - began)
+    print(f"  purge: {len(steps)} steps of up to {models.STEP:,} rows out of {rows:,} added", flush=True)
+    return steps
 
 
 def windows_bench(repeats: int = 5) -> tuple[float, float]:
@@ -132,10 +167,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, default=6)
     parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--purge-rows", type=int, default=1_000_000)
     args = parser.parse_args()
     tune_gc()  # as `gatewayd run`: both paths run in this process
     print(f"1. batch ingest: {args.batches} rounds of {args.records}-record zstd batches")
-    http_rates, core_rates = trio.run(run, args.batches, args.records)
+    http_rates, core_rates, core_s, steps = trio.run(run, args.batches, args.records, args.purge_rows)
     http, core = statistics.median(http_rates), statistics.median(core_rates)
     ratios = [h / c for h, c in zip(http_rates, core_rates, strict=True)]
     print(f"   HTTP batch (auth, hash, zstd, parse, dedup, store): {http:,.0f} records/s (median)")
@@ -144,6 +180,11 @@ def main() -> int:
     vector, single = windows_bench()
     print("2. windows: 1,000 waveforms x 1,024 samples, rms/max/std/2 bands (Welch)")
     print(f"   vectorised: {vector:,.0f} windows/s; one at a time: {single:,.0f} windows/s; x{vector / single:.1f}")
+    step, commit = statistics.median(steps), statistics.median(core_s)
+    print(f"3. retention: the older half of {args.purge_rows:,} more point rows purged by age, {models.STEP:,} a step")
+    print(f"   a step holds the writer {step * 1000:.1f} ms (median; max {max(steps) * 1000:.1f} ms); "
+          f"a {args.records:,}-record ctx.ingest.records commit {commit * 1000:.1f} ms (median): "
+          f"x{step / commit:.2f}; goal <= x1")
     return 0
 
 

@@ -132,6 +132,22 @@ async def test_hook_alert_rules(gateway_factory):
         assert gw.events.engine.stats.by_rule == {"everything-high-reading": 1}
 
 
+async def test_a_family_sees_its_active_alerts(gateway_factory):
+    """ctx.events.active(): this family's alerts firing now, until resolved; not another family's."""
+    config = ('[[rules]]\nname = "door-open"\ntype = "door_open"\nactions = [{ kind = "log" }]\n'
+              '[[rules]]\nname = "any-tamper"\ntype = "tamper_detected"\nactions = [{ kind = "log" }]\n')
+    async with gateway_factory(plugins=[EVERYTHING], settings=["plugins.everything.threshold=50"],
+                               config_text=config) as gw:
+        events = gw.contexts["everything"].events
+        assert events.active() == []
+        await events.emit("d1", "door_open", resolved=False)
+        await events.emit("d2", "reading", {"value": 60})
+        await gw.events.emit("other", "d9", "tamper_detected")  # another family's
+        assert events.active() == [("door-open", "d1", "door_open"), ("everything-high-reading", "d2", "reading")]
+        await events.emit("d1", "door_open", resolved=True)
+        assert events.active() == [("everything-high-reading", "d2", "reading")]
+
+
 async def test_a_config_rule_of_the_same_name_switches_a_plugin_rule_off(gateway_factory):
     config = '[[rules]]\nname = "everything-high-reading"\nenabled = false\n'
     async with gateway_factory(plugins=[EVERYTHING], config_text=config) as gw:

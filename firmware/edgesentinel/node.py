@@ -6,7 +6,8 @@ against its cloud (only the base URL changes).
 
 - Samples: synthetic door cycles (cycle_open / cycle_close with durations) and
   vibration RMS points, appended to buffer files of `--file-records` records each
-  (`buffer-000001.jsonl`, ...): the node's offline buffer.
+  (`buffer-000001.jsonl`, ...): the node's offline buffer. `--event TYPE[:SEVERITY]`
+  buffers a system event it detected (`tamper_detected:critical`), sent the same way.
 - Uploads zstd batches of at most `--batch` records with `X-Device-Id`, `X-Auth-Key`,
   `Idempotency-Key` and `Content-SHA256`. The key and `batch_id` are derived from the
   file and the record offset, so a batch sent again after a crash is the same batch:
@@ -71,9 +72,20 @@ class Node:
             else:
                 record = {"kind": "points", "ts": ts, "metric": "vibration_rms_g",
                           "value": round(0.3 + 0.1 * math.sin(i / 7), 4), "unit": "g", "meta": {"seq": i}}
-            path = self.dir / f"buffer-{i // self.o.file_records:06d}.jsonl"
-            with path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.buffer(i, record)
+
+    def buffer(self, seq: int, record: dict[str, object]) -> None:
+        path = self.dir / f"buffer-{seq // self.o.file_records:06d}.jsonl"
+        with path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def report(self, spec: str) -> None:
+        """A system event (`type[:severity]`) the node detected, buffered like any record."""
+        event_type, _, severity = spec.partition(":")
+        seq = sum(len(f.read_text().splitlines()) for f in self.files())
+        self.buffer(seq, {"kind": "system_events", "ts": round(time.time(), 3), "event_type": event_type,
+                          "severity": severity or "warning", "description": f"reported by {self.o.id}",
+                          "resolved": False})
 
     def pending(self) -> list[tuple[Path, int, list[str]]]:
         """(file, acknowledged offset, its lines) of every file with unsent records, newest first."""
@@ -128,12 +140,14 @@ class Node:
         base = min(300.0, 1.0 * 2 ** (self.failures - 1))
         self.backoff_s = max(base * self.rng.uniform(0.75, 1.25), (hint or 0) / 1000)
         print(f"refused {status} {answer.get('error', {}).get('code') if isinstance(answer, dict) else ''}"
-              f" (failure {self.failures})", flush=True)
+              f" (failure {self.failures})" + (f" next_hint {hint} ms" if hint else ""), flush=True)
         return False
 
     def run(self) -> int:
         if self.o.sample:
             self.sample(self.o.sample)
+        for spec in self.o.event:
+            self.report(spec)
         deadline = time.monotonic() + self.o.max_s
         while time.monotonic() < deadline:
             if self.failures >= self.o.breaker:
@@ -195,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breaker", type=int, default=5, help="consecutive failures that open the breaker")
     p.add_argument("--max-s", type=float, default=120.0, help="give up after this long")
     p.add_argument("--max-wait-s", type=float, default=300.0, help="cap on one wait (tests shorten it)")
+    p.add_argument("--event", action="append", default=[], metavar="TYPE[:SEVERITY]",
+                   help="report this system event (tamper_detected:critical); repeatable")
     p.add_argument("--crash-after", type=int, default=0, help="exit hard after sending this many batches")
     p.add_argument("--seed", type=int, default=None)
     return Node(p.parse_args(argv)).run()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .alerts.channels import SmtpSection
 from .alerts.rules import Rule, load_rules
 from .schema import Address, ConfigError, ConfigErrors, load_section
 from .backup import BackupSection
@@ -277,6 +278,7 @@ class NotificationsSection:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 300.0
     timeout_s: float = 10.0
+    smtp: SmtpSection = field(default_factory=SmtpSection)
 
     def validate(self) -> None:
         if self.max_attempts < 1:
@@ -440,6 +442,17 @@ def _load_plugins(raw: Any, schemas: dict[str, type | None]) -> dict[str, Plugin
     return out
 
 
+def _email_without_smtp(rules: list[Rule]) -> list[ConfigError]:
+    """An `email` action of a [[rules]] table needs `[notifications.smtp] host`."""
+    errors = []
+    for i, rule in enumerate(rules):
+        chains = [("actions", rule.actions)] + ([("escalate.actions", rule.escalate.actions)] if rule.escalate else [])
+        for where, actions in chains:
+            errors += [ConfigError(f"rules[{i}].{where}[{j}]", "an email action needs [notifications.smtp] host")
+                       for j, action in enumerate(actions) if action.kind == "email"]
+    return errors
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: list[str] = (),
@@ -490,6 +503,9 @@ def load_config(
             sections[name] = load_section(_SECTIONS[name], value, name)
         except ConfigErrors as e:
             errors.extend(e.errors)
+    notifications = sections.get("notifications")
+    if not (notifications.smtp.host if isinstance(notifications, NotificationsSection) else ""):
+        errors += _email_without_smtp(sections.get("rules", []))
     plugins: dict[str, PluginSettings] = {}
     try:
         plugins = _load_plugins(raw.get("plugins", {}), plugin_schemas or {})

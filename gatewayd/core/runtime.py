@@ -121,7 +121,7 @@ class Gateway:
         n = config.notifications
         self.notifier = Notifier(
             self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,
-            backoff_base_s=n.backoff_base_s, backoff_max_s=n.backoff_max_s, timeout_s=n.timeout_s,
+            backoff_base_s=n.backoff_base_s, backoff_max_s=n.backoff_max_s, timeout_s=n.timeout_s, smtp=n.smtp,
             metrics=self.metrics, publish_mqtt=self._publish_mqtt, forward_upstream=self._forward_alert,
         )
         self.events = EventBus(self.storage, rules=config.rules, notifier=self.notifier, clock=clock,

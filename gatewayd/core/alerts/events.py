@@ -30,7 +30,7 @@ from ...protocol.cursors import encode_cursor as _encode_cursor
 from ...protocol.times import parse_time
 from ..logs import get_logger
 from ..storage import SchemaSpec, StorageError
-from .engine import Firing, RuleEngine
+from .engine import ANY_TYPE, Firing, RuleEngine
 from .rules import SEVERITIES, Rule
 
 if TYPE_CHECKING:
@@ -400,3 +400,10 @@ class FamilyEvents:
         (periodic reports: thresholds and silence rules see each one, the event table
         only the interesting ones). Returns the stored event or None."""
         return await self._bus.observe(self.family, device_id, type, data, severity=severity, ts=ts)
+
+    def active(self) -> list[tuple[str, str | None, str | None]]:
+        """This family's alerts firing now (fired, not yet resolved), as `(rule, device, event
+        type)`, sorted: what `GET /api/gateway/alerts` lists as `active`, for a dashboard panel.
+        Held in memory by the rule engine: empty again after a restart."""
+        return [(rule, device or None, None if etype == ANY_TYPE else etype)
+                for rule, family, device, etype in self._bus.engine.active() if family == self.family]

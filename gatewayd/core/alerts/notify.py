@@ -2,13 +2,15 @@
 
 Every action of a firing becomes one `core_notification` row (pending) in one commit.
 The `Notifier.run` worker delivers due rows - webhook (JSON POST signed with
-HMAC-SHA256), MQTT publish, an upstream record of the `alert` class, or a log line -
-and marks them sent, or schedules a retry with exponential backoff (±25 % jitter), or
+HMAC-SHA256), e-mail (smtplib in a worker thread, through `[notifications.smtp]`), a
+Slack or Teams message (channels.py has their shapes), MQTT publish, an upstream
+record of the `alert` class, or a log line - and marks them sent, or schedules a retry with exponential backoff (±25 % jitter), or
 gives up after `max_attempts` (failed, with the last error). Rows survive restarts, so
 an alert raised while the network is down goes out when it comes back.
 
 Delivery is at-least-once: a crash between a webhook's 2xx and the commit of "sent"
-sends it again. Webhook receivers dedupe on the `X-Gatewayd-Delivery` header (the row id).
+sends it again. Webhook receivers dedupe on the `X-Gatewayd-Delivery` header (the row id);
+a retried e-mail keeps its `Message-ID`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import hashlib
 import hmac
 import json
 import random
+import smtplib
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -30,9 +34,12 @@ from ..logs import get_logger
 from ..metrics import Sample
 from ..schema import read_secret
 from ..storage import SchemaSpec, StorageError
+from .channels import SmtpSection, email_message, redact_url, slack_message, teams_message
 from .engine import Firing
 
 if TYPE_CHECKING:
+    from email.message import EmailMessage
+
     from ..metrics import Metrics
     from ..storage import Storage
 
@@ -153,6 +160,7 @@ class Notifier:
         concurrency: int = 8,
         publish_mqtt: PublishMqtt | None = None,
         forward_upstream: ForwardUpstream | None = None,
+        smtp: SmtpSection | None = None,
         metrics: Metrics | None = None,
         rng: random.Random | None = None,
     ):
@@ -167,6 +175,8 @@ class Notifier:
         """`await publish_mqtt(topic, payload_bytes, qos)`; set by the runtime when MQTT is on."""
         self.forward_upstream = forward_upstream
         """`await forward_upstream(record)`: queue an `alert`-class record upstream."""
+        self.smtp = smtp
+        """The mail server of `email` actions (`[notifications.smtp]`); None or no host: they fail."""
         self._limiter = trio.CapacityLimiter(concurrency)
         self._rng = rng or random.Random()
         self._wake = trio.Event()
@@ -281,6 +291,12 @@ class Notifier:
             raise _Permanent(f"notification is not strict JSON: {e}") from None
         if row.kind == "webhook":
             await self._webhook(action, row.id, body)
+        elif row.kind == "email":
+            await self._email(action, row.id, payload)
+        elif row.kind in ("slack", "teams"):
+            doc = slack_message(payload) if row.kind == "slack" else teams_message(payload)
+            await self._post(action["url"], json.dumps(doc, allow_nan=False).encode(),
+                             {"Content-Type": "application/json"}, shown=redact_url(action["url"]))
         elif row.kind == "mqtt":
             if self.publish_mqtt is None:
                 raise _Permanent("MQTT is not available (mqtt.broker = 'off'?)")
@@ -304,14 +320,71 @@ class Notifier:
             if secret is None:
                 raise _Permanent(f"the webhook secret variable {action['secret_env']} is not set")
             headers[SIGNATURE_HEADER] = sign_body(secret, body)
+        await self._post(action["url"], body, headers, shown=action["url"])
+
+    async def _post(self, url: str, body: bytes, headers: dict[str, str], *, shown: str) -> None:
+        """POST; a 2xx is done, a 5xx/408/425/429 retried, any other 4xx permanent (`shown` names the URL)."""
         assert self._client is not None, "deliver inside Notifier.run"
-        response = await self._client.post(action["url"], content=body, headers=headers)
+        response = await self._client.post(url, content=body, headers=headers)
         if response.is_success:
             return
-        text = f"HTTP {response.status_code} from {action['url']}"
+        text = f"HTTP {response.status_code} from {shown}"
         if 400 <= response.status_code < 500 and response.status_code not in (408, 425, 429):
             raise _Permanent(text)
         raise RuntimeError(text)
+
+    async def _email(self, action: dict[str, Any], delivery_id: int, payload: dict[str, Any]) -> None:
+        smtp = self.smtp
+        if smtp is None or not smtp.host:
+            raise _Permanent("no mail server: set [notifications.smtp] host")
+        password = None
+        if smtp.user:
+            password = read_secret(smtp.password_env)
+            if password is None:
+                raise _Permanent(f"the SMTP password variable {smtp.password_env} is not set")
+        try:
+            message = email_message(payload, sender=smtp.from_address, to=list(action["to"]), delivery_id=delivery_id)
+        except ValueError as e:
+            raise _Permanent(f"notification is not strict JSON: {e}") from None
+        # smtplib blocks: a worker thread; its socket timeout bounds the wait (abandoned on shutdown).
+        await trio.to_thread.run_sync(_send_mail, smtp, password, message, self.timeout_s, abandon_on_cancel=True)
+
+
+def _send_mail(smtp: SmtpSection, password: str | None, message: EmailMessage, timeout: float) -> None:
+    """Send one message (worker thread). A 5xx answer, a refused login or no STARTTLS is
+    permanent; a 4xx, a timeout or a refused connection is retried."""
+    context = ssl.create_default_context()
+    where = f"SMTP {smtp.host}:{smtp.port}"
+    try:
+        client = (smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=timeout, context=context) if smtp.ssl
+                  else smtplib.SMTP(smtp.host, smtp.port, timeout=timeout))
+        with client:
+            if smtp.starttls:
+                client.starttls(context=context)
+            if smtp.user and password is not None:
+                client.login(smtp.user, password)
+            refused = client.send_message(message)
+    except smtplib.SMTPRecipientsRefused as e:
+        codes = [code for code, _ in e.recipients.values()]
+        text = f"{where} refused every recipient: " + ", ".join(f"{r} ({c})" for r, (c, _) in e.recipients.items())
+        if all(code >= 500 for code in codes):
+            raise _Permanent(text) from None
+        raise RuntimeError(text) from None
+    except smtplib.SMTPResponseException as e:
+        text = f"{where} answered {e.smtp_code}: {_text(e.smtp_error)}"
+        if e.smtp_code >= 500:
+            raise _Permanent(text) from None
+        raise RuntimeError(text) from None
+    except smtplib.SMTPNotSupportedError as e:
+        raise _Permanent(f"{where}: {e} (set starttls = false, or ssl = true for port 465)") from None
+    except (smtplib.SMTPException, OSError) as e:
+        raise RuntimeError(f"{where}: {e or e.__class__.__name__}") from None
+    if refused:
+        log.warning("some e-mail recipients were refused", refused=sorted(refused), server=where)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 class _Fields(dict):

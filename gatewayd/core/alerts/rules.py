@@ -9,7 +9,7 @@ Matchers (all optional, all must hold): `family`, `type`, `device` (shell globs)
 `severity` / `min_severity`, `when` (field thresholds such as `"battery < 10"` or
 `"voltage < 80% of rated_voltage"`), `min_duration_s` (+ `resolved_by`), `more_than`
 events `within_s`, `outside_hours` / `inside_hours` (+ `utc_offset`), `absent_for_s`.
-Actions: webhook, mqtt, upstream, log, suppress. See docs/events.md.
+Actions: webhook, email, slack, teams, mqtt, upstream, log, suppress. See docs/events.md.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..schema import ConfigError, ConfigErrors, load_section
+from .channels import EMAIL, redact_url
 
 __all__ = [
     "SEVERITIES",
@@ -43,9 +44,9 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 class Action:
     """What a rule does when it fires. `kind` picks which keys apply."""
 
-    kind: Literal["webhook", "mqtt", "upstream", "log", "suppress"]
+    kind: Literal["webhook", "email", "slack", "teams", "mqtt", "upstream", "log", "suppress"]
     url: str = ""
-    """webhook: where the JSON is POSTed."""
+    """webhook, slack, teams: where the JSON is POSTed."""
     secret_env: str = ""
     """webhook: env var holding the HMAC-SHA256 key; the body's signature goes in X-Gatewayd-Signature."""
     topic: str = ""
@@ -54,15 +55,25 @@ class Action:
     level: Literal["info", "warning", "error"] = "warning"
     """log: the log level of the line."""
     to: list[str] = field(default_factory=list)
-    """Recipients (team names, addresses) passed along in the payload for the far end to route."""
+    """Recipients (team names, addresses) passed along in the payload for the far end to route;
+    email: the addresses the mail goes to (through `[notifications.smtp]`)."""
     rules: list[str] = field(default_factory=list)
     """suppress: names of the rules muted for the device ([] = every other rule)."""
     for_s: float = 3600.0
     """suppress: how long at most; the mute ends earlier when the trigger resolves."""
 
     def validate(self) -> None:
-        if self.kind == "webhook" and not re.match(r"https?://[^\s/]+", self.url):
-            raise ConfigError("url", f"a webhook needs an http(s) URL, got {self.url!r}")
+        if self.kind in ("webhook", "slack", "teams") and not re.match(r"https?://[^\s/]+", self.url):
+            what = "a webhook" if self.kind == "webhook" else f"a {self.kind} action"
+            raise ConfigError("url", f"{what} needs an http(s) URL, got {self.url!r}")
+        if self.kind in ("slack", "teams") and self.secret_env:
+            raise ConfigError("secret_env", f"a {self.kind} webhook is not signed (its URL is its secret)")
+        if self.kind == "email":
+            if not self.to:
+                raise ConfigError("to", "an email action needs at least one address")
+            for i, address in enumerate(self.to):
+                if not EMAIL.fullmatch(address):
+                    raise ConfigError(f"to[{i}]", f"expected an e-mail address, got {address!r}")
         if self.kind == "mqtt":
             if not self.topic or any(c in self.topic for c in "#+"):
                 raise ConfigError("topic", f"an mqtt action needs a topic without wildcards, got {self.topic!r}")
@@ -74,6 +85,10 @@ class Action:
     @property
     def target(self) -> str:
         """Where the action goes, for listings (never a secret)."""
+        if self.kind == "email":
+            return "mailto:" + ",".join(self.to)
+        if self.kind in ("slack", "teams"):
+            return f"{self.kind}:{redact_url(self.url)}"
         return {"webhook": self.url, "mqtt": self.topic}.get(self.kind, self.kind)
 
 

@@ -1,6 +1,6 @@
 """gatewayd plugin for edgesentinel industrial door sensor nodes.
 
-Read top to bottom: config, models, state, routes, topics, serial, tasks, events; each
+Read top to bottom: config, models, state, routes, topics, serial, tasks, dashboard, events; each
 hook hands over to the module that holds the details:
 
     config.py    the options (`[plugins.edgesentinel]`)
@@ -12,6 +12,7 @@ hook hands over to the module that holds the details:
     state.py     `Sentinel`, the plugin's state: a batch from its headers to its commit
     routes.py    the device API of the specification, declared
     workflows.py the spec's workflow table as default alert rules (pure)
+    dashboard.py the site's panels on the dashboard's overview
 
 Names, tables and the mount come from the plugin's name (`ctx.name`). The
 specification is EdgeSentinel's API specification; README.md has the routes, the
@@ -27,7 +28,8 @@ from quart import Blueprint
 from gatewayd.plugins.api import ModelRegistry, PluginContext, TaskRegistry, hookimpl
 
 from .config import EdgesentinelConfig
-from .models import VERSION, named
+from .dashboard import panels
+from .models import VERSION, index_packets, named
 from .routes import DeviceRoutes
 from .state import Sentinel
 from .workflows import rules
@@ -53,6 +55,7 @@ def gatewayd_config_schema() -> type[EdgesentinelConfig]:
 def gatewayd_storage_models(models: ModelRegistry) -> None:
     models.add(*named(models.plugin))  # <name>_packet, _seen, _point, _window, ...; devices are the core's
     models.version = VERSION
+    models.migration(2)(index_packets)  # the ledger's (device, received_at) index
 
 
 # -- the plugin's state ----------------------------------------------------------------
@@ -87,6 +90,14 @@ def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
 @hookimpl
 def gatewayd_background_tasks(tasks: TaskRegistry, ctx: Ctx) -> None:
     tasks.add("retention", ctx.state.run_retention)  # dedup keys, series and raw windows by age
+
+
+# -- dashboard -----------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_dashboard_panels(ctx: Ctx) -> list[tuple[str, Any]]:
+    return panels(ctx)  # door cycles; nodes, their last batch, active alerts, maintenance (dashboard.py)
 
 
 # -- events --------------------------------------------------------------------------

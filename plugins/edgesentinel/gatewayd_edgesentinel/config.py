@@ -16,6 +16,7 @@ from gatewayd.plugins.api import ConfigError
 
 HOURS = re.compile(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})")
 OFFSET = re.compile(r"[+-]\d{2}:\d{2}")
+EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+\.[^@\s,;<>\"]+")  # as the core's email action checks it
 
 
 @dataclass
@@ -74,6 +75,10 @@ class Backpressure:
     """Batches being decoded or stored at once; one more is refused with 429."""
     max_writer_queue: int = 200
     """Write jobs queued for the database; beyond this, batches are refused with 429."""
+    max_inflight_bytes: int = 32 * 1024 * 1024
+    """Inflated bytes of the batches being parsed and stored at once; a batch that would
+    exceed it (with others in flight) is refused with 429. Parsed, a batch takes about 6x
+    its inflated size in memory (README.md, "Memory")."""
     backoff_ms: int = 5000
     """The hint at the threshold; it grows towards `max_backoff_ms` as the outbox fills."""
     max_backoff_ms: int = 300_000
@@ -88,6 +93,8 @@ class Backpressure:
                                                f"{self.elevated_fill} and {self.reject_fill}")
         if self.max_inflight < 1:
             raise ConfigError("max_inflight", f"must be at least 1, got {self.max_inflight}")
+        if self.max_inflight_bytes < 1024:
+            raise ConfigError("max_inflight_bytes", f"must be at least 1024, got {self.max_inflight_bytes}")
         if self.max_writer_queue < 1:
             raise ConfigError("max_writer_queue", f"must be at least 1, got {self.max_writer_queue}")
         if not 1 <= self.backoff_ms <= self.max_backoff_ms <= 3_600_000:
@@ -139,10 +146,15 @@ class Webhook:
 
 @dataclass
 class Team:
-    """Who hears of a workflow: e-mail addresses and webhooks (README.md, "Workflows")."""
+    """Who hears of a workflow (README.md, "Workflows"): the core's alert actions."""
 
     email: list[str] = field(default_factory=list)
+    """Addresses mailed through `[notifications.smtp]` (and passed to the webhooks as `to`)."""
     webhooks: list[Webhook] = field(default_factory=list)
+    slack: list[str] = field(default_factory=list)
+    """Slack incoming-webhook URLs."""
+    msteams: list[str] = field(default_factory=list)
+    """Microsoft Teams Workflows webhook URLs (an Adaptive Card each)."""
 
 
 @dataclass
@@ -161,8 +173,9 @@ class EdgesentinelConfig:
     """Idempotency keys and record hashes are kept this long (the spec's 30 days)."""
     retention_days: float = 90.0
     """Telemetry, windows and events are kept locally this long (0: forever)."""
-    max_decompressed_bytes: int = 64 * 1024 * 1024
-    """A batch that decompresses to more is refused (400): a compression bomb."""
+    max_decompressed_bytes: int = 16 * 1024 * 1024
+    """A batch that decompresses to more is refused (400): a compression bomb. The spec's
+    batches are 1-5 MB; a small board sets less (README.md, "Memory")."""
     max_records: int = 20_000
     """Records in one batch at most (the spec: 5-10k)."""
     silence_s: float = 120.0
@@ -234,11 +247,13 @@ class EdgesentinelConfig:
             raise ConfigError("safety_edge_max" if self.safety_edge_max < 1 else "retry_alert_after",
                               "must be a positive count")
         for name, team in self.teams.items():
-            for i, hook in enumerate(team.webhooks):
-                if not re.match(r"https?://[^\s/]+", hook.url):
-                    raise ConfigError(f"teams.{name}.webhooks[{i}].url", f"expected an http(s) URL, got {hook.url!r}")
+            urls = [(f"webhooks[{i}].url", hook.url) for i, hook in enumerate(team.webhooks)]
+            urls += [(f"{kind}[{i}]", url) for kind in ("slack", "msteams") for i, url in enumerate(getattr(team, kind))]
+            for key, url in urls:
+                if not re.match(r"https?://[^\s/]+", url):
+                    raise ConfigError(f"teams.{name}.{key}", f"expected an http(s) URL, got {url!r}")
             for i, address in enumerate(team.email):
-                if not re.fullmatch(r"[^@\s]+@[^@\s]+", address):
+                if not EMAIL.fullmatch(address):
                     raise ConfigError(f"teams.{name}.email[{i}]", f"expected an e-mail address, got {address!r}")
 
     def offset_s(self) -> float:

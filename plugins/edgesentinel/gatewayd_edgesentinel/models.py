@@ -16,7 +16,7 @@ from typing import Any
 
 import peewee
 
-VERSION = 1  # the schema's
+VERSION = 2  # the schema's; 2: the ledger's (device, received_at) index (the dashboard's last batch per node)
 
 
 class Table(peewee.Model):
@@ -41,7 +41,7 @@ class Packet(Table):
     answer = peewee.TextField()  # the JSON answered, given again for a replay
 
     class Meta:
-        indexes = ((("device", "upload_id"), True),)
+        indexes = ((("device", "upload_id"), True), (("device", "received_at"), False))
 
 
 class Seen(Table):
@@ -137,6 +137,13 @@ def named(plugin: str) -> list[type[peewee.Model]]:
     for model in MODELS:
         model._meta.set_table_name(f"{plugin}_{_snake(model.__name__)}")
     return MODELS
+
+
+def index_packets(migrator: Any, database: peewee.Database) -> None:
+    """Migration 1 -> 2: the ledger's `(device, received_at)` index (as a new table has it)."""
+    from playhouse.migrate import migrate
+
+    migrate(migrator.add_index(Packet._meta.table_name, ("device", "received_at"), False))
 
 
 def _snake(name: str) -> str:
@@ -248,9 +255,23 @@ def door_cycles(device: str, since: float, offset_s: float) -> dict[tuple[str, s
     return out
 
 
+def last_batches(devices: list[str]) -> dict[str, tuple[float, int, int, int]]:
+    """device -> (received_at, accepted, duplicates, rejected) of its newest accepted batch
+    (one index probe per device, through `(device, received_at)`)."""
+    sql = (f'SELECT received_at, accepted, duplicates, rejected FROM "{Packet._meta.table_name}" '
+           "WHERE device = ? ORDER BY received_at DESC LIMIT 1")
+    connection = _connection(Packet._meta.database)
+    out = {}
+    for device in devices:
+        row = connection.execute(sql, (device,)).fetchone()
+        if row is not None:
+            out[device] = (float(row[0]), int(row[1]), int(row[2]), int(row[3]))
+    return out
+
+
 # -- retention (the writer thread, a step at a time) --------------------------------------------
 
-STEP = 5000
+STEP = 2000  # rows a retention step deletes (one write transaction): bench section 3
 
 
 def expire_ledger(model: type[peewee.Model], column: str, before: float) -> int:
@@ -269,11 +290,15 @@ def expire_ledger(model: type[peewee.Model], column: str, before: float) -> int:
 
 def expire_series(model: type[peewee.Model], prefix: str, before: float) -> int:
     """Delete up to STEP rows with `ts` before `before` (a backfill stores old times late,
-    so by time, through the `(prefix, ts)` index, one range per distinct prefix)."""
+    so by time, through the `(prefix, ts)` index, one range per distinct prefix). The
+    distinct prefixes are found by skipping along the index (one probe each): `SELECT
+    DISTINCT` scanned all of it, 167 ms a step at 1,000,000 rows against 1.7 ms."""
     table = model._meta.table_name
     connection = _connection(model._meta.database)
     ids = connection.execute(
-        f'SELECT id FROM "{table}" WHERE "{prefix}" IN (SELECT DISTINCT "{prefix}" FROM "{table}") AND ts < ? '
+        f'WITH RECURSIVE p(v) AS (SELECT min("{prefix}") FROM "{table}" UNION ALL '
+        f'SELECT (SELECT min("{prefix}") FROM "{table}" WHERE "{prefix}" > p.v) FROM p WHERE p.v IS NOT NULL) '
+        f'SELECT id FROM "{table}" WHERE "{prefix}" IN (SELECT v FROM p WHERE v IS NOT NULL) AND ts < ? '
         f"LIMIT {STEP}", (before,)).fetchall()
     connection.executemany(f'DELETE FROM "{table}" WHERE id = ?', ids)
     return len(ids)

@@ -7,6 +7,7 @@ once. README.md ("Backpressure") states the policy; `judge` is it:
 | condition | level | answer |
 |---|---|---|
 | batches in flight >= `max_inflight`, or the writer's queue >= `max_writer_queue` | reject | 429, `next_hint: "backoff_ms: <backoff_ms>"` |
+| inflated, the batch would take those in flight past `max_inflight_bytes` (`over_budget`) | reject | 429, the same |
 | outbox fill >= `reject_fill` | reject | 429, the hint growing from 5 x `backoff_ms` (doubling every tenth of the rest) up to `max_backoff_ms` |
 | outbox fill >= `elevated_fill` | elevated | 200, the hint growing linearly from `backoff_ms` to 5 x `backoff_ms` |
 | otherwise | normal | 200, `next_hint: null` |
@@ -52,6 +53,15 @@ def judge(outbox_fill: float, writer_queue: int, inflight: int, policy: Backpres
         backoff = min(policy.max_backoff_ms, int(policy.backoff_ms * (1 + 4 * share)))
         return Verdict("elevated", backoff, f"outbox {outbox_fill:.0%} full")
     return Verdict("normal", None, "")
+
+
+def over_budget(inflight_bytes: int, size: int, policy: Backpressure) -> Verdict | None:
+    """A 429 verdict when an inflated batch of `size` bytes would take the batches being
+    stored past `max_inflight_bytes` (a batch alone always fits: it is at most
+    `max_decompressed_bytes`), else None."""
+    if inflight_bytes and inflight_bytes + size > policy.max_inflight_bytes:
+        return Verdict("reject", policy.backoff_ms, f"memory budget: {inflight_bytes} inflated bytes being stored")
+    return None
 
 
 class Degrade:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
-import secrets
 import time
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlencode
@@ -41,7 +40,9 @@ from gatewayd.plugins.api import (
 
 from . import explorer, profiles
 from .batch import BatchError, content_sha256, encoding_of, idempotency_key, refused_encoding
+from .pressure import over_budget
 from .profiles import NONCE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER
+from .state import url_key
 
 if TYPE_CHECKING:
     from .config import EdgesentinelConfig
@@ -160,7 +161,7 @@ class DeviceRoutes:
 
     def __init__(self, ctx: PluginContext[EdgesentinelConfig, Sentinel]) -> None:
         self.ctx = ctx
-        self._url_key = secrets.token_bytes(32)  # signs firmware URLs; a restart voids them (README.md)
+        self._url_key = url_key(ctx.data_dir)  # signs firmware URLs; kept, so a restart does not void them
         ctx.ratelimit.define("claim", 10, 60)  # per client address: claim codes are not for guessing
 
     def blueprint(self) -> Blueprint:
@@ -237,7 +238,15 @@ class DeviceRoutes:
                         inflated = await read_body(max_inflated=config.max_decompressed_bytes)
                     except EncodingError as e:
                         raise refused_encoding(e, encoding, config.max_decompressed_bytes) from None
-                    answer = await state.take(device, key, checksum, inflated, verdict)
+                    if (tight := over_budget(state.inflight_bytes, len(inflated), config.backpressure)) is not None:
+                        state.batches.inc(outcome="backpressure")
+                        raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
+                                      {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+                    state.inflight_bytes += len(inflated)
+                    try:
+                        answer = await state.take(device, key, checksum, inflated, verdict)
+                    finally:
+                        state.inflight_bytes -= len(inflated)
                 finally:
                     state.inflight -= 1
             else:
@@ -338,7 +347,8 @@ class DeviceRoutes:
                 raise AuthError(401, f"{TIMESTAMP_HEADER} is not within {self.ctx.config.max_skew_s:g} s of the "
                                      f"gateway's clock ({self.ctx.now():.0f}): sync the clock (handshake)", device.id)
         if nonce is not None and (stamp is None or not self.ctx.state.take_nonce(device.id, nonce)):
-            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake", device.id)
+            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake (used, "
+                                 "expired or from before a gateway restart): handshake again", device.id)
         await self.ctx.auth.signature(headers, body, request.remote_addr,
                                       device_id=device.id, header_name=SIGNATURE_HEADER,
                                       timestamp_header=TIMESTAMP_HEADER if stamp is not None else None,

@@ -1,5 +1,11 @@
 """`Sentinel`, the plugin's state (`ctx.state`): a telemetry batch from its headers to
-its commit, the handshake's nonces, and the backpressure verdicts.
+its commit, the handshake's nonces, and the backpressure verdicts; and the key that
+signs firmware download URLs (`url_key`).
+
+Across a restart (README.md, "Restarts"): the URL key is kept in the plugin's data
+folder, so the download URLs handed out stay good until they expire; the nonces live in
+memory only (at most `nonce_ttl_s`): a node holding one is refused once (401, "not a
+fresh nonce ...: handshake again") and does a new handshake.
 
 A batch is taken under its device's lock (one batch of a device at a time), so a
 replayed Idempotency-Key and the record-level duplicate check see every batch before
@@ -10,10 +16,12 @@ as the rows and the upstream records (`ctx.ingest.records(..., family_rows=...)`
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,6 +38,28 @@ if TYPE_CHECKING:
     from .config import EdgesentinelConfig
 
 MAX_NONCES = 10_000  # outstanding handshake nonces, all devices (oldest forgotten first)
+URL_KEY = "url-signing.key"
+
+
+def url_key(directory: Path) -> bytes:
+    """The key signing firmware download URLs: `<plugin data>/url-signing.key` (32 random
+    bytes, 0600), made on first use. Read once, as the routes are built."""
+    path = directory / URL_KEY
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = b""
+    if len(key) == 32:
+        return key
+    directory.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    tmp = path.with_name(URL_KEY + ".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(key)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a damaged file is replaced: only the URLs handed out before die
+    return key
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,7 @@ class Sentinel:
         self.rows = models.Rows(ctx.storage.connection)
         self.degrade = Degrade(ctx.config.backpressure)
         self.inflight = 0
+        self.inflight_bytes = 0  # inflated bytes of those batches (backpressure.max_inflight_bytes)
         self._locks: dict[str, trio.Lock] = {}
         self._nonces: OrderedDict[str, float] = OrderedDict()  # "<device>\n<nonce>" -> expiry
         m = ctx.metrics

@@ -1,9 +1,10 @@
 """The spec's workflow table as the family's default rules, in the core rule engine
 (docs/events.md). Pure: the rules from the options.
 
-Who hears of what is the site's `[plugins.edgesentinel.teams.<team>]`: its webhooks,
-each given the team's e-mail addresses as the payload's `to` (e-mail and SMS are
-webhooks to a relay, as the core sends them). Every rule also sends an `alert` record
+Who hears of what is the site's `[plugins.edgesentinel.teams.<team>]`: an e-mail to
+its addresses (the core's `email` action, through `[notifications.smtp]`), its Slack
+and Teams channels, and its webhooks, each given the team's name and addresses as the
+payload's `to` (SMS is a webhook to a relay). Every rule also sends an `alert` record
 upstream (the cloud opens tickets and incidents from it) and logs. A `[[rules]]` table
 of the same name in gatewayd.toml replaces a rule; `enabled = false` switches it off.
 
@@ -34,13 +35,18 @@ from typing import Any
 from .config import EdgesentinelConfig
 
 def team_actions(config: EdgesentinelConfig, team: str) -> list[dict[str, Any]]:
-    """The webhooks of a team (none configured: none), each with the team's addresses as `to`."""
+    """How a team hears (none configured: nothing): an e-mail to its addresses, its Slack and
+    Teams channels, its webhooks (each given `to`: the team's name and addresses)."""
     settings = config.teams.get(team)
     if settings is None:
         return []
     to = [team, *settings.email]
-    return [{"kind": "webhook", "url": hook.url, "to": to, **({"secret_env": hook.secret_env} if hook.secret_env
-                                                              else {})} for hook in settings.webhooks]
+    mail = [{"kind": "email", "to": list(settings.email)}] if settings.email else []
+    chats = [{"kind": "slack", "url": url} for url in settings.slack]
+    chats += [{"kind": "teams", "url": url} for url in settings.msteams]
+    hooks = [{"kind": "webhook", "url": hook.url, "to": to, **({"secret_env": hook.secret_env} if hook.secret_env
+                                                               else {})} for hook in settings.webhooks]
+    return [*mail, *chats, *hooks]
 
 
 def rules(name: str, config: EdgesentinelConfig) -> list[dict[str, Any]]:

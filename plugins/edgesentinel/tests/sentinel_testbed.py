@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import gzip
 import hashlib
 import hmac
 import json
+import socket
 import uuid
 from typing import Any
 
+import trio
 import zstandard
+from aiosmtpd.controller import Controller
 
 import gatewayd_edgesentinel
 
@@ -49,3 +54,31 @@ def upload(creds: Any, body: bytes, *, key: str | None = None, encoding: str = "
 def sign(secret: str, body: bytes, stamp: str, nonce: str | None = None) -> str:
     message = stamp.encode() + b"." + (nonce.encode() + b"." if nonce else b"") + body
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+class MailSink:
+    """A real SMTP server on 127.0.0.1 for the e-mail workflows (aiosmtpd, in its own thread):
+    `async with MailSink() as sink:` then `sink.port`, `sink.messages` (parsed)."""
+
+    def __init__(self) -> None:
+        self.messages: list[email.message.EmailMessage] = []
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.messages.append(email.message_from_bytes(envelope.content, policy=email.policy.default))
+        return "250 Message accepted"
+
+    def settings(self) -> list[str]:
+        """The gateway's `[notifications.smtp]`, pointed here."""
+        return ["notifications.smtp.host='127.0.0.1'", f"notifications.smtp.port={self.port}",
+                "notifications.smtp.starttls=false", "notifications.smtp.sender='gw@site.example'"]
+
+    async def __aenter__(self) -> MailSink:
+        await trio.to_thread.run_sync(self._controller.start)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await trio.to_thread.run_sync(self._controller.stop)

@@ -127,3 +127,31 @@ async def test_an_expired_download_url_is_refused(gateway_factory, tmp_path):
         now[0] += 61
         r = await client.get(f"{url.path}?{url.query}")
         assert r.status_code == 403 and "expired" in r.json()["error"]["message"]
+
+
+async def test_across_a_restart_download_urls_stay_good_and_a_nonce_needs_a_new_handshake(gateway_factory,
+                                                                                          tmp_path):
+    """Decided (README.md, "Restarts"): the URL-signing key is kept on disk; nonces are not."""
+    image = tmp_path / "es.bin"
+    image.write_bytes(b"FW" * 500)
+    body = compress({"points": points(2)})
+    async with gateway_factory(plugins=PLUGIN, settings=REQUIRED) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1", model="ES-100")
+        await add_firmware(gw, image, family="edgesentinel", model="ES-100", version="2.0.0", unsigned=True)
+        url = urlsplit((await client.get(f"{API}/ota/check", headers=creds_headers(node))).json()["url"])
+        nonce = (await client.post(f"{API}/auth/handshake", headers=creds_headers(node))).json()["nonce"]
+        key = gw.contexts["edgesentinel"].data_dir / "url-signing.key"
+        assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    async with gateway_factory(plugins=PLUGIN, settings=REQUIRED) as gw, gw_client(gw) as client:
+        got = await client.get(f"{url.path}?{url.query}")  # handed out before the restart
+        assert got.status_code == 200 and got.content == image.read_bytes()
+        now = str(int(gw.clock()))
+        signed = {"X-Timestamp": now, "X-Nonce": nonce, "X-Signature": sign(node.signing_secret, body, now, nonce)}
+        r = await client.post(f"{API}/telemetry/batch", **upload(node, body, **signed))
+        assert r.status_code == 401 and r.json()["error"]["message"].endswith("handshake again"), r.text
+        nonce = (await client.post(f"{API}/auth/handshake", headers=creds_headers(node))).json()["nonce"]
+        signed = {"X-Timestamp": now, "X-Nonce": nonce, "X-Signature": sign(node.signing_secret, body, now, nonce)}
+        r = await client.post(f"{API}/telemetry/batch", **upload(node, body, **signed))
+        assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+        forged = url.query.replace("sig=", "sig=0")[:-1]  # another key's signature is still refused
+        assert (await client.get(f"{url.path}?{forged}")).status_code == 403

@@ -1,20 +1,31 @@
 """The reference node (firmware/edgesentinel/node.py) as a subprocess against a real
 gateway and the reference upstream receiver: everything arrives once; a node killed
-mid-upload resumes without loss or duplicates; maintenance mode and backpressure hints
-are honoured."""
+mid-upload resumes without loss or duplicates; maintenance mode and backpressure (429
+while the upstream is away and the outbox fills) are honoured without loss; a tamper
+the node reports fires its workflow's webhook and e-mail; a node gone silent is mailed
+to maintenance, then escalated to L2 and L3."""
 
 from __future__ import annotations
 
+import functools
+import json
+import re
+import socket
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import trio
-from sentinel_testbed import OPEN, PLUGIN
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from quart import request
+from quart_trio import QuartTrio
+from sentinel_testbed import OPEN, PLUGIN, MailSink
 
 from gatewayd.plugins.api import MaintenanceState
-from gatewayd.testing import gw_client, provision
+from gatewayd.testing import UpstreamReceiver, gw_client, provision, wait_until
 
 NODE = Path(__file__).resolve().parents[3] / "firmware" / "edgesentinel" / "node.py"
 
@@ -82,3 +93,131 @@ async def test_maintenance_mode_and_backpressure_hints_are_honoured(gateway_fact
         assert "refused 503 maintenance" in out and "waiting" in out and "breaker: open" in out, out
         records = await upstream_receiver.wait_for(600)
         assert len(records) == 600
+
+
+class LateReceiver(UpstreamReceiver):
+    """The reference receiver behind an address where nothing listens yet: the gateway's
+    upstream is away (its outbox fills) until `reachable()` opens a TCP relay there."""
+
+    def __init__(self, receiver: UpstreamReceiver) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        super().__init__(receiver.db, f"http://127.0.0.1:{self.port}", receiver.secret_env)
+        self.target = int(receiver.url.rsplit(":", 1)[1].split("/")[0])
+
+    def config_text(self, name: str = "cloud", **options: Any) -> str:
+        return super().config_text(name, breaker_threshold=1000, **options)
+
+    async def reachable(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+            try:
+                async for data in source:
+                    await sink.send_all(data)
+                await sink.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+
+        async def relay(client: trio.SocketStream) -> None:
+            try:
+                far = await trio.open_tcp_stream("127.0.0.1", self.target)
+            except OSError:
+                return
+            async with client, far, trio.open_nursery() as nursery:
+                nursery.start_soon(pump, client, far)
+                nursery.start_soon(pump, far, client)
+
+        await trio.serve_tcp(relay, self.port, host="127.0.0.1", task_status=task_status)
+
+
+async def test_backpressure_429_is_honoured_and_nothing_is_lost(gateway_factory, upstream_receiver, tmp_path):
+    late = LateReceiver(upstream_receiver)
+    # 1000 outbox rows: 200 with a hint from 700, 429 from 900; batches of 100 never overflow it.
+    settings = [*OPEN, "outbox.max_rows=1000", "plugins.edgesentinel.backpressure.backoff_ms=300",
+                "plugins.edgesentinel.backpressure.max_backoff_ms=2500"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=late) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        log = tmp_path / "es-1.log"
+        async with trio.open_nursery() as nursery:
+            async def upstream_back_after_refusals() -> None:
+                await wait_until(lambda: log.exists() and log.read_text().count("refused 429") >= 3,
+                                 what="three 429 answers", timeout=30)
+                await nursery.start(late.reachable)
+
+            nursery.start_soon(upstream_back_after_refusals)
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "1500", "--batch", "100")
+            assert code == 0 and "drained" in out, out
+            records = await upstream_receiver.wait_for(1500, timeout=60)
+            nursery.cancel_scope.cancel()
+    assert len(records) == 1500 and max(seqs(records).values()) == 1  # nothing lost, nothing twice
+    lines = out.splitlines()
+    refusals = [(i, int(m[1])) for i, line in enumerate(lines)
+                if (m := re.search(r"refused 429 backpressure .*next_hint (\d+) ms", line))]
+    assert len(refusals) >= 3, out
+    for i, hint in refusals:  # each refusal's hint waited out before the next request
+        wait = lines[i + 2] if lines[i + 1].startswith("breaker") else lines[i + 1]
+        waited = int(re.fullmatch(r"waiting (\d+) ms", wait)[1])  # type: ignore[index]
+        assert waited >= hint, (lines[i], wait)
+    assert any(line.startswith("uploaded") and "next_hint" in line for line in lines), out  # elevated: 200 + hint
+
+
+class Hooks:
+    """A local webhook endpoint: what it received."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.app = QuartTrio("hooks")
+        self.app.add_url_rule("/hook/<team>", "hook", self.hook, methods=["POST"])
+
+    async def hook(self, team: str) -> Any:
+        self.received.append({"team": team, **json.loads(await request.get_data())})
+        return {"ok": True}
+
+
+async def test_a_tamper_the_node_reports_fires_a_webhook_and_an_email(gateway_factory, upstream_receiver, tmp_path):
+    hooks = Hooks()
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    stop = trio.Event()
+    async with MailSink() as mail, trio.open_nursery() as nursery:
+        (url,) = await nursery.start(functools.partial(serve, hooks.app, config, shutdown_trigger=stop.wait))
+        settings = [*OPEN, *mail.settings(), f"plugins.edgesentinel.teams.security.webhooks=[{{url='{url}/hook/sec'}}]",
+                    "plugins.edgesentinel.teams.security.email=['security@site.example']"]
+        async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
+                gw_client(gw) as client:
+            node = await provision(gw, "edgesentinel", "es-1")
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "20",
+                                       "--event", "tamper_detected:critical")
+            assert code == 0 and "drained" in out, out
+            await wait_until(lambda: hooks.received and mail.messages, what="the webhook and the e-mail")
+        stop.set()
+    (hook,) = hooks.received
+    (message,) = mail.messages
+    assert (hook["team"], hook["rule"], hook["device_id"], hook["severity"]) == (
+        "sec", "edgesentinel-tamper", "es-1", "critical")
+    assert hook["to"] == ["security", "security@site.example"]
+    assert message["To"] == "security@site.example" and message["From"] == "gw@site.example"
+    assert message["Subject"] == f"[{gw.config.gateway.id}] CRITICAL edgesentinel-tamper: {hook['message']}"
+    assert "Device: es-1" in message.get_content()
+    kinds = Counter(r["kind"] for r in await upstream_receiver.wait_for(22))
+    assert kinds["alert"] == 1 and kinds["system_event"] == 1, kinds  # the alert record went upstream too
+
+
+async def test_a_node_gone_silent_is_mailed_to_maintenance_then_escalated_l2_l3(gateway_factory, tmp_path):
+    teams = [f"plugins.edgesentinel.teams.{t}.email=['{t}@site.example']" for t in ("maintenance", "l2", "l3")]
+    timing = ["devices.presence_flush_s=0.2", "plugins.edgesentinel.silence_s=0.5",
+              "plugins.edgesentinel.connectivity_lost_s=1.5", "plugins.edgesentinel.escalate_l2_s=3",
+              "plugins.edgesentinel.escalate_l3_s=4.5"]
+    async with MailSink() as mail:
+        async with gateway_factory(plugins=PLUGIN, settings=[*OPEN, *mail.settings(), *teams, *timing]) as gw, \
+                gw_client(gw) as client:
+            node = await provision(gw, "edgesentinel", "es-1")
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "20")
+            assert code == 0 and "drained" in out, out  # then the node is silent
+            await wait_until(lambda: len(mail.messages) >= 3, what="the alert, L2 and L3 mails", timeout=30)
+    sent = [(m["To"], m["Subject"].split(": ", 1)[0]) for m in mail.messages]
+    gw_id = gw.config.gateway.id
+    assert sent == [("maintenance@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost"),
+                    ("l2@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost (escalation)"),
+                    ("l3@site.example", f"[{gw_id}] CRITICAL edgesentinel-connectivity-lost-l3")], sent

@@ -11,10 +11,11 @@ import pytest
 from sentinel_testbed import PLUGIN
 
 from gatewayd_edgesentinel.batch import BatchError, parse_batch, record_hash
-from gatewayd_edgesentinel.config import Backpressure, DeviceSettings, EdgesentinelConfig
-from gatewayd_edgesentinel.pressure import Degrade, judge
+from gatewayd_edgesentinel.config import Backpressure, DeviceSettings, EdgesentinelConfig, Team, Webhook
+from gatewayd_edgesentinel.pressure import Degrade, judge, over_budget
 from gatewayd_edgesentinel.profiles import effective, etag, matches
 from gatewayd_edgesentinel.windows import pack, unpack, window_stats
+from gatewayd_edgesentinel.workflows import rules, team_actions
 
 BANDS = {"vibration": [[10.0, 100.0], [100.0, 500.0]]}
 
@@ -69,6 +70,15 @@ def test_the_backpressure_policy():
     assert degrade.factor(1000.0) == 1.0
 
 
+def test_the_memory_budget_of_batches_in_flight():
+    policy = Backpressure(max_inflight_bytes=10 << 20, backoff_ms=700)
+    assert over_budget(0, 16 << 20, policy) is None  # alone, a batch always fits (it is under the cap)
+    assert over_budget(4 << 20, 6 << 20, policy) is None  # exactly the budget
+    verdict = over_budget(4 << 20, (6 << 20) + 1, policy)
+    assert verdict is not None and (verdict.level, verdict.hint) == ("reject", "backoff_ms: 700")
+    assert verdict.reason == f"memory budget: {4 << 20} inflated bytes being stored"
+
+
 def test_the_profile_merges_the_devices_overrides_and_its_etag_follows():
     config = EdgesentinelConfig()
     config.devices = {"es-9": DeviceSettings(sampling_hz={"vibration": 2000.0})}
@@ -105,11 +115,32 @@ def test_restamping_needs_the_nodes_clock():
     ("plugins.edgesentinel.operating_hours='7-19'", "plugins.edgesentinel.operating_hours: expected 'HH:MM-HH:MM'"),
     ("plugins.edgesentinel.dedup_dayz=30", "dedup_dayz"),
     ("plugins.edgesentinel.devices.es-1.profile='nope'", "plugins.edgesentinel.devices.es-1.profile: no profile"),
+    ("plugins.edgesentinel.backpressure.max_inflight_bytes=10",
+     "plugins.edgesentinel.backpressure.max_inflight_bytes: must be at least 1024, got 10"),
+    ("plugins.edgesentinel.teams.it.slack=['hooks.slack.com/x']",
+     "plugins.edgesentinel.teams.it.slack[0]: expected an http"),
+    ("plugins.edgesentinel.teams.it.email=['it@localhost']",
+     "plugins.edgesentinel.teams.it.email[0]: expected an e-mail address, got 'it@localhost'"),
 ])
 async def test_a_bad_option_is_named(gateway_factory, setting, message):
     with pytest.raises(Exception, match=message.replace("[", r"\[").replace("]", r"\]")):
         async with gateway_factory(plugins=PLUGIN, settings=[setting]):
             pass
+
+
+def test_a_team_hears_by_email_slack_teams_and_webhook():
+    config = EdgesentinelConfig(teams={"safety": Team(
+        email=["safety@site.example"], slack=["https://hooks.slack.com/services/T/B/X"],
+        msteams=["https://prod.logic.azure.com/workflows/1"], webhooks=[Webhook("https://relay.example/h", "S")])})
+    assert team_actions(config, "safety") == [
+        {"kind": "email", "to": ["safety@site.example"]},
+        {"kind": "slack", "url": "https://hooks.slack.com/services/T/B/X"},
+        {"kind": "teams", "url": "https://prod.logic.azure.com/workflows/1"},
+        {"kind": "webhook", "url": "https://relay.example/h", "to": ["safety", "safety@site.example"],
+         "secret_env": "S"}]
+    assert team_actions(config, "it") == []
+    (stop,) = [r for r in rules("edgesentinel", config) if r["name"] == "edgesentinel-emergency-stop"]
+    assert [a["kind"] for a in stop["actions"]] == ["upstream", "log", "email", "slack", "teams", "webhook"]
 
 
 # -- the fast path answers exactly as the full one --------------------------------------
