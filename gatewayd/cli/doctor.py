@@ -305,14 +305,21 @@ def _count_devices(db: Path) -> int:
 
 
 def _tls(config: Config, manager: PluginManager) -> list[Check]:
-    from ..core.tls import SiteTls, TlsError
+    from ..core.tls import SiteTls, TlsError, check_ca, check_served
 
     site = SiteTls.from_config(config)
     if not site.enabled:
         return [Check("tls", "skip", "no TLS listener configured (tls.http, tls.mqtt_listen); device traffic "
                                      "on the LAN is plain text")]
+    site_ca = config.data_dir / "tls" / "ca.crt"
     try:
         site.load()
+        # The files `tls init` makes: the certificate chains to the site CA devices pin,
+        # and the CA itself is one (with its key). A certificate of one's own (tls.cert):
+        # its key only.
+        check_served(site.cert, site.key, None if config.tls.cert else site_ca)
+        if not config.tls.cert:
+            check_ca(site_ca.parent)
     except TlsError as e:
         return [Check("tls", "fail", str(e))]
     state = site.state()
