@@ -90,7 +90,7 @@ def run_checks(args: argparse.Namespace, manager: PluginManager) -> list[Check]:
         return [Check("config", "fail", f"{where}: {len(e.errors)} error(s): " + "; ".join(str(x) for x in e.errors),
                       {"errors": [str(x) for x in e.errors]})]
     checks = [Check("config", "ok", f"{config_path(args) or 'built-in defaults'} is valid")]
-    for step in (_ports, _data_dir, _mosquitto, _master_key, _tls, _serial):
+    for step in (_ports, _data_dir, _backup_dir, _mosquitto, _master_key, _tls, _serial):
         try:
             checks += step(config, manager)
         except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
@@ -225,6 +225,36 @@ def _data_dir(config: Config, manager: PluginManager) -> list[Check]:
         checks.append(Check("disk", "ok", f"{free_mb} MiB free, room for the outbox's {need_mb} MiB "
                                           "(outbox.max_bytes)", details))
     return checks
+
+
+def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
+    """`backup.dir` holds the daemon's copies and the one taken before a migration:
+    a writable folder (or one that can be made) with room for a copy of the database."""
+    from ..core.backup import backup_dir
+    from ..core.backupdir import space_needed
+
+    directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
+    what = "backup.dir" if config.backup.dir else "backup.dir (default)"
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Check("backup dir", "fail", f"{directory} ({what}): {existing} is a file, not a folder")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "is" if existing == directory else f"does not exist and {existing} is"
+        return [Check("backup dir", "fail", f"{directory} ({what}) {verb} not writable by {_user()}")]
+    db = config.data_dir / "gatewayd.sqlite3"
+    need, free = space_needed(db, existing), shutil.disk_usage(existing).free
+    details = {"dir": str(directory), "free_bytes": free, "needed_bytes": need, "keep": config.backup.keep}
+    if free < need:
+        return [Check("backup dir", "fail", f"{directory} ({what}): {free >> 20} MiB free, a copy of the database "
+                                            f"needs {need >> 20} MiB: free space or point backup.dir at a larger "
+                                            "disk", details)]
+    made = "" if existing == directory else " (made at the first backup)"
+    off = "; backups are off (backup.interval_s = 0), the copy before a migration still goes here" \
+        if not config.backup.interval_s else ""
+    return [Check("backup dir", "ok", f"{directory} is writable{made}, {free >> 20} MiB free for copies of "
+                                      f"{need >> 20} MiB{off}", details)]
 
 
 def _user() -> str:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .health import ComponentState
-from .schema import Address, ConfigError
+from .schema import Address, ConfigError, ConfigErrors
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -82,12 +82,17 @@ class TlsSection:
     warn_days: int = 30
 
     def validate(self) -> None:
+        errors = []
         if not self.mqtt_plain and self.mqtt_listen is None:
-            raise ConfigError("mqtt_plain", "false needs tls.mqtt_listen (devices would have no MQTT listener)")
+            errors.append(ConfigError("mqtt_plain", "false needs tls.mqtt_listen (devices would have no MQTT "
+                                                    "listener)"))
         if not 1 <= self.warn_days <= 365:
-            raise ConfigError("warn_days", f"must be 1 .. 365, got {self.warn_days}")
+            errors.append(ConfigError("warn_days", f"must be 1 .. 365, got {self.warn_days}"))
         if self.client_auth != "none" and not (self.http or self.mqtt_listen):
-            raise ConfigError("client_auth", "client certificates need a TLS listener (tls.http or tls.mqtt_listen)")
+            errors.append(ConfigError("client_auth", "client certificates need a TLS listener (tls.http or "
+                                                     "tls.mqtt_listen)"))
+        if errors:
+            raise ConfigErrors(errors)
 
     @property
     def enabled(self) -> bool:
@@ -519,11 +524,14 @@ class SiteTls:
         left = self.info.days_left(now)
         details = {"expires_at": self.info.not_after.isoformat().replace("+00:00", "Z"),
                    "days_left": round(left, 1), "cert": str(self.cert)}
+        # Expired: devices that check it refuse the listener, the gateway cannot do its
+        # job (503). Expiring: a warning (200), renewal has `warn_days` to happen.
         if left <= 0:
-            return ComponentState("expired", f"the certificate expired: renew it (gatewayd tls init)", details)
+            return ComponentState("expired", "the certificate expired: devices refuse it; renew it "
+                                             "(gatewayd tls init, then restart)", details)
         if left <= self.section.warn_days:
             return ComponentState("expiring", f"the certificate expires in {left:.0f} days: renew it "
-                                              "(gatewayd tls init, then restart)", details)
+                                              "(gatewayd tls init, then restart)", details, critical=False)
         return ComponentState("ok", None, details)
 
     def register(self, health: Any, metrics: Metrics, clock: Any) -> None:

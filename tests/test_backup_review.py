@@ -1,0 +1,136 @@
+"""The review of issue 21 on backups: a `backup.dir` that cannot hold copies is named
+(key and path) at start and by the doctor; free space is checked before each copy (a
+refused copy is counted, reported, and leaves nothing behind); /health says "warning"
+(200) for backups and an expiring certificate, 503 for an expired one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gatewayd.cli import main
+from gatewayd.core.backup import BackupSection, Backups, list_backups, space_needed
+from gatewayd.core.health import Health
+from gatewayd.core.metrics import Metrics
+from gatewayd.core.storage import Storage
+from gatewayd.core.tls import init_site
+from gatewayd.testing import gw_client
+from gatewayd.testing.mqtt import free_port
+
+
+def _metric(text: str, name: str) -> float:
+    return float(next(line for line in text.splitlines() if line.startswith(name)).split()[-1])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MB tmpfs at tmp_path/disk (as tests/test_storage_full.py), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                          capture_output=True, text=True, timeout=10)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)
+
+
+def test_the_default_keeps_three_copies():
+    assert BackupSection().keep == 3
+
+
+async def test_a_backup_that_does_not_fit_is_refused_counted_and_leaves_nothing(tmp_path, small_disk):
+    storage = Storage(tmp_path / "var" / "gatewayd.sqlite3")
+    storage.open()
+    try:
+        storage.database.execute_sql("CREATE TABLE t (x TEXT)")
+        storage.database.execute_sql("INSERT INTO t VALUES (?)", ("x" * 100_000,))
+        health, metrics = Health(), Metrics()
+        backups = Backups(BackupSection(interval_s=3600), storage.path, small_disk / "bk", data_dir=tmp_path / "var",
+                          master_key_env="", health=health, metrics=metrics)
+        assert await backups.take() is None
+        assert list(small_disk.rglob("*")) == [small_disk / "bk"]  # no copy, no .partial
+        assert backups.no_space == 1 and backups.failed == 0
+        state = backups.state()
+        assert state.state == "failed" and state.warning
+        need = space_needed(storage.path, small_disk / "bk") >> 20
+        free = shutil.disk_usage(small_disk).free >> 20
+        assert state.reason == (f"the last backup failed: not enough free space in {small_disk / 'bk'} (backup.dir): "
+                                f"{free} MiB free, a copy of the database needs {need} MiB (its size, 10% and a margin); "
+                                "free space, lower backup.keep, or point backup.dir at a larger disk")
+        ok, doc = health.snapshot()
+        assert ok and doc["status"] == "warning"
+        text = metrics.render()
+        assert _metric(text, 'gatewayd_backups_total{result="no_space"}') == 1
+        assert _metric(text, 'gatewayd_backups_total{result="failed"}') == 0
+        # On a disk with room, the same Backups takes it and the warning ends.
+        backups.directory = tmp_path / "bk"
+        path = await backups.take()
+        assert path is not None and list_backups(tmp_path / "bk") == [path]
+        assert backups.state().state == "ok" and health.snapshot()[1]["status"] == "ok"
+    finally:
+        storage.close()
+
+
+async def test_a_file_as_backup_dir_is_named_at_start(gateway_factory, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    async with gateway_factory(settings=["backup.interval_s=3600", f"backup.dir='{tmp_path / 'file'}'"]) as gw:
+        async with gw_client(gw) as client:
+            r = await client.get("/health")
+        assert r.status_code == 200 and r.json()["status"] == "warning"
+        backup = r.json()["components"]["backup"]
+        assert backup["state"] == "failed"
+        assert f"backup.dir: {tmp_path / 'file'} is a file, not a folder" in backup["reason"]
+    (tmp_path / "dir").write_text("a file where a parent folder should be")
+    async with gateway_factory(settings=["backup.interval_s=3600", f"backup.dir='{tmp_path / 'dir' / 'bk'}'"]) as gw:
+        assert await gw.backups.take() is None
+        assert gw.backups.last_error == (f"backup.dir: {tmp_path / 'dir' / 'bk'} cannot be made: {tmp_path / 'dir'} "
+                                         "is a file, not a folder")
+
+
+async def test_an_expired_certificate_is_503_an_expiring_one_200(gateway_factory, tmp_path):
+    import datetime as dt
+
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=100)
+    init_site(tmp_path / "var" / "tls", "gw", ["localhost"], ["127.0.0.1"], days=30, now=long_ago)
+    settings = [f"tls.mqtt_listen='127.0.0.1:{free_port()}'"]  # TLS on the MQTT edge, /health plain
+    async with gateway_factory(mqtt=True, settings=settings) as gw:
+        async with gw_client(gw) as client:
+            r = await client.get("/health")
+    assert r.status_code == 503 and r.json()["status"] == "degraded"
+    tls = r.json()["components"]["tls"]
+    assert tls["state"] == "expired" and "severity" not in tls and "devices refuse it" in tls["reason"]
+
+
+# -- the doctor --------------------------------------------------------------------------
+
+
+def _doctor(capsys, tmp_path: Path, *settings: str) -> tuple[int, dict]:
+    argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
+            "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'"]
+    for s in settings:
+        argv += ["--set", s]
+    code = main(argv)
+    return code, next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "backup dir")
+
+
+def test_doctor_checks_backup_dir(tmp_path, capsys, small_disk):
+    (tmp_path / "var").mkdir()
+    code, check = _doctor(capsys, tmp_path)
+    assert check["status"] == "ok" and "(made at the first backup)" in check["message"]
+    assert check["details"]["dir"] == str(tmp_path / "var" / "backups")
+    (tmp_path / "file").write_text("x")
+    code, check = _doctor(capsys, tmp_path, f"backup.dir='{tmp_path / 'file'}'")
+    assert code == 1 and check["status"] == "fail"
+    assert check["message"] == f"{tmp_path / 'file'} (backup.dir): {tmp_path / 'file'} is a file, not a folder"
+    code, check = _doctor(capsys, tmp_path, f"backup.dir='{tmp_path / 'file' / 'sub'}'")
+    assert code == 1 and check["status"] == "fail" and "is a file, not a folder" in check["message"]
+    code, check = _doctor(capsys, tmp_path, f"backup.dir='{small_disk}'")
+    assert code == 1 and check["status"] == "fail" and "4 MiB free, a copy of the database needs" in check["message"]
