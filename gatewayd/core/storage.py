@@ -193,6 +193,9 @@ class Storage:
         #: here (`gatewayd-pre-upgrade-<UTC time>.sqlite3`); the runtime sets `[backup] dir`.
         self.migration_backup_dir: Path = self.path.parent / "backups"
         self.pre_migration_backup: Path | None = None
+        #: True while a schema's copy-then-migrate runs (set on the installing thread):
+        #: the runtime tells systemd the start is progressing (EXTEND_TIMEOUT_USEC).
+        self.migrating = False
 
     # -- life cycle --------------------------------------------------------------
 
@@ -283,7 +286,8 @@ class Storage:
         component changed. Raises StorageFull / StorageError when SQLite fails (nothing
         of it is kept)."""
         try:
-            if self.pre_migration_backup is None and self._migration_pending(spec):
+            self.migrating = self._migration_pending(spec)
+            if self.pre_migration_backup is None and self.migrating:
                 self._backup_before_migrating(spec)
             self._install(spec)
         except MigrationError:
@@ -293,6 +297,8 @@ class Storage:
             if error is e:
                 raise
             raise error from e
+        finally:
+            self.migrating = False
 
     def _install(self, spec: SchemaSpec) -> None:
         db = self.database
