@@ -134,3 +134,35 @@ def test_doctor_checks_backup_dir(tmp_path, capsys, small_disk):
     assert code == 1 and check["status"] == "fail" and "is a file, not a folder" in check["message"]
     code, check = _doctor(capsys, tmp_path, f"backup.dir='{small_disk}'")
     assert code == 1 and check["status"] == "fail" and "4 MiB free, a copy of the database needs" in check["message"]
+
+
+def test_doctor_checks_the_service_may_write_data_dir_and_backup_dir(tmp_path, capsys, monkeypatch):
+    (tmp_path / "var").mkdir()
+    unit = tmp_path / "gatewayd.service"
+    unit.write_text((Path(__file__).parent.parent / "scripts" / "systemd" / "gatewayd.service").read_text()
+                    .replace("@DATA@", str(tmp_path / "var")))
+    monkeypatch.setenv("GATEWAYD_UNIT", str(unit))
+
+    def service_check(*settings: str) -> tuple[int, dict]:
+        argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
+                "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'"]
+        for s in settings:
+            argv += ["--set", s]
+        code = main(argv)
+        return code, next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "service paths")
+
+    code, check = service_check()
+    assert check["status"] == "ok" and check["details"]["read_write_paths"] == [str(tmp_path / "var")]
+    usb = tmp_path / "usb"
+    usb.mkdir()
+    code, check = service_check(f"backup.dir='{usb / 'gatewayd'}'")
+    assert code == 1 and check["status"] == "fail"
+    assert check["message"] == (f"{usb / 'gatewayd'} (backup.dir) is read-only to the service "
+                                f"(ProtectSystem=strict): add it with `sudo systemctl edit gatewayd` ([Service] "
+                                f"ReadWritePaths={usb / 'gatewayd'}), then restart")
+    (tmp_path / "gatewayd.service.d").mkdir()
+    (tmp_path / "gatewayd.service.d" / "override.conf").write_text(f"[Service]\nReadWritePaths={usb}\n")
+    code, check = service_check(f"backup.dir='{usb / 'gatewayd'}'")
+    assert check["status"] == "ok"
+    monkeypatch.setenv("GATEWAYD_UNIT", str(tmp_path / "none.service"))
+    assert service_check()[1]["status"] == "skip"

@@ -56,7 +56,7 @@ def test_text_report_and_help(tmp_path, capsys):
                  "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set",
                  f"mqtt.listen='127.0.0.1:{free_port()}'"]) == 0
     out = capsys.readouterr().out
-    assert "[ok  ] mosquitto" in out and "[skip] upstream    --no-network" in out and "all checks passed" in out
+    assert "[ok  ] mosquitto" in out and "[skip] upstream       --no-network" in out and "all checks passed" in out
 
 
 def test_a_config_error_is_a_failure_naming_the_key(tmp_path, capsys):

@@ -90,7 +90,7 @@ def run_checks(args: argparse.Namespace, manager: PluginManager) -> list[Check]:
         return [Check("config", "fail", f"{where}: {len(e.errors)} error(s): " + "; ".join(str(x) for x in e.errors),
                       {"errors": [str(x) for x in e.errors]})]
     checks = [Check("config", "ok", f"{config_path(args) or 'built-in defaults'} is valid")]
-    for step in (_ports, _data_dir, _backup_dir, _mosquitto, _master_key, _tls, _serial):
+    for step in (_ports, _data_dir, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial):
         try:
             checks += step(config, manager)
         except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
@@ -255,6 +255,58 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
         if not config.backup.interval_s else ""
     return [Check("backup dir", "ok", f"{directory} is writable{made}, {free >> 20} MiB free for copies of "
                                       f"{need >> 20} MiB{off}", details)]
+
+
+#: The installed service unit (scripts/install's wrapper says where it put it).
+DEFAULT_UNIT = "/etc/systemd/system/gatewayd.service"
+
+
+def _service_paths(config: Config, manager: PluginManager) -> list[Check]:
+    """Under the unit's ProtectSystem=strict only ReadWritePaths= are writable: a
+    data_dir or backup.dir elsewhere (a USB stick) is writable to the doctor, run
+    outside the sandbox, and read-only to the service."""
+    unit = Path(os.environ.get("GATEWAYD_UNIT") or DEFAULT_UNIT)
+    if not unit.is_file():
+        return [Check("service paths", "skip", f"no service unit at {unit}")]
+    writable = _read_write_paths(unit)
+    from ..core.backup import backup_dir
+
+    wanted = [("gateway.data_dir", config.data_dir),
+              ("backup.dir", backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None))]
+    closed = [(key, path) for key, path in wanted
+              if not any(_under(path, w) for w in writable)]
+    details = {"unit": str(unit), "read_write_paths": [str(w) for w in writable]}
+    if closed:
+        return [Check("service paths", "fail", "; ".join(
+            f"{path} ({key}) is read-only to the service (ProtectSystem=strict)" for key, path in closed)
+            + f": add it with `sudo systemctl edit gatewayd` ([Service] ReadWritePaths={closed[0][1]}), "
+              "then restart", details)]
+    return [Check("service paths", "ok", f"the service may write {', '.join(str(p) for _, p in wanted)} "
+                                         f"({unit.name}: ReadWritePaths)", details)]
+
+
+def _read_write_paths(unit: Path) -> list[Path]:
+    """ReadWritePaths= of a unit and its drop-ins (`<unit>.d/*.conf`, in name order); an
+    empty assignment resets the list, a leading `-` only makes a path optional."""
+    paths: list[Path] = []
+    for f in [unit, *sorted(unit.with_name(unit.name + ".d").glob("*.conf"))]:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, sep, value = line.strip().partition("=")
+            if not sep or key.strip() != "ReadWritePaths":
+                continue
+            if not value.strip():
+                paths = []
+            paths += [Path(v.lstrip("-+")) for v in value.split()]
+    return paths
+
+
+def _under(path: Path, top: Path) -> bool:
+    path, top = path.resolve(), top.resolve()
+    return path == top or top in path.parents
 
 
 def _user() -> str:
