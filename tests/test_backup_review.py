@@ -166,3 +166,21 @@ def test_doctor_checks_the_service_may_write_data_dir_and_backup_dir(tmp_path, c
     assert check["status"] == "ok"
     monkeypatch.setenv("GATEWAYD_UNIT", str(tmp_path / "none.service"))
     assert service_check()[1]["status"] == "skip"
+
+
+def test_a_read_only_backup_dir_names_the_sandbox(tmp_path):
+    from gatewayd.core.backupdir import BackupDirError, prepare_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True,
+                          text=True, timeout=10)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        with pytest.raises(BackupDirError) as e:
+            prepare_dir(ro)
+        assert str(e.value) == (f"backup.dir: {ro} is on a read-only filesystem for this process (under the service "
+                                "unit's ProtectSystem=strict, add it to ReadWritePaths: sudo systemctl edit gatewayd)")
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], capture_output=True, timeout=10)

@@ -206,3 +206,13 @@ def test_doctor_checks_the_chain_to_the_site_ca_and_the_key(tmp_path, capsys):
     shutil.copy(other / "ca.key", tls / "ca.key")  # the site CA's key lost
     check = _doctor_tls(capsys, data)
     assert check["status"] == "fail" and "ca.key is not the key of ca.crt" in check["message"]
+
+
+def test_an_expired_site_ca_is_not_kept(tmp_path):
+    tls = tmp_path / "tls"
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30 * 365)
+    init_site(tls, "gw", ["localhost"], [], now=long_ago)  # a CA of 20 years, made 30 years ago
+    before = _snapshot(tls)
+    with pytest.raises(TlsError, match=r"ca.crt cannot be kept as the site CA: it expired on \d{4}-\d\d-\d\d"):
+        init_site(tls, "gw", ["localhost"], [])
+    assert _snapshot(tls) == before

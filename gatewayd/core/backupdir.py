@@ -6,6 +6,7 @@ Used by the daemon's backups (backup.py), the copy before a schema migration
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -37,8 +38,17 @@ def prepare_dir(path: Path) -> None:
         raise BackupDirError(f"backup.dir: cannot make {path}: {e.strerror}") from None
     if not path.is_dir():
         raise BackupDirError(f"backup.dir: {path} is not a folder")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise BackupDirError(f"backup.dir: {path} is not writable by this user (uid {os.geteuid()})")
+    probe = path / f".gatewayd-probe-{os.getpid()}"
+    try:  # a real write: access() does not see every read-only mount
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        probe.unlink()
+    except OSError as e:
+        if e.errno == errno.EROFS:
+            raise BackupDirError(f"backup.dir: {path} is on a read-only filesystem for this process (under the "
+                                 "service unit's ProtectSystem=strict, add it to ReadWritePaths: sudo systemctl "
+                                 "edit gatewayd)") from None
+        raise BackupDirError(f"backup.dir: {path} is not writable by this user (uid {os.geteuid()}): "
+                             f"{e.strerror}") from None
 
 
 def space_needed(database: Path, directory: Path) -> int:

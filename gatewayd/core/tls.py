@@ -291,6 +291,8 @@ def _ca_problem(cert: Any, key: Any) -> str | None:
         pass  # no keyUsage: every use is allowed (RFC 5280 4.2.1.3)
     if not _same_key(cert, key):
         return "ca.key is not the key of ca.crt"
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+        return f"it expired on {cert.not_valid_after_utc:%Y-%m-%d} (what it signs would be refused)"
     return None
 
 
