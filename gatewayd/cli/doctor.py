@@ -470,7 +470,7 @@ def _upstream(config: Config, timeout: float) -> tuple[list[Check], float | None
             checks.append(Check(label, "skip", "enabled = false"))
             continue
         if entry.kind == "mqtt":
-            checks.append(_mqtt_upstream(entry, timeout))
+            checks.append(_mqtt_upstream(config, entry, timeout))
             continue
         check, seen = _http_upstream(config, entry, timeout)
         checks.append(check)
@@ -521,18 +521,64 @@ def _http_upstream(config: Config, entry: Any, timeout: float) -> tuple[Check, f
                  details), skew
 
 
-def _mqtt_upstream(entry: Any, timeout: float) -> Check:
+def _mqtt_upstream(config: Config, entry: Any, timeout: float) -> Check:
+    """A real MQTT login with the sink's credentials (and TLS settings). The doctor's
+    client id is the sink's with `-doctor` appended: the same id would take the running
+    gateway's session over."""
+    import ssl
     from urllib.parse import urlsplit
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
     label = f"upstream {entry.name}"
     parts = urlsplit(entry.url)
-    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    secure = parts.scheme == "mqtts"
+    host, port = parts.hostname or "", parts.port or (8883 if secure else 1883)
+    password = read_secret(entry.password_env)
+    if entry.password_env and password is None:
+        return Check(label, "fail", f"environment variable {entry.password_env} (upstream.password_env) is not set")
+    client_id = (entry.client_id or f"gatewayd-{config.gateway.id}-{entry.name}") + "-doctor"
+    answer: dict[str, Any] = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                         reconnect_on_failure=False)
+    client.on_connect = lambda c, u, flags, reason, props: answer.setdefault("reason", reason)
+    if entry.username:
+        client.username_pw_set(entry.username, password)
+    details = {"host": host, "port": port, "client_id": client_id, "username": entry.username or None}
     try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            pass
-    except OSError as e:
-        return Check(label, "fail", f"{parts.hostname}:{port} unreachable: {e.strerror or e}")
-    return Check(label, "warn", f"{parts.hostname}:{port} reachable; the MQTT login is not checked by the doctor")
+        if secure:
+            ctx = ssl.create_default_context(cafile=entry.tls_ca or None)
+            if entry.tls_cert:
+                ctx.load_cert_chain(entry.tls_cert, entry.tls_key or None)
+            client.tls_set_context(ctx)
+        client.connect(host, port, keepalive=max(int(timeout) * 2, 10))
+        deadline = time.monotonic() + timeout
+        while "reason" not in answer and time.monotonic() < deadline:
+            if client.loop(timeout=0.2) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break  # closed: some brokers refuse a login by closing the connection
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return Check(label, "fail", f"{host}:{port} unreachable: {getattr(e, 'strerror', None) or e}", details)
+    finally:
+        if answer.get("reason") is not None and not answer["reason"].is_failure:
+            client.disconnect()
+            client.loop(timeout=0.2)  # DISCONNECT sent: the broker does not publish a will
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    reason = answer.get("reason")
+    who = f"as {entry.username}" if entry.username else "anonymously"
+    if reason is None:
+        return Check(label, "fail", f"{host}:{port} did not accept the login {who} within {timeout:.0f} s (the "
+                                    "connection was closed or not answered)", details)
+    details["reason"] = str(reason)
+    if not reason.is_failure:
+        return Check(label, "ok", f"{host}:{port} accepted the gateway's login {who}", details)
+    if reason.value == 0x85:  # Client Identifier not valid: a broker that allows only the sink's own id
+        return Check(label, "warn", f"{host}:{port} refused the doctor's client id {client_id!r} ({reason}); "
+                                    "the login itself is not checked", details)
+    return Check(label, "fail", f"{host}:{port} refused the gateway's login {who}: {reason} (check "
+                                f"upstream.username and {entry.password_env or 'upstream.password_env'})", details)
 
 
 def _clock(config: Config, skew: float | None) -> Check:
