@@ -184,3 +184,28 @@ def test_a_read_only_backup_dir_names_the_sandbox(tmp_path):
                                 "unit's ProtectSystem=strict, add it to ReadWritePaths: sudo systemctl edit gatewayd)")
     finally:
         subprocess.run(["umount", "-l", str(ro)], capture_output=True, timeout=10)
+
+
+def test_doctor_warns_when_keep_copies_do_not_fit(tmp_path, capsys):
+    import sqlite3
+
+    disk = tmp_path / "disk64"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True,
+                          text=True, timeout=10)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()})")
+    try:
+        (tmp_path / "var").mkdir()
+        with sqlite3.connect(tmp_path / "var" / "gatewayd.sqlite3") as conn:
+            conn.execute("CREATE TABLE t (b BLOB)")
+            conn.execute("INSERT INTO t VALUES (zeroblob(12 * 1024 * 1024))")
+        # 8 copies of 12 MiB (keep = 7 and the new one) do not fit in 64 MiB; 4 do.
+        code, check = _doctor(capsys, tmp_path, f"backup.dir='{disk}'", "backup.keep=7")
+        assert code == 0 and check["status"] == "warn"
+        assert check["message"].startswith(f"{disk} (backup.dir): backup.keep = 7 copies of 12 MiB need 96 MiB at "
+                                           "the peak, 64 MiB are there: lower backup.keep")
+        code, check = _doctor(capsys, tmp_path, f"backup.dir='{disk}'", "backup.keep=3")
+        assert code == 0 and check["status"] == "ok"
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)

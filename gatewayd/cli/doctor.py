@@ -250,6 +250,19 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
         return [Check("backup dir", "fail", f"{directory} ({what}): {free >> 20} MiB free, a copy of the database "
                                             f"needs {need >> 20} MiB: free space or point backup.dir at a larger "
                                             "disk", details)]
+    # The rotation's peak: keep + 1 copies (the oldest goes after the new one passed),
+    # of which those already there take space now.
+    from ..core.backup import list_backups
+
+    present = list_backups(directory) if directory.is_dir() else []
+    held = sum(p.stat().st_size for p in present)
+    copy = _db_size(db)
+    peak = (config.backup.keep + 1) * copy
+    if config.backup.interval_s and peak > free + held:
+        return [Check("backup dir", "warn", f"{directory} ({what}): backup.keep = {config.backup.keep} copies of "
+                                            f"{copy >> 20} MiB need {peak >> 20} MiB at the peak, {(free + held) >> 20} "
+                                            "MiB are there: lower backup.keep or point backup.dir at a larger disk "
+                                            "(each copy is refused when it does not fit)", details)]
     made = "" if existing == directory else " (made at the first backup)"
     off = "; backups are off (backup.interval_s = 0), the copy before a migration still goes here" \
         if not config.backup.interval_s else ""
@@ -307,6 +320,10 @@ def _read_write_paths(unit: Path) -> list[Path]:
 def _under(path: Path, top: Path) -> bool:
     path, top = path.resolve(), top.resolve()
     return path == top or top in path.parents
+
+
+def _db_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
 
 
 def _user() -> str:
