@@ -13,7 +13,9 @@ in the same run:
             the path every MQTT device took before the edge;
 - edge:     devices through the gateway's edge, acknowledged after the commit.
 
-Prints msg/s (medians) and the ratios. "edge" is the stored rate by construction (a
+Prints msg/s (medians) and the ratios, and the CPU time per message (bench/cpu.py) of
+the gateway's process (its trio thread apart) and of mosquitto: on a loaded machine the
+rates say how much CPU the bench got, the CPU per message what the path costs. "edge" is the stored rate by construction (a
 PUBACK follows the commit); for "broker" the rate is mosquitto's acknowledgement rate,
 and the bench waits until the gateway stored everything before the next run.
 """
@@ -42,6 +44,8 @@ from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker,
 from gatewayd.core.runtime import tune_gc  # noqa: E402
 from gatewayd.plugins.api import InboundMessage, PluginContext, hookimpl  # noqa: E402
 from gatewayd.testing import free_port, start_gateway  # noqa: E402
+
+from bench.cpu import Cpu, CpuMeter, median_cpu  # noqa: E402
 
 
 class Reading(peewee.Model):
@@ -116,7 +120,7 @@ async def publishers(port: int, count: int, creds: dict[str, str]) -> float:
 # -- the three ways ---------------------------------------------------------------------
 
 
-async def run_bare(devices: int, messages: int) -> float:
+async def run_bare(devices: int, messages: int) -> tuple[float, Cpu]:
     creds = {f"d{d}": f"password-{d}" for d in range(devices)}
     with tempfile.TemporaryDirectory() as tmp:
         broker = ManagedBroker(Path(tmp) / "mosquitto", port=free_port(),
@@ -124,12 +128,14 @@ async def run_bare(devices: int, messages: int) -> float:
                                acl_templates=[AclTemplate("bench/%u/data", "write")])
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run)
+            meter = CpuMeter(broker.pid)
             rate = await publishers(broker.port, messages, creds)
+            cpu = meter.stop()
             nursery.cancel_scope.cancel()
-    return rate
+    return rate, cpu
 
 
-async def run_gateway(devices: int, messages: int, through_edge: bool) -> float:
+async def run_gateway(devices: int, messages: int, through_edge: bool) -> tuple[float, Cpu]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         settings = ["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "log.level='warning'",
@@ -141,6 +147,7 @@ async def run_gateway(devices: int, messages: int, through_edge: bool) -> float:
                 creds[f"d{d}"] = c.key
             await trio.sleep(1.5)  # the broker reloads its accounts
             target = port if through_edge else gw.mqtt.broker.port
+            meter = CpuMeter(gw.mqtt.broker.pid)
             rate = await publishers(target, messages, creds)
 
             def stored() -> int:
@@ -150,8 +157,9 @@ async def run_gateway(devices: int, messages: int, through_edge: bool) -> float:
             with trio.fail_after(300):
                 while (count := await gw.storage.read(stored)) < total:
                     await trio.sleep(0.05)
+            cpu = meter.stop()  # everything stored
             assert count == total, f"acknowledged {total}, stored {count}"
-    return rate
+    return rate, cpu
 
 
 def main() -> None:
@@ -165,15 +173,20 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("GATEWAYD_ADMIN_TOKEN", "bench")
     tune_gc()  # as `gatewayd run`
+    n = args.devices * args.messages
     bare: list[float] = []
     broker: list[float] = []
     edge: list[float] = []
+    cpu: dict[str, list[Cpu]] = {"bare": [], "broker": [], "edge": []}
     for r in range(args.runs):
-        bare.append(trio.run(run_bare, args.devices, args.messages))
-        broker.append(trio.run(run_gateway, args.devices, args.messages, False))
-        edge.append(trio.run(run_gateway, args.devices, args.messages, True))
+        for name, rates, run in (("bare", bare, lambda: trio.run(run_bare, args.devices, args.messages)),
+                                 ("broker", broker, lambda: trio.run(run_gateway, args.devices, args.messages, False)),
+                                 ("edge", edge, lambda: trio.run(run_gateway, args.devices, args.messages, True))):
+            rate, used = run()
+            rates.append(rate)
+            cpu[name].append(used)
         print(f"run {r + 1}: bare {bare[-1]:7.0f}   through mosquitto {broker[-1]:7.0f}   "
-              f"through the edge {edge[-1]:7.0f} msg/s", flush=True)
+              f"through the edge {edge[-1]:7.0f} msg/s   edge: {cpu['edge'][-1].per_message(n)}", flush=True)
     b, m, e = statistics.median(bare), statistics.median(broker), statistics.median(edge)
     print(f"\n{args.devices} devices x {args.messages} messages, QoS 1, 100 in flight per device; "
           "handler: one ingest.record with a prepared family row")
@@ -181,6 +194,11 @@ def main() -> None:
     print(f"gateway, devices on mosquitto (acked by mosquitto, before the commit) : {m:8.0f} msg/s  {m / b:6.1%}")
     print(f"gateway, devices on the edge (acked after the commit)                 : {e:8.0f} msg/s  {e / b:6.1%}")
     print(f"edge / mosquitto path                   : {e / m:8.1%}")
+    print("CPU per message (medians):")
+    print(f"  {'bare mosquitto':22}: mosquitto {median_cpu(cpu['bare']).per_message(n).split('mosquitto')[1].strip()}")
+    for name, label in (("broker", "devices on mosquitto"), ("edge", "devices on the edge")):
+        print(f"  {label:22}: {median_cpu(cpu[name]).per_message(n)}")
+    print(f"load average (1, 5, 15 min)             : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

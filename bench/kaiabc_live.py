@@ -6,10 +6,12 @@ What runs is the plugin's own loop (`gatewayd_kaiabc.live.Fleet`): every node ad
 by one simulated second per wall second (1 s ticks, the default `tick_s` and
 `time_acceleration`), one batch on a worker thread, each node at its own temperature
 (25-35 degC) and phase; every `--stream-every` seconds every node's `oscillator.state`
-(and `output.pwm` where the duty changed) is published on the core's live hub, and one
-WebSocket-like subscriber watching every stream takes each event and encodes it as the
-socket sends it (`json.dumps`). The HTTP/WebSocket transport itself is not in the
-figure. CPU is the process's (`time.process_time`: the trio thread and the worker
+(and `output.pwm` where the duty changed) is published on the core's live hub as the
+plugin does it (`publish_states`: a few columnar batches per tick), and one
+WebSocket-like subscriber watching every node (the core's default queue of 256 events)
+turns them into the spec's per-node text frames as the plugin's socket does
+(`gatewayd_kaiabc.ws.frames`). The HTTP/WebSocket
+transport itself is not in the figure. CPU is the process's (`time.process_time`: the trio thread and the worker
 threads). Baseline in the same run: the engine alone, `integrate_batch` advancing the
 same N nodes by one simulated second (CPU per call = CPU per wall second at 1 s ticks).
 Medians over the ticks; the goal (issue 20): 10,000 live nodes under 0.25 CPU s/s.
@@ -18,7 +20,7 @@ Medians over the ticks; the goal (issue 20): 10,000 live nodes under 0.25 CPU s/
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import pathlib
 import statistics
 import sys
@@ -32,13 +34,14 @@ try:
 except ImportError:  # a checkout without the plugin installed
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "plugins" / "kaiabc"))
 
-from gatewayd.core.live.hub import FamilyLive, LiveHub  # noqa: E402
+from gatewayd.core.live.hub import FamilyLive, Gap, LiveHub  # noqa: E402
 from gatewayd_kaiabc.engine import RUST_2007, integrate_batch  # noqa: E402
-from gatewayd_kaiabc.live import Fleet  # noqa: E402
+from gatewayd_kaiabc.live import BATCHED, Fleet, publish_states  # noqa: E402
+from gatewayd_kaiabc.ws import frames  # noqa: E402
 
 
-async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, int]:
-    """(CPU s per wall s over the run, median CPU s of one tick, events delivered)."""
+async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, int, int]:
+    """(CPU s per wall s over the run, median CPU s of one tick, frames delivered, hub events dropped)."""
     fleet = Fleet()
     await fleet.prepare()
     rng = np.random.default_rng(7)
@@ -48,17 +51,21 @@ async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, i
     assert cycle is not None
     fleet.y[:, :n] = cycle.state_at(rng.uniform(0, 1, n))
     fleet.temps[:n] = rng.uniform(298.15, 308.15, n)
-    hub = LiveHub(queue_size=4 * n + 16, max_subscribers=4)
-    family = FamilyLive(hub, "kaiabc")
-    sub = hub.subscribe(["kaiabc.oscillator_state.*", "kaiabc.output_pwm.*"], owner="bench")
-    delivered = 0
+    hub = LiveHub(max_subscribers=4)  # the core's defaults: a subscriber's queue holds 256 events, the ring 1,000
+    family = FamilyLive(hub, "kaiabc", None)  # type: ignore[arg-type]  # publishing needs no access check
+    # what the plugin's WebSocket asks of the hub for a client subscribed to oscillator.state.* and output.pwm.*
+    sub = hub.subscribe([f"kaiabc.{kind}.*" for kind in BATCHED.values()], owner="bench")
+    kinds = {f"kaiabc.{hub_kind}": kind for kind, hub_kind in BATCHED.items()}
+    delivered = gaps = 0
 
     async def socket() -> None:
-        nonlocal delivered
+        nonlocal delivered, gaps
         while batch := await sub.next():
-            for item in batch:
-                json.dumps(item.data)  # what the WebSocket sends, one frame per event
-                delivered += 1
+            for item in batch:  # what the plugin's WebSocket sends: one text frame per node's event
+                if isinstance(item, Gap):
+                    gaps += item.dropped
+                    continue
+                delivered += len(frames(kinds[item.stream.rsplit(".", 1)[0]], item.data, {"*"}))
 
     ticks: list[float] = []
     async with trio.open_nursery() as nursery:
@@ -73,15 +80,14 @@ async def live(n: int, seconds: int, stream_every: int) -> tuple[float, float, i
             await fleet.tick(1 / 3600)
             if second % stream_every == 0:
                 now = time.time()  # as the plugin does: events built on a worker thread, published here
-                events = await trio.to_thread.run_sync(fleet.live_events, now, "2026-01-01T00:00:00Z")
-                for kind, node_id, event in events:
-                    family.publish(kind, node_id, event)
+                states, pwm = await trio.to_thread.run_sync(fleet.live_events, now, "2026-01-01T00:00:00Z")
+                publish_states(family, states, pwm)
                 await trio.sleep(0)  # let the subscriber take them within this tick
             ticks.append(time.process_time() - cpu)
         await trio.sleep(0.5)  # the last events out
         wall, cpu_total = time.perf_counter() - start_wall, time.process_time() - start_cpu
         nursery.cancel_scope.cancel()
-    return cpu_total / wall, statistics.median(ticks), delivered
+    return cpu_total / wall, statistics.median(ticks), delivered, gaps
 
 
 def engine(n: int, repeats: int = 11) -> float:
@@ -108,18 +114,22 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     print(f"kaiabc live: 1 s ticks in real time for {args.seconds} s, state streamed every {args.stream_every} s "
           "to one subscriber of every stream")
-    head = (f"{'N':>6} {'CPU s/s':>8} {'tick CPU ms':>12} {'events/s':>9} {'engine ms':>10} "
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} ({os.cpu_count()} cores)")
+    head = (f"{'N':>6} {'CPU s/s':>8} {'tick CPU ms':>12} {'frames/s':>9} {'dropped':>8} {'engine ms':>10} "
             f"{'live/engine':>12} {'goal':>12}")
     print(head)
     print("-" * len(head))
     for n in sizes:
         base = engine(n)
-        share, tick, delivered = trio.run(live, n, args.seconds, args.stream_every)
+        share, tick, delivered, dropped = trio.run(live, n, args.seconds, args.stream_every)
         goal = "< 0.25 " + ("ok" if share < 0.25 else "MISSED") if n == 10_000 else ""
-        print(f"{n:>6} {share:>8.3f} {1e3 * tick:>12.2f} {delivered / args.seconds:>9.0f} {1e3 * base:>10.2f} "
-              f"{tick / base:>11.1f}x {goal:>12}")
+        print(f"{n:>6} {share:>8.3f} {1e3 * tick:>12.2f} {delivered / args.seconds:>9.0f} {dropped:>8} "
+              f"{1e3 * base:>10.2f} {tick / base:>11.1f}x {goal:>12}")
     print("CPU s/s: process CPU seconds per wall second over the run (trio and worker threads).")
-    print("tick CPU ms: median CPU of one tick (advance + stream); engine ms: integrate_batch alone, same N.")
+    print("tick CPU ms: median CPU of one tick (advance + stream); engine ms: integrate_batch alone, same N")
+    print("(CPU ms per simulated second: at 1 s ticks, engine CPU s/s = engine ms / 1000). frames/s: the spec's")
+    print("per-node frames the subscriber built; dropped: hub events its queue (256, the core's default) lost.")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -13,6 +13,13 @@ table at the end. The gateway is built and run as `gatewayd run` does (its confi
 plugin manager, tune_gc), without the test helpers' delivery recorder. Each run measures
 the bare broker then the gateway; printed: both medians, their ratio, and the median of
 each run's own ratio (the two agree when the machine's load holds still).
+
+Next to the rates, the CPU time per stored message (bench/cpu.py): the gateway's
+process (all its threads), its trio thread alone, and mosquitto's (the bare broker's in
+the baseline). On a loaded machine the rates say how much CPU the bench got; the CPU
+per message is what the gateway costs, and what to optimise.
+
+    --profile FILE   run the gateway once under py-spy (if installed) and write FILE
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from gatewayd.core.mqtt.broker import AclTemplate, BrokerAccount, ManagedBroker,
 from gatewayd.core.runtime import Gateway, tune_gc  # noqa: E402
 from gatewayd.plugins.manager import build_plugin_manager  # noqa: E402
 from gatewayd.testing import gw_client, wait_until  # noqa: E402
+
+from bench.cpu import Cpu, CpuMeter, median_cpu  # noqa: E402
 
 TOKEN = "bench-admin-token"
 
@@ -87,7 +96,7 @@ async def publishers(port: int, count: int, creds: dict[str, str]) -> float:
     return float(done.stdout.decode().strip())
 
 
-async def run_bare(devices: int, messages: int) -> float:
+async def run_bare(devices: int, messages: int) -> tuple[float, Cpu]:
     """The same publishers against a bare mosquitto: how fast a broker alone acknowledges."""
     creds = {f"pk-{d}": f"password-{d}" for d in range(devices)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,12 +105,14 @@ async def run_bare(devices: int, messages: int) -> float:
                                acl_templates=[AclTemplate("paku/%u/#", "write")])
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run)
+            meter = CpuMeter(broker.pid)
             rate = await publishers(broker.port, messages, creds)
+            cpu = meter.stop()
             nursery.cancel_scope.cancel()
-    return rate
+    return rate, cpu
 
 
-async def run_gateway(devices: int, messages: int) -> float:
+async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu]:
     """The gateway as `gatewayd run` builds it, with the paku plugin and its managed broker."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +130,9 @@ async def run_gateway(devices: int, messages: int) -> float:
                                           json={"id": f"pk-{d}"})
                     creds[f"pk-{d}"] = r.json()["mqtt"]["password"]
             await trio.sleep(1.5)  # the broker reloads its accounts
+            meter = CpuMeter(gw.mqtt.broker.pid)
             rate = await publishers(port, messages, creds)
+            cpu = meter.stop()  # every message acknowledged: every one stored
 
             def stored() -> int:
                 return gw.storage.database.execute_sql("SELECT COUNT(*) FROM paku_measurement").fetchone()[0]
@@ -127,7 +140,7 @@ async def run_gateway(devices: int, messages: int) -> float:
             count = await gw.storage.read(stored)
             assert count == devices * messages, f"acknowledged {devices * messages}, stored {count}"
             gw.request_shutdown()
-    return rate
+    return rate, cpu
 
 
 def main() -> None:
@@ -138,15 +151,25 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--messages", type=int, default=5000, help="per device")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--profile", metavar="FILE", help="one gateway run under py-spy (speedscope JSON in FILE)")
     args = parser.parse_args()
     os.environ["GATEWAYD_ADMIN_TOKEN"] = TOKEN
     tune_gc()  # as `gatewayd run`
-    bare, gateway = [], []
+    if args.profile:
+        profile(args)
+        return
+    n = args.devices * args.messages
+    bare, gateway, bare_cpu, gateway_cpu = [], [], [], []
     for r in range(args.runs):
-        bare.append(trio.run(run_bare, args.devices, args.messages))
-        gateway.append(trio.run(run_gateway, args.devices, args.messages))
+        rate, cpu = trio.run(run_bare, args.devices, args.messages)
+        bare.append(rate)
+        bare_cpu.append(cpu)
+        rate, cpu = trio.run(run_gateway, args.devices, args.messages)
+        gateway.append(rate)
+        gateway_cpu.append(cpu)
         print(f"run {r + 1}: bare broker {bare[-1]:8.0f} msg/s   gateway (stored) {gateway[-1]:8.0f} msg/s   "
-              f"{gateway[-1] / bare[-1]:6.1%}", flush=True)
+              f"{gateway[-1] / bare[-1]:6.1%}   {gateway_cpu[-1].per_message(n)}   "
+              f"(bare mosquitto {bare_cpu[-1].per_message(n).split('mosquitto')[1].strip()})", flush=True)
     b, g = statistics.median(bare), statistics.median(gateway)
     paired = statistics.median(gw / br for gw, br in zip(gateway, bare))
     print(f"\n{args.devices} devices x {args.messages} telemetry messages, QoS 1, 100 in flight per device")
@@ -154,6 +177,25 @@ def main() -> None:
     print(f"gateway edge, ack after paku's commit  : {g:8.0f} msg/s (median of {args.runs})")
     print(f"ratio                                  : {g / b:8.1%}")
     print(f"median of the runs' own ratios         : {paired:8.1%}")
+    print(f"CPU per stored message (medians)       : {median_cpu(gateway_cpu).per_message(n)}")
+    print(f"CPU per message, bare mosquitto        : {median_cpu(bare_cpu).per_message(n).split('mosquitto')[1].strip()}")
+    print(f"load average (1, 5, 15 min)            : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
+
+def profile(args: argparse.Namespace) -> None:
+    """One gateway run with py-spy sampling this process (the trio thread, idle frames left out)."""
+    import shutil
+    import subprocess
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", "speedscope",
+                            "--output", args.profile, "--nonblocking"])
+    time.sleep(1)
+    rate, cpu = trio.run(run_gateway, args.devices, args.messages)
+    rec.send_signal(2)
+    rec.wait()
+    print(f"profiled run: {rate:8.0f} msg/s  {cpu.per_message(args.devices * args.messages)}  -> {args.profile}")
 
 
 if __name__ == "__main__":

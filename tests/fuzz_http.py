@@ -465,6 +465,9 @@ CATALOGUE: dict[str, Route] = {
     "/": Route(json=False, html=True),
     "/dashboard/devices/<device_id>": Route(params={"device_id": "device"}, query={"family": "family"}, json=False,
                                             html=True),
+    # A form of the device page: a session and its CSRF token (the fuzzer has neither: 303 to the log-in).
+    "/dashboard/devices/<device_id>/commands": Route(params={"device_id": "device"}, admin=False, json=False,
+                                                     html=True),
     "/dashboard/login": Route(admin=False, json=False, html=True),
     "/dashboard/logout": Route(admin=False, json=False, html=True),
     "/dashboard/static/<name>": Route(params={"name": "file"}, admin=False, json=False),
@@ -585,6 +588,8 @@ CATALOGUE: dict[str, Route] = {
         body={"!device_token": "thingsnxt-token", "!readings": "tx-readings"}),
     "/thingsnxt/devices": Route(detail_errors=True, body={"device_id": "new-device", "name": "text", "model": "text"}),
     "/thingsnxt/devices/<device_id>/state": Route(detail_errors=True, params=TX_DEVICE, body={"!data": "pins"}),
+    # The dashboard panel's form: obeyed only with a session and its form token (never 2xx: 303 or 403).
+    "/thingsnxt/dashboard/pins": Route(detail_errors=True),
     # Its live streams: a scoped token or the admin token (so admin=False: a live token opens them too).
     "/thingsnxt/sse": Route(admin=False, detail_errors=True, query={"token": "token"}),
     "/thingsnxt/sse/<device_id>": Route(admin=False, detail_errors=True, params=TX_DEVICE, query={"token": "token"}),

@@ -7,6 +7,7 @@ route (one committed row per request) for the bench, and can be told to misbehav
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 
 import peewee
@@ -247,3 +248,27 @@ def gatewayd_cli_commands(commands: CommandRegistry):
         return 0
 
     commands.add("hello", "say hello", setup, run)
+
+    def setup_label(parser: argparse.ArgumentParser):
+        parser.add_argument("device_id")
+        parser.add_argument("label")
+
+    def run_label(args, cli):
+        # The family's devices and command queue, as the daemon's ctx.devices / ctx.commands.
+        async def label(devices, commands):
+            device = await devices.get(args.device_id)
+            if device is None:
+                print(f"no device {args.device_id}")
+                return 1
+            await devices.update(device.id, metadata={"label": args.label})
+            try:
+                command = await commands.enqueue(device.id, {"level": len(args.label)})
+            except ValueError as e:
+                print(f"everything label: {e}", file=sys.stderr)
+                return 1
+            print(f"{device.family}/{device.id} labelled; command {command.id}: {command.payload}")
+            return 0
+
+        return cli.with_devices("everything", label)
+
+    commands.add("label", "label a device and queue a command", setup_label, run_label)

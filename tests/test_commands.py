@@ -95,6 +95,11 @@ async def test_push_over_mqtt_publisher(tmp_path):
                              ("paku/p1/cmd", {"command_id": a.id, "relay": "on"})]
         assert {c.status for c in await q.list("paku", "p1")} == {"delivered"}
         assert await q.push("paku", "p1", "paku/p1/cmd") == 0
+        c = await q.enqueue("paku", "p1", {"relay": "on"})
+        await q.ack(a.id, True)
+        open_ = await q.list("paku", "p1", status=("pending", "delivered"))  # one read: not acknowledged yet
+        assert [(x.id, x.status) for x in open_] == [(c.id, "pending"), (b.id, "delivered")]
+        assert [x.id for x in await q.list("paku", "p1", status="executed")] == [a.id]
 
 
 async def test_a_listener_pushes_on_enqueue_and_may_fail(tmp_path):

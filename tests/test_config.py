@@ -230,3 +230,26 @@ def test_numbers_no_setting_can_mean_are_refused_naming_the_key(setting, message
     with pytest.raises(ConfigErrors) as info:
         load_config(None, [setting], {}, text="")
     assert [str(e) for e in info.value.errors] == [message]
+
+
+@pytest.mark.parametrize("value", ["0", "0.5", "3601", "-1"])
+def test_a_bad_mqtt_stall_timeout_names_the_key(value):
+    assert errors_of(overrides=[f"mqtt.stall_timeout_s={value}"]) == [
+        f"mqtt.stall_timeout_s: must be 1 .. 3600 (seconds a device may read nothing of what waits for it "
+        f"before it is closed), got {float(value)}"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_stall_timeout_that_is_not_finite_names_the_key(value):
+    assert errors_of(overrides=[f"mqtt.stall_timeout_s={value}"]) == [
+        f"mqtt.stall_timeout_s: expected a finite number, got {value}"]
+
+
+def test_a_stall_timeout_that_is_not_a_number_names_the_key():
+    [error] = errors_of(text='[mqtt]\nstall_timeout_s = "a minute"\n')
+    assert error.startswith("mqtt.stall_timeout_s:")
+
+
+def test_the_mqtt_stall_timeout_is_read():
+    assert load_config(None, [], {}, text="").mqtt.stall_timeout_s == 60.0
+    assert load_config(None, ["mqtt.stall_timeout_s=5"], {}, text="").mqtt.stall_timeout_s == 5.0

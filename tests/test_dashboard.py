@@ -16,7 +16,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 from markupsafe import Markup
-from quart import request
+from quart import Blueprint, redirect, request
 from quart_trio import QuartTrio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
@@ -26,6 +26,7 @@ from gatewayd.core.http.app import AdminGuard
 from gatewayd.core.outbox.ingest import Ingest
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client, gw_url, provision, wait_until
+from tests import plugin_everything
 
 TOKEN = "dashboard-admin-token-0b8e"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -329,6 +330,65 @@ async def test_a_device_page_asks_which_family_when_an_id_is_in_two(gateway_fact
 # -- the live endpoint takes the session -------------------------------------------------------
 
 
+class Levels:
+    """A panel with a form that posts to the plugin's own route (ctx.http.dashboard_token/_form)."""
+
+    def __init__(self):
+        self.levels: list[dict[str, str]] = []
+
+    @hookimpl
+    def gatewayd_dashboard_panels(self, ctx):
+        async def render():
+            token = ctx.http.dashboard_token()
+            if token is None:
+                return "log in to set the level"
+            return Markup('<form class="level" method="post" action="{}"><input type="hidden" name="csrf" '
+                          'value="{}"><input name="level"><button>Set</button></form>').format(
+                              f"{ctx.mount}/level", token)
+
+        return [("Level", render)]
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint(ctx.name, __name__)
+
+        @bp.post("/level")
+        async def level():
+            form = await ctx.http.dashboard_form()
+            if form is None:
+                return {"refused": True}, 403
+            self.levels.append(form)
+            return redirect("/", 303)
+
+        return bp
+
+
+async def test_a_panels_form_is_obeyed_only_from_a_dashboard_page(gateway_factory):
+    levels = Levels()
+    async with gateway_factory(plugins=[("levels", levels)]) as gw, gw_client(gw) as client:
+        origin = {"Origin": gw_url(gw)}
+        # A script with the admin token has no session: no form token, no form drawn.
+        assert "log in to set the level" in (await client.get("/", headers=ADMIN)).text
+        await log_in(client)
+        part = (await client.get("/", headers=PART)).text  # the redrawn part carries the form too
+        token = re.search(r'class="level".*?name="csrf" value="([^"]+)"', part, re.S)[1]
+        assert token == csrf_of((await client.get("/")).text)  # the session's, as the log-out form's
+        refused = [
+            await client.post("/levels/level", data={"level": "1", "csrf": "wrong"}, headers=origin),
+            await client.post("/levels/level", data={"level": "2"}, headers=origin),
+            await client.post("/levels/level", data={"level": "3", "csrf": token}, headers={"Origin": "http://evil.example"}),
+            await client.post("/levels/level", content=b"\xff\x00", headers={**origin, "Content-Type": "text/plain"}),
+        ]
+        async with httpx.AsyncClient(base_url=gw_url(gw)) as stranger:  # no cookie
+            refused.append(await stranger.post("/levels/level", data={"level": "4", "csrf": token}, headers=origin))
+        assert [r.status_code for r in refused] == [403] * 5
+        r = await client.post("/levels/level", data={"level": "5", "csrf": token}, headers=origin)
+        assert r.status_code == 303 and levels.levels == [{"level": "5"}]  # the token is not among the fields
+        await client.post("/dashboard/logout", data={"csrf": token}, headers=origin)
+        r = await client.post("/levels/level", data={"level": "6", "csrf": token}, headers=origin)
+        assert r.status_code == 403 and levels.levels == [{"level": "5"}]  # a stale page after log-out
+
+
 async def test_the_live_endpoint_takes_the_dashboard_session(gateway_factory):
     async with gateway_factory() as gw, gw_client(gw) as client:
         await log_in(client)
@@ -396,3 +456,42 @@ async def test_the_outbox_shows_a_paused_sink_and_dead_letters(gateway_factory, 
     assert "records are kept" in sinks["cloud"] and " 1 " in sinks["cloud"]  # its backlog: the record waits
     assert "schema v0 is not accepted here" in sinks["strict"] and "1 batches" in sinks["strict"]
     assert "1 records in 1 dead-lettered batches" in unescape(page)  # and it needs attention
+
+
+# -- commands from the device page ----------------------------------------------------------
+
+
+async def test_an_operator_queues_a_command_from_the_device_page(gateway_factory):
+    everything = ("everything", plugin_everything)
+    async with gateway_factory(plugins=[everything]) as gw, gw_client(gw) as client:
+        await provision(gw, "everything", "e1")
+        url = "/dashboard/devices/e1?family=everything"
+        assert 'id="send-command"' not in (await client.get(url, headers=ADMIN)).text  # a script: no form
+        await log_in(client)
+        page = await client.get(url)
+        assert 'id="send-command"' in page.text and "No command for this device." in page.text
+        csrf, post = csrf_of(page.text), "/dashboard/devices/e1/commands"
+        form = {"csrf": csrf, "family": "everything", "payload": '{"level": 3}'}
+        # Only from the page itself: its form token and its origin.
+        assert (await client.post(post, data={**form, "csrf": "forged"})).status_code == 403
+        assert (await client.post(post, data=form, headers={"Origin": "http://evil.example"})).status_code == 403
+        assert await gw.devices.commands.list("everything", "e1") == []
+        queued = await client.post(post, data=form, headers={"Origin": gw_url(gw)})
+        assert queued.status_code == 303
+        [command] = await gw.devices.commands.list("everything", "e1")
+        assert command.payload == {"level": 3, "checked": True}  # through the family's check
+        assert queued.headers["location"] == f"/dashboard/devices/e1?family=everything&queued={command.id}"
+        shown = await client.get(queued.headers["location"])
+        assert f"Command {command.id} queued" in shown.text
+        assert re.search(rf'<tr data-command="{command.id}" data-state="pending">', shown.text)
+        # Refusals are shown on the page with what was typed, nothing queued.
+        for text, problem in (('{"level": 11}', "level: expected an integer 0-10, got 11"),
+                              ('{"level": ', "JSON")):
+            refused = await client.post(post, data={**form, "payload": text})
+            assert refused.status_code == 400 and "Not queued: " in refused.text and problem in refused.text
+            assert f">{text}</textarea>".replace('"', "&#34;") in refused.text
+        assert len(await gw.devices.commands.list("everything", "e1")) == 1
+        missing = await client.post("/dashboard/devices/e9/commands", data=form)
+        assert missing.status_code == 404
+        async with httpx.AsyncClient(base_url=gw_url(gw)) as stranger:  # no session: to the log-in form
+            assert (await stranger.post(post, data=form)).status_code == 303

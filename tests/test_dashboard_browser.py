@@ -26,6 +26,7 @@ import pytest
 import trio
 from markupsafe import Markup
 
+import gatewayd_streetlight
 from gatewayd.plugins.api import PluginContext, Rejected, hookimpl
 from gatewayd.testing import device_mqtt, gw_url, provision, wait_handled, wait_until
 
@@ -184,6 +185,9 @@ TAIL = """return Array.from(document.querySelectorAll("#tail li[data-stream]"), 
 DOTS = """const svg = document.querySelector(`svg.chart[data-series="${arguments[0]}"]`);
           return svg && svg.querySelectorAll("circle.dot").length === arguments[1];"""
 LIVE = "return document.querySelector('#live-state').dataset.state === 'open'"
+STREETLIGHT_PANEL = """const panel = document.querySelector('section.panel[data-plugin="streetlight"]');
+                       const gray = panel && panel.querySelector('[data-colour="gray"]');
+                       return gray && gray.textContent === '1' && panel.textContent.replace(/\\s+/g, ' ');"""
 WARM_RULE = """
 [[rules]]
 name = "meter-too-warm"
@@ -196,10 +200,11 @@ actions = [{ kind = "log" }]
 @pytest.mark.timeout(120)
 async def test_a_technician_watches_a_meter_come_online(gateway_factory, upstream_receiver, browser, monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
-    async with gateway_factory(plugins=[("meter", Meter())], mqtt=True, upstream=upstream_receiver,
-                               config_text=WARM_RULE) as gw:
+    async with gateway_factory(plugins=[("meter", Meter()), ("streetlight", gatewayd_streetlight)], mqtt=True,
+                               upstream=upstream_receiver, config_text=WARM_RULE) as gw:
         base = gw_url(gw)
         await provision(gw, "meter", "m-2", name="Spare meter (never installed)")
+        await provision(gw, "streetlight", "IMEI:351234567890123", name="Main Road light")  # never configured
 
         # Log in: the overview sends the browser to the log-in form, which sends it back.
         await browser.open(base + "/")
@@ -236,6 +241,9 @@ async def test_a_technician_watches_a_meter_come_online(gateway_factory, upstrea
                                 what="the too_warm event and its alert on the overview, redrawn")
             await browser.until("return document.querySelector('tr[data-device=\"m-1\"]').dataset.health === 'yellow'",
                                 what="m-1 yellow (warm)")
+            # A family's own panel (streetlight's), drawn under the page's CSP and redrawn with it.
+            panel = await browser.until(STREETLIGHT_PANEL, what="the streetlight panel, one light gray")
+            assert "Lights: 1" in panel and "0 on, 0 off, 0 in error, 1 not reported yet" in panel
             await browser.screenshot("2-overview")
 
             # Its page: the facts, a chart of its readings, and the next reading live.
@@ -263,3 +271,56 @@ async def test_a_technician_watches_a_meter_come_online(gateway_factory, upstrea
 async def _online_with(browser: Browser, device: str, reading: str) -> dict[str, str] | None:
     row = await browser.js(ROW, device)
     return row if row and row["presence"] == "online" and reading in row["reading"] else None
+
+
+PIN_FIELD = "return document.querySelector(`tr[data-pins='esp-1'] input[name='${arguments[0]}']`).value"
+
+
+@pytest.mark.timeout(120)
+async def test_a_technician_sets_a_pin_from_a_plugins_panel(gateway_factory, browser, monkeypatch):
+    """A plugin's panel with a form (thingsnxt's virtual pins): typed into while the page
+    redraws itself, sent with the session's form token, obeyed, shown."""
+    import gatewayd_thingsnxt
+    from selenium.webdriver.common.by import By
+
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    async with gateway_factory(plugins=[("thingsnxt", gatewayd_thingsnxt)],
+                               settings=["plugins.thingsnxt.rate_limit=0"]) as gw:
+        base = gw_url(gw)
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        async with httpx.AsyncClient(base_url=base) as device:
+            async def telemetry(data: dict[str, Any]) -> dict[str, Any]:
+                r = await device.post("/thingsnxt/devices/esp-1/telemetry", json={"device_token": esp.key, "data": data})
+                assert r.status_code == 200, r.text
+                return r.json()
+
+            await telemetry({"v0": 0, "temperature": 20})
+            await browser.open(base + "/dashboard/login")
+            await browser.js("document.querySelector('#token').value = arguments[0];"
+                             "document.querySelector('#login').submit();", TOKEN)
+            await browser.until("return document.querySelector(\"tr[data-pins='esp-1'] form.set-pin\")",
+                                 what="the pins panel with its form")
+            await browser.until(LIVE, what="the overview's live connection")
+
+            def type_in(name: str, text: str) -> None:
+                browser.driver.find_element(By.CSS_SELECTOR, f"tr[data-pins='esp-1'] input[name='{name}']").send_keys(text)
+
+            await browser.run(type_in, "key", "v0")
+            await browser.run(type_in, "value", "1")
+            # The device reports meanwhile: the page would redraw itself, but not under the field in use.
+            await telemetry({"v0": 0, "temperature": 21})
+            await browser.until("return document.querySelector('#tail').textContent.includes('\"temperature\":21')",
+                                what="the reading in the live activity")
+            await trio.sleep(2.5)  # past the redraw it asked for (at most one a second)
+            assert (await browser.js(PIN_FIELD, "key"), await browser.js(PIN_FIELD, "value")) == ("v0", "1")
+            await browser.run(lambda: browser.driver.find_element(
+                By.CSS_SELECTOR, "tr[data-pins='esp-1'] form.set-pin button").click())
+            outcome = await browser.until("const p = document.querySelector('.pins-outcome');"
+                                          "return p && location.hash === '#thingsnxt-pins' && p.dataset.outcome",
+                                          what="the panel saying what the form did")
+            assert outcome == "ok"
+            row = await browser.js("return document.querySelector(\"tr[data-pins='esp-1']\").textContent")
+            assert "v0 1" in " ".join(row.split()) and "(pending)" in row
+            await browser.screenshot("5-pins")
+            # The device gets the pin in its next answer.
+            assert (await telemetry({"temperature": 22}))["data"]["v0"] == 1

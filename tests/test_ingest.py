@@ -197,3 +197,26 @@ async def test_pressure_of_an_outbox_without_sinks_is_nought(tmp_path):
     async with open_ingest(tmp_path, sinks=()) as (ingest, outbox, storage):
         await ingest.records([Record("d", "t", {"n": i}) for i in range(10)])
         assert ingest.pressure().outbox_fill == 0.0
+
+
+async def test_oldest_pending_is_the_familys_oldest_record_some_sink_has_not_delivered(tmp_path):
+    now = [1_800_000_000.0]
+    async with open_ingest(tmp_path, sinks=("cloud", "backup"), clock=lambda: now[0]) as (ingest, outbox, storage):
+        other = Ingest(outbox, "other", lambda: now[0])
+        assert await ingest.oldest_pending() is None
+        await other.record("x", "t", {"n": 0})  # another family's, older: not ours
+        now[0] += 10
+        await ingest.records([Record("d", "t", {"n": i}) for i in range(3)])
+        now[0] += 10
+        await ingest.record("d", "t", {"n": 3})
+        assert await ingest.oldest_pending() == 1_800_000_010.0
+        assert await other.oldest_pending() == 1_800_000_000.0
+        cloud = await outbox.next_batch("cloud", max_records=10, max_bytes=1 << 20)
+        assert cloud is not None and len(cloud.records) == 5
+        assert await ingest.oldest_pending() == 1_800_000_010.0  # chosen is not delivered
+        await outbox.delivered(cloud)
+        assert await ingest.oldest_pending() == 1_800_000_010.0  # "backup" has not delivered it
+        backup = await outbox.next_batch("backup", max_records=10, max_bytes=1 << 20)
+        assert backup is not None
+        await outbox.delivered(backup)
+        assert await ingest.oldest_pending() is None and await other.oldest_pending() is None

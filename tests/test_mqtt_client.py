@@ -186,7 +186,7 @@ async def test_a_handler_that_crashes_gets_its_message_rejected_not_redelivered(
         assert client.pool.delivery.stats.handler_errors == 1
         assert client.stats.reconnects == 0
         rows = await mqtt_storage.read(lambda: [r.reason for r in RejectedMessage.select()])
-        assert rows == ["handler error: RecursionError: maximum recursion depth exceeded"]
+        assert rows == ["handler error (test): RecursionError: maximum recursion depth exceeded"]
 
 
 async def test_storage_that_cannot_write_holds_the_message_until_it_can(

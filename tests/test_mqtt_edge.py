@@ -197,7 +197,7 @@ async def test_a_handler_crash_rejects_that_message_and_the_next_one_is_stored(e
         assert await dev.expect_ack() == 3
     assert plugin.stored == [b"fine"]
     rejected = await gw.storage.read(lambda: [(r.reason, r.sender) for r in RejectedMessage.select()])
-    assert rejected == [("handler error: RecursionError: maximum recursion depth exceeded", "d1"),
+    assert rejected == [("handler error (edgetest): RecursionError: maximum recursion depth exceeded", "d1"),
                         ("bad is never acceptable", "d1")]
     assert gw.mqtt.client.stats.reconnects == 0
     async with gw_client(gw) as client:

@@ -178,8 +178,9 @@ async def test_marks_of_an_older_version_are_kept_and_final(tmp_path, nursery):
     await storage.write(partial_mark.write, b"k" * 16)
     assert await marks.seen(partial_mark) == Seen([b"k" * 16])
     await storage.write(marks._rotate)  # made final after a rotation: in the other table
-    await marks.finish(partial_mark)
-    assert await marks.seen(partial_mark) == Seen(None)
+    marks.finish(partial_mark)
+    await marks.flush()
+    assert await DeliveryMarks(storage).seen(partial_mark) == Seen(None)  # in the table, not only in memory
 
 
 async def provision_in(gw, family: str, device_id: str) -> tuple[str, str]:
@@ -293,18 +294,20 @@ async def test_a_session_mosquitto_closed_ends_even_if_its_device_does_not_read(
 
 
 @pytest.mark.timeout(120)
-async def test_a_device_that_reads_nothing_is_closed_even_if_mosquitto_keeps_its_session(edge, plugin):
+async def test_a_device_that_reads_nothing_is_closed_even_if_mosquitto_keeps_its_session(gateway_factory, plugin):
     """The other half of the fix above: a device with no keepalive (mosquitto never times
     it out) that stops reading, and whose session mosquitto does not end, is closed once
-    the edge's writes to it made no progress for ``stall_timeout`` (a minute by default,
-    shortened here): TCP itself never gives up on a peer that answers window probes."""
-    gw, port = edge
-    gw.mqtt.edge.stall_timeout = 6.0  # longer than the 3 s the helper floods for
-    user, password = await provision(gw, "d1")
-    dev = await _stop_reading_with_a_full_queue(gw, port, user, password, keepalive=0)  # kept open
-    assert gw.mqtt.edge.stats.connections == 1
-    await wait_until(lambda: gw.mqtt.edge.stats.connections == 0, timeout=30)
-    await dev.stream.aclose()
+    the edge's writes to it made no progress for ``mqtt.stall_timeout_s`` (a minute by
+    default, shortened here): TCP itself never gives up on a peer that answers window probes."""
+    # Longer than the 3 s the helper floods for.
+    async with gateway_factory(plugins=[("edgetest", plugin)], mqtt=True, settings=["mqtt.stall_timeout_s=6"]) as gw:
+        port = gw_mqtt_address(gw)[1]
+        assert gw.mqtt.edge.stall_timeout == 6.0
+        user, password = await provision(gw, "d1")
+        dev = await _stop_reading_with_a_full_queue(gw, port, user, password, keepalive=0)  # kept open
+        assert gw.mqtt.edge.stats.connections == 1
+        await wait_until(lambda: gw.mqtt.edge.stats.connections == 0, timeout=30)
+        await dev.stream.aclose()
 
 
 # -- the private socket -------------------------------------------------------------------------

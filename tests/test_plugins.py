@@ -1,6 +1,7 @@
 """The plugin contract: each hook through a real gateway, isolation, supervision."""
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -214,6 +215,29 @@ async def test_hook_check_command(gateway_factory, monkeypatch, tmp_path):
     queued = cli("e1", '{"level": 10}', "--json")
     assert queued.returncode == 0, queued.stderr
     assert json.loads(queued.stdout)["command"]["payload"] == {"level": 10, "checked": True}
+
+
+async def test_a_plugin_command_uses_its_familys_devices_and_commands(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:
+        await provision(gw, "everything", "e1")
+    data_dir = tmp_path / "var"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gatewayd", "-p", "tests.plugin_everything", "everything", "label",
+                               "--set", f"gateway.data_dir='{data_dir}'", *args], capture_output=True, text=True,
+                              timeout=60)
+
+    done = cli("e1", "boiler")
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"everything/e1 labelled; command \S+: \{'level': 6, 'checked': True\}\n", done.stdout)
+    assert cli("e2", "x").stdout == "no device e2\n"
+    refused = cli("e1", "a label of more than ten")  # the family's check_command holds here too
+    assert refused.returncode == 1 and refused.stderr == "everything label: level: expected an integer 0-10, got 24\n"
+    async with gateway_factory(plugins=[EVERYTHING]) as gw:
+        device = await gw.contexts["everything"].devices.get("e1")
+        assert device is not None and device.metadata == {"label": "a label of more than ten"}
+        assert [c.payload for c in await gw.contexts["everything"].commands.list("e1")] == [
+            {"level": 6, "checked": True}]
 
 
 def test_misspelled_hook_is_refused():

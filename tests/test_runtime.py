@@ -1,5 +1,6 @@
 """The daemon as an operator runs it: start, health, limits, graceful shutdown."""
 
+import logging
 import os
 import signal
 import socket
@@ -176,3 +177,23 @@ def test_gatewayd_run_raises_its_open_files_limit_up_to_the_hard_one():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "(256, 2048) (2048, 2048)"
+
+
+async def test_services_stop_before_storage_closes(gateway_factory, caplog):
+    """A notification's read on a reader thread (not cancellable) at the moment of a clean stop
+    finishes with storage still open; nothing says the queue is unavailable."""
+    seen: dict[str, bool] = {}
+    reading = trio.Event()
+    with caplog.at_level(logging.WARNING):
+        async with gateway_factory() as gw:
+            async def deliver_due() -> int:
+                reading.set()
+                await trio.to_thread.run_sync(time.sleep, 0.5)  # as storage.read's thread: shutdown waits for it
+                seen["open"] = gw.storage.is_open
+                return 0  # then the worker reads when the next one is due (or is cancelled first)
+
+            gw.notifier.deliver_due = deliver_due
+            gw.notifier._wake.set()  # the worker wakes, as when a rule fires
+            await reading.wait()
+    assert seen == {"open": True}
+    assert "notification queue unavailable" not in caplog.text and not gw.storage.is_open

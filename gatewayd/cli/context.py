@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
 
 from ..core.config import Config, load_config
+from ..core.devices.commands import FamilyCommands
+from ..core.devices.services import DeviceServices, FamilyDevices
+from ..core.metrics import Metrics
 from ..core.storage import Storage
 from ..plugins.manager import PluginManager
 
 __all__ = ["DEFAULT_CONFIG", "CliContext", "add_common_options", "config_path", "load"]
 
 DEFAULT_CONFIG = "gatewayd.toml"
+
+T = TypeVar("T")
 
 
 class CliContext:
@@ -33,6 +42,23 @@ class CliContext:
         storage = Storage(self.config.data_dir / "gatewayd.sqlite3", synchronous=self.config.storage.synchronous)
         storage.open()
         return storage
+
+    def with_devices(self, family: str, fn: Callable[[FamilyDevices, FamilyCommands], Awaitable[T]]) -> T:
+        """`await fn(devices, commands)` in a trio run of its own: the family's devices and
+        command queue, the same services as a plugin's `ctx.devices` and `ctx.commands`
+        (commands checked by the family's `gatewayd_check_command`), on the gateway
+        database (also while the daemon runs). Returns what `fn` returns."""
+        storage = self.open_storage()
+        try:
+            def check_command(name: str, payload: Any) -> Any:
+                return self._manager.check_command(name, payload)
+
+            services = DeviceServices(self.config, storage, Metrics(), check_command=check_command)
+            services.install()
+            fields = services.context_fields(family)
+            return trio.run(fn, fields["devices"], fields["commands"])
+        finally:
+            storage.close()
 
 
 def add_common_options(parser: argparse.ArgumentParser, *, sub: bool) -> None:

@@ -117,12 +117,16 @@ class MqttSection:
     mosquitto: str = "mosquitto"
     broker_port: int = 0
     max_packet_bytes: int = 1048576
+    stall_timeout_s: float = 60.0
 
     def validate(self) -> None:
         if not 0 <= self.broker_port < 65536:
             raise ConfigError("broker_port", f"must be a TCP port (0: a unix socket in the data directory), got {self.broker_port}")
         if not 1024 <= self.max_packet_bytes <= 268435455:
             raise ConfigError("max_packet_bytes", f"must be 1024 .. 268435455 (MQTT's limit), got {self.max_packet_bytes}")
+        if not 1 <= self.stall_timeout_s <= 3600:  # NaN fails this too
+            raise ConfigError("stall_timeout_s", f"must be 1 .. 3600 (seconds a device may read nothing of what "
+                              f"waits for it before it is closed), got {self.stall_timeout_s}")
 
 
 _MAX_TTL_S = 10 * 365 * 86400.0  # = devices.MAX_TTL_S (config does not import the registry)

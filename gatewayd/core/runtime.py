@@ -16,7 +16,9 @@ next (`nursery.start`):
 
 Shutdown (SIGTERM/SIGINT, or `request_shutdown()`): HTTP and MQTT stop accepting and
 in-flight requests and deliveries finish within `gateway.shutdown_grace_s`, plugin
-shutdown hooks run, tasks are cancelled, and the writer commits every queued write.
+shutdown hooks run, tasks are cancelled, then the services that use storage (MQTT,
+notifications, events, presence, backups) stop and finish, and only then the writer
+commits every queued write and storage closes.
 """
 
 from __future__ import annotations
@@ -210,40 +212,45 @@ class Gateway:
             await core.start(self.storage.run)
             self.health.probe("storage", self.storage.health_state)  # "full" while writes fail for lack of space
             await self._install_schemas()
-            self.health.probe("maintenance", self._maintenance_health)
-            await core.start(self.maintenance.run)
-            await core.start(self.notifier.run)
-            await core.start(self.events.run)
-            await core.start(self.devices.run)
-            await core.start(self.backups.run)  # [backup]: the daemon's own, checked copies
-            self._build_contexts()
-            self._collect_topics()
-            try:
-                await self.mqtt.start(core)
-            except (OSError, BaseExceptionGroup) as e:
-                error = find_exception(e, OSError)
-                if error is None:
-                    raise
-                where = f"{self.config.mqtt.listen} (mqtt.listen)"
-                if self.config.tls.mqtt_listen is not None:
-                    where += f" or {self.config.tls.mqtt_listen} (tls.mqtt_listen)"
-                raise ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
-            async with trio.open_nursery() as front:
-                self._load_alert_rules()
-                await self._start_http(front)
-                await self._start_serial(front)
-                await self._start_plugins(front)
-                await front.start(self.upstream.run)  # the sync workers, last
-                log.info(
-                    "gateway started",
-                    id=self.config.gateway.id,
-                    http=" ".join(u for urls in self.http_urls.values() for u in urls),
-                    plugins=",".join(self.enabled_plugins) or "none",
-                    startup_s=round(self.clock() - self.started_at, 3),
-                )
-                task_status.started(self)
-                await self._shutdown.wait()
-                await self._stop(front)
+            # Everything that uses storage runs in `services`, stopped (and done: the
+            # presence's last flush, a notification's read on a reader thread) before
+            # storage closes, so no service finds it closed under its feet at a clean stop.
+            async with trio.open_nursery() as services:
+                self.health.probe("maintenance", self._maintenance_health)
+                await services.start(self.maintenance.run)
+                await services.start(self.notifier.run)
+                await services.start(self.events.run)
+                await services.start(self.devices.run)
+                await services.start(self.backups.run)  # [backup]: the daemon's own, checked copies
+                self._build_contexts()
+                self._collect_topics()
+                try:
+                    await self.mqtt.start(services)
+                except (OSError, BaseExceptionGroup) as e:
+                    error = find_exception(e, OSError)
+                    if error is None:
+                        raise
+                    where = f"{self.config.mqtt.listen} (mqtt.listen)"
+                    if self.config.tls.mqtt_listen is not None:
+                        where += f" or {self.config.tls.mqtt_listen} (tls.mqtt_listen)"
+                    raise ListenError(f"cannot listen on {where}: {error.strerror or error}") from None
+                async with trio.open_nursery() as front:
+                    self._load_alert_rules()
+                    await self._start_http(front)
+                    await self._start_serial(front)
+                    await self._start_plugins(front)
+                    await front.start(self.upstream.run)  # the sync workers, last
+                    log.info(
+                        "gateway started",
+                        id=self.config.gateway.id,
+                        http=" ".join(u for urls in self.http_urls.values() for u in urls),
+                        plugins=",".join(self.enabled_plugins) or "none",
+                        startup_s=round(self.clock() - self.started_at, 3),
+                    )
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    await self._stop(front)
+                services.cancel_scope.cancel()
             core.cancel_scope.cancel()
         log.info("gateway stopped", commits=self.storage.stats["commits"])
 
@@ -323,7 +330,7 @@ class Gateway:
                 log=get_logger(f"gatewayd.plugin.{name}"),
                 storage=PluginStorage(self.storage),
                 metrics=PluginMetrics(self.metrics, name),
-                http=PluginHTTP(self.admin, self.public_url, settings.mount),
+                http=PluginHTTP(self.admin, self.public_url, settings.mount, self.sessions),
                 mqtt=self.mqtt.facade(),
                 **self.devices.context_fields(name),
                 ingest=Ingest(self.outbox, name, self.clock),

@@ -33,6 +33,7 @@ from .logs import get_logger
 __all__ = [
     "Storage",
     "StorageError",
+    "StatementError",
     "StorageFull",
     "StorageUnavailable",
     "MigrationError",
@@ -50,6 +51,12 @@ class StorageError(Exception):
     """A write could not be committed."""
 
 
+class StatementError(StorageError):
+    """SQLite refused the statement itself (no such table or column, a syntax error, a
+    value it cannot hold): the storage is fine, and the same write fails the same way
+    every time, so it is a bug of whoever wrote it, not a reason to wait and retry."""
+
+
 class StorageFull(StorageError):
     """The disk (or the database's size limit) is full; nothing of the write was kept."""
 
@@ -62,8 +69,16 @@ class MigrationError(StorageError):
     """A schema migration failed; its component's tables are as they were before it."""
 
 
+SQLITE_ERROR = 1  # the generic code: what SQLite gives a statement it cannot run
 SQLITE_FULL = 13
 SQLITE_IOERR = 10
+SQLITE_TOOBIG = 18
+SQLITE_MISMATCH = 20
+SQLITE_RANGE = 25
+#: Codes of a statement that fails whatever the state of the disk and the database.
+#: (Busy, locked, read-only, I/O, full, cannot open, corrupt, schema changed: the others
+#: can pass, and are retried.)
+_STATEMENT_CODES = frozenset({SQLITE_ERROR, SQLITE_TOOBIG, SQLITE_MISMATCH, SQLITE_RANGE})
 #: An I/O error with less than this free on the database's filesystem is a full disk:
 #: SQLite reports ENOSPC as SQLITE_FULL on plain writes, but as an I/O error where it
 #: grows the WAL index (-shm) or syncs.
@@ -88,6 +103,16 @@ def _sqlite_errors(exc: BaseException) -> list[sqlite3.Error]:
     return found[::-1]
 
 
+#: SQLITE_ERROR about the connection's transaction state: the writer's, not the statement's
+#: fault, and it can pass (the writer ends a transaction left open after a failure).
+_WRITER_STATE = ("cannot start a transaction within a transaction", "cannot commit - no transaction is active",
+                 "cannot rollback - no transaction is active", "no such savepoint")
+
+
+def _writer_state(message: str) -> bool:
+    return message.startswith(_WRITER_STATE)
+
+
 def _low_on_space(path: Path | None) -> bool:
     if path is None:
         return False
@@ -99,12 +124,16 @@ def _low_on_space(path: Path | None) -> bool:
 
 
 def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
-    """StorageFull for a full disk or database, StorageError for another SQLite failure
-    (each with the message of the error that caused it), anything else unchanged."""
+    """StorageFull for a full disk or database, StatementError for a statement SQLite
+    cannot run (no such table or column, a syntax error), StorageError for another
+    SQLite failure (each with the message of the error that caused it), anything else
+    unchanged (an IntegrityError of a constraint, a ProgrammingError of the bindings)."""
     if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
         return exc
     errors = _sqlite_errors(exc)
     codes = [getattr(e, "sqlite_errorcode", 0) & 0xFF for e in errors]
+    if codes and codes[0] in _STATEMENT_CODES and not _writer_state(str(errors[0])):
+        return StatementError(str(errors[0]))
     if SQLITE_FULL in codes:
         return StorageFull(str(errors[codes.index(SQLITE_FULL)]))
     if SQLITE_IOERR in codes:

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import peewee
-from quart import Response
+from quart import Response, has_request_context, request
 
 from ..core.alerts.events import FamilyEvents
 from ..core.devices.auth import FamilyAuth
@@ -95,12 +95,22 @@ class PluginMetrics:
         return self._metrics.gauge(self._prefix + name, help, labels)
 
 
-class PluginHTTP:
-    """`ctx.http`: the admin token check, and the gateway's address as devices reach it."""
+class DashboardForms(Protocol):
+    """What `ctx.http` asks of the dashboard's sessions (core/dashboard/sessions.py)."""
 
-    def __init__(self, admin: AdminGuard, public_url: Callable[[], str], mount: str) -> None:
+    def form_token(self, cookies: Mapping[str, str]) -> str | None: ...
+
+    def form_allowed(self, headers: Any, cookies: Mapping[str, str], token: str) -> bool: ...  # headers: a Mapping or Headers
+
+
+class PluginHTTP:
+    """`ctx.http`: the admin token check, the dashboard's forms, and the gateway's address as devices reach it."""
+
+    def __init__(self, admin: AdminGuard, public_url: Callable[[], str], mount: str,
+                 dashboard: DashboardForms | None = None) -> None:
         self._admin = admin
         self._public_url = public_url
+        self._dashboard = dashboard
         self.mount = mount
         """Where the plugin's Blueprint is mounted on the main listener (`/<name>`)."""
 
@@ -108,6 +118,28 @@ class PluginHTTP:
         """In a route (or a WebSocket route, on its handshake): None if the request carries the admin
         token, else the core's 401/503 to return as is: `if (denied := ctx.http.require_admin()): return denied`."""
         return self._admin.check()
+
+    def dashboard_token(self) -> str | None:
+        """While a dashboard page is drawn (a panel's render): the form token of the viewer's
+        session, for `<input type="hidden" name="csrf">` in a form the panel posts to the
+        plugin's own route; None when the viewer has no session (a script with the admin token)."""
+        if self._dashboard is None or not has_request_context():
+            return None
+        return self._dashboard.form_token(request.cookies)
+
+    async def dashboard_form(self) -> dict[str, str] | None:
+        """In a POST route: the fields of a form sent from a dashboard page (a live session
+        cookie, the same origin, the session's form token in `csrf`; that field left out),
+        else None: answer 403. A form from another site, or a stale page, is never obeyed."""
+        if self._dashboard is None:
+            return None
+        try:
+            form = await request.form
+        except ValueError:
+            return None
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        token = fields.pop("csrf", "")
+        return fields if self._dashboard.form_allowed(request.headers, request.cookies, token) else None
 
     def url(self, path: str) -> str:
         """An absolute URL a device can use: `http.public_url` (or the address derived

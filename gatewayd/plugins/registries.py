@@ -126,8 +126,10 @@ class CommandRegistry:
         """Register `gatewayd <plugin> <name>`.
 
         `setup(parser)` adds arguments. `run(args)` or `run(args, cli)` does the work
-        and returns an exit status; `cli.config` is the loaded gateway config and
-        `cli.open_storage()` opens the database for commands that need it.
+        and returns an exit status; `cli.config` is the loaded gateway config,
+        `cli.open_storage()` opens the database for commands that need it, and
+        `cli.with_devices(family, fn)` runs `await fn(devices, commands)`, the family's
+        registry and command queue (as `ctx.devices`, `ctx.commands`).
         """
         self.commands.append(_Command(name, help, setup, run))
 

@@ -143,7 +143,9 @@ async def mqtt_storage(tmp_path: Path, nursery: trio.Nursery) -> Storage:
 async def gateway_client(nursery: trio.Nursery, storage: Storage, broker: ManagedBroker, **overrides: Any) -> MQTTClient:
     """The gateway's own client for ``broker`` with a delivery pool of its own, as the
     gateway builds them (the pool runs in ``nursery``; start the client yourself)."""
-    pool = DeliveryPool(Delivery(TopicRouter(), storage, marks=DeliveryMarks(storage)), size=256)
+    marks = DeliveryMarks(storage)
+    await nursery.start(marks.run)
+    pool = DeliveryPool(Delivery(TopicRouter(), storage, marks=marks), size=256)
     await nursery.start(pool.run)
     return MQTTClient(gateway_mqtt_settings(broker, **overrides), pool)
 

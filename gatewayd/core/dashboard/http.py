@@ -1,7 +1,8 @@
 """The site dashboard's routes: server-rendered pages that redraw themselves, log-in, log-out.
 
     GET  /                                         overview: health, plugins, devices, outbox, events, alerts
-    GET  /dashboard/devices/<id>?family=           one device: facts, charts, live tail, events
+    GET  /dashboard/devices/<id>?family=           one device: facts, charts, live tail, events, commands
+    POST /dashboard/devices/<id>/commands          queue a command (a session, its CSRF token, same origin)
     GET  /dashboard/login, POST /dashboard/login   the admin token for a session cookie
     POST /dashboard/logout                         (CSRF token and same origin)
     GET  /dashboard/static/<name>                  the stylesheet, the script, the icon
@@ -19,7 +20,6 @@ cookie (live/http.py).
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -29,6 +29,7 @@ from urllib.parse import quote
 from quart import Blueprint, Response, make_response, redirect, render_template, request, url_for
 
 from ..http.app import AdminGuard
+from ...protocol.strict_json import parse_json
 from ..http.errors import error_response
 from .chart import series_of, svg_chart
 from .pages import DashboardSources, device_view, find_device, overview_view
@@ -160,7 +161,34 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
         charts = _charts(view, src.clock())
         if wants_part():
             return await page("device_body.html", charts=charts, **view)
-        return await page("device.html", dashboard_session=who.session, charts=charts, **view)
+        return await page("device.html", dashboard_session=who.session, charts=charts,
+                          queued=request.args.get("queued"), **view)
+
+    @bp.post("/dashboard/devices/<device_id>/commands")
+    async def queue_command(device_id: str) -> Any:
+        """The device page's form: a command in the family's shape, checked by its plugin."""
+        session = sessions.find(request.cookies.get(COOKIE))
+        if session is None:
+            return to_login()
+        form = await _form()
+        if not same_origin(request.headers) or not _same(form.get("csrf", ""), session.csrf):
+            return await page("error.html", 403, title="No command queued",
+                              message="This request did not come from the dashboard's own page "
+                                      "(its form token is missing or wrong). Use the device page's form.")
+        found = await find_device(src, device_id, form.get("family") or None)
+        if len(found) != 1:
+            return await page("error.html", 404, title="No such device",
+                              message=f"There is no device {device_id!r} in the family {form.get('family')!r}.")
+        target = found[0]
+        text = form.get("payload", "")
+        try:
+            payload = parse_json(text.encode())
+            command = await src.devices.commands.enqueue(target.family, target.id, payload)
+        except ValueError as e:  # not JSON (BadJSON), or refused by the family's check
+            view = await device_view(src, target)
+            return await page("device.html", 400, dashboard_session=session, charts=_charts(view, src.clock()),
+                              command_text=text, command_problem=str(e), **view)
+        return redirect(url_for(".device", device_id=target.id, family=target.family, queued=command.id), 303)
 
     @bp.get(LOGIN)
     async def login_form() -> Any:
@@ -188,10 +216,9 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
     @bp.post("/dashboard/logout")
     async def logout() -> Any:
         value = request.cookies.get(COOKIE)
-        session = sessions.find(value)
-        if session is not None:
+        if sessions.find(value) is not None:
             form = await _form()
-            if not same_origin(request.headers) or not _same(form.get("csrf", ""), session.csrf):
+            if not sessions.form_allowed(request.headers, request.cookies, form.get("csrf", "")):
                 return await page("error.html", 403, title="Not logged out",
                                   message="This request did not come from the dashboard's own page "
                                           "(its form token is missing or wrong). Use the Log out button.")
@@ -202,10 +229,6 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
         return response
 
     return bp
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
 
 
 async def _form() -> dict[str, str]:

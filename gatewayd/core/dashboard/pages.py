@@ -32,6 +32,7 @@ __all__ = ["DashboardSources", "DeviceRow", "device_view", "devices_view", "over
 
 RECENT = 15  # events and alerts on the overview
 DEVICE_EVENTS = 20
+DEVICE_COMMANDS = 10  # the newest, on a device's page
 CHART_READINGS = 200
 MAX_ROWS = 500  # devices listed per family; a site with more gets a count of the rest
 
@@ -192,6 +193,7 @@ async def device_view(src: DashboardSources, device: Device) -> dict[str, Any]:
         "metadata": [(k, v if isinstance(v, str) else json.dumps(v, ensure_ascii=False))
                      for k, v in sorted(device.metadata.items())],
         "events": events,
+        "commands": await src.devices.commands.list(device.family, device.id, limit=DEVICE_COMMANDS),
         # Stream names replace dots in a device id by "_" (FamilyLive.publish).
         "streams": f"{device.family}.*.{device.id.replace('.', '_')}",
     }

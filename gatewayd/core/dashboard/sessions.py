@@ -130,6 +130,19 @@ class DashboardSessions:
         session.last_used = now
         return session
 
+    def form_token(self, cookies: Mapping[str, str]) -> str | None:
+        """The form token (CSRF) of the live session in these cookies, for a form a page
+        (or a plugin's panel) draws; None without a session."""
+        session = self.find(cookies.get(COOKIE))
+        return session.csrf if session is not None else None
+
+    def form_allowed(self, headers: Mapping[str, str], cookies: Mapping[str, str], token: str) -> bool:
+        """Whether a state-changing form may be obeyed: a live session in the cookies, the
+        same origin, and that session's form token in the form (`token`)."""
+        session = self.find(cookies.get(COOKIE))
+        return (session is not None and same_origin(headers)
+                and hmac.compare_digest(token.encode("utf-8", "surrogatepass"), session.csrf.encode()))
+
     def signed_in(self, cookies: Mapping[str, str]) -> bool:
         """Whether these cookies hold a live session (the API documents' page accepts one)."""
         return self.find(cookies.get(COOKIE)) is not None

@@ -268,9 +268,10 @@ class CommandQueue:
         return await self.storage.read(read)
 
     async def list(
-        self, family: str | None = None, device_id: str | None = None, *, status: str | None = None, limit: int = 100
+        self, family: str | None = None, device_id: str | None = None, *, status: str | tuple[str, ...] | None = None,
+        limit: int = 100,
     ) -> list[Command]:
-        """Newest first."""
+        """Newest first; `status` one state or a tuple of them (`("pending", "delivered")`: not acknowledged)."""
 
         def read() -> list[Command]:
             q = CommandRow.select().order_by(CommandRow.id.desc()).limit(limit)
@@ -278,7 +279,9 @@ class CommandQueue:
                 q = q.where(CommandRow.family == family)
             if device_id:
                 q = q.where(CommandRow.device_id == device_id)
-            if status:
+            if isinstance(status, tuple):
+                q = q.where(CommandRow.status.in_(status))
+            elif status:
                 q = q.where(CommandRow.status == status)
             return [Command.from_row(r) for r in q]
 
@@ -326,5 +329,6 @@ class FamilyCommands:
         command = await self._queue.get(command_id)
         return command if command is not None and command.family == self.family else None
 
-    async def list(self, device_id: str | None = None, *, status: str | None = None, limit: int = 100) -> list[Command]:
+    async def list(self, device_id: str | None = None, *, status: str | tuple[str, ...] | None = None,
+                   limit: int = 100) -> list[Command]:
         return await self._queue.list(self.family, device_id, status=status, limit=limit)

@@ -6,7 +6,9 @@ and the answer decides its acknowledgement:
 
 - ``HANDLED``: every matching handler returned. Acknowledge.
 - ``REJECTED``: a handler raised :class:`Rejected` (bad input), or any other exception
-  (a bug, a RecursionError on a hostile payload, a number SQLite cannot hold). The
+  (a bug, a RecursionError on a hostile payload, a number SQLite cannot hold, SQL of its
+  own that SQLite refuses whatever the disk's state: ``StatementError`` such as "no such
+  column", a syntax error, a constraint of its own table). The
   message is recorded in ``core_mqtt_rejected`` with the reason, counted, and
   acknowledged: one device's bad message must never come back to block the others.
 - ``DUPLICATE``: a redelivery (DUP flag) of a message whose records were committed
@@ -19,8 +21,8 @@ and the answer decides its acknowledgement:
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
 The one failure that must not be acknowledged is storage that cannot take the write
-(any ``StorageError``: disk full, database closed, read-only, locked by another
-process, an I/O error): the delivery waits and tries again (0.5 s doubling to
+(a ``StorageError`` other than ``StatementError``: disk full, database closed,
+read-only, locked by another process, an I/O error): the delivery waits and tries again (0.5 s doubling to
 30 s) while the message keeps its slot, so the sender's window fills and it stops
 sending. The handlers then run again from the start: what their ``ctx.ingest`` calls
 committed before the failure is not stored again (``outbox.ingest.DeliveryScope``: a
@@ -43,7 +45,7 @@ import trio
 from ...protocol.topics import TopicRouter
 from ..logs import QuietLog
 from ..outbox.ingest import DeliveryScope, delivery_scope
-from ..storage import Storage, StorageError, StorageFull, StorageUnavailable
+from ..storage import StatementError, Storage, StorageError, StorageFull, StorageUnavailable
 from .marks import DeliveryMarks, Mark, Seen
 
 __all__ = [
@@ -120,6 +122,7 @@ class DeliveryStats:
     handled: int = 0
     rejected: int = 0
     handler_errors: int = 0  # rejected because a handler raised something else than Rejected
+    statement_errors: int = 0  # of which: SQL the database refuses (no such column, a constraint)
     duplicates: int = 0
     unrouted: int = 0
     storage_waits: int = 0  # deliveries that waited for storage and tried again
@@ -191,6 +194,7 @@ class Delivery:
                         return DUPLICATE
                     committed = seen.calls  # some calls committed, maybe not all: run the rest
         running = self._running[key] = _Running()
+        self.marks.forget(source, packet_id)  # an older message's final mark under this id is moot
         try:
             running.verdict = await self._handle(handlers, msg, source, mark, committed)
             return running.verdict
@@ -205,7 +209,10 @@ class Delivery:
         reason = await self._run(handlers, msg, scope)
         if reason is None:
             if mark is not None and scope.committed:
-                await self._finish(mark)
+                # Every handler returned: a redelivery is a duplicate, not a delivery cut
+                # short. Noted now, written a few ms later with others (marks.py): the
+                # acknowledgement waits for the records' commit, not for this one.
+                mark.marks.finish(mark)
             if committed and len(scope.committed) == len(committed):  # a redelivery: nothing new stored
                 self.stats.duplicates += 1
                 return DUPLICATE
@@ -222,16 +229,6 @@ class Delivery:
         self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s", msg.topic,
                     sender, reason)
         return REJECTED
-
-    async def _finish(self, mark: Mark) -> None:
-        # Every handler returned: a redelivery is a duplicate, not a delivery cut short.
-        # Not done (storage failing now), the message is still acknowledged: it is stored;
-        # a redelivery would run the handlers again, and store nothing it stored already.
-        assert self.marks is not None
-        try:
-            await self.marks.finish(mark)
-        except StorageError as exc:
-            self.log.warning("could not make a delivery mark final: %s", exc)
 
     async def _seen(self, mark: Mark) -> Seen | None:
         assert self.marks is not None
@@ -255,11 +252,13 @@ class Delivery:
                     except Rejected as exc:
                         reason = exc.reason
                 return reason
+            except StatementError as exc:  # the handler's own SQL: it fails the same way every time
+                return self._handler_error(msg, exc, handler)
             except StorageError as exc:  # nothing of the failed write was committed: never acknowledged
                 await self._storage_wait(exc, delay)
                 delay = min(delay * 2, _RETRY_MAX)
             except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
-                return self._handler_error(msg, exc)
+                return self._handler_error(msg, exc, handler)
             finally:
                 delivery_scope.reset(token)
 
@@ -278,16 +277,20 @@ class Delivery:
                         exc, traceback=False)
         await trio.sleep(delay)
 
-    def _handler_error(self, msg: InboundMessage, exc: Exception) -> str:
+    def _handler_error(self, msg: InboundMessage, exc: Exception, handler: MessageHandler) -> str:
         try:
             text = f"{type(exc).__name__}: {exc}"
         except Exception:  # noqa: BLE001 - a hostile __str__ must not take us down
             text = type(exc).__name__
-        reason = f"handler error: {text[:300]}"
+        plugin = next((str(s.owner) for s in self.router.subscriptions() if s.handler is handler), "?")
+        reason = f"handler error ({plugin}): {text[:300]}"
         self.stats.handler_errors += 1
+        if isinstance(exc, (StatementError, peewee.IntegrityError, peewee.ProgrammingError, peewee.InterfaceError)):
+            self.stats.statement_errors += 1  # the handler's SQL: a plugin bug, not the storage
         self.stats.last_handler_error = f"{msg.topic}: {reason}"
         self.stats.last_handler_error_at = trio.current_time()
-        self._log_error("MQTT handler for %r failed; the message is rejected", msg.topic, exc=exc)
+        self._log_error("MQTT handler of plugin %s for %r failed; the message is rejected", plugin, msg.topic,
+                        exc=exc)
         return reason
 
     def _record_rejected(self, msg: InboundMessage, reason: str, mark: Mark | None) -> None:
@@ -305,14 +308,14 @@ class Delivery:
             if edge is not None:
                 RejectedMessage.delete().where(RejectedMessage.id <= edge).execute()
 
-    def _log_error(self, text: str, arg: Any, *, exc: BaseException | None = None, traceback: bool = True) -> None:
+    def _log_error(self, text: str, *args: Any, exc: BaseException | None = None, traceback: bool = True) -> None:
         # A flood of failures logs one line per 10 s, not one per message.
         now = time.monotonic()
         if now - self._error_log_at < 10:
             self._errors_unlogged += 1
             return
         extra = f" ({self._errors_unlogged} more since the last report)" if self._errors_unlogged else ""
-        self.log.error(text + extra, arg, exc_info=exc if traceback else None)
+        self.log.error(text + extra, *args, exc_info=exc if traceback else None)
         self._error_log_at = now
         self._errors_unlogged = 0
 

@@ -9,15 +9,26 @@ So the delivery that runs a message's handlers sets a mark for it (the sender, t
 packet id, a digest of topic and payload), and each ``ctx.ingest`` call writes the mark
 in the same transaction as its records (``outbox.ingest.delivery_scope``), with the keys
 of every call of the delivery committed so far (``outbox.ingest.call_key``): the mark
-says which of the message's records are stored. Once every handler returned, and before
-the message is acknowledged, the mark is made final (its ``calls`` NULL); a rejected
-message's mark is final from the start. A DUP message whose mark is final is
-acknowledged without running the handlers again; one whose mark lists calls (the
-gateway stopped, or crashed, after some of a handler's ingest calls committed and
-before the others did, or before the mark was made final) has its handlers run again,
-each call that stores what a listed call stored answered without storing anything, the
-others stored. (A handler whose records come out different on its second run, say with
-a time taken in its data, has them stored again then.)
+says which of the message's records are stored. Once every handler returned the mark is
+made final (its ``calls`` NULL); a rejected message's mark is final from the start. A
+DUP message whose mark is final is acknowledged without running the handlers again; one
+whose mark lists calls (the gateway stopped, or crashed, after some of a handler's
+ingest calls committed and before the others did, or before the mark was made final)
+has its handlers run again, each call that stores what a listed call stored answered
+without storing anything, the others stored. (A handler whose records come out
+different on its second run, say with a time taken in its data, has them stored again
+then.)
+
+Making a mark final is not on the acknowledgement's path: the message is acknowledged
+once its records are committed (what the acknowledgement promises), and :meth:`finish`
+only notes the mark as final in memory; the marks noted are written together a few
+milliseconds later (``flush_s``, one write for all of them), and on a graceful stop.
+Until then the memory answers: a DUP that comes in that window finds the mark final
+here and is a duplicate, its handlers not run. A crash in that window loses the note,
+not the records: a device that did not get its acknowledgement sends the message again
+after the restart, its mark lists every call as committed, so its handlers run again
+and every ingest call is answered with what it stored (nothing stored twice), exactly
+as after a crash between the commit and the acknowledgement.
 
 What a mark cannot tell apart: a sender that reuses a packet id for a message with
 the same topic and payload as the previous message under that id, whose records were
@@ -37,6 +48,7 @@ crashed survive however long the gateway was down.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import TYPE_CHECKING, NamedTuple
 
 import trio
@@ -47,6 +59,8 @@ if TYPE_CHECKING:
     from ..storage import Storage
 
 __all__ = ["DeliveryMarks", "Mark", "Seen", "digest"]
+
+log = logging.getLogger("gatewayd.mqtt")
 
 _TABLES = ("core_mqtt_marks_a", "core_mqtt_marks_b")
 # calls: the keys (16 bytes each) of the delivery's ingest calls committed; NULL when final.
@@ -82,52 +96,44 @@ class Mark:
         self.marks._write(self, calls)
 
 
-class _Finishing:
-    """Marks made final by one write: every delivery that finishes while it waits joins it."""
-
-    __slots__ = ("marks", "done", "error")
-
-    def __init__(self) -> None:
-        self.marks: list[Mark] = []
-        self.done = trio.Event()
-        self.error: BaseException | None = None
-
-
 class DeliveryMarks:
-    """The marks table pair for one database."""
+    """The marks table pair for one database, and the marks made final not yet written."""
 
-    def __init__(self, storage: Storage, *, window_s: float = 600.0):
+    def __init__(self, storage: Storage, *, window_s: float = 600.0, flush_s: float = 0.005):
         self.storage = storage
         self.window_s = window_s
+        self.flush_s = flush_s  # how long a final mark waits in memory for others to share its write
         self._current = 0  # read and changed on the writer thread only
-        self._finishing: _Finishing | None = None  # marks waiting to be made final together
+        # Marks made final and not written yet, by (sender, packet id): they answer redeliveries.
+        self._final: dict[tuple[str, int], Mark] = {}
+        self._due = trio.Event()  # set when _final holds a mark to write
 
-    async def finish(self, mark: Mark) -> None:
-        """Make ``mark`` final; return once that is committed (raises StorageError if not).
+    def finish(self, mark: Mark) -> None:
+        """Note ``mark`` as final (every handler returned); it is written within ``flush_s``
+        (:meth:`run`), and answers a redelivery (:meth:`seen`) from now on."""
+        self._final[(mark.source, mark.packet_id)] = mark
+        self._due.set()
 
-        Marks finished together share one write: the first one waits a scheduler pass
-        for the others (a group commit wakes many deliveries at once), then writes them
-        all; those finished while it waits for the writer go in the next write."""
-        batch = self._finishing
-        if batch is not None:
-            batch.marks.append(mark)
-            await batch.done.wait()
-            if batch.error is not None:
-                raise StorageError(f"delivery marks not made final: {batch.error!r}")
+    def forget(self, source: str, packet_id: int) -> None:
+        """A new delivery under this packet id: the older message's final mark (its sender
+        had its acknowledgement, or it would not reuse the id) must not overwrite the new one's."""
+        self._final.pop((source, packet_id), None)
+
+    @property
+    def unwritten(self) -> int:
+        """Marks made final, not written yet."""
+        return len(self._final)
+
+    async def flush(self) -> None:
+        """Write the marks made final so far; return once committed (raises StorageError if
+        not: they stay noted, and the next flush tries again)."""
+        if not self._final:
             return
-        batch = self._finishing = _Finishing()
-        batch.marks.append(mark)
-        try:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            self._finishing = None
-            await self.storage.write(self._finish, batch.marks)
-        except BaseException as exc:
-            batch.error = exc
-            raise
-        finally:
-            if self._finishing is batch:
-                self._finishing = None
-            batch.done.set()
+        batch = list(self._final.items())
+        await self.storage.write(self._finish, [mark for _, mark in batch])
+        for key, mark in batch:  # the memory answered until now; the table answers from here
+            if self._final.get(key) is mark:
+                del self._final[key]
 
     def _finish(self, marks: list[Mark]) -> None:
         self.storage.database.connection().executemany(
@@ -148,6 +154,9 @@ class DeliveryMarks:
 
     async def seen(self, mark: Mark) -> Seen | None:
         """What was committed of a message with this sender, packet id and content; None: nothing."""
+        noted = self._final.get((mark.source, mark.packet_id))
+        if noted is not None and noted.digest == mark.digest:
+            return Seen(None)  # final, not written yet
         return await self.storage.read(self._seen, mark)
 
     def _seen(self, mark: Mark) -> Seen | None:
@@ -176,8 +185,38 @@ class DeliveryMarks:
         self._current = other
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Rotate the tables every ``window_s`` (the first time after ``window_s`` of uptime)."""
-        task_status.started()
+        """Write final marks within ``flush_s`` of their finish; rotate the tables every
+        ``window_s`` (the first time after ``window_s`` of uptime). Cancelled, it writes
+        what is noted (a graceful stop: the restart then knows those messages are done)."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._rotating)
+            nursery.start_soon(self._flushing)
+            task_status.started()
+
+    async def _rotating(self) -> None:
         while True:
             await trio.sleep(self.window_s)
             await self.storage.write(self._rotate)
+
+    async def _flushing(self) -> None:
+        backoff = 0.0  # after a failed write
+        try:
+            while True:
+                await self._due.wait()
+                await trio.sleep(backoff or self.flush_s)  # the marks finished meanwhile share the write
+                self._due = trio.Event()
+                try:
+                    await self.flush()
+                    backoff = 0.0
+                except Exception as exc:  # noqa: BLE001 - noted still, and answering: try again, less often
+                    log.warning("could not write final delivery marks (%d noted): %s", len(self._final), exc)
+                    self._due.set()
+                    backoff = min(max(backoff * 2, 0.5), 30.0)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.flush()
+                except Exception as exc:  # noqa: BLE001 - the stop goes on
+                    log.warning("could not write final delivery marks at the stop (%d noted: their "
+                                "redeliveries will run the handlers again, storing nothing twice): %s",
+                                len(self._final), exc)

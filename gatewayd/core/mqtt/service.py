@@ -24,7 +24,7 @@ from ...protocol.topics import TopicRouter
 from ..health import ComponentState, Health
 from ..logs import get_logger
 from ..metrics import Metrics, Sample
-from ..storage import SchemaSpec, Storage
+from ..storage import SchemaSpec, Storage, StorageError
 from .broker import AclTemplate, BrokerAccount, ManagedBroker
 from .client import MQTTClient, MQTTSettings, TLSSettings
 from .delivery import Delivery, DeliveryPool, MessageHandler, RejectedMessage
@@ -152,6 +152,7 @@ class MQTTService:
             secure = self.tls is not None and t.mqtt_listen is not None
             self.edge = DeviceEdge(m.listen if t.mqtt_plain else None, self.broker.address, self.pool,
                                    WriteAcl(templates), max_packet=m.max_packet_bytes,
+                                   stall_timeout=m.stall_timeout_s,
                                    tls_listen=t.mqtt_listen if secure else None,
                                    ssl_context=self.tls.server_context() if secure and self.tls else None)
             await nursery.start(self.edge.run)  # an OSError here: the runtime names mqtt.listen
@@ -162,6 +163,10 @@ class MQTTService:
             await self.edge.stop(grace)
         if self.client is not None:
             await self.client.stop(grace)
+        try:  # the final marks of what was just acknowledged: a restart knows it is done
+            await self.marks.flush()
+        except StorageError as exc:
+            log.warning("could not write final delivery marks at the stop", error=str(exc))
 
     def _settings(self) -> MQTTSettings:
         m = self.config.mqtt
@@ -254,6 +259,9 @@ class MQTTService:
         metrics.collector("gatewayd_mqtt_handler_errors_total", "counter",
                           "Messages rejected because a handler raised an unexpected exception", lambda: [
                               Sample("gatewayd_mqtt_handler_errors_total", {}, d.handler_errors)])
+        metrics.collector("gatewayd_mqtt_statement_errors_total", "counter",
+                          "Messages rejected because a handler's own SQL was refused (no such column, a constraint)",
+                          lambda: [Sample("gatewayd_mqtt_statement_errors_total", {}, d.statement_errors)])
         metrics.collector("gatewayd_mqtt_storage_waits_total", "counter",
                           "Deliveries that found storage unable to take a write and waited", lambda: [
                               Sample("gatewayd_mqtt_storage_waits_total", {}, d.storage_waits)])

@@ -175,6 +175,13 @@ class Ingest:
             fill = max(fill, nbytes / policy.max_bytes)
         return IngestPressure(min(fill, 1.0), rows, nbytes, outbox.storage.queue_depth())
 
+    async def oldest_pending(self) -> float | None:
+        """When the family's oldest record not yet delivered upstream (by every sink) was
+        stored, epoch seconds of the gateway's clock; None when all were delivered (or no
+        upstream is configured). A plugin's retention purge keeps its own rows from then
+        on: nothing leaves the site before the cloud has it."""
+        return await self._outbox.storage.read(self._outbox.oldest_pending, self.family)
+
     async def record(
         self,
         device: str,

@@ -390,6 +390,14 @@ class Outbox:
         self._saw(await self.storage.write(self._delivered, batch, self.clock()))
         self._open.get(batch.sink, {}).pop(batch.batch_id, None)
 
+    def oldest_pending(self, family: str) -> float | None:
+        """When the oldest record of `family` some sink has not delivered yet was stored
+        (`created`), None when every one was (a reader: its own connection). Ids grow
+        with `created`, so the first row of the family by id is the oldest."""
+        row = self.db.execute_sql("SELECT created FROM core_outbox WHERE family = ? ORDER BY id LIMIT 1",
+                                  (family,)).fetchone()
+        return None if row is None else float(row[0])
+
     def _dead_letter(self, batch: OpenBatch, status: int, reason: str, when: float) -> tuple:
         conn = self.db.connection()
         conn.execute(

@@ -19,7 +19,7 @@ import numpy as np
 from gatewayd.plugins.api import CommandRegistry
 
 from .engine import (
-    PRESETS,
+    NAMED_SETS,
     RUST_2007,
     TEMPERATURE_RANGE_K,
     EtfMappingError,
@@ -30,7 +30,7 @@ from .engine import (
     integrate_batch,
     limit_cycle,
     phosphorylated_fraction,
-    preset,
+    named_set,
     simulated_q10,
 )
 
@@ -62,7 +62,8 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 
 def _preset_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="compensated", help=f"temperature preset: {', '.join(PRESETS)}")
+    p.add_argument("--preset", default="compensated", help=f"temperature preset: {', '.join(NAMED_SETS)} "
+                   "(docs/model.md, section 5)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -86,7 +87,7 @@ def _run_simulate(args: argparse.Namespace) -> int:
         raise ValueError(f"--hours must be within (0, {_MAX_HOURS:g}], got {args.hours}")
     if not 1 <= args.nodes <= 1_000_000:
         raise ValueError("--nodes must be within 1..1000000")
-    tm = preset(args.preset)
+    tm = named_set(args.preset)
     config = SolverConfig()
     rates = tm.node_rates(RUST_2007, np.full(args.nodes, args.temperature_k))
     clock = time.perf_counter()
@@ -136,7 +137,7 @@ def _setup_q10(p: argparse.ArgumentParser) -> None:
 
 def _run_q10(args: argparse.Namespace) -> int:
     """Q10 from simulated limit-cycle periods at 298.15 K and 308.15 K."""
-    res = simulated_q10(preset(args.preset))
+    res = simulated_q10(named_set(args.preset))
     body = {"preset": args.preset, "q10": res.q10, "period_25c_hours": res.period_low_hours,
             "period_35c_hours": res.period_high_hours}
     return _emit(args, body, [f"preset {args.preset}",
@@ -158,7 +159,7 @@ def _run_prc(args: argparse.Namespace) -> int:
         raise ValueError("--resolution must be within 2..240")
     if not args.delta_k > 0 or not args.duration_min > 0:
         raise ValueError("--delta-k and --duration-min must be > 0")
-    tm = preset(args.preset)
+    tm = named_set(args.preset)
     cycle = limit_cycle(RUST_2007, tm)
     kw = dict(duration_h=args.duration_min / 60.0, resolution=args.resolution, temperature_model=tm,
               cycle=cycle)
@@ -190,7 +191,7 @@ def _run_entrain(args: argparse.Namespace) -> int:
     if not math.isfinite(args.cycle_hours):
         raise ValueError("--cycle-hours must be a finite number")
     res = entrain(cycle_hours=args.cycle_hours, low_k=low, high_k=high, days=args.days,
-                  temperature_model=preset(args.preset))
+                  temperature_model=named_set(args.preset))
     angle = "-" if res.phase_angle_hours is None else f"{res.phase_angle_hours:.2f} h after the warm onset"
     return _emit(args, {"preset": args.preset, **res.to_json()}, [
         f"{args.cycle_hours:g} h cycle {low:.2f} K / {high:.2f} K, {args.days} cycles, preset {args.preset}",

@@ -29,6 +29,15 @@ class KaiabcConfig:
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
     """History older than this is deleted."""
+    history_full_days: float = 1.0
+    """History is kept at `history_every_s` this long; older, it is thinned to one sample per
+    `history_coarse_s` (README, "History": bytes per node and day)."""
+    history_coarse_s: float = 600.0
+    """One sample per node per this many seconds in the history older than `history_full_days`."""
+    ws_query_token: bool = False
+    """Accept a role token (or a core token scoped live:kaiabc) as `?token=` on the WebSocket, the
+    spec's way; off by default: a URL ends up in proxies' and browsers' logs. Never the admin token
+    nor a node's key, even on."""
     serial: SerialSettings | None = None
     """A UART with Pico nodes on it (`[plugins.kaiabc.serial] port = "/dev/ttyACM0"`): JSON lines."""
     max_nodes: int = 20000
@@ -42,10 +51,16 @@ class KaiabcConfig:
 
     def validate(self) -> None:
         for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s", "phase_shift_settle_hours",
-                    "history_days"):
+                    "history_days", "history_full_days", "history_coarse_s"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(key, f"must be a finite number > 0, got {value}")
+        if self.history_coarse_s < self.history_every_s:
+            raise ConfigError("history_coarse_s", f"must be at least history_every_s ({self.history_every_s}), "
+                              f"got {self.history_coarse_s}")
+        if self.history_full_days > self.history_days:
+            raise ConfigError("history_full_days", f"must be at most history_days ({self.history_days}), "
+                              f"got {self.history_full_days}")
         if not 0.05 <= self.tick_s <= 3600:
             raise ConfigError("tick_s", f"must be within 0.05 .. 3600, got {self.tick_s}")
         if self.time_acceleration > 1e5:

@@ -261,6 +261,11 @@ class Control:
         shift_id = f"shift_{time.strftime('%Y%m%d', time.gmtime(now))}_{secrets.token_hex(3)}"
         fleet.shifts[shift_id] = Shift(shift_id, body.node_id, body.shift_type, sign * body.magnitude_hours,
                                        body.temperature_delta_kelvin, duration_h, start_ct, expected, settle_h, now)
+        try:  # committed before it is acknowledged (and resumed after a restart)
+            await state.save(body.node_id)
+        except BaseException:
+            fleet.shifts.pop(shift_id, None)
+            raise
         return {"success": True, "shift_id": shift_id, "expected_phase_change": round(expected, 3),
                 "current_circadian_time": current, "optimal_ct_window": window,
                 "start_circadian_time": start_ct, "estimated_completion": iso(done_at)}

@@ -13,7 +13,7 @@ import copy
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 import trio
@@ -106,7 +106,7 @@ class Fleet:
                                                              (self.sim_hours, self.temps, self.last_reading))
             self.paused = np.concatenate([self.paused, np.zeros(extra, dtype=bool)])
         self.etfs.append(self.etf)
-        self.mappings.append(PwmMapping())
+        self.mappings.append(DEFAULT_MAPPING)  # shared: one vectorised group (`_groups`)
         self._stack = None
         self._touched.add(i)
         return i
@@ -152,6 +152,9 @@ class Fleet:
         if "override" in settings:
             pwm, expires, override_id = settings["override"]
             self.overrides[row["node_id"]] = (int(pwm), float(expires), str(override_id))
+        if "shift" in settings:  # under way when the gateway stopped: it goes on from its stage
+            shift = Shift.from_doc(settings["shift"])
+            self.shifts[shift.shift_id] = shift
 
     # -- the tick ---------------------------------------------------------------------
 
@@ -303,17 +306,17 @@ class Fleet:
 
     # -- persistence --------------------------------------------------------------------
 
-    def row(self, node_id: str, now: float) -> dict[str, Any]:
+    def row(self, node_id: str, now: float, under_way: dict[str, Shift] | None = None) -> dict[str, Any]:
         i = self.index[node_id]
         last = self.last_reading[i]
         return {"node_id": node_id, "c_t": float(self.y[0, i]), "c_st": float(self.y[1, i]),
                 "c_s": float(self.y[2, i]), "sim_hours": float(self.sim_hours[i]),
                 "temperature_k": float(self.temps[i]), "filter_state": json.dumps(_filter_state(self.filters[node_id])),
                 "last_reading_at": None if math.isnan(last) else float(last), "paused": bool(self.paused[i]),
-                "settings": json.dumps(self.settings(node_id)), "saved_at": now}
+                "settings": json.dumps(self.settings(node_id, under_way)), "saved_at": now}
 
-    def settings(self, node_id: str) -> dict[str, Any]:
-        """What a node was set to, when it differs from the defaults."""
+    def settings(self, node_id: str, under_way: dict[str, Shift] | None = None) -> dict[str, Any]:
+        """What a node was set to, when it differs from the defaults, and its phase shift under way."""
         i = self.index[node_id]
         out: dict[str, Any] = {}
         if self.etfs[i] != DEFAULT_ETF:
@@ -322,63 +325,57 @@ class Fleet:
             out["mapping"] = asdict(self.mappings[i])
         if node_id in self.overrides:
             out["override"] = list(self.overrides[node_id])
+        shift = (under_way if under_way is not None else self.shifts_under_way()).get(node_id)
+        if shift is not None:
+            out["shift"] = shift.to_doc()
         return out
 
-    def live_events(self, now: float, now_iso: str) -> list[tuple[str, str, dict[str, Any]]]:
-        """The spec's `oscillator.state` of every node, and `output.pwm` of those whose duty changed
-        since the last call: (hub kind, node, event). Phases in one KD-tree query per ETF.
+    def shifts_under_way(self) -> dict[str, Shift]:
+        """Each node's phase shift not yet complete (at most one: the route answers 409 for a second)."""
+        return {s.node_id: s for s in self.shifts.values() if s.stage != "complete"}
+
+    def live_events(self, now: float, now_iso: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Every node's `oscillator.state`, and the `output.pwm` of each node whose duty changed
+        since the last call, as columnar batches (`batches`). Phases in one KD-tree query per ETF.
 
         Safe on a worker thread while the trio thread goes on: it works on copies (a node added
         meanwhile waits for the next call)."""
         ids = list(self.ids)
         n = len(ids)
         if n == 0:
-            return []
+            return [], []
         y = self.y[:, :n].copy()
         values = koa(y, RUST_2007.kaic_total)
         a_free = np.maximum(RUST_2007.kaia_total - RUST_2007.sequestration * y[2], 0.0)
         phase = np.full(n, np.nan)
         normalized = values.copy()
-        groups: dict[EtfParameters, list[int]] = {}
-        for i, etf in enumerate(self.etfs[:n]):
-            groups.setdefault(etf if etf in self.cycles else self.etf, []).append(i)
-        for etf, members in groups.items():
-            found = self.cycles.get(etf)
+        for etf, idx in _groups(self.etfs[:n]):
+            found = self.cycles.get(etf) or self.cycles.get(self.etf)
             if found is None:
                 continue
-            idx = np.asarray(members)
             phase[idx] = found[0].phase_of(y[:, idx])
             normalized[idx] = koa_normalized(values[idx], *found[1])
         duties = np.zeros(n, dtype=int)
-        by_mapping: dict[PwmMapping, list[int]] = {}
-        for i, mapping in enumerate(self.mappings[:n]):
-            by_mapping.setdefault(mapping, []).append(i)
-        for mapping, members in by_mapping.items():  # one vectorised call per distinct mapping
-            duties[members] = mapping.pwm(normalized[members])
-        for node_id, (pwm, expires, _) in list(self.overrides.items()):
+        for mapping, idx in _groups(self.mappings[:n]):  # one vectorised call per distinct mapping
+            duties[idx] = mapping.pwm(normalized[idx])
+        for node_id, (forced, expires, _) in list(self.overrides.items()):
             if expires > now and self.index.get(node_id, n) < n:
-                duties[self.index[node_id]] = pwm
-        cts = np.round(24.0 * phase, 4).tolist()
-        phases = np.round(phase, 4).tolist()
-        metrics = np.round(normalized, 4).tolist()
-        c_st, free = np.round(y[1], 6).tolist(), np.round(a_free, 6).tolist()
-        out: list[tuple[str, str, dict[str, Any]]] = []
+                duties[self.index[node_id]] = forced
+        metrics = np.round(normalized, 4)
+        known = ~np.isnan(phase)
+        columns = {"circadian_time": _nullable(np.round(24.0 * phase, 4), known),
+                   "phase": _nullable(np.round(phase, 4), known), "koa_metric": metrics.tolist(),
+                   "C_ST": np.round(y[1], 6).tolist(), "A_free": np.round(a_free, 6).tolist()}
+        states = batches(ids, now_iso, columns, STATE_COLUMNS)
         last = self._last_duty
-        for i, node_id in enumerate(ids):
-            ph = None if phases[i] != phases[i] else phases[i]  # NaN: no cycle yet
-            out.append(("oscillator_state", node_id, {
-                "event": "oscillator.state", "node_id": node_id, "timestamp": now_iso, "data": {
-                    "circadian_time": None if ph is None else cts[i], "phase": ph,
-                    "state_variables": {"C_ST": c_st[i], "A_free": free[i]}, "koa_metric": metrics[i]}}))
-            duty = int(duties[i])
-            if last.get(node_id) != duty:
-                last[node_id] = duty
-                override = self.overrides.get(node_id)
-                out.append(("output_pwm", node_id, {
-                    "event": "output.pwm", "node_id": node_id, "timestamp": now_iso, "data": {
-                        "duty_cycle": duty, "duty_cycle_percent": round(100 * duty / 255, 1),
-                        "koa_source": metrics[i], "manual_override": override is not None and override[1] > now}}))
-        return out
+        changed = np.nonzero(duties != np.array([last.get(i, -1) for i in ids]))[0].tolist()
+        moved = [ids[i] for i in changed]
+        for i in changed:
+            last[ids[i]] = int(duties[i])
+        overridden = {node for node, override in self.overrides.items() if override[1] > now}
+        pwm = batches(moved, now_iso, {"duty_cycle": duties[changed].tolist(), "koa_source": metrics[changed].tolist(),
+                                       "manual_override": [node in overridden for node in moved]}, PWM_COLUMNS)
+        return states, pwm if moved else []
 
     def history_rows(self, now: float) -> list[tuple[Any, ...]]:
         """(node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) of every node, in one pass."""
@@ -389,16 +386,81 @@ class Fleet:
                         self.temps[:n].tolist(), self.sim_hours[:n].tolist()))
 
     def rows(self, now: float) -> list[tuple[Any, ...]]:
-        return [tuple(self.row(node_id, now).values()) for node_id in self.ids]
+        under_way = self.shifts_under_way()
+        return [tuple(self.row(node_id, now, under_way).values()) for node_id in self.ids]
+
+
+# The hub's kinds of the batches (`kaiabc.<kind>.<k>`), by the kind of the events they carry.
+BATCHED = {"oscillator_state": "oscillator_state_batch", "output_pwm": "output_pwm_batch"}
+STATE_COLUMNS = ("circadian_time", "phase", "koa_metric", "C_ST", "A_free")
+PWM_COLUMNS = ("duty_cycle", "koa_source", "manual_override")
+BATCH_BYTES = 16_384  # a batch's JSON: under the hub's 64 KiB per event; 10,000 nodes in about 60 (a queue holds 256)
+
+
+def batches(ids: list[str], timestamp: str, columns: Mapping[str, list[Any]],
+            names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One tick's events of many nodes as a few columnar documents (`timestamp`, `node_id` and
+    the `names` columns, one list each, in one order), each under BATCH_BYTES of JSON: what the
+    plugin publishes on the hub (`kaiabc.oscillator_state_batch.<k>`, `kaiabc.output_pwm_batch.<k>`:
+    one event per batch, not one per node). The WebSocket turns a batch into the spec's per-node
+    frames for the nodes its client watches (`ws.frames`)."""
+    def batch(a: int, b: int) -> dict[str, Any]:
+        return {"timestamp": timestamp, "node_id": ids[a:b], **{k: columns[k][a:b] for k in names}}
+
+    out: list[dict[str, Any]] = []
+    start = size = 0
+    for i, node_id in enumerate(ids):
+        cost = len(node_id) + 96  # the id, quoted, and five numbers of at most 12 characters, with commas
+        if size + cost > BATCH_BYTES and i > start:
+            out.append(batch(start, i))
+            start, size = i, 0
+        size += cost
+    out.append(batch(start, len(ids)))
+    return out
+
+
+class Publisher(Protocol):
+    def publish(self, kind: str, device_id: str, data: Any) -> None: ...
+
+
+def publish_states(live: Publisher, states: list[dict[str, Any]], pwm: list[dict[str, Any]]) -> None:
+    """One tick's state and PWM batches on the live hub (`ctx.live`)."""
+    for kind, found in (("oscillator_state", states), ("output_pwm", pwm)):
+        for k, batch in enumerate(found):
+            live.publish(BATCHED[kind], str(k), batch)
+
+
+def _nullable(values: np.ndarray, known: np.ndarray) -> list[float | None]:
+    """A column as a list, None where `known` is False (no limit cycle yet)."""
+    out: list[float | None] = values.tolist()
+    if not known.all():
+        for i in np.nonzero(~known)[0].tolist():
+            out[i] = None
+    return out
+
+
+def _groups(items: list[Any]) -> list[tuple[Any, np.ndarray]]:
+    """Each distinct object of `items` with the indexes holding it. By identity, not equality: nodes
+    share the site default's object, and hashing 10,000 frozen dataclasses costs more than the
+    rest of a state stream (equal copies only make an extra group, never a wrong one)."""
+    found: dict[int, tuple[Any, list[int]]] = {}
+    for i, item in enumerate(items):
+        entry = found.get(id(item))
+        if entry is None:
+            entry = found[id(item)] = (item, [])
+        entry[1].append(i)
+    return [(item, np.asarray(members)) for item, members in found.values()]
 
 
 def _filter_state(fil: SensorKalmanFilter) -> dict[str, Any]:
-    return {"estimate": fil.estimate(), "t": fil._t, "count": fil.measurement_count,
-            "process_noise": fil.process_noise, "measurement_noise": fil.measurement_noise}
+    return fil.to_doc()
 
 
 def _filter_from(doc: Mapping[str, Any]) -> SensorKalmanFilter:
-    """The filter resumes from its last estimate (its covariance restarts at the measurement noise)."""
+    """The filter exactly as it was persisted: estimate and covariance resume. A row written before
+    the covariance was kept (no `p`) resumes from its estimate, its covariance at the measurement noise."""
+    if "p" in doc:
+        return SensorKalmanFilter.from_doc(doc)
     fil = SensorKalmanFilter(doc.get("process_noise"), doc.get("measurement_noise"))
     if doc.get("t") is not None:
         fil.update(doc["t"], {k: v for k, v in doc["estimate"].items() if v is not None})

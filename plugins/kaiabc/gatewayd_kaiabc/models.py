@@ -172,6 +172,16 @@ class Store:
             f"INSERT INTO {table} (node_id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) "
             "VALUES (?,?,?,?,?,?,?,?)", rows)
 
+    def thin_history(self, low: float, high: float, every_s: float) -> int:
+        """Keep one sample (the first) per node and `every_s` bucket among those in [low, high);
+        `low` and `high` on bucket edges. Returns how many rows went."""
+        table = self.history._meta.table_name
+        bucket = f"CAST(ts / {every_s!r} AS INTEGER)"
+        cursor = self.history._meta.database.connection().execute(
+            f"DELETE FROM {table} WHERE ts >= ? AND ts < ? AND id NOT IN (SELECT MIN(id) FROM {table} "
+            f"WHERE ts >= ? AND ts < ? GROUP BY node_id, {bucket})", (low, high, low, high))
+        return int(cursor.rowcount)
+
     def history_rows(self, node_id: str, start: float, end: float, after_id: int, limit: int) -> list[tuple[Any, ...]]:
         """Raw rows (id, ts, c_t, c_st, c_s, koa, temperature_k, sim_hours) oldest first, after row `after_id`."""
         table = self.history._meta.table_name

@@ -20,7 +20,7 @@ from gatewayd.plugins.api import PluginContext, Record
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
-from .live import Fleet
+from .live import Fleet, publish_states
 from .people import Tokens
 from .models import NodeInfo, Store
 
@@ -73,7 +73,8 @@ class Kaiabc:
         self.tokens = Tokens()
         self.requests = 0
         self.errors = 0
-        self.response_seconds = 0.0  # completed shifts (the spec's recent_shifts), newest last
+        self.response_seconds = 0.0
+        self._thinned_to = 0.0  # history before this is thinned already (epoch s, on a bucket edge; persisted)
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -85,6 +86,7 @@ class Kaiabc:
             self.fleet.etf = EtfParameters(**settings["etf"])
             self.fleet.model = self.fleet.model_of(self.fleet.etf)
         self.shift_log = list(settings.get("shifts", []))
+        self._thinned_to = float(settings.get("history_thinned_to", 0.0))
         if "solver" in settings:
             self.fleet.config = SolverConfig.from_spec(settings["solver"])
         await self.fleet.prepare()
@@ -168,25 +170,35 @@ class Kaiabc:
                 "event": "phase_shift.complete", "shift_id": s.shift_id, "node_id": s.node_id,
                 "timestamp": iso(now), "data": data})
             self.fleet.shifts.pop(s.shift_id, None)
+            await self.save(s.node_id)  # its settings no longer hold the shift
 
     async def stream(self) -> None:
-        """Every node's `oscillator.state` (and `output.pwm` where it changed) to the live hub; the
-        events are built on a worker thread (10,000 nodes: tens of milliseconds)."""
+        """Every node's `oscillator.state`, and `output.pwm` where a duty changed, to the live hub as a
+        few columnar batches (`live.batches`: one hub event per batch; the WebSocket sends the spec's
+        per-node frames); built on a worker thread."""
         now = self.ctx.now()
-        events = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
-        for kind, node_id, event in events:
-            self.ctx.live.publish(kind, node_id, event)
+        states, pwm = await trio.to_thread.run_sync(self.fleet.live_events, now, iso(now))
+        publish_states(self.ctx.live, states, pwm)
 
     async def sample(self) -> None:
-        """Every node's oscillator into its history (one statement); older than history_days goes."""
+        """Every node's oscillator into its history (one statement); older than `history_full_days`
+        thinned to one sample per `history_coarse_s`; older than `history_days` deleted."""
         rows = self.fleet.history_rows(self.ctx.now())
         if rows:
-            cutoff = self.ctx.now() - self.ctx.config.history_days * 86400
-            await self.ctx.storage.write(self._sample, rows, cutoff)
+            config, now = self.ctx.config, self.ctx.now()
+            coarse = config.history_coarse_s
+            thin_to = math.floor((now - config.history_full_days * 86400) / coarse) * coarse
+            await self.ctx.storage.write(self._sample, rows, now - config.history_days * 86400,
+                                         self._thinned_to, thin_to, coarse)
+            self._thinned_to = max(self._thinned_to, thin_to)
 
-    def _sample(self, rows: list[tuple[Any, ...]], cutoff: float) -> None:
+    def _sample(self, rows: list[tuple[Any, ...]], cutoff: float, thinned_to: float, thin_to: float,
+                coarse: float) -> None:
         self.store.add_history(rows)
         self.store.history.delete().where(self.store.history.ts < cutoff).execute()
+        if thin_to > thinned_to:  # only what became old since the last time
+            self.store.thin_history(thinned_to, thin_to, coarse)
+            self.store.put_setting("history_thinned_to", thin_to)
 
     def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
         """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""

@@ -9,8 +9,8 @@ node's phase minus the twin's (in hours, + = advance), and the shift is complete
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -34,6 +34,14 @@ class Shift:
     twin: np.ndarray = field(default_factory=lambda: np.zeros(3))
     actual_hours: float | None = None
     completed_at: float | None = None
+
+    def to_doc(self) -> dict[str, Any]:
+        """As JSON, for the node's persisted settings (a restart resumes a shift under way)."""
+        return {**asdict(self), "twin": [float(v) for v in self.twin]}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping[str, Any]) -> Shift:
+        return cls(**{**doc, "twin": np.asarray(doc["twin"], dtype=float)})
 
     def summary(self, iso: Any) -> dict[str, Any]:
         """The spec's `recent_shifts` item (GET /analytics/entrainment-efficiency)."""

@@ -225,6 +225,36 @@ async def test_history_downsampled_and_paginated(gateway_factory):
                                        "end_time": "2029-01-01T00:00:00Z"}), 400, "INVALID_PARAMETER")
 
 
+async def test_history_is_thinned_when_old_and_deleted_when_older(gateway_factory):
+    # seconds for days: full resolution (20 a second) for 2 s, then one a second, gone after 6 s
+    settings = FAST + ["plugins.kaiabc.history_every_s=0.05", f"plugins.kaiabc.history_full_days={2 / 86400}",
+                       "plugins.kaiabc.history_coarse_s=1", f"plugins.kaiabc.history_days={6 / 86400}"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client, "pico_001")
+        await register(client, "elm_002")
+        ctx = gw.contexts["kaiabc"]
+        table = ctx.state.store.history
+
+        def per_second() -> list[tuple[str, int, int]]:  # (node, second, samples)
+            return [tuple(r) for r in table._meta.database.connection().execute(
+                f"SELECT node_id, CAST(ts AS INTEGER), COUNT(*) FROM {table._meta.table_name} GROUP BY 1, 2")]
+
+        async def long_enough():
+            counts = await ctx.storage.read(per_second)
+            return counts if len({s for _, s, _ in counts}) >= 7 else None
+
+        counts = await wait_until(long_enough, what="seven seconds of history")
+        now = ctx.now()
+        old = [c for n, s, c in counts if s + 1 < now - 2 - 0.5]  # whole seconds older than 2 s (and a sample)
+        recent = [c for n, s, c in counts if s > now - 1.5]
+        assert old and max(old) == 1  # thinned: one sample per node and second
+        assert recent and max(recent) > 5  # not yet: 20 a second
+        assert min(s for _, s, _ in counts) >= now - 6 - 1.5  # deleted past history_days
+        assert {n for n, _, _ in counts} == {"pico_001", "elm_002"}
+        r = await client.get(f"{V1}/oscillator/history", headers=AUTH, params={"node_id": "elm_002", "resolution": "1s"})
+        assert r.status_code == 200 and r.json()["data_points"] >= 5
+
+
 async def test_filter_divergence_is_detected_alerted_and_reset(gateway_factory):
     async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
         key = await register(client)

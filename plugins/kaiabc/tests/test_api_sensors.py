@@ -182,6 +182,24 @@ async def test_oscillators_resume_after_a_restart(gateway_factory, tmp_path):
         assert after["filter"]["measurement_count"] == 1
 
 
+async def test_the_filter_resumes_its_estimate_and_covariance_after_a_restart(gateway_factory, tmp_path):
+    settings = FAST + [f"gateway.data_dir='{tmp_path}/data'"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        key = await register(client)
+        readings = [{"timestamp": f"2026-01-01T00:00:{m:02d}Z", "temperature_kelvin": 300.0 + 0.3 * (m % 3),
+                     "humidity_percent": 40.0 + m % 2} for m in range(30)]
+        r = await client.post(f"{V1}/sensors/batch", headers={"X-API-Key": key},
+                              json={"node_id": "pico_001", "readings": readings})
+        assert r.status_code == 200 and r.json()["accepted"] == 30, r.text
+        before = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+    # a fresh filter would start at the measurement noise (0.05): 30 readings brought it well below
+    assert before["covariance_matrix"][0][0] < 0.03
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        after = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+    for key_ in ("state_estimate", "covariance_matrix", "innovation", "measurement_count"):
+        assert after[key_] == before[key_], key_
+
+
 async def test_rate_limit_is_the_specs_429_with_headers(gateway_factory):
     settings = ["plugins.kaiabc.queries_per_minute=3"]
     async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:

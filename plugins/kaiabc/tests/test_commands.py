@@ -99,3 +99,18 @@ def test_errors_are_one_line_and_exit_2(registry, capsys, argv, message):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert message in captured.err and captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["plugins.kaiabc.history_coarse_s=30"], "plugins.kaiabc.history_coarse_s: must be at least history_every_s"),
+    (["plugins.kaiabc.history_full_days=40"], "plugins.kaiabc.history_full_days: must be at most history_days"),
+    (["plugins.kaiabc.history_coars_s=600"], "history_coars_s"),
+])
+async def test_history_settings_errors_name_the_toml_key(gateway_factory, settings, message):
+    from gatewayd.testing import ConfigErrors
+    from kaiabc_testbed import KAIABC
+
+    with pytest.raises(ConfigErrors) as info:
+        async with gateway_factory(plugins=KAIABC, settings=settings):
+            pass
+    assert any(message in str(e) for e in info.value.errors), [str(e) for e in info.value.errors]

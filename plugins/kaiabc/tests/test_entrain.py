@@ -37,3 +37,17 @@ def test_bad_arguments():
         with pytest.raises(ValueError):
             entrain(**kwargs)
     assert np.isfinite(entrain(low_k=300.0, high_k=306.0, days=8).period_hours)
+
+
+def test_strong_coupling_keeps_the_verified_properties_with_three_times_the_prc():
+    from gatewayd_kaiabc.engine import RUST_2007, STRONG_COUPLING, compute_prc, limit_cycle, named_set
+
+    strong, default = named_set("strong_coupling"), named_set("compensated")
+    assert strong == STRONG_COUPLING.model()
+    assert limit_cycle(RUST_2007, strong).period == pytest.approx(20.71, abs=0.01)  # the published model at 30 degC
+    assert 0.9 <= simulated_q10(strong).q10 <= 1.1
+    res = entrain(cycle_hours=24.0, low_k=298.15, high_k=308.15, days=30, temperature_model=strong)
+    assert res.locked and all(abs(p - 24.0) <= 0.1 for p in res.periods)
+    mine, theirs = (compute_prc(temperature_model=m, resolution=24).shift_hours for m in (strong, default))
+    assert mine.max() > 0.5 and mine.min() < -0.35  # +0.57 / -0.40 h
+    assert mine.max() > 3 * theirs.max() and mine.min() < 1.4 * theirs.min()  # default: +0.13 / -0.25 h

@@ -1,5 +1,7 @@
 """Sensor Kalman filter: convergence, step tracking, missing channels, irregular timestamps."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -75,3 +77,23 @@ def test_innovation_reset_and_parameters():
         kf.set_parameters(measurement_noise={"temperature": 0.0})
     with pytest.raises(ValueError):
         kf.set_parameters(process_noise={"light": 1.0})
+
+
+def test_to_doc_and_from_doc_resume_the_filter_exactly():
+    rng = np.random.default_rng(3)
+    kf = SensorKalmanFilter(process_noise={"temperature": 0.003})
+    _feed(kf, rng, np.arange(0, 600, 7.0), lambda t: 300.0)
+    kf.update(700.0, {"temperature_kelvin": 300.4})  # humidity and pressure not measured this time
+    back = SensorKalmanFilter.from_doc(json.loads(json.dumps(kf.to_doc())))
+    assert back.state() == kf.state()
+    assert back.process_noise == kf.process_noise and back._t == kf._t
+    assert back._p[0, 0] < kf.measurement_noise["temperature"]  # converged: not restarted at the noise
+    assert back.update(710.0, {"temperature_kelvin": 300.1}) == kf.update(710.0, {"temperature_kelvin": 300.1})
+
+
+def test_from_doc_refuses_a_damaged_document():
+    doc = SensorKalmanFilter().to_doc()
+    with pytest.raises(ValueError):
+        SensorKalmanFilter.from_doc({**doc, "p": [[1.0, 0.0], [0.0, 1.0]]})
+    with pytest.raises(ValueError):
+        SensorKalmanFilter.from_doc({**doc, "x": [float("nan"), 0.0, 0.0]})

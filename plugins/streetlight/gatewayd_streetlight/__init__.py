@@ -9,6 +9,8 @@ hook hands over to the module that holds the details:
     schemas.py   the routes' declared bodies (their OpenAPI schemas)
     commands.py  operators' commands in the specification's shape, by poll or push
     health.py    the health metrics and the green / yellow / red / gray indicator (pure)
+    dashboard.py the panel on the dashboard's overview
+    cli.py       `gatewayd streetlight config ID ...`: one light's config, by an operator
     lights.py    `Streetlight`, the plugin's state (`ctx.state`)
     routes.py    the HTTP API, one method per route
 
@@ -20,15 +22,26 @@ silent.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from quart import Blueprint
 
-from gatewayd.plugins.api import Device, ModelRegistry, PluginContext, TaskRegistry, TopicRegistry, hookimpl
+from gatewayd.plugins.api import (
+    CommandRegistry,
+    Device,
+    Markup,
+    ModelRegistry,
+    PluginContext,
+    TaskRegistry,
+    TopicRegistry,
+    hookimpl,
+)
 
 from . import commands
 from . import models as tables
 from .config import StreetlightConfig
+from .dashboard import Panel
 from .lights import Streetlight
 from .routes import LightRoutes
 
@@ -53,6 +66,7 @@ def gatewayd_config_schema() -> type[StreetlightConfig]:
 def gatewayd_storage_models(models: ModelRegistry) -> None:
     models.add(*tables.named(models.plugin))  # <name>_light, _status, _energy_parameters
     models.version = tables.VERSION
+    models.migration(2)(tables.add_arrival_index)
 
 
 # -- the plugin's state ----------------------------------------------------------------
@@ -139,3 +153,23 @@ def gatewayd_device_health(ctx: Ctx, device: Device) -> tuple[str, str]:
 async def gatewayd_device_telemetry(ctx: Ctx, device: Device, limit: int) -> list[tuple[float, dict[str, Any]]]:
     rows = await ctx.storage.read(tables.recent_statuses, device.id, limit)
     return [(r.pop("ts"), r) for r in rows]
+
+
+# -- dashboard -------------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_dashboard_panels(ctx: Ctx) -> list[tuple[str, Callable[[], Awaitable[Markup]]]]:
+    """Lights by colour, on / off, the offline ones, waiting commands, energy today."""
+    return [("Street lights", Panel(ctx).render)]
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+@hookimpl
+def gatewayd_cli_commands(commands: CommandRegistry) -> None:
+    """`gatewayd <name> config ID --brightness 60 --schedule 18:30-06:00`: one light's config."""
+    from .cli import add_commands
+
+    add_commands(commands)

@@ -75,6 +75,13 @@ def priority_of(command: Command) -> str:
     return priority if priority in PRIORITIES else "normal"
 
 
+def any_due(unacked: list[Command], now: float, redeliver_after_s: float) -> bool:
+    """Whether a poll has something to hand out: a pending command, or one handed out and
+    not acknowledged for `redeliver_after_s` (expired ones are the queue's to drop)."""
+    return any((c.expires_at is None or c.expires_at > now)
+               and (c.status == "pending" or (c.delivered_at or 0.0) <= now - redeliver_after_s) for c in unacked)
+
+
 def ordered(commands: list[Command]) -> list[Command]:
     """High priority first, then oldest first."""
     return sorted(commands, key=lambda c: (-PRIORITIES[priority_of(c)], c.created_at))

@@ -39,6 +39,16 @@ class LightDefaults:
                 "sunset_time": self.sunset_time, "brightness_level": self.brightness_level,
                 "auto_dimming": self.auto_dimming}
 
+    def merged(self, overrides: object) -> tuple[dict[str, object], dict[str, str]]:
+        """A light's config: these defaults, overridden by an operator's (the light's
+        metadata `config`); and the overrides not valid, ignored: {key: reason}."""
+        config = self.as_dict()
+        if not isinstance(overrides, dict):
+            return config, {}
+        bad = dict(check_light_config(overrides))
+        config.update({k: v for k, v in overrides.items() if k not in bad})
+        return config, bad
+
 
 @dataclass
 class Health:
@@ -122,7 +132,12 @@ class StreetlightConfig:
     requests_per_minute: int = 120
     """Per light, all its requests together; over it: 429 with `retry_after_seconds`."""
     configure_per_minute: int = 10
-    """Configure requests per light id."""
+    """Configure requests per light, counted once the request passed the light's checks
+    (its signature, when it signs; else per light and client address): a stranger cannot
+    use up a light's configures."""
+    configure_per_address_per_minute: int = 600
+    """Configure requests per client address, counted before anything else (lights behind
+    one NAT share it): what a flood of forged or unknown ids can cost the gateway."""
     command_redeliver_s: float = 30.0
     """A command handed out (or pushed) and not acknowledged is handed out again after this."""
     max_sync_readings: int = 2000
@@ -159,7 +174,7 @@ class StreetlightConfig:
                               f"got {self.token_refresh_before_s}")
         if self.token_max_silence_s < 3600:
             raise ConfigError("token_max_silence_s", f"must be at least 3600, got {self.token_max_silence_s}")
-        for name in ("requests_per_minute", "configure_per_minute"):
+        for name in ("requests_per_minute", "configure_per_minute", "configure_per_address_per_minute"):
             if not 1 <= getattr(self, name) <= 100_000:
                 raise ConfigError(name, f"must be 1-100000, got {getattr(self, name)}")
         if self.command_redeliver_s < 1:

@@ -29,12 +29,14 @@ from gatewayd.plugins.api import (
 from . import commands, models
 from .config import StreetlightConfig
 from .health import Assessment, assess
-from .messages import Invalid, Registration, Status, check_light_config, iso, parse_status
+from .messages import Invalid, Registration, Status, iso, read_status
 
 if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, "Streetlight"]
 
 HOUR = 3600.0
+DAY = 86400.0
+PURGE_PART = 2000  # status rows per write: ingest waits for one part at most
 
 
 class Streetlight:
@@ -87,13 +89,9 @@ class Streetlight:
 
     def light_config(self, device: Device) -> dict[str, Any]:
         """The site's defaults, overridden by the light's metadata `config` (an operator's)."""
-        config = self.ctx.config.light.as_dict()
-        overrides = device.metadata.get("config")
-        if isinstance(overrides, dict):
-            bad = dict(check_light_config(overrides))
-            for key, reason in bad.items():
-                self.ctx.log.warning("light config override ignored", device=device.id, key=key, reason=reason)
-            config.update({k: v for k, v in overrides.items() if k not in bad})
+        config, bad = self.ctx.config.light.merged(device.metadata.get("config"))
+        for key, reason in bad.items():
+            self.ctx.log.warning("light config override ignored", device=device.id, key=key, reason=reason)
         return config
 
     # -- status -------------------------------------------------------------------------
@@ -178,11 +176,8 @@ class Streetlight:
         if device is None or device.status == "disabled":
             raise Rejected(f"light {light_id!r} ({device_id}) is not registered or is disabled")
         try:
-            doc = parse_json(msg.payload)
-            if not isinstance(doc, dict):
-                raise Invalid("expected a JSON object")
-            status = parse_status(doc)
-        except (BadJSON, Invalid) as e:
+            status = read_status(parse_json(msg.payload))
+        except (BadJSON, Invalid) as e:  # InvalidInput, the declaration's, is a BadJSON
             raise Rejected(f"status: {e}") from None
         await self.ctx.devices.activate(device)
         self.ctx.devices.touch(device_id)
@@ -217,14 +212,29 @@ class Streetlight:
     # -- retention ------------------------------------------------------------------------
 
     async def purge(self) -> None:
-        """Hourly: the plugin's rows older than `retention_days` (the outbox keeps what is
-        not delivered yet, whatever its age)."""
+        """The background task: `purge_once` at startup, then hourly."""
         while True:
-            cutoff = self.ctx.now() - self.ctx.config.retention_days * 86400
-            removed = await self.ctx.storage.write(models.purge, cutoff)
-            if removed:
-                self.ctx.log.info("old status rows removed", rows=removed, before=iso(cutoff))
+            await self.purge_once()
             await trio.sleep(HOUR)
+
+    async def purge_once(self) -> tuple[int, int]:
+        """Remove the status and energy rows received more than `retention_days` ago, but
+        none the cloud does not have yet: rows from a minute before the family's oldest
+        undelivered record on are kept, whatever their age. (status rows, energy rows) removed."""
+        cutoff = self.ctx.now() - self.ctx.config.retention_days * DAY
+        pending = await self.ctx.ingest.oldest_pending()
+        if pending is not None:
+            # A row is stamped a moment before its upstream record: a minute covers that.
+            cutoff = min(cutoff, pending - 60.0)
+        statuses = energy = 0
+        while True:
+            part = await self.ctx.storage.write(models.purge, cutoff, PURGE_PART)
+            statuses, energy = statuses + part[0], energy + part[1]
+            if max(part) < PURGE_PART:
+                break
+        if statuses or energy:
+            self.ctx.log.info("old rows removed", statuses=statuses, energy=energy, before=iso(cutoff))
+        return statuses, energy
 
 
 def retry_after(seconds: float | None) -> int:

@@ -1,14 +1,16 @@
-"""What street lights send, parsed and checked: pure functions, no I/O.
+"""What street lights send, once declared (`schemas.py`), checked for what a schema cannot
+say and normalised: pure functions, no I/O.
 
-Each parser takes a JSON object already parsed strictly by the core (`parse_json`: no
-NaN, no lone surrogates, integers SQLite can hold) and returns a typed value, or raises
-`Invalid` with a message that names the field (`status.battery_percentage: expected a
-percentage 0-100, got 140`). Routes answer it 400 in the family's error shape; MQTT
-handlers turn it into `Rejected`. The shapes are the specification's (seed 001): the
-configure request of section 1, the status of section 2 (and the compact one of the
-MQTT status topic, section 4), the command ack of section 3. The alert, log, offline
-sync and firmware bodies the specification names but does not show are README.md's
-decisions.
+Types, ranges, lengths and choices are the declarations' (msgspec Structs, checked once
+by the route's declaration, or by `convert` for an MQTT payload: `read_status`); the
+parsers here check the rest (a plausible clock, a body's `device_id` being the path's,
+coordinates in the service area, a cached reading's timestamp) and raise `Invalid` with
+a message that names the field (`readings[3].timestamp: required ...`). Routes answer it
+400 in the family's error shape; MQTT handlers turn it into `Rejected`. The shapes are
+the specification's (seed 001): the configure request of section 1, the status of
+section 2 (and the compact one of the MQTT status topic, section 4), the command ack of
+section 3. The alert, log, offline sync and firmware bodies the specification names but
+does not show are README.md's decisions.
 """
 
 from __future__ import annotations
@@ -20,19 +22,12 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from gatewayd.plugins.api import REPORT_STATUSES, json_kind, parse_time, plausible_ts
+from gatewayd.plugins.api import convert, parse_time, plausible_ts
 
-POWER_STATES = ("on", "off", "error")
-SEVERITIES = ("info", "warning", "critical")
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+from .schemas import AlertRequest, CommandAck, ConfigureRequest, FirmwareRequest, LogsRequest, StatusReport, Sync
+
 CLOCK = re.compile(r"([01]\d|2[0-3]):[0-5]\d:[0-5]\d")  # "18:30:00"
-LIGHT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # an MQTT username and one topic level
-EVENT_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")  # the core's event types
-MAX_TEXT = 256
-MAX_MESSAGE = 1024
-MAX_FLAGS = 32
 MAX_JSON = 16384  # characters of a free-form object (an alert's data, an ack's result)
-MAX_LOG_ENTRIES = 1000
 
 
 class Invalid(ValueError):
@@ -49,76 +44,36 @@ class Invalid(ValueError):
 
 
 def _show(value: Any) -> str:
-    text = repr(value) if isinstance(value, (str, int, float)) and not isinstance(value, bool) else json_kind(value)
+    text = repr(value)
     return text if len(text) <= 60 else text[:40] + f"... ({len(text)} characters)"
 
 
-def number(doc: dict[str, Any], key: str, low: float, high: float, what: str, *, path: str = "",
-           integer: bool = False, required: bool = False) -> float | None:
-    """`doc[key]`: a number in [low, high] (an integer with `integer`), or None when absent."""
-    value = doc.get(key)
+def timestamp(value: str | float | None, field: str) -> float | None:
+    """An ISO 8601 time with its zone ("2025-12-17T10:30:35Z") or epoch seconds, between
+    2000 and 2200; None when absent."""
     if value is None:
-        if required:
-            raise Invalid(f"{path}{key}: required ({what})")
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-    if ok and integer and not (isinstance(value, int) or float(value).is_integer()):
-        ok = False
-    if not ok:
-        raise Invalid(f"{path}{key}: expected {what}, got {_show(value)}")
-    return int(value) if integer else float(value)
-
-
-def text(doc: dict[str, Any], key: str, *, path: str = "", limit: int = MAX_TEXT, required: bool = False,
-         choices: tuple[str, ...] = ()) -> str | None:
-    """`doc[key]`: a string of at most `limit` characters (one of `choices`), or None."""
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise Invalid(f"{path}{key}: required" + (f" (one of {', '.join(choices)})" if choices else ""))
-        return None
-    if choices and value not in choices:
-        raise Invalid(f"{path}{key}: expected one of {', '.join(choices)}, got {_show(value)}")
-    if not isinstance(value, str) or len(value) > limit:
-        raise Invalid(f"{path}{key}: expected a string of at most {limit} characters, got {_show(value)}")
-    return value
-
-
-def obj(doc: dict[str, Any], key: str, *, path: str = "", required: bool = False) -> dict[str, Any] | None:
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise Invalid(f"{path}{key}: required (an object)")
-        return None
-    if not isinstance(value, dict):
-        raise Invalid(f"{path}{key}: expected an object, got {json_kind(value)}")
-    return value
-
-
-def timestamp(doc: dict[str, Any], key: str, *, path: str = "", required: bool = False) -> float | None:
-    """An ISO 8601 time with its zone ("2025-12-17T10:30:35Z") or epoch seconds."""
-    value = doc.get(key)
-    if value is None:
-        if required:
-            raise Invalid(f"{path}{key}: required (an ISO 8601 time such as 2025-12-17T10:30:35Z)")
         return None
     try:
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError
         ts = parse_time(value) if isinstance(value, str) else float(value)
     except ValueError:
-        raise Invalid(f"{path}{key}: expected an ISO 8601 time such as 2025-12-17T10:30:35Z, got {_show(value)}") \
+        raise Invalid(f"{field}: expected an ISO 8601 time such as 2025-12-17T10:30:35Z, got {_show(value)}") \
             from None
     if not plausible_ts(ts):
-        raise Invalid(f"{path}{key}: {_show(value)} is not between 2000 and 2200 (is the light's clock set?)")
+        raise Invalid(f"{field}: {_show(value)} is not between 2000 and 2200 (is the light's clock set?)")
     return ts
 
 
-def same_device(doc: dict[str, Any], device_id: str) -> None:
+def same_device(given: str | None, device_id: str, path: str = "") -> None:
     """A body's `device_id`, when it has one, is the path's."""
-    given = doc.get("device_id")
     if given is not None and given != device_id:
-        raise Invalid(f"device_id: {_show(given)} is not the device of the path ({device_id!r})")
+        raise Invalid(f"{path}device_id: {_show(given)} is not the device of the path ({device_id!r})")
+
+
+def choice(value: str | None, field: str, choices: tuple[str, ...]) -> str | None:
+    """One of the core's lists (OTA statuses, channels): not a static Literal of the schema."""
+    if value is not None and value not in choices:
+        raise Invalid(f"{field}: expected one of {', '.join(choices)}, got {_show(value)}")
+    return value
 
 
 def iso(ts: float) -> str:
@@ -164,12 +119,11 @@ class Registration(NamedTuple):
         return {k: v for k, v in doc.items() if v is not None}
 
 
-def parse_registration(doc: dict[str, Any], device_id: str, service_area: list[float]) -> Registration:
+def parse_registration(body: ConfigureRequest, device_id: str, service_area: list[float]) -> Registration:
     """The configure body; `CONFIG_INVALID` for coordinates that are no fix or outside the
     site's `service_area` ([south, west, north, east])."""
-    same_device(doc, device_id)
-    lat = number(doc, "latitude", -90, 90, "degrees -90..90")
-    lon = number(doc, "longitude", -180, 180, "degrees -180..180")
+    same_device(body.device_id, device_id)
+    lat, lon = body.latitude, body.longitude
     if (lat is None) != (lon is None):
         raise Invalid("latitude, longitude: give both or neither", "CONFIG_INVALID")
     if lat == 0 and lon == 0:
@@ -180,17 +134,11 @@ def parse_registration(doc: dict[str, Any], device_id: str, service_area: list[f
             raise Invalid("latitude, longitude: required (this site has a service area)", "CONFIG_INVALID")
         if not (south <= lat <= north and west <= lon <= east):
             raise Invalid(f"GPS coordinates {lat}, {lon} out of service area", "CONFIG_INVALID")
-    imei = text(doc, "gsm_imei", limit=16)
-    if imei is not None and not (imei.isascii() and imei.isdigit() and 14 <= len(imei) <= 16):
-        raise Invalid(f"gsm_imei: expected 14-16 digits, got {_show(imei)}")
     return Registration(
-        device_type=text(doc, "device_type", limit=128), name=text(doc, "name"), city=text(doc, "city"),
-        latitude=lat, longitude=lon, address=text(doc, "address"),
-        power_state=text(doc, "status", choices=POWER_STATES),
-        battery_backup_hours=number(doc, "battery_backup_hours", 0, 10_000, "hours 0-10000"),
-        gsm_imei=imei, gsm_signal=number(doc, "gsm_signal_strength", -200, 200, "a signal strength -200..200"),
-        communication_type=text(doc, "communication_type", limit=32),
-        firmware_version=text(doc, "firmware_version", limit=64), ts=timestamp(doc, "timestamp"),
+        device_type=body.device_type, name=body.name, city=body.city, latitude=lat, longitude=lon,
+        address=body.address, power_state=body.status, battery_backup_hours=body.battery_backup_hours,
+        gsm_imei=body.gsm_imei, gsm_signal=body.gsm_signal_strength, communication_type=body.communication_type,
+        firmware_version=body.firmware_version, ts=timestamp(body.timestamp, "timestamp"),
     )
 
 
@@ -259,70 +207,45 @@ class Status(NamedTuple):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_status(doc: dict[str, Any], *, path: str = "") -> Status:
+def read_status(doc: Any) -> Status:
+    """A status that came without a route's declaration (an MQTT payload): declared here."""
+    return parse_status(convert(doc, StatusReport, location="payload"))
+
+
+def parse_status(report: StatusReport, *, device_id: str | None = None, path: str = "") -> Status:
     """A status report, in the form of section 2 (`status` an object, `energy` beside it) or
     the compact form of section 4 and the pseudocode of section 10 (`status` "on" / "off"
-    / "error", `brightness` and `battery` beside it)."""
-    ts = timestamp(doc, "timestamp", path=path)
-    light_id = text(doc, "light_id", path=path, limit=64)
-    state = doc.get("status")
-    if state is None:
-        raise Invalid(f"{path}status: required (an object, or 'on' / 'off' / 'error')")
-    if isinstance(state, dict):
-        inner, at = state, f"{path}status."
-        power = text(state, "power_state", path=at, choices=POWER_STATES)
-        brightness = number(state, "brightness", 0, 100, "a percentage 0-100", path=at)
-        battery = number(state, "battery_percentage", 0, 100, "a percentage 0-100", path=at)
-    elif isinstance(state, str):
-        inner, at = doc, path
-        power = text(doc, "status", path=path, choices=POWER_STATES)
-        brightness = number(doc, "brightness", 0, 100, "a percentage 0-100", path=path)
-        battery = number(doc, "battery", 0, 100, "a percentage 0-100", path=path)
+    / "error", `brightness`, `battery` and the block's other fields beside it)."""
+    if device_id is not None:
+        same_device(report.device_id, device_id, path)
+    block = report.status
+    power: str | None
+    if isinstance(block, str):
+        power, brightness, battery = block, report.brightness, report.battery
+        temperature, signal, uptime = report.temperature_celsius, report.gsm_signal_strength, report.uptime_seconds
+        flags = report.error_flags or []
     else:
-        raise Invalid(f"{path}status: expected an object, or 'on' / 'off' / 'error', got {json_kind(state)}")
-    flags = inner.get("error_flags", [])
-    if not isinstance(flags, list) or len(flags) > MAX_FLAGS:
-        got = json_kind(flags) if not isinstance(flags, list) else f"{len(flags)} of them"
-        raise Invalid(f"{at}error_flags: expected a list of at most {MAX_FLAGS} flags, got {got}")
-    for i, flag in enumerate(flags):
-        if not isinstance(flag, str) or not 0 < len(flag) <= 64:
-            raise Invalid(f"{at}error_flags[{i}]: expected a string of 1-64 characters, got {_show(flag)}")
-    energy = obj(doc, "energy", path=path)
+        power, brightness, battery = block.power_state, block.brightness, block.battery_percentage
+        temperature, signal, uptime = block.temperature_celsius, block.gsm_signal_strength, block.uptime_seconds
+        flags = block.error_flags or []
+    e = report.energy
     return Status(
-        ts=ts, light_id=light_id, power_state=power, brightness=brightness,
-        temperature=number(inner, "temperature_celsius", -100, 200, "degrees Celsius -100..200", path=at),
-        battery=battery,
-        gsm_signal=number(inner, "gsm_signal_strength", -200, 200, "a signal strength -200..200", path=at),
-        uptime=None if (u := number(inner, "uptime_seconds", 0, 2**40, "whole seconds >= 0", path=at,
-                                    integer=True)) is None else int(u),
+        ts=timestamp(report.timestamp, f"{path}timestamp"), light_id=report.light_id, power_state=power,
+        brightness=brightness, temperature=temperature, battery=battery, gsm_signal=signal, uptime=uptime,
         error_flags=tuple(dict.fromkeys(flags)),
-        energy=None if energy is None else parse_energy(energy, f"{path}energy."),
+        energy=None if e is None else Energy(e.voltage, e.current, e.power_watts, e.frequency, e.cumulative_kwh),
     )
 
 
-def parse_energy(doc: dict[str, Any], path: str) -> Energy:
-    return Energy(
-        voltage=number(doc, "voltage", 0, 100_000, "volts 0-100000", path=path),
-        current=number(doc, "current", 0, 100_000, "amperes 0-100000", path=path),
-        power_watts=number(doc, "power_watts", 0, 10_000_000, "watts 0-10000000", path=path),
-        frequency=number(doc, "frequency", 0, 100_000, "hertz 0-100000", path=path),
-        cumulative_kwh=number(doc, "cumulative_kwh", 0, 1e15, "kilowatt hours >= 0", path=path),
-    )
-
-
-def parse_sync(doc: dict[str, Any], device_id: str, max_readings: int) -> list[Status]:
+def parse_sync(body: Sync, device_id: str, max_readings: int) -> list[Status]:
     """The offline sync: `{"readings": [status, ...]}`, each with its own `timestamp`."""
-    same_device(doc, device_id)
-    readings = doc.get("readings")
-    if not isinstance(readings, list) or not readings:
-        raise Invalid("readings: required (a list of status reports, each with its timestamp)")
-    if len(readings) > max_readings:
-        raise Invalid(f"readings: {len(readings)} readings, more than {max_readings} in one sync: send them in parts")
+    same_device(body.device_id, device_id)
+    if len(body.readings) > max_readings:
+        raise Invalid(f"readings: {len(body.readings)} readings, more than {max_readings} in one sync: "
+                      "send them in parts")
     out = []
-    for i, reading in enumerate(readings):
-        if not isinstance(reading, dict):
-            raise Invalid(f"readings[{i}]: expected a status object, got {json_kind(reading)}")
-        status = parse_status(reading, path=f"readings[{i}].")
+    for i, reading in enumerate(body.readings):
+        status = parse_status(reading, device_id=device_id, path=f"readings[{i}].")
         if status.ts is None:
             raise Invalid(f"readings[{i}].timestamp: required (a cached reading keeps the time it was taken)")
         out.append(status)
@@ -343,17 +266,12 @@ class Ack(NamedTuple):
         return doc if self.ts is None else {**doc, "execution_timestamp": iso(self.ts)}
 
 
-def parse_ack(doc: dict[str, Any], device_id: str | None) -> Ack:
+def parse_ack(body: CommandAck, device_id: str) -> Ack:
     """`{"command_id", "status": "executed" | "failed", "execution_timestamp", "result"}`
     (the pseudocode's `timestamp` is taken for `execution_timestamp`)."""
-    if device_id is not None:
-        same_device(doc, device_id)
-    command_id = text(doc, "command_id", limit=128, required=True)
-    if not command_id:
-        raise Invalid("command_id: expected the command's id, got an empty string")
-    status = text(doc, "status", choices=("executed", "failed"), required=True)
-    ts = timestamp(doc, "execution_timestamp") or timestamp(doc, "timestamp")
-    return Ack(command_id, status == "executed", ts, _free_json(doc.get("result"), "result"))
+    same_device(body.device_id, device_id)
+    ts = timestamp(body.execution_timestamp, "execution_timestamp") or timestamp(body.timestamp, "timestamp")
+    return Ack(body.command_id, body.status == "executed", ts, _free_json(body.result, "result"))
 
 
 # -- alerts and logs (section 12; shapes decided in README.md) --------------------------------
@@ -367,35 +285,20 @@ class AlertReport(NamedTuple):
     data: dict[str, Any]
 
 
-def parse_alert(doc: dict[str, Any], device_id: str) -> AlertReport:
+def parse_alert(body: AlertRequest, device_id: str) -> AlertReport:
     """`{"alert_type", "severity", "message", "timestamp", "data"}`; severity defaults to critical."""
-    same_device(doc, device_id)
-    kind = text(doc, "alert_type", limit=64, required=True) or ""
-    if not EVENT_TYPE.fullmatch(kind):
-        raise Invalid(f"alert_type: expected 1-64 of letters, digits and _ . : -, got {_show(kind)}")
-    data = obj(doc, "data") or {}
-    return AlertReport(kind, text(doc, "severity", choices=SEVERITIES) or "critical",
-                       text(doc, "message", limit=MAX_MESSAGE) or "", timestamp(doc, "timestamp"),
-                       _free_json(data, "data"))
+    same_device(body.device_id, device_id)
+    return AlertReport(body.alert_type, body.severity, body.message, timestamp(body.timestamp, "timestamp"),
+                       _free_json(body.data or {}, "data"))
 
 
-def parse_logs(doc: dict[str, Any], device_id: str) -> list[dict[str, Any]]:
+def parse_logs(body: LogsRequest, device_id: str) -> list[dict[str, Any]]:
     """`{"logs": [{"timestamp", "level", "message"}, ...]}`: entries in the order sent."""
-    same_device(doc, device_id)
-    entries = doc.get("logs")
-    if not isinstance(entries, list) or not entries:
-        raise Invalid("logs: required (a list of {timestamp, level, message})")
-    if len(entries) > MAX_LOG_ENTRIES:
-        raise Invalid(f"logs: {len(entries)} entries, more than {MAX_LOG_ENTRIES} in one upload")
+    same_device(body.device_id, device_id)
     out = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            raise Invalid(f"logs[{i}]: expected an object, got {json_kind(entry)}")
-        at = f"logs[{i}]."
-        ts = timestamp(entry, "timestamp", path=at)
-        out.append({"timestamp": None if ts is None else iso(ts),
-                    "level": text(entry, "level", path=at, choices=LOG_LEVELS) or "info",
-                    "message": text(entry, "message", path=at, limit=4096, required=True)})
+    for i, entry in enumerate(body.logs):
+        ts = timestamp(entry.timestamp, f"logs[{i}].timestamp")
+        out.append({"timestamp": None if ts is None else iso(ts), "level": entry.level, "message": entry.message})
     return out
 
 
@@ -409,13 +312,10 @@ class FirmwareReport(NamedTuple):
     channel: str
 
 
-def parse_firmware(doc: dict[str, Any], device_id: str, channels: tuple[str, ...]) -> FirmwareReport:
+def parse_firmware(body: FirmwareRequest, device_id: str, statuses: tuple[str, ...],
+                   channels: tuple[str, ...]) -> FirmwareReport:
     """`{"firmware_version", "status"?, "detail"?, "channel"?}`: what the light runs (or how
     its update goes, one of the OTA statuses), to be told whether a newer image waits."""
-    same_device(doc, device_id)
-    version = text(doc, "firmware_version", limit=64, required=True) or ""
-    if not version:
-        raise Invalid("firmware_version: expected a version such as v2.1.0, got an empty string")
-    return FirmwareReport(version, text(doc, "status", choices=REPORT_STATUSES),
-                          text(doc, "detail", limit=MAX_MESSAGE) or "",
-                          text(doc, "channel", choices=channels) or "stable")
+    same_device(body.device_id, device_id)
+    return FirmwareReport(body.firmware_version, choice(body.status, "status", statuses), body.detail,
+                          choice(body.channel, "channel", channels) or "stable")

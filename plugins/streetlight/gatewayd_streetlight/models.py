@@ -19,7 +19,7 @@ from gatewayd.plugins.api import PluginStorage
 
 from .messages import Status
 
-VERSION = 1
+VERSION = 2  # 2: status and energy rows indexed by arrival (the retention purge)
 
 
 class Table(peewee.Model):
@@ -54,7 +54,7 @@ class StatusRow(Table):
     error_flags = peewee.TextField(default="[]")
 
     class Meta:
-        indexes = ((("device", "ts"), False),)
+        indexes = ((("device", "ts"), False), (("received_at",), False))
 
 
 class EnergyParameters(Table):
@@ -63,6 +63,7 @@ class EnergyParameters(Table):
     id = peewee.AutoField()
     device = peewee.CharField(max_length=128)
     ts = peewee.FloatField()
+    received_at = peewee.FloatField(null=True)  # null: stored by schema 1 (its ts stands in)
     voltage = peewee.FloatField(null=True)
     current = peewee.FloatField(null=True)
     power_watts = peewee.FloatField(null=True)
@@ -70,7 +71,7 @@ class EnergyParameters(Table):
     cumulative_kwh = peewee.FloatField(null=True)
 
     class Meta:
-        indexes = ((("device", "ts"), False),)
+        indexes = ((("device", "ts"), False), (("received_at",), False))
 
 
 def named(plugin: str) -> list[type[peewee.Model]]:
@@ -91,7 +92,7 @@ class Rows:
 
     STATUS = ("device", "ts", "received_at", "via", "power_state", "brightness", "temperature", "battery",
               "gsm_signal", "uptime", "error_flags")
-    ENERGY = ("device", "ts", "voltage", "current", "power_watts", "frequency", "cumulative_kwh")
+    ENERGY = ("device", "ts", "received_at", "voltage", "current", "power_watts", "frequency", "cumulative_kwh")
 
     def __init__(self, storage: PluginStorage) -> None:
         self._connection = storage.connection
@@ -104,7 +105,7 @@ class Rows:
         connection.executemany(self._status, [
             (device, ts, received_at, via, s.power_state, s.brightness, s.temperature, s.battery, s.gsm_signal,
              s.uptime, json.dumps(list(s.error_flags))) for s, ts in statuses])
-        energy = [(device, ts, *s.energy) for s, ts in statuses if s.energy is not None]
+        energy = [(device, ts, received_at, *s.energy) for s, ts in statuses if s.energy is not None]
         if energy:
             connection.executemany(self._energy, energy)
 
@@ -127,10 +128,24 @@ def assign_light(device: str, prefix: str, registration: dict[str, Any], now: fl
     return str(row.light_id)
 
 
-def purge(before: float) -> int:
-    """Delete status and energy rows older than `before` (the upstream outbox keeps its own)."""
-    n = StatusRow.delete().where(StatusRow.received_at < before).execute()
-    return int(n) + int(EnergyParameters.delete().where(EnergyParameters.ts < before).execute())
+def add_arrival_index(migrator: Any, database: peewee.Database) -> None:
+    """Schema 2: energy rows know their arrival (`received_at`; schema 1's take their
+    timestamp); the indexes on it, status and energy, are created right after."""
+    connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
+    energy = EnergyParameters._meta.table_name
+    connection.execute(f'ALTER TABLE "{energy}" ADD COLUMN "received_at" REAL')
+    connection.execute(f'UPDATE "{energy}" SET "received_at" = "ts"')
+
+
+def purge(before: float, limit: int) -> tuple[int, int]:
+    """Delete up to `limit` status rows and up to `limit` energy rows received before
+    `before`, oldest first: (status rows, energy rows) deleted. In parts, so the writer
+    is never held for long."""
+    removed = []
+    for model in (StatusRow, EnergyParameters):
+        chosen = (model.select(model.id).where(model.received_at < before).order_by(model.received_at).limit(limit))
+        removed.append(int(model.delete().where(model.id.in_(chosen)).execute()))
+    return removed[0], removed[1]
 
 
 # -- reads --------------------------------------------------------------------------------
@@ -150,6 +165,26 @@ def latest_status(device: str) -> dict[str, Any] | None:
     return {"ts": row.ts, "received_at": row.received_at, "power_state": row.power_state,
             "brightness": row.brightness, "temperature": row.temperature, "battery": row.battery,
             "gsm_signal": row.gsm_signal, "uptime": row.uptime, "error_flags": json.loads(row.error_flags)}
+
+
+def energy_since(since: float) -> tuple[float, int]:
+    """The energy the lights used since `since` (by their readings' timestamps): per light
+    its newest `cumulative_kwh` less its first since then, two index lookups per light.
+    (kWh in all, lights with readings); a meter that went back (replaced) counts 0."""
+    def reading(newest: bool) -> peewee.SelectQuery:
+        e = EnergyParameters
+        return (e.select(e.cumulative_kwh)
+                .where((e.device == Light.device) & (e.ts >= since) & e.cumulative_kwh.is_null(False))
+                .order_by(e.ts.desc() if newest else e.ts).limit(1))
+
+    total, lights = 0.0, 0
+    query: Any = Light.select(reading(False), reading(True)).tuples()  # rows of (first, last)
+    rows: list[tuple[float | None, float | None]] = list(query)
+    for first, last in rows:
+        if first is not None and last is not None:
+            total += max(0.0, last - first)
+            lights += 1
+    return total, lights
 
 
 def recent_statuses(device: str, limit: int) -> list[dict[str, Any]]:

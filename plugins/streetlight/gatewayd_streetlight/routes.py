@@ -19,6 +19,7 @@ from gatewayd.plugins.api import (
     DeviceAuth,
     DeviceExists,
     EncodingError,
+    REPORT_STATUSES,
     Meta,
     PluginContext,
     Routes,
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     Ctx = PluginContext[StreetlightConfig, Streetlight]
 
 DEVICE = {"device_id": schemas.DeviceId}
+FirmwareId = Annotated[str, Meta(pattern=r"^[1-9][0-9]{0,17}$")]
 CHANNELS = ("stable", "beta")
 
 
@@ -68,6 +70,7 @@ class LightRoutes:
         self._expiry: dict[str, float] = {}  # token -> its expiry
         ctx.ratelimit.define("device", ctx.config.requests_per_minute, 60)
         ctx.ratelimit.define("configure", ctx.config.configure_per_minute, 60)
+        ctx.ratelimit.define("configure-address", ctx.config.configure_per_address_per_minute, 60)
 
     def blueprint(self) -> Blueprint:
         bp = Blueprint(self.ctx.name, __name__)
@@ -97,8 +100,9 @@ class LightRoutes:
         r.get("/device/<device_id>/health", path=DEVICE, responses={200: schemas.HealthReport}, errors=gone)(self.health)
         r.put("/device/<device_id>/firmware", path=DEVICE, body=schemas.FirmwareRequest,
               responses={200: schemas.FirmwareAnswer}, errors=gone)(self.firmware)
-        r.get("/firmware/<firmware_id>/image", path={"firmware_id": Annotated[int, Meta(ge=1, le=2**63 - 1)]},
-              responses={200: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
+        # The id as digits, not <int:>: Quart's own 404 for "abc" would not be the family's error body.
+        r.get("/firmware/<firmware_id>/image", path={"firmware_id": FirmwareId},
+              responses={200: None, 206: None, 304: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
         bp.register_error_handler(BadJSON, self.bad_json)  # strict JSON and the declarations alike
@@ -116,9 +120,11 @@ class LightRoutes:
         IMEI:...`), or, with `enrollment = true`, any light once an operator approved it.
         A light whose metadata says `"signed": true` (or every light, with
         `require_signatures`) signs its body: `X-Device-Signature`."""
-        self._limit(device_id, "configure")
+        # Before anything, per client address; per light only once the request passed the
+        # light's checks (below): forged requests do not use up a light's configures.
+        self._limit(request.remote_addr or "", "configure-address", "this address's configure")
         try:
-            reg = parse_registration(msgspec.to_builtins(body), device_id, self.ctx.config.service_area)
+            reg = parse_registration(body, device_id, self.ctx.config.service_area)
         except Invalid as e:
             raise Refused(400, e.code, e.message, 300 if e.code == "CONFIG_INVALID" else None) from None
         device = await self.ctx.devices.get(device_id)
@@ -133,7 +139,10 @@ class LightRoutes:
             if device.metadata.get("enrollment") == "pending":
                 raise Refused(403, "PENDING_APPROVAL", f"light {device_id} waits for an operator's approval", pending)
             raise Refused(403, "DEVICE_DISABLED", f"light {device_id} is disabled on this gateway", pending)
-        await self._signature(device)
+        signed = await self._signature(device)
+        # A light that signed is itself; an unsigned one may be anyone knowing its id, so
+        # each client address has its own count for it.
+        self._limit(device_id if signed else f"{device_id} {request.remote_addr}", "configure", "the light's configure")
         light_id, config = await self.ctx.state.configure(device, reg)
         token = self.ctx.auth.issue_jwt(device, ttl_s=self.ctx.config.token_ttl_s)
         answer = schemas.Configured(
@@ -154,8 +163,7 @@ class LightRoutes:
         """Store a status report; answer when to send the next one (and a fresh token when
         the light's nears its expiry)."""
         await self._authenticate(device_id)
-        doc = msgspec.to_builtins(body)
-        status = self._parse(lambda: (self._same(doc, device_id), parse_status(doc))[1])
+        status = self._parse(lambda: parse_status(body, device_id=device_id))
         latest = await self.ctx.state.record_status(device_id, status, via="http")
         answer = schemas.StatusRecorded("success", "Status recorded",
                                         next_update_seconds(latest, self.ctx.config.health), iso(self.ctx.now()))
@@ -169,8 +177,7 @@ class LightRoutes:
     async def sync(self, device_id: str, body: schemas.Sync) -> schemas.Synced:
         """The offline sync: cached readings (gzip welcome), stored in one transaction."""
         await self._authenticate(device_id)
-        readings = self._parse(lambda: parse_sync(msgspec.to_builtins(body), device_id,
-                                                  self.ctx.config.max_sync_readings))
+        readings = self._parse(lambda: parse_sync(body, device_id, self.ctx.config.max_sync_readings))
         stored = await self.ctx.state.record_sync(device_id, readings)
         return schemas.Synced("success", f"{stored} readings stored", stored, iso(self.ctx.now()))
 
@@ -180,10 +187,12 @@ class LightRoutes:
         # A light that polls is not listening on MQTT (any more): what was pushed to it and
         # never acknowledged is handed out again now, not after command_redeliver_s.
         pushed_to = self.ctx.state.mqtt_seen.pop(device_id, None) is not None
-        taken = await self.ctx.commands.next_for(
-            device_id, limit=query.limit, redeliver_after_s=0.0 if pushed_to else self.ctx.config.command_redeliver_s)
-        waiting = any(cmds.priority_of(c) == "high" for c in taken) or any(
-            cmds.priority_of(c) == "high" for c in await self.ctx.commands.list(device_id, status="delivered"))
+        redeliver_s = 0.0 if pushed_to else self.ctx.config.command_redeliver_s
+        # One read in the common case (nothing waits); the queue's write only to hand out.
+        unacked = await self.ctx.commands.list(device_id, status=("pending", "delivered"))
+        taken = await self.ctx.commands.next_for(device_id, limit=query.limit, redeliver_after_s=redeliver_s) \
+            if cmds.any_due(unacked, self.ctx.now(), redeliver_s) else []
+        waiting = any(cmds.priority_of(c) == "high" for c in unacked)  # until its ack: poll fast
         latest = self.ctx.state.latest.get(device_id)
         return schemas.PendingCommands("ok", [cmds.shape(c) for c in cmds.ordered(taken)],
                                        poll_seconds(latest, waiting, self.ctx.config.health), iso(self.ctx.now()))
@@ -191,7 +200,7 @@ class LightRoutes:
     async def ack(self, device_id: str, body: schemas.CommandAck) -> schemas.Acked:
         """A command executed (or failed), with its result; a repeated ack changes nothing."""
         await self._authenticate(device_id)
-        ack = self._parse(lambda: parse_ack(msgspec.to_builtins(body), device_id))
+        ack = self._parse(lambda: parse_ack(body, device_id))
         command = await self.ctx.commands.get(ack.command_id)
         if command is None or command.device_id != device_id or command.family != self.ctx.name:
             raise Refused(404, "COMMAND_NOT_FOUND", f"no command {ack.command_id!r} for light {device_id}")
@@ -205,7 +214,7 @@ class LightRoutes:
     async def alert(self, device_id: str, body: schemas.AlertRequest) -> schemas.Recorded:
         """A light's alert: an event (the alert rules see it) and an `alert` record upstream."""
         await self._authenticate(device_id)
-        alert = self._parse(lambda: parse_alert(msgspec.to_builtins(body), device_id))
+        alert = self._parse(lambda: parse_alert(body, device_id))
         ts = alert.ts or self.ctx.now()
         data = {"alert_type": alert.alert_type, "severity": alert.severity, "message": alert.message,
                 "timestamp": iso(ts), "data": alert.data}
@@ -219,7 +228,7 @@ class LightRoutes:
     async def logs(self, device_id: str, body: schemas.LogsRequest) -> schemas.Recorded:
         """A light's log lines (gzip welcome): upstream in the lowest class."""
         await self._authenticate(device_id)
-        entries = self._parse(lambda: parse_logs(msgspec.to_builtins(body), device_id))
+        entries = self._parse(lambda: parse_logs(body, device_id))
         await self.ctx.ingest.record(device_id, "logs", {"logs": entries}, ts=self.ctx.now(), cls="log")
         return schemas.Recorded("success", f"{len(entries)} log entries recorded", iso(self.ctx.now()))
 
@@ -241,7 +250,7 @@ class LightRoutes:
         """The light says what it runs (and how an update goes); the answer says whether a
         newer image waits in the gateway's OTA store, and where."""
         device = await self._authenticate(device_id)
-        report = self._parse(lambda: parse_firmware(msgspec.to_builtins(body), device_id, CHANNELS))
+        report = self._parse(lambda: parse_firmware(body, device_id, REPORT_STATUSES, CHANNELS))
         if report.status is not None:
             await self.ctx.ota.report(device_id, report.status, version=report.version, detail=report.detail)
         if report.version != device.firmware:
@@ -258,10 +267,10 @@ class LightRoutes:
                                       newest.sha256, newest.size)
         return schemas.FirmwareAnswer("success", f"Firmware {newest.version} available", True, now, image)
 
-    async def image(self, firmware_id: int) -> Response:
+    async def image(self, firmware_id: str) -> Response:
         """A firmware image from the OTA store (Range and ETag honoured)."""
         await self._authenticate_any()
-        fw = await self.ctx.ota.get(firmware_id)
+        fw = await self.ctx.ota.get(int(firmware_id))
         if fw is None:
             raise Refused(404, "FIRMWARE_NOT_FOUND", f"no {self.ctx.name} firmware {firmware_id}")
         response: Response = await self.ctx.ota.response(fw)
@@ -317,7 +326,7 @@ class LightRoutes:
                 raise Refused(404, "DEVICE_NOT_FOUND", f"light {device_id} is not registered: configure again",
                               None) from None
             raise
-        self._limit(device_id, "device")
+        self._limit(device_id, "device", "the light's request")
         state, now = self.ctx.state, self.ctx.now()
         silent = state.silent_s(device)
         if silent is not None and silent > self.ctx.config.token_max_silence_s:
@@ -329,22 +338,23 @@ class LightRoutes:
     async def _authenticate_any(self) -> Device:
         """A firmware download: any light of the family with its token."""
         device = await self.ctx.auth.bearer_jwt(request.headers, request.remote_addr)
-        self._limit(device.id, "device")
+        self._limit(device.id, "device", "the light's request")
         return device
 
-    async def _signature(self, device: Device) -> None:
+    async def _signature(self, device: Device) -> bool:
+        """Check `X-Device-Signature` when the light must sign or sent one; True if it signed."""
         header = request.headers.get("X-Device-Signature")
         if header is None and not (self.ctx.config.require_signatures or device.metadata.get("signed") is True):
-            return
+            return False
         body = await request.get_data(as_text=False)  # as sent (compressed too): what the light signed
         assert isinstance(body, bytes)
         await self.ctx.auth.signature(request.headers, body, request.remote_addr, device_id=device.id)
+        return True
 
-    def _limit(self, key: str, cls: str) -> None:
+    def _limit(self, key: str, cls: str, what: str) -> None:
         decision = self.ctx.ratelimit.check(key, cls)
         if not decision.allowed:
-            raise Refused(429, "RATE_LIMITED", f"more than the light's {cls} rate allows: retry later",
-                          decision.retry_after_s)
+            raise Refused(429, "RATE_LIMITED", f"more than {what} rate allows: retry later", decision.retry_after_s)
 
     def _token_expires_at(self) -> float:
         """The expiry of the token this request carried (verified by `_authenticate`)."""
@@ -355,12 +365,6 @@ class LightRoutes:
                 self._expiry.clear()
             expires = self._expiry[token] = float(jwt.decode(token, options={"verify_signature": False})["exp"])
         return expires
-
-    @staticmethod
-    def _same(doc: dict[str, Any], device_id: str) -> None:
-        given = doc.get("device_id")
-        if given is not None and given != device_id:
-            raise Invalid(f"device_id: {given!r} is not the device of the path ({device_id!r})")
 
     @staticmethod
     def _parse(fn: Any) -> Any:

@@ -1,9 +1,9 @@
 """The routes' declared bodies (msgspec Structs): their OpenAPI schemas and the first check
 of every request, in the specification's field names (seed 001, sections 1-3 and 12).
 
-The declaration checks types and ranges; `messages.py` then checks what a schema cannot
-say (a plausible clock, coordinates in the service area, a body's `device_id` being the
-path's) and normalises. Unknown fields are ignored, not refused: the specification says a
+The declaration checks types and ranges, once, for HTTP bodies and MQTT payloads alike
+(`convert`); `messages.py` then checks only what a schema cannot say (a plausible clock,
+coordinates in the service area, a body's `device_id` being the path's) and normalises. Unknown fields are ignored, not refused: the specification says a
 light sends "all data", and a firmware that adds a field must keep working.
 """
 
@@ -104,7 +104,8 @@ class EnergyBlock(Struct, omit_defaults=True):
 
 class StatusReport(Struct, omit_defaults=True):
     """Section 2's report (`status` an object, `energy` beside it), or section 4's compact
-    one (`status` "on" / "off" / "error", `brightness` and `battery` beside it)."""
+    one (`status` "on" / "off" / "error", `brightness` and `battery` beside it, and the
+    block's other fields too)."""
 
     status: StatusBlock | PowerState
     device_id: DeviceId | None = None
@@ -113,6 +114,10 @@ class StatusReport(Struct, omit_defaults=True):
     energy: EnergyBlock | None = None
     brightness: Pct | None = None
     battery: Pct | None = None
+    temperature_celsius: Annotated[float, Meta(ge=-100, le=200)] | None = None
+    gsm_signal_strength: Signal | None = None
+    uptime_seconds: Annotated[int, Meta(ge=0, le=2**40)] | None = None
+    error_flags: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=32)] | None = None
 
 
 class StatusRecorded(Struct, omit_defaults=True):

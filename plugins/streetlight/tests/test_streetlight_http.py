@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import jwt
 from streetlight_testbed import (
     ADMIN,
@@ -20,7 +24,7 @@ from streetlight_testbed import (
     status_report,
 )
 
-from gatewayd.testing import gw_client, provision
+from gatewayd.testing import add_firmware, gw_client, provision
 
 
 async def test_configure_answers_the_light_id_its_config_and_a_seven_day_token(gateway_factory, upstream_receiver):
@@ -181,6 +185,29 @@ async def test_commands_in_the_specifications_shape_high_priority_first(gateway_
         assert len(acks) == 1 and acks[0]["data"]["result"] == {"new_state": "on", "actual_brightness": 100}
 
 
+async def test_a_command_not_acknowledged_is_handed_out_again_after_command_redeliver_s(gateway_factory):
+    now = [time.time()]
+    async with gateway_factory(plugins=PLUGIN, clock=lambda: now[0]) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        queued = await command(client, IMEI, {"command_type": "power_control", "action": "off"})
+
+        async def poll() -> tuple[list[str], int]:
+            body = (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()
+            return [c["command_id"] for c in body["commands"]], body["next_poll_seconds"]
+
+        assert await poll() == ([queued["id"]], 2)
+        now[0] += 29
+        assert await poll() == ([], 2)  # handed out, its ack awaited: poll fast, nothing new
+        now[0] += 2  # 31 s: the light must have missed it (rebooted before acking)
+        assert await poll() == ([queued["id"]], 2)
+        r = await client.post(f"{BASE}/{IMEI}/command-ack", headers=auth,
+                              json={"command_id": queued["id"], "status": "executed"})
+        assert r.status_code == 200
+        now[0] += 60
+        assert await poll() == ([], 10)
+
+
 async def test_an_operators_command_is_checked_against_the_specification(gateway_factory):
     async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw, headers=ADMIN) as client:
         await provision(gw, "streetlight", IMEI)
@@ -206,6 +233,16 @@ async def test_offline_sync_alert_and_logs(gateway_factory, upstream_receiver):
         bad = readings[:3] + [{**status_report(), "timestamp": None}]
         r = await client.post(f"{BASE}/{IMEI}/sync", json={"readings": bad}, headers=auth)
         assert r.status_code == 400 and r.json()["message"].startswith("readings[3].timestamp: required")
+        for reading, message in (({"device_id": "IMEI:1"}, "readings[1].device_id: 'IMEI:1' is not the device"),
+                                 ({"timestamp": "1970-01-01T00:00:00Z"}, "readings[1].timestamp: '1970-01-01"),
+                                 ({"status": {"battery_percentage": -1}}, "readings[1].status.battery_percentage: ")):
+            bad = [readings[0], {**readings[1], **reading}]
+            r = await client.post(f"{BASE}/{IMEI}/sync", json={"readings": bad}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text
+        for logs, message in (([{"level": "loud", "message": "x"}], "logs[0].level: expected"),
+                              ([{"message": "x", "timestamp": "soon"}], "logs[0].timestamp: expected an ISO 8601")):
+            r = await client.post(f"{BASE}/{IMEI}/logs", json={"logs": logs}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text
         r = await client.post(f"{BASE}/{IMEI}/sync", content=gz({"readings": readings})[:-8],
                               headers={**auth, "Content-Encoding": "gzip"})
         assert r.status_code == 400 and r.json()["code"] == "PAYLOAD_CORRUPT"
@@ -233,6 +270,43 @@ async def test_rate_limit_answers_429_with_retry_after_seconds(gateway_factory):
         r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
         assert r.json()["code"] == "RATE_LIMITED" and r.json()["retry_after_seconds"] >= 1
         assert int(r.headers["Retry-After"]) == r.json()["retry_after_seconds"]
+
+
+def from_address(address: str) -> dict[str, Any]:
+    """gw_client's arguments for a client at another loopback address (127.0.0.0/8)."""
+    return {"transport": httpx.AsyncHTTPTransport(local_address=address)}
+
+
+async def test_a_stranger_cannot_use_up_a_lights_configures(gateway_factory):
+    settings = ["plugins.streetlight.configure_per_minute=2", "plugins.streetlight.configure_per_address_per_minute=8"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as light, \
+            gw_client(gw, **from_address("127.0.0.2")) as stranger:
+        creds = await provision(gw, "streetlight", IMEI, metadata={"signed": True})
+        await provision(gw, "streetlight", "IMEI:351234567890124")
+        body = json.dumps(REGISTRATION).encode()
+        # Forged signatures: refused, and not counted against the light.
+        for _ in range(4):
+            r = await stranger.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign("forged", body))
+            assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID"
+        # An unsigned light's configures count per client address: the stranger's run out...
+        other = f"{BASE}/IMEI:351234567890124/configure"
+        answers = [await stranger.post(other, json={"latitude": 28.6, "longitude": 77.2}) for _ in range(3)]
+        assert [r.status_code for r in answers] == [200, 200, 429]
+        assert "the light's configure" in answers[2].json()["message"]
+        # ... and the per-address limit stops the stranger whatever the id (8 a minute: the 9th).
+        assert (await stranger.post(f"{BASE}/IMEI:999/configure", json={})).status_code == 404
+        r = await stranger.post(f"{BASE}/IMEI:999/configure", json={})
+        assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED" and "address" in r.json()["message"]
+        assert int(r.headers["Retry-After"]) == r.json()["retry_after_seconds"] >= 1
+        # The lights themselves, from their own address, are served.
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 200, r.text
+        assert (await light.post(other, json={"latitude": 28.6, "longitude": 77.2})).status_code == 200
+        # A light's own configures are limited (signed: per light, whatever the address).
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 200
+        r = await light.post(f"{BASE}/{IMEI}/configure", content=body, headers=sign(creds.signing_secret, body))
+        assert r.status_code == 429 and "the light's configure" in r.json()["message"]
 
 
 async def test_a_status_answer_refreshes_a_token_near_its_expiry(gateway_factory):
@@ -303,3 +377,41 @@ async def test_the_health_thresholds_are_the_default_alert_rules(gateway_factory
                          "streetlight-poor-connectivity"]
         health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
         assert health["indicator"] == "red" and "malfunction (3 errors in the last hour)" in health["reason"]
+
+
+async def test_firmware_says_whether_a_newer_image_waits_and_serves_it(gateway_factory, tmp_path):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        url = f"{BASE}/{IMEI}/firmware"
+        r = await client.put(url, json={"firmware_version": "v2.1.0"}, headers=auth)
+        assert r.status_code == 200 and r.json()["update_available"] is False and "firmware" not in r.json()
+        image = tmp_path / "sl-2.2.0.bin"
+        image.write_bytes(bytes(range(256)) * 64)
+        await add_firmware(gw, image, family="streetlight", model="streetlight", version="v2.2.0")
+        r = await client.put(url, json={"firmware_version": "v2.1.0"}, headers=auth)
+        answer = r.json()
+        assert answer["update_available"] is True and answer["firmware"]["version"] == "v2.2.0"
+        assert answer["firmware"]["size"] == 16384 and answer["firmware"]["sha256"] == hashlib.sha256(
+            image.read_bytes()).hexdigest()
+        path = urlsplit(answer["firmware"]["url"]).path
+        nope = await client.get(path)
+        assert nope.status_code == 401, (path, nope.text)  # the light's token
+        got = await client.get(path, headers=auth)
+        assert got.status_code == 200 and got.content == image.read_bytes()
+        for wrong in ("/streetlight/firmware/abc/image", "/streetlight/firmware/-1/image"):
+            r = await client.get(wrong, headers=auth)  # the family's error body, not the router's
+            assert r.status_code == 400 and r.json()["code"] == "INVALID_PAYLOAD", r.text
+        assert (await client.get("/streetlight/firmware/99/image", headers=auth)).json()["code"] == "FIRMWARE_NOT_FOUND"
+        part = await client.get(path, headers={**auth, "Range": "bytes=256-511"})
+        assert part.status_code == 206 and part.content == image.read_bytes()[256:512]
+        # How the update goes, reported; the new version known.
+        r = await client.put(url, json={"firmware_version": "v2.2.0", "status": "installed"}, headers=auth)
+        assert r.status_code == 200 and r.json()["update_available"] is False
+        device = await gw.contexts["streetlight"].devices.get(IMEI)
+        assert device is not None and device.firmware == "v2.2.0"
+        for bad, message in (({"status": "flying"}, "status: expected one of started, downloaded"),
+                             ({"channel": "nightly"}, "channel: expected one of stable, beta"),
+                             ({"firmware_version": ""}, "firmware_version: ")):
+            r = await client.put(url, json={"firmware_version": "v2.2.0", **bad}, headers=auth)
+            assert r.status_code == 400 and r.json()["message"].startswith(message), r.text

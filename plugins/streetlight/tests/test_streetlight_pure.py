@@ -7,7 +7,9 @@ import pytest
 from gatewayd_streetlight import commands
 from gatewayd_streetlight.config import Health
 from gatewayd_streetlight.health import assess, next_update_seconds, poll_seconds
-from gatewayd_streetlight.messages import Invalid, parse_status
+from gatewayd_streetlight.messages import Invalid, read_status
+
+from gatewayd.plugins.api import BadJSON
 
 H = Health()
 NORMAL = {"power_state": "on", "battery": 95.0, "temperature": 40.0, "gsm_signal": 80.0}
@@ -65,9 +67,19 @@ def test_commands_are_normalised_with_the_specifications_priorities():
 
 
 def test_both_status_forms():
-    full = parse_status({"status": {"power_state": "on", "battery_percentage": 95, "error_flags": ["a", "a"]}})
-    compact = parse_status({"status": "on", "battery": 95})
+    full = read_status({"status": {"power_state": "on", "battery_percentage": 95, "error_flags": ["a", "a"]}})
+    compact = read_status({"status": "on", "battery": 95, "temperature_celsius": 61})
     assert (full.power_state, full.battery, full.error_flags) == ("on", 95.0, ("a",))
-    assert (compact.power_state, compact.battery) == ("on", 95.0)
-    with pytest.raises(Invalid, match="status: required"):
-        parse_status({"brightness": 3})
+    assert (compact.power_state, compact.battery, compact.temperature) == ("on", 95.0, 61.0)
+
+
+@pytest.mark.parametrize(("doc", "message"), [
+    ({"brightness": 3}, "status: required"),  # the declaration's, as on the HTTP route
+    ({"status": "dim"}, "status: expected"),
+    ({"status": {"battery_percentage": 140}}, "status.battery_percentage: expected"),
+    ({"status": "on", "timestamp": "1970-01-01T00:00:00Z"}, "timestamp: '1970-01-01T00:00:00Z' is not between"),
+    ({"status": "on", "timestamp": "yesterday"}, "timestamp: expected an ISO 8601 time"),
+])
+def test_an_mqtt_status_is_checked_as_the_route_checks_it(doc, message):
+    with pytest.raises((BadJSON, Invalid), match=message):
+        read_status(doc)

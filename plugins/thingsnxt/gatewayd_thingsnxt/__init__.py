@@ -9,6 +9,7 @@ hook hands over to the module that holds the details:
     service.py    `Thingsnxt`, the plugin's state (`ctx.state`): telemetry in, state from apps
     routes.py     the HTTP API, declared (`/thingsnxt/openapi.json`)
     streams.py    the live streams, SSE and WebSocket, in the family's shapes
+    panel.py      the site dashboard's panel: each device's pins, a form to set one
     provisioning.py  `gatewayd thingsnxt provision PORT --id ID`: an ESP32 over serial
 
 Names, tables and streams come from the plugin's name (`ctx.name`). The specification
@@ -69,6 +70,7 @@ def gatewayd_http_routes(ctx: Ctx) -> Blueprint:
     bp = Blueprint(ctx.name, __name__)  # mounted at /thingsnxt: the firmware's API_BASE_URL
     Api(ctx).register(bp)
     Streams(ctx).register(bp)
+    ctx.state.panel.register(bp)  # the dashboard panel's form
     return bp
 
 
@@ -125,6 +127,11 @@ def gatewayd_device_health(ctx: Ctx, device: Device) -> tuple[str, str] | None:
     if not ctx.devices.is_online(device.id):
         return None  # gray: never heard from, or silent for offline_after_s
     return ("green", "sending")
+
+
+@hookimpl
+def gatewayd_dashboard_panels(ctx: Ctx) -> list[tuple[str, Any]]:
+    return [("Virtual pins", ctx.state.panel.render)]  # set a pin as an app does (panel.py)
 
 
 @hookimpl

@@ -122,6 +122,12 @@ def load_state(device: str) -> DeviceState:
     return DeviceState() if row is None else DeviceState.from_json(row.state, row.ts)
 
 
+def load_states(devices: list[str]) -> dict[str, DeviceState]:
+    """The stored states of these devices (those with one)."""
+    rows = State.select().where(State.device.in_(devices))
+    return {row.device: DeviceState.from_json(row.state, row.ts) for row in rows}
+
+
 def recent(device: str, limit: int) -> list[tuple[float, dict[str, Any]]]:
     """The newest `limit` readings as (ts, data), for the dashboard's charts."""
     rows = (Telemetry.select(Telemetry.ts, Telemetry.data).where(Telemetry.device == device)

@@ -3,9 +3,10 @@
 `/thingsnxt/openapi.json`), refusals in the family's shape `{"detail": ...}`.
 README.md has the table with the answers; streams.py the live routes.
 
-Telemetry bodies are read by the view, not declared: a device may send them gzipped
-(`Content-Encoding: gzip`, inflated within `max_decompressed_bytes`), which a declared
-body (read as JSON before the view) cannot be; telemetry.py checks them field by field.
+Telemetry bodies are declared like every other (telemetry.py's Structs) with
+`max_inflated`: a device may send them gzipped or zstd-compressed (`Content-Encoding`),
+inflated within `max_decompressed_bytes` before they are parsed. The rate limit runs
+before any of it (`before_request`): a client over its limit is answered 429 unread.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from gatewayd.plugins.api import (
     StorageError,
     StorageFull,
     Struct,
-    read_json_object,
 )
 
 from .errors import Detail, Refused, detail
 from .telemetry import (
+    BulkIn,
     DeviceState,
-    Telemetry,
+    TelemetryIn,
     latest_answer,
     legacy_answer,
     parse_app_values,
@@ -129,14 +130,16 @@ class Api:
 
     def register(self, bp: Blueprint) -> Routes:
         routes = Routes(bp, error=Detail, tag=self.ctx.name)
+        inflated = self.ctx.config.max_decompressed_bytes  # gzip or zstd bodies, inflated to at most this
         routes.get("/health", responses={200: Health}, auth=None)(self.health)
-        routes.post("/devices/<device_id>/telemetry", path=PATH, responses={200: V2Answer},
-                    errors={**DEVICE, 404: "no such device"})(self.v2)
-        routes.post("/telemetry", responses={200: LegacyAnswer}, errors=DEVICE)(self.legacy)
+        routes.post("/devices/<device_id>/telemetry", path=PATH, body=TelemetryIn, max_inflated=inflated,
+                    responses={200: V2Answer}, errors={**DEVICE, 404: "no such device"})(self.v2)
+        routes.post("/telemetry", body=TelemetryIn, max_inflated=inflated, responses={200: LegacyAnswer},
+                    errors=DEVICE)(self.legacy)
         routes.get("/telemetry/latest", query=LatestQuery, responses={200: Latest},
                    errors={403: DEVICE[403], **LIMITED})(self.latest)
-        routes.post("/devices/<device_id>/telemetry/bulk", path=PATH, responses={200: BulkAnswer},
-                    errors={**DEVICE, 404: "no such device"})(self.bulk)
+        routes.post("/devices/<device_id>/telemetry/bulk", path=PATH, body=BulkIn, max_inflated=inflated,
+                    responses={200: BulkAnswer}, errors={**DEVICE, 404: "no such device"})(self.bulk)
         routes.post("/devices", body=NewDevice, auth=ADMIN_TOKEN, responses={201: Registered},
                     errors={409: "the device exists", **LIMITED})(self.register_device)
         routes.get("/devices/<device_id>/state", path=PATH, auth=ADMIN_TOKEN, responses={200: DeviceStateOut},
@@ -145,6 +148,9 @@ class Api:
                    responses={200: DeviceStateOut},
                    errors={403: "a key the security rules keep from apps", 404: "no such device", **LIMITED,
                            503: DEVICE[503], 507: DEVICE[507]})(self.set_state)
+        limited = {self.v2, self.legacy, self.latest, self.bulk, self.register_device, self.show_state, self.set_state}
+        self._limited = {f"{bp.name}.{view.__name__}" for view in limited}  # all but /health (and the docs)
+        bp.before_request(self.limit)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_refused)
         bp.register_error_handler(BadJSON, self.bad_json)  # InvalidInput too: names the field
@@ -159,31 +165,35 @@ class Api:
         """The firmware's health check (`API_BASE_URL + "/health"`, every 60 s); never rate-limited."""
         return Health("ok")
 
-    async def v2(self, device_id: str) -> V2Answer:
-        """Telemetry (v2): `{device_token, data}`; answers the device's whole state to sync its pins from."""
-        telemetry = await self._read(parse_telemetry)
+    async def v2(self, device_id: str, body: TelemetryIn) -> V2Answer:
+        """Telemetry (v2): `{device_token, data}`; answers the device's whole state to sync its pins from.
+
+        The body may be gzip or zstd (`Content-Encoding`)."""
+        telemetry = parse_telemetry(body, self.ctx.state.limits)
         device = await self._device(device_id, telemetry.token)
         state = await self.ctx.state.telemetry(device, telemetry.readings, "v2")
         return V2Answer(**v2_answer(device.id, state, self.ctx.now()))
 
-    async def legacy(self) -> LegacyAnswer:
-        """Telemetry (legacy): the token identifies the device; answers the LED state."""
-        telemetry = await self._read(parse_telemetry)
+    async def legacy(self, body: TelemetryIn) -> LegacyAnswer:
+        """Telemetry (legacy): the token identifies the device; answers the LED state.
+
+        The body may be gzip or zstd (`Content-Encoding`)."""
+        telemetry = parse_telemetry(body, self.ctx.state.limits)
         device = await self.ctx.auth.body_token(request.remote_addr, json={"device_token": telemetry.token})
         state = await self.ctx.state.telemetry(device, telemetry.readings, "legacy")
         return LegacyAnswer(**legacy_answer(device.id, state, self.ctx.now()))
 
     async def latest(self, query: LatestQuery) -> Latest:
         """The device's state for polling (every 5 s): what apps set is in it."""
-        self.ctx.state.limit(request.remote_addr)
         device = await self.ctx.auth.body_token(request.remote_addr, query={"device_token": query.device_token})
         return Latest(**latest_answer(device.id, await self.ctx.state.state(device.id)))
 
-    async def bulk(self, device_id: str) -> BulkAnswer:
+    async def bulk(self, device_id: str, body: BulkIn) -> BulkAnswer:
         """Many readings with their own timestamps (`{device_token, readings: [{timestamp, data}]}`), for a
-        device that cached while offline; stored in one transaction."""
-        now = self.ctx.now()
-        telemetry = await self._read(lambda doc, limits: parse_bulk(doc, limits, now))
+        device that cached while offline; stored in one transaction.
+
+        The body may be gzip or zstd (`Content-Encoding`)."""
+        telemetry = parse_bulk(body, self.ctx.state.limits, self.ctx.now())
         device = await self._device(device_id, telemetry.token)
         state = await self.ctx.state.telemetry(device, telemetry.readings, "bulk")
         answer = v2_answer(device.id, state, self.ctx.now())
@@ -193,7 +203,6 @@ class Api:
 
     async def register_device(self, body: NewDevice) -> Any:
         """Register a device (operators): its token, shown once, to provision it with."""
-        self.ctx.state.limit(request.remote_addr)
         if denied := self.ctx.http.require_admin():
             return denied  # the core's 401/503, in the core's shape (ADMIN_TOKEN says so)
         fields = {k: v for k, v in (("name", body.name), ("model", body.model)) if v}
@@ -208,7 +217,6 @@ class Api:
 
     async def show_state(self, device_id: str) -> Any:
         """A device's state as the server sees it, and what apps set that it has not confirmed."""
-        self.ctx.state.limit(request.remote_addr)
         if denied := self.ctx.http.require_admin():
             return denied
         device = await self._known(device_id)
@@ -216,7 +224,6 @@ class Api:
 
     async def set_state(self, device_id: str, body: NewValues) -> Any:
         """Set virtual pins (`{"data": {"v0": 1}}`): the device reads them in its next answer or poll."""
-        self.ctx.state.limit(request.remote_addr)
         if denied := self.ctx.http.require_admin():
             return denied
         values = parse_app_values({"data": body.data}, self.ctx.state.limits)
@@ -252,12 +259,11 @@ class Api:
 
     # -- what the routes share -------------------------------------------------------------
 
-    async def _read(self, parse: Any) -> Telemetry:
-        """The rate limit, then the body (gzip inflated within the limit), parsed."""
-        self.ctx.state.limit(request.remote_addr)
-        doc = await read_json_object(max_inflated=self.ctx.config.max_decompressed_bytes)
-        telemetry: Telemetry = parse(doc, self.ctx.state.limits)
-        return telemetry
+    async def limit(self) -> None:
+        """Before every route but /health and the docs: the specification's rate limit, per client
+        address, before the body is read (Refused(429) with Retry-After)."""
+        if request.endpoint in self._limited:
+            self.ctx.state.limit(request.remote_addr)
 
     async def _device(self, device_id: str, token: str) -> Device:
         """The URL's device (404 if unknown), if the token is its own (else 403)."""

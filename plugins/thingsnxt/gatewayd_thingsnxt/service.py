@@ -19,6 +19,7 @@ from gatewayd.plugins.api import Device, PluginContext, Record
 
 from . import models
 from .errors import Refused
+from .panel import PinsPanel
 from .telemetry import DeviceState, KeyPolicy, Limits, Reading, policy_for, status_message, update_message
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ class Thingsnxt:
         self.messages = ctx.metrics.counter("telemetry_total", "Telemetry readings stored", ("endpoint",))
         self.app_sets = ctx.metrics.counter("state_sets_total", "Virtual pins set by apps and operators")
         ctx.devices.set_offline_after(config.offline_after_s)
+        self.panel = PinsPanel(ctx)  # the dashboard's (panel.py): its last outcome lives as long as the plugin
         self.online: set[str] = set()  # devices whose "online" the live streams were told
         self._first_online = trio.Event()  # watch_presence waits for one while none is online
         if config.rate_limit:

@@ -102,9 +102,10 @@ class Streams:
             with sub:
                 for message in first:
                     yield f"data: {json.dumps(message)}\n\n".encode()
-                async for item in _items(sub, self.encoded):
-                    yield (b": heartbeat\n\n" if item is None else
-                           f"id: {item.id}\ndata: {item.json_data}\n\n".encode())
+                async for batch in _batches(sub, self.encoded):
+                    # A batch is one write: a client that fell behind catches up in one go.
+                    yield (b": heartbeat\n\n" if batch is None else
+                           "".join(f"id: {item.id}\ndata: {item.json_data}\n\n" for item in batch).encode())
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
@@ -138,8 +139,11 @@ class Streams:
         with sub:
             for message in await self._first(device_id):
                 await websocket.send(json.dumps(message))
-            async for item in _items(sub, self.encoded):
-                await websocket.send(json.dumps({"type": "heartbeat"}) if item is None else item.json_data)
+            async for batch in _batches(sub, self.encoded):
+                if batch is None:
+                    await websocket.send(json.dumps({"type": "heartbeat"}))
+                for item in batch or ():
+                    await websocket.send(item.json_data)  # one object a frame: the family's shape
         await websocket.close(1001, "the gateway is shutting down")
 
     async def _first(self, device_id: str | None) -> list[dict[str, Any]]:
@@ -161,9 +165,10 @@ class _Item:
         self.id, self.json_data = id, json_data
 
 
-async def _items(sub: Subscription, encoded: _Encoded) -> AsyncIterator[_Item | None]:
-    """The subscription's events, one by one; None for a heartbeat; ends when the hub closes.
-    A gap (a client too slow to keep up) becomes `{"type": "gap", "missed": n}`."""
+async def _batches(sub: Subscription, encoded: _Encoded) -> AsyncIterator[list[_Item] | None]:
+    """The subscription's events, a batch (what arrived since the last) at a time; None for a
+    heartbeat; ends when the hub closes. A gap (a client too slow to keep up) becomes
+    `{"type": "gap", "missed": n}`."""
     while True:
         with trio.move_on_after(HEARTBEAT_S) as idle:
             batch = await sub.next()
@@ -172,11 +177,8 @@ async def _items(sub: Subscription, encoded: _Encoded) -> AsyncIterator[_Item | 
             continue
         if not batch:
             return
-        for item in batch:
-            if isinstance(item, Gap):
-                yield _Item(0, json.dumps({"type": "gap", "missed": item.dropped}))
-            else:
-                yield _Item(item.id, encoded(item))
+        yield [_Item(0, json.dumps({"type": "gap", "missed": item.dropped})) if isinstance(item, Gap)
+               else _Item(item.id, encoded(item)) for item in batch]
 
 
 class _Encoded:

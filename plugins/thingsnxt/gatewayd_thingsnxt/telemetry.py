@@ -19,9 +19,9 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Any
+from typing import Annotated, Any
 
-from gatewayd.plugins.api import BadJSON, TS_MAX, TS_MIN, json_kind, parse_time
+from gatewayd.plugins.api import BadJSON, TS_MAX, TS_MIN, Meta, Struct, json_kind, parse_time
 
 from .config import KeyRules, Security
 
@@ -56,31 +56,49 @@ class Reading:
     """The device's time (bulk); None: it arrived now."""
 
 
-# -- requests ---------------------------------------------------------------------------
+# -- requests: declared (the routes' bodies, in the OpenAPI document), then checked -------
+
+Token = Annotated[str, Meta(min_length=1, max_length=MAX_TOKEN, description="the device's token")]
+Data = Annotated[dict[str, Any], Meta(
+    description="keys and their values (any JSON); keys are 1-64 of letters, digits and _ . : -, "
+                "at most plugins.<name>.max_keys of them, plugins.<name>.max_data_bytes as JSON",
+    extra_json_schema={"propertyNames": {"pattern": f"^{KEY.pattern}$"}})]
+# The key rule is documented here and checked by data_of, whose message names the key.
 
 
-def parse_telemetry(doc: dict[str, Any], limits: Limits) -> Telemetry:
+class TelemetryIn(Struct):
     """`{"device_token", "data"}` (v2, legacy). A missing `data` is `{}`: a sign of life.
-    Other fields are ignored, as the specification's backend does. BadJSON naming the field."""
-    return Telemetry(token_of(doc), (Reading(data_of(doc.get("data", {}), "data", limits)),))
+    Other fields are ignored, as the specification's backend does."""
+
+    device_token: Token
+    data: Data = {}
 
 
-def parse_bulk(doc: dict[str, Any], limits: Limits, now: float) -> Telemetry:
-    """`{"device_token", "readings": [{"timestamp", "data"}, ...]}`, sorted oldest first."""
-    token = token_of(doc)
-    readings = doc.get("readings")
-    if not isinstance(readings, list) or not readings:
-        raise BadJSON(f"readings: expected a list of {{\"timestamp\", \"data\"}}, got {_kind(readings)}")
-    if len(readings) > limits.max_bulk:
-        raise BadJSON(f"readings: at most {limits.max_bulk} in one request, got {len(readings)}")
-    out = []
-    for i, item in enumerate(readings):
-        where = f"readings[{i}]"
-        if not isinstance(item, dict):
-            raise BadJSON(f"{where}: expected an object {{\"timestamp\", \"data\"}}, got {json_kind(item)}")
-        out.append(Reading(data_of(item.get("data", {}), f"{where}.data", limits),
-                           timestamp_of(item.get("timestamp"), f"{where}.timestamp", now)))
-    return Telemetry(token, tuple(sorted(out, key=lambda r: r.ts or 0.0)))  # stable: same time keeps its order
+class BulkReading(Struct):
+    timestamp: Annotated[float | str, Meta(description="ISO 8601 (UTC unless it says otherwise) or epoch seconds")]
+    data: Data = {}
+
+
+class BulkIn(Struct):
+    """`{"device_token", "readings": [{"timestamp", "data"}, ...]}`: a device that cached while offline."""
+
+    device_token: Token
+    readings: Annotated[list[BulkReading], Meta(min_length=1, description="at most plugins.<name>.max_bulk")]
+
+
+def parse_telemetry(body: TelemetryIn, limits: Limits) -> Telemetry:
+    """A declared telemetry body, checked beyond its types: BadJSON naming the field."""
+    return Telemetry(body.device_token, (Reading(data_of(body.data, "data", limits)),))
+
+
+def parse_bulk(body: BulkIn, limits: Limits, now: float) -> Telemetry:
+    """A declared bulk body, checked; its readings sorted oldest first."""
+    if len(body.readings) > limits.max_bulk:
+        raise BadJSON(f"readings: at most {limits.max_bulk} in one request, got {len(body.readings)}")
+    out = [Reading(data_of(item.data, f"readings[{i}].data", limits),
+                   timestamp_of(item.timestamp, f"readings[{i}].timestamp", now))
+           for i, item in enumerate(body.readings)]
+    return Telemetry(body.device_token, tuple(sorted(out, key=lambda r: r.ts or 0.0)))  # stable: same time keeps its order
 
 
 def parse_app_values(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
@@ -93,14 +111,6 @@ def parse_app_values(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
         if value is None or isinstance(value, (dict, list)):
             raise BadJSON(f"data.{key}: expected a number, a string or true/false, got {json_kind(value)}")
     return data
-
-
-def token_of(doc: dict[str, Any]) -> str:
-    token = doc.get("device_token")
-    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN:
-        raise BadJSON(f"device_token: expected the device's token (a string of 1-{MAX_TOKEN} characters), "
-                      f"got {_kind(token)}")
-    return token
 
 
 def data_of(value: Any, where: str, limits: Limits) -> dict[str, Any]:

@@ -7,6 +7,9 @@ import gzip
 import hashlib
 import hmac
 import json
+import logging
+import re
+from html import unescape
 
 import pytest
 import trio
@@ -67,7 +70,8 @@ async def test_the_specifications_error_codes(gateway_factory):
         cases = [
             (post(content=b"{not json"), 400, "body: "),
             (post(content=b'{"device_token": "x", "data": {"t": NaN}}'), 400, ""),
-            (post(json={"data": {"v0": 1}}), 400, "device_token: expected"),
+            (post(json={"data": {"v0": 1}}), 400, "device_token: required"),
+            (post(json={"device_token": esp.key, "data": {"a b": 1}}), 400, "data: key 'a b': expected 1-64"),
             (post(json={"device_token": other.key, "data": {}}), 403, "Invalid device token"),
             (post(json={"device_token": "wrong", "data": {}}), 403, "Invalid device token"),
             (v2(client, esp, {}, device_id="nobody"), 404, "Device not found"),
@@ -136,6 +140,23 @@ async def test_an_app_sets_a_pin_and_the_device_gets_it(gateway_factory, upstrea
         assert ("state_set", {"v0": 1}) in [(rec["kind"], rec["data"]) for rec in records]
 
 
+async def test_the_telemetry_bodies_are_in_the_openapi_document(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
+        doc = (await client.get("/thingsnxt/openapi.json", headers=ADMIN)).json()
+        bodies = {}
+        for path, method in (("/thingsnxt/devices/{device_id}/telemetry", "post"), ("/thingsnxt/telemetry", "post"),
+                             ("/thingsnxt/devices/{device_id}/telemetry/bulk", "post")):
+            operation = doc["paths"][path][method]
+            assert {"400", "403", "413", "415", "429"} <= set(operation["responses"]), path
+            assert "gzip" in operation["responses"]["400"]["description"]
+            ref = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            bodies[path] = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        v2 = bodies["/thingsnxt/devices/{device_id}/telemetry"]
+        assert v2["required"] == ["device_token"] and set(v2["properties"]) == {"device_token", "data"}
+        assert v2["properties"]["data"]["propertyNames"] == {"pattern": "^[A-Za-z0-9_.:-]{1,64}$"}
+        assert set(bodies["/thingsnxt/devices/{device_id}/telemetry/bulk"]["required"]) == {"device_token", "readings"}
+
+
 async def test_an_operator_registers_a_device(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=UNLIMITED) as gw, gw_client(gw) as client:
         r = await client.post("/thingsnxt/devices", json={"device_id": "esp-9", "name": "hall"}, headers=ADMIN)
@@ -156,6 +177,9 @@ async def test_429_after_the_limit_but_never_for_health(gateway_factory):
         esp = await provision(gw, "thingsnxt", "esp-1")
         statuses = [(await v2(client, esp, {"t": i})).status_code for i in range(7)]
         assert statuses == [200] * 5 + [429] * 2
+        # Before the body is read: a client over its limit is not answered about its body.
+        r = await client.post("/thingsnxt/telemetry", content=b"{not json")
+        assert r.status_code == 429 and "Too many requests" in r.json()["detail"]
         r = await client.get("/thingsnxt/telemetry/latest", params={"device_token": esp.key})
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()["detail"]
         assert all([(await client.get("/thingsnxt/health")).status_code == 200 for _ in range(10)])
@@ -193,6 +217,10 @@ async def test_sse_and_websocket_clients_receive_the_broadcast(gateway_factory):
             assert (got["type"], got["device_id"], got["data"]) == \
                 ("telemetry_update", "esp-1", {"v0": 0, "temperature": 22})
             assert await anext(messages) == got
+            # Readings that arrive while the client is not reading come as one batch, each its own event, in order.
+            for t in range(5):
+                assert (await v2(client, esp, {"t": t})).status_code == 200
+            assert [(await anext(messages))["data"] for _ in range(5)] == [{"t": t} for t in range(5)]
         async with open_websocket_url(f"{ws_url}/thingsnxt/ws?token={other}") as ws:
             with pytest.raises(Exception):
                 await ws.get_message()
@@ -216,7 +244,8 @@ class Receiver:
         return {"ok": True}
 
 
-async def test_a_signed_webhook_and_one_notification_despite_flapping(gateway_factory, upstream_receiver, monkeypatch):
+async def test_a_signed_webhook_and_one_notification_despite_flapping(gateway_factory, upstream_receiver, monkeypatch,
+                                                                     caplog):
     monkeypatch.setenv("THINGSNXT_HOOK_SECRET", "hook-secret")
     receiver = Receiver()
     config = HypercornConfig()
@@ -245,6 +274,13 @@ async def test_a_signed_webhook_and_one_notification_despite_flapping(gateway_fa
             await trio.sleep(0.5)
             alerts = [r["data"]["rule"] for r in upstream_receiver.records() if r["class"] == "alert"]
             assert sorted(alerts) == ["thingsnxt-offline", "thingsnxt-online"], records
+            # Readings keep coming (webhooks queued) as the gateway stops: a clean stop says nothing alarming.
+            caplog.clear()
+            caplog.set_level(logging.WARNING)
+            for i in range(20):
+                assert (await v2(client, esp, {"t": i})).status_code == 200
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert "notification queue unavailable" not in caplog.text
         stop.set()
 
 
@@ -276,3 +312,132 @@ async def test_the_streams_say_when_a_device_comes_and_goes(gateway_factory):
             assert [(m["type"], m.get("status")) for m in messages] == [
                 ("state", None), ("status_update", "online"), ("telemetry_update", None), ("status_update", "offline")]
             assert all(m["device_id"] == "esp.1" for m in messages)
+
+
+async def test_an_operator_sets_a_pin_from_the_dashboard(gateway_factory, upstream_receiver):
+    settings = [*UNLIMITED, "plugins.thingsnxt.security.devices.esp-2={app_sets=['v1']}"]
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver, settings=settings) as gw, \
+            gw_client(gw) as client:
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        await provision(gw, "thingsnxt", "esp-2")
+        assert (await v2(client, esp, {"v0": 0, "temperature": 20})).status_code == 200
+        # A script with the admin token sees the pins, and no form (it has no session).
+        page = (await client.get("/", headers=ADMIN)).text
+        assert "Log in to the dashboard to set pins" in page and 'class="set-pin"' not in page
+        assert (await client.post("/dashboard/login", data={"token": TOKEN})).status_code == 303
+        row = _pins_row((await client.get("/")).text, "esp-1")
+        assert "<code>v0</code> 0" in row and "temperature" not in row and ">v*<" in row  # only what an app may set
+        assert ">v1<" in _pins_row((await client.get("/")).text, "esp-2")  # its own rules
+        csrf = re.search(r'name="csrf" value="([^"]+)"', row)[1]
+        origin = {"Origin": gw_url(gw)}
+
+        async def set_pin(device, key, value, **extra):
+            return await client.post("/thingsnxt/dashboard/pins", headers=origin,
+                                     data={"csrf": csrf, "device": device, "key": key, "value": value, **extra})
+
+        r = await set_pin("esp-1", "v0", "1")
+        assert r.status_code == 303 and r.headers["location"] == "/#thingsnxt-pins"
+        r = await client.get("/thingsnxt/telemetry/latest", params={"device_token": esp.key})
+        assert r.json()["data"] == {"v0": 1, "temperature": 20}  # a number, as an app sets it
+        page = (await client.get("/")).text
+        assert 'data-outcome="ok"' in page and "(pending)" in _pins_row(page, "esp-1")
+        assert (await set_pin("esp-1", "v2", "on")).status_code == 303
+        state = (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()
+        assert state["pending"] == {"v0": 1, "v2": "on"}
+        # The security rules, a bad key, an unknown device: refused, said on the panel, nothing set.
+        for device, key, message in (("esp-1", "temperature", "esp-1: Security rules: an app may not set temperature"),
+                                     ("esp-2", "v0", "esp-2: Security rules: an app may not set v0"),
+                                     ("esp-1", "a b", "esp-1: data: key 'a b'"),
+                                     ("ghost", "v0", "ghost: Device not found")):
+            assert (await set_pin(device, key, "5")).status_code == 303
+            outcome = re.search(r'data-outcome="(\w+)">([^<]*)<', (await client.get("/")).text)
+            assert outcome[1] == "refused" and unescape(outcome[2]).startswith(message), outcome[2]
+        assert (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()["pending"] == \
+            {"v0": 1, "v2": "on"}
+        # Not from the dashboard's page: refused in the family's shape.
+        for r in (await client.post("/thingsnxt/dashboard/pins", headers=origin,
+                                    data={"device": "esp-1", "key": "v0", "value": "0"}),
+                  await set_pin("esp-1", "v0", "0", csrf="forged"),
+                  await client.post("/thingsnxt/dashboard/pins", data={"csrf": csrf, "device": "esp-1", "key": "v0",
+                                                                       "value": "0"},
+                                    headers={"Origin": "http://evil.example"}),
+                  await client.post("/thingsnxt/dashboard/pins", headers=ADMIN,
+                                    data={"device": "esp-1", "key": "v0", "value": "0"})):
+            assert r.status_code == 403 and r.json()["detail"].startswith("This form was not sent"), r.text
+        assert (await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)).json()["data"]["v0"] == 1
+        records = await upstream_receiver.wait_for(3)
+        assert [r["data"] for r in records if r["kind"] == "state_set"] == [{"v0": 1}, {"v2": "on"}]
+
+
+def _pins_row(page, device):
+    return re.search(rf'<tr data-pins="{device}">(.*?)</tr>', page, re.S)[1]
+
+
+class HeldReceiver(Receiver):
+    """/global: its first delivery is held until `release`, then refused (503): retried;
+    /esp-2: a per-device webhook's."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = trio.Event()
+        self.held = trio.Event()
+        self.by_path: dict[str, list[dict]] = {"/global": [], "/esp-2": []}
+        self.answers: list[int] = []
+        self.app.add_url_rule("/global", "global", self.hook_at, methods=["POST"])
+        self.app.add_url_rule("/esp-2", "esp2", self.hook_at, methods=["POST"])
+
+    async def hook_at(self):
+        doc = json.loads(await request.get_data())
+        self.by_path[request.path].append(doc)
+        if request.path == "/global" and not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
+            self.answers.append(503)
+            return {"busy": True}, 503
+        self.answers.append(200)
+        return {"ok": True}
+
+
+async def test_global_and_per_device_webhooks_retried_and_never_in_the_way(gateway_factory):
+    receiver = HeldReceiver()
+    config = HypercornConfig()
+    config.bind, config.accesslog = ["127.0.0.1:0"], None
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        [url] = await nursery.start(functools.partial(serve, receiver.app, config, shutdown_trigger=stop.wait))
+        hooks = (f"plugins.thingsnxt.webhooks=[{{url='{url}/global'}}, "
+                 f"{{url='{url}/esp-2', devices=['esp-2'], events=['telemetry_update']}}]")
+        async with gateway_factory(plugins=PLUGIN, settings=[*UNLIMITED, hooks]) as gw, gw_client(gw) as client:
+            one, two = await provision(gw, "thingsnxt", "esp-1"), await provision(gw, "thingsnxt", "esp-2")
+            assert (await v2(client, one, {"t": 1})).status_code == 200
+            await receiver.held.wait()  # the global webhook's receiver holds esp-1's delivery
+            # Telemetry is answered meanwhile: the queue does not stand in its way.
+            assert (await v2(client, two, {"t": 2})).status_code == 200
+            assert (await v2(client, one, {"t": 3})).status_code == 200
+            receiver.release.set()
+            await wait_until(lambda: len(receiver.by_path["/global"]) >= 4 and receiver.by_path["/esp-2"], timeout=15,
+                             what="the global webhook's three events (one retried) and esp-2's own")
+            deliveries = [(d["device_id"], d["event"]["data"]["data"]["t"]) for d in receiver.by_path["/global"]]
+            assert deliveries.count(("esp-1", 1)) == 2 and 503 in receiver.answers  # refused once, retried
+            assert sorted(set(deliveries)) == [("esp-1", 1), ("esp-1", 3), ("esp-2", 2)]
+            assert [(d["device_id"], d["event"]["data"]["data"]) for d in receiver.by_path["/esp-2"]] == [("esp-2", {"t": 2})]
+        stop.set()
+
+
+async def test_offline_after_s_is_the_families_threshold_and_bulk_readings_go_live(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN, settings=[*UNLIMITED, "plugins.thingsnxt.offline_after_s=7"]) as gw, \
+            gw_client(gw) as client:
+        assert gw.devices.presence.thresholds["thingsnxt"] == 7
+        esp = await provision(gw, "thingsnxt", "esp-1")
+        now = gw.clock()
+        ws_url = gw_url(gw).replace("http", "ws", 1)
+        async with open_websocket_url(f"{ws_url}/thingsnxt/ws/esp-1",
+                                      extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws:
+            await wait_until(lambda: gw.live.subscribers == 1)
+            doc = {"device_token": esp.key, "readings": [{"timestamp": now - 30 + i, "data": {"t": i}} for i in (2, 0, 1)]}
+            r = await client.post("/thingsnxt/devices/esp-1/telemetry/bulk", json=doc)
+            assert r.status_code == 200 and r.json()["stored"] == 3
+            messages = [json.loads(await ws.get_message()) for _ in range(5)]
+        assert [m["type"] for m in messages] == ["state", "status_update"] + ["telemetry_update"] * 3
+        # Each reading, oldest first, with its own time.
+        assert [(m["data"]["t"], m["timestamp"]) for m in messages[2:]] == [(i, _iso(now - 30 + i)) for i in range(3)]

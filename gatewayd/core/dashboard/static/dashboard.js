@@ -5,7 +5,8 @@
 // drawn again by the server when something arrives, at most once a second, and every
 // 15 s for what the hub does not carry (a device going offline, the outbox draining).
 // No HTML is built here from what a device sent: the list uses textContent, and the
-// redrawn part comes from the server, escaped there.
+// redrawn part comes from the server, escaped there. A part with a form field in use is
+// left as it is until the field is left.
 "use strict";
 (function () {
   const streams = document.body.dataset.streams;
@@ -32,6 +33,12 @@
     drawing = true;
     try {
       for (const part of parts) {
+        // Someone is filling in a form of this part (a plugin's panel): it is not drawn
+        // again under their fingers; the next redraw after they leave it will do.
+        if (editing(part)) {
+          schedule(1000);
+          continue;
+        }
         const answer = await fetch(part.dataset.refresh, {
           credentials: "same-origin", cache: "no-store", headers: {"X-Dashboard-Part": "1"}});
         if (answer.status === 401) return location.assign(login);
@@ -48,6 +55,11 @@
     } finally {
       drawing = false;
     }
+  }
+
+  function editing(part) {
+    const active = document.activeElement;
+    return Boolean(active && active !== document.body && active.form && part.contains(active));
   }
 
   // However busy the site, at most one redraw a second: events meanwhile wait for it.

@@ -25,21 +25,22 @@ from .output import MAPPING_FUNCTIONS, PwmMapping, koa, koa_normalized, koa_tren
 from .params import RUST_2007, RUST_2007_TEMPERATURE_K, STEP_NAMES, KaiParameters
 from .prc import PhaseResponseCurve, PhaseShiftPlan, compute_prc, plan_phase_shift
 from .entrain import EntrainmentResult, entrain
-from .temperature import (COMPENSATION_RATIO, PRESETS, TEMPERATURE_RANGE_K, EtfMappingError, EtfParameters,
-                          ModelStack, StructuralCoupling, TemperatureModel, from_etf, preset)
+from .temperature import (COMPENSATION_RATIO, NAMED_SETS, PRESETS, STRONG_COUPLING, TEMPERATURE_RANGE_K,
+                          EtfMappingError, EtfParameters, ModelStack, StructuralCoupling, TemperatureModel, from_etf,
+                          named_set, preset)
 from .timebase import (LimitCycle, PeriodEstimate, circadian_time, crossing_times, estimate_period,
                        limit_cycle, lomb_scargle_period)
 
 __all__ = [
     "BatchResult", "CHANNELS", "COMPENSATION_RATIO", "Correlation", "EntrainmentResult", "EtfMappingError",
     "EtfParameters", "KaiParameters", "ModelStack", "TEMPERATURE_RANGE_K",
-    "LimitCycle", "MAPPING_FUNCTIONS", "NodeRates", "OscillatorBatch", "PRESETS", "PerformanceMetrics",
+    "LimitCycle", "MAPPING_FUNCTIONS", "NAMED_SETS", "NodeRates", "OscillatorBatch", "PRESETS", "PerformanceMetrics",
     "PeriodEstimate", "PeriodStability", "PhaseResponseCurve", "PhaseShiftPlan", "PwmMapping", "Q10Result",
     "RUST_2007", "RUST_2007_TEMPERATURE_K", "SPEC_VARIABLES", "STATE_NAMES", "STEP_NAMES",
-    "SensorKalmanFilter", "SolverConfig", "StepSizeError", "StepStats", "StructuralCoupling",
+    "STRONG_COUPLING", "SensorKalmanFilter", "SolverConfig", "StepSizeError", "StepStats", "StructuralCoupling",
     "TemperatureModel", "circadian_time", "compute_prc", "crossing_times", "entrain", "estimate_period", "from_etf",
     "integrate_batch", "koa", "koa_normalized", "koa_trend", "limit_cycle", "lomb_scargle_period",
-    "make_scalar_rhs", "period_stability", "phosphorylated_fraction", "plan_phase_shift", "preset",
+    "make_scalar_rhs", "named_set", "period_stability", "phosphorylated_fraction", "plan_phase_shift", "preset",
     "q10_from_periods", "rhs_batch", "simulated_q10", "solve_reference", "state_from_variables",
     "state_variables", "temperature_correlation",
 ]

@@ -121,6 +121,28 @@ class SensorKalmanFilter:
         self.measurement_count += 1
         return self.state()
 
+    def to_doc(self) -> dict:
+        """Everything the filter is (estimate, covariance, which channels it knows, the last
+        innovation, time, count, noise levels) as JSON, for `from_doc`."""
+        return {"x": self._x.tolist(), "p": self._p.tolist(), "known": self._known.tolist(),
+                "innovation": [None if np.isnan(v) else float(v) for v in self._innovation], "t": self._t,
+                "count": self.measurement_count, "process_noise": self.process_noise,
+                "measurement_noise": self.measurement_noise}
+
+    @classmethod
+    def from_doc(cls, doc: Mapping) -> SensorKalmanFilter:
+        """The filter `to_doc` described, exactly (a restart resumes its estimate and covariance)."""
+        fil = cls(doc.get("process_noise"), doc.get("measurement_noise"))
+        x, p, known = np.asarray(doc["x"], float), np.asarray(doc["p"], float), np.asarray(doc["known"], bool)
+        if x.shape != (3,) or p.shape != (3, 3) or known.shape != (3,) or not (np.isfinite(x).all()
+                                                                              and np.isfinite(p).all()):
+            raise ValueError("a filter document needs x (3), p (3x3) and known (3), finite")
+        fil._x, fil._p, fil._known = x, p, known
+        fil._innovation = np.array([np.nan if v is None else float(v) for v in doc.get("innovation", [None] * 3)])
+        fil._t = None if doc.get("t") is None else float(doc["t"])
+        fil.measurement_count = int(doc.get("count", 0))
+        return fil
+
     def estimate(self) -> dict[str, float | None]:
         return {k: (float(v) if known else None) for k, v, known in zip(STATE_KEYS, self._x, self._known)}
 
