@@ -97,14 +97,17 @@ async def test_gateway_reports_a_backup_and_a_failure_in_health_and_metrics(gate
             metrics = (await client.get("/metrics")).text
             assert 0 <= _metric(metrics, "gatewayd_backup_age_seconds") < 60
             assert _metric(metrics, 'gatewayd_backups_total{result="ok"}') == 1
-            # The destination becomes unusable (a file where the folder was): reported, 503.
+            # The destination becomes unusable (a file where the folder was): reported as a
+            # warning (200: the gateway still does its job), naming the key and the path.
             (tmp_path / "bk2").write_text("not a folder")
             gw.backups.directory = tmp_path / "bk2"
             assert await gw.backups.take() is None
             r = await client.get("/health")
-            assert r.status_code == 503
+            assert r.status_code == 200 and r.json()["status"] == "warning"
             backup = r.json()["components"]["backup"]
-            assert backup["state"] == "failed" and "the last backup failed" in backup["reason"]
+            assert backup["state"] == "failed" and backup["severity"] == "warning"
+            assert backup["reason"] == (f"the last backup failed: backup.dir: {tmp_path / 'bk2'} is a file, not a "
+                                        "folder: point backup.dir at a folder (or move the file away)")
             assert backup["last_good"] == str(path)  # the good one is still named
             metrics = (await client.get("/metrics")).text
             assert _metric(metrics, 'gatewayd_backups_total{result="failed"}') == 1

@@ -82,9 +82,21 @@ def test_wrong_types_are_described():
 
 def test_all_errors_are_reported_at_once():
     errors = errors_of("[http]\nlisten = 'x'\nmax_body_bytes = 10\n[log]\nlevel = 'loud'\n")
-    assert len(errors) == 2  # max_body_bytes is only range-checked once the types are right
-    assert errors[0].startswith("http.listen:")
-    assert errors[1].startswith("log.level:")
+    # A mistyped key no longer hides the section's range checks on the keys that parsed.
+    assert errors == ["http.listen: expected HOST:PORT, got 'x'", "http.max_body_bytes: must be at least 1024, got 10",
+                      "log.level: expected one of 'debug', 'info', 'warning', 'error', got 'loud' (string)"]
+
+
+def test_an_unknown_key_does_not_hide_the_sections_other_errors():
+    errors = errors_of("[backup]\nkepp = 3\ninterval_s = 5\nkeep = 0\n")
+    assert errors == ["backup.kepp: unknown key (did you mean 'keep'?)",
+                      "backup.interval_s: must be 0 (off) or 60 .. 2592000 seconds, got 5.0",
+                      "backup.keep: must be 1 .. 1000, got 0"]
+    # Cross-key checks run over what parsed; one about the mistyped key itself is left out.
+    errors = errors_of("[tls]\nmqtt_listen = 'nope'\nmqtt_plain = false\nwarn_days = 0\n")
+    assert errors == ["tls.mqtt_listen: expected HOST:PORT, got 'nope'",
+                      "tls.mqtt_plain: false needs tls.mqtt_listen (devices would have no MQTT listener)",
+                      "tls.warn_days: must be 1 .. 365, got 0"]
 
 
 def test_range_check_names_the_key():

@@ -56,7 +56,7 @@ def test_text_report_and_help(tmp_path, capsys):
                  "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set",
                  f"mqtt.listen='127.0.0.1:{free_port()}'"]) == 0
     out = capsys.readouterr().out
-    assert "[ok  ] mosquitto" in out and "[skip] upstream    --no-network" in out and "all checks passed" in out
+    assert "[ok  ] mosquitto" in out and "[skip] upstream       --no-network" in out and "all checks passed" in out
 
 
 def test_a_config_error_is_a_failure_naming_the_key(tmp_path, capsys):
@@ -173,3 +173,58 @@ def test_serial_lines_the_plugins_declare_are_opened(tmp_path):
     assert checks["serial serialdoc.meter"].status == "ok"
     assert checks["serial serialdoc.gone"].status == "fail"
     assert "/dev/ttyGATEWAYD-NOT-THERE" in checks["serial serialdoc.gone"].message
+
+
+def test_mqtt_upstream_login(tmp_path, capsys, monkeypatch):
+    """A real mosquitto with a password file: the doctor logs in as the sink would."""
+    import shutil
+    import subprocess
+    import time
+
+    from gatewayd.core.mqtt.broker import hash_password
+
+    _fresh(tmp_path)
+    broker_dir = tmp_path / "broker"
+    broker_dir.mkdir()
+    (broker_dir / "passwd").write_text(f"cloud-gw:{hash_password('right')}\n")
+    port = free_port()
+    (broker_dir / "mosquitto.conf").write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {broker_dir / 'passwd'}\n"
+        "user root\n")  # run by this test (as root in CI): read its own files
+    broker = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c",
+                               str(broker_dir / "mosquitto.conf")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mosquitto did not listen"
+                time.sleep(0.05)
+        config = tmp_path / "gatewayd.toml"
+        config.write_text(f'[[upstream]]\nname = "cloudmq"\nkind = "mqtt"\nurl = "mqtt://127.0.0.1:{port}"\n'
+                          'username = "cloud-gw"\npassword_env = "DOCTOR_TEST_MQTT_PW"\n')
+        monkeypatch.setenv("DOCTOR_TEST_MQTT_PW", "right")
+        code, checks = _doctor(capsys, tmp_path, config=config)
+        check = checks["upstream cloudmq"]
+        assert check["status"] == "ok", check
+        assert check["message"] == f"127.0.0.1:{port} accepted the gateway's login as cloud-gw"
+        assert check["details"]["client_id"].endswith("-cloudmq-doctor")
+        monkeypatch.setenv("DOCTOR_TEST_MQTT_PW", "wrong")
+        code, checks = _doctor(capsys, tmp_path, config=config)
+        check = checks["upstream cloudmq"]
+        assert code == 1 and check["status"] == "fail"
+        assert check["message"].startswith(f"127.0.0.1:{port} refused the gateway's login as cloud-gw: ")
+        assert "check upstream.username and DOCTOR_TEST_MQTT_PW" in check["message"]
+        monkeypatch.delenv("DOCTOR_TEST_MQTT_PW")
+        code, checks = _doctor(capsys, tmp_path, config=config)
+        assert checks["upstream cloudmq"]["message"] == ("environment variable DOCTOR_TEST_MQTT_PW "
+                                                          "(upstream.password_env) is not set")
+    finally:
+        broker.terminate()
+        broker.wait(10)
+    monkeypatch.setenv("DOCTOR_TEST_MQTT_PW", "right")
+    code, checks = _doctor(capsys, tmp_path, config=config)  # nothing listens any more
+    assert checks["upstream cloudmq"]["status"] == "fail" and "unreachable" in checks["upstream cloudmq"]["message"]

@@ -183,6 +183,55 @@ def test_the_installed_daemon_runs_as_its_user_with_no_root_process(installed, t
         sock.close()
 
 
+def test_a_second_run_upgrades_in_place_keeping_config_secrets_and_data(installed):
+    root, user, env = installed["root"], installed["user"], installed["env"]
+    config = root / "etc" / "gatewayd.toml"
+    config.write_text(config.read_text() + "\n# edited on site\n")
+    kept = {p: p.read_bytes() for p in (config, root / "etc" / "gatewayd.env", root / "data" / "master.key")}
+    (root / "data" / "site-note.txt").write_text("data of the site")
+    (root / "opt" / "stale-module.py").write_text("from the previous release")
+    result = subprocess.run([str(REPO / "scripts" / "install"), "--no-start"], env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote" not in result.stderr and "created the system user" not in result.stderr  # nothing new
+    assert {p: p.read_bytes() for p in kept} == kept
+    assert (root / "data" / "site-note.txt").read_text() == "data of the site"
+    assert not (root / "opt" / "stale-module.py").exists()  # the code is replaced, not merged
+    assert _mode(root / "etc" / "gatewayd.env") == (user, user, 0o600)
+    assert _mode(root / "etc" / "gatewayd.toml") == ("root", user, 0o640)
+    assert _mode(root / "data") == (user, user, 0o700)
+    wrapper = (root / "bin" / "gatewayd").read_text()
+    assert f'GATEWAYD_UNIT="{root / "unit" / "gatewayd.service"}"' in wrapper
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"GATEWAYD_PREFIX": "/"}, "not an absolute path other than /: '/'"),
+    ({"GATEWAYD_DATA": "var/lib/gatewayd"}, "not an absolute path other than /: 'var/lib/gatewayd'"),
+])
+def test_paths_that_are_not_safe_to_remove_are_refused(installed, override, message):
+    for args in (["--no-start"], ["--uninstall", "--purge"]):
+        result = subprocess.run([str(REPO / "scripts" / "install"), *args], env={**installed["env"], **override},
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and message in result.stderr
+
+
+def test_a_prefix_or_data_that_is_not_gatewayds_is_not_removed(installed, tmp_path):
+    other = Path(tempfile.mkdtemp(prefix="not-gatewayd-", dir="/tmp"))
+    try:
+        (other / "precious.txt").write_text("someone else's")
+        for override, args in (({"GATEWAYD_PREFIX": str(other)}, ["--no-start"]),
+                               ({"GATEWAYD_PREFIX": str(other)}, ["--uninstall"]),
+                               ({"GATEWAYD_DATA": str(other)}, ["--uninstall", "--purge"])):
+            result = subprocess.run([str(REPO / "scripts" / "install"), *args],
+                                    env={**installed["env"], **override}, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 1 and f"{other}" in result.stderr and "not" in result.stderr, result.stderr
+            assert (other / "precious.txt").read_text() == "someone else's"
+        assert (installed["root"] / "opt" / "scripts" / "install").exists()  # the refusals removed nothing
+        assert (installed["root"] / "data" / "master.key").exists()
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
+
+
 def test_uninstall_keeps_the_data_unless_purged(installed):
     root, env = installed["root"], installed["env"]
     install = str(REPO / "scripts" / "install")

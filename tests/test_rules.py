@@ -91,6 +91,8 @@ actions = []
         "got 'battery <'",
         "rules[1].actions[0].url: a webhook needs an http(s) URL, got 'ftp://x'",
         "rules[1].actions[1].topic: an mqtt action needs a topic without wildcards, got 'a/#'",
+        # The rule's own checks run past its actions' errors (a section's errors at once).
+        "rules[1].within_s: more_than and within_s go together ('more than N events within S seconds')",
         "rules[2].severity: expected info, warning or critical, got 'urgent'",
     ]
 

@@ -8,15 +8,19 @@ import pwd
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import peewee
 import pytest
 import trio
 
 from gatewayd.core.runtime import run_until_signalled
 from gatewayd.core.sdnotify import SystemdNotifier
+from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client
 
 REPO = Path(__file__).resolve().parent.parent
@@ -128,3 +132,155 @@ def test_the_unit_passes_systemd_analyze_verify(tmp_path):
     unit.write_text(rendered.replace("WatchdogSec=", "WatchdogSek="))
     result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True)
     assert "Unknown key 'WatchdogSek'" in result.stderr
+
+
+# -- a second look (issue 21): the watchdog's gap, the start of a migration, restarts --
+
+
+class _Receiver:
+    """Datagrams with the time each arrived, read by a thread (the trio loop may be the
+    thing that is blocked)."""
+
+    def __init__(self, path: Path) -> None:
+        import threading
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.05)
+        self.got: list[tuple[float, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                self.got.append((time.monotonic(), self.sock.recv(4096).decode()))
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(5)
+        self.sock.close()
+
+
+class _TimedNotifier(SystemdNotifier):
+    """The real notifier, noting when each datagram left (on the trio thread)."""
+
+    def __init__(self, environ):
+        super().__init__(environ)
+        self.sent_at: list[float] = []
+
+    def notify(self, *lines: str) -> bool:
+        ok = super().notify(*lines)
+        if ok and lines == ("WATCHDOG=1",):
+            self.sent_at.append(time.monotonic())
+        return ok
+
+
+async def test_a_blocked_loop_leaves_a_gap_longer_than_the_watchdog(tmp_path):
+    receiver = _Receiver(tmp_path / "notify.sock")
+    notifier = _TimedNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"})
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(notifier.watchdog)
+            await trio.sleep(0.6)
+            blocked_at = time.monotonic()
+            time.sleep(0.8)  # the trio thread blocked: 4 watchdog periods
+            unblocked_at = time.monotonic()
+            await trio.sleep(0.4)
+            nursery.cancel_scope.cancel()
+        await trio.sleep(0.3)  # the receiving thread reads the last ones
+    finally:
+        notifier.close()
+        receiver.close()
+    sent = notifier.sent_at
+    # Nothing left while the loop was blocked: systemd, which kills a service whose pings
+    # stop for WatchdogSec (0.2 s here), saw a gap of the whole blocked time.
+    assert not [t for t in sent if blocked_at < t < unblocked_at]
+    gap = min(t for t in sent if t >= unblocked_at) - max(t for t in sent if t <= blocked_at)
+    assert gap >= 0.8
+    assert len([t for t in sent if t < blocked_at]) >= 3 and len([t for t in sent if t > unblocked_at]) >= 2
+    # ...and every one of them reached the socket.
+    assert len([m for _, m in receiver.got if m == "WATCHDOG=1"]) == len(sent)
+
+
+class _Old(peewee.Model):
+    text = peewee.TextField()
+
+    class Meta:
+        table_name = "slowmig_row"
+
+
+class _SlowV1:
+    @hookimpl
+    def gatewayd_storage_models(self, models):
+        models.add(_Old)
+
+
+class _SlowV2:
+    @hookimpl
+    def gatewayd_storage_models(self, models):
+        models.add(_Old)
+        models.version = 2
+        models.migrations[2] = self.migrate
+
+    @staticmethod
+    def migrate(migrator, db):
+        time.sleep(1.0)  # a long migration (on the installing thread, as a real one runs)
+
+
+async def test_a_migration_at_start_extends_systemds_start_timeout(gateway_factory, tmp_path):
+    from gatewayd.core.runtime import Gateway
+
+    async with gateway_factory(plugins=[("slowmig", _SlowV1())]) as gw:
+        await gw.storage.write(lambda: _Old.insert(text="a").execute())
+    async with gateway_factory(plugins=[("slowmig", _SlowV2())]) as gw:  # only to build the config
+        config, plugins = gw.config, gw.plugins
+    # The factory's gateway migrated already: back to version 1 for the one under test.
+    with sqlite3.connect(config.data_dir / "gatewayd.sqlite3") as conn:
+        conn.execute("UPDATE core_schema SET version = 1 WHERE component = 'slowmig'")
+    receiver = _Receiver(tmp_path / "notify.sock")
+    notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
+    gateway = Gateway(config, plugins)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: run_until_signalled(
+                gateway, task_status=task_status, notifier=notifier, extend_every_s=0.1))
+            assert gateway.storage.pre_migration_backup is not None
+            await trio.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        receiver.close()
+    messages = [m for _, m in receiver.got]
+    ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
+    extended = [m for m in messages[:ready] if m.startswith("EXTEND_TIMEOUT_USEC=60000000\n")]
+    assert len(extended) >= 5, messages[:ready]  # every 0.1 s of the 1 s migration
+    assert "STATUS=copying the database, then migrating its schema" in extended[0]
+    assert not [m for m in messages[ready:] if m.startswith("EXTEND_TIMEOUT_USEC")]
+
+
+def test_a_failed_migration_exits_3_which_the_unit_does_not_restart(tmp_path):
+    fixture = REPO / "tests" / "fixtures" / "upgrade" / "v0-mqtt1"
+    data = tmp_path / "var"
+    data.mkdir(mode=0o700)
+    for name in ("gatewayd.sqlite3", "master.key"):
+        shutil.copy(fixture / name, data / name)
+    with sqlite3.connect(data / "gatewayd.sqlite3") as conn:
+        before = conn.execute("SELECT component, version FROM core_schema ORDER BY component").fetchall()
+    (tmp_path / "file").write_text("not a folder")
+    done = subprocess.run(
+        [sys.executable, "-m", "gatewayd", "run", "--set", f"gateway.data_dir='{data}'",
+         "--set", f"backup.dir='{tmp_path / 'file'}'", "--set", "http.listen='127.0.0.1:0'",
+         "--set", "mqtt.listen='127.0.0.1:0'"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert f"the copy of the database before migrating failed (backup.dir: {tmp_path / 'file'} is a file" in done.stderr
+    with sqlite3.connect(data / "gatewayd.sqlite3") as conn:  # nothing migrated (new components' tables made)
+        after = dict(conn.execute("SELECT component, version FROM core_schema"))
+    assert {c: after[c] for c, _ in before} == dict(before)
+    assert ("core_mqtt", 1) in before
+    unit = UNIT.read_text()
+    assert "\nRestart=on-failure\n" in unit and "\nRestartPreventExitStatus=2 3\n" in unit

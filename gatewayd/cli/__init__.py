@@ -2,7 +2,8 @@
 
 Every command takes `--config PATH` (default ./gatewayd.toml when present) and any
 number of `--set dotted.key=value` overrides. Configuration errors exit with status 2
-and name the key.
+and name the key; `gatewayd run` exits 3 when a schema migration (or the copy before it)
+failed, which the service unit does not restart on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from .outbox import cmd_outbox, setup_outbox
 from .plugin import cmd_plugin, setup_plugin
 from .tls import cmd_tls, setup_tls
 from .tokens import cmd_tokens, setup_tokens
+
+#: `gatewayd run`: a schema migration, or the copy of the database before it, failed.
+EXIT_MIGRATION = 3
 
 EPILOG = """\
 examples:
@@ -84,7 +88,10 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
             raise
         log.error("cannot start", error=str(error))
         print(f"gatewayd: {error}", file=sys.stderr)
-        return 1
+        # A migration that failed (or could not be preceded by its copy) fails the same
+        # way at every start, each taking a copy of the database first: the unit does not
+        # restart on this status (RestartPreventExitStatus), an operator acts.
+        return EXIT_MIGRATION if isinstance(error, MigrationError) else 1
     return 0
 
 

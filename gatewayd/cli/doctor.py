@@ -90,7 +90,7 @@ def run_checks(args: argparse.Namespace, manager: PluginManager) -> list[Check]:
         return [Check("config", "fail", f"{where}: {len(e.errors)} error(s): " + "; ".join(str(x) for x in e.errors),
                       {"errors": [str(x) for x in e.errors]})]
     checks = [Check("config", "ok", f"{config_path(args) or 'built-in defaults'} is valid")]
-    for step in (_ports, _data_dir, _mosquitto, _master_key, _tls, _serial):
+    for step in (_ports, _data_dir, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial):
         try:
             checks += step(config, manager)
         except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
@@ -227,6 +227,105 @@ def _data_dir(config: Config, manager: PluginManager) -> list[Check]:
     return checks
 
 
+def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
+    """`backup.dir` holds the daemon's copies and the one taken before a migration:
+    a writable folder (or one that can be made) with room for a copy of the database."""
+    from ..core.backup import backup_dir
+    from ..core.backupdir import space_needed
+
+    directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
+    what = "backup.dir" if config.backup.dir else "backup.dir (default)"
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [Check("backup dir", "fail", f"{directory} ({what}): {existing} is a file, not a folder")]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        verb = "is" if existing == directory else f"does not exist and {existing} is"
+        return [Check("backup dir", "fail", f"{directory} ({what}) {verb} not writable by {_user()}")]
+    db = config.data_dir / "gatewayd.sqlite3"
+    need, free = space_needed(db, existing), shutil.disk_usage(existing).free
+    details = {"dir": str(directory), "free_bytes": free, "needed_bytes": need, "keep": config.backup.keep}
+    if free < need:
+        return [Check("backup dir", "fail", f"{directory} ({what}): {free >> 20} MiB free, a copy of the database "
+                                            f"needs {need >> 20} MiB: free space or point backup.dir at a larger "
+                                            "disk", details)]
+    # The rotation's peak: keep + 1 copies (the oldest goes after the new one passed),
+    # of which those already there take space now.
+    from ..core.backup import list_backups
+
+    present = list_backups(directory) if directory.is_dir() else []
+    held = sum(p.stat().st_size for p in present)
+    copy = _db_size(db)
+    peak = (config.backup.keep + 1) * copy
+    if config.backup.interval_s and peak > free + held:
+        return [Check("backup dir", "warn", f"{directory} ({what}): backup.keep = {config.backup.keep} copies of "
+                                            f"{copy >> 20} MiB need {peak >> 20} MiB at the peak, {(free + held) >> 20} "
+                                            "MiB are there: lower backup.keep or point backup.dir at a larger disk "
+                                            "(each copy is refused when it does not fit)", details)]
+    made = "" if existing == directory else " (made at the first backup)"
+    off = "; backups are off (backup.interval_s = 0), the copy before a migration still goes here" \
+        if not config.backup.interval_s else ""
+    return [Check("backup dir", "ok", f"{directory} is writable{made}, {free >> 20} MiB free for copies of "
+                                      f"{need >> 20} MiB{off}", details)]
+
+
+#: The installed service unit (scripts/install's wrapper says where it put it).
+DEFAULT_UNIT = "/etc/systemd/system/gatewayd.service"
+
+
+def _service_paths(config: Config, manager: PluginManager) -> list[Check]:
+    """Under the unit's ProtectSystem=strict only ReadWritePaths= are writable: a
+    data_dir or backup.dir elsewhere (a USB stick) is writable to the doctor, run
+    outside the sandbox, and read-only to the service."""
+    unit = Path(os.environ.get("GATEWAYD_UNIT") or DEFAULT_UNIT)
+    if not unit.is_file():
+        return [Check("service paths", "skip", f"no service unit at {unit}")]
+    writable = _read_write_paths(unit)
+    from ..core.backup import backup_dir
+
+    wanted = [("gateway.data_dir", config.data_dir),
+              ("backup.dir", backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None))]
+    closed = [(key, path) for key, path in wanted
+              if not any(_under(path, w) for w in writable)]
+    details = {"unit": str(unit), "read_write_paths": [str(w) for w in writable]}
+    if closed:
+        return [Check("service paths", "fail", "; ".join(
+            f"{path} ({key}) is read-only to the service (ProtectSystem=strict)" for key, path in closed)
+            + f": add it with `sudo systemctl edit gatewayd` ([Service] ReadWritePaths={closed[0][1]}), "
+              "then restart", details)]
+    return [Check("service paths", "ok", f"the service may write {', '.join(str(p) for _, p in wanted)} "
+                                         f"({unit.name}: ReadWritePaths)", details)]
+
+
+def _read_write_paths(unit: Path) -> list[Path]:
+    """ReadWritePaths= of a unit and its drop-ins (`<unit>.d/*.conf`, in name order); an
+    empty assignment resets the list, a leading `-` only makes a path optional."""
+    paths: list[Path] = []
+    for f in [unit, *sorted(unit.with_name(unit.name + ".d").glob("*.conf"))]:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            key, sep, value = line.strip().partition("=")
+            if not sep or key.strip() != "ReadWritePaths":
+                continue
+            if not value.strip():
+                paths = []
+            paths += [Path(v.lstrip("-+")) for v in value.split()]
+    return paths
+
+
+def _under(path: Path, top: Path) -> bool:
+    path, top = path.resolve(), top.resolve()
+    return path == top or top in path.parents
+
+
+def _db_size(db: Path) -> int:
+    return sum(p.stat().st_size for p in (db, db.with_name(db.name + "-wal")) if p.exists())
+
+
 def _user() -> str:
     try:
         import pwd
@@ -305,14 +404,21 @@ def _count_devices(db: Path) -> int:
 
 
 def _tls(config: Config, manager: PluginManager) -> list[Check]:
-    from ..core.tls import SiteTls, TlsError
+    from ..core.tls import SiteTls, TlsError, check_ca, check_served
 
     site = SiteTls.from_config(config)
     if not site.enabled:
         return [Check("tls", "skip", "no TLS listener configured (tls.http, tls.mqtt_listen); device traffic "
                                      "on the LAN is plain text")]
+    site_ca = config.data_dir / "tls" / "ca.crt"
     try:
         site.load()
+        # The files `tls init` makes: the certificate chains to the site CA devices pin,
+        # and the CA itself is one (with its key). A certificate of one's own (tls.cert):
+        # its key only.
+        check_served(site.cert, site.key, None if config.tls.cert else site_ca)
+        if not config.tls.cert:
+            check_ca(site_ca.parent)
     except TlsError as e:
         return [Check("tls", "fail", str(e))]
     state = site.state()
@@ -381,7 +487,7 @@ def _upstream(config: Config, timeout: float) -> tuple[list[Check], float | None
             checks.append(Check(label, "skip", "enabled = false"))
             continue
         if entry.kind == "mqtt":
-            checks.append(_mqtt_upstream(entry, timeout))
+            checks.append(_mqtt_upstream(config, entry, timeout))
             continue
         check, seen = _http_upstream(config, entry, timeout)
         checks.append(check)
@@ -432,18 +538,64 @@ def _http_upstream(config: Config, entry: Any, timeout: float) -> tuple[Check, f
                  details), skew
 
 
-def _mqtt_upstream(entry: Any, timeout: float) -> Check:
+def _mqtt_upstream(config: Config, entry: Any, timeout: float) -> Check:
+    """A real MQTT login with the sink's credentials (and TLS settings). The doctor's
+    client id is the sink's with `-doctor` appended: the same id would take the running
+    gateway's session over."""
+    import ssl
     from urllib.parse import urlsplit
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
     label = f"upstream {entry.name}"
     parts = urlsplit(entry.url)
-    port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+    secure = parts.scheme == "mqtts"
+    host, port = parts.hostname or "", parts.port or (8883 if secure else 1883)
+    password = read_secret(entry.password_env)
+    if entry.password_env and password is None:
+        return Check(label, "fail", f"environment variable {entry.password_env} (upstream.password_env) is not set")
+    client_id = (entry.client_id or f"gatewayd-{config.gateway.id}-{entry.name}") + "-doctor"
+    answer: dict[str, Any] = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5,
+                         reconnect_on_failure=False)
+    client.on_connect = lambda c, u, flags, reason, props: answer.setdefault("reason", reason)
+    if entry.username:
+        client.username_pw_set(entry.username, password)
+    details = {"host": host, "port": port, "client_id": client_id, "username": entry.username or None}
     try:
-        with socket.create_connection((parts.hostname or "", port), timeout=timeout):
-            pass
-    except OSError as e:
-        return Check(label, "fail", f"{parts.hostname}:{port} unreachable: {e.strerror or e}")
-    return Check(label, "warn", f"{parts.hostname}:{port} reachable; the MQTT login is not checked by the doctor")
+        if secure:
+            ctx = ssl.create_default_context(cafile=entry.tls_ca or None)
+            if entry.tls_cert:
+                ctx.load_cert_chain(entry.tls_cert, entry.tls_key or None)
+            client.tls_set_context(ctx)
+        client.connect(host, port, keepalive=max(int(timeout) * 2, 10))
+        deadline = time.monotonic() + timeout
+        while "reason" not in answer and time.monotonic() < deadline:
+            if client.loop(timeout=0.2) != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                break  # closed: some brokers refuse a login by closing the connection
+    except (OSError, ssl.SSLError, ValueError) as e:
+        return Check(label, "fail", f"{host}:{port} unreachable: {getattr(e, 'strerror', None) or e}", details)
+    finally:
+        if answer.get("reason") is not None and not answer["reason"].is_failure:
+            client.disconnect()
+            client.loop(timeout=0.2)  # DISCONNECT sent: the broker does not publish a will
+        sock = client.socket()
+        if sock is not None:
+            sock.close()
+    reason = answer.get("reason")
+    who = f"as {entry.username}" if entry.username else "anonymously"
+    if reason is None:
+        return Check(label, "fail", f"{host}:{port} did not accept the login {who} within {timeout:.0f} s (the "
+                                    "connection was closed or not answered)", details)
+    details["reason"] = str(reason)
+    if not reason.is_failure:
+        return Check(label, "ok", f"{host}:{port} accepted the gateway's login {who}", details)
+    if reason.value == 0x85:  # Client Identifier not valid: a broker that allows only the sink's own id
+        return Check(label, "warn", f"{host}:{port} refused the doctor's client id {client_id!r} ({reason}); "
+                                    "the login itself is not checked", details)
+    return Check(label, "fail", f"{host}:{port} refused the gateway's login {who}: {reason} (check "
+                                f"upstream.username and {entry.password_env or 'upstream.password_env'})", details)
 
 
 def _clock(config: Config, skew: float | None) -> Check:

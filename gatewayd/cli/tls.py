@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..core.tls import SiteTls, TlsError, certificate_info, default_names, init_site, issue_client
+from ..core.tls import (SiteTls, TlsError, certificate_info, check_served, default_names, dns_name, init_site,
+                        ip_address, issue_client)
 from .context import CliContext, add_common_options
 
 __all__ = ["setup_tls", "cmd_tls"]
@@ -59,6 +60,10 @@ def cmd_tls(args: argparse.Namespace, manager: Any) -> int:
                 print("gatewayd tls init: --days must be 1 .. 3650", file=sys.stderr)
                 return 2
             names, ips = ([], []) if args.only else default_names()
+            # What was asked for must be valid (init_site refuses it whole); the box's
+            # own names that are not valid DNS names (a host name with "_") are left out.
+            names = [n for n in names if _valid(dns_name, n)]
+            ips = [a for a in ips if _valid(ip_address, a)]
             result = init_site(tls_dir, config.gateway.id, list(dict.fromkeys([*args.name, *names])),
                                list(dict.fromkeys([*args.ip, *ips])), days=args.days)
             info = result.server
@@ -78,12 +83,22 @@ def cmd_tls(args: argparse.Namespace, manager: Any) -> int:
             site = SiteTls.from_config(config)
             info = site.info = certificate_info(site.cert)
             state = site.state() if site.enabled else None
+            problems = []
+            if info.days_left() <= 0:
+                problems.append(f"the certificate expired on {info.not_after:%Y-%m-%d}: renew it (gatewayd tls init)")
+            # The files `tls init` makes are checked against the site CA; a certificate of
+            # one's own (tls.cert) against its key only.
+            try:
+                check_served(site.cert, site.key, None if config.tls.cert else tls_dir / "ca.crt")
+            except TlsError as e:
+                problems.append(str(e))
             doc = {"cert": str(site.cert), **_info_json(info),
                    "listeners": {"http": config.tls.http, "mqtt_listen": str(config.tls.mqtt_listen or "") or None,
-                                 "mqtt_plain": config.tls.mqtt_plain}}
+                                 "mqtt_plain": config.tls.mqtt_plain},
+                   "ok": not problems, "problems": problems}
             if args.json:
                 print(json.dumps(doc, indent=2))
-                return 0
+                return 1 if problems else 0
             print(f"certificate {site.cert}")
             print(f"  subject    {info.subject}")
             print(f"  valid      {info.not_before:%Y-%m-%d} .. {info.not_after:%Y-%m-%d} "
@@ -92,13 +107,24 @@ def cmd_tls(args: argparse.Namespace, manager: Any) -> int:
             print(f"  addresses  {' '.join(info.ip_addresses) or '-'}")
             print(f"  served     {'yes' if site.enabled else 'no (tls.http and tls.mqtt_listen are off)'}"
                   + (f", {state.state}" if state else ""))
-            return 0
+            print(f"  key        {site.key}")
+            for problem in problems:
+                print(f"  PROBLEM    {problem}")
+            return 1 if problems else 0
         crt, key = issue_client(tls_dir, args.common_name, Path(args.out), days=args.days)
         print(f"client certificate: {crt}\nkey: {key} (0600; install it on the device, then delete it here)")
         return 0
     except TlsError as e:
         print(f"gatewayd tls {args.tls_command}: {e}", file=sys.stderr)
         return 1
+
+
+def _valid(check: Any, value: str) -> bool:
+    try:
+        check(value)
+    except TlsError:
+        return False
+    return True
 
 
 def _info_json(info: Any) -> dict[str, Any]:

@@ -30,10 +30,12 @@ import trio
 from .health import ComponentState, Health
 from .logs import get_logger
 from .metrics import Metrics, Sample
-from .schema import ConfigError
+from .schema import ConfigError, ConfigErrors
+from .backupdir import BackupDirError, prepare_dir, space_needed, space_problem
 from .storage import StorageError, backup_database
 
-__all__ = ["BackupSection", "Backups", "BACKUP_NAME", "master_key_location"]
+__all__ = ["BackupSection", "Backups", "BackupDirError", "BACKUP_NAME", "master_key_location", "prepare_dir",
+           "space_needed"]
 
 log = get_logger("gatewayd.backup")
 
@@ -47,17 +49,22 @@ class BackupSection:
 
     #: Seconds between backups; 0 turns them off.
     interval_s: float = 86400.0
-    #: How many of its copies to keep (the oldest beyond this are deleted).
-    keep: int = 7
+    #: How many of its copies to keep (the oldest beyond this are deleted). 3: three
+    #: days of daily copies; with the copy being taken, four database sizes at the peak
+    #: (7 were eight: 8 GiB of a 16 GB SD card for a 1 GiB database).
+    keep: int = 3
     #: Where they go; "" = `<data_dir>/backups`. Another disk (a USB stick, a NAS mount)
     #: survives the SD card.
     dir: str = ""
 
     def validate(self) -> None:
+        errors = []
         if self.interval_s != 0 and not 60 <= self.interval_s <= 30 * 86400:
-            raise ConfigError("interval_s", f"must be 0 (off) or 60 .. 2592000 seconds, got {self.interval_s}")
+            errors.append(ConfigError("interval_s", f"must be 0 (off) or 60 .. 2592000 seconds, got {self.interval_s}"))
         if not 1 <= self.keep <= 1000:
-            raise ConfigError("keep", f"must be 1 .. 1000, got {self.keep}")
+            errors.append(ConfigError("keep", f"must be 1 .. 1000, got {self.keep}"))
+        if errors:
+            raise ConfigErrors(errors)
 
 
 def master_key_location(data_dir: Path, env_name: str) -> str:
@@ -100,6 +107,7 @@ class Backups:
         self.last_error: str | None = None
         self.taken = 0
         self.failed = 0
+        self.no_space = 0
         if section.interval_s:
             health.probe("backup", self.state)
         self._register(metrics)
@@ -117,6 +125,12 @@ class Backups:
         existing = list_backups(self.directory)
         if existing:  # taken (and checked) by an earlier run: the schedule goes on from it
             self.last_good, self.last_good_at = existing[-1], existing[-1].stat().st_mtime
+        if interval:  # a folder that cannot hold copies is said at start, not at the first backup
+            try:
+                await trio.to_thread.run_sync(prepare_dir, self.directory)
+            except BackupDirError as e:
+                self.last_error = str(e)
+                log.error("backups cannot be taken", dir=str(self.directory), error=str(e))
         task_status.started()
         if not interval:
             return
@@ -132,11 +146,18 @@ class Backups:
         """One backup now, checked, then the oldest copies beyond `keep` deleted."""
         started = self.clock()
         try:
-            await trio.to_thread.run_sync(_private_dir, self.directory)
+            await trio.to_thread.run_sync(prepare_dir, self.directory)
+            # Checked before each copy: a copy that fills the disk would fail half-written
+            # (and take the database's own room with it on a shared disk).
+            if problem := await trio.to_thread.run_sync(space_problem, self.database, self.directory):
+                self.no_space += 1
+                self.last_error = problem
+                log.error("backup refused", dir=str(self.directory), error=problem)
+                return None
             # Named by this gateway's clock (so also under a test's clock), to the second.
             name = time.strftime("gatewayd-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime(started))
             path = await trio.to_thread.run_sync(backup_database, self.database, self.directory / name)
-        except (StorageError, OSError) as e:
+        except (StorageError, OSError, BackupDirError) as e:
             self.failed += 1
             self.last_error = str(e)
             log.error("backup failed", dir=str(self.directory), error=str(e))
@@ -173,10 +194,13 @@ class Backups:
             details["last_good_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.last_good_at))
             details["age_s"] = round(self.clock() - self.last_good_at, 1)
             details["last_good"] = str(self.last_good)
+        # Warnings (200): without a fresh backup the gateway still takes, stores and
+        # forwards device data; a load balancer must not take it out of service for it.
         if self.last_error is not None:
-            return ComponentState("failed", f"the last backup failed: {self.last_error}", details)
+            return ComponentState("failed", f"the last backup failed: {self.last_error}", details, critical=False)
         if self.last_good_at is not None and self.clock() - self.last_good_at > 2 * self.section.interval_s:
-            return ComponentState("stale", f"the last good backup is {details['age_s'] / 3600:.1f} h old", details)
+            return ComponentState("stale", f"the last good backup is {details['age_s'] / 3600:.1f} h old", details,
+                                  critical=False)
         return ComponentState("ok", None, details)
 
     def _register(self, metrics: Metrics) -> None:
@@ -192,8 +216,6 @@ class Backups:
         metrics.collector(
             "gatewayd_backups_total", "counter", "Backups the daemon attempted, by result", lambda: [
                 Sample("gatewayd_backups_total", {"result": "ok"}, self.taken),
-                Sample("gatewayd_backups_total", {"result": "failed"}, self.failed)])
+                Sample("gatewayd_backups_total", {"result": "failed"}, self.failed),
+                Sample("gatewayd_backups_total", {"result": "no_space"}, self.no_space)])
 
-
-def _private_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)

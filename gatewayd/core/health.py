@@ -1,4 +1,12 @@
-"""What `/health` reports: one entry per component and per plugin."""
+"""What `/health` reports: one entry per component and per plugin.
+
+A component that is not healthy either stops the gateway doing its job (the default:
+/health answers 503, `status: "degraded"`, and a load balancer or a watchdog script
+should act), or is a **warning** (`critical=False`: /health still answers 200, with
+`status: "warning"` and the component's own state, reason and `"severity": "warning"`,
+for a technician or an alert rule): a certificate that expires in 20 days, a backup
+that failed or is old. The gateway still takes, stores and forwards device data.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +25,19 @@ class ComponentState:
     state: str
     reason: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    #: False: a state outside HEALTHY is a warning (200), not a failure (503).
+    critical: bool = True
+
+    @property
+    def warning(self) -> bool:
+        return self.state not in HEALTHY and not self.critical
 
     def as_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"state": self.state}
         if self.reason:
             doc["reason"] = self.reason
+        if self.warning:
+            doc["severity"] = "warning"
         doc.update(self.details)
         return doc
 
@@ -41,7 +57,8 @@ class Health:
         self.plugins[plugin] = ComponentState(state, reason)
 
     def probe(self, component: str, read: Callable[[], ComponentState]) -> None:
-        """Register a component whose state is read live (e.g. the MQTT connection)."""
+        """Register a component whose state is read live (e.g. the MQTT connection).
+        `read` returns `ComponentState(..., critical=False)` for a state that is a warning."""
         self._probes[component] = read
 
     def snapshot(self) -> tuple[bool, dict[str, Any]]:
@@ -51,9 +68,11 @@ class Health:
                 components[name] = read()
             except Exception as e:  # a broken probe is itself a health problem
                 components[name] = ComponentState("failed", f"health probe raised {e!r}")
-        ok = all(c.state in HEALTHY for c in [*components.values(), *self.plugins.values()])
+        every = [*components.values(), *self.plugins.values()]
+        ok = all(c.state in HEALTHY or c.warning for c in every)
+        warned = any(c.warning for c in every)
         return ok, {
-            "status": "ok" if ok else "degraded",
+            "status": "degraded" if not ok else "warning" if warned else "ok",
             "components": {k: v.as_json() for k, v in sorted(components.items())},
             "plugins": {k: v.as_json() for k, v in sorted(self.plugins.items())},
         }

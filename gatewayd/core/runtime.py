@@ -610,14 +610,33 @@ def tune_gc_for(profile: str) -> None:
     tune_gc()
 
 
+#: While the database is copied and migrated at start, systemd is told every this many
+#: seconds to wait EXTEND_START_S more (the unit's TimeoutStartSec would otherwise kill
+#: the copy of a large database on an SD card half-way, and the restart copy it again).
+EXTEND_EVERY_S = 10.0
+EXTEND_START_S = 60.0
+
+
 async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_IGNORED,
-                              notifier: SystemdNotifier | None = None) -> None:
+                              notifier: SystemdNotifier | None = None, extend_every_s: float = EXTEND_EVERY_S) -> None:
     """Run the gateway; SIGTERM/SIGINT start a graceful shutdown, a second one forces it.
 
     Under systemd (`Type=notify`) it says READY once the gateway has started, STOPPING
-    at the first signal, and feeds the watchdog from this trio loop (core/sdnotify.py).
+    at the first signal, and feeds the watchdog from this trio loop (core/sdnotify.py);
+    while a schema migration (and the copy before it) runs at start, it extends the
+    start timeout (EXTEND_TIMEOUT_USEC).
     """
     notifier = notifier or SystemdNotifier()
+    starting = trio.CancelScope()
+
+    async def extend_start() -> None:
+        with starting:
+            while True:
+                if gateway.storage.migrating:
+                    notifier.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_START_S * 1e6)}",
+                                    "STATUS=copying the database, then migrating its schema (docs/site-box.md#upgrades)")
+                await trio.sleep(extend_every_s)
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -637,11 +656,14 @@ async def run_until_signalled(gateway: Gateway, *, task_status=trio.TASK_STATUS_
             class Started:
                 @staticmethod
                 def started(value: Any = None) -> None:
+                    starting.cancel()
                     notifier.ready(f"running: {' '.join(u for urls in gateway.http_urls.values() for u in urls)}")
                     nursery.start_soon(notifier.watchdog)
                     task_status.started(value)
 
             nursery.start_soon(watch)
+            if notifier.enabled:
+                nursery.start_soon(extend_start)
             try:
                 await gateway.run(task_status=Started())
             finally:

@@ -177,6 +177,18 @@ def load_section(cls: type, raw: Any, key: str = "") -> Any:
         if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(ConfigError(join_key(key, name), "required key is missing"))
     if errors:
+        # The keys that did parse are still checked (`validate`), so one unknown or
+        # mistyped key does not hide the section's other errors; what `validate` says
+        # about a key already named is left out (it saw the default in its place).
+        named = {e.key for e in errors}
+        try:
+            partial = cls(**kwargs)
+        except (TypeError, ValueError):
+            raise ConfigErrors(errors) from None
+        try:
+            errors += [e for e in _validate(partial, key) if e.key not in named]
+        except Exception:  # noqa: BLE001 - a validate() that needs the missing values: the errors found stand
+            pass
         raise ConfigErrors(errors)
     try:
         obj = cls(**kwargs)
@@ -187,13 +199,23 @@ def load_section(cls: type, raw: Any, key: str = "") -> Any:
         if name is None:
             raise
         raise ConfigErrors([ConfigError(join_key(key, name), str(e).removeprefix(f"{name}: "))]) from None
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
-        try:
-            validate()
-        except ConfigError as e:
-            raise ConfigErrors([e.under(key)]) from None
+    if problems := _validate(obj, key):
+        raise ConfigErrors(problems)
     return obj
+
+
+def _validate(obj: Any, key: str) -> list[ConfigError]:
+    """What the section's `validate()` finds: one ConfigError, or ConfigErrors for several."""
+    validate = getattr(obj, "validate", None)
+    if validate is None:
+        return []
+    try:
+        validate()
+    except ConfigError as e:
+        return [e.under(key)]
+    except ConfigErrors as e:
+        return [x.under(key) for x in e.errors]
+    return []
 
 
 def read_secret(env_name: str) -> str | None:

@@ -26,6 +26,7 @@ import peewee
 import trio
 from playhouse.migrate import SqliteMigrator
 
+from .backupdir import BackupDirError, prepare_dir, space_problem
 from .health import ComponentState
 from .logs import get_logger
 
@@ -221,6 +222,9 @@ class Storage:
         #: here (`gatewayd-pre-upgrade-<UTC time>.sqlite3`); the runtime sets `[backup] dir`.
         self.migration_backup_dir: Path = self.path.parent / "backups"
         self.pre_migration_backup: Path | None = None
+        #: True while a schema's copy-then-migrate runs (set on the installing thread):
+        #: the runtime tells systemd the start is progressing (EXTEND_TIMEOUT_USEC).
+        self.migrating = False
 
     # -- life cycle --------------------------------------------------------------
 
@@ -311,7 +315,8 @@ class Storage:
         component changed. Raises StorageFull / StorageError when SQLite fails (nothing
         of it is kept)."""
         try:
-            if self.pre_migration_backup is None and self._migration_pending(spec):
+            self.migrating = self._migration_pending(spec)
+            if self.pre_migration_backup is None and self.migrating:
                 self._backup_before_migrating(spec)
             self._install(spec)
         except MigrationError:
@@ -321,6 +326,8 @@ class Storage:
             if error is e:
                 raise
             raise error from e
+        finally:
+            self.migrating = False
 
     def _install(self, spec: SchemaSpec) -> None:
         db = self.database
@@ -358,13 +365,15 @@ class Storage:
         """The whole database, once, before anything is migrated; failing that, no migration."""
         dest = self.migration_backup_dir / time.strftime("gatewayd-pre-upgrade-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime())
         try:
-            self.migration_backup_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            prepare_dir(self.migration_backup_dir)
+            if problem := space_problem(self.path, self.migration_backup_dir):
+                raise BackupDirError(problem)
             self.pre_migration_backup = backup_database(self.path, dest)
-        except (StorageError, OSError) as e:
+        except (StorageError, OSError, BackupDirError) as e:
             raise MigrationError(
                 f"{spec.component}: schema version {self.schema_version(spec.component)} needs migrating to "
                 f"{spec.version}, but the copy of the database before migrating failed ({e}): nothing was "
-                f"migrated; free space in {self.migration_backup_dir} (backup.dir) and start again") from e
+                f"migrated; fix backup.dir ({self.migration_backup_dir}) and start again") from e
         log.warning("database copied before migrating its schema", backup=str(self.pre_migration_backup),
                     component=spec.component)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .health import ComponentState
-from .schema import Address, ConfigError
+from .schema import Address, ConfigError, ConfigErrors
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -41,7 +42,11 @@ __all__ = [
     "TlsError",
     "TlsSection",
     "certificate_info",
+    "check_ca",
+    "check_served",
+    "client_name",
     "default_names",
+    "dns_name",
     "init_site",
     "issue_client",
 ]
@@ -77,12 +82,17 @@ class TlsSection:
     warn_days: int = 30
 
     def validate(self) -> None:
+        errors = []
         if not self.mqtt_plain and self.mqtt_listen is None:
-            raise ConfigError("mqtt_plain", "false needs tls.mqtt_listen (devices would have no MQTT listener)")
+            errors.append(ConfigError("mqtt_plain", "false needs tls.mqtt_listen (devices would have no MQTT "
+                                                    "listener)"))
         if not 1 <= self.warn_days <= 365:
-            raise ConfigError("warn_days", f"must be 1 .. 365, got {self.warn_days}")
+            errors.append(ConfigError("warn_days", f"must be 1 .. 365, got {self.warn_days}"))
         if self.client_auth != "none" and not (self.http or self.mqtt_listen):
-            raise ConfigError("client_auth", "client certificates need a TLS listener (tls.http or tls.mqtt_listen)")
+            errors.append(ConfigError("client_auth", "client certificates need a TLS listener (tls.http or "
+                                                     "tls.mqtt_listen)"))
+        if errors:
+            raise ConfigErrors(errors)
 
     @property
     def enabled(self) -> bool:
@@ -153,6 +163,61 @@ def default_names() -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(names)), list(dict.fromkeys(ips))
 
 
+#: X.509's upper bound for a common name (RFC 5280, ub-common-name).
+MAX_CN = 64
+
+
+def dns_name(name: str) -> str:
+    """A DNS name as it goes into a certificate: lower case, IDNA-encoded (A-labels,
+    `bücher.site` -> `xn--bcher-kva.site`, as every TLS client compares it), without a
+    trailing dot. Raises TlsError naming what is wrong (`bad name!`, a label over 63
+    characters, a wildcard)."""
+    import idna
+
+    raw = name.strip().rstrip(".")
+    if not raw:
+        raise TlsError(f"not a DNS name: {name!r} (empty)")
+    if "*" in raw:
+        raise TlsError(f"not a DNS name: {name!r} (wildcards are not issued: name the box itself)")
+    try:
+        ascii_name = raw.lower() if raw.isascii() else idna.encode(raw, uts46=True).decode("ascii")
+    except idna.IDNAError as e:
+        raise TlsError(f"not a DNS name: {name!r} ({e})") from None
+    if len(ascii_name) > 253:
+        raise TlsError(f"not a DNS name: {name!r} (longer than 253 characters)")
+    for label in ascii_name.split("."):
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", label):
+            why = "over 63 characters" if len(label) > 63 else \
+                "an empty label" if not label else "letters, digits and inner hyphens only"
+            raise TlsError(f"not a DNS name: {name!r} (label {label!r}: {why})")
+    return ascii_name
+
+
+def ip_address(address: str) -> str:
+    """An IP address as it goes into a certificate. Raises TlsError."""
+    try:
+        ip = ipaddress.ip_address(address.strip())
+    except ValueError:
+        raise TlsError(f"not an IP address: {address!r}") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        raise TlsError(f"not an IP address for a certificate: {address!r} (no %zone: certificates name "
+                       "addresses, not interfaces)")
+    return str(ip)
+
+
+def client_name(common_name: str) -> str:
+    """A client certificate's common name (a device id). Raises TlsError."""
+    name = common_name.strip()
+    if not name:
+        raise TlsError("the client certificate needs a name (the device id): got an empty one")
+    if len(name) > MAX_CN:
+        raise TlsError(f"the client name is {len(name)} characters long; a certificate's common name holds "
+                       f"at most {MAX_CN}")
+    if not name.isprintable():
+        raise TlsError(f"the client name {common_name!r} holds control characters")
+    return name
+
+
 def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
@@ -178,12 +243,91 @@ def _key_pem(key: Any) -> bytes:
 
 
 def _load_ca(directory: Path) -> tuple[Any, Any]:
+    """The site CA's certificate and key, checked: a CA certificate that may sign
+    certificates, and the key that belongs to it. Raises TlsError."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-    key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+    crt_path, key_path = directory / "ca.crt", directory / "ca.key"
+    try:
+        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+    except OSError as e:
+        raise TlsError(f"cannot read the site CA {crt_path}: {e.strerror}") from None
+    except ValueError as e:
+        raise TlsError(f"{crt_path} is not a PEM certificate: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as e:
+        raise TlsError(f"cannot read the site CA's key {key_path}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:  # TypeError: a key with a passphrase
+        raise TlsError(f"{key_path} is not an unencrypted PEM private key: {e}") from None
+    if problem := _ca_problem(cert, key):
+        raise TlsError(f"{crt_path} cannot be kept as the site CA: {problem}. Restore the site CA's own ca.crt "
+                       f"and ca.key (from the backup of {directory}), or move both away to make a new CA "
+                       "(devices that pinned the old one must then get the new ca.crt)")
     return cert, key
+
+
+def _same_key(cert: Any, key: Any) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return bool(cert.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki))
+
+
+def _ca_problem(cert: Any, key: Any) -> str | None:
+    from cryptography import x509
+
+    try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return "it is not a CA certificate (no basicConstraints)"
+    if not constraints.ca:
+        return "it is not a CA certificate (basicConstraints CA=false)"
+    try:
+        if not cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign:
+            return "its keyUsage does not allow signing certificates (keyCertSign)"
+    except x509.ExtensionNotFound:
+        pass  # no keyUsage: every use is allowed (RFC 5280 4.2.1.3)
+    if not _same_key(cert, key):
+        return "ca.key is not the key of ca.crt"
+    if cert.not_valid_after_utc <= dt.datetime.now(dt.timezone.utc):
+        return f"it expired on {cert.not_valid_after_utc:%Y-%m-%d} (what it signs would be refused)"
+    return None
+
+
+def check_ca(directory: Path) -> None:
+    """The site CA under `directory` is usable (see `_load_ca`). Raises TlsError."""
+    _load_ca(directory)
+
+
+def check_served(cert_path: Path, key_path: Path, ca_path: Path | None) -> None:
+    """The certificate the listeners serve: readable, its key is `key_path`, and (when
+    `ca_path` is given) signed by that CA. Raises TlsError naming the problem."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as e:
+        raise TlsError(f"cannot read {e.filename}: {e.strerror}") from None
+    except (ValueError, TypeError) as e:
+        raise TlsError(f"{cert_path} / {key_path}: not a PEM certificate and unencrypted key: {e}") from None
+    if not _same_key(cert, key):
+        raise TlsError(f"{key_path} is not the key of {cert_path} (tls.key / tls.cert): run `gatewayd tls init`")
+    if ca_path is None:
+        return
+    try:
+        ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise TlsError(f"cannot read the site CA {ca_path}: {e}") from None
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise TlsError(f"{cert_path} is not signed by the site CA {ca_path}: devices that pin it would refuse "
+                       "the gateway; run `gatewayd tls init`") from None
 
 
 def _new_ca(directory: Path, site: str, now: dt.datetime) -> tuple[Any, Any]:
@@ -259,11 +403,9 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
     then a new server certificate and key for `dns_names` and `ip_addresses`.
     Raises TlsError (a bad address, an unreadable CA)."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    for a in ip_addresses:
-        try:
-            ipaddress.ip_address(a)
-        except ValueError:
-            raise TlsError(f"not an IP address: {a!r}") from None
+    # Every name and address is checked before anything is written.
+    dns_names = list(dict.fromkeys(dns_name(n) for n in dns_names))
+    ip_addresses = list(dict.fromkeys(ip_address(a) for a in ip_addresses))
     if not dns_names and not ip_addresses:
         raise TlsError("the certificate needs at least one name or address")
     directory.mkdir(parents=True, exist_ok=True)
@@ -274,11 +416,11 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
             raise TlsError(f"{directory / 'ca.key'} exists without ca.crt: restore ca.crt or remove both")
         ca_cert, ca_key = _new_ca(directory, site, now)
     else:
-        try:
-            ca_cert, ca_key = _load_ca(directory)
-        except (OSError, ValueError) as e:
-            raise TlsError(f"cannot load the site CA in {directory}: {e}") from None
-    cert, key = _issue(ca_cert, ca_key, dns_names[0] if dns_names else ip_addresses[0], days=days, now=now,
+        ca_cert, ca_key = _load_ca(directory)
+    # The common name is informative only (clients match the subjectAltNames); a name
+    # longer than X.509's 64 characters is not one.
+    common = next((n for n in [*dns_names, *ip_addresses] if len(n) <= MAX_CN), f"gatewayd {site}"[:MAX_CN])
+    cert, key = _issue(ca_cert, ca_key, common, days=days, now=now,
                        server=True, dns_names=dns_names, ip_addresses=ip_addresses)
     _write_private(directory / "server.key", key)
     _write_public(directory / "server.crt", cert)
@@ -289,10 +431,10 @@ def issue_client(directory: Path, common_name: str, out: Path, *, days: int = CL
                  now: dt.datetime | None = None) -> tuple[Path, Path]:
     """A client certificate signed by the site CA (mutual TLS): `<out>/<cn>.crt|key`."""
     now = now or dt.datetime.now(dt.timezone.utc)
-    try:
-        ca_cert, ca_key = _load_ca(directory)
-    except (OSError, ValueError) as e:
-        raise TlsError(f"no usable site CA in {directory} ({e}): run `gatewayd tls init` first") from None
+    common_name = client_name(common_name)
+    if not (directory / "ca.crt").exists():
+        raise TlsError(f"no site CA in {directory}: run `gatewayd tls init` first")
+    ca_cert, ca_key = _load_ca(directory)
     cert, key = _issue(ca_cert, ca_key, common_name, days=days, now=now, server=False)
     out.mkdir(parents=True, exist_ok=True)
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in common_name)
@@ -384,11 +526,14 @@ class SiteTls:
         left = self.info.days_left(now)
         details = {"expires_at": self.info.not_after.isoformat().replace("+00:00", "Z"),
                    "days_left": round(left, 1), "cert": str(self.cert)}
+        # Expired: devices that check it refuse the listener, the gateway cannot do its
+        # job (503). Expiring: a warning (200), renewal has `warn_days` to happen.
         if left <= 0:
-            return ComponentState("expired", f"the certificate expired: renew it (gatewayd tls init)", details)
+            return ComponentState("expired", "the certificate expired: devices refuse it; renew it "
+                                             "(gatewayd tls init, then restart)", details)
         if left <= self.section.warn_days:
             return ComponentState("expiring", f"the certificate expires in {left:.0f} days: renew it "
-                                              "(gatewayd tls init, then restart)", details)
+                                              "(gatewayd tls init, then restart)", details, critical=False)
         return ComponentState("ok", None, details)
 
     def register(self, health: Any, metrics: Metrics, clock: Any) -> None:

@@ -71,10 +71,14 @@ class ComponentOut(Struct, forbid_unknown_fields=False):
     state: Annotated[str, Meta(description="ok, disabled and off are healthy; starting, degraded, failed, ... "
                                            "are not")]
     reason: str | None = None
+    severity: Annotated[str | None, Meta(description="\"warning\": not healthy, yet the gateway does its job "
+                                                     "(/health stays 200)")] = None
 
 
 class HealthOut(Struct):
-    status: Annotated[str, Meta(pattern="^(ok|degraded)$")]
+    status: Annotated[str, Meta(description="ok (200); warning (200: a component needs attention, the gateway "
+                                            "does its job); degraded (503: it cannot)",
+                                pattern="^(ok|warning|degraded)$")]
     components: dict[str, ComponentOut]
     plugins: dict[str, ComponentOut]
 
@@ -100,7 +104,8 @@ def core_blueprint(health: Health, metrics: Metrics, admin: AdminGuard,
 
     @routes.get("/health", responses={200: HealthOut, 503: HealthOut})
     async def health_route() -> Any:
-        """Each component and plugin: 200 when all are healthy, else 503 (with the same body)."""
+        """Each component and plugin: 200 when the gateway can do its job (all healthy, or only
+        warnings: `status` "warning"), else 503 (with the same body, `status` "degraded")."""
         ok, doc = health.snapshot()
         return doc, (200 if ok else 503)
 
