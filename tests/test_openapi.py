@@ -180,6 +180,7 @@ async def test_a_declared_body_may_come_compressed(gateway_factory):
 
 # Served on the main listener, in no document: pages for people, their assets, the documents.
 UNDOCUMENTED = {"/", "/dashboard/login", "/dashboard/logout", "/dashboard/devices/<device_id>",
+                "/dashboard/devices/<device_id>/commands",  # the dashboard's pages and forms: HTML, not the API
                 "/dashboard/static/<name>", "/static/<path:filename>", "/openapi.json", "/docs",
                 "/thermo/openapi.json", "/thermo/docs"}
 
