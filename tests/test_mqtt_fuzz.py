@@ -145,7 +145,15 @@ async def warm_up(fuzz: Fuzz, valid: dict[str, tuple[str, bytes]]) -> None:
     active and online (events of their own) before any count is taken."""
     for template, payload in valid.values():
         assert await trio.to_thread.run_sync(fuzz.deliver, template, payload) == HANDLED
-    await trio.sleep(0.3)
+    # Wait until nothing more is written for a while (a fixed 0.3 s was too short on a loaded
+    # machine: the device's online event landed while a rejected payload was being counted).
+    last, quiet = fuzz.counts(), 0
+    with trio.fail_after(60):
+        while quiet < 4:
+            await trio.sleep(0.25)
+            now = fuzz.counts()
+            quiet = quiet + 1 if now == last else 0
+            last = now
 
 
 async def test_every_plugin_topic_survives_generated_payloads(gateway_factory, tmp_path, monkeypatch):
