@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
 from streetlight_testbed import BASE, IMEI, PLUGIN, bearer, configure
 
 from gatewayd.testing import gw_client, provision
@@ -25,3 +28,30 @@ async def test_a_trailing_newline_is_refused_where_the_old_parser_refused_it(gat
         assert r.status_code == 200, r.text
         records = await upstream_receiver.wait_for(2)  # the configure, the one good alert
         assert [x["kind"] for x in records] == ["configure", "alert"], records
+
+
+async def test_the_migration_gives_an_energy_row_the_arrival_of_its_status_row(gateway_factory, tmp_path):
+    # Schema 2 stamped every version-1 energy row with the light's own timestamp: the
+    # readings of an offline sync (taken weeks before they arrived yesterday) then looked
+    # weeks old, and the next purge deleted their energy rows while it kept their status
+    # rows and whatever the cloud does not have yet. Each was written with a status row
+    # of the same light and timestamp, which knows when it arrived.
+    async with gateway_factory(plugins=PLUGIN):
+        pass
+    db = tmp_path / "var" / "gatewayd.sqlite3"
+    day, now = 86400.0, time.time()
+    taken, arrived, other = now - 40 * day, now - 3600, now - day
+    with sqlite3.connect(db) as c:  # as version 1 left it: a synced reading and one with no status row
+        for table in ("streetlight_status", "streetlight_energy_parameters"):
+            c.execute(f'DROP INDEX "{table}_received_at"')
+        c.execute('ALTER TABLE "streetlight_energy_parameters" DROP COLUMN "received_at"')
+        c.execute("INSERT INTO streetlight_status (device, ts, received_at, via, error_flags)"
+                  " VALUES ('x', ?, ?, 'http', '[]')", (taken, arrived))
+        c.execute("INSERT INTO streetlight_energy_parameters (device, ts, voltage) VALUES ('x', ?, 230)", (taken,))
+        c.execute("INSERT INTO streetlight_energy_parameters (device, ts, voltage) VALUES ('y', ?, 231)", (other,))
+        c.execute("UPDATE core_schema SET version = 1 WHERE component = 'streetlight'")
+    async with gateway_factory(plugins=PLUGIN):
+        pass
+    with sqlite3.connect(db) as c:
+        energy = c.execute("SELECT device, received_at FROM streetlight_energy_parameters ORDER BY device").fetchall()
+    assert energy == [("x", arrived), ("y", other)]
