@@ -171,7 +171,7 @@ def dashboard_blueprint(src: DashboardSources, admin: AdminGuard, sessions: Dash
         if session is None:
             return to_login()
         form = await _form()
-        if not same_origin(request.headers) or not _same(form.get("csrf", ""), session.csrf):
+        if not sessions.form_allowed(request.headers, request.cookies, form.get("csrf", "")):
             return await page("error.html", 403, title="No command queued",
                               message="This request did not come from the dashboard's own page "
                                       "(its form token is missing or wrong). Use the device page's form.")
