@@ -28,7 +28,7 @@ def check(payload: Any) -> dict[str, Any]:
         raise ValueError(f"expected a JSON object such as {{\"command_type\": \"power_control\", \"action\": \"on\"}}, "
                          f"got {type(payload).__name__}")
     kind = payload.get("command_type")
-    if kind not in DEFAULT_PRIORITY:
+    if not isinstance(kind, str) or kind not in DEFAULT_PRIORITY:  # a list or an object: no dict key
         raise ValueError(f"command_type: expected one of {', '.join(DEFAULT_PRIORITY)}, got {kind!r:.60}")
     out: dict[str, Any] = {"command_type": kind}
     if kind == "power_control":
@@ -45,7 +45,7 @@ def check(payload: Any) -> dict[str, Any]:
     else:
         out["schedule"] = _schedule(payload.get("schedule"))
     priority = payload.get("priority", DEFAULT_PRIORITY[kind])
-    if priority not in PRIORITIES:
+    if not isinstance(priority, str) or priority not in PRIORITIES:
         raise ValueError(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r:.60}")
     out["priority"] = priority
     extra = sorted(set(payload) - set(out))

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 
-from streetlight_testbed import BASE, IMEI, PLUGIN, bearer, configure
+from streetlight_testbed import ADMIN, BASE, IMEI, PLUGIN, TOKEN, bearer, configure
 
 from gatewayd.testing import gw_client, provision
 
@@ -55,3 +56,23 @@ async def test_the_migration_gives_an_energy_row_the_arrival_of_its_status_row(g
     with sqlite3.connect(db) as c:
         energy = c.execute("SELECT device, received_at FROM streetlight_energy_parameters ORDER BY device").fetchall()
     assert energy == [("x", arrived), ("y", other)]
+
+
+async def test_a_command_of_the_wrong_types_is_refused_not_a_500(gateway_factory):
+    # `check` looked a command_type (and a priority) up in a dict: a list or an object there
+    # raised TypeError (unhashable), and the device page's form and the admin API answered
+    # 500 instead of naming the field.
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        for payload, field in (({"command_type": ["power_control"]}, "command_type"),
+                               ({"command_type": "power_control", "action": "on", "priority": {}}, "priority"),
+                               ({"command_type": "power_control", "action": ["on"]}, "action")):
+            r = await client.post(f"/api/gateway/devices/{IMEI}/commands", json={"payload": payload}, headers=ADMIN)
+            assert r.status_code == 400 and field in r.text, r.text
+        await client.post("/dashboard/login", data={"token": TOKEN})
+        page = await client.get(f"/dashboard/devices/{IMEI}?family=streetlight")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)[1]
+        r = await client.post(f"/dashboard/devices/{IMEI}/commands", data={
+            "csrf": csrf, "family": "streetlight", "payload": '{"command_type": ["power_control"]}'})
+        assert r.status_code == 400 and "Not queued: command_type" in r.text, r.text
+        assert await gw.devices.commands.list("streetlight", IMEI) == []
