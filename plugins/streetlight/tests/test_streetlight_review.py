@@ -76,3 +76,19 @@ async def test_a_command_of_the_wrong_types_is_refused_not_a_500(gateway_factory
             "csrf": csrf, "family": "streetlight", "payload": '{"command_type": ["power_control"]}'})
         assert r.status_code == 400 and "Not queued: command_type" in r.text, r.text
         assert await gw.devices.commands.list("streetlight", IMEI) == []
+
+
+async def test_the_per_address_configure_limit_counts_bodies_the_declaration_refuses(gateway_factory):
+    # "Before anything": the limit was counted in the view, which a body its declaration
+    # refuses (or that is no JSON) never reaches: a flood of bad configures from one
+    # address was answered 400 forever, read and decoded every time, never 429.
+    settings = ["plugins.streetlight.configure_per_address_per_minute=3"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        url = f"{BASE}/{IMEI}/configure"
+        for body in (b'{"latitude": 500}', b"not json", b'{"status": "dim"}'):
+            r = await client.post(url, content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400, r.text
+        r = await client.post(url, content=b'{"latitude": 500}', headers={"Content-Type": "application/json"})
+        assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED", r.text
+        assert int(r.headers["Retry-After"]) >= 1 and r.json()["retry_after_seconds"] >= 1
