@@ -89,6 +89,9 @@ async def test_the_per_address_configure_limit_counts_bodies_the_declaration_ref
         for body in (b'{"latitude": 500}', b"not json", b'{"status": "dim"}'):
             r = await client.post(url, content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 400, r.text
-        r = await client.post(url, content=b'{"latitude": 500}', headers={"Content-Type": "application/json"})
+        # Nor is the count another address's for a header that says so.
+        spoofed = {"Content-Type": "application/json", "X-Forwarded-For": "10.9.9.9", "X-Real-IP": "10.9.9.8",
+                   "Forwarded": "for=10.9.9.7"}
+        r = await client.post(url, content=b'{"latitude": 500}', headers=spoofed)
         assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED", r.text
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["retry_after_seconds"] >= 1
