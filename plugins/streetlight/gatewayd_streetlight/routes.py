@@ -104,7 +104,6 @@ class LightRoutes:
         r.get("/firmware/<firmware_id>/image", path={"firmware_id": FirmwareId},
               responses={200: None, 206: None, 304: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
         # Before the body is read and checked against its declaration: a refused body counts too.
-        self._configure_endpoint = f"{bp.name}.{self.configure.__name__}"
         bp.before_request(self._limit_address)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
@@ -357,7 +356,8 @@ class LightRoutes:
     async def _limit_address(self) -> None:
         """Before a configure's body is read: its client address's count (a flood of forged
         or malformed configures is answered 429 unread)."""
-        if request.endpoint == self._configure_endpoint:
+        # By the view's own name: on the plugin's own listener the endpoint is `<name>_root.configure`.
+        if request.endpoint is not None and request.endpoint.rpartition(".")[2] == self.configure.__name__:
             self._limit(request.remote_addr or "", "configure-address", "this address's configure")
 
     def _limit(self, key: str, cls: str, what: str) -> None:

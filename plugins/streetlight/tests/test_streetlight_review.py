@@ -6,9 +6,10 @@ import re
 import sqlite3
 import time
 
+import httpx
 from streetlight_testbed import ADMIN, BASE, IMEI, PLUGIN, TOKEN, bearer, configure
 
-from gatewayd.testing import gw_client, provision
+from gatewayd.testing import gw_client, gw_url, provision
 
 
 async def test_a_trailing_newline_is_refused_where_the_old_parser_refused_it(gateway_factory, upstream_receiver):
@@ -95,3 +96,15 @@ async def test_the_per_address_configure_limit_counts_bodies_the_declaration_ref
         r = await client.post(url, content=b'{"latitude": 500}', headers=spoofed)
         assert r.status_code == 429 and r.json()["code"] == "RATE_LIMITED", r.text
         assert int(r.headers["Retry-After"]) >= 1 and r.json()["retry_after_seconds"] >= 1
+
+
+async def test_the_per_address_configure_limit_holds_on_the_plugins_own_listener(gateway_factory):
+    # The firmware's fixed paths: the plugin's blueprint also serves at / on a listener of
+    # its own, where its endpoints are `streetlight_root.<view>`.
+    settings = ["plugins.streetlight.configure_per_address_per_minute=2", "plugins.streetlight.listen='127.0.0.1:0'"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, \
+            httpx.AsyncClient(base_url=gw_url(gw, "streetlight")) as own:
+        await provision(gw, "streetlight", IMEI)
+        statuses = [(await own.post(f"/device/{IMEI}/configure", json={"latitude": 500})).status_code
+                    for _ in range(3)]
+        assert statuses == [400, 400, 429]
