@@ -108,3 +108,30 @@ async def test_the_per_address_configure_limit_holds_on_the_plugins_own_listener
         statuses = [(await own.post(f"/device/{IMEI}/configure", json={"latitude": 500})).status_code
                     for _ in range(3)]
         assert statuses == [400, 400, 429]
+
+
+async def test_a_command_queued_while_the_plugin_did_not_check_it_cannot_jam_the_lights_poll(gateway_factory):
+    # The core checks a command by its family's plugin only while that plugin runs (a
+    # plugin failed at startup, or disabled, checks nothing): such a command, with a list
+    # as its priority, answered every poll of the light 500; one that carried a
+    # command_id of its own handed the light an id it could never acknowledge.
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        check, gw.devices.commands.check = gw.devices.commands.check, None  # as while the plugin is not running
+        try:
+            for payload in ({"command_type": "power_control", "action": "on", "priority": ["high"]},
+                            {"command_type": "power_control", "action": "off", "command_id": "not-its-id"}):
+                await gw.devices.commands.enqueue("streetlight", IMEI, payload)
+        finally:
+            gw.devices.commands.check = check
+        r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+        assert r.status_code == 200, r.text
+        handed = r.json()["commands"]
+        stored = {c.id for c in await gw.devices.commands.list("streetlight", IMEI)}
+        assert len(handed) == 2 and {c["command_id"] for c in handed} == stored
+        for c in handed:
+            r = await client.post(f"{BASE}/{IMEI}/command-ack", headers=auth,
+                                  json={"command_id": c["command_id"], "status": "executed"})
+            assert r.status_code == 200, r.text
+        assert (await client.get("/", headers=ADMIN)).status_code == 200  # the panel counts them too
