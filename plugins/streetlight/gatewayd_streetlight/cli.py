@@ -145,5 +145,5 @@ def _text(done: dict[str, Any]) -> str:
     for c in done["commands"]:
         lines.append(f"queued {c['command_type']} {c['command_id']}")
     if done["commands"]:
-        lines.append("the light applies them at its next poll (or at once over MQTT), the rest at its next configure")
+        lines.append("the light applies them at its next poll (over MQTT: once it next reports its status), the rest at its next configure")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ def check(payload: Any) -> dict[str, Any]:
         raise ValueError(f"expected a JSON object such as {{\"command_type\": \"power_control\", \"action\": \"on\"}}, "
                          f"got {type(payload).__name__}")
     kind = payload.get("command_type")
-    if kind not in DEFAULT_PRIORITY:
+    if not isinstance(kind, str) or kind not in DEFAULT_PRIORITY:  # a list or an object: no dict key
         raise ValueError(f"command_type: expected one of {', '.join(DEFAULT_PRIORITY)}, got {kind!r:.60}")
     out: dict[str, Any] = {"command_type": kind}
     if kind == "power_control":
@@ -45,7 +45,7 @@ def check(payload: Any) -> dict[str, Any]:
     else:
         out["schedule"] = _schedule(payload.get("schedule"))
     priority = payload.get("priority", DEFAULT_PRIORITY[kind])
-    if priority not in PRIORITIES:
+    if not isinstance(priority, str) or priority not in PRIORITIES:
         raise ValueError(f"priority: expected one of {', '.join(PRIORITIES)}, got {priority!r:.60}")
     out["priority"] = priority
     extra = sorted(set(payload) - set(out))
@@ -72,7 +72,7 @@ def _schedule(schedule: Any) -> dict[str, Any]:
 def priority_of(command: Command) -> str:
     payload = command.payload if isinstance(command.payload, dict) else {}
     priority = payload.get("priority")
-    return priority if priority in PRIORITIES else "normal"
+    return priority if isinstance(priority, str) and priority in PRIORITIES else "normal"
 
 
 def any_due(unacked: list[Command], now: float, redeliver_after_s: float) -> bool:
@@ -90,7 +90,9 @@ def ordered(commands: list[Command]) -> list[Command]:
 def shape(command: Command) -> dict[str, Any]:
     """A command as a light gets it by poll (section 3)."""
     payload = command.payload if isinstance(command.payload, dict) else {}
-    body = {k: v for k, v in payload.items() if k != "priority"}
+    # The queue's id wins over one in the payload: a command stored while the plugin did not
+    # check it (it was not running) must still be one the light can acknowledge.
+    body = {k: v for k, v in payload.items() if k not in ("priority", "command_id", "requested_at")}
     return {"command_id": command.id, **body, "priority": priority_of(command), "requested_at": iso(command.created_at)}
 
 

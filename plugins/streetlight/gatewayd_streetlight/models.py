@@ -129,12 +129,15 @@ def assign_light(device: str, prefix: str, registration: dict[str, Any], now: fl
 
 
 def add_arrival_index(migrator: Any, database: peewee.Database) -> None:
-    """Schema 2: energy rows know their arrival (`received_at`; schema 1's take their
-    timestamp); the indexes on it, status and energy, are created right after."""
+    """Schema 2: energy rows know their arrival (`received_at`): schema 1's take it from
+    the status row stored with them (same light, same timestamp), else their timestamp
+    (a synced reading's is weeks before it arrived: the purge would take it at once); the
+    indexes on it, status and energy, are created right after."""
     connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
-    energy = EnergyParameters._meta.table_name
+    energy, status = EnergyParameters._meta.table_name, StatusRow._meta.table_name
     connection.execute(f'ALTER TABLE "{energy}" ADD COLUMN "received_at" REAL')
-    connection.execute(f'UPDATE "{energy}" SET "received_at" = "ts"')
+    connection.execute(f'UPDATE "{energy}" SET "received_at" = COALESCE((SELECT MAX(s."received_at") FROM "{status}" s'
+                       f' WHERE s."device" = "{energy}"."device" AND s."ts" = "{energy}"."ts"), "ts")')
 
 
 def purge(before: float, limit: int) -> tuple[int, int]:

@@ -103,6 +103,8 @@ class LightRoutes:
         # The id as digits, not <int:>: Quart's own 404 for "abc" would not be the family's error body.
         r.get("/firmware/<firmware_id>/image", path={"firmware_id": FirmwareId},
               responses={200: None, 206: None, 304: None}, errors={404: "FIRMWARE_NOT_FOUND"})(self.image)
+        # Before the body is read and checked against its declaration: a refused body counts too.
+        bp.before_request(self._limit_address)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_error)
         bp.register_error_handler(BadJSON, self.bad_json)  # strict JSON and the declarations alike
@@ -120,9 +122,9 @@ class LightRoutes:
         IMEI:...`), or, with `enrollment = true`, any light once an operator approved it.
         A light whose metadata says `"signed": true` (or every light, with
         `require_signatures`) signs its body: `X-Device-Signature`."""
-        # Before anything, per client address; per light only once the request passed the
-        # light's checks (below): forged requests do not use up a light's configures.
-        self._limit(request.remote_addr or "", "configure-address", "this address's configure")
+        # Per client address before anything (`_limit_address`, before the body is read); per
+        # light only once the request passed the light's checks (below): forged requests do
+        # not use up a light's configures.
         try:
             reg = parse_registration(body, device_id, self.ctx.config.service_area)
         except Invalid as e:
@@ -350,6 +352,13 @@ class LightRoutes:
         assert isinstance(body, bytes)
         await self.ctx.auth.signature(request.headers, body, request.remote_addr, device_id=device.id)
         return True
+
+    async def _limit_address(self) -> None:
+        """Before a configure's body is read: its client address's count (a flood of forged
+        or malformed configures is answered 429 unread)."""
+        # By the view's own name: on the plugin's own listener the endpoint is `<name>_root.configure`.
+        if request.endpoint is not None and request.endpoint.rpartition(".")[2] == self.configure.__name__:
+            self._limit(request.remote_addr or "", "configure-address", "this address's configure")
 
     def _limit(self, key: str, cls: str, what: str) -> None:
         decision = self.ctx.ratelimit.check(key, cls)

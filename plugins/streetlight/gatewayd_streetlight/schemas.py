@@ -13,11 +13,19 @@ from typing import Annotated, Any, Literal
 
 from gatewayd.plugins.api import Meta, Struct
 
+
+def whole(regex: str) -> str:
+    """A pattern the whole string must match: msgspec uses Python's `re.search`, whose `$`
+    also matches before a final newline ("battery_low\\n"); `(?!\\n)$` does not, in Python
+    and in the OpenAPI document's ECMA dialect alike."""
+    return rf"^(?:{regex})(?!\n)$"
+
+
 Pct = Annotated[float, Meta(ge=0, le=100)]
 Signal = Annotated[float, Meta(ge=-200, le=200)]
 Time = Annotated[str, Meta(max_length=64)] | float
 Text = Annotated[str, Meta(max_length=256)]
-DeviceId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")]
+DeviceId = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}"))]
 PowerState = Literal["on", "off", "error"]
 
 
@@ -43,7 +51,7 @@ class ConfigureRequest(Struct, omit_defaults=True):
     address: Text | None = None
     status: PowerState | None = None
     battery_backup_hours: Annotated[float, Meta(ge=0, le=10000)] | None = None
-    gsm_imei: Annotated[str, Meta(pattern=r"^[0-9]{14,16}$")] | None = None
+    gsm_imei: Annotated[str, Meta(pattern=whole(r"[0-9]{14,16}"))] | None = None
     gsm_signal_strength: Signal | None = None
     communication_type: Annotated[str, Meta(max_length=32)] | None = None
     firmware_version: Annotated[str, Meta(max_length=64)] | None = None
@@ -178,7 +186,7 @@ class Acked(Struct):
 
 
 class AlertRequest(Struct, omit_defaults=True):
-    alert_type: Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+    alert_type: Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}"))]
     severity: Literal["info", "warning", "critical"] = "critical"
     message: Annotated[str, Meta(max_length=1024)] = ""
     device_id: DeviceId | None = None

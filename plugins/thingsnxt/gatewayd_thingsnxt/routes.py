@@ -149,7 +149,9 @@ class Api:
                    errors={403: "a key the security rules keep from apps", 404: "no such device", **LIMITED,
                            503: DEVICE[503], 507: DEVICE[507]})(self.set_state)
         limited = {self.v2, self.legacy, self.latest, self.bulk, self.register_device, self.show_state, self.set_state}
-        self._limited = {f"{bp.name}.{view.__name__}" for view in limited}  # all but /health (and the docs)
+        # All but /health (and the docs), by the views' own names: on the plugin's own listener
+        # the blueprint's endpoints are `<name>_root.<view>`, not `<name>.<view>`.
+        self._limited = {view.__name__ for view in limited}
         bp.before_request(self.limit)
         bp.register_error_handler(Refused, self.refused)
         bp.register_error_handler(AuthError, self.auth_refused)
@@ -262,7 +264,7 @@ class Api:
     async def limit(self) -> None:
         """Before every route but /health and the docs: the specification's rate limit, per client
         address, before the body is read (Refused(429) with Retry-After)."""
-        if request.endpoint in self._limited:
+        if request.endpoint is not None and request.endpoint.rpartition(".")[2] in self._limited:
             self.ctx.state.limit(request.remote_addr)
 
     async def _device(self, device_id: str, token: str) -> Device:
