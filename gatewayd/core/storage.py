@@ -71,6 +71,8 @@ class MigrationError(StorageError):
 SQLITE_ERROR = 1  # the generic code: what SQLite gives a statement it cannot run
 SQLITE_FULL = 13
 SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 SQLITE_TOOBIG = 18
 SQLITE_MISMATCH = 20
 SQLITE_RANGE = 25
@@ -128,6 +130,12 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
     SQLite failure (each with the message of the error that caused it), anything else
     unchanged (an IntegrityError of a constraint, a ProgrammingError of the bindings)."""
     if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
+        # A corrupt page or file comes as a plain DatabaseError: the storage, not the
+        # statement (an IntegrityError, a ProgrammingError stay what they are).
+        if isinstance(exc, (peewee.DatabaseError, sqlite3.DatabaseError)):
+            errors = _sqlite_errors(exc)
+            if errors and getattr(errors[0], "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                return StorageError(str(errors[0]))
         return exc
     errors = _sqlite_errors(exc)
     codes = [getattr(e, "sqlite_errorcode", 0) & 0xFF for e in errors]
