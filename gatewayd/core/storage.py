@@ -17,7 +17,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ __all__ = [
     "SchemaSpec",
     "backup_database",
     "BACKUP_MARKER",
+    "core_statements",
 ]
 
 T = TypeVar("T")
@@ -149,6 +151,23 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
             return StorageFull(f"{error} (less than {LOW_SPACE_BYTES >> 20} MiB free on the disk holding {path})")
         return StorageError(str(error))
     return StorageError(str(errors[0] if errors else exc))
+
+
+@contextmanager
+def core_statements() -> Iterator[None]:
+    """Around the core's own statements in a write job (the outbox's rows, a delivery
+    mark): SQLite refusing one of them (no such table or column) says the database's
+    schema is not this gatewayd's (migrated under it by another process, altered by
+    hand), a storage problem to wait out (StorageError), not a plugin's bug
+    (StatementError, whose message is rejected and acknowledged)."""
+    try:
+        yield
+    except (peewee.OperationalError, sqlite3.OperationalError) as e:
+        error = _classify(e)
+        if isinstance(error, StatementError):
+            raise StorageError(f"the gateway's own tables refuse the write ({error}): is the database "
+                               f"another gatewayd's, or being migrated?") from e
+        raise
 
 
 class _Meta(peewee.Model):
