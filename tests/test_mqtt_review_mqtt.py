@@ -121,3 +121,91 @@ async def test_the_cores_own_tables_refusing_a_write_is_not_a_handlers_bug(gatew
             assert await dev.expect_ack() == 7
         assert await gauges(gw) == [7]
         assert await rejected(gw) == []
+
+
+# -- final marks noted in memory, written later: attacks on the window --------------------
+
+
+from gatewayd.core.mqtt.marks import DeliveryMarks, Seen  # noqa: E402
+
+
+@pytest.fixture
+async def marks(tmp_path, nursery):
+    storage = Storage(tmp_path / "marks.sqlite3")
+    await nursery.start(storage.run)
+    marks = DeliveryMarks(storage, flush_s=3600.0)
+    await trio.to_thread.run_sync(marks.install)
+    return marks
+
+
+async def table(marks, mark):
+    fresh = DeliveryMarks(marks.storage)
+    return await fresh.seen(mark)
+
+
+async def test_a_failing_flush_keeps_the_notes_answering_and_writes_them_once_storage_is_back(marks):
+    db = marks.storage.database
+    one = marks.mark("edge:d1", 5, "dev/d1/data", b"a")
+    await marks.storage.write(one.write, b"k" * 16)
+    marks.finish(one)
+    await marks.storage.write(lambda: db.execute_sql("PRAGMA query_only = 1"))  # read-only for now
+    with pytest.raises(StorageError):
+        await marks.flush()
+    assert marks.unwritten == 1 and await marks.seen(one) == Seen(None)  # still answering
+    for _ in range(3):  # finishing the same (sender, packet id) again does not grow the memory
+        marks.finish(one)
+    assert marks.unwritten == 1
+    await marks.storage.write(lambda: db.execute_sql("PRAGMA query_only = 0"))
+    await marks.flush()
+    assert marks.unwritten == 0 and await table(marks, one) == Seen(None)
+
+
+async def test_a_flush_in_flight_does_not_write_an_older_final_mark_over_a_newer_message(marks):
+    """The flush took the older message's note and queued its write; the sender reuses
+    the packet id and the newer message's first ingest call commits: the writer takes
+    them in that order (one group), the newer mark stands."""
+    storage = marks.storage
+    older = marks.mark("edge:d1", 5, "dev/d1/data", b"a")
+    newer = marks.mark("edge:d1", 5, "dev/d1/data", b"b")
+    marks.finish(older)
+    gate = trio.Event()
+    results = []
+    async with trio.open_nursery() as n:
+        # Hold the writer so that the flush and the newer write share one group.
+        n.start_soon(storage.write, lambda: __import__("time").sleep(0.3))
+        await trio.sleep(0.05)
+
+        async def flushing():
+            await marks.flush()
+            results.append("flushed")
+            gate.set()
+
+        n.start_soon(flushing)
+        await trio.sleep(0.01)
+        marks.forget("edge:d1", 5)  # Delivery: the newer one starts
+        await storage.write(newer.write, b"n" * 16)
+        await gate.wait()
+    assert await table(marks, newer) == Seen([b"n" * 16])
+    assert await table(marks, older) is None
+    assert marks.unwritten == 0
+
+
+async def test_a_rotation_that_storage_refuses_does_not_take_the_gateway_down(marks, nursery):
+    """The marks' task also rotates the tables: a rotation refused (read-only, a full
+    disk: DELETE needs room in the WAL) must be tried again later, not crash the
+    services nursery (the whole gateway) and stop the flusher with it."""
+    db = marks.storage.database
+    marks.window_s = 0.05
+    await marks.storage.write(lambda: db.execute_sql("PRAGMA query_only = 1"))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as inner:
+            await inner.start(marks.run)
+            await trio.sleep(0.3)  # several rotations refused
+            await marks.storage.write(lambda: db.execute_sql("PRAGMA query_only = 0"))
+            marks.flush_s = 0.001
+            one = marks.mark("edge:d1", 9, "dev/d1/data", b"z")
+            await marks.storage.write(one.write, b"k" * 16)
+            marks.finish(one)
+            while marks.unwritten:  # the flusher still runs
+                await trio.sleep(0.01)
+            inner.cancel_scope.cancel()

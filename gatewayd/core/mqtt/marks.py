@@ -197,7 +197,10 @@ class DeliveryMarks:
     async def _rotating(self) -> None:
         while True:
             await trio.sleep(self.window_s)
-            await self.storage.write(self._rotate)
+            try:
+                await self.storage.write(self._rotate)
+            except Exception as exc:  # noqa: BLE001 - a full disk, read-only: the marks stay, try next time
+                log.warning("could not rotate the delivery marks (tried again in %.0f s): %s", self.window_s, exc)
 
     async def _flushing(self) -> None:
         backoff = 0.0  # after a failed write
