@@ -209,3 +209,41 @@ async def test_a_rotation_that_storage_refuses_does_not_take_the_gateway_down(ma
             while marks.unwritten:  # the flusher still runs
                 await trio.sleep(0.01)
             inner.cancel_scope.cancel()
+
+
+# -- the reverse: a handler's own permanent error taken for the writer's state ------------
+
+
+class BeginPlugin(SqlBugPlugin):
+    """A handler written for a database of its own: it opens its own transaction (BEGIN)
+    inside its write, which the writer's transaction already holds. SQLite refuses it
+    the same way every time ("cannot start a transaction within a transaction")."""
+
+    async def on_message(self, msg):
+        db = self.ctx.storage.database
+        serial = int(msg.payload)
+
+        def rows():
+            if msg.topic.endswith("/begin"):
+                db.execute_sql("BEGIN")
+            if msg.topic.endswith("/release"):
+                db.execute_sql("RELEASE gauge_batch")
+            db.execute_sql("INSERT INTO sqlbug_gauge (device, serial) VALUES (?, ?)", ("d1", serial))
+
+        await self.ctx.ingest.record("d1", "gauge", {"serial": serial}, family_rows=rows)
+
+
+@pytest.mark.parametrize("kind", ["begin", "release"])
+async def test_a_handlers_own_transaction_statements_are_its_bug_not_the_writers_state(gateway_factory, kind):
+    async with gateway_factory(plugins=[("sqlbug", BeginPlugin())], mqtt=True) as gw:
+        creds = await testing.provision(gw, "sqlbug", "d1")
+        dev = await RawDevice.connect(gw_mqtt_address(gw)[1], creds.mqtt.username, creds.mqtt.password)
+        with trio.fail_after(15):
+            for pid in range(1, 41):  # more than the device's window of 32
+                await dev.publish(f"bug/d1/{kind}", b"%d" % pid, packet_id=pid)
+            assert sorted([await dev.expect_ack() for _ in range(40)]) == list(range(1, 41))
+            await dev.publish("bug/d1/ok", b"100", packet_id=41)
+            assert await dev.expect_ack() == 41
+        stats = gw.mqtt.delivery.stats
+        assert (stats.rejected, stats.statement_errors, stats.handled) == (40, 40, 1)
+        assert await gauges(gw) == [100]

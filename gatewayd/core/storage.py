@@ -116,6 +116,13 @@ def _writer_state(message: str) -> bool:
     return message.startswith(_WRITER_STATE)
 
 
+def _own_transaction_statement(exc: BaseException) -> bool:
+    """SQLITE_ERROR about the transaction state, first in ``exc``'s chain."""
+    errors = _sqlite_errors(exc)
+    return bool(errors) and getattr(errors[0], "sqlite_errorcode", 0) & 0xFF == SQLITE_ERROR \
+        and _writer_state(str(errors[0]))
+
+
 def _low_on_space(path: Path | None) -> bool:
     if path is None:
         return False
@@ -561,6 +568,11 @@ class Storage:
                             # (a failed ROLLBACK TO SAVEPOINT in the job hides it as __context__).
                             lost = self._classify(_first_cause(e))
                             raise
+                        if type(job.error) is StorageError and _own_transaction_statement(e):
+                            # The transaction is alive: the job's own BEGIN or RELEASE refused,
+                            # the same way every time (the writer's state is only ever off
+                            # outside a job, or once SQLite rolled back).
+                            job.error = StatementError(str(job.error))
                         conn.execute("ROLLBACK TO gatewayd_job")
                     conn.execute("RELEASE gatewayd_job")
         except Exception as e:  # the COMMIT itself failed: nothing of the batch is kept
