@@ -247,3 +247,38 @@ async def test_a_handlers_own_transaction_statements_are_its_bug_not_the_writers
         stats = gw.mqtt.delivery.stats
         assert (stats.rejected, stats.statement_errors, stats.handled) == (40, 40, 1)
         assert await gauges(gw) == [100]
+
+
+async def test_qos2_packet_id_reused_after_pubrel_while_the_older_note_is_unwritten(gateway_factory):
+    """QoS 2: M1 under id 3 is PUBREC'd (its final mark noted, not written), released and
+    completed; M2 reuses id 3, is PUBREC'd, and the device loses that PUBREC in a
+    reconnect: its resend of M2 is answered from memory (not run again), and what is
+    written in the end is M2's final mark, not M1's over it."""
+    from gatewayd.protocol import mqtt_packets as mp
+
+    from .test_mqtt_edge import EdgePlugin, provision, stored_records
+    from .test_mqtt_marks import written_mark
+
+    plugin = EdgePlugin()
+    async with gateway_factory(plugins=[("edgetest", plugin)], mqtt=True) as gw:
+        gw.mqtt.marks.flush_s = 3600.0
+        port = gw_mqtt_address(gw)[1]
+        user, password = await provision(gw, "d1")
+        dev = await RawDevice.connect(port, user, password)
+        with trio.fail_after(10):
+            await dev.publish("dev/d1/data", b"m-1", packet_id=3, qos=2)
+            assert await dev.expect_ack(mp.PUBREC) == 3
+            await dev.stream.send_all(bytes((0x62, 2, 0, 3)))  # PUBREL 3
+            assert await dev.expect_ack(mp.PUBCOMP) == 3
+            await dev.publish("dev/d1/data", b"m-2", packet_id=3, qos=2)
+            assert await dev.expect_ack(mp.PUBREC) == 3
+            assert gw.mqtt.marks.unwritten == 1  # M2's note; M1's dropped
+            await dev.stream.aclose()  # the PUBREC lost on the way
+            dev = await RawDevice.connect(port, user, password)
+            await dev.publish("dev/d1/data", b"m-2", packet_id=3, qos=2, dup=True)
+            assert await dev.expect_ack(mp.PUBREC) == 3
+        assert plugin.calls == 2
+        assert len(await stored_records(gw)) == 2
+        await gw.mqtt.marks.flush()
+        assert await written_mark(gw, user, 3, "dev/d1/data", b"m-2") == Seen(None)
+        assert await written_mark(gw, user, 3, "dev/d1/data", b"m-1") is None
