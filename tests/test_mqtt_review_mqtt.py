@@ -282,3 +282,32 @@ async def test_qos2_packet_id_reused_after_pubrel_while_the_older_note_is_unwrit
         await gw.mqtt.marks.flush()
         assert await written_mark(gw, user, 3, "dev/d1/data", b"m-2") == Seen(None)
         assert await written_mark(gw, user, 3, "dev/d1/data", b"m-1") is None
+
+
+async def test_a_graceful_stop_while_storage_refuses_the_final_marks_ends_and_a_resend_stores_nothing_twice(
+        gateway_factory):
+    from gatewayd.testing import storage_failing
+
+    from .test_mqtt_edge import EdgePlugin, provision, stored_records
+
+    async with gateway_factory(plugins=[("edgetest", EdgePlugin())], mqtt=True) as gw:
+        gw.mqtt.marks.flush_s = 3600.0
+        port = gw_mqtt_address(gw)[1]
+        user, password = await provision(gw, "d1")
+        dev = await RawDevice.connect(port, user, password)
+        with trio.fail_after(5):
+            await dev.publish("dev/d1/data", b"m-1", packet_id=1)
+            assert await dev.expect_ack() == 1
+        cm = storage_failing(gw)
+        await cm.__aenter__()  # read-only from here to the end of the run
+        with trio.fail_after(30):
+            gw.request_shutdown()
+            while gw.storage.is_open:
+                await trio.sleep(0.05)
+    second = EdgePlugin()
+    async with gateway_factory(plugins=[("edgetest", second)], mqtt=True) as gw:
+        dev = await RawDevice.connect(gw_mqtt_address(gw)[1], user, password)
+        with trio.fail_after(5):
+            await dev.publish("dev/d1/data", b"m-1", packet_id=1, dup=True)
+            assert await dev.expect_ack() == 1
+        assert len(await stored_records(gw)) == 1
