@@ -311,3 +311,42 @@ async def test_a_graceful_stop_while_storage_refuses_the_final_marks_ends_and_a_
             await dev.publish("dev/d1/data", b"m-1", packet_id=1, dup=True)
             assert await dev.expect_ack() == 1
         assert len(await stored_records(gw)) == 1
+
+
+_OUT_OF_MEMORY = """
+import sys, trio
+from gatewayd.core.storage import StatementError, Storage, StorageError
+
+async def main(path):
+    storage = Storage(path)
+    await trio.to_thread.run_sync(storage.open)
+    db = storage.database
+    await storage.write(lambda: db.execute_sql("CREATE TABLE t (a BLOB)"))
+    big = b"x" * 4_000_000
+    # Process-wide, and the pragma can only lower it: hence this child process.
+    await storage.write(lambda: db.execute_sql("PRAGMA hard_heap_limit = 3000000"))
+    for how, sql in (("write", "INSERT INTO t VALUES (?)"), ("read", "SELECT length(?)")):
+        try:
+            await getattr(storage, how)(lambda: db.execute_sql(sql, (big,)).fetchall())
+            print(how, "ok")
+        except BaseException as e:
+            print(how, type(e).__name__, isinstance(e, StorageError) and not isinstance(e, StatementError), e)
+    await trio.to_thread.run_sync(storage.close)
+
+trio.run(main, sys.argv[1])
+"""
+
+
+async def test_sqlite_out_of_memory_is_a_storage_error_not_a_handlers_bug(tmp_path):
+    """SQLITE_NOMEM comes as a bare MemoryError: the machine's state, which can pass (a Pi
+    under memory pressure), not the statement's fault. As a plain exception the delivery
+    rejected the message and acknowledged it with nothing stored."""
+    import subprocess
+    import sys
+
+    done = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-c", _OUT_OF_MEMORY, str(tmp_path / "nomem.sqlite3")],
+        capture_output=True, text=True, timeout=60))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["write StorageError True out of memory",
+                                        "read StorageError True out of memory"], done.stdout

@@ -138,6 +138,8 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
     cannot run (no such table or column, a syntax error), StorageError for another
     SQLite failure (each with the message of the error that caused it), anything else
     unchanged (an IntegrityError of a constraint, a ProgrammingError of the bindings)."""
+    if isinstance(exc, MemoryError):  # SQLITE_NOMEM comes as a bare MemoryError: it can pass
+        return StorageError(f"out of memory{': ' + str(exc) if str(exc) else ''}")
     if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
         # A corrupt page or file comes as a plain DatabaseError: the storage, not the
         # statement (an IntegrityError, a ProgrammingError stay what they are).
