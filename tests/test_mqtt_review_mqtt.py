@@ -95,26 +95,28 @@ async def test_a_corrupt_page_is_a_storage_error_not_a_bug_of_the_statement(stor
         await trio.to_thread.run_sync(again.close)
 
 
-async def test_the_cores_own_tables_refusing_a_write_is_not_a_handlers_bug(gateway_factory):
+@pytest.mark.parametrize("table,column", [("core_mqtt_marks_a", "calls"), ("core_outbox", "data")])
+async def test_the_cores_own_tables_refusing_a_write_is_not_a_handlers_bug(gateway_factory, upstream_receiver,
+                                                                           table, column):
     """A statement error in the core's part of an ingest (the outbox, the delivery mark)
     is not the plugin's SQL: the gateway's own schema is not what this code expects (a
     newer gatewayd's CLI migrated the database under the running daemon, an operator's
     ALTER). Rejecting would acknowledge every device's every message with nothing
     stored; it must stay unacknowledged until the schema is right again."""
     plugin = SqlBugPlugin()
-    async with gateway_factory(plugins=[("sqlbug", plugin)], mqtt=True) as gw:
+    async with gateway_factory(plugins=[("sqlbug", plugin)], mqtt=True, upstream=upstream_receiver) as gw:
         creds = await testing.provision(gw, "sqlbug", "d1")
         dev = await RawDevice.connect(gw_mqtt_address(gw)[1], creds.mqtt.username, creds.mqtt.password)
         other = sqlite3.connect(gw.storage.path, isolation_level=None, timeout=10, check_same_thread=False)
         try:
-            await trio.to_thread.run_sync(other.execute, "ALTER TABLE core_mqtt_marks_a RENAME COLUMN calls TO keys")
+            await trio.to_thread.run_sync(other.execute, f"ALTER TABLE {table} RENAME COLUMN {column} TO renamed")
             await dev.publish("bug/d1/ok", b"7", packet_id=7)
             with trio.move_on_after(2):
                 await dev.expect_ack()
                 raise AssertionError(f"acknowledged, not stored: {gw.mqtt.delivery.stats} {await rejected(gw)}")
             assert gw.mqtt.delivery.stats.rejected == 0
             assert gw.mqtt.delivery.stats.storage_waits >= 1
-            await trio.to_thread.run_sync(other.execute, "ALTER TABLE core_mqtt_marks_a RENAME COLUMN keys TO calls")
+            await trio.to_thread.run_sync(other.execute, f"ALTER TABLE {table} RENAME COLUMN renamed TO {column}")
         finally:
             await trio.to_thread.run_sync(other.close)
         with trio.fail_after(40):
