@@ -80,7 +80,9 @@ SQLITE_MISMATCH = 20
 SQLITE_RANGE = 25
 #: Codes of a statement that fails whatever the state of the disk and the database.
 #: (Busy, locked, read-only, I/O, full, cannot open, corrupt, schema changed: the others
-#: can pass, and are retried.)
+#: can pass, and are retried.) Python's sqlite3 raises TOOBIG as DataError, MISMATCH as
+#: IntegrityError and RANGE as InterfaceError, never as OperationalError: those are left
+#: unchanged (a handler error); only SQLITE_ERROR reaches this set in practice.
 _STATEMENT_CODES = frozenset({SQLITE_ERROR, SQLITE_TOOBIG, SQLITE_MISMATCH, SQLITE_RANGE})
 #: An I/O error with less than this free on the database's filesystem is a full disk:
 #: SQLite reports ENOSPC as SQLITE_FULL on plain writes, but as an I/O error where it
