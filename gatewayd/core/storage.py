@@ -17,7 +17,8 @@ import sqlite3
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ __all__ = [
     "SchemaSpec",
     "backup_database",
     "BACKUP_MARKER",
+    "core_statements",
 ]
 
 T = TypeVar("T")
@@ -72,12 +74,16 @@ class MigrationError(StorageError):
 SQLITE_ERROR = 1  # the generic code: what SQLite gives a statement it cannot run
 SQLITE_FULL = 13
 SQLITE_IOERR = 10
+SQLITE_CORRUPT = 11
+SQLITE_NOTADB = 26
 SQLITE_TOOBIG = 18
 SQLITE_MISMATCH = 20
 SQLITE_RANGE = 25
 #: Codes of a statement that fails whatever the state of the disk and the database.
 #: (Busy, locked, read-only, I/O, full, cannot open, corrupt, schema changed: the others
-#: can pass, and are retried.)
+#: can pass, and are retried.) Python's sqlite3 raises TOOBIG as DataError, MISMATCH as
+#: IntegrityError and RANGE as InterfaceError, never as OperationalError: those are left
+#: unchanged (a handler error); only SQLITE_ERROR reaches this set in practice.
 _STATEMENT_CODES = frozenset({SQLITE_ERROR, SQLITE_TOOBIG, SQLITE_MISMATCH, SQLITE_RANGE})
 #: An I/O error with less than this free on the database's filesystem is a full disk:
 #: SQLite reports ENOSPC as SQLITE_FULL on plain writes, but as an I/O error where it
@@ -113,6 +119,13 @@ def _writer_state(message: str) -> bool:
     return message.startswith(_WRITER_STATE)
 
 
+def _own_transaction_statement(exc: BaseException) -> bool:
+    """SQLITE_ERROR about the transaction state, first in ``exc``'s chain."""
+    errors = _sqlite_errors(exc)
+    return bool(errors) and getattr(errors[0], "sqlite_errorcode", 0) & 0xFF == SQLITE_ERROR \
+        and _writer_state(str(errors[0]))
+
+
 def _low_on_space(path: Path | None) -> bool:
     if path is None:
         return False
@@ -128,7 +141,15 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
     cannot run (no such table or column, a syntax error), StorageError for another
     SQLite failure (each with the message of the error that caused it), anything else
     unchanged (an IntegrityError of a constraint, a ProgrammingError of the bindings)."""
+    if isinstance(exc, MemoryError):  # SQLITE_NOMEM comes as a bare MemoryError: it can pass
+        return StorageError(f"out of memory{': ' + str(exc) if str(exc) else ''}")
     if not isinstance(exc, (peewee.OperationalError, sqlite3.OperationalError)):
+        # A corrupt page or file comes as a plain DatabaseError: the storage, not the
+        # statement (an IntegrityError, a ProgrammingError stay what they are).
+        if isinstance(exc, (peewee.DatabaseError, sqlite3.DatabaseError)):
+            errors = _sqlite_errors(exc)
+            if errors and getattr(errors[0], "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                return StorageError(str(errors[0]))
         return exc
     errors = _sqlite_errors(exc)
     codes = [getattr(e, "sqlite_errorcode", 0) & 0xFF for e in errors]
@@ -142,6 +163,23 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
             return StorageFull(f"{error} (less than {LOW_SPACE_BYTES >> 20} MiB free on the disk holding {path})")
         return StorageError(str(error))
     return StorageError(str(errors[0] if errors else exc))
+
+
+@contextmanager
+def core_statements() -> Iterator[None]:
+    """Around the core's own statements in a write job (the outbox's rows, a delivery
+    mark): SQLite refusing one of them (no such table or column) says the database's
+    schema is not this gatewayd's (migrated under it by another process, altered by
+    hand), a storage problem to wait out (StorageError), not a plugin's bug
+    (StatementError, whose message is rejected and acknowledged)."""
+    try:
+        yield
+    except (peewee.OperationalError, sqlite3.OperationalError) as e:
+        error = _classify(e)
+        if isinstance(error, StatementError):
+            raise StorageError(f"the gateway's own tables refuse the write ({error}): is the database "
+                               f"another gatewayd's, or being migrated?") from e
+        raise
 
 
 class _Meta(peewee.Model):
@@ -543,6 +581,11 @@ class Storage:
                             # (a failed ROLLBACK TO SAVEPOINT in the job hides it as __context__).
                             lost = self._classify(_first_cause(e))
                             raise
+                        if type(job.error) is StorageError and _own_transaction_statement(e):
+                            # The transaction is alive: the job's own BEGIN or RELEASE refused,
+                            # the same way every time (the writer's state is only ever off
+                            # outside a job, or once SQLite rolled back).
+                            job.error = StatementError(str(job.error))
                         conn.execute("ROLLBACK TO gatewayd_job")
                     conn.execute("RELEASE gatewayd_job")
         except Exception as e:  # the COMMIT itself failed: nothing of the batch is kept

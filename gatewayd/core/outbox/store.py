@@ -40,7 +40,7 @@ import trio
 
 from ...protocol.batch import CLASSES
 from ..logs import get_logger
-from ..storage import BACKUP_MARKER, Storage
+from ..storage import BACKUP_MARKER, Storage, core_statements
 from . import admin as outbox_admin
 from . import capacity as outbox_capacity
 from .capacity import OutboxFull, OutboxLimits, OutboxPolicy
@@ -177,6 +177,10 @@ class Outbox:
         result = family_rows() if family_rows is not None else None
         if not rows or not self.live_mask:
             return result, range(0), {}, (0, {})
+        with core_statements():  # refused: our schema, not the family's SQL (never acknowledged)
+            return result, *self._store_rows(rows)
+
+    def _store_rows(self, rows: list[tuple]) -> tuple[range, dict, tuple]:
         conn = self.db.connection()
         counts = self.tally.read()
         add_rows = [0] * len(CLASSES)
@@ -201,7 +205,7 @@ class Outbox:
             counts[f"sink:{name}"][0] += len(rows)
             counts[f"sink:{name}"][1] += total
             touched.add(f"sink:{name}")
-        return result, ids, dropped, self.tally.commit(counts, touched)
+        return ids, dropped, self.tally.commit(counts, touched)
 
     async def after_store(self, dropped: dict, stamped: tuple) -> None:
         """Trio side of an ingest commit: metrics, logs, wake the workers."""
