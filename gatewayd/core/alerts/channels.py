@@ -87,7 +87,8 @@ def _facts(payload: dict[str, Any]) -> list[tuple[str, str]]:
 def email_message(payload: dict[str, Any], *, sender: str, to: list[str], delivery_id: int) -> EmailMessage:
     """The alert as a plain-text e-mail from `sender` to `to`."""
     message = EmailMessage(policy=_MAIL_POLICY)
-    message["Subject"] = summary(payload)[:200]
+    # One line: a header refuses CR/LF, and a multi-line rule message must not fail every mail.
+    message["Subject"] = " ".join(summary(payload).split())[:200]
     message["From"] = sender
     message["To"] = ", ".join(to)
     message["Date"] = formatdate(localtime=False)
