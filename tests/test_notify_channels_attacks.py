@@ -5,10 +5,81 @@ Real parts: a raw-socket SMTP tarpit in a thread, aiosmtpd, the real Notifier an
 
 from __future__ import annotations
 
+import socket
+import threading
+
+from gatewayd.core.alerts.notify import list_notifications
 from gatewayd.core.alerts.rules import rule_from_dict
 from gatewayd.core.config import SmtpSection
+from gatewayd.testing.waiting import wait_until
 from tests.test_notify import alerting, wait_for_state
 from tests.test_notify_channels import Sink, email_rules, smtp_sink
+
+
+class Tarpit:
+    """Accepts SMTP connections and drips the greeting one byte every `every` s, for ever:
+    each read gets a byte before the socket timeout, so only a deadline on the whole
+    conversation ends it."""
+
+    def __init__(self, every: float = 0.1):
+        self.every = every
+        self.stop = threading.Event()
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+
+    def __enter__(self):
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in list(self.threads):
+            t.join(5)
+        self.server.close()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                continue
+            t = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _drip(self, conn: socket.socket):
+        with conn:
+            greeting = b"220-" + b"x" * 10_000  # a continuation line that never ends
+            for byte in greeting:
+                if self.stop.wait(self.every):
+                    return
+                try:
+                    conn.sendall(bytes([byte]))
+                except OSError:
+                    return
+
+
+async def test_a_tarpit_mail_server_cannot_hold_the_queue(tmp_path):
+    """Each byte comes before the 0.3 s socket timeout: without a deadline on the whole
+    exchange the delivery (and the notification batch it is part of) never ends."""
+    with Tarpit(every=0.1) as tarpit:
+        smtp = SmtpSection(host="127.0.0.1", port=tarpit.port, starttls=False)
+        async with alerting(tmp_path, email_rules("a@site.example"), smtp=smtp, timeout_s=0.3) as (
+                bus, _, storage, _m):
+            await bus.emit("edgesentinel", "door-7", "door_forced")
+
+            async def retried():
+                rows = await storage.read(list_notifications, None, 10)
+                return [r for r in rows if r["attempts"] >= 1] or None
+
+            (row,) = await wait_until(retried, timeout=15, what="the tarpit delivery given up and retried")
+    assert row["state"] == "pending" and "SMTP 127.0.0.1" in row["last_error"]
 
 
 async def test_a_multi_line_rule_message_still_mails_with_a_one_line_subject(tmp_path):
@@ -28,3 +99,15 @@ async def test_a_multi_line_rule_message_still_mails_with_a_one_line_subject(tmp
     assert message["Subject"] == ("[site-7] INFO door-forced: door forced open Bcc: everyone@example.com "
                                   "check the site")
     assert "door forced open\nBcc: everyone@example.com" in message.get_content().replace("\r\n", "\n")
+
+
+async def test_implicit_tls_still_names_the_server_it_verifies(tmp_path):
+    """The deadline builds the client before connecting: it must still hand TLS the host
+    name (a '' server_hostname is a ValueError, not a TLS failure against the plain sink)."""
+    async with smtp_sink(Sink()) as port:
+        smtp = SmtpSection(host="127.0.0.1", port=port, starttls=False, ssl=True)
+        async with alerting(tmp_path, email_rules("a@site.example"), smtp=smtp, max_attempts=1) as (
+                bus, _, storage, _m):
+            await bus.emit("edgesentinel", "door-7", "door_forced")
+            (row,) = await wait_for_state(storage, "failed")
+    assert row["last_error"].startswith(f"gave up after 1 attempts: SMTP 127.0.0.1:{port}: [SSL")
