@@ -50,11 +50,14 @@ def url_key(directory: Path) -> bytes:
     except FileNotFoundError:
         key = b""
     if len(key) == 32:
+        if os.stat(path).st_mode & 0o077:  # restored or copied readable by others: private again
+            os.chmod(path, 0o600)
         return key
     directory.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     tmp = path.with_name(URL_KEY + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    tmp.unlink(missing_ok=True)  # a stale one keeps its mode through O_CREAT: start afresh
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(key)
         f.flush()
         os.fsync(f.fileno())
