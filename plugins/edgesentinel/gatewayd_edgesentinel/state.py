@@ -257,8 +257,8 @@ class Sentinel:
         config, now, day = self.ctx.config, self.ctx.now(), 86400.0
         removed = 0
         jobs: list[tuple[Any, ...]] = [
-            (models.expire_ledger, models.Packet, "received_at", now - config.dedup_days * day),
-            (models.expire_ledger, models.Seen, "at", now - config.dedup_days * day),
+            (models.expire_ledger, models.Packet, "received_at", now - config.dedup_days * day, now),
+            (models.expire_ledger, models.Seen, "at", now - config.dedup_days * day, now),
             (models.expire_series, models.Waveform, "device", now - config.windows.raw_retention_days * day),
         ]
         if config.retention_days > 0:
