@@ -111,3 +111,27 @@ async def test_implicit_tls_still_names_the_server_it_verifies(tmp_path):
             await bus.emit("edgesentinel", "door-7", "door_forced")
             (row,) = await wait_for_state(storage, "failed")
     assert row["last_error"].startswith(f"gave up after 1 attempts: SMTP 127.0.0.1:{port}: [SSL")
+
+
+async def test_slack_mrkdwn_control_characters_are_escaped(tmp_path):
+    """`ctx.events.emit` takes any device id of 1-128 characters, and a rule's message is
+    free text: `<!channel>` or `<https://evil|bank>` must reach Slack as text, not as a
+    mention of everyone or a disguised link (Slack: escape &, <, > in mrkdwn)."""
+    from tests.test_notify import Receiver, serving
+
+    receiver = Receiver(200)
+    async with serving(receiver) as url:
+        rules = [rule_from_dict({"name": "tamper", "type": "tamper_detected", "cooldown_s": 0,
+                                 "message": "lid open <!channel> & <https://evil.example|the portal>",
+                                 "actions": [{"kind": "slack", "url": f"{url}/hook"}]}, "rules[0]")]
+        async with alerting(tmp_path, rules) as (bus, _, storage, _m):
+            await bus.emit("edgesentinel", "<!here>", "tamper_detected", severity="critical")
+            await wait_for_state(storage, "sent")
+    import json
+
+    doc = json.loads(receiver.received[-1][1])
+    header, section, context = doc["blocks"]
+    assert "<!" not in doc["text"] and "&lt;!channel&gt; &amp; &lt;https://evil.example|the portal&gt;" in doc["text"]
+    assert {"type": "mrkdwn", "text": "*Device*\n&lt;!here&gt;"} in section["fields"]
+    assert "<" not in context["elements"][0]["text"]
+    assert header["text"]["type"] == "plain_text" and "<!channel>" in header["text"]["text"]  # plain text: as is
