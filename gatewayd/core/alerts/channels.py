@@ -87,7 +87,8 @@ def _facts(payload: dict[str, Any]) -> list[tuple[str, str]]:
 def email_message(payload: dict[str, Any], *, sender: str, to: list[str], delivery_id: int) -> EmailMessage:
     """The alert as a plain-text e-mail from `sender` to `to`."""
     message = EmailMessage(policy=_MAIL_POLICY)
-    message["Subject"] = summary(payload)[:200]
+    # One line: a header refuses CR/LF, and a multi-line rule message must not fail every mail.
+    message["Subject"] = " ".join(summary(payload).split())[:200]
     message["From"] = sender
     message["To"] = ", ".join(to)
     message["Date"] = formatdate(localtime=False)
@@ -104,16 +105,22 @@ def email_message(payload: dict[str, Any], *, sender: str, to: list[str], delive
 def slack_message(payload: dict[str, Any]) -> dict[str, Any]:
     """A Slack incoming-webhook body: `text` plus Block Kit `blocks`."""
     mark = _SEVERITY_MARK.get(str(payload.get("severity")), "")
-    text = f"{mark} {summary(payload)}".strip()
-    fields = [{"type": "mrkdwn", "text": f"*{name}*\n{value}"} for name, value in _facts(payload)][:10]
+    text = f"{mark} {_mrkdwn(summary(payload))}".strip()
+    fields = [{"type": "mrkdwn", "text": f"*{name}*\n{_mrkdwn(value)}"} for name, value in _facts(payload)][:10]
     return {
         "text": text,
         "blocks": [
             {"type": "header", "text": {"type": "plain_text", "text": summary(payload)[:150]}},
             {"type": "section", "fields": fields},
-            {"type": "context", "elements": [{"type": "mrkdwn", "text": str(payload.get("reason"))[:2000]}]},
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": _mrkdwn(str(payload.get("reason")))[:2000]}]},
         ],
     }
+
+
+def _mrkdwn(text: str) -> str:
+    """Slack's mrkdwn control characters escaped: `<!channel>`, `<@U1>` or `<url|label>` in
+    a device id or a message is shown as typed, never a mention or a disguised link."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def teams_message(payload: dict[str, Any]) -> dict[str, Any]:

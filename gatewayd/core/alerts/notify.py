@@ -20,7 +20,9 @@ import hmac
 import json
 import random
 import smtplib
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -50,6 +52,8 @@ STATES = ("pending", "sent", "failed")
 SIGNATURE_HEADER = "X-Gatewayd-Signature"
 DELIVERY_HEADER = "X-Gatewayd-Delivery"
 BATCH = 50
+SMTP_DEADLINE_FACTOR = 3
+"""An e-mail's whole SMTP conversation may take this many times `timeout_s`."""
 
 PublishMqtt = Callable[[str, bytes, int], Awaitable[Any]]
 ForwardUpstream = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -346,7 +350,7 @@ class Notifier:
             message = email_message(payload, sender=smtp.from_address, to=list(action["to"]), delivery_id=delivery_id)
         except ValueError as e:
             raise _Permanent(f"notification is not strict JSON: {e}") from None
-        # smtplib blocks: a worker thread; its socket timeout bounds the wait (abandoned on shutdown).
+        # smtplib blocks: a worker thread; _send_mail's deadline bounds the wait (abandoned on shutdown).
         await trio.to_thread.run_sync(_send_mail, smtp, password, message, self.timeout_s, abandon_on_cancel=True)
 
 
@@ -355,10 +359,27 @@ def _send_mail(smtp: SmtpSection, password: str | None, message: EmailMessage, t
     permanent; a 4xx, a timeout or a refused connection is retried."""
     context = ssl.create_default_context()
     where = f"SMTP {smtp.host}:{smtp.port}"
+    # `timeout` bounds each socket read; a server dripping a byte at a time never trips it.
+    # The whole conversation gets SMTP_DEADLINE_FACTOR x timeout, then its socket is shut.
+    client = (smtplib.SMTP_SSL(timeout=timeout, context=context) if smtp.ssl else smtplib.SMTP(timeout=timeout))
+    client._host = smtp.host  # what STARTTLS and SSL verify the certificate against (SNI); the constructor sets it
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = client.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(timeout * SMTP_DEADLINE_FACTOR, cut)
+    timer.daemon = True
+    timer.start()
     try:
-        client = (smtplib.SMTP_SSL(smtp.host, smtp.port, timeout=timeout, context=context) if smtp.ssl
-                  else smtplib.SMTP(smtp.host, smtp.port, timeout=timeout))
         with client:
+            client.connect(smtp.host, smtp.port)
             if smtp.starttls:
                 client.starttls(context=context)
             if smtp.user and password is not None:
@@ -378,7 +399,11 @@ def _send_mail(smtp: SmtpSection, password: str | None, message: EmailMessage, t
     except smtplib.SMTPNotSupportedError as e:
         raise _Permanent(f"{where}: {e} (set starttls = false, or ssl = true for port 465)") from None
     except (smtplib.SMTPException, OSError) as e:
+        if expired.is_set():
+            raise RuntimeError(f"{where}: no complete answer within {timeout * SMTP_DEADLINE_FACTOR:g} s") from None
         raise RuntimeError(f"{where}: {e or e.__class__.__name__}") from None
+    finally:
+        timer.cancel()
     if refused:
         log.warning("some e-mail recipients were refused", refused=sorted(refused), server=where)
 

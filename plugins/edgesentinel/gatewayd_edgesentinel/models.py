@@ -274,16 +274,28 @@ def last_batches(devices: list[str]) -> dict[str, tuple[float, int, int, int]]:
 STEP = 2000  # rows a retention step deletes (one write transaction): bench section 3
 
 
-def expire_ledger(model: type[peewee.Model], column: str, before: float) -> int:
+def expire_ledger(model: type[peewee.Model], column: str, before: float, now: float | None = None) -> int:
     """Delete up to STEP of the oldest rows of the ledger or the hashes (written in time
-    order, so the oldest are the lowest ids: no index on the time needed)."""
+    order, so the oldest are the lowest ids: no index on the time needed). Rows stamped
+    more than a day after `now` (written while the clock was ahead, before NTP set it
+    back) are stepped over, not taken for the first young row: they would stop every
+    row behind them from expiring until their own time came."""
     table = model._meta.table_name
     connection = _connection(model._meta.database)
+    future = None if now is None else now + 86400.0
     ids = []
-    for row_id, when in connection.execute(f'SELECT id, "{column}" FROM "{table}" ORDER BY id LIMIT {STEP}'):
-        if when >= before:
-            break
-        ids.append((row_id,))
+    cursor = connection.execute(f'SELECT id, "{column}" FROM "{table}" ORDER BY id')
+    try:
+        for row_id, when in cursor:
+            if future is not None and when > future:
+                continue
+            if when >= before:
+                break
+            ids.append((row_id,))
+            if len(ids) >= STEP:
+                break
+    finally:
+        cursor.close()
     connection.executemany(f'DELETE FROM "{table}" WHERE id = ?', ids)
     return len(ids)
 

@@ -221,36 +221,47 @@ class DeviceRoutes:
         device = await self._device()
         key = idempotency_key(request.headers.get("Idempotency-Key"))
         body = await read_body()  # as sent: the hash and the signature are of these bytes
-        await self._signature(device, body)
-        checksum = content_sha256(request.headers.get("Content-SHA256"), body)
-        encoding = encoding_of(request.headers.get("Content-Encoding"), body)
-        async with state.lock(device.id):
-            answer = await state.replay(device, key, checksum)
-            if answer is None:
-                verdict = state.verdict()
-                if verdict.level == "reject":
-                    state.batches.inc(outcome="backpressure")
-                    raise Refused(429, "backpressure", f"{verdict.reason}: retry later", verdict.hint,
-                                  {"Retry-After": str(math.ceil((verdict.backoff_ms or 1000) / 1000))})
-                state.inflight += 1
-                try:
-                    try:
-                        inflated = await read_body(max_inflated=config.max_decompressed_bytes)
-                    except EncodingError as e:
-                        raise refused_encoding(e, encoding, config.max_decompressed_bytes) from None
-                    if (tight := over_budget(state.inflight_bytes, len(inflated), config.backpressure)) is not None:
+        # The body as sent is in the budget too, from now until answered: bodies of one
+        # node queued on its lock (or of many nodes) were held uncounted.
+        if (tight := over_budget(state.inflight_bytes, len(body), config.backpressure)) is not None:
+            state.batches.inc(outcome="backpressure")
+            raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
+                          {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+        state.inflight_bytes += len(body)
+        try:
+            await self._signature(device, body)
+            checksum = content_sha256(request.headers.get("Content-SHA256"), body)
+            encoding = encoding_of(request.headers.get("Content-Encoding"), body)
+            async with state.lock(device.id):
+                answer = await state.replay(device, key, checksum)
+                if answer is None:
+                    verdict = state.verdict()
+                    if verdict.level == "reject":
                         state.batches.inc(outcome="backpressure")
-                        raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
-                                      {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
-                    state.inflight_bytes += len(inflated)
+                        raise Refused(429, "backpressure", f"{verdict.reason}: retry later", verdict.hint,
+                                      {"Retry-After": str(math.ceil((verdict.backoff_ms or 1000) / 1000))})
+                    state.inflight += 1
                     try:
-                        answer = await state.take(device, key, checksum, inflated, verdict)
+                        try:
+                            inflated = await read_body(max_inflated=config.max_decompressed_bytes)
+                        except EncodingError as e:
+                            raise refused_encoding(e, encoding, config.max_decompressed_bytes) from None
+                        if (tight := over_budget(state.inflight_bytes - len(body), len(inflated),
+                                                   config.backpressure)) is not None:
+                            state.batches.inc(outcome="backpressure")
+                            raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
+                                          {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+                        state.inflight_bytes += len(inflated)
+                        try:
+                            answer = await state.take(device, key, checksum, inflated, verdict)
+                        finally:
+                            state.inflight_bytes -= len(inflated)
                     finally:
-                        state.inflight_bytes -= len(inflated)
-                finally:
-                    state.inflight -= 1
-            else:
-                state.batches.inc(outcome="replayed")
+                        state.inflight -= 1
+                else:
+                    state.batches.inc(outcome="replayed")
+        finally:
+            state.inflight_bytes -= len(body)
         return answer.doc, answer.status, {"Idempotency-Replayed": "true" if answer.replayed else "false"}
 
     async def config(self) -> Any:

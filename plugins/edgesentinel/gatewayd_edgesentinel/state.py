@@ -50,11 +50,14 @@ def url_key(directory: Path) -> bytes:
     except FileNotFoundError:
         key = b""
     if len(key) == 32:
+        if os.stat(path).st_mode & 0o077:  # restored or copied readable by others: private again
+            os.chmod(path, 0o600)
         return key
     directory.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(32)
     tmp = path.with_name(URL_KEY + ".tmp")
-    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+    tmp.unlink(missing_ok=True)  # a stale one keeps its mode through O_CREAT: start afresh
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
         f.write(key)
         f.flush()
         os.fsync(f.fileno())
@@ -254,8 +257,8 @@ class Sentinel:
         config, now, day = self.ctx.config, self.ctx.now(), 86400.0
         removed = 0
         jobs: list[tuple[Any, ...]] = [
-            (models.expire_ledger, models.Packet, "received_at", now - config.dedup_days * day),
-            (models.expire_ledger, models.Seen, "at", now - config.dedup_days * day),
+            (models.expire_ledger, models.Packet, "received_at", now - config.dedup_days * day, now),
+            (models.expire_ledger, models.Seen, "at", now - config.dedup_days * day, now),
             (models.expire_series, models.Waveform, "device", now - config.windows.raw_retention_days * day),
         ]
         if config.retention_days > 0:
