@@ -1,0 +1,71 @@
+"""Review of issue 21 (the gateway on a site box): attacks as an installer and as a
+LAN attacker would try them, with real parts."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import trio
+
+from gatewayd.core.backup import BackupSection, Backups, list_backups
+from gatewayd.core.health import Health
+from gatewayd.core.metrics import Metrics
+from gatewayd.core.storage import Storage
+
+
+async def test_a_clock_set_back_does_not_prune_the_copy_just_taken(tmp_path):
+    """A box without a real-time clock (a Raspberry Pi) whose clock was ahead and is then
+    set right: the copies taken meanwhile have names from the 'future', so a new copy
+    sorts as the oldest. Pruning must not delete the copy it has just checked (and
+    /health must not point at a deleted file), nor keep the stale ones forever."""
+    storage = Storage(tmp_path / "gatewayd.sqlite3")
+    storage.open()
+    try:
+        storage.database.execute_sql("CREATE TABLE t (x INTEGER)")
+        now = [1_800_000_000.0]  # the clock is a year ahead
+        health = Health()
+        backups = Backups(BackupSection(interval_s=3600, keep=2), storage.path, tmp_path / "bk",
+                          data_dir=tmp_path, master_key_env="", health=health, metrics=Metrics(),
+                          clock=lambda: now[0])
+        for _ in range(2):
+            assert await backups.take() is not None
+            now[0] += 3600
+        now[0] = 1_770_000_000.0  # NTP sets it right
+        storage.database.execute_sql("INSERT INTO t VALUES (42)")
+        new = await backups.take()
+        assert new is not None
+        assert new.exists(), "the copy just taken and checked was deleted by the pruning"
+        assert new in list_backups(tmp_path / "bk")
+        ok, doc = health.snapshot()
+        assert doc["components"]["backup"]["last_good"] == str(new)
+        copy = sqlite3.connect(new)
+        assert copy.execute("SELECT count(*) FROM t").fetchone()[0] == 1
+        copy.close()
+    finally:
+        storage.close()
+
+
+async def test_a_copy_from_the_future_does_not_put_the_next_backup_a_year_away(tmp_path, mock_clock):
+    storage = Storage(tmp_path / "gatewayd.sqlite3")
+    storage.open()
+    try:
+        storage.database.execute_sql("CREATE TABLE t (x INTEGER)")
+        ahead = Backups(BackupSection(interval_s=3600, keep=2), storage.path, tmp_path / "bk",
+                        data_dir=tmp_path, master_key_env="", health=Health(), metrics=Metrics(),
+                        clock=lambda: 1_800_000_000.0)
+        future = await ahead.take()
+        import os
+        os.utime(future, (1_800_000_000.0, 1_800_000_000.0))  # its mtime is the clock's too
+        backups = Backups(BackupSection(interval_s=3600, keep=2), storage.path, tmp_path / "bk",
+                          data_dir=tmp_path, master_key_env="", health=Health(), metrics=Metrics(),
+                          clock=lambda: 1_770_000_000.0 + trio.current_time())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backups.run)
+            mock_clock.jump(301)
+            with trio.fail_after(30):
+                while backups.taken == 0:
+                    await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+        assert backups.taken == 1
+    finally:
+        storage.close()
