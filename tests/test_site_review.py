@@ -69,3 +69,28 @@ async def test_a_copy_from_the_future_does_not_put_the_next_backup_a_year_away(t
         assert backups.taken == 1
     finally:
         storage.close()
+
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="scripts/install runs as root")
+@pytest.mark.parametrize("args", [["--uninstall"], ["--no-start"]])
+def test_install_refuses_a_path_the_unit_cannot_hold(tmp_path, args):
+    """A data dir with a space became `ReadWritePaths=/x/my` and `data` (ignored, a
+    warning only: systemd-analyze verify passes): the service could not write its data."""
+    spaced = tmp_path / "site box"
+    env = {**os.environ, "GATEWAYD_PREFIX": str(spaced / "opt"), "GATEWAYD_ETC": str(spaced / "etc"),
+           "GATEWAYD_DATA": str(spaced / "data"), "GATEWAYD_UNIT_DIR": str(spaced / "unit"),
+           "GATEWAYD_BIN_DIR": str(spaced / "bin"), "GATEWAYD_USER": "gwt-never-made"}
+    result = subprocess.run([str(REPO / "scripts" / "install"), *args], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert f"only letters, digits and . _ - + @ / in a path: '{spaced / 'opt'}'" in result.stderr
+    assert not spaced.exists()
