@@ -94,3 +94,29 @@ def test_install_refuses_a_path_the_unit_cannot_hold(tmp_path, args):
     assert result.returncode == 1, result.stderr
     assert f"only letters, digits and . _ - + @ / in a path: '{spaced / 'opt'}'" in result.stderr
     assert not spaced.exists()
+
+
+async def test_a_copy_left_half_written_by_a_killed_run_is_removed_at_start(tmp_path, mock_clock):
+    """A stop during a long copy ends in SIGKILL (TimeoutStopSec=20): the `.partial` copy,
+    as big as the database, was never removed (the next copy has another name)."""
+    storage = Storage(tmp_path / "gatewayd.sqlite3")
+    storage.open()
+    try:
+        bk = tmp_path / "bk"
+        bk.mkdir()
+        left = [bk / "gatewayd-20260101T020000Z.sqlite3.partial", bk / "gatewayd-20260101T020000Z.sqlite3.partial-journal",
+                bk / "gatewayd-pre-upgrade-20260101T020000Z.sqlite3.partial"]
+        for p in left:
+            p.write_bytes(b"x" * 4096)
+        foreign = bk / "notes.sqlite3.partial"
+        foreign.write_text("not ours")
+        backups = Backups(BackupSection(interval_s=3600, keep=2), storage.path, bk,
+                          data_dir=tmp_path, master_key_env="", health=Health(), metrics=Metrics(),
+                          clock=lambda: 1_770_000_000.0 + trio.current_time())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backups.run)
+            nursery.cancel_scope.cancel()
+        assert [p for p in left if p.exists()] == []
+        assert foreign.exists()
+    finally:
+        storage.close()
