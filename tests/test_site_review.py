@@ -120,3 +120,89 @@ async def test_a_copy_left_half_written_by_a_killed_run_is_removed_at_start(tmp_
         assert foreign.exists()
     finally:
         storage.close()
+
+
+async def test_a_backup_taken_under_heavy_writes_restores_with_the_documented_commands(gateway_factory, tmp_path):
+    """The copy is taken while another connection commits as fast as it can (WAL), then
+    restored exactly as docs/site-box.md says (rm the database and its -wal/-shm, cp,
+    chmod 600) and the gateway started on it."""
+    import shutil
+    import threading
+
+    from gatewayd.testing import gw_client
+
+    data = tmp_path / "var"
+    async with gateway_factory(settings=["backup.interval_s=3600", f"backup.dir='{tmp_path / 'bk'}'"]) as gw:
+        db = gw.storage.path
+        setup = sqlite3.connect(db)
+        setup.execute("CREATE TABLE heavy (n INTEGER PRIMARY KEY, pad BLOB)")
+        setup.commit()
+        setup.close()
+        stop = threading.Event()
+        written = [0]
+
+        def writer() -> None:
+            conn = sqlite3.connect(db, timeout=30)
+            while not stop.is_set():
+                with conn:
+                    conn.executemany("INSERT INTO heavy (pad) VALUES (?)", [(b"x" * 512,)] * 200)
+                written[0] += 200
+            conn.close()
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            while written[0] < 20_000:
+                await trio.sleep(0.01)
+            path = await gw.backups.take()
+        finally:
+            stop.set()
+            thread.join()
+        assert path is not None
+        seq_before = sqlite3.connect(db).execute(
+            "SELECT rows FROM core_outbox_count WHERE key = 'seq:outbox'").fetchone()[0]
+    # The documented restore.
+    for end in ("", "-wal", "-shm"):
+        (data / f"gatewayd.sqlite3{end}").unlink(missing_ok=True)
+    shutil.copy(path, data / "gatewayd.sqlite3")
+    (data / "gatewayd.sqlite3").chmod(0o600)
+    copy = sqlite3.connect(data / "gatewayd.sqlite3")
+    n = copy.execute("SELECT count(*) FROM heavy").fetchone()[0]
+    assert n % 200 == 0 and n >= 20_000  # whole transactions only
+    copy.close()
+    async with gateway_factory(settings=["backup.interval_s=3600", f"backup.dir='{tmp_path / 'bk'}'"]) as gw:
+        async with gw_client(gw) as client:
+            r = await client.get("/health")
+            assert r.status_code == 200, r.text
+        conn = sqlite3.connect(gw.storage.path)
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'core_backup_taken'").fetchone()[0] == 0
+        seq = conn.execute("SELECT rows FROM core_outbox_count WHERE key = 'seq:outbox'").fetchone()[0]
+        conn.close()
+        assert seq > seq_before + 1_000_000
+
+
+def test_doctor_warns_about_a_private_key_others_can_read(tmp_path):
+    """ca.key restored from a tarball (or copied in by hand) as 0644: any account on the
+    box can issue certificates every device trusts. The doctor checked the master key's
+    mode, not the TLS keys'."""
+    import json
+
+    gatewayd = REPO / ".venv" / "bin" / "gatewayd"
+    config = tmp_path / "gatewayd.toml"
+    config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "var"}"\n[http]\nlisten = "127.0.0.1:0"\n'
+                      '[mqtt]\nbroker = "off"\n[tls]\nhttp = true\n')
+    run = subprocess.run([str(gatewayd), "--config", str(config), "tls", "init", "--only", "--name", "gw.local"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+    def tls_check() -> tuple[int, dict]:
+        r = subprocess.run([str(gatewayd), "--config", str(config), "doctor", "--json", "--no-network"],
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, next(c for c in json.loads(r.stdout)["checks"] if c["name"] == "tls")
+
+    assert tls_check()[1]["status"] == "ok"
+    ca_key = tmp_path / "var" / "tls" / "ca.key"
+    ca_key.chmod(0o644)
+    _, check = tls_check()
+    assert check["status"] == "warn"
+    assert check["message"] == f"{ca_key} readable by others: chmod 600 {ca_key}"

@@ -427,6 +427,12 @@ def _tls(config: Config, manager: PluginManager) -> list[Check]:
         return [Check("tls", "fail", state.reason or "expired", details)]
     if state.state == "expiring":
         return [Check("tls", "warn", state.reason or "expiring", details)]
+    # A private key others can read: anyone with an account on the box can pose as the
+    # gateway (server.key) or issue certificates every device trusts (ca.key).
+    keys = [site.key] + ([site_ca.parent / "ca.key"] if not config.tls.cert else [])
+    if shared := [str(k) for k in keys if k.is_file() and k.stat().st_mode & 0o077]:
+        return [Check("tls", "warn", f"{' and '.join(shared)} readable by others: chmod 600 "
+                                     f"{' '.join(shared)}", details)]
     return [Check("tls", "ok", f"{site.cert} valid until {details['expires_at']} ({details['days_left']:.0f} days)",
                   details)]
 
