@@ -206,3 +206,28 @@ def test_doctor_warns_about_a_private_key_others_can_read(tmp_path):
     _, check = tls_check()
     assert check["status"] == "warn"
     assert check["message"] == f"{ca_key} readable by others: chmod 600 {ca_key}"
+
+
+async def test_doctor_knows_its_own_running_gateway_behind_required_client_certificates(gateway_factory, tmp_path,
+                                                                                         capsys):
+    """tls.client_auth = "required" on HTTPS: the doctor's own /health request carries no
+    client certificate, so the running gateway's ports were 'in use by another program'
+    and the doctor failed a healthy box."""
+    import json
+
+    from gatewayd.cli import main
+    from gatewayd.core.tls import init_site
+    from gatewayd.testing.mqtt import free_port
+
+    init_site(tmp_path / "var" / "tls", "gw", ["localhost"], ["127.0.0.1"])
+    port = free_port()
+    tls = ["tls.http=true", "tls.client_auth='required'"]
+    async with gateway_factory(settings=[f"http.listen='127.0.0.1:{port}'", *tls]):
+        argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
+                "--set", f"http.listen='127.0.0.1:{port}'", "--set", "mqtt.broker='off'"]
+        for s in tls:
+            argv += ["--set", s]
+        code = await trio.to_thread.run_sync(main, argv)
+        checks = {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+    assert checks["port http"]["status"] == "ok", checks["port http"]
+    assert "held by this gateway" in checks["port http"]["message"]
