@@ -232,21 +232,6 @@ def test_a_prefix_or_data_that_is_not_gatewayds_is_not_removed(installed, tmp_pa
         shutil.rmtree(other, ignore_errors=True)
 
 
-def test_uninstall_keeps_the_data_unless_purged(installed):
-    root, env = installed["root"], installed["env"]
-    install = str(REPO / "scripts" / "install")
-    result = subprocess.run([install, "--uninstall"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0 and "kept" in result.stderr
-    assert not (root / "opt").exists() and not (root / "unit" / "gatewayd.service").exists()
-    assert (root / "data" / "master.key").exists() and (root / "etc" / "gatewayd.toml").exists()
-    pwd.getpwnam(installed["user"])  # still there
-    result = subprocess.run([install, "--uninstall", "--purge"], env=env, capture_output=True, text=True)
-    assert result.returncode == 0
-    assert not (root / "data").exists() and not (root / "etc").exists()
-    with pytest.raises(KeyError):
-        pwd.getpwnam(installed["user"])
-
-
 def test_the_wrapper_reads_the_secrets_as_systemd_does_not_as_shell(installed):
     """The wrapper sourced gatewayd.env with sh: a password with & ; $ or a space (an MQTT
     upstream password pasted on site) ran as a command, and the value the doctor tested
@@ -265,3 +250,19 @@ def test_the_wrapper_reads_the_secrets_as_systemd_does_not_as_shell(installed):
     finally:
         env_file.write_bytes(kept)
         marker.unlink(missing_ok=True)
+
+
+def test_uninstall_keeps_the_data_unless_purged(installed):
+    root, env = installed["root"], installed["env"]
+    install = str(REPO / "scripts" / "install")
+    result = subprocess.run([install, "--uninstall"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and "kept" in result.stderr
+    assert not (root / "opt").exists() and not (root / "unit" / "gatewayd.service").exists()
+    assert (root / "data" / "master.key").exists() and (root / "etc" / "gatewayd.toml").exists()
+    pwd.getpwnam(installed["user"])  # still there
+    result = subprocess.run([install, "--uninstall", "--purge"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0
+    assert not (root / "data").exists() and not (root / "etc").exists()
+    with pytest.raises(KeyError):
+        pwd.getpwnam(installed["user"])
+
