@@ -3,14 +3,27 @@ LAN attacker would try them, with real parts."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import sqlite3
+import subprocess
+import threading
+from pathlib import Path
 
+import pytest
 import trio
 
 from gatewayd.core.backup import BackupSection, Backups, list_backups
 from gatewayd.core.health import Health
 from gatewayd.core.metrics import Metrics
 from gatewayd.core.storage import Storage
+from gatewayd.cli import main
+from gatewayd.core.tls import init_site
+from gatewayd.testing import gw_client
+from gatewayd.testing.mqtt import free_port
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 async def test_a_clock_set_back_does_not_prune_the_copy_just_taken(tmp_path):
@@ -54,7 +67,6 @@ async def test_a_copy_from_the_future_does_not_put_the_next_backup_a_year_away(t
                         data_dir=tmp_path, master_key_env="", health=Health(), metrics=Metrics(),
                         clock=lambda: 1_800_000_000.0)
         future = await ahead.take()
-        import os
         os.utime(future, (1_800_000_000.0, 1_800_000_000.0))  # its mtime is the clock's too
         backups = Backups(BackupSection(interval_s=3600, keep=2), storage.path, tmp_path / "bk",
                           data_dir=tmp_path, master_key_env="", health=Health(), metrics=Metrics(),
@@ -69,15 +81,6 @@ async def test_a_copy_from_the_future_does_not_put_the_next_backup_a_year_away(t
         assert backups.taken == 1
     finally:
         storage.close()
-
-
-import os  # noqa: E402
-import subprocess  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="scripts/install runs as root")
@@ -126,11 +129,6 @@ async def test_a_backup_taken_under_heavy_writes_restores_with_the_documented_co
     """The copy is taken while another connection commits as fast as it can (WAL), then
     restored exactly as docs/site-box.md says (rm the database and its -wal/-shm, cp,
     chmod 600) and the gateway started on it."""
-    import shutil
-    import threading
-
-    from gatewayd.testing import gw_client
-
     data = tmp_path / "var"
     async with gateway_factory(settings=["backup.interval_s=3600", f"backup.dir='{tmp_path / 'bk'}'"]) as gw:
         db = gw.storage.path
@@ -185,8 +183,6 @@ def test_doctor_warns_about_a_private_key_others_can_read(tmp_path):
     """ca.key restored from a tarball (or copied in by hand) as 0644: any account on the
     box can issue certificates every device trusts. The doctor checked the master key's
     mode, not the TLS keys'."""
-    import json
-
     gatewayd = REPO / ".venv" / "bin" / "gatewayd"
     config = tmp_path / "gatewayd.toml"
     config.write_text(f'[gateway]\ndata_dir = "{tmp_path / "var"}"\n[http]\nlisten = "127.0.0.1:0"\n'
@@ -213,12 +209,6 @@ async def test_doctor_knows_its_own_running_gateway_behind_required_client_certi
     """tls.client_auth = "required" on HTTPS: the doctor's own /health request carries no
     client certificate, so the running gateway's ports were 'in use by another program'
     and the doctor failed a healthy box."""
-    import json
-
-    from gatewayd.cli import main
-    from gatewayd.core.tls import init_site
-    from gatewayd.testing.mqtt import free_port
-
     init_site(tmp_path / "var" / "tls", "gw", ["localhost"], ["127.0.0.1"])
     port = free_port()
     tls = ["tls.http=true", "tls.client_auth='required'"]
