@@ -232,6 +232,26 @@ def test_a_prefix_or_data_that_is_not_gatewayds_is_not_removed(installed, tmp_pa
         shutil.rmtree(other, ignore_errors=True)
 
 
+def test_the_wrapper_reads_the_secrets_as_systemd_does_not_as_shell(installed):
+    """The wrapper sourced gatewayd.env with sh: a password with & ; $ or a space (an MQTT
+    upstream password pasted on site) ran as a command, and the value the doctor tested
+    was not the one systemd's EnvironmentFile= gives the daemon."""
+    root = installed["root"]
+    env_file = root / "etc" / "gatewayd.env"
+    kept = env_file.read_bytes()
+    marker = Path(f"/tmp/gatewayd-review-{secrets.token_hex(4)}")
+    try:
+        env_file.write_bytes(kept + f"GATEWAYD_REVIEW_A=ab$cd&ef\nGATEWAYD_REVIEW_B=two words\n"
+                                    f"GATEWAYD_REVIEW_C=x;touch {marker}\n".encode())
+        out = subprocess.run([str(root / "bin" / "gatewayd"), "--version"], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and out.stderr == "", out.stderr
+        assert not marker.exists()
+    finally:
+        env_file.write_bytes(kept)
+        marker.unlink(missing_ok=True)
+
+
 def test_uninstall_keeps_the_data_unless_purged(installed):
     root, env = installed["root"], installed["env"]
     install = str(REPO / "scripts" / "install")
@@ -245,3 +265,4 @@ def test_uninstall_keeps_the_data_unless_purged(installed):
     assert not (root / "data").exists() and not (root / "etc").exists()
     with pytest.raises(KeyError):
         pwd.getpwnam(installed["user"])
+

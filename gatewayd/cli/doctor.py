@@ -170,15 +170,36 @@ def _own_health(config: Config) -> dict[str, Any] | None:
         r = httpx.get(url, timeout=3, verify=False)  # identifying the listener, not trusting it
         doc = r.json()
     except (httpx.HTTPError, ValueError):
+        # Behind tls.client_auth = "required" the doctor has no client certificate to
+        # show: the listener is this gateway's if it serves this gateway's certificate.
+        if config.tls.http and config.tls.client_auth != "none" and _serves_our_certificate(config, host, listen.port):
+            return {"components": {}, "identified_by": "certificate"}
         return None
     return doc if isinstance(doc, dict) and "components" in doc else None
+
+
+def _serves_our_certificate(config: Config, host: str, port: int) -> bool:
+    import ssl
+
+    from ..core.tls import SiteTls
+
+    try:
+        ours = ssl.PEM_cert_to_DER_cert(SiteTls.from_config(config).cert.read_text())
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # identifying, not trusting
+        with socket.create_connection((host, port), timeout=3) as raw, ctx.wrap_socket(raw) as tls:
+            # TLS 1.3: the client's handshake ends before the server refuses the missing
+            # client certificate, so the server's certificate is seen.
+            return tls.getpeercert(binary_form=True) == ours
+    except (OSError, ValueError, ssl.SSLError):
+        return False
 
 
 def _held_by_us(label: str, address: Address, config: Config, health: dict[str, Any]) -> bool:
     if not health:
         return False
-    if label == "http":
-        return True
+    if label == "http" or health.get("identified_by") == "certificate":
+        return True  # (by its certificate: the main listener is ours, its /health closed to the doctor)
     broker = health.get("components", {}).get("mqtt_broker", {})
     if label == "mqtt":
         return bool(broker.get("listen") == str(address))
@@ -427,6 +448,12 @@ def _tls(config: Config, manager: PluginManager) -> list[Check]:
         return [Check("tls", "fail", state.reason or "expired", details)]
     if state.state == "expiring":
         return [Check("tls", "warn", state.reason or "expiring", details)]
+    # A private key others can read: anyone with an account on the box can pose as the
+    # gateway (server.key) or issue certificates every device trusts (ca.key).
+    keys = [site.key] + ([site_ca.parent / "ca.key"] if not config.tls.cert else [])
+    if shared := [str(k) for k in keys if k.is_file() and k.stat().st_mode & 0o077]:
+        return [Check("tls", "warn", f"{' and '.join(shared)} readable by others: chmod 600 "
+                                     f"{' '.join(shared)}", details)]
     return [Check("tls", "ok", f"{site.cert} valid until {details['expires_at']} ({details['days_left']:.0f} days)",
                   details)]
 

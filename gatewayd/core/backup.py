@@ -41,6 +41,9 @@ log = get_logger("gatewayd.backup")
 
 #: The names of the copies the daemon takes (and the only files it deletes).
 BACKUP_NAME = re.compile(r"gatewayd-\d{8}T\d{6}Z\.sqlite3")
+#: What a copy is called while it is written (the daemon's and the pre-upgrade one's),
+#: and SQLite's journal beside it.
+PARTIAL_NAME = re.compile(r"gatewayd-(pre-upgrade-)?\d{8}T\d{6}Z\.sqlite3\.partial(-journal)?")
 
 
 @dataclass
@@ -125,9 +128,12 @@ class Backups:
         existing = list_backups(self.directory)
         if existing:  # taken (and checked) by an earlier run: the schedule goes on from it
             self.last_good, self.last_good_at = existing[-1], existing[-1].stat().st_mtime
+            if self.last_good_at > self.clock():  # taken while the clock was ahead (a box without RTC):
+                self.last_good_at = None  # not a schedule a year away; the first one soon
         if interval:  # a folder that cannot hold copies is said at start, not at the first backup
             try:
                 await trio.to_thread.run_sync(prepare_dir, self.directory)
+                await trio.to_thread.run_sync(self._remove_partial)
             except BackupDirError as e:
                 self.last_error = str(e)
                 log.error("backups cannot be taken", dir=str(self.directory), error=str(e))
@@ -165,17 +171,30 @@ class Backups:
         self.taken += 1
         self.last_error = None
         self.last_good, self.last_good_at = path, self.clock()
-        removed = await trio.to_thread.run_sync(self._prune)
+        removed = await trio.to_thread.run_sync(self._prune, path)
         log.info("backup taken", path=str(path), bytes=path.stat().st_size, integrity_check="ok",
                  seconds=round(self.clock() - started, 2), removed=removed,
                  master_key=master_key_location(self.data_dir, self.master_key_env),
                  reminder="the master key is not in the backup: keep a copy of it off this box")
         return path
 
-    def _prune(self) -> int:
-        copies = list_backups(self.directory)
+    def _remove_partial(self) -> None:
+        """Copies an earlier run left half-written (killed mid-copy: a stop during a long
+        copy ends in SIGKILL after the unit's TimeoutStopSec), each as big as the database."""
+        for p in self.directory.iterdir():
+            if PARTIAL_NAME.fullmatch(p.name):
+                try:
+                    p.unlink()
+                    log.warning("removed a backup copy left unfinished by an earlier run", path=str(p))
+                except OSError as e:
+                    log.warning("cannot delete an unfinished backup copy", path=str(p), error=str(e))
+
+    def _prune(self, new: Path) -> int:
+        # The copy just taken and checked is kept whatever its name: a clock set back
+        # (a box without RTC) names it older than copies taken while the clock was ahead.
+        copies = [p for p in list_backups(self.directory) if p != new]
         removed = 0
-        for old in copies[: max(0, len(copies) - self.section.keep)]:
+        for old in copies[: max(0, len(copies) - (self.section.keep - 1))]:
             try:
                 old.unlink()
                 removed += 1
