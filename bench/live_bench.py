@@ -167,7 +167,7 @@ async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = ()) 
 
 
 async def _spawn_subscribers(url: str, n: int, expect: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    proc = await trio.lowlevel.open_process([sys.executable, __file__, "--subscribers", url, str(n), str(expect)],
+    proc = await trio.lowlevel.open_process([sys.executable, __file__, "--child-subscribers", url, str(n), str(expect)],
                                             stdout=-1)
     assert proc.stdout is not None
     buf = b""
@@ -189,7 +189,7 @@ async def _last_line(proc: Any) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) > 2 and sys.argv[1] == "--subscribers":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child-subscribers":
         trio.run(subscribers_main, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
         return
     if len(sys.argv) > 2 and sys.argv[1] == "--publishers":

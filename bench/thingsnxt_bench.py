@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, target, lua, n, path in runs:
                 subs = None
                 if n:
-                    subs = subprocess.Popen([sys.executable, __file__, "--subscribers", str(gw_port), str(n), path],
+                    subs = subprocess.Popen([sys.executable, __file__, "--child-subscribers", str(gw_port), str(n), path],
                                             stdout=subprocess.PIPE, text=True)
                     assert subs.stdout is not None and subs.stdout.readline().strip() == "ready"
                 results.setdefault(name, []).append(run := wrk(target, args.duration, args.connections, lua))
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--subscribers"]:
+    if sys.argv[1:2] == ["--child-subscribers"]:
         subscribers_main("127.0.0.1", int(sys.argv[2]), sys.argv[4], int(sys.argv[3]))
         sys.exit(0)
     sys.exit(main())
