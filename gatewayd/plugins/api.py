@@ -52,6 +52,7 @@ from ..core.http.body import read_body, read_json_object
 from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
 from ..core.live.access import LiveDenied
+from ..core.live.frames import TextFrames, send_frames
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
 from ..core.maintenance import MaintenanceState
@@ -119,6 +120,7 @@ __all__ = [
     "SerialSettings",
     "StructLogger",
     "Subscription",
+    "TextFrames",
     "Gauge",
     # errors
     "AuthError",
@@ -152,6 +154,7 @@ __all__ = [
     "plausible_ts",
     "read_body",
     "read_json_object",
+    "send_frames",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -1,0 +1,108 @@
+"""Several WebSocket messages in one write (gatewayd.core.live.frames): the frames a client
+reads are the messages, in order, whole, between quart's own sends, with and without
+permessage-deflate; under hypercorn they go in one write, elsewhere one send a message."""
+
+from __future__ import annotations
+
+import json
+
+import trio
+from quart import Blueprint, websocket
+from trio_websocket import open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
+
+from gatewayd.plugins.api import TextFrames, hookimpl, send_frames
+from gatewayd.testing import gw_url
+
+MESSAGES = ["a", "é" * 70, "x" * 200, json.dumps({"big": "y" * 70_000}), ""]
+
+
+def read_frames(wire: bytes) -> list[str]:
+    """What a client's wsproto makes of bytes a server sent after the handshake."""
+    client, server = WSConnection(ConnectionType.CLIENT), WSConnection(ConnectionType.SERVER)
+    server.receive_data(client.send(Request(host="h", target="/")))
+    list(server.events())
+    client.receive_data(server.send(AcceptConnection()) + wire)
+    return [e.data for e in client.events() if isinstance(e, TextMessage)]
+
+
+def test_the_wire_is_each_message_a_frame_in_order():
+    frames = TextFrames(MESSAGES)
+    assert read_frames(frames.wire) == MESSAGES
+    assert frames.wire is frames.wire  # built once, then shared
+    assert TextFrames([]).wire == b"" and len(frames) == len(MESSAGES)
+
+
+class Framer:
+    """A plugin WebSocket route: a quart send, a batch of frames, a quart send; it records
+    whether the batch went in one write."""
+
+    def __init__(self) -> None:
+        self.one_write: list[bool] = []
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("framer", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            await websocket.accept()
+            await websocket.send("before")
+            self.one_write.append(await send_frames(TextFrames(MESSAGES)))
+            self.one_write.append(await send_frames(TextFrames([])))
+            await websocket.send("after")
+            await websocket.receive()  # until the client goes
+
+        return bp
+
+
+async def test_frames_reach_a_client_whole_and_in_order_in_one_write(gateway_factory):
+    framer = Framer()
+    async with gateway_factory(plugins=[("framer", framer)]) as gw:
+        async with open_websocket_url(gw_url(gw).replace("http://", "ws://") + "/framer/ws") as ws:
+            got = [await ws.get_message() for _ in range(len(MESSAGES) + 2)]
+            await ws.send_message("bye")
+    assert got == ["before", *MESSAGES, "after"]
+    assert framer.one_write == [True, True]  # hypercorn's stream, not a send a message
+
+
+async def test_frames_are_valid_where_the_client_agreed_permessage_deflate(gateway_factory):
+    framer = Framer()
+    async with gateway_factory(plugins=[("framer", framer)]) as gw:
+        host, port = gw_url(gw).removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        client = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(client.send(Request(host=host, target="/framer/ws", extensions=[PerMessageDeflate()])))
+        got: list[str] = []
+        agreed = []
+        part = ""
+        with trio.fail_after(30):
+            while len(got) < len(MESSAGES) + 2:
+                data = await stream.receive_some(65536)
+                assert data, f"closed after {got}"
+                client.receive_data(data)
+                for event in client.events():
+                    if isinstance(event, AcceptConnection):
+                        agreed = event.extensions
+                    elif isinstance(event, TextMessage):  # a long one comes in parts
+                        part += event.data
+                        if event.message_finished:
+                            got.append(part)
+                            part = ""
+        await stream.aclose()
+    assert [type(e) for e in agreed] == [PerMessageDeflate]  # quart's sends are compressed, ours are not
+    assert got == ["before", *MESSAGES, "after"]
+    assert framer.one_write == [True, True]
+
+
+async def test_without_hypercorn_each_message_goes_through_quart(gateway_factory):
+    framer = Framer()
+    async with gateway_factory(plugins=[("framer", framer)]) as gw:
+        client = gw.app.test_client()
+        async with client.websocket("/framer/ws") as ws:
+            got = [await ws.receive() for _ in range(len(MESSAGES) + 2)]
+            await ws.send("bye")
+    assert got == ["before", *MESSAGES, "after"]
+    assert framer.one_write == [False, False]
