@@ -31,6 +31,7 @@ from quart import Blueprint, Response, request, websocket
 from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
 from .access import Authorizer, LiveAccess, LiveDenied
+from .frames import TextFrames, send_frames
 from .hub import Gap, LiveEvent, LiveHub, LiveLimit, Subscription, validate_pattern
 
 __all__ = ["live_blueprint"]
@@ -157,9 +158,9 @@ def _sse_chunk(batch: list[LiveEvent | Gap]) -> bytes:
                    f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode()
 
 
-def _ws_frame(batch: list[LiveEvent | Gap]) -> str:
-    """A batch as one WebSocket message, a JSON array (encoded once, as _sse_chunk)."""
-    return "[" + ",".join(item.json() for item in batch) + "]"
+def _ws_frame(batch: list[LiveEvent | Gap]) -> TextFrames:
+    """A batch as one WebSocket message, a JSON array (its frame built once, as _sse_chunk)."""
+    return TextFrames(["[" + ",".join(item.json() for item in batch) + "]"])
 
 
 async def _sse_stream(sub: Subscription, heartbeat_s: float) -> AsyncIterator[bytes]:
@@ -189,7 +190,7 @@ async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
             continue
         if frame is None:
             return
-        await websocket.send(frame)
+        await send_frames(frame)  # the shared frame's bytes, in one write
 
 
 async def _ws_commands(sub: Subscription, may: Authorizer) -> None:
