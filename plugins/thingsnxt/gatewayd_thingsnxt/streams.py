@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import trio
 from quart import Blueprint, Response, request, websocket
@@ -37,6 +37,8 @@ from gatewayd.plugins.api import (
     Routes,
     Struct,
     Subscription,
+    TextFrames,
+    send_frames,
 )
 
 from .errors import Detail, detail
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from .service import Thingsnxt
 
 HEARTBEAT_S = 15.0
+T = TypeVar("T")
 
 WATCHERS = AuthScheme(
     {"liveToken": {"type": "http", "scheme": "bearer",
@@ -102,10 +105,9 @@ class Streams:
             with sub:
                 for message in first:
                     yield f"data: {json.dumps(message)}\n\n".encode()
-                async for batch in _batches(sub, self.encoded):
-                    # A batch is one write: a client that fell behind catches up in one go.
-                    yield (b": heartbeat\n\n" if batch is None else
-                           "".join(f"id: {item.id}\ndata: {item.json_data}\n\n" for item in batch).encode())
+                async for chunk in _batches(sub, self.sse_chunk):
+                    # A batch is one write, encoded once for every subscriber of the same stream.
+                    yield b": heartbeat\n\n" if chunk is None else chunk
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
@@ -139,12 +141,24 @@ class Streams:
         with sub:
             for message in await self._first(device_id):
                 await websocket.send(json.dumps(message))
-            async for batch in _batches(sub, self.encoded):
-                if batch is None:
+            async for frames in _batches(sub, self.ws_frames):
+                if frames is None:
                     await websocket.send(json.dumps({"type": "heartbeat"}))
-                for item in batch or ():
-                    await websocket.send(item.json_data)  # one object a frame: the family's shape
+                else:  # one object a frame (the family's shape), a batch's frames in one write
+                    await send_frames(frames)
         await websocket.close(1001, "the gateway is shutting down")
+
+    def _texts(self, batch: list[LiveEvent | Gap]) -> list[tuple[int, str]]:
+        """(event id, message JSON) for each item; a gap (a client too slow to keep up) is
+        `{"type": "gap", "missed": n}`, id 0."""
+        return [(0, json.dumps({"type": "gap", "missed": item.dropped})) if isinstance(item, Gap)
+                else (item.id, self.encoded(item)) for item in batch]
+
+    def sse_chunk(self, batch: list[LiveEvent | Gap]) -> bytes:
+        return "".join(f"id: {id}\ndata: {text}\n\n" for id, text in self._texts(batch)).encode()
+
+    def ws_frames(self, batch: list[LiveEvent | Gap]) -> TextFrames:
+        return TextFrames([text for _, text in self._texts(batch)])
 
     async def _first(self, device_id: str | None) -> list[dict[str, Any]]:
         """A device's stream opens with its whole state (the widgets' values)."""
@@ -158,27 +172,19 @@ def _stream(device_id: str | None) -> str:
     return "telemetry." + (device_id.replace(".", "_") if device_id else "*")
 
 
-class _Item:
-    __slots__ = ("id", "json_data")
-
-    def __init__(self, id: int, json_data: str) -> None:
-        self.id, self.json_data = id, json_data
-
-
-async def _batches(sub: Subscription, encoded: _Encoded) -> AsyncIterator[list[_Item] | None]:
-    """The subscription's events, a batch (what arrived since the last) at a time; None for a
-    heartbeat; ends when the hub closes. A gap (a client too slow to keep up) becomes
-    `{"type": "gap", "missed": n}`."""
+async def _batches(sub: Subscription, encode: Callable[[list[LiveEvent | Gap]], T]) -> AsyncIterator[T | None]:
+    """The subscription's events, a batch (what arrived since the last) at a time, as `encode`
+    makes it, once for every subscriber of the same stream (the hub's `next_encoded`: pass the
+    same function each time); None for a heartbeat; ends when the hub closes."""
     while True:
         with trio.move_on_after(HEARTBEAT_S) as idle:
-            batch = await sub.next()
+            encoded = await sub.next_encoded(encode)
         if idle.cancelled_caught:
             yield None
             continue
-        if not batch:
+        if encoded is None:
             return
-        yield [_Item(0, json.dumps({"type": "gap", "missed": item.dropped})) if isinstance(item, Gap)
-               else _Item(item.id, encoded(item)) for item in batch]
+        yield encoded
 
 
 class _Encoded:
