@@ -9,7 +9,8 @@ acknowledged, i.e. stored, per second), events delivered to subscribers per seco
 the hub latency (a subscriber's receive time minus the event's publish time, same clock),
 p50 and p99, and the gateway's own CPU time per message (user + system; this process's, all its threads:
 on 2 cores the subscribers' process takes CPU from the gateway, which the ingest ratio
-mixes in; the CPU figure is the gateway's fan-out cost alone). The baseline is N = 0 in the same run. Goals (issue 16): ingest with 100
+mixes in; the CPU figure is the gateway's fan-out cost alone; the subscribers' process's CPU per
+message is printed too, to see what the clients take). The baseline is N = 0 in the same run. Goals (issue 16): ingest with 100
 subscribers >= 90% of ingest without any; p99 latency at 10 subscribers < 50 ms.
 """
 
@@ -119,15 +120,21 @@ async def subscribers_main(url: str, n: int, expect: int, sse_share: bool = True
         for _ in range(n):
             await ready.acquire()
         print("ready", flush=True)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), _cpu_s()
         with trio.move_on_after(300):
             await done.wait()
-        elapsed = time.perf_counter() - began
+        elapsed, cpu = time.perf_counter() - began, _cpu_s() - cpu
         nursery.cancel_scope.cancel()
     latencies.sort()
     pct = (lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] if latencies else float("nan"))
     print(json.dumps({"delivered": sum(counts), "elapsed": elapsed, "p50": pct(0.5), "p99": pct(0.99),
-                      "gaps": sum(gaps), "fewest": min(counts)}), flush=True)
+                      "gaps": sum(gaps), "fewest": min(counts), "cpu_s": cpu}), flush=True)
+
+
+def _cpu_s() -> float:
+    """This process's CPU time so far (user + system), seconds."""
+    used = os.times()
+    return used.user + used.system
 
 
 # -- one run ------------------------------------------------------------------------------
@@ -161,7 +168,8 @@ async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = ()) 
                 if proc is not None:
                     out = json.loads(await _last_line(proc))
                     result.update(delivered_per_s=out["delivered"] / out["elapsed"], p50_ms=out["p50"] * 1000,
-                                  p99_ms=out["p99"] * 1000, fewest=out["fewest"])
+                                  p99_ms=out["p99"] * 1000, fewest=out["fewest"],
+                                  client_us=out["cpu_s"] / (devices * messages) * 1e6)
             result["dropped"] = gw.live.stats["dropped"]
     return result
 
@@ -213,7 +221,8 @@ def main() -> None:
             got = results[n][-1]
             extra = (f"   delivered {got['delivered_per_s']:8.0f}/s   p50 {got['p50_ms']:6.1f} ms   "
                      f"p99 {got['p99_ms']:6.1f} ms   dropped {got['dropped']:.0f}"
-                     f"   fewest {got['fewest']:.0f}/{args.devices * args.messages}") if n else ""
+                     f"   fewest {got['fewest']:.0f}/{args.devices * args.messages}"
+                     f"   subscribers' process CPU {got['client_us']:4.0f} us/msg") if n else ""
             print(f"run {r + 1}, {n:3d} subscribers: ingest {got['ingest']:7.0f} msg/s   gateway CPU "
                   f"{got['cpu_us']:5.0f} us/msg (system {got['sys_us']:4.0f}){extra}", flush=True)
     base = statistics.median(x["ingest"] for x in results[args.subscribers[0]])
@@ -225,9 +234,10 @@ def main() -> None:
         line = (f"{n:3d} subscribers: ingest {ingest:7.0f} msg/s ({ingest / base:6.1%} of {args.subscribers[0]})"
                 f"   gateway CPU {cpu:5.0f} us/msg ({cpu / base_cpu:4.2f}x)")
         if n:
-            med = {k: statistics.median(x[k] for x in results[n]) for k in ("delivered_per_s", "p50_ms", "p99_ms")}
+            med = {k: statistics.median(x[k] for x in results[n])
+                   for k in ("delivered_per_s", "p50_ms", "p99_ms", "client_us")}
             line += (f"   delivered {med['delivered_per_s']:8.0f} events/s   p50 {med['p50_ms']:6.1f} ms"
-                     f"   p99 {med['p99_ms']:6.1f} ms")
+                     f"   p99 {med['p99_ms']:6.1f} ms   subscribers' CPU {med['client_us']:4.0f} us/msg")
         print(line)
 
 

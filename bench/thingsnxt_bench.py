@@ -83,10 +83,13 @@ def subscribers_main(host: str, port: int, path: str, n: int) -> None:
                 for _ in range(n):
                     await ready.acquire()
                 print("ready", flush=True)
+                began = os.times()
                 async for _ in signals:
                     break
                 nursery.cancel_scope.cancel()
-        print(json.dumps({"counts": counts, "missed": missed}), flush=True)
+        ended = os.times()
+        cpu = ended.user + ended.system - began.user - began.system
+        print(json.dumps({"counts": counts, "missed": missed, "cpu_s": cpu}), flush=True)
 
     trio.run(main)
 
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     slowest = min(range(SUBSCRIBERS), key=lambda i: got["counts"][i])
                     sent = round(run["rps"] * args.duration)
                     delivered.setdefault(path, []).append(
-                        f"{got['counts'][slowest]}/~{sent} (dropped {got['missed'][slowest]})")
+                        f"{got['counts'][slowest]}/~{sent} (dropped {got['missed'][slowest]}; the subscribers' "
+                        f"process used {got['cpu_s'] / (args.duration + 2):.0%} of a core)")
         time.sleep(0.5)
     finally:
         gateway.send_signal(signal.SIGTERM)
