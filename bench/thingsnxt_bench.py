@@ -3,7 +3,8 @@ real daemon (`gatewayd run`, the thingsnxt plugin: parse, token check, the state
 written, history + per-key rows + the upstream record in one transaction, the live
 broadcast, the rules), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
 Server-Sent Events subscribers on `/thingsnxt/sse`), against a bare QuartTrio hello-world
-in the same run.
+in the same run, and each server's CPU time per request (what the gateway's path costs
+whatever else runs on the machine).
 
     .venv/bin/python bench/thingsnxt_bench.py [--duration 10] [--connections 32] [--repeats 3]
 
@@ -94,6 +95,12 @@ def subscribers_main(host: str, port: int, path: str, n: int) -> None:
     trio.run(main)
 
 
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system, all threads), seconds (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10)
@@ -134,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
                     (f"telemetry, {SUBSCRIBERS} subscribers", url, str(script), SUBSCRIBERS, "/thingsnxt/ws"),
                     (f"telemetry, {SUBSCRIBERS} SSE subscribers", url, str(script), SUBSCRIBERS, "/thingsnxt/sse")]
             for name, target, lua, n, path in runs:
+                server = hello.pid if target.startswith(f"http://127.0.0.1:{hello_port}/") else gateway.pid
                 subs = None
                 if n:
                     subs = subprocess.Popen([sys.executable, __file__, "--child-subscribers", str(gw_port), str(n), path],
                                             stdout=subprocess.PIPE, text=True)
                     assert subs.stdout is not None and subs.stdout.readline().strip() == "ready"
+                cpu = _cpu_s(server)
                 results.setdefault(name, []).append(run := wrk(target, args.duration, args.connections, lua))
+                run["cpu_us"] = (_cpu_s(server) - cpu) / (run["rps"] * args.duration) * 1e6
                 if subs is not None:
                     time.sleep(2.0)  # a client behind, not dropped, catches up before it is counted
                     subs.send_signal(signal.SIGTERM)
@@ -162,13 +172,18 @@ def main(argv: list[str] | None = None) -> int:
              f"telemetry, {SUBSCRIBERS} SSE subscribers": 0.60}
     print(f"\nthingsnxt bench: wrk -t1 -c{args.connections} -d{args.duration}s, {args.repeats} repeats, medians "
           f"({os.cpu_count()} cores)")
-    print(f"{'target':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'goal':>6} {'non-2xx':>8}")
+    hello_cpu = statistics.median(r["cpu_us"] for r in results["hello-world (bare QuartTrio)"])
+    print(f"{'target':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'goal':>6} {'non-2xx':>8}"
+          f" {'server CPU us/req':>18} {'hello/that':>11}")
     for name, runs in results.items():
         rps = statistics.median(r["rps"] for r in runs)
+        cpu = statistics.median(r["cpu_us"] for r in runs)
         goal = f"{goals[name]:.0%}" if name in goals else ""
         print(f"{name:<30} {rps:>8.0f} {statistics.median(r['p50'] for r in runs):>8.2f} "
               f"{statistics.median(r['p99'] for r in runs):>8.2f} {rps / hello_rps:>8.0%} {goal:>6} "
-              f"{sum(r['non2xx'] for r in runs):>8}")
+              f"{sum(r['non2xx'] for r in runs):>8} {cpu:>18.0f} {hello_cpu / cpu:>11.0%}")
+    print("server CPU: the serving process's user + system time (all its threads) per request; hello/that: "
+          "the req/s ratio if CPU alone set it (load-independent: wrk and the subscribers take none of it)")
     for path, counts in delivered.items():
         print(f"{path}: messages the slowest of the {SUBSCRIBERS} subscribers got / requests sent "
               f"(and what the hub dropped for it), per run: "
