@@ -97,6 +97,58 @@ async def test_frames_are_valid_where_the_client_agreed_permessage_deflate(gatew
     assert framer.one_write == [True, True]
 
 
+class BigFramer:
+    """More frames than the socket holds (8 MB), while another task sends through quart."""
+
+    BIG = [f"{i:03d}" + "z" * 400_000 for i in range(20)]
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("big", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            await websocket.accept()
+
+            async def ticks():
+                for i in range(50):
+                    await websocket.send(f"tick {i}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticks)
+                await send_frames(TextFrames(self.BIG))
+            await websocket.receive()
+
+        return bp
+
+
+async def test_a_write_larger_than_the_socket_takes_stays_whole_between_other_sends(gateway_factory):
+    async with gateway_factory(plugins=[("big", BigFramer())]) as gw:
+        host, port = gw_url(gw).removeprefix("http://").split(":")
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 8192)  # the server's write cannot all fit
+        await sock.connect((host, int(port)))
+        stream = trio.SocketStream(sock)
+        client = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(client.send(Request(host=host, target="/big/ws")))
+        got: list[str] = []
+        part = ""
+        with trio.fail_after(60):
+            while len(got) < len(BigFramer.BIG) + 50:
+                data = await stream.receive_some(65536)
+                assert data, f"closed after {len(got)} messages"
+                client.receive_data(data)
+                for event in client.events():
+                    if isinstance(event, TextMessage):
+                        part += event.data
+                        if event.message_finished:
+                            got.append(part)
+                            part = ""
+        await stream.aclose()
+    assert [m for m in got if not m.startswith("tick")] == BigFramer.BIG  # whole, in order
+    assert [m for m in got if m.startswith("tick")] == [f"tick {i}" for i in range(50)]
+
+
 async def test_without_hypercorn_each_message_goes_through_quart(gateway_factory):
     framer = Framer()
     async with gateway_factory(plugins=[("framer", framer)]) as gw:
