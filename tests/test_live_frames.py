@@ -1,20 +1,22 @@
-"""Several WebSocket messages in one write (gatewayd.core.live.frames): the frames a client
-reads are the messages, in order, whole, between quart's own sends, with and without
-permessage-deflate; under hypercorn they go in one write, elsewhere one send a message."""
+"""Live batches written straight to the connection (gatewayd.core.live.frames): WebSocket
+frames a client reads are the messages, in order, whole, between quart's own sends, with
+and without permessage-deflate, larger than the socket takes; streamed-response chunks
+likewise, where the response is chunked HTTP/1.1 (else through quart); under hypercorn in
+one write, elsewhere one send a message."""
 
 from __future__ import annotations
 
 import json
 
 import trio
-from quart import Blueprint, websocket
+from quart import Blueprint, Response, websocket
 from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
-from gatewayd.plugins.api import TextFrames, hookimpl, send_frames
-from gatewayd.testing import gw_url
+from gatewayd.plugins.api import Chunk, TextFrames, hookimpl, send_frames, stream_writer
+from gatewayd.testing import gw_client, gw_url
 
 MESSAGES = ["a", "é" * 70, "x" * 200, json.dumps({"big": "y" * 70_000}), ""]
 
@@ -158,3 +160,70 @@ async def test_without_hypercorn_each_message_goes_through_quart(gateway_factory
             await ws.send("bye")
     assert got == ["before", *MESSAGES, "after"]
     assert framer.one_write == [False, False]
+
+
+class Streamer:
+    """A plugin's streamed response: chunks through quart and straight to the connection by
+    turns; it records which went straight."""
+
+    def __init__(self) -> None:
+        self.straight: list[bool] = []
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("streamer", __name__)
+
+        @bp.route("/sse", methods=["GET"])
+        async def sse():
+            writer = stream_writer()
+
+            async def body():
+                yield b"first\n"
+                for i in range(3):
+                    chunk = Chunk(f"chunk {i} {'x' * 100_000 * i}\n".encode())
+                    went = writer is not None and await writer.write(chunk)
+                    self.straight.append(went)
+                    if not went:
+                        yield chunk.data
+                    yield b"quart\n"
+                yield b"end\n"
+
+            return Response(body(), content_type="text/event-stream")
+
+        return bp
+
+
+EXPECTED_BODY = "first\n" + "".join(f"chunk {i} {'x' * 100_000 * i}\nquart\n" for i in range(3)) + "end\n"
+
+
+async def test_chunks_go_straight_to_the_connection_between_quarts(gateway_factory):
+    streamer = Streamer()
+    async with gateway_factory(plugins=[("streamer", streamer)]) as gw, gw_client(gw) as client:
+        for _ in range(2):  # and the connection stays good for the next request (keep-alive)
+            r = await client.get("/streamer/sse")
+            assert r.status_code == 200 and r.text == EXPECTED_BODY
+            assert r.headers["transfer-encoding"] == "chunked"
+    assert streamer.straight == [True] * 6
+
+
+async def test_chunks_go_through_quart_where_the_response_is_not_chunked(gateway_factory):
+    streamer = Streamer()
+    async with gateway_factory(plugins=[("streamer", streamer)]) as gw:
+        host, port = gw_url(gw).removeprefix("http://").split(":")
+        stream = await trio.open_tcp_stream(host, int(port))
+        await stream.send_all(f"GET /streamer/sse HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        raw = b""
+        with trio.fail_after(30):
+            while raw.partition(b"\r\n\r\n")[2] != EXPECTED_BODY.encode():
+                data = await stream.receive_some(65536)
+                assert data, raw[-200:]
+                raw += data
+        await stream.aclose()
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200") and body.decode() == EXPECTED_BODY
+        async with gw_client(gw) as client:
+            assert (await client.head("/streamer/sse")).status_code == 200  # HEAD: no writer, no body
+        quart_client = gw.app.test_client()
+        r = await quart_client.get("/streamer/sse")
+        assert (await r.get_data(as_text=True)) == EXPECTED_BODY
+    assert streamer.straight == [False] * 9

@@ -52,7 +52,7 @@ from ..core.http.body import read_body, read_json_object
 from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
 from ..core.http.errors import error_response
 from ..core.live.access import LiveDenied
-from ..core.live.frames import TextFrames, send_frames
+from ..core.live.frames import Chunk, StreamWriter, TextFrames, send_frames, stream_writer
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
 from ..core.logs import StructLogger
 from ..core.maintenance import MaintenanceState
@@ -121,6 +121,8 @@ __all__ = [
     "StructLogger",
     "Subscription",
     "TextFrames",
+    "Chunk",
+    "StreamWriter",
     "Gauge",
     # errors
     "AuthError",
@@ -155,6 +157,7 @@ __all__ = [
     "read_body",
     "read_json_object",
     "send_frames",
+    "stream_writer",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)

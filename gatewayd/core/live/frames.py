@@ -1,4 +1,4 @@
-"""Several WebSocket messages in one write: the frames built once, however many sockets send them.
+"""Live batches in one write straight to each connection: the bytes built once, however many send them.
 
 A live stream in a family's own shape sends one JSON object a message (thingsnxt's spec);
 through quart's `websocket.send` each message is a trip through quart, hypercorn, wsproto
@@ -10,7 +10,9 @@ writes those bytes on the current WebSocket in one write: straight to the socket
 nothing else is being written on it (hypercorn's send lock for the connection, held
 meanwhile, keeps frames whole against quart's sends), else through hypercorn's stream.
 Where that path is not there (another server, a test client) it sends the messages one by
-one through quart, as before.
+one through quart, as before. A streamed response (Server-Sent Events) does the same with
+`stream_writer()` and `Chunk`s: a batch's bytes with their HTTP/1.1 chunk framing, built
+once, written straight to each connection while its response is chunked.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ import os
 from collections.abc import Sequence
 from typing import Any, cast
 
+import h11
 import trio
 from hypercorn.protocol.events import Data
+from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
-from quart import websocket
+from quart import request, websocket
 from wsproto.frame_protocol import FrameProtocol
 
-__all__ = ["TextFrames", "send_frames"]
+__all__ = ["Chunk", "StreamWriter", "TextFrames", "send_frames", "stream_writer"]
 
 
 class TextFrames:
@@ -66,35 +71,90 @@ async def send_frames(frames: TextFrames) -> bool:
 
 
 async def _write(stream: WSStream, wire: bytes) -> None:
-    """The bytes on the connection, whole: straight to its socket when nothing else is being
+    if not await _write_raw(_tcp_server(stream), wire):
+        await stream.send(Data(stream_id=stream.stream_id, data=wire))
+
+
+async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
+    """The bytes on the connection, whole, straight to its socket when nothing else is being
     written on it (its send lock, taken without waiting, keeps it so until the rest, if the
-    socket took only part, is sent); else through hypercorn's send path (which takes the lock).
-    A write straight to the socket costs no scheduler round: with 100 subscribers, 100 of those
-    per batch were most of the fan-out's cost (bench/live_bench.py)."""
-    server = _tcp_server(stream)
-    if server is not None:
+    socket took only part, is sent). False: not written (the lock was taken, the socket is
+    closed, no plain TCP connection): use hypercorn's send path, which waits for the lock and
+    says when the client went. A write straight to the socket costs no scheduler round: with
+    100 subscribers, 100 of those per batch were most of the fan-out's cost
+    (bench/live_bench.py)."""
+    if server is None:
+        return False
+    try:
+        server.send_lock.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    try:
         try:
-            server.send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            server = None
-    if server is not None:
-        try:
-            try:
-                sent = os.write(server.stream.socket.fileno(), wire)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                sent = -1  # closed or broken: hypercorn's own path says so below
-            if 0 <= sent < len(wire):
-                with trio.CancelScope(shield=True):  # never half a frame on the wire
-                    await server.stream.send_all(memoryview(wire)[sent:])
-            if sent >= 0:
-                return
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return  # the client went: hypercorn's reader ends the connection
-        finally:
-            server.send_lock.release()
-    await stream.send(Data(stream_id=stream.stream_id, data=wire))
+            sent = os.write(server.stream.socket.fileno(), wire)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False  # closed or broken: hypercorn's own path says so
+        if sent < len(wire):
+            with trio.CancelScope(shield=True):  # never half a frame or chunk on the wire
+                await server.stream.send_all(memoryview(wire)[sent:])
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went: hypercorn's reader ends the connection
+    finally:
+        server.send_lock.release()
+    return True
+
+
+class Chunk:
+    """A piece of a streamed HTTP response (a batch of Server-Sent Events), with its HTTP/1.1
+    chunked framing built once, however many connections send it (`StreamWriter`)."""
+
+    __slots__ = ("_wire", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self._wire: bytes | None = None
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            self._wire = b"%x\r\n%b\r\n" % (len(self.data), self.data)
+        return self._wire
+
+
+class StreamWriter:
+    """Writes a streamed response's chunks straight to its connection (`stream_writer()`)."""
+
+    def __init__(self, stream: HTTPStream, h11: H11Protocol, server: TCPServer) -> None:
+        self._stream, self._h11, self._server = stream, h11, server
+
+    async def write(self, chunk: Chunk) -> bool:
+        """True: `chunk` was written (or the client is gone). False: yield `chunk.data` to quart
+        instead (not chunked, not started, or something else is being written on the connection)."""
+        connection = self._h11.connection
+        if (self._stream.closed or self._stream.state != ASGIHTTPState.RESPONSE
+                or connection.our_state is not h11.SEND_BODY
+                or type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter"):
+            return False
+        return not chunk.data or await _write_raw(self._server, chunk.wire)
+
+
+def stream_writer() -> StreamWriter | None:
+    """In a handler that returns a streamed response (Server-Sent Events): a writer that sends
+    its chunks straight to the connection, or None where it cannot (HTTPS, HTTP/2, HTTP/1.0, a
+    HEAD request, another server or a test client: yield every chunk to quart then)."""
+    req = cast(Any, request)._get_current_object()
+    push = getattr(req, "_send_push_promise", None)  # quart: partial(_send_push_promise, asgi_send)
+    stream = getattr((getattr(push, "args", None) or (None,))[0], "__self__", None)
+    if not isinstance(stream, HTTPStream) or req.method != "GET":
+        return None
+    protocol = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
+    server = getattr(getattr(protocol, "send", None), "__self__", None)  # TCPServer.protocol_send
+    if (not isinstance(protocol, H11Protocol) or not isinstance(server, TCPServer)
+            or not isinstance(server.stream, trio.SocketStream)):
+        return None
+    return StreamWriter(stream, protocol, server)
 
 
 def _tcp_server(stream: WSStream) -> TCPServer | None:
