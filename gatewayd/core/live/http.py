@@ -31,7 +31,7 @@ from quart import Blueprint, Response, request, websocket
 from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
 from .access import Authorizer, LiveAccess, LiveDenied
-from .frames import TextFrames, send_frames
+from .frames import Chunk, StreamWriter, TextFrames, send_frames, stream_writer
 from .hub import Gap, LiveEvent, LiveHub, LiveLimit, Subscription, validate_pattern
 
 __all__ = ["live_blueprint"]
@@ -105,7 +105,7 @@ def live_blueprint(hub: LiveHub, access: LiveAccess, *, heartbeat_s: float = 15.
             return error_response(400, str(e))
         except LiveLimit as e:
             return error_response(429, str(e), **{"Retry-After": "5"})
-        response = Response(_sse_stream(sub, heartbeat_s), content_type="text/event-stream")
+        response = Response(_sse_stream(sub, heartbeat_s, stream_writer()), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # a proxy in front must not hold it back
         response.timeout = None  # a stream lasts as long as the client watches
@@ -152,10 +152,10 @@ def _event_id(text: str) -> int:
     return value
 
 
-def _sse_chunk(batch: list[LiveEvent | Gap]) -> bytes:
+def _sse_chunk(batch: list[LiveEvent | Gap]) -> Chunk:
     """A batch as one SSE write (encoded once for every subscriber that reads the same batch)."""
-    return "".join(f"event: gap\ndata: {item.json()}\n\n" if isinstance(item, Gap) else
-                   f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode()
+    return Chunk("".join(f"event: gap\ndata: {item.json()}\n\n" if isinstance(item, Gap) else
+                         f"id: {item.id}\nevent: {item.stream}\ndata: {item.json()}\n\n" for item in batch).encode())
 
 
 def _ws_frame(batch: list[LiveEvent | Gap]) -> TextFrames:
@@ -163,7 +163,7 @@ def _ws_frame(batch: list[LiveEvent | Gap]) -> TextFrames:
     return TextFrames(["[" + ",".join(item.json() for item in batch) + "]"])
 
 
-async def _sse_stream(sub: Subscription, heartbeat_s: float) -> AsyncIterator[bytes]:
+async def _sse_stream(sub: Subscription, heartbeat_s: float, writer: StreamWriter | None) -> AsyncIterator[bytes]:
     with sub:
         yield b"retry: 2000\n\n"
         while True:
@@ -174,7 +174,8 @@ async def _sse_stream(sub: Subscription, heartbeat_s: float) -> AsyncIterator[by
                 continue
             if chunk is None:
                 return  # closed: the gateway is shutting down
-            yield chunk
+            if writer is None or not await writer.write(chunk):  # straight to the connection
+                yield chunk.data
 
 
 async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
