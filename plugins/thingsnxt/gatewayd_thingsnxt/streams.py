@@ -27,6 +27,7 @@ from quart import Blueprint, Response, request, websocket
 
 from gatewayd.plugins.api import (
     AuthScheme,
+    Chunk,
     Gap,
     LiveDenied,
     LiveEvent,
@@ -39,6 +40,7 @@ from gatewayd.plugins.api import (
     Subscription,
     TextFrames,
     send_frames,
+    stream_writer,
 )
 
 from .errors import Detail, detail
@@ -100,14 +102,19 @@ class Streams:
         except LiveLimit as e:
             return detail(str(e)), 429, {"Retry-After": "5"}
         first = await self._first(device_id)
+        writer = stream_writer()
 
         async def events() -> AsyncIterator[bytes]:
             with sub:
                 for message in first:
                     yield f"data: {json.dumps(message)}\n\n".encode()
                 async for chunk in _batches(sub, self.sse_chunk):
-                    # A batch is one write, encoded once for every subscriber of the same stream.
-                    yield b": heartbeat\n\n" if chunk is None else chunk
+                    # A batch is one write, encoded once for every subscriber of the same stream,
+                    # straight to the connection where it can be (quart sent the headers before).
+                    if chunk is None:
+                        yield b": heartbeat\n\n"
+                    elif writer is None or not await writer.write(chunk):
+                        yield chunk.data
 
         response = Response(events(), content_type="text/event-stream")
         response.headers["Cache-Control"] = "no-cache"
@@ -154,8 +161,8 @@ class Streams:
         return [(0, json.dumps({"type": "gap", "missed": item.dropped})) if isinstance(item, Gap)
                 else (item.id, self.encoded(item)) for item in batch]
 
-    def sse_chunk(self, batch: list[LiveEvent | Gap]) -> bytes:
-        return "".join(f"id: {id}\ndata: {text}\n\n" for id, text in self._texts(batch)).encode()
+    def sse_chunk(self, batch: list[LiveEvent | Gap]) -> Chunk:
+        return Chunk("".join(f"id: {id}\ndata: {text}\n\n" for id, text in self._texts(batch)).encode())
 
     def ws_frames(self, batch: list[LiveEvent | Gap]) -> TextFrames:
         return TextFrames([text for _, text in self._texts(batch)])
