@@ -199,6 +199,7 @@ class Gateway:
         """Start everything, report started, and run until `request_shutdown()`."""
         self.started_at = self.clock()
         try:
+            await trio.to_thread.run_sync(self.tls.recover)  # a renewal a crash interrupted (logged)
             self.tls.load()  # a missing certificate is named before anything starts
         except TlsError as e:
             raise ListenError(str(e)) from None

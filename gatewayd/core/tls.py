@@ -6,7 +6,8 @@ and addresses, signed by it, under `<data_dir>/tls/`:
 
     ca.crt       the site CA: what devices pin (public)
     ca.key       its private key (0600; keep it on the box, back it up with the master key)
-    server.crt   the gateway's certificate (server.key, 0600)
+    server.crt   the gateway's certificate (server.key, 0600): links into `current`, the
+                 pair served, which a renewal switches as one (tlspair.py)
 
 `[tls]` says which listeners speak TLS (docs/configuration.md): the HTTP listeners
 (hypercorn's TLS), and the MQTT edge's TLS listener (trio's SSLStream; mosquitto stays
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .health import ComponentState
 from .schema import Address, ConfigError, ConfigErrors
+from .tlspair import install_pair, key_matches, recover, served_pair
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -49,6 +51,7 @@ __all__ = [
     "dns_name",
     "init_site",
     "issue_client",
+    "key_matches",
 ]
 
 CA_DAYS = 20 * 365
@@ -422,8 +425,7 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
     common = next((n for n in [*dns_names, *ip_addresses] if len(n) <= MAX_CN), f"gatewayd {site}"[:MAX_CN])
     cert, key = _issue(ca_cert, ca_key, common, days=days, now=now,
                        server=True, dns_names=dns_names, ip_addresses=ip_addresses)
-    _write_private(directory / "server.key", key)
-    _write_public(directory / "server.crt", cert)
+    install_pair(directory, cert, key)  # both files switched as one: never a key without its certificate
     return InitResult(directory, created, certificate_info(directory / "server.crt"))
 
 
@@ -463,8 +465,13 @@ class SiteTls:
         def path(value: str, default: Path) -> Path:
             return default if not value else (Path(value) if Path(value).is_absolute() else base / value)
 
+        self.tls_dir = tls_dir
+        #: Where the certificate and key are, as configured and named in messages.
         self.cert = path(section.cert, tls_dir / "server.crt")
         self.key = path(section.key, tls_dir / "server.key")
+        #: What the listeners load: `tls init`'s files are read from the pair `current`
+        #: names, resolved once by `load()`, so the two are one pair even mid-renewal.
+        self.files = (self.cert, self.key)
         self.client_ca = path(section.client_ca, tls_dir / "ca.crt")
         self.info: CertInfo | None = None
 
@@ -477,17 +484,30 @@ class SiteTls:
     def enabled(self) -> bool:
         return self.section.enabled
 
+    @property
+    def _own_files(self) -> bool:
+        return not self.section.cert and not self.section.key
+
+    def recover(self) -> list[str]:
+        """At start: finish or undo a renewal a crash interrupted (logged; tlspair.py)."""
+        return recover(self.tls_dir) if self.enabled and self._own_files else []
+
     def load(self) -> None:
         """Check the files now (at start), so a missing one is named before anything listens."""
         if not self.enabled:
             return
         hint = " (make them with `gatewayd tls init`)" if not self.section.cert else ""
-        for key, p in (("tls.cert", self.cert), ("tls.key", self.key)):
+        if self._own_files:
+            try:
+                self.files = served_pair(self.tls_dir) or (self.cert, self.key)
+            except OSError as e:
+                raise TlsError(f"tls.cert: {e.strerror}{hint}") from None
+        for key, p in (("tls.cert", self.files[0]), ("tls.key", self.files[1])):
             if not p.is_file():
                 raise TlsError(f"{key}: no file at {p}{hint}")
         if self.section.client_auth != "none" and not self.client_ca.is_file():
             raise TlsError(f"tls.client_ca: no file at {self.client_ca}")
-        self.info = certificate_info(self.cert)
+        self.info = certificate_info(self.files[0])
         self.server_context()  # the key matches the certificate, the CA loads
 
     def server_context(self) -> ssl.SSLContext:
@@ -495,7 +515,7 @@ class SiteTls:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_cert_chain(*self.files)
         except (OSError, ssl.SSLError) as e:
             raise TlsError(f"tls.cert/tls.key: cannot use {self.cert} with {self.key}: {e}") from None
         if self.section.client_auth != "none":
@@ -510,8 +530,8 @@ class SiteTls:
         """Set a hypercorn Config up for HTTPS (when `tls.http`)."""
         if not self.section.http:
             return
-        config.certfile = str(self.cert)
-        config.keyfile = str(self.key)
+        config.certfile = str(self.files[0])
+        config.keyfile = str(self.files[1])
         if self.section.client_auth != "none":
             config.ca_certs = str(self.client_ca)
             config.verify_mode = ssl.CERT_REQUIRED if self.section.client_auth == "required" else ssl.CERT_OPTIONAL
