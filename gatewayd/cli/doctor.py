@@ -252,10 +252,12 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
     """`backup.dir` holds the daemon's copies and the one taken before a migration:
     a writable folder (or one that can be made) with room for a copy of the database."""
     from ..core.backup import backup_dir
-    from ..core.backupdir import space_needed
+    from ..core.backupdir import mount_problem, mount_required, space_needed
 
     directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
     what = "backup.dir" if config.backup.dir else "backup.dir (default)"
+    if mount_required(directory, config.backup.require_mount) and (problem := mount_problem(directory, config.data_dir)):
+        return [Check("backup dir", "fail", problem, {"dir": str(directory), "require_mount": True})]
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -31,7 +31,7 @@ from .health import ComponentState, Health
 from .logs import get_logger
 from .metrics import Metrics, Sample
 from .schema import ConfigError, ConfigErrors
-from .backupdir import BackupDirError, prepare_dir, space_needed, space_problem
+from .backupdir import BackupDirError, NotMountedError, mount_required, prepare_dir, space_needed, space_problem
 from .storage import StorageError, backup_database
 
 __all__ = ["BackupSection", "Backups", "BackupDirError", "BACKUP_NAME", "master_key_location", "prepare_dir",
@@ -59,6 +59,10 @@ class BackupSection:
     #: Where they go; "" = `<data_dir>/backups`. Another disk (a USB stick, a NAS mount)
     #: survives the SD card.
     dir: str = ""
+    #: Refuse to write when `dir` is on the same filesystem as `gateway.data_dir` (a USB
+    #: stick that is not mounted: its mount point is a folder of the SD card). Unset:
+    #: true when `dir` is under /media, /mnt or /run/media.
+    require_mount: bool | None = None
 
     def validate(self) -> None:
         errors = []
@@ -111,6 +115,10 @@ class Backups:
         self.taken = 0
         self.failed = 0
         self.no_space = 0
+        self.not_mounted = 0
+        #: With backup.require_mount: `gateway.data_dir`, the filesystem `directory` must not be on.
+        self.apart_from: Path | None = data_dir if mount_required(directory, section.require_mount) else None
+        self._last_not_mounted = False
         if section.interval_s:
             health.probe("backup", self.state)
         self._register(metrics)
@@ -132,10 +140,10 @@ class Backups:
                 self.last_good_at = None  # not a schedule a year away; the first one soon
         if interval:  # a folder that cannot hold copies is said at start, not at the first backup
             try:
-                await trio.to_thread.run_sync(prepare_dir, self.directory)
+                await trio.to_thread.run_sync(self._prepare)
                 await trio.to_thread.run_sync(self._remove_partial)
             except BackupDirError as e:
-                self.last_error = str(e)
+                self.last_error, self._last_not_mounted = str(e), isinstance(e, NotMountedError)
                 log.error("backups cannot be taken", dir=str(self.directory), error=str(e))
         task_status.started()
         if not interval:
@@ -151,8 +159,9 @@ class Backups:
     async def take(self) -> Path | None:
         """One backup now, checked, then the oldest copies beyond `keep` deleted."""
         started = self.clock()
+        self._last_not_mounted = False
         try:
-            await trio.to_thread.run_sync(prepare_dir, self.directory)
+            await trio.to_thread.run_sync(self._prepare)
             # Checked before each copy: a copy that fills the disk would fail half-written
             # (and take the database's own room with it on a shared disk).
             if problem := await trio.to_thread.run_sync(space_problem, self.database, self.directory):
@@ -163,6 +172,11 @@ class Backups:
             # Named by this gateway's clock (so also under a test's clock), to the second.
             name = time.strftime("gatewayd-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime(started))
             path = await trio.to_thread.run_sync(backup_database, self.database, self.directory / name)
+        except NotMountedError as e:
+            self.not_mounted += 1
+            self.last_error, self._last_not_mounted = str(e), True
+            log.error("backup refused", dir=str(self.directory), error=str(e))
+            return None
         except (StorageError, OSError, BackupDirError) as e:
             self.failed += 1
             self.last_error = str(e)
@@ -177,6 +191,9 @@ class Backups:
                  master_key=master_key_location(self.data_dir, self.master_key_env),
                  reminder="the master key is not in the backup: keep a copy of it off this box")
         return path
+
+    def _prepare(self) -> None:
+        prepare_dir(self.directory, apart_from=self.apart_from)
 
     def _remove_partial(self) -> None:
         """Copies an earlier run left half-written (killed mid-copy: a stop during a long
@@ -215,6 +232,8 @@ class Backups:
             details["last_good"] = str(self.last_good)
         # Warnings (200): without a fresh backup the gateway still takes, stores and
         # forwards device data; a load balancer must not take it out of service for it.
+        if self.last_error is not None and self._last_not_mounted:
+            return ComponentState("not_mounted", self.last_error, details, critical=False)
         if self.last_error is not None:
             return ComponentState("failed", f"the last backup failed: {self.last_error}", details, critical=False)
         if self.last_good_at is not None and self.clock() - self.last_good_at > 2 * self.section.interval_s:
@@ -236,5 +255,6 @@ class Backups:
             "gatewayd_backups_total", "counter", "Backups the daemon attempted, by result", lambda: [
                 Sample("gatewayd_backups_total", {"result": "ok"}, self.taken),
                 Sample("gatewayd_backups_total", {"result": "failed"}, self.failed),
-                Sample("gatewayd_backups_total", {"result": "no_space"}, self.no_space)])
+                Sample("gatewayd_backups_total", {"result": "no_space"}, self.no_space),
+                Sample("gatewayd_backups_total", {"result": "not_mounted"}, self.not_mounted)])
 

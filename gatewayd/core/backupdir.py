@@ -11,7 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["BackupDirError", "SAME_DISK_RESERVE", "SPACE_MARGIN", "prepare_dir", "space_needed", "space_problem"]
+__all__ = ["BackupDirError", "MOUNT_ROOTS", "NotMountedError", "SAME_DISK_RESERVE", "SPACE_MARGIN", "mount_problem",
+           "mount_required", "prepare_dir", "space_needed", "space_problem"]
 
 #: Room left free beside a copy: a filesystem is never filled to its last byte.
 SPACE_MARGIN = 16 << 20
@@ -20,12 +21,54 @@ SPACE_MARGIN = 16 << 20
 SAME_DISK_RESERVE = 100 << 20
 
 
+#: Where removable disks are mounted: a `backup.dir` under one of these must be on
+#: another filesystem than `gateway.data_dir` (`backup.require_mount` unset).
+MOUNT_ROOTS = (Path("/media"), Path("/mnt"), Path("/run/media"))
+
+
 class BackupDirError(Exception):
     """`backup.dir` cannot hold copies; the message names the key and the path."""
 
 
-def prepare_dir(path: Path) -> None:
-    """Make `path` (0700) if missing. Raises BackupDirError naming `backup.dir`."""
+class NotMountedError(BackupDirError):
+    """`backup.dir` must be another disk, and that disk is not mounted."""
+
+
+def mount_required(path: Path, setting: bool | None) -> bool:
+    """`backup.require_mount`, or when unset: is `path` under /media, /mnt or /run/media?"""
+    if setting is not None:
+        return setting
+    return any(path.is_relative_to(root) for root in MOUNT_ROOTS)
+
+
+def _nearest(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def mount_problem(path: Path, data_dir: Path) -> str | None:
+    """Why `path` is not another disk than `data_dir`'s: both (or their nearest existing
+    folders) on one filesystem (`st_dev`), e.g. a USB stick not mounted: its mount point
+    is an empty folder of the SD card. None when they differ."""
+    here, data = _nearest(path), _nearest(data_dir)
+    try:
+        same = os.stat(here).st_dev == os.stat(data).st_dev
+    except OSError:
+        return None  # (a folder that cannot be looked at is named by prepare_dir)
+    if not same:
+        return None
+    return (f"backup.dir: {path} is not mounted: {here} is on the same filesystem as gateway.data_dir ({data_dir}), "
+            "not on a disk of its own (backup.require_mount); nothing is written there: mount the disk (and check "
+            "/etc/fstab), or set backup.require_mount = false to keep the copies on the data's disk")
+
+
+def prepare_dir(path: Path, *, apart_from: Path | None = None) -> None:
+    """Make `path` (0700) if missing. Raises BackupDirError naming `backup.dir`.
+    `apart_from` (`gateway.data_dir`, with `backup.require_mount`): first check that
+    `path` is on another filesystem (NotMountedError): nothing is made on the wrong disk."""
+    if apart_from is not None and (problem := mount_problem(path, apart_from)):
+        raise NotMountedError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except FileExistsError:
