@@ -119,6 +119,7 @@ class Gateway:
         self.backups = Backups.from_config(config, self.storage.path, self.health, self.metrics, clock=clock)
         self.storage.migration_backup_dir = self.backups.directory  # the copy taken before a schema migration
         self.storage.migration_backup_apart_from = self.backups.apart_from  # backup.require_mount
+        self.storage.migration_backup_keep = config.backup.keep_pre_upgrade
         n = config.notifications
         self.notifier = Notifier(
             self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,

@@ -27,7 +27,7 @@ import peewee
 import trio
 from playhouse.migrate import SqliteMigrator
 
-from .backupdir import BackupDirError, prepare_dir, space_problem
+from .backupdir import BackupDirError, prepare_dir, prune_pre_upgrade, space_problem
 from .health import ComponentState
 from .logs import get_logger
 
@@ -261,6 +261,8 @@ class Storage:
         self.migration_backup_dir: Path = self.path.parent / "backups"
         #: With backup.require_mount: the filesystem that folder must not be on (data_dir).
         self.migration_backup_apart_from: Path | None = None
+        #: How many of those copies to keep (backup.keep_pre_upgrade), the new one among them.
+        self.migration_backup_keep = 2
         self.pre_migration_backup: Path | None = None
         #: True while a schema's copy-then-migrate runs (set on the installing thread):
         #: the runtime tells systemd the start is progressing (EXTEND_TIMEOUT_USEC).
@@ -409,6 +411,7 @@ class Storage:
             if problem := space_problem(self.path, self.migration_backup_dir):
                 raise BackupDirError(problem)
             self.pre_migration_backup = backup_database(self.path, dest)
+            prune_pre_upgrade(self.migration_backup_dir, self.migration_backup_keep, self.pre_migration_backup)
         except (StorageError, OSError, BackupDirError) as e:
             raise MigrationError(
                 f"{spec.component}: schema version {self.schema_version(spec.component)} needs migrating to "
