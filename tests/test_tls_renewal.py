@@ -134,3 +134,40 @@ def test_a_link_to_a_missing_pair_is_named(tmp_path):
     site = SiteTls(TlsSection(http=True), data, None)
     with pytest.raises(Exception, match=r"tls.cert: no file at .*pair-1/server.crt"):
         site.load()
+
+
+def test_the_two_renames_of_earlier_releases_are_finished_where_they_can_be(tmp_path, caplog):
+    """Before pairs, a renewal wrote server.key.tmp, renamed it, then server.crt.tmp and renamed
+    it: a crash between the renames left the new key with the old certificate."""
+    data = tmp_path / "var"
+    tls = data / "tls"
+    init_site(tls, "gw", ["old.example"], [])
+    _legacy(tls)
+    new = tmp_path / "new"
+    init_site(new, "gw", ["new.example"], [])  # (another CA: only the key and certificate matter here)
+    (tls / "server.key").write_bytes((new / "server.key").read_bytes())  # renamed in
+    (tls / "server.crt.tmp").write_bytes((new / "server.crt").read_bytes())  # written, not yet renamed
+    with pytest.raises(Exception, match="KEY_VALUES_MISMATCH|not the key"):
+        _loaded(data)
+    with caplog.at_level(logging.WARNING, "gatewayd.tls"):
+        actions = SiteTls(TlsSection(http=True), data, None).recover()
+    assert actions == ["renamed server.crt.tmp to server.crt: a renewal was interrupted between its two renames "
+                       "(server.key was the new one); the new certificate is served"]
+    served, site = _loaded(data)
+    assert site.info is not None and site.info.dns_names == ["new.example"]
+    # The certificate not written yet: nothing to finish, the problem and the way out are named.
+    (tls / "server.key").write_bytes(_other_key(tmp_path))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "gatewayd.tls"):
+        assert SiteTls(TlsSection(http=True), data, None).recover() == []
+    [record] = caplog.records
+    assert record.getMessage() == "tls: an interrupted renewal cannot be finished"
+    assert record.fields["problem"].startswith("server.key is not the key of server.crt (the new certificate was never "
+                                               "written): run `gatewayd tls init` again")
+    init_site(tls, "gw", ["again.example"], [])
+    assert _loaded(data)[1].info.dns_names == ["again.example"]  # type: ignore[union-attr]
+
+
+def _other_key(tmp_path: Path) -> bytes:
+    init_site(tmp_path / "third", "gw", ["third.example"], [])
+    return (tmp_path / "third" / "server.key").read_bytes()

@@ -20,7 +20,9 @@ and both files from the folder it names, so what it reads is one pair at every i
 crash interrupted, saying so in the log: an unfinished `.pair-N.partial` is deleted (the
 previous pair is still served); a complete pair newer than `current` whose key is its
 certificate's (the crash came between the folder's rename and the switch) is switched
-to, as the renewal meant.
+to, as the renewal meant. Before the first pair, the two renames of earlier releases
+are finished where they can be (`server.key` replaced, `server.crt.tmp` its
+certificate) and named where they cannot.
 """
 
 from __future__ import annotations
@@ -159,6 +161,28 @@ def _prune(directory: Path, current: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _recover_before_pairs(directory: Path, matches: Callable[[Path, Path], bool]) -> list[str]:
+    """What the two renames of a gateway made before pairs leave: `server.key` replaced,
+    and `server.crt.tmp` (its certificate) written but not yet renamed; or leftovers."""
+    crt, key = directory / "server.crt", directory / "server.key"
+    crt_tmp, key_tmp = directory / "server.crt.tmp", directory / "server.key.tmp"
+    done = []
+    if crt_tmp.is_file() and key.is_file() and not matches(crt, key) and matches(crt_tmp, key):
+        os.replace(crt_tmp, crt)
+        _fsync_dir(directory)
+        done.append("renamed server.crt.tmp to server.crt: a renewal was interrupted between its two renames "
+                    "(server.key was the new one); the new certificate is served")
+    for leftover in (crt_tmp, key_tmp):
+        if leftover.is_file():
+            leftover.unlink()
+            done.append(f"deleted {leftover.name}, left by an interrupted renewal")
+    if key.is_file() and crt.is_file() and not matches(crt, key):
+        log.error("tls: an interrupted renewal cannot be finished", tls_dir=str(directory),
+                  problem="server.key is not the key of server.crt (the new certificate was never written): run "
+                          "`gatewayd tls init` again (the site CA is kept: devices still trust the gateway)")
+    return done
+
+
 def recover(directory: Path, matches: Callable[[Path, Path], bool] = key_matches) -> list[str]:
     """Finish or undo a renewal a crash interrupted; each action logged and returned."""
     if not directory.is_dir():
@@ -172,6 +196,8 @@ def recover(directory: Path, matches: Callable[[Path, Path], bool] = key_matches
         elif path.name in (f"{CURRENT}.new", "server.crt.new", "server.key.new") and path.is_symlink():
             path.unlink()
     current = _current(directory)
+    if current is None:
+        done += _recover_before_pairs(directory, matches)
     newer = sorted((n for n in _pairs(directory) if current is None or n > current), reverse=True)
     for number in newer:
         pair = _pairs(directory)[number]
