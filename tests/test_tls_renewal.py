@@ -171,3 +171,18 @@ def test_the_two_renames_of_earlier_releases_are_finished_where_they_can_be(tmp_
 def _other_key(tmp_path: Path) -> bytes:
     init_site(tmp_path / "third", "gw", ["third.example"], [])
     return (tmp_path / "third" / "server.key").read_bytes()
+
+
+def test_a_tls_folder_the_gateway_cannot_write_is_logged_not_a_crash(tmp_path, caplog, monkeypatch):
+    data = tmp_path / "var"
+    init_site(data / "tls", "gw", ["localhost"], [])
+    (data / "tls" / ".pair-9.partial").mkdir()  # something to clean up, which fails
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr("gatewayd.core.tlspair.shutil.rmtree", refuse)
+    with caplog.at_level(logging.ERROR, "gatewayd.tls"):
+        assert SiteTls(TlsSection(http=True), data, None).recover() == []
+    assert [r.getMessage() for r in caplog.records] == ["tls: cannot look for an interrupted renewal"]
+    _loaded(data)  # the pair served is still what loads

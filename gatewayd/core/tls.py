@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .health import ComponentState
+from .logs import get_logger
 from .schema import Address, ConfigError, ConfigErrors
 from .tlspair import install_pair, key_matches, recover, served_pair
 
@@ -54,6 +55,8 @@ __all__ = [
     "issue_client",
     "key_matches",
 ]
+
+log = get_logger("gatewayd.tls")
 
 CA_DAYS = 20 * 365
 SERVER_DAYS = 825  # what browsers and most TLS stacks accept for a leaf
@@ -511,7 +514,13 @@ class SiteTls:
 
     def recover(self) -> list[str]:
         """At start: finish or undo a renewal a crash interrupted (logged; tlspair.py)."""
-        return recover(self.tls_dir) if self.enabled and self._own_files else []
+        if not (self.enabled and self._own_files):
+            return []
+        try:
+            return recover(self.tls_dir)
+        except OSError as e:  # (a tls/ this user cannot write: load() names what is wrong, if anything)
+            log.error("tls: cannot look for an interrupted renewal", tls_dir=str(self.tls_dir), error=str(e))
+            return []
 
     def load(self) -> None:
         """Check the files now (at start), so a missing one is named before anything listens."""
