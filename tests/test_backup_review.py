@@ -200,12 +200,14 @@ def test_doctor_warns_when_keep_copies_do_not_fit(tmp_path, capsys):
         with sqlite3.connect(tmp_path / "var" / "gatewayd.sqlite3") as conn:
             conn.execute("CREATE TABLE t (b BLOB)")
             conn.execute("INSERT INTO t VALUES (zeroblob(12 * 1024 * 1024))")
-        # 8 copies of 12 MiB (keep = 7 and the new one) do not fit in 64 MiB; 4 do.
+        # 10 copies of 12 MiB (keep = 7, the new one, and the 2 copies kept from before
+        # upgrades) do not fit in 64 MiB; 4 do (keep = 2, keep_pre_upgrade = 1).
         code, check = _doctor(capsys, tmp_path, f"backup.dir='{disk}'", "backup.keep=7")
         assert code == 0 and check["status"] == "warn"
-        assert check["message"].startswith(f"{disk} (backup.dir): backup.keep = 7 copies of 12 MiB need 96 MiB at "
-                                           "the peak, 64 MiB are there: lower backup.keep")
-        code, check = _doctor(capsys, tmp_path, f"backup.dir='{disk}'", "backup.keep=3")
+        assert check["message"].startswith(f"{disk} (backup.dir): backup.keep = 7 and backup.keep_pre_upgrade = 2 mean "
+                                           "10 copies of 12 MiB at the peak, 120 MiB; 64 MiB are there (free, and the "
+                                           "0 copies already taken): lower backup.keep or backup.keep_pre_upgrade")
+        code, check = _doctor(capsys, tmp_path, f"backup.dir='{disk}'", "backup.keep=2", "backup.keep_pre_upgrade=1")
         assert code == 0 and check["status"] == "ok"
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=10)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,9 @@ def _site(data_dir: Path, **kwargs) -> Path:
 
 
 def _snapshot(tls: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(tls.iterdir())}
+    """Every file under tls/ (the pair folders too) and where each link points."""
+    return {str(p.relative_to(tls)): os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+            for p in sorted(tls.rglob("*")) if p.is_symlink() or p.is_file()}
 
 
 # -- an existing CA is checked before it is kept --------------------------------------

@@ -252,10 +252,12 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
     """`backup.dir` holds the daemon's copies and the one taken before a migration:
     a writable folder (or one that can be made) with room for a copy of the database."""
     from ..core.backup import backup_dir
-    from ..core.backupdir import space_needed
+    from ..core.backupdir import mount_problem, mount_required, space_needed
 
     directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
     what = "backup.dir" if config.backup.dir else "backup.dir (default)"
+    if mount_required(directory, config.backup.require_mount) and (problem := mount_problem(directory, config.data_dir)):
+        return [Check("backup dir", "fail", problem, {"dir": str(directory), "require_mount": True})]
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -271,19 +273,29 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
         return [Check("backup dir", "fail", f"{directory} ({what}): {free >> 20} MiB free, a copy of the database "
                                             f"needs {need >> 20} MiB: free space or point backup.dir at a larger "
                                             "disk", details)]
-    # The rotation's peak: keep + 1 copies (the oldest goes after the new one passed),
-    # of which those already there take space now.
+    # The peak: keep + 1 daily copies (the oldest goes after the new one passed) beside
+    # keep_pre_upgrade copies taken before migrations, or keep daily copies beside
+    # keep_pre_upgrade + 1 at an upgrade's start: keep + keep_pre_upgrade + 1 in both.
+    # Those already there take space now.
     from ..core.backup import list_backups
+    from ..core.backupdir import list_pre_upgrade
 
-    present = list_backups(directory) if directory.is_dir() else []
+    present = (list_backups(directory) + list_pre_upgrade(directory)) if directory.is_dir() else []
     held = sum(p.stat().st_size for p in present)
     copy = _db_size(db)
-    peak = (config.backup.keep + 1) * copy
-    if config.backup.interval_s and peak > free + held:
-        return [Check("backup dir", "warn", f"{directory} ({what}): backup.keep = {config.backup.keep} copies of "
-                                            f"{copy >> 20} MiB need {peak >> 20} MiB at the peak, {(free + held) >> 20} "
-                                            "MiB are there: lower backup.keep or point backup.dir at a larger disk "
-                                            "(each copy is refused when it does not fit)", details)]
+    daily = config.backup.keep if config.backup.interval_s else 0
+    count = daily + config.backup.keep_pre_upgrade + 1
+    peak = count * copy
+    details.update(keep_pre_upgrade=config.backup.keep_pre_upgrade, held_bytes=held, peak_bytes=peak)
+    if peak > free + held:
+        keeps = (f"backup.keep = {config.backup.keep} and " if daily else "") + \
+            f"backup.keep_pre_upgrade = {config.backup.keep_pre_upgrade}"
+        return [Check("backup dir", "warn", f"{directory} ({what}): {keeps} mean {count} copies of {copy >> 20} MiB "
+                                            f"at the peak, {peak >> 20} MiB; {(free + held) >> 20} MiB are there "
+                                            f"(free, and the {len(present)} copies already taken): lower "
+                                            f"{'backup.keep or ' if daily else ''}backup.keep_pre_upgrade or point "
+                                            "backup.dir at a larger disk (a copy that does not fit is refused; a "
+                                            "start that needs to migrate then refuses to)", details)]
     made = "" if existing == directory else " (made at the first backup)"
     off = "; backups are off (backup.interval_s = 0), the copy before a migration still goes here" \
         if not config.backup.interval_s else ""

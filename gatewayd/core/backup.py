@@ -5,7 +5,10 @@ backup API (`storage.backup_database`: one consistent snapshot while writes go o
 copy marked as a backup and checked with `PRAGMA integrity_check`; a copy that fails the
 check is deleted, never kept as a backup) into `backup.dir`, then deletes the oldest of
 its own copies beyond `backup.keep`. Only files it names itself
-(`gatewayd-<UTC time>.sqlite3`) are ever deleted.
+(`gatewayd-<UTC time>.sqlite3`) are ever deleted, and the copies taken before
+migrations beyond `backup.keep_pre_upgrade` (`gatewayd-pre-upgrade-<UTC time>.sqlite3`,
+pruned by backupdir.prune_pre_upgrade after each such copy and at each backup). A copy
+must leave room for the one the next upgrade takes (backupdir.space_problem).
 
 /health's `backup` component and /metrics say when the last good one was taken; a
 failed attempt turns the component `failed`, a last good one older than two intervals
@@ -17,6 +20,7 @@ that can no longer authenticate. Restore stays the documented command
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -31,7 +35,8 @@ from .health import ComponentState, Health
 from .logs import get_logger
 from .metrics import Metrics, Sample
 from .schema import ConfigError, ConfigErrors
-from .backupdir import BackupDirError, prepare_dir, space_needed, space_problem
+from .backupdir import (BackupDirError, NotMountedError, mount_required, prepare_dir, prune_pre_upgrade, space_needed,
+                        space_problem)
 from .storage import StorageError, backup_database
 
 __all__ = ["BackupSection", "Backups", "BackupDirError", "BACKUP_NAME", "master_key_location", "prepare_dir",
@@ -59,6 +64,14 @@ class BackupSection:
     #: Where they go; "" = `<data_dir>/backups`. Another disk (a USB stick, a NAS mount)
     #: survives the SD card.
     dir: str = ""
+    #: Refuse to write when `dir` is on the same filesystem as `gateway.data_dir` (a USB
+    #: stick that is not mounted: its mount point is a folder of the SD card). Unset:
+    #: true when `dir` is under /media, /mnt or /run/media.
+    require_mount: bool | None = None
+    #: How many of the copies taken before schema migrations to keep
+    #: (`gatewayd-pre-upgrade-<UTC time>.sqlite3`, the newest, the one just taken among
+    #: them): 2, the way back from this upgrade and the one before.
+    keep_pre_upgrade: int = 2
 
     def validate(self) -> None:
         errors = []
@@ -66,6 +79,9 @@ class BackupSection:
             errors.append(ConfigError("interval_s", f"must be 0 (off) or 60 .. 2592000 seconds, got {self.interval_s}"))
         if not 1 <= self.keep <= 1000:
             errors.append(ConfigError("keep", f"must be 1 .. 1000, got {self.keep}"))
+        if not 1 <= self.keep_pre_upgrade <= 100:
+            errors.append(ConfigError("keep_pre_upgrade", f"must be 1 .. 100, got {self.keep_pre_upgrade} (the copy "
+                                                          "taken before a migration is the way back from it)"))
         if errors:
             raise ConfigErrors(errors)
 
@@ -111,6 +127,10 @@ class Backups:
         self.taken = 0
         self.failed = 0
         self.no_space = 0
+        self.not_mounted = 0
+        #: With backup.require_mount: `gateway.data_dir`, the filesystem `directory` must not be on.
+        self.apart_from: Path | None = data_dir if mount_required(directory, section.require_mount) else None
+        self._last_not_mounted = False
         if section.interval_s:
             health.probe("backup", self.state)
         self._register(metrics)
@@ -132,10 +152,10 @@ class Backups:
                 self.last_good_at = None  # not a schedule a year away; the first one soon
         if interval:  # a folder that cannot hold copies is said at start, not at the first backup
             try:
-                await trio.to_thread.run_sync(prepare_dir, self.directory)
+                await trio.to_thread.run_sync(self._prepare)
                 await trio.to_thread.run_sync(self._remove_partial)
             except BackupDirError as e:
-                self.last_error = str(e)
+                self.last_error, self._last_not_mounted = str(e), isinstance(e, NotMountedError)
                 log.error("backups cannot be taken", dir=str(self.directory), error=str(e))
         task_status.started()
         if not interval:
@@ -151,11 +171,14 @@ class Backups:
     async def take(self) -> Path | None:
         """One backup now, checked, then the oldest copies beyond `keep` deleted."""
         started = self.clock()
+        self._last_not_mounted = False
         try:
-            await trio.to_thread.run_sync(prepare_dir, self.directory)
+            await trio.to_thread.run_sync(self._prepare)
             # Checked before each copy: a copy that fills the disk would fail half-written
             # (and take the database's own room with it on a shared disk).
-            if problem := await trio.to_thread.run_sync(space_problem, self.database, self.directory):
+            freed = await trio.to_thread.run_sync(self._freed_by_prune)
+            if problem := await trio.to_thread.run_sync(
+                    functools.partial(space_problem, self.database, self.directory, freed=freed)):
                 self.no_space += 1
                 self.last_error = problem
                 log.error("backup refused", dir=str(self.directory), error=problem)
@@ -163,6 +186,11 @@ class Backups:
             # Named by this gateway's clock (so also under a test's clock), to the second.
             name = time.strftime("gatewayd-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime(started))
             path = await trio.to_thread.run_sync(backup_database, self.database, self.directory / name)
+        except NotMountedError as e:
+            self.not_mounted += 1
+            self.last_error, self._last_not_mounted = str(e), True
+            log.error("backup refused", dir=str(self.directory), error=str(e))
+            return None
         except (StorageError, OSError, BackupDirError) as e:
             self.failed += 1
             self.last_error = str(e)
@@ -177,6 +205,22 @@ class Backups:
                  master_key=master_key_location(self.data_dir, self.master_key_env),
                  reminder="the master key is not in the backup: keep a copy of it off this box")
         return path
+
+    def _prepare(self) -> None:
+        prepare_dir(self.directory, apart_from=self.apart_from)
+        # (A lowered backup.keep_pre_upgrade applies at once, not at the next upgrade.)
+        prune_pre_upgrade(self.directory, self.section.keep_pre_upgrade)
+
+    def _freed_by_prune(self) -> int:
+        """The bytes `_prune` deletes once the next copy passed (the oldest beyond keep)."""
+        copies = list_backups(self.directory)
+        total = 0
+        for old in copies[: max(0, len(copies) - (self.section.keep - 1))]:
+            try:
+                total += old.stat().st_size
+            except OSError:
+                pass
+        return total
 
     def _remove_partial(self) -> None:
         """Copies an earlier run left half-written (killed mid-copy: a stop during a long
@@ -215,6 +259,8 @@ class Backups:
             details["last_good"] = str(self.last_good)
         # Warnings (200): without a fresh backup the gateway still takes, stores and
         # forwards device data; a load balancer must not take it out of service for it.
+        if self.last_error is not None and self._last_not_mounted:
+            return ComponentState("not_mounted", self.last_error, details, critical=False)
         if self.last_error is not None:
             return ComponentState("failed", f"the last backup failed: {self.last_error}", details, critical=False)
         if self.last_good_at is not None and self.clock() - self.last_good_at > 2 * self.section.interval_s:
@@ -236,5 +282,6 @@ class Backups:
             "gatewayd_backups_total", "counter", "Backups the daemon attempted, by result", lambda: [
                 Sample("gatewayd_backups_total", {"result": "ok"}, self.taken),
                 Sample("gatewayd_backups_total", {"result": "failed"}, self.failed),
-                Sample("gatewayd_backups_total", {"result": "no_space"}, self.no_space)])
+                Sample("gatewayd_backups_total", {"result": "no_space"}, self.no_space),
+                Sample("gatewayd_backups_total", {"result": "not_mounted"}, self.not_mounted)])
 

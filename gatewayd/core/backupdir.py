@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
-__all__ = ["BackupDirError", "SAME_DISK_RESERVE", "SPACE_MARGIN", "prepare_dir", "space_needed", "space_problem"]
+from .logs import get_logger
+
+__all__ = ["PRE_UPGRADE_NAME", "BackupDirError", "MOUNT_ROOTS", "list_pre_upgrade", "prune_pre_upgrade", "NotMountedError", "SAME_DISK_RESERVE", "SPACE_MARGIN", "mount_problem",
+           "mount_required", "prepare_dir", "space_needed", "space_problem"]
 
 #: Room left free beside a copy: a filesystem is never filled to its last byte.
 SPACE_MARGIN = 16 << 20
@@ -20,12 +24,59 @@ SPACE_MARGIN = 16 << 20
 SAME_DISK_RESERVE = 100 << 20
 
 
+log = get_logger("gatewayd.backup")
+
+#: The copies taken before a schema migration (storage.py), pruned by `backup.keep_pre_upgrade`.
+PRE_UPGRADE_NAME = re.compile(r"gatewayd-pre-upgrade-\d{8}T\d{6}Z\.sqlite3")
+
+#: Where removable disks are mounted: a `backup.dir` under one of these must be on
+#: another filesystem than `gateway.data_dir` (`backup.require_mount` unset).
+MOUNT_ROOTS = (Path("/media"), Path("/mnt"), Path("/run/media"))
+
+
 class BackupDirError(Exception):
     """`backup.dir` cannot hold copies; the message names the key and the path."""
 
 
-def prepare_dir(path: Path) -> None:
-    """Make `path` (0700) if missing. Raises BackupDirError naming `backup.dir`."""
+class NotMountedError(BackupDirError):
+    """`backup.dir` must be another disk, and that disk is not mounted."""
+
+
+def mount_required(path: Path, setting: bool | None) -> bool:
+    """`backup.require_mount`, or when unset: is `path` under /media, /mnt or /run/media?"""
+    if setting is not None:
+        return setting
+    return any(path.is_relative_to(root) for root in MOUNT_ROOTS)
+
+
+def _nearest(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def mount_problem(path: Path, data_dir: Path) -> str | None:
+    """Why `path` is not another disk than `data_dir`'s: both (or their nearest existing
+    folders) on one filesystem (`st_dev`), e.g. a USB stick not mounted: its mount point
+    is an empty folder of the SD card. None when they differ."""
+    here, data = _nearest(path), _nearest(data_dir)
+    try:
+        same = os.stat(here).st_dev == os.stat(data).st_dev
+    except OSError:
+        return None  # (a folder that cannot be looked at is named by prepare_dir)
+    if not same:
+        return None
+    return (f"backup.dir: {path} is not mounted: {here} is on the same filesystem as gateway.data_dir ({data_dir}), "
+            "not on a disk of its own (backup.require_mount); nothing is written there: mount the disk (and check "
+            "/etc/fstab), or set backup.require_mount = false to keep the copies on the data's disk")
+
+
+def prepare_dir(path: Path, *, apart_from: Path | None = None) -> None:
+    """Make `path` (0700) if missing. Raises BackupDirError naming `backup.dir`.
+    `apart_from` (`gateway.data_dir`, with `backup.require_mount`): first check that
+    `path` is on another filesystem (NotMountedError): nothing is made on the wrong disk."""
+    if apart_from is not None and (problem := mount_problem(path, apart_from)):
+        raise NotMountedError(problem)
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except FileExistsError:
@@ -64,11 +115,57 @@ def space_needed(database: Path, directory: Path) -> int:
     return need
 
 
-def space_problem(database: Path, directory: Path) -> str | None:
-    """Why a copy of `database` does not fit in `directory` now, or None."""
+def list_pre_upgrade(directory: Path) -> list[Path]:
+    """The copies taken before migrations in `directory`, oldest first."""
+    try:
+        return sorted(p for p in directory.iterdir() if PRE_UPGRADE_NAME.fullmatch(p.name))
+    except OSError:
+        return []
+
+
+def prune_pre_upgrade(directory: Path, keep: int, new: Path | None = None) -> list[Path]:
+    """Delete the copies taken before migrations beyond the newest `keep` (`new`, the one
+    just taken and checked, is kept whatever its name: a clock set back names it older)."""
+    copies = [p for p in list_pre_upgrade(directory) if p != new]
+    removed = []
+    for old in copies[: max(0, len(copies) - (keep - (new is not None)))]:
+        try:
+            old.unlink()
+            removed.append(old)
+            log.info("deleted a copy taken before an older upgrade (backup.keep_pre_upgrade)", path=str(old))
+        except OSError as e:
+            log.warning("cannot delete a copy taken before an upgrade", path=str(old), error=str(e))
+    return removed
+
+
+def _held(paths: list[Path]) -> int:
+    total = 0
+    for p in paths:
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+def space_problem(database: Path, directory: Path, *, freed: int | None = None) -> str | None:
+    """Why a copy of `database` does not fit in `directory` now, or None.
+
+    `freed` (the daemon's own copies: the bytes its rotation deletes once this copy
+    passed): the copy must also leave room for the one the next upgrade takes before
+    migrating, which a start cannot do without (it refuses to migrate). So a copy that
+    no rotation pays back (while fewer than `keep` exist) needs room for two."""
     need, free = space_needed(database, directory), shutil.disk_usage(directory).free
-    if free >= need:
-        return None
-    return (f"not enough free space in {directory} (backup.dir): {free >> 20} MiB free, a copy of the database "
-            f"needs {need >> 20} MiB (its size, 10% and a margin); free space, lower backup.keep, or point "
-            "backup.dir at a larger disk")
+    pre = list_pre_upgrade(directory)
+    held = (f"; the {len(pre)} copies taken before upgrades hold {_held(pre) >> 20} MiB "
+            "(backup.keep_pre_upgrade)") if pre else ""
+    if free < need:
+        return (f"not enough free space in {directory} (backup.dir): {free >> 20} MiB free, a copy of the database "
+                f"needs {need >> 20} MiB (its size, 10% and a margin){held}; free space, lower backup.keep, or point "
+                "backup.dir at a larger disk")
+    copy = _held([database, database.with_name(database.name + "-wal")])
+    if freed is not None and free - copy + freed < need:
+        return (f"not enough free space in {directory} (backup.dir) for this copy and the one the next upgrade "
+                f"takes before migrating: {free >> 20} MiB free, {(need + copy - freed) >> 20} MiB needed{held}; "
+                "free space, lower backup.keep or backup.keep_pre_upgrade, or point backup.dir at a larger disk")
+    return None

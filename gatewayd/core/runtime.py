@@ -118,6 +118,8 @@ class Gateway:
         self.outbox = Outbox.from_config(self.storage, config, clock=clock)
         self.backups = Backups.from_config(config, self.storage.path, self.health, self.metrics, clock=clock)
         self.storage.migration_backup_dir = self.backups.directory  # the copy taken before a schema migration
+        self.storage.migration_backup_apart_from = self.backups.apart_from  # backup.require_mount
+        self.storage.migration_backup_keep = config.backup.keep_pre_upgrade
         n = config.notifications
         self.notifier = Notifier(
             self.storage, gateway_id=config.gateway.id, clock=clock, max_attempts=n.max_attempts,
@@ -199,6 +201,7 @@ class Gateway:
         """Start everything, report started, and run until `request_shutdown()`."""
         self.started_at = self.clock()
         try:
+            await trio.to_thread.run_sync(self.tls.recover)  # a renewal a crash interrupted (logged)
             self.tls.load()  # a missing certificate is named before anything starts
         except TlsError as e:
             raise ListenError(str(e)) from None

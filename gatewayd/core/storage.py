@@ -27,7 +27,7 @@ import peewee
 import trio
 from playhouse.migrate import SqliteMigrator
 
-from .backupdir import BackupDirError, prepare_dir, space_problem
+from .backupdir import BackupDirError, prepare_dir, prune_pre_upgrade, space_problem
 from .health import ComponentState
 from .logs import get_logger
 
@@ -259,6 +259,10 @@ class Storage:
         #: Before the first migration this process makes, the whole database is copied
         #: here (`gatewayd-pre-upgrade-<UTC time>.sqlite3`); the runtime sets `[backup] dir`.
         self.migration_backup_dir: Path = self.path.parent / "backups"
+        #: With backup.require_mount: the filesystem that folder must not be on (data_dir).
+        self.migration_backup_apart_from: Path | None = None
+        #: How many of those copies to keep (backup.keep_pre_upgrade), the new one among them.
+        self.migration_backup_keep = 2
         self.pre_migration_backup: Path | None = None
         #: True while a schema's copy-then-migrate runs (set on the installing thread):
         #: the runtime tells systemd the start is progressing (EXTEND_TIMEOUT_USEC).
@@ -403,10 +407,11 @@ class Storage:
         """The whole database, once, before anything is migrated; failing that, no migration."""
         dest = self.migration_backup_dir / time.strftime("gatewayd-pre-upgrade-%Y%m%dT%H%M%SZ.sqlite3", time.gmtime())
         try:
-            prepare_dir(self.migration_backup_dir)
+            prepare_dir(self.migration_backup_dir, apart_from=self.migration_backup_apart_from)
             if problem := space_problem(self.path, self.migration_backup_dir):
                 raise BackupDirError(problem)
             self.pre_migration_backup = backup_database(self.path, dest)
+            prune_pre_upgrade(self.migration_backup_dir, self.migration_backup_keep, self.pre_migration_backup)
         except (StorageError, OSError, BackupDirError) as e:
             raise MigrationError(
                 f"{spec.component}: schema version {self.schema_version(spec.component)} needs migrating to "

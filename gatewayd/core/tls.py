@@ -6,12 +6,14 @@ and addresses, signed by it, under `<data_dir>/tls/`:
 
     ca.crt       the site CA: what devices pin (public)
     ca.key       its private key (0600; keep it on the box, back it up with the master key)
-    server.crt   the gateway's certificate (server.key, 0600)
+    server.crt   the gateway's certificate (server.key, 0600): links into `current`, the
+                 pair served, which a renewal switches as one (tlspair.py)
 
 `[tls]` says which listeners speak TLS (docs/configuration.md): the HTTP listeners
 (hypercorn's TLS), and the MQTT edge's TLS listener (trio's SSLStream; mosquitto stays
 private behind the edge, on its unix socket). The certificate's expiry is in /health
-(`tls`, "expiring" within `tls.warn_days`) and /metrics.
+(`tls`, "expiring" within `tls.warn_days`) and /metrics, with the site CA's and the client
+CA's (`tls.client_ca`, with client certificates).
 
 Keys are ECDSA P-256 (every TLS stack of the last decade, ESP-IDF's mbedTLS included,
 and small handshakes for microcontrollers).
@@ -31,7 +33,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from .health import ComponentState
+from .logs import get_logger
 from .schema import Address, ConfigError, ConfigErrors
+from .tlspair import install_pair, key_matches, recover, served_pair
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -49,7 +53,10 @@ __all__ = [
     "dns_name",
     "init_site",
     "issue_client",
+    "key_matches",
 ]
+
+log = get_logger("gatewayd.tls")
 
 CA_DAYS = 20 * 365
 SERVER_DAYS = 825  # what browsers and most TLS stacks accept for a leaf
@@ -140,6 +147,22 @@ def certificate_info(path: Path) -> CertInfo:
         is_ca = False
     return CertInfo(cert.subject.rfc4514_string(), cert.not_valid_before_utc, cert.not_valid_after_utc,
                     dns, ips, is_ca)
+
+
+def _earliest_expiry(path: Path, key: str) -> CertInfo:
+    """Of a PEM bundle (a client CA file may hold several), the certificate that
+    expires first: once it has, the certificates chained to it are refused."""
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except OSError as e:
+        raise TlsError(f"{key}: cannot read {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise TlsError(f"{key}: {path} is not a PEM certificate: {e}") from None
+    first = min(certs, key=lambda c: c.not_valid_after_utc)
+    return CertInfo(first.subject.rfc4514_string(), first.not_valid_before_utc, first.not_valid_after_utc,
+                    is_ca=True)
 
 
 def default_names() -> tuple[list[str], list[str]]:
@@ -422,8 +445,7 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
     common = next((n for n in [*dns_names, *ip_addresses] if len(n) <= MAX_CN), f"gatewayd {site}"[:MAX_CN])
     cert, key = _issue(ca_cert, ca_key, common, days=days, now=now,
                        server=True, dns_names=dns_names, ip_addresses=ip_addresses)
-    _write_private(directory / "server.key", key)
-    _write_public(directory / "server.crt", cert)
+    install_pair(directory, cert, key)  # both files switched as one: never a key without its certificate
     return InitResult(directory, created, certificate_info(directory / "server.crt"))
 
 
@@ -463,10 +485,19 @@ class SiteTls:
         def path(value: str, default: Path) -> Path:
             return default if not value else (Path(value) if Path(value).is_absolute() else base / value)
 
+        self.tls_dir = tls_dir
+        #: Where the certificate and key are, as configured and named in messages.
         self.cert = path(section.cert, tls_dir / "server.crt")
         self.key = path(section.key, tls_dir / "server.key")
+        #: What the listeners load: `tls init`'s files are read from the pair `current`
+        #: names, resolved once by `load()`, so the two are one pair even mid-renewal.
+        self.files = (self.cert, self.key)
         self.client_ca = path(section.client_ca, tls_dir / "ca.crt")
         self.info: CertInfo | None = None
+        #: The site CA devices pin (when `tls init` made it) and the CA client
+        #: certificates chain to (with `tls.client_auth`): their expiry is in /health too.
+        self.ca_info: CertInfo | None = None
+        self.client_ca_info: CertInfo | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> SiteTls:
@@ -477,17 +508,40 @@ class SiteTls:
     def enabled(self) -> bool:
         return self.section.enabled
 
+    @property
+    def _own_files(self) -> bool:
+        return not self.section.cert and not self.section.key
+
+    def recover(self) -> list[str]:
+        """At start: finish or undo a renewal a crash interrupted (logged; tlspair.py)."""
+        if not (self.enabled and self._own_files):
+            return []
+        try:
+            return recover(self.tls_dir)
+        except OSError as e:  # (a tls/ this user cannot write: load() names what is wrong, if anything)
+            log.error("tls: cannot look for an interrupted renewal", tls_dir=str(self.tls_dir), error=str(e))
+            return []
+
     def load(self) -> None:
         """Check the files now (at start), so a missing one is named before anything listens."""
         if not self.enabled:
             return
         hint = " (make them with `gatewayd tls init`)" if not self.section.cert else ""
-        for key, p in (("tls.cert", self.cert), ("tls.key", self.key)):
+        if self._own_files:
+            try:
+                self.files = served_pair(self.tls_dir) or (self.cert, self.key)
+            except OSError as e:
+                raise TlsError(f"tls.cert: {e.strerror}{hint}") from None
+        for key, p in (("tls.cert", self.files[0]), ("tls.key", self.files[1])):
             if not p.is_file():
                 raise TlsError(f"{key}: no file at {p}{hint}")
         if self.section.client_auth != "none" and not self.client_ca.is_file():
             raise TlsError(f"tls.client_ca: no file at {self.client_ca}")
-        self.info = certificate_info(self.cert)
+        self.info = certificate_info(self.files[0])
+        site_ca = self.tls_dir / "ca.crt"
+        self.ca_info = certificate_info(site_ca) if self._own_files and site_ca.is_file() else None
+        if self.section.client_auth != "none":
+            self.client_ca_info = _earliest_expiry(self.client_ca, "tls.client_ca")
         self.server_context()  # the key matches the certificate, the CA loads
 
     def server_context(self) -> ssl.SSLContext:
@@ -495,7 +549,7 @@ class SiteTls:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            ctx.load_cert_chain(self.cert, self.key)
+            ctx.load_cert_chain(*self.files)
         except (OSError, ssl.SSLError) as e:
             raise TlsError(f"tls.cert/tls.key: cannot use {self.cert} with {self.key}: {e}") from None
         if self.section.client_auth != "none":
@@ -510,13 +564,28 @@ class SiteTls:
         """Set a hypercorn Config up for HTTPS (when `tls.http`)."""
         if not self.section.http:
             return
-        config.certfile = str(self.cert)
-        config.keyfile = str(self.key)
+        config.certfile = str(self.files[0])
+        config.keyfile = str(self.files[1])
         if self.section.client_auth != "none":
             config.ca_certs = str(self.client_ca)
             config.verify_mode = ssl.CERT_REQUIRED if self.section.client_auth == "required" else ssl.CERT_OPTIONAL
 
     # -- /health and /metrics ----------------------------------------------------------
+
+    def _watched(self) -> list[tuple[str, CertInfo, str, str]]:
+        """(label, info, what it is, what to do) of each certificate whose end matters."""
+        out = []
+        if self.info is not None:
+            out.append(("server", self.info, "the certificate", "renew it (gatewayd tls init, then restart)"))
+        if self.ca_info is not None:
+            out.append(("site_ca", self.ca_info, "the site CA (ca.crt, pinned by devices)",
+                        "make a new one (move ca.crt and ca.key away, gatewayd tls init) and give devices the "
+                        "new ca.crt"))
+        if self.client_ca_info is not None:
+            out.append(("client_ca", self.client_ca_info, f"the client CA (tls.client_ca, {self.client_ca})",
+                        "devices' client certificates chained to it are refused after; replace it and reissue "
+                        "them (gatewayd tls client)"))
+        return out
 
     def state(self, now: dt.datetime | None = None) -> ComponentState:
         if not self.enabled:
@@ -524,16 +593,20 @@ class SiteTls:
         if self.info is None:
             return ComponentState("starting")
         left = self.info.days_left(now)
-        details = {"expires_at": self.info.not_after.isoformat().replace("+00:00", "Z"),
-                   "days_left": round(left, 1), "cert": str(self.cert)}
+        details: dict[str, Any] = {"expires_at": _iso(self.info.not_after), "days_left": round(left, 1),
+                                   "cert": str(self.cert)}
+        for label, info, _, _ in self._watched()[1:]:
+            details[label] = {"expires_at": _iso(info.not_after), "days_left": round(info.days_left(now), 1)}
         # Expired: devices that check it refuse the listener, the gateway cannot do its
-        # job (503). Expiring: a warning (200), renewal has `warn_days` to happen.
+        # job (503). Expiring: a warning (200), renewal has `warn_days` to happen. The
+        # first certificate to end decides (the CAs with the same window as the server's).
+        label, info, what, todo = min(self._watched(), key=lambda w: w[1].not_after)
+        left = info.days_left(now)
         if left <= 0:
-            return ComponentState("expired", "the certificate expired: devices refuse it; renew it "
-                                             "(gatewayd tls init, then restart)", details)
+            refused = "devices refuse it" if label != "client_ca" else "devices' client certificates are refused"
+            return ComponentState("expired", f"{what} expired: {refused}; {todo}", details)
         if left <= self.section.warn_days:
-            return ComponentState("expiring", f"the certificate expires in {left:.0f} days: renew it "
-                                              "(gatewayd tls init, then restart)", details, critical=False)
+            return ComponentState("expiring", f"{what} expires in {left:.0f} days: {todo}", details, critical=False)
         return ComponentState("ok", None, details)
 
     def register(self, health: Any, metrics: Metrics, clock: Any) -> None:
@@ -544,11 +617,16 @@ class SiteTls:
         health.probe("tls", lambda: self.state(dt.datetime.fromtimestamp(clock(), dt.timezone.utc)))
         metrics.collector(
             "gatewayd_tls_certificate_expiry_timestamp_seconds", "gauge",
-            "When the certificate the listeners serve expires (Unix time)",
-            lambda: [Sample("gatewayd_tls_certificate_expiry_timestamp_seconds", {"cert": "server"},
-                            self.info.not_after.timestamp())] if self.info else [])
+            "When a certificate expires (Unix time): the one the listeners serve (server), the site CA, the "
+            "client CA",
+            lambda: [Sample("gatewayd_tls_certificate_expiry_timestamp_seconds", {"cert": label},
+                            info.not_after.timestamp()) for label, info, _, _ in self._watched()])
         metrics.collector(
             "gatewayd_tls_certificate_expires_in_seconds", "gauge",
-            "Seconds until the certificate the listeners serve expires (negative: expired)",
-            lambda: [Sample("gatewayd_tls_certificate_expires_in_seconds", {"cert": "server"},
-                            self.info.not_after.timestamp() - clock())] if self.info else [])
+            "Seconds until a certificate expires (negative: expired): server, site_ca, client_ca",
+            lambda: [Sample("gatewayd_tls_certificate_expires_in_seconds", {"cert": label},
+                            info.not_after.timestamp() - clock()) for label, info, _, _ in self._watched()])
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.isoformat().replace("+00:00", "Z")
