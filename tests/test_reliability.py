@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import httpx
 import pytest
 import trio
 
-from gatewayd.testing import gw_client, wait_until
+from gatewayd.testing import gw_client, reserved_port, wait_until
 from tests import plugin_ingest
 from tests.test_sync import SECRET, receiver, received, upstream_config
 
@@ -35,12 +34,6 @@ def upstream_secret(monkeypatch):
     monkeypatch.setenv("GATEWAYD_UPSTREAM_SECRET", SECRET)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # -- kill -9 -----------------------------------------------------------------------
 
 
@@ -48,7 +41,7 @@ class Daemon:
     """`python -m gatewayd -p tests.plugin_ingest run` as a subprocess."""
 
     def __init__(self, tmp_path: Path, receiver_url: str):
-        self.port = free_port()
+        self.port = reserved_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.config = tmp_path / "gatewayd.toml"
         self.config.write_text(
@@ -199,7 +192,7 @@ async def test_disk_full_refuses_new_records_keeps_old_ones_and_recovers(gateway
     if how == "tmpfs" and not _mount_tmpfs(disk, "16m"):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     acked: set[int] = set()
     try:
         # The receiver is down while the disk fills: everything stays in the outbox.

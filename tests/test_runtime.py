@@ -13,20 +13,16 @@ import httpx
 import pytest
 import trio
 
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, reserved_port
 from tests import plugin_everything
 
 EVERYTHING = ("everything", plugin_everything)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_daemon(tmp_path, *extra):
-    port = free_port()
+    port = reserved_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "-p", "tests.plugin_everything", "run",
          "--set", f"http.listen=127.0.0.1:{port}", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
