@@ -221,6 +221,19 @@ async def test_storage_full_and_failing_are_undone_when_the_block_ends(gateway_f
         assert await post(101) == 201  # writable again
 
 
+async def test_storage_full_ends_while_a_statement_of_the_writer_is_still_active(gateway_factory):
+    # A write's cursor someone still holds keeps its statement active on the writer's
+    # connection: DROP TABLE is refused then ("database table is locked"); the block ends anyway.
+    async with gateway_factory(plugins=[("ingest", plugin_ingest)]) as gw, gw_client(gw) as client:
+        database = gw.storage.database
+        async with storage_full(gw):
+            held = await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count"))
+        r = await client.post("/ingest/records", json={"device": "d" * 200, "seq": 1})
+        assert r.status_code == 201, r.text
+        assert await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count").fetchone()[0]) > 10**6
+        del held
+
+
 # -- reserved_port ------------------------------------------------------------------------
 
 
