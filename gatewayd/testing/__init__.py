@@ -40,7 +40,8 @@ What there is:
   :func:`device_client`, :func:`add_device_account` (see :mod:`.mqtt`).
 - Every test, trio or plain, fails after 60 s unless marked
   ``@pytest.mark.timeout(SECONDS)``; ``PYTEST_TIMEOUT=SECONDS`` for a slow machine
-  (see :mod:`.timeouts`).
+  (see :mod:`.timeouts`). A long search stops at its own :class:`TimeBudget`, short of
+  its timeout, and says what it covered.
 """
 
 from __future__ import annotations
@@ -81,7 +82,14 @@ from .mqtt import (
 from .ports import reserved_port
 from ..core.config import ConfigErrors
 from .receiver import UpstreamReceiver, start_upstream_receiver, upstream_receiver
-from .timeouts import pytest_configure, pytest_report_header, pytest_runtest_call, pytest_timeout_set_timer
+from .timeouts import (
+    TimeBudget,
+    pytest_configure,
+    pytest_report_header,
+    pytest_runtest_call,
+    pytest_timeout_set_timer,
+    time_left,
+)
 from .waiting import wait_until
 
 __all__ = [
@@ -97,6 +105,8 @@ __all__ = [
     "mqtt_broker", "mqtt_storage", "start_managed_broker", "add_device_account", "device_client",
     "gateway_client", "gateway_mqtt_settings", "external_broker_settings", "free_port", "AclTemplate",
     "TEST_ACL_TEMPLATES",
+    # time
+    "TimeBudget", "time_left",
     # pytest hooks (the per-test timeout), found here by pytest
     "pytest_configure", "pytest_report_header", "pytest_runtest_call", "pytest_timeout_set_timer",
 ]
