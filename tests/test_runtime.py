@@ -8,13 +8,14 @@ import sqlite3
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from gatewayd.testing import gw_client, reserved_port
-from tests import plugin_everything
+from gatewayd.testing import gw_client, reserved_port, wait_until
+from tests import plugin_everything, plugin_ingest
 
 EVERYTHING = ("everything", plugin_everything)
 STARTUP_S = 120  # for the daemon to answer /health (tests that start one have the time: DAEMON_TIMEOUT)
@@ -108,6 +109,24 @@ async def test_unknown_route_uses_the_core_error_shape(gateway_factory):
             assert r.status_code == 404
             assert r.json()["error"]["status"] == 404
             assert r.json()["error"]["code"] == "not_found"
+
+
+async def test_an_open_upstream_circuit_is_a_warning_in_health(gateway_factory, upstream_receiver):
+    # Nothing listens on the sink's URL: the first failure opens the circuit (threshold 1).
+    dead = upstream_receiver.config_text(url=f"http://127.0.0.1:{reserved_port()}/upstream", breaker_threshold=1)
+    async with gateway_factory(plugins=[("ingest", plugin_ingest)], config_text=dead) as gw, gw_client(gw) as client:
+        assert (await client.post("/ingest/records", json={"device": "d1", "seq": 1})).status_code == 201
+
+        async def health() -> Any:
+            r = await client.get("/health")
+            return r if r.json()["components"]["upstream.cloud"].get("breaker") == "open" else None
+
+        r = await wait_until(health, timeout=60, what="the upstream circuit is open")
+        doc = r.json()
+        cloud = doc["components"]["upstream.cloud"]
+        assert r.status_code == 200 and doc["status"] == "warning", doc
+        assert (cloud["state"], cloud["reason"], cloud["severity"]) == ("degraded", "circuit_open", "warning"), cloud
+        assert cloud["last_error"], cloud
 
 
 async def test_health_lists_components(gateway_factory):
