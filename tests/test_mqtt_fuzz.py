@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 import gatewayd_paku
 from gatewayd.core.mqtt.delivery import HANDLED, REJECTED, InboundMessage
 from gatewayd.plugins.api import Rejected, hookimpl
-from gatewayd.testing import free_port
+from gatewayd.testing import reserved_port
 
 EXAMPLES = int(os.environ.get("GATEWAYD_FUZZ_EXAMPLES", "150"))
 DEVICE = "fz-1"
@@ -139,8 +139,8 @@ def run_fuzz(fuzz: Fuzz, valid: dict[str, tuple[str, bytes]], examples: int) -> 
 
 
 async def gateway_for_fuzz(gateway_factory: Any, plugins: list, tmp_path: Any):
-    port = free_port()
-    config = f'[[upstream]]\nname = "cloud"\nurl = "http://127.0.0.1:{free_port()}"\n'
+    port = reserved_port()
+    config = f'[[upstream]]\nname = "cloud"\nurl = "http://127.0.0.1:{reserved_port()}"\n'
     return gateway_factory(plugins=plugins, config_text=config,
                            settings=["mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'",
                                      "devices.presence_flush_s=0.05"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import socket
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +20,7 @@ from gatewayd.core.alerts.channels import slack_message, summary, teams_message
 from gatewayd.core.alerts.rules import rule_from_dict
 from gatewayd.core.config import SmtpSection, load_config
 from gatewayd.core.schema import ConfigErrors
+from gatewayd.testing import reserved_port
 from tests.test_notify import Receiver, alerting, count, serving, wait_for_state
 
 
@@ -52,16 +52,12 @@ class Sink:
         return AuthResult(success=False, handled=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @asynccontextmanager
 async def smtp_sink(sink: Sink, **kw: Any):
     """A real SMTP server on 127.0.0.1 (aiosmtpd runs its asyncio loop in a thread)."""
-    port = free_port()
+    port = reserved_port()
     controller = Controller(sink, hostname="127.0.0.1", port=port, authenticator=sink.authenticate,
                             auth_require_tls=False, **kw)
     await trio.to_thread.run_sync(controller.start)
@@ -135,7 +131,7 @@ async def test_email_without_a_server_or_starttls_fails_with_the_reason(tmp_path
     async with smtp_sink(Sink()) as port:
         results = []
         for i, smtp in enumerate([None, SmtpSection(host="127.0.0.1", port=port, starttls=True),
-                                  SmtpSection(host="127.0.0.1", port=free_port(), starttls=False)]):
+                                  SmtpSection(host="127.0.0.1", port=reserved_port(), starttls=False)]):
             kw = {"max_attempts": 2}
             async with alerting(tmp_path / str(i), email_rules("a@site.example"), smtp=smtp, **kw) as (
                     bus, _, storage, _m):

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from msgspec import Meta, Struct
-from quart import Blueprint, Response, has_websocket_context, request, websocket
+from quart import Blueprint, Response, current_app, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON
 from ..schema import read_secret
 from ..storage import StorageError, StorageFull
-from .body import StrictJSONProvider
+from .body import BodyTooLarge, StrictJSONProvider
 from .declare import ADMIN_TOKEN, Raw, Routes
 from .errors import error_response
 
@@ -148,6 +148,13 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
         except HTTPException:
             response.headers["Connection"] = "close"
         return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def _too_large(e: RequestEntityTooLarge) -> Any:
+        # Quart's 413 knows nothing of Blueprints: as a BodyTooLarge (an EncodingError) it
+        # reaches the Blueprint's handler, so a family's device gets the family's shape (and
+        # the document says which shape: http.openapi asks the Blueprint the same way).
+        return await current_app.handle_user_exception(BodyTooLarge(max_body_bytes))
 
     # The core shape for these; a plugin answers in its own with handlers on its Blueprint.
     @app.errorhandler(BadJSON)
