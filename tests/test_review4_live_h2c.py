@@ -7,7 +7,6 @@ from __future__ import annotations
 import h2.config
 import h2.connection
 import h2.events
-import pytest
 import trio
 from quart import Blueprint, websocket
 from wsproto.frame_protocol import FrameProtocol, Opcode
@@ -77,9 +76,6 @@ async def _messages_over_h2c(host: str, port: int, path: str, count: int) -> lis
     return got
 
 
-@pytest.mark.xfail(strict=True, reason="send_frames writes a WebSocket's frames straight to the socket under "
-                   "HTTP/2 too (frames.py _tcp_server takes any protocol whose send is TCPServer's): raw "
-                   "WebSocket bytes between HTTP/2 frames, the client's connection corrupt")
 async def test_frames_reach_an_h2c_websocket_client_in_data_frames(gateway_factory):
     async with gateway_factory(plugins=[("h2framer", Framer())]) as gw:
         host, port = gw_url(gw).removeprefix("http://").split(":")

@@ -158,10 +158,12 @@ def stream_writer() -> StreamWriter | None:
 
 
 def _tcp_server(stream: WSStream) -> TCPServer | None:
-    """The plain TCP connection a hypercorn WebSocket stream writes to (not TLS), or None."""
+    """The plain TCP connection a hypercorn WebSocket stream writes to (not TLS), or None.
+    HTTP/1.1 only: over HTTP/2 (h2c, RFC 8441) the stream's bytes go in DATA frames."""
     h11 = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
     server = getattr(getattr(h11, "send", None), "__self__", None)  # TCPServer.protocol_send
-    if isinstance(server, TCPServer) and isinstance(server.stream, trio.SocketStream):
+    if (isinstance(h11, H11Protocol) and isinstance(server, TCPServer)
+            and isinstance(server.stream, trio.SocketStream)):
         return server
     return None
 
