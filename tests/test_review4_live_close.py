@@ -8,14 +8,17 @@ which trio shuffles, so the test closes several connections that way."""
 
 from __future__ import annotations
 
-import pytest
+import ssl
+
 import trio
 from quart import Blueprint, websocket
+from trio_websocket import open_websocket_url
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, CloseConnection, Request
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
+from gatewayd.core.tls import init_site
 from gatewayd.plugins.api import TextFrames, hookimpl, send_frames
 from gatewayd.testing import gw_url
 
@@ -103,9 +106,6 @@ async def _close_during_a_batch(host: str, port: int, closer: Closer) -> list[tu
     return seen
 
 
-@pytest.mark.xfail(strict=True, reason="send_frames, finding the connection busy with the close being written, "
-                   "waits in hypercorn's send path and then writes its frames whatever the WebSocket's state: "
-                   "a BusyResourceError against the socket's shutdown, or a data frame after the close frame")
 async def test_no_data_frame_after_the_close_frame(gateway_factory):
     closer = Closer()
     async with gateway_factory(plugins=[("closer", closer)]) as gw:
@@ -118,3 +118,44 @@ async def test_no_data_frame_after_the_close_frame(gateway_factory):
             assert after == [], f"frames after the close frame: {after}"
             assert sum(1 for op, finished in seen if finished and op is not Opcode.CLOSE) == len(BIG)
             assert closer.errors == []  # send_frames raised nothing
+
+
+class TlsFramer:
+    """Over TLS `send_frames` always waits for the connection's turn: frames whole, in order,
+    between quart's sends (another task's)."""
+
+    BATCHES = [[f"{i}-{j}" + "w" * 50_000 for j in range(3)] for i in range(5)]
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("tlsframer", __name__)
+
+        @bp.websocket("/ws")
+        async def ws():
+            await websocket.accept()
+
+            async def ticks():
+                for i in range(30):
+                    await websocket.send(f"tick {i}")
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticks)
+                for batch in self.BATCHES:
+                    assert await send_frames(TextFrames(batch))  # one write each
+            await websocket.receive()
+
+        return bp
+
+
+async def test_frames_over_tls_stay_whole_and_in_order(gateway_factory, tmp_path):
+    init_site(tmp_path / "var" / "tls", "test-gateway", ["localhost"], ["127.0.0.1"])
+    ctx = ssl.create_default_context(cafile=str(tmp_path / "var" / "tls" / "ca.crt"))
+    async with gateway_factory(plugins=[("tlsframer", TlsFramer())], settings=["tls.http=true"]) as gw:
+        url = gw_url(gw)
+        assert url.startswith("https://")
+        async with open_websocket_url(url.replace("https://", "wss://") + "/tlsframer/ws", ssl_context=ctx) as ws:
+            with trio.fail_after(30):  # a guard, not a measure
+                got = [await ws.get_message() for _ in range(30 + 15)]
+            await ws.send_message("bye")
+    assert [m for m in got if not m.startswith("tick")] == [m for b in TlsFramer.BATCHES for m in b]
+    assert [m for m in got if m.startswith("tick")] == [f"tick {i}" for i in range(30)]
