@@ -1,0 +1,33 @@
+"""Review 4: TLS renewal and the site CA's files.
+
+A site CA whose files are links to a place that is not there now (ca.crt and ca.key kept
+on a removable disk or a mount that did not come up) is not "no CA": `tls init` made a new
+CA over the links, and every device that pinned the site CA refused the gateway after.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from gatewayd.core.tls import TlsError, init_site
+
+
+@pytest.mark.xfail(strict=True, reason="init_site takes a dangling ca.crt link for no CA and writes a new CA over "
+                   "both links: devices that pinned the site CA refuse the gateway")
+def test_a_site_ca_behind_links_to_a_missing_place_is_not_replaced(tmp_path):
+    tls = tmp_path / "tls"
+    init_site(tls, "gw", ["localhost"], ["127.0.0.1"])
+    vault = tmp_path / "vault"  # where the operator keeps the CA, on a disk of its own
+    vault.mkdir()
+    for name in ("ca.crt", "ca.key"):
+        os.replace(tls / name, vault / name)
+        os.symlink(vault / name, tls / name)
+    pinned = (vault / "ca.crt").read_bytes()
+    init_site(tls, "gw", ["localhost"], ["127.0.0.1"])  # the vault is there: the CA is kept
+    assert (vault / "ca.crt").read_bytes() == pinned
+    os.rename(vault, tmp_path / "vault-unmounted")  # the vault's disk did not come up
+    with pytest.raises(TlsError, match="ca.crt"):
+        init_site(tls, "gw", ["localhost"], ["127.0.0.1"])
+    assert (tls / "ca.crt").is_symlink() and (tls / "ca.key").is_symlink()  # nothing written over them
