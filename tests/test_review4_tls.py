@@ -14,8 +14,6 @@ import pytest
 from gatewayd.core.tls import TlsError, init_site
 
 
-@pytest.mark.xfail(strict=True, reason="init_site takes a dangling ca.crt link for no CA and writes a new CA over "
-                   "both links: devices that pinned the site CA refuse the gateway")
 def test_a_site_ca_behind_links_to_a_missing_place_is_not_replaced(tmp_path):
     tls = tmp_path / "tls"
     init_site(tls, "gw", ["localhost"], ["127.0.0.1"])

@@ -435,6 +435,11 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
     directory.chmod(0o755)
     created = not (directory / "ca.crt").exists()
     if created:
+        for name in ("ca.crt", "ca.key"):  # links to a disk not mounted: the CA is not there *now*
+            if (directory / name).is_symlink() and not (directory / name).exists():
+                raise TlsError(f"{directory / name} is a link to {os.readlink(directory / name)}, which is not "
+                               "there (a disk not mounted?): mount it, or remove the link to make a new CA "
+                               "(devices that pinned the old one must then get the new ca.crt)")
         if (directory / "ca.key").exists():
             raise TlsError(f"{directory / 'ca.key'} exists without ca.crt: restore ca.crt or remove both")
         ca_cert, ca_key = _new_ca(directory, site, now)
