@@ -41,9 +41,6 @@ def data_under_mount_root():
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="the default backup.dir, <data_dir>/backups, is under /media or /mnt with the data: "
-                   "require_mount turns itself on and refuses every copy (the data's own filesystem), the one "
-                   "before a migration too: the gateway cannot start after an upgrade that migrates")
 async def test_default_backups_of_a_data_dir_under_a_mount_root_are_taken(data_under_mount_root):
     storage = Storage(data_under_mount_root / "gatewayd.sqlite3")
     storage.open()

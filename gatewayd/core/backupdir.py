@@ -42,11 +42,18 @@ class NotMountedError(BackupDirError):
     """`backup.dir` must be another disk, and that disk is not mounted."""
 
 
-def mount_required(path: Path, setting: bool | None) -> bool:
-    """`backup.require_mount`, or when unset: is `path` under /media, /mnt or /run/media?"""
+def mount_required(path: Path, setting: bool | None, data_dir: Path | None = None) -> bool:
+    """`backup.require_mount`, or when unset: is `path`, or where it leads (a link to
+    /mnt/usb), under /media, /mnt or /run/media, and not inside `data_dir` (the default
+    `<data_dir>/backups` is on the data's disk by choice, wherever that disk is mounted)?"""
     if setting is not None:
         return setting
-    return any(path.is_relative_to(root) for root in MOUNT_ROOTS)
+    try:
+        resolved = path.resolve()
+        inside = data_dir is not None and resolved.is_relative_to(data_dir.resolve())
+    except (OSError, RuntimeError):  # (a loop of links: prepare_dir names it)
+        resolved, inside = path, False
+    return not inside and any(p.is_relative_to(root) for p in (path, resolved) for root in MOUNT_ROOTS)
 
 
 def _nearest(path: Path) -> Path:
