@@ -66,9 +66,6 @@ def run_tmpfs():
         shutil.rmtree(top, ignore_errors=True)
 
 
-@pytest.mark.xfail(strict=True, reason="mount_problem compares the nearest existing folder with data_dir only: "
-                   "/run/media/<user> is on /run's tmpfs, another filesystem, so a stick's missing mount point "
-                   "passed and the copies were written to memory")
 async def test_a_stick_whose_mount_point_went_with_it_is_not_mounted(tmp_path, run_tmpfs, monkeypatch):
     """udisks makes /run/media/<user>/<label> when it mounts a stick and removes it when it
     unmounts: with the stick gone, the nearest existing folder is /run/media/<user>, on /run's
