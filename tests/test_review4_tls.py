@@ -8,10 +8,11 @@ CA over the links, and every device that pinned the site CA refused the gateway 
 from __future__ import annotations
 
 import os
+import stat
 
 import pytest
 
-from gatewayd.core.tls import TlsError, init_site
+from gatewayd.core.tls import TlsError, init_site, issue_client
 from gatewayd.core.tlspair import recover
 
 
@@ -50,3 +51,21 @@ def test_a_certificate_put_in_place_by_hand_is_not_deleted_at_start(tmp_path):
     mine = {(tls / "server.crt").read_bytes(), (tls / "server.key").read_bytes()}
     recover(tls)  # what every start of the gateway does
     assert mine <= _files_under(tls), "the certificate and key put there were deleted"
+
+
+@pytest.mark.xfail(strict=True, reason="_write_public writes <name>.crt.tmp with write_bytes and chmod, which follow "
+                   "a link left there: the file it leads to (the site CA's key) is overwritten and made 0644")
+def test_a_link_in_the_out_folder_does_not_overwrite_the_ca_key(tmp_path):
+    """`gatewayd tls client NAME --out DIR`: DIR may be a folder others can write (a shared
+    folder to hand the files over). A link `NAME.crt.tmp` left there by another user led the
+    certificate's write to any file root can write, the site CA's key among them."""
+    tls = tmp_path / "tls"
+    init_site(tls, "gw", ["localhost"], ["127.0.0.1"])
+    ca_key = (tls / "ca.key").read_bytes()
+    out = tmp_path / "handover"
+    out.mkdir()
+    os.symlink(tls / "ca.key", out / "dev-1.crt.tmp")
+    crt, key = issue_client(tls, "dev-1", out)
+    assert (tls / "ca.key").read_bytes() == ca_key
+    assert stat.S_IMODE((tls / "ca.key").stat().st_mode) == 0o600
+    assert not crt.is_symlink() and crt.read_bytes().startswith(b"-----BEGIN CERTIFICATE-----")
