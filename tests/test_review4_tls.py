@@ -53,8 +53,6 @@ def test_a_certificate_put_in_place_by_hand_is_not_deleted_at_start(tmp_path):
     assert mine <= _files_under(tls), "the certificate and key put there were deleted"
 
 
-@pytest.mark.xfail(strict=True, reason="_write_public writes <name>.crt.tmp with write_bytes and chmod, which follow "
-                   "a link left there: the file it leads to (the site CA's key) is overwritten and made 0644")
 def test_a_link_in_the_out_folder_does_not_overwrite_the_ca_key(tmp_path):
     """`gatewayd tls client NAME --out DIR`: DIR may be a folder others can write (a shared
     folder to hand the files over). A link `NAME.crt.tmp` left there by another user led the
