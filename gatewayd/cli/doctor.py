@@ -256,7 +256,8 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
 
     directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
     what = "backup.dir" if config.backup.dir else "backup.dir (default)"
-    if mount_required(directory, config.backup.require_mount) and (problem := mount_problem(directory, config.data_dir)):
+    if (mount_required(directory, config.backup.require_mount, config.data_dir)
+            and (problem := mount_problem(directory, config.data_dir))):
         return [Check("backup dir", "fail", problem, {"dir": str(directory), "require_mount": True})]
     existing = directory
     while not existing.exists() and existing != existing.parent:
