@@ -172,7 +172,8 @@ async def test_slack_and_teams_get_their_shapes_and_are_retried(tmp_path, kind):
         (attachment,) = doc["attachments"]
         assert (doc["type"], attachment["contentType"]) == ("message", "application/vnd.microsoft.card.adaptive")
         card = attachment["content"]
-        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", title)
+        escaped = r"\[site-7\] CRITICAL tamper: tamper\_detected \(critical\)"  # markdown in a card: as typed
+        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", escaped)
         assert {"title": "Device", "value": "door-7"} in card["body"][1]["facts"]
 
 

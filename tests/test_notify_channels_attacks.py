@@ -135,3 +135,27 @@ async def test_slack_mrkdwn_control_characters_are_escaped(tmp_path):
     assert {"type": "mrkdwn", "text": "*Device*\n&lt;!here&gt;"} in section["fields"]
     assert "<" not in context["elements"][0]["text"]
     assert header["text"]["type"] == "plain_text" and "<!channel>" in header["text"]["text"]  # plain text: as is
+
+
+async def test_teams_markdown_in_device_text_is_shown_literally(tmp_path):
+    """Teams renders a card's TextBlock and fact values as markdown: a device named
+    `*x*[link](http://evil)` must read as typed, not as bold text and a disguised link."""
+    import json
+
+    from tests.test_notify import Receiver, serving
+
+    receiver = Receiver(200)
+    async with serving(receiver) as url:
+        rules = [rule_from_dict({"name": "tamper", "type": "tamper_detected", "cooldown_s": 0,
+                                 "message": "lid open [see](http://evil)",
+                                 "actions": [{"kind": "teams", "url": f"{url}/hook"}]}, "rules[0]")]
+        async with alerting(tmp_path, rules) as (bus, _, storage, _m):
+            await bus.emit("edgesentinel", "*x*[link](http://evil)", "tamper_detected", severity="critical")
+            await wait_for_state(storage, "sent")
+    card = json.loads(receiver.received[-1][1])["attachments"][0]["content"]
+    title, facts, reason = card["body"]
+    literal = r"\*x\*\[link\]\(http://evil\)"
+    assert {"title": "Device", "value": literal} in facts["facts"]
+    assert title["text"] == r"\[site-7\] CRITICAL tamper: lid open \[see\]\(http://evil\)"
+    for block in (title["text"], reason["text"], *(f["value"] for f in facts["facts"])):
+        assert "*x*" not in block and "](" not in block and "[see]" not in block

@@ -27,12 +27,14 @@ from urllib.parse import urlsplit
 
 from ..schema import ConfigError
 
-__all__ = ["SmtpSection", "email_message", "slack_message", "teams_message", "summary", "redact_url", "EMAIL"]
+__all__ = ["SmtpSection", "email_message", "slack_message", "teams_message", "summary", "redact_url", "teams_text",
+           "EMAIL"]
 
 EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+\.[^@\s,;<>\"]+")
 _SEVERITY_MARK = {"critical": ":red_circle:", "warning": ":warning:", "info": ":information_source:"}
 # Headers unfolded up to RFC 5322's 998: a folded Subject reads back with a leading space.
 _MAIL_POLICY = SMTP.clone(max_line_length=998)
+_TEAMS_SPECIAL = re.compile(r"[\\`*_{}\[\]()<>#|~&]|^[-+]")  # a leading - or + would start a list
 _TEAMS_COLOR = {"critical": "Attention", "warning": "Warning", "info": "Default"}
 
 
@@ -130,14 +132,22 @@ def teams_message(payload: dict[str, Any]) -> dict[str, Any]:
         "type": "AdaptiveCard",
         "version": "1.4",
         "body": [
-            {"type": "TextBlock", "size": "Medium", "weight": "Bolder", "wrap": True, "text": summary(payload),
-             "color": _TEAMS_COLOR.get(str(payload.get("severity")), "Default")},
-            {"type": "FactSet", "facts": [{"title": name, "value": value} for name, value in _facts(payload)]},
-            {"type": "TextBlock", "wrap": True, "isSubtle": True, "text": str(payload.get("reason"))},
+            {"type": "TextBlock", "size": "Medium", "weight": "Bolder", "wrap": True,
+             "text": teams_text(summary(payload)), "color": _TEAMS_COLOR.get(str(payload.get("severity")), "Default")},
+            {"type": "FactSet", "facts": [{"title": name, "value": teams_text(value)} for name, value in _facts(payload)]},
+            {"type": "TextBlock", "wrap": True, "isSubtle": True, "text": teams_text(str(payload.get("reason")))},
         ],
     }
     return {"type": "message", "attachments": [
         {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
+
+
+def teams_text(text: str) -> str:
+    """Device-supplied text shown literally in a card: Teams renders a TextBlock's text and a
+    fact's value as markdown, so `*x*` would be bold and `[label](url)` a disguised link.
+    Markdown's punctuation gets a backslash (CommonMark's escape, which Teams honours);
+    line breaks become spaces, as a blank line would start a new paragraph."""
+    return _TEAMS_SPECIAL.sub(r"\\\g<0>", " ".join(text.splitlines()))
 
 
 def redact_url(url: str) -> str:
