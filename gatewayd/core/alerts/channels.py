@@ -16,6 +16,7 @@ Every shape is built from the one payload document all actions share (docs/event
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from email.message import EmailMessage
@@ -65,9 +66,27 @@ class SmtpSection:
         if self.sender and not EMAIL.fullmatch(self.sender):
             raise ConfigError("sender", f"expected an e-mail address, got {self.sender!r}")
 
+    def cleartext_login(self) -> str | None:
+        """Why logging in to this server exposes the password, or None: a login over a
+        connection neither STARTTLS nor SSL protects, to a host other than this box's own
+        loopback (a local relay's traffic never leaves the box)."""
+        if not (self.host and self.user) or self.starttls or self.ssl or _loopback(self.host):
+            return None
+        return (f"logs in to {self.host}:{self.port} as {self.user!r} over cleartext (starttls = false, ssl = false): "
+                "the password crosses the network readable; set starttls = true (port 587) or ssl = true (port 465)")
+
     @property
     def from_address(self) -> str:
         return self.sender or f"gatewayd@{self.host or 'localhost'}"
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def summary(payload: dict[str, Any]) -> str:

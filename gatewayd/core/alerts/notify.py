@@ -262,6 +262,8 @@ class Notifier:
         rows wait in the table while the rest go out."""
         async with httpx.AsyncClient(timeout=self.timeout_s) as client, trio.open_nursery() as nursery:
             self._client, self._nursery = client, nursery
+            if self.smtp is not None and (cleartext := self.smtp.cleartext_login()):
+                log.warning("[notifications.smtp] password sent in cleartext", problem=cleartext)
             task_status.started()
             failures = 0
             while True:
