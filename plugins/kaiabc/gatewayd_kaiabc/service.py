@@ -20,7 +20,7 @@ from gatewayd.plugins.api import PluginContext, Record
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
-from .live import Fleet, publish_states
+from .live import Fleet, publish_states, stream_name
 from .people import Tokens
 from .models import NodeInfo, Store
 
@@ -74,6 +74,7 @@ class Kaiabc:
         self.requests = 0
         self.errors = 0
         self.response_seconds = 0.0
+        self._stream_names: dict[str, str] = {}  # stream_name(node_id) -> the registered node holding it
         self._thinned_to = 0.0  # history before this is thinned already (epoch s, on a bucket edge; persisted)
 
     # -- start and stop -----------------------------------------------------------------
@@ -92,6 +93,9 @@ class Kaiabc:
         await self.fleet.prepare()
         self.tokens.load(await self.ctx.storage.read(self.store.tokens))
         self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
+        # Nodes of an older release may already collide: the first (by id) keeps the name.
+        for node_id in sorted(self.nodes, reverse=True):
+            self._stream_names[stream_name(node_id)] = node_id
         for row in await self.ctx.storage.read(self.store.oscillators):
             if row["node_id"] in self.nodes:
                 self.fleet.restore(row)
@@ -222,6 +226,12 @@ class Kaiabc:
             if info.node_id in self.nodes:
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered",
                            {"parameter": "node_id", "provided": info.node_id})
+            if (taken := self._stream_names.get(stream_name(info.node_id))) is not None:
+                # Live streams and WebSocket subscriptions name a node with '.' as '_': two such
+                # nodes would share one stream, each one's watchers seeing the other's frames.
+                raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} would share its live stream name "
+                           f"{stream_name(info.node_id)!r} with the registered node {taken!r} ('.' is '_' there)",
+                           {"parameter": "node_id", "provided": info.node_id, "conflicts_with": taken})
             if len(self.nodes) >= self.ctx.config.max_nodes:
                 raise Fail(503, "SERVICE_UNAVAILABLE", f"this gateway keeps at most {self.ctx.config.max_nodes} nodes "
                            "(plugins.kaiabc.max_nodes)")
@@ -241,6 +251,7 @@ class Kaiabc:
             if not await self.ctx.storage.write(self.store.add_node, info, row):
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered")
             self.nodes[info.node_id] = info
+            self._stream_names[stream_name(info.node_id)] = info.node_id
             self.live_nodes.set(len(self.fleet.ids))
             self.note("info", "node registered", info.node_id, hardware_type=info.hardware_type)
             return new_key

@@ -215,3 +215,16 @@ async def test_rate_limit_is_the_specs_429_with_headers(gateway_factory):
         r = await client.post(f"{V1}/sensors/temperature", headers={"X-API-Key": key},
                               json={"node_id": "pico_001", "temperature_kelvin": 300.0})
         assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "100"
+
+
+async def test_node_ids_that_share_a_stream_name_are_refused(gateway_factory):
+    """Live streams write '.' in a node id as '_': `pico.1` and `pico_1` would be one stream."""
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        await register(client, "pico.1")
+        r = await client.post(f"{V1}/sensors/nodes", headers=AUTH, json=pico("pico_1"))
+        body = error(r, 409, "CONFLICT")
+        assert body["details"] == {"parameter": "node_id", "provided": "pico_1", "conflicts_with": "pico.1"}
+        assert "'pico_1'" in body["message"] and "pico.1" in body["message"]
+        r = await client.get(f"{V1}/sensors/nodes", headers=AUTH)
+        assert [n["node_id"] for n in r.json()["nodes"]] == ["pico.1"]
+        await register(client, "pico-1")  # '-' is no '.': a stream of its own
