@@ -22,12 +22,13 @@ from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, Solv
 from .errors import Fail, invalid, iso
 from .live import Fleet, publish_states, stream_name
 from .people import Tokens
-from .models import NodeInfo, Store
+from .models import PRUNE_PART, NodeInfo, Store
 
 HUMIDITY_RANGE = (0.0, 100.0)
 OUTLIER_SIGMA = 5.0  # a temperature reading this many predicted standard deviations off is an outlier
 DIVERGED_AFTER = 5  # consecutive outliers: the filter diverged
 PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
+PRUNE_EVERY_S = 600.0  # readings past readings_retention_days are deleted this often (trio time)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Kaiabc:
         """The background task: tick every `tick_s`, persist every `persist_every_s`."""
         config = self.ctx.config
         last = saved = sampled = streamed = trio.current_time()
+        pruned = last - PRUNE_EVERY_S  # the first tick prunes what aged while the gateway was down
         while True:
             await trio.sleep(config.tick_s)
             now = trio.current_time()
@@ -143,6 +145,9 @@ class Kaiabc:
             if now - saved >= config.persist_every_s:
                 await self.persist()
                 saved = now
+            if now - pruned >= PRUNE_EVERY_S:
+                await self.prune_readings()
+                pruned = now
 
     async def prc(self, etf: EtfParameters, delta_k: float, duration_h: float, resolution: int) -> PhaseResponseCurve:
         """The PRC of these parameters to this pulse (cached; half a second on a worker thread)."""
@@ -203,6 +208,15 @@ class Kaiabc:
         if thin_to > thinned_to:  # only what became old since the last time
             self.store.thin_history(thinned_to, thin_to, coarse)
             self.store.put_setting("history_thinned_to", thin_to)
+
+    async def prune_readings(self, part: int = PRUNE_PART) -> int:
+        """Delete the readings older than `readings_retention_days`, one part (`part` rows, one
+        statement) per write job, so an ingest waits behind one part at most; how many went."""
+        cutoff = self.ctx.now() - self.ctx.config.readings_retention_days * 86400
+        total = 0
+        while deleted := await self.ctx.storage.write(self.store.prune_readings, cutoff, part):
+            total += deleted
+        return total
 
     def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
         """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""
