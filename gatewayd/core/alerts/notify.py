@@ -7,8 +7,9 @@ two at a time, so a mail server that never answers holds no webhook) - webhook (
 POST signed with HMAC-SHA256), e-mail (smtplib, through `[notifications.smtp]`), a Slack
 or Teams message (channels.py has their shapes), MQTT publish, an upstream record of
 the `alert` class, or a log line - and marks them sent, or schedules a retry with
-exponential backoff (±25 % jitter), or gives up after `max_attempts` (failed, with the last error). Rows survive restarts, so
-an alert raised while the network is down goes out when it comes back.
+exponential backoff (±25 % jitter), or gives up after `max_attempts` (failed, with the
+last error). Rows survive restarts, so an alert raised while the network is down goes
+out when it comes back.
 
 Delivery is at-least-once: a crash between a webhook's 2xx and the commit of "sent"
 sends it again. Webhook receivers dedupe on the `X-Gatewayd-Delivery` header (the row id);
@@ -26,8 +27,8 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -58,6 +59,7 @@ BATCH = 50
 MAIL_SERVER = "mailto:"
 """The endpoint key of every e-mail (no action's target is this bare prefix)."""
 SAVE_RETRY_MAX_S = 60.0
+"""A delivery's outcome that could not be committed is tried again, backing off up to this."""
 SMTP_DEADLINE_FACTOR = 3
 """An e-mail's whole SMTP conversation may take this many times `timeout_s`."""
 
