@@ -9,6 +9,8 @@
 (`<name>` is the plugin's name: `paku/pk-1/telemetry` under the name paku.) A handler
 returns only after `ctx.ingest` committed, and the core acknowledges the message then;
 bad input raises `Rejected` with the reason (acknowledged, counted, kept by the core).
+Telemetry, the busy topic, has a group handler: it gets a device's burst (what the edge
+read at once) and answers each message, None or its `Rejected`, after one commit.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class Paku:
             try:
                 await self.ctx.ingest.records(records, family_rows=partial(self.rows.measurements, rows))
             except IngestError as e:
+                self.messages.inc(len(records), kind="telemetry", outcome="rejected")
                 return [o or Rejected(str(e)) for o in outcomes]
             self.messages.inc(len(records), kind="telemetry", outcome="stored")
         return outcomes
