@@ -18,7 +18,7 @@ from gatewayd.core.storage import StorageFull
 from gatewayd.plugins.api import InboundMessage, Record, Rejected, hookimpl
 from gatewayd.protocol import mqtt_packets as mp
 from gatewayd import testing
-from gatewayd.testing import gw_mqtt_address
+from gatewayd.testing import gw_mqtt_address, wait_until
 
 from .test_mqtt_edge import RawDevice
 from .test_mqtt_marks import written_mark
@@ -39,6 +39,7 @@ class GroupPlugin:
         self.groups: list[list[bytes]] = []
         self.full_after_ingest = 0  # raise StorageFull after the ingest call, this many times
         self.ingest_calls = 1  # per group: more breaks the contract
+        self.release = trio.Event()  # a group holding b"block" waits for it
 
     @hookimpl
     def gatewayd_storage_models(self, models):
@@ -52,6 +53,8 @@ class GroupPlugin:
 
     async def on_data(self, msgs):
         self.groups.append([m.payload for m in msgs])
+        if any(m.payload == b"block" for m in msgs):
+            await self.release.wait()
         outcomes, records, rows = [], [], []
         for msg in msgs:
             if msg.payload == b"bad":
@@ -126,6 +129,26 @@ async def test_a_resend_of_a_message_stored_in_a_group_is_a_duplicate(gateway_fa
         assert len(plugin.groups) == 1  # the handler did not run for it
         assert gw.mqtt.delivery.stats.duplicates == 1
         assert await stored(gw) == ["m-1", "m-2", "m-3"]
+
+
+async def test_a_resend_while_its_group_is_delivered_waits_for_its_verdict(gateway_factory):
+    plugin = GroupPlugin()
+    async with gateway_factory(plugins=[("grouptest", plugin)], mqtt=True) as gw:
+        port = gw_mqtt_address(gw)[1]
+        user, password = await provision(gw, "d1")
+        dev = await RawDevice.connect(port, user, password)
+        await send_together(dev, [b"m-1", b"block"])
+        await wait_until(lambda: plugin.groups)
+        await dev.stream.aclose()  # it reconnects and sends m-1 again while the group waits
+        dev = await RawDevice.connect(port, user, password)
+        await dev.publish("dev/d1/data", b"m-1", packet_id=1, dup=True)
+        await wait_until(lambda: gw.mqtt.pool.in_flight == 2)  # the group, and the resend waiting for it
+        plugin.release.set()
+        with trio.fail_after(10):
+            assert await dev.expect_ack() == 1
+        assert gw.mqtt.delivery.stats.duplicates == 1
+        assert len(plugin.groups) == 1
+        assert await stored(gw) == ["m-1", "block"]
 
 
 async def test_storage_failing_after_the_ingest_call_reruns_the_group_and_stores_it_once(gateway_factory):

@@ -214,7 +214,7 @@ class Delivery:
         if msg.dup:
             first = self._running.get(key)
             if first is not None:  # sent again while the first copy is being delivered
-                verdict = await first.decided()
+                verdict = await first.decided(key)
                 if verdict is not None:
                     self.stats.duplicates += 1
                     return DUPLICATE if verdict == HANDLED else verdict
@@ -245,14 +245,15 @@ class Delivery:
         is delivered anew (they did not), whichever group it then comes in. A message
         the handler rejects is rejected alone, with its reason; the rest are handled."""
         marks: list[Mark | None] = [None] * len(msgs)
-        running: list[tuple[int, tuple[str, int, bytes], _Running]] = []
+        keys: list[tuple[int, tuple[str, int, bytes]]] = []
+        group = _Running()  # one for the group: a resend meanwhile waits for its message's verdict
         if self.marks is not None:
             for i, (msg, pid) in enumerate(zip(msgs, packet_ids)):
                 if pid is not None:
                     mark = marks[i] = self.marks.mark(source, pid, msg.topic, msg.payload)
                     key = (source, pid, mark.digest)
-                    self._running[key] = first = _Running()  # a resend meanwhile waits for this verdict
-                    running.append((i, key, first))
+                    self._running[key] = group
+                    keys.append((i, key))
                     self.marks.forget(source, pid)  # an older message's final mark under this id is moot
         try:
             written = [m for m in marks if m is not None]
@@ -272,16 +273,15 @@ class Delivery:
             verdicts = [HANDLED if reason is None else REJECTED for reason in reasons]
             self.stats.rejected += len(rejected)
             self.stats.handled += len(msgs) - len(rejected)
-            for i, _, first in running:
-                first.verdict = verdicts[i]  # what a resend that came meanwhile answers
+            group.verdicts = {key: verdicts[i] for i, key in keys}
             for msg, verdict in zip(msgs, verdicts):
                 for watcher in self._watchers:
                     watcher(msg, verdict)
             return verdicts
         finally:
-            for _, key, first in running:
-                first.done.set()
-                if self._running.get(key) is first:
+            group.done.set()
+            for _, key in keys:
+                if self._running.get(key) is group:
                     del self._running[key]
 
     async def _run_group(self, handler: GroupHandler, msgs: list[InboundMessage],
@@ -428,16 +428,19 @@ class Delivery:
 
 
 class _Running:
-    __slots__ = ("done", "verdict")
+    """A delivery running now: of one message (``verdict``), or of a group (``verdicts``)."""
+
+    __slots__ = ("done", "verdict", "verdicts")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.verdict: Verdict | None = None
+        self.verdicts: dict[tuple[str, int, bytes], Verdict] | None = None
 
-    async def decided(self) -> Verdict | None:
+    async def decided(self, key: tuple[str, int, bytes]) -> Verdict | None:
         """The first copy's verdict; None if it ended without one (cancelled)."""
         await self.done.wait()
-        return self.verdict
+        return self.verdict if self.verdicts is None else self.verdicts.get(key)
 
 
 Reply = Callable[[int | None, Verdict], None]
