@@ -173,7 +173,8 @@ def main() -> None:
         gateway_cpu.append(cpu)
         per_commit.append(msgs_per_commit)
         print(f"run {r + 1}: bare broker {bare[-1]:8.0f} msg/s   gateway (stored) {gateway[-1]:8.0f} msg/s   "
-              f"{gateway[-1] / bare[-1]:6.1%}   {msgs_per_commit:5.1f} msgs/COMMIT   {gateway_cpu[-1].per_message(n)}   "
+              f"{gateway[-1] / bare[-1]:6.1%}   {msgs_per_commit:5.1f} msgs/COMMIT   "
+              f"{gateway_cpu[-1].per_message(n)}   "
               f"(bare mosquitto {bare_cpu[-1].per_message(n).split('mosquitto')[1].strip()})", flush=True)
     b, g = statistics.median(bare), statistics.median(gateway)
     paired = statistics.median(gw / br for gw, br in zip(gateway, bare))

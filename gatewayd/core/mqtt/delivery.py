@@ -20,6 +20,12 @@ and the answer decides its acknowledgement:
   that committed answered without storing: ``HANDLED`` if that stored anything new.
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
+A group handler (``GroupHandler``, ``TopicRegistry.subscribe_group``) gets the messages
+the edge read from one device together (:meth:`DeliveryPool.submit_group`): one verdict
+each, HANDLED or REJECTED (that message alone), and its one ingest call commits every
+message's mark, final, with the records (``outbox.ingest.GroupScope``). Resends (DUP) and
+QoS 2 are delivered one by one, a group of one.
+
 The one failure that must not be acknowledged is storage that cannot take the write
 (a ``StorageError`` other than ``StatementError``: disk full, database closed,
 read-only, locked by another process, an I/O error): the delivery waits and tries again (0.5 s doubling to
@@ -257,21 +263,12 @@ class Delivery:
                     self.marks.forget(source, pid)  # an older message's final mark under this id is moot
         try:
             written = [m for m in marks if m is not None]
-            assert self.marks is not None or not written
-            scope = GroupScope(partial(self.marks.write_final, written) if written and self.marks else None)
+            scope = GroupScope(partial(self.marks.write_final, written) if self.marks is not None and written else None)
             reasons = await self._run_group(handler, msgs, scope)
             rejected = [(msg, reason, mark) for msg, reason, mark in zip(msgs, reasons, marks) if reason is not None]
             if rejected:
-                try:
-                    await self._retrying(self.storage.write, self._record_all_rejected, rejected)
-                except Exception as exc:  # noqa: BLE001 - not kept, but still refused: it must not come back
-                    self.log.error("could not record rejected MQTT messages: %r", exc)
-                for msg, reason, _ in rejected:
-                    sender = msg.sender or source
-                    self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s",
-                                msg.topic, sender, reason)
+                await self._reject_all(rejected, source)
             verdicts = [HANDLED if reason is None else REJECTED for reason in reasons]
-            self.stats.rejected += len(rejected)
             self.stats.handled += len(msgs) - len(rejected)
             group.verdicts = {key: verdicts[i] for i, key in keys}
             for msg, verdict in zip(msgs, verdicts):
@@ -410,6 +407,18 @@ class Delivery:
             edge = newest.offset(_KEEP_REJECTED).limit(1).scalar()
             if edge is not None:
                 RejectedMessage.delete().where(RejectedMessage.id <= edge).execute()
+
+    async def _reject_all(self, rejected: list[tuple[InboundMessage, str, Mark | None]], source: str) -> None:
+        """A group's rejected messages: recorded in one write, counted, logged (quietly)."""
+        try:
+            await self._retrying(self.storage.write, self._record_all_rejected, rejected)
+        except Exception as exc:  # noqa: BLE001 - not kept, but still refused: it must not come back
+            self.log.error("could not record rejected MQTT messages: %r", exc)
+        self.stats.rejected += len(rejected)
+        for msg, reason, _ in rejected:
+            sender = msg.sender or source
+            self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s", msg.topic,
+                        sender, reason)
 
     def _record_all_rejected(self, rejected: list[tuple[InboundMessage, str, Mark | None]]) -> None:
         for msg, reason, mark in rejected:  # on the writer thread: one transaction for them all
