@@ -126,6 +126,15 @@ def core_blueprint(health: Health, metrics: Metrics, admin: AdminGuard,
     return bp
 
 
+def _body_done() -> bool:
+    """Whether the request's body is all in (or there is none): nothing left to read."""
+    if request.content_length == 0 or (request.content_length is None and "Transfer-Encoding" not in request.headers):
+        return True
+    body = request.body
+    complete = getattr(body, "_complete", None)  # quart's Body keeps no public flag
+    return complete is not None and complete.is_set() and getattr(body, "_must_raise", True) is None
+
+
 async def _http_error(e: HTTPException) -> Response:
     return error_response(e.code or 500, e.description or e.name)
 
@@ -143,6 +152,9 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
         # went out before the request's body came in (a 401 from the token check, a 429):
         # the client's next request on it hangs for ever. So the body (at most
         # http.max_body_bytes) is read before any answer; one too large closes instead.
+        # Not again when the route read it all (every accepted body) or none was sent.
+        if _body_done():
+            return response
         try:
             await request.get_data()
         except HTTPException:
