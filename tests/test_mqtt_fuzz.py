@@ -96,14 +96,7 @@ class Fuzz:
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
         try:
             tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
-            counts = {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables if t not in UNCOUNTED}
-            if "core_event" in counts:
-                # Presence comes and goes with time, not with what a message said: a device
-                # warmed up early and not heard since goes offline (its family's threshold)
-                # while a slow machine is still fuzzing other topics.
-                counts["core_event"] = conn.execute(
-                    "SELECT count(*) FROM core_event WHERE type NOT IN ('device_online', 'device_offline')").fetchone()[0]
-            return counts
+            return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables if t not in UNCOUNTED}
         finally:
             conn.close()
 
