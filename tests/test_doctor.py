@@ -228,3 +228,17 @@ def test_mqtt_upstream_login(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DOCTOR_TEST_MQTT_PW", "right")
     code, checks = _doctor(capsys, tmp_path, config=config)  # nothing listens any more
     assert checks["upstream cloudmq"]["status"] == "fail" and "unreachable" in checks["upstream cloudmq"]["message"]
+
+
+def test_smtp_login_over_cleartext_is_a_warning(tmp_path, capsys):
+    _fresh(tmp_path)
+    server = ["notifications.smtp.host='mx.site.example'", "notifications.smtp.user='gw'",
+              "notifications.smtp.password_env='SMTP_PASSWORD'"]
+    code, checks = _doctor(capsys, tmp_path, "upstream=[]", *server, "notifications.smtp.starttls=false")
+    assert code == 0 and checks["smtp"]["status"] == "warn"
+    assert checks["smtp"]["message"].startswith("logs in to mx.site.example:587 as 'gw' over cleartext")
+    _, checks = _doctor(capsys, tmp_path, "upstream=[]", *server)
+    assert checks["smtp"] == {"name": "smtp", "status": "ok", "message": "mx.site.example:587 over STARTTLS, "
+                              "logs in as 'gw'", "details": {"host": "mx.site.example", "port": 587}}
+    _, checks = _doctor(capsys, tmp_path, "upstream=[]")
+    assert checks["smtp"]["status"] == "skip"

@@ -168,7 +168,8 @@ async def test_slack_and_teams_get_their_shapes_and_are_retried(tmp_path, kind):
         (attachment,) = doc["attachments"]
         assert (doc["type"], attachment["contentType"]) == ("message", "application/vnd.microsoft.card.adaptive")
         card = attachment["content"]
-        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", title)
+        escaped = r"\[site-7\] CRITICAL tamper: tamper\_detected \(critical\)"  # markdown in a card: as typed
+        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", escaped)
         assert {"title": "Device", "value": "door-7"} in card["body"][1]["facts"]
 
 
@@ -221,3 +222,20 @@ def test_a_long_subject_is_not_folded():
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == summary(payload) and len(summary(payload)) > 78
     assert b"\r\n" in raw and b"Subject: [a-rather-long" in raw
+
+
+@pytest.mark.parametrize(("smtp", "warned"), [
+    (SmtpSection(host="mx.site.example", starttls=False, user="gw", password_env="P"), True),
+    (SmtpSection(host="mx.site.example", user="gw", password_env="P"), False),  # STARTTLS
+    (SmtpSection(host="mx.site.example", port=465, ssl=True, starttls=False, user="gw", password_env="P"), False),
+    (SmtpSection(host="mx.site.example", starttls=False), False),  # no login, no password to expose
+    (SmtpSection(host="127.0.0.1", starttls=False, user="gw", password_env="P"), False),  # a relay on this box
+])
+async def test_a_login_over_cleartext_is_warned_at_start(tmp_path, caplog, smtp, warned):
+    with caplog.at_level("WARNING", logger="gatewayd.notify"):
+        async with alerting(tmp_path, [], smtp=smtp):
+            pass
+    records = [r for r in caplog.records if r.getMessage() == "[notifications.smtp] password sent in cleartext"]
+    assert len(records) == warned
+    if warned:
+        assert records[0].fields["problem"].startswith("logs in to mx.site.example:587 as 'gw' over cleartext")
