@@ -63,13 +63,16 @@ def test_in_flight_request_finishes_during_graceful_shutdown(tmp_path):
     result = {}
 
     def slow():
-        result["r"] = httpx.post(base + "/everything/slow?s=1", timeout=10)
+        result["r"] = httpx.post(base + "/everything/slow?s=1", timeout=60)
 
     import threading
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)
+    began = time.monotonic()  # until the request is under way in the daemon, however slow the machine
+    while httpx.get(base + "/everything/slow", timeout=10).json()["under_way"] < 1:
+        assert time.monotonic() - began < 60 and t.is_alive(), "the slow request never arrived"
+        time.sleep(0.02)
     proc.send_signal(signal.SIGTERM)
     t.join(30)
     assert proc.wait(timeout=30) == 0
