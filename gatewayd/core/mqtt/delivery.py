@@ -385,7 +385,8 @@ class Delivery:
         plugin = next((str(s.owner) for s in self.router.subscriptions() if s.handler is handler), "?")
         reason = f"handler error ({plugin}): {text[:300]}"
         self.stats.handler_errors += 1
-        if isinstance(exc, (StatementError, peewee.IntegrityError, peewee.ProgrammingError, peewee.InterfaceError)):
+        if isinstance(exc, (StatementError, peewee.IntegrityError, peewee.ProgrammingError, peewee.InterfaceError,
+                            peewee.DataError)):
             self.stats.statement_errors += 1  # the handler's SQL: a plugin bug, not the storage
         self.stats.last_handler_error = f"{msg.topic}: {reason}"
         self.stats.last_handler_error_at = trio.current_time()
