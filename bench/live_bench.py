@@ -12,6 +12,12 @@ on 2 cores the subscribers' process takes CPU from the gateway, which the ingest
 mixes in; the CPU figure is the gateway's fan-out cost alone; the subscribers' process's CPU per
 message is printed too, to see what the clients take). The baseline is N = 0 in the same run. Goals (issue 16): ingest with 100
 subscribers >= 90% of ingest without any; p99 latency at 10 subscribers < 50 ms.
+
+    .venv/bin/python bench/live_bench.py --direct 4000 [--messages 3000] [--runs 3]
+
+publishes on the hub itself at that rate (events/s, no devices, no storage): the gateway's CPU
+per event is then the fan-out's alone (N = 0: publish only), from the first publish until every
+subscriber has read every event; steadier than the ingest figures on a busy machine.
 """
 
 from __future__ import annotations
@@ -139,7 +145,17 @@ def _cpu_s() -> float:
 # -- one run ------------------------------------------------------------------------------
 
 
-async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = ()) -> dict[str, float]:
+async def _publish_directly(gw: Any, total: int, rate: float) -> float:
+    """`total` events on the hub at `rate` per second, in bursts of 10 (events/s reached)."""
+    began = trio.current_time()
+    for i in range(total):
+        gw.live.publish(f"bench.reading.d{i % 4}", {"raw": json.dumps({"seq": i, "temp_c": 21.5})})
+        if i % 10 == 9:
+            await trio.sleep_until(began + (i + 1) / rate)
+    return total / (trio.current_time() - began)
+
+
+async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = (), direct: float = 0) -> dict[str, float]:
     port = free_port()
     os.environ["GATEWAYD_ADMIN_TOKEN"] = TOKEN
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,12 +176,16 @@ async def run(devices: int, messages: int, n: int, extra: tuple[str, ...] = ()) 
                     proc = await nursery.start(_spawn_subscribers, url, n, devices * messages)
                     await wait_until(lambda: gw.live.subscribers == n, timeout=60)
                 cpu = os.times()  # this process is the gateway: devices and subscribers are not
-                result["ingest"] = await publishers(port, messages, creds)
+                if direct:
+                    result["ingest"] = await _publish_directly(gw, devices * messages, direct)
+                    out_line = await _last_line(proc) if proc is not None else ""  # all delivered: the CPU since
+                else:
+                    result["ingest"] = await publishers(port, messages, creds)
                 used = os.times()
                 result["cpu_us"] = (used.user + used.system - cpu.user - cpu.system) / (devices * messages) * 1e6
                 result["sys_us"] = (used.system - cpu.system) / (devices * messages) * 1e6
                 if proc is not None:
-                    out = json.loads(await _last_line(proc))
+                    out = json.loads(out_line if direct else await _last_line(proc))
                     result.update(delivered_per_s=out["delivered"] / out["elapsed"], p50_ms=out["p50"] * 1000,
                                   p99_ms=out["p99"] * 1000, fewest=out["fewest"],
                                   client_us=out["cpu_s"] / (devices * messages) * 1e6)
@@ -211,12 +231,14 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, nargs="*", default=[0, 1, 10, 100])
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a gateway setting for every run, e.g. live.batch_ms=50")
+    parser.add_argument("--direct", type=float, default=0, metavar="EVENTS_PER_S",
+                        help="publish on the hub at this rate instead of through devices (the fan-out alone)")
     args = parser.parse_args()
     tune_gc()
     results: dict[int, list[dict[str, float]]] = {n: [] for n in args.subscribers}
     for r in range(args.runs):
         for n in args.subscribers:
-            results[n].append(trio.run(run, args.devices, args.messages, n, tuple(args.set)))
+            results[n].append(trio.run(run, args.devices, args.messages, n, tuple(args.set), args.direct))
             got = results[n][-1]
             extra = (f"   delivered {got['delivered_per_s']:8.0f}/s   p50 {got['p50_ms']:6.1f} ms   "
                      f"p99 {got['p99_ms']:6.1f} ms   dropped {got['dropped']:.0f}"
@@ -226,7 +248,9 @@ def main() -> None:
                   f"{got['cpu_us']:5.0f} us/msg (system {got['sys_us']:4.0f}){extra}", flush=True)
     base = statistics.median(x["ingest"] for x in results[args.subscribers[0]])
     base_cpu = statistics.median(x["cpu_us"] for x in results[args.subscribers[0]])
-    print(f"\n{args.devices} devices x {args.messages} messages through the edge; each stored, then published live")
+    print(f"\n{args.devices * args.messages} events published on the hub at {args.direct:.0f}/s" if args.direct else
+          f"\n{args.devices} devices x {args.messages} messages through the edge; each stored, then published live")
+    print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} (2 cores, shared)")
     for n in args.subscribers:
         ingest = statistics.median(x["ingest"] for x in results[n])
         cpu = statistics.median(x["cpu_us"] for x in results[n])

@@ -15,6 +15,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
+from gatewayd.core.live import frames
 from gatewayd.plugins.api import Chunk, TextFrames, hookimpl, send_frames, stream_writer
 from gatewayd.testing import gw_client, gw_url
 
@@ -227,3 +228,55 @@ async def test_chunks_go_through_quart_where_the_response_is_not_chunked(gateway
         r = await quart_client.get("/streamer/sse")
         assert (await r.get_data(as_text=True)) == EXPECTED_BODY
     assert streamer.straight == [False] * 9
+
+
+# -- hypercorn's internals: the straight path only where it was tested --------------------
+
+
+def test_a_release_it_was_not_tested_with_turns_the_straight_path_off(monkeypatch):
+    assert frames.straight_path() and frames._untested() == ""  # the pinned releases (constraints.txt)
+    monkeypatch.setattr(frames, "version", lambda name: {"hypercorn": "0.19.1"}.get(name, "0.16.0"))
+    assert frames._untested() == "hypercorn 0.19 (tested: 0.18)"
+    monkeypatch.setattr(frames, "version", lambda name: {"hypercorn": "0.18.0"}.get(name, "0.17.2"))
+    assert frames._untested() == "h11 0.17 (tested: 0.16)"
+
+
+async def test_with_the_straight_path_off_everything_goes_through_quart_whole(gateway_factory, monkeypatch):
+    monkeypatch.setattr(frames, "_why_not", "hypercorn 0.19 (tested: 0.18)")
+    assert not frames.straight_path()
+    framer, streamer = Framer(), Streamer()
+    async with gateway_factory(plugins=[("framer", framer), ("streamer", streamer)]) as gw:
+        async with open_websocket_url(gw_url(gw).replace("http://", "ws://") + "/framer/ws") as ws:
+            got = [await ws.get_message() for _ in range(len(MESSAGES) + 2)]
+            await ws.send_message("bye")
+        async with gw_client(gw) as client:
+            r = await client.get("/streamer/sse")
+    assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]
+    assert r.status_code == 200 and r.text == EXPECTED_BODY and streamer.straight == [False] * 3
+
+
+async def test_a_connection_whose_send_lock_is_not_what_was_tested_goes_through_quart(gateway_factory, monkeypatch):
+    """hypercorn's TCPServer with another kind of lock (a release that changed it): frames and
+    chunks go through quart (hypercorn's own sends take that lock); all whole."""
+    from hypercorn.trio.tcp_server import TCPServer
+
+    init = TCPServer.__init__
+
+    def other_lock(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.send_lock = trio.StrictFIFOLock()
+
+    monkeypatch.setattr(TCPServer, "__init__", other_lock)
+    writes = []
+    real_write = frames.os.write
+    monkeypatch.setattr(frames.os, "write", lambda fd, data: writes.append(fd) or real_write(fd, data))
+    framer, streamer = Framer(), Streamer()
+    async with gateway_factory(plugins=[("framer", framer), ("streamer", streamer)]) as gw:
+        async with open_websocket_url(gw_url(gw).replace("http://", "ws://") + "/framer/ws") as ws:
+            got = [await ws.get_message() for _ in range(len(MESSAGES) + 2)]
+            await ws.send_message("bye")
+        async with gw_client(gw) as client:
+            r = await client.get("/streamer/sse")
+    assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]  # a send a message
+    assert r.status_code == 200 and r.text == EXPECTED_BODY and streamer.straight == [False] * 3
+    assert writes == []  # nothing straight to a socket

@@ -18,21 +18,58 @@ once, written straight to each connection while its response is chunked.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
 import h11
 import trio
-from hypercorn.protocol.h11 import H11Protocol
-from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
-from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
-from hypercorn.trio.tcp_server import TCPServer
 from quart import request, websocket
 from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
 
-__all__ = ["Chunk", "StreamWriter", "TextFrames", "send_frames", "stream_writer"]
+try:  # hypercorn's internals: where they moved, the straight path is off (below)
+    from hypercorn.protocol.h11 import H11Protocol
+    from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+    from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
+    from hypercorn.trio.tcp_server import TCPServer
+    _moved = ""
+except ImportError as e:  # pragma: no cover  (pyproject pins the tested minor release)
+    _moved = f"hypercorn's internals moved ({e})"
+
+__all__ = ["Chunk", "StreamWriter", "TextFrames", "send_frames", "stream_writer", "straight_path"]
+
+log = logging.getLogger(__name__)
+
+#: The releases (major.minor) whose internals the straight path was tested against.
+TESTED = {"hypercorn": "0.18", "h11": "0.16"}
+
+
+def _release(name: str) -> str:
+    try:
+        return ".".join(version(name).split(".")[:2])
+    except PackageNotFoundError:
+        return "none"
+
+
+def _untested() -> str:
+    """Why the straight path is off ("" when on): a release it was not tested with."""
+    found = {name: _release(name) for name in TESTED}
+    wrong = [f"{name} {found[name]} (tested: {TESTED[name]})" for name in TESTED if found[name] != TESTED[name]]
+    return ", ".join(wrong)
+
+
+_why_not = _moved or _untested()
+if _why_not:
+    log.warning("live: writes go through quart, not straight to the socket: %s", _why_not)
+
+
+def straight_path() -> bool:
+    """True if live batches may be written straight to the socket (tested releases of
+    hypercorn and h11); False: they go through quart and hypercorn's own send path."""
+    return not _why_not
 
 
 class TextFrames:
@@ -100,10 +137,11 @@ async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
     closed, no plain TCP connection): the caller waits for the lock, or yields to quart. A
     write straight to the socket costs no scheduler round: with 100 subscribers, 100 of those
     per batch were most of the fan-out's cost (bench/live_bench.py)."""
-    if server is None or not isinstance(server.stream, trio.SocketStream):
-        return False
+    lock = getattr(server, "send_lock", None)
+    if not isinstance(lock, trio.Lock) or not isinstance(getattr(server, "stream", None), trio.SocketStream):
+        return False  # TLS, or not the hypercorn this was tested with (_tcp_server)
     try:
-        server.send_lock.acquire_nowait()
+        lock.acquire_nowait()
     except trio.WouldBlock:
         return False
     try:
@@ -119,7 +157,7 @@ async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went: hypercorn's reader ends the connection
     finally:
-        server.send_lock.release()
+        lock.release()
     return True
 
 
@@ -149,9 +187,9 @@ class StreamWriter:
     async def write(self, chunk: Chunk) -> bool:
         """True: `chunk` was written (or the client is gone). False: yield `chunk.data` to quart
         instead (not chunked, not started, or something else is being written on the connection)."""
-        connection = self._h11.connection
-        if (self._stream.closed or self._stream.state != ASGIHTTPState.RESPONSE
-                or connection.our_state is not h11.SEND_BODY
+        connection = getattr(self._h11, "connection", None)
+        if (connection is None or self._stream.closed or self._stream.state != ASGIHTTPState.RESPONSE
+                or getattr(connection, "our_state", None) is not h11.SEND_BODY
                 or type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter"):
             return False
         return not chunk.data or await _write_raw(self._server, chunk.wire)
@@ -161,6 +199,8 @@ def stream_writer() -> StreamWriter | None:
     """In a handler that returns a streamed response (Server-Sent Events): a writer that sends
     its chunks straight to the connection, or None where it cannot (HTTPS, HTTP/2, HTTP/1.0, a
     HEAD request, another server or a test client: yield every chunk to quart then)."""
+    if _why_not:
+        return None
     req = cast(Any, request)._get_current_object()
     push = getattr(req, "_send_push_promise", None)  # quart: partial(_send_push_promise, asgi_send)
     stream = getattr((getattr(push, "args", None) or (None,))[0], "__self__", None)
@@ -169,23 +209,30 @@ def stream_writer() -> StreamWriter | None:
     protocol = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
     server = getattr(getattr(protocol, "send", None), "__self__", None)  # TCPServer.protocol_send
     if (not isinstance(protocol, H11Protocol) or not isinstance(server, TCPServer)
-            or not isinstance(server.stream, trio.SocketStream)):
+            or not isinstance(getattr(server, "stream", None), trio.SocketStream)):
         return None
     return StreamWriter(stream, protocol, server)
 
 
 def _tcp_server(stream: WSStream) -> TCPServer | None:
     """The connection a hypercorn WebSocket stream writes to (plain TCP or TLS), or None.
-    HTTP/1.1 only: over HTTP/2 (h2c, RFC 8441) the stream's bytes go in DATA frames."""
+    HTTP/1.1 only: over HTTP/2 (h2c, RFC 8441) the stream's bytes go in DATA frames. None
+    too where its send lock or stream is not what was tested (then through quart)."""
+    if _why_not:
+        return None
     h11 = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
     server = getattr(getattr(h11, "send", None), "__self__", None)  # TCPServer.protocol_send
-    if isinstance(h11, H11Protocol) and isinstance(server, TCPServer):
+    if (isinstance(h11, H11Protocol) and isinstance(server, TCPServer)
+            and isinstance(getattr(server, "send_lock", None), trio.Lock)
+            and isinstance(getattr(server, "stream", None), trio.abc.Stream)):
         return server
     return None
 
 
 def _hypercorn_stream(ws: Any) -> Any:
     """The hypercorn WSStream behind a quart Websocket, if connected, else None."""
+    if _why_not:
+        return None
     send = getattr(ws, "_send", None)
     asgi_send = (getattr(send, "args", None) or (None,))[0]  # quart: partial(send_data, asgi_send)
     stream = getattr(asgi_send, "__self__", None)
