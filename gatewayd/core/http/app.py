@@ -21,7 +21,7 @@ from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON
 from ..schema import read_secret
 from ..storage import StorageError, StorageFull
-from .body import StrictJSONProvider
+from .body import StrictJSONProvider, body_received
 from .declare import ADMIN_TOKEN, Raw, Routes
 from .errors import error_response
 
@@ -143,6 +143,8 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
         # went out before the request's body came in (a 401 from the token check, a 429):
         # the client's next request on it hangs for ever. So the body (at most
         # http.max_body_bytes) is read before any answer; one too large closes instead.
+        if body_received():
+            return response  # read already (the route's), or all in: nothing to wait for
         try:
             await request.get_data()
         except HTTPException:
