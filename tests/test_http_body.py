@@ -2,10 +2,17 @@
 a wait, one still coming is waited for, one too large is refused, and the connection
 serves its next request either way."""
 
+import datetime
 import json
+import math
+import uuid
 
+import pytest
 import trio
+from flask.json.provider import DefaultJSONProvider
+from quart_trio import QuartTrio
 
+from gatewayd.core.http.body import StrictJSONProvider
 from gatewayd.testing import gw_url
 from tests import plugin_everything
 
@@ -67,3 +74,24 @@ async def test_a_body_over_the_limit_is_refused_whether_announced_or_sent(gatewa
             await stream.send_all(chunked)
             [(status, body)] = await _answers(stream, 1)
             assert status.split()[1] == b"413", body
+
+
+async def test_json_answers_are_the_bytes_flask_makes_and_stay_strict():
+    """StrictJSONProvider.response keeps its encoder (flask makes one per call): the bytes
+    are flask's own (sorted keys, ASCII escapes, compact, a newline); NaN is still refused."""
+    app = QuartTrio("t")
+    app.json = StrictJSONProvider(app)
+    flask = DefaultJSONProvider(app)
+    docs = [{"b": 1, "a": [1.5, -0.0, 1e16, 2**62, None, True]}, {"é": "ü\u2028\U0001f600", "x": {"z": {}, "y": []}},
+            [], "text", 3, {"when": datetime.datetime(2026, 2, 12, 16, 0), "id": uuid.UUID(int=7)}]
+    async with app.app_context():
+        for doc in docs:
+            ours, theirs = app.json.response(doc), flask.response(doc)
+            assert await ours.get_data() == await theirs.get_data() and ours.mimetype == theirs.mimetype
+        with pytest.raises(ValueError):
+            app.json.response({"x": math.nan})
+        loop: dict = {}
+        loop["self"] = loop
+        with pytest.raises(ValueError):
+            app.json.response(loop)
+        assert await app.json.response({"after": "an error"}).get_data() == b'{"after":"an error"}\n'
