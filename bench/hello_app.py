@@ -1,10 +1,18 @@
-"""The baseline: a bare QuartTrio hello-world on hypercorn (same stack, no gateway)."""
+"""The baseline: a bare QuartTrio hello-world on hypercorn (same stack, no gateway).
+
+    python bench/hello_app.py HOST:PORT [--any-path] [--default-gc]
+
+`--any-path`: every path and method is answered "hello" (a body is read first), so the
+streetlight fleet's requests can be pointed at it unchanged (`streetlight_bench.py
+--target hello`).
+"""
 
 import sys
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from quart import request
 from quart_trio import QuartTrio
 
 app = QuartTrio("hello")
@@ -15,7 +23,17 @@ async def hello():
     return "hello"
 
 
+async def anything(path: str = ""):
+    # Read like the gateway does: hypercorn 0.18 hangs a keep-alive connection answered
+    # before its request's body came in.
+    await request.get_data()
+    return "hello"
+
+
 if __name__ == "__main__":
+    if "--any-path" in sys.argv:
+        methods = ["GET", "POST", "PUT"]
+        app.add_url_rule("/<path:path>", "anything", anything, methods=methods)
     config = Config()
     config.bind = [sys.argv[1]]
     config.accesslog = None

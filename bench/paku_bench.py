@@ -112,8 +112,10 @@ async def run_bare(devices: int, messages: int) -> tuple[float, Cpu]:
     return rate, cpu
 
 
-async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu]:
-    """The gateway as `gatewayd run` builds it, with the paku plugin and its managed broker."""
+async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float]:
+    """The gateway as `gatewayd run` builds it, with the paku plugin and its managed broker;
+    its rate, CPU, and messages stored per COMMIT (every transaction of the writer while
+    the devices published: group commits, and the delivery marks' own writes)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         manager = build_plugin_manager(entry_points=False, plugins=[("paku", gatewayd_paku)])
@@ -130,9 +132,11 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu]:
                                           json={"id": f"pk-{d}"})
                     creds[f"pk-{d}"] = r.json()["mqtt"]["password"]
             await trio.sleep(1.5)  # the broker reloads its accounts
+            commits = gw.storage.stats["commits"]
             meter = CpuMeter(gw.mqtt.broker.pid)
             rate = await publishers(port, messages, creds)
             cpu = meter.stop()  # every message acknowledged: every one stored
+            commits = gw.storage.stats["commits"] - commits  # the writer's transactions meanwhile
 
             def stored() -> int:
                 return gw.storage.database.execute_sql("SELECT COUNT(*) FROM paku_measurement").fetchone()[0]
@@ -140,7 +144,7 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu]:
             count = await gw.storage.read(stored)
             assert count == devices * messages, f"acknowledged {devices * messages}, stored {count}"
             gw.request_shutdown()
-    return rate, cpu
+    return rate, cpu, devices * messages / max(commits, 1)
 
 
 def main() -> None:
@@ -159,16 +163,18 @@ def main() -> None:
         profile(args)
         return
     n = args.devices * args.messages
-    bare, gateway, bare_cpu, gateway_cpu = [], [], [], []
+    bare, gateway, bare_cpu, gateway_cpu, per_commit = [], [], [], [], []
     for r in range(args.runs):
         rate, cpu = trio.run(run_bare, args.devices, args.messages)
         bare.append(rate)
         bare_cpu.append(cpu)
-        rate, cpu = trio.run(run_gateway, args.devices, args.messages)
+        rate, cpu, msgs_per_commit = trio.run(run_gateway, args.devices, args.messages)
         gateway.append(rate)
         gateway_cpu.append(cpu)
+        per_commit.append(msgs_per_commit)
         print(f"run {r + 1}: bare broker {bare[-1]:8.0f} msg/s   gateway (stored) {gateway[-1]:8.0f} msg/s   "
-              f"{gateway[-1] / bare[-1]:6.1%}   {gateway_cpu[-1].per_message(n)}   "
+              f"{gateway[-1] / bare[-1]:6.1%}   {msgs_per_commit:5.1f} msgs/COMMIT   "
+              f"{gateway_cpu[-1].per_message(n)}   "
               f"(bare mosquitto {bare_cpu[-1].per_message(n).split('mosquitto')[1].strip()})", flush=True)
     b, g = statistics.median(bare), statistics.median(gateway)
     paired = statistics.median(gw / br for gw, br in zip(gateway, bare))
@@ -177,6 +183,7 @@ def main() -> None:
     print(f"gateway edge, ack after paku's commit  : {g:8.0f} msg/s (median of {args.runs})")
     print(f"ratio                                  : {g / b:8.1%}")
     print(f"median of the runs' own ratios         : {paired:8.1%}")
+    print(f"messages per COMMIT (median)           : {statistics.median(per_commit):8.1f}")
     print(f"CPU per stored message (medians)       : {median_cpu(gateway_cpu).per_message(n)}")
     print(f"CPU per message, bare mosquitto        : {median_cpu(bare_cpu).per_message(n).split('mosquitto')[1].strip()}")
     print(f"load average (1, 5, 15 min)            : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
@@ -192,7 +199,7 @@ def profile(args: argparse.Namespace) -> None:
     rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", "speedscope",
                             "--output", args.profile, "--nonblocking"])
     time.sleep(1)
-    rate, cpu = trio.run(run_gateway, args.devices, args.messages)
+    rate, cpu, _ = trio.run(run_gateway, args.devices, args.messages)
     rec.send_signal(2)
     rec.wait()
     print(f"profiled run: {rate:8.0f} msg/s  {cpu.per_message(args.devices * args.messages)}  -> {args.profile}")

@@ -1,6 +1,7 @@
 """streetlight: status updates through the full path, and a fleet of lights at 10x cadence.
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
+        [--target gateway|hello] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
@@ -21,6 +22,19 @@
    client shows here, not as the gateway's errors), and the CPU seconds per request of
    the gateway's process and of the client (process CPU time: robust to a loaded
    machine), with the load average. Goal: zero errors.
+
+   `--target hello` points the same fleet at the bare hello-world (`hello_app.py
+   --any-path`, which answers every path): what the stack alone does under that load.
+   `--generator wrk` drives the fleet with wrk (Debian's `wrk`, apt-get install wrk) and
+   a Lua script instead of the Python client: one connection per light, the same 1:3 mix
+   of status reports and polls over every light, each connection waiting a random 0-1.5 s
+   (0.75 s on average: the offered rate) after each answer. wrk is closed-loop: a slow
+   server shows as fewer answers per second than offered, and as latency; its
+   timeouts (`--timeout`) are the lights' errors. Its CPU time is measured too (the
+   child's rusage): a client that eats a core shared with the server is part of the result.
+
+`--gateway-root PATH` runs the gateway from another checkout (a worktree of main: the
+"before" of a before/after in the same sitting, with the same bench and client).
 """
 
 from __future__ import annotations
@@ -29,6 +43,8 @@ import argparse
 import json
 import os
 import random
+import re
+import resource
 import shutil
 import signal
 import statistics
@@ -43,7 +59,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import free_port, wait_ready, wrk  # noqa: E402
+from bench.run import _ms, free_port, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
@@ -53,15 +69,17 @@ STATUS = {"device_id": "{id}", "light_id": "SL001", "timestamp": "2025-12-17T10:
           "energy": {"voltage": 230.5, "current": 0.26, "power_watts": 60, "frequency": 50, "cumulative_kwh": 1245.67}}
 
 
-def start_gateway(tmp: Path, port: int) -> subprocess.Popen[bytes]:
+def start_gateway(tmp: Path, port: int, root: Path = ROOT) -> subprocess.Popen[bytes]:
     env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
+    if root != ROOT:  # that checkout's gateway and plugin, this bench's venv
+        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "streetlight")])
     return subprocess.Popen(
         [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
          # 1,000 lights configure from this one address within a minute (the bench, not a site)
          "--set", "plugins.streetlight.configure_per_address_per_minute=100000"],
-        cwd=ROOT, env=env)
+        cwd=root, env=env)
 
 
 def light_ids(n: int) -> list[str]:
@@ -233,15 +251,84 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
     print(f"\n2. fleet: {len(tokens)} lights, status every 3 s and a poll every 1 s (10x the specification's "
           f"cadence: {offered:.0f} req/s offered) for {seconds:.0f} s, one keep-alive connection each "
           f"({os.cpu_count()} cores, {load()})")
-    print(f"gateway answers {answers} ({answers / wall:.0f}/s): 200 {stats.answers.get(200, 0)}, "
+    print(f"server answers {answers} ({answers / wall:.0f}/s): 200 {stats.answers.get(200, 0)}, "
           f"other {sum(not_ok.values())} {not_ok or ''}")
     print(f"client errors {sum(stats.client_errors.values())} {stats.client_errors or ''} "
           f"(timeout {timeout:g} s, the specification's)")
     print(f"latency p50 {pct(lat, 0.5)} ms, p99 {pct(lat, 0.99)} ms, max {pct(lat, 1.0)} ms; "
           f"generator lag p50 {pct(lags, 0.5)} ms, p99 {pct(lags, 0.99)} ms")
-    print(f"CPU per request: gateway {gw_cpu / max(n, 1) * 1000:.2f} ms ({gw_cpu / wall:.0%} of a core), "
+    print(f"CPU per request: server {gw_cpu / max(n, 1) * 1000:.2f} ms ({gw_cpu / wall:.0%} of a core), "
           f"client {my_cpu / max(n, 1) * 1000:.2f} ms ({my_cpu / wall:.0%} of a core)")
     print("goal: zero errors (gateway answers other than 200, and client errors)")
+
+
+FLEET_LUA = """
+-- 1,000 lights' requests over as many connections: statuses and polls 1:3, each kind
+-- round-robin over every light; a random 0-2x think time (mean: the offered rate).
+local lights = {lights}
+local think_ms = {think_ms}
+local statuses, polls = {{}}, {{}}
+local s, p, i = 0, 0, 0
+
+function init(args)
+   for k, light in ipairs(lights) do
+      local auth = {{["Authorization"] = "Bearer " .. light[2], ["Host"] = "{host}"}}
+      polls[k] = wrk.format("GET", "/streetlight/device/" .. light[1] .. "/commands", auth)
+      local body = string.gsub({body}, "{{id}}", light[1])
+      statuses[k] = wrk.format("POST", "/streetlight/device/" .. light[1] .. "/status",
+         {{["Authorization"] = auth["Authorization"], ["Host"] = "{host}",
+          ["Content-Type"] = "application/json"}}, body)
+   end
+   math.randomseed(os.time())
+end
+
+function request()
+   i = i + 1
+   if i % 4 == 0 then
+      s = s % #lights + 1
+      return statuses[s]
+   end
+   p = p % #lights + 1
+   return polls[p]
+end
+
+function delay()
+   return math.random(0, 2 * think_ms)
+end
+"""
+
+
+def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int, timeout: float,
+              tmp: Path, target: str) -> None:
+    """The fleet, driven by wrk (see the module docstring)."""
+    offered = len(tokens) * (1 + 1 / 3)
+    think_ms = round(len(tokens) / offered * 1000)
+    lights = "{" + ",".join(f'{{"{d}","{t}"}}' for d, t in tokens.items()) + "}"
+    script = tmp / "fleet.lua"
+    script.write_text(FLEET_LUA.format(lights=lights, think_ms=think_ms, host=f"127.0.0.1:{port}",
+                                       body=json.dumps(json.dumps(STATUS))))
+    cmd = ["wrk", "-t1", f"-c{len(tokens)}", f"-d{seconds:.0f}s", f"--timeout={timeout:g}s", "--latency",
+           "-s", str(script), f"http://127.0.0.1:{port}/"]
+    before, server_cpu, wall = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid), time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    after, server_cpu, wall = (resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid) - server_cpu,
+                               time.perf_counter() - wall)
+    client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    answers = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sockets.groups()))) if sockets else {}
+    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
+    print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each, "
+          f"{offered:.0f} req/s offered for {seconds:.0f} s ({os.cpu_count()} cores, {load()})")
+    print(f"answers {answers} ({answers / wall:.0f}/s, {answers / wall / offered:.0%} of offered), "
+          f"non-2xx {int(non2xx.group(1)) if non2xx else 0}")
+    print(f"client errors {sum(errors.values())} {errors or ''} (timeout {timeout:g} s, the specification's)")
+    print(f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    print(f"CPU per request: server {server_cpu / max(answers, 1) * 1000:.2f} ms ({server_cpu / wall:.0%} of a core), "
+          f"client (wrk) {client_cpu / max(answers, 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
+    print("goal: zero errors (non-2xx answers and client errors), every offered request answered")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,27 +340,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet-s", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=5.0, help="a light's wait for an answer (the spec's 5 s)")
     parser.add_argument("--skip-status-path", action="store_true", help="only the fleet")
+    parser.add_argument("--target", choices=("gateway", "hello"), default="gateway",
+                        help="the fleet's server: the gateway, or the bare hello-world answering every path")
+    parser.add_argument("--generator", choices=("python", "wrk"), default="python", help="the fleet's client")
+    parser.add_argument("--gateway-root", type=Path, default=ROOT,
+                        help="run the gateway from this checkout (a worktree of main, for a before/after)")
+    parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("bench: wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="gatewayd-streetlight-bench-"))
     hello_port, gw_port = free_port(), free_port()
-    hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}"])
-    gateway = start_gateway(tmp, gw_port)
+    hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}",
+                              "--any-path"])
+    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve())
     base = f"http://127.0.0.1:{gw_port}"
     try:
         wait_ready(f"{base}/health")
         wait_ready(f"http://127.0.0.1:{hello_port}/")
+        print(f"gateway from {args.gateway_root.resolve()}")
         ids = light_ids(args.lights)
         began = time.monotonic()
-        tokens = provision(base, ids)
-        print(f"{len(ids)} lights registered and configured in {time.monotonic() - began:.1f} s")
+        # The hello-world takes any token: only the status path needs a real light then.
+        tokens = provision(base, ids if args.target == "gateway" and not args.skip_fleet else ids[:1])
+        print(f"{len(tokens)} lights registered and configured in {time.monotonic() - began:.1f} s")
         if not args.skip_status_path:
             status_path(base, f"http://127.0.0.1:{hello_port}/", tokens[ids[0]], ids[0], tmp, args,
                         {"hello-world (bare QuartTrio)": hello.pid, "POST .../status (full path)": gateway.pid,
                          "GET .../commands (a poll)": gateway.pid})
-        trio.run(fleet, gw_port, tokens, args.fleet_s, gateway.pid, args.timeout)
+        if not args.skip_fleet:
+            port, pid = (gw_port, gateway.pid) if args.target == "gateway" else (hello_port, hello.pid)
+            if args.target == "hello":
+                tokens = {device: "hello-takes-any-token" for device in ids}
+            if args.generator == "wrk":
+                wrk_fleet(port, tokens, args.fleet_s, pid, args.timeout, tmp, args.target)
+            else:
+                trio.run(fleet, port, tokens, args.fleet_s, pid, args.timeout)
     finally:
         gateway.send_signal(signal.SIGTERM)
         hello.terminate()

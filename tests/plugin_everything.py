@@ -129,13 +129,24 @@ def gatewayd_http_routes(ctx: PluginContext):
         written.inc()
         return {"id": row_id}, 201
 
+    slow_under_way = [0]  # slow requests that arrived and are not answered yet
+
     @bp.post("/slow")
     async def slow_write():
         import trio
 
-        await trio.sleep(float(request.args.get("s", "0.5")))
-        row_id = await ctx.storage.write(lambda: Reading.insert(device="slow", value=0.0).execute())
+        slow_under_way[0] += 1
+        try:
+            await trio.sleep(float(request.args.get("s", "0.5")))
+            row_id = await ctx.storage.write(lambda: Reading.insert(device="slow", value=0.0).execute())
+        finally:
+            slow_under_way[0] -= 1
         return {"id": row_id}, 201
+
+    @bp.get("/slow")
+    async def slow_requests():
+        """How many slow writes are under way: a test waits for its own to arrive."""
+        return {"under_way": slow_under_way[0]}
 
     @bp.post("/inflated")
     async def inflated():

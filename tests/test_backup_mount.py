@@ -21,7 +21,7 @@ from gatewayd.core.health import Health
 from gatewayd.core.metrics import Metrics
 from gatewayd.core.storage import MigrationError, Storage
 from gatewayd.testing import gw_client
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 
 def _metric(text: str, name: str) -> float:
@@ -131,7 +131,7 @@ def test_the_copy_before_a_migration_is_refused_too(tmp_path, usb, plug):
 def test_doctor_fails_a_backup_dir_not_mounted(tmp_path, capsys, usb, plug):
     (tmp_path / "var").mkdir()
     argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
-            "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'",
+            "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'",
             "--set", f"backup.dir='{usb / 'backups'}'", "--set", "backup.require_mount=true"]
     code = main(argv)
     check = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "backup dir")

@@ -22,7 +22,7 @@ from gatewayd.core.health import Health
 from gatewayd.core.metrics import Metrics
 from gatewayd.core.schema import ConfigErrors
 from gatewayd.core.storage import Storage
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 MiB = 1 << 20
 
@@ -117,7 +117,7 @@ async def test_a_daily_copy_leaves_room_for_the_next_upgrades_copy(tmp_path, dis
 
         # The doctor counts them too: keep 3 + 2 before upgrades + 1 = 6 copies of 12 MiB.
         argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{data}'",
-                "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'",
+                "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'",
                 "--set", f"backup.dir='{disk}'"]
         assert main(argv) == 0
         check = next(c for c in json.loads(capsys.readouterr().out)["checks"] if c["name"] == "backup dir")

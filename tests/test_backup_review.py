@@ -20,7 +20,7 @@ from gatewayd.core.metrics import Metrics
 from gatewayd.core.storage import Storage
 from gatewayd.core.tls import init_site
 from gatewayd.testing import gw_client
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 
 def _metric(text: str, name: str) -> float:
@@ -100,7 +100,7 @@ async def test_an_expired_certificate_is_503_an_expiring_one_200(gateway_factory
 
     long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=100)
     init_site(tmp_path / "var" / "tls", "gw", ["localhost"], ["127.0.0.1"], days=30, now=long_ago)
-    settings = [f"tls.mqtt_listen='127.0.0.1:{free_port()}'"]  # TLS on the MQTT edge, /health plain
+    settings = [f"tls.mqtt_listen='127.0.0.1:{reserved_port()}'"]  # TLS on the MQTT edge, /health plain
     async with gateway_factory(mqtt=True, settings=settings) as gw:
         async with gw_client(gw) as client:
             r = await client.get("/health")
@@ -114,7 +114,7 @@ async def test_an_expired_certificate_is_503_an_expiring_one_200(gateway_factory
 
 def _doctor(capsys, tmp_path: Path, *settings: str) -> tuple[int, dict]:
     argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
-            "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'"]
+            "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'"]
     for s in settings:
         argv += ["--set", s]
     code = main(argv)
@@ -145,7 +145,7 @@ def test_doctor_checks_the_service_may_write_data_dir_and_backup_dir(tmp_path, c
 
     def service_check(*settings: str) -> tuple[int, dict]:
         argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
-                "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'"]
+                "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'"]
         for s in settings:
             argv += ["--set", s]
         code = main(argv)

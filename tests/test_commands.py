@@ -182,3 +182,57 @@ async def test_bad_arguments_are_value_errors_naming_them(tmp_path):
         with pytest.raises(ValueError, match="result: not storable"):
             await q.ack(c.id, True, {"v": float("nan")})
         assert (await q.get(c.id)).status == "pending"
+
+
+async def test_open_commands_from_memory_follow_every_change_and_a_restart(tmp_path, monkeypatch):
+    clock = FakeClock()
+    async with open_services(tmp_path, clock=clock) as s:
+        q = s.commands
+        await q.load()
+        reads = []
+        real_read = s.storage.read
+
+        async def counted(fn, *args):
+            reads.append(fn)
+            return await real_read(fn, *args)
+
+        monkeypatch.setattr(s.storage, "read", counted)
+        assert await q.open_for("paku", "p1") == []
+        a = await q.enqueue("paku", "p1", "a", ttl_s=30)
+        b = await q.enqueue("paku", "p1", "b", ttl_s=3600)
+        await q.enqueue("paku", "p2", "other device", ttl_s=3600)
+        assert [(c.id, c.status) for c in await q.open_for("paku", "p1")] == [(a.id, "pending"), (b.id, "pending")]
+        [taken] = await q.next_for("paku", "p1")
+        assert [(c.id, c.status) for c in await q.open_for("paku", "p1")] == [(a.id, "delivered"), (b.id, "pending")]
+        await q.ack(taken.id, True)
+        assert [c.id for c in await q.open_for("paku", "p1")] == [b.id]
+        assert reads == []  # polls of the open commands read nothing: memory follows the writes
+        clock.advance(3601)
+        assert await q.expire() == 2
+        assert await q.open_for("paku", "p1") == [] and await q.open_for("paku", "p2") == []
+        c = await q.enqueue("paku", "p1", "c")
+        monkeypatch.setattr(s.storage, "read", real_read)
+        # A restart: a new queue on the same database loads what is open.
+        restarted = CommandQueue(s.storage, clock=clock)
+        assert [x.id for x in await restarted.open_for("paku", "p1")] == [c.id]  # before load: from the database
+        await restarted.load()
+        assert [(x.id, x.status) for x in await restarted.open_for("paku", "p1")] == [(c.id, "pending")]
+
+
+async def test_commands_another_process_queued_are_read_in_and_told(tmp_path):
+    async with open_services(tmp_path) as s:
+        daemon, cli = s.commands, CommandQueue(s.storage)  # the CLI's queue: the same table, not this memory
+        await daemon.load()
+        told = []
+        daemon.listeners["paku"] = told.append
+        mine = await daemon.enqueue("paku", "p1", "mine")
+        theirs = await cli.enqueue("paku", "p1", "theirs")
+        assert [c.id for c in await daemon.open_for("paku", "p1")] == [mine.id]
+        assert await daemon.refresh() == 1
+        assert [c.id for c in await daemon.open_for("paku", "p1")] == [mine.id, theirs.id]
+        assert [c.id for c in told] == [mine.id, theirs.id]  # each once: a push for the CLI's too
+        assert await daemon.refresh() == 0
+        # Acknowledged before the daemon looked: nothing to read in.
+        gone = await cli.enqueue("paku", "p1", "gone")
+        await cli.ack(gone.id, True)
+        assert await daemon.refresh() == 0 and gone.id not in [c.id for c in await daemon.open_for("paku", "p1")]

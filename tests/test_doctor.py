@@ -19,12 +19,12 @@ from gatewayd.plugins.manager import build_plugin_manager
 from gatewayd.core.devices.secrets import load_master_key
 from gatewayd.core.tls import init_site
 from gatewayd.testing import provision
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 
 def _doctor(capsys, tmp_path: Path, *settings: str, config: Path | None = None) -> tuple[int, dict[str, dict]]:
     argv = ["doctor", "--json", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
-            "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set", f"mqtt.listen='127.0.0.1:{free_port()}'"]
+            "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'"]
     if config is not None:
         argv += ["--config", str(config)]
     for s in settings:
@@ -53,8 +53,8 @@ def test_a_fresh_box_is_all_green(tmp_path, capsys):
 def test_text_report_and_help(tmp_path, capsys):
     _fresh(tmp_path)
     assert main(["doctor", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",
-                 "--set", f"http.listen='127.0.0.1:{free_port()}'", "--set",
-                 f"mqtt.listen='127.0.0.1:{free_port()}'"]) == 0
+                 "--set", f"http.listen='127.0.0.1:{reserved_port()}'", "--set",
+                 f"mqtt.listen='127.0.0.1:{reserved_port()}'"]) == 0
     out = capsys.readouterr().out
     assert "[ok  ] mosquitto" in out and "[skip] upstream       --no-network" in out and "all checks passed" in out
 
@@ -137,7 +137,7 @@ async def test_upstream_dry_batch(upstream_receiver, tmp_path, capsys):
     assert code == 1 and checks["upstream cloud"]["status"] == "fail"
     assert "refused the gateway (401)" in checks["upstream cloud"]["message"]
     # Nothing listening there: unreachable.
-    config.write_text(upstream_receiver.config_text().replace(upstream_receiver.url, f"http://127.0.0.1:{free_port()}"))
+    config.write_text(upstream_receiver.config_text().replace(upstream_receiver.url, f"http://127.0.0.1:{reserved_port()}"))
     code, checks = await trio.to_thread.run_sync(lambda: _doctor(capsys, tmp_path, config=config))
     assert code == 1 and "unreachable" in checks["upstream cloud"]["message"]
 
@@ -187,7 +187,7 @@ def test_mqtt_upstream_login(tmp_path, capsys, monkeypatch):
     broker_dir = tmp_path / "broker"
     broker_dir.mkdir()
     (broker_dir / "passwd").write_text(f"cloud-gw:{hash_password('right')}\n")
-    port = free_port()
+    port = reserved_port()
     (broker_dir / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {broker_dir / 'passwd'}\n"
         "user root\n")  # run by this test (as root in CI): read its own files
@@ -228,3 +228,17 @@ def test_mqtt_upstream_login(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DOCTOR_TEST_MQTT_PW", "right")
     code, checks = _doctor(capsys, tmp_path, config=config)  # nothing listens any more
     assert checks["upstream cloudmq"]["status"] == "fail" and "unreachable" in checks["upstream cloudmq"]["message"]
+
+
+def test_smtp_login_over_cleartext_is_a_warning(tmp_path, capsys):
+    _fresh(tmp_path)
+    server = ["notifications.smtp.host='mx.site.example'", "notifications.smtp.user='gw'",
+              "notifications.smtp.password_env='SMTP_PASSWORD'"]
+    code, checks = _doctor(capsys, tmp_path, "upstream=[]", *server, "notifications.smtp.starttls=false")
+    assert code == 0 and checks["smtp"]["status"] == "warn"
+    assert checks["smtp"]["message"].startswith("logs in to mx.site.example:587 as 'gw' over cleartext")
+    _, checks = _doctor(capsys, tmp_path, "upstream=[]", *server)
+    assert checks["smtp"] == {"name": "smtp", "status": "ok", "message": "mx.site.example:587 over STARTTLS, "
+                              "logs in as 'gw'", "details": {"host": "mx.site.example", "port": 587}}
+    _, checks = _doctor(capsys, tmp_path, "upstream=[]")
+    assert checks["smtp"]["status"] == "skip"

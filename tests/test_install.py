@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -41,7 +41,7 @@ def installed():
     root = Path(tempfile.mkdtemp(prefix="gatewayd-site-", dir="/tmp"))
     root.chmod(0o755)
     user = f"gwt{secrets.token_hex(3)}"
-    ports = {"http": free_port(), "mqtt": free_port()}
+    ports = {"http": reserved_port(), "mqtt": reserved_port()}
     env = {**os.environ, "GATEWAYD_PREFIX": str(root / "opt"), "GATEWAYD_ETC": str(root / "etc"),
            "GATEWAYD_DATA": str(root / "data"), "GATEWAYD_USER": user, "GATEWAYD_UNIT_DIR": str(root / "unit"),
            "GATEWAYD_BIN_DIR": str(root / "bin"), "GATEWAYD_HTTP_LISTEN": f"127.0.0.1:{ports['http']}",

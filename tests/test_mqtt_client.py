@@ -23,7 +23,7 @@ from gatewayd.core.storage import Storage, StorageUnavailable
 from gatewayd.testing import (
     add_device_account,
     device_client,
-    free_port,
+    reserved_port,
     gateway_client,
     start_managed_broker,
     wait_until,
@@ -105,7 +105,7 @@ async def test_broker_stopped_and_restarted_keeps_queued_messages(
     gateway is away still arrives, even across a credential reload (deferred until the
     gateway's restored session has reconnected: see gatewayd.core.mqtt.broker)."""
     with trio.fail_after(20):
-        port = free_port()
+        port = reserved_port()
         scope = trio.CancelScope()
         dev1 = BrokerAccount("dev1", hash_password("pw1"))
 
@@ -271,7 +271,7 @@ async def test_first_attempt_is_bounded_when_broker_is_down(
     tmp_path: Path, nursery: trio.Nursery, mqtt_storage: Storage
 ) -> None:
     with trio.fail_after(15):
-        port = free_port()
+        port = reserved_port()
         got = Collector()
         settings = dict(host="127.0.0.1", port=port, client_id="gw", reconnect_min=0.05, reconnect_max=0.2)
         probe = ManagedBroker(tmp_path / "m", port=port)

@@ -31,7 +31,7 @@ import trio
 from gatewayd import testing
 from gatewayd.plugins.api import StorageFull
 from gatewayd.protocol import mqtt_packets as mp
-from gatewayd.testing import gw_client, gw_mqtt_address, storage_full, wait_until
+from gatewayd.testing import gw_client, gw_mqtt_address, reserved_port, storage_full, wait_until
 
 from .test_mqtt_edge import EdgePlugin, RawDevice, provision, stored_records
 
@@ -390,16 +390,10 @@ async def test_sockets_that_never_logged_in_are_not_counted_as_devices_connected
 # -- a real gatewayd run ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _paku_gateway(root: Path, nofile: int) -> tuple[subprocess.Popen, int, int, Path]:
     """`gatewayd run` with paku, its open-file limit at `nofile` (systemd's default soft limit
     is 1024); returns the process, its HTTP and MQTT ports and its log."""
-    http_port, mqtt_port = _free_port(), _free_port()
+    http_port, mqtt_port = reserved_port(), reserved_port()
     config = root / "gatewayd.toml"
     config.write_text(f"""
 [gateway]

@@ -42,7 +42,7 @@ from gatewayd.protocol.mqtt_packets import (
     parse_packet_id,
     parse_publish,
 )
-from gatewayd.testing import free_port
+from gatewayd.testing import reserved_port
 
 PAHO_PROTOCOL = {3: paho.MQTTv31, 4: paho.MQTTv311, 5: paho.MQTTv5}
 # MQTT 5.0 3.2.2.2 lists 0x99 (Payload format invalid: of the will) for CONNACK; paho 2.2 does not.
@@ -640,7 +640,7 @@ def mosquitto(tmp_path_factory) -> Iterator[int]:
         pytest.fail("mosquitto is not installed: apt-get install mosquitto")
     directory: Path = tmp_path_factory.mktemp("mosquitto")
     (directory / "passwd").write_text(f"dev:{hash_password('secret')}\n")
-    port = free_port()
+    port = reserved_port()
     (directory / "mosquitto.conf").write_text(
         f"listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {directory / 'passwd'}\n"
         "persistence false\nmax_inflight_messages 7\nmax_topic_alias 5\nmax_packet_size 100000\n"

@@ -39,6 +39,7 @@ BUGS = {
     "syntax": ("INSRT INTO sqlbug_gauge (device, serial) VALUES (?, ?)", 2),
     "bindings": ("INSERT INTO sqlbug_gauge (device, serial) VALUES (?, ?)", 1),
     "unique": ("INSERT INTO sqlbug_gauge (device, serial) VALUES (?, ?)", 2),  # serial 1 is taken
+    "toobig": ("INSERT INTO sqlbug_gauge (device, serial) VALUES (?, zeroblob(2000000000))", 1),  # SQLITE_TOOBIG
 }
 EXPECTED = {
     "nocolumn": "StatementError: table sqlbug_gauge has no column named colour",
@@ -46,6 +47,7 @@ EXPECTED = {
     "syntax": 'StatementError: near "INSRT": syntax error',
     "bindings": "ProgrammingError: Incorrect number of bindings supplied",
     "unique": "IntegrityError: UNIQUE constraint failed: sqlbug_gauge.serial",
+    "toobig": "DataError: string or blob too big",
 }
 
 

@@ -231,3 +231,39 @@ async def test_a_payload_with_nan_is_never_sent(tmp_path):
             (row,) = await wait_for_state(storage, "failed")
     assert receiver.received == []
     assert row["last_error"].startswith("notification is not strict JSON")
+
+
+class HeldEndpoint(Receiver):
+    """/held answers nothing until `release`; /hook answers 200 at once."""
+
+    def __init__(self):
+        super().__init__(200)
+        self.release = trio.Event()
+        self.held: list[bytes] = []
+        self.app.add_url_rule("/held", "held", self.hold, methods=["POST"])
+
+    async def hold(self):
+        self.held.append(await request.get_data())
+        await self.release.wait()
+        return {"ok": True}
+
+
+async def test_a_held_endpoint_holds_only_its_own_deliveries(tmp_path):
+    """Ten alerts for an endpoint that does not answer, then one for another: the other is
+    delivered and saved meanwhile, and the held one has two deliveries under way, not
+    every slot of the worker (concurrency 8)."""
+    receiver = HeldEndpoint()
+    async with serving(receiver) as url:
+        rules = rules_for(f"{url}/held", "slow") + [rule_from_dict(
+            {"name": "quick", "type": "tamper", "actions": [{"kind": "webhook", "url": f"{url}/hook"}]}, "rules[1]")]
+        async with alerting(tmp_path, rules, timeout_s=60) as (bus, notifier, storage, _m):
+            for i in range(10):
+                await bus.emit("edgesentinel", f"door-{i}", "door_forced")
+            await wait_until(lambda: len(receiver.held) >= 2, what="the held endpoint's first deliveries")
+            await bus.emit("edgesentinel", "door-0", "tamper")
+            (quick,) = [r for r in await wait_for_state(storage, "sent") if r["state"] == "sent"]
+            under_way = len(receiver.held)
+            receiver.release.set()
+            await wait_for_state(storage, "sent", 11)
+    assert (quick["rule"], quick["attempts"]) == ("quick", 1) and len(receiver.received) == 1
+    assert under_way == 2 and len(receiver.held) == 10

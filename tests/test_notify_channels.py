@@ -8,7 +8,6 @@ from __future__ import annotations
 import email
 import email.policy
 import json
-import socket
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,6 +20,7 @@ from gatewayd.core.alerts.channels import slack_message, summary, teams_message
 from gatewayd.core.alerts.rules import rule_from_dict
 from gatewayd.core.config import SmtpSection, load_config
 from gatewayd.core.schema import ConfigErrors
+from gatewayd.testing import reserved_port
 from tests.test_notify import Receiver, alerting, count, serving, wait_for_state
 
 
@@ -52,16 +52,12 @@ class Sink:
         return AuthResult(success=False, handled=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @asynccontextmanager
 async def smtp_sink(sink: Sink, **kw: Any):
     """A real SMTP server on 127.0.0.1 (aiosmtpd runs its asyncio loop in a thread)."""
-    port = free_port()
+    port = reserved_port()
     controller = Controller(sink, hostname="127.0.0.1", port=port, authenticator=sink.authenticate,
                             auth_require_tls=False, **kw)
     await trio.to_thread.run_sync(controller.start)
@@ -135,7 +131,7 @@ async def test_email_without_a_server_or_starttls_fails_with_the_reason(tmp_path
     async with smtp_sink(Sink()) as port:
         results = []
         for i, smtp in enumerate([None, SmtpSection(host="127.0.0.1", port=port, starttls=True),
-                                  SmtpSection(host="127.0.0.1", port=free_port(), starttls=False)]):
+                                  SmtpSection(host="127.0.0.1", port=reserved_port(), starttls=False)]):
             kw = {"max_attempts": 2}
             async with alerting(tmp_path / str(i), email_rules("a@site.example"), smtp=smtp, **kw) as (
                     bus, _, storage, _m):
@@ -172,7 +168,8 @@ async def test_slack_and_teams_get_their_shapes_and_are_retried(tmp_path, kind):
         (attachment,) = doc["attachments"]
         assert (doc["type"], attachment["contentType"]) == ("message", "application/vnd.microsoft.card.adaptive")
         card = attachment["content"]
-        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", title)
+        escaped = r"\[site-7\] CRITICAL tamper: tamper\_detected \(critical\)"  # markdown in a card: as typed
+        assert (card["type"], card["version"], card["body"][0]["text"]) == ("AdaptiveCard", "1.4", escaped)
         assert {"title": "Device", "value": "door-7"} in card["body"][1]["facts"]
 
 
@@ -225,3 +222,20 @@ def test_a_long_subject_is_not_folded():
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
     assert parsed["Subject"] == summary(payload) and len(summary(payload)) > 78
     assert b"\r\n" in raw and b"Subject: [a-rather-long" in raw
+
+
+@pytest.mark.parametrize(("smtp", "warned"), [
+    (SmtpSection(host="mx.site.example", starttls=False, user="gw", password_env="P"), True),
+    (SmtpSection(host="mx.site.example", user="gw", password_env="P"), False),  # STARTTLS
+    (SmtpSection(host="mx.site.example", port=465, ssl=True, starttls=False, user="gw", password_env="P"), False),
+    (SmtpSection(host="mx.site.example", starttls=False), False),  # no login, no password to expose
+    (SmtpSection(host="127.0.0.1", starttls=False, user="gw", password_env="P"), False),  # a relay on this box
+])
+async def test_a_login_over_cleartext_is_warned_at_start(tmp_path, caplog, smtp, warned):
+    with caplog.at_level("WARNING", logger="gatewayd.notify"):
+        async with alerting(tmp_path, [], smtp=smtp):
+            pass
+    records = [r for r in caplog.records if r.getMessage() == "[notifications.smtp] password sent in cleartext"]
+    assert len(records) == warned
+    if warned:
+        assert records[0].fields["problem"].startswith("logs in to mx.site.example:587 as 'gw' over cleartext")

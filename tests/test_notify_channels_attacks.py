@@ -135,3 +135,84 @@ async def test_slack_mrkdwn_control_characters_are_escaped(tmp_path):
     assert {"type": "mrkdwn", "text": "*Device*\n&lt;!here&gt;"} in section["fields"]
     assert "<" not in context["elements"][0]["text"]
     assert header["text"]["type"] == "plain_text" and "<!channel>" in header["text"]["text"]  # plain text: as is
+
+
+async def test_teams_markdown_in_device_text_is_shown_literally(tmp_path):
+    """Teams renders a card's TextBlock and fact values as markdown: a device named
+    `*x*[link](http://evil)` must read as typed, not as bold text and a disguised link."""
+    import json
+
+    from tests.test_notify import Receiver, serving
+
+    receiver = Receiver(200)
+    async with serving(receiver) as url:
+        rules = [rule_from_dict({"name": "tamper", "type": "tamper_detected", "cooldown_s": 0,
+                                 "message": "lid open [see](http://evil)",
+                                 "actions": [{"kind": "teams", "url": f"{url}/hook"}]}, "rules[0]")]
+        async with alerting(tmp_path, rules) as (bus, _, storage, _m):
+            await bus.emit("edgesentinel", "*x*[link](http://evil)", "tamper_detected", severity="critical")
+            await wait_for_state(storage, "sent")
+    card = json.loads(receiver.received[-1][1])["attachments"][0]["content"]
+    title, facts, reason = card["body"]
+    literal = r"\*x\*\[link\]\(http://evil\)"
+    assert {"title": "Device", "value": literal} in facts["facts"]
+    assert title["text"] == r"\[site-7\] CRITICAL tamper: lid open \[see\]\(http://evil\)"
+    for block in (title["text"], reason["text"], *(f["value"] for f in facts["facts"])):
+        assert "*x*" not in block and "](" not in block and "[see]" not in block
+
+
+class Silent:
+    """A mail server that accepts connections and never says a word (until the test ends)."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(8)
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(5)
+        for conn in self.accepted:
+            conn.close()
+        self.server.close()
+
+    def _accept(self):
+        while not self.stop.is_set():
+            try:
+                self.accepted.append(self.server.accept()[0])
+            except OSError:
+                continue
+
+
+async def test_a_mail_server_that_never_answers_holds_no_webhook(tmp_path):
+    """Three alerts, each mailed and posted: the webhooks are delivered and saved while the
+    mail server still sits on the first e-mails (a 60 s timeout, a 180 s deadline), and
+    e-mails take two threads at a time, not one per e-mail."""
+    from tests.test_notify import Receiver, serving
+
+    receiver = Receiver(200)
+    with Silent() as silent:
+        async with serving(receiver) as url:
+            rules = [rule_from_dict({"name": "door-forced", "type": "door_forced", "cooldown_s": 0, "actions": [
+                {"kind": "email", "to": ["a@site.example"]}, {"kind": "webhook", "url": f"{url}/hook"}]}, "rules[0]")]
+            smtp = SmtpSection(host="127.0.0.1", port=silent.port, starttls=False)
+            async with alerting(tmp_path, rules, smtp=smtp, timeout_s=60) as (bus, _, storage, _m):
+                for device in ("door-1", "door-2", "door-3"):
+                    await bus.emit("edgesentinel", device, "door_forced")
+                await wait_for_state(storage, "sent", 3)
+                await wait_until(lambda: len(silent.accepted) >= 2, what="two e-mails at the mail server")
+                rows = await storage.read(list_notifications, None, 10)
+                accepted = len(silent.accepted)
+    sent = sorted(r["action"] for r in rows if r["state"] == "sent")
+    assert sent == ["webhook"] * 3 and len(receiver.received) == 3
+    assert [(r["state"], r["attempts"]) for r in rows if r["action"] == "email"] == [("pending", 0)] * 3
+    assert accepted == 2  # the third e-mail waits for a mail thread

@@ -290,3 +290,41 @@ actions = [{ kind = "log", level = "error" }]
             assert (newest["level"], newest["grouped"]) == ("alert", 2)
             assert await rows() == [("alert", "sent")] * 2 + [("escalation", "sent"), ("alert", "sent")]
         nursery.cancel_scope.cancel()
+
+
+def test_timers_come_due_in_deadline_order_and_a_replaced_one_never_fires():
+    engine = RuleEngine([rule(type="status", absent_for_s=120, cooldown_s=0)])
+    for i, device in enumerate(("c", "a", "b")):
+        engine.on_event(event(type="status", device=device), T0 + i)
+    # Each of "c"'s reports re-arms its silence timer: the old deadlines must not fire.
+    for t in range(10, 1000, 10):
+        engine.on_event(event(type="status", device="c"), T0 + t)
+    assert engine.next_deadline() == T0 + 1 + 120  # "a"
+    assert [f.key[2] for f in engine.due(T0 + 200)] == ["a", "b"]
+    assert engine.next_deadline() == T0 + 990 + 120
+    assert engine.due(T0 + 1000) == []
+    assert [f.key[2] for f in engine.due(T0 + 1110)] == ["c"]
+    assert engine.next_deadline() is None
+
+
+def test_a_device_re_arming_its_timer_keeps_the_heap_small():
+    engine = RuleEngine([rule(type="status", absent_for_s=120, cooldown_s=0)])
+    for t in range(20_000):
+        engine.on_event(event(type="status", device=f"d{t % 100}"), T0 + t)
+    assert len(engine._heap) <= 2 * 100 + 1024 + 1
+
+
+async def test_a_report_re_arming_a_later_timer_does_not_wake_the_timer_loop(tmp_path):
+    storage = Storage(tmp_path / "g.sqlite3")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        await trio.to_thread.run_sync(install_schemas, storage)
+        now = [T0]
+        bus = EventBus(storage, rules=[rule(type="status", absent_for_s=120, cooldown_s=0)], clock=lambda: now[0])
+        bus._sleep_until = T0 + 60  # the loop sleeps until then
+        await bus.observe("fam", "d1", "status", {})  # the first deadline, T0 + 120: later
+        assert not bus._wake.is_set()
+        bus._sleep_until = T0 + 200
+        await bus.observe("fam", "d2", "status", {})  # still T0 + 120, before T0 + 200: wake
+        assert bus._wake.is_set()
+        nursery.cancel_scope.cancel()

@@ -11,6 +11,7 @@ from cryptography.exceptions import InvalidTag
 
 from gatewayd.core.devices.secrets import (
     JWTError,
+    JWTVerifier,
     Keyring,
     decode_jwt,
     encode_jwt,
@@ -92,6 +93,28 @@ def test_jwt_round_trip_and_expiry():
     with pytest.raises(JWTError) as info:
         decode_jwt(token, key, now=1001)
     assert info.value.expired
+
+
+def test_jwt_verifier_checks_a_token_once_and_its_expiry_every_time(monkeypatch):
+    key = os.urandom(32)
+    verifier = JWTVerifier(key)
+    token = encode_jwt({"sub": "d1", "exp": 1000}, key)
+    checks = []
+    real = jwt.PyJWS.decode
+    monkeypatch.setattr(jwt.PyJWS, "decode", lambda self, *a, **kw: checks.append(1) or real(self, *a, **kw))
+    assert verifier.decode(token, now=10)["sub"] == "d1"
+    verifier.decode(token, now=11)["sub"] = "changed"  # the caller's copy
+    assert verifier.decode(token, now=12)["sub"] == "d1"
+    assert len(checks) == 1  # the signature once
+    with pytest.raises(JWTError) as info:
+        verifier.decode(token, now=1001)
+    assert info.value.expired
+    # A forged token (another subject, the remembered token's signature) is checked, and refused.
+    header, _, signature = token.split(".")
+    with pytest.raises(JWTError, match="signature"):
+        verifier.decode(f"{header}.{_b64url({'sub': 'd2', 'exp': 1000})}.{signature}", now=10)
+    with pytest.raises(JWTError, match="signature"):
+        JWTVerifier(os.urandom(32)).decode(token, now=10)  # another key: not its memory
 
 
 def _b64url(doc):

@@ -21,7 +21,7 @@ from gatewayd.core.storage import Storage
 from gatewayd.cli import main
 from gatewayd.core.tls import init_site
 from gatewayd.testing import gw_client
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ async def test_doctor_knows_its_own_running_gateway_behind_required_client_certi
     client certificate, so the running gateway's ports were 'in use by another program'
     and the doctor failed a healthy box."""
     init_site(tmp_path / "var" / "tls", "gw", ["localhost"], ["127.0.0.1"])
-    port = free_port()
+    port = reserved_port()
     tls = ["tls.http=true", "tls.client_auth='required'"]
     async with gateway_factory(settings=[f"http.listen='127.0.0.1:{port}'", *tls]):
         argv = ["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{tmp_path / 'var'}'",

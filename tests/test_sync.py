@@ -364,7 +364,7 @@ async def test_5xx_backs_off_then_delivers(gateway_factory, tmp_path):
 # -- 401/403: stop and alarm; 413: split ------------------------------------------------
 
 
-def free_port() -> int:
+def reserved_port() -> int:
     import socket
 
     with socket.socket() as sock:
@@ -389,7 +389,7 @@ async def pausing_gateway(gateway_factory, port: int, **upstream):
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_refused_secret_pauses_the_sink_keeps_the_records_and_resumes(gateway_factory, tmp_path, status):
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     async with pausing_gateway(gateway_factory, port, max_records=10) as (gw, worker, client):
         # The far end refuses the gateway's credentials (fault injection: every batch 401/403).
         async with receiver(db, port=port, status=status):
@@ -443,7 +443,7 @@ async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_d
     from gatewayd.protocol.retry import Backoff
 
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     base = f"http://127.0.0.1:{port}{base_path}"
     appended = keys.get("path", "/v1/batch")
     alarm = f"upstream answered {status} for {base}{appended}: check upstream.cloud.url, the gateway appends {appended}"
@@ -475,7 +475,7 @@ async def test_an_upstream_url_answering_404_or_405_pauses_the_sink_instead_of_d
 
 async def test_a_404_upstream_fixed_in_the_configuration_delivers_what_waited(gateway_factory, tmp_path):
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     async with receiver(db, port=port) as url:
         wrong = upstream_config(f"{url}/v1/batch", max_records=10)
         async with gateway_factory(plugins=[INGEST], config_text=wrong) as gw, gw_client(gw) as client:
@@ -516,7 +516,7 @@ async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gate
     from gatewayd.core.upstream.worker import TOO_LARGE_ALONE_MAX
 
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
         async with receiver(db, port=port, max_body_bytes=100):
             await bulk(client, 0, 30)
@@ -537,7 +537,7 @@ async def test_a_far_end_refusing_every_record_as_too_large_pauses_the_sink(gate
 async def test_a_413_for_a_record_smaller_than_what_was_taken_before_pauses_instead(gateway_factory, tmp_path):
     """The far end's limit shrank (a proxy put in front): no record is set aside."""
     db = tmp_path / "received.db"
-    port = free_port()
+    port = reserved_port()
     async with pausing_gateway(gateway_factory, port, max_records=8, compression="identity") as (gw, worker, client):
         async with receiver(db, port=port):
             await bulk(client, 0, 8)
@@ -591,7 +591,7 @@ async def cloud_broker():
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from gatewayd.testing import free_port as free_mqtt_port
+    from gatewayd.testing import reserved_port as free_mqtt_port
 
     port = free_mqtt_port()
     broker = subprocess.Popen(["/usr/sbin/mosquitto", "-p", str(port)], stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ import trio
 from gatewayd.core.runtime import run_until_signalled
 from gatewayd.core.sdnotify import SystemdNotifier
 from gatewayd.plugins.api import hookimpl
-from gatewayd.testing import gw_client
+from gatewayd.testing import gw_client, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "scripts" / "systemd" / "gatewayd.service"
@@ -93,15 +93,21 @@ async def test_ready_after_start_watchdog_from_the_loop_and_stopping(gateway_fac
         async with gw_client(gateway) as client:
             assert (await client.get("/health")).status_code == 200
         _drain(sock)
-        await trio.sleep(1.2)
-        healthy = [m for _, m in _drain(sock) if m == "WATCHDOG=1"]
-        assert len(healthy) >= 8  # every 0.1 s while the loop runs
+        pings: list[str] = []
+
+        def pinged(n: int) -> bool:
+            pings.extend(m for _, m in _drain(sock) if m == "WATCHDOG=1")
+            return len(pings) >= n
+
+        # Ping after ping while the loop runs (every 0.1 s; a loaded machine may take longer).
+        await wait_until(lambda: pinged(8), timeout=60, what="8 watchdog pings while the loop runs")
         # A wedged loop (a blocking call on the trio thread) stops the pings: what
-        # systemd's watchdog acts on. The same 1.2 s, 1 s of it wedged:
+        # systemd's watchdog acts on. Not one while it is wedged, and they come back after.
+        _drain(sock)
         time.sleep(1.0)
-        await trio.sleep(0.2)
-        wedged = [m for _, m in _drain(sock) if m == "WATCHDOG=1"]
-        assert 1 <= len(wedged) <= 4, (len(healthy), len(wedged))
+        assert [m for _, m in _drain(sock) if m == "WATCHDOG=1"] == []
+        pings.clear()
+        await wait_until(lambda: pinged(1), timeout=60, what="a watchdog ping once the loop runs again")
         os.kill(os.getpid(), signal.SIGTERM)  # what systemctl stop sends
     assert any(m.startswith("STOPPING=1") for _, m in _drain(sock))
     sock.close()
@@ -187,13 +193,16 @@ async def test_a_blocked_loop_leaves_a_gap_longer_than_the_watchdog(tmp_path):
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(notifier.watchdog)
-            await trio.sleep(0.6)
+            await wait_until(lambda: len(notifier.sent_at) >= 3, timeout=60, what="3 pings before the block")
             blocked_at = time.monotonic()
             time.sleep(0.8)  # the trio thread blocked: 4 watchdog periods
             unblocked_at = time.monotonic()
-            await trio.sleep(0.4)
+            await wait_until(lambda: len([t for t in notifier.sent_at if t > unblocked_at]) >= 2, timeout=60,
+                             what="2 pings after the block")
             nursery.cancel_scope.cancel()
-        await trio.sleep(0.3)  # the receiving thread reads the last ones
+        # The receiving thread reads the last ones.
+        await wait_until(lambda: len([m for _, m in receiver.got if m == "WATCHDOG=1"]) >= len(notifier.sent_at),
+                         timeout=60, what="every ping sent reached the socket")
     finally:
         notifier.close()
         receiver.close()
@@ -222,6 +231,8 @@ class _SlowV1:
 
 
 class _SlowV2:
+    extended = staticmethod(lambda: 5)  # how many EXTEND_TIMEOUT_USEC systemd got so far
+
     @hookimpl
     def gatewayd_storage_models(self, models):
         models.add(_Old)
@@ -230,7 +241,11 @@ class _SlowV2:
 
     @staticmethod
     def migrate(migrator, db):
-        time.sleep(1.0)  # a long migration (on the installing thread, as a real one runs)
+        # A long migration (on the installing thread, as a real one runs): it lasts until
+        # systemd was told 5 times to wait longer, however slow the machine (at most 60 s).
+        deadline = time.monotonic() + 60
+        while _SlowV2.extended() < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 async def test_a_migration_at_start_extends_systemds_start_timeout(gateway_factory, tmp_path):
@@ -246,19 +261,22 @@ async def test_a_migration_at_start_extends_systemds_start_timeout(gateway_facto
     receiver = _Receiver(tmp_path / "notify.sock")
     notifier = SystemdNotifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
     gateway = Gateway(config, plugins)
+    _SlowV2.extended = staticmethod(lambda: len([m for _, m in receiver.got if m.startswith("EXTEND_TIMEOUT_USEC")]))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: run_until_signalled(
                 gateway, task_status=task_status, notifier=notifier, extend_every_s=0.1))
             assert gateway.storage.pre_migration_backup is not None
-            await trio.sleep(0.3)
+            await wait_until(lambda: any(m.startswith("READY=1") for _, m in receiver.got), timeout=60,
+                             what="READY=1 reached the socket")  # read by the receiving thread
             os.kill(os.getpid(), signal.SIGTERM)
     finally:
+        _SlowV2.extended = staticmethod(lambda: 5)
         receiver.close()
     messages = [m for _, m in receiver.got]
     ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
     extended = [m for m in messages[:ready] if m.startswith("EXTEND_TIMEOUT_USEC=60000000\n")]
-    assert len(extended) >= 5, messages[:ready]  # every 0.1 s of the 1 s migration
+    assert len(extended) >= 5, messages[:ready]  # every 0.1 s while the migration ran
     assert "STATUS=copying the database, then migrating its schema" in extended[0]
     assert not [m for m in messages[ready:] if m.startswith("EXTEND_TIMEOUT_USEC")]
 

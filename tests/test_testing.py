@@ -1,6 +1,7 @@
 """gatewayd.testing itself: the per-test timeout, wait_until, and the gateway fixtures a
 plugin's tests are built on (each shown to fail when what it checks is not so)."""
 
+import socket
 import textwrap
 import threading
 import time
@@ -16,6 +17,7 @@ from gatewayd.testing import (
     gw_mqtt_address,
     provision,
     rejected_messages,
+    reserved_port,
     storage_failing,
     storage_full,
     wait_handled,
@@ -217,3 +219,34 @@ async def test_storage_full_and_failing_are_undone_when_the_block_ends(gateway_f
         async with storage_failing(gw):
             assert await post(100) == 503
         assert await post(101) == 201  # writable again
+
+
+async def test_storage_full_ends_while_a_statement_of_the_writer_is_still_active(gateway_factory):
+    # A write's cursor someone still holds keeps its statement active on the writer's
+    # connection: DROP TABLE is refused then ("database table is locked"); the block ends anyway.
+    async with gateway_factory(plugins=[("ingest", plugin_ingest)]) as gw, gw_client(gw) as client:
+        database = gw.storage.database
+        async with storage_full(gw):
+            held = await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count"))
+        r = await client.post("/ingest/records", json={"device": "d" * 200, "seq": 1})
+        assert r.status_code == 201, r.text
+        assert await gw.storage.write(lambda: database.execute_sql("PRAGMA max_page_count").fetchone()[0]) > 10**6
+        del held
+
+
+# -- reserved_port ------------------------------------------------------------------------
+
+
+def test_a_reserved_port_is_taken_by_the_tests_server_and_by_no_one_else():
+    ports = [reserved_port() for _ in range(20)]
+    assert len(set(ports)) == len(ports)  # never handed out twice
+    for port in ports[:3]:
+        with socket.socket() as other:  # no SO_REUSEADDR: any other program's bind
+            with pytest.raises(OSError):
+                other.bind(("127.0.0.1", port))
+        with socket.socket() as server:  # as mosquitto, trio and hypercorn bind
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(("127.0.0.1", port))
+            server.listen(1)
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                pass

@@ -25,7 +25,7 @@ from gatewayd.core.schema import ConfigErrors
 from gatewayd.core.tls import certificate_info, init_site, issue_client
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client, gw_url, provision, wait_handled
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 
 class Reading(peewee.Model):
@@ -221,7 +221,7 @@ def _mosquitto_pub(*args: str) -> list[str]:
 
 async def test_mqtt_tls_only_edge_takes_mosquitto_pub_with_the_site_ca(gateway_factory, tmp_path):
     tls = _site(tmp_path / "var")
-    port = free_port()
+    port = reserved_port()
     settings = [f"tls.mqtt_listen='127.0.0.1:{port}'", "tls.mqtt_plain=false"]
     async with gateway_factory(plugins=[("tlstest", TlsPlugin())], mqtt=True, settings=settings) as gw:
         assert gw.mqtt.facade().device_port == port
@@ -257,7 +257,7 @@ async def _publish(command: list[str]) -> subprocess.CompletedProcess:
 async def test_mqtt_client_certificates_required(gateway_factory, tmp_path):
     tls = _site(tmp_path / "var")
     crt, key = issue_client(tls, "d1", tmp_path / "clients")
-    port = free_port()
+    port = reserved_port()
     settings = [f"tls.mqtt_listen='127.0.0.1:{port}'", "tls.client_auth='required'"]
     async with gateway_factory(plugins=[("tlstest", TlsPlugin())], mqtt=True, settings=settings) as gw:
         device = await provision(gw, "tlstest", "d1")

@@ -14,7 +14,7 @@ import trio
 
 from gatewayd.core.tls import init_site, issue_client
 from gatewayd.testing import gw_url
-from gatewayd.testing.mqtt import free_port
+from gatewayd.testing import reserved_port
 
 
 def _site(data_dir: Path) -> Path:
@@ -82,7 +82,7 @@ async def test_mqtt_client_certificate_from_another_ca_is_refused(gateway_factor
     tls = _site(tmp_path / "var")
     mine = issue_client(tls, "d1", tmp_path / "mine")
     theirs = issue_client(_site(tmp_path / "other"), "d1", tmp_path / "theirs")
-    port = free_port()
+    port = reserved_port()
     settings = [f"tls.mqtt_listen='127.0.0.1:{port}'", "tls.client_auth='required'"]
     async with gateway_factory(mqtt=True, settings=settings):
         answer = await _mqtt_handshake(port, _context(tls / "ca.crt", mine))

@@ -91,3 +91,35 @@ def test_a_query_that_fits_and_keys_not_declared():
     assert QueryParser(Query)({"limit": "5", "since": "-1.5", "flag": "true", "name": "x", "_": "1"}) == \
         Query(5, -1.5, True, "x")
     assert QueryParser(Query)({}) == Query()
+
+
+class Counts(Struct):
+    uptime_seconds: Annotated[int, Meta(ge=0, le=2**40)] | None = None
+    value: float = 0.0
+    items: list[Annotated[int, Meta(ge=0)]] = []
+    inner: Inner | None = None
+    extra: dict[str, Any] = {}
+
+
+def test_an_integer_written_with_a_fraction_of_zero_is_an_integer():
+    """JSON Schema's `integer` (what the OpenAPI documents declare) is any number with no
+    fractional part: 864000.0 is accepted where an integer is declared, and a float field
+    or a free-form one keeps its float."""
+    doc = convert({"uptime_seconds": 864000.0, "value": 2.0, "items": [1.0, 2], "inner": {"x": -3.0},
+                   "extra": {"t": 20.0}}, Counts)
+    assert doc == Counts(864000, 2.0, [1, 2], Inner(-3), {"t": 20.0})
+    assert type(doc.uptime_seconds) is int and type(doc.items[0]) is int and type(doc.extra["t"]) is float
+
+
+@pytest.mark.parametrize("doc,message", [
+    ({"uptime_seconds": 1.5}, "uptime_seconds: expected an integer or null, got 1.5"),
+    ({"items": [1.0, 2.5]}, "items[1]: expected an integer, got 2.5"),
+    ({"inner": {"x": 0.1}}, "inner.x: expected an integer, got 0.1"),
+    ({"uptime_seconds": 2.0 ** 41}, "uptime_seconds: expected an integer 0-1099511627776, got 2199023255552"),
+    ({"uptime_seconds": 2.0 ** 60}, "uptime_seconds: expected an integer or null, got 1.152921504606847e+18"),
+    ({"uptime_seconds": -1.0}, "uptime_seconds: expected an integer 0-1099511627776, got -1"),
+])
+def test_a_fraction_where_an_integer_is_declared_says_expected_an_integer(doc, message):
+    with pytest.raises(InvalidInput) as e:
+        convert(doc, Counts)
+    assert str(e.value) == message and "multiple" not in message

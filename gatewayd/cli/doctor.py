@@ -90,7 +90,7 @@ def run_checks(args: argparse.Namespace, manager: PluginManager) -> list[Check]:
         return [Check("config", "fail", f"{where}: {len(e.errors)} error(s): " + "; ".join(str(x) for x in e.errors),
                       {"errors": [str(x) for x in e.errors]})]
     checks = [Check("config", "ok", f"{config_path(args) or 'built-in defaults'} is valid")]
-    for step in (_ports, _data_dir, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial):
+    for step in (_ports, _data_dir, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial, _smtp):
         try:
             checks += step(config, manager)
         except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
@@ -256,7 +256,8 @@ def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
 
     directory = backup_dir(config.backup, config.data_dir, config.source.parent if config.source else None)
     what = "backup.dir" if config.backup.dir else "backup.dir (default)"
-    if mount_required(directory, config.backup.require_mount) and (problem := mount_problem(directory, config.data_dir)):
+    if (mount_required(directory, config.backup.require_mount, config.data_dir)
+            and (problem := mount_problem(directory, config.data_dir))):
         return [Check("backup dir", "fail", problem, {"dir": str(directory), "require_mount": True})]
     existing = directory
     while not existing.exists() and existing != existing.parent:
@@ -424,6 +425,17 @@ def _master_key(config: Config, manager: PluginManager) -> list[Check]:
         return [Check("master key", "fail", f"no master key ({path}, or ${env}) but {devices} device(s) are "
                                             "provisioned: their secrets cannot be read; restore the key")]
     return [Check("master key", "warn", f"none yet: {path} is made when the first device is provisioned")]
+
+
+def _smtp(config: Config, manager: PluginManager) -> list[Check]:
+    smtp = config.notifications.smtp
+    if not smtp.host:
+        return [Check("smtp", "skip", "no mail server ([notifications.smtp] host)")]
+    if cleartext := smtp.cleartext_login():
+        return [Check("smtp", "warn", cleartext, {"host": smtp.host, "port": smtp.port})]
+    how = "SSL" if smtp.ssl else "STARTTLS" if smtp.starttls else "cleartext"
+    login = f", logs in as {smtp.user!r}" if smtp.user else ", no login"
+    return [Check("smtp", "ok", f"{smtp.host}:{smtp.port} over {how}{login}", {"host": smtp.host, "port": smtp.port})]
 
 
 def _count_devices(db: Path) -> int:

@@ -129,7 +129,7 @@ class Backups:
         self.no_space = 0
         self.not_mounted = 0
         #: With backup.require_mount: `gateway.data_dir`, the filesystem `directory` must not be on.
-        self.apart_from: Path | None = data_dir if mount_required(directory, section.require_mount) else None
+        self.apart_from: Path | None = data_dir if mount_required(directory, section.require_mount, data_dir) else None
         self._last_not_mounted = False
         if section.interval_s:
             health.probe("backup", self.state)

@@ -42,11 +42,17 @@ class NotMountedError(BackupDirError):
     """`backup.dir` must be another disk, and that disk is not mounted."""
 
 
-def mount_required(path: Path, setting: bool | None) -> bool:
-    """`backup.require_mount`, or when unset: is `path` under /media, /mnt or /run/media?"""
+def mount_required(path: Path, setting: bool | None, data_dir: Path | None = None) -> bool:
+    """`backup.require_mount`, or when unset: is `path`, or where it leads (a link to
+    /mnt/usb), under /media, /mnt or /run/media, and not inside `data_dir` (the default
+    `<data_dir>/backups` is on the data's disk by choice, wherever that disk is mounted)?"""
     if setting is not None:
         return setting
-    return any(path.is_relative_to(root) for root in MOUNT_ROOTS)
+    try:
+        inside = data_dir is not None and path.resolve().is_relative_to(data_dir.resolve())
+    except (OSError, RuntimeError):  # (a loop of links: prepare_dir names it)
+        inside = False
+    return not inside and any(_under(path, root) for root in MOUNT_ROOTS)
 
 
 def _nearest(path: Path) -> Path:
@@ -60,15 +66,30 @@ def mount_problem(path: Path, data_dir: Path) -> str | None:
     folders) on one filesystem (`st_dev`), e.g. a USB stick not mounted: its mount point
     is an empty folder of the SD card. None when they differ."""
     here, data = _nearest(path), _nearest(data_dir)
+    # Under /run/media a disk's mount point goes when it is unmounted (udisks): the nearest
+    # folder left is on /run's tmpfs, another filesystem than the data's, but no disk. A
+    # disk under a mount root is on another filesystem than the folder holding that root.
+    holder = next((_nearest(root.parent) for root in MOUNT_ROOTS if _under(path, root)), None)
     try:
         same = os.stat(here).st_dev == os.stat(data).st_dev
+        other = holder if holder is not None and os.stat(here).st_dev == os.stat(holder).st_dev else None
     except OSError:
         return None  # (a folder that cannot be looked at is named by prepare_dir)
-    if not same:
+    if not same and other is None:
         return None
-    return (f"backup.dir: {path} is not mounted: {here} is on the same filesystem as gateway.data_dir ({data_dir}), "
+    where = f"the same filesystem as gateway.data_dir ({data_dir})" if same else f"the filesystem of {other}"
+    return (f"backup.dir: {path} is not mounted: {here} is on {where}, "
             "not on a disk of its own (backup.require_mount); nothing is written there: mount the disk (and check "
             "/etc/fstab), or set backup.require_mount = false to keep the copies on the data's disk")
+
+
+def _under(path: Path, root: Path) -> bool:
+    """`path`, or where it leads, is under `root`."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):
+        resolved = path
+    return path.is_relative_to(root) or resolved.is_relative_to(root)
 
 
 def prepare_dir(path: Path, *, apart_from: Path | None = None) -> None:

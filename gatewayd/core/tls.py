@@ -241,20 +241,24 @@ def client_name(common_name: str) -> str:
     return name
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """`path` replaced by `data` (`mode`) through a `.tmp` of our own: made anew (O_EXCL),
+    never opened through a link left there (a shared --out folder)."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)  # whatever the umask
         f.write(data)
     tmp.replace(path)
 
 
+def _write_private(path: Path, data: bytes) -> None:
+    _write_new(path, data, 0o600)
+
+
 def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    _write_new(path, data, 0o644)
 
 
 def _key_pem(key: Any) -> bytes:
@@ -435,6 +439,11 @@ def init_site(directory: Path, site: str, dns_names: list[str], ip_addresses: li
     directory.chmod(0o755)
     created = not (directory / "ca.crt").exists()
     if created:
+        for name in ("ca.crt", "ca.key"):  # links to a disk not mounted: the CA is not there *now*
+            if (directory / name).is_symlink() and not (directory / name).exists():
+                raise TlsError(f"{directory / name} is a link to {os.readlink(directory / name)}, which is not "
+                               "there (a disk not mounted?): mount it, or remove the link to make a new CA "
+                               "(devices that pinned the old one must then get the new ca.crt)")
         if (directory / "ca.key").exists():
             raise TlsError(f"{directory / 'ca.key'} exists without ca.crt: restore ca.crt or remove both")
         ca_cert, ca_key = _new_ca(directory, site, now)

@@ -22,7 +22,8 @@ previous pair is still served); a complete pair newer than `current` whose key i
 certificate's (the crash came between the folder's rename and the switch) is switched
 to, as the renewal meant. Before the first pair, the two renames of earlier releases
 are finished where they can be (`server.key` replaced, `server.crt.tmp` its
-certificate) and named where they cannot.
+certificate) and named where they cannot. Plain files put where the two links belong
+after the switch (someone's own certificate, `mv`ed there) are kept, not served, and named.
 """
 
 from __future__ import annotations
@@ -183,6 +184,17 @@ def _recover_before_pairs(directory: Path, matches: Callable[[Path, Path], bool]
     return done
 
 
+def _placed_after_switch(directory: Path, links: list[Path]) -> list[str]:
+    """Plain files where the compatibility links belong, put there after `current` was
+    switched (a later change time: `mv`, `install`, a release before pairs): someone's own,
+    not the files a renewal interrupted before its links left behind (older than the switch)."""
+    try:
+        switched = os.lstat(directory / CURRENT).st_ctime_ns
+        return [p.name for p in links if not p.is_symlink() and p.is_file() and p.stat().st_ctime_ns > switched]
+    except OSError:
+        return []
+
+
 def recover(directory: Path, matches: Callable[[Path, Path], bool] = key_matches) -> list[str]:
     """Finish or undo a renewal a crash interrupted; each action logged and returned."""
     if not directory.is_dir():
@@ -211,7 +223,12 @@ def recover(directory: Path, matches: Callable[[Path, Path], bool] = key_matches
         done.append(f"deleted {pair.name}: its key is not its certificate's (an interrupted renewal)")
     if _current(directory) is not None:
         links = [(directory / n) for n in ("server.crt", "server.key")]
-        if not all(p.is_symlink() for p in links):
+        if placed := _placed_after_switch(directory, links):
+            log.error("tls: files put where the links into `current` belong are not served (and kept)",
+                      tls_dir=str(directory), files=", ".join(placed),
+                      problem="the gateway serves the pair `current` names; for a certificate of your own set "
+                              "tls.cert and tls.key to it, or move these files away to have the links made again")
+        elif not all(p.is_symlink() for p in links):
             _compat_links(directory)
             if not done:  # (after a switch just above, the links are part of it)
                 done.append("linked server.crt and server.key to the served pair (a renewal was interrupted "

@@ -175,7 +175,7 @@ class PluginContext(Generic[ConfigT, StateT]):
     ratelimit: FamilyRateLimits
     """Token buckets: `define(cls, limit, per_s)`, `check(key, cls)`, `headers(decision)`."""
     commands: FamilyCommands
-    """The durable per-device command queue: enqueue, next_for, push, ack."""
+    """The durable per-device command queue: enqueue, open_for (from memory), next_for, push, ack."""
     ingest: Ingest
     """Durable ingest and the upstream outbox in one transaction: `record`, `records`."""
     events: FamilyEvents

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import peewee
 
 from ..core.mqtt.broker import AclTemplate
-from ..core.mqtt.delivery import MessageHandler
+from ..core.mqtt.delivery import GroupHandler, InboundMessage, MessageHandler, Rejected
 from ..core.serial.link import FrameHandler, SerialSettings
 from ..protocol.topics import validate_filter
 
@@ -164,6 +164,29 @@ class TopicRegistry:
         if qos not in (0, 1):
             raise ValueError(f"{topic_filter}: qos must be 0 or 1")
         self.subscriptions.append(Subscription(topic_filter, handler, qos))
+
+    def subscribe_group(
+        self,
+        topic_filter: str,
+        handler: Callable[[Sequence[InboundMessage]], Awaitable[Sequence[Rejected | None]]],
+        qos: int = 1,
+    ) -> None:
+        """Like `subscribe`, for a handler that takes messages together: `await
+        handler(messages)` gets the messages matching `topic_filter` that the gateway's
+        edge read from one device at once (in order; one, when they come one by one, or
+        through a broker), and returns one outcome per message: None (stored) or a
+        `Rejected(reason)` (that message alone is rejected with its reason; the others
+        are not). It stores them with ONE `ctx.ingest.records(...)` call for the group
+        (a second call raises RuntimeError): the messages' delivery marks commit with
+        it, and each is acknowledged after it. Raising `Rejected` rejects the whole
+        group; `StorageFull`/`StorageUnavailable` leave the group unacknowledged and it
+        runs again. The topic's only handler: with another plugin's on the same topic,
+        each message is delivered alone.
+        """
+        validate_filter(topic_filter)
+        if qos not in (0, 1):
+            raise ValueError(f"{topic_filter}: qos must be 0 or 1")
+        self.subscriptions.append(Subscription(topic_filter, GroupHandler(handler), qos))
 
     def acl(self, pattern: str, access: str) -> None:
         """A mosquitto ACL pattern for this family's device accounts (`%u` = the device's

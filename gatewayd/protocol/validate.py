@@ -7,6 +7,12 @@ naming the field and what was wrong with it, in the words of `BadJSON`
 query string, whose values are all text: each is read as its field's type first
 (`limit=1e3` is no integer), then converted.
 
+Decided: where an integer is declared, a JSON number with no fractional part is one,
+`864000.0` as well as `864000` (JSON Schema's `integer`, which the OpenAPI documents say;
+firmware that formats every number as a double sends these). A fraction is refused as
+`expected an integer, got 1.5`; beyond 2**53 a float is no exact integer and is refused too.
+Query strings stay digits only. Only a refused document pays for this (converted again).
+
 The JSON Schema of the same types (`msgspec.json.schema_components`) is what the OpenAPI
 documents show, so what is refused and what is documented cannot drift apart.
 """
@@ -173,7 +179,57 @@ def convert(doc: Any, tp: type[T] | Any, *, location: str = "body") -> T:
     try:
         return msgspec.convert(doc, tp)  # type: ignore[no-any-return]
     except msgspec.ValidationError as e:
+        if not str(e).startswith("Expected `int"):
+            raise _invalid(e, doc, tp, location, location) from None
+    doc = _integral(doc, _info(tp))  # an integer written as 864000.0: read as the integer it is
+    try:
+        return msgspec.convert(doc, tp)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as e:
         raise _invalid(e, doc, tp, location, location) from None
+
+
+@functools.lru_cache(maxsize=512)
+def _info(tp: Any) -> mi.Type:
+    try:
+        return mi.type_info(tp)
+    except (TypeError, ValueError):
+        return mi.AnyType()
+
+
+_EXACT = 2.0 ** 53
+
+
+def _integral(doc: Any, t: mi.Type) -> Any:
+    """`doc` with each float that has no fractional part, where `t` declares an integer
+    and no float, as an int. Everything else is left as it is (a float field stays float)."""
+    if isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(doc, float):
+        kinds = t.types if isinstance(t, mi.UnionType) else (t,)
+        if (any(isinstance(k, mi.IntType) for k in kinds) and not any(isinstance(k, mi.FloatType) for k in kinds)
+                and doc.is_integer() and abs(doc) <= _EXACT):
+            return int(doc)
+        return doc
+    if isinstance(t, mi.UnionType):  # the member that can hold an object or an array
+        holders = (mi.StructType, mi.DictType) if isinstance(doc, dict) else (
+            mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType, mi.TupleType)
+        for member in t.types:
+            inner = member.type if isinstance(member, mi.Metadata) else member
+            if isinstance(inner, holders):
+                return _integral(doc, inner)
+        return doc
+    if isinstance(doc, dict):
+        if isinstance(t, mi.StructType):
+            fields = {f.encode_name: f.type for f in t.fields}
+            return {k: _integral(v, fields[k]) if k in fields else v for k, v in doc.items()}
+        if isinstance(t, mi.DictType):
+            return {k: _integral(v, t.value_type) for k, v in doc.items()}
+    elif isinstance(doc, list):
+        if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+            return [_integral(v, t.item_type) for v in doc]
+        if isinstance(t, mi.TupleType):
+            return [_integral(v, k) for v, k in zip(doc, t.item_types)] + doc[len(t.item_types):]
+    return doc
 
 
 # -- query strings -------------------------------------------------------------------

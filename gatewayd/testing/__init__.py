@@ -33,12 +33,15 @@ What there is:
 - :func:`wait_handled`, :func:`deliveries`, :func:`rejected_messages`: what the gateway
   did with inbound MQTT messages.
 - :func:`wait_until`: the one way to wait for something.
+- :func:`reserved_port`: a TCP port for a server of the test that no one else takes
+  before it binds (``free_port`` is the same).
 - :func:`add_firmware`, :func:`storage_full`, :func:`storage_failing`.
 - For tests of the MQTT layer itself: ``mqtt_broker``, ``mqtt_storage``,
   :func:`device_client`, :func:`add_device_account` (see :mod:`.mqtt`).
 - Every test, trio or plain, fails after 60 s unless marked
   ``@pytest.mark.timeout(SECONDS)``; ``PYTEST_TIMEOUT=SECONDS`` for a slow machine
-  (see :mod:`.timeouts`).
+  (see :mod:`.timeouts`). A long search stops at its own :class:`TimeBudget`, short of
+  its timeout, and says what it covered.
 """
 
 from __future__ import annotations
@@ -76,9 +79,17 @@ from .mqtt import (
     start_managed_broker,
     wait_handled,
 )
+from .ports import reserved_port
 from ..core.config import ConfigErrors
 from .receiver import UpstreamReceiver, start_upstream_receiver, upstream_receiver
-from .timeouts import pytest_configure, pytest_report_header, pytest_runtest_call, pytest_timeout_set_timer
+from .timeouts import (
+    TimeBudget,
+    pytest_configure,
+    pytest_report_header,
+    pytest_runtest_call,
+    pytest_timeout_set_timer,
+    time_left,
+)
 from .waiting import wait_until
 
 __all__ = [
@@ -88,12 +99,14 @@ __all__ = [
     # devices
     "provision", "DeviceCredentials", "device_mqtt", "MQTTLogin", "DeviceClient",
     # what the gateway did
-    "wait_until", "wait_handled", "deliveries", "Delivered", "rejected_messages", "Rejection",
+    "wait_until", "reserved_port", "wait_handled", "deliveries", "Delivered", "rejected_messages", "Rejection",
     "add_firmware", "storage_full", "storage_failing",
     # the MQTT layer alone
     "mqtt_broker", "mqtt_storage", "start_managed_broker", "add_device_account", "device_client",
     "gateway_client", "gateway_mqtt_settings", "external_broker_settings", "free_port", "AclTemplate",
     "TEST_ACL_TEMPLATES",
+    # time
+    "TimeBudget", "time_left",
     # pytest hooks (the per-test timeout), found here by pytest
     "pytest_configure", "pytest_report_header", "pytest_runtest_call", "pytest_timeout_set_timer",
 ]

@@ -20,7 +20,7 @@ import trio
 from ..core.config import load_config
 from ..core.mqtt.broker import find_mosquitto
 from ..core.runtime import Gateway
-from ..core.storage import StorageFull
+from ..core.storage import Storage, StorageError, StorageFull
 from ..plugins.manager import build_plugin_manager
 from .mqtt import MQTTLogin, free_port, record_deliveries
 from .receiver import UpstreamReceiver
@@ -169,23 +169,45 @@ async def storage_full(gateway: Gateway) -> AsyncIterator[None]:
     grow (SQLite's own size cap), and its free pages are taken by a filler table, so any
     write that stores something new fails with ``StorageFull``. (A write may still fit in
     the last few bytes of a page its table already has: rare, and as on a real disk.)"""
-    database = gateway.storage.database
-    await gateway.storage.write(lambda: database.execute_sql(f"CREATE TABLE IF NOT EXISTS {_FILLER} (b BLOB)"))
-    pages = await gateway.storage.write(lambda: database.execute_sql("PRAGMA page_count").fetchone()[0])
-    page_size = await gateway.storage.write(lambda: database.execute_sql("PRAGMA page_size").fetchone()[0])
-    await gateway.storage.write(lambda: database.execute_sql(f"PRAGMA max_page_count = {pages}"))
+    storage = gateway.storage
+    await storage.write(_sql, storage, f"CREATE TABLE IF NOT EXISTS {_FILLER} (b BLOB)")
+    [(pages,)] = await storage.write(_sql, storage, "PRAGMA page_count")
+    [(page_size,)] = await storage.write(_sql, storage, "PRAGMA page_size")
+    await storage.write(_sql, storage, f"PRAGMA max_page_count = {pages}")
     size = page_size * 64
     while size >= 16:  # fill what is left, big pieces first
         try:
-            await gateway.storage.write(
-                lambda n=size: database.execute_sql(f"INSERT INTO {_FILLER} VALUES (zeroblob(?))", (n,)))
+            await storage.write(_sql, storage, f"INSERT INTO {_FILLER} VALUES (zeroblob(?))", size)
         except StorageFull:
             size //= 2
     try:
         yield
     finally:
-        await gateway.storage.write(lambda: database.execute_sql(f"DROP TABLE IF EXISTS {_FILLER}"))
-        await gateway.storage.write(lambda: database.execute_sql("PRAGMA max_page_count = 1073741823"))
+        # DELETE gives the pages back whatever else the writer's connection has under way.
+        # DROP TABLE does not while another statement of that connection is active ("database
+        # table is locked"): a cursor a write returned that someone still holds (a PRAGMA that
+        # answers a row is active until closed; `_sql` closes its own). Then the empty table
+        # stays, for the next storage_full.
+        await storage.write(_sql, storage, f"DELETE FROM {_FILLER}")
+        await storage.write(_sql, storage, "PRAGMA max_page_count = 1073741823")
+        await _drop_filler(storage)
+
+
+def _sql(storage: Storage, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    """On the writer's thread: `sql`'s rows, its cursor closed (no statement left active)."""
+    cursor = storage.database.execute_sql(sql, params)
+    try:
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+async def _drop_filler(storage: Storage) -> None:
+    try:
+        await storage.write(_sql, storage, f"DROP TABLE IF EXISTS {_FILLER}")
+    except StorageError as e:
+        if "locked" not in str(e):
+            raise
 
 
 _FILLER = "gatewayd_testing_storage_full_filler"
@@ -195,9 +217,9 @@ _FILLER = "gatewayd_testing_storage_full_filler"
 async def storage_failing(gateway: Gateway) -> AsyncIterator[None]:
     """While the block runs, the gateway's database refuses every write (``StorageError``,
     not ``StorageFull``)."""
-    database = gateway.storage.database
-    await gateway.storage.write(lambda: database.execute_sql("PRAGMA query_only = 1"))
+    storage = gateway.storage
+    await storage.write(_sql, storage, "PRAGMA query_only = 1")
     try:
         yield
     finally:
-        await gateway.storage.write(lambda: database.execute_sql("PRAGMA query_only = 0"))
+        await storage.write(_sql, storage, "PRAGMA query_only = 0")

@@ -21,7 +21,6 @@ Tests fail (loudly) when mosquitto is not installed.
 
 from __future__ import annotations
 
-import socket
 import threading
 import weakref
 from collections.abc import AsyncIterator, Iterable
@@ -40,6 +39,7 @@ from ..core.mqtt.delivery import Delivery, DeliveryPool, RejectedMessage
 from ..core.mqtt.marks import DeliveryMarks
 from ..core.storage import SchemaSpec, Storage
 from ..protocol.topics import TopicRouter, matches
+from .ports import reserved_port
 from .waiting import wait_until
 
 if TYPE_CHECKING:
@@ -72,10 +72,9 @@ TEST_ACL_TEMPLATES = (AclTemplate("dev/%u/#", "write"), AclTemplate("dev/%u/cmd"
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (never assume 1883)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A TCP port on 127.0.0.1 for a server of the test (never assume 1883): `reserved_port`,
+    so no other test takes it between this call and the server's bind."""
+    return reserved_port()
 
 
 async def start_managed_broker(nursery: trio.Nursery, directory: Path, **kwargs: Any) -> ManagedBroker:

@@ -18,6 +18,7 @@ a deadline on trio's clock would be reached as soon as the test waits for a thre
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Any
 import pytest
 import trio
 
-__all__ = ["BACKSTOP_S", "DEFAULT_TIMEOUT_S", "wall_clock_limit"]
+__all__ = ["BACKSTOP_S", "DEFAULT_TIMEOUT_S", "TimeBudget", "time_left", "wall_clock_limit"]
 
 DEFAULT_TIMEOUT_S = 60.0
 BACKSTOP_S = 30.0
@@ -56,6 +57,36 @@ def wall_clock_limit(seconds: float) -> Iterator[trio.CancelScope]:
             yield scope
         finally:
             timer.cancel()
+
+
+def time_left(item: pytest.Item) -> float | None:
+    """Wall-clock seconds before ``item``'s timeout (``request.node`` in a test), or None
+    when it has none."""
+    if _DEADLINE not in item.stash:
+        return None
+    return item.stash[_DEADLINE][1] - time.monotonic()
+
+
+class TimeBudget:
+    """A long test's own time limit, short of its timeout: the test checks ``spent()``
+    before each piece of work, stops starting new ones once it is, and reports what it
+    covered, instead of being cut off by its timeout with nothing to show (a search, a
+    fuzzer). ``TimeBudget.of_test(request.node)``: the test's time left, less
+    ``margin_s`` to finish the piece under way and tear down, or ``GATEWAYD_TIME_BUDGET_S``
+    when that is shorter (to see what a slow machine would do)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    @classmethod
+    def of_test(cls, item: pytest.Item, *, margin_s: float = 60.0) -> TimeBudget:
+        left = time_left(item)
+        seconds = math.inf if left is None else max(left - margin_s, 0.0)
+        return cls(min(seconds, float(os.environ.get("GATEWAYD_TIME_BUDGET_S") or math.inf)))
+
+    def spent(self) -> bool:
+        return time.monotonic() >= self.deadline
 
 
 # -- the pytest side ---------------------------------------------------------------
@@ -86,12 +117,13 @@ def _is_trio(item: pytest.Item) -> bool:
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)
 def pytest_timeout_set_timer(item: pytest.Item, settings: Any) -> bool | None:
-    """pytest-timeout's hook: for a trio test, note the deadline and arm only the backstop."""
+    """pytest-timeout's hook: note the deadline; for a trio test, arm only the backstop."""
+    if settings.timeout and settings.timeout > 0:
+        item.stash[_DEADLINE] = (settings.timeout, time.monotonic() + settings.timeout)
     if not _is_trio(item):
         return None  # pytest-timeout's own method
     import pytest_timeout
 
-    item.stash[_DEADLINE] = (settings.timeout, time.monotonic() + settings.timeout)
     backstop = settings._replace(method="thread", timeout=settings.timeout + BACKSTOP_S)
     return bool(pytest_timeout.pytest_timeout_set_timer(item=item, settings=backstop))
 

@@ -16,6 +16,7 @@ Every shape is built from the one payload document all actions share (docs/event
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from email.message import EmailMessage
@@ -27,12 +28,14 @@ from urllib.parse import urlsplit
 
 from ..schema import ConfigError
 
-__all__ = ["SmtpSection", "email_message", "slack_message", "teams_message", "summary", "redact_url", "EMAIL"]
+__all__ = ["SmtpSection", "email_message", "slack_message", "teams_message", "summary", "redact_url", "teams_text",
+           "EMAIL"]
 
 EMAIL = re.compile(r"[^@\s,;<>\"]+@[^@\s,;<>\"]+\.[^@\s,;<>\"]+")
 _SEVERITY_MARK = {"critical": ":red_circle:", "warning": ":warning:", "info": ":information_source:"}
 # Headers unfolded up to RFC 5322's 998: a folded Subject reads back with a leading space.
 _MAIL_POLICY = SMTP.clone(max_line_length=998)
+_TEAMS_SPECIAL = re.compile(r"[\\`*_{}\[\]()<>#|~&]|^[-+]")  # a leading - or + would start a list
 _TEAMS_COLOR = {"critical": "Attention", "warning": "Warning", "info": "Default"}
 
 
@@ -63,9 +66,27 @@ class SmtpSection:
         if self.sender and not EMAIL.fullmatch(self.sender):
             raise ConfigError("sender", f"expected an e-mail address, got {self.sender!r}")
 
+    def cleartext_login(self) -> str | None:
+        """Why logging in to this server exposes the password, or None: a login over a
+        connection neither STARTTLS nor SSL protects, to a host other than this box's own
+        loopback (a local relay's traffic never leaves the box)."""
+        if not (self.host and self.user) or self.starttls or self.ssl or _loopback(self.host):
+            return None
+        return (f"logs in to {self.host}:{self.port} as {self.user!r} over cleartext (starttls = false, ssl = false): "
+                "the password crosses the network readable; set starttls = true (port 587) or ssl = true (port 465)")
+
     @property
     def from_address(self) -> str:
         return self.sender or f"gatewayd@{self.host or 'localhost'}"
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() in ("localhost", "localhost.localdomain") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def summary(payload: dict[str, Any]) -> str:
@@ -130,14 +151,22 @@ def teams_message(payload: dict[str, Any]) -> dict[str, Any]:
         "type": "AdaptiveCard",
         "version": "1.4",
         "body": [
-            {"type": "TextBlock", "size": "Medium", "weight": "Bolder", "wrap": True, "text": summary(payload),
-             "color": _TEAMS_COLOR.get(str(payload.get("severity")), "Default")},
-            {"type": "FactSet", "facts": [{"title": name, "value": value} for name, value in _facts(payload)]},
-            {"type": "TextBlock", "wrap": True, "isSubtle": True, "text": str(payload.get("reason"))},
+            {"type": "TextBlock", "size": "Medium", "weight": "Bolder", "wrap": True,
+             "text": teams_text(summary(payload)), "color": _TEAMS_COLOR.get(str(payload.get("severity")), "Default")},
+            {"type": "FactSet", "facts": [{"title": name, "value": teams_text(value)} for name, value in _facts(payload)]},
+            {"type": "TextBlock", "wrap": True, "isSubtle": True, "text": teams_text(str(payload.get("reason")))},
         ],
     }
     return {"type": "message", "attachments": [
         {"contentType": "application/vnd.microsoft.card.adaptive", "contentUrl": None, "content": card}]}
+
+
+def teams_text(text: str) -> str:
+    """Device-supplied text shown literally in a card: Teams renders a TextBlock's text and a
+    fact's value as markdown, so `*x*` would be bold and `[label](url)` a disguised link.
+    Markdown's punctuation gets a backslash (CommonMark's escape, which Teams honours);
+    line breaks become spaces, as a blank line would start a new paragraph."""
+    return _TEAMS_SPECIAL.sub(r"\\\g<0>", " ".join(text.splitlines()))
 
 
 def redact_url(url: str) -> str:

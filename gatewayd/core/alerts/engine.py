@@ -24,6 +24,8 @@ events are not replayed; see docs/events.md).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ __all__ = ["RuleEngine", "Firing"]
 
 Key = tuple[str, str, str, str]  # rule, family, device, type
 ANY_TYPE = "*"
+OPEN, ABSENT, ESCALATION = 0, 1, 2  # the timer tables, as the heap's entries name them
 
 
 @dataclass
@@ -108,6 +111,13 @@ class RuleEngine:
         self._open: dict[Key, _Timer] = {}
         self._absent: dict[Key, _Timer] = {}
         self._escalations: dict[Key, _Timer] = {}
+        self._tables = (self._open, self._absent, self._escalations)  # by OPEN, ABSENT, ESCALATION
+        # Every armed timer, earliest first: (deadline, order, table, key, timer). A timer
+        # replaced or cleared stays in the heap until it comes up and is skipped (its
+        # table no longer holds it): a device's silence timer is re-armed by each of its
+        # reports, and that must cost a push, not a sort of every device's timers.
+        self._heap: list[tuple[float, int, int, Key, _Timer]] = []
+        self._order = itertools.count()
         self._active: set[Key] = set()
         self._mutes: dict[tuple[str, str, str], _Mute] = {}
         self.set_rules(rules)
@@ -137,7 +147,7 @@ class RuleEngine:
                 continue
             if rule.absent_for_s:
                 key = (rule.name, event.family, event.device_id or "", ANY_TYPE)
-                self._absent[key] = _Timer(now + rule.absent_for_s, event, now)
+                self._arm(ABSENT, key, _Timer(now + rule.absent_for_s, event, now))
                 self._clear(key)  # the device spoke again: the silence is over
                 continue
             key = (rule.name, event.family, event.device_id or "", event.type)
@@ -155,7 +165,7 @@ class RuleEngine:
                 reason = f"{len(window)} {event.type} events within {rule.within_s:g} s (more than {rule.more_than})"
             elif rule.min_duration_s:
                 if event.duration_s is None:
-                    self._open[key] = _Timer(event.ts + rule.min_duration_s, event, event.ts)
+                    self._arm(OPEN, key, _Timer(event.ts + rule.min_duration_s, event, event.ts))
                     continue
                 if event.duration_s <= rule.min_duration_s or key in was_active:
                     continue
@@ -170,25 +180,26 @@ class RuleEngine:
     def due(self, now: float) -> list[Firing]:
         """Timers that have passed: unresolved open events, silences, escalations."""
         firings: list[Firing] = []
-        for table, describe in ((self._open, self._describe_open), (self._absent, self._describe_absent)):
-            for key, timer in sorted(table.items(), key=lambda kv: kv[1].deadline):
-                if timer.deadline > now:
-                    continue
-                del table[key]
-                rule = self._rules[key[0]]
-                firing = self._fire(rule, key, timer.event, now, describe(rule, timer), started=timer.started)
-                if firing is not None:
-                    firings.append(firing)
-        for key, timer in sorted(self._escalations.items(), key=lambda kv: kv[1].deadline):
-            if timer.deadline > now:
-                continue
-            del self._escalations[key]
-            if key not in self._active:
-                continue
+        heap = self._heap
+        # Earliest first; a firing may arm an escalation already due: it comes up here too.
+        while heap and heap[0][0] <= now:
+            _, _, kind, key, timer = heapq.heappop(heap)
+            table = self._tables[kind]
+            if table.get(key) is not timer:
+                continue  # replaced or cleared since it was armed
+            del table[key]
             rule = self._rules[key[0]]
-            self.stats.escalated += 1
-            reason = f"still unresolved {rule.escalate.after_s:g} s after it began ({timer.event.type})"
-            firings.append(Firing(rule, "escalation", list(rule.escalate.actions), key, timer.event, reason, now))
+            if kind == ESCALATION:
+                if key not in self._active:
+                    continue
+                self.stats.escalated += 1
+                reason = f"still unresolved {rule.escalate.after_s:g} s after it began ({timer.event.type})"
+                firings.append(Firing(rule, "escalation", list(rule.escalate.actions), key, timer.event, reason, now))
+                continue
+            describe = self._describe_open if kind == OPEN else self._describe_absent
+            firing = self._fire(rule, key, timer.event, now, describe(rule, timer), started=timer.started)
+            if firing is not None:
+                firings.append(firing)
         self._mutes = {k: m for k, m in self._mutes.items() if m.until > now}
         # Forget cooldowns long past so state stays bounded by what is recent.
         for key in [k for k, t in self._last_fired.items() if now - t > self._rules[k[0]].cooldown_s
@@ -198,14 +209,25 @@ class RuleEngine:
 
     def next_deadline(self) -> float | None:
         """When `due()` next has something to do (None: nothing scheduled)."""
-        deadlines = [t.deadline for table in (self._open, self._absent, self._escalations) for t in table.values()]
-        return min(deadlines, default=None)
+        heap = self._heap
+        while heap and self._tables[heap[0][2]].get(heap[0][3]) is not heap[0][4]:
+            heapq.heappop(heap)  # replaced or cleared: not a deadline any more
+        return heap[0][0] if heap else None
 
     def active(self) -> list[Key]:
         """Keys that fired and are not resolved yet."""
         return sorted(self._active)
 
     # -- internals -----------------------------------------------------------------
+
+    def _arm(self, kind: int, key: Key, timer: _Timer) -> None:
+        self._tables[kind][key] = timer
+        heap = self._heap
+        heapq.heappush(heap, (timer.deadline, next(self._order), kind, key, timer))
+        live = len(self._open) + len(self._absent) + len(self._escalations)
+        if len(heap) > 2 * live + 1024:  # mostly replaced timers: rebuild from the live ones
+            heap[:] = [e for e in heap if self._tables[e[2]].get(e[3]) is e[4]]
+            heapq.heapify(heap)
 
     def _fire(self, rule: Rule, key: Key, event: Any, now: float, reason: str,
               started: float | None = None) -> Firing | None:
@@ -221,7 +243,7 @@ class RuleEngine:
         self.stats.by_rule[rule.name] = self.stats.by_rule.get(rule.name, 0) + 1
         if rule.escalate is not None and event.resolved is not True:
             began = started if started is not None else event.ts - (event.duration_s or 0.0)
-            self._escalations[key] = _Timer(max(began + rule.escalate.after_s, now), event, began)
+            self._arm(ESCALATION, key, _Timer(max(began + rule.escalate.after_s, now), event, began))
         for action in rule.actions:
             if action.kind == "suppress":
                 targets = action.rules or ["*"]

@@ -177,6 +177,7 @@ class EventBus:
         self.notifier = notifier
         self.clock = clock
         self._wake = trio.Event()
+        self._sleep_until: float | None = None  # when the timer loop wakes by itself (None: not asleep)
         self._emitted = self._rejected = self._fired = self._lost = self._errors = None
         if metrics is not None:
             self._emitted = metrics.counter("gatewayd_events_total", "Events stored", ("family", "severity"))
@@ -239,7 +240,7 @@ class EventBus:
         now = self.clock()
         event = self._check(family, device_id, type, data, severity, None, None, ts, now)
         firings = self._evaluate(event)
-        self._wake.set()  # a silence timer may have been re-armed
+        self._wake_if_sooner()  # a silence timer was re-armed: later, as a rule, for a report
         if not firings:
             return None
         event.id = await self.storage.write(_insert, event, now)
@@ -270,8 +271,15 @@ class EventBus:
             self._errors.inc()
         log.exception("rule evaluation failed", error=repr(e))
 
+    def _wake_if_sooner(self) -> None:
+        """Wake the timer loop only if a deadline now comes before it wakes by itself: a
+        status from each of 1,000 lights must not wake it each time."""
+        deadline = self.engine.next_deadline()
+        if deadline is not None and (self._sleep_until is None or deadline < self._sleep_until):
+            self._wake.set()
+
     async def _dispatch(self, firings: list[Firing]) -> None:
-        self._wake.set()  # timers may have changed
+        self._wake_if_sooner()  # timers may have changed
         if not firings:
             return
         for f in firings:
@@ -297,9 +305,12 @@ class EventBus:
             self._wake = trio.Event()
             deadline = self.engine.next_deadline()
             # Re-check at least every minute: the wall clock may have been stepped.
-            wait = 60.0 if deadline is None else min(60.0, max(0.0, deadline - self.clock()))
+            now = self.clock()
+            wait = 60.0 if deadline is None else min(60.0, max(0.0, deadline - now))
+            self._sleep_until = now + wait
             with trio.move_on_after(wait):
                 await self._wake.wait()
+            self._sleep_until = None
             try:
                 firings = self.engine.due(self.clock())
             except Exception as e:  # never take the gateway's core nursery down

@@ -1,12 +1,15 @@
 """The notification queue: durable delivery of alert actions, with retries.
 
 Every action of a firing becomes one `core_notification` row (pending) in one commit.
-The `Notifier.run` worker delivers due rows - webhook (JSON POST signed with
-HMAC-SHA256), e-mail (smtplib in a worker thread, through `[notifications.smtp]`), a
-Slack or Teams message (channels.py has their shapes), MQTT publish, an upstream
-record of the `alert` class, or a log line - and marks them sent, or schedules a retry with exponential backoff (±25 % jitter), or
-gives up after `max_attempts` (failed, with the last error). Rows survive restarts, so
-an alert raised while the network is down goes out when it comes back.
+The `Notifier.run` worker delivers due rows, each as a task of its own that commits its
+own outcome (an endpoint has room for a few at once; e-mails go on threads of their own,
+two at a time, so a mail server that never answers holds no webhook) - webhook (JSON
+POST signed with HMAC-SHA256), e-mail (smtplib, through `[notifications.smtp]`), a Slack
+or Teams message (channels.py has their shapes), MQTT publish, an upstream record of
+the `alert` class, or a log line - and marks them sent, or schedules a retry with
+exponential backoff (±25 % jitter), or gives up after `max_attempts` (failed, with the
+last error). Rows survive restarts, so an alert raised while the network is down goes
+out when it comes back.
 
 Delivery is at-least-once: a crash between a webhook's 2xx and the commit of "sent"
 sends it again. Webhook receivers dedupe on the `X-Gatewayd-Delivery` header (the row id);
@@ -24,8 +27,9 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -52,6 +56,10 @@ STATES = ("pending", "sent", "failed")
 SIGNATURE_HEADER = "X-Gatewayd-Signature"
 DELIVERY_HEADER = "X-Gatewayd-Delivery"
 BATCH = 50
+MAIL_SERVER = "mailto:"
+"""The endpoint key of every e-mail (no action's target is this bare prefix)."""
+SAVE_RETRY_MAX_S = 60.0
+"""A delivery's outcome that could not be committed is tried again, backing off up to this."""
 SMTP_DEADLINE_FACTOR = 3
 """An e-mail's whole SMTP conversation may take this many times `timeout_s`."""
 
@@ -114,22 +122,49 @@ def _insert_rows(rows: list[dict[str, Any]]) -> list[int]:
     return [CoreNotification.insert(**row).execute() for row in rows]
 
 
-def _due(now: float, limit: int) -> list[CoreNotification]:
-    return list(CoreNotification.select()
-                .where((CoreNotification.state == "pending") & (CoreNotification.next_attempt_at <= now))
+@dataclass(frozen=True)
+class _Busy:
+    """What a pass must not start: rows under way, endpoints with no room (`email`: the mail server)."""
+
+    ids: frozenset[int] = frozenset()
+    targets: frozenset[str] = frozenset()
+    email: bool = False
+
+
+def _endpoint(row: CoreNotification) -> str:
+    """Deliveries to one endpoint share its room: a webhook's or chat's URL, an MQTT topic;
+    every e-mail goes through the one mail server."""
+    return MAIL_SERVER if row.kind == "email" else row.target
+
+
+def _waiting(busy: _Busy) -> peewee.ModelSelect:
+    """Pending rows not being delivered now, whose endpoint has room for one more."""
+    query = CoreNotification.select().where(CoreNotification.state == "pending")
+    if busy.ids:
+        query = query.where(CoreNotification.id.not_in(sorted(busy.ids)))
+    if busy.targets:
+        query = query.where(CoreNotification.target.not_in(sorted(busy.targets)))
+    if busy.email:
+        query = query.where(CoreNotification.kind != "email")
+    return query
+
+
+def _due(now: float, limit: int, busy: _Busy) -> list[CoreNotification]:
+    return list(_waiting(busy).where(CoreNotification.next_attempt_at <= now)
                 .order_by(CoreNotification.next_attempt_at, CoreNotification.id).limit(limit))
 
 
-def _next_due() -> tuple[float | None, int]:
-    pending = CoreNotification.select().where(CoreNotification.state == "pending")
-    first = pending.order_by(CoreNotification.next_attempt_at).first()
-    return (first.next_attempt_at if first else None), pending.count()
+def _next_due(busy: _Busy) -> tuple[float | None, int]:
+    first = _waiting(busy).order_by(CoreNotification.next_attempt_at).first()
+    return (first.next_attempt_at if first else None), _pending_count()
 
 
-def _save(results: list[dict[str, Any]]) -> None:
-    for r in results:
-        row_id = r.pop("id")
-        CoreNotification.update(**r).where(CoreNotification.id == row_id).execute()
+def _pending_count() -> int:
+    return CoreNotification.select().where(CoreNotification.state == "pending").count()
+
+
+def _save(row_id: int, outcome: dict[str, Any]) -> None:
+    CoreNotification.update(**outcome).where(CoreNotification.id == row_id).execute()
 
 
 def list_notifications(state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -162,6 +197,8 @@ class Notifier:
         backoff_max_s: float = 300.0,
         timeout_s: float = 10.0,
         concurrency: int = 8,
+        per_endpoint: int = 2,
+        mail_threads: int = 2,
         publish_mqtt: PublishMqtt | None = None,
         forward_upstream: ForwardUpstream | None = None,
         smtp: SmtpSection | None = None,
@@ -182,6 +219,14 @@ class Notifier:
         self.smtp = smtp
         """The mail server of `email` actions (`[notifications.smtp]`); None or no host: they fail."""
         self._limiter = trio.CapacityLimiter(concurrency)
+        """HTTP posts and publishes under way at once (an e-mail takes a mail thread instead)."""
+        self._mail_threads = trio.CapacityLimiter(mail_threads)
+        """smtplib blocks: e-mails run on threads of their own, this many at a time."""
+        self._room = {MAIL_SERVER: mail_threads}
+        self._per_endpoint = per_endpoint
+        self._in_flight: dict[int, str] = {}
+        """Row id -> endpoint of each delivery under way (not picked again until its outcome is saved)."""
+        self._nursery: trio.Nursery | None = None
         self._rng = rng or random.Random()
         self._wake = trio.Event()
         self._client: httpx.AsyncClient | None = None
@@ -211,9 +256,16 @@ class Notifier:
         return ids
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver due notifications until cancelled; never dies of a bad row or a full disk."""
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            self._client = client
+        """Deliver due notifications until cancelled; never dies of a bad row or a full disk.
+
+        Each delivery runs as a task of its own and saves its own outcome: a slow webhook
+        or a mail server that never answers holds only its own rows. An endpoint has room
+        for `per_endpoint` deliveries at once (the mail server: `mail_threads`); its other
+        rows wait in the table while the rest go out."""
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client, trio.open_nursery() as nursery:
+            self._client, self._nursery = client, nursery
+            if self.smtp is not None and (cleartext := self.smtp.cleartext_login()):
+                log.warning("[notifications.smtp] password sent in cleartext", problem=cleartext)
             task_status.started()
             failures = 0
             while True:
@@ -222,7 +274,7 @@ class Notifier:
                     if await self.deliver_due():
                         failures = 0
                         continue
-                    next_at, self.depth = await self.storage.read(_next_due)
+                    next_at, self.depth = await self.storage.read(_next_due, self._busy())
                     failures = 0
                 except Exception as e:  # a full disk, a bug: log, back off, never crash the core
                     failures += 1
@@ -233,43 +285,72 @@ class Notifier:
                     next_at = self.clock() + min(60.0, 2.0 ** failures)
                 wait = 60.0 if next_at is None else min(60.0, max(0.0, next_at - self.clock()))
                 with trio.move_on_after(wait):
-                    await self._wake.wait()
+                    await self._wake.wait()  # set by enqueue and by each finished delivery
 
     async def deliver_due(self) -> int:
-        """One pass: deliver what is due now (concurrently), commit the outcomes."""
-        rows = await self.storage.read(_due, self.clock(), BATCH)
-        if not rows:
-            return 0
-        results: list[dict[str, Any]] = []
-        async with trio.open_nursery() as nursery:
-            for row in rows:
-                nursery.start_soon(self._attempt, row, results)
-        await self.storage.write(_save, results)
-        return len(rows)
+        """Start the deliveries that are due, not under way and have room at their endpoint."""
+        assert self._nursery is not None, "deliver inside Notifier.run"
+        rows = await self.storage.read(_due, self.clock(), BATCH, self._busy())
+        under_way = Counter(self._in_flight.values())
+        started = 0
+        for row in rows:
+            endpoint = _endpoint(row)
+            if under_way[endpoint] >= self._room.get(endpoint, self._per_endpoint):
+                continue  # filled by rows earlier in this pass; it is picked again when one finishes
+            under_way[endpoint] += 1
+            self._in_flight[row.id] = endpoint
+            self._nursery.start_soon(self._attempt, row)
+            started += 1
+        return started
 
-    async def _attempt(self, row: CoreNotification, results: list[dict[str, Any]]) -> None:
-        attempts = row.attempts + 1
-        async with self._limiter:
+    def _busy(self) -> _Busy:
+        counts = Counter(self._in_flight.values())
+        full = {e for e, n in counts.items() if n >= self._room.get(e, self._per_endpoint)}
+        return _Busy(frozenset(self._in_flight), frozenset(full - {MAIL_SERVER}), MAIL_SERVER in full)
+
+    async def _attempt(self, row: CoreNotification) -> None:
+        try:
+            outcome = await self._outcome(row)
+            await self._save_outcome(row.id, outcome)
+        finally:
+            del self._in_flight[row.id]
+            self._wake.set()  # its endpoint has room again
+
+    async def _save_outcome(self, row_id: int, outcome: dict[str, Any]) -> None:
+        """Commit one delivery's outcome. Until it is saved the row stays under way (a full
+        disk must not turn one sent webhook into one per pass); retried with backoff."""
+        failures = 0
+        while True:
             try:
+                await self.storage.write(_save, row_id, outcome)
+                return
+            except Exception as e:  # a full disk, a bug: never crash the worker
+                failures += 1
+                log.error("notification outcome not saved, will retry", id=row_id, error=str(e) or repr(e))
+                await trio.sleep(min(SAVE_RETRY_MAX_S, 2.0 ** failures))
+
+    async def _outcome(self, row: CoreNotification) -> dict[str, Any]:
+        attempts = row.attempts + 1
+        try:
+            if row.kind == "email":  # waits for a mail thread, not for a slot HTTP deliveries need
                 await self._deliver(row)
-            except _Permanent as e:
-                outcome = self._failed(row, attempts, str(e))
-            except Exception as e:  # network errors, 5xx, a broken publish: retry
-                error = str(e) or e.__class__.__name__
-                if attempts >= self.max_attempts:
-                    outcome = self._failed(row, attempts, f"gave up after {attempts} attempts: {error}")
-                else:
-                    delay = self._delay(attempts)
-                    outcome = {"attempts": attempts, "last_error": error[:1000],
-                               "next_attempt_at": self.clock() + delay}
-                    self._count("retried")
-                    log.warning("notification delivery failed, will retry", id=row.id, rule=row.rule,
-                                action=row.kind, attempt=attempts, retry_in_s=round(delay, 1), error=error[:200])
             else:
-                outcome = {"state": "sent", "attempts": attempts, "sent_at": self.clock()}
-                self.depth = max(0, self.depth - 1)
-                self._count("sent")
-        results.append({"id": row.id, **outcome})
+                async with self._limiter:
+                    await self._deliver(row)
+        except _Permanent as e:
+            return self._failed(row, attempts, str(e))
+        except Exception as e:  # network errors, 5xx, a broken publish: retry
+            error = str(e) or e.__class__.__name__
+            if attempts >= self.max_attempts:
+                return self._failed(row, attempts, f"gave up after {attempts} attempts: {error}")
+            delay = self._delay(attempts)
+            self._count("retried")
+            log.warning("notification delivery failed, will retry", id=row.id, rule=row.rule,
+                        action=row.kind, attempt=attempts, retry_in_s=round(delay, 1), error=error[:200])
+            return {"attempts": attempts, "last_error": error[:1000], "next_attempt_at": self.clock() + delay}
+        self.depth = max(0, self.depth - 1)
+        self._count("sent")
+        return {"state": "sent", "attempts": attempts, "sent_at": self.clock()}
 
     def _failed(self, row: CoreNotification, attempts: int, error: str) -> dict[str, Any]:
         self.depth = max(0, self.depth - 1)
@@ -350,8 +431,10 @@ class Notifier:
             message = email_message(payload, sender=smtp.from_address, to=list(action["to"]), delivery_id=delivery_id)
         except ValueError as e:
             raise _Permanent(f"notification is not strict JSON: {e}") from None
-        # smtplib blocks: a worker thread; _send_mail's deadline bounds the wait (abandoned on shutdown).
-        await trio.to_thread.run_sync(_send_mail, smtp, password, message, self.timeout_s, abandon_on_cancel=True)
+        # smtplib blocks: a mail thread (mail_threads at once, apart from trio's default pool);
+        # _send_mail's deadline bounds the wait (abandoned on shutdown).
+        await trio.to_thread.run_sync(_send_mail, smtp, password, message, self.timeout_s, abandon_on_cancel=True,
+                                      limiter=self._mail_threads)
 
 
 def _send_mail(smtp: SmtpSection, password: str | None, message: EmailMessage, timeout: float) -> None:

@@ -39,7 +39,7 @@ import trio
 
 from ..logs import get_logger
 from .registry import Device, DeviceRegistry, UnknownDevice
-from .secrets import JWTError, decode_jwt, encode_jwt
+from .secrets import JWTError, encode_jwt
 
 if TYPE_CHECKING:
     from ..metrics import Metrics
@@ -48,7 +48,11 @@ __all__ = ["AuthError", "Authenticator", "FamilyAuth", "IssuedToken", "FamilyPol
 
 log = get_logger("gatewayd.auth")
 _MAX_TRACKED = 10_000  # client addresses / nonces kept in memory at most
-JWT_DEVICE_MAX_AGE_S = 2.0  # how stale a JWT's device may be read (registry.recent)
+# How long a JWT's device row is held (registry.recent) when nothing reports a change:
+# this process's writes clear it at once, another process's (`gatewayd devices rotate`,
+# `disable`) through DeviceServices' change watch within `devices.presence_flush_s`.
+# This is the fallback should the watch miss one.
+JWT_DEVICE_MAX_AGE_S = 300.0
 
 
 class AuthError(Exception):
@@ -200,7 +204,7 @@ class Authenticator:
         if scheme.lower() != "bearer" or not token.strip():
             raise self._fail(family, "jwt", client, device_id, "missing bearer token")
         try:
-            claims = decode_jwt(token.strip(), self.registry.keyring.jwt_key, now=self.clock())
+            claims = self.registry.keyring.jwt.decode(token.strip(), now=self.clock())
         except JWTError as e:
             raise self._fail(family, "jwt", client, device_id, "token expired" if e.expired else "invalid token")
         sub = claims.get("sub")
@@ -208,7 +212,7 @@ class Authenticator:
             raise self._fail(family, "jwt", client, device_id, "token is not for this device")
         # From the registry's recent reads: a light that reports every few seconds costs no
         # read per request. Rotations and revocations through this registry are seen at
-        # once, another process's (the CLI's) within JWT_DEVICE_MAX_AGE_S.
+        # once, another process's (the CLI's) when the change watch reports them.
         device = await self.registry.recent(family, sub, JWT_DEVICE_MAX_AGE_S)
         if device is None:
             raise self._fail(family, "jwt", client, sub, "unknown device")

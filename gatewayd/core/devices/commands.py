@@ -7,6 +7,12 @@ or pushed over MQTT (`push`: published through the injected `publish(topic, payl
 marked delivered once the broker acknowledged). The device's answer is recorded with
 `ack(command_id, ok, result)`. A sweep marks commands past their expiry `expired`;
 an expired command is never handed out again.
+
+Which commands are open (pending or delivered) is also kept in memory, per device
+(`open_for`): a device that polls every few seconds with nothing queued costs no query.
+It is loaded at start (`run`), kept by every change made here (enqueue, hand-out, push,
+ack, expiry), and another process's commands (`gatewayd devices command`) are read in
+by `refresh`, which DeviceServices' change watch calls.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import peewee
@@ -129,6 +135,70 @@ class CommandQueue:
         # family plugin's gatewayd_check_command). None: every payload is stored as given.
         self.check = check
         self.listeners: dict[str, Callable[[Command], Any]] = {}
+        # (family, device) -> command id -> the open command; None until `load` ran.
+        self._open: dict[tuple[str, str], dict[str, Command]] | None = None
+        self._seen_row = 0  # the highest row id `load` / `refresh` read: newer rows are another process's
+
+    # -- the open commands, in memory -------------------------------------------------
+
+    async def load(self) -> None:
+        """Read every open command into memory (at start: the queue survives restarts)."""
+
+        def read() -> tuple[list[Command], int]:
+            rows = CommandRow.select().where(CommandRow.status.in_(_OPEN)).order_by(CommandRow.id)
+            return [Command.from_row(r) for r in rows], CommandRow.select(peewee.fn.MAX(CommandRow.id)).scalar() or 0
+
+        commands, self._seen_row = await self.storage.read(read)
+        index: dict[tuple[str, str], dict[str, Command]] = {}
+        for c in commands:
+            index.setdefault((c.family, c.device_id), {})[c.id] = c
+        self._open = index
+
+    async def refresh(self) -> int:
+        """Read in commands another process queued (the CLI) and tell their family's
+        listener (a push); returns how many."""
+        if self._open is None:
+            return 0
+        since = self._seen_row
+
+        def read() -> list[tuple[int, Command]]:
+            rows = CommandRow.select().where(CommandRow.id > since).order_by(CommandRow.id)
+            return [(r.id, Command.from_row(r)) for r in rows]
+
+        new = []
+        for row_id, c in await self.storage.read(read):
+            self._seen_row = max(self._seen_row, row_id)
+            known = self._open.get((c.family, c.device_id), {})
+            # This process's own commands are known already; only another's are news.
+            if c.status in _OPEN and c.id not in known:
+                self._open.setdefault((c.family, c.device_id), known)[c.id] = c
+                new.append(c)
+        for c in new:
+            await self._tell(c)
+        return len(new)
+
+    async def open_for(self, family: str, device_id: str) -> list[Command]:
+        """The device's open commands (pending, or delivered and not acknowledged), oldest
+        first, without a query once `load` ran. Expired ones may show until the sweep:
+        look at `expires_at`."""
+        if self._open is None:
+            return list(reversed(await self.list(family, device_id, status=_OPEN, limit=1_000_000)))
+        return sorted(self._open.get((family, device_id), {}).values(), key=lambda c: c.created_at)
+
+    def _keep(self, family: str, device_id: str, open_now: list[Command]) -> None:
+        """The device's open commands as read inside a write: memory follows the database."""
+        if self._open is None:
+            return
+        if open_now:
+            self._open[(family, device_id)] = {c.id: c for c in open_now}
+        else:
+            self._open.pop((family, device_id), None)
+
+    @staticmethod
+    def _open_rows(family: str, device_id: str) -> list[Command]:
+        rows = CommandRow.select().where((CommandRow.family == family) & (CommandRow.device_id == device_id)
+                                         & CommandRow.status.in_(_OPEN)).order_by(CommandRow.id)
+        return [Command.from_row(r) for r in rows]
 
     async def enqueue(
         self, family: str, device_id: str, payload: Any, *, ttl_s: float | None = None, priority: int = 0,
@@ -160,7 +230,13 @@ class CommandQueue:
             return Command.from_row(row)
 
         command = await self.storage.write(insert)
-        listener = self.listeners.get(family)
+        if self._open is not None:
+            self._open.setdefault((family, device_id), {})[command.id] = command
+        await self._tell(command)
+        return command
+
+    async def _tell(self, command: Command) -> None:
+        listener = self.listeners.get(command.family)
         if listener is not None:
             try:
                 result = listener(command)
@@ -168,8 +244,7 @@ class CommandQueue:
                     await result
             except Exception as e:
                 # The command is stored; the device still gets it by poll or the next push.
-                log.error("command listener failed", family=family, device=device_id, error=repr(e))
-        return command
+                log.error("command listener failed", family=command.family, device=command.device_id, error=repr(e))
 
     async def next_for(
         self, family: str, device_id: str, *, limit: int = 1, redeliver_after_s: float | None = None
@@ -181,7 +256,7 @@ class CommandQueue:
         """
         now = self.clock()
 
-        def take() -> list[Command]:
+        def take() -> tuple[list[Command], list[Command]]:
             due = CommandRow.status == "pending"
             if redeliver_after_s is not None:
                 due |= (CommandRow.status == "delivered") & (CommandRow.delivered_at <= now - redeliver_after_s)
@@ -195,9 +270,11 @@ class CommandQueue:
             for row in rows:
                 row.status, row.delivered_at, row.attempts = "delivered", now, row.attempts + 1
                 row.save()
-            return [Command.from_row(r) for r in rows]
+            return [Command.from_row(r) for r in rows], self._open_rows(family, device_id)
 
-        return await self.storage.write(take)
+        taken, open_now = await self.storage.write(take)
+        self._keep(family, device_id, open_now)
+        return taken
 
     async def push(
         self, family: str, device_id: str, topic: str, *, render: Callable[[Command], bytes] = default_render,
@@ -223,11 +300,14 @@ class CommandQueue:
         for command in await self.storage.read(pending):
             await self.publish(topic, render(command))
             at = self.clock()
-            await self.storage.write(
+            marked = await self.storage.write(
                 lambda c=command: CommandRow.update(status="delivered", delivered_at=at, attempts=CommandRow.attempts + 1)
                 .where((CommandRow.command_id == c.id) & (CommandRow.status == "pending"))
                 .execute()
             )
+            known = None if self._open is None else self._open.get((family, device_id), {})
+            if marked and known is not None and command.id in known:
+                known[command.id] = replace(command, status="delivered", delivered_at=at, attempts=command.attempts + 1)
             sent += 1
         return sent
 
@@ -239,7 +319,7 @@ class CommandQueue:
         now = self.clock()
         text = _json_text("result", result)
 
-        def update() -> Command | None:
+        def update() -> tuple[Command, list[Command]] | None:
             row = CommandRow.get_or_none(command_id=command_id)
             if row is None or (family and row.family != family) or (device_id and row.device_id != device_id):
                 return None
@@ -247,18 +327,30 @@ class CommandQueue:
                 row.status = "executed" if ok else "failed"
                 row.completed_at, row.result = now, text
                 row.save()
-            return Command.from_row(row)
+            return Command.from_row(row), self._open_rows(row.family, row.device_id)
 
-        return await self.storage.write(update)
+        done = await self.storage.write(update)
+        if done is None:
+            return None
+        command, open_now = done
+        self._keep(command.family, command.device_id, open_now)
+        return command
 
     async def expire(self) -> int:
         """Mark open commands past their expiry `expired`; returns how many."""
         now = self.clock()
-        return await self.storage.write(
+        expired: int = await self.storage.write(
             lambda: CommandRow.update(status="expired", completed_at=now)
             .where(CommandRow.status.in_(_OPEN) & CommandRow.expires_at.is_null(False) & (CommandRow.expires_at <= now))
             .execute()
         )
+        if expired and self._open is not None:
+            for key, known in list(self._open.items()):
+                for cid in [cid for cid, c in known.items() if c.expires_at is not None and c.expires_at <= now]:
+                    del known[cid]
+                if not known:
+                    del self._open[key]
+        return expired
 
     async def get(self, command_id: str) -> Command | None:
         def read() -> Command | None:
@@ -288,7 +380,8 @@ class CommandQueue:
         return await self.storage.read(read)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """The expiry sweep, every `sweep_s`."""
+        """The open commands into memory, then the expiry sweep every `sweep_s`."""
+        await self.load()
         task_status.started(self)
         while True:
             try:
@@ -315,6 +408,12 @@ class FamilyCommands:
                       command_id: str | None = None) -> Command:
         return await self._queue.enqueue(self.family, device_id, payload, ttl_s=ttl_s, priority=priority,
                                          command_id=command_id)
+
+    async def open_for(self, device_id: str) -> list[Command]:
+        """The device's open commands (pending, or delivered and not acknowledged), oldest
+        first, from memory: a poll with nothing queued costs no query. Expired ones may
+        show until the queue's sweep: look at `expires_at`."""
+        return await self._queue.open_for(self.family, device_id)
 
     async def next_for(self, device_id: str, *, limit: int = 1, redeliver_after_s: float | None = None) -> list[Command]:
         return await self._queue.next_for(self.family, device_id, limit=limit, redeliver_after_s=redeliver_after_s)

@@ -310,8 +310,8 @@ class DeviceRegistry:
         self.clock = clock
         self.on_credentials_changed = on_credentials_changed
         # (family, id) -> (monotonic time read, Device or None): for `recent`. Cleared
-        # by every write through this registry; another process's writes (the CLI)
-        # are seen once an entry is older than the caller's `max_age_s`.
+        # by every write through this registry, and per family by `notify_changed`
+        # (another process's writes, the CLI's); else kept up to the caller's `max_age_s`.
         self._recent: dict[tuple[str, str], tuple[float, Device | None]] = {}
         self._loading: dict[tuple[str, str], trio.Event] = {}  # `recent` reads under way
         # (family, key lookup digest, device_id) -> (monotonic time verified, the key's
@@ -639,7 +639,8 @@ class DeviceRegistry:
         """The device (None if unknown) as read at most `max_age_s` ago: for hot paths
         that look a device up per message. Changes made through this registry are
         seen at once (last-seen times excepted); changes by another process (the CLI)
-        within `max_age_s`. Concurrent misses for one device share one read."""
+        once `notify_changed` reports them (DeviceServices' watch), at the latest after
+        `max_age_s`. Concurrent misses for one device share one read."""
         key = (family, device_id)
         while True:
             hit = self._recent.get(key)
@@ -811,6 +812,10 @@ class DeviceRegistry:
         process): forget the verified keys, and call `on_credentials_changed(family)`, whose
         errors are logged, never raised."""
         self._forget_keys()
+        # `recent` may hold a device for minutes (a JWT's device): another process's
+        # change reaches it here, not when the entry ages out.
+        for key in [k for k in self._recent if k[0] == family]:
+            del self._recent[key]
         hook = self.on_credentials_changed
         if hook is None:
             return

@@ -41,6 +41,7 @@ __all__ = [
     "load_master_key",
     "encode_jwt",
     "decode_jwt",
+    "JWTVerifier",
 ]
 
 # Device keys are 192-bit random tokens issued by the gateway, so stretching adds
@@ -131,6 +132,7 @@ class Keyring:
         self._aead = AESGCM(self._derive(master_key, b"gatewayd/aes-gcm/v1"))
         self._lookup = self._derive(master_key, b"gatewayd/lookup/v1")
         self.jwt_key = self._derive(master_key, b"gatewayd/jwt/v1")
+        self.jwt = JWTVerifier(self.jwt_key)
 
     @staticmethod
     def _derive(master: bytes, label: bytes) -> bytes:
@@ -210,6 +212,33 @@ def decode_jwt(token: str, key: bytes, *, now: float, leeway_s: float = 0) -> di
     if now > exp + leeway_s:
         raise JWTError("JWT expired", expired=True)
     return claims
+
+
+class JWTVerifier:
+    """`decode_jwt` under one key, remembering the tokens whose signature it verified.
+
+    A light presents the same token on every request for days: its HMAC (and PyJWS's
+    parse of the header) is done once, not per request. The expiry is checked on every
+    call; a token that fails is not remembered.
+    """
+
+    MAX_TOKENS = 10_000  # a token per device in use; cleared whole when full
+
+    def __init__(self, key: bytes):
+        self._key = key
+        self._claims: dict[str, dict[str, Any]] = {}
+
+    def decode(self, token: str, *, now: float, leeway_s: float = 0) -> dict[str, Any]:
+        """As `decode_jwt(token, key, now=now, leeway_s=leeway_s)`."""
+        claims = self._claims.get(token)
+        if claims is None:
+            claims = decode_jwt(token, self._key, now=now, leeway_s=leeway_s)
+            if len(self._claims) >= self.MAX_TOKENS:
+                self._claims.clear()
+            self._claims[token] = claims
+        elif now > claims["exp"] + leeway_s:
+            raise JWTError("JWT expired", expired=True)
+        return dict(claims)  # the caller's to change
 
 
 def _b64(data: bytes) -> str:

@@ -6,7 +6,8 @@ facades bound to its family (`ctx.devices`, `ctx.auth`, `ctx.ratelimit`,
 `ctx.commands`). What it tells the rest of the core comes through its constructor:
 
 - `on_credentials_changed(family)`: MQTT accounts changed (also fired for changes made
-  by `gatewayd devices ...` in another process, noticed within `devices.presence_flush_s`);
+  by `gatewayd devices ...` in another process, noticed within `devices.presence_flush_s`,
+  as are commands another process queued);
 - `emit(family, device_id, type, data)` (async): a device went online or offline;
 - `publish(topic, payload)` (async): the MQTT push of commands;
 - `check_command(family, payload)`: the family plugin's check of a queued command
@@ -172,8 +173,14 @@ class DeviceServices:
 
     async def _watch_changes(self) -> None:
         # `gatewayd devices add` in another process writes the same database; notice
-        # it so the broker's accounts follow without a restart.
+        # it so the broker's accounts follow without a restart, a revoked or disabled
+        # device is refused (the registry's held rows are dropped), and a command queued
+        # by `gatewayd devices command` reaches its device's poll and push.
         while True:
+            try:
+                await self.commands.refresh()
+            except Exception as e:
+                log.error("command watch failed", error=repr(e))
             try:
                 current = await self.storage.read(_fingerprint)
                 if self._fingerprint is not None:

@@ -13,15 +13,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 from msgspec import Meta, Struct
-from quart import Blueprint, Response, has_websocket_context, request, websocket
+from quart import Blueprint, Response, current_app, has_websocket_context, request, websocket
 from quart_trio import QuartTrio
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON
 from ..schema import read_secret
 from ..storage import StorageError, StorageFull
-from .body import StrictJSONProvider, body_received
+from .body import BodyTooLarge, StrictJSONProvider
 from .declare import ADMIN_TOKEN, Raw, Routes
 from .errors import error_response
 
@@ -126,6 +126,15 @@ def core_blueprint(health: Health, metrics: Metrics, admin: AdminGuard,
     return bp
 
 
+def _body_done() -> bool:
+    """Whether the request's body is all in (or there is none): nothing left to read."""
+    if request.content_length == 0 or (request.content_length is None and "Transfer-Encoding" not in request.headers):
+        return True
+    body = request.body
+    complete = getattr(body, "_complete", None)  # quart's Body keeps no public flag
+    return complete is not None and complete.is_set() and getattr(body, "_must_raise", True) is None
+
+
 async def _http_error(e: HTTPException) -> Response:
     return error_response(e.code or 500, e.description or e.name)
 
@@ -143,13 +152,21 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
         # went out before the request's body came in (a 401 from the token check, a 429):
         # the client's next request on it hangs for ever. So the body (at most
         # http.max_body_bytes) is read before any answer; one too large closes instead.
-        if body_received():
-            return response  # read already (the route's), or all in: nothing to wait for
+        # Not again when the route read it all (every accepted body) or none was sent.
+        if _body_done():
+            return response
         try:
             await request.get_data()
         except HTTPException:
             response.headers["Connection"] = "close"
         return response
+
+    @app.errorhandler(RequestEntityTooLarge)
+    async def _too_large(e: RequestEntityTooLarge) -> Any:
+        # Quart's 413 knows nothing of Blueprints: as a BodyTooLarge (an EncodingError) it
+        # reaches the Blueprint's handler, so a family's device gets the family's shape (and
+        # the document says which shape: http.openapi asks the Blueprint the same way).
+        return await current_app.handle_user_exception(BodyTooLarge(max_body_bytes))
 
     # The core shape for these; a plugin answers in its own with handlers on its Blueprint.
     @app.errorhandler(BadJSON)

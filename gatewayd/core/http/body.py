@@ -11,13 +11,23 @@ import trio
 from flask.json.provider import DefaultJSONProvider
 from quart import request
 
-from ...protocol.encoding import inflate
+from ...protocol.encoding import EncodingError, inflate
 from ...protocol.strict_json import BadJSON, json_kind, parse_json
 
-__all__ = ["StrictJSONProvider", "body_received", "read_body", "read_json_object", "request_data"]
+__all__ = ["BodyTooLarge", "StrictJSONProvider", "body_received", "read_body", "read_json_object", "request_data"]
 
 # Inflating a larger body takes milliseconds: a worker thread does it, not the trio thread.
 _INFLATE_INLINE_BYTES = 64 * 1024
+
+
+class BodyTooLarge(EncodingError):
+    """A body larger than `http.max_body_bytes` as sent: 413, code `payload_too_large`.
+
+    The app answers Quart's own 413 by raising this one in its place: an EncodingError, so
+    a Blueprint that answers those in its family's shape answers this one in it too."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, "payload_too_large", f"the body is larger than {limit} bytes (http.max_body_bytes)")
 
 
 def body_received() -> bool:

@@ -30,14 +30,18 @@ from typing import Any, TypedDict, TypeVar, Unpack
 import msgspec
 from quart import Blueprint, has_websocket_context, request, websocket
 
+from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON, parse_json
 from ...protocol.validate import InvalidInput, QueryParser, convert
-from .body import read_body, request_data
+from .body import BodyTooLarge, read_body, request_data
 
-__all__ = ["ADMIN_TOKEN", "AuthScheme", "Declaration", "DeviceAuth", "ErrorBody", "ErrorDetail", "InvalidInput",
+__all__ = ["ADMIN_TOKEN", "CORE", "FAMILY", "Answerer", "AuthScheme", "Declaration", "DeviceAuth", "ErrorBody", "ErrorDetail", "InvalidInput",
            "Operation", "Raw", "Routes", "operation_of"]
 
 View = TypeVar("View", bound=Callable[..., Awaitable[Any]])
+FAMILY = "family"  # a refusal the family's own code answers, in its shape
+CORE = "core"  # a refusal in the core's shape whatever the Blueprint's
+Answerer = type[Exception] | str  # FAMILY, CORE, or the exception the core raises for it
 _ATTRIBUTE = "__gatewayd_operation__"
 
 
@@ -155,23 +159,30 @@ class Operation:
         self.parse_query = QueryParser(self.query) if self.query is not None else None
         self.body_required = self.body is not None and _required(self.body)
 
-    def error_statuses(self) -> dict[int, tuple[str, bool]]:
-        """status -> (description, in the core's shape) of every refusal this route may answer."""
-        out: dict[int, tuple[str, bool]] = {}
+    def error_statuses(self) -> dict[int, tuple[str, tuple[Answerer, ...]]]:
+        """status -> (description, who answers it) of every refusal this route may answer.
+
+        Who answers: FAMILY (the family's code, in its shape), CORE (the core's shape
+        whatever the Blueprint's), or the exception the core raises before the view runs:
+        in the family's shape when the route's Blueprint handles it, else in the core's
+        (`http.openapi` asks the Blueprint, as Quart does)."""
+        out: dict[int, tuple[str, tuple[Answerer, ...]]] = {}
         if self.body is not None or self.query is not None or self.path:
-            out[400] = ("the request is invalid; the message names the field and what is wrong", False)
+            out[400] = ("the request is invalid; the message names the field and what is wrong", (BadJSON,))
         if self.body is not None:
-            out[413] = ("the body is larger than http.max_body_bytes", True)
+            out[413] = ("the body is larger than http.max_body_bytes", (BodyTooLarge,))
         if self.body is not None and self.max_inflated is not None:
-            out[400] = (out[400][0] + "; or a gzip or zstd body is corrupt or truncated", False)
+            out[400] = (out[400][0] + "; or a gzip or zstd body is corrupt or truncated", (BadJSON, EncodingError))
             out[413] = (f"the body is larger than http.max_body_bytes, or than {self.max_inflated} bytes once "
-                        "inflated", False)
-            out[415] = ("a Content-Encoding other than gzip, zstd or identity", False)
+                        "inflated", (EncodingError,))
+            out[415] = ("a Content-Encoding other than gzip, zstd or identity", (EncodingError,))
         if self.auth is not None:
-            out.update({s: (d, self.auth.core_shaped) for s, d in self.auth.refusals.items()})
+            answerer: Answerer = CORE if self.auth.core_shaped else FAMILY
+            out.update({s: (d, (answerer,)) for s, d in self.auth.refusals.items()})
         for status, description in self.errors.items():
             before = out.get(status)
-            out[status] = (f"{before[0]}; or {description}" if before else description, False)
+            out[status] = (f"{before[0]}; or {description}", (*before[1], FAMILY)) if before else \
+                (description, (FAMILY,))
         return out
 
 

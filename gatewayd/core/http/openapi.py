@@ -30,7 +30,7 @@ from quart import Blueprint, Request, Response, current_app, redirect, request
 from werkzeug.routing import Rule
 
 from ...protocol.strict_json import INT_MAX
-from .declare import ErrorBody, Operation, Raw, declared_types, operation_of
+from .declare import CORE, FAMILY, Answerer, ErrorBody, Operation, Raw, declared_types, operation_of
 from .docs_page import render_page
 from .errors import error_response
 
@@ -111,8 +111,30 @@ def _phrase(status: int) -> str:
         return str(status)
 
 
+def _shape(answerer: Answerer, op: Operation, handles: Callable[[type[Exception]], bool]) -> Any:
+    if isinstance(answerer, str):
+        return ErrorBody if answerer == CORE else op.error
+    return op.error if handles(answerer) else ErrorBody
+
+
+def _blueprint_handles(app: Any, endpoint: str) -> Callable[[type[Exception]], bool]:
+    """Whether the Blueprint of `endpoint` (or a parent) has an error handler for an
+    exception type: Quart's own lookup (`_find_error_handler`), the app's handlers left out."""
+    parts = endpoint.split(".")[:-1]
+    names = [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+    def handles(exc: type[Exception]) -> bool:
+        for name in names:
+            handlers = app.error_handler_spec.get(name, {}).get(None) or {}
+            if any(cls in handlers for cls in exc.__mro__):
+                return True
+        return False
+
+    return handles
+
+
 def _operation(rule: Rule, method: str, op: Operation, schemas: _Schemas, security: dict[str, Any],
-               plugin: bool) -> dict[str, Any]:
+               plugin: bool, handles: Callable[[type[Exception]], bool]) -> dict[str, Any]:
     doc: dict[str, Any] = {"operationId": re.sub(r"[^A-Za-z0-9_]", "_", f"{rule.endpoint}_{method.lower()}")}
     if op.summary:
         doc["summary"] = op.summary
@@ -138,13 +160,13 @@ def _operation(rule: Rule, method: str, op: Operation, schemas: _Schemas, securi
             response["content"] = content
         responses[str(status)] = response
     errors = op.error_statuses()
-    if plugin and 503 not in errors:
-        errors[503] = ("the plugin failed to start", False)
-    for status, (description, core_shaped) in sorted(errors.items()):
-        shape = ErrorBody if core_shaped else op.error
-        schema = schemas.ref(shape)
-        if plugin and status == 503 and not core_shaped and op.error is not ErrorBody:  # a failed plugin: the core's
-            schema = {"anyOf": [schema, schemas.ref(ErrorBody)]}
+    if plugin:  # a failed plugin's routes answer 503 in the core's shape (a storage failure in the family's)
+        description, answerers = errors.get(503, ("the plugin failed to start", (FAMILY,)))
+        errors[503] = (description, (*answerers, CORE))
+    for status, (description, answerers) in sorted(errors.items()):
+        shapes = list({id(s): s for s in (_shape(a, op, handles) for a in answerers)}.values())
+        refs = [schemas.ref(shape) for shape in shapes]
+        schema = refs[0] if len(refs) == 1 else {"anyOf": refs}
         responses.setdefault(str(status), {"description": description,
                                            "content": {"application/json": {"schema": schema}}})
     doc["responses"] = responses
@@ -167,7 +189,8 @@ def build_document(app: Any, *, title: str, version: str, description: str = "",
     for rule, method, op in ops:
         path = _ARG.sub(r"{\1}", rule.rule)
         paths.setdefault(path, {})[method.lower()] = _operation(rule, method, op, schemas, security,
-                                                                plugin_endpoint(rule.endpoint))
+                                                                plugin_endpoint(rule.endpoint),
+                                                                _blueprint_handles(app, rule.endpoint))
         if op.tag:
             tags[op.tag] = None
     info = {"title": title, "version": version, **({"description": description} if description else {})}

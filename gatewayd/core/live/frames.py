@@ -8,9 +8,10 @@ bytes of their frames (server to client: unmasked, no extension: an uncompressed
 is valid even where permessage-deflate was agreed, RFC 7692 section 6); `send_frames`
 writes those bytes on the current WebSocket in one write: straight to the socket when
 nothing else is being written on it (hypercorn's send lock for the connection, held
-meanwhile, keeps frames whole against quart's sends), else through hypercorn's stream.
-Where that path is not there (another server, a test client) it sends the messages one by
-one through quart, as before. A streamed response (Server-Sent Events) does the same with
+meanwhile, keeps frames whole against quart's sends), else when the connection's turn
+comes (TLS: always so), and not once the WebSocket is closing. Where that path is not
+there (HTTP/2, another server, a test client) it sends the messages one by one through
+quart, as before. A streamed response (Server-Sent Events) does the same with
 `stream_writer()` and `Chunk`s: a batch's bytes with their HTTP/1.1 chunk framing, built
 once, written straight to each connection while its response is chunked.
 """
@@ -23,12 +24,12 @@ from typing import Any, cast
 
 import h11
 import trio
-from hypercorn.protocol.events import Data
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.protocol.ws_stream import ASGIWebsocketState, WSStream
 from hypercorn.trio.tcp_server import TCPServer
 from quart import request, websocket
+from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
 
 __all__ = ["Chunk", "StreamWriter", "TextFrames", "send_frames", "stream_writer"]
@@ -59,31 +60,47 @@ async def send_frames(frames: TextFrames) -> bool:
     """Send `frames` on the current WebSocket (quart's `websocket`, accepted), in order.
 
     True: in one write to the connection; False: one `websocket.send` a message (no hypercorn
-    stream under this app). Nothing is sent once the connection is closed (as quart's send)."""
+    HTTP/1.1 stream under this app). Nothing is sent once the WebSocket is closing or closed
+    (as quart's send)."""
     stream = _hypercorn_stream(cast(Any, websocket)._get_current_object())  # the proxy's object
-    if stream is None:
+    server = _tcp_server(stream) if stream is not None else None
+    if stream is None or server is None:
         for text in frames.texts:
             await websocket.send(text)
         return False
-    if frames.texts and not stream.closed:
-        await _write(stream, frames.wire)
+    if frames.texts and _open(stream):
+        await _write(stream, server, frames.wire)
     return True
 
 
-async def _write(stream: WSStream, wire: bytes) -> None:
-    if not await _write_raw(_tcp_server(stream), wire):
-        await stream.send(Data(stream_id=stream.stream_id, data=wire))
+def _open(stream: WSStream) -> bool:
+    """The WebSocket may still carry data frames: not closed, and no Close frame sent (once
+    the client's close is answered, nothing more; quart's send stops there too)."""
+    return not stream.closed and stream.connection.state is ConnectionState.OPEN
+
+
+async def _write(stream: WSStream, server: TCPServer, wire: bytes) -> None:
+    if await _write_raw(server, wire):
+        return
+    # Something else is being written (or TLS): wait for the connection's turn, as hypercorn's
+    # own sends do, and look again: what held it may have been the answer to a close.
+    async with server.send_lock:
+        if _open(stream):
+            try:
+                with trio.CancelScope(shield=True):  # never half a frame on the wire
+                    await server.stream.send_all(wire)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the client went: hypercorn's reader ends the connection
 
 
 async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
     """The bytes on the connection, whole, straight to its socket when nothing else is being
     written on it (its send lock, taken without waiting, keeps it so until the rest, if the
     socket took only part, is sent). False: not written (the lock was taken, the socket is
-    closed, no plain TCP connection): use hypercorn's send path, which waits for the lock and
-    says when the client went. A write straight to the socket costs no scheduler round: with
-    100 subscribers, 100 of those per batch were most of the fan-out's cost
-    (bench/live_bench.py)."""
-    if server is None:
+    closed, no plain TCP connection): the caller waits for the lock, or yields to quart. A
+    write straight to the socket costs no scheduler round: with 100 subscribers, 100 of those
+    per batch were most of the fan-out's cost (bench/live_bench.py)."""
+    if server is None or not isinstance(server.stream, trio.SocketStream):
         return False
     try:
         server.send_lock.acquire_nowait()
@@ -158,10 +175,11 @@ def stream_writer() -> StreamWriter | None:
 
 
 def _tcp_server(stream: WSStream) -> TCPServer | None:
-    """The plain TCP connection a hypercorn WebSocket stream writes to (not TLS), or None."""
+    """The connection a hypercorn WebSocket stream writes to (plain TCP or TLS), or None.
+    HTTP/1.1 only: over HTTP/2 (h2c, RFC 8441) the stream's bytes go in DATA frames."""
     h11 = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
     server = getattr(getattr(h11, "send", None), "__self__", None)  # TCPServer.protocol_send
-    if isinstance(server, TCPServer) and isinstance(server.stream, trio.SocketStream):
+    if isinstance(h11, H11Protocol) and isinstance(server, TCPServer):
         return server
     return None
 

@@ -20,6 +20,12 @@ and the answer decides its acknowledgement:
   that committed answered without storing: ``HANDLED`` if that stored anything new.
 - ``UNROUTED``: no handler for the topic. Acknowledge.
 
+A group handler (``GroupHandler``, ``TopicRegistry.subscribe_group``) gets the messages
+the edge read from one device together (:meth:`DeliveryPool.submit_group`): one verdict
+each, HANDLED or REJECTED (that message alone), and its one ingest call commits every
+message's mark, final, with the records (``outbox.ingest.GroupScope``). Resends (DUP) and
+QoS 2 are delivered one by one, a group of one.
+
 The one failure that must not be acknowledged is storage that cannot take the write
 (a ``StorageError`` other than ``StatementError``: disk full, database closed,
 read-only, locked by another process, an I/O error): the delivery waits and tries again (0.5 s doubling to
@@ -36,7 +42,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable, NamedTuple
 
 import peewee
@@ -44,13 +52,14 @@ import trio
 
 from ...protocol.topics import TopicRouter
 from ..logs import QuietLog
-from ..outbox.ingest import DeliveryScope, delivery_scope
+from ..outbox.ingest import DeliveryScope, GroupScope, delivery_scope
 from ..storage import StatementError, Storage, StorageError, StorageFull, StorageUnavailable
 from .marks import DeliveryMarks, Mark, Seen
 
 __all__ = [
     "Delivery",
     "DeliveryPool",
+    "GroupHandler",
     "DeliveryStats",
     "InboundMessage",
     "MessageHandler",
@@ -98,6 +107,35 @@ class InboundMessage(NamedTuple):
 
 
 MessageHandler = Callable[[InboundMessage], Awaitable[None]]
+
+
+class GroupHandler:
+    """A handler that takes several messages at once (``TopicRegistry.subscribe_group``).
+
+    ``await group(messages)`` gets the messages of one topic filter that the edge read
+    from one device together, in order, and returns one outcome per message: None
+    (handled) or a ``Rejected`` (that message alone is rejected, with its reason). It
+    stores what it keeps with one ``ctx.ingest`` call for the whole group; the messages'
+    delivery marks commit with it. Called as a plain :data:`MessageHandler` (a message
+    from the broker's client, a resend, QoS 2) it gets a group of one.
+    """
+
+    __slots__ = ("group",)
+
+    def __init__(self, group: Callable[[Sequence[InboundMessage]], Awaitable[Sequence[Rejected | None]]]) -> None:
+        self.group = group
+
+    async def __call__(self, msg: InboundMessage) -> None:
+        outcome = _checked(await self.group([msg]), 1)[0]
+        if outcome is not None:
+            raise outcome
+
+
+def _checked(outcomes: Sequence[Rejected | None], n: int) -> Sequence[Rejected | None]:
+    if len(outcomes) != n or not all(o is None or isinstance(o, Rejected) for o in outcomes):
+        raise TypeError(f"a group handler returns one outcome (None or a Rejected) per message: {n} messages, "
+                        f"got {outcomes!r:.200}")
+    return outcomes
 
 
 class RejectedMessage(peewee.Model):
@@ -182,7 +220,7 @@ class Delivery:
         if msg.dup:
             first = self._running.get(key)
             if first is not None:  # sent again while the first copy is being delivered
-                verdict = await first.decided()
+                verdict = await first.decided(key)
                 if verdict is not None:
                     self.stats.duplicates += 1
                     return DUPLICATE if verdict == HANDLED else verdict
@@ -202,6 +240,68 @@ class Delivery:
             running.done.set()
             if self._running.get(key) is running:
                 del self._running[key]
+
+    async def deliver_group(self, handler: GroupHandler, msgs: list[InboundMessage], source: str,
+                            packet_ids: list[int | None]) -> list[Verdict]:
+        """Deliver messages that one read of ``source`` brought for one group handler
+        (none of them a resend: those go through :meth:`deliver`); one verdict each.
+
+        Each message gets its own mark, written final in the transaction of the group's
+        ingest call: a resend after a crash is a duplicate (its records committed) or
+        is delivered anew (they did not), whichever group it then comes in. A message
+        the handler rejects is rejected alone, with its reason; the rest are handled."""
+        marks: list[Mark | None] = [None] * len(msgs)
+        keys: list[tuple[int, tuple[str, int, bytes]]] = []
+        group = _Running()  # one for the group: a resend meanwhile waits for its message's verdict
+        if self.marks is not None:
+            for i, (msg, pid) in enumerate(zip(msgs, packet_ids)):
+                if pid is not None:
+                    mark = marks[i] = self.marks.mark(source, pid, msg.topic, msg.payload)
+                    key = (source, pid, mark.digest)
+                    self._running[key] = group
+                    keys.append((i, key))
+                    self.marks.forget(source, pid)  # an older message's final mark under this id is moot
+        try:
+            written = [m for m in marks if m is not None]
+            scope = GroupScope(partial(self.marks.write_final, written) if self.marks is not None and written else None)
+            reasons = await self._run_group(handler, msgs, scope)
+            rejected = [(msg, reason, mark) for msg, reason, mark in zip(msgs, reasons, marks) if reason is not None]
+            if rejected:
+                await self._reject_all(rejected, source)
+            verdicts = [HANDLED if reason is None else REJECTED for reason in reasons]
+            self.stats.handled += len(msgs) - len(rejected)
+            group.verdicts = {key: verdicts[i] for i, key in keys}
+            for msg, verdict in zip(msgs, verdicts):
+                for watcher in self._watchers:
+                    watcher(msg, verdict)
+            return verdicts
+        finally:
+            group.done.set()
+            for _, key in keys:
+                if self._running.get(key) is group:
+                    del self._running[key]
+
+    async def _run_group(self, handler: GroupHandler, msgs: list[InboundMessage],
+                         scope: GroupScope) -> list[str | None]:
+        """Each message's rejection reason, or None when handled."""
+        delay = _RETRY_MIN
+        while True:
+            scope.again()
+            token = delivery_scope.set(scope)
+            try:
+                outcomes = _checked(await handler.group(msgs), len(msgs))
+                return [None if o is None else o.reason for o in outcomes]
+            except Rejected as exc:  # the whole group
+                return [exc.reason] * len(msgs)
+            except StatementError as exc:
+                return [self._handler_error(msgs[0], exc, handler)] * len(msgs)
+            except StorageError as exc:  # not acknowledged: tried again (a committed ingest call is answered)
+                await self._storage_wait(exc, delay)
+                delay = min(delay * 2, _RETRY_MAX)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it must not come back
+                return [self._handler_error(msgs[0], exc, handler)] * len(msgs)
+            finally:
+                delivery_scope.reset(token)
 
     async def _handle(self, handlers: list[MessageHandler], msg: InboundMessage, source: str,
                       mark: Mark | None, committed: list[bytes] | None = None) -> Verdict:
@@ -285,7 +385,8 @@ class Delivery:
         plugin = next((str(s.owner) for s in self.router.subscriptions() if s.handler is handler), "?")
         reason = f"handler error ({plugin}): {text[:300]}"
         self.stats.handler_errors += 1
-        if isinstance(exc, (StatementError, peewee.IntegrityError, peewee.ProgrammingError, peewee.InterfaceError)):
+        if isinstance(exc, (StatementError, peewee.IntegrityError, peewee.ProgrammingError, peewee.InterfaceError,
+                            peewee.DataError)):
             self.stats.statement_errors += 1  # the handler's SQL: a plugin bug, not the storage
         self.stats.last_handler_error = f"{msg.topic}: {reason}"
         self.stats.last_handler_error_at = trio.current_time()
@@ -308,6 +409,22 @@ class Delivery:
             if edge is not None:
                 RejectedMessage.delete().where(RejectedMessage.id <= edge).execute()
 
+    async def _reject_all(self, rejected: list[tuple[InboundMessage, str, Mark | None]], source: str) -> None:
+        """A group's rejected messages: recorded in one write, counted, logged (quietly)."""
+        try:
+            await self._retrying(self.storage.write, self._record_all_rejected, rejected)
+        except Exception as exc:  # noqa: BLE001 - not kept, but still refused: it must not come back
+            self.log.error("could not record rejected MQTT messages: %r", exc)
+        self.stats.rejected += len(rejected)
+        for msg, reason, _ in rejected:
+            sender = msg.sender or source
+            self._quiet("rejected:" + sender, logging.INFO, "rejected MQTT message on %r from %s: %s", msg.topic,
+                        sender, reason)
+
+    def _record_all_rejected(self, rejected: list[tuple[InboundMessage, str, Mark | None]]) -> None:
+        for msg, reason, mark in rejected:  # on the writer thread: one transaction for them all
+            self._record_rejected(msg, reason, mark)
+
     def _log_error(self, text: str, *args: Any, exc: BaseException | None = None, traceback: bool = True) -> None:
         # A flood of failures logs one line per 10 s, not one per message.
         now = time.monotonic()
@@ -321,19 +438,34 @@ class Delivery:
 
 
 class _Running:
-    __slots__ = ("done", "verdict")
+    """A delivery running now: of one message (``verdict``), or of a group (``verdicts``)."""
+
+    __slots__ = ("done", "verdict", "verdicts")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.verdict: Verdict | None = None
+        self.verdicts: dict[tuple[str, int, bytes], Verdict] | None = None
 
-    async def decided(self) -> Verdict | None:
+    async def decided(self, key: tuple[str, int, bytes]) -> Verdict | None:
         """The first copy's verdict; None if it ended without one (cancelled)."""
         await self.done.wait()
-        return self.verdict
+        return self.verdict if self.verdicts is None else self.verdicts.get(key)
 
 
 Reply = Callable[[int | None, Verdict], None]
+
+
+class _Group(NamedTuple):
+    """A group delivery waiting in the pool."""
+
+    handler: GroupHandler
+    msgs: list[InboundMessage]
+    packet_ids: list[int | None]
+
+    @property
+    def topic(self) -> str:
+        return self.msgs[0].topic
 
 
 class DeliveryPool:
@@ -349,7 +481,7 @@ class DeliveryPool:
         self.delivery = delivery
         self.size = size
         self.in_flight = 0
-        self._pending: deque[tuple[InboundMessage, str, int | None, Reply]] = deque()
+        self._pending: deque[tuple[InboundMessage | _Group, str, int | None, Reply]] = deque()
         self._idle: list[trio.lowlevel.Task] = []
         self._slot_freed = trio.Event()
         self.running = False
@@ -371,6 +503,15 @@ class DeliveryPool:
         if self._idle:
             trio.lowlevel.reschedule(self._idle.pop())
 
+    def submit_group(self, handler: GroupHandler, msgs: list[InboundMessage], source: str,
+                     packet_ids: list[int | None], reply: Reply) -> None:
+        """Queue the delivery of a group (:meth:`Delivery.deliver_group`), one slot for all
+        of it; ``reply(packet_id, verdict)`` is called for each message, in order."""
+        self.in_flight += 1
+        self._pending.append((_Group(handler, msgs, packet_ids), source, None, reply))
+        if self._idle:
+            trio.lowlevel.reschedule(self._idle.pop())
+
     @property
     def full(self) -> bool:
         return self.in_flight >= self.size
@@ -386,7 +527,7 @@ class DeliveryPool:
         while self.in_flight:
             await self.wait_slot()
 
-    async def _next(self) -> tuple[InboundMessage, str, int | None, Reply]:
+    async def _next(self) -> tuple[InboundMessage | _Group, str, int | None, Reply]:
         # A woken worker may find the deque empty (a busy worker took the message on
         # its way round): it waits again.
         while not self._pending:
@@ -405,8 +546,13 @@ class DeliveryPool:
         while True:
             msg, source, packet_id, reply = await self._next()
             try:
-                verdict = await deliver(msg, source, packet_id)
-                reply(packet_id, verdict)
+                if type(msg) is _Group:
+                    verdicts = await self.delivery.deliver_group(msg.handler, msg.msgs, source, msg.packet_ids)
+                    for pid, verdict in zip(msg.packet_ids, verdicts):
+                        reply(pid, verdict)
+                else:
+                    verdict = await deliver(msg, source, packet_id)
+                    reply(packet_id, verdict)
             except Exception:  # a bug here must not take the pool down; unacked, it comes again
                 self.delivery.log.exception("MQTT delivery failed on %r", msg.topic)
             finally:

@@ -55,7 +55,7 @@ from ...protocol.topics import TopicRouter, matches
 from ..logs import QuietLog
 from ..schema import Address
 from .broker import AclTemplate
-from .delivery import DeliveryPool
+from .delivery import DeliveryPool, GroupHandler
 
 __all__ = ["DeviceEdge", "EdgeStats", "WriteAcl", "socket_of"]
 
@@ -300,5 +300,16 @@ class DeviceEdge:
             del self._windows[username]
 
     def intercepts(self, username: str, topic: str) -> bool:
+        return self.route(username, topic) is not False
+
+    def route(self, username: str, topic: str) -> bool | GroupHandler:
+        """False: relay it to mosquitto; True: deliver it here; a GroupHandler: deliver it
+        here with the other messages of the same read for that handler (it is the
+        topic's only handler)."""
         # The ACL first: it is cheap, and the router remembers the topics it was asked about.
-        return self.acl.may_write(username, topic) and bool(self.router.handlers_for(topic))
+        if not self.acl.may_write(username, topic):
+            return False
+        handlers = self.router.handlers_for(topic)
+        if len(handlers) == 1 and isinstance(handlers[0], GroupHandler):
+            return handlers[0]
+        return bool(handlers)

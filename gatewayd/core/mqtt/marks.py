@@ -140,6 +140,12 @@ class DeliveryMarks:
             f"INSERT OR REPLACE INTO {_TABLES[self._current]} (source, packet_id, digest, calls) VALUES (?, ?, ?, NULL)",
             [(m.source, m.packet_id, m.digest) for m in marks])
 
+    def write_final(self, marks: list[Mark]) -> None:
+        """Write ``marks`` final, on the writer thread inside the transaction of the records
+        they cover (a group's ingest call): no later write, nothing noted in memory."""
+        with core_statements():  # refused: our schema, not the handler's SQL (never acknowledged)
+            self._finish(marks)
+
     def install(self) -> None:
         """Create both tables (blocking: call from a thread)."""
         db = self.storage.database

@@ -22,7 +22,7 @@ import trio
 
 from ...protocol import mqtt_packets as mp
 from .broker import GATEWAY_USERNAME
-from .delivery import DUPLICATE, HANDLED, UNROUTED, InboundMessage, Verdict
+from .delivery import DUPLICATE, HANDLED, UNROUTED, GroupHandler, InboundMessage, Verdict
 from .edge import socket_of
 
 if TYPE_CHECKING:
@@ -117,7 +117,9 @@ class Session:
         self._to_device = _Outbox()
         self._to_broker = _Outbox()
         self._aliases: dict[int, str] = {}  # MQTT 5 topic aliases the device set up
-        self._routes: dict[str, bool] = {}
+        self._routes: dict[str, bool | GroupHandler] = {}
+        # This read's messages for group handlers, not submitted yet: handler -> (messages, packet ids).
+        self._groups: dict[GroupHandler, tuple[list[InboundMessage], list[int | None]]] = {}
         self._kept_since_upstream = False  # device packets handled here since the last relay
         self._pings = 0  # PINGREQs sent for the device; their PINGRESPs are ours
         self._reading = trio.CancelScope()
@@ -292,22 +294,13 @@ class Session:
     async def _relay_device(self) -> None:
         reader = self._device_reader
         while True:
-            while (held := self._held()) is None and (frame := reader.next_frame()) is not None:
-                kind, flags, raw, start = frame
-                if kind == mp.PUBLISH:
-                    if not self._publish(flags, raw, start):
-                        self._relay(raw)
-                elif kind == mp.PUBREL and (pid := mp.parse_packet_id(raw, start)) in self.awaiting_pubrel:
-                    self.awaiting_pubrel.discard(pid)
-                    self._to_device.put(mp.pubcomp(pid, 0, self.level))
-                    self._kept_since_upstream = True
-                else:
-                    if kind == mp.DISCONNECT:
-                        self._clean = self._disconnected = True
-                    self._relay(raw)
-                    if self._disconnected:
-                        await self._to_broker.wait_drained()
-                        return  # DISCONNECT relayed: mosquitto closes its side
+            try:
+                held = self._read_frames(reader)
+            finally:
+                self._submit_groups()  # what this read brought for group handlers goes together
+            if held is False:
+                await self._to_broker.wait_drained()
+                return  # DISCONNECT relayed: mosquitto closes its side
             if held is not None:
                 await held
                 continue  # frames may be waiting in the buffer already
@@ -315,6 +308,31 @@ class Session:
             if not data:
                 return  # closed without DISCONNECT: closing upstream the same way fires its will
             reader.feed(data)
+
+    def _read_frames(self, reader: mp.FrameReader) -> Awaitable[None] | None | bool:
+        """Handle the frames buffered; what to wait for before reading again (None:
+        nothing), or False after the device's DISCONNECT."""
+        while (held := self._held()) is None and (frame := reader.next_frame()) is not None:
+            kind, flags, raw, start = frame
+            if kind == mp.PUBLISH:
+                if not self._publish(flags, raw, start):
+                    self._relay(raw)
+            elif kind == mp.PUBREL and (pid := mp.parse_packet_id(raw, start)) in self.awaiting_pubrel:
+                self.awaiting_pubrel.discard(pid)
+                self._to_device.put(mp.pubcomp(pid, 0, self.level))
+                self._kept_since_upstream = True
+            else:
+                if kind == mp.DISCONNECT:
+                    self._clean = self._disconnected = True
+                self._relay(raw)
+                if self._disconnected:
+                    return False
+        return held
+
+    def _submit_groups(self) -> None:
+        groups, self._groups = self._groups, {}
+        for handler, (messages, pids) in groups.items():
+            self.edge.pool.submit_group(handler, messages, "edge:" + self.username, pids, self._reply)
 
     def _relay(self, raw: bytes) -> None:
         self.edge.stats.relayed += 1
@@ -342,7 +360,7 @@ class Session:
                 raise mp.ProtocolError(f"topic alias {msg.topic_alias} was never set up", _TOPIC_ALIAS_INVALID)
         routed = self._routes.get(topic)
         if routed is None:
-            routed = self.edge.intercepts(self.username, topic)
+            routed = self.edge.route(self.username, topic)
             if len(topic) <= _TOPIC_CACHED_MAX and len(self._routes) < _ROUTES_MAX:
                 self._routes[topic] = routed
         if not routed:
@@ -362,6 +380,13 @@ class Session:
         # As a broker hands a live message to a subscriber: RETAIN cleared (it is the
         # message, not a stored copy; and the gateway does not retain it).
         message = InboundMessage(topic, msg.payload, msg.qos, False, msg.dup, self.username)
+        if routed is not True and msg.qos < 2 and not msg.dup:
+            group = self._groups.get(routed)
+            if group is None:
+                group = self._groups[routed] = ([], [])
+            group[0].append(message)
+            group[1].append(pid)
+            return True
         reply = self._reply_qos2 if msg.qos == 2 else self._reply
         self.edge.pool.submit(message, "edge:" + self.username, pid, reply)
         return True

@@ -38,8 +38,8 @@ from ..storage import StorageError
 if TYPE_CHECKING:
     from .store import Outbox
 
-__all__ = ["Ingest", "IngestError", "Ingested", "IngestPressure", "Record", "DeliveryScope", "call_key",
-           "delivery_scope"]
+__all__ = ["Ingest", "IngestError", "Ingested", "IngestPressure", "Record", "DeliveryScope", "GroupScope",
+           "call_key", "delivery_scope"]
 
 class DeliveryScope:
     """What the ingest calls of one MQTT delivery share (the delivery sets it in
@@ -96,7 +96,37 @@ def call_key(rows: list[tuple]) -> bytes:
     return h.digest()
 
 
-delivery_scope: ContextVar[DeliveryScope | None] = ContextVar("gatewayd_delivery_scope", default=None)
+class GroupScope:
+    """What the one ingest call of a group delivery writes with its records: every
+    message's delivery mark, final (core/mqtt/delivery.py, ``Delivery.deliver_group``).
+
+    A group handler stores its messages with one ingest call: a second call in the same
+    run raises RuntimeError (its records would commit after the marks that say the
+    messages are stored). When storage fails after that call committed (a later write
+    of the handler's), the delivery runs the handler again and the call is answered
+    with what it stored, not stored a second time.
+    """
+
+    __slots__ = ("mark", "stored", "_called")
+
+    def __init__(self, mark: Callable[[], None] | None) -> None:
+        self.mark = mark
+        self.stored: Ingested | None = None
+        self._called = False
+
+    def again(self) -> None:
+        """The handler runs again from the start."""
+        self._called = False
+
+    def enter(self) -> Ingested | None:
+        """The call of this run: what an earlier run's call committed, or None (store it)."""
+        if self._called:
+            raise RuntimeError("a group handler stores its messages with one ctx.ingest call per group")
+        self._called = True
+        return self.stored
+
+
+delivery_scope: ContextVar[DeliveryScope | GroupScope | None] = ContextVar("gatewayd_delivery_scope", default=None)
 
 
 # Below this many records, serialising on the trio thread is cheaper than a thread hop.
@@ -281,6 +311,14 @@ class Ingest:
     async def _store(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
         outbox = self._outbox
         scope = delivery_scope.get()
+        if type(scope) is GroupScope:
+            done = scope.enter()
+            if done is not None:
+                return done
+            if scope.mark is not None:
+                family_rows = _with_companion(scope.mark, family_rows)
+            scope.stored = await self._commit(rows, family_rows)
+            return scope.stored
         if scope is not None:
             key = call_key(rows) if len(rows) <= _INLINE else await trio.to_thread.run_sync(call_key, rows)
             done = scope.answer(key)
@@ -288,16 +326,20 @@ class Ingest:
                 return done  # committed by an earlier run of the handlers (a storage retry)
             if scope.mark is not None:
                 family_rows = _with_companion(partial(scope.mark, scope.keys() + key), family_rows)
+        stored = await self._commit(rows, family_rows)
+        if scope is not None:
+            scope.add(key, stored)
+        return stored
+
+    async def _commit(self, rows: list[tuple], family_rows: Callable[[], Any] | None) -> Ingested:
+        outbox = self._outbox
         try:
             result, ids, dropped, stamped = await outbox.storage.write(outbox.store, rows, family_rows)
         except StorageError:
             outbox.count_refused(row[0] for row in rows)
             raise
-        stored = Ingested(ids, result)
-        if scope is not None:
-            scope.add(key, stored)
         await outbox.after_store(dropped, stamped)
-        return stored
+        return Ingested(ids, result)
 
 
 

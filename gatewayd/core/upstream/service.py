@@ -126,7 +126,9 @@ class Upstream:
         if worker.paused is not None:  # 401/403, a wrong URL, a wrong size limit: an operator has to act
             return ComponentState("failed", f"paused: {worker.paused}", details)
         if details["breaker"] == "open":
-            return ComponentState("degraded", f"circuit open after repeated failures: {details['last_error']}", details)
+            # A warning, not a failure: the gateway still takes and stores device data, the
+            # outbox keeps it, and the cloud's outage is not this box's to fix (last_error says why).
+            return ComponentState("degraded", "circuit_open", details, critical=False)
         return ComponentState("ok", None, details)
 
     def _register_metrics(self, m: Metrics) -> None:

@@ -29,6 +29,9 @@ class KaiabcConfig:
     """How often every oscillator is sampled into its history (GET /oscillator/history)."""
     history_days: float = 30.0
     """History older than this is deleted."""
+    readings_retention_days: float = 30.0
+    """Sensor readings (`<name>_reading`) are kept this long after they arrived, then deleted
+    in parts of `PRUNE_PART` rows (models.py), oldest first."""
     history_full_days: float = 1.0
     """History is kept at `history_every_s` this long; older, it is thinned to one sample per
     `history_coarse_s` (README, "History": bytes per node and day)."""
@@ -51,10 +54,13 @@ class KaiabcConfig:
 
     def validate(self) -> None:
         for key in ("tick_s", "time_acceleration", "persist_every_s", "stale_after_s", "state_every_s", "history_every_s", "phase_shift_settle_hours",
-                    "history_days", "history_full_days", "history_coarse_s"):
+                    "history_days", "history_full_days", "history_coarse_s", "readings_retention_days"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(key, f"must be a finite number > 0, got {value}")
+        if self.readings_retention_days > 36500:
+            raise ConfigError("readings_retention_days", f"must be at most 36500 (100 years), "
+                              f"got {self.readings_retention_days}")
         if self.history_coarse_s < self.history_every_s:
             raise ConfigError("history_coarse_s", f"must be at least history_every_s ({self.history_every_s}), "
                               f"got {self.history_coarse_s}")

@@ -419,6 +419,12 @@ def batches(ids: list[str], timestamp: str, columns: Mapping[str, list[Any]],
     return out
 
 
+def stream_name(node_id: str) -> str:
+    """A node as the live hub names it in a stream (`kaiabc.oscillator_state.<node>`):
+    '.' separates a stream's parts, so the hub writes it '_' ("a.b" and "a_b" are one)."""
+    return node_id.replace(".", "_")
+
+
 class Publisher(Protocol):
     def publish(self, kind: str, device_id: str, data: Any) -> None: ...
 

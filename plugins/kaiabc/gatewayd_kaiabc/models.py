@@ -14,6 +14,9 @@ from typing import Any
 import peewee
 
 VERSION = 1
+PRUNE_PART = 2000
+"""Readings deleted per statement: each part is a short job of the writer, so ingest waits
+for one part at most, never for a whole month of readings (bench/kaiabc_prune.py)."""
 
 
 class Table(peewee.Model):
@@ -235,6 +238,18 @@ class Store:
     def add_readings(self, rows: list[dict[str, Any]]) -> None:
         if rows:
             self.reading.insert_many(rows).execute()
+
+    def prune_readings(self, cutoff: float, part: int = PRUNE_PART) -> int:
+        """Delete the readings that arrived before `cutoff` among the `part` oldest (by row id,
+        the order they were stored in); returns how many went, 0 when none of those is that
+        old. Reads at most `part` rows, by the primary key: no index on `received_at` needed.
+        (A reading stored after a newer one, the clock set back, goes once those before it have.)"""
+        table = self.reading._meta.table_name
+        # The window's last id, then a range of the primary key: cheaper than `id IN (...)`.
+        cursor = self.reading._meta.database.connection().execute(
+            f"DELETE FROM {table} WHERE id <= COALESCE((SELECT id FROM {table} ORDER BY id LIMIT 1 OFFSET ?), "
+            f"(SELECT MAX(id) FROM {table})) AND received_at < ?", (part - 1, cutoff))
+        return int(cursor.rowcount)
 
 
 def _info(row: Any) -> NodeInfo:

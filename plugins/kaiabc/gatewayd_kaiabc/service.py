@@ -20,14 +20,15 @@ from gatewayd.plugins.api import PluginContext, Record
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
 from .errors import Fail, invalid, iso
-from .live import Fleet, publish_states
+from .live import Fleet, publish_states, stream_name
 from .people import Tokens
-from .models import NodeInfo, Store
+from .models import PRUNE_PART, NodeInfo, Store
 
 HUMIDITY_RANGE = (0.0, 100.0)
 OUTLIER_SIGMA = 5.0  # a temperature reading this many predicted standard deviations off is an outlier
 DIVERGED_AFTER = 5  # consecutive outliers: the filter diverged
 PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
+PRUNE_EVERY_S = 600.0  # readings past readings_retention_days are deleted this often (trio time)
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class Kaiabc:
         self.requests = 0
         self.errors = 0
         self.response_seconds = 0.0
+        self._stream_names: dict[str, str] = {}  # stream_name(node_id) -> the registered node holding it
         self._thinned_to = 0.0  # history before this is thinned already (epoch s, on a bucket edge; persisted)
 
     # -- start and stop -----------------------------------------------------------------
@@ -92,6 +94,9 @@ class Kaiabc:
         await self.fleet.prepare()
         self.tokens.load(await self.ctx.storage.read(self.store.tokens))
         self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
+        # Nodes of an older release may already collide: the first (by id) keeps the name.
+        for node_id in sorted(self.nodes, reverse=True):
+            self._stream_names[stream_name(node_id)] = node_id
         for row in await self.ctx.storage.read(self.store.oscillators):
             if row["node_id"] in self.nodes:
                 self.fleet.restore(row)
@@ -123,6 +128,7 @@ class Kaiabc:
         """The background task: tick every `tick_s`, persist every `persist_every_s`."""
         config = self.ctx.config
         last = saved = sampled = streamed = trio.current_time()
+        pruned = last - PRUNE_EVERY_S  # the first tick prunes what aged while the gateway was down
         while True:
             await trio.sleep(config.tick_s)
             now = trio.current_time()
@@ -139,6 +145,9 @@ class Kaiabc:
             if now - saved >= config.persist_every_s:
                 await self.persist()
                 saved = now
+            if now - pruned >= PRUNE_EVERY_S:
+                await self.prune_readings()
+                pruned = now
 
     async def prc(self, etf: EtfParameters, delta_k: float, duration_h: float, resolution: int) -> PhaseResponseCurve:
         """The PRC of these parameters to this pulse (cached; half a second on a worker thread)."""
@@ -200,6 +209,15 @@ class Kaiabc:
             self.store.thin_history(thinned_to, thin_to, coarse)
             self.store.put_setting("history_thinned_to", thin_to)
 
+    async def prune_readings(self, part: int = PRUNE_PART) -> int:
+        """Delete the readings older than `readings_retention_days`, one part (`part` rows, one
+        statement) per write job, so an ingest waits behind one part at most; how many went."""
+        cutoff = self.ctx.now() - self.ctx.config.readings_retention_days * 86400
+        total = 0
+        while deleted := await self.ctx.storage.write(self.store.prune_readings, cutoff, part):
+            total += deleted
+        return total
+
     def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
         """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""
         getattr(self.ctx.log, level)(message, node=node_id or "-", **details)
@@ -222,6 +240,12 @@ class Kaiabc:
             if info.node_id in self.nodes:
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered",
                            {"parameter": "node_id", "provided": info.node_id})
+            if (taken := self._stream_names.get(stream_name(info.node_id))) is not None:
+                # Live streams and WebSocket subscriptions name a node with '.' as '_': two such
+                # nodes would share one stream, each one's watchers seeing the other's frames.
+                raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} would share its live stream name "
+                           f"{stream_name(info.node_id)!r} with the registered node {taken!r} ('.' is '_' there)",
+                           {"parameter": "node_id", "provided": info.node_id, "conflicts_with": taken})
             if len(self.nodes) >= self.ctx.config.max_nodes:
                 raise Fail(503, "SERVICE_UNAVAILABLE", f"this gateway keeps at most {self.ctx.config.max_nodes} nodes "
                            "(plugins.kaiabc.max_nodes)")
@@ -241,6 +265,7 @@ class Kaiabc:
             if not await self.ctx.storage.write(self.store.add_node, info, row):
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered")
             self.nodes[info.node_id] = info
+            self._stream_names[stream_name(info.node_id)] = info.node_id
             self.live_nodes.set(len(self.fleet.ids))
             self.note("info", "node registered", info.node_id, hardware_type=info.hardware_type)
             return new_key

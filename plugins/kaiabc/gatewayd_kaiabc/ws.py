@@ -24,7 +24,7 @@ from quart import websocket
 
 from gatewayd.plugins.api import AuthError, Gap, LiveDenied, LiveLimit, Subscription
 
-from .live import BATCHED
+from .live import BATCHED, stream_name
 
 if TYPE_CHECKING:
     from gatewayd.plugins.api import Routes
@@ -52,7 +52,7 @@ def frames(kind: str, batch: dict[str, Any], watched: set[str]) -> list[str]:
     batch that `watched` names (node ids as the hub writes them, `.` as `_`; `*` for every node)."""
     every = "*" in watched
     ts, ids = batch["timestamp"], batch["node_id"]
-    chosen = [i for i, node_id in enumerate(ids) if every or node_id.replace(".", "_") in watched]
+    chosen = [i for i, node_id in enumerate(ids) if every or stream_name(node_id) in watched]
     if kind == "oscillator_state":
         ct, ph, koa, c_st, a_free = (batch[k] for k in ("circadian_time", "phase", "koa_metric", "C_ST", "A_free"))
         return [frame({"event": "oscillator.state", "node_id": ids[i], "timestamp": ts, "data": {
@@ -196,6 +196,6 @@ class Socket:
                              ".<node_id> or .*")
         if not target or "." in target or ("*" in target and target != "*") or "#" in target:
             raise ValueError(f"stream {stream[:64]!r}: expected one node id or * after the name")
-        if node is not None and target != node.replace(".", "_"):
+        if node is not None and target != stream_name(node):
             raise PermissionError(f"a node may watch only its own streams ({name}.{node})")
         return f"{self.ctx.name}.{STREAMS[name]}.{target}"

@@ -115,7 +115,7 @@ async def test_solver_config(gateway_factory):
         doc = (await client.get(f"{V1}/simulation/config", headers=AUTH)).json()
         assert doc["tolerance"] == {"absolute": 1e-7, "relative": 1e-6} and doc["max_step_size"] == 0.05
         for bad in ({"tolerance": {"absolute": -1}}, {"solver": "euler"}, {"max_step_size": 100},
-                    {"tolerance": {"absolute": "x"}}):
+                    {"tolerance": {"absolute": "x"}}, {"tolerance": ""}, {"tolerance": []}):
             error(await client.put(f"{V1}/simulation/config", headers=AUTH, json=bad), 400, "INVALID_PARAMETER")
 
 

@@ -215,3 +215,45 @@ async def test_rate_limit_is_the_specs_429_with_headers(gateway_factory):
         r = await client.post(f"{V1}/sensors/temperature", headers={"X-API-Key": key},
                               json={"node_id": "pico_001", "temperature_kelvin": 300.0})
         assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "100"
+
+
+async def test_node_ids_that_share_a_stream_name_are_refused(gateway_factory):
+    """Live streams write '.' in a node id as '_': `pico.1` and `pico_1` would be one stream."""
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        await register(client, "pico.1")
+        r = await client.post(f"{V1}/sensors/nodes", headers=AUTH, json=pico("pico_1"))
+        body = error(r, 409, "CONFLICT")
+        assert body["details"] == {"parameter": "node_id", "provided": "pico_1", "conflicts_with": "pico.1"}
+        assert "'pico_1'" in body["message"] and "pico.1" in body["message"]
+        r = await client.get(f"{V1}/sensors/nodes", headers=AUTH)
+        assert [n["node_id"] for n in r.json()["nodes"]] == ["pico.1"]
+        await register(client, "pico-1")  # '-' is no '.': a stream of its own
+
+
+async def test_readings_past_their_retention_are_pruned_in_parts(gateway_factory):
+    """`readings_retention_days` (here 1): older readings go, part by part (3 rows a
+    statement here), the newer stay."""
+    settings = ["plugins.kaiabc.readings_retention_days=1"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client, "pico_001")
+        ctx = gw.contexts["kaiabc"]
+        store, now = ctx.state.store, ctx.now()
+        ages_days = [3, 2.5, 2, 1.5, 1.01, 0.99, 0.5, 0.0, 2, 0.1, 1.2]  # stored in this order (id order)
+        await ctx.storage.write(store.add_readings, [
+            {"node_id": "pico_001", "ts": now - 86400 * age, "received_at": now - 86400 * age,
+             "temperature_k": 298.0 + i} for i, age in enumerate(ages_days)])
+
+        def kept() -> list[float]:
+            return [r.temperature_k - 298.0 for r in store.reading.select().order_by(store.reading.id)]
+
+        assert await ctx.state.prune_readings(part=3) == 5
+        # 8 (2 days) and 10 (1.2 days) were stored after newer readings (a clock set back):
+        # they wait for the rows before them, as the part reads only the oldest ids.
+        assert await ctx.storage.read(kept) == [5, 6, 7, 8, 9, 10]
+        assert await ctx.state.prune_readings(part=3) == 0
+        reading = store.reading
+        await ctx.storage.write(lambda: reading.update(received_at=now - 2 * 86400)
+                                .where(reading.temperature_k.in_([303.0, 304.0, 305.0])).execute())
+        assert await ctx.state.prune_readings(part=3) == 5
+        assert await ctx.storage.read(kept) == [9]
+        assert await ctx.storage.write(store.prune_readings, now + 86400, 3) == 1

@@ -105,6 +105,8 @@ def test_errors_are_one_line_and_exit_2(registry, capsys, argv, message):
     (["plugins.kaiabc.history_coarse_s=30"], "plugins.kaiabc.history_coarse_s: must be at least history_every_s"),
     (["plugins.kaiabc.history_full_days=40"], "plugins.kaiabc.history_full_days: must be at most history_days"),
     (["plugins.kaiabc.history_coars_s=600"], "history_coars_s"),
+    (["plugins.kaiabc.readings_retention_days=0"], "plugins.kaiabc.readings_retention_days: must be a finite number > 0"),
+    (["plugins.kaiabc.readings_retention_days=1e6"], "plugins.kaiabc.readings_retention_days: must be at most 36500"),
 ])
 async def test_history_settings_errors_name_the_toml_key(gateway_factory, settings, message):
     from gatewayd.testing import ConfigErrors

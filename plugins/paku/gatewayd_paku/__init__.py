@@ -73,7 +73,7 @@ def gatewayd_http_routes(ctx: PluginContext[PakuConfig, Paku]) -> Blueprint:
 @hookimpl
 def gatewayd_mqtt_topics(topics: TopicRegistry, ctx: PluginContext[PakuConfig, Paku]) -> None:
     paku, name = ctx.state, ctx.name
-    topics.subscribe(f"{name}/+/telemetry", paku.on_telemetry, qos=1)
+    topics.subscribe_group(f"{name}/+/telemetry", paku.on_telemetry_group, qos=1)  # a device's burst: one commit
     topics.subscribe(f"{name}/+/state", paku.on_state, qos=1)
     topics.subscribe(f"{name}/+/event/#", paku.on_event, qos=1)
     # %u is the device's MQTT username, which is its id: a device can only use its own topics.

@@ -102,6 +102,10 @@ class Rows:
     def measurement(self, device: str, ts: float, received_at: float, payload: str) -> None:
         self._connection().execute(self._measurement, (device, ts, received_at, payload))
 
+    def measurements(self, rows: list[tuple[str, float, float, str]]) -> None:
+        """Many at once: (device, ts, received_at, payload) each, one prepared statement."""
+        self._connection().executemany(self._measurement, rows)
+
     def event(self, device: str, ts: float, type: str, payload: str) -> None:
         self._connection().execute(self._event, (device, ts, type, payload))
 

@@ -9,15 +9,17 @@
 (`<name>` is the plugin's name: `paku/pk-1/telemetry` under the name paku.) A handler
 returns only after `ctx.ingest` committed, and the core acknowledges the message then;
 bad input raises `Rejected` with the reason (acknowledged, counted, kept by the core).
+Telemetry, the busy topic, has a group handler: it gets a device's burst (what the edge
+read at once) and answers each message, None or its `Rejected`, after one commit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
-from gatewayd.plugins.api import Device, InboundMessage, IngestError, PluginContext, Rejected
+from gatewayd.plugins.api import Device, InboundMessage, IngestError, PluginContext, Record, Rejected
 
 from .commands import Commands
 from .config import PakuConfig
@@ -43,8 +45,46 @@ class Paku:
     # -- the handlers, one per topic ---------------------------------------------------
 
     async def on_telemetry(self, msg: InboundMessage) -> None:
-        """`<name>/<id>/telemetry`: one measurement row; upstream as history."""
-        await self._counted("telemetry", msg, self._telemetry(msg))
+        """One telemetry message, a group of one: raises Rejected for a bad one."""
+        (outcome,) = await self.on_telemetry_group([msg])
+        if outcome is not None:
+            raise outcome
+
+    async def on_telemetry_group(self, msgs: Sequence[InboundMessage]) -> list[Rejected | None]:
+        """`<name>/<id>/telemetry`: one measurement row each; upstream as history.
+
+        A group handler (`topics.subscribe_group`): the messages the gateway read from a
+        device together, stored with one ingest call; a bad one is rejected alone."""
+        outcomes: list[Rejected | None] = []
+        rows: list[tuple[str, float, float, str]] = []
+        records: list[Record] = []
+        now = self.ctx.now()
+        devices: dict[str, Device | Rejected] = {}  # one lookup and one touch per device and group
+        for msg in msgs:
+            try:
+                self._not_retained(msg, "telemetry")
+                device = await self._device(devices, parse_topic(msg.topic, self.ctx.name).device)
+                doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes)
+                ts = message_ts(doc, now)
+            except Rejected as e:
+                outcomes.append(e)
+                self._rejected("telemetry", msg, e)
+                continue
+            outcomes.append(None)
+            # Stored as received (it is strict JSON): not encoded a second time.
+            rows.append((device.id, ts, now, msg.payload.decode()))
+            records.append(Record(device.id, "telemetry", doc, ts, "history"))
+        for known in devices.values():
+            if not isinstance(known, Rejected):
+                await self._alive(known)
+        if records:
+            try:
+                await self.ctx.ingest.records(records, family_rows=partial(self.rows.measurements, rows))
+            except IngestError as e:
+                self.messages.inc(len(records), kind="telemetry", outcome="rejected")
+                return [o or Rejected(str(e)) for o in outcomes]
+            self.messages.inc(len(records), kind="telemetry", outcome="stored")
+        return outcomes
 
     async def on_state(self, msg: InboundMessage) -> None:
         """`<name>/<id>/state`: the device's latest state; upstream as state."""
@@ -54,17 +94,6 @@ class Paku:
         """`<name>/<id>/event/<type>`: one event row; `ack` and `ota` also go to the core."""
         kind = "ack" if msg.topic.endswith("/event/ack") else "event"
         await self._counted(kind, msg, self._event(msg))
-
-    async def _telemetry(self, msg: InboundMessage) -> str:
-        self._not_retained(msg, "telemetry")
-        device = await self._heard(msg)
-        doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes)
-        now = self.ctx.now()
-        ts = message_ts(doc, now)
-        # Stored as received (it is strict JSON): not encoded a second time.
-        row = partial(self.rows.measurement, device.id, ts, now, msg.payload.decode())
-        await self._ingest(device.id, "telemetry", doc, ts, "history", row)
-        return "stored"
 
     async def _state(self, msg: InboundMessage) -> str:
         device = await self._known(parse_topic(msg.topic, self.ctx.name).device)
@@ -120,10 +149,13 @@ class Paku:
         try:
             outcome = await handled
         except Rejected as e:
-            self.messages.inc(kind=kind, outcome="rejected")
-            self.ctx.log.warning("message rejected", topic=msg.topic, reason=e.reason)
+            self._rejected(kind, msg, e)
             raise
         self.messages.inc(kind=kind, outcome=outcome)
+
+    def _rejected(self, kind: str, msg: InboundMessage, e: Rejected) -> None:
+        self.messages.inc(kind=kind, outcome="rejected")
+        self.ctx.log.warning("message rejected", topic=msg.topic, reason=e.reason)
 
     def _not_retained(self, msg: InboundMessage, what: str) -> None:
         # The spec: telemetry and events are not retained. A device that retains them
@@ -139,6 +171,18 @@ class Paku:
             raise Rejected(f"unknown device {device_id!r}: not registered in family {self.ctx.name}")
         if device.status == "disabled":
             raise Rejected(f"device {device_id!r} is disabled")
+        return device
+
+    async def _device(self, seen: dict[str, Device | Rejected], device_id: str) -> Device:
+        """`_known`, asked once per device in a group (`seen` holds the answers)."""
+        device = seen.get(device_id)
+        if device is None:
+            try:
+                device = seen[device_id] = await self._known(device_id)
+            except Rejected as e:
+                device = seen[device_id] = e
+        if isinstance(device, Rejected):
+            raise Rejected(device.reason)
         return device
 
     async def _heard(self, msg: InboundMessage) -> Device:

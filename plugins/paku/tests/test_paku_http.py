@@ -105,6 +105,24 @@ async def test_claim_is_rate_limited(gateway_factory):
         assert answers[:10] == [403] * 10 and answers[10] == 429
 
 
+async def test_a_group_of_telemetry_is_stored_together_and_a_bad_message_is_rejected_alone(gateway_factory):
+    async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
+        await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})
+        paku = gw.contexts["paku"].state
+        group = [telemetry("pk-1", {"ts": T0, "temp_c": 20}), telemetry("pk-1", b'{"temp_c": NaN}'),
+                 telemetry("pk-9", {"temp_c": 1}), telemetry("pk-1", {"ts": T0 + 1, "temp_c": 21})]
+        outcomes = await paku.on_telemetry_group(group)
+        assert outcomes[0] is None and outcomes[3] is None
+        assert outcomes[1].reason.startswith("temp_c: NaN is not a JSON number"), outcomes[1].reason
+        assert outcomes[2].reason == "unknown device 'pk-9': not registered in family paku"
+        r = await client.get("/paku/devices/pk-1/telemetry", headers=AUTH)
+        assert [m["payload"]["temp_c"] for m in r.json()["telemetry"]] == [21, 20], r.json()
+        assert paku.is_online("pk-1")  # heard: touched once for the group
+        metrics = (await client.get("/metrics")).text
+        assert 'gatewayd_paku_messages_total{kind="telemetry",outcome="stored"} 2' in metrics
+        assert 'gatewayd_paku_messages_total{kind="telemetry",outcome="rejected"} 2' in metrics
+
+
 async def test_telemetry_query_with_cursor(gateway_factory):
     async with gateway_factory(plugins=PAKU) as gw, gw_client(gw) as client:
         await client.post("/paku/devices", headers=AUTH, json={"id": "pk-1"})

@@ -231,7 +231,8 @@ def parse_status(report: StatusReport, *, device_id: str | None = None, path: st
     e = report.energy
     return Status(
         ts=timestamp(report.timestamp, f"{path}timestamp"), light_id=report.light_id, power_state=power,
-        brightness=brightness, temperature=temperature, battery=battery, gsm_signal=signal, uptime=uptime,
+        brightness=brightness, temperature=temperature, battery=battery, gsm_signal=signal,
+        uptime=None if uptime is None else int(uptime),  # 864000.0 is 864000 (schemas.WholeSeconds)
         error_flags=tuple(dict.fromkeys(flags)),
         energy=None if e is None else Energy(e.voltage, e.current, e.power_watts, e.frequency, e.cumulative_kwh),
     )

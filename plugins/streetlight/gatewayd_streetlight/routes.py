@@ -164,16 +164,15 @@ class LightRoutes:
     async def status(self, device_id: str, body: schemas.StatusReport) -> schemas.StatusRecorded:
         """Store a status report; answer when to send the next one (and a fresh token when
         the light's nears its expiry)."""
-        await self._authenticate(device_id)
+        device = await self._authenticate(device_id)
         status = self._parse(lambda: parse_status(body, device_id=device_id))
         latest = await self.ctx.state.record_status(device_id, status, via="http")
         answer = schemas.StatusRecorded("success", "Status recorded",
                                         next_update_seconds(latest, self.ctx.config.health), iso(self.ctx.now()))
         if self._token_expires_at() - self.ctx.now() < self.ctx.config.token_refresh_before_s:
-            device = await self.ctx.devices.get(device_id, max_age_s=2.0)
-            if device is not None:
-                token = self.ctx.auth.issue_jwt(device, ttl_s=self.ctx.config.token_ttl_s)
-                answer.device_token, answer.token_expires_at = token.token, iso(token.expires_at)
+            # The device as the token check found it (its epoch is the one the new token carries).
+            token = self.ctx.auth.issue_jwt(device, ttl_s=self.ctx.config.token_ttl_s)
+            answer.device_token, answer.token_expires_at = token.token, iso(token.expires_at)
         return answer
 
     async def sync(self, device_id: str, body: schemas.Sync) -> schemas.Synced:
@@ -190,8 +189,9 @@ class LightRoutes:
         # never acknowledged is handed out again now, not after command_redeliver_s.
         pushed_to = self.ctx.state.mqtt_seen.pop(device_id, None) is not None
         redeliver_s = 0.0 if pushed_to else self.ctx.config.command_redeliver_s
-        # One read in the common case (nothing waits); the queue's write only to hand out.
-        unacked = await self.ctx.commands.list(device_id, status=("pending", "delivered"))
+        # From the queue's memory: no query in the common case (nothing waits); the
+        # queue's write only to hand out.
+        unacked = await self.ctx.commands.open_for(device_id)
         taken = await self.ctx.commands.next_for(device_id, limit=query.limit, redeliver_after_s=redeliver_s) \
             if cmds.any_due(unacked, self.ctx.now(), redeliver_s) else []
         waiting = any(cmds.priority_of(c) == "high" for c in unacked)  # until its ack: poll fast

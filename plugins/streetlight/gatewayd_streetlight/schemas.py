@@ -24,6 +24,9 @@ def whole(regex: str) -> str:
 Pct = Annotated[float, Meta(ge=0, le=100)]
 Signal = Annotated[float, Meta(ge=-200, le=200)]
 Time = Annotated[str, Meta(max_length=64)] | float
+# An integer the spec gives as one, also sent as 864000.0 (firmware whose JSON encoder
+# writes every number as a float); stored as an int (messages.parse_status).
+WholeSeconds = Annotated[float, Meta(ge=0, le=2**40, multiple_of=1)]
 Text = Annotated[str, Meta(max_length=256)]
 DeviceId = Annotated[str, Meta(pattern=whole(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}"))]
 PowerState = Literal["on", "off", "error"]
@@ -98,7 +101,7 @@ class StatusBlock(Struct, omit_defaults=True):
     temperature_celsius: Annotated[float, Meta(ge=-100, le=200)] | None = None
     battery_percentage: Pct | None = None
     gsm_signal_strength: Signal | None = None
-    uptime_seconds: Annotated[int, Meta(ge=0, le=2**40)] | None = None
+    uptime_seconds: WholeSeconds | None = None
     error_flags: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=32)] | None = None
 
 
@@ -124,7 +127,7 @@ class StatusReport(Struct, omit_defaults=True):
     battery: Pct | None = None
     temperature_celsius: Annotated[float, Meta(ge=-100, le=200)] | None = None
     gsm_signal_strength: Signal | None = None
-    uptime_seconds: Annotated[int, Meta(ge=0, le=2**40)] | None = None
+    uptime_seconds: WholeSeconds | None = None
     error_flags: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=32)] | None = None
 
 

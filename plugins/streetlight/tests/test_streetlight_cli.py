@@ -10,9 +10,9 @@ import sys
 import pytest
 import trio
 from gatewayd_streetlight import cli as config_cli
-from streetlight_testbed import BASE, IMEI, PLUGIN, bearer, configure
+from streetlight_testbed import BASE, IMEI, PLUGIN, bearer, configure, status_report
 
-from gatewayd.testing import gw_client, provision
+from gatewayd.testing import gw_client, provision, wait_until
 
 
 async def gatewayd(data_dir, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -24,7 +24,10 @@ async def gatewayd(data_dir, *args: str) -> subprocess.CompletedProcess[bytes]:
 
 async def test_a_lights_config_is_stored_sent_to_it_and_reset(gateway_factory, tmp_path):
     data_dir = tmp_path / "var"
-    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+    # The daemon reads in another process's commands within devices.presence_flush_s (its
+    # change watch): a poll with nothing queued is answered from memory.
+    async with gateway_factory(plugins=PLUGIN, settings=["devices.presence_flush_s=0.05"]) as gw, \
+            gw_client(gw) as client:
         await provision(gw, "streetlight", IMEI)
         auth = bearer((await configure(client))["device_token"])
         done = await gatewayd(data_dir, IMEI, "--brightness", "60", "--schedule", "18:00-6:30", "--json")
@@ -33,8 +36,12 @@ async def test_a_lights_config_is_stored_sent_to_it_and_reset(gateway_factory, t
         assert answer["overrides"] == {"brightness_level": 60, "schedule_enabled": True, "sunset_time": "18:00:00",
                                        "sunrise_time": "06:30:00"}
         assert answer["light_id"] == "SL001" and answer["config"]["auto_dimming"] is True
-        # The light gets both at its next poll, in the specification's shapes...
-        polled = (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()["commands"]
+        # The light gets both at its next poll once the daemon noticed them, in the
+        # specification's shapes...
+        async def poll() -> list:
+            return (await client.get(f"{BASE}/{IMEI}/commands", headers=auth)).json()["commands"]
+
+        polled = await wait_until(poll)
         assert [{k: c[k] for k in c if k not in ("command_id", "requested_at")} for c in polled] == [
             {"command_type": "brightness_control", "brightness_level": 60, "priority": "normal"},
             {"command_type": "schedule_update", "priority": "low",
@@ -90,3 +97,38 @@ def test_options_become_the_configs_keys_and_the_lights_commands():
         {"command_type": "schedule_update",
          "schedule": {"enabled": False, "sunrise_time": "06:00:00", "sunset_time": "18:30:00"}}]
     assert config_cli.light_commands({"auto_dimming"}, config) == []
+
+
+async def test_a_token_revoked_by_another_process_is_refused_promptly(gateway_factory, tmp_path):
+    """The daemon holds a light's device row between requests (no read per status); a
+    `gatewayd devices rotate` or `disable` from another process still takes effect within
+    devices.presence_flush_s (the change watch), not after the row's fallback age."""
+    async with gateway_factory(plugins=PLUGIN, settings=["devices.presence_flush_s=0.05"]) as gw, \
+            gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+
+        async def status() -> int:
+            return (await client.post(f"{BASE}/{IMEI}/status", json=status_report(), headers=auth)).status_code
+
+        assert await status() == 200
+        cli = [sys.executable, "-m", "gatewayd", "devices", "rotate", IMEI, "--set",
+               f"gateway.data_dir='{tmp_path / 'var'}'"]
+        done = await trio.run_process(cli, capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr
+
+        async def revoked() -> bool:
+            return await status() == 401
+
+        await wait_until(revoked)  # well within the 300 s the row would otherwise be held
+        # Configured again: a new token, accepted; then disabled from another process: 403.
+        auth.update(bearer((await configure(client))["device_token"]))
+        assert await status() == 200
+        cli[4] = "disable"
+        done = await trio.run_process(cli, capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr
+
+        async def disabled() -> bool:
+            return await status() == 403
+
+        await wait_until(disabled)

@@ -14,7 +14,7 @@ import pytest
 import trio
 from streetlight_testbed import ADMIN, IMEI, PLUGIN, command
 
-from gatewayd.testing import free_port, gw_client, gw_url, provision, storage_failing, wait_until
+from gatewayd.testing import gw_client, gw_url, provision, reserved_port, storage_failing, wait_until
 
 FIRMWARE = Path(__file__).resolve().parents[3] / "firmware" / "streetlight" / "controller.py"
 _spec = importlib.util.spec_from_file_location("streetlight_controller", FIRMWARE)
@@ -76,7 +76,7 @@ async def test_configure_status_command_ack_and_push(gateway_factory, upstream_r
 
 @pytest.mark.timeout(120)
 async def test_offline_cache_synced_after_a_gateway_restart_acks_first(gateway_factory, upstream_receiver):
-    port = free_port()
+    port = reserved_port()
     settings = [*SETTINGS, f"http.listen='127.0.0.1:{port}'"]
     async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
             gw_client(gw) as client:

@@ -125,6 +125,24 @@ async def test_status_is_stored_and_answered_with_the_cadence(gateway_factory, u
         assert health["indicator"] == "red" and "battery critical" in health["reason"]
 
 
+async def test_an_integer_field_sent_as_a_whole_float_is_accepted(gateway_factory, upstream_receiver):
+    """`uptime_seconds: 864000.0` (an encoder that writes every number as a float) is 864000;
+    864000.5 is not an integer, and is refused naming the field."""
+    async with gateway_factory(plugins=PLUGIN, upstream=upstream_receiver) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(uptime_seconds=864000.0), headers=auth)
+        assert r.status_code == 200, r.text
+        health = (await client.get(f"{BASE}/{IMEI}/health", headers=auth)).json()
+        assert health["last_status"]["uptime"] == 864000 and type(health["last_status"]["uptime"]) is int
+        [_, record] = await upstream_receiver.wait_for(2)
+        assert json.dumps(record["data"]["status"]["uptime_seconds"]) == "864000"
+        compact = {"light_id": "SL001", "status": "on", "uptime_seconds": 7200.0}
+        assert (await client.post(f"{BASE}/{IMEI}/status", json=compact, headers=auth)).status_code == 200
+        r = await client.post(f"{BASE}/{IMEI}/status", json=status_report(uptime_seconds=864000.5), headers=auth)
+        assert r.status_code == 400 and r.json()["message"].startswith("status.uptime_seconds"), r.text
+
+
 async def test_status_refusals(gateway_factory):
     async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
         await provision(gw, "streetlight", IMEI)

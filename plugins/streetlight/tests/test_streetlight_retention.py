@@ -10,7 +10,7 @@ from gatewayd_streetlight import models
 from gatewayd_streetlight.config import StreetlightConfig
 from streetlight_testbed import BASE, IMEI, PLUGIN, bearer, configure, status_report
 
-from gatewayd.testing import free_port, gw_client, provision, wait_until
+from gatewayd.testing import gw_client, provision, reserved_port, wait_until
 
 DAY = 86400.0
 
@@ -40,7 +40,7 @@ async def test_only_rows_older_than_retention_and_delivered_upstream_are_purged(
         await upstream_receiver.wait_for(2)  # configure and status A
         await wait_until(lambda: _none(ingest.oldest_pending()), what="nothing waits in the outbox")
     # Second run: the cloud cannot be reached; status B (an hour later) and C (5 days later) wait in the outbox.
-    dead = upstream_receiver.config_text(url=f"http://127.0.0.1:{free_port()}/upstream")
+    dead = upstream_receiver.config_text(url=f"http://127.0.0.1:{reserved_port()}/upstream")
     now[0] = t0 + 3600
     async with gateway_factory(plugins=PLUGIN, settings=settings, clock=lambda: now[0], config_text=dead) as gw, \
             gw_client(gw) as client:

@@ -94,6 +94,8 @@ class SolverConfig:
         if unknown:
             raise ValueError(f"unknown solver config keys: {sorted(unknown)}")
         tol = body.get("tolerance", {})
+        if not isinstance(tol, dict):  # ("" would pass the key check below and fail as a str)
+            raise ValueError("tolerance must be an object with 'absolute' and/or 'relative'")
         if set(tol) - {"absolute", "relative"}:
             raise ValueError("tolerance takes only 'absolute' and 'relative'")
         base = base or cls()
