@@ -4,7 +4,8 @@ written, history + per-key rows + the upstream record in one transaction, the li
 broadcast, the rules), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
 Server-Sent Events subscribers on `/thingsnxt/sse`), against a bare QuartTrio hello-world
 in the same run, and each server's CPU time per request (what the gateway's path costs
-whatever else runs on the machine).
+whatever else runs on the machine). `GET /thingsnxt/health` (no body, no storage, no auth)
+shows what the gateway's HTTP stack alone costs next to the hello-world's.
 
     .venv/bin/python bench/thingsnxt_bench.py [--duration 10] [--connections 32] [--repeats 3]
 
@@ -37,6 +38,7 @@ from bench.run import free_port, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "thingsnxt-bench-token"
+PLAIN = "GET /thingsnxt/health"  # the plugin's plainest route: what the gateway's HTTP stack costs before any telemetry
 SUBSCRIBERS = 10
 POST_LUA = """
 wrk.method = "POST"
@@ -95,6 +97,10 @@ def subscribers_main(host: str, port: int, path: str, n: int) -> None:
     trio.run(main)
 
 
+def _load(avg: tuple[float, float, float]) -> str:
+    return "/".join(f"{x:.2f}" for x in avg)
+
+
 def _cpu_s(pid: int) -> float:
     """A process's CPU time so far (user + system, all threads), seconds (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -112,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                              "connections by more than the default 256; tests/test_live.py shows why)")
     args = parser.parse_args(argv)
 
+    load_at_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="thingsnxt-bench-"))
     hello_port, gw_port = free_port(), free_port()
     env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
@@ -137,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         wrk(url, 2, args.connections, str(script))  # warm-up, not counted: the first run paid for it alone
         for _ in range(args.repeats):
             runs = [("hello-world (bare QuartTrio)", f"http://127.0.0.1:{hello_port}/", None, 0, ""),
+                    (PLAIN, f"{base}/thingsnxt/health", None, 0, ""),
                     ("telemetry, 0 subscribers", url, str(script), 0, ""),
                     (f"telemetry, {SUBSCRIBERS} subscribers", url, str(script), SUBSCRIBERS, "/thingsnxt/ws"),
                     (f"telemetry, {SUBSCRIBERS} SSE subscribers", url, str(script), SUBSCRIBERS, "/thingsnxt/sse")]
@@ -171,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     goals = {"telemetry, 0 subscribers": 0.70, f"telemetry, {SUBSCRIBERS} subscribers": 0.60,
              f"telemetry, {SUBSCRIBERS} SSE subscribers": 0.60}
     print(f"\nthingsnxt bench: wrk -t1 -c{args.connections} -d{args.duration}s, {args.repeats} repeats, medians "
-          f"({os.cpu_count()} cores)")
+          f"({os.cpu_count()} cores; load average 1/5/15 min at the start {_load(load_at_start)}, "
+          f"at the end {_load(os.getloadavg())})")
     hello_cpu = statistics.median(r["cpu_us"] for r in results["hello-world (bare QuartTrio)"])
     print(f"{'target':<30} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'goal':>6} {'non-2xx':>8}"
           f" {'server CPU us/req':>18} {'hello/that':>11}")

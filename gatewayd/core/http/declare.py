@@ -33,7 +33,7 @@ from quart import Blueprint, has_websocket_context, request, websocket
 from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON, parse_json
 from ...protocol.validate import InvalidInput, QueryParser, convert
-from .body import BodyTooLarge, read_body
+from .body import BodyTooLarge, read_body, request_data
 
 __all__ = ["ADMIN_TOKEN", "CORE", "FAMILY", "Answerer", "AuthScheme", "Declaration", "DeviceAuth", "ErrorBody", "ErrorDetail", "InvalidInput",
            "Operation", "Raw", "Routes", "operation_of"]
@@ -291,7 +291,7 @@ def _validating(op: Operation, view: View) -> View:
         if op.parse_query is not None:
             kwargs["query"] = op.parse_query(websocket.args if has_websocket_context() else request.args)
         if op.body is not None:
-            raw = await request.get_data() if op.max_inflated is None else await read_body(max_inflated=op.max_inflated)
+            raw = await request_data() if op.max_inflated is None else await read_body(max_inflated=op.max_inflated)
             if not raw and op.body_required:
                 raise BadJSON("body: expected a JSON object, got an empty body")
             kwargs["body"] = convert(parse_json(raw) if raw else {}, op.body)

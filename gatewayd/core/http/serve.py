@@ -74,11 +74,19 @@ class RefuseBadHost:
         await self.app(scope, receive, send)
 
 
+# Host values that passed: a gateway is reached by a handful of names, and the IDNA
+# encoding costs more than the rest of this wrapper (a bounded set: clients choose them).
+_GOOD_HOSTS: set[bytes] = set()
+_GOOD_HOSTS_MAX = 256
+
+
 def _valid_host(scope: dict[str, Any]) -> bool:
     for name, value in scope.get("headers", ()):
-        if name == b"host":
+        if name == b"host" and value not in _GOOD_HOSTS:
             try:
                 value.decode("latin-1").lower().encode("idna")  # what werkzeug does with it
             except UnicodeError:
                 return False
+            if len(_GOOD_HOSTS) < _GOOD_HOSTS_MAX:
+                _GOOD_HOSTS.add(value)
     return True

@@ -9,7 +9,6 @@ The live broadcast and the rules (webhooks, notifications) come after the commit
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,16 @@ from gatewayd.plugins.api import Device, PluginContext, Record
 from . import models
 from .errors import Refused
 from .panel import PinsPanel
-from .telemetry import DeviceState, KeyPolicy, Limits, Reading, policy_for, status_message, update_message
+from .telemetry import (
+    DeviceState,
+    KeyPolicy,
+    Limits,
+    Reading,
+    compact,
+    policy_for,
+    status_message,
+    update_message,
+)
 
 if TYPE_CHECKING:
     from .config import ThingsnxtConfig
@@ -40,6 +48,7 @@ class Thingsnxt:
         ctx.devices.set_offline_after(config.offline_after_s)
         self.panel = PinsPanel(ctx)  # the dashboard's (panel.py): its last outcome lives as long as the plugin
         self.online: set[str] = set()  # devices whose "online" the live streams were told
+        self._policies: dict[tuple[str, str], KeyPolicy] = {}  # (device id, model) -> its security rules
         self._first_online = trio.Event()  # watch_presence waits for one while none is online
         if config.rate_limit:
             ctx.ratelimit.define(RATE_CLASS, config.rate_limit, config.rate_window_s)
@@ -55,7 +64,13 @@ class Thingsnxt:
             raise Refused(429, "Too many requests: slow down", self.ctx.ratelimit.headers(decision))
 
     def policy(self, device: Device) -> KeyPolicy:
-        return policy_for(self.ctx.config.security, device.id, device.model)
+        key = (device.id, device.model)
+        policy = self._policies.get(key)
+        if policy is None:  # the rules are the config's: fixed while the plugin runs
+            if len(self._policies) >= 10_000:  # bounded: one per device
+                self._policies.clear()
+            policy = self._policies[key] = policy_for(self.ctx.config.security, device.id, device.model)
+        return policy
 
     # -- telemetry ---------------------------------------------------------------------
 
@@ -68,9 +83,10 @@ class Thingsnxt:
             raise Refused(403, f"Security rules: this device may not write {', '.join(refused)}")
         now = self.ctx.now()
         stamped = [(r.ts if r.ts is not None else now, r.data) for r in readings]
+        texts = [r.text if r.text is not None else compact(r.data) for r in readings]  # measured when checked
 
         def rows() -> tuple[DeviceState, dict[str, Any]]:
-            self.rows.telemetry((device.id, ts, now, endpoint, _json(data)) for ts, data in stamped)
+            self.rows.telemetry((device.id, ts, now, endpoint, text) for (ts, _), text in zip(stamped, texts))
             state, changed = self.rows.load(device.id), {}
             for ts, data in stamped:
                 state, step = state.with_device(data, ts)
@@ -130,6 +146,3 @@ class Thingsnxt:
     async def state(self, device_id: str) -> DeviceState:
         return await self.ctx.storage.read(models.load_state, device_id)
 
-
-def _json(data: dict[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)

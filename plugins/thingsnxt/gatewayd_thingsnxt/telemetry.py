@@ -14,9 +14,11 @@ app's value in its next answer (README.md, "State").
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Annotated, Any
@@ -54,6 +56,8 @@ class Reading:
     data: dict[str, Any]
     ts: float | None = None
     """The device's time (bulk); None: it arrived now."""
+    text: str | None = None
+    """`data` as compact JSON, when the check measured it (the history row stores it as is)."""
 
 
 # -- requests: declared (the routes' bodies, in the OpenAPI document), then checked -------
@@ -88,16 +92,18 @@ class BulkIn(Struct):
 
 def parse_telemetry(body: TelemetryIn, limits: Limits) -> Telemetry:
     """A declared telemetry body, checked beyond its types: BadJSON naming the field."""
-    return Telemetry(body.device_token, (Reading(data_of(body.data, "data", limits)),))
+    data, text = checked_data(body.data, "data", limits)
+    return Telemetry(body.device_token, (Reading(data, None, text),))
 
 
 def parse_bulk(body: BulkIn, limits: Limits, now: float) -> Telemetry:
     """A declared bulk body, checked; its readings sorted oldest first."""
     if len(body.readings) > limits.max_bulk:
         raise BadJSON(f"readings: at most {limits.max_bulk} in one request, got {len(body.readings)}")
-    out = [Reading(data_of(item.data, f"readings[{i}].data", limits),
-                   timestamp_of(item.timestamp, f"readings[{i}].timestamp", now))
-           for i, item in enumerate(body.readings)]
+    out = []
+    for i, item in enumerate(body.readings):
+        data, text = checked_data(item.data, f"readings[{i}].data", limits)
+        out.append(Reading(data, timestamp_of(item.timestamp, f"readings[{i}].timestamp", now), text))
     return Telemetry(body.device_token, tuple(sorted(out, key=lambda r: r.ts or 0.0)))  # stable: same time keeps its order
 
 
@@ -114,6 +120,12 @@ def parse_app_values(doc: dict[str, Any], limits: Limits) -> dict[str, Any]:
 
 
 def data_of(value: Any, where: str, limits: Limits) -> dict[str, Any]:
+    return checked_data(value, where, limits)[0]
+
+
+def checked_data(value: Any, where: str, limits: Limits) -> tuple[dict[str, Any], str]:
+    """`value` if it is an object of keys and values within the limits, and its compact JSON
+    (what its size was measured on); else BadJSON naming `where`."""
     if not isinstance(value, dict):
         raise BadJSON(f"{where}: expected an object of keys and values, got {_kind(value)}")
     if len(value) > limits.max_keys:
@@ -121,10 +133,16 @@ def data_of(value: Any, where: str, limits: Limits) -> dict[str, Any]:
     for key in value:
         if not KEY.fullmatch(key):
             raise BadJSON(f"{where}: key {key[:70]!r}: expected 1-64 of letters, digits and _ . : -")
-    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    text = compact(value)
+    size = len(text) if text.isascii() else len(text.encode())
     if size > limits.max_data_bytes:
         raise BadJSON(f"{where}: at most {limits.max_data_bytes} bytes as JSON, got {size}")
-    return value
+    return value, text
+
+
+def compact(value: Any) -> str:
+    """JSON without spaces, non-ASCII as is: how the tables keep values."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def timestamp_of(value: Any, where: str, now: float) -> float:
@@ -157,10 +175,26 @@ class KeyPolicy:
     app_sets: tuple[str, ...]
 
     def device_refused(self, data: dict[str, Any]) -> list[str]:
-        return [k for k in data if not any(fnmatch.fnmatchcase(k, g) for g in self.device_writes)]
+        return _refused(self.device_writes, data)
 
     def app_refused(self, data: dict[str, Any]) -> list[str]:
-        return [k for k in data if not any(fnmatch.fnmatchcase(k, g) for g in self.app_sets)]
+        return _refused(self.app_sets, data)
+
+
+def _refused(globs: tuple[str, ...], data: dict[str, Any]) -> list[str]:
+    """The keys of `data` no glob matches (fnmatch's, case-sensitive)."""
+    if "*" in globs:
+        return []  # the default rule for devices: every message would match it key by key
+    match = _matcher(globs)
+    return [k for k in data if not match(k)]
+
+
+@functools.lru_cache(maxsize=256)
+def _matcher(globs: tuple[str, ...]) -> Callable[[str], Any]:
+    """One compiled pattern for a list of globs (a list's globs, key by key, cost each message more)."""
+    if not globs:
+        return lambda key: None
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs)).match
 
 
 def policy_for(security: Security, device_id: str, model: str) -> KeyPolicy:
@@ -235,7 +269,20 @@ def same(a: Any, b: Any) -> bool:
 
 def iso(ts: float) -> str:
     """`2026-02-12T16:00:00.000Z`: the specification's timestamps (UTC, milliseconds)."""
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+    global _second
+    whole = int(ts)
+    # A request's times fall in the same second as the last one's: its text is kept (away
+    # from a second's last millisecond, where datetime's rounding to microseconds may carry).
+    if whole == _second[0] and 0.0 <= ts - whole < 0.999:
+        head = _second[1]
+    else:
+        head = datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.")
+        if 0.0 <= ts - whole < 0.999:
+            _second = (whole, head)
+    return f"{head}{int(ts * 1000) % 1000:03d}Z"
+
+
+_second: tuple[int | None, str] = (None, "")
 
 
 def v2_answer(device_id: str, state: DeviceState, now: float) -> dict[str, Any]:

@@ -175,3 +175,14 @@ def test_the_answers_have_the_specifications_shapes():
 
 def test_iso_is_utc_with_milliseconds():
     assert iso(0) == "1970-01-01T00:00:00.000Z" and iso(NOW + 0.9999) == "2026-02-12T16:00:00.999Z"
+
+
+def test_iso_of_times_in_one_second_and_across_seconds_reads_as_datetime_does():
+    """iso keeps the last second's text: each time still reads as datetime formats it,
+    at a second's edges too (where its rounding to microseconds carries)."""
+    def datetime_iso(ts):
+        return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(ts * 1000) % 1000:03d}Z"
+
+    times = [NOW + s + f for s in (0, 1, 1, 0, 59, 3600) for f in (0.0, 0.0004, 0.5, 0.998, 0.9989, 0.999, 0.9999995)]
+    assert [iso(ts) for ts in times] == [datetime_iso(ts) for ts in times]
+    assert iso(NOW + 0.5) == "2026-02-12T16:00:00.500Z" and iso(NOW + 1.25) == "2026-02-12T16:00:01.250Z"
