@@ -7,6 +7,7 @@ import json
 
 import pytest
 import trio
+import trio.testing
 
 from gatewayd.core.devices.auth import AuthError
 from gatewayd.core.devices.registry import DeviceRegistry
@@ -79,6 +80,47 @@ async def test_a_verified_key_is_remembered_until_the_registry_changes(tmp_path)
         # ...until the change is reported (DeviceServices' watch does it: next test).
         await s.registry.notify_changed("kaiabc")
         await refused(s.auth.api_key("kaiabc", headers, CLIENT), 401, "invalid API key")
+
+
+async def test_requests_in_flight_for_one_key_share_one_hash_check(tmp_path, monkeypatch):
+    """After the memory is cleared (any registry change), 32 requests of one device in flight
+    ran PBKDF2 32 times on worker threads; now the first checks and the others wait for it."""
+    from gatewayd.core.devices import registry as registry_module
+
+    checks = []
+    real = registry_module.verify_secret
+    monkeypatch.setattr(registry_module, "verify_secret", lambda key, h: checks.append(key) or real(key, h))
+    async with open_services(tmp_path) as s:
+        _, creds = await s.registry.provision("kaiabc", "n1")
+        await s.registry.verify_key("kaiabc", creds.key, max_age_s=300)
+        await s.registry.notify_changed("kaiabc")
+        checks.clear()
+        found = []
+
+        async def one() -> None:
+            found.append(await s.registry.verify_key("kaiabc", creds.key, max_age_s=300))
+
+        async with trio.open_nursery() as n:
+            for _ in range(32):
+                n.start_soon(one)
+        assert [d.id for d in found] == ["n1"] * 32 and len(checks) == 1
+        # A first check cancelled half-way: the ones waiting for it still get their answer.
+        await s.registry.notify_changed("kaiabc")
+        found.clear()
+        first = trio.CancelScope()
+
+        async def cancelled() -> None:
+            with first:
+                await s.registry.verify_key("kaiabc", creds.key, max_age_s=300)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(cancelled)
+            await trio.testing.wait_all_tasks_blocked()
+            n.start_soon(one)
+            n.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()
+        assert [d.id for d in found] == ["n1"] * 2
 
 
 async def test_the_watch_makes_another_processs_revocation_count(tmp_path):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import peewee
 import trio
+import trio
 
 from ...protocol.passwd import hash_password
 from ..logs import get_logger
@@ -319,6 +320,7 @@ class DeviceRegistry:
         # `max_age_s`. Forgotten on every write through this registry and on
         # `notify_changed` (another process's changes, noticed by DeviceServices' watch).
         self._verified: dict[tuple[str, str, str | None], tuple[float, float | None, Device]] = {}
+        self._verifying: dict[tuple[str, str, str | None], trio.Event] = {}
         # Bumped by every write and each forgetting: a `recent` read or a key check
         # that overlapped one is not kept.
         self._generation = 0
@@ -725,11 +727,37 @@ class DeviceRegistry:
         now = self.clock()
         lookup = self._keys().lookup(f"{family}\x00{key}")
         cache_key = (family, lookup, device_id)
-        if max_age_s > 0 and (hit := self._verified.get(cache_key)) is not None:
-            verified_at, expires_at, device = hit
-            if time.monotonic() - verified_at <= max_age_s and (expires_at is None or now < expires_at):
+        if max_age_s > 0:
+            if (device := self._recently_verified(cache_key, max_age_s, now)) is not None:
                 return device
-            del self._verified[cache_key]
+            # One hash check per key at a time: after the memory is cleared (a registry change),
+            # every request in flight for that device would each run PBKDF2 on a worker thread.
+            if (flight := self._verifying.get(cache_key)) is not None:
+                await flight.wait()
+                if (device := self._recently_verified(cache_key, max_age_s, now)) is not None:
+                    return device
+            else:
+                flight = self._verifying[cache_key] = trio.Event()
+                try:
+                    return await self._verify_key(family, key, lookup, device_id, cache_key, now, max_age_s)
+                finally:
+                    del self._verifying[cache_key]
+                    flight.set()
+        return await self._verify_key(family, key, lookup, device_id, cache_key, now, max_age_s)
+
+    def _recently_verified(self, cache_key: tuple[str, str, str | None], max_age_s: float,
+                           now: float) -> Device | None:
+        hit = self._verified.get(cache_key)
+        if hit is None:
+            return None
+        verified_at, expires_at, device = hit
+        if time.monotonic() - verified_at <= max_age_s and (expires_at is None or now < expires_at):
+            return device
+        del self._verified[cache_key]
+        return None
+
+    async def _verify_key(self, family: str, key: str, lookup: str, device_id: str | None,
+                          cache_key: tuple[str, str, str | None], now: float, max_age_s: float) -> Device | None:
 
         def check() -> tuple[Device, float | None] | None:
             q = (
