@@ -53,6 +53,7 @@ from .http.serve import serve_app
 from .http.tokens import TOKEN_SCHEMA, TokenStore
 from .http.urls import PublicUrl
 from .live.access import LiveAccess
+from .live.frames import abort_stalled_writes
 from .live.http import live_blueprint
 from .live.hub import FamilyLive, LiveHub
 from .logs import get_logger
@@ -503,6 +504,11 @@ class Gateway:
             async with trio.open_nursery() as stopping:
                 stopping.start_soon(servers_stopped)
                 stopping.start_soon(self.mqtt.stop_accepting, grace)
+        if not all(done.is_set() for done in self._servers_done):
+            # A live write to a client that stopped reading is shielded (never half a frame on
+            # the wire), so cancelling does not end it: its connection is closed instead.
+            if closed := abort_stalled_writes():
+                log.warning("closed live connections whose clients stopped reading", connections=closed)
         # Plugins get what is left of the budget (SIGTERM must end us within ~5 s).
         with trio.move_on_after(max(1.0, grace / 2)):
             for name in self.enabled_plugins:

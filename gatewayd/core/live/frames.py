@@ -39,7 +39,8 @@ try:  # hypercorn's internals: where they moved, the straight path is off (below
 except ImportError as e:  # pragma: no cover  (pyproject pins the tested minor release)
     _moved = f"hypercorn's internals moved ({e})"
 
-__all__ = ["Chunk", "StreamWriter", "TextFrames", "send_frames", "stream_writer", "straight_path"]
+__all__ = ["Chunk", "StreamWriter", "TextFrames", "abort_stalled_writes", "send_frames", "stream_writer",
+           "straight_path"]
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,7 @@ async def _write(stream: WSStream, server: TCPServer, wire: bytes) -> None:
     async with server.send_lock:
         if _open(stream):
             try:
-                with trio.CancelScope(shield=True):  # never half a frame on the wire
-                    await server.stream.send_all(wire)
+                await _send_whole(server, wire)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the client went: hypercorn's reader ends the connection
 
@@ -152,13 +152,42 @@ async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
         except OSError:
             return False  # closed or broken: hypercorn's own path says so
         if sent < len(wire):
-            with trio.CancelScope(shield=True):  # never half a frame or chunk on the wire
-                await server.stream.send_all(memoryview(wire)[sent:])
+            await _send_whole(server, memoryview(wire)[sent:])
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass  # the client went: hypercorn's reader ends the connection
     finally:
         lock.release()
     return True
+
+
+# The connections in the middle of a shielded write (`abort_stalled_writes`).
+_in_write: set[Any] = set()
+
+
+async def _send_whole(server: TCPServer, data: bytes | memoryview) -> None:
+    """`data` whole on the connection: shielded from cancellation, never half a frame or chunk
+    on the wire. Not for ever: a client that stops reading would hold the write, and the
+    gateway's stop with it; `abort_stalled_writes` ends it once the stop's grace is over."""
+    _in_write.add(server)
+    try:
+        with trio.CancelScope(shield=True):
+            await server.stream.send_all(data)
+    finally:
+        _in_write.discard(server)
+
+
+def abort_stalled_writes() -> int:
+    """Close the connections still in a shielded write (the gateway's stop calls this once its
+    grace period is over): the write ends with ClosedResourceError, the connection's tasks
+    finish. How many were closed."""
+    closed = 0
+    for server in list(_in_write):
+        stream = server.stream
+        sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)  # TLS: the stream under it
+        if isinstance(sock, trio.socket.SocketType):
+            sock.close()  # wakes the blocked send (trio's notify_closing)
+            closed += 1
+    return closed
 
 
 class Chunk:
