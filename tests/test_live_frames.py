@@ -244,15 +244,7 @@ def test_a_release_it_was_not_tested_with_turns_the_straight_path_off(monkeypatc
 async def test_with_the_straight_path_off_everything_goes_through_quart_whole(gateway_factory, monkeypatch):
     monkeypatch.setattr(frames, "_why_not", "hypercorn 0.19 (tested: 0.18)")
     assert not frames.straight_path()
-    framer, streamer = Framer(), Streamer()
-    async with gateway_factory(plugins=[("framer", framer), ("streamer", streamer)]) as gw:
-        async with open_websocket_url(gw_url(gw).replace("http://", "ws://") + "/framer/ws") as ws:
-            got = [await ws.get_message() for _ in range(len(MESSAGES) + 2)]
-            await ws.send_message("bye")
-        async with gw_client(gw) as client:
-            r = await client.get("/streamer/sse")
-    assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]
-    assert r.status_code == 200 and r.text == EXPECTED_BODY and streamer.straight == [False] * 3
+    await everything_through_quart(gateway_factory)
 
 
 async def test_a_connection_whose_send_lock_is_not_what_was_tested_goes_through_quart(gateway_factory, monkeypatch):
@@ -270,6 +262,12 @@ async def test_a_connection_whose_send_lock_is_not_what_was_tested_goes_through_
     writes = []
     real_write = frames.os.write
     monkeypatch.setattr(frames.os, "write", lambda fd, data: writes.append(fd) or real_write(fd, data))
+    await everything_through_quart(gateway_factory)  # (frames: a send a message)
+    assert writes == []  # nothing straight to a socket
+
+
+async def everything_through_quart(gateway_factory) -> None:
+    """A WebSocket's frames and an SSE stream's chunks, all whole, none straight to the socket."""
     framer, streamer = Framer(), Streamer()
     async with gateway_factory(plugins=[("framer", framer), ("streamer", streamer)]) as gw:
         async with open_websocket_url(gw_url(gw).replace("http://", "ws://") + "/framer/ws") as ws:
@@ -277,6 +275,5 @@ async def test_a_connection_whose_send_lock_is_not_what_was_tested_goes_through_
             await ws.send_message("bye")
         async with gw_client(gw) as client:
             r = await client.get("/streamer/sse")
-    assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]  # a send a message
+    assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]
     assert r.status_code == 200 and r.text == EXPECTED_BODY and streamer.straight == [False] * 3
-    assert writes == []  # nothing straight to a socket
