@@ -20,6 +20,7 @@ the baseline). On a loaded machine the rates say how much CPU the bench got; the
 per message is what the gateway costs, and what to optimise.
 
     --profile FILE   run the gateway once under py-spy (if installed) and write FILE
+                     (speedscope JSON; collapsed stacks per thread if FILE ends in .txt)
 """
 
 from __future__ import annotations
@@ -196,8 +197,9 @@ def profile(args: argparse.Namespace) -> None:
     import subprocess
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", "speedscope",
-                            "--output", args.profile, "--nonblocking"])
+    fmt = "raw" if args.profile.endswith(".txt") else "speedscope"  # raw: collapsed stacks, per thread
+    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", fmt, "--threads",
+                            "--output", args.profile, "--nonblocking", *os.environ.get("PYSPY_EXTRA", "").split()])
     time.sleep(1)
     rate, cpu, _ = trio.run(run_gateway, args.devices, args.messages)
     rec.send_signal(2)
