@@ -60,6 +60,7 @@ __all__ = [
     "Delivery",
     "DeliveryPool",
     "GroupHandler",
+    "GroupReply",
     "DeliveryStats",
     "InboundMessage",
     "MessageHandler",
@@ -454,6 +455,7 @@ class _Running:
 
 
 Reply = Callable[[int | None, Verdict], None]
+GroupReply = Callable[[list[int | None], list[Verdict]], None]
 
 
 class _Group(NamedTuple):
@@ -481,7 +483,7 @@ class DeliveryPool:
         self.delivery = delivery
         self.size = size
         self.in_flight = 0
-        self._pending: deque[tuple[InboundMessage | _Group, str, int | None, Reply]] = deque()
+        self._pending: deque[tuple[InboundMessage | _Group, str, int | None, Any]] = deque()
         self._idle: list[trio.lowlevel.Task] = []
         self._slot_freed = trio.Event()
         self.running = False
@@ -504,9 +506,10 @@ class DeliveryPool:
             trio.lowlevel.reschedule(self._idle.pop())
 
     def submit_group(self, handler: GroupHandler, msgs: list[InboundMessage], source: str,
-                     packet_ids: list[int | None], reply: Reply) -> None:
+                     packet_ids: list[int | None], reply: GroupReply) -> None:
         """Queue the delivery of a group (:meth:`Delivery.deliver_group`), one slot for all
-        of it; ``reply(packet_id, verdict)`` is called for each message, in order."""
+        of it; ``reply(packet_ids, verdicts)`` is called once, each message's verdict in
+        order (one call: the acknowledgements of a group are built and queued together)."""
         self.in_flight += 1
         self._pending.append((_Group(handler, msgs, packet_ids), source, None, reply))
         if self._idle:
@@ -527,7 +530,7 @@ class DeliveryPool:
         while self.in_flight:
             await self.wait_slot()
 
-    async def _next(self) -> tuple[InboundMessage | _Group, str, int | None, Reply]:
+    async def _next(self) -> tuple[InboundMessage | _Group, str, int | None, Any]:
         # A woken worker may find the deque empty (a busy worker took the message on
         # its way round): it waits again.
         while not self._pending:
@@ -548,8 +551,7 @@ class DeliveryPool:
             try:
                 if type(msg) is _Group:
                     verdicts = await self.delivery.deliver_group(msg.handler, msg.msgs, source, msg.packet_ids)
-                    for pid, verdict in zip(msg.packet_ids, verdicts):
-                        reply(pid, verdict)
+                    reply(msg.packet_ids, verdicts)
                 else:
                     verdict = await deliver(msg, source, packet_id)
                     reply(packet_id, verdict)

@@ -332,7 +332,7 @@ class Session:
     def _submit_groups(self) -> None:
         groups, self._groups = self._groups, {}
         for handler, (messages, pids) in groups.items():
-            self.edge.pool.submit_group(handler, messages, "edge:" + self.username, pids, self._reply)
+            self.edge.pool.submit_group(handler, messages, "edge:" + self.username, pids, self._reply_group)
 
     def _relay(self, raw: bytes) -> None:
         self.edge.stats.relayed += 1
@@ -397,6 +397,28 @@ class Session:
             self._ack(mp.puback, pid, verdict)
         self._release()
 
+    def _reply_group(self, pids: list[int | None], verdicts: list[Verdict]) -> None:
+        """`_reply` for each message of a group (QoS 0 or 1), the PUBACKs queued as one write."""
+        stats = self.edge.stats
+        acks = []
+        refusing = self.level == 5
+        for pid, verdict in zip(pids, verdicts):
+            if pid is None:
+                continue
+            self.in_flight.discard(pid)
+            if not self.alive:
+                stats.stale_acks += 1
+                continue
+            reason = 0
+            if refusing and verdict not in _ACCEPTED:
+                reason = _PAYLOAD_FORMAT_INVALID
+                stats.refused_acks += 1
+            acks.append(mp.puback(pid, reason, self.level))
+        if acks:
+            self._to_device.put(b"".join(acks))
+            stats.acked += len(acks)
+        self._release(len(pids))
+
     def _reply_qos2(self, pid: int | None, verdict: Verdict) -> None:
         assert pid is not None
         self.in_flight.discard(pid)
@@ -405,9 +427,9 @@ class Session:
             self.awaiting_pubrel.add(pid)
         self._release()
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         assert self.window is not None
-        self.window.release()
+        self.window.release(n)
         if not self.alive:  # the connection ended while this was delivered
             self.edge.forget_window(self.username)
 

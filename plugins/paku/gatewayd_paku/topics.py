@@ -59,13 +59,24 @@ class Paku:
         rows: list[tuple[str, float, float, str]] = []
         records: list[Record] = []
         now = self.ctx.now()
+        max_bytes = self.ctx.config.max_payload_bytes
         devices: dict[str, Device | Rejected] = {}  # one lookup and one touch per device and group
+        by_topic: dict[str, Device | Rejected] = {}  # a group is one device's burst: mostly one topic
         for msg in msgs:
             try:
-                self._not_retained(msg, "telemetry")
-                device = await self._device(devices, parse_topic(msg.topic, self.ctx.name).device)
-                doc = decode_object(msg.payload, self.ctx.config.max_payload_bytes)
-                ts = message_ts(doc, now)
+                if msg.retain and msg.sender is None:  # replayed(msg), inline: this loop runs per message
+                    self._not_retained(msg, "telemetry")
+                device = by_topic.get(msg.topic)
+                if device is None:
+                    try:
+                        device = await self._device(devices, parse_topic(msg.topic, self.ctx.name).device)
+                    except Rejected as e:
+                        device = e
+                    by_topic[msg.topic] = device
+                if isinstance(device, Rejected):
+                    raise Rejected(device.reason)
+                doc = decode_object(msg.payload, max_bytes)
+                ts = message_ts(doc, now) if "ts" in doc else now
             except Rejected as e:
                 outcomes.append(e)
                 self._rejected("telemetry", msg, e)
