@@ -272,9 +272,10 @@ class Delivery:
             verdicts = [HANDLED if reason is None else REJECTED for reason in reasons]
             self.stats.handled += len(msgs) - len(rejected)
             group.verdicts = {key: verdicts[i] for i, key in keys}
-            for msg, verdict in zip(msgs, verdicts):
-                for watcher in self._watchers:
-                    watcher(msg, verdict)
+            if self._watchers:
+                for msg, verdict in zip(msgs, verdicts):
+                    for watcher in self._watchers:
+                        watcher(msg, verdict)
             return verdicts
         finally:
             group.done.set()
