@@ -37,6 +37,7 @@ _SERVER_SHUTTING_DOWN = 0x8B
 _READ_SIZE = 65536
 _CONNECT_MAX = 65536  # a CONNECT is small: no more is buffered for a client not logged in
 _QUEUE_MAX = 256 * 1024  # bytes waiting for a peer before the device is not read further
+_new = tuple.__new__  # a NamedTuple per message without its Python-level __new__
 _ALIASES_MAX = 64  # topic aliases kept per connection
 _ROUTES_MAX = 256  # topics remembered per connection (intercepted or not)
 _TOPIC_CACHED_MAX = 256  # longer topic names are decided each time, not remembered
@@ -379,7 +380,7 @@ class Session:
         self.edge.stats.intercepted += 1
         # As a broker hands a live message to a subscriber: RETAIN cleared (it is the
         # message, not a stored copy; and the gateway does not retain it).
-        message = InboundMessage(topic, msg.payload, msg.qos, False, msg.dup, self.username)
+        message = _new(InboundMessage, (topic, msg.payload, msg.qos, False, msg.dup, self.username))
         if routed is not True and msg.qos < 2 and not msg.dup:
             group = self._groups.get(routed)
             if group is None:
