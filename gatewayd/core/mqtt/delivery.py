@@ -255,13 +255,18 @@ class Delivery:
         keys: list[tuple[int, tuple[str, int, bytes]]] = []
         group = _Running()  # one for the group: a resend meanwhile waits for its message's verdict
         if self.marks is not None:
+            make, running = self.marks.mark, self._running
+            # Nothing noted in memory (the usual case: group marks are written with their
+            # records): no older final mark to forget. The loop does not wait: none comes meanwhile.
+            forget = self.marks.forget if self.marks.unwritten else None
             for i, (msg, pid) in enumerate(zip(msgs, packet_ids)):
                 if pid is not None:
-                    mark = marks[i] = self.marks.mark(source, pid, msg.topic, msg.payload)
+                    mark = marks[i] = make(source, pid, msg.topic, msg.payload)
                     key = (source, pid, mark.digest)
-                    self._running[key] = group
+                    running[key] = group
                     keys.append((i, key))
-                    self.marks.forget(source, pid)  # an older message's final mark under this id is moot
+                    if forget is not None:
+                        forget(source, pid)  # an older message's final mark under this id is moot
         try:
             written = [m for m in marks if m is not None]
             scope = GroupScope(partial(self.marks.write_final, written) if self.marks is not None and written else None)
@@ -279,9 +284,10 @@ class Delivery:
             return verdicts
         finally:
             group.done.set()
+            running = self._running
             for _, key in keys:
-                if self._running.get(key) is group:
-                    del self._running[key]
+                if running.get(key) is group:
+                    del running[key]
 
     async def _run_group(self, handler: GroupHandler, msgs: list[InboundMessage],
                          scope: GroupScope) -> list[str | None]:
