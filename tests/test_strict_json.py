@@ -105,7 +105,7 @@ def test_the_fast_path_answers_as_the_full_walk(value, depth, as_bytes):
 
 
 @pytest.mark.parametrize("raw", [
-    b'{"seq": 1, "temp_c": 21.5, "hum": 40, "ok": true, "n": null, "s": "\u00e9"}',
+    b'{"seq": 1, "temp_c": 21.5, "hum": 40, "ok": true, "n": null, "s": "\\u00e9"}',
     '{"a": [-0.0, 0, -0, 1E5, 2.5e-324, 1e-400, 1.000000000000000001]}',
     b'{"a": 1, "a": 2.0}', b' \t{"a": "x"}\n', b'"\\u0000"', "[" * 63 + "]" * 63,
 ])
