@@ -16,10 +16,13 @@ each run's own ratio (the two agree when the machine's load holds still).
 
 Next to the rates, the CPU time per stored message (bench/cpu.py): the gateway's
 process (all its threads), its trio thread alone, and mosquitto's (the bare broker's in
-the baseline). On a loaded machine the rates say how much CPU the bench got; the CPU
-per message is what the gateway costs, and what to optimise.
+the baseline), and the publishers' own process in both runs (the same publishers, QoS
+and payloads either side; their CPU per message shows they do the same work). On a
+loaded machine the rates say how much CPU the bench got; the CPU per message is what
+the gateway costs, and what to optimise.
 
     --profile FILE   run the gateway once under py-spy (if installed) and write FILE
+                     (speedscope JSON; collapsed stacks per thread if FILE ends in .txt)
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from gatewayd.core.runtime import Gateway, tune_gc  # noqa: E402
 from gatewayd.plugins.manager import build_plugin_manager  # noqa: E402
 from gatewayd.testing import gw_client, wait_until  # noqa: E402
 
-from bench.cpu import Cpu, CpuMeter, median_cpu  # noqa: E402
+from bench.cpu import Cpu, CpuMeter, median_cpu, process_cpu  # noqa: E402
 
 TOKEN = "bench-admin-token"
 
@@ -81,22 +84,25 @@ def publishers_main(port: int, count: int, creds: list[str]) -> None:
     times: dict = {}
     threads = [threading.Thread(target=publish_all, args=(port, dev, pw, count, times))
                for dev, pw in (c.split("=", 1) for c in creds)]
+    cpu = process_cpu()  # from here: the interpreter's start and imports are not the publishers' work
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     first = min(b for b, _ in times.values())
     last = max(e for _, e in times.values())
-    print(len(threads) * count / (last - first))
+    print(len(threads) * count / (last - first), process_cpu() - cpu)
 
 
-async def publishers(port: int, count: int, creds: dict[str, str]) -> float:
+async def publishers(port: int, count: int, creds: dict[str, str]) -> tuple[float, float]:
+    """The publishers' acknowledged rate (msg/s), and the CPU time their process used (s)."""
     args = [sys.executable, __file__, "--publishers", str(port), str(count), *(f"{d}={p}" for d, p in creds.items())]
     done = await trio.run_process(args, capture_stdout=True)
-    return float(done.stdout.decode().strip())
+    rate, cpu = done.stdout.decode().split()
+    return float(rate), float(cpu)
 
 
-async def run_bare(devices: int, messages: int) -> tuple[float, Cpu]:
+async def run_bare(devices: int, messages: int) -> tuple[float, Cpu, float]:
     """The same publishers against a bare mosquitto: how fast a broker alone acknowledges."""
     creds = {f"pk-{d}": f"password-{d}" for d in range(devices)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -106,16 +112,17 @@ async def run_bare(devices: int, messages: int) -> tuple[float, Cpu]:
         async with trio.open_nursery() as nursery:
             await nursery.start(broker.run)
             meter = CpuMeter(broker.pid)
-            rate = await publishers(broker.port, messages, creds)
+            rate, pub_cpu = await publishers(broker.port, messages, creds)
             cpu = meter.stop()
             nursery.cancel_scope.cancel()
-    return rate, cpu
+    return rate, cpu, pub_cpu
 
 
-async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float]:
+async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float, float]:
     """The gateway as `gatewayd run` builds it, with the paku plugin and its managed broker;
     its rate, CPU, and messages stored per COMMIT (every transaction of the writer while
-    the devices published: group commits, and the delivery marks' own writes)."""
+    the devices published: group commits, and the delivery marks' own writes), and the
+    publishers' own CPU time (s)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         manager = build_plugin_manager(entry_points=False, plugins=[("paku", gatewayd_paku)])
@@ -134,7 +141,7 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float]:
             await trio.sleep(1.5)  # the broker reloads its accounts
             commits = gw.storage.stats["commits"]
             meter = CpuMeter(gw.mqtt.broker.pid)
-            rate = await publishers(port, messages, creds)
+            rate, pub_cpu = await publishers(port, messages, creds)
             cpu = meter.stop()  # every message acknowledged: every one stored
             commits = gw.storage.stats["commits"] - commits  # the writer's transactions meanwhile
 
@@ -144,7 +151,7 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float]:
             count = await gw.storage.read(stored)
             assert count == devices * messages, f"acknowledged {devices * messages}, stored {count}"
             gw.request_shutdown()
-    return rate, cpu, devices * messages / max(commits, 1)
+    return rate, cpu, devices * messages / max(commits, 1), pub_cpu
 
 
 def main() -> None:
@@ -164,18 +171,22 @@ def main() -> None:
         return
     n = args.devices * args.messages
     bare, gateway, bare_cpu, gateway_cpu, per_commit = [], [], [], [], []
+    pub_bare, pub_gateway = [], []  # the publishers' own CPU per message (µs), each side
     for r in range(args.runs):
-        rate, cpu = trio.run(run_bare, args.devices, args.messages)
+        rate, cpu, pub_cpu = trio.run(run_bare, args.devices, args.messages)
         bare.append(rate)
         bare_cpu.append(cpu)
-        rate, cpu, msgs_per_commit = trio.run(run_gateway, args.devices, args.messages)
+        pub_bare.append(pub_cpu / n * 1e6)
+        rate, cpu, msgs_per_commit, pub_cpu = trio.run(run_gateway, args.devices, args.messages)
         gateway.append(rate)
         gateway_cpu.append(cpu)
         per_commit.append(msgs_per_commit)
+        pub_gateway.append(pub_cpu / n * 1e6)
         print(f"run {r + 1}: bare broker {bare[-1]:8.0f} msg/s   gateway (stored) {gateway[-1]:8.0f} msg/s   "
               f"{gateway[-1] / bare[-1]:6.1%}   {msgs_per_commit:5.1f} msgs/COMMIT   "
               f"{gateway_cpu[-1].per_message(n)}   "
-              f"(bare mosquitto {bare_cpu[-1].per_message(n).split('mosquitto')[1].strip()})", flush=True)
+              f"(bare mosquitto {bare_cpu[-1].per_message(n).split('mosquitto')[1].strip()})   "
+              f"publishers {pub_bare[-1]:5.1f} / {pub_gateway[-1]:5.1f} µs/msg (bare / gateway)", flush=True)
     b, g = statistics.median(bare), statistics.median(gateway)
     paired = statistics.median(gw / br for gw, br in zip(gateway, bare))
     print(f"\n{args.devices} devices x {args.messages} telemetry messages, QoS 1, 100 in flight per device")
@@ -186,6 +197,8 @@ def main() -> None:
     print(f"messages per COMMIT (median)           : {statistics.median(per_commit):8.1f}")
     print(f"CPU per stored message (medians)       : {median_cpu(gateway_cpu).per_message(n)}")
     print(f"CPU per message, bare mosquitto        : {median_cpu(bare_cpu).per_message(n).split('mosquitto')[1].strip()}")
+    print(f"publishers' own CPU per message        : {statistics.median(pub_bare):5.1f} µs against the bare broker, "
+          f"{statistics.median(pub_gateway):5.1f} µs against the gateway (medians)")
     print(f"load average (1, 5, 15 min)            : {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
@@ -196,10 +209,11 @@ def profile(args: argparse.Namespace) -> None:
     import subprocess
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", "speedscope",
-                            "--output", args.profile, "--nonblocking"])
+    fmt = "raw" if args.profile.endswith(".txt") else "speedscope"  # raw: collapsed stacks, per thread
+    rec = subprocess.Popen([spy, "record", "--pid", str(os.getpid()), "--rate", "500", "--format", fmt, "--threads",
+                            "--output", args.profile, "--nonblocking", *os.environ.get("PYSPY_EXTRA", "").split()])
     time.sleep(1)
-    rate, cpu, _ = trio.run(run_gateway, args.devices, args.messages)
+    rate, cpu, _, _ = trio.run(run_gateway, args.devices, args.messages)
     rec.send_signal(2)
     rec.wait()
     print(f"profiled run: {rate:8.0f} msg/s  {cpu.per_message(args.devices * args.messages)}  -> {args.profile}")

@@ -212,3 +212,30 @@ def test_the_registry_checks_a_group_handlers_qos():
         raise AssertionError("qos 2 taken")
     topics.subscribe_group("x/+/data", handler)
     assert json.dumps([s.filter for s in topics.subscriptions]) == '["x/+/data"]'
+
+
+async def test_an_mqtt5_group_acknowledges_each_message_and_refuses_only_the_bad_one(gateway_factory):
+    """A group's PUBACKs are built together (one write): under MQTT 5 each carries its
+    own reason code, 0x99 (payload format invalid) for the rejected message alone."""
+    from .test_mqtt_edge_review import connect_v5
+
+    plugin = GroupPlugin()
+    async with gateway_factory(plugins=[("grouptest", plugin)], mqtt=True) as gw:
+        port = gw_mqtt_address(gw)[1]
+        user, password = await provision(gw, "d1")
+        await RawDevice.connect(port, user, password)  # the account is loaded
+        dev, _ = await connect_v5(port, user, password)
+        await dev.stream.send_all(b"".join(mp.encode_publish("dev/d1/data", p, 1, packet_id=i, protocol_level=5)
+                                           for i, p in enumerate([b"m-1", b"bad", b"m-3"], start=1)))
+        codes = {}
+        with trio.fail_after(10):
+            while len(codes) < 3:
+                kind, _, raw, start = await dev.read()
+                assert kind == mp.PUBACK
+                pid = mp.parse_packet_id(raw, start)
+                codes[pid] = raw[start + 2] if len(raw) > start + 2 else 0
+        assert codes == {1: 0, 2: 0x99, 3: 0}
+        assert plugin.groups == [[b"m-1", b"bad", b"m-3"]]
+        assert await stored(gw) == ["m-1", "m-3"]
+        stats = gw.mqtt.edge.stats
+        assert (stats.acked, stats.refused_acks) == (3, 1)

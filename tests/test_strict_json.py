@@ -87,18 +87,41 @@ _documents = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | 
 
 
 @settings(max_examples=400, deadline=None)
-@given(_documents, st.integers(min_value=0, max_value=70))
-def test_the_fast_path_answers_as_the_full_walk(value, depth):
+@given(_documents, st.integers(min_value=0, max_value=70), st.booleans())
+def test_the_fast_path_answers_as_the_full_walk(value, depth, as_bytes):
     raw = "[" * depth + _render(value) + "]" * depth
     try:
         expected: object = _full_walk(raw)
     except BadJSON as e:
         expected = e
     try:
-        got: object = parse_json(raw)
+        got: object = parse_json(raw.encode("utf-8", "surrogatepass") if as_bytes else raw)
     except BadJSON as e:
         got = e
     if isinstance(expected, BadJSON):
         assert isinstance(got, BadJSON) and str(got) == str(expected)
     else:
-        assert got == expected
+        assert repr(got) == repr(expected)  # the same types too: 1 is not 1.0, -0.0 is not 0
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"seq": 1, "temp_c": 21.5, "hum": 40, "ok": true, "n": null, "s": "\\u00e9"}',
+    '{"a": [-0.0, 0, -0, 1E5, 2.5e-324, 1e-400, 1.000000000000000001]}',
+    b'{"a": 1, "a": 2.0}', b' \t{"a": "x"}\n', b'"\\u0000"', "[" * 63 + "]" * 63,
+])
+def test_msgspec_path_gives_what_the_json_module_gives(raw):
+    # The msgspec path (most payloads) against the json module's parse, type for type.
+    fast = strict_json._fast(raw, strict_json.MAX_JSON_DEPTH)
+    assert fast is not strict_json._SLOW
+    assert repr(fast) == repr(_full_walk(raw.decode() if isinstance(raw, bytes) else raw))
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b'{"a": 12345678901234567890}', "a: 12345678901234567890 is outside the signed 64-bit range"),
+    (b'{"a": 1e400}', "a: 1e400 is out of range for a 64-bit float"),
+    (b'"\xed\xa0\x80"', "body: not UTF-8"),  # a surrogate's UTF-8 (CESU) bytes
+])
+def test_what_msgspec_passes_on_is_refused_by_name(raw, message):
+    with pytest.raises(BadJSON) as refused:
+        parse_json(raw)
+    assert str(refused.value).startswith(message)

@@ -6,6 +6,10 @@ stack, NaN/Infinity and numbers beyond a double (they would come back out as
 non-standard JSON), integers outside SQLite's signed 64-bit range, lone surrogates.
 `BadJSON` names what was wrong and where (`metadata.a[1]: NaN is not a JSON number`).
 The HTTP layer answers it with a 400; MQTT handlers turn it into `Rejected`.
+
+Most documents are parsed by msgspec (in C, UTF-8 checked, NaN and Infinity refused);
+one it refuses, or whose text might hold what only this module refuses, is parsed
+again by the json module with hooks and walked, so every refusal names its place.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import math
 import re
 import threading
 from typing import Any
+
+import msgspec
 
 __all__ = ["BadJSON", "INT_MAX", "INT_MIN", "MAX_JSON_DEPTH", "field_path", "parse_json", "json_kind"]
 
@@ -28,6 +34,11 @@ _LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # UTF-8 cannot encode them: SQ
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # The one way to a lone surrogate in a parsed document: a \ud800-\udfff escape.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# 19 digits in a row: perhaps an integer beyond SQLite's range (msgspec keeps it as a
+# Python int); such a document takes the careful path, which refuses it by name.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+_LONG_DIGITS_STR = re.compile(r"[0-9]{19}")
+_fast_decode = msgspec.json.Decoder().decode
 
 
 _local = threading.local()
@@ -137,6 +148,9 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str =
     (they would come back out as non-standard JSON); integers outside SQLite's signed
     64-bit range; strings with lone surrogates (no UTF-8 for them, so SQLite refuses).
     """
+    doc = _fast(raw, max_depth)
+    if doc is not _SLOW:
+        return doc
     if isinstance(raw, (bytes, bytearray)):
         try:
             raw = raw.decode("utf-8")
@@ -160,6 +174,32 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str =
         text = str(e)
         raise BadJSON(name + text[4:] if name != "body" and text.startswith("body") else text) from None
     return doc
+
+
+_SLOW = object()
+
+
+def _fast(raw: bytes | bytearray | str, max_depth: int) -> Any:
+    """The document, parsed by msgspec (strict JSON, UTF-8 checked, in C: a tenth of the
+    careful path's cost on a small payload), when nothing in it needs the careful path;
+    else `_SLOW`. msgspec refuses NaN, Infinity, floats beyond a double, invalid UTF-8
+    and lone surrogates itself; what it lets through and this module refuses (integers
+    beyond 64 bits, deep nesting) is screened from the text. Every refusal, and every
+    document that might hold one, goes the careful way, which names the fault."""
+    if isinstance(raw, str):
+        if _LONG_DIGITS_STR.search(raw) is not None:
+            return _SLOW
+        brackets = raw.count("{") + raw.count("[")
+    else:
+        if _LONG_DIGITS.search(raw) is not None:
+            return _SLOW
+        brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets >= max_depth:
+        return _SLOW
+    try:
+        return _fast_decode(raw)
+    except (ValueError, RecursionError):  # DecodeError; UnicodeEncodeError for a str holding a lone surrogate
+        return _SLOW
 
 
 def _decoder() -> json.JSONDecoder:

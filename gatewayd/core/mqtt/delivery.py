@@ -60,6 +60,7 @@ __all__ = [
     "Delivery",
     "DeliveryPool",
     "GroupHandler",
+    "GroupReply",
     "DeliveryStats",
     "InboundMessage",
     "MessageHandler",
@@ -254,13 +255,18 @@ class Delivery:
         keys: list[tuple[int, tuple[str, int, bytes]]] = []
         group = _Running()  # one for the group: a resend meanwhile waits for its message's verdict
         if self.marks is not None:
+            make, running = self.marks.mark, self._running
+            # Nothing noted in memory (the usual case: group marks are written with their
+            # records): no older final mark to forget. The loop does not wait: none comes meanwhile.
+            forget = self.marks.forget if self.marks.unwritten else None
             for i, (msg, pid) in enumerate(zip(msgs, packet_ids)):
                 if pid is not None:
-                    mark = marks[i] = self.marks.mark(source, pid, msg.topic, msg.payload)
+                    mark = marks[i] = make(source, pid, msg.topic, msg.payload)
                     key = (source, pid, mark.digest)
-                    self._running[key] = group
+                    running[key] = group
                     keys.append((i, key))
-                    self.marks.forget(source, pid)  # an older message's final mark under this id is moot
+                    if forget is not None:
+                        forget(source, pid)  # an older message's final mark under this id is moot
         try:
             written = [m for m in marks if m is not None]
             scope = GroupScope(partial(self.marks.write_final, written) if self.marks is not None and written else None)
@@ -271,15 +277,17 @@ class Delivery:
             verdicts = [HANDLED if reason is None else REJECTED for reason in reasons]
             self.stats.handled += len(msgs) - len(rejected)
             group.verdicts = {key: verdicts[i] for i, key in keys}
-            for msg, verdict in zip(msgs, verdicts):
-                for watcher in self._watchers:
-                    watcher(msg, verdict)
+            if self._watchers:
+                for msg, verdict in zip(msgs, verdicts):
+                    for watcher in self._watchers:
+                        watcher(msg, verdict)
             return verdicts
         finally:
             group.done.set()
+            running = self._running
             for _, key in keys:
-                if self._running.get(key) is group:
-                    del self._running[key]
+                if running.get(key) is group:
+                    del running[key]
 
     async def _run_group(self, handler: GroupHandler, msgs: list[InboundMessage],
                          scope: GroupScope) -> list[str | None]:
@@ -454,6 +462,7 @@ class _Running:
 
 
 Reply = Callable[[int | None, Verdict], None]
+GroupReply = Callable[[list[int | None], list[Verdict]], None]
 
 
 class _Group(NamedTuple):
@@ -481,7 +490,7 @@ class DeliveryPool:
         self.delivery = delivery
         self.size = size
         self.in_flight = 0
-        self._pending: deque[tuple[InboundMessage | _Group, str, int | None, Reply]] = deque()
+        self._pending: deque[tuple[InboundMessage | _Group, str, int | None, Any]] = deque()
         self._idle: list[trio.lowlevel.Task] = []
         self._slot_freed = trio.Event()
         self.running = False
@@ -504,9 +513,10 @@ class DeliveryPool:
             trio.lowlevel.reschedule(self._idle.pop())
 
     def submit_group(self, handler: GroupHandler, msgs: list[InboundMessage], source: str,
-                     packet_ids: list[int | None], reply: Reply) -> None:
+                     packet_ids: list[int | None], reply: GroupReply) -> None:
         """Queue the delivery of a group (:meth:`Delivery.deliver_group`), one slot for all
-        of it; ``reply(packet_id, verdict)`` is called for each message, in order."""
+        of it; ``reply(packet_ids, verdicts)`` is called once, each message's verdict in
+        order (one call: the acknowledgements of a group are built and queued together)."""
         self.in_flight += 1
         self._pending.append((_Group(handler, msgs, packet_ids), source, None, reply))
         if self._idle:
@@ -527,7 +537,7 @@ class DeliveryPool:
         while self.in_flight:
             await self.wait_slot()
 
-    async def _next(self) -> tuple[InboundMessage | _Group, str, int | None, Reply]:
+    async def _next(self) -> tuple[InboundMessage | _Group, str, int | None, Any]:
         # A woken worker may find the deque empty (a busy worker took the message on
         # its way round): it waits again.
         while not self._pending:
@@ -548,8 +558,7 @@ class DeliveryPool:
             try:
                 if type(msg) is _Group:
                     verdicts = await self.delivery.deliver_group(msg.handler, msg.msgs, source, msg.packet_ids)
-                    for pid, verdict in zip(msg.packet_ids, verdicts):
-                        reply(pid, verdict)
+                    reply(msg.packet_ids, verdicts)
                 else:
                     verdict = await deliver(msg, source, packet_id)
                     reply(packet_id, verdict)

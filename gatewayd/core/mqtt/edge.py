@@ -132,8 +132,8 @@ class Window:
         self.size = 0
         self.freed = trio.Event()
 
-    def release(self) -> None:
-        self.size -= 1
+    def release(self, n: int = 1) -> None:
+        self.size -= n
         self.freed.set()
 
     async def wait(self) -> None:

@@ -71,10 +71,8 @@ KEY_SIZE = 16
 
 def digest(topic: str, payload: bytes) -> bytes:
     """What identifies a message's content: 16 bytes of BLAKE2b over topic and payload."""
-    h = hashlib.blake2b(topic.encode("utf-8", "surrogatepass"), digest_size=16)
-    h.update(b"\0")
-    h.update(payload)
-    return h.digest()
+    # One call (the same bytes hashed as three updates would): this runs per message.
+    return hashlib.blake2b(b"%s\0%s" % (topic.encode("utf-8", "surrogatepass"), payload), digest_size=16).digest()
 
 
 class Seen(NamedTuple):

@@ -37,6 +37,7 @@ _SERVER_SHUTTING_DOWN = 0x8B
 _READ_SIZE = 65536
 _CONNECT_MAX = 65536  # a CONNECT is small: no more is buffered for a client not logged in
 _QUEUE_MAX = 256 * 1024  # bytes waiting for a peer before the device is not read further
+_new = tuple.__new__  # a NamedTuple per message without its Python-level __new__
 _ALIASES_MAX = 64  # topic aliases kept per connection
 _ROUTES_MAX = 256  # topics remembered per connection (intercepted or not)
 _TOPIC_CACHED_MAX = 256  # longer topic names are decided each time, not remembered
@@ -332,7 +333,7 @@ class Session:
     def _submit_groups(self) -> None:
         groups, self._groups = self._groups, {}
         for handler, (messages, pids) in groups.items():
-            self.edge.pool.submit_group(handler, messages, "edge:" + self.username, pids, self._reply)
+            self.edge.pool.submit_group(handler, messages, "edge:" + self.username, pids, self._reply_group)
 
     def _relay(self, raw: bytes) -> None:
         self.edge.stats.relayed += 1
@@ -379,7 +380,7 @@ class Session:
         self.edge.stats.intercepted += 1
         # As a broker hands a live message to a subscriber: RETAIN cleared (it is the
         # message, not a stored copy; and the gateway does not retain it).
-        message = InboundMessage(topic, msg.payload, msg.qos, False, msg.dup, self.username)
+        message = _new(InboundMessage, (topic, msg.payload, msg.qos, False, msg.dup, self.username))
         if routed is not True and msg.qos < 2 and not msg.dup:
             group = self._groups.get(routed)
             if group is None:
@@ -397,6 +398,28 @@ class Session:
             self._ack(mp.puback, pid, verdict)
         self._release()
 
+    def _reply_group(self, pids: list[int | None], verdicts: list[Verdict]) -> None:
+        """`_reply` for each message of a group (QoS 0 or 1), the PUBACKs queued as one write."""
+        stats = self.edge.stats
+        acks = []
+        refusing = self.level == 5
+        for pid, verdict in zip(pids, verdicts):
+            if pid is None:
+                continue
+            self.in_flight.discard(pid)
+            if not self.alive:
+                stats.stale_acks += 1
+                continue
+            reason = 0
+            if refusing and verdict not in _ACCEPTED:
+                reason = _PAYLOAD_FORMAT_INVALID
+                stats.refused_acks += 1
+            acks.append(mp.puback(pid, reason, self.level))
+        if acks:
+            self._to_device.put(b"".join(acks))
+            stats.acked += len(acks)
+        self._release(len(pids))
+
     def _reply_qos2(self, pid: int | None, verdict: Verdict) -> None:
         assert pid is not None
         self.in_flight.discard(pid)
@@ -405,9 +428,9 @@ class Session:
             self.awaiting_pubrel.add(pid)
         self._release()
 
-    def _release(self) -> None:
+    def _release(self, n: int = 1) -> None:
         assert self.window is not None
-        self.window.release()
+        self.window.release(n)
         if not self.alive:  # the connection ended while this was delivered
             self.edge.forget_window(self.username)
 
