@@ -33,7 +33,8 @@ def json_encoder(
 ) -> Callable[[Any], str]:
     """This thread's encoder for these options: `encode(obj)` is
     `json.dumps(obj, separators=..., ensure_ascii=..., allow_nan=..., sort_keys=..., default=...)`,
-    raising TypeError or ValueError as it does. The options are json.dumps's, with its defaults."""
+    raising TypeError or ValueError as it does. The options are json.dumps's, with its defaults.
+    They are the key of the encoders kept: pass one `default` function, not a new one per call."""
     encoders: dict[tuple[Any, ...], Callable[[Any], str]] | None = getattr(_per_thread, "encoders", None)
     if encoders is None:
         encoders = _per_thread.encoders = {}
