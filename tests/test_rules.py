@@ -328,3 +328,27 @@ async def test_a_report_re_arming_a_later_timer_does_not_wake_the_timer_loop(tmp
         await bus.observe("fam", "d2", "status", {})  # still T0 + 120, before T0 + 200: wake
         assert bus._wake.is_set()
         nursery.cancel_scope.cancel()
+
+
+def test_the_matching_rules_remembered_per_source_follow_a_new_rule_set(monkeypatch):
+    """The engine remembers which rules match a (family, device, type): the same answers
+    as the globs each time, in rule order, forgotten with a new rule set, and bounded."""
+    first = rule(type="door_*", device="gate-?", cooldown_s=0)
+    second = rule_from_dict({"name": "r2", "actions": LOG, "family": "edge*", "cooldown_s": 0}, "rules[1]")
+    engine = RuleEngine([first, second])
+
+    def names(family, device, type, t=T0):
+        return [f.rule.name for f in engine.on_event(event(family=family, device=device, type=type), t)]
+
+    for _ in range(2):  # the second time from what was remembered
+        assert names("edgesentinel", "gate-1", "door_x") == ["r", "r2"]
+        assert names("paku", "gate-1", "door_x") == ["r"]
+        assert names("edgesentinel", "gate-12", "door_x") == ["r2"]
+        assert names("paku", "gate-12", "door_x") == []
+    engine.set_rules([rule(type="window", cooldown_s=0)])  # what was remembered for the old rules is gone
+    assert names("edgesentinel", "gate-1", "door_x", T0 + 1) == []
+    assert names("edgesentinel", "gate-1", "window", T0 + 1) == ["r"]
+    monkeypatch.setattr("gatewayd.core.alerts.engine._MATCHING_MAX", 10)
+    for i in range(25):
+        assert names("fam", f"d{i}", "window", T0 + 2) == ["r"]
+    assert 0 < len(engine._matching) <= 10

@@ -66,6 +66,7 @@ from ..core.serial.link import FrameHandler, SerialLink, SerialSettings
 from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.cursors import decode_cursor, encode_cursor
 from ..protocol.encoding import EncodingError
+from ..protocol.json_encoders import json_encoder
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
 from ..protocol.validate import InvalidInput, convert
@@ -150,6 +151,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "error_response",
+    "json_encoder",
     "json_kind",
     "parse_json",
     "parse_time",

@@ -24,12 +24,12 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from json.encoder import c_make_encoder, encode_basestring
 from typing import Any, Literal
 
 import zstandard
 
 from .encoding import EncodingError, inflate
+from .json_encoders import json_encoder
 
 __all__ = [
     "CLASSES",
@@ -374,35 +374,14 @@ def _header(h: Mapping[str, str], name: str) -> str:
     return value
 
 
-_COMPACT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-_per_thread = threading.local()
-
-
 def compact_json_encoder() -> Callable[[Any], str]:
     """This thread's encoder for the protocol's JSON: compact, UTF-8 as is, no NaN.
 
     What ``json.dumps(x, separators=(",", ":"), ensure_ascii=False, allow_nan=False)``
-    gives, without its per-call set-up: ``JSONEncoder.encode`` builds the C encoder
-    anew for every call, which costs more than encoding a small record. One per thread
-    (the encoder's circular-reference markers are per-call state). Raises TypeError or
-    ValueError like ``json.dumps``.
+    gives, without its per-call set-up (`json_encoder`). Raises TypeError or ValueError
+    like ``json.dumps``.
     """
-    fn = getattr(_per_thread, "encode", None)
-    if fn is None:
-        if c_make_encoder is None:  # a Python without the C accelerator
-            fn = _COMPACT.encode
-        else:
-            markers: dict = {}
-            make = c_make_encoder(markers, _COMPACT.default, encode_basestring, None, ":", ",", False, False, False)
-
-            def fn(data: Any) -> str:
-                try:
-                    return "".join(make(data, 0))
-                finally:
-                    markers.clear()  # an error leaves entries behind
-
-        _per_thread.encode = fn
-    return fn
+    return json_encoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 # One zstd compressor per thread (a compressor is not safe to share between threads;

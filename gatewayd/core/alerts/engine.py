@@ -38,6 +38,7 @@ __all__ = ["RuleEngine", "Firing"]
 Key = tuple[str, str, str, str]  # rule, family, device, type
 ANY_TYPE = "*"
 OPEN, ABSENT, ESCALATION = 0, 1, 2  # the timer tables, as the heap's entries name them
+_MATCHING_MAX = 16384  # (family, device, type) keys whose matching rules are remembered
 
 
 @dataclass
@@ -120,6 +121,10 @@ class RuleEngine:
         self._order = itertools.count()
         self._active: set[Key] = set()
         self._mutes: dict[tuple[str, str, str], _Mute] = {}
+        # (family, device, type) -> the rules whose family and device globs match, and of
+        # those the ones whose type globs match too: every event used to run each rule's
+        # globs twice, more than the rest of its evaluation. Emptied with each new rule set.
+        self._matching: dict[tuple[str, str | None, str], tuple[tuple[Rule, ...], tuple[Rule, ...]]] = {}
         self.set_rules(rules)
 
     @property
@@ -129,6 +134,7 @@ class RuleEngine:
     def set_rules(self, rules: Iterable[Rule]) -> None:
         """Replace the rule set; state of rules that are gone is dropped."""
         self._rules = {r.name: r for r in rules if r.enabled}
+        self._matching = {}
         for table in (self._last_fired, self._grouped, self._windows, self._open, self._absent, self._escalations):
             for key in [k for k in table if k[0] not in self._rules]:
                 del table[key]
@@ -140,9 +146,7 @@ class RuleEngine:
         """Evaluate one event (after it was stored); return what fires now."""
         was_active = self._resolve(event, now)
         firings: list[Firing] = []
-        for rule in self._rules.values():
-            if not (rule.matches_source(event) and rule.matches_type(event.type)):
-                continue
+        for rule in self._matching_rules(event)[1]:
             if not rule.matches_severity(event.severity) or self._muted(rule, event, now):
                 continue
             if rule.absent_for_s:
@@ -263,9 +267,7 @@ class RuleEngine:
     def _resolve(self, event: Any, now: float) -> set[Key]:
         """Close what this event resolves; return the keys that had fired (were active)."""
         closed: set[Key] = set()
-        for rule in self._rules.values():
-            if not rule.matches_source(event):
-                continue
+        for rule in self._matching_rules(event)[0]:
             family, device = event.family, event.device_id or ""
             if event.type in rule.resolved_by:
                 keys = [k for k in (*self._open, *self._active, *self._escalations)
@@ -279,6 +281,19 @@ class RuleEngine:
                     closed.add(key)
                 self._clear(key)
         return closed
+
+    def _matching_rules(self, event: Any) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+        """The rules matching the event's family and device, in rule order; and of those,
+        the ones matching its type too (remembered per family, device and type)."""
+        key = (event.family, event.device_id, event.type)
+        found = self._matching.get(key)
+        if found is None:
+            by_source = tuple(r for r in self._rules.values() if r.matches_source(event))
+            found = (by_source, tuple(r for r in by_source if r.matches_type(event.type)))
+            if len(self._matching) >= _MATCHING_MAX:  # devices and types come from outside: bounded
+                self._matching.clear()
+            self._matching[key] = found
+        return found
 
     def _clear(self, key: Key) -> None:
         self._open.pop(key, None)

@@ -27,6 +27,7 @@ import trio
 
 from ...protocol.cursors import decode_cursor as _decode_cursor
 from ...protocol.cursors import encode_cursor as _encode_cursor
+from ...protocol.json_encoders import json_encoder
 from ...protocol.times import parse_time
 from ..logs import get_logger
 from ..storage import SchemaSpec, StorageError
@@ -134,7 +135,7 @@ def make_event(
     if not isinstance(data, dict):
         raise EventError(f"data: expected a dict, got {data.__class__.__name__}")
     try:
-        encoded = json.dumps(data, allow_nan=False)
+        encoded = json_encoder(allow_nan=False)(data)  # json.dumps(data, allow_nan=False), made once
     except (TypeError, ValueError) as e:
         raise EventError(f"data: not JSON-serializable: {e}") from None
     if len(encoded) > MAX_DATA_BYTES:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 import trio
@@ -12,6 +9,7 @@ from flask.json.provider import DefaultJSONProvider
 from quart import request
 
 from ...protocol.encoding import EncodingError, inflate
+from ...protocol.json_encoders import json_encoder
 from ...protocol.strict_json import BadJSON, json_kind, parse_json
 
 __all__ = ["BodyTooLarge", "StrictJSONProvider", "body_received", "read_body", "read_json_object", "request_data"]
@@ -96,36 +94,15 @@ class StrictJSONProvider(DefaultJSONProvider):
 
     def response(self, *args: Any, **kwargs: Any) -> Any:
         """flask's response (what `jsonify` and a returned dict make), the same bytes, its
-        encoder made once per thread: `json.dumps` with options builds a JSONEncoder and its
-        C encoder on every call, which costs more than encoding a small answer."""
-        encode = self._encoder()
-        if encode is None or self.compact is False or (self.compact is None and self._app.debug):
+        encoder made once per thread (`json_encoder`): `json.dumps` with options builds a
+        JSONEncoder and its C encoder on every call, which costs more than encoding a small answer."""
+        if self.compact is False or (self.compact is None and self._app.debug):
             return super().response(*args, **kwargs)
+        encode = json_encoder(separators=(",", ":"), ensure_ascii=self.ensure_ascii, allow_nan=False,
+                              sort_keys=self.sort_keys, default=self.default)
         obj = self._prepare_response_obj(args, kwargs)
         return self._app.response_class(f"{encode(obj)}\n", mimetype=self.mimetype)
-
-    def _encoder(self) -> Callable[[Any], str] | None:
-        """What `dumps(obj, separators=(",", ":"))` returns, as a function (this thread's)."""
-        if c_make_encoder is None or (self.default, self.ensure_ascii, self.sort_keys) != _JSON_DEFAULTS:
-            return None
-        fn: Callable[[Any], str] | None = getattr(_per_thread, "encode", None)
-        if fn is None:
-            markers: dict[int, Any] = {}
-            make = c_make_encoder(markers, self.default, encode_basestring_ascii, None, ":", ",", True, False, False)
-
-            def encode(obj: Any) -> str:
-                try:
-                    return "".join(make(obj, 0))
-                finally:
-                    markers.clear()  # an error leaves entries behind
-
-            fn = _per_thread.encode = encode
-        return fn
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         return parse_json(s) if not kwargs else super().loads(s, **kwargs)
 
-
-# flask's: the response encoder above is theirs, made once (a subclass that changes them gets flask's own).
-_JSON_DEFAULTS = (DefaultJSONProvider.default, True, True)
-_per_thread = threading.local()

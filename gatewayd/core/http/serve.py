@@ -14,6 +14,7 @@ from quart_trio import QuartTrio
 
 from ..schema import Address
 from ..tls import SiteTls
+from . import one_write
 
 __all__ = ["RefuseBadHost", "serve_app"]
 
@@ -51,6 +52,7 @@ async def serve_app(
     config.access_log_format = 'client=%(h)s method=%(m)s path="%(U)s" status=%(s)s bytes=%(b)s duration_us=%(D)s'
     if tls is not None:
         tls.hypercorn(config)
+    one_write.enable()  # an answer of known length in one write (hypercorn's internals, version-gated)
     await serve(RefuseBadHost(app), config, shutdown_trigger=shutdown_trigger, task_status=task_status)
 
 

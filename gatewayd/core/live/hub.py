@@ -32,11 +32,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from ...protocol.json_encoders import json_encoder
+
 if TYPE_CHECKING:
     from .access import LiveAccess
 
 __all__ = ["FamilyLive", "Gap", "LiveEvent", "LiveHub", "LiveLimit", "Subscription", "matches", "overlaps",
            "validate_pattern"]
+
+
+def _encode(obj: Any) -> str:
+    """`json.dumps(obj, separators=(",", ":"), allow_nan=False)`, this thread's encoder."""
+    return json_encoder(separators=(",", ":"), allow_nan=False)(obj)
 
 
 class LiveLimit(Exception):
@@ -56,8 +63,7 @@ class LiveEvent:
         """The event as one line of JSON, encoded once however many clients get it."""
         cached = self.__dict__.get("_json")
         if cached is None:
-            cached = json.dumps({"id": self.id, "stream": self.stream, "ts": self.ts, "data": self.data},
-                                separators=(",", ":"), allow_nan=False)
+            cached = _encode({"id": self.id, "stream": self.stream, "ts": self.ts, "data": self.data})
             object.__setattr__(self, "_json", cached)
         return cached
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from gatewayd.plugins.api import BadJSON, TS_MAX, TS_MIN, Meta, Struct, json_kind, parse_time
+from gatewayd.plugins.api import BadJSON, TS_MAX, TS_MIN, Meta, Struct, json_encoder, json_kind, parse_time
 
 from .config import KeyRules, Security
 
@@ -142,7 +142,7 @@ def checked_data(value: Any, where: str, limits: Limits) -> tuple[dict[str, Any]
 
 def compact(value: Any) -> str:
     """JSON without spaces, non-ASCII as is: how the tables keep values."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json_encoder(separators=(",", ":"), ensure_ascii=False)(value)
 
 
 def timestamp_of(value: Any, where: str, now: float) -> float:
@@ -248,8 +248,7 @@ class DeviceState:
                        pending={**self.pending, **values}, ts=max(ts, self.ts or ts))
 
     def to_json(self) -> str:
-        return json.dumps({"data": self.data, "stamps": self.stamps, "pending": self.pending},
-                          separators=(",", ":"), ensure_ascii=False)
+        return compact({"data": self.data, "stamps": self.stamps, "pending": self.pending})
 
     @classmethod
     def from_json(cls, text: str, ts: float | None) -> DeviceState:
