@@ -1,0 +1,152 @@
+"""Issue #20's audit (docs/audit/issue-20.md): what no other test proved against a real gateway —
+the spec's error object on a path or method the plugin does not have, a silent node that keeps
+running flagged, and oscillators that resume after the gateway is killed (not stopped)."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from kaiabc_testbed import AUTH, FAST, KAIABC, TOKEN, V1, pico, register
+
+from gatewayd.testing import gw_client, reserved_port, wait_until
+
+
+def error(r, status, code):
+    assert r.status_code == status, r.text
+    assert r.headers["X-API-Version"] == "1.0.0", r.headers
+    body = r.json()["error"]
+    assert body["code"] == code and body["message"] and body["request_id"].startswith("req_"), body
+    assert body["timestamp"].endswith("Z") and "details" in body, body
+    return body
+
+
+async def test_unknown_path_and_method_under_v1_are_the_specs_error(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        error(await client.get(f"{V1}/no/such/route", headers=AUTH), 404, "NOT_FOUND")
+        error(await client.get(f"{V1}/oscillator/stat", headers=AUTH), 404, "NOT_FOUND")
+        error(await client.delete(f"{V1}/health", headers=AUTH), 405, "METHOD_NOT_ALLOWED")
+        error(await client.post(f"{V1}/oscillator/state", headers=AUTH, json={}), 405, "METHOD_NOT_ALLOWED")
+        error(await client.post(f"{V1}/sensors/temperature", headers=AUTH, content=b'{"node_id": ',
+                                ), 400, "INVALID_PARAMETER")
+
+
+async def test_a_silent_node_keeps_running_on_its_last_temperature_flagged(gateway_factory):
+    settings = FAST + ["plugins.kaiabc.stale_after_s=0.5"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        key = await register(client)
+        node = {"X-API-Key": key}
+        r = await client.post(f"{V1}/sensors/temperature", headers=node,
+                              json={"node_id": "pico_001", "temperature_kelvin": 306.0})
+        assert r.status_code == 200, r.text
+        first = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+        assert first["temperature_stale"] is False and first["entrainment_active"] is True, first
+
+        async def stale():
+            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+            return doc if doc["temperature_stale"] else None
+
+        flagged = await wait_until(stale, what="the silent node flagged stale")
+        assert flagged["entrainment_active"] is False
+        assert flagged["temperature_kelvin"] == pytest.approx(306.0)  # its last filtered value
+
+        async def still_running():
+            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+            return doc if doc["simulated_hours"] > flagged["simulated_hours"] + 1 else None
+
+        later = await wait_until(still_running, what="the stale node's oscillator advancing")
+        assert later["temperature_stale"] is True and later["temperature_kelvin"] == pytest.approx(306.0)
+        # a reading clears the flag
+        r = await client.post(f"{V1}/sensors/temperature", headers=node,
+                              json={"node_id": "pico_001", "temperature_kelvin": 306.0})
+        doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+        assert doc["temperature_stale"] is False, doc
+
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+class Daemon:
+    """`python -m gatewayd run` with the kaiabc plugin, as a subprocess that can be killed."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = reserved_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.config = tmp_path / "gatewayd.toml"
+        self.config.write_text(
+            f"[gateway]\nid = 'site-1'\ndata_dir = '{tmp_path / 'var'}'\nshutdown_grace_s = 1.0\n"
+            f"[http]\nlisten = '127.0.0.1:{self.port}'\naccess_log = false\n[mqtt]\nbroker = 'off'\n"
+            "[plugins.kaiabc]\ntick_s = 0.05\ntime_acceleration = 3600.0\npersist_every_s = 0.1\n"
+            "queries_per_minute = 100000\n")
+        self.log = tmp_path / "daemon.log"
+        self.proc: subprocess.Popen | None = None
+
+    async def start(self) -> None:
+        with open(self.log, "a") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gatewayd", "-p", "gatewayd_kaiabc", "run", "--config", str(self.config)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN})
+        async with httpx.AsyncClient(timeout=2) as client:
+
+            async def healthy() -> bool:
+                try:
+                    if (await client.get(self.base + f"{V1}/health")).status_code == 200:
+                        return True
+                except httpx.TransportError:
+                    pass
+                assert self.proc.poll() is None, self.log.read_text()[-3000:]
+                return False
+
+            await wait_until(healthy, timeout=120, step=0.05, what="the daemon answers /kaiabc/v1/health")
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(300)
+async def test_oscillators_resume_after_the_gateway_is_killed(tmp_path):
+    daemon = Daemon(tmp_path)
+    await daemon.start()
+    try:
+        async with httpx.AsyncClient(base_url=daemon.base, timeout=10) as client:
+            keys = {}
+            for node, kelvin in (("pico_001", 305.0), ("pico_002", 299.0)):
+                r = await client.post(f"{V1}/sensors/nodes", headers=AUTH, json=pico(node))
+                assert r.status_code == 201, r.text
+                keys[node] = {"X-API-Key": r.json()["api_key"]}
+                r = await client.post(f"{V1}/sensors/temperature", headers=keys[node],
+                                      json={"node_id": node, "temperature_kelvin": kelvin})
+                assert r.status_code == 200, r.text
+            r = await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "pico_002"})
+            assert r.status_code == 200, r.text
+
+            async def state(node):
+                return (await client.get(f"{V1}/oscillator/state", headers=keys[node],
+                                         params={"node_id": node, "detail_level": "full"})).json()
+
+            async def advanced():
+                doc = await state("pico_001")
+                return doc if doc["simulated_hours"] > 6 else None
+
+            await wait_until(advanced, what="six simulated hours")
+            paused = await state("pico_002")
+            before = await state("pico_001")
+        daemon.kill()  # no shutdown: only what was persisted while running counts
+        await daemon.start()
+        async with httpx.AsyncClient(base_url=daemon.base, timeout=10) as client:
+            after = (await client.get(f"{V1}/oscillator/state", headers=keys["pico_001"],
+                                      params={"node_id": "pico_001", "detail_level": "full"})).json()
+            still = (await client.get(f"{V1}/oscillator/state", headers=keys["pico_002"],
+                                      params={"node_id": "pico_002", "detail_level": "full"})).json()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.kill()
+    # persisted every 0.1 wall s = 6 simulated minutes: at most a few persists lost, never a reset to CT 0
+    assert after["simulated_hours"] > before["simulated_hours"] - 0.5, (before, after)
+    assert after["temperature_kelvin"] == pytest.approx(305.0) and after["filter"]["measurement_count"] == 1
+    assert still["paused"] is True and still["simulated_hours"] == pytest.approx(paused["simulated_hours"])
+    assert still["temperature_kelvin"] == pytest.approx(299.0)
