@@ -24,6 +24,8 @@ def error(r, status, code):
     return body
 
 
+@pytest.mark.xfail(strict=True, reason="audit #20: an unknown path or method under /kaiabc/v1 is answered by the "
+                   "core (its shape, no X-API-Version), not with the spec's error object")
 async def test_unknown_path_and_method_under_v1_are_the_specs_error(gateway_factory):
     async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
         error(await client.get(f"{V1}/no/such/route", headers=AUTH), 404, "NOT_FOUND")
@@ -42,11 +44,11 @@ async def test_a_silent_node_keeps_running_on_its_last_temperature_flagged(gatew
         r = await client.post(f"{V1}/sensors/temperature", headers=node,
                               json={"node_id": "pico_001", "temperature_kelvin": 306.0})
         assert r.status_code == 200, r.text
-        first = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+        first = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001", "detail_level": "full"})).json()
         assert first["temperature_stale"] is False and first["entrainment_active"] is True, first
 
         async def stale():
-            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001", "detail_level": "full"})).json()
             return doc if doc["temperature_stale"] else None
 
         flagged = await wait_until(stale, what="the silent node flagged stale")
@@ -54,7 +56,7 @@ async def test_a_silent_node_keeps_running_on_its_last_temperature_flagged(gatew
         assert flagged["temperature_kelvin"] == pytest.approx(306.0)  # its last filtered value
 
         async def still_running():
-            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+            doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001", "detail_level": "full"})).json()
             return doc if doc["simulated_hours"] > flagged["simulated_hours"] + 1 else None
 
         later = await wait_until(still_running, what="the stale node's oscillator advancing")
@@ -62,7 +64,7 @@ async def test_a_silent_node_keeps_running_on_its_last_temperature_flagged(gatew
         # a reading clears the flag
         r = await client.post(f"{V1}/sensors/temperature", headers=node,
                               json={"node_id": "pico_001", "temperature_kelvin": 306.0})
-        doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001"})).json()
+        doc = (await client.get(f"{V1}/oscillator/state", headers=node, params={"node_id": "pico_001", "detail_level": "full"})).json()
         assert doc["temperature_stale"] is False, doc
 
 
@@ -70,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 class Daemon:
-    """`python -m gatewayd run` with the kaiabc plugin, as a subprocess that can be killed."""
+    """`python -m gatewayd run` (the installed plugins, kaiabc among them), as a subprocess that can be killed."""
 
     def __init__(self, tmp_path: Path):
         self.port = reserved_port()
@@ -87,7 +89,7 @@ class Daemon:
     async def start(self) -> None:
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gatewayd", "-p", "gatewayd_kaiabc", "run", "--config", str(self.config)],
+                [sys.executable, "-m", "gatewayd", "run", "--config", str(self.config)],
                 cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN})
         async with httpx.AsyncClient(timeout=2) as client:
 
@@ -101,6 +103,12 @@ class Daemon:
                 return False
 
             await wait_until(healthy, timeout=120, step=0.05, what="the daemon answers /kaiabc/v1/health")
+
+            async def started() -> bool:  # the plugin's startup (its oscillators resumed) is over
+                doc = (await client.get(self.base + f"{V1}/health")).json()
+                return doc["components"]["ode_solver"] == "operational"
+
+            await wait_until(started, timeout=120, step=0.05, what="the kaiabc plugin started")
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -138,6 +146,8 @@ async def test_oscillators_resume_after_the_gateway_is_killed(tmp_path):
         daemon.kill()  # no shutdown: only what was persisted while running counts
         await daemon.start()
         async with httpx.AsyncClient(base_url=daemon.base, timeout=10) as client:
+            health = (await client.get(f"{V1}/health")).json()
+            assert health["components"]["sensor_nodes"]["total"] == 2, health
             after = (await client.get(f"{V1}/oscillator/state", headers=keys["pico_001"],
                                       params={"node_id": "pico_001", "detail_level": "full"})).json()
             still = (await client.get(f"{V1}/oscillator/state", headers=keys["pico_002"],
@@ -145,8 +155,9 @@ async def test_oscillators_resume_after_the_gateway_is_killed(tmp_path):
     finally:
         if daemon.proc.poll() is None:
             daemon.kill()
+    assert "simulated_hours" in after, after
     # persisted every 0.1 wall s = 6 simulated minutes: at most a few persists lost, never a reset to CT 0
     assert after["simulated_hours"] > before["simulated_hours"] - 0.5, (before, after)
-    assert after["temperature_kelvin"] == pytest.approx(305.0) and after["filter"]["measurement_count"] == 1
+    assert after["temperature_kelvin"] == pytest.approx(305.0) and after["filter"]["measurement_count"] == 1, (before, after)
     assert still["paused"] is True and still["simulated_hours"] == pytest.approx(paused["simulated_hours"])
     assert still["temperature_kelvin"] == pytest.approx(299.0)
