@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, current_app, g, request
 from quart.typing import ResponseReturnValue
 
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
@@ -156,7 +156,37 @@ class Api:
         bp.register_error_handler(StorageError, self.storage_error)
         bp.before_request(self.started)
         bp.after_request(self.headers)
+        bp.record(self._unrouted_on)
         return bp
+
+    def _unrouted_on(self, setup: Any) -> None:
+        """On each app the Blueprint is registered on (the main one under the mount, a listener
+        of its own at /): a path under `v1` that no route has, or a method a route has not,
+        is answered here, in the spec's error object. Quart knows no Blueprint for such a
+        request, so neither the Blueprint's handlers nor its `after_request` would run, and
+        the core would answer in its own shape."""
+        prefix = (setup.url_prefix or "").rstrip("/") + "/v1"
+
+        async def unrouted() -> ResponseReturnValue | None:
+            e = request.routing_exception
+            if e is None or not (request.path == prefix or request.path.startswith(prefix + "/")):
+                return None
+            status = int(getattr(e, "code", None) or 404)
+            allowed = sorted(getattr(e, "valid_methods", None) or ())
+            if status == 405:
+                fail = Fail(405, "METHOD_NOT_ALLOWED", f"{request.method} is not a method of {request.path}",
+                            {"parameter": "method", "provided": request.method, "allowed": allowed},
+                            headers={"Allow": ", ".join(allowed)})
+            elif status == 404:
+                fail = Fail(404, "NOT_FOUND", f"no route {request.path} in this API",
+                            {"parameter": "path", "provided": request.path})
+            else:
+                fail = invalid("path", str(getattr(e, "description", None) or e), request.path)
+            response = await current_app.make_response(await self.failed(fail))
+            assert isinstance(response, Response)  # ours: answer() makes a quart Response
+            return await self.headers(response)
+
+        setup.app.before_request(unrouted)
 
     # -- 1. health -------------------------------------------------------------------------
 
