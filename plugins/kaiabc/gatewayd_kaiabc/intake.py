@@ -82,6 +82,8 @@ class Intake:
 
     async def _ingest(self, node_id: str, readings: list[Reading], via: str) -> dict[str, Any]:
         state = self.ctx.state
+        if not await state.wait_started():
+            raise Rejected("the plugin is still resuming its oscillators")
         if node_id not in state.nodes:
             raise Rejected(f"node {node_id!r} is not registered (POST /v1/sensors/nodes)")
         device = await self.ctx.devices.get(node_id, max_age_s=2.0)
