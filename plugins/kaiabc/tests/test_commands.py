@@ -118,12 +118,13 @@ async def test_history_settings_errors_name_the_toml_key(gateway_factory, settin
     assert any(message in str(e) for e in info.value.errors), [str(e) for e in info.value.errors]
 
 
-@pytest.mark.xfail(strict=True, reason="audit #20: prc takes any pulse: --duration-min inf prints NaN with exit 0, "
-                   "1e9 runs for ever, --delta-k 30 leaves the model's 273.15-323.15 K")
 @pytest.mark.parametrize("argv, message", [
     (["prc", "--resolution", "2", "--duration-min", "inf"], "--duration-min"),
     (["prc", "--resolution", "2", "--delta-k", "30"], "--delta-k"),
     (["prc", "--resolution", "2", "--delta-k", "inf"], "--delta-k"),
+    (["prc", "--resolution", "2", "--delta-k", "nan"], "--delta-k"),
+    (["prc", "--resolution", "2", "--duration-min", "1e9"], "--duration-min"),
+    (["prc", "--resolution", "2", "--duration-min", "0"], "--duration-min"),
 ])
 def test_prc_pulse_bounds_are_the_apis(registry, capsys, argv, message):
     assert run(registry, argv) == 2
