@@ -223,3 +223,29 @@ async def test_a_request_while_the_oscillators_resume_waits_for_them(gateway_fac
             assert doc["filter"]["measurement_count"] == 2, doc  # the resumed filter, then this reading
             assert 305.0 < doc["temperature_kelvin"] < 306.0, doc
         stop.set()
+
+
+@pytest.mark.xfail(strict=True, reason="audit #20: a NaN/Infinity/1e999 temperature is 400 INVALID_PARAMETER with "
+                   "details.parameter 'body', not the field (README says it names it)")
+async def test_non_finite_and_out_of_range_temperatures_name_the_parameter(gateway_factory):
+    settings = ["plugins.kaiabc.configuration_per_minute=1000"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        key = await register(client)
+        node = {"X-API-Key": key, "Content-Type": "application/json"}
+        for value in (b"NaN", b"Infinity", b"-Infinity", b"1e999", b"-1e999", b"400.0", b"273.14"):
+            for path, raw in (
+                    ("sensors/temperature", b'{"node_id": "pico_001", "temperature_kelvin": %s}' % value),
+                    ("sensors/batch", b'{"node_id": "pico_001", "readings": [{"timestamp": "2026-01-01T00:00:00Z", '
+                                      b'"temperature_kelvin": %s}]}' % value),
+                    ("bulk/sensor-readings", b'{"readings": [{"node_id": "pico_001", "timestamp": '
+                                             b'"2026-01-01T00:00:00Z", "temperature_kelvin": %s}]}' % value)):
+                r = await client.post(f"{V1}/{path}", content=raw, headers=node)
+                body = error(r, 400, "INVALID_PARAMETER")
+                assert "temperature_kelvin" in body["details"]["parameter"], (path, value, body)
+        for value in (b"NaN", b"1e999", b"400.0"):
+            r = await client.put(f"{V1}/entrainment/parameters", headers={**AUTH, "Content-Type": "application/json"},
+                                 content=b'{"node_id": "pico_001", "reference_temperature_kelvin": %s}' % value)
+            body = error(r, 400, "INVALID_PARAMETER")
+            assert "reference_temperature_kelvin" in body["details"]["parameter"], (value, body)
+        doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
+        assert doc["measurement_count"] == 0, doc  # nothing of a refused request was stored
