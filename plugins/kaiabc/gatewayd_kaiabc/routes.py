@@ -5,6 +5,7 @@ README.md has the table and the decisions taken where the spec is silent."""
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from .service import Kaiabc
 
 API_VERSION = "1.0.0"
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*): ")
 NodeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")]
 Text = Annotated[str, Meta(max_length=256)]
 Number = Annotated[float, Meta(ge=-1e12, le=1e12)]
@@ -407,7 +409,10 @@ class Api:
     async def bad_json(self, e: BadJSON) -> ResponseReturnValue:
         if isinstance(e, InvalidInput):
             return await self.failed(invalid(e.field, str(e), location=e.location))
-        return await self.failed(invalid("body", str(e)))
+        # The core's strict JSON says where a refused value sits ("readings[0].temperature_kelvin:
+        # NaN is not a JSON number"): that place is the parameter.
+        where = _FIELD.match(str(e))
+        return await self.failed(invalid(where.group(1) if where else "body", str(e)))
 
     async def bad_encoding(self, e: EncodingError) -> ResponseReturnValue:
         code = {413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}.get(e.status, "INVALID_PARAMETER")

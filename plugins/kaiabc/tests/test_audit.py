@@ -225,8 +225,6 @@ async def test_a_request_while_the_oscillators_resume_waits_for_them(gateway_fac
         stop.set()
 
 
-@pytest.mark.xfail(strict=True, reason="audit #20: a NaN/Infinity/1e999 temperature is 400 INVALID_PARAMETER with "
-                   "details.parameter 'body', not the field (README says it names it)")
 async def test_non_finite_and_out_of_range_temperatures_name_the_parameter(gateway_factory):
     settings = ["plugins.kaiabc.configuration_per_minute=1000"]
     async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
