@@ -22,13 +22,13 @@ def error(r, status, code):
     assert r.headers["X-API-Version"] == "1.0.0", r.headers
     body = r.json()["error"]
     assert body["code"] == code and body["message"] and body["request_id"].startswith("req_"), body
-    assert body["timestamp"].endswith("Z") and "details" in body, body
+    assert body["timestamp"].endswith("Z"), body
     return body
 
 
 async def test_unknown_path_and_method_under_v1_are_the_specs_error(gateway_factory):
     async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
-        error(await client.get(f"{V1}/no/such/route", headers=AUTH), 404, "NOT_FOUND")
+        assert error(await client.get(f"{V1}/no/such/route", headers=AUTH), 404, "NOT_FOUND")["details"]["parameter"] == "path"
         error(await client.get(f"{V1}/oscillator/stat", headers=AUTH), 404, "NOT_FOUND")
         body = error(await client.delete(f"{V1}/health", headers=AUTH), 405, "METHOD_NOT_ALLOWED")
         assert "GET" in body["details"]["allowed"]
@@ -247,3 +247,28 @@ async def test_non_finite_and_out_of_range_temperatures_name_the_parameter(gatew
             assert "reference_temperature_kelvin" in body["details"]["parameter"], (value, body)
         doc = (await client.get(f"{V1}/filter/state", headers=AUTH, params={"node_id": "pico_001"})).json()
         assert doc["measurement_count"] == 0, doc  # nothing of a refused request was stored
+
+
+async def test_configuration_and_ingestion_limits_are_their_own_and_per_node(gateway_factory):
+    # the two registrations by the admin are configuration too: 2 + 2 PUTs
+    settings = ["plugins.kaiabc.configuration_per_minute=4", "plugins.kaiabc.ingestion_per_minute=2"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        keys = {n: {"X-API-Key": await register(client, n)} for n in ("pico_001", "pico_002")}
+        for _ in range(2):
+            r = await client.put(f"{V1}/simulation/config", headers=AUTH, json={"max_step_size": 0.05})
+            assert r.status_code == 200 and r.headers["X-RateLimit-Limit"] == "4", r.text
+        body = error(await client.put(f"{V1}/simulation/config", headers=AUTH, json={"max_step_size": 0.05}),
+                     429, "RATE_LIMIT_EXCEEDED")
+        assert body["message"] == "Rate limit of 4 requests per minute exceeded" and body["retry_after_seconds"] > 0
+        # a query is another class: still answered
+        assert (await client.get(f"{V1}/simulation/config", headers=AUTH)).status_code == 200
+        for i in range(2):
+            r = await client.post(f"{V1}/sensors/temperature", headers=keys["pico_001"],
+                                  json={"node_id": "pico_001", "temperature_kelvin": 300.0 + i})
+            assert r.status_code == 200, r.text
+        error(await client.post(f"{V1}/sensors/temperature", headers=keys["pico_001"],
+                                json={"node_id": "pico_001", "temperature_kelvin": 303.0}), 429, "RATE_LIMIT_EXCEEDED")
+        # the other node has its own budget
+        r = await client.post(f"{V1}/sensors/temperature", headers=keys["pico_002"],
+                              json={"node_id": "pico_002", "temperature_kelvin": 303.0})
+        assert r.status_code == 200 and r.headers["X-RateLimit-Remaining"] == "1", r.text
