@@ -14,6 +14,7 @@ import msgspec
 from msgspec import Meta, Struct
 from quart import Blueprint, Response, current_app, g, request
 from quart.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
 
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
@@ -33,6 +34,9 @@ if TYPE_CHECKING:
     from .service import Kaiabc
 
 API_VERSION = "1.0.0"
+_STATUS_CODES = {400: "INVALID_PARAMETER", 401: "AUTHENTICATION_FAILED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+                 429: "RATE_LIMIT_EXCEEDED", 503: "SERVICE_UNAVAILABLE"}
 _FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*): ")
 NodeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")]
 Text = Annotated[str, Meta(max_length=256)]
@@ -156,6 +160,7 @@ class Api:
         bp.register_error_handler(AuthError, self.auth_failed)
         bp.register_error_handler(StorageFull, self.storage_full)
         bp.register_error_handler(StorageError, self.storage_error)
+        bp.register_error_handler(Exception, self.unexpected)  # the rest, HTTPExceptions too
         bp.before_request(self.started)
         bp.after_request(self.headers)
         bp.record(self._unrouted_on)
@@ -430,6 +435,20 @@ class Api:
 
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return await self.failed(Fail(503, "SERVICE_UNAVAILABLE", f"storage unavailable: nothing was stored ({e})"))
+
+    async def unexpected(self, e: Exception) -> ResponseReturnValue:
+        """Any other error of a route, in the spec's object: an HTTP error by its status, a bug
+        as 500 INTERNAL_ERROR (logged with its traceback, nothing of it told to the caller)."""
+        if isinstance(e, HTTPException):
+            status = e.code or 500
+            code = _STATUS_CODES.get(status, "INVALID_PARAMETER" if status < 500 else "INTERNAL_ERROR")
+            message = e.description or e.name
+            if status == 413:  # as the core says it (app.py answers Quart's 413 as a BodyTooLarge)
+                message = f"the body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes (http.max_body_bytes)"
+                return await self.failed(Fail(413, code, message, {"parameter": "body"}))
+            return await self.failed(Fail(status, code, message))
+        self.ctx.log.exception("unhandled error in a kaiabc route", path=request.path, error=repr(e))
+        return await self.failed(Fail(500, "INTERNAL_ERROR", "internal error; see the gateway log"))
 
 
 def _one(nodes: Any, node_id: str | None) -> str:
