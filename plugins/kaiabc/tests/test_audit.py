@@ -288,3 +288,22 @@ async def test_an_internal_error_is_the_specs_error_object(gateway_factory, monk
             assert "a bug" not in body["message"]  # nothing of the code's insides is told
         r = await client.get(f"{V1}/oscillator/state", headers={"X-API-Key": key}, params={"node_id": "pico_001"})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.xfail(strict=True, reason="audit #20: a reading stamped in the far future (a node's RTC gone wrong) is "
+                   "accepted, and every later true reading is then refused as 'not newer': the node is locked out")
+async def test_a_reading_from_the_future_is_refused_and_does_not_lock_the_node_out(gateway_factory):
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        node = {"X-API-Key": await register(client)}
+        future = "2099-01-01T00:00:00Z"
+        body = error(await client.post(f"{V1}/sensors/batch", headers=node, json={
+            "node_id": "pico_001", "readings": [{"timestamp": future, "temperature_kelvin": 300.0}]}),
+            400, "INVALID_PARAMETER")
+        assert body["details"]["parameter"] == "readings[0].timestamp", body
+        error(await client.post(f"{V1}/sensors/temperature", headers=node, json={
+            "node_id": "pico_001", "timestamp": future, "temperature_kelvin": 300.0}), 400, "INVALID_PARAMETER")
+        error(await client.post(f"{V1}/bulk/sensor-readings", headers=node, json={"readings": [
+            {"node_id": "pico_001", "timestamp": future, "temperature_kelvin": 300.0}]}), 400, "INVALID_PARAMETER")
+        r = await client.post(f"{V1}/sensors/temperature", headers=node,
+                              json={"node_id": "pico_001", "temperature_kelvin": 301.0})  # now
+        assert r.status_code == 200 and r.json()["accepted"] is True, r.text
