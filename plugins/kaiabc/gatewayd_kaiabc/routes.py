@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from .service import Kaiabc
 
 API_VERSION = "1.0.0"
+READING_SKEW_S = 300.0  # how far ahead of the gateway's clock a reading's timestamp may be
 _STATUS_CODES = {400: "INVALID_PARAMETER", 401: "AUTHENTICATION_FAILED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
                  405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
                  429: "RATE_LIMIT_EXCEEDED", 503: "SERVICE_UNAVAILABLE"}
@@ -253,7 +254,7 @@ class Api:
     async def temperature(self, body: TemperatureReading) -> ResponseReturnValue:
         """One temperature reading"""
         await self.caller(body.node_id, "ingestion")
-        reading = Reading(_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
+        reading = Reading(reading_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
                           quality=body.quality)
         check_reading(reading, "")
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
@@ -270,7 +271,7 @@ class Api:
             where = f"readings[{i}]."
             if r.node_id is not None and r.node_id != body.node_id:
                 raise invalid(f"{where}node_id", "a reading of another node", r.node_id, expected=body.node_id)
-            reading = Reading(_time(r.timestamp, f"{where}timestamp", self.ctx.now()), r.temperature_kelvin,
+            reading = Reading(reading_time(r.timestamp, f"{where}timestamp", self.ctx.now()), r.temperature_kelvin,
                               r.humidity_percent, r.pressure_pa, r.quality)
             check_reading(reading, where)
             readings.append(reading)
@@ -337,6 +338,9 @@ class Api:
 
     def time(self, text: str | None, field: str) -> float:
         return _time(text, field, self.ctx.now())
+
+    def reading_time(self, text: str | None, field: str) -> float:
+        return reading_time(text, field, self.ctx.now())
 
     # -- who asks ---------------------------------------------------------------------------
 
@@ -444,7 +448,8 @@ class Api:
             code = _STATUS_CODES.get(status, "INVALID_PARAMETER" if status < 500 else "INTERNAL_ERROR")
             message = e.description or e.name
             if status == 413:  # as the core says it (app.py answers Quart's 413 as a BodyTooLarge)
-                message = f"the body is larger than {current_app.config['MAX_CONTENT_LENGTH']} bytes (http.max_body_bytes)"
+                limit = current_app.config["MAX_CONTENT_LENGTH"]
+                message = f"the body is larger than {limit} bytes (http.max_body_bytes)"
                 return await self.failed(Fail(413, code, message, {"parameter": "body"}))
             return await self.failed(Fail(status, code, message))
         self.ctx.log.exception("unhandled error in a kaiabc route", path=request.path, error=repr(e))
@@ -467,6 +472,17 @@ def _series_value(name: str, row: tuple[float, ...], koa_low: float, koa_high: f
              "A_free": a_free, "CABC_complex": RUST_2007.kaia_total - a_free, "temperature_kelvin": temperature,
              "koa_metric": min(max((koa_value - koa_low) / (koa_high - koa_low), 0.0), 1.0)}[name]
     return round(value, 6)
+
+
+def reading_time(text: str | None, field: str, now: float) -> float:
+    """A reading's timestamp (`_time`), at most READING_SKEW_S ahead of the gateway's clock: a
+    node whose clock ran ahead would otherwise move its filter into the future, and every true
+    reading after it would be refused as not newer."""
+    ts = _time(text, field, now)
+    if ts > now + READING_SKEW_S:
+        raise invalid(field, f"{field}: {text} is ahead of the gateway's clock by more than {READING_SKEW_S:g} s "
+                      "(is the node's clock set?)", text, gateway_time=iso(now))
+    return ts
 
 
 def _time(text: str | None, field: str, now: float) -> float:
