@@ -309,3 +309,20 @@ async def test_a_reading_from_the_future_is_refused_and_does_not_lock_the_node_o
         r = await client.post(f"{V1}/sensors/temperature", headers=node,
                               json={"node_id": "pico_001", "temperature_kelvin": 301.0})  # now
         assert r.status_code == 200 and r.json()["accepted"] is True, r.text
+
+
+@pytest.mark.xfail(strict=True, reason="audit #20: two phase shifts of one node posted at once are both accepted "
+                   "(the 'under way' check is before the PRC's computation, the shift added after it)")
+async def test_two_phase_shifts_of_one_node_at_once_one_is_409(gateway_factory):
+    async with gateway_factory(plugins=KAIABC, settings=FAST) as gw, gw_client(gw) as client:
+        await register(client)
+        answers = []
+
+        async def shift():
+            answers.append(await client.post(f"{V1}/entrainment/phase-shift", headers=AUTH, json={
+                "node_id": "pico_001", "shift_type": "delay", "magnitude_hours": 0.2}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(shift)
+            nursery.start_soon(shift)
+        assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
