@@ -311,8 +311,6 @@ async def test_a_reading_from_the_future_is_refused_and_does_not_lock_the_node_o
         assert r.status_code == 200 and r.json()["accepted"] is True, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="audit #20: two phase shifts of one node posted at once are both accepted "
-                   "(the 'under way' check is before the PRC's computation, the shift added after it)")
 async def test_two_phase_shifts_of_one_node_at_once_one_is_409(gateway_factory):
     async with gateway_factory(plugins=KAIABC, settings=FAST) as gw, gw_client(gw) as client:
         await register(client)
