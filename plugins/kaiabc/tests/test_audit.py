@@ -324,3 +324,25 @@ async def test_two_phase_shifts_of_one_node_at_once_one_is_409(gateway_factory):
             nursery.start_soon(shift)
             nursery.start_soon(shift)
         assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
+
+
+@pytest.mark.xfail(strict=True, reason="audit #20: two partial PUTs of one node's parameters at once: each merges "
+                   "into the parameters it read before the other's limit cycle was computed, one change is lost")
+async def test_two_partial_parameter_puts_at_once_keep_both_changes(gateway_factory):
+    settings = ["plugins.kaiabc.configuration_per_minute=1000"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client)
+        patches = ({"arrhenius_scaling": {"pre_exponential_factor": 1.6e8}},
+                   {"structural_coupling": {"sensitivity": 1.2}})
+
+        async def put(patch):
+            r = await client.put(f"{V1}/entrainment/parameters", headers=AUTH,
+                                 json={"node_id": "pico_001", "parameters": patch})
+            assert r.status_code == 200, r.text
+
+        async with trio.open_nursery() as nursery:
+            for patch in patches:
+                nursery.start_soon(put, patch)
+        doc = (await client.get(f"{V1}/entrainment/parameters", headers=AUTH, params={"node_id": "pico_001"})).json()
+        assert doc["parameters"]["arrhenius_scaling"]["pre_exponential_factor"] == 1.6e8, doc
+        assert doc["parameters"]["structural_coupling"]["sensitivity"] == 1.2, doc
