@@ -196,6 +196,10 @@ class Control:
     async def put_etf(self, body: EtfBody) -> ResponseReturnValue:
         """Change ETF parameters: merged into the current ones (null restores a default)"""
         await self.api.person("configuration", "researcher")
+        async with self.ctx.state.etf_lock:  # read, merge, prepare, set: one change at a time
+            return await self._put_etf(body)
+
+    async def _put_etf(self, body: EtfBody) -> ResponseReturnValue:
         state = self.ctx.state
         before = self._etf_of(body.node_id)
         patch: dict[str, Any] = dict(body.parameters)

@@ -66,6 +66,7 @@ class Kaiabc:
         self.refused = ctx.metrics.counter("refused_total", "Requests refused", labels=("code",))
         self.live_nodes = ctx.metrics.gauge("live_nodes", "Live oscillators")
         self._node_lock = trio.Lock()
+        self.etf_lock = trio.Lock()  # a PUT of entrainment parameters merges into what the last one left
         self._reading_locks: dict[str, trio.Lock] = {}  # one node's readings are filtered in order
         self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
         self.shift_log: list[dict[str, Any]] = []

@@ -326,8 +326,6 @@ async def test_two_phase_shifts_of_one_node_at_once_one_is_409(gateway_factory):
         assert sorted(r.status_code for r in answers) == [200, 409], [r.text for r in answers]
 
 
-@pytest.mark.xfail(strict=True, reason="audit #20: two partial PUTs of one node's parameters at once: each merges "
-                   "into the parameters it read before the other's limit cycle was computed, one change is lost")
 async def test_two_partial_parameter_puts_at_once_keep_both_changes(gateway_factory):
     settings = ["plugins.kaiabc.configuration_per_minute=1000"]
     async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
