@@ -150,16 +150,24 @@ def _setup_prc(p: argparse.ArgumentParser) -> None:
     _preset_arg(p)
     p.add_argument("--resolution", type=int, default=24, help="circadian times sampled (24)")
     p.add_argument("--delta-k", type=float, default=3.0, help="pulse size in kelvin, applied + and - (3)")
-    p.add_argument("--duration-min", type=float, default=30.0, help="pulse length in minutes (30)")
+    p.add_argument("--duration-min", type=float, default=30.0, help="pulse length in minutes, 1..600 (30)")
 
 
 def _run_prc(args: argparse.Namespace) -> int:
     """Settled phase shifts to a warm and a cold pulse at each circadian time."""
     if not 2 <= args.resolution <= 240:
         raise ValueError("--resolution must be within 2..240")
-    if not args.delta_k > 0 or not args.duration_min > 0:
-        raise ValueError("--delta-k and --duration-min must be > 0")
     tm = named_set(args.preset)
+    # The API's bounds (GET /entrainment/prc): a pulse inside the model's temperatures, at most
+    # 10 hours long, so neither NaN nor a computation without end can come out.
+    low, high = TEMPERATURE_RANGE_K
+    base = tm.reference_temperature_k
+    most = min(high - base, base - low)
+    if not (math.isfinite(args.delta_k) and 0 < args.delta_k <= most):
+        raise ValueError(f"--delta-k must be within (0, {most:g}] K (the pulses stay within {low}..{high} K "
+                         f"around {base} K), got {args.delta_k}")
+    if not (math.isfinite(args.duration_min) and 1 <= args.duration_min <= 600):
+        raise ValueError(f"--duration-min must be within 1..600, got {args.duration_min}")
     cycle = limit_cycle(RUST_2007, tm)
     kw = dict(duration_h=args.duration_min / 60.0, resolution=args.resolution, temperature_model=tm,
               cycle=cycle)

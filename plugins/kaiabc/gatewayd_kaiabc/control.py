@@ -196,6 +196,10 @@ class Control:
     async def put_etf(self, body: EtfBody) -> ResponseReturnValue:
         """Change ETF parameters: merged into the current ones (null restores a default)"""
         await self.api.person("configuration", "researcher")
+        async with self.ctx.state.etf_lock:  # read, merge, prepare, set: one change at a time
+            return await self._put_etf(body)
+
+    async def _put_etf(self, body: EtfBody) -> ResponseReturnValue:
         state = self.ctx.state
         before = self._etf_of(body.node_id)
         patch: dict[str, Any] = dict(body.parameters)
@@ -236,8 +240,7 @@ class Control:
         if body.temperature_delta_kelvin == 0:
             raise invalid("temperature_delta_kelvin", "a temperature step of 0 K shifts nothing", 0.0)
         fleet = state.fleet
-        if any(s.node_id == body.node_id and s.stage != "complete" for s in fleet.shifts.values()):
-            raise Fail(409, "CONFLICT", f"a phase shift of {body.node_id!r} is under way; wait for phase_shift.complete")
+        _no_shift_under_way(fleet, body.node_id)
         etf = fleet.etfs[fleet.index[body.node_id]]
         duration_h = body.duration_minutes / 60.0
         prc = await state.prc(etf, body.temperature_delta_kelvin, duration_h, 48)
@@ -259,6 +262,8 @@ class Control:
         sim_hours = ((start_ct - current) % 24.0) / 24.0 * period + duration_h + settle_h
         done_at = now + sim_hours * 3600.0 / self.ctx.config.time_acceleration
         shift_id = f"shift_{time.strftime('%Y%m%d', time.gmtime(now))}_{secrets.token_hex(3)}"
+        # again: another request for this node may have planned its shift while this one awaited the PRC
+        _no_shift_under_way(fleet, body.node_id)
         fleet.shifts[shift_id] = Shift(shift_id, body.node_id, body.shift_type, sign * body.magnitude_hours,
                                        body.temperature_delta_kelvin, duration_h, start_ct, expected, settle_h, now)
         try:  # committed before it is acknowledged (and resumed after a restart)
@@ -458,3 +463,9 @@ def _window(good: list[float], center: float, step: float) -> str:
     while (hi + 1) % n in have and hi - lo < n - 1:
         hi += 1
     return f"{(lo % n) * step:g}-{((hi + 1) % n) * step or 24:g}"
+
+
+def _no_shift_under_way(fleet: Any, node_id: str) -> None:
+    """409 CONFLICT while a phase shift of the node is not complete."""
+    if any(s.node_id == node_id and s.stage != "complete" for s in fleet.shifts.values()):
+        raise Fail(409, "CONFLICT", f"a phase shift of {node_id!r} is under way; wait for phase_shift.complete")

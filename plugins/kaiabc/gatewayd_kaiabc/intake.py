@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from gatewayd.plugins.api import BadJSON, InboundMessage, Rejected, SerialLink, convert, parse_json
 
 from .errors import Fail
-from .routes import Batch, TemperatureReading, _time
+from .routes import Batch, TemperatureReading, reading_time
 from .service import Reading, check_reading
 
 if TYPE_CHECKING:
@@ -38,13 +38,13 @@ def parse(payload: bytes, now: float) -> tuple[str, list[Reading]]:
             for i, r in enumerate(batch.readings):
                 if r.node_id is not None and r.node_id != batch.node_id:
                     raise ValueError(f"readings[{i}].node_id: a reading of another node")
-                reading = Reading(_time(r.timestamp, f"readings[{i}].timestamp", now), r.temperature_kelvin,
+                reading = Reading(reading_time(r.timestamp, f"readings[{i}].timestamp", now), r.temperature_kelvin,
                                   r.humidity_percent, r.pressure_pa, r.quality)
                 check_reading(reading, f"readings[{i}].")
                 readings.append(reading)
             return batch.node_id, readings
         one: TemperatureReading = convert(doc, TemperatureReading)
-        reading = Reading(_time(one.timestamp, "timestamp", now), one.temperature_kelvin, quality=one.quality)
+        reading = Reading(reading_time(one.timestamp, "timestamp", now), one.temperature_kelvin, quality=one.quality)
         check_reading(reading, "")
         return one.node_id, [reading]
     except Fail as e:  # the HTTP layer's INVALID_PARAMETER: here a plain reason
@@ -82,6 +82,8 @@ class Intake:
 
     async def _ingest(self, node_id: str, readings: list[Reading], via: str) -> dict[str, Any]:
         state = self.ctx.state
+        if not await state.wait_started():
+            raise Rejected("the plugin is still resuming its oscillators")
         if node_id not in state.nodes:
             raise Rejected(f"node {node_id!r} is not registered (POST /v1/sensors/nodes)")
         device = await self.ctx.devices.get(node_id, max_age_s=2.0)

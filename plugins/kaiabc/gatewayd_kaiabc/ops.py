@@ -104,7 +104,7 @@ class Ops:
         state = self.ctx.state
         groups: dict[str, list[tuple[int, Reading]]] = {}
         for i, r in enumerate(body.readings):
-            reading = Reading(self.api.time(r.timestamp, f"readings[{i}].timestamp"), r.temperature_kelvin,
+            reading = Reading(self.api.reading_time(r.timestamp, f"readings[{i}].timestamp"), r.temperature_kelvin,
                               r.humidity_percent, r.pressure_pa, r.quality)
             check_reading(reading, f"readings[{i}].")
             groups.setdefault(r.node_id, []).append((i, reading))

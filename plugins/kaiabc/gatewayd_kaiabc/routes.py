@@ -5,14 +5,16 @@ README.md has the table and the decisions taken where the spec is silent."""
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, current_app, g, request
 from quart.typing import ResponseReturnValue
+from werkzeug.exceptions import HTTPException
 
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
     from .service import Kaiabc
 
 API_VERSION = "1.0.0"
+READING_SKEW_S = 300.0  # how far ahead of the gateway's clock a reading's timestamp may be
+_STATUS_CODES = {400: "INVALID_PARAMETER", 401: "AUTHENTICATION_FAILED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 405: "METHOD_NOT_ALLOWED", 409: "CONFLICT", 413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE",
+                 429: "RATE_LIMIT_EXCEEDED", 503: "SERVICE_UNAVAILABLE"}
+_FIELD = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*): ")
 NodeId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")]
 Text = Annotated[str, Meta(max_length=256)]
 Number = Annotated[float, Meta(ge=-1e12, le=1e12)]
@@ -154,9 +161,40 @@ class Api:
         bp.register_error_handler(AuthError, self.auth_failed)
         bp.register_error_handler(StorageFull, self.storage_full)
         bp.register_error_handler(StorageError, self.storage_error)
+        bp.register_error_handler(Exception, self.unexpected)  # the rest, HTTPExceptions too
         bp.before_request(self.started)
         bp.after_request(self.headers)
+        bp.record(self._unrouted_on)
         return bp
+
+    def _unrouted_on(self, setup: Any) -> None:
+        """On each app the Blueprint is registered on (the main one under the mount, a listener
+        of its own at /): a path under `v1` that no route has, or a method a route has not,
+        is answered here, in the spec's error object. Quart knows no Blueprint for such a
+        request, so neither the Blueprint's handlers nor its `after_request` would run, and
+        the core would answer in its own shape."""
+        prefix = (setup.url_prefix or "").rstrip("/") + "/v1"
+
+        async def unrouted() -> ResponseReturnValue | None:
+            e = request.routing_exception
+            if e is None or not (request.path == prefix or request.path.startswith(prefix + "/")):
+                return None
+            status = int(getattr(e, "code", None) or 404)
+            allowed = sorted(getattr(e, "valid_methods", None) or ())
+            if status == 405:
+                fail = Fail(405, "METHOD_NOT_ALLOWED", f"{request.method} is not a method of {request.path}",
+                            {"parameter": "method", "provided": request.method, "allowed": allowed},
+                            headers={"Allow": ", ".join(allowed)})
+            elif status == 404:
+                fail = Fail(404, "NOT_FOUND", f"no route {request.path} in this API",
+                            {"parameter": "path", "provided": request.path})
+            else:
+                fail = invalid("path", str(getattr(e, "description", None) or e), request.path)
+            response = await current_app.make_response(await self.failed(fail))
+            assert isinstance(response, Response)  # ours: answer() makes a quart Response
+            return await self.headers(response)
+
+        setup.app.before_request(unrouted)
 
     # -- 1. health -------------------------------------------------------------------------
 
@@ -216,7 +254,7 @@ class Api:
     async def temperature(self, body: TemperatureReading) -> ResponseReturnValue:
         """One temperature reading"""
         await self.caller(body.node_id, "ingestion")
-        reading = Reading(_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
+        reading = Reading(reading_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
                           quality=body.quality)
         check_reading(reading, "")
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
@@ -233,7 +271,7 @@ class Api:
             where = f"readings[{i}]."
             if r.node_id is not None and r.node_id != body.node_id:
                 raise invalid(f"{where}node_id", "a reading of another node", r.node_id, expected=body.node_id)
-            reading = Reading(_time(r.timestamp, f"{where}timestamp", self.ctx.now()), r.temperature_kelvin,
+            reading = Reading(reading_time(r.timestamp, f"{where}timestamp", self.ctx.now()), r.temperature_kelvin,
                               r.humidity_percent, r.pressure_pa, r.quality)
             check_reading(reading, where)
             readings.append(reading)
@@ -301,6 +339,9 @@ class Api:
     def time(self, text: str | None, field: str) -> float:
         return _time(text, field, self.ctx.now())
 
+    def reading_time(self, text: str | None, field: str) -> float:
+        return reading_time(text, field, self.ctx.now())
+
     # -- who asks ---------------------------------------------------------------------------
 
     async def caller(self, node_id: str, cls: str) -> None:
@@ -353,6 +394,12 @@ class Api:
 
     async def started(self) -> None:
         g.kaiabc_started = time.perf_counter()
+        rule = request.url_rule
+        if rule is not None and rule.rule.endswith("/v1/health"):
+            return  # health answers during the startup ("ode_solver": "starting")
+        if not await self.ctx.state.wait_started():
+            raise Fail(503, "SERVICE_UNAVAILABLE", "the plugin is still resuming its oscillators",
+                       headers={"Retry-After": "5"})
 
     async def headers(self, response: Response) -> Response:
         state = self.ctx.state
@@ -371,7 +418,10 @@ class Api:
     async def bad_json(self, e: BadJSON) -> ResponseReturnValue:
         if isinstance(e, InvalidInput):
             return await self.failed(invalid(e.field, str(e), location=e.location))
-        return await self.failed(invalid("body", str(e)))
+        # The core's strict JSON says where a refused value sits ("readings[0].temperature_kelvin:
+        # NaN is not a JSON number"): that place is the parameter.
+        where = _FIELD.match(str(e))
+        return await self.failed(invalid(where.group(1) if where else "body", str(e)))
 
     async def bad_encoding(self, e: EncodingError) -> ResponseReturnValue:
         code = {413: "PAYLOAD_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE"}.get(e.status, "INVALID_PARAMETER")
@@ -390,6 +440,21 @@ class Api:
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return await self.failed(Fail(503, "SERVICE_UNAVAILABLE", f"storage unavailable: nothing was stored ({e})"))
 
+    async def unexpected(self, e: Exception) -> ResponseReturnValue:
+        """Any other error of a route, in the spec's object: an HTTP error by its status, a bug
+        as 500 INTERNAL_ERROR (logged with its traceback, nothing of it told to the caller)."""
+        if isinstance(e, HTTPException):
+            status = e.code or 500
+            code = _STATUS_CODES.get(status, "INVALID_PARAMETER" if status < 500 else "INTERNAL_ERROR")
+            message = e.description or e.name
+            if status == 413:  # as the core says it (app.py answers Quart's 413 as a BodyTooLarge)
+                limit = current_app.config["MAX_CONTENT_LENGTH"]
+                message = f"the body is larger than {limit} bytes (http.max_body_bytes)"
+                return await self.failed(Fail(413, code, message, {"parameter": "body"}))
+            return await self.failed(Fail(status, code, message))
+        self.ctx.log.exception("unhandled error in a kaiabc route", path=request.path, error=repr(e))
+        return await self.failed(Fail(500, "INTERNAL_ERROR", "internal error; see the gateway log"))
+
 
 def _one(nodes: Any, node_id: str | None) -> str:
     if node_id is None:
@@ -407,6 +472,17 @@ def _series_value(name: str, row: tuple[float, ...], koa_low: float, koa_high: f
              "A_free": a_free, "CABC_complex": RUST_2007.kaia_total - a_free, "temperature_kelvin": temperature,
              "koa_metric": min(max((koa_value - koa_low) / (koa_high - koa_low), 0.0), 1.0)}[name]
     return round(value, 6)
+
+
+def reading_time(text: str | None, field: str, now: float) -> float:
+    """A reading's timestamp (`_time`), at most READING_SKEW_S ahead of the gateway's clock: a
+    node whose clock ran ahead would otherwise move its filter into the future, and every true
+    reading after it would be refused as not newer."""
+    ts = _time(text, field, now)
+    if ts > now + READING_SKEW_S:
+        raise invalid(field, f"{field}: {text} is ahead of the gateway's clock by more than {READING_SKEW_S:g} s "
+                      "(is the node's clock set?)", text, gateway_time=iso(now))
+    return ts
 
 
 def _time(text: str | None, field: str, now: float) -> float:

@@ -28,6 +28,7 @@ HUMIDITY_RANGE = (0.0, 100.0)
 OUTLIER_SIGMA = 5.0  # a temperature reading this many predicted standard deviations off is an outlier
 DIVERGED_AFTER = 5  # consecutive outliers: the filter diverged
 PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
+STARTUP_WAIT_S = 30.0  # a request during the plugin's startup waits this long for it, then 503
 PRUNE_EVERY_S = 600.0  # readings past readings_retention_days are deleted this often (trio time)
 
 
@@ -65,6 +66,7 @@ class Kaiabc:
         self.refused = ctx.metrics.counter("refused_total", "Requests refused", labels=("code",))
         self.live_nodes = ctx.metrics.gauge("live_nodes", "Live oscillators")
         self._node_lock = trio.Lock()
+        self.etf_lock = trio.Lock()  # a PUT of entrainment parameters merges into what the last one left
         self._reading_locks: dict[str, trio.Lock] = {}  # one node's readings are filtered in order
         self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
         self.shift_log: list[dict[str, Any]] = []
@@ -77,6 +79,7 @@ class Kaiabc:
         self.response_seconds = 0.0
         self._stream_names: dict[str, str] = {}  # stream_name(node_id) -> the registered node holding it
         self._thinned_to = 0.0  # history before this is thinned already (epoch s, on a bucket edge; persisted)
+        self.ready = trio.Event()  # start() is over: every persisted node and oscillator is loaded
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -109,6 +112,16 @@ class Kaiabc:
             if node_id not in self.fleet.index:
                 self.fleet.add(node_id)
         self.live_nodes.set(len(self.fleet.ids))
+        self.ready.set()
+
+    async def wait_started(self, timeout_s: float = STARTUP_WAIT_S) -> bool:
+        """Whether start() is over, waiting up to `timeout_s` for it. The core serves HTTP (and
+        MQTT) before a plugin's startup ends; a request in that window waits here instead of
+        finding no nodes (404) or changing an oscillator that the resumption then overwrites."""
+        if not self.ready.is_set():
+            with trio.move_on_after(timeout_s):
+                await self.ready.wait()
+        return self.ready.is_set()
 
     async def save(self, *node_ids: str) -> None:
         """Commit these nodes' oscillators and settings now (before a change is acknowledged)."""

@@ -81,6 +81,10 @@ class Socket:
         """The spec's event streams; subscribe by message. Refusals close the socket after the
         handshake: 4401 (credentials), 4403 (a core token not scoped for kaiabc), 4429 (more than
         5 connections)."""
+        if not await self.ctx.state.wait_started():  # a node's key is checked against the loaded nodes
+            await websocket.accept()
+            await websocket.close(1013, "the plugin is still resuming its oscillators")
+            return
         owner, node, (code, why) = await self._who(query)
         await websocket.accept()
         if owner is None:

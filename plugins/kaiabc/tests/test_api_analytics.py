@@ -36,6 +36,8 @@ async def test_period_stability_and_export(gateway_factory):
         r = await client.get(f"{V1}/analytics/export", headers=node,
                              params={"node_id": "pico_001", "format": "csv", "variables": "C_ST,temperature_kelvin"})
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+        # streamed: sent in chunks as the pages are read, its length not known beforehand
+        assert r.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.headers, r.headers
         rows = list(csv.reader(io.StringIO(r.text)))
         assert rows[0] == ["timestamp", "C_ST", "temperature_kelvin"] and len(rows) > 20
         assert all(float(row[2]) == 303.15 for row in rows[1:])

@@ -88,6 +88,10 @@ async def test_pause_resume_and_reset(gateway_factory):
         assert r.json()["resumed_from_ct"] == pytest.approx(doc["paused_at_ct"])
         r = await client.post(f"{V1}/simulation/pause", headers=AUTH, json={})
         assert r.json()["nodes"] == 2
+        assert [(await state_of(client, n))["paused"] for n in ("pico_001", "pico_002")] == [True, True]
+        r = await client.post(f"{V1}/simulation/resume", headers=AUTH, json={})
+        assert r.json()["nodes"] == 2
+        assert [(await state_of(client, n))["paused"] for n in ("pico_001", "pico_002")] == [False, False]
         error(await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "ghost"}),
               404, "NODE_NOT_FOUND")
 

@@ -116,3 +116,17 @@ async def test_history_settings_errors_name_the_toml_key(gateway_factory, settin
         async with gateway_factory(plugins=KAIABC, settings=settings):
             pass
     assert any(message in str(e) for e in info.value.errors), [str(e) for e in info.value.errors]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["prc", "--resolution", "2", "--duration-min", "inf"], "--duration-min"),
+    (["prc", "--resolution", "2", "--delta-k", "30"], "--delta-k"),
+    (["prc", "--resolution", "2", "--delta-k", "inf"], "--delta-k"),
+    (["prc", "--resolution", "2", "--delta-k", "nan"], "--delta-k"),
+    (["prc", "--resolution", "2", "--duration-min", "1e9"], "--duration-min"),
+    (["prc", "--resolution", "2", "--duration-min", "0"], "--duration-min"),
+])
+def test_prc_pulse_bounds_are_the_apis(registry, capsys, argv, message):
+    assert run(registry, argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and captured.err.count("\n") == 1
