@@ -1,0 +1,86 @@
+"""Issue 21, a fresh audit (stop 25): a database the gateway cannot use — a corrupt
+file, or one a newer release migrated — named by the doctor, and by `gatewayd run` as a
+message with the exit status the unit does not restart on (3), not a traceback followed
+by a restart every five seconds for ever."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gatewayd.cli import main
+from gatewayd.core.devices.secrets import load_master_key
+from gatewayd.testing import reserved_port
+
+REPO = Path(__file__).resolve().parent.parent
+FIXTURE = REPO / "tests" / "fixtures" / "upgrade" / "v0-mqtt1"
+
+
+def _corrupt(data: Path) -> None:
+    data.mkdir(mode=0o700)
+    load_master_key(data)
+    (data / "gatewayd.sqlite3").write_bytes(bytes(range(256)) * 32)  # no SQLite header
+
+
+def _newer(data: Path) -> None:
+    """The previous release's database, as a later release would leave it (core_devices at 99)."""
+    data.mkdir(mode=0o700)
+    for name in ("gatewayd.sqlite3", "master.key"):
+        shutil.copy(FIXTURE / name, data / name)
+    with sqlite3.connect(data / "gatewayd.sqlite3") as conn:
+        conn.execute("UPDATE core_schema SET version = 99 WHERE component = 'core_devices'")
+
+
+def _doctor(capsys, data: Path) -> tuple[int, dict[str, dict]]:
+    code = main(["doctor", "--json", "--no-network", "--set", f"gateway.data_dir='{data}'",
+                 "--set", f"http.listen='127.0.0.1:{reserved_port()}'",
+                 "--set", f"mqtt.listen='127.0.0.1:{reserved_port()}'"])
+    return code, {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
+def test_the_doctor_names_a_corrupt_database(tmp_path, capsys):
+    _corrupt(tmp_path / "var")
+    code, checks = _doctor(capsys, tmp_path / "var")
+    assert code == 1 and checks["database"]["status"] == "fail", checks.get("database")
+    assert "is not a usable SQLite database" in checks["database"]["message"]
+    assert "restore" in checks["database"]["message"]
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
+def test_the_doctor_passes_a_good_database_and_one_not_made_yet(tmp_path, capsys):
+    (tmp_path / "new").mkdir()
+    code, checks = _doctor(capsys, tmp_path / "new")
+    assert checks["database"]["status"] == "skip"
+    data = tmp_path / "var"
+    data.mkdir(mode=0o700)
+    for name in ("gatewayd.sqlite3", "master.key"):
+        shutil.copy(FIXTURE / name, data / name)
+    code, checks = _doctor(capsys, data)
+    assert checks["database"]["status"] == "ok", checks["database"]
+
+
+def _run(data: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gatewayd", "run", "--set", f"gateway.data_dir='{data}'",
+         "--set", "http.listen='127.0.0.1:0'", "--set", "mqtt.listen='127.0.0.1:0'", "--set", "backup.interval_s=0"],
+        capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("make, message", [
+    (_corrupt, "is not a usable SQLite database"),
+    (_newer, "core_devices: the database holds schema version 99, newer than this gatewayd's"),
+])
+@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
+def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
+    make(tmp_path / "var")
+    done = _run(tmp_path / "var", tmp_path)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "| " not in done.stderr, done.stderr[-3000:]
+    assert f"gatewayd: " in done.stderr and message in done.stderr
