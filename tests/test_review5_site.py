@@ -44,7 +44,6 @@ def _doctor(capsys, data: Path) -> tuple[int, dict[str, dict]]:
     return code, {c["name"]: c for c in json.loads(capsys.readouterr().out)["checks"]}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
 def test_the_doctor_names_a_corrupt_database(tmp_path, capsys):
     _corrupt(tmp_path / "var")
     code, checks = _doctor(capsys, tmp_path / "var")
@@ -53,7 +52,6 @@ def test_the_doctor_names_a_corrupt_database(tmp_path, capsys):
     assert "restore" in checks["database"]["message"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
 def test_the_doctor_passes_a_good_database_and_one_not_made_yet(tmp_path, capsys):
     (tmp_path / "new").mkdir()
     code, checks = _doctor(capsys, tmp_path / "new")
@@ -77,7 +75,6 @@ def _run(data: Path, cwd: Path) -> subprocess.CompletedProcess:
     (_corrupt, "is not a usable SQLite database"),
     (_newer, "core_devices: the database holds schema version 99, newer than this gatewayd's"),
 ])
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: an unusable database is not named (doctor green; run: a traceback, exit 1, restarted)")
 def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
     make(tmp_path / "var")
     done = _run(tmp_path / "var", tmp_path)
