@@ -81,3 +81,20 @@ def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
     assert done.returncode == 3, done.stderr[-3000:]
     assert "Traceback" not in done.stderr and "| " not in done.stderr, done.stderr[-3000:]
     assert f"gatewayd: " in done.stderr and message in done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21 audit: a traceback (FileExistsError) instead of a message")
+def test_tls_commands_name_a_file_where_a_folder_belongs(tmp_path, capsys):
+    data = tmp_path / "var"
+    data.mkdir()
+    common = ["--set", f"gateway.data_dir='{data}'"]
+    (data / "tls").write_text("not a folder")
+    assert main(["tls", "init", "--only", "--name", "gw.local", *common]) == 1
+    assert f"{data / 'tls'}: File exists" in capsys.readouterr().err
+    (data / "tls").unlink()
+    assert main(["tls", "init", "--only", "--name", "gw.local", *common]) == 0
+    capsys.readouterr()
+    (tmp_path / "out").write_text("not a folder")
+    assert main(["tls", "client", "d1", "--out", str(tmp_path / "out"), *common]) == 1
+    assert f"{tmp_path / 'out'}: File exists" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "not a folder"
