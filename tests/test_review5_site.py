@@ -83,7 +83,6 @@ def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
     assert f"gatewayd: " in done.stderr and message in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: a traceback (FileExistsError) instead of a message")
 def test_tls_commands_name_a_file_where_a_folder_belongs(tmp_path, capsys):
     data = tmp_path / "var"
     data.mkdir()
