@@ -99,10 +99,19 @@ def test_tls_commands_name_a_file_where_a_folder_belongs(tmp_path, capsys):
     assert (tmp_path / "out").read_text() == "not a folder"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: the doctor said 'database ok' for a newer release's schema")
 def test_the_doctor_names_a_database_of_a_newer_release(tmp_path, capsys):
     _newer(tmp_path / "var")
     code, checks = _doctor(capsys, tmp_path / "var")
     assert code == 1 and checks["database"]["status"] == "fail", checks["database"]
     assert "core_devices: schema version 99, newer than this gatewayd's 1" in checks["database"]["message"]
     assert "pre-upgrade" in checks["database"]["message"]
+
+
+async def test_the_doctor_knows_every_core_schema_a_gateway_writes(gateway_factory):
+    from gatewayd.core.runtime import core_schema_versions
+
+    async with gateway_factory(mqtt=True) as gw:  # core_mqtt comes with the MQTT service
+        db = gw.config.data_dir / "gatewayd.sqlite3"
+        written = dict(sqlite3.connect(db).execute("SELECT component, version FROM core_schema"))
+    core = {c: v for c, v in written.items() if c not in gw.plugins.names}
+    assert core == core_schema_versions()

@@ -268,8 +268,31 @@ def _database(config: Config, manager: PluginManager) -> list[Check]:
     if problems != ["ok"]:
         return [Check("database", "fail", unusable_message(db, "quick_check: " + "; ".join(problems)),
                       {"quick_check": problems})]
+    if newer := _newer_schemas(versions, manager):
+        return [Check("database", "fail", f"{db} was migrated by a newer release ({'; '.join(newer)}): this "
+                                          "gatewayd refuses to start on it; install that release again, or restore "
+                                          "the copy taken before it migrated (backup.dir, gatewayd-pre-upgrade-*)",
+                      {"schemas": versions})]
     return [Check("database", "ok", f"{db}: quick_check ok, {_db_size(db) >> 20} MiB, {len(versions)} component "
                                     "schema(s)", {"schemas": versions})]
+
+
+def _newer_schemas(versions: dict[str, int], manager: PluginManager) -> list[str]:
+    """`component: schema version N, newer than this gatewayd's M` for each component the
+    database holds at a later version than this release (its core and loaded plugins) knows."""
+    from ..core.runtime import core_schema_versions
+
+    known = core_schema_versions()
+    for name in manager.names:
+        if manager.is_loaded(name):
+            try:
+                registry = manager.storage_models(name)
+            except Exception:  # noqa: BLE001 - a plugin's own failure is the gateway's to report
+                continue
+            if registry.models:
+                known[name] = registry.version
+    return [f"{c}: schema version {v}, newer than this gatewayd's {known[c]}"
+            for c, v in sorted(versions.items()) if c in known and v > known[c]]
 
 
 def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:
