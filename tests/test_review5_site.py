@@ -6,6 +6,7 @@ by a restart every five seconds for ever."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -115,3 +116,32 @@ async def test_the_doctor_knows_every_core_schema_a_gateway_writes(gateway_facto
         written = dict(sqlite3.connect(db).execute("SELECT component, version FROM core_schema"))
     core = {c: v for c, v in written.items() if c not in gw.plugins.names}
     assert core == core_schema_versions()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 21 audit: --purge deleted an account install did not create")
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None, reason="needs root and useradd")
+def test_purge_keeps_an_account_the_install_did_not_create(tmp_path):
+    """GATEWAYD_USER=pi (an existing login account the site chose to run the service):
+    `--uninstall --purge` removed the account itself."""
+    import pwd
+    import secrets
+
+    user = f"gwk{secrets.token_hex(3)}"
+    subprocess.run(["useradd", "--no-create-home", "--comment", "a person", user], check=True)
+    try:
+        root = tmp_path / "site"
+        for folder, marker in (("opt/scripts", "install"), ("etc", "gatewayd.toml"), ("data", "master.key")):
+            (root / folder).mkdir(parents=True)
+            (root / folder / marker).write_text("")
+        env = {**os.environ, "GATEWAYD_PREFIX": str(root / "opt"), "GATEWAYD_ETC": str(root / "etc"),
+               "GATEWAYD_DATA": str(root / "data"), "GATEWAYD_USER": user, "GATEWAYD_UNIT_DIR": str(root / "unit"),
+               "GATEWAYD_BIN_DIR": str(root / "bin")}
+        done = subprocess.run([str(REPO / "scripts" / "install"), "--uninstall", "--purge"], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert not (root / "data").exists() and not (root / "etc").exists()
+        assert pwd.getpwnam(user).pw_gecos == "a person"  # still there
+        assert f"kept the user {user}" in done.stderr
+    finally:
+        subprocess.run(["userdel", user], capture_output=True)
+        subprocess.run(["groupdel", user], capture_output=True)
