@@ -118,7 +118,6 @@ async def test_the_doctor_knows_every_core_schema_a_gateway_writes(gateway_facto
     assert core == core_schema_versions()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21 audit: --purge deleted an account install did not create")
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None, reason="needs root and useradd")
 def test_purge_keeps_an_account_the_install_did_not_create(tmp_path):
     """GATEWAYD_USER=pi (an existing login account the site chose to run the service):
