@@ -29,6 +29,17 @@ def _corrupt(data: Path) -> None:
     (data / "gatewayd.sqlite3").write_bytes(bytes(range(256)) * 32)  # no SQLite header
 
 
+def _bad_page(data: Path) -> None:
+    """The previous release's database with one b-tree page overwritten (a bad SD card):
+    the file opens; the outbox's first read fails."""
+    data.mkdir(mode=0o700)
+    for name in ("gatewayd.sqlite3", "master.key"):
+        shutil.copy(FIXTURE / name, data / name)
+    with (data / "gatewayd.sqlite3").open("r+b") as f:
+        f.seek(4096 * 10)
+        f.write(b"\x0d\xff\xff\xff\xff" * 8)
+
+
 def _newer(data: Path) -> None:
     """The previous release's database, as a later release would leave it (core_devices at 99)."""
     data.mkdir(mode=0o700)
@@ -75,6 +86,9 @@ def _run(data: Path, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("make, message", [
     (_corrupt, "is not a usable SQLite database"),
     (_newer, "core_devices: the database holds schema version 99, newer than this gatewayd's"),
+    pytest.param(_bad_page, "is not a usable SQLite database (database disk image is malformed)",
+                 marks=pytest.mark.xfail(strict=True, reason="issue 21 audit: a corrupt page read at start: a "
+                                                             "traceback and exit 1")),
 ])
 def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
     make(tmp_path / "var")
