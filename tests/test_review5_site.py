@@ -86,9 +86,7 @@ def _run(data: Path, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("make, message", [
     (_corrupt, "is not a usable SQLite database"),
     (_newer, "core_devices: the database holds schema version 99, newer than this gatewayd's"),
-    pytest.param(_bad_page, "is not a usable SQLite database (database disk image is malformed)",
-                 marks=pytest.mark.xfail(strict=True, reason="issue 21 audit: a corrupt page read at start: a "
-                                                             "traceback and exit 1")),
+    (_bad_page, "is not a usable SQLite database (database disk image is malformed)"),
 ])
 def test_run_names_an_unusable_database_and_exits_3(tmp_path, make, message):
     make(tmp_path / "var")

@@ -21,7 +21,7 @@ import trio
 from .. import __version__
 from ..core.config import ConfigErrors
 from ..core.logs import get_logger, setup_logging
-from ..core.storage import MigrationError, StorageError, UnusableDatabase, backup_database
+from ..core.storage import MigrationError, StorageError, UnusableDatabase, backup_database, unusable_from
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
@@ -85,7 +85,7 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:
         error = (find_exception(e, ListenError) or find_exception(e, MigrationError)
-                 or find_exception(e, UnusableDatabase))
+                 or unusable_from(e, config.data_dir / "gatewayd.sqlite3"))
         if error is None:
             raise
         log.error("cannot start", error=str(error))

@@ -39,6 +39,7 @@ __all__ = [
     "StorageUnavailable",
     "MigrationError",
     "UnusableDatabase",
+    "unusable_from",
     "unusable_message",
     "SchemaSpec",
     "backup_database",
@@ -170,6 +171,28 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
             return StorageFull(f"{error} (less than {LOW_SPACE_BYTES >> 20} MiB free on the disk holding {path})")
         return StorageError(str(error))
     return StorageError(str(errors[0] if errors else exc))
+
+
+def unusable_from(exc: BaseException, path: Path) -> UnusableDatabase | None:
+    """An UnusableDatabase for a corrupt or not-SQLite database anywhere in `exc` (its
+    exception groups and chains): what `gatewayd run` says when the start reads a bad
+    page (the file opened, a table's first read failed). None when there is none."""
+    if isinstance(exc, UnusableDatabase):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := unusable_from(inner, path)) is not None:
+                return found
+        return None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        for error in _sqlite_errors(link):
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                return UnusableDatabase(unusable_message(path, str(error)))
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def unusable_message(path: Path, error: str) -> str:
