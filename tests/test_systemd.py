@@ -117,9 +117,12 @@ def _service_user() -> str:
     return pwd.getpwuid(os.getuid()).pw_name  # an ordinary account name: no "special user" warning
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed "
-                    "(scripts/bootstrap --test installs it as root)")
+# Skipped on a box without it, never in CI (GATEWAYD_CI, .ci/run): there it fails.
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None and not os.environ.get("GATEWAYD_CI"),
+                    reason="systemd-analyze is not installed (scripts/bootstrap --test installs it as root)")
 def test_the_unit_passes_systemd_analyze_verify(tmp_path):
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is not installed (CI must verify the unit): apt-get install systemd")
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "gatewayd.env").write_text("")
     text = UNIT.read_text()
@@ -302,3 +305,15 @@ def test_a_failed_migration_exits_3_which_the_unit_does_not_restart(tmp_path):
     assert ("core_mqtt", 1) in before
     unit = UNIT.read_text()
     assert "\nRestart=on-failure\n" in unit and "\nRestartPreventExitStatus=2 3\n" in unit
+
+
+def test_ci_runs_the_units_check_and_does_not_skip_it(tmp_path):
+    """The check above skips on a box without systemd-analyze; in CI (.ci/run sets
+    GATEWAYD_CI) that must be a failure, or CI passes without the unit ever verified."""
+    assert "GATEWAYD_CI=1" in (REPO / ".ci" / "run").read_text()
+    env = {**os.environ, "PATH": str(tmp_path), "GATEWAYD_CI": "1"}  # no systemd-analyze on this PATH
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           f"{Path(__file__)}::test_the_unit_passes_systemd_analyze_verify"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 1 and "1 failed" in done.stdout, done.stdout[-2000:]
+    assert "systemd-analyze is not installed" in done.stdout

@@ -279,3 +279,29 @@ def test_gatewayd_tls_help_helps():
     out = subprocess.run([sys.executable, "-m", "gatewayd", "tls", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "tls init" in out.stdout and "Renewal" in out.stdout and "--config" in out.stdout
+
+
+# -- a plugin's own listener (issue 21's goal: every device-facing listener TLS-only) --
+
+
+async def test_a_plugins_own_listener_is_https_only_with_client_certificates(gateway_factory, tmp_path):
+    import gatewayd_paku
+
+    tls = _site(tmp_path / "var")
+    mine = issue_client(tls, "pk-1", tmp_path / "clients")
+    settings = ["plugins.paku.listen='127.0.0.1:0'", "tls.http=true", "tls.client_auth='required'"]
+    async with gateway_factory(plugins=[("paku", gatewayd_paku)], settings=settings) as gw:
+        [url] = gw.http_urls["paku"]
+        assert url.startswith("https://")
+        ctx = _client_context(tls / "ca.crt")
+        ctx.load_cert_chain(*mine)
+        async with httpx.AsyncClient(base_url=url, verify=ctx, timeout=10) as client:
+            r = await client.get("/health")  # paku's own /health at / of its listener
+            assert r.status_code == 200 and "mqtt" in r.json()
+        # Without a client certificate, and in plain HTTP: no answer.
+        async with httpx.AsyncClient(base_url=url, verify=_client_context(tls / "ca.crt"), timeout=10) as client:
+            with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+                await client.get("/health")
+        async with httpx.AsyncClient(base_url=url.replace("https://", "http://"), timeout=5) as client:
+            with pytest.raises(httpx.HTTPError):
+                await client.get("/health")

@@ -20,6 +20,10 @@ against its cloud (only the base URL changes).
   honours `next_hint: "backoff_ms: N"` in any answer, and opens a circuit breaker
   after `--breaker` consecutive failures (no request until it half-opens).
 
+- TLS: `--cafile ca.crt` pins the site CA (`gatewayd tls init`) for an https:// base;
+  `--cert node.crt --cert-key node.key` adds the client certificate of the mutual-TLS
+  tier (`tls.client_auth`, issued by `gatewayd tls client <id>`).
+
 Printed lines (`uploaded`, `waiting`, `breaker`) are what the tests read.
 """
 
@@ -31,6 +35,7 @@ import json
 import math
 import os
 import random
+import ssl
 import sys
 import time
 import urllib.error
@@ -183,10 +188,14 @@ def hint_ms(answer: object) -> int | None:
     return None
 
 
+#: The site CA pinned (`--cafile`) and the client certificate (`--cert`), for https.
+TLS: ssl.SSLContext | None = None
+
+
 def post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, object]]:
     request = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=30, context=TLS) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as e:
         try:
@@ -213,7 +222,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="report this system event (tamper_detected:critical); repeatable")
     p.add_argument("--crash-after", type=int, default=0, help="exit hard after sending this many batches")
     p.add_argument("--seed", type=int, default=None)
-    return Node(p.parse_args(argv)).run()
+    p.add_argument("--cafile", default=None, help="the site CA to pin (https only, this CA only)")
+    p.add_argument("--cert", default=None, help="the node's client certificate (mutual TLS)")
+    p.add_argument("--cert-key", default=None, help="its private key")
+    opts = p.parse_args(argv)
+    global TLS
+    if opts.cafile:
+        TLS = ssl.create_default_context(cafile=opts.cafile)
+        if opts.cert:
+            TLS.load_cert_chain(opts.cert, opts.cert_key)
+    return Node(opts).run()
 
 
 if __name__ == "__main__":

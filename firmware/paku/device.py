@@ -6,7 +6,11 @@ shape), so on a board the real `umqtt.simple` / `urequests` are used and on CPyt
 same code runs on paho-mqtt and urllib:
 
     python firmware/paku/device.py --host 127.0.0.1 --port 1883 --id ID --password=PW \
-        --http http://127.0.0.1:8080/paku [--once]
+        --http http://127.0.0.1:8080/paku [--once] [--cafile ca.crt]
+
+With `--cafile` (the site CA, `<data_dir>/tls/ca.crt` from `gatewayd tls init`) MQTT
+speaks TLS (the gateway's `tls.mqtt_listen`, 8883) and an https:// `--http` is checked
+against it: the device trusts that CA only, pinned (docs/site-box.md).
 
 One cycle: connect (persistent session, last will `offline` retained on
 paku/<id>/state), publish the state (retained: online, rssi, fwVersion), publish a
@@ -29,6 +33,8 @@ except ImportError:
 VERSION = "1.0.0"
 MODEL = "pk-a"
 CHUNK = 1024
+#: The site CA the device pins (`--cafile`), as an ssl.SSLContext; None: plain MQTT.
+TLS = None
 
 
 class Paku:
@@ -218,6 +224,8 @@ def _paho_client_class():
             if self._will:
                 topic, msg, qos, retain = self._will
                 c.will_set(topic, msg, qos=qos, retain=retain)
+            if TLS is not None:
+                c.tls_set_context(TLS)  # the site CA only, the host name checked
             c.on_connect = lambda cl, u, flags, rc, props: setattr(self, "_connack", rc)
             c.on_message = lambda cl, u, m: self._inbox.append((m.topic.encode(), m.payload))
             c.connect(server, port, keepalive or 60)
@@ -264,7 +272,7 @@ def http_get(url, stream_to=None, digest=None):
     from urllib.request import urlopen
 
     try:
-        with urlopen(url, timeout=30) as r:
+        with urlopen(url, timeout=30, context=TLS) as r:
             if stream_to is None:
                 return r.status, r.read()
             size = 0
@@ -295,7 +303,13 @@ def main(argv):
     p.add_argument("--listen-s", type=float, default=3.0, help="with --once: how long to wait for commands")
     p.add_argument("--ota-every", type=int, default=10, help="check the OTA manifest every N cycles")
     p.add_argument("--state-dir", default=None, help="where installed images go (default ./paku-<id>)")
+    p.add_argument("--cafile", default=None, help="the site CA to pin: MQTT over TLS, https checked against it")
     opts = p.parse_args(argv)
+    if opts.cafile:
+        import ssl
+
+        global TLS
+        TLS = ssl.create_default_context(cafile=opts.cafile)  # this CA only: no system roots
     if not opts.password:
         p.error("--password (or $PAKU_PASSWORD) is required")
     opts.http = opts.http.rstrip("/")

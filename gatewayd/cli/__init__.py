@@ -21,7 +21,7 @@ import trio
 from .. import __version__
 from ..core.config import ConfigErrors
 from ..core.logs import get_logger, setup_logging
-from ..core.storage import MigrationError, StorageError, backup_database
+from ..core.storage import MigrationError, StorageError, UnusableDatabase, backup_database, unusable_from
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
@@ -34,7 +34,8 @@ from .plugin import cmd_plugin, setup_plugin
 from .tls import cmd_tls, setup_tls
 from .tokens import cmd_tokens, setup_tokens
 
-#: `gatewayd run`: a schema migration, or the copy of the database before it, failed.
+#: `gatewayd run`: a schema migration, or the copy of the database before it, failed; or
+#: the database is unusable (corrupt, or a newer release's schema).
 EXIT_MIGRATION = 3
 
 EPILOG = """\
@@ -83,15 +84,17 @@ def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:
     try:
         trio.run(run_until_signalled, gateway)
     except BaseException as e:
-        error = find_exception(e, ListenError) or find_exception(e, MigrationError)
+        error = (find_exception(e, ListenError) or find_exception(e, MigrationError)
+                 or unusable_from(e, config.data_dir / "gatewayd.sqlite3"))
         if error is None:
             raise
         log.error("cannot start", error=str(error))
         print(f"gatewayd: {error}", file=sys.stderr)
-        # A migration that failed (or could not be preceded by its copy) fails the same
-        # way at every start, each taking a copy of the database first: the unit does not
-        # restart on this status (RestartPreventExitStatus), an operator acts.
-        return EXIT_MIGRATION if isinstance(error, MigrationError) else 1
+        # A migration that failed (or could not be preceded by its copy), a database that
+        # is corrupt or a newer release's, fail the same way at every start (a migration
+        # taking a copy of the database first each time): the unit does not restart on
+        # this status (RestartPreventExitStatus), an operator acts.
+        return EXIT_MIGRATION if isinstance(error, (MigrationError, UnusableDatabase)) else 1
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from ..core.config import Config, ConfigErrors
 from ..core.schema import Address, read_secret
+from ..core.storage import unusable_message
 from ..plugins.manager import PluginManager
 from .context import config_path, load
 
@@ -90,7 +91,7 @@ def run_checks(args: argparse.Namespace, manager: PluginManager) -> list[Check]:
         return [Check("config", "fail", f"{where}: {len(e.errors)} error(s): " + "; ".join(str(x) for x in e.errors),
                       {"errors": [str(x) for x in e.errors]})]
     checks = [Check("config", "ok", f"{config_path(args) or 'built-in defaults'} is valid")]
-    for step in (_ports, _data_dir, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial, _smtp):
+    for step in (_ports, _data_dir, _database, _backup_dir, _service_paths, _mosquitto, _master_key, _tls, _serial, _smtp):
         try:
             checks += step(config, manager)
         except Exception as e:  # noqa: BLE001 - a broken check is reported, the others still run
@@ -246,6 +247,52 @@ def _data_dir(config: Config, manager: PluginManager) -> list[Check]:
         checks.append(Check("disk", "ok", f"{free_mb} MiB free, room for the outbox's {need_mb} MiB "
                                           "(outbox.max_bytes)", details))
     return checks
+
+
+def _database(config: Config, manager: PluginManager) -> list[Check]:
+    """The database opens and passes SQLite's quick_check (read-only; the running
+    gateway's writes go on): a corrupt file stops every start."""
+    db = config.data_dir / "gatewayd.sqlite3"
+    if not db.exists():
+        return [Check("database", "skip", f"{db} does not exist yet (made at the first start)")]
+    if not os.access(db, os.R_OK):
+        return [Check("database", "fail", f"{db} is not readable by {_user()}")]
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+            problems = [row[0] for row in conn.execute("PRAGMA quick_check(5)")]
+            versions = dict(conn.execute("SELECT component, version FROM core_schema")) \
+                if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'core_schema'").fetchone() else {}
+        conn.close()
+    except sqlite3.DatabaseError as e:
+        return [Check("database", "fail", unusable_message(db, str(e)))]
+    if problems != ["ok"]:
+        return [Check("database", "fail", unusable_message(db, "quick_check: " + "; ".join(problems)),
+                      {"quick_check": problems})]
+    if newer := _newer_schemas(versions, manager):
+        return [Check("database", "fail", f"{db} was migrated by a newer release ({'; '.join(newer)}): this "
+                                          "gatewayd refuses to start on it; install that release again, or restore "
+                                          "the copy taken before it migrated (backup.dir, gatewayd-pre-upgrade-*)",
+                      {"schemas": versions})]
+    return [Check("database", "ok", f"{db}: quick_check ok, {_db_size(db) >> 20} MiB, {len(versions)} component "
+                                    "schema(s)", {"schemas": versions})]
+
+
+def _newer_schemas(versions: dict[str, int], manager: PluginManager) -> list[str]:
+    """`component: schema version N, newer than this gatewayd's M` for each component the
+    database holds at a later version than this release (its core and loaded plugins) knows."""
+    from ..core.runtime import core_schema_versions
+
+    known = core_schema_versions()
+    for name in manager.names:
+        if manager.is_loaded(name):
+            try:
+                registry = manager.storage_models(name)
+            except Exception:  # noqa: BLE001 - a plugin's own failure is the gateway's to report
+                continue
+            if registry.models:
+                known[name] = registry.version
+    return [f"{c}: schema version {v}, newer than this gatewayd's {known[c]}"
+            for c, v in sorted(versions.items()) if c in known and v > known[c]]
 
 
 def _backup_dir(config: Config, manager: PluginManager) -> list[Check]:

@@ -117,6 +117,10 @@ def cmd_tls(args: argparse.Namespace, manager: Any) -> int:
     except TlsError as e:
         print(f"gatewayd tls {args.tls_command}: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a file where the tls folder or --out belongs, no permission, a full disk
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"gatewayd tls {args.tls_command}: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 def _valid(check: Any, value: str) -> bool:

@@ -73,7 +73,8 @@ from .storage import SchemaSpec, Storage
 from .tls import SiteTls, TlsError
 from .upstream.service import Upstream
 
-__all__ = ["Gateway", "ListenError", "find_exception", "run_until_signalled", "tune_gc", "tune_gc_for"]
+__all__ = ["Gateway", "ListenError", "core_schema_versions", "find_exception", "run_until_signalled", "tune_gc",
+           "tune_gc_for"]
 
 log = get_logger("gatewayd.runtime")
 
@@ -98,6 +99,20 @@ def find_exception(exc: BaseException, cls: type[BaseException]) -> BaseExceptio
                 return found
     return None
 
+
+
+def core_schema_versions() -> dict[str, int]:
+    """The schema version of each core component this release installs (`core_schema`'s
+    rows; the doctor compares a database with them)."""
+    from .devices.commands import COMMAND_SCHEMA
+    from .devices.registry import DEVICE_SCHEMA
+    from .maintenance import MAINTENANCE_SCHEMA
+    from .mqtt.service import REJECTED_SCHEMA
+    from .outbox.tables import SCHEMA as OUTBOX_SCHEMA
+
+    specs = (DEVICE_SCHEMA, COMMAND_SCHEMA, OUTBOX_SCHEMA, MAINTENANCE_SCHEMA, EVENTS_SCHEMA, NOTIFY_SCHEMA,
+             OTA_SCHEMA, TOKEN_SCHEMA, REJECTED_SCHEMA)
+    return {spec.component: spec.version for spec in specs}
 
 class Gateway:
     """The running daemon. `await nursery.start(gateway.run)` in tests, or use the CLI."""

@@ -38,6 +38,9 @@ __all__ = [
     "StorageFull",
     "StorageUnavailable",
     "MigrationError",
+    "UnusableDatabase",
+    "unusable_from",
+    "unusable_message",
     "SchemaSpec",
     "backup_database",
     "BACKUP_MARKER",
@@ -69,6 +72,11 @@ class StorageUnavailable(StorageError):
 
 class MigrationError(StorageError):
     """A schema migration failed; its component's tables are as they were before it."""
+
+
+class UnusableDatabase(StorageError):
+    """The database cannot be used as it is: not a SQLite database or corrupt, or a
+    newer release's schema. Every start fails the same way until an operator acts."""
 
 
 SQLITE_ERROR = 1  # the generic code: what SQLite gives a statement it cannot run
@@ -163,6 +171,34 @@ def _classify(exc: BaseException, path: Path | None = None) -> BaseException:
             return StorageFull(f"{error} (less than {LOW_SPACE_BYTES >> 20} MiB free on the disk holding {path})")
         return StorageError(str(error))
     return StorageError(str(errors[0] if errors else exc))
+
+
+def unusable_from(exc: BaseException, path: Path) -> UnusableDatabase | None:
+    """An UnusableDatabase for a corrupt or not-SQLite database anywhere in `exc` (its
+    exception groups and chains): what `gatewayd run` says when the start reads a bad
+    page (the file opened, a table's first read failed). None when there is none."""
+    if isinstance(exc, UnusableDatabase):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            if (found := unusable_from(inner, path)) is not None:
+                return found
+        return None
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        for error in _sqlite_errors(link):
+            if getattr(error, "sqlite_errorcode", 0) & 0xFF in (SQLITE_CORRUPT, SQLITE_NOTADB):
+                return UnusableDatabase(unusable_message(path, str(error)))
+        link = link.__cause__ or link.__context__
+    return None
+
+
+def unusable_message(path: Path, error: str) -> str:
+    """What to say of a database file SQLite cannot use (`gatewayd run`, the doctor)."""
+    return (f"{path} is not a usable SQLite database ({error}): move it away and restore the last good backup "
+            f"(backup.dir; docs/site-box.md, Restore), or move it away to start with an empty one")
 
 
 @contextmanager
@@ -275,8 +311,15 @@ class Storage:
         self._private_files()
         self.database.init(str(self.path))
         self.database.bind([_Meta])
-        with self.database.connection_context():
-            self.database.create_tables([_Meta], safe=True)
+        try:
+            with self.database.connection_context():
+                self.database.create_tables([_Meta], safe=True)
+        except (peewee.DatabaseError, sqlite3.DatabaseError) as e:
+            error = _classify(e, self.path)
+            if not isinstance(error, StorageError) or isinstance(error, (StorageFull, StatementError)) \
+                    or "locked" in str(error):
+                raise
+            raise UnusableDatabase(unusable_message(self.path, str(error))) from e
         self._writer = threading.Thread(target=self._writer_loop, name="gatewayd-writer", daemon=True)
         self._writer.start()
         self._open = True
@@ -361,7 +404,7 @@ class Storage:
             if self.pre_migration_backup is None and self.migrating:
                 self._backup_before_migrating(spec)
             self._install(spec)
-        except MigrationError:
+        except (MigrationError, UnusableDatabase):
             raise
         except Exception as e:
             error = self._classify(e)
@@ -380,7 +423,7 @@ class Storage:
         with db.connection_context(), db.atomic("IMMEDIATE"):
             row = _Meta.get_or_none(_Meta.component == spec.component)
             if row is not None and row.version > spec.version:
-                raise StorageError(
+                raise UnusableDatabase(
                     f"{spec.component}: the database holds schema version {row.version}, newer than "
                     f"this gatewayd's {spec.version}; refusing to downgrade (restore a backup or upgrade)"
                 )

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from ..devices.services import DeviceServices
     from ..tls import SiteTls
 
-__all__ = ["MQTTService", "PluginMQTT", "MQTTUnavailable"]
+__all__ = ["MQTTService", "PluginMQTT", "MQTTUnavailable", "REJECTED_SCHEMA"]
 
 log = get_logger("gatewayd.mqtt")
 
@@ -124,7 +124,7 @@ class MQTTService:
         if m.broker == "off":
             log.info("MQTT is off (mqtt.broker = \"off\")")
             return
-        await trio.to_thread.run_sync(self.storage.install, _REJECTED_SCHEMA)
+        await trio.to_thread.run_sync(self.storage.install, REJECTED_SCHEMA)
         await trio.to_thread.run_sync(self.marks.install)
         await nursery.start(self.marks.run)
         await nursery.start(self.pool.run)
@@ -318,7 +318,7 @@ def _socket_path(directory: Path) -> str:
 
 
 # Version 2: the sender and the whole payload's size (the payload kept is cut to 4 KiB).
-_REJECTED_SCHEMA = SchemaSpec("core_mqtt", [RejectedMessage], version=2, migrations={
+REJECTED_SCHEMA = SchemaSpec("core_mqtt", [RejectedMessage], version=2, migrations={
     2: lambda migrator, db: migrate(
         migrator.add_column("core_mqtt_rejected", "sender", RejectedMessage.sender),
         migrator.add_column("core_mqtt_rejected", "size", RejectedMessage.size),

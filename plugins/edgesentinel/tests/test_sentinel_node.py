@@ -224,3 +224,32 @@ async def test_a_node_gone_silent_is_mailed_to_maintenance_then_escalated_l2_l3(
     assert sent == [("maintenance@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost"),
                     ("l2@site.example", f"[{gw_id}] WARNING edgesentinel-connectivity-lost (escalation)"),
                     ("l3@site.example", f"[{gw_id}] CRITICAL edgesentinel-connectivity-lost-l3")], sent
+
+
+async def test_a_node_pins_the_site_ca_and_sends_its_client_certificate(gateway_factory, upstream_receiver, tmp_path):
+    """Issue 21: edgesentinel's mutual-TLS tier with the reference node: HTTPS only, the
+    site CA pinned, a client certificate from the site CA required; without one, refused."""
+    import ssl
+
+    def gatewayd(*args: str, data_dir: Path) -> None:
+        subprocess.run([sys.executable, "-m", "gatewayd", "tls", *args, "--set", f"gateway.data_dir='{data_dir}'"],
+                       check=True, capture_output=True)
+
+    gatewayd("init", "--only", "--name", "localhost", "--ip", "127.0.0.1", data_dir=tmp_path / "var")
+    gatewayd("client", "es-1", "--out", str(tmp_path / "certs"), data_dir=tmp_path / "var")
+    ca = tmp_path / "var" / "tls" / "ca.crt"
+    mine = ["--cafile", str(ca), "--cert", str(tmp_path / "certs" / "es-1.crt"),
+            "--cert-key", str(tmp_path / "certs" / "es-1.key")]
+    settings = [*OPEN, "tls.http=true", "tls.client_auth='required'"]
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(tmp_path / "certs" / "es-1.crt", tmp_path / "certs" / "es-1.key")
+    async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
+            gw_client(gw, verify=ctx) as client:
+        assert str(client.base_url).startswith("https://")
+        node = await provision(gw, "edgesentinel", "es-1")
+        code, out = await run_node(client, node, tmp_path / "bare", "--sample", "20", "--max-s", "3",
+                                   "--cafile", str(ca))  # no client certificate: refused at the handshake
+        assert code == 1 and "uploaded" not in out, out
+        code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "20", *mine)
+        assert code == 0 and "drained" in out, out
+        assert len(await upstream_receiver.wait_for(20)) == 20

@@ -56,3 +56,38 @@ def test_firmware_needs_a_password():
     done = subprocess.run([sys.executable, str(FIRMWARE), "--id", "pk-1"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin"}, timeout=30)
     assert done.returncode == 2 and "--password" in done.stderr
+
+
+async def test_reference_firmware_pins_the_site_ca_over_tls_only_listeners(gateway_factory, tmp_path):
+    """Issue 21: the firmware can pin the site CA; MQTT over TLS only, the OTA manifest over HTTPS."""
+    import ssl
+
+    from gatewayd.testing import gw_url, reserved_port
+
+    def tls_init(data_dir: Path) -> Path:
+        subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "localhost", "--ip",
+                        "127.0.0.1", "--set", f"gateway.data_dir='{data_dir}'"], check=True, capture_output=True)
+        return data_dir / "tls" / "ca.crt"
+
+    ca = tls_init(tmp_path / "var")
+    other_ca = tls_init(tmp_path / "other")
+    port = reserved_port()
+    settings = ["tls.http=true", f"tls.mqtt_listen='127.0.0.1:{port}'", "tls.mqtt_plain=false"]
+    async with gateway_factory(plugins=PAKU, mqtt=True, settings=settings) as gw, \
+            gw_client(gw, verify=ssl.create_default_context(cafile=str(ca))) as client:
+        creds = await provision(gw, "paku", "pk-1", model="pk-a")
+
+        async def cycle(cafile: Path) -> tuple[int, str]:
+            argv = [sys.executable, "-u", str(FIRMWARE), "--host", "localhost", "--port", str(port), "--id", "pk-1",
+                    "--password=" + creds.key, "--http", gw_url(gw) + "/paku", "--once", "--ota-every", "1",
+                    "--listen-s", "1", "--state-dir", str(tmp_path / "pk-1"), "--cafile", str(cafile)]
+            done = await trio.run_process(argv, capture_stdout=True, stderr=subprocess.STDOUT, check=False)
+            return done.returncode, done.stdout.decode()
+
+        assert gw_url(gw).startswith("https://")
+        code, out = await cycle(other_ca)  # a gateway the device does not pin: refused
+        assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in out, out
+        code, out = await cycle(ca)
+        assert code == 0, out
+        view = await device_view(client, "pk-1")
+        assert view["telemetry"]["payload"]["temp_c"] > 0
