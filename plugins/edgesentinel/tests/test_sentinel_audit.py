@@ -1,0 +1,125 @@
+"""Issue #18's audit (docs/audit/issue-18.md): the items no other test proved against a
+real gateway, and the attacks that found defects. Each test names the requirement."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import uuid
+
+import pytest
+import trio
+import zstandard
+from sentinel_testbed import API, OPEN, PLUGIN, compress, points, sign, upload
+
+from gatewayd.testing import gw_client, provision
+
+BATCH = f"{API}/telemetry/batch"
+
+
+async def count(gw, table: str) -> int:
+    def read() -> int:
+        return int(gw.storage.database.execute_sql(f'SELECT count(*) FROM "edgesentinel_{table}"').fetchone()[0])
+
+    return await gw.storage.read(read)
+
+
+def gzip_bomb() -> bytes:
+    return gzip.compress(b'{"points": [' + b" " * (3 << 20) + b"]}", compresslevel=9)
+
+
+def zstd_bomb_without_its_size() -> bytes:
+    """Streamed: the frame header does not say how large it inflates (a node's streaming
+    compressor, or a hostile one that leaves it out)."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(level=19, write_content_size=False).stream_writer(out, closefd=False) as w:
+        w.write(b'{"points": [')
+        for _ in range(48):
+            w.write(b" " * (64 << 10))
+        w.write(b"]}")
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("encoding, body", [("gzip", gzip_bomb), ("zstd", zstd_bomb_without_its_size)])
+async def test_a_bomb_is_refused_whatever_its_encoding(gateway_factory, encoding, body):
+    """Decompressed-size cap (max_decompressed_bytes) for gzip and for a zstd frame with no size."""
+    settings = [*OPEN, "plugins.edgesentinel.max_decompressed_bytes=1048576"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        data = body()
+        assert len(data) < 64 << 10  # small as sent: only the cap refuses it
+        r = await client.post(BATCH, **upload(node, data, encoding=encoding))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_large", r.text
+        assert "decompresses to more than 1048576 bytes" in r.json()["error"]["message"]
+        assert await count(gw, "packet") == 0
+
+
+async def test_one_key_sent_many_times_at_once_is_stored_once(gateway_factory):
+    """Idempotency-Key, concurrent: the same key and body six times at once, one answer, one store;
+    the same key with two bodies at once, one stored and the other 409."""
+    async with gateway_factory(plugins=PLUGIN, settings=OPEN) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        kwargs = upload(node, compress({"points": points(50)}))
+        answers = []
+
+        async def post(kw) -> None:
+            r = await client.post(BATCH, **kw)
+            answers.append((r.status_code, r.json(), r.headers.get("Idempotency-Replayed")))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(post, kwargs)
+        assert {(s, str(doc)) for s, doc, _ in answers} == {(200, str(answers[0][1]))}
+        assert sorted(replayed for *_, replayed in answers) == ["false", *["true"] * 5]
+        assert answers[0][1]["accepted"] == 50
+        assert await count(gw, "point") == 50 and await count(gw, "packet") == 1
+
+        key = str(uuid.uuid4())
+        answers.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, upload(node, compress({"points": points(7, start=2e9)}), key=key))
+            nursery.start_soon(post, upload(node, compress({"points": points(9, start=2e9)}), key=key))
+        assert sorted(s for s, *_ in answers) == [200, 409], answers
+        (stored,) = [doc["accepted"] for s, doc, _ in answers if s == 200]
+        assert await count(gw, "point") == 50 + stored and await count(gw, "packet") == 2
+
+
+async def test_a_signature_required_for_one_device_only(gateway_factory):
+    """X-Signature required per device (`[plugins.edgesentinel.devices.<id>] signature = "required"`)."""
+    settings = [*OPEN, "plugins.edgesentinel.devices.es-2.signature='required'"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
+        one, two = await provision(gw, "edgesentinel", "es-1"), await provision(gw, "edgesentinel", "es-2")
+        body = compress({"points": points(2)})
+        assert (await client.post(BATCH, **upload(one, body))).status_code == 200
+        r = await client.post(BATCH, **upload(two, body))
+        assert r.status_code == 401 and "missing X-Signature header" in r.json()["error"]["message"]
+        now = str(int(gw.clock()))
+        r = await client.post(BATCH, **upload(two, body, **{"X-Timestamp": now,
+                                                            "X-Signature": sign(two.signing_secret, body, now)}))
+        assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+
+
+@pytest.mark.xfail(strict=True, reason="defect: a captured signed batch (X-Timestamp, no nonce, no batch_id) replayed "
+                                       "within max_skew_s under a new Idempotency-Key is stored a second time")
+async def test_a_captured_signed_batch_replayed_under_another_key_is_refused(gateway_factory):
+    """Replay protection of a required signature: the timestamp window alone let a captured
+    request be sent again under a new Idempotency-Key (the signature does not cover the
+    header), and its records, deduplicated per batch_id (the key, when the body has none),
+    were stored twice."""
+    settings = [*OPEN, "plugins.edgesentinel.signature='required'"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        body = compress({"points": points(2)})
+        now = str(int(gw.clock()))
+        signed = {"X-Timestamp": now, "X-Signature": sign(node.signing_secret, body, now)}
+        sent = upload(node, body, **signed)
+        first = await client.post(BATCH, **sent)
+        assert first.status_code == 200 and first.json()["accepted"] == 2, first.text
+        # The node's own retry (its answer lost): the same key, answered from the ledger.
+        again = await client.post(BATCH, **sent)
+        assert again.status_code == 200 and again.headers["Idempotency-Replayed"] == "true"
+        # Someone who captured it sends it again under another key.
+        replay = await client.post(BATCH, **upload(node, body, **signed))
+        assert replay.status_code == 401 and "replay" in replay.json()["error"]["message"], replay.text
+        assert await count(gw, "point") == 2
