@@ -100,8 +100,6 @@ async def test_a_signature_required_for_one_device_only(gateway_factory):
         assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a captured signed batch (X-Timestamp, no nonce, no batch_id) replayed "
-                                       "within max_skew_s under a new Idempotency-Key is stored a second time")
 async def test_a_captured_signed_batch_replayed_under_another_key_is_refused(gateway_factory):
     """Replay protection of a required signature: the timestamp window alone let a captured
     request be sent again under a new Idempotency-Key (the signature does not cover the
