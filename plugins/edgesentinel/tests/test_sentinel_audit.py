@@ -121,3 +121,41 @@ async def test_a_captured_signed_batch_replayed_under_another_key_is_refused(gat
         replay = await client.post(BATCH, **upload(node, body, **signed))
         assert replay.status_code == 401 and "replay" in replay.json()["error"]["message"], replay.text
         assert await count(gw, "point") == 2
+
+
+async def test_the_csv_export_streams_a_page_at_a_time(gateway_factory, monkeypatch):
+    """CSV export streamed (a month of data must not load into memory): the client has the
+    first rows while the export's third page is still held in the database read."""
+    import threading
+
+    from gatewayd_edgesentinel import models
+
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", "audit-token")
+    monkeypatch.setattr("gatewayd_edgesentinel.explorer.PAGE", 7)
+    explore, pages, release = models.explore, [], threading.Event()
+
+    def held(*args):
+        pages.append(args)
+        if len(pages) == 3:
+            release.wait(30)  # the third page waits until the client has seen rows
+        return explore(*args)
+
+    async with gateway_factory(plugins=PLUGIN, settings=OPEN) as gw, gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        assert (await client.post(BATCH, **upload(node, compress({"points": points(50)})))).status_code == 200
+        monkeypatch.setattr(models, "explore", held)
+        try:
+            async with client.stream("GET", "/edgesentinel/data",
+                                     headers={"Authorization": "Bearer audit-token"}) as r:
+                chunks = r.aiter_bytes()
+                first = b""
+                with trio.fail_after(20):  # a route that gathered every page first never answers here
+                    while first.count(b"\n") < 15:  # the header and two pages
+                        first += await chunks.__anext__()
+                assert len(pages) in (2, 3) and not release.is_set()  # the third not answered yet
+                release.set()
+                rest = b"".join([first, *[c async for c in chunks]])
+        finally:
+            release.set()
+    lines = rest.decode().splitlines()
+    assert lines[0].startswith("ts,device_id,metric") and len(lines) == 51
