@@ -170,7 +170,7 @@ class Sentinel:
         """Parse, deduplicate and store a batch; the answer once committed. Call it under
         `lock(device.id)` after `replay` found nothing."""
         received = self.ctx.now()
-        batch = await trio.to_thread.run_sync(self._parse, inflated, device.id, key)
+        batch = await trio.to_thread.run_sync(self._parse, inflated, device.id, key, received)
         if batch.restamp and batch.sent_at is not None:
             batch.shift(received - batch.sent_at)
         seen = await self.ctx.storage.read(models.seen_hashes, device.id, batch.batch_id)
@@ -190,10 +190,10 @@ class Sentinel:
         await self._observe(device.id, batch)
         return Answer(200, doc)
 
-    def _parse(self, inflated: bytes, device_id: str, key: str) -> Batch:
+    def _parse(self, inflated: bytes, device_id: str, key: str, received: float) -> Batch:
         config = self.ctx.config
         return read_batch(inflated, device_id=device_id, idempotency_key=key, max_records=config.max_records,
-                          max_samples=config.windows.max_samples)
+                          max_samples=config.windows.max_samples, received=received)
 
     def _rows(self, device_id: str, batch: Batch, seen: set[int], now: float
               ) -> tuple[dict[str, list[tuple[Any, ...]]], list[Record], int]:

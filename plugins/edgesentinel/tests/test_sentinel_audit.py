@@ -161,8 +161,6 @@ async def test_the_csv_export_streams_a_page_at_a_time(gateway_factory, monkeypa
     assert lines[0].startswith("ts,device_id,metric") and len(lines) == 51
 
 
-@pytest.mark.xfail(strict=True, reason="defect: re-stamping refuses a node whose clock was reset to 1970 (its "
-                                       "records' ts and sent_at are range-checked before the shift)")
 async def test_restamping_rescues_a_node_whose_clock_was_reset(gateway_factory):
     """Server re-stamping on request: the case it is for, a node whose RTC lost power and
     counts from 1970 again. Records are placed by `received - sent_at`; the range check
