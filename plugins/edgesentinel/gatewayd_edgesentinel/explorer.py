@@ -79,7 +79,12 @@ def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) 
                 left -= len(page)
                 after = (float(page[-1][0]), int(page[-1][-1]))
 
-        return Response(rows(), content_type="text/csv; charset=utf-8")
+        response = Response(rows(), content_type="text/csv; charset=utf-8")
+        # A month of data takes minutes: quart's RESPONSE_TIMEOUT (60 s) would cut it off
+        # mid-body. Nothing is held between pages; a client that stops reading is the
+        # core's business at stop (as for the live streams).
+        response.timeout = None
+        return response
 
     @routes.get("/doors", query=DoorsQuery, responses={200: Doors})
     async def doors(query: DoorsQuery) -> Any:

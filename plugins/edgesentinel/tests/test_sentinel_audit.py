@@ -188,8 +188,6 @@ async def test_restamping_rescues_a_node_whose_clock_was_reset(gateway_factory):
         assert await gw.storage.read(stamps) == [now - 100 + i for i in range(5)]
 
 
-@pytest.mark.xfail(strict=True, reason="defect: quart's RESPONSE_TIMEOUT (60 s) cuts a long CSV export short: "
-                                       "the connection is closed mid-body, after a 200")
 async def test_a_csv_export_longer_than_the_response_timeout_is_whole(gateway_factory, monkeypatch):
     """A month of data takes minutes to export (1,000,000 points: about a minute on the
     development box); quart stops any response body at RESPONSE_TIMEOUT and the
