@@ -222,6 +222,14 @@ def explore(series: str, device: str, name: str, since: float | None, until: flo
             after: tuple[float, int] | None, limit: int) -> list[tuple[Any, ...]]:
     """One page of a series, oldest first, after `(ts, id)`: through `(device, ts)` or `(metric, ts)`."""
     model = SERIES[series]
+    sql, params = explore_sql(series, device, name, since, until, after, limit)
+    return list(_connection(model._meta.database).execute(sql, params))
+
+
+def explore_sql(series: str, device: str, name: str, since: float | None, until: float | None,
+                after: tuple[float, int] | None, limit: int) -> tuple[str, list[Any]]:
+    """`explore`'s query and its parameters."""
+    model = SERIES[series]
     columns = ", ".join(f'"{c if c != "device_id" else "device"}"' for c in COLUMNS[series])
     where: list[str] = []
     params: list[Any] = []
@@ -240,7 +248,7 @@ def explore(series: str, device: str, name: str, since: float | None, until: flo
         params += [after[0], after[0], after[1]]
     sql = (f'SELECT {columns} FROM "{model._meta.table_name}"' + (" WHERE " + " AND ".join(where) if where else "")
            + f" ORDER BY ts, id LIMIT {int(limit)}")
-    return list(_connection(model._meta.database).execute(sql, params))
+    return sql, params
 
 
 def door_cycles(device: str, since: float, offset_s: float) -> dict[tuple[str, str], dict[str, int]]:
