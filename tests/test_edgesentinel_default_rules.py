@@ -96,8 +96,6 @@ def test_silence_escalates_l1_l2_l3_by_time():
     assert [(n, level) for n, level, _ in run(back)] == [("connectivity-lost", "alert")]  # back: no L2, no L3
 
 
-@pytest.mark.xfail(strict=True, reason="defect: the sensor-fault rule mutes supercap-low but not supercap-low-pct, "
-                                       "so a node reporting voltage_pct keeps alerting after its sensor failed")
 def test_a_sensor_fault_mutes_the_threshold_rules_of_its_device():
     steps = [ev(T0, "sensor_fault", {"sensor": "voltage"}), ev(T0 + 10, "supercap_low", {"voltage_pct": 50}),
              ev(T0 + 10, "supercap_low", {"voltage_pct": 50}, device="es-2")]
