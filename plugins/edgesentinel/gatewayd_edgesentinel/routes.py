@@ -363,13 +363,17 @@ class DeviceRoutes:
             if when is None or abs(self.ctx.now() - when) > self.ctx.config.max_skew_s:
                 raise AuthError(401, f"{TIMESTAMP_HEADER} is not within {self.ctx.config.max_skew_s:g} s of the "
                                      f"gateway's clock ({self.ctx.now():.0f}): sync the clock (handshake)", device.id)
-        if nonce is not None and (stamp is None or not self.ctx.state.take_nonce(device.id, nonce)):
-            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake (used, "
-                                 "expired or from before a gateway restart): handshake again", device.id)
+        if nonce is not None and stamp is None:
+            raise AuthError(401, f"{NONCE_HEADER} needs {TIMESTAMP_HEADER}: the signature covers "
+                                 "<timestamp>.<nonce>.<body>", device.id)
         await self.ctx.auth.signature(headers, body, request.remote_addr,
                                       device_id=device.id, header_name=SIGNATURE_HEADER,
                                       timestamp_header=TIMESTAMP_HEADER if stamp is not None else None,
                                       nonce_header=NONCE_HEADER if nonce is not None else None)
+        # The nonce is spent only by a good signature: one seen on the wire cannot be voided by a bogus one.
+        if nonce is not None and not self.ctx.state.take_nonce(device.id, nonce):
+            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake (used, "
+                                 "expired or from before a gateway restart): handshake again", device.id)
         if stamp is None or when is None or nonce is not None:
             return None  # a nonce is once by itself; a body alone has no replay protection (optional mode)
         return stamp, when + self.ctx.config.max_skew_s

@@ -246,8 +246,6 @@ async def test_every_page_of_an_export_reads_through_an_index(gateway_factory, m
     assert plans and not [plan for plan in plans if "TEMP B-TREE" in plan or "INDEX" not in plan], plans
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a handshake nonce is spent before the signature is checked, so "
-                                       "anyone who saw it on the wire can void it with a bogus signature")
 async def test_a_bogus_signature_does_not_spend_the_nodes_nonce(gateway_factory):
     settings = [*OPEN, "plugins.edgesentinel.signature='required'"]
     async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client:
