@@ -134,6 +134,8 @@ class Batch:
     """(ts, event_type, severity, description, duration_s, resolved, meta, hash)"""
     rejections: list[Rejection] = field(default_factory=list)
     total: int = 0
+    ts_bounds: tuple[float, float] = (TS_MIN, TS_MAX)
+    """The `ts` a record may carry as sent: 2000-2200 once re-stamped (`parse_batch`'s `received`)"""
 
     @property
     def valid(self) -> int:
@@ -152,8 +154,13 @@ class _Bad(Exception):
     """One record refused: the reason."""
 
 
-def parse_batch(doc: Any, *, device_id: str, idempotency_key: str, max_records: int, max_samples: int) -> Batch:
-    """Check the document; BatchError for what refuses the whole batch, a Rejection per bad record."""
+def parse_batch(doc: Any, *, device_id: str, idempotency_key: str, max_records: int, max_samples: int,
+                received: float | None = None) -> Batch:
+    """Check the document; BatchError for what refuses the whole batch, a Rejection per bad record.
+
+    With `restamp` and `received` (the gateway's clock when the batch came), a record's
+    `ts` is checked where `shift(received - sent_at)` will put it, so a node whose clock
+    was reset (to 1970: its RTC lost power) is re-stamped rather than refused."""
     if not isinstance(doc, dict):
         raise BatchError(400, "bad_batch", f"body: expected a JSON object with points, windows, waveforms, "
                                            f"door_events, system_events; got {json_kind(doc)}")
@@ -167,13 +174,18 @@ def parse_batch(doc: Any, *, device_id: str, idempotency_key: str, max_records: 
     if not isinstance(batch_id, str) or not BATCH_ID.fullmatch(batch_id):
         raise BatchError(400, "bad_batch", f"batch_id: expected 1-128 of letters, digits and _ . : / @ -, "
                                            f"got {str(batch_id)[:140]!r}")
-    sent_at = _time_or_none(doc.get("sent_at"), "sent_at")
     restamp = doc.get("restamp", False)
     if not isinstance(restamp, bool):
         raise BatchError(400, "bad_batch", f"restamp: expected true or false, got {json_kind(restamp)}")
+    # The clock of a node asking for re-stamping may say anything from 1970 on.
+    sent_at = _time_or_none(doc.get("sent_at"), "sent_at", (0.0, TS_MAX) if restamp else (TS_MIN, TS_MAX))
     if restamp and sent_at is None:
         raise BatchError(400, "bad_batch", "restamp needs sent_at: the node's clock when it sent the batch")
     batch = Batch(batch_id, sent_at, restamp, _diagnostics(doc.get("diagnostics")))
+    if restamp and sent_at is not None and received is not None:
+        offset = received - sent_at
+        batch.ts_bounds = (TS_MIN - offset, TS_MAX - offset)
+    bounds = batch.ts_bounds
     arrays = {}
     for kind in KINDS:
         items = doc.get(kind, [])
@@ -187,22 +199,22 @@ def parse_batch(doc: Any, *, device_id: str, idempotency_key: str, max_records: 
     _points(arrays["points"], batch)
     for i, item in enumerate(arrays["windows"]):
         try:
-            batch.windows.append(_window(item))
+            batch.windows.append(_window(item, bounds))
         except _Bad as e:
             batch.rejections.append(Rejection("windows", i, str(e)))
     for i, item in enumerate(arrays["door_events"]):
         try:
-            batch.door_events.append(_door_event(item))
+            batch.door_events.append(_door_event(item, bounds))
         except _Bad as e:
             batch.rejections.append(Rejection("door_events", i, str(e)))
     for i, item in enumerate(arrays["system_events"]):
         try:
-            batch.system_events.append(_system_event(item))
+            batch.system_events.append(_system_event(item, bounds))
         except _Bad as e:
             batch.rejections.append(Rejection("system_events", i, str(e)))
     for i, item in enumerate(arrays["waveforms"]):
         try:
-            batch.waveforms.append(_waveform(item, max_samples))
+            batch.waveforms.append(_waveform(item, max_samples, bounds))
         except _Bad as e:
             batch.rejections.append(Rejection("waveforms", i, str(e)))
     return batch
@@ -225,6 +237,7 @@ _POINT_KEYS = frozenset({"ts", "metric", "value", "unit", "meta"})
 def _points(items: list[Any], batch: Batch) -> None:
     # The hot loop of a batch (thousands of points): the common case checked inline.
     append, reject = batch.points.append, batch.rejections.append
+    bounds = batch.ts_bounds
     blake, dumps = hashlib.blake2b, json.dumps
     for i, item in enumerate(items):
         try:
@@ -233,7 +246,7 @@ def _points(items: list[Any], batch: Batch) -> None:
             if not item.keys() <= _POINT_KEYS:
                 raise _Bad(f"unknown field {sorted(item.keys() - _POINT_KEYS)[0][:40]!r} "
                            f"(a point has {', '.join(sorted(_POINT_KEYS))})")
-            ts, metric, value = _ts(item.get("ts")), item.get("metric"), item.get("value")
+            ts, metric, value = _ts(item.get("ts"), bounds), item.get("metric"), item.get("value")
             if type(metric) is not str or not NAME.fullmatch(metric):
                 raise _Bad(f"metric: expected 1-64 of letters, digits and _ . : -, got {_show(metric)}")
             if type(value) is not float and type(value) is not int:
@@ -258,9 +271,9 @@ def _points(items: list[Any], batch: Batch) -> None:
                 int.from_bytes(blake(key, digest_size=8).digest(), "big", signed=True)))
 
 
-def _window(item: Any) -> tuple[float, str, dict[str, Any], float | None, int]:
+def _window(item: Any, bounds: tuple[float, float]) -> tuple[float, str, dict[str, Any], float | None, int]:
     doc = _object(item, {"ts", "metric", "stats", "window_s"})
-    ts, metric = _ts(doc.get("ts")), _name(doc.get("metric"), "metric")
+    ts, metric = _ts(doc.get("ts"), bounds), _name(doc.get("metric"), "metric")
     stats = doc.get("stats")
     if not isinstance(stats, dict) or not stats:
         raise _Bad(f"stats: expected an object such as {{\"rms\": 0.4, \"max\": 1.2}}, got {_show(stats)}")
@@ -276,9 +289,10 @@ def _window(item: Any) -> tuple[float, str, dict[str, Any], float | None, int]:
     return ts, metric, stats, None if window_s is None else float(window_s), record_hash("w", doc)
 
 
-def _waveform(item: Any, max_samples: int) -> tuple[float, str, float, list[float], str, int]:
+def _waveform(item: Any, max_samples: int, bounds: tuple[float, float]
+              ) -> tuple[float, str, float, list[float], str, int]:
     doc = _object(item, {"ts", "metric", "rate_hz", "samples", "unit"})
-    ts, metric = _ts(doc.get("ts")), _name(doc.get("metric"), "metric")
+    ts, metric = _ts(doc.get("ts"), bounds), _name(doc.get("metric"), "metric")
     rate = doc.get("rate_hz")
     if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1_000_000:
         raise _Bad(f"rate_hz: expected a sampling rate > 0 and at most 1000000, got {_show(rate)}")
@@ -294,9 +308,9 @@ def _waveform(item: Any, max_samples: int) -> tuple[float, str, float, list[floa
     return ts, metric, float(rate), samples, unit, record_hash("r", doc)
 
 
-def _door_event(item: Any) -> tuple[float, str, str, dict[str, Any], int]:
+def _door_event(item: Any, bounds: tuple[float, float]) -> tuple[float, str, str, dict[str, Any], int]:
     doc = _object(item, {"ts", "door_id", "type", "value", "unit", "duration_ms", "meta"})
-    ts = _ts(doc.get("ts"))
+    ts = _ts(doc.get("ts"), bounds)
     door = doc.get("door_id", "")
     if not isinstance(door, str) or (door and not NAME.fullmatch(door)):
         raise _Bad(f"door_id: expected 1-64 of letters, digits and _ . : -, got {_show(door)}")
@@ -314,9 +328,10 @@ def _door_event(item: Any) -> tuple[float, str, str, dict[str, Any], int]:
     return ts, door, str(kind), rest, record_hash("d", doc)
 
 
-def _system_event(item: Any) -> tuple[float, str, str, str, float | None, bool | None, dict[str, Any], int]:
+def _system_event(item: Any, bounds: tuple[float, float]
+                  ) -> tuple[float, str, str, str, float | None, bool | None, dict[str, Any], int]:
     doc = _object(item, {"ts", "event_type", "severity", "description", "duration", "resolved", "meta"})
-    ts, event_type = _ts(doc.get("ts")), _name(doc.get("event_type"), "event_type")
+    ts, event_type = _ts(doc.get("ts"), bounds), _name(doc.get("event_type"), "event_type")
     severity = doc.get("severity", "info")
     if severity not in SEVERITIES:
         raise _Bad(f"severity: expected info, warning or critical, got {_show(severity)}")
@@ -348,8 +363,9 @@ def _object(item: Any, known: set[str]) -> dict[str, Any]:
     return item
 
 
-def _ts(value: Any) -> float:
-    """Epoch seconds (a number) or an ISO 8601 / RFC 3339 time, between 2000 and 2200."""
+def _ts(value: Any, bounds: tuple[float, float] = (TS_MIN, TS_MAX)) -> float:
+    """Epoch seconds (a number) or an ISO 8601 / RFC 3339 time, between 2000 and 2200
+    (`bounds`: as sent, for a time re-stamped later)."""
     if type(value) is float or type(value) is int:
         ts = float(value)
     elif isinstance(value, str):
@@ -359,16 +375,17 @@ def _ts(value: Any) -> float:
             raise _Bad(f"ts: {e}") from None
     else:
         raise _Bad(f"ts: expected epoch seconds or an ISO 8601 time, got {_show(value)}")
-    if not TS_MIN <= ts <= TS_MAX:
-        raise _Bad(f"ts: {value!r} is not a time between 2000 and 2200 in epoch seconds (milliseconds?)")
+    if not bounds[0] <= ts <= bounds[1]:
+        shifted = "" if bounds == (TS_MIN, TS_MAX) else " once re-stamped"
+        raise _Bad(f"ts: {value!r} is not a time between 2000 and 2200{shifted} in epoch seconds (milliseconds?)")
     return ts
 
 
-def _time_or_none(value: Any, key: str) -> float | None:
+def _time_or_none(value: Any, key: str, bounds: tuple[float, float]) -> float | None:
     if value is None:
         return None
     try:
-        return _ts(value)
+        return _ts(value, bounds)
     except _Bad as e:
         raise BatchError(400, "bad_batch", f"{key}{str(e)[2:]}") from None
 

@@ -70,6 +70,8 @@ def fast_batch(raw: bytes, *, device_id: str, idempotency_key: str, max_records:
                 rest[key] = parse_json(bytes(fragment), max_depth=MAX_JSON_DEPTH - 1)
             except Exception:  # noqa: BLE001 - the full path says what is wrong, precisely
                 raise GiveUp from None
+    if rest.get("restamp") is True:
+        raise GiveUp  # rare; the full path checks each ts where re-stamping puts it
     points = fast.points
     others = sum(len(v) for k, v in rest.items() if k in KINDS and isinstance(v, list))
     if len(points) + others > max_records:
@@ -91,12 +93,14 @@ def fast_batch(raw: bytes, *, device_id: str, idempotency_key: str, max_records:
     return batch
 
 
-def read_batch(raw: bytes, *, device_id: str, idempotency_key: str, max_records: int, max_samples: int) -> Batch:
-    """The fast path, else the full one (BatchError for a batch refused as a whole)."""
+def read_batch(raw: bytes, *, device_id: str, idempotency_key: str, max_records: int, max_samples: int,
+               received: float | None = None) -> Batch:
+    """The fast path, else the full one (BatchError for a batch refused as a whole);
+    `received` as `parse_batch` takes it."""
     try:
         return fast_batch(raw, device_id=device_id, idempotency_key=idempotency_key, max_records=max_records,
                           max_samples=max_samples)
     except (GiveUp, BatchError):
         pass
     return parse_batch(open_body(raw), device_id=device_id, idempotency_key=idempotency_key,
-                       max_records=max_records, max_samples=max_samples)
+                       max_records=max_records, max_samples=max_samples, received=received)

@@ -218,9 +218,32 @@ COLUMNS: dict[str, list[str]] = {
 _NAME = {"points": "metric", "windows": "metric", "door_events": "type", "system_events": "event_type"}
 
 
+INDEXED_NAME = frozenset({"points", "windows", "door_events"})  # a (metric or type, ts) index serves their name
+
+
+def devices_of(series: str) -> list[str]:
+    """The devices with rows in a series, one probe each, skipping along the `(device, ts)`
+    index (as `expire_series` does: `SELECT DISTINCT` reads all of it)."""
+    model = SERIES[series]
+    table = model._meta.table_name
+    rows = _connection(model._meta.database).execute(
+        f'WITH RECURSIVE p(v) AS (SELECT min(device) FROM "{table}" UNION ALL '
+        f'SELECT (SELECT min(device) FROM "{table}" WHERE device > p.v) FROM p WHERE p.v IS NOT NULL) '
+        "SELECT v FROM p WHERE v IS NOT NULL")
+    return [str(v) for (v,) in rows]
+
+
 def explore(series: str, device: str, name: str, since: float | None, until: float | None,
             after: tuple[float, int] | None, limit: int) -> list[tuple[Any, ...]]:
     """One page of a series, oldest first, after `(ts, id)`: through `(device, ts)` or `(metric, ts)`."""
+    model = SERIES[series]
+    sql, params = explore_sql(series, device, name, since, until, after, limit)
+    return list(_connection(model._meta.database).execute(sql, params))
+
+
+def explore_sql(series: str, device: str, name: str, since: float | None, until: float | None,
+                after: tuple[float, int] | None, limit: int) -> tuple[str, list[Any]]:
+    """`explore`'s query and its parameters."""
     model = SERIES[series]
     columns = ", ".join(f'"{c if c != "device_id" else "device"}"' for c in COLUMNS[series])
     where: list[str] = []
@@ -240,7 +263,7 @@ def explore(series: str, device: str, name: str, since: float | None, until: flo
         params += [after[0], after[0], after[1]]
     sql = (f'SELECT {columns} FROM "{model._meta.table_name}"' + (" WHERE " + " AND ".join(where) if where else "")
            + f" ORDER BY ts, id LIMIT {int(limit)}")
-    return list(_connection(model._meta.database).execute(sql, params))
+    return sql, params
 
 
 def door_cycles(device: str, since: float, offset_s: float) -> dict[tuple[str, str], dict[str, int]]:

@@ -229,8 +229,11 @@ class DeviceRoutes:
                           {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
         state.inflight_bytes += len(body)
         try:
-            await self._signature(device, body)
+            stamp = await self._signature(device, body)
             checksum = content_sha256(request.headers.get("Content-SHA256"), body)
+            if stamp is not None and not state.first_signed(device.id, stamp[0], checksum, key, stamp[1]):
+                raise AuthError(401, f"replayed request: this signed body and {TIMESTAMP_HEADER} came under another "
+                                     "Idempotency-Key (a retry sends the same key)", device.id)
             encoding = encoding_of(request.headers.get("Content-Encoding"), body)
             async with state.lock(device.id):
                 answer = await state.replay(device, key, checksum)
@@ -340,30 +343,40 @@ class DeviceRoutes:
                           f"backoff_ms: {state.retry_after_s * 1000}", {"Retry-After": str(state.retry_after_s)})
         return await self.ctx.auth.device_key(request.headers, request.remote_addr)
 
-    async def _signature(self, device: Device, body: bytes) -> None:
-        """`X-Signature` (README.md, "Signing"): checked when sent; required by configuration."""
+    async def _signature(self, device: Device, body: bytes) -> tuple[str, float] | None:
+        """`X-Signature` (README.md, "Signing"): checked when sent; required by configuration.
+        For a signature over a timestamp and no nonce: the timestamp and until when it is
+        good (the route refuses the same signed body again under another key), else None."""
         headers = request.headers
         if headers.get(SIGNATURE_HEADER) is None:
             if profiles.signature_required(self.ctx.config, device.id):
                 raise AuthError(401, f"missing {SIGNATURE_HEADER} header (required for this device)", device.id)
-            return
+            return None
         stamp = headers.get(TIMESTAMP_HEADER)
         nonce = headers.get(NONCE_HEADER)
         if stamp is None and profiles.signature_required(self.ctx.config, device.id):
             raise AuthError(401, f"missing {TIMESTAMP_HEADER} header (a required signature covers a timestamp)",
                             device.id)
+        when = None
         if stamp is not None:
             when = _epoch(stamp)
             if when is None or abs(self.ctx.now() - when) > self.ctx.config.max_skew_s:
                 raise AuthError(401, f"{TIMESTAMP_HEADER} is not within {self.ctx.config.max_skew_s:g} s of the "
                                      f"gateway's clock ({self.ctx.now():.0f}): sync the clock (handshake)", device.id)
-        if nonce is not None and (stamp is None or not self.ctx.state.take_nonce(device.id, nonce)):
-            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake (used, "
-                                 "expired or from before a gateway restart): handshake again", device.id)
+        if nonce is not None and stamp is None:
+            raise AuthError(401, f"{NONCE_HEADER} needs {TIMESTAMP_HEADER}: the signature covers "
+                                 "<timestamp>.<nonce>.<body>", device.id)
         await self.ctx.auth.signature(headers, body, request.remote_addr,
                                       device_id=device.id, header_name=SIGNATURE_HEADER,
                                       timestamp_header=TIMESTAMP_HEADER if stamp is not None else None,
                                       nonce_header=NONCE_HEADER if nonce is not None else None)
+        # The nonce is spent only by a good signature: one seen on the wire cannot be voided by a bogus one.
+        if nonce is not None and not self.ctx.state.take_nonce(device.id, nonce):
+            raise AuthError(401, f"{NONCE_HEADER} is not a fresh nonce from this device's handshake (used, "
+                                 "expired or from before a gateway restart): handshake again", device.id)
+        if stamp is None or when is None or nonce is not None:
+            return None  # a nonce is once by itself; a body alone has no replay protection (optional mode)
+        return stamp, when + self.ctx.config.max_skew_s
 
     def _url_sig(self, firmware_id: int, device_id: str, expires: int) -> str:
         message = f"{firmware_id}\n{device_id}\n{expires}".encode()

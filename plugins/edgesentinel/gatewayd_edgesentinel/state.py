@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from .config import EdgesentinelConfig
 
 MAX_NONCES = 10_000  # outstanding handshake nonces, all devices (oldest forgotten first)
+MAX_SIGNED = 100_000  # timestamp-signed batches remembered while their timestamp is good (oldest forgotten first)
 URL_KEY = "url-signing.key"
 
 
@@ -85,6 +86,8 @@ class Sentinel:
         self.inflight_bytes = 0  # inflated bytes of those batches (backpressure.max_inflight_bytes)
         self._locks: dict[str, trio.Lock] = {}
         self._nonces: OrderedDict[str, float] = OrderedDict()  # "<device>\n<nonce>" -> expiry
+        # "<device>\n<X-Timestamp>\n<body's sha256>" -> (Idempotency-Key, expiry)
+        self._signed: OrderedDict[str, tuple[str, float]] = OrderedDict()
         m = ctx.metrics
         self.batches = m.counter("batches_total", "Telemetry batches answered", ("outcome",))
         self.records = m.counter("records_total", "Records of accepted batches", ("outcome",))
@@ -115,6 +118,26 @@ class Sentinel:
         """True once for a nonce the handshake gave this device, while it is fresh."""
         expiry = self._nonces.pop(f"{device_id}\n{nonce}", None)
         return expiry is not None and expiry >= self.ctx.now()
+
+    def first_signed(self, device_id: str, stamp: str, checksum: str, key: str, good_until: float) -> bool:
+        """False when this timestamp-signed body (the same `X-Timestamp` and body: the same
+        signed message) already came under another Idempotency-Key while its timestamp is
+        still good: a captured request sent again under a new key (README.md, "Signing").
+        The same key is the node's own retry, answered from the ledger."""
+        now = self.ctx.now()
+        while self._signed:
+            oldest, (_, expiry) = next(iter(self._signed.items()))
+            if expiry >= now:
+                break
+            del self._signed[oldest]
+        name = f"{device_id}\n{stamp}\n{checksum}"
+        seen = self._signed.get(name)
+        if seen is not None and seen[0] != key:
+            return False
+        self._signed[name] = (key, good_until)
+        while len(self._signed) > MAX_SIGNED:
+            self._signed.popitem(last=False)
+        return True
 
     def _forget_expired(self, now: float) -> None:
         while self._nonces:
@@ -147,7 +170,7 @@ class Sentinel:
         """Parse, deduplicate and store a batch; the answer once committed. Call it under
         `lock(device.id)` after `replay` found nothing."""
         received = self.ctx.now()
-        batch = await trio.to_thread.run_sync(self._parse, inflated, device.id, key)
+        batch = await trio.to_thread.run_sync(self._parse, inflated, device.id, key, received)
         if batch.restamp and batch.sent_at is not None:
             batch.shift(received - batch.sent_at)
         seen = await self.ctx.storage.read(models.seen_hashes, device.id, batch.batch_id)
@@ -167,10 +190,10 @@ class Sentinel:
         await self._observe(device.id, batch)
         return Answer(200, doc)
 
-    def _parse(self, inflated: bytes, device_id: str, key: str) -> Batch:
+    def _parse(self, inflated: bytes, device_id: str, key: str, received: float) -> Batch:
         config = self.ctx.config
         return read_batch(inflated, device_id=device_id, idempotency_key=key, max_records=config.max_records,
-                          max_samples=config.windows.max_samples)
+                          max_samples=config.windows.max_samples, received=received)
 
     def _rows(self, device_id: str, batch: Batch, seen: set[int], now: float
               ) -> tuple[dict[str, list[tuple[Any, ...]]], list[Record], int]:

@@ -65,8 +65,8 @@ def rules(name: str, config: EdgesentinelConfig) -> list[dict[str, Any]]:
                 message="door controller silent for more than 5 minutes")
     lost["escalate"] = {"after_s": config.escalate_l2_s - config.silence_s,
                         "actions": [{"kind": "log", "level": "error"}, *team_actions(config, "l2")]}
-    threshold_rules = [f"{name}-supercap-low", f"{name}-safety-edge", f"{name}-light-curtain", f"{name}-over-torque",
-                       f"{name}-vibration"]
+    threshold_rules = [f"{name}-supercap-low", f"{name}-supercap-low-pct", f"{name}-safety-edge",
+                       f"{name}-light-curtain", f"{name}-over-torque", f"{name}-vibration"]
     return [
         lost,
         {**rule("connectivity-lost-l3", "l3", "error", type=offline,

@@ -46,7 +46,7 @@ async def test_a_required_signature_covers_a_fresh_timestamp_and_a_nonce_once(ga
         r = await client.post(post, **upload(node, body, **signed))
         assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
         r = await client.post(post, **upload(node, body, **signed))  # the nonce again, another key
-        assert r.status_code == 401 and "not a fresh nonce" in r.json()["error"]["message"]
+        assert r.status_code == 401 and "nonce already used" in r.json()["error"]["message"]
         # A timestamp alone (no handshake) is enough.
         other = compress({"points": points(3)})
         r = await client.post(post, **upload(node, other, **{"X-Timestamp": now,

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
@@ -109,14 +110,17 @@ class LateReceiver(UpstreamReceiver):
     def config_text(self, name: str = "cloud", **options: Any) -> str:
         return super().config_text(name, breaker_threshold=1000, **options)
 
+    @staticmethod
+    async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        try:
+            async for data in source:
+                await sink.send_all(data)
+            await sink.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
     async def reachable(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async def pump(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-            try:
-                async for data in source:
-                    await sink.send_all(data)
-                await sink.send_eof()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
+        pump = self.pump
 
         async def relay(client: trio.SocketStream) -> None:
             try:
@@ -128,6 +132,28 @@ class LateReceiver(UpstreamReceiver):
                 nursery.start_soon(pump, far, client)
 
         await trio.serve_tcp(relay, self.port, host="127.0.0.1", task_status=task_status)
+
+
+class TimedRelay:
+    """A TCP relay in front of the gateway that notes when each connection came: the node
+    opens one per request (urllib), so its waits are measured on the wire, not read
+    from what the node prints."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.arrivals: list[float] = []
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async def relay(client: trio.SocketStream) -> None:
+            self.arrivals.append(trio.current_time())
+            far = await trio.open_tcp_stream("127.0.0.1", self.target)
+            async with client, far, trio.open_nursery() as nursery:
+                nursery.start_soon(LateReceiver.pump, client, far)
+                nursery.start_soon(LateReceiver.pump, far, client)
+
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(relay, listeners)
 
 
 async def test_backpressure_429_is_honoured_and_nothing_is_lost(gateway_factory, upstream_receiver, tmp_path):
@@ -145,7 +171,10 @@ async def test_backpressure_429_is_honoured_and_nothing_is_lost(gateway_factory,
                 await nursery.start(late.reachable)
 
             nursery.start_soon(upstream_back_after_refusals)
-            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "1500", "--batch", "100")
+            timed = TimedRelay(client.base_url.port)
+            port = await nursery.start(timed.serve)
+            through = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}")
+            code, out = await run_node(through, node, tmp_path / "es-1", "--sample", "1500", "--batch", "100")
             assert code == 0 and "drained" in out, out
             records = await upstream_receiver.wait_for(1500, timeout=60)
             nursery.cancel_scope.cancel()
@@ -159,6 +188,16 @@ async def test_backpressure_429_is_honoured_and_nothing_is_lost(gateway_factory,
         waited = int(re.fullmatch(r"waiting (\d+) ms", wait)[1])  # type: ignore[index]
         assert waited >= hint, (lines[i], wait)
     assert any(line.startswith("uploaded") and "next_hint" in line for line in lines), out  # elevated: 200 + hint
+    # On the wire: the request after an answer with a hint (429, or 200 when elevated)
+    # came at least that long after the one answered (its connection came before the answer).
+    answers = [line for line in lines if line.startswith(("uploaded", "refused"))]
+    assert len(answers) == len(timed.arrivals), (len(answers), len(timed.arrivals))
+    hinted = [(k, int(m[1])) for k, line in enumerate(answers) if (m := re.search(r"next_hint (\d+) ms", line))]
+    assert len(hinted) >= 4 and hinted[-1][0] < len(answers) - 1, hinted
+    for k, hint in hinted:
+        if k + 1 < len(answers):
+            gap = timed.arrivals[k + 1] - timed.arrivals[k]
+            assert gap >= hint / 1000, (answers[k], f"next request {gap * 1000:.0f} ms later")
 
 
 class Hooks:
