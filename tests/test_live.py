@@ -133,6 +133,40 @@ async def test_many_subscribers_are_written_to_less_often_within_the_write_budge
     assert hub.cut_every_s == 0.02  # 10 subscribers: batch_s
 
 
+async def test_a_cut_wakes_each_reader_once(autojump_clock):
+    """Readers waiting for a batch wake once per cut, on the cut (one timer for the hub), not
+    on the first event and again on a timer of their own: with 100 subscribers those wake-ups
+    were most of the fan-out's CPU (bench/live_bench.py)."""
+    hub = LiveHub(batch_s=0.02, writes_per_s=500)
+    got = [0] * 100
+    steps: dict[object, int] = {}
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: object) -> None:
+            steps[task] = steps.get(task, 0) + 1
+
+    async def reader(i: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner=str(i)) as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got[i] += len(batch)
+
+    async with trio.open_nursery() as nursery:
+        tasks = [await nursery.start(reader, i) for i in range(100)]
+        hub.publish("a.b.c", {})
+        await trio.sleep(1)
+        assert got == [1] * 100
+        trio.lowlevel.add_instrument(counter := CountSteps())
+        for _ in range(10):  # the first after a quiet spell is cut at once, the nine others 200 ms later
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        trio.lowlevel.remove_instrument(counter)
+        assert got == [11] * 100
+        assert [steps.get(task, 0) for task in tasks] == [2] * 100  # two cuts: two wake-ups each
+        hub.close()
+
+
 async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_clock):
     hub = LiveHub(batch_s=0.02, queue_size=16)
     fast, slow = hub.subscribe(["a.#"], owner="x"), hub.subscribe(["a.#"], owner="y")
