@@ -167,6 +167,41 @@ async def test_a_cut_wakes_each_reader_once(autojump_clock):
         hub.close()
 
 
+async def test_an_event_after_a_quiet_spell_reaches_a_waiting_reader_in_the_next_round(autojump_clock):
+    """Not a round later through the hub's timer task: a dashboard watching a quiet stream
+    sees each event at once."""
+    hub = LiveHub(batch_s=0.02)
+    trail: list[str] = []
+    got: list[int] = []
+
+    class Trail(trio.abc.Instrument):
+        def before_io_wait(self, timeout: float) -> None:
+            trail.append("round")
+
+        def before_task_step(self, task: object) -> None:
+            if task is reader_task:
+                trail.append("reader")
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="x") as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got.extend(e.id for e in batch)
+
+    async with trio.open_nursery() as nursery:
+        reader_task = await nursery.start(reader)
+        for i in range(3):
+            await trio.sleep(1)  # quiet
+            trio.lowlevel.add_instrument(instrument := Trail())
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.5)
+            trio.lowlevel.remove_instrument(instrument)
+            assert got == list(range(1, i + 2))
+            assert trail[:2] == ["round", "reader"], trail
+            trail.clear()
+        hub.close()
+
+
 async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_clock):
     hub = LiveHub(batch_s=0.02, queue_size=16)
     fast, slow = hub.subscribe(["a.#"], owner="x"), hub.subscribe(["a.#"], owner="y")

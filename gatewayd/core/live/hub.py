@@ -356,12 +356,15 @@ class LiveHub:
     def _ask_cut(self, channel: _Channel) -> None:
         """The timer task cuts `channel` when due: in the next scheduler round if its last cut
         is older than `cut_every_s` (the events published in this round go together), else
-        when it is."""
+        when it is. In the first case its readers are woken too: the first of them to run
+        makes the cut (`Subscription._wait`), one round sooner than through the timer task."""
         if channel.asked:
             return
         channel.asked = True
         self._asked.append(channel)
         self._cutter_wake.set()
+        if trio.current_time() >= channel.cut_at + self.cut_every_s:
+            channel.rouse()  # after a quiet spell: the event reaches the readers in the next round
         root = trio.lowlevel.current_root_task()
         if self._cutter_run is not root:  # the first in this trio run: its timer task
             self._cutter_run = root
