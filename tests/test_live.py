@@ -202,6 +202,44 @@ async def test_an_event_after_a_quiet_spell_reaches_a_waiting_reader_in_the_next
         hub.close()
 
 
+async def test_few_subscribers_run_in_the_round_their_cut_falls_due(autojump_clock):
+    """With few subscribers (the write budget does not bind) each reader keeps a timer for its
+    cut: it runs in the round the cut falls due, not a round after the hub's timer task (under
+    load a round is long: the p99 latency at 10 subscribers)."""
+    hub = LiveHub(batch_s=0.02)
+    trail: list[object] = []
+    got: list[int] = []
+
+    class Trail(trio.abc.Instrument):
+        def after_io_wait(self, timeout: float) -> None:
+            trail.append(trio.current_time())
+
+        def before_task_step(self, task: object) -> None:
+            if task is reader_task:
+                trail.append("reader")
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="x") as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got.extend(e.id for e in batch)
+
+    async with trio.open_nursery() as nursery:
+        reader_task = await nursery.start(reader)
+        hub.publish("a.b.c", {})  # cut at once (quiet before)
+        await trio.sleep(0.005)
+        assert got == [1]
+        due = hub._channels[frozenset({"a.#"})].cut_at + 0.02
+        trio.lowlevel.add_instrument(instrument := Trail())
+        hub.publish("a.b.c", {})  # the next cut is due 20 ms after the first
+        await trio.sleep(0.1)
+        trio.lowlevel.remove_instrument(instrument)
+        assert got == [1, 2]
+        first = next(i for i, x in enumerate(trail) if x != "reader" and x >= due)
+        assert trail[first + 1] == "reader", trail
+        hub.close()
+
+
 async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_clock):
     hub = LiveHub(batch_s=0.02, queue_size=16)
     fast, slow = hub.subscribe(["a.#"], owner="x"), hub.subscribe(["a.#"], owner="y")
