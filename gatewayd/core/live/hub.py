@@ -15,7 +15,9 @@ per subscriber), so the subscribers woken meanwhile read the same events, and
 `next_encoded` encodes them once (a WebSocket frame, an SSE chunk) for all of them.
 The hub's one timer task makes the cuts (the first in the round after an event that
 found none due); a cut wakes the channel's readers through one `trio.Event`: a reader
-costs a wake-up per cut, not a timer of its own (bench/live_bench.py).
+costs a wake-up per cut, not a timer of its own (bench/live_bench.py). Only while the
+write budget does not bind (few subscribers) does each reader keep a timer for its next
+cut, to run in the round it falls due (latency) rather than a round after the timer's.
 
 Memory is bounded: a channel holds at most `queue_size` events, there are no more
 channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
