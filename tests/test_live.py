@@ -133,6 +133,113 @@ async def test_many_subscribers_are_written_to_less_often_within_the_write_budge
     assert hub.cut_every_s == 0.02  # 10 subscribers: batch_s
 
 
+async def test_a_cut_wakes_each_reader_once(autojump_clock):
+    """Readers waiting for a batch wake once per cut, on the cut (one timer for the hub), not
+    on the first event and again on a timer of their own: with 100 subscribers those wake-ups
+    were most of the fan-out's CPU (bench/live_bench.py)."""
+    hub = LiveHub(batch_s=0.02, writes_per_s=500)
+    got = [0] * 100
+    steps: dict[object, int] = {}
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: object) -> None:
+            steps[task] = steps.get(task, 0) + 1
+
+    async def reader(i: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner=str(i)) as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got[i] += len(batch)
+
+    async with trio.open_nursery() as nursery:
+        tasks = [await nursery.start(reader, i) for i in range(100)]
+        hub.publish("a.b.c", {})
+        await trio.sleep(1)
+        assert got == [1] * 100
+        trio.lowlevel.add_instrument(counter := CountSteps())
+        for _ in range(10):  # the first after a quiet spell is cut at once, the nine others 200 ms later
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.01)
+        await trio.sleep(1)
+        trio.lowlevel.remove_instrument(counter)
+        assert got == [11] * 100
+        assert [steps.get(task, 0) for task in tasks] == [2] * 100  # two cuts: two wake-ups each
+        hub.close()
+
+
+async def test_an_event_after_a_quiet_spell_reaches_a_waiting_reader_in_the_next_round(autojump_clock):
+    """Not a round later through the hub's timer task: a dashboard watching a quiet stream
+    sees each event at once."""
+    hub = LiveHub(batch_s=0.02)
+    trail: list[str] = []
+    got: list[int] = []
+
+    class Trail(trio.abc.Instrument):
+        def before_io_wait(self, timeout: float) -> None:
+            trail.append("round")
+
+        def before_task_step(self, task: object) -> None:
+            if task is reader_task:
+                trail.append("reader")
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="x") as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got.extend(e.id for e in batch)
+
+    async with trio.open_nursery() as nursery:
+        reader_task = await nursery.start(reader)
+        for i in range(3):
+            await trio.sleep(1)  # quiet
+            trio.lowlevel.add_instrument(instrument := Trail())
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.5)
+            trio.lowlevel.remove_instrument(instrument)
+            assert got == list(range(1, i + 2))
+            assert trail[:2] == ["round", "reader"], trail
+            trail.clear()
+        hub.close()
+
+
+async def test_few_subscribers_run_in_the_round_their_cut_falls_due(autojump_clock):
+    """With few subscribers (the write budget does not bind) each reader keeps a timer for its
+    cut: it runs in the round the cut falls due, not a round after the hub's timer task (under
+    load a round is long: the p99 latency at 10 subscribers)."""
+    hub = LiveHub(batch_s=0.02)
+    trail: list[object] = []
+    got: list[int] = []
+
+    class Trail(trio.abc.Instrument):
+        def after_io_wait(self, timeout: float) -> None:
+            trail.append(trio.current_time())
+
+        def before_task_step(self, task: object) -> None:
+            if task is reader_task:
+                trail.append("reader")
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="x") as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while batch := await sub.next():
+                got.extend(e.id for e in batch)
+
+    async with trio.open_nursery() as nursery:
+        reader_task = await nursery.start(reader)
+        hub.publish("a.b.c", {})  # cut at once (quiet before)
+        await trio.sleep(0.005)
+        assert got == [1]
+        due = hub._channels[frozenset({"a.#"})].cut_at + 0.02
+        trio.lowlevel.add_instrument(instrument := Trail())
+        hub.publish("a.b.c", {})  # the next cut is due 20 ms after the first
+        await trio.sleep(0.1)
+        trio.lowlevel.remove_instrument(instrument)
+        assert got == [1, 2]
+        first = next(i for i, x in enumerate(trail) if x != "reader" and x >= due)
+        assert trail[first + 1] == "reader", trail
+        hub.close()
+
+
 async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_clock):
     hub = LiveHub(batch_s=0.02, queue_size=16)
     fast, slow = hub.subscribe(["a.#"], owner="x"), hub.subscribe(["a.#"], owner="y")

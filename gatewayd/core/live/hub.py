@@ -13,6 +13,11 @@ drop is counted. A channel's events become readable in cuts, at most one per `ba
 (longer when more subscribers than `writes_per_s` × `batch_s` watch: each cut is a write
 per subscriber), so the subscribers woken meanwhile read the same events, and
 `next_encoded` encodes them once (a WebSocket frame, an SSE chunk) for all of them.
+The hub's one timer task makes the cuts (the first in the round after an event that
+found none due); a cut wakes the channel's readers through one `trio.Event`: a reader
+costs a wake-up per cut, not a timer of its own (bench/live_bench.py). Only while the
+write budget does not bind (few subscribers) does each reader keep a timer for its next
+cut, to run in the round it falls due (latency) rather than a round after the timer's.
 
 Memory is bounded: a channel holds at most `queue_size` events, there are no more
 channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
@@ -119,7 +124,7 @@ class _Channel:
     """What the subscribers of one set of patterns get: a bounded ring of events, numbered
     from 0 (`head` is the number of the next one), read through each subscriber's cursor."""
 
-    __slots__ = ("cut", "cut_at", "encoded", "events", "head", "members", "patterns", "size", "wake")
+    __slots__ = ("asked", "cut", "cut_at", "encoded", "events", "head", "members", "patterns", "ready", "size")
 
     def __init__(self, patterns: frozenset[str], size: int) -> None:
         self.patterns = patterns
@@ -127,9 +132,10 @@ class _Channel:
         self.events: list[LiveEvent] = []  # grows to `size`, then event n lives at n % size
         self.head = 0
         self.members = 0
-        self.wake = trio.Event()  # set by publish; a reader with nothing to read replaces it
-        self.cut = 0  # readers see the events before `cut` (batching: see Subscription._wait)
+        self.cut = 0  # readers see the events before `cut` (batching: LiveHub._cutter)
         self.cut_at = -math.inf
+        self.asked = False  # events past the cut wait for the hub's timer task to cut them
+        self.ready = trio.Event()  # set (and replaced) by a cut, or when readers must look again
         self.encoded: dict[tuple[object, int], Any] = {}  # (encoder, start) -> its output up to `cut`
 
     @property
@@ -143,7 +149,16 @@ class _Channel:
         else:
             self.events[self.head % self.size] = event
         self.head += 1
-        self.wake.set()
+
+    def make_cut(self, now: float) -> None:
+        """Everything published so far readable; the readers waiting look again."""
+        self.cut, self.cut_at = self.head, now
+        self.encoded.clear()
+        self.rouse()
+
+    def rouse(self) -> None:
+        self.ready.set()
+        self.ready = trio.Event()
 
     def between(self, start: int, end: int) -> list[LiveEvent]:
         """Events start .. end-1 (tail <= start <= end <= head)."""
@@ -186,7 +201,7 @@ class Subscription:
         for event in old.between(self._cursor, old.head):
             self._push(event)
         self.hub._leave(old)
-        old.wake.set()  # a reader waiting on the old channel looks again
+        old.rouse()  # a reader waiting on the old channel looks again
         self.patterns = patterns
         self._channel = self.hub._join(patterns)
         self._cursor = self._channel.head
@@ -212,30 +227,31 @@ class Subscription:
     async def _wait(self) -> bool:
         """Until there is something to read (False: closed, and nothing left).
 
-        Events become readable in cuts, at most one per `hub.cut_every_s`: every reader of
-        the channel woken meanwhile reads up to the same cut, so they read the same events
-        and `next_encoded` encodes them once."""
+        Events become readable in cuts, which the hub's timer task makes (`LiveHub._cutter`):
+        every reader of the channel woken by a cut reads up to it, so they read the same
+        events and `next_encoded` encodes them once."""
         while True:
             ch = self._channel
             start = max(self._cursor, ch.tail)
-            own = bool(self._pending or self._dropped or self._cursor < ch.tail)  # a gap, its own events
-            if ch.cut <= start < ch.head:  # unread events, none readable yet: a cut now, or when due
+            if ch.cut <= start < ch.head:  # events not cut yet: if the cut is due (or closed), now
                 now = trio.current_time()
-                due = ch.cut_at + self.hub.cut_every_s
-                if now >= due or self.closed:
-                    ch.cut, ch.cut_at = ch.head, now
-                    ch.encoded.clear()
-                elif not own:
-                    await trio.sleep_until(due)
-                    continue
-            if own or start < ch.cut:
-                return True
+                if self.closed or now >= ch.cut_at + self.hub.cut_every_s:
+                    ch.make_cut(now)
+                else:
+                    self.hub._ask_cut(ch)  # (publish asked already, unless this reader moved here since)
+            if self._pending or self._dropped or self._cursor < ch.tail or start < ch.cut:
+                return True  # a gap, events of its own, or cut events to read
             if self.closed:
                 return False
-            wake = ch.wake
-            if wake.is_set():
-                ch.wake = wake = trio.Event()
-            await wake.wait()
+            due = ch.cut_at + self.hub.cut_every_s
+            if self.hub.cut_every_s <= self.hub.batch_s and trio.current_time() < due:
+                # Few subscribers (the write budget does not bind): each keeps a timer for the next
+                # cut and runs in the round it falls due (and makes it), not a round after the
+                # timer task's: under load a round is long (p99 at 10 subscribers, live_bench).
+                with trio.move_on_at(due):
+                    await ch.ready.wait()
+                continue
+            await ch.ready.wait()
 
     def _take(self) -> list[LiveEvent | Gap]:
         """What there is to read now, in order: a Gap first, then events (advances the cursor)."""
@@ -282,7 +298,7 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._catch_up()  # what it lost before it went is counted too
-            self._channel.wake.set()
+            self._channel.rouse()
             self.hub._remove(self)
 
     def __enter__(self) -> Subscription:
@@ -311,6 +327,9 @@ class LiveHub:
         self._routes: dict[str, tuple[list[_Channel], int]] = {}  # stream -> (channels, subscribers) (cached)
         self._watched: dict[str, bool] = {}  # pattern -> has_subscribers (cached)
         self._next_id = 1
+        self._asked: list[_Channel] = []  # channels with events to cut, for the timer task
+        self._cutter_wake = trio.Event()  # set when a channel is asked (it may be due sooner), or at close
+        self._cutter_run: object = None  # the trio run the timer task belongs to
         self.closed = False
         self.stats = {"published": 0, "delivered": 0, "dropped": 0, "gaps": 0, "refused": 0}
 
@@ -345,8 +364,48 @@ class LiveHub:
             route = self._routes[stream] = (channels, sum(c.members for c in channels))
         for channel in route[0]:
             channel.append(event)
+            if not channel.asked:
+                self._ask_cut(channel)
         self.stats["delivered"] += route[1]
         return event
+
+    def _ask_cut(self, channel: _Channel) -> None:
+        """The timer task cuts `channel` when due: in the next scheduler round if its last cut
+        is older than `cut_every_s` (the events published in this round go together), else
+        when it is. In the first case its readers are woken too: the first of them to run
+        makes the cut (`Subscription._wait`), one round sooner than through the timer task."""
+        if channel.asked:
+            return
+        channel.asked = True
+        self._asked.append(channel)
+        self._cutter_wake.set()
+        if trio.current_time() >= channel.cut_at + self.cut_every_s:
+            channel.rouse()  # after a quiet spell: the event reaches the readers in the next round
+        root = trio.lowlevel.current_root_task()
+        if self._cutter_run is not root:  # the first in this trio run: its timer task
+            self._cutter_run = root
+            trio.lowlevel.spawn_system_task(self._cutter, root, name="gatewayd live hub: cuts")
+
+    async def _cutter(self, root: object) -> None:
+        """Cut every asked channel when due, and wake its readers (one Event each): one timer
+        for the hub, not one a reader (a timer's expiry is a Cancelled raised and caught; with
+        100 subscribers, those and the readers' second wake-up per cut were a quarter of the
+        fan-out's CPU: bench/live_bench.py --direct)."""
+        while self._cutter_run is root and not self.closed:
+            self._cutter_wake = trio.Event()
+            now, every = trio.current_time(), self.cut_every_s
+            later: list[_Channel] = []
+            for channel in self._asked:
+                if not channel.members or channel.cut == channel.head:
+                    channel.asked = False  # gone, or cut meanwhile by a closing reader
+                elif now >= channel.cut_at + every:
+                    channel.asked = False
+                    channel.make_cut(now)
+                else:
+                    later.append(channel)
+            self._asked = later
+            with trio.move_on_at(min((c.cut_at for c in later), default=math.inf) + every):
+                await self._cutter_wake.wait()  # or a channel asked meanwhile: maybe due sooner
 
     def has_subscribers(self, pattern: str) -> bool:
         """True if a subscriber watches some stream `pattern` names (`kaiabc.oscillator_state.#`):
@@ -394,6 +453,7 @@ class LiveHub:
     def close(self) -> None:
         """Shutdown: every subscriber's `next()` returns what it has, then []."""
         self.closed = True
+        self._cutter_wake.set()
         for sub in list(self._subs):
             sub.close()
 
