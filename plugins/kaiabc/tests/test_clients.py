@@ -151,3 +151,23 @@ async def test_what_runs_the_clients_pins_the_site_ca(gateway_factory, tmp_path)
 
         r = await client.get(f"{V1}/sensors/nodes", headers=AUTH)
         assert {n["node_id"] for n in r.json()["nodes"]} == {"pico_001", "elm11_001"}
+
+
+async def test_a_certificate_of_the_site_ca_for_another_name_is_refused(gateway_factory, tmp_path):
+    """The host name is checked too (LuaSec 1.2 does not; lua/pinned_http.lua does): the
+    gateway serves a certificate of the pinned CA that names another host."""
+    subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "gw.other.example", "--ip",
+                    "10.9.9.9", "--set", f"gateway.data_dir='{tmp_path / 'var'}'"], check=True, capture_output=True)
+    ca = str(tmp_path / "var" / "tls" / "ca.crt")
+    async with gateway_factory(plugins=KAIABC, settings=["tls.http=true"]) as gw:
+        base = gw_url(gw) + V1
+        assert base.startswith("https://127.0.0.1:")
+        await provision(gw, "kaiabc", "elm11_001", key="kaiabc_node_elm11_001")
+        done = await trio.to_thread.run_sync(lambda: runner.run_elm11(base, "kaiabc_node_elm11_001", "elm11_001", 1,
+                                                                      [25.0], cafile=ca))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == "registered false", done.stdout
+        assert "Error: HTTP certificate does not name 127.0.0.1" in done.stdout and "batch null" in done.stdout
+        pico = runner.load_pico(base, "kaiabc_node_pico_001", "pico_001", cafile=ca)
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED.*IP address mismatch"):
+            await trio.to_thread.run_sync(pico.get_current_state)
