@@ -20,6 +20,11 @@ A controller as section 10's pseudocode and section 5's state machine describe i
 It runs on CPython with `httpx` (and `paho-mqtt` for MQTT). Time comes from a `Clock`:
 `Clock()` is real time, `Clock(speed=60)` runs a minute per second, so tests can live
 hours of a light's life in seconds. Run it: `python controller.py BASE_URL DEVICE_ID`.
+
+TLS: `--cafile ca.crt` pins the site CA (`<data_dir>/tls/ca.crt` from `gatewayd tls init`):
+an https:// base URL is checked against that CA only, and MQTT (when configure hands it
+out) speaks TLS with it, so run the gateway with `tls.mqtt_plain = false`, whose configure
+answers the TLS port.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import gzip
 import hashlib
 import hmac
 import json
+import ssl
 import sys
 import threading
 import time
@@ -95,7 +101,7 @@ class Lamp:
 class StreetLight:
     def __init__(self, base_url: str, device_id: str, *, clock: Clock | None = None, secret: str | None = None,
                  flash: dict[str, Any] | None = None, latitude: float = 28.6139, longitude: float = 77.2090,
-                 firmware_version: str = "v2.1.0", use_mqtt: bool = True) -> None:
+                 firmware_version: str = "v2.1.0", use_mqtt: bool = True, cafile: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.device_id = device_id
         self.clock = clock or Clock()
@@ -123,7 +129,9 @@ class StreetLight:
         self.mqtt_retry_at = 0.0
         self._pushed: collections.deque[dict[str, Any]] = collections.deque()
         self._lock = threading.Lock()
-        self.http = httpx.Client(timeout=5.0)
+        # The site CA pinned (no system roots): a gateway whose certificate it did not sign is refused.
+        self.tls = ssl.create_default_context(cafile=cafile) if cafile else None
+        self.http = httpx.Client(timeout=5.0, verify=self.tls or True)
 
     # -- the main loop (section 10) ----------------------------------------------------------
 
@@ -198,7 +206,8 @@ class StreetLight:
                    "firmware_version": self.firmware_version, "timestamp": iso(self.clock.time())}
         try:
             r = self.request("POST", "/configure", payload)
-        except Unreachable:
+        except Unreachable as e:
+            self.log("warning", f"configure: gateway unreachable: {e}")  # a refused certificate says so here
             self.retry_at = self.clock.time() + 10
             return
         if r.status_code != 200:
@@ -414,6 +423,8 @@ class StreetLight:
             self.mqtt.loop_stop()
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=settings["mqtt_username"], protocol=paho.MQTTv5)
         client.username_pw_set(settings["mqtt_username"], settings["mqtt_password"])
+        if self.tls is not None:
+            client.tls_set_context(self.tls)  # the site CA only, the host name checked
         topic = settings["topics"]["subscribe"]
         client.on_connect = lambda c, u, f, reason, p: c.subscribe(topic, qos=1) if not reason.is_failure else None
         client.on_message = lambda c, u, m: self._pushed.append(json.loads(m.payload))
@@ -442,8 +453,21 @@ def _ts(text: str) -> float:
     return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
 
 
+def main(argv: list[str]) -> StreetLight:
+    """The light the command line describes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="CCMS street-light reference firmware")
+    p.add_argument("base_url", help="the gateway's mount: http(s)://<gateway>:8080/streetlight")
+    p.add_argument("device_id", help="IMEI:...")
+    p.add_argument("--no-mqtt", action="store_true", help="poll over HTTP even when configure offers MQTT")
+    p.add_argument("--cafile", default=None, help="the site CA to pin: https and MQTT over TLS checked against it")
+    opts = p.parse_args(argv)
+    return StreetLight(opts.base_url, opts.device_id, use_mqtt=not opts.no_mqtt, cafile=opts.cafile)
+
+
 if __name__ == "__main__":
-    light = StreetLight(sys.argv[1], sys.argv[2], use_mqtt="--no-mqtt" not in sys.argv)
+    light = main(sys.argv[1:])
     try:
         light.run(threading.Event())
     except KeyboardInterrupt:

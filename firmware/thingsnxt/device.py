@@ -4,7 +4,7 @@ the network behind one tiny adapter (`http_request`, urequests' shape), so on CP
 the same code runs on urllib:
 
     python firmware/thingsnxt/device.py --prefs prefs.json --console /dev/ttyUSB0 --provision
-    python firmware/thingsnxt/device.py --prefs prefs.json [--cycles N] [--speed 10]
+    python firmware/thingsnxt/device.py --prefs prefs.json [--cycles N] [--speed 10] [--cafile ca.crt]
 
 - Credentials in a preferences file (`iot-config`: device_id, device_token, api_base_url),
   as `Preferences` keeps them on the ESP32; written by serial provisioning.
@@ -16,6 +16,9 @@ the same code runs on urllib:
 - Three tries per request, 2 s then 4 s apart (RETRY_BASE_DELAY * 2^n); no retry on 4xx.
 - On 429 the telemetry and poll intervals double (up to 8x); each success halves them back.
 - The LEDs (virtual pins v0, v1, ...) follow the server's answer.
+- TLS: `--cafile ca.crt` pins the site CA (`<data_dir>/tls/ca.crt` from `gatewayd tls init`)
+  for an https:// api_base_url: a certificate that CA did not sign is refused (on the
+  ESP32: `WiFiClientSecure.setCACert` with the same PEM).
 """
 
 import json
@@ -29,6 +32,8 @@ TELEMETRY_S, POLL_S, HEALTH_S = 10.0, 5.0, 60.0
 MAX_SLOWDOWN = 8
 PREFS_NAMESPACE = "iot-config"
 PREF_KEYS = ("device_id", "device_token", "api_base_url")
+#: The site CA the device pins (`--cafile`), as an ssl.SSLContext; None: no pinning.
+TLS = None
 
 
 # -- preferences (the ESP32's NVS) ---------------------------------------------------
@@ -104,11 +109,12 @@ def http_request(method, url, doc=None, timeout=5.0):
     data = None if doc is None else json.dumps(doc).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
+        with urllib.request.urlopen(req, timeout=timeout, context=TLS) as r:
             status, body = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read()
-    except OSError:
+    except OSError as e:
+        print("connection failed: %s" % e, file=sys.stderr)  # a refused certificate says so here
         return -1, None
     try:
         return status, json.loads(body) if body else None
@@ -219,7 +225,13 @@ def main(argv):
     parser.add_argument("--provision", action="store_true", help="wait for provisioning on --console first")
     parser.add_argument("--cycles", type=int, default=None, help="stop after N telemetry sends")
     parser.add_argument("--speed", type=float, default=1.0, help="run the intervals N times faster")
+    parser.add_argument("--cafile", default=None, help="the site CA to pin (https checked against it only)")
     args = parser.parse_args(argv)
+    if args.cafile:
+        import ssl
+
+        global TLS
+        TLS = ssl.create_default_context(cafile=args.cafile)  # this CA only: no system roots
     if args.provision:
         fd = os.open(args.console, os.O_RDWR | os.O_NOCTTY)
         try:

@@ -2,6 +2,8 @@
 -- against a gateway: lua5.1 run_elm11.lua CLIENT API_BASE API_KEY NODE_ID CYCLES [TEMP_C...]
 -- read_bme280 and tmr are the board's; here they replay the temperatures given and stop
 -- main_loop after CYCLES cycles. Each request's outcome is printed for the tests.
+-- $KAIABC_CAFILE pins the site CA: the client's socket.http is then pinned_http.lua's
+-- (an https:// API_BASE without it is refused: LuaSec alone would take any certificate).
 local client, base, key, node, cycles = arg[1], arg[2], arg[3], arg[4], tonumber(arg[5])
 local temps = {}
 for i = 6, #arg do temps[#temps + 1] = tonumber(arg[i]) end
@@ -16,6 +18,12 @@ text, n = text:gsub('\nAPI_KEY = "[^"\n]*"', '\nAPI_KEY = "' .. key .. '"', 1)
 assert(n == 1, "API_KEY not found")
 text, n = text:gsub('\nNODE_ID = "[^"\n]*"', '\nNODE_ID = "' .. node .. '"', 1)
 assert(n == 1, "NODE_ID not found")
+local cafile = os.getenv("KAIABC_CAFILE")
+if cafile and cafile ~= "" then
+    package.loaded["socket.http"] = require("pinned_http")(cafile)
+elseif base:sub(1, 8) == "https://" then
+    error("an https API_BASE needs the site CA pinned (KAIABC_CAFILE): LuaSec verifies nothing by default", 0)
+end
 assert(loadstring(text, "=elm11_client.lua"))()
 
 local json = require("cjson")

@@ -5,6 +5,9 @@ import hashlib
 import importlib.util
 import json
 import re
+import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,70 @@ async def test_the_elm11_client_against_the_gateway(gateway_factory):
         # the next boot: 409, which the client reports as false
         again = await trio.to_thread.run_sync(runner.run_elm11, base, key, "elm11_001", 1, [25.0])
         assert again.stdout.splitlines()[0] == "registered false"
+
+
+def tls_init(data_dir: Path) -> Path:
+    """`gatewayd tls init` for localhost / 127.0.0.1 in `data_dir`; the site CA's path."""
+    subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "localhost", "--ip",
+                    "127.0.0.1", "--set", f"gateway.data_dir='{data_dir}'"], check=True, capture_output=True)
+    return data_dir / "tls" / "ca.crt"
+
+
+async def test_what_runs_the_clients_pins_the_site_ca(gateway_factory, tmp_path):
+    """Issue 21: the clients unchanged, the runner pins the site CA for an https:// API_BASE
+    (the Pico's urequests shim; the ELM11's socket.http over LuaSec). Another CA pinned: the
+    gateway's certificate is refused; no CA for the ELM11: it does not run (LuaSec alone
+    would take any certificate)."""
+    ca = str(tls_init(tmp_path / "var"))
+    other_ca = str(tls_init(tmp_path / "other"))
+    pico_key, elm_key = "kaiabc_node_pico_001", "kaiabc_node_elm11_001"
+    async with gateway_factory(plugins=KAIABC, settings=["tls.http=true"]) as gw, \
+            gw_client(gw, verify=ssl.create_default_context(cafile=ca)) as client:
+        base = gw_url(gw) + V1
+        assert base.startswith("https://")
+        await provision(gw, "kaiabc", "pico_001", key=pico_key)
+        await provision(gw, "kaiabc", "elm11_001", key=elm_key)
+
+        stranger = runner.load_pico(base, pico_key, "pico_001", cafile=other_ca)
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+            await trio.to_thread.run_sync(stranger.get_current_state)
+        [registered, cycle] = await trio.to_thread.run_sync(lambda: runner.run_pico(base, pico_key, "pico_001", 1,
+                                                                                    cafile=ca))
+        assert registered["register"]["success"] is True and cycle["batch"]["accepted"] == 1, cycle
+
+        refused = await trio.to_thread.run_sync(lambda: runner.run_elm11(base, elm_key, "elm11_001", 1, [25.0],
+                                                                         cafile=other_ca))
+        assert refused.returncode == 0, refused.stderr
+        assert refused.stdout.splitlines()[0] == "registered false", refused.stdout
+        assert "Error: HTTP certificate verify failed" in refused.stdout and "batch null" in refused.stdout
+        unpinned = await trio.to_thread.run_sync(lambda: runner.run_elm11(base, elm_key, "elm11_001", 1, [25.0]))
+        assert unpinned.returncode != 0 and "KAIABC_CAFILE" in unpinned.stderr, unpinned.stderr
+        done = await trio.to_thread.run_sync(lambda: runner.run_elm11(base, elm_key, "elm11_001", 2, [25.0, 26.0],
+                                                                      cafile=ca))
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "registered true" and lines[-1] == "done 2", done.stdout
+        assert json.loads(lines[1][6:])["accepted"] == 1
+
+        r = await client.get(f"{V1}/sensors/nodes", headers=AUTH)
+        assert {n["node_id"] for n in r.json()["nodes"]} == {"pico_001", "elm11_001"}
+
+
+async def test_a_certificate_of_the_site_ca_for_another_name_is_refused(gateway_factory, tmp_path):
+    """The host name is checked too (LuaSec 1.2 does not; lua/pinned_http.lua does): the
+    gateway serves a certificate of the pinned CA that names another host."""
+    subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "gw.other.example", "--ip",
+                    "10.9.9.9", "--set", f"gateway.data_dir='{tmp_path / 'var'}'"], check=True, capture_output=True)
+    ca = str(tmp_path / "var" / "tls" / "ca.crt")
+    async with gateway_factory(plugins=KAIABC, settings=["tls.http=true"]) as gw:
+        base = gw_url(gw) + V1
+        assert base.startswith("https://127.0.0.1:")
+        await provision(gw, "kaiabc", "elm11_001", key="kaiabc_node_elm11_001")
+        done = await trio.to_thread.run_sync(lambda: runner.run_elm11(base, "kaiabc_node_elm11_001", "elm11_001", 1,
+                                                                      [25.0], cafile=ca))
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines()[0] == "registered false", done.stdout
+        assert "Error: HTTP certificate does not name 127.0.0.1" in done.stdout and "batch null" in done.stdout
+        pico = runner.load_pico(base, "kaiabc_node_pico_001", "pico_001", cafile=ca)
+        with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED.*IP address mismatch"):
+            await trio.to_thread.run_sync(pico.get_current_state)

@@ -4,6 +4,8 @@ faster than real time, against a real gateway and the upstream reference receive
 from __future__ import annotations
 
 import importlib.util
+import ssl
+import subprocess
 import sys
 import threading
 from contextlib import asynccontextmanager
@@ -168,6 +170,44 @@ async def test_every_error_code_of_the_table_is_handled(gateway_factory):
                 assert light.poll_s == expected
         finally:
             light.close()
+
+
+def tls_init(data_dir: Path) -> Path:
+    """`gatewayd tls init` for localhost / 127.0.0.1 in `data_dir`; the site CA's path."""
+    subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "localhost", "--ip",
+                    "127.0.0.1", "--set", f"gateway.data_dir='{data_dir}'"], check=True, capture_output=True)
+    return data_dir / "tls" / "ca.crt"
+
+
+async def test_the_light_pins_the_site_ca_https_and_mqtt_over_tls(gateway_factory, tmp_path):
+    """Issue 21: `--cafile` pins the site CA. Against a gateway whose HTTP and device MQTT
+    are TLS only, the light configures over HTTPS and takes pushed commands over MQTT with
+    TLS; with another CA pinned, the gateway's certificate is refused at the first request."""
+    ca = tls_init(tmp_path / "var")
+    other_ca = tls_init(tmp_path / "other")
+    port = reserved_port()
+    settings = [*SETTINGS, "tls.http=true", f"tls.mqtt_listen='127.0.0.1:{port}'", "tls.mqtt_plain=false"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, mqtt=True) as gw, \
+            gw_client(gw, verify=ssl.create_default_context(cafile=str(ca))) as client:
+        assert gw_url(gw).startswith("https://")
+        await provision(gw, "streetlight", IMEI)
+        base = gw_url(gw) + "/streetlight"
+        stranger = controller.StreetLight(base, IMEI, clock=controller.Clock(SPEED), cafile=str(other_ca))
+        try:
+            await trio.to_thread.run_sync(stranger.step)
+        finally:
+            stranger.close()
+        assert stranger.state == "CONFIGURING" and "token" not in stranger.flash
+        assert any("CERTIFICATE_VERIFY_FAILED" in e["message"] for e in stranger.logs), stranger.logs
+        light = controller.main([base, IMEI, "--cafile", str(ca)])
+        light.clock = controller.Clock(SPEED)
+        async with running(light):
+            await wait_until(lambda: light.state == "READY" and light.mqtt_connected(), what="configured, on MQTT")
+            assert light.flash["mqtt"]["mqtt_port"] == port  # the TLS listener: nothing else is open
+            queued = await command(client, IMEI, {"command_type": "power_control", "action": "on"})
+            await wait_until(lambda: light.lamp.power_state == "on", what="the light switched on")
+            await wait_until(lambda: _status_of(client, queued["id"]), what="the ack")
+        assert await _status_of(client, queued["id"]) == "executed"
 
 
 async def _status_of(client: Any, command_id: str) -> str | None:

@@ -168,3 +168,43 @@ def test_the_firmware_retries_with_back_off_and_slows_down_on_429(firmware):
     device.send_telemetry()
     device.send_telemetry()
     assert device.slowdown == 1 and len(sent) == 7  # each success halves it back
+
+
+def tls_init(data_dir: Path) -> Path:
+    """`gatewayd tls init` for localhost / 127.0.0.1 in `data_dir`; the site CA's path."""
+    subprocess.run([sys.executable, "-m", "gatewayd", "tls", "init", "--only", "--name", "localhost", "--ip",
+                    "127.0.0.1", "--set", f"gateway.data_dir='{data_dir}'"], check=True, capture_output=True)
+    return data_dir / "tls" / "ca.crt"
+
+
+async def test_the_firmware_pins_the_site_ca(gateway_factory, firmware, tmp_path):
+    """Issue 21: `--cafile` pins the site CA. Against the gateway's HTTPS listener the device
+    sends and polls; with another CA pinned, the gateway's certificate is refused and
+    nothing reaches it."""
+    import ssl
+
+    ca = tls_init(tmp_path / "var")
+    other_ca = tls_init(tmp_path / "other")
+    settings = ["plugins.thingsnxt.rate_limit=0", "tls.http=true"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, \
+            gw_client(gw, verify=ssl.create_default_context(cafile=str(ca))) as client:
+        assert gw_url(gw).startswith("https://")
+        creds = await provision(gw, "thingsnxt", "esp-1")
+        prefs = str(tmp_path / "prefs.json")
+        firmware.save_prefs(prefs, {"device_id": "esp-1", "device_token": creds.key,
+                                    "api_base_url": gw_url(gw) + "/thingsnxt"})
+
+        async def run(cafile: Path) -> Ran:
+            argv = [sys.executable, str(FIRMWARE), "--prefs", prefs, "--cycles", "1", "--speed", "100",
+                    "--cafile", str(cafile)]
+            return Ran(await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False))
+
+        ran = await run(other_ca)
+        assert ran.code == 0 and "CERTIFICATE_VERIFY_FAILED" in ran.err, ran.err
+        assert json.loads(ran.out)["sent"] == 0 and json.loads(ran.out)["healthy"] == 0
+        r = await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)
+        assert "temperature" not in (r.json()["data"] or {})  # nothing reached the gateway
+        ran = await run(ca)
+        assert ran.code == 0 and json.loads(ran.out)["sent"] == 1 and json.loads(ran.out)["healthy"] == 1, ran.err
+        r = await client.get("/thingsnxt/devices/esp-1/state", headers=ADMIN)
+        assert r.json()["data"]["temperature"] == 21.1
