@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
@@ -242,3 +244,13 @@ def test_smtp_login_over_cleartext_is_a_warning(tmp_path, capsys):
                               "logs in as 'gw'", "details": {"host": "mx.site.example", "port": 587}}
     _, checks = _doctor(capsys, tmp_path, "upstream=[]")
     assert checks["smtp"]["status"] == "skip"
+
+
+def test_the_doctors_checks_are_imported_only_when_it_runs():
+    # `gatewayd run` builds every command's parser; the checks module (~2 MB of RSS on a
+    # small board, issue 21) is imported by `gatewayd doctor` alone.
+    code = ("import sys; from gatewayd.cli import build_parser; from gatewayd.plugins.manager import "
+            "build_plugin_manager; build_parser(build_plugin_manager(), set()).parse_args(['doctor', '--json']); "
+            "print('gatewayd.cli.doctor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -25,7 +25,7 @@ from ..core.storage import MigrationError, StorageError, UnusableDatabase, backu
 from ..plugins.manager import PluginLoadError, PluginManager, build_plugin_manager
 from .context import CliContext, add_common_options, config_path, load
 from .devices import cmd_devices, setup_devices
-from .doctor import cmd_doctor, setup_doctor
+from .doctor_options import setup_doctor
 from .events import cmd_alerts, cmd_events, setup_alerts, setup_events
 from .firmware import cmd_firmware, setup_firmware
 from .maintenance import cmd_maintenance, setup_maintenance
@@ -58,6 +58,12 @@ def _print_config_errors(e: ConfigErrors, path: Path | None) -> None:
 
 
 # -- commands ----------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace, manager: PluginManager) -> int:
+    from .doctor import cmd_doctor as doctor  # imported when asked: its checks are nothing `run` needs
+
+    return doctor(args, manager)
 
 
 def cmd_run(args: argparse.Namespace, manager: PluginManager) -> int:

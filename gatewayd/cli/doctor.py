@@ -31,6 +31,7 @@ from ..core.schema import Address, read_secret
 from ..core.storage import unusable_message
 from ..plugins.manager import PluginManager
 from .context import config_path, load
+from .doctor_options import setup_doctor
 
 __all__ = ["Check", "run_checks", "setup_doctor", "cmd_doctor"]
 
@@ -41,15 +42,6 @@ MAX_SKEW_S = 120.0
 #: Free disk below this fails whatever the outbox's capacity.
 MIN_FREE_BYTES = 100 << 20
 
-EPILOG = """\
-status: ok, warn (worth knowing), fail (a real problem), skip (cannot be decided here).
-exit status: 1 when a check failed, 0 otherwise (warnings never fail).
-
-examples:
-  sudo -u gatewayd gatewayd doctor --config /etc/gatewayd/gatewayd.toml
-  gatewayd doctor --json | jq '.checks[] | select(.status == "fail")'
-  gatewayd doctor --no-network              no request to the upstream sinks
-"""
 
 
 @dataclass
@@ -58,14 +50,6 @@ class Check:
     status: Status
     message: str
     details: dict[str, Any] = field(default_factory=dict)
-
-
-def setup_doctor(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--json", action="store_true", help="machine-readable report")
-    parser.add_argument("--no-network", action="store_true", help="skip the upstream checks (no request leaves the box)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds for each network check (default 10)")
 
 
 def cmd_doctor(args: argparse.Namespace, manager: PluginManager) -> int:

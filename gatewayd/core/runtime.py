@@ -23,7 +23,9 @@ commits every queued write and storage closes.
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
 import random
 import resource
 import signal
@@ -622,11 +624,32 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 10, 10)
 
 
+#: glibc's mallopt parameter number for the most malloc arenas (malloc.h's M_ARENA_MAX).
+M_ARENA_MAX = -8
+#: The small profile's malloc arenas: glibc's default (8 per core) gives each thread that
+#: allocates (the storage readers, trio's thread cache) its own, each keeping its freed memory.
+SMALL_ARENAS = 2
+
+
+def limit_malloc_arenas(arenas: int) -> bool:
+    """At most `arenas` glibc malloc arenas from now on (as MALLOC_ARENA_MAX=arenas, which
+    wins if set); False where the C library is not glibc."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_ARENA_MAX, arenas)) if hasattr(libc, "mallopt") else False
+    except OSError:
+        return False
+
+
 def tune_gc_for(profile: str) -> None:
     """The garbage collector for `gatewayd run` with `gateway.profile`: `tune_gc`'s relaxed
     thresholds, or, for "small" (core/profile.py), Python's own (objects alive at start-up
-    are still frozen out of later collections: that costs no memory)."""
+    are still frozen out of later collections: that costs no memory) and at most
+    SMALL_ARENAS malloc arenas."""
     if profile == "small":
+        limit_malloc_arenas(SMALL_ARENAS)
         gc.collect()
         gc.freeze()
         gc.set_threshold(700, 10, 10)

@@ -204,7 +204,7 @@ class Api:
         online = sum(1 for n in state.nodes if self.ctx.devices.is_online(n))
         return {"status": "healthy", "version": API_VERSION,
                 "uptime_seconds": int(self.ctx.now() - state.started), "timestamp": iso(self.ctx.now()),
-                "components": {"ode_solver": "operational" if state.fleet.cycle is not None else "starting",
+                "components": {"ode_solver": "operational" if state.ready.is_set() else "starting",
                                "database": "operational",
                                "sensor_nodes": {"connected": online, "total": len(state.nodes)}}}
 

@@ -94,9 +94,10 @@ class Kaiabc:
         self._thinned_to = float(settings.get("history_thinned_to", 0.0))
         if "solver" in settings:
             self.fleet.config = SolverConfig.from_spec(settings["solver"])
-        await self.fleet.prepare()
         self.tokens.load(await self.ctx.storage.read(self.store.tokens))
         self.nodes = {n.node_id: n for n in await self.ctx.storage.read(self.store.nodes)}
+        if self.nodes:  # with none yet, the first registration prepares it: scipy.integrate is ~35 MB of RSS
+            await self.fleet.prepare()
         # Nodes of an older release may already collide: the first (by id) keeps the name.
         for node_id in sorted(self.nodes, reverse=True):
             self._stream_names[stream_name(node_id)] = node_id
@@ -262,6 +263,7 @@ class Kaiabc:
             if len(self.nodes) >= self.ctx.config.max_nodes:
                 raise Fail(503, "SERVICE_UNAVAILABLE", f"this gateway keeps at most {self.ctx.config.max_nodes} nodes "
                            "(plugins.kaiabc.max_nodes)")
+            await self.fleet.prepare()  # the site default's limit cycle, which a new node starts on (cached)
             new_key = None
             fields = {"name": info.name or info.node_id, "model": info.hardware_type,
                       "firmware": info.firmware_version}

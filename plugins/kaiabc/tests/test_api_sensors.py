@@ -257,3 +257,17 @@ async def test_readings_past_their_retention_are_pruned_in_parts(gateway_factory
         assert await ctx.state.prune_readings(part=3) == 5
         assert await ctx.storage.read(kept) == [9]
         assert await ctx.storage.write(store.prune_readings, now + 86400, 3) == 1
+
+
+async def test_no_limit_cycle_is_computed_until_a_node_is_registered(gateway_factory):
+    # The limit cycle needs scipy.integrate (~35 MB of RSS): a site with no kaiabc node yet
+    # does not pay for it (issue 21, the small profile). The first registration computes it,
+    # and the node starts on it (CT 0), as before.
+    async with gateway_factory(plugins=KAIABC) as gw, gw_client(gw) as client:
+        fleet = gw.contexts["kaiabc"].state.fleet
+        assert (await client.get(f"{V1}/health")).json()["components"]["ode_solver"] == "operational"
+        assert fleet.cycles == {} and fleet.cycle is None
+        await register(client)
+        assert fleet.cycle is not None
+        i = fleet.index["pico_001"]
+        assert list(fleet.y[:, i]) == list(fleet.cycle.state_at(0.0))
