@@ -7,6 +7,7 @@ same types, float signs, key order) or the same BadJSON message."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -119,3 +120,55 @@ def test_fuzzed_documents_answer_as_before(raw):
         return
     _same(text)
     _same(bytearray(raw))
+
+
+# -- json_encoder (commit 7375306): json.dumps's text, or its error, for every option set -----
+
+_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(),
+              st.text(max_size=6), st.sampled_from(["\ud800", "é", "日本", "\x00", "\u2028"])),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.tuples(inner, inner),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(-3, 3), st.booleans(), st.none(),
+                                  st.floats(allow_nan=False)), inner, max_size=4)),
+    max_leaves=10,
+)
+_options = st.fixed_dictionaries({
+    "separators": st.sampled_from([(", ", ": "), (",", ":")]), "ensure_ascii": st.booleans(),
+    "allow_nan": st.booleans(), "sort_keys": st.booleans(),
+})
+
+
+def _dumps(fn, value):
+    try:
+        return "ok", fn(value)
+    except (TypeError, ValueError) as e:
+        return "error", type(e).__name__
+
+
+@settings(max_examples=400, deadline=None)
+@given(_values, _options)
+def test_json_encoder_is_json_dumps(value, options):
+    from gatewayd.protocol.json_encoders import json_encoder
+
+    encode = json_encoder(**options)
+    want = _dumps(lambda v: json.dumps(v, **options), value)
+    assert _dumps(encode, value) == want
+    assert _dumps(encode, value) == want  # and again: nothing left behind by the first (markers)
+
+
+def test_json_encoder_after_a_circular_document_and_with_a_default():
+    from gatewayd.protocol.json_encoders import json_encoder
+
+    loop: list = []
+    loop.append(loop)
+    encode = json_encoder(separators=(",", ":"), allow_nan=False)
+    with pytest.raises(ValueError, match="Circular reference"):
+        encode({"a": loop})
+    shared = [1]
+    assert encode([shared, shared, {"x": shared}]) == "[[1],[1],{\"x\":[1]}]"  # a value twice is no loop
+    with pytest.raises(ValueError):
+        encode([float("nan")])
+    assert encode({"a": [1.5, -0.0, 1e300]}) == json.dumps({"a": [1.5, -0.0, 1e300]}, separators=(",", ":"))
+    as_text = json_encoder(default=str)
+    assert as_text({"when": b"x"}) == json.dumps({"when": b"x"}, default=str)

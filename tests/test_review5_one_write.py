@@ -158,3 +158,47 @@ async def test_each_connection_carries_whole_answers_in_order(name, parts, answe
     got = _answers(wire, head_first=parts[0].startswith(b"HEAD"))
     assert [(s, b if want is not None else None) for (s, b), (_, want) in zip(got, answers)] == answers, wire[:400]
     assert len(got) == len(answers) and closes in (None, closed), wire[:400]
+
+
+async def test_over_tls_and_after_a_client_gone_mid_answer(tmp_path):
+    """The same answers over HTTPS (hypercorn's TLS stream under the patched protocol); a
+    client that closes while 5 MB are on their way does not stop the server answering the next."""
+    import ssl
+
+    from gatewayd.core.tls import SiteTls, TlsSection, init_site
+
+    data = tmp_path / "var"
+    init_site(data / "tls", "gw", ["gw.example"], ["127.0.0.1"])
+    site = SiteTls(TlsSection(http=True), data, None)
+    site.load()
+    client_ctx = ssl.create_default_context(cafile=str(data / "tls" / "ca.crt"))
+    assert one_write.enable()
+    port = reserved_port()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_app(
+            _app(), Address("127.0.0.1", port), shutdown_trigger=stop.wait, graceful_timeout=1,
+            access_log=False, tls=site, task_status=task_status))
+
+        async def tls_exchange(parts: list[bytes], read: bool = True) -> bytes:
+            stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", port), client_ctx,
+                                    server_hostname="gw.example")
+            got = bytearray()
+            for part in parts:
+                await stream.send_all(part)
+                if not read:
+                    break
+                with trio.move_on_after(0.5):  # waits for what does not come; no timing checked
+                    while data := await stream.receive_some(1 << 20):
+                        got += data
+            await trio.aclose_forcefully(stream)
+            return bytes(got)
+
+        wire = await tls_exchange([b"HEAD /json HTTP/1.1\r\nHost: gw\r\n\r\n", G * 2, b"GET /204 HTTP/1.1\r\nHost: gw\r\n\r\n"
+                                   + b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n"])
+        assert _answers(wire, head_first=True) == [(200, b""), (200, JSON), (200, JSON), (204, b""),
+                                                   (200, b"y" * 5_000_000)]
+        for _ in range(3):  # gone mid-answer, each time
+            await tls_exchange([b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\n"], read=False)
+        assert _answers(await tls_exchange([G]), head_first=False) == [(200, JSON)]
+        stop.set()
