@@ -69,6 +69,7 @@ async def test_an_mqtt5_group_of_qos_0_and_1_with_bad_ones_in_the_middle(gateway
         assert plugin.groups == [[b"m-1", b"m-2", b"bad", b"bad", b"m-5"]]
         assert await stored(gw) == ["m-1", "m-2", "m-5"]
         await wait_until(lambda: gw.mqtt.pool.in_flight == 0)
+        assert gw.mqtt.edge.window(user).size == 0  # every slot given back, QoS 0 ones too
         stats = gw.mqtt.edge.stats
         assert (stats.acked, stats.refused_acks) == (3, 1)
         await dev.stream.send_all(mp.encode_publish("dev/d1/data", b"m-6", 1, packet_id=6, protocol_level=5))
