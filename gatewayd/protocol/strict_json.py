@@ -151,6 +151,9 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str =
     doc = _fast(raw, max_depth)
     if doc is not _SLOW:
         return doc
+    # A str may hold lone surrogates as they are, not escaped (argv's undecodable bytes,
+    # under surrogateescape): msgspec refused it (no UTF-8 for them), the walk names them.
+    raw_surrogate = isinstance(raw, str) and _LONE_SURROGATE.search(raw) is not None
     if isinstance(raw, (bytes, bytearray)):
         try:
             raw = raw.decode("utf-8")
@@ -163,7 +166,7 @@ def parse_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH, name: str =
         raise BadJSON(f"{name}: nested deeper than {max_depth} levels") from None
     except ValueError as e:
         raise BadJSON(f"{name}: not JSON ({e})") from None
-    if not _local.refused and ("\\u" not in raw or not _SURROGATE_ESCAPE.search(raw)) and (
+    if not _local.refused and not raw_surrogate and ("\\u" not in raw or not _SURROGATE_ESCAPE.search(raw)) and (
             raw.count("{") + raw.count("[") < max_depth or _depth_within(doc, max_depth)):
         # Nothing the walk could refuse: most documents. A C-speed scan of the text (and
         # of the containers' depth when there are many) instead of a walk of every value.
