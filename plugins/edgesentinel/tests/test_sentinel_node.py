@@ -89,7 +89,8 @@ async def test_maintenance_mode_and_backpressure_hints_are_honoured(gateway_fact
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(end_maintenance)
-            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "600", "--breaker", "2")
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "600", "--breaker", "2",
+                                       "--breaker-cooldown-s", "0.5")
         assert code == 0 and "drained" in out, out
         assert "refused 503 maintenance" in out and "waiting" in out and "breaker: open" in out, out
         records = await upstream_receiver.wait_for(600)
