@@ -12,6 +12,10 @@ against its cloud (only the base URL changes).
   `Idempotency-Key` and `Content-SHA256`. The key and `batch_id` are derived from the
   file and the record offset, so a batch sent again after a crash is the same batch:
   the gateway answers it from its ledger or counts its records as duplicates.
+- A batch is the same bytes each time it is sent (`sending.json` keeps its record
+  count and `retry_count` until it is acknowledged): its key with another body would be
+  a 409 for ever. `diagnostics.retry_count` is the failures before the previous batch
+  got through (the gateway hears of an outage once it is over).
 - Resumes at the last acknowledged position: `cursor.json` holds, per file, the
   offset of the first record not yet acknowledged, written (atomically) only after a
   200. Newest data first: the newest file with unsent records goes first, then the
@@ -61,7 +65,8 @@ class Node:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cursor: dict[str, int] = json.loads((self.dir / "cursor.json").read_text()) \
             if (self.dir / "cursor.json").exists() else {}
-        self.failures = 0  # consecutive failed uploads of any kind (the batches' retry_count)
+        self.failures = 0  # consecutive failed uploads of any kind
+        self.retries = 0  # failures before the last acknowledged batch: the next new batch's retry_count
         self.backoff_s = 0.0
         self.rng = random.Random(opts.seed)
         self.breaker = Breaker(opts.breaker, opts.breaker_cooldown_s, opts.max_wait_s, self.rng)
@@ -109,6 +114,20 @@ class Node:
                 out.append((path, done, lines))
         return out[::-1]  # newest first, then the backlog
 
+    def sending(self, name: str, start: int) -> dict[str, int]:
+        """The batch at (file, offset) as first sent: its record count and retry_count,
+        kept in `sending.json` (atomically, before the first sending) until acknowledged."""
+        state = self.dir / "sending.json"
+        if state.exists():
+            kept = json.loads(state.read_text())
+            if (kept["name"], kept["start"]) == (name, start):
+                return {"n": kept["n"], "retry_count": kept["retry_count"]}
+        kept = {"name": name, "start": start, "n": self.o.batch, "retry_count": self.retries}
+        tmp = self.dir / "sending.json.tmp"
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, state)
+        return {"n": self.o.batch, "retry_count": self.retries}
+
     def acknowledge(self, path: Path, offset: int) -> None:
         self.cursor[path.name] = offset
         tmp = self.dir / "cursor.json.tmp"
@@ -123,9 +142,14 @@ class Node:
         if not queue:
             return None
         path, start, lines = queue[0]
-        chunk = [json.loads(line) for line in lines[start:start + self.o.batch]]
+        # A batch sent again (after a failure or a crash) is byte for byte the one sent
+        # first: same records, same diagnostics. Its Idempotency-Key is that of the first
+        # sending; another body under it is a 409 for ever (the gateway may have committed
+        # the first and lost only its answer).
+        sending = self.sending(path.name, start)
+        chunk = [json.loads(line) for line in lines[start:start + sending["n"]]]
         doc: dict[str, object] = {"batch_id": f"{self.o.id}:{path.stem}:{start}",
-                                  "diagnostics": {"retry_count": self.failures}}
+                                  "diagnostics": {"retry_count": sending["retry_count"]}}
         for record in chunk:
             kind = record.pop("kind")
             doc.setdefault(kind, []).append(record)  # type: ignore[union-attr]
@@ -142,6 +166,8 @@ class Node:
         hint = hint_ms(answer)
         if status == 200:
             self.acknowledge(path, start + len(chunk))
+            (self.dir / "sending.json").unlink(missing_ok=True)
+            self.retries = self.failures  # the next batch tells the gateway (server_unreachable)
             self.failures = 0
             self.breaker.answered()
             self.backoff_s = (hint or 0) / 1000
