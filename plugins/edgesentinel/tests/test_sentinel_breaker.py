@@ -6,6 +6,7 @@ uploads resume, nothing lost or doubled. What reached the gateway is read on the
 
 from __future__ import annotations
 
+import json
 import socket
 from typing import Any
 
@@ -48,7 +49,8 @@ class WireLog:
 
 async def test_the_breaker_opens_under_maintenance_probes_and_closes_when_it_ends(gateway_factory,
                                                                                upstream_receiver, tmp_path):
-    async with gateway_factory(plugins=PLUGIN, settings=OPEN, upstream=upstream_receiver) as gw, \
+    settings = [*OPEN, "plugins.edgesentinel.retry_alert_after=2"]
+    async with gateway_factory(plugins=PLUGIN, settings=settings, upstream=upstream_receiver) as gw, \
             gw_client(gw) as client:
         node = await provision(gw, "edgesentinel", "es-1")
         await gw.maintenance.set(MaintenanceState(True, "switch swap", None, 1))
@@ -67,7 +69,12 @@ async def test_the_breaker_opens_under_maintenance_probes_and_closes_when_it_end
             code, out = await run_node(through, node, tmp_path / "es-1", "--sample", "600", *BREAKER)
             nursery.cancel_scope.cancel()
         assert code == 0 and "drained" in out, out
-        records = await upstream_receiver.wait_for(600)
+        records = await upstream_receiver.wait_for(601)
+    # The outage is reported with the first new batch after it (retry_count 3 > 2): the
+    # resent batch could not say it, its body is the one first sent.
+    (alert,) = [r for r in records if r["kind"] == "alert"]
+    assert "server-unreachable" in json.dumps(alert["data"]), alert
+    records = [r for r in records if r["kind"] != "alert"]
     assert len(records) == 600 and max(seqs(records).values()) == 1
     assert out.count("refused 503 maintenance") == 3 and "breaker: open after 3 failures" in out, out
     probes = out.count("breaker: half-open")
