@@ -160,17 +160,17 @@ async def _merged(read: Read, devices: list[str], limit: int, cut: Cut) -> Async
     out: list[tuple[Any, ...]] = []
     while heap and limit > 0:
         device = heapq.heappop(heap)[2]
-        row = buffers[device].popleft()
-        out.append(row)
-        cut.last = (float(row[0]), int(row[-1]))
+        out.append(buffers[device].popleft())
         limit -= 1
         if len(out) == PAGE:  # sent before the next read
+            cut.last = (float(out[-1][0]), int(out[-1][-1]))
             yield out
             out = []
         if not buffers[device] and more[device]:
             await fill(device)
         push(device)
     if out:
+        cut.last = (float(out[-1][0]), int(out[-1][-1]))
         yield out
     cut.more = bool(heap)  # a device's next row is waiting: the limit cut the export
 
