@@ -114,7 +114,7 @@ class Node:
                 out.append((path, done, lines))
         return out[::-1]  # newest first, then the backlog
 
-    def sending(self, name: str, start: int) -> dict[str, int]:
+    def sending(self, name: str, start: int, n: int) -> dict[str, int]:
         """The batch at (file, offset) as first sent: its record count and retry_count,
         kept in `sending.json` (atomically, before the first sending) until acknowledged."""
         state = self.dir / "sending.json"
@@ -122,11 +122,11 @@ class Node:
             kept = json.loads(state.read_text())
             if (kept["name"], kept["start"]) == (name, start):
                 return {"n": kept["n"], "retry_count": kept["retry_count"]}
-        kept = {"name": name, "start": start, "n": self.o.batch, "retry_count": self.retries}
+        kept = {"name": name, "start": start, "n": n, "retry_count": self.retries}
         tmp = self.dir / "sending.json.tmp"
         tmp.write_text(json.dumps(kept))
         os.replace(tmp, state)
-        return {"n": self.o.batch, "retry_count": self.retries}
+        return {"n": n, "retry_count": self.retries}
 
     def acknowledge(self, path: Path, offset: int) -> None:
         self.cursor[path.name] = offset
@@ -146,7 +146,7 @@ class Node:
         # first: same records, same diagnostics. Its Idempotency-Key is that of the first
         # sending; another body under it is a 409 for ever (the gateway may have committed
         # the first and lost only its answer).
-        sending = self.sending(path.name, start)
+        sending = self.sending(path.name, start, min(self.o.batch, len(lines) - start))
         chunk = [json.loads(line) for line in lines[start:start + sending["n"]]]
         doc: dict[str, object] = {"batch_id": f"{self.o.id}:{path.stem}:{start}",
                                   "diagnostics": {"retry_count": sending["retry_count"]}}
