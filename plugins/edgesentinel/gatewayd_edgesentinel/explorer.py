@@ -11,6 +11,7 @@ import csv
 import datetime as dt
 import heapq
 import io
+import math
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
@@ -37,6 +38,9 @@ class DataQuery(Struct, forbid_unknown_fields=True):
     since: Annotated[str, Meta(description="ISO 8601 or epoch seconds")] = ""
     until: Annotated[str, Meta(description="before this time")] = ""
     limit: Annotated[int, Meta(ge=1, le=10_000_000)] = 1_000_000
+    after: Annotated[str, Meta(max_length=64, pattern=r"^([0-9.eE+-]+:[0-9]+)?$",
+                               description="continue an export cut at its limit: the `after=<ts>:<id>` "
+                                           "of its last line")] = ""
 
 
 class DoorsQuery(Struct, forbid_unknown_fields=True):
@@ -59,12 +63,20 @@ class Doors(Struct):
 def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) -> None:
     routes = Routes(bp, tag=ctx.name, auth=ADMIN_TOKEN)
 
-    @routes.get("/data", query=DataQuery, responses={200: Raw("text/csv", "a header line, then the rows")})
+    @routes.get("/data", query=DataQuery, responses={200: Raw("text/csv", "a header line, then the rows; cut at "
+                                                                       "`limit` with rows left: a last line "
+                                                                       "`#more after=<ts>:<id>`")})
     async def data(query: DataQuery) -> Any:
-        """The data explorer: one series filtered by device, metric and time, oldest first, streamed as CSV."""
+        """The data explorer: one series filtered by device, metric and time, oldest first, streamed as CSV.
+
+        At most `limit` rows (`X-Export-Limit`); an export cut there with rows left ends
+        with the line `#more after=<ts>:<id> limit=<limit>`: the same query with that
+        `after` continues it, in the same `(ts, id)` order, nothing twice or skipped."""
         if denied := ctx.http.require_admin():
             return denied
         since, until = _time(query.since, "since"), _time(query.until, "until")
+        start = _cursor(query.after)
+        cut = Cut(start)
 
         async def read(device: str, after: tuple[float, int] | None, n: int) -> list[tuple[Any, ...]]:
             return await ctx.storage.read(models.explore, query.series, device, query.metric, since, until, after, n)
@@ -72,12 +84,14 @@ def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) 
         async def rows() -> AsyncIterator[bytes]:
             yield _csv([models.COLUMNS[query.series]])
             indexed = query.device or (query.metric and query.series in models.INDEXED_NAME)
-            pages = _pages(read, query.device, query.limit) if indexed else \
-                _merged(read, await ctx.storage.read(models.devices_of, query.series), query.limit)
+            pages = _pages(read, query.device, query.limit, cut) if indexed else \
+                _merged(read, await ctx.storage.read(models.devices_of, query.series), query.limit, cut)
             async for page in pages:
                 yield _csv(page)
+            if cut.more and cut.last is not None:
+                yield f"#more after={cut.last[0]!r}:{cut.last[1]} limit={query.limit}\n".encode()
 
-        response = Response(rows(), content_type="text/csv; charset=utf-8")
+        response = Response(rows(), content_type="text/csv; charset=utf-8", headers={"X-Export-Limit": str(query.limit)})
         # A month of data takes minutes: quart's RESPONSE_TIMEOUT (60 s) would cut it off
         # mid-body. Nothing is held between pages; a client that stops reading is the
         # core's business at stop (as for the live streams).
@@ -98,25 +112,33 @@ def add_routes(ctx: PluginContext[EdgesentinelConfig, Sentinel], bp: Blueprint) 
 Read = Callable[[str, "tuple[float, int] | None", int], Awaitable[list[tuple[Any, ...]]]]
 
 
-async def _pages(read: Read, device: str, limit: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+class Cut:
+    """Where an export is: the `(ts, id)` of its last row, and whether the limit left rows."""
+
+    def __init__(self, start: tuple[float, int] | None) -> None:
+        self.last = start
+        self.more = False
+
+
+async def _pages(read: Read, device: str, limit: int, cut: Cut) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Pages of one index range (a device's, a metric's), keyed on `(ts, id)`."""
-    after: tuple[float, int] | None = None
     while limit > 0:
-        page = await read(device, after, min(PAGE, limit))
+        page = await read(device, cut.last, min(PAGE, limit))
         if not page:
             return
         yield page
         limit -= len(page)
-        after = (float(page[-1][0]), int(page[-1][-1]))
+        cut.last = (float(page[-1][0]), int(page[-1][-1]))
+    cut.more = bool(await read(device, cut.last, 1))  # one index probe: is the limit the end?
 
 
-async def _merged(read: Read, devices: list[str], limit: int) -> AsyncIterator[list[tuple[Any, ...]]]:
+async def _merged(read: Read, devices: list[str], limit: int, cut: Cut) -> AsyncIterator[list[tuple[Any, ...]]]:
     """Pages of every device's rows in `(ts, id)` order: each device read through its
     `(device, ts)` index a share of a page at a time, merged. Without a device or an
     indexed metric no index gives `ts` order, and a page would sort the whole table."""
     share = max(PAGE // max(1, len(devices)), min(PAGE, 100))
     buffers: dict[str, deque[tuple[Any, ...]]] = {}
-    after: dict[str, tuple[float, int] | None] = dict.fromkeys(devices)
+    after: dict[str, tuple[float, int] | None] = dict.fromkeys(devices, cut.last)  # one order for all: (ts, id)
     more: dict[str, bool] = {}
     heap: list[tuple[float, int, str]] = []
 
@@ -141,13 +163,30 @@ async def _merged(read: Read, devices: list[str], limit: int) -> AsyncIterator[l
         out.append(buffers[device].popleft())
         limit -= 1
         if len(out) == PAGE:  # sent before the next read
+            cut.last = (float(out[-1][0]), int(out[-1][-1]))
             yield out
             out = []
         if not buffers[device] and more[device]:
             await fill(device)
         push(device)
     if out:
+        cut.last = (float(out[-1][0]), int(out[-1][-1]))
         yield out
+    cut.more = bool(heap)  # a device's next row is waiting: the limit cut the export
+
+
+def _cursor(text: str) -> tuple[float, int] | None:
+    """`after=<ts>:<id>` (the last line of an export cut at its limit)."""
+    if not text:
+        return None
+    ts, _, row_id = text.partition(":")
+    try:
+        cursor = (float(ts), int(row_id))
+    except ValueError:
+        raise BadJSON(f"after: {text!r} is not <ts>:<id>") from None
+    if not math.isfinite(cursor[0]):
+        raise BadJSON(f"after: {text!r} is not <ts>:<id>")
+    return cursor
 
 
 def _time(text: str, name: str) -> float | None:

@@ -223,10 +223,7 @@ class DeviceRoutes:
         body = await read_body()  # as sent: the hash and the signature are of these bytes
         # The body as sent is in the budget too, from now until answered: bodies of one
         # node queued on its lock (or of many nodes) were held uncounted.
-        if (tight := over_budget(state.inflight_bytes, len(body), config.backpressure)) is not None:
-            state.batches.inc(outcome="backpressure")
-            raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
-                          {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+        tight = over_budget(state.inflight_bytes, len(body), config.backpressure)
         state.inflight_bytes += len(body)
         try:
             stamp = await self._signature(device, body)
@@ -234,6 +231,17 @@ class DeviceRoutes:
             if stamp is not None and not state.first_signed(device.id, stamp[0], checksum, key, stamp[1]):
                 raise AuthError(401, f"replayed request: this signed body and {TIMESTAMP_HEADER} came under another "
                                      "Idempotency-Key (a retry sends the same key)", device.id)
+            if tight is not None:
+                # Over the memory budget: a batch already answered still gets its answer
+                # (one indexed read, no lock, nothing inflated); only new work waits. A
+                # first sending of this key still being stored finds nothing: 429.
+                answer = await state.replay(device, key, checksum)
+                if answer is None:
+                    state.batches.inc(outcome="backpressure")
+                    raise Refused(429, "backpressure", f"{tight.reason}: retry later", tight.hint,
+                                  {"Retry-After": str(math.ceil((tight.backoff_ms or 1000) / 1000))})
+                state.batches.inc(outcome="replayed")
+                return answer.doc, answer.status, {"Idempotency-Replayed": "true"}
             encoding = encoding_of(request.headers.get("Content-Encoding"), body)
             async with state.lock(device.id):
                 answer = await state.replay(device, key, checksum)

@@ -89,7 +89,8 @@ async def test_maintenance_mode_and_backpressure_hints_are_honoured(gateway_fact
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(end_maintenance)
-            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "600", "--breaker", "2")
+            code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "600", "--breaker", "2",
+                                       "--breaker-cooldown-s", "0.5")
         assert code == 0 and "drained" in out, out
         assert "refused 503 maintenance" in out and "waiting" in out and "breaker: open" in out, out
         records = await upstream_receiver.wait_for(600)
@@ -292,3 +293,22 @@ async def test_a_node_pins_the_site_ca_and_sends_its_client_certificate(gateway_
         code, out = await run_node(client, node, tmp_path / "es-1", "--sample", "20", *mine)
         assert code == 0 and "drained" in out, out
         assert len(await upstream_receiver.wait_for(20)) == 20
+
+
+async def test_a_batch_resent_after_a_crash_is_the_one_first_sent(gateway_factory, upstream_receiver, tmp_path):
+    """The node crashed with its batch committed but unacknowledged, and its buffer file
+    grew before the restart (an event it detected): the resent batch is the one first
+    sent (the gateway answers it from its ledger), the new record goes in the next one."""
+    async with gateway_factory(plugins=PLUGIN, settings=OPEN, upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
+        node = await provision(gw, "edgesentinel", "es-1")
+        state = tmp_path / "es-1"
+        code, out = await run_node(client, node, state, "--sample", "20", "--crash-after", "1")
+        assert code == 3, out
+        code, out = await run_node(client, node, state, "--event", "tamper_detected:critical")
+        assert code == 0 and "drained" in out, out
+        uploads = [line.split(":")[0] for line in out.splitlines() if line.startswith("uploaded")]
+        assert uploads == ["uploaded buffer-000000.jsonl@0+20", "uploaded buffer-000000.jsonl@20+1"], out
+        assert "uploaded buffer-000000.jsonl@0+20: accepted 20 duplicates 0" in out, out  # its first answer
+        records = await upstream_receiver.wait_for(22)  # 20 + the event + its alert
+    assert len([r for r in records if r["kind"] != "alert"]) == 21
