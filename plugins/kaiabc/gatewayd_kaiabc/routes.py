@@ -19,6 +19,8 @@ from werkzeug.exceptions import HTTPException
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
                                   InvalidInput, PluginContext, Routes, StorageError, StorageFull)
 
+from . import paging
+from .paging import CursorParam, SortParam
 from .analytics import Analytics
 from .control import Control
 from .ops import Ops
@@ -106,6 +108,9 @@ RESOLUTIONS = {"1s": 1.0, "10s": 10.0, "1m": 60.0, "10m": 600.0, "1h": 3600.0}
 SERIES = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex", "koa_metric", "temperature_kelvin")
 
 
+NODE_SORTS = ("node_id", "registered_at")
+
+
 class HistoryQuery(Struct, forbid_unknown_fields=True):
     node_id: NodeId | None = None
     start_time: Annotated[str, Meta(max_length=64)] | None = None
@@ -113,12 +118,14 @@ class HistoryQuery(Struct, forbid_unknown_fields=True):
     resolution: Literal["1s", "10s", "1m", "10m", "1h"] = "1m"
     variables: Annotated[str, Meta(max_length=200)] | None = None
     limit: Annotated[int, Meta(ge=1, le=1000)] = 1000
-    cursor: Annotated[str, Meta(max_length=64)] | None = None
+    cursor: CursorParam = None
+    sort: SortParam = None  # timestamp:asc (default) or timestamp:desc
 
 
 class NodesQuery(Struct, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
-    cursor: Annotated[str, Meta(max_length=200)] | None = None
+    cursor: CursorParam = None
+    sort: SortParam = None  # node_id:asc (default), node_id:desc, registered_at:asc, registered_at:desc
 
 
 class Api:
@@ -213,26 +220,25 @@ class Api:
     async def list_nodes(self, query: NodesQuery) -> ResponseReturnValue:
         """Every registered node, with its presence"""
         await self.person("query")
-        ids = sorted(self.ctx.state.nodes)
-        start = 0
-        if query.cursor is not None:
-            start = next((i for i, n in enumerate(ids) if n > query.cursor), len(ids))
-        page = ids[start:start + query.limit]
+        sort = paging.parse_sort(query.sort, NODE_SORTS, "node_id:asc")
+        cursor = paging.decode(query.cursor, sort)
+        by_time = sort.field == "registered_at"  # the node_id breaks ties: keys are unique
+
+        def key(info: NodeInfo) -> Any:
+            return (info.registered_at, info.node_id) if by_time else info.node_id
+
+        page, pagination = paging.page_of(list(self.ctx.state.nodes.values()), key, sort, cursor, query.limit)
         nodes = []
-        for node_id in page:
-            info = self.ctx.state.nodes[node_id]
+        for info in page:
+            node_id = info.node_id
             device = await self.ctx.devices.get(node_id)
             last = device.last_seen if device is not None else None
             nodes.append({"node_id": node_id, "name": info.name, "hardware_type": info.hardware_type,
                           "runtime": info.runtime, "status": "online" if self.ctx.devices.is_online(node_id)
                           else "offline", "last_seen": None if last is None else iso(last),
                           "sensor_types": info.sensor_types, "firmware_version": info.firmware_version,
-                          "location": info.location})
-        more = start + len(page) < len(ids)
-        return {"nodes": nodes, "pagination": {"has_next": more, "has_prev": start > 0,
-                                               "next_cursor": page[-1] if more and page else None,
-                                               "prev_cursor": None, "total_count": len(ids),
-                                               "limit": query.limit}}
+                          "location": info.location, "registered_at": iso(info.registered_at)})
+        return {"nodes": nodes, "pagination": pagination}
 
     async def register(self, body: NodeRegistration) -> ResponseReturnValue:
         """Register a sensor node: by the node with its flashed key, or by a person"""
@@ -316,15 +322,14 @@ class Api:
         unknown = [v for v in wanted if v not in SERIES]
         if unknown:
             raise invalid("variables", f"unknown variables {unknown}; choose from {list(SERIES)}", query.variables)
-        after = None
-        if query.cursor is not None:
-            try:
-                after = float(query.cursor)
-            except ValueError:
-                raise invalid("cursor", "not a cursor this route gave", query.cursor) from None
+        sort = paging.parse_sort(query.sort, ("timestamp",), "timestamp:asc")
+        cursor = paging.decode(query.cursor, sort)
+        if cursor is not None and (isinstance(cursor.key, bool) or not isinstance(cursor.key, (int, float))):
+            raise invalid("cursor", "not a cursor this route gave", query.cursor)
         resolution = RESOLUTIONS[query.resolution]
-        rows, more, total = await self.ctx.storage.read(state.store.history_page, node_id, start, end, resolution,
-                                                        query.limit, after)
+        rows, position, total = await self.ctx.storage.read(
+            state.store.history_page, node_id, start, end, resolution, query.limit, sort.descending,
+            None if cursor is None else float(cursor.key), "after" if cursor is None else cursor.side)
         series: dict[str, list[Any]] = {"timestamp": [iso(r[0]) for r in rows]}
         found = state.fleet.cycle_of(node_id)
         low, high = found[1] if found is not None else (0.0, 1.0)
@@ -332,9 +337,7 @@ class Api:
             series[name] = [_series_value(name, r, low, high) for r in rows]
         return {"node_id": node_id, "hardware_type": info.hardware_type, "start_time": iso(start),
                 "end_time": iso(end), "resolution": query.resolution, "data_points": len(rows), "series": series,
-                "pagination": {"has_next": more, "has_prev": after is not None,
-                               "next_cursor": repr(rows[-1][0]) if more and rows else None, "prev_cursor": None,
-                               "total_count": total, "limit": query.limit}}
+                "pagination": paging.pagination([r[0] for r in rows], position, total, query.limit, sort, cursor)}
 
     def time(self, text: str | None, field: str) -> float:
         return _time(text, field, self.ctx.now())

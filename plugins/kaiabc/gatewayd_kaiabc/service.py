@@ -71,6 +71,7 @@ class Kaiabc:
         self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
         self.shift_log: list[dict[str, Any]] = []
         self.notes: deque[dict[str, Any]] = deque(maxlen=2000)  # GET /diagnostics/logs
+        self.noted = 0
         self.diverged: dict[str, bool] = {}  # nodes whose filter diverged (FILTER_DIVERGENCE)
         self.outliers: dict[str, int] = {}
         self.tokens = Tokens()
@@ -234,8 +235,9 @@ class Kaiabc:
     def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
         """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""
         getattr(self.ctx.log, level)(message, node=node_id or "-", **details)
+        self.noted += 1  # a note's number: its key in the logs' pages with its timestamp
         self.notes.append({"timestamp": self.ctx.now(), "level": level, "node_id": node_id, "message": message,
-                           "details": details})
+                           "details": details, "seq": self.noted})
 
     # -- nodes --------------------------------------------------------------------------
 
