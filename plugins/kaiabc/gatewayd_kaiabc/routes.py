@@ -17,7 +17,8 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
-                                  InvalidInput, PluginContext, Routes, StorageError, StorageFull)
+                                  InvalidInput, PluginContext, PluginUnavailable, Routes, StorageError,
+                                  StorageFull)
 
 from . import paging
 from .paging import CursorParam, SortParam
@@ -168,6 +169,7 @@ class Api:
         bp.register_error_handler(AuthError, self.auth_failed)
         bp.register_error_handler(StorageFull, self.storage_full)
         bp.register_error_handler(StorageError, self.storage_error)
+        bp.register_error_handler(PluginUnavailable, self.plugin_failed)
         bp.register_error_handler(Exception, self.unexpected)  # the rest, HTTPExceptions too
         bp.before_request(self.started)
         bp.after_request(self.headers)
@@ -442,6 +444,12 @@ class Api:
 
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return await self.failed(Fail(503, "SERVICE_UNAVAILABLE", f"storage unavailable: nothing was stored ({e})"))
+
+    async def plugin_failed(self, e: PluginUnavailable) -> ResponseReturnValue:
+        """The core's 503 for a failed plugin, in the spec's object. The plugin's state is
+        whatever the failed startup left: this answer uses none of it."""
+        return answer(Fail(503, "SERVICE_UNAVAILABLE", str(e.description), {"reason": e.reason},
+                           headers={"Retry-After": "60"}), self.ctx.now())
 
     async def unexpected(self, e: Exception) -> ResponseReturnValue:
         """Any other error of a route, in the spec's object: an HTTP error by its status, a bug

@@ -344,3 +344,26 @@ async def test_two_partial_parameter_puts_at_once_keep_both_changes(gateway_fact
         doc = (await client.get(f"{V1}/entrainment/parameters", headers=AUTH, params={"node_id": "pico_001"})).json()
         assert doc["parameters"]["arrhenius_scaling"]["pre_exponential_factor"] == 1.6e8, doc
         assert doc["parameters"]["structural_coupling"]["sensitivity"] == 1.2, doc
+
+
+async def test_a_failed_plugins_503_is_the_specs_error_at_once(gateway_factory, tmp_path, monkeypatch):
+    """The core answers a failed plugin's routes 503 (PluginUnavailable) before the plugin's own
+    before_request (which would wait 30 s for a startup that failed), in the spec's object."""
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    settings = [f"gateway.data_dir='{tmp_path}/data'"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client)
+        doc = (await client.get("/kaiabc/openapi.json", headers=AUTH)).json()  # says the 503 is the spec's
+        declared = doc["paths"]["/kaiabc/v1/sensors/nodes"]["get"]["responses"]["503"]
+        assert declared["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SpecError"}
+        # a stored setting this version cannot read (a downgrade, a hand edit): the next startup fails
+        await gw.contexts["kaiabc"].state.put_setting("etf", {"no_such_parameter": 1})
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        assert "kaiabc" in gw.failed, gw.failed
+        for method, path in (("GET", "/sensors/nodes"), ("GET", "/health"), ("POST", "/sensors/temperature")):
+            r = await client.request(method, f"{V1}{path}", headers=AUTH,
+                                     json={"node_id": "pico_001", "temperature_kelvin": 298.0})
+            body = error(r, 503, "SERVICE_UNAVAILABLE")
+            assert body["message"].startswith("plugin unavailable: startup") and body["details"]["reason"], body
+            assert "resuming" not in body["message"]  # not the plugin's own wait for its startup
+            assert r.headers["Retry-After"] == "60"
