@@ -263,13 +263,17 @@ class Api:
         """One temperature reading"""
         await self.caller(body.node_id, "ingestion")
         reading = Reading(reading_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
-                          quality=body.quality)
+                          quality=body.quality, stamped=body.timestamp is None)
         check_reading(reading, "")
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
         accepted = result["accepted"] == 1
+        message = "Sensor data processed" if accepted else "not newer than the last reading: not stored"
+        if result["restamped"]:
+            message = ("Sensor data processed; the gateway's clock is behind this node's last reading: stamped just "
+                       "after it")
         return {"accepted": accepted, "filtered_value": result["latest_filtered"]["temperature_kelvin"],
                 "kalman_variance": result["kalman_variance"], "filter_diverged": result["filter_diverged"],
-                "message": "Sensor data processed" if accepted else "not newer than the last reading: not stored"}
+                "timestamp_adjusted": bool(result["restamped"]), "message": message}
 
     async def batch(self, body: Batch) -> ResponseReturnValue:
         """Readings of one node (temperature, humidity, pressure)"""
