@@ -118,7 +118,7 @@ class HistoryQuery(Struct, forbid_unknown_fields=True):
     end_time: Annotated[str, Meta(max_length=64)] | None = None
     resolution: Literal["1s", "10s", "1m", "10m", "1h"] = "1m"
     variables: Annotated[str, Meta(max_length=200)] | None = None
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 1000
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50  # the spec's "Pagination" (its history section says none)
     cursor: CursorParam = None
     sort: SortParam = None  # timestamp:asc (default) or timestamp:desc
 

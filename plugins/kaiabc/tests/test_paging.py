@@ -131,6 +131,8 @@ async def test_history_pages_by_timestamp_both_ways(gateway_factory):
             assert forward == [expected[0:2], expected[2:4], expected[4:]], sort
             assert back == forward, sort
             assert [d["total_count"] for d in docs] == [5, 5, 5] and {d["limit"] for d in docs} == {2}
+        default = (await client.get(path, headers=AUTH, params={"node_id": "pico_001"})).json()["pagination"]
+        assert default["limit"] == 50  # the spec's "Pagination"
         error(await client.get(path, headers=AUTH, params={**params, "cursor": "MTcwMDAwMDAwMC4w"}), 400,
               "INVALID_PARAMETER", "cursor")  # base64 of the old cursor (a bare number), not one of ours
 
@@ -149,6 +151,7 @@ async def test_logs_walk_forward_and_back(gateway_factory):
             assert all("seq" not in e for e in doc["logs"])
             return [(e["message"], e["node_id"]) for e in doc["logs"]]
 
+        assert (await client.get(path, headers=AUTH)).json()["pagination"]["limit"] == 100  # the logs' section
         forward, back, docs = await walk(client, path, messages, params)
         assert back == forward and len(forward) == docs[0]["total_count"] >= 3
         up, _, _ = await walk(client, path, messages, {**params, "sort": "timestamp:asc"})
