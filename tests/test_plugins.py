@@ -344,3 +344,40 @@ async def test_mqtt_off_leaves_the_rest_running(gateway_factory):
             health = await client.get("/health")
             assert health.status_code == 200
             assert health.json()["components"]["mqtt"] == {"state": "off"}
+
+
+async def test_a_failed_plugins_503_in_the_familys_shape_before_its_own_code(gateway_factory):
+    """The guard raises PluginUnavailable before the Blueprint's own before_request; a
+    Blueprint that handles it answers in its shape."""
+    from quart import Blueprint
+
+    from gatewayd.plugins.api import PluginUnavailable
+
+    ran = []
+
+    def routes(ctx):
+        bp = Blueprint("shaped", __name__)
+
+        @bp.before_request
+        async def own():
+            ran.append("before_request")
+
+        @bp.get("/ok")
+        async def ok():
+            return {"ok": True}
+
+        @bp.errorhandler(PluginUnavailable)
+        async def unavailable(e):
+            return {"fault": {"plugin": e.plugin, "why": e.reason}}, 503
+
+        return bp
+
+    async def startup(ctx):
+        raise RuntimeError("told to fail")
+
+    shaped = plugin_module("shaped", gatewayd_http_routes=routes, gatewayd_startup=startup)
+    async with gateway_factory(plugins=[("shaped", shaped)]) as gw, gw_client(gw) as client:
+        assert "shaped" in gw.failed
+        r = await client.get("/shaped/ok")
+        assert r.status_code == 503 and r.json() == {"fault": {"plugin": "shaped", "why": gw.failed["shaped"]}}
+        assert ran == []

@@ -50,7 +50,7 @@ from ..core.devices.ratelimit import Decision
 from ..core.devices.registry import ClaimError, Credentials, Device, DeviceExists
 from ..core.http.body import read_body, read_json_object
 from ..core.http.declare import ADMIN_TOKEN, AuthScheme, DeviceAuth, ErrorBody, ErrorDetail, Raw, Routes
-from ..core.http.errors import error_response
+from ..core.http.errors import PluginUnavailable, error_response
 from ..core.live.access import LiveDenied
 from ..core.live.frames import Chunk, StreamWriter, TextFrames, send_frames, stream_writer
 from ..core.live.hub import Gap, LiveEvent, LiveLimit, Subscription
@@ -138,6 +138,7 @@ __all__ = [
     "LiveDenied",
     "LiveLimit",
     "MQTTUnavailable",
+    "PluginUnavailable",
     "Rejected",
     "StorageError",
     "StorageFull",

@@ -23,7 +23,7 @@ from ..schema import read_secret
 from ..storage import StorageError, StorageFull
 from .body import BodyTooLarge, StrictJSONProvider
 from .declare import ADMIN_TOKEN, Raw, Routes
-from .errors import error_response
+from .errors import PluginUnavailable, error_response
 
 if TYPE_CHECKING:
     from ..health import Health
@@ -195,11 +195,12 @@ def create_app(name: str, *, max_body_bytes: int, log: StructLogger) -> QuartTri
 
 
 def guard_plugin(blueprint: Blueprint, is_failed: Callable[[], str | None]) -> None:
-    """Answer 503 on a failed plugin's routes instead of running half-started code."""
+    """Answer 503 on a failed plugin's routes instead of running half-started code: before
+    the Blueprint's own before_request functions (a plugin's may wait for a startup that failed)."""
 
-    @blueprint.before_request
-    async def _plugin_failed() -> Response | None:
+    async def _plugin_failed() -> None:
         reason = is_failed()
         if reason is not None:
-            return error_response(503, f"plugin unavailable: {reason}")
-        return None
+            raise PluginUnavailable(blueprint.name, reason)
+
+    blueprint.before_request_funcs.setdefault(None, []).insert(0, _plugin_failed)

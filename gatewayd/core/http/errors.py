@@ -6,8 +6,9 @@ Plugins keep their family's own shape with error handlers on their Blueprint.
 from __future__ import annotations
 
 from quart import Response, jsonify
+from werkzeug.exceptions import ServiceUnavailable
 
-__all__ = ["error_response"]
+__all__ = ["PluginUnavailable", "error_response"]
 
 _CODES = {
     400: "bad_request",
@@ -33,3 +34,14 @@ def error_response(status: int, message: str, code: str | None = None, **headers
     response.status_code = status
     response.headers.update(headers)
     return response
+
+
+class PluginUnavailable(ServiceUnavailable):
+    """A failed plugin's route was asked for: 503. The core answers it in its shape; a family
+    whose Blueprint handles this exception (or HTTPException, or Exception) answers in its own,
+    as with the body refusals. That handler is registered with the Blueprint, before the plugin
+    could fail, and must not lean on what the failed startup was to build."""
+
+    def __init__(self, plugin: str, reason: str) -> None:
+        super().__init__(f"plugin unavailable: {reason}")
+        self.plugin, self.reason = plugin, reason

@@ -32,7 +32,7 @@ from werkzeug.routing import Rule
 from ...protocol.strict_json import INT_MAX
 from .declare import CORE, FAMILY, Answerer, ErrorBody, Operation, Raw, declared_types, operation_of
 from .docs_page import render_page
-from .errors import error_response
+from .errors import PluginUnavailable, error_response
 
 __all__ = ["ApiDocs", "build_document"]
 
@@ -160,9 +160,9 @@ def _operation(rule: Rule, method: str, op: Operation, schemas: _Schemas, securi
             response["content"] = content
         responses[str(status)] = response
     errors = op.error_statuses()
-    if plugin:  # a failed plugin's routes answer 503 in the core's shape (a storage failure in the family's)
+    if plugin:  # a failed plugin's routes answer 503: the family's shape when its Blueprint handles it
         description, answerers = errors.get(503, ("the plugin failed to start", (FAMILY,)))
-        errors[503] = (description, (*answerers, CORE))
+        errors[503] = (description, (*answerers, PluginUnavailable))
     for status, (description, answerers) in sorted(errors.items()):
         shapes = list({id(s): s for s in (_shape(a, op, handles) for a in answerers)}.values())
         refs = [schemas.ref(shape) for shape in shapes]

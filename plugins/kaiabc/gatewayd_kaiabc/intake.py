@@ -44,7 +44,8 @@ def parse(payload: bytes, now: float) -> tuple[str, list[Reading]]:
                 readings.append(reading)
             return batch.node_id, readings
         one: TemperatureReading = convert(doc, TemperatureReading)
-        reading = Reading(reading_time(one.timestamp, "timestamp", now), one.temperature_kelvin, quality=one.quality)
+        reading = Reading(reading_time(one.timestamp, "timestamp", now), one.temperature_kelvin, quality=one.quality,
+                          stamped=one.timestamp is None)
         check_reading(reading, "")
         return one.node_id, [reading]
     except Fail as e:  # the HTTP layer's INVALID_PARAMETER: here a plain reason

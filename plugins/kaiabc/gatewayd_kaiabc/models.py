@@ -194,21 +194,43 @@ class Store:
             (node_id, start, end, after_id, limit)).fetchall()]
 
     def history_page(self, node_id: str, start: float, end: float, resolution_s: float, limit: int,
-                     after: float | None) -> tuple[list[tuple[float, ...]], bool, int]:
-        """Bucket means (bucket start, c_t, c_st, c_s, koa, temperature_k) oldest first, from after
-        the bucket `after`; whether more follow; how many buckets in all."""
+                     descending: bool = False, key: float | None = None,
+                     side: str = "after") -> tuple[list[tuple[float, ...]], int, int]:
+        """Bucket means (bucket start, c_t, c_st, c_s, koa, temperature_k) in the order of their
+        start (newest first when `descending`), at most `limit`: the first ones, or those on `side`
+        ("after", "before", "through": paging.py) of the bucket starting at `key`. Also the page's
+        position (how many buckets come before it in that order) and how many buckets in all."""
         table = self.history._meta.table_name
         conn = self.history._meta.database.connection()
-        bucket = f"CAST(ts / {resolution_s!r} AS INTEGER)"
+        res = repr(resolution_s)
+        bucket = f"CAST(ts / {res} AS INTEGER)"
         where = "node_id = ? AND ts >= ? AND ts < ?"
-        total = conn.execute(f"SELECT COUNT(DISTINCT {bucket}) FROM {table} WHERE {where}",
-                             (node_id, start, end)).fetchone()[0]
-        lower = start if after is None else max(start, after + resolution_s)
-        rows = conn.execute(
-            f"SELECT {bucket} * {resolution_s!r}, AVG(c_t), AVG(c_st), AVG(c_s), AVG(koa), AVG(temperature_k) "
-            f"FROM {table} WHERE node_id = ? AND ts >= ? AND ts < ? GROUP BY {bucket} ORDER BY {bucket} LIMIT ?",
-            (node_id, lower, end, limit + 1)).fetchall()
-        return [tuple(r) for r in rows[:limit]], len(rows) > limit, int(total)
+        args: tuple[Any, ...] = (node_id, start, end)
+        total = conn.execute(f"SELECT COUNT(DISTINCT {bucket}) FROM {table} WHERE {where}", args).fetchone()[0]
+        # the buckets later than a bucket start k in time: ts >= k + res; earlier ones: ts < k
+        later, earlier = f"ts >= ? + {res}", "ts < ?"
+        ahead = side == "after"  # read in the page's order, or backwards from the cursor
+        cond, more = "", args
+        if key is not None:
+            if side == "through":
+                cond = " AND " + ("ts >= ?" if descending else f"ts < ? + {res}")
+            else:
+                cond = " AND " + (later if ahead != descending else earlier)
+            more = (*args, key)
+        newest_first = descending == ahead
+        rows = [tuple(r) for r in conn.execute(
+            f"SELECT {bucket} * {res}, AVG(c_t), AVG(c_st), AVG(c_s), AVG(koa), AVG(temperature_k) "
+            f"FROM {table} WHERE {where}{cond} GROUP BY {bucket} "
+            f"ORDER BY {bucket} {'DESC' if newest_first else 'ASC'} LIMIT ?", (*more, limit)).fetchall()]
+        if not ahead:
+            rows.reverse()
+        if rows:
+            before = f" AND {later if descending else earlier}"
+            position = conn.execute(f"SELECT COUNT(DISTINCT {bucket}) FROM {table} WHERE {where}{before}",
+                                    (*args, rows[0][0])).fetchone()[0]
+        else:
+            position = total if ahead and key is not None else 0
+        return rows, int(position), int(total)
 
     # -- tokens ---------------------------------------------------------------------
 

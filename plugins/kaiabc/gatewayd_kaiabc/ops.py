@@ -14,6 +14,8 @@ from msgspec import Meta, Struct
 from quart import request
 from quart.typing import ResponseReturnValue
 
+from . import paging
+from .paging import CursorParam, SortParam
 from .engine.kalman import DEFAULT_MEASUREMENT_NOISE, DEFAULT_PROCESS_NOISE
 from .errors import Fail, invalid, iso
 from .service import Reading, check_reading
@@ -57,7 +59,8 @@ class LogsQuery(Struct, forbid_unknown_fields=True):
     start_time: Annotated[str, Meta(max_length=64)] | None = None
     end_time: Annotated[str, Meta(max_length=64)] | None = None
     limit: Annotated[int, Meta(ge=1, le=1000)] = 100
-    cursor: Annotated[str, Meta(max_length=32)] | None = None
+    cursor: CursorParam = None
+    sort: SortParam = None  # timestamp:desc (default, newest first) or timestamp:asc
 
 
 class HealthCheck(Struct, forbid_unknown_fields=True):
@@ -189,18 +192,14 @@ class Ops:
         now = self.ctx.now()
         start = self.api.time(query.start_time, "start_time") if query.start_time else 0.0
         end = self.api.time(query.end_time, "end_time") if query.end_time else now + 1
-        skip = 0
-        if query.cursor is not None:
-            if not query.cursor.isdigit():
-                raise invalid("cursor", "not a cursor this route gave", query.cursor)
-            skip = int(query.cursor)
+        sort = paging.parse_sort(query.sort, ("timestamp",), "timestamp:desc")
+        cursor = paging.decode(query.cursor, sort)
         wanted = LEVELS[LEVELS.index(query.level):] if query.level else LEVELS
-        found = [n for n in reversed(self.ctx.state.notes) if n["level"] in wanted and start <= n["timestamp"] < end
+        found = [n for n in self.ctx.state.notes if n["level"] in wanted and start <= n["timestamp"] < end
                  and (query.node_id is None or n["node_id"] == query.node_id)]
-        page = found[skip:skip + query.limit]
-        more = skip + len(page) < len(found)
-        return {"logs": [{**n, "timestamp": iso(n["timestamp"])} for n in page],
-                "pagination": {"has_next": more, "next_cursor": str(skip + len(page)) if more else None}}
+        page, pagination = paging.page_of(found, lambda n: (n["timestamp"], n["seq"]), sort, cursor, query.limit)
+        return {"logs": [{k: v for k, v in {**n, "timestamp": iso(n["timestamp"])}.items() if k != "seq"}
+                         for n in page], "pagination": pagination}
 
     async def health_check(self, body: HealthCheck) -> ResponseReturnValue:
         """Check the database, the oscillators, the network and the filters now"""

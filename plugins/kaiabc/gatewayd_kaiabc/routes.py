@@ -17,8 +17,11 @@ from quart.typing import ResponseReturnValue
 from werkzeug.exceptions import HTTPException
 
 from gatewayd.plugins.api import (ADMIN_TOKEN, AuthError, AuthScheme, BadJSON, DeviceAuth, EncodingError,
-                                  InvalidInput, PluginContext, Routes, StorageError, StorageFull)
+                                  InvalidInput, PluginContext, PluginUnavailable, Routes, StorageError,
+                                  StorageFull)
 
+from . import paging
+from .paging import CursorParam, SortParam
 from .analytics import Analytics
 from .control import Control
 from .ops import Ops
@@ -106,19 +109,24 @@ RESOLUTIONS = {"1s": 1.0, "10s": 10.0, "1m": 60.0, "10m": 600.0, "1h": 3600.0}
 SERIES = ("C_U", "C_S", "C_T", "C_ST", "A_free", "CABC_complex", "koa_metric", "temperature_kelvin")
 
 
+NODE_SORTS = ("node_id", "registered_at")
+
+
 class HistoryQuery(Struct, forbid_unknown_fields=True):
     node_id: NodeId | None = None
     start_time: Annotated[str, Meta(max_length=64)] | None = None
     end_time: Annotated[str, Meta(max_length=64)] | None = None
     resolution: Literal["1s", "10s", "1m", "10m", "1h"] = "1m"
     variables: Annotated[str, Meta(max_length=200)] | None = None
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 1000
-    cursor: Annotated[str, Meta(max_length=64)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50  # the spec's "Pagination" (its history section says none)
+    cursor: CursorParam = None
+    sort: SortParam = None  # timestamp:asc (default) or timestamp:desc
 
 
 class NodesQuery(Struct, forbid_unknown_fields=True):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
-    cursor: Annotated[str, Meta(max_length=200)] | None = None
+    cursor: CursorParam = None
+    sort: SortParam = None  # node_id:asc (default), node_id:desc, registered_at:asc, registered_at:desc
 
 
 class Api:
@@ -161,6 +169,7 @@ class Api:
         bp.register_error_handler(AuthError, self.auth_failed)
         bp.register_error_handler(StorageFull, self.storage_full)
         bp.register_error_handler(StorageError, self.storage_error)
+        bp.register_error_handler(PluginUnavailable, self.plugin_failed)
         bp.register_error_handler(Exception, self.unexpected)  # the rest, HTTPExceptions too
         bp.before_request(self.started)
         bp.after_request(self.headers)
@@ -213,26 +222,25 @@ class Api:
     async def list_nodes(self, query: NodesQuery) -> ResponseReturnValue:
         """Every registered node, with its presence"""
         await self.person("query")
-        ids = sorted(self.ctx.state.nodes)
-        start = 0
-        if query.cursor is not None:
-            start = next((i for i, n in enumerate(ids) if n > query.cursor), len(ids))
-        page = ids[start:start + query.limit]
+        sort = paging.parse_sort(query.sort, NODE_SORTS, "node_id:asc")
+        cursor = paging.decode(query.cursor, sort)
+        by_time = sort.field == "registered_at"  # the node_id breaks ties: keys are unique
+
+        def key(info: NodeInfo) -> Any:
+            return (info.registered_at, info.node_id) if by_time else info.node_id
+
+        page, pagination = paging.page_of(list(self.ctx.state.nodes.values()), key, sort, cursor, query.limit)
         nodes = []
-        for node_id in page:
-            info = self.ctx.state.nodes[node_id]
+        for info in page:
+            node_id = info.node_id
             device = await self.ctx.devices.get(node_id)
             last = device.last_seen if device is not None else None
             nodes.append({"node_id": node_id, "name": info.name, "hardware_type": info.hardware_type,
                           "runtime": info.runtime, "status": "online" if self.ctx.devices.is_online(node_id)
                           else "offline", "last_seen": None if last is None else iso(last),
                           "sensor_types": info.sensor_types, "firmware_version": info.firmware_version,
-                          "location": info.location})
-        more = start + len(page) < len(ids)
-        return {"nodes": nodes, "pagination": {"has_next": more, "has_prev": start > 0,
-                                               "next_cursor": page[-1] if more and page else None,
-                                               "prev_cursor": None, "total_count": len(ids),
-                                               "limit": query.limit}}
+                          "location": info.location, "registered_at": iso(info.registered_at)})
+        return {"nodes": nodes, "pagination": pagination}
 
     async def register(self, body: NodeRegistration) -> ResponseReturnValue:
         """Register a sensor node: by the node with its flashed key, or by a person"""
@@ -255,13 +263,17 @@ class Api:
         """One temperature reading"""
         await self.caller(body.node_id, "ingestion")
         reading = Reading(reading_time(body.timestamp, "timestamp", self.ctx.now()), body.temperature_kelvin,
-                          quality=body.quality)
+                          quality=body.quality, stamped=body.timestamp is None)
         check_reading(reading, "")
         result = await self.ctx.state.ingest(body.node_id, [reading], "http")
         accepted = result["accepted"] == 1
+        message = "Sensor data processed" if accepted else "not newer than the last reading: not stored"
+        if result["restamped"]:
+            message = ("Sensor data processed; the gateway's clock is behind this node's last reading: stamped just "
+                       "after it")
         return {"accepted": accepted, "filtered_value": result["latest_filtered"]["temperature_kelvin"],
                 "kalman_variance": result["kalman_variance"], "filter_diverged": result["filter_diverged"],
-                "message": "Sensor data processed" if accepted else "not newer than the last reading: not stored"}
+                "timestamp_adjusted": bool(result["restamped"]), "message": message}
 
     async def batch(self, body: Batch) -> ResponseReturnValue:
         """Readings of one node (temperature, humidity, pressure)"""
@@ -316,15 +328,14 @@ class Api:
         unknown = [v for v in wanted if v not in SERIES]
         if unknown:
             raise invalid("variables", f"unknown variables {unknown}; choose from {list(SERIES)}", query.variables)
-        after = None
-        if query.cursor is not None:
-            try:
-                after = float(query.cursor)
-            except ValueError:
-                raise invalid("cursor", "not a cursor this route gave", query.cursor) from None
+        sort = paging.parse_sort(query.sort, ("timestamp",), "timestamp:asc")
+        cursor = paging.decode(query.cursor, sort)
+        if cursor is not None and (isinstance(cursor.key, bool) or not isinstance(cursor.key, (int, float))):
+            raise invalid("cursor", "not a cursor this route gave", query.cursor)
         resolution = RESOLUTIONS[query.resolution]
-        rows, more, total = await self.ctx.storage.read(state.store.history_page, node_id, start, end, resolution,
-                                                        query.limit, after)
+        rows, position, total = await self.ctx.storage.read(
+            state.store.history_page, node_id, start, end, resolution, query.limit, sort.descending,
+            None if cursor is None else float(cursor.key), "after" if cursor is None else cursor.side)
         series: dict[str, list[Any]] = {"timestamp": [iso(r[0]) for r in rows]}
         found = state.fleet.cycle_of(node_id)
         low, high = found[1] if found is not None else (0.0, 1.0)
@@ -332,9 +343,7 @@ class Api:
             series[name] = [_series_value(name, r, low, high) for r in rows]
         return {"node_id": node_id, "hardware_type": info.hardware_type, "start_time": iso(start),
                 "end_time": iso(end), "resolution": query.resolution, "data_points": len(rows), "series": series,
-                "pagination": {"has_next": more, "has_prev": after is not None,
-                               "next_cursor": repr(rows[-1][0]) if more and rows else None, "prev_cursor": None,
-                               "total_count": total, "limit": query.limit}}
+                "pagination": paging.pagination([r[0] for r in rows], position, total, query.limit, sort, cursor)}
 
     def time(self, text: str | None, field: str) -> float:
         return _time(text, field, self.ctx.now())
@@ -439,6 +448,12 @@ class Api:
 
     async def storage_error(self, e: StorageError) -> ResponseReturnValue:
         return await self.failed(Fail(503, "SERVICE_UNAVAILABLE", f"storage unavailable: nothing was stored ({e})"))
+
+    async def plugin_failed(self, e: PluginUnavailable) -> ResponseReturnValue:
+        """The core's 503 for a failed plugin, in the spec's object. The plugin's state is
+        whatever the failed startup left: this answer uses none of it."""
+        return answer(Fail(503, "SERVICE_UNAVAILABLE", str(e.description), {"reason": e.reason},
+                           headers={"Retry-After": "60"}), self.ctx.now())
 
     async def unexpected(self, e: Exception) -> ResponseReturnValue:
         """Any other error of a route, in the spec's object: an HTTP error by its status, a bug

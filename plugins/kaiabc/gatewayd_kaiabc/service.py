@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import trio
@@ -26,6 +26,7 @@ from .models import PRUNE_PART, NodeInfo, Store
 
 HUMIDITY_RANGE = (0.0, 100.0)
 OUTLIER_SIGMA = 5.0  # a temperature reading this many predicted standard deviations off is an outlier
+RESTAMP_S = 0.001  # a reading stamped by a clock behind the last one: this much after it (iso() shows ms)
 DIVERGED_AFTER = 5  # consecutive outliers: the filter diverged
 PRESSURE_RANGE_PA = (10_000.0, 120_000.0)
 STARTUP_WAIT_S = 30.0  # a request during the plugin's startup waits this long for it, then 503
@@ -41,6 +42,7 @@ class Reading:
     humidity_percent: float | None = None
     pressure_pa: float | None = None
     quality: str | None = None
+    stamped: bool = False  # the node sent no timestamp: `ts` is the gateway's clock when it came
 
 
 def check_reading(r: Reading, where: str) -> None:
@@ -71,6 +73,11 @@ class Kaiabc:
         self._prcs: dict[tuple[Any, ...], PhaseResponseCurve] = {}
         self.shift_log: list[dict[str, Any]] = []
         self.notes: deque[dict[str, Any]] = deque(maxlen=2000)  # GET /diagnostics/logs
+        self.behind: set[str] = set()  # nodes whose readings the gateway's clock stamps behind the last
+        self.readings_restamped = ctx.metrics.counter(
+            "readings_restamped_total", "Readings without a timestamp stamped just after the node's last one: "
+            "the gateway's clock was behind it")
+        self.noted = 0
         self.diverged: dict[str, bool] = {}  # nodes whose filter diverged (FILTER_DIVERGENCE)
         self.outliers: dict[str, int] = {}
         self.tokens = Tokens()
@@ -235,8 +242,9 @@ class Kaiabc:
     def note(self, level: str, message: str, node_id: str | None = None, **details: Any) -> None:
         """A log line of the plugin (`ctx.log`), also kept for GET /diagnostics/logs."""
         getattr(self.ctx.log, level)(message, node=node_id or "-", **details)
+        self.noted += 1  # a note's number: its key in the logs' pages with its timestamp
         self.notes.append({"timestamp": self.ctx.now(), "level": level, "node_id": node_id, "message": message,
-                           "details": details})
+                           "details": details, "seq": self.noted})
 
     # -- nodes --------------------------------------------------------------------------
 
@@ -325,6 +333,21 @@ class Kaiabc:
         async with lock:
             return await self._ingest(node_id, readings, via)
 
+    def _clock_behind(self, node_id: str, restamped: int, stamped: bool, now: float, stamped_at: float) -> None:
+        """A warning in the log (and GET /diagnostics/logs) when a node's readings begin to be
+        restamped, and a note when one stamped by the gateway's clock needs it no more."""
+        if restamped and node_id not in self.behind:
+            self.behind.add(node_id)
+            self.readings_restamped.inc(restamped)
+            self.note("warning", "the gateway's clock is behind this node's last reading (stepped back?): readings "
+                      "without a timestamp are stamped just after it until the clock catches up", node_id,
+                      gateway_time=iso(now), stamped_at=iso(stamped_at))
+        elif restamped:
+            self.readings_restamped.inc(restamped)
+        elif stamped and node_id in self.behind:
+            self.behind.discard(node_id)
+            self.note("info", "the gateway's clock has caught up with this node's readings", node_id)
+
     async def _ingest(self, node_id: str, readings: Sequence[Reading], via: str) -> dict[str, Any]:
         info = self.node(node_id)
         offset = float(info.calibration.get("temperature_offset", 0.0))
@@ -337,7 +360,14 @@ class Kaiabc:
         state: Mapping[str, Any] = fil.state()
         kept: list[Reading] = []
         outliers = self.outliers.get(node_id, 0)
+        restamped = 0
         for i, r in enumerate(sorted(readings, key=lambda r: r.ts)):
+            if r.stamped and fil._t is not None and r.ts <= fil._t:
+                # The gateway's clock is behind the last reading filtered (stepped back, by NTP or
+                # by hand): a reading stamped with it is still a new one. Just after the last,
+                # so it is filtered, not refused for the length of the step; flagged.
+                r = replace(r, ts=fil._t + RESTAMP_S)
+                restamped += 1
             if fil._t is not None and r.ts <= fil._t:
                 rejected.append({"index": i, "reason": "not newer than the last reading filtered"})
                 continue
@@ -356,6 +386,7 @@ class Kaiabc:
                                   {"filtered_temperature_kelvin": est["temperature_kelvin"]}, r.ts, "history"))
         if records:
             await self.ctx.ingest.records(records, family_rows=lambda: self.store.add_readings(rows))
+            self._clock_behind(node_id, restamped, any(r.stamped for r in kept), now, kept[-1].ts)
             self.fleet.filtered(node_id, fil, now)
             self.readings.inc(len(records), via=via)
             self.outliers[node_id] = outliers
@@ -373,6 +404,6 @@ class Kaiabc:
         cov = state["covariance_matrix"]
         if cov:
             variance = float(cov[0][0])
-        return {"accepted": len(records), "rejected": len(rejected), "rejections": rejected,
+        return {"accepted": len(records), "rejected": len(rejected), "rejections": rejected, "restamped": restamped,
                 "filter_diverged": bool(self.diverged.get(node_id)),
                 "latest_filtered": estimate, "kalman_variance": variance}

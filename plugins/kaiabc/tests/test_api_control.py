@@ -95,6 +95,10 @@ async def test_pause_resume_and_reset(gateway_factory):
         error(await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "ghost"}),
               404, "NODE_NOT_FOUND")
 
+        # Paused, so that no tick moves it between the reset and the look at it: a running node
+        # is advanced by the next tick (every 0.05 s here), which under load came before the
+        # GET (the flaky failure of issue 20's kai4 task).
+        await client.post(f"{V1}/simulation/pause", headers=AUTH, json={"node_id": "pico_001"})
         r = await client.post(f"{V1}/oscillator/reset", headers=AUTH, json={
             "node_id": "pico_001", "initial_conditions": {"C_U": 0.5, "C_S": 0.0, "C_T": 0.0, "C_ST": 0.0,
                                                           "A_free": 1.0, "CABC_complex": 0.0},
@@ -104,6 +108,7 @@ async def test_pause_resume_and_reset(gateway_factory):
         assert doc["derived_not_set"] == ["A_free", "CABC_complex", "C_U"]
         after = await state_of(client)
         assert after["raw_state_um"] == {"C_T": 0.0, "C_ST": 0.0, "C_S": 0.0} and after["simulated_hours"] == 0
+        assert after["paused"] is True  # a reset does not resume
         r = await client.post(f"{V1}/oscillator/reset", headers=AUTH, json={
             "node_id": "pico_001", "initial_conditions": {"C_T": 0.6, "C_S": 0.6}})
         error(r, 400, "INVALID_PARAMETER")

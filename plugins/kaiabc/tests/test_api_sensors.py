@@ -48,8 +48,9 @@ async def test_register_by_a_person_then_409_and_listed(gateway_factory):
         r = await client.get(f"{V1}/sensors/nodes", headers=AUTH,
                              params={"limit": 1, "cursor": page["pagination"]["next_cursor"]})
         assert [n["node_id"] for n in r.json()["nodes"]] == ["pico_001"]
-        assert r.json()["pagination"] == {"has_next": False, "has_prev": True, "next_cursor": None,
-                                          "prev_cursor": None, "total_count": 2, "limit": 1}
+        pagination = r.json()["pagination"]
+        assert pagination.pop("prev_cursor") is not None  # back to the first page (tests/test_paging.py)
+        assert pagination == {"has_next": False, "has_prev": True, "next_cursor": None, "total_count": 2, "limit": 1}
 
 
 async def test_a_node_registers_itself_with_its_flashed_key(gateway_factory):

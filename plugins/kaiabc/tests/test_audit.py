@@ -344,3 +344,66 @@ async def test_two_partial_parameter_puts_at_once_keep_both_changes(gateway_fact
         doc = (await client.get(f"{V1}/entrainment/parameters", headers=AUTH, params={"node_id": "pico_001"})).json()
         assert doc["parameters"]["arrhenius_scaling"]["pre_exponential_factor"] == 1.6e8, doc
         assert doc["parameters"]["structural_coupling"]["sensitivity"] == 1.2, doc
+
+
+async def test_a_failed_plugins_503_is_the_specs_error_at_once(gateway_factory, tmp_path, monkeypatch):
+    """The core answers a failed plugin's routes 503 (PluginUnavailable) before the plugin's own
+    before_request (which would wait 30 s for a startup that failed), in the spec's object."""
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
+    settings = [f"gateway.data_dir='{tmp_path}/data'"]
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        await register(client)
+        doc = (await client.get("/kaiabc/openapi.json", headers=AUTH)).json()  # says the 503 is the spec's
+        declared = doc["paths"]["/kaiabc/v1/sensors/nodes"]["get"]["responses"]["503"]
+        assert declared["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/SpecError"}
+        # a stored setting this version cannot read (a downgrade, a hand edit): the next startup fails
+        await gw.contexts["kaiabc"].state.put_setting("etf", {"no_such_parameter": 1})
+    async with gateway_factory(plugins=KAIABC, settings=settings) as gw, gw_client(gw) as client:
+        assert "kaiabc" in gw.failed, gw.failed
+        for method, path in (("GET", "/sensors/nodes"), ("GET", "/health"), ("POST", "/sensors/temperature")):
+            r = await client.request(method, f"{V1}{path}", headers=AUTH,
+                                     json={"node_id": "pico_001", "temperature_kelvin": 298.0})
+            body = error(r, 503, "SERVICE_UNAVAILABLE")
+            assert body["message"].startswith("plugin unavailable: startup") and body["details"]["reason"], body
+            assert "resuming" not in body["message"]  # not the plugin's own wait for its startup
+            assert r.headers["Retry-After"] == "60"
+
+
+async def test_a_clock_stepped_back_restamps_readings_without_a_timestamp(gateway_factory):
+    """The gateway's clock stepped back an hour: a reading without a timestamp (stamped with that
+    clock) is filtered, stamped just after the last one and flagged, not refused as not newer for
+    an hour; a node's own timestamp is never moved; the log says when it starts and ends."""
+    import time
+
+    behind = [0.0]
+    async with gateway_factory(plugins=KAIABC, clock=lambda: time.time() - behind[0]) as gw, \
+            gw_client(gw) as client:
+        key = {"X-API-Key": await register(client)}
+
+        async def post(**more):
+            r = await client.post(f"{V1}/sensors/temperature", headers=key,
+                                  json={"node_id": "pico_001", "temperature_kelvin": 298.15, **more})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first = await post()
+        assert first["accepted"] is True and first["timestamp_adjusted"] is False
+        behind[0] = 3600.0  # NTP steps the clock back an hour
+        for _ in range(2):
+            doc = await post()
+            assert doc["accepted"] is True and doc["timestamp_adjusted"] is True, doc
+            assert "clock is behind" in doc["message"]
+        # the node's own timestamp, older than its last reading: still refused, never moved
+        own = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - behind[0] - 60))
+        doc = await post(timestamp=own)
+        assert doc["accepted"] is False and doc["timestamp_adjusted"] is False
+        behind[0] = 0.0  # caught up
+        doc = await post()
+        assert doc["accepted"] is True and doc["timestamp_adjusted"] is False
+        logs = (await client.get(f"{V1}/diagnostics/logs", headers=AUTH,
+                                 params={"node_id": "pico_001", "sort": "timestamp:asc"})).json()["logs"]
+        said = [(e["level"], e["message"].split(":")[0]) for e in logs if "clock" in e["message"]]
+        assert said == [("warning", "the gateway's clock is behind this node's last reading (stepped back?)"),
+                        ("info", "the gateway's clock has caught up with this node's readings")], said
+        metrics = (await client.get("/metrics", headers=AUTH)).text
+        assert "kaiabc_readings_restamped_total 2" in metrics.replace(".0", ""), metrics[-2000:]
