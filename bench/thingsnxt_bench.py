@@ -107,6 +107,32 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_gateway(tmp: Path, port: int, queue_size: int, root: Path = ROOT,
+                  python: str | None = None) -> subprocess.Popen[bytes]:
+    """The daemon of checkout `root` (mqtt off, no rate limit) on 127.0.0.1:`port`; with
+    `python` that interpreter (the checkout's own venv), else this one with `root` first on
+    the path."""
+    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
+    if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
+        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "thingsnxt")])
+    return subprocess.Popen(
+        [python or sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
+         "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
+         "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
+         "--set", f"live.per_token={SUBSCRIBERS + 5}",
+         "--set", f"live.queue_size={queue_size}"], cwd=root, env=env)
+
+
+def telemetry_script(base: str, tmp: Path) -> Path:
+    """Register the device bench-1; wrk's Lua script for its telemetry POST (with its token)."""
+    r = httpx.post(f"{base}/thingsnxt/devices", json={"device_id": "bench-1"},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    r.raise_for_status()
+    script = tmp / "post.lua"
+    script.write_text(POST_LUA % r.json()["device_token"])
+    return script
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10)
@@ -121,25 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     load_at_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="thingsnxt-bench-"))
     hello_port, gw_port = free_port(), free_port()
-    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}"])
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{gw_port}",
-         "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
-         "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
-         "--set", f"live.per_token={SUBSCRIBERS + 5}",
-         "--set", f"live.queue_size={args.queue_size}"], cwd=ROOT, env=env)
+    gateway = start_gateway(tmp, gw_port, args.queue_size)
     base = f"http://127.0.0.1:{gw_port}"
     results: dict[str, list[dict[str, float]]] = {}
     delivered: dict[str, list[str]] = {}
     try:
         wait_ready(f"{base}/health")
         wait_ready(f"http://127.0.0.1:{hello_port}/")
-        r = httpx.post(f"{base}/thingsnxt/devices", json={"device_id": "bench-1"},
-                       headers={"Authorization": f"Bearer {TOKEN}"})
-        r.raise_for_status()
-        script = tmp / "post.lua"
-        script.write_text(POST_LUA % r.json()["device_token"])
+        script = telemetry_script(base, tmp)
         url = f"{base}/thingsnxt/devices/bench-1/telemetry"
         wrk(url, 2, args.connections, str(script))  # warm-up, not counted: the first run paid for it alone
         for _ in range(args.repeats):
