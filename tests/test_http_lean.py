@@ -241,3 +241,38 @@ def test_the_config_makes_hypercorns_headers_once_a_second(monkeypatch):
     now[0] += 0.1  # the next one
     assert ours.response_headers("h11") == theirs.response_headers("h11") != first[:2]
     assert ours.response_headers("h2") == theirs.response_headers("h2")
+
+
+async def test_a_body_that_came_with_the_head_is_in_before_the_handler_runs_a_later_one_is_read():
+    from gatewayd.core.http.body import body_received, request_data
+
+    gw_serve.lean_framework()
+    app = LeanQuart("body")
+    found: list[tuple[bool, bytes]] = []
+
+    @app.post("/body")
+    async def body() -> str:
+        already = body_received()
+        found.append((already, await request_data()))
+        return "ok"
+
+    port = reserved_port()
+    config = GatewayConfig()
+    config.bind = [f"127.0.0.1:{port}"]
+    stop = trio.Event()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=stop.wait,
+                                                          task_status=task_status))
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            head = b"POST /body HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\n\r\n"
+            await client.send_all(head + b"0123456789")  # in one write: queued before the app runs
+            await _one_answer(client, head_only=False)
+            await client.send_all(head + b"01234")
+            await trio.sleep(0.2)  # (the handler may run on half a body: it waits for the rest)
+            await client.send_all(b"56789")
+            answer = await _one_answer(client, head_only=False)
+            stop.set()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert found[0] == (True, b"0123456789")
+    assert found[1][1] == b"0123456789"

@@ -12,7 +12,9 @@ override); the answers are the same bytes:
   (Quart imports its helper and splits the endpoint at each ask);
 - the request's handler runs in the task hypercorn started for the request, beside the
   task that reads its body, where quart-trio starts a third (`LeanHTTPConnection`: a task
-  start and switch less per request, the same nursery, cancellation and errors). It
+  start and switch less per request, the same nursery, cancellation and errors), with
+  whatever of the body hypercorn already queued (all of a small one) handed over first,
+  so that the handler, now first to run, finds it in rather than waits for it. It
   overrides quart-trio's connection class, so only under the release it was read against
   (pinned in constraints.txt); under another, quart-trio's own is kept (logged).
 """
@@ -79,10 +81,36 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
 
     async def __call__(self, receive: Any, send: Any) -> None:
         request = self._create_request_from_scope(send)
+        if not _take_what_came(request, receive):
+            return  # the client left before its request was handled: quart-trio cancels it unhandled
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handle_messages, nursery, request, receive)
             # quart-trio starts this as a second child; the nursery's body is the same scope.
             await self.handle_request(nursery, request, send)
+
+
+def _take_what_came(request: Any, receive: Any) -> bool:
+    """Hand the request what the server already queued of its body (all of a small one: it
+    came with the head), as quart's `handle_messages` does, so a handler running before that
+    task finds it in and does not wait. False when the queue says the client left.
+
+    `receive` is hypercorn's memory channel's `receive` (trio's public type); anything else
+    is left to `handle_messages`."""
+    channel = getattr(receive, "__self__", None)
+    if not isinstance(channel, trio.MemoryReceiveChannel):
+        return True
+    while True:
+        try:
+            message = channel.receive_nowait()
+        except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+            return True
+        if message["type"] == "http.request":
+            request.body.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                request.body.set_complete()
+                return True
+        elif message["type"] == "http.disconnect":
+            return False
 
 
 def _release(name: str) -> str:
