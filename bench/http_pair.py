@@ -17,7 +17,8 @@ Routes:
   (bench/thingsnxt_bench.py's device and body);
 - hello: the bare QuartTrio hello-world (bench/hello_app.py, `GET /`): the before's as it
   is, the after's with `--gateway-http` (the gateway's framework patches applied), so the
-  pair says what the patches save on the framework alone.
+  pair says what the patches save on the framework alone; with `--patched-before` the
+  before's runs with `--gateway-http` too (two versions of the patches).
 """
 
 from __future__ import annotations
@@ -110,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--patched-before", action="store_true",
+                        help="hello: the before's hello-world with its --gateway-http too")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("http_pair: wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 2
     starters = {"streetlight": (start_streetlight, start_streetlight),
                 "thingsnxt": (start_thingsnxt, start_thingsnxt),
-                "hello": (hello_starter(False), hello_starter(True))}[args.route]
+                "hello": (hello_starter(args.patched_before), hello_starter(True))}[args.route]
     tmp = Path(tempfile.mkdtemp(prefix="http-pair-"))
     servers: list[Server] = []
     print(f"http_pair: route {args.route}, {args.rounds} rounds of wrk -t1 -c{args.connections} -d{args.duration}s\n"
