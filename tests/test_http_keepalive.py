@@ -169,3 +169,15 @@ def test_internals_that_moved_leave_hypercorn_alone(monkeypatch):
     monkeypatch.setattr(keepalive, "_state", {"enabled": False})
     monkeypatch.setattr(tcp_server, "TrioSingleTask", TrioSingleTask)
     assert keepalive.enable() is False and tcp_server.TrioSingleTask is TrioSingleTask
+
+
+async def test_a_read_timeout_still_closes_a_silent_connection():
+    server = Server(keep_alive_s=600)
+    server.config.read_timeout = 0.5  # (the gateway sets none: its reads take no cancel scope)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            client = await trio.open_tcp_stream("127.0.0.1", server.port)
+            await server.ask(client)
+            assert await _closed_by_server(client)  # silent past the read timeout: closed
+            server.stop.set()

@@ -10,7 +10,8 @@ idle period: going idle moves its cancel scope's deadline, going busy only notes
 neither waits on anything. What closes when is hypercorn's: an idle connection after the
 timeout, an idle one at once when the server stops, never a busy one. The watcher ends
 with the connection's reading (hypercorn's lingered up to the timeout after a client had
-closed an idle connection, then closed it again).
+closed an idle connection, then closed it again). The reading loop is hypercorn's, less
+its cancel scope per read when no read timeout is set (hypercorn's `fail_after(inf)`).
 
 hypercorn's internals: `enable()` patches only the release it was tested with (pinned in
 constraints.txt); under others it logs why and leaves hypercorn as it is.
@@ -26,8 +27,9 @@ from typing import Any
 import trio
 
 try:  # hypercorn's internals: where they moved, nothing is patched (below)
+    from hypercorn.events import Closed, RawData
     from hypercorn.trio import tcp_server
-    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
     _moved = "" if hasattr(tcp_server, "TrioSingleTask") and hasattr(TCPServer, "_read_data") \
         and hasattr(TCPServer, "_initiate_server_close") else "hypercorn.trio.tcp_server changed"
 except ImportError as e:  # pragma: no cover  (pyproject pins the tested minor release)
@@ -124,11 +126,24 @@ def enable() -> bool:
     if why:
         log.warning("http: hypercorn starts a keep-alive task per request: %s", why)
         return False
-    original_read_data = TCPServer._read_data
-
     async def _read_data(self: Any) -> None:
+        # hypercorn's own, but without a cancel scope per read when there is no read timeout
+        # (hypercorn's `fail_after(inf)`: the gateway sets none), and the watcher ended with it.
         try:
-            await original_read_data(self)
+            while True:
+                try:
+                    if self.config.read_timeout:
+                        with trio.fail_after(self.config.read_timeout):
+                            data = await self.stream.receive_some(MAX_RECV)
+                    else:
+                        data = await self.stream.receive_some(MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                else:
+                    await self.protocol.handle(RawData(bytes(data)))
+                    if data == b"":
+                        break
+            await self.protocol.handle(Closed())
         finally:
             close = getattr(self.idle_task, "close", None)
             if close is not None:
