@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -240,12 +240,13 @@ class DeviceState:
             data[key] = value
             stamps[key] = ts
         newest = max(ts, self.ts) if self.ts is not None else ts
-        return replace(self, data=data, stamps=stamps, pending=pending, ts=newest), changed
+        # The constructor, not dataclasses.replace: this runs per message on the writer thread.
+        return DeviceState(data, stamps, pending, newest), changed
 
     def with_app(self, values: dict[str, Any], ts: float) -> DeviceState:
         """The state after an app or operator set `values`: pending until the device reports them."""
-        return replace(self, data={**self.data, **values}, stamps={**self.stamps, **dict.fromkeys(values, ts)},
-                       pending={**self.pending, **values}, ts=max(ts, self.ts or ts))
+        return DeviceState({**self.data, **values}, {**self.stamps, **dict.fromkeys(values, ts)},
+                           {**self.pending, **values}, max(ts, self.ts or ts))
 
     def to_json(self) -> str:
         return compact({"data": self.data, "stamps": self.stamps, "pending": self.pending})
