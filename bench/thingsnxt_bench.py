@@ -1,7 +1,8 @@
 """thingsnxt telemetry through the full path: `POST /thingsnxt/devices/{id}/telemetry` on the
 real daemon (`gatewayd run`, the thingsnxt plugin: parse, token check, the state read and
-written, history + per-key rows + the upstream record in one transaction, the live
-broadcast, the rules), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
+written, history + per-key rows in one transaction, the live broadcast, the rules; no
+`[[upstream]]` is configured, so no upstream record is written: with one, each request
+also writes its outbox row and counts in that transaction), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
 Server-Sent Events subscribers on `/thingsnxt/sse`), against a bare QuartTrio hello-world
 in the same run, and each server's CPU time per request (what the gateway's path costs
 whatever else runs on the machine). `GET /thingsnxt/health` (no body, no storage, no auth)
