@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -134,15 +134,17 @@ class Condition:
     op: str
     value: Any
     of: str | float | None = None
+    # Split and looked up once, not per event: every status of every light runs them.
+    _path: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _compare: Callable[[Any, Any], Any] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # Split and looked up once, not per event: every status of every light runs them.
         object.__setattr__(self, "_path", tuple(self.field.split(".")))
         object.__setattr__(self, "_compare", _OPS[self.op])
 
     def check(self, event: Any) -> bool:
         """True when the event's data satisfies it; a missing or non-numeric field is False."""
-        actual = _lookup(event, self.field, self._path)  # type: ignore[attr-defined]
+        actual = _lookup(event, self.field, self._path)
         if actual is None:
             return False
         expected = self.value
@@ -156,7 +158,7 @@ class Condition:
         if isinstance(expected, (str, bool)) and self.op not in ("==", "!="):
             return False
         try:
-            return bool(self._compare(actual, expected))  # type: ignore[attr-defined]
+            return bool(self._compare(actual, expected))
         except TypeError:
             return False
 
