@@ -18,6 +18,12 @@ found none due); a cut wakes the channel's readers through one `trio.Event`: a r
 costs a wake-up per cut, not a timer of its own (bench/live_bench.py). Only while the
 write budget does not bind (few subscribers) does each reader keep a timer for its next
 cut, to run in the round it falls due (latency) rather than a round after the timer's.
+While it binds (many subscribers), a reader that can be written to from any task (the
+core's WebSocket and SSE endpoints: `next_encoded(direct=...)`) parks instead: the cut
+is written to its connection by whoever makes it, the encoded batch shared, and the
+reader's task sleeps on; it is woken only for a gap, a write that could not be made, or
+the rest of one the socket took only part of (bench/live_bench.py --direct: at 100
+subscribers, that wake-up and its round were most of the fan-out's CPU).
 
 Memory is bounded: a channel holds at most `queue_size` events, there are no more
 channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
