@@ -338,7 +338,8 @@ class Ingest:
         except StorageError:
             outbox.count_refused(row[0] for row in rows)
             raise
-        await outbox.after_store(dropped, stamped)
+        if stamped[0]:  # records stored (an upstream is configured): else no worker waits for them
+            outbox.after_store(dropped, stamped)
         return Ingested(ids, result)
 
 

@@ -207,8 +207,9 @@ class Outbox:
             touched.add(f"sink:{name}")
         return ids, dropped, self.tally.commit(counts, touched)
 
-    async def after_store(self, dropped: dict, stamped: tuple) -> None:
-        """Trio side of an ingest commit: metrics, logs, wake the workers."""
+    def after_store(self, dropped: dict, stamped: tuple) -> None:
+        """Trio side of an ingest commit that stored records: metrics, logs, wake the workers.
+        (Plain, not async: it never waits, and a coroutine per ingest call costs the trio thread.)"""
         if stamped[0]:
             self._saw(stamped)
         if dropped:

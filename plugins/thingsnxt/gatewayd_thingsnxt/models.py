@@ -87,6 +87,10 @@ class Rows:
         self._state = _insert(State, "device", "state", "ts", verb="INSERT OR REPLACE")
         self._value = _insert(Value, "device", "key", "value", "ts", "source", verb="INSERT OR REPLACE")
         self._load = f'SELECT "state", "ts" FROM "{State._meta.table_name}" WHERE "device" = ?'
+        # device -> (its state's JSON as last written or read here, that state): a message
+        # reads the row back (the transaction's truth: a rolled-back group leaves the older
+        # text there) and parses it only when it is not the text this cache holds.
+        self._parsed: dict[str, tuple[str, float, DeviceState]] = {}
 
     def telemetry(self, rows: Iterable[tuple[str, float, float, str, str]]) -> None:
         """(device, ts, received_at, endpoint, data JSON) each."""
@@ -95,16 +99,30 @@ class Rows:
     def load(self, device: str) -> DeviceState:
         """The device's state as this transaction sees it (empty before its first telemetry)."""
         row = self._connection().execute(self._load, (device,)).fetchone()
-        return DeviceState() if row is None else DeviceState.from_json(row[0], row[1])
+        if row is None:
+            return DeviceState()
+        cached = self._parsed.get(device)
+        if cached is not None and cached[0] == row[0] and cached[1] == row[1]:
+            return cached[2]  # unchanged since written: its dicts are never changed in place
+        state = DeviceState.from_json(row[0], row[1])
+        self._keep(device, row[0], state)
+        return state
 
     def state(self, device: str, state: DeviceState, changed: dict[str, Any], source: str) -> None:
         """The device's new state, and a value row for each key that `changed`."""
         connection = self._connection()
-        connection.execute(self._state, (device, state.to_json(), state.ts))
+        text = state.to_json()
+        connection.execute(self._state, (device, text, state.ts))
+        self._keep(device, text, state)
         if changed:
             connection.executemany(self._value, [
                 (device, key, json.dumps(value, separators=(",", ":"), ensure_ascii=False), state.stamps[key], source)
                 for key, value in changed.items()])
+
+    def _keep(self, device: str, text: str, state: DeviceState) -> None:
+        if len(self._parsed) >= 10_000 and device not in self._parsed:  # bounded: one per device
+            self._parsed.clear()
+        self._parsed[device] = (text, state.ts if state.ts is not None else 0.0, state)
 
 
 def _insert(model: type[peewee.Model], *names: str, verb: str = "INSERT") -> str:

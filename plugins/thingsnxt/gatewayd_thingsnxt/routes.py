@@ -264,6 +264,8 @@ class Api:
     async def limit(self) -> None:
         """Before every route but /health and the docs: the specification's rate limit, per client
         address, before the body is read (Refused(429) with Retry-After)."""
+        if not self.ctx.config.rate_limit:
+            return  # no limit (the config is fixed while the plugin runs): not even the endpoint looked up
         if request.endpoint is not None and request.endpoint.rpartition(".")[2] in self._limited:
             self.ctx.state.limit(request.remote_addr)
 

@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Annotated, Any
 
@@ -228,6 +228,7 @@ class DeviceState:
         the app's own value, which confirms it."""
         data, stamps, pending = dict(self.data), dict(self.stamps), dict(self.pending)
         changed: dict[str, Any] = {}
+        retexted = False  # a value set that does not encode as the one it replaced
         for key, value in values.items():
             if ts < stamps.get(key, -math.inf):
                 continue
@@ -235,25 +236,64 @@ class DeviceState:
                 if not same(value, pending[key]):
                     continue
                 del pending[key]
-            if key not in data or not same(data[key], value):
+            old = data.get(key, _MISSING)
+            if old is _MISSING or not same(old, value):
                 changed[key] = value
+            if not retexted and not _same_text(old, value):
+                retexted = True
             data[key] = value
             stamps[key] = ts
         newest = max(ts, self.ts) if self.ts is not None else ts
-        return replace(self, data=data, stamps=stamps, pending=pending, ts=newest), changed
+        # The constructor, not dataclasses.replace: this runs per message on the writer thread.
+        state = DeviceState(data, stamps, pending, newest)
+        # A device reports the same values message after message: the parts of the stored
+        # JSON that did not change keep their text (to_json encodes only the new stamps).
+        known = self.__dict__
+        if not retexted and "_data_text" in known:
+            object.__setattr__(state, "_data_text", known["_data_text"])
+        if len(pending) == len(self.pending) and "_pending_text" in known:
+            object.__setattr__(state, "_pending_text", known["_pending_text"])
+        return state, changed
 
     def with_app(self, values: dict[str, Any], ts: float) -> DeviceState:
         """The state after an app or operator set `values`: pending until the device reports them."""
-        return replace(self, data={**self.data, **values}, stamps={**self.stamps, **dict.fromkeys(values, ts)},
-                       pending={**self.pending, **values}, ts=max(ts, self.ts or ts))
+        return DeviceState({**self.data, **values}, {**self.stamps, **dict.fromkeys(values, ts)},
+                           {**self.pending, **values}, max(ts, self.ts or ts))
 
     def to_json(self) -> str:
-        return compact({"data": self.data, "stamps": self.stamps, "pending": self.pending})
+        """`{"data", "stamps", "pending"}` as compact JSON: the stored row's text. (Built of
+        each part's text, which is what the encoder writes for the whole: parts a state took
+        over unchanged from the one it was made from are not encoded again.)"""
+        known = self.__dict__
+        data = known.get("_data_text")
+        if data is None:
+            data = compact(self.data)
+            object.__setattr__(self, "_data_text", data)
+        pending = known.get("_pending_text")
+        if pending is None:
+            pending = compact(self.pending)
+            object.__setattr__(self, "_pending_text", pending)
+        return f'{{"data":{data},"stamps":{compact(self.stamps)},"pending":{pending}}}'
 
     @classmethod
     def from_json(cls, text: str, ts: float | None) -> DeviceState:
         doc = json.loads(text)
         return cls(doc["data"], doc["stamps"], doc["pending"], ts)
+
+
+_MISSING = object()
+
+
+def _same_text(a: Any, b: Any) -> bool:
+    """Do `a` and `b` encode to the same JSON? For scalars; any container counts as new."""
+    kind = type(a)
+    if kind is not type(b):
+        return False
+    if kind is str or kind is int or kind is bool:
+        return bool(a == b)
+    if kind is float:
+        return bool(a == b and a != 0.0)  # 0.0 == -0.0, written differently
+    return a is None
 
 
 def same(a: Any, b: Any) -> bool:

@@ -186,3 +186,27 @@ def test_iso_of_times_in_one_second_and_across_seconds_reads_as_datetime_does():
     times = [NOW + s + f for s in (0, 1, 1, 0, 59, 3600) for f in (0.0, 0.0004, 0.5, 0.998, 0.9989, 0.999, 0.9999995)]
     assert [iso(ts) for ts in times] == [datetime_iso(ts) for ts in times]
     assert iso(NOW + 0.5) == "2026-02-12T16:00:00.500Z" and iso(NOW + 1.25) == "2026-02-12T16:00:01.250Z"
+
+
+def test_the_state_text_is_the_whole_states_json_whatever_its_parts_kept():
+    """to_json reuses the text of parts a state took over unchanged: it must read exactly as
+    the whole encoded at once, through values that compare equal but are written otherwise."""
+    from gatewayd_thingsnxt.telemetry import compact
+
+    def whole(state):
+        return compact({"data": state.data, "stamps": state.stamps, "pending": state.pending})
+
+    steps = [("device", {"v0": 1, "t": 0.0}), ("device", {"v0": 1, "t": 0.0}), ("device", {"t": -0.0}),
+             ("device", {"v0": 1.0}), ("device", {"v0": True}), ("device", {"v0": 1}), ("app", {"v1": "on"}),
+             ("device", {"v1": "off"}), ("device", {"v1": "on"}), ("device", {"l": [1, 2]}), ("device", {"l": [1, 2.0]}),
+             ("device", {"n": None}), ("device", {"n": None}), ("device", {"o": {"a": 1}}), ("device", {"o": {"a": 1.0}}),
+             ("device", {"s": "é"}), ("device", {"s": "é", "t": 2.5})]
+    state = DeviceState()
+    for i, (who, values) in enumerate(steps):
+        if who == "app":
+            state = state.with_app(values, NOW + i)
+        else:
+            state, _ = state.with_device(values, NOW + i)
+        assert state.to_json() == whole(state), (i, values)
+        assert state.to_json() == whole(state)  # the second call reads its own kept parts
+        assert DeviceState.from_json(state.to_json(), state.ts) == state
