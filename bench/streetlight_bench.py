@@ -2,11 +2,16 @@
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
         [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
+        [--no-upstream]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
    energy rows and the upstream record committed together, the alert rules), driven by
-   wrk against the real daemon (`gatewayd run`, its config, mqtt off). Baseline in the
+   wrk against the real daemon (`gatewayd run`, its config, mqtt off, and one
+   `[[upstream]]` on a closed local port, a site whose link is down: the upstream record
+   is written to the outbox in each request's transaction, its delivery costs next to
+   nothing: bench/run.py's `upstream_args` says why; `--no-upstream`: none, no upstream
+   record, the measure before 2026-12-03). Baseline in the
    same run: the bare QuartTrio hello-world (bench/hello_app.py). Repeats interleaved,
    medians; goal: >= 70 % of the hello-world's req/s. The fleet's other request, a
    command poll with nothing waiting, is measured the same way; each row has the CPU
@@ -60,7 +65,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import _ms, free_port, wait_ready, wrk  # noqa: E402
+from bench.run import _ms, free_port, upstream_args, upstream_note, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
@@ -70,15 +75,18 @@ STATUS = {"device_id": "{id}", "light_id": "SL001", "timestamp": "2025-12-17T10:
           "energy": {"voltage": 230.5, "current": 0.26, "power_watts": 60, "frequency": 50, "cumulative_kwh": 1245.67}}
 
 
-def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = None) -> subprocess.Popen[bytes]:
-    """The daemon of checkout `root` (mqtt off, the bench's limits) on 127.0.0.1:`port`; with
+def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = None,
+                  upstream: bool = True) -> subprocess.Popen[bytes]:
+    """The daemon of checkout `root` (mqtt off, the bench's limits) on 127.0.0.1:`port`, with an
+    offline `[[upstream]]` unless `upstream` is False (bench/run.py's `upstream_args`); with
     `python` that interpreter (the checkout's own venv), else this one with `root` first on
     the path."""
-    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
+    sink_args, sink_env = upstream_args(tmp, root, enabled=upstream)
+    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN, **sink_env}
     if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "streetlight")])
     return subprocess.Popen(
-        [python or sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
+        [python or sys.executable, "-m", "gatewayd", "run", *sink_args, "--set", f"http.listen=127.0.0.1:{port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
          # 1,000 lights configure from this one address within a minute (the bench, not a site)
@@ -364,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="run the gateway from this checkout (a worktree of main, for a before/after)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
+    parser.add_argument("--no-upstream", action="store_true",
+                        help="no [[upstream]]: no upstream record per request (the old measure)")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("bench: wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -372,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     hello_port, gw_port = free_port(), free_port()
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}",
                               "--any-path"])
-    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve())
+    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve(), upstream=not args.no_upstream)
     base = f"http://127.0.0.1:{gw_port}"
     try:
         wait_ready(f"{base}/health")
@@ -395,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                     wrk_fleet(port, lights, args.fleet_s, pid, args.timeout, tmp, target)
                 else:
                     trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout)
+        print(upstream_note(base))
     finally:
         gateway.send_signal(signal.SIGTERM)
         hello.terminate()
