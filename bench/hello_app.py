@@ -1,10 +1,13 @@
 """The baseline: a bare QuartTrio hello-world on hypercorn (same stack, no gateway).
 
-    python bench/hello_app.py HOST:PORT [--any-path] [--default-gc]
+    python bench/hello_app.py HOST:PORT [--any-path] [--default-gc] [--gateway-http]
 
 `--any-path`: every path and method is answered "hello" (a body is read first), so the
 streetlight fleet's requests can be pointed at it unchanged (`streetlight_bench.py
 --target hello`).
+`--gateway-http`: the gateway's framework changes applied (`gatewayd.core.http.lean.LeanQuart`,
+`serve.GatewayConfig`, `serve.lean_framework()`): what they save on the framework alone
+(bench/http_pair.py --route hello).
 """
 
 import sys
@@ -15,7 +18,15 @@ from hypercorn.trio import serve
 from quart import request
 from quart_trio import QuartTrio
 
-app = QuartTrio("hello")
+if "--gateway-http" in sys.argv:
+    from gatewayd.core.http.lean import LeanQuart
+    from gatewayd.core.http.serve import GatewayConfig as Config  # noqa: F811
+    from gatewayd.core.http.serve import lean_framework
+
+    lean_framework()
+    app = LeanQuart("hello")
+else:
+    app = QuartTrio("hello")
 
 
 @app.get("/")

@@ -69,12 +69,15 @@ STATUS = {"device_id": "{id}", "light_id": "SL001", "timestamp": "2025-12-17T10:
           "energy": {"voltage": 230.5, "current": 0.26, "power_watts": 60, "frequency": 50, "cumulative_kwh": 1245.67}}
 
 
-def start_gateway(tmp: Path, port: int, root: Path = ROOT) -> subprocess.Popen[bytes]:
+def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = None) -> subprocess.Popen[bytes]:
+    """The daemon of checkout `root` (mqtt off, the bench's limits) on 127.0.0.1:`port`; with
+    `python` that interpreter (the checkout's own venv), else this one with `root` first on
+    the path."""
     env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
-    if root != ROOT:  # that checkout's gateway and plugin, this bench's venv
+    if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "streetlight")])
     return subprocess.Popen(
-        [sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
+        [python or sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
          # 1,000 lights configure from this one address within a minute (the bench, not a site)
@@ -100,13 +103,19 @@ def provision(base: str, ids: list[str]) -> dict[str, str]:
     return tokens
 
 
-def status_path(base: str, hello: str, token: str, device: str, tmp: Path, args: argparse.Namespace,
-                pids: dict[str, int]) -> None:
+def status_script(tmp: Path, token: str, device: str) -> Path:
+    """wrk's Lua script for the light's status POST (section 2's example body, its token)."""
     body = json.dumps(STATUS).replace("{id}", device)
     script = tmp / "status.lua"
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                       f'wrk.headers["Content-Type"] = "application/json"\n'
                       f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+    return script
+
+
+def status_path(base: str, hello: str, token: str, device: str, tmp: Path, args: argparse.Namespace,
+                pids: dict[str, int]) -> None:
+    script = status_script(tmp, token, device)
     poll = tmp / "poll.lua"
     poll.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
     targets = {"hello-world (bare QuartTrio)": (hello, None),

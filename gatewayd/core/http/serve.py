@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+from time import time
 from collections.abc import Callable
 from typing import Any
+from wsgiref.handlers import format_date_time
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -14,9 +16,9 @@ from quart_trio import QuartTrio
 
 from ..schema import Address
 from ..tls import SiteTls
-from . import one_write
+from . import handoff, keepalive, one_write
 
-__all__ = ["RefuseBadHost", "serve_app"]
+__all__ = ["GatewayConfig", "RefuseBadHost", "lean_framework", "serve_app"]
 
 
 class _DropEarlyClose(logging.Filter):
@@ -44,7 +46,7 @@ async def serve_app(
 ) -> None:
     """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`.
     With `tls` (and `tls.http` set) the listener speaks HTTPS only."""
-    config = HypercornConfig()
+    config = GatewayConfig()
     config.bind = [str(listen)]
     config.graceful_timeout = graceful_timeout
     config.errorlog = logging.getLogger("gatewayd.http")
@@ -52,8 +54,34 @@ async def serve_app(
     config.access_log_format = 'client=%(h)s method=%(m)s path="%(U)s" status=%(s)s bytes=%(b)s duration_us=%(D)s'
     if tls is not None:
         tls.hypercorn(config)
-    one_write.enable()  # an answer of known length in one write (hypercorn's internals, version-gated)
+    lean_framework()
     await serve(RefuseBadHost(app), config, shutdown_trigger=shutdown_trigger, task_status=task_status)
+
+
+def lean_framework() -> None:
+    """hypercorn's internals patched (each version-gated, logged and left alone otherwise):
+    an answer of known length in one write (`one_write`), the keep-alive timeout without a
+    task per request (`keepalive`), a request's messages and an answer's bytes handed on
+    without a scheduling pass each (`handoff`)."""
+    one_write.enable()
+    keepalive.enable()
+    handoff.enable()
+
+
+class GatewayConfig(HypercornConfig):
+    """hypercorn's config, the headers it adds to every answer (Date, Server) made once a
+    second, not per answer: the Date header has whole seconds, so the bytes are the same."""
+
+    _made: tuple[str, int, list[tuple[bytes, bytes]]] | None = None
+
+    def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
+        now = int(time())
+        made = self._made
+        if made is None or made[0] != protocol or made[1] != now:
+            date = format_date_time(now).encode("ascii")  # what hypercorn's formats within this second
+            made = self._made = (protocol, now, [(name, date) if name == b"date" else (name, value)
+                                                 for name, value in super().response_headers(protocol)])
+        return list(made[2])  # a fresh list: callers may add to it
 
 
 class RefuseBadHost:
