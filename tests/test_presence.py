@@ -76,6 +76,19 @@ async def test_last_seen_is_flushed_in_one_write(tmp_path):
         assert s.storage.stats["jobs"] - jobs_before == 1
 
 
+async def test_a_flush_moves_last_seen_and_keeps_first_seen(tmp_path):
+    """record_seen's prepared statements: last_seen follows each flush, first_seen is the
+    first one's, a device of the same id in another family is left alone."""
+    async with open_services(tmp_path) as s:
+        await s.registry.provision("paku", "p1")
+        await s.registry.provision("thingsnxt", "p1")
+        await s.registry.record_seen({("paku", "p1"): 1_700_000_000.0})
+        await s.registry.record_seen({("paku", "p1"): 1_700_000_060.0, ("paku", "unknown"): 1_700_000_060.0})
+        paku, other = await s.registry.get("paku", "p1"), await s.registry.get("thingsnxt", "p1")
+        assert (paku.first_seen, paku.last_seen) == (1_700_000_000.0, 1_700_000_060.0)
+        assert (other.first_seen, other.last_seen) == (None, None)
+
+
 async def test_the_service_flushes_by_itself(tmp_path):
     async with open_services(tmp_path) as s, trio.open_nursery() as nursery:
         await s.registry.provision("paku", "p1")

@@ -31,7 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .rules import Action, Rule
+from .rules import Action, Condition, Rule
 
 __all__ = ["RuleEngine", "Firing"]
 
@@ -100,6 +100,14 @@ class EngineStats:
     by_rule: dict[str, int] = field(default_factory=dict)
 
 
+def _all_hold(conditions: tuple[Condition, ...], event: Any) -> bool:
+    # A loop, not all() over a generator: this runs for every rule on every status.
+    for condition in conditions:
+        if not condition.check(event):
+            return False
+    return True
+
+
 class RuleEngine:
     """Evaluates rules over events; holds cooldowns, windows, timers and mutes."""
 
@@ -147,7 +155,7 @@ class RuleEngine:
         was_active = self._resolve(event, now)
         firings: list[Firing] = []
         for rule in self._matching_rules(event)[1]:
-            if not rule.matches_severity(event.severity) or self._muted(rule, event, now):
+            if not rule.matches_severity(event.severity) or (self._mutes and self._muted(rule, event, now)):
                 continue
             if rule.absent_for_s:
                 key = (rule.name, event.family, event.device_id or "", ANY_TYPE)
@@ -155,7 +163,7 @@ class RuleEngine:
                 self._clear(key)  # the device spoke again: the silence is over
                 continue
             key = (rule.name, event.family, event.device_id or "", event.type)
-            if not all(c.check(event) for c in rule.conditions) or not rule.in_time_window(event.ts):
+            if not _all_hold(rule.conditions, event) or not rule.in_time_window(event.ts):
                 continue
             if event.resolved is True and not (rule.min_duration_s and event.duration_s is not None):
                 continue  # a resolution never raises an alert of its own
@@ -299,8 +307,9 @@ class RuleEngine:
         self._open.pop(key, None)
         self._escalations.pop(key, None)
         self._active.discard(key)
-        for mute_key in [k for k, m in self._mutes.items() if m.source == key]:
-            del self._mutes[mute_key]
+        if self._mutes:  # usually none: each status of each light clears its silence timer's key
+            for mute_key in [k for k, m in self._mutes.items() if m.source == key]:
+                del self._mutes[mute_key]
 
     @staticmethod
     def _describe(rule: Rule, event: Any) -> str:

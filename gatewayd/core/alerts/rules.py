@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -134,10 +134,17 @@ class Condition:
     op: str
     value: Any
     of: str | float | None = None
+    # Split and looked up once, not per event: every status of every light runs them.
+    _path: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _compare: Callable[[Any, Any], Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_path", tuple(self.field.split(".")))
+        object.__setattr__(self, "_compare", _OPS[self.op])
 
     def check(self, event: Any) -> bool:
         """True when the event's data satisfies it; a missing or non-numeric field is False."""
-        actual = lookup(event, self.field)
+        actual = _lookup(event, self.field, self._path)
         if actual is None:
             return False
         expected = self.value
@@ -151,7 +158,7 @@ class Condition:
         if isinstance(expected, (str, bool)) and self.op not in ("==", "!="):
             return False
         try:
-            return bool(_OPS[self.op](actual, expected))
+            return bool(self._compare(actual, expected))
         except TypeError:
             return False
 
@@ -162,12 +169,21 @@ def _is_number(value: Any) -> bool:
 
 def lookup(event: Any, path: str) -> Any:
     """A data field by dotted path (`energy.voltage`); `duration_s` falls back to the event's."""
+    return _lookup(event, path, path.split("."))
+
+
+def _lookup(event: Any, path: str, parts: Sequence[str]) -> Any:
     node: Any = getattr(event, "data", None) or {}
-    for part in path.split("."):
-        if not isinstance(node, Mapping) or part not in node:
+    for part in parts:
+        if type(node) is dict:  # the usual case, without the Mapping ABC's isinstance
+            node = node.get(part)
+            if node is None:
+                break
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
             node = None
             break
-        node = node[part]
     if node is None and path == "duration_s":
         return getattr(event, "duration_s", None)
     return node

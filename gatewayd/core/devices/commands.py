@@ -183,7 +183,10 @@ class CommandQueue:
         look at `expires_at`."""
         if self._open is None:
             return list(reversed(await self.list(family, device_id, status=_OPEN, limit=1_000_000)))
-        return sorted(self._open.get((family, device_id), {}).values(), key=lambda c: c.created_at)
+        held = self._open.get((family, device_id))
+        if not held:
+            return []  # the usual poll: nothing waits
+        return sorted(held.values(), key=lambda c: c.created_at)
 
     def _keep(self, family: str, device_id: str, open_now: list[Command]) -> None:
         """The device's open commands as read inside a write: memory follows the database."""

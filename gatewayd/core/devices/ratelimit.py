@@ -82,22 +82,17 @@ class RateLimiter:
         if rc is None:
             raise KeyError(f"rate class {cls!r} is not defined (known: {', '.join(sorted(self.classes)) or 'none'})")
         now = self.clock()
+        capacity, rate = rc.capacity, rc.rate  # properties: computed once here, not four times
         bucket_key = (cls, key)
-        tokens, at = self._buckets.pop(bucket_key, (float(rc.capacity), now))
-        tokens = min(rc.capacity, tokens + (now - at) * rc.rate)
+        tokens, at = self._buckets.pop(bucket_key, (float(capacity), now))
+        tokens = min(capacity, tokens + (now - at) * rate)
         allowed = tokens >= cost
         if allowed:
             tokens -= cost
         self._buckets[bucket_key] = (tokens, now)
         self._evict(now)
-        retry = 0.0 if allowed else (cost - tokens) / rc.rate
-        return Decision(
-            allowed=allowed,
-            limit=rc.limit,
-            remaining=max(0, int(tokens)),
-            reset_s=(rc.capacity - tokens) / rc.rate,
-            retry_after_s=retry,
-        )
+        retry = 0.0 if allowed else (cost - tokens) / rate
+        return Decision(allowed, rc.limit, max(0, int(tokens)), (capacity - tokens) / rate, retry)
 
     def _evict(self, now: float) -> None:
         # Oldest-touched first: a bucket untouched long enough to refill is no loss,

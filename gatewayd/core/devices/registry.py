@@ -190,6 +190,18 @@ class DeviceRow(peewee.Model):
         indexes = ((("family", "device_id"), True),)
 
 
+def _seen_update(column: str, *, only_unset: bool) -> str:
+    """`UPDATE core_device SET <column> = ? WHERE family = ? AND device_id = ?` (and unset)."""
+    fields = DeviceRow._meta.fields
+    name = f'"{fields[column].column_name}"'
+    where = f'"{fields["family"].column_name}" = ? AND "{fields["device_id"].column_name}" = ?'
+    return f'UPDATE "{DeviceRow._meta.table_name}" SET {name} = ? WHERE {where}' + (f" AND {name} IS NULL" if only_unset else "")
+
+
+_SET_LAST_SEEN = _seen_update("last_seen", only_unset=False)
+_SET_FIRST_SEEN = _seen_update("first_seen", only_unset=True)
+
+
 class CredentialRow(peewee.Model):
     device = peewee.ForeignKeyField(DeviceRow, on_delete="CASCADE", backref="credentials")
     kind = peewee.CharField()  # "key" | "signing"
@@ -810,15 +822,16 @@ class DeviceRegistry:
 
     async def record_seen(self, seen: dict[tuple[str, str], float]) -> None:
         """Store many last-seen times in one write (presence flushes through here)."""
+        rows = [(ts, family, device_id) for (family, device_id), ts in seen.items()]
+        database = self.storage.database
 
         def update() -> None:
-            for (family, device_id), ts in seen.items():
-                DeviceRow.update(last_seen=ts).where(
-                    (DeviceRow.family == family) & (DeviceRow.device_id == device_id)
-                ).execute()
-                DeviceRow.update(first_seen=ts).where(
-                    (DeviceRow.family == family) & (DeviceRow.device_id == device_id) & DeviceRow.first_seen.is_null()
-                ).execute()
+            # Prepared statements, not two peewee queries per device: a fleet of 1,000 lights
+            # is flushed every few seconds, and peewee's query building cost ~0.2 s of the
+            # writer thread (holding the GIL) per flush; executemany ~3 ms.
+            connection = database.connection()  # type: ignore[no-untyped-call]  # peewee's stubs
+            connection.executemany(_SET_LAST_SEEN, rows)
+            connection.executemany(_SET_FIRST_SEEN, rows)
 
         # Not through _write: last-seen times change every few seconds, and emptying the
         # cache of `recent` or of verified keys for them would send every hot path back

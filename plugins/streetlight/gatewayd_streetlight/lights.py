@@ -105,12 +105,15 @@ class Streetlight:
         await self.ctx.ingest.record(
             device_id, "status", data, ts=ts, cls="state",
             family_rows=lambda: self.rows.statuses(device_id, [(status, ts)], now, via))
-        latest = {"ts": ts, "received_at": now, "power_state": status.power_state, "brightness": status.brightness,
-                  "temperature": status.temperature, "battery": status.battery, "gsm_signal": status.gsm_signal,
-                  "uptime": status.uptime, "error_flags": list(status.error_flags)}
-        previous = self.latest.get(device_id, {})
+        merged = dict(self.latest.get(device_id, ()))
+        merged["ts"], merged["received_at"] = ts, now
         # A compact (MQTT) report says less: what it leaves out stays as it was.
-        merged = {**previous, **{k: v for k, v in latest.items() if v is not None}}
+        for key, value in (("power_state", status.power_state), ("brightness", status.brightness),
+                           ("temperature", status.temperature), ("battery", status.battery),
+                           ("gsm_signal", status.gsm_signal), ("uptime", status.uptime)):
+            if value is not None:
+                merged[key] = value
+        merged["error_flags"] = list(status.error_flags)
         self.latest[device_id] = merged
         self.heard[device_id] = now
         self.statuses.inc(via=via)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections.abc import Callable
@@ -76,9 +77,16 @@ def choice(value: str | None, field: str, choices: tuple[str, ...]) -> str | Non
     return value
 
 
+_last_iso: tuple[int, str] = (-1, "")
+
+
 def iso(ts: float) -> str:
     """`2025-12-17T10:30:05Z`: the specification's timestamps (whole seconds, UTC)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    global _last_iso
+    second = math.floor(ts)
+    if _last_iso[0] != second:  # every answer of the same second has the same server_timestamp
+        _last_iso = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return _last_iso[1]
 
 
 def _free_json(value: Any, name: str) -> Any:
@@ -197,7 +205,7 @@ class Status(NamedTuple):
         if self.light_id is not None:
             doc["light_id"] = self.light_id
         if self.energy is not None:
-            doc["energy"] = {k: v for k, v in self.energy._asdict().items() if v is not None}
+            doc["energy"] = {k: v for k, v in zip(Energy._fields, self.energy) if v is not None}
         return doc
 
     def digest(self) -> str:
