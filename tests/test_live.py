@@ -258,6 +258,166 @@ async def test_a_lagging_reader_gets_its_own_batch_then_shares_again(autojump_cl
     assert await fast.next_encoded(list) is await slow.next_encoded(list)  # in step again
 
 
+def _ids(batch):
+    """A batch as a test's `encode` makes it: event ids, and ("gap", n) for a gap."""
+    return tuple(("gap", item.dropped) if isinstance(item, Gap) else item.id for item in batch)
+
+
+async def test_with_many_subscribers_the_hub_writes_each_cut_itself_and_readers_sleep_on(autojump_clock):
+    """Where the write budget binds, a reader that passes `direct` is not woken per batch: the
+    hub hands each cut, encoded once, to every reader's `direct` from its own task, in order."""
+    hub = LiveHub(batch_s=0.02, writes_per_s=500)  # 20 subscribers: a cut every 40 ms, not 20
+    n = 20
+    written: list[list[object]] = [[] for _ in range(n)]
+    encodes: list[int] = []
+    returned: list[object] = []
+    steps: dict[object, int] = {}
+
+    def encode(batch):
+        encodes.append(len(batch))
+        return _ids(batch)
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: object) -> None:
+            steps[task] = steps.get(task, 0) + 1
+
+    async def reader(i: int, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        def direct(encoded):
+            assert trio.lowlevel.current_task() is not me  # the hub's, not this reader's
+            written[i].extend(encoded)
+            return True
+
+        with hub.subscribe(["a.#"], owner=str(i)) as sub:
+            me = trio.lowlevel.current_task()
+            task_status.started(me)
+            while (got := await sub.next_encoded(encode, direct=direct)) is not None:
+                returned.append(got)
+
+    async with trio.open_nursery() as nursery:
+        tasks = [await nursery.start(reader, i) for i in range(n)]
+        await trio.sleep(1)
+        assert hub.cut_every_s > hub.batch_s
+        trio.lowlevel.add_instrument(counter := CountSteps())
+        for _ in range(100):
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.003)
+        await trio.sleep(1)
+        trio.lowlevel.remove_instrument(counter)
+        assert written == [list(range(1, 101))] * n and returned == []
+        assert [steps.get(task, 0) for task in tasks] == [0] * n  # not one wake-up
+        assert sum(encodes) == 100 and len(encodes) < 20  # each cut encoded once, for all
+        assert all(sub.written_at > 0 for sub in hub._subs)
+        hub.close()
+    assert hub.subscribers == 0
+
+
+async def test_a_batch_the_hub_cannot_write_or_finish_goes_to_the_readers_own_task(autojump_clock):
+    """`direct` refused (False): next_encoded returns the batch; begun (a function): the reader's
+    task awaits it and sleeps on; behind the ring: the reader's own batch, a gap first."""
+    hub = LiveHub(batch_s=0.02, writes_per_s=500, queue_size=16)
+    others = [hub.subscribe(["a.#"], owner=str(i)) for i in range(20)]  # the budget binds
+    mode = ["whole"]
+    written: list[object] = []
+    finished_by: list[object] = []
+    returned: list[object] = []
+
+    def direct(encoded):
+        if mode[0] == "refuse":
+            return False
+        if mode[0] == "begin":
+            async def finish() -> None:
+                finished_by.append(trio.lowlevel.current_task())
+                await trio.sleep(0.001)
+                written.extend(encoded)
+            return finish
+        written.extend(encoded)
+        return True
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="me") as sub:
+            task_status.started(trio.lowlevel.current_task())
+            while (got := await sub.next_encoded(_ids, direct=direct)) is not None:
+                returned.append(got)
+                written.extend(got)
+
+    async with trio.open_nursery() as nursery:
+        me = await nursery.start(reader)
+        for step in ("whole", "begin", "refuse", "whole"):
+            mode[0] = step
+            hub.publish("a.b.c", {})
+            await trio.sleep(0.5)
+        assert written == [1, 2, 3, 4] and finished_by == [me] and returned == [(3,)]
+        for _ in range(40):  # past the ring's 16 before the next cut: the reader is woken for its gap
+            hub.publish("a.b.c", {})
+        await trio.sleep(0.5)
+        assert returned[1] == (("gap", 24), *range(29, 45))
+        hub.publish("a.b.c", {})
+        await trio.sleep(0.5)
+        assert written[-1] == 45 and len(returned) == 2  # straight again
+        hub.close()
+    for sub in others:
+        assert sub.closed
+
+
+async def test_the_rest_of_a_write_begun_for_a_reader_is_sent_though_it_is_cancelled(autojump_clock):
+    hub = LiveHub(batch_s=0.02, writes_per_s=500)
+    others = [hub.subscribe(["a.#"], owner=str(i)) for i in range(20)]
+    sent: list[object] = []
+
+    async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with hub.subscribe(["a.#"], owner="me") as sub:
+            with trio.CancelScope() as scope:
+                def direct(encoded):
+                    scope.cancel()  # e.g. the connection's nursery ends meanwhile
+
+                    async def finish() -> None:
+                        await trio.sleep(0.01)
+                        sent.extend(encoded)
+                    return finish
+
+                task_status.started()
+                await sub.next_encoded(_ids, direct=direct)
+            assert scope.cancelled_caught
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reader)
+        hub.publish("a.b.c", {})
+        await trio.sleep(1)
+    assert sent == [1] and hub.subscribers == len(others)
+
+
+async def test_a_heartbeat_is_due_after_nothing_went_out_for_heartbeat_s(autojump_clock):
+    """Nor while the hub writes to the connection itself (`written_at`): its task keeps no
+    timer per batch, and looks once per heartbeat_s."""
+    from gatewayd.core.live.http import _Heartbeat
+
+    hub = LiveHub()
+    sub = hub.subscribe(["a.#"], owner="x")
+    beat = _Heartbeat(sub, 15)
+    await trio.sleep_until(beat.due)
+    assert beat.idle() and beat.due == trio.current_time() + 15  # nothing for 15 s: one now
+    await trio.sleep(10)
+    sub.written_at = trio.current_time()  # the hub wrote a batch
+    await trio.sleep_until(beat.due)
+    assert not beat.idle() and beat.due == sub.written_at + 15
+    await trio.sleep_until(beat.due)
+    assert beat.idle()
+    beat.sent()  # its own task sent a batch
+    assert beat.due == trio.current_time() + 15
+
+
+async def test_idle_connections_get_heartbeats(gateway_factory):
+    async with gateway_factory(settings=["live.heartbeat_s=1"]) as gw, gw_client(gw) as client:
+        url = gw_url(gw).replace("http://", "ws://") + "/api/gateway/live?streams=paku.%23"
+        async with open_websocket_url(url, extra_headers=[("Authorization", f"Bearer {TOKEN}")]) as ws, \
+                client.stream("GET", "/api/gateway/live/events", params={"streams": "paku.#"}, headers=ADMIN) as r:
+            with trio.fail_after(30):
+                assert "heartbeat" in json.loads(await ws.get_message())
+                async for line in r.aiter_lines():
+                    if line == ": heartbeat":
+                        break
+
+
 async def test_changing_patterns_keeps_what_was_not_read_yet():
     hub = LiveHub()
     sub = hub.subscribe(["a.#"], owner="x")

@@ -7,7 +7,9 @@ one write, elsewhere one send a message."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import pytest
 import trio
 from quart import Blueprint, Response, websocket
 from trio_websocket import open_websocket_url
@@ -17,7 +19,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from gatewayd.core.live import frames
 from gatewayd.plugins.api import Chunk, TextFrames, hookimpl, send_frames, stream_writer
-from gatewayd.testing import gw_client, gw_url
+from gatewayd.testing import gw_client, gw_url, wait_until
 
 MESSAGES = ["a", "é" * 70, "x" * 200, json.dumps({"big": "y" * 70_000}), ""]
 
@@ -277,3 +279,131 @@ async def everything_through_quart(gateway_factory) -> None:
             r = await client.get("/streamer/sse")
     assert got == ["before", *MESSAGES, "after"] and framer.one_write == [False, False]
     assert r.status_code == 200 and r.text == EXPECTED_BODY and streamer.straight == [False] * 3
+
+
+# -- writes the hub makes for its readers (Subscription.next_encoded(direct=...)) -------------
+
+
+async def test_a_send_lock_is_a_fifo_lock_any_task_may_release():
+    lock = frames.SendLock()
+    order: list[int] = []
+
+    async def waiter(i: int) -> None:
+        async with lock:
+            order.append(i)
+
+    lock.acquire_nowait()
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(waiter, i)
+            await trio.sleep(0.01)
+        with pytest.raises(trio.WouldBlock):
+            lock.acquire_nowait()
+        nursery.start_soon(_release, lock)
+    assert order == [0, 1, 2] and not lock.locked()
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+async def _release(lock: frames.SendLock) -> None:
+    lock.release()  # another task than the one that took it
+
+
+async def test_the_send_lock_is_replaced_only_while_nobody_uses_it():
+    server = SimpleNamespace(send_lock=trio.Lock())
+    await server.send_lock.acquire()
+    assert not frames.own_send_lock(server) and type(server.send_lock) is trio.Lock  # held: left alone
+    server.send_lock.release()
+    assert frames.own_send_lock(server) and isinstance(server.send_lock, frames.SendLock)
+    assert frames.own_send_lock(server)  # already ours
+    other = SimpleNamespace(send_lock=trio.StrictFIFOLock())
+    assert not frames.own_send_lock(other) and isinstance(other.send_lock, trio.StrictFIFOLock)
+
+
+class Connection(SimpleNamespace):
+    """As much of hypercorn's TCPServer as the writes use: its send lock and its stream."""
+
+    __hash__ = object.__hash__
+
+
+async def test_a_write_begun_in_one_task_is_finished_whole_in_another():
+    """The socket takes part of it: the lock stays held (nobody else writes in the middle), and
+    what is returned sends the rest and releases it, from another task."""
+    a, b = trio.socket.socketpair()
+    a.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_SNDBUF, 8192)
+    server = Connection(send_lock=frames.SendLock(), stream=trio.SocketStream(a))
+    wire = bytes(range(256)) * 8192  # 2 MB: more than the socket takes at once
+    done = frames._write_now(server, wire)
+    assert callable(done) and server.send_lock.locked()
+    assert frames._write_now(server, b"other") is False  # nothing in the middle
+    got = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(done)
+
+        async def read() -> None:
+            while len(got) < len(wire):
+                got.extend(await b.recv(1 << 20))
+
+        nursery.start_soon(read)
+    assert bytes(got) == wire and not server.send_lock.locked()
+    assert frames._write_now(server, b"next") is True and await b.recv(100) == b"next"
+    a.close(), b.close()
+
+
+class Publisher:
+    """A route that publishes on the hub: `n` events of `size` bytes each."""
+
+    @hookimpl
+    def gatewayd_http_routes(self, ctx):
+        bp = Blueprint("publisher", __name__)
+
+        @bp.route("/publish/<int:n>/<int:size>", methods=["POST"])
+        async def publish(n: int, size: int):
+            for i in range(n):
+                ctx.live.publish("big", "d1", {"i": i, "pad": "p" * size})
+            return {"ok": n}
+
+        return bp
+
+
+async def test_many_subscribers_get_every_batch_the_hub_writes_whole_and_in_order(gateway_factory, monkeypatch):
+    """Over the write budget (2 subscribers, 10 writes/s): the hub writes the batches itself,
+    WebSocket frames and SSE chunks, megabytes at a time (more than a socket takes at once, the
+    rest sent by the connection's own task), between answers to the client's messages."""
+    monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", "live-frames-token")
+    writers: list[str] = []
+    real = frames._write_now
+    monkeypatch.setattr(frames, "_write_now",
+                        lambda server, wire: writers.append(trio.lowlevel.current_task().name) or real(server, wire))
+    async with gateway_factory(plugins=[("publisher", Publisher())],
+                               settings=["live.writes_per_s=10", "live.queue_size=1000"]) as gw:
+        base = gw_url(gw)
+        ws_url = base.replace("http://", "ws://") + "/api/gateway/live?streams=publisher.%23"
+        headers = [("Authorization", "Bearer live-frames-token")]
+        got_ws: list[int] = []
+        got_sse = bytearray()
+        async with open_websocket_url(ws_url, extra_headers=headers, max_message_size=1 << 25) as ws, \
+                gw_client(gw) as client:
+            async with client.stream("GET", "/api/gateway/live/events", params={"streams": "publisher.#"},
+                                     headers={"Authorization": "Bearer live-frames-token"}) as r:
+                await wait_until(lambda: gw.live.subscribers == 2)
+                assert gw.live.cut_every_s > gw.live.batch_s
+                for _ in range(3):
+                    assert (await client.post("/publisher/publish/40/60000")).status_code == 200
+                await ws.send_message(json.dumps({"subscribe": ["publisher.big.*"]}))  # answered between
+                answers = 0
+                with trio.fail_after(60):
+                    while len(got_ws) < 120:
+                        doc = json.loads(await ws.get_message())
+                        if isinstance(doc, dict):
+                            answers += "ok" in doc
+                            continue
+                        got_ws += [e["data"]["i"] for e in doc]
+                    async for part in r.aiter_bytes():
+                        got_sse += part
+                        if got_sse.count(b"\nevent: publisher.big.d1\n") >= 120 and got_sse.endswith(b"\n\n"):
+                            break
+    assert got_ws == list(range(40)) * 3 and answers == 1
+    events = [json.loads(line[6:]) for line in got_sse.decode().split("\n") if line.startswith("data: ")]
+    assert [e["data"]["i"] for e in events] == list(range(40)) * 3
+    assert "gatewayd live hub: cuts" in writers  # written by the hub's task, not the connections'

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
@@ -39,8 +39,8 @@ try:  # hypercorn's internals: where they moved, the straight path is off (below
 except ImportError as e:  # pragma: no cover  (pyproject pins the tested minor release)
     _moved = f"hypercorn's internals moved ({e})"
 
-__all__ = ["Chunk", "StreamWriter", "TextFrames", "abort_stalled_writes", "send_frames", "stream_writer",
-           "straight_path"]
+__all__ = ["Chunk", "SendLock", "StreamWriter", "TextFrames", "abort_stalled_writes", "direct_frames", "own_send_lock",
+           "send_frames", "stream_writer", "straight_path"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,25 @@ async def send_frames(frames: TextFrames) -> bool:
     return True
 
 
+def direct_frames() -> Callable[[TextFrames], bool | Finish] | None:
+    """For the current WebSocket (quart's `websocket`, accepted): a function that starts writing
+    a batch's frames straight to its connection from any task, without waiting (`_write_now`:
+    True, False, or the rest to await), for the hub's `next_encoded(direct=...)`. None where
+    they cannot go straight to the socket (TLS, HTTP/2, another server, the send lock not
+    hypercorn's trio.Lock or in use now): then `send_frames`, from the connection's own task."""
+    stream = _hypercorn_stream(cast(Any, websocket)._get_current_object())
+    server = _tcp_server(stream) if stream is not None else None
+    if server is None or not isinstance(server.stream, trio.SocketStream) or not own_send_lock(server):
+        return None
+
+    def write(frames: TextFrames) -> bool | Finish:
+        if not frames.texts or not _open(stream):
+            return True  # nothing to send, or nothing is sent once closing (as send_frames)
+        return _write_now(server, frames.wire)
+
+    return write
+
+
 def _open(stream: WSStream) -> bool:
     """The WebSocket may still carry data frames: not closed, and no Close frame sent (once
     the client's close is answered, nothing more; quart's send stops there too)."""
@@ -132,31 +151,116 @@ async def _write(stream: WSStream, server: TCPServer, wire: bytes) -> None:
 
 async def _write_raw(server: TCPServer | None, wire: bytes) -> bool:
     """The bytes on the connection, whole, straight to its socket when nothing else is being
-    written on it (its send lock, taken without waiting, keeps it so until the rest, if the
-    socket took only part, is sent). False: not written (the lock was taken, the socket is
-    closed, no plain TCP connection): the caller waits for the lock, or yields to quart. A
-    write straight to the socket costs no scheduler round: with 100 subscribers, 100 of those
-    per batch were most of the fan-out's cost (bench/live_bench.py)."""
+    written on it (`_write_now`; the rest, if the socket took only part, sent before anything
+    else). False: not written (the lock was taken, the socket is closed, no plain TCP
+    connection): the caller waits for the lock, or yields to quart. A write straight to the
+    socket costs no scheduler round: with 100 subscribers, 100 of those per batch were most of
+    the fan-out's cost (bench/live_bench.py)."""
+    if server is None:
+        return False
+    done = _write_now(server, wire)
+    if done is False:
+        return False
+    if done is not True:
+        await done()
+    return True
+
+
+Finish = Callable[[], Awaitable[None]]
+
+
+def _write_now(server: TCPServer, wire: bytes) -> bool | Finish:
+    """Start writing `wire` on the connection without waiting: True, written whole; False,
+    nothing written (something else is being written, TLS, the socket closed or broken);
+    else the socket took part of it and the connection's send lock stays held: the caller
+    must await what is returned (it sends the rest, shielded, then releases the lock)."""
     lock = getattr(server, "send_lock", None)
-    if not isinstance(lock, trio.Lock) or not isinstance(getattr(server, "stream", None), trio.SocketStream):
+    if not isinstance(lock, (trio.Lock, SendLock)) or not isinstance(getattr(server, "stream", None),
+                                                                     trio.SocketStream):
         return False  # TLS, or not the hypercorn this was tested with (_tcp_server)
     try:
         lock.acquire_nowait()
     except trio.WouldBlock:
         return False
     try:
-        try:
-            sent = os.write(server.stream.socket.fileno(), wire)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return False  # closed or broken: hypercorn's own path says so
-        if sent < len(wire):
-            await _send_whole(server, memoryview(wire)[sent:])
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client went: hypercorn's reader ends the connection
-    finally:
+        sent = os.write(server.stream.socket.fileno(), wire)
+    except BlockingIOError:
+        sent = 0
+    except OSError:
         lock.release()
+        return False  # closed or broken: hypercorn's own path says so
+    if sent >= len(wire):
+        lock.release()
+        return True
+    rest = memoryview(wire)[sent:]
+
+    async def finish() -> None:
+        try:
+            await _send_whole(server, rest)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went: hypercorn's reader ends the connection
+        finally:
+            lock.release()
+
+    return finish
+
+
+class SendLock:
+    """A live connection's send lock, in place of hypercorn's `trio.Lock` (`own_send_lock`):
+    the same lock (FIFO, taken by `async with` or `acquire_nowait`), but any task may release
+    it. The hub's timer task writes a batch to every waiting subscriber of a channel in turn
+    (`Subscription.next_encoded(direct=...)`), without waking one task a subscriber; when a
+    socket takes only part of a batch, the lock stays held and the subscriber's own task
+    sends the rest, then releases it: nothing else is written on that connection meanwhile."""
+
+    __slots__ = ("_held", "_lot")
+
+    def __init__(self) -> None:
+        self._held = False
+        self._lot = trio.lowlevel.ParkingLot()
+
+    def locked(self) -> bool:
+        return self._held
+
+    def acquire_nowait(self) -> None:
+        if self._held or self._lot:
+            raise trio.WouldBlock
+        self._held = True
+
+    async def acquire(self) -> None:
+        await trio.lowlevel.checkpoint_if_cancelled()
+        try:
+            self.acquire_nowait()
+        except trio.WouldBlock:
+            await self._lot.park()  # release hands it over: held on wake-up
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def release(self) -> None:
+        if not self._held:
+            raise RuntimeError("release of a SendLock that is not held")
+        if self._lot:
+            self._lot.unpark(count=1)  # still held: now by the one woken
+        else:
+            self._held = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+def own_send_lock(server: TCPServer) -> bool:
+    """Put a `SendLock` in place of the connection's trio.Lock (hypercorn's sends take it as
+    they took that one). Only while nobody holds or waits for the old one. False: left as it
+    is (it is not a trio.Lock: a hypercorn this was not tested with; or in use now)."""
+    lock = server.send_lock
+    if isinstance(lock, SendLock):
+        return True
+    if type(lock) is not trio.Lock or lock.locked() or lock.statistics().tasks_waiting:
+        return False
+    server.send_lock = cast(Any, SendLock())
     return True
 
 
@@ -216,12 +320,29 @@ class StreamWriter:
     async def write(self, chunk: Chunk) -> bool:
         """True: `chunk` was written (or the client is gone). False: yield `chunk.data` to quart
         instead (not chunked, not started, or something else is being written on the connection)."""
-        connection = getattr(self._h11, "connection", None)
-        if (connection is None or self._stream.closed or self._stream.state != ASGIHTTPState.RESPONSE
-                or getattr(connection, "our_state", None) is not h11.SEND_BODY
-                or type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter"):
+        if not self._chunked():
             return False
         return not chunk.data or await _write_raw(self._server, chunk.wire)
+
+    def _chunked(self) -> bool:
+        connection = getattr(self._h11, "connection", None)
+        return not (connection is None or self._stream.closed or self._stream.state != ASGIHTTPState.RESPONSE
+                    or getattr(connection, "our_state", None) is not h11.SEND_BODY
+                    or type(getattr(connection, "_writer", None)).__name__ != "ChunkedWriter")
+
+    def direct(self) -> Callable[[Chunk], bool | Finish] | None:
+        """A function that starts writing a chunk straight to the connection from any task,
+        without waiting (as `direct_frames`), once the response is under way; None where it
+        cannot (the connection's send lock is not hypercorn's trio.Lock, or in use now)."""
+        if not own_send_lock(self._server):
+            return None
+
+        def write(chunk: Chunk) -> bool | Finish:
+            if not self._chunked():
+                return False
+            return not chunk.data or _write_now(self._server, chunk.wire)
+
+        return write
 
 
 def stream_writer() -> StreamWriter | None:
@@ -252,7 +373,7 @@ def _tcp_server(stream: WSStream) -> TCPServer | None:
     h11 = getattr(stream.send, "__self__", None)  # H11Protocol.stream_send
     server = getattr(getattr(h11, "send", None), "__self__", None)  # TCPServer.protocol_send
     if (isinstance(h11, H11Protocol) and isinstance(server, TCPServer)
-            and isinstance(getattr(server, "send_lock", None), trio.Lock)
+            and isinstance(getattr(server, "send_lock", None), (trio.Lock, SendLock))
             and isinstance(getattr(server, "stream", None), trio.abc.Stream)):
         return server
     return None

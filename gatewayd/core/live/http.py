@@ -31,7 +31,7 @@ from quart import Blueprint, Response, request, websocket
 from ..http.declare import ADMIN_TOKEN, AuthScheme, Raw, Routes
 from ..http.errors import error_response
 from .access import Authorizer, LiveAccess, LiveDenied
-from .frames import Chunk, StreamWriter, TextFrames, send_frames, stream_writer
+from .frames import Chunk, StreamWriter, TextFrames, direct_frames, send_frames, stream_writer
 from .hub import Gap, LiveEvent, LiveHub, LiveLimit, Subscription, validate_pattern
 
 __all__ = ["live_blueprint"]
@@ -166,12 +166,16 @@ def _ws_frame(batch: list[LiveEvent | Gap]) -> TextFrames:
 async def _sse_stream(sub: Subscription, heartbeat_s: float, writer: StreamWriter | None) -> AsyncIterator[bytes]:
     with sub:
         yield b"retry: 2000\n\n"
+        direct = writer.direct() if writer is not None else None
+        beat = _Heartbeat(sub, heartbeat_s)
         while True:
-            with trio.move_on_after(heartbeat_s) as idle:
-                chunk = await sub.next_encoded(_sse_chunk)
+            with trio.move_on_at(beat.due) as idle:
+                chunk = await sub.next_encoded(_sse_chunk, direct=direct)
             if idle.cancelled_caught:
-                yield b": heartbeat\n\n"
+                if beat.idle():
+                    yield b": heartbeat\n\n"
                 continue
+            beat.sent()
             if chunk is None:
                 return  # closed: the gateway is shutting down
             if writer is None or not await writer.write(chunk):  # straight to the connection
@@ -182,16 +186,45 @@ async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
     # One frame per batch: the hub cuts a channel's events at most once per live.batch_ms, so
     # under load what arrives meanwhile goes out together, and every subscriber of the same
     # patterns sends the same frame, encoded once (a frame per event per subscriber took the
-    # CPU ingest needs: bench/live_bench.py). Latency: at most batch_ms more.
+    # CPU ingest needs: bench/live_bench.py). Latency: at most batch_ms more. With many
+    # subscribers the hub writes the frames itself (`direct`), and this task sleeps on.
+    direct = direct_frames()
+    beat = _Heartbeat(sub, heartbeat_s)
     while True:
-        with trio.move_on_after(heartbeat_s) as idle:
-            frame = await sub.next_encoded(_ws_frame)
+        with trio.move_on_at(beat.due) as idle:
+            frame = await sub.next_encoded(_ws_frame, direct=direct)
         if idle.cancelled_caught:
-            await websocket.send(json.dumps({"heartbeat": sub.hub.clock()}))
+            if beat.idle():
+                await websocket.send(json.dumps({"heartbeat": sub.hub.clock()}))
             continue
+        beat.sent()
         if frame is None:
             return
         await send_frames(frame)  # the shared frame's bytes, in one write
+
+
+class _Heartbeat:
+    """When a connection is due a heartbeat: `heartbeat_s` after the last thing sent on it,
+    by its own task or by the hub (`Subscription.written_at`), so a connection the hub writes
+    to gets none, and its task no timer per batch."""
+
+    def __init__(self, sub: Subscription, heartbeat_s: float) -> None:
+        self.sub, self.every = sub, heartbeat_s
+        self.due = trio.current_time() + heartbeat_s
+
+    def idle(self) -> bool:
+        """At `due`: True if nothing went out for `heartbeat_s` (send one now), else False
+        and `due` moves to `heartbeat_s` after the hub's last write."""
+        now = trio.current_time()
+        last = self.sub.written_at
+        if last + self.every > now:
+            self.due = last + self.every
+            return False
+        self.due = now + self.every
+        return True
+
+    def sent(self) -> None:
+        self.due = trio.current_time() + self.every
 
 
 async def _ws_commands(sub: Subscription, may: Authorizer) -> None:

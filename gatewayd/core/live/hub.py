@@ -18,6 +18,12 @@ found none due); a cut wakes the channel's readers through one `trio.Event`: a r
 costs a wake-up per cut, not a timer of its own (bench/live_bench.py). Only while the
 write budget does not bind (few subscribers) does each reader keep a timer for its next
 cut, to run in the round it falls due (latency) rather than a round after the timer's.
+While it binds (many subscribers), a reader that can be written to from any task (the
+core's WebSocket and SSE endpoints: `next_encoded(direct=...)`) parks instead: the cut
+is written to its connection by whoever makes it, the encoded batch shared, and the
+reader's task sleeps on; it is woken only for a gap, a write that could not be made, or
+the rest of one the socket took only part of (bench/live_bench.py --direct: at 100
+subscribers, that wake-up and its round were most of the fan-out's CPU).
 
 Memory is bounded: a channel holds at most `queue_size` events, there are no more
 channels than subscribers, at most `max_subscribers` of those (`per_owner` each for one
@@ -31,7 +37,7 @@ import json
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -124,7 +130,8 @@ class _Channel:
     """What the subscribers of one set of patterns get: a bounded ring of events, numbered
     from 0 (`head` is the number of the next one), read through each subscriber's cursor."""
 
-    __slots__ = ("asked", "cut", "cut_at", "encoded", "events", "head", "members", "patterns", "ready", "size")
+    __slots__ = ("asked", "cut", "cut_at", "encoded", "events", "head", "members", "parked", "patterns", "ready",
+                 "size")
 
     def __init__(self, patterns: frozenset[str], size: int) -> None:
         self.patterns = patterns
@@ -137,6 +144,7 @@ class _Channel:
         self.asked = False  # events past the cut wait for the hub's timer task to cut them
         self.ready = trio.Event()  # set (and replaced) by a cut, or when readers must look again
         self.encoded: dict[tuple[object, int], Any] = {}  # (encoder, start) -> its output up to `cut`
+        self.parked: dict[Subscription, tuple[Callable[[list[Any]], Any], Callable[[Any], Any]]] = {}  # (encode, direct)
 
     @property
     def tail(self) -> int:
@@ -151,14 +159,60 @@ class _Channel:
         self.head += 1
 
     def make_cut(self, now: float) -> None:
-        """Everything published so far readable; the readers waiting look again."""
+        """Everything published so far readable: written straight to the parked readers that
+        can take it (`Subscription.next_encoded(direct=...)`), and the readers waiting look again."""
         self.cut, self.cut_at = self.head, now
         self.encoded.clear()
-        self.rouse()
+        if self.parked:
+            self._write_parked(now)
+        self.rouse(parked=False)
 
-    def rouse(self) -> None:
+    def _write_parked(self, now: float) -> None:
+        """The cut to each parked reader, encoded once, by its `direct` function: from this task,
+        without waking one task a reader (a wake-up and its round cost the gateway more than the
+        write itself: bench/live_bench.py --direct). A reader with something else to read first
+        (a gap, events of its own), or whose write could not be made or finished here, is woken."""
+        for sub, (encode, direct) in list(self.parked.items()):
+            start = sub._cursor
+            if start >= self.cut:
+                continue  # nothing new for it
+            if sub._pending or sub._dropped or start < self.tail or sub.closed:
+                self.wake(sub)
+                continue
+            try:
+                done = direct(self.encoded_from(encode, start))
+            except Exception:  # its own task runs the same and raises there, not in the hub's
+                done = False
+            if done is False:
+                self.wake(sub)  # it writes the batch itself, when its connection lets it
+                continue
+            sub._cursor, sub.written_at = self.cut, now
+            if done is not True:
+                sub._finish = done  # the rest of a partial write: its task sends it
+                self.wake(sub)
+
+    def encoded_from(self, encode: Callable[[list[Any]], T], start: int) -> T:
+        """Events start .. cut-1 as `encode` makes them, once for every reader that reads them."""
+        key = (encode, start)
+        found = self.encoded.get(key)
+        if found is None:
+            if len(self.encoded) >= 4:  # readers that lag read from older starts: keep a few
+                self.encoded.clear()
+            found = self.encoded[key] = encode(list(self.between(start, self.cut)))
+        return found
+
+    def wake(self, sub: Subscription) -> None:
+        """A parked reader looks again."""
+        if self.parked.pop(sub, None) is not None and sub._wake is not None:
+            sub._wake.set()
+
+    def rouse(self, *, parked: bool = True) -> None:
+        """The readers waiting look again (`parked`: those parked for direct writes too)."""
         self.ready.set()
         self.ready = trio.Event()
+        if parked and self.parked:
+            for sub in list(self.parked):
+                self.wake(sub)
 
     def between(self, start: int, end: int) -> list[LiveEvent]:
         """Events start .. end-1 (tail <= start <= end <= head)."""
@@ -180,6 +234,9 @@ class Subscription:
         self._cursor = self._channel.head
         self._pending: deque[LiveEvent] = deque(maxlen=hub.queue_size)  # read before the channel
         self._dropped = 0  # not yet reported to the client
+        self._wake: trio.Event | None = None  # while parked (next_encoded(direct=...))
+        self._finish: Callable[[], Awaitable[None]] | None = None  # the rest of a write begun for it
+        self.written_at = -math.inf  # (trio clock) the last batch the hub wrote for it, directly
         self.closed = False
         self.add(patterns)
 
@@ -224,7 +281,8 @@ class Subscription:
             self._drop(tail - self._cursor)
             self._cursor = tail
 
-    async def _wait(self) -> bool:
+    async def _wait(self, encode: Callable[[list[Any]], Any] | None = None,
+                    direct: Callable[[Any], Any] | None = None) -> bool:
         """Until there is something to read (False: closed, and nothing left).
 
         Events become readable in cuts, which the hub's timer task makes (`LiveHub._cutter`):
@@ -251,7 +309,27 @@ class Subscription:
                 with trio.move_on_at(due):
                     await ch.ready.wait()
                 continue
+            if direct is not None and encode is not None:
+                await self._park(ch, encode, direct)
+                continue
             await ch.ready.wait()
+
+    async def _park(self, ch: _Channel, encode: Callable[[list[Any]], Any], direct: Callable[[Any], Any]) -> None:
+        """Wait while the hub writes each cut straight to this reader's connection (`direct`),
+        until it must look itself (a gap, events of its own, a write the hub could not make or
+        finish, closed). The rest of a write the hub began is sent before anything else, even
+        when cancelled (it is shielded): a frame or chunk is never left half written."""
+        self._wake = wake = trio.Event()
+        ch.parked[self] = (encode, direct)
+        try:
+            await wake.wait()
+        finally:
+            ch.parked.pop(self, None)
+            self._wake = None
+            finish, self._finish = self._finish, None
+            if finish is not None:
+                with trio.CancelScope(shield=True):  # never half a frame on the wire
+                    await finish()
 
     def _take(self) -> list[LiveEvent | Gap]:
         """What there is to read now, in order: a Gap first, then events (advances the cursor)."""
@@ -276,21 +354,24 @@ class Subscription:
             return []
         return self._take()
 
-    async def next_encoded(self, encode: Callable[[list[LiveEvent | Gap]], T]) -> T | None:
+    async def next_encoded(self, encode: Callable[[list[LiveEvent | Gap]], T], *,
+                           direct: Callable[[T], bool | Callable[[], Awaitable[None]]] | None = None) -> T | None:
         """As `next`, but the batch as `encode` makes it (one WebSocket frame, one SSE chunk):
         subscribers of the same patterns that read the same events get the same object, encoded
-        once (pass the same function, not a new lambda each time). None: closed."""
-        if not await self._wait():
+        once (pass the same function, not a new lambda each time). None: closed.
+
+        `direct`: while many subscribers share the write budget (`cut_every_s` > `batch_s`),
+        the hub itself hands each cut to `direct(encoded)`, from its own task and without
+        waiting, and this call goes on waiting: `direct` returns True (written whole; also
+        when there was nothing to write), False (nothing written: this call returns the batch,
+        to be written by the caller) or a function to await that sends the rest (this call
+        awaits it first). `written_at` says when the hub last wrote (for heartbeats)."""
+        if not await self._wait(encode, direct):
             return None
         ch = self._channel
         if self._pending or self._dropped or self._cursor < ch.tail:
             return encode(self._take())  # its own batch: a gap, or events of its own first
-        key = (encode, self._cursor)
-        found = ch.encoded.get(key)
-        if found is None:
-            if len(ch.encoded) >= 4:  # readers that lag read from older starts: keep a few
-                ch.encoded.clear()
-            found = ch.encoded[key] = encode(list(ch.between(self._cursor, ch.cut)))
+        found = ch.encoded_from(encode, self._cursor)
         self._cursor = ch.cut
         return found
 
@@ -298,7 +379,8 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._catch_up()  # what it lost before it went is counted too
-            self._channel.rouse()
+            self._channel.rouse(parked=False)
+            self._channel.wake(self)
             self.hub._remove(self)
 
     def __enter__(self) -> Subscription:
@@ -380,7 +462,7 @@ class LiveHub:
         self._asked.append(channel)
         self._cutter_wake.set()
         if trio.current_time() >= channel.cut_at + self.cut_every_s:
-            channel.rouse()  # after a quiet spell: the event reaches the readers in the next round
+            channel.rouse(parked=False)  # after a quiet spell: the event reaches the readers in the next round
         root = trio.lowlevel.current_root_task()
         if self._cutter_run is not root:  # the first in this trio run: its timer task
             self._cutter_run = root
