@@ -78,6 +78,52 @@ def wrk(url: str, duration: int, connections: int, script: str | None = None) ->
     return {"rps": rps, "p50": p50, "p99": p99, "non2xx": int(errors.group(1)) if errors else 0}
 
 
+UPSTREAM_SECRET_ENV = "GATEWAYD_BENCH_UPSTREAM_SECRET"
+
+
+def upstream_args(tmp: Path, root: Path = ROOT, *, enabled: bool = True) -> tuple[list[str], dict[str, str]]:
+    """`gatewayd run` arguments and environment for a daemon with one `[[upstream]]`, as at a
+    site that forwards to its cloud: every ingested record is then written to the outbox
+    (its row and counts) in the request's own transaction, the cost a bench of "the full
+    path" must include. The sink is an HTTP URL on a closed local port: a site whose link
+    is down. Its worker's attempts are refused at once and back off (1 s doubling to
+    300 s, the breaker opening after 5), so delivery takes next to no CPU from the
+    measured process, and the records stay in the outbox. The reference receiver would
+    take the records off again, but it is a Python process on the same 2 cores and the
+    worker's batches (encode, compress, HMAC) would run in the measured process: that is
+    delivery, not what these benches measure.
+
+    `--set` cannot add an array of tables, so the sink goes into a TOML file in `tmp`
+    passed with `--config`: `root`'s gatewayd.toml (what the daemon reads by default from
+    its checkout) with the `[[upstream]]` table appended. `enabled=False` (a bench's
+    `--no-upstream`): no arguments, the old measure without the upstream record.
+    """
+    if not enabled:
+        return [], {}
+    default = root / "gatewayd.toml"
+    text = default.read_text() if default.exists() else ""
+    path = tmp / "bench-upstream.toml"
+    path.write_text(f'{text}\n[[upstream]]\nname = "bench-offline"\nurl = "http://127.0.0.1:{free_port()}"\n'
+                    f'secret_env = "{UPSTREAM_SECRET_ENV}"\n')
+    return ["--config", str(path)], {UPSTREAM_SECRET_ENV: "bench-secret-not-a-real-one"}
+
+
+def upstream_note(base: str) -> str:
+    """What the offline sink did during the run (from /metrics): records it keeps waiting,
+    batches attempted (a retry is an attempt: they should stay few)."""
+    try:
+        text = httpx.get(f"{base}/metrics", timeout=10).text
+    except httpx.HTTPError as e:
+        return f"upstream: /metrics failed ({e})"
+    backlog = re.findall(r'^gatewayd_sync_backlog_records\{sink="bench-offline"\} (\S+)', text, re.M)
+    if not backlog:
+        return "upstream: none (--no-upstream: no upstream record per request)"
+    attempts = sum(float(n) for labels, n in re.findall(r'^gatewayd_sync_batches_total\{([^}]*)\} (\S+)', text, re.M)
+                   if 'sink="bench-offline"' in labels)
+    return (f"upstream: one sink on a closed port (a site offline): {float(backlog[0]):.0f} records kept in the "
+            f"outbox, {attempts:.0f} batch attempts (retries) in the whole run")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run (default 10)")

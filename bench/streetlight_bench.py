@@ -1,12 +1,17 @@
 """streetlight: status updates through the full path, and a fleet of lights at 10x cadence.
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
-        [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
+        [--target gateway|hello] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
+        [--no-upstream]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
    energy rows and the upstream record committed together, the alert rules), driven by
-   wrk against the real daemon (`gatewayd run`, its config, mqtt off). Baseline in the
+   wrk against the real daemon (`gatewayd run`, its config, mqtt off, and one
+   `[[upstream]]` on a closed local port, a site whose link is down: the upstream record
+   is written to the outbox in each request's transaction, its delivery costs next to
+   nothing: bench/run.py's `upstream_args` says why; `--no-upstream`: none, no upstream
+   record, the measure before 2026-12-03). Baseline in the
    same run: the bare QuartTrio hello-world (bench/hello_app.py). Repeats interleaved,
    medians; goal: >= 70 % of the hello-world's req/s. The fleet's other request, a
    command poll with nothing waiting, is measured the same way; each row has the CPU
@@ -24,8 +29,7 @@
    machine), with the load average. Goal: zero errors.
 
    `--target hello` points the same fleet at the bare hello-world (`hello_app.py
-   --any-path`, which answers every path): what the stack alone does under that load;
-   `--target both`: the hello-world's fleet, then the gateway's, in the same sitting.
+   --any-path`, which answers every path): what the stack alone does under that load.
    `--generator wrk` drives the fleet with wrk (Debian's `wrk`, apt-get install wrk) and
    a Lua script instead of the Python client: one connection per light, the same 1:3 mix
    of status reports and polls over every light, each connection waiting a random 0-1.5 s
@@ -60,7 +64,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import _ms, free_port, wait_ready, wrk  # noqa: E402
+from bench.run import _ms, free_port, upstream_args, upstream_note, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
@@ -70,15 +74,14 @@ STATUS = {"device_id": "{id}", "light_id": "SL001", "timestamp": "2025-12-17T10:
           "energy": {"voltage": 230.5, "current": 0.26, "power_watts": 60, "frequency": 50, "cumulative_kwh": 1245.67}}
 
 
-def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = None) -> subprocess.Popen[bytes]:
-    """The daemon of checkout `root` (mqtt off, the bench's limits) on 127.0.0.1:`port`; with
-    `python` that interpreter (the checkout's own venv), else this one with `root` first on
-    the path."""
-    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
-    if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
+def start_gateway(tmp: Path, port: int, root: Path = ROOT, upstream: bool = True) -> subprocess.Popen[bytes]:
+    """The daemon, with an offline `[[upstream]]` unless `upstream` is False (bench/run.py's `upstream_args`)."""
+    sink_args, sink_env = upstream_args(tmp, root, enabled=upstream)
+    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN, **sink_env}
+    if root != ROOT:  # that checkout's gateway and plugin, this bench's venv
         env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "streetlight")])
     return subprocess.Popen(
-        [python or sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
+        [sys.executable, "-m", "gatewayd", "run", *sink_args, "--set", f"http.listen=127.0.0.1:{port}",
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
          # 1,000 lights configure from this one address within a minute (the bench, not a site)
@@ -104,19 +107,13 @@ def provision(base: str, ids: list[str]) -> dict[str, str]:
     return tokens
 
 
-def status_script(tmp: Path, token: str, device: str) -> Path:
-    """wrk's Lua script for the light's status POST (section 2's example body, its token)."""
+def status_path(base: str, hello: str, token: str, device: str, tmp: Path, args: argparse.Namespace,
+                pids: dict[str, int]) -> None:
     body = json.dumps(STATUS).replace("{id}", device)
     script = tmp / "status.lua"
     script.write_text(f'wrk.method = "POST"\nwrk.body = {json.dumps(body)}\n'
                       f'wrk.headers["Content-Type"] = "application/json"\n'
                       f'wrk.headers["Authorization"] = "Bearer {token}"\n')
-    return script
-
-
-def status_path(base: str, hello: str, token: str, device: str, tmp: Path, args: argparse.Namespace,
-                pids: dict[str, int]) -> None:
-    script = status_script(tmp, token, device)
     poll = tmp / "poll.lua"
     poll.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')
     targets = {"hello-world (bare QuartTrio)": (hello, None),
@@ -125,32 +122,25 @@ def status_path(base: str, hello: str, token: str, device: str, tmp: Path, args:
     results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
     for _ in range(args.repeats):
         for name, (url, lua) in targets.items():
-            cpu, main = cpu_s(pids[name]), cpu_s(pids[name], thread=pids[name])
+            cpu = cpu_s(pids[name])
             run = wrk(url, args.duration, args.connections, lua)
-            n = max(run["rps"] * args.duration, 1)
-            run["cpu_ms"] = (cpu_s(pids[name]) - cpu) / n * 1000
-            run["main_ms"] = (cpu_s(pids[name], thread=pids[name]) - main) / n * 1000
+            run["cpu_ms"] = (cpu_s(pids[name]) - cpu) / max(run["rps"] * args.duration, 1) * 1000
             results[name].append(run)
     hello_rps = statistics.median(r["rps"] for r in results["hello-world (bare QuartTrio)"])
     print(f"\n1. status path: wrk -t1 -c{args.connections} -d{args.duration}s, {args.repeats} repeats, medians "
           f"({os.cpu_count()} cores, {load()})")
-    print(f"{'target':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'non-2xx':>8} {'CPU ms/req':>11} "
-          f"{'of it trio':>11}")
+    print(f"{'target':<32} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'vs hello':>9} {'non-2xx':>8} {'CPU ms/req':>11}")
     for name, runs in results.items():
         rps = statistics.median(r["rps"] for r in runs)
         print(f"{name:<32} {rps:>9.0f} {statistics.median(r['p50'] for r in runs):>8.2f} "
               f"{statistics.median(r['p99'] for r in runs):>8.2f} {rps / hello_rps:>8.0%} "
-              f"{sum(r['non2xx'] for r in runs):>8} {statistics.median(r['cpu_ms'] for r in runs):>11.3f} "
-              f"{statistics.median(r['main_ms'] for r in runs):>11.3f}")
-    print("goal (the status path): >= 70% of the hello-world's req/s; 'of it trio': the main (trio) thread's CPU, "
-          "the rest is the storage writer's and other threads'")
+              f"{sum(r['non2xx'] for r in runs):>8} {statistics.median(r['cpu_ms'] for r in runs):>11.3f}")
+    print("goal (the status path): >= 70% of the hello-world's req/s")
 
 
-def cpu_s(pid: int, *, thread: int | None = None) -> float:
-    """User + system CPU seconds of a process so far (/proc/<pid>/stat: its exited threads
-    too), or of one of its threads (`thread`: the main one's id is the pid)."""
-    stat = Path(f"/proc/{pid}/stat" if thread is None else f"/proc/{pid}/task/{thread}/stat")
-    fields = stat.read_text().rpartition(")")[2].split()
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -357,13 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fleet-s", type=float, default=30.0)
     parser.add_argument("--timeout", type=float, default=5.0, help="a light's wait for an answer (the spec's 5 s)")
     parser.add_argument("--skip-status-path", action="store_true", help="only the fleet")
-    parser.add_argument("--target", choices=("gateway", "hello", "both"), default="gateway",
-                        help="the fleet's server: the gateway, the bare hello-world answering every path, or both "
-                             "(the hello-world first)")
+    parser.add_argument("--target", choices=("gateway", "hello"), default="gateway",
+                        help="the fleet's server: the gateway, or the bare hello-world answering every path")
     parser.add_argument("--generator", choices=("python", "wrk"), default="python", help="the fleet's client")
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="run the gateway from this checkout (a worktree of main, for a before/after)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
+    parser.add_argument("--no-upstream", action="store_true",
+                        help="no [[upstream]]: no upstream record per request (the old measure)")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("bench: wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -372,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     hello_port, gw_port = free_port(), free_port()
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}",
                               "--any-path"])
-    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve())
+    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve(), not args.no_upstream)
     base = f"http://127.0.0.1:{gw_port}"
     try:
         wait_ready(f"{base}/health")
@@ -381,20 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         ids = light_ids(args.lights)
         began = time.monotonic()
         # The hello-world takes any token: only the status path needs a real light then.
-        tokens = provision(base, ids if args.target != "hello" and not args.skip_fleet else ids[:1])
+        tokens = provision(base, ids if args.target == "gateway" and not args.skip_fleet else ids[:1])
         print(f"{len(tokens)} lights registered and configured in {time.monotonic() - began:.1f} s")
         if not args.skip_status_path:
             status_path(base, f"http://127.0.0.1:{hello_port}/", tokens[ids[0]], ids[0], tmp, args,
                         {"hello-world (bare QuartTrio)": hello.pid, "POST .../status (full path)": gateway.pid,
                          "GET .../commands (a poll)": gateway.pid})
         if not args.skip_fleet:
-            for target in ("hello", "gateway") if args.target == "both" else (args.target,):
-                port, pid = (gw_port, gateway.pid) if target == "gateway" else (hello_port, hello.pid)
-                lights = tokens if target == "gateway" else {device: "hello-takes-any-token" for device in ids}
-                if args.generator == "wrk":
-                    wrk_fleet(port, lights, args.fleet_s, pid, args.timeout, tmp, target)
-                else:
-                    trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout)
+            port, pid = (gw_port, gateway.pid) if args.target == "gateway" else (hello_port, hello.pid)
+            if args.target == "hello":
+                tokens = {device: "hello-takes-any-token" for device in ids}
+            if args.generator == "wrk":
+                wrk_fleet(port, tokens, args.fleet_s, pid, args.timeout, tmp, args.target)
+            else:
+                trio.run(fleet, port, tokens, args.fleet_s, pid, args.timeout)
+        print(upstream_note(base))
     finally:
         gateway.send_signal(signal.SIGTERM)
         hello.terminate()

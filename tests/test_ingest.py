@@ -220,3 +220,94 @@ async def test_oldest_pending_is_the_familys_oldest_record_some_sink_has_not_del
         assert backup is not None
         await outbox.delivered(backup)
         assert await ingest.oldest_pending() is None and await other.oldest_pending() is None
+
+
+def committed_counts(path):
+    """core_outbox_count as committed, and the same counted from core_outbox itself."""
+    kept = {k: [r, b] for k, r, b in fresh(path, "SELECT key, rows, bytes FROM core_outbox_count")}
+    actual = {}
+    for prio, n, size in fresh(path, "SELECT prio, COUNT(*), TOTAL(size) FROM core_outbox GROUP BY prio"):
+        actual[prio] = [n, int(size)]
+    return kept, actual
+
+
+async def _one_group(storage, calls):
+    """Run `calls` (async callables) so that their writes share one group commit, in this
+    order: the writer is held by a job of our own until every call's write is queued."""
+    import threading
+
+    hold, held = threading.Event(), threading.Event()
+
+    def blocker():
+        held.set()
+        hold.wait(10)
+
+    results = [None] * len(calls)
+
+    async def run(i, call):
+        try:
+            results[i] = await call()
+        except Exception as e:  # noqa: BLE001 - the test looks at which failed
+            results[i] = e
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(storage.write, blocker)
+        await trio.to_thread.run_sync(held.wait)
+        for i, call in enumerate(calls):  # one by one: the group runs them in this order
+            nursery.start_soon(run, i, call)
+            while storage.queue_depth() < i + 1:
+                await trio.sleep(0.001)
+        hold.set()
+    return results
+
+
+async def test_counts_are_exact_after_a_group_with_a_failing_call(tmp_path):
+    """Several ingest calls in one group commit (the counts are kept in memory for the
+    transaction and written once), one of them failing: the group is rolled back and run
+    again job by job, the failing call's savepoint rolled back; the counts committed are
+    those of the rows committed, and a next group starts from them."""
+    async with open_ingest(tmp_path, sinks=("cloud", "backup")) as (ingest, outbox, storage):
+        path = tmp_path / "gw.sqlite3"
+
+        def broken():
+            Row.insert(device="x", n=1).execute()
+            raise RuntimeError("family bug")
+
+        def stores_then_fails():  # a writer job that fails after its outbox rows and counts
+            outbox.store([ingest._row("dev-9", "k", {"v": "x" * 9}, None, "state", 1.0)], None)
+            raise RuntimeError("after the outbox rows")
+
+        def call(i, family_rows=None):
+            return lambda: ingest.record(f"dev-{i}", "k", {"v": "x" * i}, cls="state" if i % 2 else "history",
+                                         family_rows=family_rows)
+
+        before = storage.stats["max_batch"]
+        results = await _one_group(storage, [call(1), call(2), call(3, broken), call(4),
+                                             lambda: storage.write(stores_then_fails), call(5)])
+        assert storage.stats["max_batch"] >= 6 > before  # they shared a transaction
+        assert isinstance(results[2], RuntimeError) and isinstance(results[4], RuntimeError)
+        assert [type(r).__name__ for i, r in enumerate(results) if i not in (2, 4)] == ["Ingested"] * 4
+        kept, actual = committed_counts(path)
+        assert fresh(path, "SELECT device FROM core_outbox ORDER BY device") == [("dev-1",), ("dev-2",), ("dev-4",),
+                                                                                  ("dev-5",)]
+        assert kept["class:state"] == actual[2] and kept["class:history"] == actual[3]
+        total = [actual[2][0] + actual[3][0], actual[2][1] + actual[3][1]]
+        assert kept["sink:cloud"] == total and kept["sink:backup"] == total
+        assert kept["seq:outbox"][0] == 4
+        # Another process lets a record go (as `gatewayd outbox forget-sink` would), then a
+        # group without failure (the one-transaction path): it starts from the table.
+        conn = sqlite3.connect(path)
+        with conn:
+            conn.execute("DELETE FROM core_outbox WHERE device = 'dev-1'")
+            conn.execute("UPDATE core_outbox_count SET rows = rows - 1, bytes = bytes - 18"
+                         " WHERE key IN ('class:state', 'sink:cloud', 'sink:backup')")
+        conn.close()
+        results = await _one_group(storage, [call(6), call(7), call(8)])
+        assert all(type(r).__name__ == "Ingested" for r in results)
+        kept, actual = committed_counts(path)
+        # A record's size: its JSON ({"v":"x..."}: 8 + i), device (5), kind (1) and family (3).
+        assert kept["class:state"] == actual[2] == [2, (17 + 5) + (17 + 7)]
+        assert kept["class:history"] == actual[3] == [4, (17 + 2) + (17 + 4) + (17 + 6) + (17 + 8)]
+        assert kept["sink:cloud"] == kept["sink:backup"] == [6, 46 + 88] and kept["seq:outbox"][0] == 7
+        assert fresh(path, "SELECT COUNT(*) FROM fam_row") == [(0,)]
+        assert outbox.counts == kept  # the trio side's mirror: the newest commit's counts

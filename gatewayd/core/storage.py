@@ -289,6 +289,10 @@ class Storage:
         self._token: trio.lowlevel.TrioToken | None = None
         self._open = False
         self.stats = {"commits": 0, "jobs": 0, "job_errors": 0, "commit_errors": 0, "max_batch": 0}
+        # Writer-side caches kept over one transaction (see `defer`): (flush, reset) pairs.
+        self._deferred: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self._writer_ident: int | None = None
+        self._in_batch = False
         #: (since, error) while writes fail for lack of space; set and cleared by the writer
         #: thread (one assignment: /health reads it from the trio thread).
         self.full: tuple[float, str] | None = None
@@ -502,6 +506,32 @@ class Storage:
             raise job.error
         return job.result
 
+    def defer(self, flush: Callable[[], None], reset: Callable[[], None]) -> None:
+        """Register a cache the writer's jobs keep in memory over one transaction, to write once.
+
+        Writer jobs of one group may update the same rows (the outbox's counts): each
+        reading and writing them costs statements per job. A cache registered here is
+        written by `flush()` inside the transaction, after the group's jobs and before
+        COMMIT (in the one-savepoint-per-job re-run: after each job, inside its
+        savepoint), and forgotten by `reset()` after every COMMIT and every rollback (of
+        the transaction or of a job's savepoint), so the next use reads the database
+        again: what another connection committed meanwhile, and nothing rolled back.
+        Use it only where `in_writer_batch()` is true.
+        """
+        self._deferred.append((flush, reset))
+
+    def in_writer_batch(self) -> bool:
+        """True on the writer thread while it runs a group's jobs (its caches apply, see `defer`)."""
+        return self._in_batch and threading.get_ident() == self._writer_ident
+
+    def _flush(self) -> None:
+        for flush, _ in self._deferred:
+            flush()
+
+    def _reset(self) -> None:
+        for _, reset in self._deferred:
+            reset()
+
     def write_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Like `write`, for a plain thread (never call it on the trio thread)."""
         if not self._open:
@@ -516,6 +546,7 @@ class Storage:
     def _writer_loop(self) -> None:
         db = self.database
         db.connect(reuse_if_open=True)
+        self._writer_ident = threading.get_ident()
         stopping = False
         last_batch = 0
         while not stopping:
@@ -550,10 +581,15 @@ class Storage:
         # (bench/mqtt_bench.py). If any job raises, nothing was committed: run the group
         # again, each job in a savepoint of its own, so only the failing one fails.
         changes = self.database.connection().total_changes
-        if self._run_group(batch):
-            full_error = None
-        else:
-            full_error = self._run_isolated(batch)
+        self._in_batch = True
+        try:
+            if self._run_group(batch):
+                full_error = None
+            else:
+                full_error = self._run_isolated(batch)
+        finally:
+            self._in_batch = False
+            self._reset()  # committed or rolled back: the next transaction reads afresh
         # Rows written and committed: there was room. (A batch that wrote nothing commits
         # on a full disk too, and says nothing about space.)
         wrote = full_error is None and self.database.connection().total_changes > changes
@@ -568,9 +604,11 @@ class Storage:
             with db.atomic():
                 for job in batch:
                     job.result = job.fn(*job.args)
+                self._flush()  # the caches' rows, once for the group, before COMMIT
         except Exception:
             for job in batch:
                 job.result = None
+            self._reset()
             self._end_transaction()
             return False
         self.stats["commits"] += 1
@@ -617,7 +655,9 @@ class Storage:
                     conn.execute("SAVEPOINT gatewayd_job")
                     try:
                         job.result = job.fn(*job.args)
+                        self._flush()  # inside the job's savepoint: rolled back with it
                     except Exception as e:
+                        self._reset()  # what the cache holds of this job is rolled back
                         job.error = self._classify(e)
                         self.stats["job_errors"] += 1
                         if full is None and job.error is not e and isinstance(job.error, StorageFull):

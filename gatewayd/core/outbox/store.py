@@ -76,7 +76,7 @@ class Outbox:
         self.sinks = list(sinks)
         self.clock = clock
         self.bits: dict[str, int] = {}  # sink name -> its bit in core_outbox.pending
-        self.tally = OutboxCounts(storage.database, self.bits)
+        self.tally = OutboxCounts(storage.database, self.bits, storage)
         self.live_mask = 0
         # Mirror of core_outbox_count as of the last commit seen from trio (metrics).
         self.counts: dict[str, list[int]] = {}
