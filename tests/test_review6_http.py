@@ -54,8 +54,6 @@ async def _until_eof(client: trio.SocketStream) -> bytes:
         got += data
 
 
-@pytest.mark.xfail(strict=True, reason="hypercorn closes the socket (protocol_send(Closed) -> _close) in the app's task, which "
-                   "quart-trio cancels once the http.disconnect queued by that same close reaches its messages task")
 @pytest.mark.parametrize("kind", sorted(CLOSING))
 async def test_a_connection_whose_answer_says_close_is_closed_by_the_gateway(kind):
     port = reserved_port()
