@@ -1,17 +1,15 @@
 """thingsnxt telemetry through the full path: `POST /thingsnxt/devices/{id}/telemetry` on the
 real daemon (`gatewayd run`, the thingsnxt plugin: parse, token check, the state read and
-written, history + per-key rows and the upstream record (its outbox row and counts) in one
-transaction, the live broadcast, the rules; the `[[upstream]]` is on a closed local port, a
-site whose link is down, so delivery costs next to nothing: bench/run.py's `upstream_args`
-says why; `--no-upstream`: none, no upstream record, the measure before 2026-12-03), with 0
-and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
+written, history + per-key rows in one transaction, the live broadcast, the rules; no
+`[[upstream]]` is configured, so no upstream record is written: with one, each request
+also writes its outbox row and counts in that transaction), with 0 and 10 WebSocket subscribers on `/thingsnxt/ws` (and 10
 Server-Sent Events subscribers on `/thingsnxt/sse`), against a bare QuartTrio hello-world
 in the same run, and each server's CPU time per request (what the gateway's path costs
 whatever else runs on the machine). `GET /thingsnxt/health` (no body, no storage, no auth)
 shows what the gateway's HTTP stack alone costs next to the hello-world's.
 
     .venv/bin/python bench/thingsnxt_bench.py [--duration 10] [--connections 32] [--repeats 3]
-        [--gateway-root PATH] [--no-subscribers] [--no-upstream]
+        [--gateway-root PATH] [--no-subscribers]
 
 wrk drives each target in turn, repeats interleaved, medians reported (machines here are
 noisy). The subscribers are raw WebSocket clients in a process of their own that count the
@@ -42,7 +40,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import free_port, upstream_args, upstream_note, wait_ready, wrk  # noqa: E402
+from bench.run import free_port, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "thingsnxt-bench-token"
@@ -115,6 +113,32 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def start_gateway(tmp: Path, port: int, queue_size: int, root: Path = ROOT,
+                  python: str | None = None) -> subprocess.Popen[bytes]:
+    """The daemon of checkout `root` (mqtt off, no rate limit) on 127.0.0.1:`port`; with
+    `python` that interpreter (the checkout's own venv), else this one with `root` first on
+    the path."""
+    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
+    if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
+        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "thingsnxt")])
+    return subprocess.Popen(
+        [python or sys.executable, "-m", "gatewayd", "run", "--set", f"http.listen=127.0.0.1:{port}",
+         "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
+         "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
+         "--set", f"live.per_token={SUBSCRIBERS + 5}",
+         "--set", f"live.queue_size={queue_size}"], cwd=root, env=env)
+
+
+def telemetry_script(base: str, tmp: Path) -> Path:
+    """Register the device bench-1; wrk's Lua script for its telemetry POST (with its token)."""
+    r = httpx.post(f"{base}/thingsnxt/devices", json={"device_id": "bench-1"},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    r.raise_for_status()
+    script = tmp / "post.lua"
+    script.write_text(POST_LUA % r.json()["device_token"])
+    return script
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=int, default=10)
@@ -127,26 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="the checkout whose gateway and plugin run (default: this one)")
     parser.add_argument("--no-subscribers", action="store_true", help="only the rows without subscribers")
-    parser.add_argument("--no-upstream", action="store_true",
-                        help="no [[upstream]]: no upstream record per request (the old measure)")
     args = parser.parse_args(argv)
     root = args.gateway_root.resolve()
 
     load_at_start = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="thingsnxt-bench-"))
     hello_port, gw_port = free_port(), free_port()
-    env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN}
-    if root != ROOT:  # that checkout's gateway and plugin, this bench's venv
-        env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "plugins" / "thingsnxt")])
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}"])
-    sink_args, sink_env = upstream_args(tmp, root, enabled=not args.no_upstream)  # bench/run.py: why this sink
-    env.update(sink_env)
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "gatewayd", "run", *sink_args, "--set", f"http.listen=127.0.0.1:{gw_port}",
-         "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
-         "--set", "log.level=warning", "--set", "plugins.thingsnxt.rate_limit=0",
-         "--set", f"live.per_token={SUBSCRIBERS + 5}",
-         "--set", f"live.queue_size={args.queue_size}"], cwd=root, env=env)
+    gateway = start_gateway(tmp, gw_port, args.queue_size, root)
     base = f"http://127.0.0.1:{gw_port}"
     results: dict[str, list[dict[str, float]]] = {}
     delivered: dict[str, list[str]] = {}
@@ -155,11 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         if root != ROOT:
             print(f"gateway from {root}", flush=True)
         wait_ready(f"http://127.0.0.1:{hello_port}/")
-        r = httpx.post(f"{base}/thingsnxt/devices", json={"device_id": "bench-1"},
-                       headers={"Authorization": f"Bearer {TOKEN}"})
-        r.raise_for_status()
-        script = tmp / "post.lua"
-        script.write_text(POST_LUA % r.json()["device_token"])
+        script = telemetry_script(base, tmp)
         url = f"{base}/thingsnxt/devices/bench-1/telemetry"
         wrk(url, 2, args.connections, str(script))  # warm-up, not counted: the first run paid for it alone
         for _ in range(args.repeats):
@@ -191,7 +199,6 @@ def main(argv: list[str] | None = None) -> int:
                         f"{got['counts'][slowest]}/~{sent} (dropped {got['missed'][slowest]}; the subscribers' "
                         f"process used {got['cpu_s'] / (args.duration + 2):.0%} of a core)")
         time.sleep(0.5)
-        sink = upstream_note(base)
     finally:
         gateway.send_signal(signal.SIGTERM)
         hello.terminate()
@@ -216,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{sum(r['non2xx'] for r in runs):>8} {cpu:>18.0f} {hello_cpu / cpu:>11.0%}")
     print("server CPU: the serving process's user + system time (all its threads) per request; hello/that: "
           "the req/s ratio if CPU alone set it (load-independent: wrk and the subscribers take none of it)")
-    print(sink)
     for path, counts in delivered.items():
         print(f"{path}: messages the slowest of the {SUBSCRIBERS} subscribers got / requests sent "
               f"(and what the hub dropped for it), per run: "

@@ -204,9 +204,9 @@ async def _ws_events(sub: Subscription, heartbeat_s: float) -> None:
 
 
 class _Heartbeat:
-    """When a connection is due a heartbeat: `heartbeat_s` after the last thing sent on it,
-    by its own task or by the hub (`Subscription.written_at`), so a connection the hub writes
-    to gets none, and its task no timer per batch."""
+    """When a connection is due a heartbeat: `heartbeat_s` after the last batch sent on it, by
+    its own task or by the hub (`Subscription.written_at`): a connection the hub writes to gets
+    none, and its task, asleep meanwhile, one deadline per `heartbeat_s`, not a timer a batch."""
 
     def __init__(self, sub: Subscription, heartbeat_s: float) -> None:
         self.sub, self.every = sub, heartbeat_s

@@ -144,7 +144,8 @@ class _Channel:
         self.asked = False  # events past the cut wait for the hub's timer task to cut them
         self.ready = trio.Event()  # set (and replaced) by a cut, or when readers must look again
         self.encoded: dict[tuple[object, int], Any] = {}  # (encoder, start) -> its output up to `cut`
-        self.parked: dict[Subscription, tuple[Callable[[list[Any]], Any], Callable[[Any], Any]]] = {}  # (encode, direct)
+        # readers parked for direct writes (Subscription._park): their (encode, direct)
+        self.parked: dict[Subscription, tuple[Callable[[list[Any]], Any], Callable[[Any], Any]]] = {}
 
     @property
     def tail(self) -> int:
