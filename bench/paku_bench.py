@@ -1,8 +1,10 @@
 """paku end to end: devices publish telemetry to the gateway's MQTT edge; the paku plugin
 stores each message (family row + outbox row) and the device gets its PUBACK after the
-commit.
+commit. The outbox row is written because the gateway has one `[[upstream]]`, on a closed
+local port (a site whose link is down: bench/run.py's `upstream_args` says why);
+`--no-upstream`: none, no outbox row (the measure before 2026-12-03).
 
-    .venv/bin/python bench/paku_bench.py [--devices 4] [--messages 5000] [--runs 3]
+    .venv/bin/python bench/paku_bench.py [--devices 4] [--messages 5000] [--runs 3] [--no-upstream]
 
 The devices are paho clients (one thread each, QoS 1, 100 in flight) in a process of
 their own, as real devices would be. Baseline in the same run: the same publishers
@@ -52,8 +54,10 @@ from gatewayd.plugins.manager import build_plugin_manager  # noqa: E402
 from gatewayd.testing import gw_client, wait_until  # noqa: E402
 
 from bench.cpu import Cpu, CpuMeter, median_cpu, process_cpu  # noqa: E402
+from bench.run import upstream_args  # noqa: E402
 
 TOKEN = "bench-admin-token"
+UPSTREAM = True  # main's --no-upstream clears it
 
 
 def free_port() -> int:
@@ -128,7 +132,10 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float, f
         manager = build_plugin_manager(entry_points=False, plugins=[("paku", gatewayd_paku)])
         settings = [f"gateway.data_dir='{tmp}'", "http.listen='127.0.0.1:0'", "http.access_log=false",
                     "mqtt.broker='managed'", f"mqtt.listen='127.0.0.1:{port}'", "log.level='warning'"]
-        gw = Gateway(load_config(None, settings, manager.config_schemas()), manager)
+        sink_args, sink_env = upstream_args(Path(tmp), None, enabled=UPSTREAM)
+        os.environ.update(sink_env)
+        config = Path(sink_args[1]) if sink_args else None
+        gw = Gateway(load_config(config, settings, manager.config_schemas()), manager)
         async with trio.open_nursery() as nursery:
             await nursery.start(gw.run)
             await wait_until(lambda: gw.mqtt.client is not None and gw.mqtt.client.ready)
@@ -150,6 +157,10 @@ async def run_gateway(devices: int, messages: int) -> tuple[float, Cpu, float, f
 
             count = await gw.storage.read(stored)
             assert count == devices * messages, f"acknowledged {devices * messages}, stored {count}"
+            if UPSTREAM:  # each message's upstream record is in the outbox (the sink is offline)
+                queued = await gw.storage.read(
+                    lambda: gw.storage.database.execute_sql("SELECT COUNT(*) FROM core_outbox").fetchone()[0])
+                assert queued >= devices * messages, f"stored {count}, outbox rows {queued}"
             gw.request_shutdown()
     return rate, cpu, devices * messages / max(commits, 1), pub_cpu
 
@@ -163,7 +174,11 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=5000, help="per device")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--profile", metavar="FILE", help="one gateway run under py-spy (speedscope JSON in FILE)")
+    parser.add_argument("--no-upstream", action="store_true",
+                        help="no [[upstream]]: no outbox row per message (the old measure)")
     args = parser.parse_args()
+    global UPSTREAM
+    UPSTREAM = not args.no_upstream
     os.environ["GATEWAYD_ADMIN_TOKEN"] = TOKEN
     tune_gc()  # as `gatewayd run`
     if args.profile:

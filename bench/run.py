@@ -81,7 +81,7 @@ def wrk(url: str, duration: int, connections: int, script: str | None = None) ->
 UPSTREAM_SECRET_ENV = "GATEWAYD_BENCH_UPSTREAM_SECRET"
 
 
-def upstream_args(tmp: Path, root: Path = ROOT, *, enabled: bool = True) -> tuple[list[str], dict[str, str]]:
+def upstream_args(tmp: Path, root: Path | None = ROOT, *, enabled: bool = True) -> tuple[list[str], dict[str, str]]:
     """`gatewayd run` arguments and environment for a daemon with one `[[upstream]]`, as at a
     site that forwards to its cloud: every ingested record is then written to the outbox
     (its row and counts) in the request's own transaction, the cost a bench of "the full
@@ -95,13 +95,14 @@ def upstream_args(tmp: Path, root: Path = ROOT, *, enabled: bool = True) -> tupl
 
     `--set` cannot add an array of tables, so the sink goes into a TOML file in `tmp`
     passed with `--config`: `root`'s gatewayd.toml (what the daemon reads by default from
-    its checkout) with the `[[upstream]]` table appended. `enabled=False` (a bench's
+    its checkout; `root=None`: none, the built-in defaults) with the `[[upstream]]` table
+    appended. `enabled=False` (a bench's
     `--no-upstream`): no arguments, the old measure without the upstream record.
     """
     if not enabled:
         return [], {}
-    default = root / "gatewayd.toml"
-    text = default.read_text() if default.exists() else ""
+    default = None if root is None else root / "gatewayd.toml"
+    text = default.read_text() if default is not None and default.exists() else ""
     path = tmp / "bench-upstream.toml"
     path.write_text(f'{text}\n[[upstream]]\nname = "bench-offline"\nurl = "http://127.0.0.1:{free_port()}"\n'
                     f'secret_env = "{UPSTREAM_SECRET_ENV}"\n')

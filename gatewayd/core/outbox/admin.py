@@ -114,8 +114,9 @@ def forget_sink(outbox: Outbox, name: str) -> int:
     delivered, so those rows stay (and count against capacity) until it comes back or
     an operator lets them go: this clears its bit, deletes rows no other sink needs,
     drops its open batches and its registration. Its dead letters stay (retry-dead
-    skips them). Run inside one transaction; safe while the daemon runs (every writer
-    job reads the counts afresh). Raises ValueError for a configured or unknown sink.
+    skips them). Run inside one transaction; safe while the daemon runs (its writer
+    reads the counts afresh in every transaction: counts.py). Raises ValueError for a
+    configured or unknown sink.
     """
     if name in outbox.sinks:
         raise ValueError(f"sink {name!r} is still configured in [[upstream]]; remove it there "
