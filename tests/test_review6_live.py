@@ -74,3 +74,30 @@ async def test_direct_writes_keep_order_through_a_close_handshake_and_a_stuck_re
         assert got["a"] == got["b"] == sse == list(range(N))
         assert direct[0] > 0  # the hub did write cuts itself (what this test is about)
         stuck.close()
+
+
+async def test_the_gateway_stops_though_a_stuck_reader_holds_a_write_the_hub_began(gateway_factory):
+    """A reader that stops reading while the hub writes to it directly: the socket takes part
+    of a batch, the hub leaves the rest to the reader's task (shielded, the send lock held).
+    The gateway's stop must still end within its grace (abort_stalled_writes)."""
+    from gatewayd.core.live import frames
+
+    stuck = []
+    with trio.fail_after(120):  # a hang detector: the grace is 1 s
+        async with gateway_factory(settings=["live.writes_per_s=10", "gateway.shutdown_grace_s=1"]) as gw:
+            host, port = gw_url(gw).removeprefix("http://").rsplit(":", 1)
+            for _ in range(3):  # more readers than the budget: the hub writes each cut itself
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                await sock.connect((host, int(port)))
+                await sock.send(UPGRADE)
+                stuck.append(sock)
+            await wait_until(lambda: gw.live.subscribers == 3)
+            assert gw.live.cut_every_s > gw.live.batch_s
+            while not frames._in_write:  # until a write is left half done on a full socket
+                gw.live.publish("paku.telemetry.pk-1", {"pad": "x" * 50_000})
+                await trio.sleep(0.05)
+            gw.request_shutdown()  # leaving the block waits for the gateway to stop
+    for sock in stuck:
+        sock.close()
+    assert not frames._in_write
