@@ -11,6 +11,11 @@ room for is queued at once and a free lock taken at once; a cancelled task still
 there (the cancellation is checked, as trio's own do), and a full channel or a held lock
 waits as before. The messages, their order and what is written are hypercorn's.
 
+One fix rides along: hypercorn closes a connection whose answer says `Connection: close`
+from the app's task, at a checkpoint where quart-trio cancels that task (its messages task
+got the http.disconnect the close itself queued): the socket was left open, often. Here
+that close is shielded (it does not wait: a shutdown and a close of the socket).
+
 hypercorn's internals: `enable()` patches only the release it was tested with (pinned in
 constraints.txt); under others it logs why and leaves hypercorn as it is.
 """
@@ -94,6 +99,15 @@ def enable() -> bool:
         return queue_at_once(app_send_channel)
 
     async def protocol_send(self: Any, event: Any) -> None:
+        if isinstance(event, Closed):
+            # hypercorn's own, but the socket's close shielded: it runs in the app's task (the
+            # end of an answer that says `Connection: close`), which quart-trio cancels as soon
+            # as the http.disconnect this same close queues reaches its messages task; cancelled
+            # there, the socket stayed open for good (no keep-alive timer runs on it).
+            with trio.CancelScope(shield=True):
+                await self._close()
+            await self.protocol.handle(Closed())
+            return None
         if not isinstance(event, RawData):
             return await original_protocol_send(self, event)
         # hypercorn's own, the lock taken at once when free

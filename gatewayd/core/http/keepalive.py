@@ -13,6 +13,12 @@ with the connection's reading (hypercorn's lingered up to the timeout after a cl
 closed an idle connection, then closed it again). The reading loop is hypercorn's, less
 its cancel scope per read when no read timeout is set (hypercorn's `fail_after(inf)`).
 
+Not only a cost: under quart-trio, hypercorn's own idle task is never started after an
+answer: its `restart` takes a lock (a checkpoint) in the app's task, after the answer queued
+the http.disconnect on which quart-trio cancels that task. So without this patch (another
+hypercorn release: the gate below) a keep-alive connection idle after its first answer is
+never closed (review 6: main's app on hypercorn 0.18 kept one open for 60 s, twelve timeouts).
+
 hypercorn's internals: `enable()` patches only the release it was tested with (pinned in
 constraints.txt); under others it logs why and leaves hypercorn as it is.
 """
