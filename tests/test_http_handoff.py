@@ -13,7 +13,7 @@ from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 from quart import request
 
-from gatewayd.core.http import handoff
+from gatewayd.core.http import gate, handoff
 from gatewayd.core.http.lean import LeanQuart
 from gatewayd.core.http.serve import GatewayConfig, lean_framework
 from gatewayd.testing.ports import reserved_port
@@ -84,7 +84,7 @@ async def test_a_body_in_many_parts_comes_in_whole_and_is_answered_in_one_piece(
 
 def test_a_release_it_was_not_tested_with_leaves_hypercorn_alone(monkeypatch, caplog):
     assert handoff._why_not() == ""  # the pinned release (constraints.txt)
-    monkeypatch.setattr(handoff, "version", lambda name: "0.19.0")
+    monkeypatch.setattr(gate, "version", lambda name: "0.19.0")
     assert handoff._why_not() == "hypercorn 0.19 (tested: 0.18)"
     monkeypatch.setattr(handoff, "_state", {"enabled": False})
     spawn_app, protocol_send = TaskGroup.spawn_app, TCPServer.protocol_send

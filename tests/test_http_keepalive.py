@@ -11,7 +11,7 @@ from hypercorn.trio import tcp_server
 from hypercorn.trio.worker_context import TrioSingleTask
 from quart_trio import QuartTrio
 
-from gatewayd.core.http import keepalive
+from gatewayd.core.http import gate, keepalive
 from gatewayd.core.http.serve import GatewayConfig
 from gatewayd.testing.ports import reserved_port
 
@@ -154,7 +154,7 @@ async def test_no_task_outlives_a_connection_its_client_closed():
 
 def test_a_release_it_was_not_tested_with_leaves_hypercorn_alone(monkeypatch, caplog):
     assert keepalive._why_not() == ""  # the pinned release (constraints.txt)
-    monkeypatch.setattr(keepalive, "version", lambda name: "0.19.0")
+    monkeypatch.setattr(gate, "version", lambda name: "0.19.0")
     assert keepalive._why_not() == "hypercorn 0.19 (tested: 0.18)"
     monkeypatch.setattr(keepalive, "_state", {"enabled": False})
     monkeypatch.setattr(tcp_server, "TrioSingleTask", TrioSingleTask)

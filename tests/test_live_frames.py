@@ -17,6 +17,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
 
+from gatewayd.core.http import gate
 from gatewayd.core.live import frames
 from gatewayd.plugins.api import Chunk, TextFrames, hookimpl, send_frames, stream_writer
 from gatewayd.testing import gw_client, gw_url, wait_until
@@ -237,9 +238,9 @@ async def test_chunks_go_through_quart_where_the_response_is_not_chunked(gateway
 
 def test_a_release_it_was_not_tested_with_turns_the_straight_path_off(monkeypatch):
     assert frames.straight_path() and frames._untested() == ""  # the pinned releases (constraints.txt)
-    monkeypatch.setattr(frames, "version", lambda name: {"hypercorn": "0.19.1"}.get(name, "0.16.0"))
+    monkeypatch.setattr(gate, "version", lambda name: {"hypercorn": "0.19.1"}.get(name, "0.16.0"))
     assert frames._untested() == "hypercorn 0.19 (tested: 0.18)"
-    monkeypatch.setattr(frames, "version", lambda name: {"hypercorn": "0.18.0"}.get(name, "0.17.2"))
+    monkeypatch.setattr(gate, "version", lambda name: {"hypercorn": "0.18.0"}.get(name, "0.17.2"))
     assert frames._untested() == "h11 0.17 (tested: 0.16)"
 
 

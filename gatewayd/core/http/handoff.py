@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import trio
+
+from .gate import untested
 
 try:  # hypercorn's internals: where they moved, nothing is patched (below)
     from hypercorn.events import Closed, RawData
@@ -47,19 +48,9 @@ TESTED = {"hypercorn": "0.18"}
 _state = {"enabled": False}
 
 
-def _release(name: str) -> str:
-    try:
-        return ".".join(version(name).split(".")[:2])
-    except PackageNotFoundError:
-        return "none"
-
-
 def _why_not() -> str:
     """Why the patch is off ("" when it may be on)."""
-    if _moved:
-        return _moved
-    found = {name: _release(name) for name in TESTED}
-    return ", ".join(f"{name} {found[name]} (tested: {TESTED[name]})" for name in TESTED if found[name] != TESTED[name])
+    return _moved or untested(TESTED)
 
 
 def queue_at_once(channel: trio.MemorySendChannel[Any]) -> Callable[[Any], Awaitable[None]]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from functools import cache
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import trio
@@ -32,6 +31,8 @@ from quart.sessions import NullSession, SecureCookieSessionInterface
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
+
+from .gate import release as _release
 
 __all__ = ["LeanHTTPConnection", "LeanQuart", "LeanRequest", "NoSessions"]
 
@@ -111,13 +112,6 @@ def _take_what_came(request: Any, receive: Any) -> bool:
                 return True
         elif message["type"] == "http.disconnect":
             return False
-
-
-def _release(name: str) -> str:
-    try:
-        return ".".join(version(name).split(".")[:2])
-    except PackageNotFoundError:
-        return "none"
 
 
 def _connection_class() -> type[TrioASGIHTTPConnection]:

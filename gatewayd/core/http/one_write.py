@@ -21,10 +21,11 @@ constraints.txt); under others it logs why and leaves hypercorn as it is.
 from __future__ import annotations
 
 import logging
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import h11
+
+from .gate import untested
 
 try:  # hypercorn's internals: where they moved, nothing is patched (below)
     from hypercorn.events import RawData
@@ -44,19 +45,9 @@ TESTED = {"hypercorn": "0.18", "h11": "0.16"}
 _state = {"enabled": False}
 
 
-def _release(name: str) -> str:
-    try:
-        return ".".join(version(name).split(".")[:2])
-    except PackageNotFoundError:
-        return "none"
-
-
 def _why_not() -> str:
     """Why the patch is off ("" when it may be on)."""
-    if _moved:
-        return _moved
-    found = {name: _release(name) for name in TESTED}
-    return ", ".join(f"{name} {found[name]} (tested: {TESTED[name]})" for name in TESTED if found[name] != TESTED[name])
+    return _moved or untested(TESTED)
 
 
 def enabled() -> bool:

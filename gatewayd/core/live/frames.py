@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, cast
 
 import h11
@@ -29,6 +28,8 @@ import trio
 from quart import request, websocket
 from wsproto.connection import ConnectionState
 from wsproto.frame_protocol import FrameProtocol
+
+from gatewayd.core.http.gate import untested
 
 try:  # hypercorn's internals: where they moved, the straight path is off (below)
     from hypercorn.protocol.h11 import H11Protocol
@@ -48,18 +49,9 @@ log = logging.getLogger(__name__)
 TESTED = {"hypercorn": "0.18", "h11": "0.16"}
 
 
-def _release(name: str) -> str:
-    try:
-        return ".".join(version(name).split(".")[:2])
-    except PackageNotFoundError:
-        return "none"
-
-
 def _untested() -> str:
     """Why the straight path is off ("" when on): a release it was not tested with."""
-    found = {name: _release(name) for name in TESTED}
-    wrong = [f"{name} {found[name]} (tested: {TESTED[name]})" for name in TESTED if found[name] != TESTED[name]]
-    return ", ".join(wrong)
+    return untested(TESTED)
 
 
 _why_not = _moved or _untested()
