@@ -16,14 +16,15 @@ def parse_time(text: str) -> float:
     """ISO 8601 (`2026-01-02T03:04:05Z`, a date, an offset; UTC unless it says otherwise)
     or epoch seconds -> epoch seconds. ValueError saying what was expected."""
     text = text.strip()
-    try:
-        value = float(text)
-    except ValueError:
-        pass
-    else:
-        if math.isfinite(value):
-            return value
-        raise ValueError(f"not a time: {text!r}")
+    if not _never_a_number(text):  # an ISO time skips float()'s ValueError, raised and caught
+        try:
+            value = float(text)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(value):
+                return value
+            raise ValueError(f"not a time: {text!r}")
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -31,6 +32,14 @@ def parse_time(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)  # a gateway speaks UTC unless told otherwise
     return moment.timestamp()
+
+
+def _never_a_number(text: str) -> bool:
+    """True for a text `float()` refuses for sure: a `:` (a time of day), or a `-` past
+    the first character with no exponent before which it could stand (a date)."""
+    if ":" in text:
+        return True
+    return "-" in text[1:] and "e" not in text and "E" not in text
 
 
 def plausible_ts(ts: float) -> bool:
