@@ -214,8 +214,7 @@ class Outbox:
             self._saw(stamped)
         if dropped:
             self._count_drops(dropped, "outbox full: dropped the oldest records")
-        self._arrived.set()
-        self._arrived = trio.Event()
+        self._arrived.set()  # a new Event only once a worker waits again (wait_for_records), not per store
 
     def _count_drops(self, dropped: dict, message: str) -> None:
         for key, n in dropped.items():
@@ -229,6 +228,8 @@ class Outbox:
 
     async def wait_for_records(self, timeout: float) -> None:
         """Return when new records were committed, or after `timeout`."""
+        if self._arrived.is_set():  # records committed before this call do not count
+            self._arrived = trio.Event()
         with trio.move_on_after(timeout):
             await self._arrived.wait()
 
