@@ -67,6 +67,7 @@ from ..core.storage import StorageError, StorageFull, StorageUnavailable
 from ..protocol.cursors import decode_cursor, encode_cursor
 from ..protocol.encoding import EncodingError
 from ..protocol.json_encoders import json_encoder
+from ..protocol.json_text import Encoded, encoded, encoded_object
 from ..protocol.strict_json import MAX_JSON_DEPTH, BadJSON, json_kind, parse_json
 from ..protocol.times import TS_MAX, TS_MIN, parse_time, plausible_ts
 from ..protocol.validate import InvalidInput, convert
@@ -151,6 +152,9 @@ __all__ = [
     "TS_MIN",
     "decode_cursor",
     "encode_cursor",
+    "Encoded",
+    "encoded",
+    "encoded_object",
     "error_response",
     "json_encoder",
     "json_kind",

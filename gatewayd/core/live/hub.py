@@ -39,11 +39,13 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from ...protocol.json_encoders import json_encoder
+from ...protocol.json_text import Encoded
 
 if TYPE_CHECKING:
     from .access import LiveAccess
@@ -431,9 +433,18 @@ class LiveHub:
         """Hand an event to every subscriber whose patterns match; never waits.
 
         `data` must be JSON (no NaN); ValueError if it is not, or larger than
-        `max_event_bytes` encoded.
+        `max_event_bytes` encoded. It may be an `Encoded` (gatewayd.protocol.json_text):
+        its value is the event's data, and its text (when ASCII, as this JSON is) is
+        written into the event's as it is, not encoded again.
         """
-        event = LiveEvent(self._next_id, stream, self.clock(), data)
+        if type(data) is Encoded:
+            event = LiveEvent(self._next_id, stream, self.clock(), data.value)
+            if data.text.isascii() and type(event.ts) is float and math.isfinite(event.ts):
+                # The event's JSON as _encode writes the whole, with the data's text as made.
+                object.__setattr__(event, "_json", f'{{"id":{event.id},"stream":{encode_basestring_ascii(stream)},'
+                                                   f'"ts":{float.__repr__(event.ts)},"data":{data.text}}}')
+        else:
+            event = LiveEvent(self._next_id, stream, self.clock(), data)
         if len(event.json()) > self.max_event_bytes:  # encodes (and checks) it once, here
             raise ValueError(f"live event on {stream!r}: larger than {self.max_event_bytes} bytes")
         self._next_id += 1

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import trio
 
 from ...protocol.batch import CLASS_PRIORITY, CLASSES, compact_json_encoder
+from ...protocol.json_text import Encoded
 from ...protocol.times import TS_MAX as _TS_MAX
 from ...protocol.times import TS_MIN as _TS_MIN
 from ..storage import StorageError
@@ -140,11 +141,14 @@ class IngestError(ValueError):
 
 
 class Record(NamedTuple):
-    """One record for `ctx.ingest.records([...])` (a plain tuple works as well)."""
+    """One record for `ctx.ingest.records([...])` (a plain tuple works as well).
+
+    `data` may be an `Encoded` (gatewayd.protocol.json_text) of a mapping: its text is
+    stored as it is (the same text the record's own encoding gives), not encoded again."""
 
     device: str
     kind: str
-    data: Mapping[str, Any]
+    data: Mapping[str, Any] | Encoded
     ts: float | None = None
     cls: str = "history"
 
@@ -216,7 +220,7 @@ class Ingest:
         self,
         device: str,
         kind: str,
-        data: Mapping[str, Any],
+        data: Mapping[str, Any] | Encoded,
         *,
         ts: float | None = None,
         cls: str = "history",
@@ -261,6 +265,10 @@ class Ingest:
             if type(item) is Record or (type(item) is tuple and len(item) == 5):
                 device, kind, data, ts, cls = item
                 prio = priority(cls) if type(cls) is str else None
+                if type(data) is Encoded and type(data.value) is dict:
+                    data, text = data.value, data.text  # encoded once by the plugin (json_text)
+                else:
+                    text = None
                 if (prio is not None and type(device) is str and device and type(kind) is str and kind
                         and type(data) is dict):
                     if ts is None:
@@ -271,7 +279,8 @@ class Ingest:
                         ts = -1.0
                     if ts >= 0:
                         try:
-                            text = encode(data)
+                            if text is None:
+                                text = encode(data)
                         except (TypeError, ValueError):
                             pass  # _row raises the IngestError
                         else:
@@ -286,8 +295,11 @@ class Ingest:
                 raise IngestError(f"record {i}: expected Record(device, kind, data, ts, cls), got {item!r:.80}") from None
         return out
 
-    def _row(self, device: str, kind: str, data: Mapping[str, Any], ts: float | None = None,
+    def _row(self, device: str, kind: str, data: Mapping[str, Any] | Encoded, ts: float | None = None,
              cls: str = "history", now: float = 0.0) -> tuple:
+        text = None
+        if isinstance(data, Encoded):
+            data, text = data.value, data.text
         prio = CLASS_PRIORITY.get(cls)
         if prio is None:
             raise IngestError(f"cls must be one of {'|'.join(CLASSES)}, got {cls!r}")
@@ -302,7 +314,8 @@ class Ingest:
         elif isinstance(ts, bool) or not isinstance(ts, (int, float)) or not _TS_MIN <= ts <= _TS_MAX:
             raise IngestError(f"ts must be epoch seconds between 2000 and 2200, got {ts!r}")
         try:
-            text = compact_json_encoder()(data)
+            if text is None:
+                text = compact_json_encoder()(data)
         except (TypeError, ValueError) as e:
             raise IngestError(f"data is not JSON: {e}") from None
         size = len(text) + len(device) + len(kind) + len(self.family)

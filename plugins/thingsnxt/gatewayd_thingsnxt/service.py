@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gatewayd.plugins.api import Device, PluginContext, Record
+from gatewayd.plugins.api import Device, Encoded, PluginContext, Record, encoded, encoded_object
 
 from . import models
 from .errors import Refused
@@ -24,7 +24,6 @@ from .telemetry import (
     KeyPolicy,
     Limits,
     Reading,
-    compact,
     policy_for,
     status_message,
     update_message,
@@ -78,12 +77,13 @@ class Thingsnxt:
         """Store readings (one, or a bulk's, oldest first); the device's state after them.
         Refused(403) naming the keys the security rules do not let this device write."""
         policy = self.policy(device)
-        refused = sorted({key for r in readings for key in policy.device_refused(r.data)})
-        if refused:
-            raise Refused(403, f"Security rules: this device may not write {', '.join(refused)}")
+        if not policy.device_writes_any:
+            refused = sorted({key for r in readings for key in policy.device_refused(r.data)})
+            if refused:
+                raise Refused(403, f"Security rules: this device may not write {', '.join(refused)}")
         now = self.ctx.now()
         stamped = [(r.ts if r.ts is not None else now, r.data) for r in readings]
-        texts = [r.text if r.text is not None else compact(r.data) for r in readings]  # measured when checked
+        texts = [r.text if r.text is not None else encoded(r.data).text for r in readings]  # measured when checked
 
         def rows() -> tuple[DeviceState, dict[str, Any]]:
             self.rows.telemetry((device.id, ts, now, endpoint, text) for (ts, _), text in zip(stamped, texts))
@@ -94,16 +94,19 @@ class Thingsnxt:
             self.rows.state(device.id, state, changed, "device")
             return state, changed
 
-        stored = await self.ctx.ingest.records([Record(device.id, "telemetry", data, ts) for ts, data in stamped],
-                                               family_rows=rows)
+        # The readings' text, encoded once when checked, is what the outbox and the live events take.
+        parts = [Encoded(data, text) for (_, data), text in zip(stamped, texts)]
+        stored = await self.ctx.ingest.records([Record(device.id, "telemetry", part, ts)
+                                                for (ts, _), part in zip(stamped, parts)], family_rows=rows)
         state: DeviceState = stored.result[0]
         self.messages.inc(len(stamped), endpoint=endpoint)
         if device.id not in self.online:
             self.online.add(device.id)
             self._first_online.set()
             self.ctx.live.publish("telemetry", device.id, status_message(device.id, "online", now))
-        for ts, data in stamped:
-            self.ctx.live.publish("telemetry", device.id, update_message(device.id, data, ts, source="device"))
+        for (ts, _), part in zip(stamped, parts):
+            self.ctx.live.publish("telemetry", device.id,
+                                  encoded_object(update_message(device.id, part, ts, source="device")))
         ts, data = stamped[-1]
         # Webhooks and rules on the readings (docs/events.md): stored as an event only if one fires.
         await self.ctx.events.observe(device.id, "telemetry_update", {"data": data, "endpoint": endpoint}, ts=ts)
