@@ -13,6 +13,7 @@ import trio
 from gatewayd.core.outbox.ingest import Ingest, IngestError, Record
 from gatewayd.core.outbox.store import Outbox, OutboxPolicy
 from gatewayd.core.storage import Storage
+from gatewayd.protocol.json_text import encoded
 from gatewayd.testing import gw_client
 from tests import plugin_ingest
 
@@ -115,6 +116,18 @@ def test_bulk_rows_are_the_rows_of_single_records():
     items = [Record("d", "k", {"a": 1.5, "s": "é\n"}, 1_700_000_000, "state"), ("d", "k", {}),
              ("d", "k", OrderedDict(x=[1, None]), 1.7e9), Record("ü", "k", {"n": {"deep": True}}, None, "command_ack")]
     assert ingest._rows(items, 1_800_000_000.0) == [ingest._row(*item, now=1_800_000_000.0) for item in items]
+
+
+def test_an_encoded_records_rows_are_the_rows_of_its_value():
+    ingest = Ingest(None, "fam", lambda: 1_800_000_000.0)
+    values = [{"a": 1.5, "s": "é\n"}, {}, {"n": {"deep": [True, None]}}, {"t": 1_700_000_000.125}]
+    plain = [Record("d", "k", v, 1_700_000_000, "state") for v in values]
+    made = [Record("d", "k", encoded(v), 1_700_000_000, "state") for v in values]
+    rows = ingest._rows(plain, 1_800_000_000.0)
+    assert ingest._rows(made, 1_800_000_000.0) == rows  # the bulk loop
+    assert [ingest._row(*item, now=1_800_000_000.0) for item in made] == rows  # one record
+    with pytest.raises(IngestError, match="record 0: data must be a mapping"):
+        ingest._rows([Record("d", "k", encoded([1]))], 1_800_000_000.0)
 
 
 async def test_bulk_records_one_transaction_with_executemany_family_rows(tmp_path):

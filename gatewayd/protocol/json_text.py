@@ -47,8 +47,13 @@ def encoded_object(fields: Mapping[str, Any]) -> Encoded:
     value: dict[str, Any] = {}
     parts: list[str] = []
     for key, item in fields.items():
-        if type(key) is not str:  # json.dumps turns other keys into strings: its text, not ours
-            return encoded({k: v.value if type(v) is Encoded else v for k, v in fields.items()})
+        head = _heads.get(key) if type(key) is str else None
+        if head is None:
+            if type(key) is not str:  # json.dumps turns other keys into strings: its text, not ours
+                return encoded({k: v.value if type(v) is Encoded else v for k, v in fields.items()})
+            if len(_heads) >= 1000:  # bounded: the keys are a message shape's few
+                _heads.clear()
+            head = _heads[key] = f"{encode_basestring(key)}:"
         kind = type(item)
         if kind is Encoded:
             value[key], text = item.value, item.text
@@ -62,5 +67,9 @@ def encoded_object(fields: Mapping[str, Any]) -> Encoded:
                 text = float.__repr__(item)  # what the encoder writes for a float
             else:  # containers, True/False/None, subclasses, NaN (the encoder refuses it)
                 text = _encode(item)
-        parts.append(f"{encode_basestring(key)}:{text}")
+        parts.append(head + text)
     return Encoded(value, "{" + ",".join(parts) + "}")
+
+
+_heads: dict[str, str] = {}
+"""Each key's `"key":`, encoded once."""
