@@ -324,3 +324,26 @@ async def test_counts_are_exact_after_a_group_with_a_failing_call(tmp_path):
         assert kept["sink:cloud"] == kept["sink:backup"] == [6, 46 + 88] and kept["seq:outbox"][0] == 7
         assert fresh(path, "SELECT COUNT(*) FROM fam_row") == [(0,)]
         assert outbox.counts == kept  # the trio side's mirror: the newest commit's counts
+
+
+async def test_a_worker_waiting_for_records_wakes_for_those_stored_after_it_began(tmp_path):
+    async with open_ingest(tmp_path) as (ingest, outbox, storage):
+        await ingest.record("d", "k", {})  # committed before the wait: not what it waits for
+        woken: list[int] = []
+
+        async def worker(n: int) -> None:
+            await outbox.wait_for_records(timeout=3600)
+            woken.append(n)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            await ingest.record("d", "k", {})
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == [1]
+            nursery.start_soon(worker, 2)  # waits anew: the record above came before it
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == [1]
+            await ingest.records([("d", "k", {})])
+        assert woken == [1, 2]
