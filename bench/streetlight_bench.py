@@ -290,10 +290,36 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
 FLEET_LUA = """
 -- 1,000 lights' requests over as many connections: statuses and polls 1:3, each kind
 -- round-robin over every light; a random 0-2x think time (mean: the offered rate).
+-- Requests are sent for {seconds} s only (a think time is cut short to end by then); wrk runs
+-- {drain} s longer, so a request still unanswered when wrk stops waited at least that long.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} fleet_timespec;
+int clock_gettime(int clock, fleet_timespec *tp);
+]]
+local ts = ffi.new("fleet_timespec")
+local function now()  -- CLOCK_MONOTONIC, seconds
+   ffi.C.clock_gettime(1, ts)
+   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
 local lights = {lights}
 local think_ms = {think_ms}
 local statuses, polls = {{}}, {{}}
 local s, p, i = 0, 0, 0
+local stop_at, began
+sent = -1  -- a global (done() reads it: thread:get); wrk calls request() once to check it, unsent
+-- wrk calls delay() before every request: after an answer, and on a new connection (before
+-- its first request). A delay() with no answer of the same connection before it is the
+-- latter: its time since the start is how long that light waited for its connection (a SYN
+-- the listen queue dropped is sent again 1, 3, 7 s later), outside wrk's latencies.
+connects, connect_1s, connect_3s, connect_5s, connect_max_ms = 0, 0, 0, 0, 0
+local answered, delays_after_answers = 0, 0
+local threads = {{}}
+
+function setup(thread)
+   table.insert(threads, thread)
+end
 
 function init(args)
    for k, light in ipairs(lights) do
@@ -305,9 +331,12 @@ function init(args)
           ["Content-Type"] = "application/json"}}, body)
    end
    math.randomseed(os.time())
+   began = now()
+   stop_at = began + {seconds}
 end
 
 function request()
+   sent = sent + 1
    i = i + 1
    if i % 4 == 0 then
       s = s % #lights + 1
@@ -317,43 +346,148 @@ function request()
    return polls[p]
 end
 
+function response(status, headers, body)
+   answered = answered + 1
+end
+
 function delay()
-   return math.random(0, 2 * think_ms)
+   local t = now()
+   if delays_after_answers < answered then
+      delays_after_answers = delays_after_answers + 1
+   elseif connects < #lights then  -- later ones reconnect a broken connection (counted as such)
+      local waited = t - began
+      connects = connects + 1
+      if waited >= 1 then connect_1s = connect_1s + 1 end
+      if waited >= 3 then connect_3s = connect_3s + 1 end
+      if waited >= 5 then connect_5s = connect_5s + 1 end
+      connect_max_ms = math.max(connect_max_ms, math.floor(waited * 1000))
+   end
+   local left = (stop_at - t) * 1000
+   if left <= 0 then
+      return 3600000  -- the sending is over: this connection waits out the run
+   end
+   return math.min(math.random(0, 2 * think_ms), left)
+end
+
+function done(summary, latency, requests)
+   local n, c = 0, {{0, 0, 0, 0, 0}}
+   for _, thread in ipairs(threads) do
+      n = n + thread:get("sent")
+      for k, name in ipairs({{"connects", "connect_1s", "connect_3s", "connect_5s", "connect_max_ms"}}) do
+         c[k] = c[k] + thread:get(name)
+      end
+   end
+   local e = summary.errors
+   -- wrk's latency histogram holds the answers within --timeout (the late ones are its
+   -- "timeout" count): the percentiles over every request sent, the unanswered as late.
+   local kept = summary.requests - e.timeout
+   local function pct(q)
+      local rank = math.ceil(q * n)
+      if rank > kept or kept == 0 then
+         return -1
+      end
+      return latency:percentile(100 * rank / kept)
+   end
+   io.write(string.format("FLEET sent=%d answered=%d late=%d connect=%d read=%d write=%d status=%d "
+      .. "p50_us=%d p99_us=%d max_us=%d connects=%d connect_1s=%d connect_3s=%d connect_5s=%d "
+      .. "connect_max_ms=%d\\n", n, summary.requests, e.timeout, e.connect, e.read, e.write,
+      e.status, pct(0.5), pct(0.99), latency.max, c[1], c[2], c[3], c[4], c[5]))
 end
 """
 
+#: /proc/net/netstat's counters of the listen queue and of SYNs sent again (the whole
+#: machine's: the client and the server are both here).
+LISTEN_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def netstat() -> dict[str, int]:
+    """The TcpExt counters in LISTEN_COUNTERS, now."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], map(int, values.split()[1:])))
+            return {k: table.get(k, 0) for k in LISTEN_COUNTERS}
+    return dict.fromkeys(LISTEN_COUNTERS, 0)
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the listener's accept queue on `port` (ss -lnt's Recv-Q)."""
+    out = subprocess.run(["ss", "-Hlnt", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+    return int(out[1]) if len(out) > 1 and out[1].isdigit() else 0
+
+
+def timeline(port: int, seconds: float, samples: list[tuple[float, dict[str, int], int]]) -> None:
+    """Per 0.5 s for `seconds`: (time, the listen counters' increase, accept queue length)."""
+    began, last = time.perf_counter(), netstat()
+    while (t := time.perf_counter() - began) < seconds:
+        time.sleep(0.5)
+        now = netstat()
+        samples.append((t + 0.5, {k: now[k] - last[k] for k in now}, listen_queue(port)))
+        last = now
+
 
 def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int, timeout: float,
-              tmp: Path, target: str) -> None:
-    """The fleet, driven by wrk (see the module docstring)."""
+              tmp: Path, target: str) -> dict[str, float]:
+    """The fleet, driven by wrk (see the module docstring); what it printed, as numbers."""
+    import threading
+
     offered = len(tokens) * (1 + 1 / 3)
     think_ms = round(len(tokens) / offered * 1000)
-    lights = "{" + ",".join(f'{{"{d}","{t}"}}' for d, t in tokens.items()) + "}"
+    # wrk's -d is whole seconds. Sending stops DRAIN_MARGIN_S after `seconds`, wrk `timeout` s
+    # after them: an unanswered request waited >= timeout - margin (4.7 s of the 5), and wrk
+    # stops before an idle connection's keep-alive timeout (5 s after its last answer,
+    # which came after the sending stopped) closes it, which wrk would count as a read error.
+    drain_margin = 0.3
     script = tmp / "fleet.lua"
-    script.write_text(FLEET_LUA.format(lights=lights, think_ms=think_ms, host=f"127.0.0.1:{port}",
-                                       body=json.dumps(json.dumps(STATUS))))
-    cmd = ["wrk", "-t1", f"-c{len(tokens)}", f"-d{seconds:.0f}s", f"--timeout={timeout:g}s", "--latency",
+    script.write_text(FLEET_LUA.format(lights="{" + ",".join(f'{{"{d}","{t}"}}' for d, t in tokens.items()) + "}",
+                                       think_ms=think_ms, host=f"127.0.0.1:{port}", seconds=seconds + drain_margin,
+                                       drain=f"{timeout - drain_margin:g}", body=json.dumps(json.dumps(STATUS))))
+    cmd = ["wrk", "-t1", f"-c{len(tokens)}", f"-d{seconds + timeout:.0f}s", f"--timeout={timeout:g}s", "--latency",
            "-s", str(script), f"http://127.0.0.1:{port}/"]
+    samples: list[tuple[float, dict[str, int], int]] = []
+    sampler = threading.Thread(target=timeline, args=(port, seconds + timeout, samples), daemon=True)
     before, server_cpu, wall = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid), time.perf_counter()
+    sampler.start()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     after, server_cpu, wall = (resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid) - server_cpu,
                                time.perf_counter() - wall)
+    sampler.join()
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    answers = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sockets.groups()))) if sockets else {}
-    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
-    print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each, "
-          f"{offered:.0f} req/s offered for {seconds:.0f} s ({os.cpu_count()} cores, {load()})")
-    print(f"answers {answers} ({answers / wall:.0f}/s, {answers / wall / offered:.0%} of offered), "
-          f"non-2xx {int(non2xx.group(1)) if non2xx else 0}")
-    print(f"client errors {sum(errors.values())} {errors or ''} (timeout {timeout:g} s, the specification's)")
-    print(f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"CPU per request: server {server_cpu / max(answers, 1) * 1000:.2f} ms ({server_cpu / wall:.0%} of a core), "
-          f"client (wrk) {client_cpu / max(answers, 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
-    print("goal: zero errors (non-2xx answers and client errors), every offered request answered")
+    f = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", re.search(r"^FLEET (.*)$", out, re.M).group(1))}
+    unanswered = f["sent"] - f["answered"] - f["read"] - f["write"]
+    errors = f["late"] + unanswered + f["read"] + f["write"] + f["connect"] + f["status"] + f["connect_5s"]
+    drops = {k: sum(d[k] for _, d, _ in samples) for k in LISTEN_COUNTERS}
+    sending = seconds + drain_margin
+
+    def ms(us: int) -> str:
+        return f">= {timeout * 1000:.0f}" if us < 0 else f"{us / 1000:.1f}"
+
+    print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each "
+          f"(all opened at the start), {offered:.0f} req/s offered for {seconds:.0f} s "
+          f"({os.cpu_count()} cores, {load()})")
+    print(f"sent {f['sent']}, answered {f['answered']} ({f['answered'] / sending:.0f}/s, "
+          f"{f['answered'] / sending / offered:.0%} of offered)")
+    print(f"errors {errors}: answered after {timeout:g} s {f['late']}, never answered {unanswered}, "
+          f"non-2xx {f['status']}, connections broken (read/write) {f['read']}/{f['write']}, connect {f['connect']}, "
+          f"connected only after {timeout:g} s {f['connect_5s']}")
+    print(f"connections: {f['connects']} made, waited >= 1 s {f['connect_1s']}, >= 3 s {f['connect_3s']} "
+          f"(a first answer on top may make it late: not counted), slowest {f['connect_max_ms']} ms")
+    print(f"latency over every request sent (unanswered as late): p50 {ms(f['p50_us'])} ms, "
+          f"p99 {ms(f['p99_us'])} ms; slowest answer within {timeout:g} s: {f['max_us'] / 1000:.0f} ms")
+    print(f"listen queue (whole machine, during the run): overflows {drops['ListenOverflows']}, drops "
+          f"{drops['ListenDrops']}, SYNs sent again {drops['TCPSynRetrans']} (a dropped SYN is sent again "
+          f"after 1, 3, 7 s: that wait is outside wrk's latencies); first 3 s: "
+          + ", ".join(f"{t:.1f}s {d['ListenDrops']}/{d['TCPSynRetrans']}/q{q}" for t, d, q in samples if t <= 3))
+    later = [(t, d) for t, d, _ in samples if t > 3 and (d["ListenDrops"] or d["TCPSynRetrans"])]
+    if later:
+        print("  later drops/SYN resends: " + ", ".join(f"{t:.1f}s {d['ListenDrops']}/{d['TCPSynRetrans']}"
+                                                       for t, d in later[:12]))
+    print(f"CPU per request: server {server_cpu / max(f['answered'], 1) * 1000:.2f} ms "
+          f"({server_cpu / sending:.0%} of a core while sending), client (wrk) "
+          f"{client_cpu / max(f['answered'], 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
+    print("goal: zero errors and no listen drops, every offered request answered")
+    return {"errors": errors, **f, **drops, "server_ms": server_cpu / max(f["answered"], 1) * 1000,
+            "core": server_cpu / sending}
 
 
 def main(argv: list[str] | None = None) -> int:
