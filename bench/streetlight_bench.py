@@ -337,6 +337,7 @@ sent = -1  -- a global (done() reads it: thread:get); wrk calls request() once t
 -- the listen queue dropped is sent again 1, 3, 7 s later), outside wrk's latencies.
 connects, connect_1s, connect_3s, connect_5s, connect_max_ms = 0, 0, 0, 0, 0
 local answered, delays_after_answers = 0, 0
+per_second = {{}}  -- answers in each second since the start (when a stall or a storm was)
 local threads = {{}}
 
 function setup(thread)
@@ -370,6 +371,8 @@ end
 
 function response(status, headers, body)
    answered = answered + 1
+   local second = math.floor(now() - began) + 1
+   per_second[second] = (per_second[second] or 0) + 1
 end
 
 function delay()
@@ -400,6 +403,16 @@ function done(summary, latency, requests)
       end
    end
    local e = summary.errors
+   local seconds, last = {{}}, 0
+   for _, thread in ipairs(threads) do
+      for second, k in pairs(thread:get("per_second")) do
+         seconds[second] = (seconds[second] or 0) + k
+         last = math.max(last, second)
+      end
+   end
+   for second = 1, last do
+      seconds[second] = seconds[second] or 0
+   end
    -- wrk's latency histogram holds the answers within --timeout (the late ones are its
    -- "timeout" count): the percentiles over every request sent, the unanswered as late.
    local kept = summary.requests - e.timeout
@@ -412,8 +425,9 @@ function done(summary, latency, requests)
    end
    io.write(string.format("FLEET sent=%d answered=%d late=%d connect=%d read=%d write=%d status=%d "
       .. "p50_us=%d p99_us=%d max_us=%d connects=%d connect_1s=%d connect_3s=%d connect_5s=%d "
-      .. "connect_max_ms=%d\\n", n, summary.requests, e.timeout, e.connect, e.read, e.write,
-      e.status, pct(0.5), pct(0.99), latency.max, c[1], c[2], c[3], c[4], c[5]))
+      .. "connect_max_ms=%d per_second=%s\\n", n, summary.requests, e.timeout, e.connect, e.read, e.write,
+      e.status, pct(0.5), pct(0.99), latency.max, c[1], c[2], c[3], c[4], c[5],
+      table.concat(seconds, ",")))
 end
 """
 
@@ -477,7 +491,9 @@ def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int
                                time.perf_counter() - wall)
     sampler.join()
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    f = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)", re.search(r"^FLEET (.*)$", out, re.M).group(1))}
+    line = re.search(r"^FLEET (.*)$", out, re.M).group(1)
+    f = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)\b(?!,)", line)}
+    per_second = [int(k) for k in re.search(r"per_second=([\d,]*)", line).group(1).split(",") if k]
     unanswered = f["sent"] - f["answered"] - f["read"] - f["write"]
     errors = f["late"] + unanswered + f["read"] + f["write"] + f["connect"] + f["status"] + f["connect_5s"]
     drops = {k: sum(d[k] for _, d, _ in samples) for k in LISTEN_COUNTERS}
@@ -513,6 +529,7 @@ def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int
     if later:
         print("  later drops/SYN resends: " + ", ".join(f"{t:.1f}s {d['ListenDrops']}/{d['TCPSynRetrans']}"
                                                        for t, d in later[:12]))
+    print("answers in each second: " + " ".join(map(str, per_second)))
     print(f"CPU per request: server {server_cpu / max(f['answered'], 1) * 1000:.2f} ms "
           f"({server_cpu / sending:.0%} of a core while sending), client (wrk) "
           f"{client_cpu / max(f['answered'], 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
