@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 
 from ..schema import Address
 from ..tls import SiteTls
-from . import accept, handoff, keepalive, one_write
+from . import handoff, keepalive, one_write
 
 __all__ = ["GatewayConfig", "RefuseBadHost", "lean_framework", "serve_app"]
 
@@ -65,12 +65,10 @@ def lean_framework() -> None:
     """hypercorn's internals patched (each version-gated, logged and left alone otherwise):
     an answer of known length in one write (`one_write`), the keep-alive timeout without a
     task per request (`keepalive`), a request's messages and an answer's bytes handed on
-    without a scheduling pass each (`handoff`), the connections waiting to be accepted taken
-    together, not one per pass (`accept`)."""
+    without a scheduling pass each (`handoff`)."""
     one_write.enable()
     keepalive.enable()
     handoff.enable()
-    accept.enable()
 
 
 class GatewayConfig(HypercornConfig):
