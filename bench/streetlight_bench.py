@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
         [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
-        [--no-upstream]
+        [--no-upstream] [--busy 32]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
@@ -32,12 +32,34 @@
    --any-path`, which answers every path): what the stack alone does under that load;
    `--target both`: the hello-world's fleet, then the gateway's, in the same sitting.
    `--generator wrk` drives the fleet with wrk (Debian's `wrk`, apt-get install wrk) and
-   a Lua script instead of the Python client: one connection per light, the same 1:3 mix
-   of status reports and polls over every light, each connection waiting a random 0-1.5 s
-   (0.75 s on average: the offered rate) after each answer. wrk is closed-loop: a slow
-   server shows as fewer answers per second than offered, and as latency; its
-   timeouts (`--timeout`) are the lights' errors. Its CPU time is measured too (the
+   a Lua script instead of the Python client: one connection per light, all opened at the
+   start (as a site's lights reconnect after a power cut), the same 1:3 mix of status
+   reports and polls over every light, each connection waiting a random 0-1.5 s (0.75 s on
+   average: the offered rate) after each answer. wrk is closed-loop: a slow server shows as
+   fewer answers per second than offered, and as latency. Its CPU time is measured too (the
    child's rusage): a client that eats a core shared with the server is part of the result.
+   `--busy N` then sends the same requests over N connections without think time: the
+   server's CPU per request without the fleet's 1,000 connections.
+
+   A light's error is a request not answered within the specification's 5 s, counted once
+   per request. wrk 4.1 (src/wrk.c) counts less than that: its "timeout" is only an answer
+   that came after --timeout (checked when it arrives; left out of the latency histogram,
+   so its percentiles leave the late ones out), a request never answered is not counted at
+   all, and its clock starts when the request is written, after the connection is up: a
+   light whose SYN the full listen queue dropped (sent again after 1, 3, 7 s) waited that
+   long, and wrk never sees it. (wrk 3's check_timeouts, every 2 s, counted each connection
+   whose `c->start` was older than --timeout: one still connecting (`c->start` 0), one in
+   its think time, and a slow request once per 2 s; wrk 4.0 removed it, Debian's wrk is
+   4.1.0.) So the script sends for the run's
+   length only and wrk waits on for the 5 s (less 0.3 s, so that an idle connection's
+   keep-alive timeout cannot fire first: a request unanswered at the end waited >= 4.7 s),
+   and the errors printed are: answers after 5 s (wrk's timeouts, --timeout 5 s), requests
+   never answered (sent - answered), non-2xx, broken connections, and lights that got their
+   connection only after 5 s. The percentiles are over every request sent, an unanswered
+   or late one as ">= 5000 ms". Printed apart: how long the lights waited for their
+   connections (a wait of 1-5 s plus a slow first answer is a late request this does not
+   count), and the listen queue's overflows and the SYNs sent again per 0.5 s (whole
+   machine counters, /proc/net/netstat, with the accept queue's length: ss's Recv-Q).
 
 `--gateway-root PATH` runs the gateway from another checkout (a worktree of main: the
 "before" of a before/after in the same sitting, with the same bench and client).
@@ -441,12 +463,14 @@ def timeline(port: int, seconds: float, samples: list[tuple[float, dict[str, int
 
 
 def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int, timeout: float,
-              tmp: Path, target: str) -> dict[str, float]:
-    """The fleet, driven by wrk (see the module docstring); what it printed, as numbers."""
+              tmp: Path, target: str, busy: bool = False) -> dict[str, float]:
+    """The fleet, driven by wrk (see the module docstring); what it printed, as numbers.
+    `busy`: no think time (each connection sends again at once: a server's saturation over
+    few connections, the same requests)."""
     import threading
 
     offered = len(tokens) * (1 + 1 / 3)
-    think_ms = round(len(tokens) / offered * 1000)
+    think_ms = 0 if busy else round(len(tokens) / offered * 1000)
     # wrk's -d is whole seconds. Sending stops DRAIN_MARGIN_S after `seconds`, wrk `timeout` s
     # after them: an unanswered request waited >= timeout - margin (4.7 s of the 5), and wrk
     # stops before an idle connection's keep-alive timeout (5 s after its last answer,
@@ -478,6 +502,13 @@ def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int
     def ms(us: int) -> str:
         return f">= {timeout * 1000:.0f}" if us < 0 else f"{us / 1000:.1f}"
 
+    if busy:
+        print(f"\n2b. the same requests over {len(tokens)} busy connections (no think time: "
+              f"{target}'s saturation), {seconds:.0f} s ({os.cpu_count()} cores, {load()})")
+        print(f"answered {f['answered']} ({f['answered'] / sending:.0f}/s), errors {errors}; CPU per request: server "
+              f"{server_cpu / max(f['answered'], 1) * 1000:.2f} ms ({server_cpu / sending:.0%} of a core)")
+        return {"errors": errors, **f, "server_ms": server_cpu / max(f["answered"], 1) * 1000,
+                "core": server_cpu / sending}
     print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each "
           f"(all opened at the start), {offered:.0f} req/s offered for {seconds:.0f} s "
           f"({os.cpu_count()} cores, {load()})")
@@ -523,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="run the gateway from this checkout (a worktree of main, for a before/after)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="with --generator wrk: after each fleet, the same requests over N connections "
+                             "without think time (the CPU per request without the fleet's connections)")
+    parser.add_argument("--busy-s", type=float, default=10.0, help="how long the --busy run sends")
     parser.add_argument("--no-upstream", action="store_true",
                         help="no [[upstream]]: no upstream record per request (the old measure)")
     args = parser.parse_args(argv)
@@ -554,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                 lights = tokens if target == "gateway" else {device: "hello-takes-any-token" for device in ids}
                 if args.generator == "wrk":
                     wrk_fleet(port, lights, args.fleet_s, pid, args.timeout, tmp, target)
+                    if args.busy:
+                        busy = dict(list(lights.items())[:args.busy])
+                        wrk_fleet(port, busy, args.busy_s, pid, args.timeout, tmp, target, busy=True)
                 else:
                     trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout)
         print(upstream_note(base))
