@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 from urllib.parse import urlsplit
 
 import jwt
@@ -403,10 +403,12 @@ class LightRoutes:
         varies in it) for the next request with the same."""
         kept = self._answers.get(key)
         if kept is None:
-            made = current_app.json.response(msgspec.to_builtins(answer))
+            made = cast(Response, current_app.json.response(msgspec.to_builtins(answer)))  # Quart's, typed as flask's
+            body = await made.get_data(as_text=False)
+            assert isinstance(body, bytes)
             if len(self._answers) >= 64:  # keys carry the second: only the newest matter
                 self._answers.clear()
-            kept = self._answers[key] = (await made.get_data(as_text=False), made.mimetype)
+            kept = self._answers[key] = (body, made.mimetype or "application/json")
         return current_app.response_class(kept[0], mimetype=kept[1])
 
     @staticmethod
