@@ -23,6 +23,7 @@ from gatewayd.plugins.api import (
     PluginContext,
     Record,
     Rejected,
+    encoded,
     parse_json,
 )
 
@@ -101,7 +102,8 @@ class Streetlight:
         it through the alert rules; returns the light's newest status."""
         now = self.ctx.now()
         ts = status.ts if status.ts is not None else now
-        data = status.data(ts)
+        # Encoded once: the outbox record and the live event take this text as it is.
+        data = encoded(status.data(ts))
         await self.ctx.ingest.record(
             device_id, "status", data, ts=ts, cls="state",
             family_rows=lambda: self.rows.statuses(device_id, [(status, ts)], now, via))
