@@ -20,10 +20,10 @@ from gatewayd.testing.ports import reserved_port
 
 
 async def test_a_message_with_room_is_queued_at_once_one_without_waits_for_room():
-    send, receive = trio.open_memory_channel[int](1)
-    put = handoff.queue_at_once(send)
+    queue = handoff.AppQueue(1)
+    put, receive = queue.put, queue
     await put(1)
-    assert receive.statistics().current_buffer_used == 1  # queued, nobody had to run
+    assert queue._send.statistics().current_buffer_used == 1  # queued, nobody had to run
     done = trio.Event()
 
     async def second() -> None:
@@ -40,12 +40,11 @@ async def test_a_message_with_room_is_queued_at_once_one_without_waits_for_room(
 
 
 async def test_a_cancelled_sender_queues_nothing():
-    send, receive = trio.open_memory_channel[int](5)
-    put = handoff.queue_at_once(send)
+    queue = handoff.AppQueue(5)
     with trio.CancelScope() as scope:
         scope.cancel()
-        await put(1)
-    assert scope.cancelled_caught and receive.statistics().current_buffer_used == 0
+        await queue.put({"type": "http.disconnect"})
+    assert scope.cancelled_caught and queue._send.statistics().current_buffer_used == 0
 
 
 async def test_a_body_in_many_parts_comes_in_whole_and_is_answered_in_one_piece():

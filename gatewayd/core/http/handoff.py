@@ -38,7 +38,7 @@ try:  # hypercorn's internals: where they moved, nothing is patched (below)
 except ImportError as e:  # pragma: no cover  (pyproject pins the tested minor release)
     _moved = f"hypercorn's internals moved ({e})"
 
-__all__ = ["enable", "enabled", "queue_at_once"]
+__all__ = ["AppQueue", "enable", "enabled"]
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +53,39 @@ def _why_not() -> str:
     return _moved or untested(TESTED)
 
 
-def queue_at_once(channel: trio.MemorySendChannel[Any]) -> Callable[[Any], Awaitable[None]]:
-    """`channel.send`, but a message it has room for is queued without yielding."""
+class AppQueue:
+    """A request's messages from hypercorn to the app: hypercorn's memory channel, queued
+    into without a pass when there is room (`put`: a cancelled task still stops there, as
+    at trio's own checkpoints; a full channel waits as before), read by the app (`receive`,
+    the channel's), and a call-back for the client's leaving.
 
-    async def put(message: Any) -> None:
+    `on_disconnect`, when set, is called as the `http.disconnect` message is queued: a
+    request whose body is all in then needs no task of its own only to wait for that
+    message and cancel its handler (`lean.LeanHTTPConnection`)."""
+
+    __slots__ = ("_receive", "_send", "on_disconnect")
+
+    def __init__(self, size: int) -> None:
+        self._send, self._receive = trio.open_memory_channel(size)
+        self.on_disconnect: Callable[[], object] | None = None
+
+    async def put(self, message: Any) -> None:
+        """hypercorn's `send` to the app: a message there is room for is queued without yielding."""
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            channel.send_nowait(message)
+            self._send.send_nowait(message)
         except trio.WouldBlock:
-            await channel.send(message)
+            await self._send.send(message)
+        if self.on_disconnect is not None and message["type"] == "http.disconnect":
+            self.on_disconnect()
 
-    return put
+    async def receive(self) -> Any:
+        """The app's `receive`: the next message, waited for."""
+        return await self._receive.receive()
+
+    def receive_nowait(self) -> Any:
+        """The next message if one is queued, else `trio.WouldBlock`."""
+        return self._receive.receive_nowait()
 
 
 def enabled() -> bool:
@@ -83,11 +105,11 @@ def enable() -> bool:
     original_protocol_send = TCPServer.protocol_send
 
     async def spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
-        # hypercorn's own, but the sender is `queue_at_once`, not the channel's `send`
-        app_send_channel, app_receive_channel = trio.open_memory_channel[Any](config.max_app_queue_size)
-        self._nursery.start_soon(_handle, app, config, scope, app_receive_channel.receive, send,
+        # hypercorn's own, but the channel is an `AppQueue`: queued into without a pass
+        queue = AppQueue(config.max_app_queue_size)
+        self._nursery.start_soon(_handle, app, config, scope, queue.receive, send,
                                  trio.to_thread.run_sync, trio.from_thread.run)
-        return queue_at_once(app_send_channel)
+        return queue.put
 
     async def protocol_send(self: Any, event: Any) -> None:
         if isinstance(event, Closed):
