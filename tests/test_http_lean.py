@@ -473,3 +473,22 @@ def test_what_came_before_the_handler():
     assert took({"type": "http.request", "body": b"x", "more_body": True})[0] is False  # more to come
     assert took({"type": "http.disconnect"})[0] is None  # left before it was handled
     assert lean._take_what_came(Req(), None) is False  # another server's channel: left to quart-trio
+
+
+def test_lean_headers_answer_as_werkzeugs():
+    from werkzeug.datastructures import Headers
+
+    from gatewayd.core.http.lean import LeanHeaders
+
+    items = [("Host", "gw"), ("Content-Length", "42"), ("X-Two", "a"), ("x-two", "b"), ("X-Bad-Int", "x")]
+    ours, theirs = LeanHeaders(items), Headers(items)
+    for key in ("Host", "host", "HOST", "content-length", "X-Two", "x-two", "Missing", "Transfer-Encoding", "X-Bad-Int"):
+        assert (key in ours) == (key in theirs), key
+        assert ours.get(key) == theirs.get(key), key
+        assert ours.get(key, "dflt") == theirs.get(key, "dflt"), key
+        assert ours.get(key, -1, type=int) == theirs.get(key, -1, type=int), key
+        assert ours.getlist(key) == theirs.getlist(key), key
+    assert ours == theirs and theirs == ours and ours == LeanHeaders(items)
+    assert ours != Headers(items[:2]) and Headers(items[:2]) != ours
+    with pytest.raises(KeyError):
+        ours["Missing"]  # werkzeug's own there: a BadRequestKeyError

@@ -9,7 +9,12 @@ the lock). Worse, the pass after the head lets the app run before its body is qu
 the handler then waits for the body and is woken again. Here a message the channel has
 room for is queued at once and a free lock taken at once; a cancelled task still stops
 there (the cancellation is checked, as trio's own do), and a full channel or a held lock
-waits as before. The messages, their order and what is written are hypercorn's.
+waits as before. The messages, their order and what is written are hypercorn's. An
+answer's bytes go to a plain TCP socket at once too (`_write_now`): trio's `send_all` passes
+through the scheduler after each write even when the socket took it all, and after an
+answer's last bytes that pass woke hypercorn's reader for the client's next request before
+the connection was recycled, to be parked and woken again. What the socket does not take
+is sent by `send_all` as before (shielded, under the lock).
 
 One fix rides along: hypercorn closes a connection whose answer says `Connection: close`
 from the app's task, at a checkpoint where quart-trio cancels that task (its messages task
@@ -23,6 +28,7 @@ constraints.txt); under others it logs why and leaves hypercorn as it is.
 from __future__ import annotations
 
 import logging
+from os import write as _write_fd  # (bound here: the live straight path's tests watch os.write for its own)
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -88,6 +94,23 @@ class AppQueue:
         return self._receive.receive_nowait()
 
 
+def _write_now(stream: Any, data: bytes) -> int:
+    """Write what a plain TCP connection's socket takes of `data` now, without a pass through
+    the scheduler: how many bytes (0 also when the socket is closed or broken, or the stream
+    is TLS or not trio's: `send_all` then writes, or says what is wrong, as before).
+
+    trio's `send_all` yields after every write even when the socket took everything; after
+    an answer's last bytes that pass let the client's next request in before the connection
+    was ready for it (hypercorn parks its reader until the answer's task recycles the
+    connection, then wakes it: a second pass)."""
+    if type(stream) is not trio.SocketStream or not data:
+        return 0
+    try:
+        return _write_fd(stream.socket.fileno(), data)
+    except OSError:  # BlockingIOError (full), a closed descriptor, a broken connection
+        return 0
+
+
 def enabled() -> bool:
     """Whether hypercorn hands off without a pass each (`enable()` was called and took)."""
     return _state["enabled"]
@@ -123,7 +146,8 @@ def enable() -> bool:
             return None
         if not isinstance(event, RawData):
             return await original_protocol_send(self, event)
-        # hypercorn's own, the lock taken at once when free
+        # hypercorn's own, the lock taken at once when free, and the bytes written at once
+        # when the socket takes them all
         await trio.lowlevel.checkpoint_if_cancelled()
         lock = self.send_lock
         try:
@@ -131,9 +155,13 @@ def enable() -> bool:
         except trio.WouldBlock:
             await lock.acquire()
         try:
+            data = event.data
+            sent = _write_now(self.stream, data)
+            if sent == len(data):
+                return None
             try:
                 with trio.CancelScope(shield=True):
-                    await self.stream.send_all(event.data)
+                    await self.stream.send_all(data[sent:] if sent else data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 await self.protocol.handle(Closed())
         finally:

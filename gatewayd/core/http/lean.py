@@ -175,9 +175,10 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
 
     def _create_request_from_scope(self, send: Any) -> Any:
         # quart's, the headers' list made at once (werkzeug's `add` checks each value for
-        # newlines, which h11 refused already): the same names, values and order
+        # newlines, which h11 refused already): the same names, values and order, in
+        # `LeanHeaders` (a missing one asked for costs no exception)
         scope = self.scope
-        headers = Headers()
+        headers = LeanHeaders()
         headers._list = [("Remote-Addr", (scope.get("client") or ["<local>"])[0]),
                          *[(name.decode("latin1").title(), value.decode("latin1")) for name, value in scope["headers"]]]
         if scope["http_version"] < "1.1":
@@ -192,6 +193,40 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
             scope["http_version"], max_content_length=self.app.config["MAX_CONTENT_LENGTH"],
             body_timeout=self.app.config["BODY_TIMEOUT"], send_push_promise=partial(self._send_push_promise, send),
             scope=scope)
+
+
+class LeanHeaders(Headers):
+    """werkzeug's request headers, a name that is not there answered without an exception:
+    werkzeug's `get` and `in` build a BadRequestKeyError (an HTTPException) for each miss, and
+    a request asks for several headers it does not carry (Transfer-Encoding, X-API-Key, ...)."""
+
+    def get(self, key: str, default: Any = None, type: Callable[[str], Any] | None = None) -> Any:  # type: ignore[override]
+        """werkzeug's: the first value of `key` (any case), converted by `type` if given;
+        `default` when it is missing or `type` raises ValueError."""
+        wanted = key.lower()
+        for name, value in self._list:
+            if name.lower() == wanted:
+                break
+        else:
+            return default
+        if type is None:
+            return value
+        try:
+            return type(value)
+        except ValueError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        wanted = key.lower()  # type: ignore[attr-defined]  # werkzeug's: a name (str)
+        return any(name.lower() == wanted for name, _ in self._list)
+
+    def __eq__(self, other: object) -> bool:
+        # werkzeug's compares only headers of the very same class: these equal werkzeug's own
+        if isinstance(other, Headers) and other.__class__ is not self.__class__:
+            return Headers(self._list) == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 class _Cancels:
