@@ -492,3 +492,43 @@ def test_lean_headers_answer_as_werkzeugs():
     assert ours != Headers(items[:2]) and Headers(items[:2]) != ours
     with pytest.raises(KeyError):
         ours["Missing"]  # werkzeug's own there: a BadRequestKeyError
+
+
+async def _cut_short(app: QuartTrio, config: Config) -> bytes:
+    port = reserved_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    stop = trio.Event()
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=stop.wait,
+                                                          task_status=task_status))
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"GET /endless HTTP/1.1\r\nHost: gw\r\n\r\n")
+            while data := await client.receive_some(65536):  # until the server closes
+                got += data
+            await client.aclose()
+            stop.set()
+    return re.sub(rb"\r\ndate: [^\r]+\r\n", b"\r\ndate: -\r\n", bytes(got))
+
+
+async def test_an_answer_longer_than_the_response_timeout_is_cut_short_as_in_quart_trio():
+    gw_serve.lean_framework()
+
+    def endless(cls: type[QuartTrio]) -> QuartTrio:
+        app = cls("endless")
+        app.config["RESPONSE_TIMEOUT"] = 0.3
+
+        @app.get("/endless")
+        async def endless_route() -> Any:
+            async def chunks() -> Any:
+                yield b"first"
+                await trio.sleep_forever()
+            return chunks(), 200, {"Content-Type": "text/plain"}
+
+        return app
+
+    plain = await _cut_short(endless(QuartTrio), Config())
+    leaner = await _cut_short(endless(LeanQuart), GatewayConfig())
+    assert leaner == plain and plain.startswith(b"HTTP/1.1 200") and b"first" in plain

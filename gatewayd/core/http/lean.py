@@ -1,7 +1,7 @@
 """`LeanQuart`: QuartTrio without the per-request work the gateway has no use for.
 
-Every change goes through a hook Quart documents for it (a class attribute, a method to
-override); the answers are the same bytes:
+Each change is an override of a class attribute or method of Quart's or quart-trio's;
+the answers are the same bytes:
 
 - no sessions: the gateway keeps none (no secret key, no cookie), yet Quart opened a
   null session per request (`NoSessions` hands out one shared `NullSession`, which
@@ -14,19 +14,30 @@ override); the answers are the same bytes:
   task that reads its body, where quart-trio starts a third (`LeanHTTPConnection`: a task
   start and switch less per request, the same nursery, cancellation and errors), with
   whatever of the body hypercorn already queued (all of a small one) handed over first,
-  so that the handler, now first to run, finds it in rather than waits for it. It
-  overrides quart-trio's connection class, so only under the release it was read against
-  (pinned in constraints.txt); under another, quart-trio's own is kept (logged).
+  so that the handler, now first to run, finds it in rather than waits for it;
+- when that is all of the body (every small request), no task at all waits for the rest:
+  quart-trio's messages task would only wait for the client's leaving and cancel the
+  handler; here hypercorn's queue (`handoff.AppQueue`) cancels it as that message is
+  queued, and the response timeout is the same scope's deadline (a task start, its
+  wake-ups, a nursery and a cancel scope less per request);
+- the request's headers are built as one list (`LeanHeaders`: a header asked for that is
+  not there costs no exception);
+- the URL rule each (method, path) matched is remembered (`Routes`, bounded; werkzeug's
+  converters only; a 404, 405 or redirect is matched again each time);
+- `before_unrouted` functions run only for requests no route matched, where an app-wide
+  `before_request` would run for every request (kaiabc's answer in its own error shape).
+
+The connection class, the request building and the URL matches rest on quart-trio's,
+quart's and werkzeug's internals, so they are used only under the releases they were read
+against (pinned in constraints.txt); under others, quart-trio's own are kept (logged).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from functools import cache
+from functools import cache, partial
 from typing import Any, cast
-
-from functools import partial
 from urllib.parse import urlparse
 
 import trio
@@ -34,6 +45,7 @@ from quart.asgi import _normalise_path
 from quart.ctx import RequestContext
 from quart.globals import request_ctx
 from quart.sessions import NullSession, SecureCookieSessionInterface
+from quart.wrappers import Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
@@ -166,12 +178,26 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
                 queue.on_disconnect = scope.cancel
                 if _left(queue):
                     scope.cancel()
-                await self.handle_request(_Cancels(scope), request, send)
+                await self._answer(scope, request, send)
             return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handle_messages, nursery, request, receive)
             # quart-trio starts this as a second child; the nursery's body is the same scope.
             await self.handle_request(nursery, request, send)
+
+    async def _answer(self, scope: trio.CancelScope, request: Any, send: Any) -> None:
+        """quart-trio's `handle_request` in `scope`, whose deadline is its response timeout:
+        quart-trio's own sends the answer within a `move_on_after` of its own, then cancels the
+        nursery, and either way the request ends there, its answer cut short."""
+        response = await self.app.handle_request(request)
+        if isinstance(response, Response) and response.timeout != Ellipsis:
+            timeout = cast(Any, response.timeout)
+        else:
+            timeout = self.app.config["RESPONSE_TIMEOUT"]
+        if timeout is not None:
+            scope.deadline = trio.current_time() + timeout
+        await self._send_response(send, response)
+        scope.cancel()
 
     def _create_request_from_scope(self, send: Any) -> Any:
         # quart's, the headers' list made at once (werkzeug's `add` checks each value for
@@ -227,15 +253,6 @@ class LeanHeaders(Headers):
         return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment]
-
-
-class _Cancels:
-    """What quart-trio's `handle_request` asks of its nursery: the scope it cancels when done."""
-
-    __slots__ = ("cancel_scope",)
-
-    def __init__(self, scope: trio.CancelScope) -> None:
-        self.cancel_scope = scope
 
 
 def _take_what_came(request: Any, queue: AppQueue | None) -> bool | None:
