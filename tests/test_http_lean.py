@@ -482,7 +482,8 @@ def test_lean_headers_answer_as_werkzeugs():
 
     items = [("Host", "gw"), ("Content-Length", "42"), ("X-Two", "a"), ("x-two", "b"), ("X-Bad-Int", "x")]
     ours, theirs = LeanHeaders(items), Headers(items)
-    for key in ("Host", "host", "HOST", "content-length", "X-Two", "x-two", "Missing", "Transfer-Encoding", "X-Bad-Int"):
+    for key in ("Host", "host", "HOST", "content-length", "X-Two", "x-two", "Missing", "Transfer-Encoding",
+                "X-Bad-Int"):
         assert (key in ours) == (key in theirs), key
         assert ours.get(key) == theirs.get(key), key
         assert ours.get(key, "dflt") == theirs.get(key, "dflt"), key

@@ -58,7 +58,8 @@ from werkzeug.routing.converters import (AnyConverter, FloatConverter, IntegerCo
 from .gate import untested
 from .handoff import AppQueue
 
-__all__ = ["LeanHTTPConnection", "LeanQuart", "LeanRequest", "NoSessions"]
+__all__ = ["LeanHTTPConnection", "LeanHeaders", "LeanQuart", "LeanRequest", "LeanRequestContext", "NoSessions",
+           "Routes"]
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ class LeanRequestContext(RequestContext):
             if app.routes_cached():
                 request.url_rule, request.view_args = app.routes.match(request, self.url_adapter)
             else:
-                request.url_rule, request.view_args = self.url_adapter.match(return_rule=True)  # type: ignore[union-attr]
+                adapter: Any = self.url_adapter
+                request.url_rule, request.view_args = adapter.match(return_rule=True)
         except HTTPException as exception:
             request.routing_exception = exception  # type: ignore[assignment]
 
@@ -226,7 +228,8 @@ class LeanHeaders(Headers):
     werkzeug's `get` and `in` build a BadRequestKeyError (an HTTPException) for each miss, and
     a request asks for several headers it does not carry (Transfer-Encoding, X-API-Key, ...)."""
 
-    def get(self, key: str, default: Any = None, type: Callable[[str], Any] | None = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None,  # type: ignore[override]
+            type: Callable[[str], Any] | None = None) -> Any:
         """werkzeug's: the first value of `key` (any case), converted by `type` if given;
         `default` when it is missing or `type` raises ValueError."""
         wanted = key.lower()
