@@ -7,7 +7,7 @@ import pytest
 from msgspec import Meta, Struct
 
 from gatewayd.protocol.strict_json import BadJSON
-from gatewayd.protocol.validate import InvalidInput, QueryParser, convert
+from gatewayd.protocol.validate import InvalidInput, PathParser, QueryParser, convert
 
 
 class Inner(Struct):
@@ -91,6 +91,60 @@ def test_a_query_that_fits_and_keys_not_declared():
     assert QueryParser(Query)({"limit": "5", "since": "-1.5", "flag": "true", "name": "x", "_": "1"}) == \
         Query(5, -1.5, True, "x")
     assert QueryParser(Query)({}) == Query()
+
+
+class Required(Struct, forbid_unknown_fields=True):
+    since: float
+
+
+class Listed(Struct):
+    tags: list[str] = []
+
+
+def test_an_empty_query_is_a_fresh_struct_of_defaults_or_refused_as_before():
+    parse = QueryParser(Query)
+    first, second = parse({}), parse({})
+    assert first == second == Query() and first is not second
+    first.limit = 7
+    assert parse({}) == Query()
+    with pytest.raises(InvalidInput) as e:
+        QueryParser(Required)({})
+    assert str(e.value) == "since: required" and e.value.location == "query"
+    listed = QueryParser(Listed)
+    listed({}).tags.append("x")  # a mutable default is not shared between requests
+    assert listed({}) == Listed()
+
+
+def test_a_query_key_missing_from_a_werkzeug_multidict():
+    from werkzeug.datastructures import ImmutableMultiDict
+    assert QueryParser(Query)(ImmutableMultiDict([("flag", "1")])) == Query(flag=True)
+    assert QueryParser(Query)(ImmutableMultiDict()) == Query()
+
+
+DeviceId = Annotated[str, Meta(pattern=r"^[a-z0-9-]{1,16}$")]
+
+
+def test_a_path_parameter_that_passed_is_remembered_and_one_that_failed_is_refused_each_time():
+    parse = PathParser(DeviceId, size=2)
+    assert parse("light-1") == "light-1" and parse("light-1") == "light-1"
+    for _ in range(2):
+        with pytest.raises(InvalidInput) as e:
+            parse("Bad!")
+        assert e.value.location == "path" and str(e.value) == str(_refusal("Bad!"))
+    parse("light-2")
+    parse("light-3")  # the oldest is forgotten: at most `size` kept
+    assert list(parse._passed) == ["light-2", "light-3"]
+    assert PathParser(Annotated[int, Meta(ge=1)])(5) == 5  # a converter's int: converted, not kept
+    with pytest.raises(InvalidInput):
+        PathParser(Annotated[int, Meta(ge=1)])(0)
+
+
+def _refusal(value):
+    try:
+        convert(value, DeviceId, location="path")
+    except InvalidInput as e:
+        return e
+    raise AssertionError("no refusal")
 
 
 class Counts(Struct):

@@ -32,7 +32,7 @@ from quart import Blueprint, has_websocket_context, request, websocket
 
 from ...protocol.encoding import EncodingError
 from ...protocol.strict_json import BadJSON, parse_json
-from ...protocol.validate import InvalidInput, QueryParser, convert
+from ...protocol.validate import InvalidInput, PathParser, QueryParser, convert
 from .body import BodyTooLarge, read_body, request_data
 
 __all__ = ["ADMIN_TOKEN", "CORE", "FAMILY", "Answerer", "AuthScheme", "Declaration", "DeviceAuth", "ErrorBody", "ErrorDetail", "InvalidInput",
@@ -154,8 +154,10 @@ class Operation:
     max_inflated: int | None = None
     body_required: bool = field(init=False)
     parse_query: QueryParser | None = field(init=False)
+    parse_path: dict[str, PathParser] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.parse_path = {name: PathParser(tp) for name, tp in self.path.items()}
         self.parse_query = QueryParser(self.query) if self.query is not None else None
         self.body_required = self.body is not None and _required(self.body)
 
@@ -286,8 +288,8 @@ def _validating(op: Operation, view: View) -> View:
 
     @functools.wraps(view)
     async def validated(**kwargs: Any) -> Any:
-        for name, tp in op.path.items():
-            kwargs[name] = convert(kwargs[name], tp, location="path") if name in kwargs else kwargs.get(name)
+        for name, parse in op.parse_path.items():
+            kwargs[name] = parse(kwargs[name]) if name in kwargs else None
         if op.parse_query is not None:
             kwargs["query"] = op.parse_query(websocket.args if has_websocket_context() else request.args)
         if op.body is not None:
