@@ -16,7 +16,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from gatewayd.core.http import gate, lean, serve as gw_serve
-from gatewayd.core.http.lean import LeanHTTPConnection, LeanQuart, LeanRequest, NoSessions
+from gatewayd.core.http.lean import LeanHTTPConnection, LeanQuart, LeanRequest, LeanResponse, NoSessions
 from gatewayd.core.http.serve import GatewayConfig
 from gatewayd.testing.ports import reserved_port
 
@@ -249,6 +249,27 @@ def test_the_connection_class_is_quart_trios_under_another_release(monkeypatch, 
     monkeypatch.setattr(gate, "version", lambda name: "0.13.0")
     assert lean._connection_class() is TrioASGIHTTPConnection
     assert "quart-trio 0.13 (tested: 0.12)" in caplog.text
+
+
+@pytest.mark.parametrize("args,kwargs", [
+    (('{"a":1}\n',), {"mimetype": "application/json"}), (("hé",), {}), ((b"\x00x",), {}),
+    (("x",), {"mimetype": "text/plain"}), (("x",), {"status": 201}), (("x",), {"headers": {"X-A": "1"}}),
+    (("x",), {"content_type": "text/csv"}),
+])
+async def test_lean_responses_are_quarts(args, kwargs):
+    quarts, leans = Response(*args, **kwargs), LeanResponse(*args, **kwargs)
+    assert quarts.headers.to_wsgi_list() == leans.headers.to_wsgi_list()
+    assert type(quarts.headers) is type(leans.headers)
+    assert (quarts.status, quarts.status_code, quarts.timeout) == (leans.status, leans.status_code, leans.timeout)
+    assert await quarts.get_data() == await leans.get_data()
+    leans.headers["X-B"] = "2"  # a list of its own
+    assert "X-B" not in LeanResponse("y").headers
+
+
+def test_the_response_class_is_quarts_under_another_release(monkeypatch):
+    assert LeanQuart.response_class is LeanResponse
+    monkeypatch.setattr(gate, "version", lambda name: "0.23.0")
+    assert lean._response_class() is Response
 
 
 def test_the_config_makes_hypercorns_headers_once_a_second(monkeypatch):

@@ -26,7 +26,9 @@ the answers are the same bytes:
   werkzeug's converters only; a 404, 405 or redirect is matched again each time), and the
   request's URL adapter is bound only when something asks for it (`LeanRequestContext`);
 - `before_unrouted` functions run only for requests no route matched, where an app-wide
-  `before_request` would run for every request (kaiabc's answer in its own error shape).
+  `before_request` would run for every request (kaiabc's answer in its own error shape);
+- an answer of text or bytes with no headers given (every JSON answer) is built without
+  werkzeug's header checks (`LeanResponse`: 4.1 -> 1.8 us; the same headers, in the same order).
 
 The connection class, the request building and the URL matches rest on quart-trio's,
 quart's and werkzeug's internals, so they are used only under the releases they were read
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from functools import cache, partial
+from functools import cache, lru_cache, partial
 from typing import Any, cast
 from urllib.parse import urlparse
 
@@ -53,14 +55,15 @@ from quart_trio.wrappers import TrioRequest
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
+from werkzeug.utils import get_content_type
 from werkzeug.routing.converters import (AnyConverter, FloatConverter, IntegerConverter, PathConverter,
                                          UnicodeConverter, UUIDConverter)
 
 from .gate import untested
 from .handoff import AppQueue
 
-__all__ = ["LeanHTTPConnection", "LeanHeaders", "LeanQuart", "LeanRequest", "LeanRequestContext", "NoSessions",
-           "Routes"]
+__all__ = ["LeanHTTPConnection", "LeanHeaders", "LeanQuart", "LeanRequest", "LeanRequestContext", "LeanResponse",
+           "NoSessions", "Routes"]
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +319,33 @@ class LeanHeaders(Headers):
     __hash__ = None  # type: ignore[assignment]
 
 
+@lru_cache(maxsize=64)
+def _content_type(mimetype: str) -> str:
+    return get_content_type(mimetype, "utf-8")  # werkzeug's: a charset added to text types
+
+
+class LeanResponse(Response):
+    """Quart's response; one of text or bytes with no headers, status or content type given
+    (what the JSON provider makes) gets its Content-Type and Content-Length set straight into
+    a new header list, as werkzeug's `__init__` and `set_data` would set them (werkzeug checks
+    each value for newlines, and looks for a Content-Type by raising a KeyError)."""
+
+    def __init__(self, response: Any = None, status: int | None = None, headers: Any = None,
+                 mimetype: str | None = None, content_type: str | None = None) -> None:
+        kind = type(response)
+        if ((kind is str or kind is bytes) and status is None and headers is None and content_type is None
+                and self.automatically_set_content_length):
+            data = response.encode() if kind is str else response
+            self.headers = Headers()
+            self.headers._list = [("Content-Type", _content_type(mimetype or self.default_mimetype)),
+                                  ("Content-Length", str(len(data)))]
+            self.status = self.default_status
+            self.timeout = Ellipsis
+            self.response = self.data_body_class(data)
+            return
+        super().__init__(response, status, headers, mimetype, content_type)
+
+
 def _take_what_came(request: Any, queue: AppQueue | None) -> bool | None:
     """Hand the request what the server already queued of its body (all of a small one: it
     came with the head), as quart's `handle_messages` does, so a handler running before that
@@ -365,11 +395,16 @@ def _connection_class() -> type[TrioASGIHTTPConnection]:
     return LeanHTTPConnection
 
 
+def _response_class() -> type[Response]:
+    return Response if _why_not() else LeanResponse  # (the connection class's warning says why)
+
+
 class LeanQuart(QuartTrio):
     """QuartTrio without sessions and with the per-request lookups above remembered."""
 
     asgi_http_class = _connection_class()
     request_class = LeanRequest
+    response_class = _response_class()
     session_interface = NoSessions()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
