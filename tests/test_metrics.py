@@ -173,3 +173,23 @@ async def test_a_running_gateways_page_parses_and_has_no_duplicates(gateway_fact
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families["gatewayd_everything_readings"].samples[0].value == 1
     assert {s.labels["plugin"]: s.value for s in families["gatewayd_plugin_up"].samples} == {"everything": 1}
+
+
+@pytest.mark.parametrize("reach_in", [True, False])
+def test_a_counter_bumped_again_counts_as_prometheus_client_counts(monkeypatch, reach_in):
+    from gatewayd.core import metrics
+    assert metrics._REACH_IN  # the pinned prometheus_client (constraints.txt)
+    monkeypatch.setattr(metrics, "_REACH_IN", reach_in)
+    m = Metrics()
+    c = m.counter("gatewayd_r_total", "R", ("via",))
+    for _ in range(3):
+        c.inc(via="http")
+    c.inc(2.5, via="http")
+    c.inc(via="mqtt")
+    with pytest.raises(ValueError, match="non-negative"):
+        c.inc(-1, via="http")  # refused after the first bump as before it
+    with pytest.raises(ValueError, match="expected labels"):
+        c.inc(other="x")
+    assert c.value(via="http") == 5.5 and c.value(via="mqtt") == 1
+    assert 'gatewayd_r_total{via="http"} 5.5\ngatewayd_r_total{via="mqtt"} 1.0' in m.render()
+    assert len(c._values) == (2 if reach_in else 0)
