@@ -78,7 +78,20 @@ class Thermo:
             """The newest readings."""
             return [{"id": i} for i in range(query.limit)]
 
+        @routes.get("/devices/<device_id>/since", path={"device_id": ThermoId}, query=Since, auth=None,
+                    responses={200: Stored})
+        async def since(device_id: str, query: Since) -> Stored:
+            """Readings of one device since a time."""
+            return Stored(int(query.after) + len(device_id))
+
         return bp
+
+
+ThermoId = Annotated[str, Meta(pattern="^t[0-9]{1,4}$")]
+
+
+class Since(Struct, forbid_unknown_fields=True):
+    after: float
 
 
 PLUGIN = [("thermo", Thermo())]
@@ -103,11 +116,13 @@ async def test_a_plugin_may_make_its_own_document_public(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=settings) as gw, gw_client(gw) as client, \
             gw_client(gw, "thermo") as own:
         doc = (await client.get("/thermo/openapi.json")).json()
-        assert sorted(doc["paths"]) == ["/thermo/batch", "/thermo/devices/{device_id}/readings", "/thermo/recent"]
+        assert sorted(doc["paths"]) == ["/thermo/batch", "/thermo/devices/{device_id}/readings",
+                                   "/thermo/devices/{device_id}/since", "/thermo/recent"]
         assert (await client.get("/thermo/docs")).status_code == 200
         assert (await client.get("/openapi.json")).status_code == 401  # the whole gateway's is not
         own_doc = (await own.get("/openapi.json")).json()
-        assert sorted(own_doc["paths"]) == ["/batch", "/devices/{device_id}/readings", "/recent"]
+        assert sorted(own_doc["paths"]) == ["/batch", "/devices/{device_id}/readings", "/devices/{device_id}/since",
+                                            "/recent"]
 
 
 async def test_a_document_says_what_the_declarations_check(gateway_factory):
@@ -151,6 +166,18 @@ async def test_a_refusal_of_the_declaration_is_answered_in_the_familys_shape(gat
         r = await client.get("/thermo/recent", params={"limit": "1e3"})
         assert r.json() == {"ok": False, "reason": "limit: expected an integer 1-50, got '1e3'"}
         assert (await client.get("/thermo/recent", params={"limit": "2"})).json() == [{"id": 0}, {"id": 1}]
+        for _ in range(2):  # the second time as the first: from what was remembered or made once
+            assert len((await client.get("/thermo/recent")).json()) == 10
+            assert len((await client.get("/thermo/recent?")).json()) == 10
+            r = await client.get("/thermo/devices/t12/since", params={"after": "5"})
+            assert (r.status_code, r.json()) == (200, {"id": 8})
+            r = await client.get("/thermo/devices/x12/since", params={"after": "5"})
+            assert (r.status_code, r.json()["ok"]) == (400, False)
+            assert r.json()["reason"] == "path: expected a string matching regex '^t[0-9]{1,4}$'"  # as before
+            r = await client.get("/thermo/devices/t12/since")
+            assert r.json() == {"ok": False, "reason": "after: required"}
+            r = await client.get("/thermo/devices/t12/since", params={"afterr": "5"})
+            assert r.json() == {"ok": False, "reason": "afterr: unknown query parameter (expected after)"}
 
 
 async def test_a_declared_body_may_come_compressed(gateway_factory):
