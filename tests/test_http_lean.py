@@ -266,6 +266,18 @@ async def test_lean_responses_are_quarts(args, kwargs):
     assert "X-B" not in LeanResponse("y").headers
 
 
+def test_a_lean_response_of_another_default_status_is_quarts():
+    class Made(Response):
+        default_status = 202
+
+    class LeanMade(LeanResponse):
+        default_status = 202
+
+    assert (Made("x").status, Made("x").headers.to_wsgi_list()) == (LeanMade("x").status,
+                                                                   LeanMade("x").headers.to_wsgi_list())
+    assert LeanMade("x").status_code == 202
+
+
 def test_the_response_class_is_quarts_under_another_release(monkeypatch):
     assert LeanQuart.response_class is LeanResponse
     monkeypatch.setattr(gate, "version", lambda name: "0.23.0")

@@ -28,7 +28,7 @@ the answers are the same bytes:
 - `before_unrouted` functions run only for requests no route matched, where an app-wide
   `before_request` would run for every request (kaiabc's answer in its own error shape);
 - an answer of text or bytes with no headers given (every JSON answer) is built without
-  werkzeug's header checks (`LeanResponse`: 4.1 -> 1.8 us; the same headers, in the same order).
+  werkzeug's header checks (`LeanResponse`: 4.1 -> 1.2 us; the same headers, in the same order).
 
 The connection class, the request building and the URL matches rest on quart-trio's,
 quart's and werkzeug's internals, so they are used only under the releases they were read
@@ -339,7 +339,10 @@ class LeanResponse(Response):
             self.headers = Headers()
             self.headers._list = [("Content-Type", _content_type(mimetype or self.default_mimetype)),
                                   ("Content-Length", str(len(data)))]
-            self.status = self.default_status
+            if self.default_status == 200:
+                self._status, self._status_code = "200 OK", 200  # what werkzeug's status setter makes of 200
+            else:
+                self.status = self.default_status
             self.timeout = Ellipsis
             self.response = self.data_body_class(data)
             return
