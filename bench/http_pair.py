@@ -1,6 +1,6 @@
 """A paired A/B of one HTTP route: the server of two checkouts driven in alternation.
 
-    .venv/bin/python bench/http_pair.py --before PATH --after PATH [--route streetlight|thingsnxt|hello]
+    .venv/bin/python bench/http_pair.py --before PATH --after PATH [--route streetlight|poll|thingsnxt|hello]
         [--rounds 6] [--duration 5] [--connections 32]
 
 Starts the server of each checkout (its own .venv when it has one, else this interpreter
@@ -13,6 +13,8 @@ after/before ratios, with the load average (`uptime`).
 Routes:
 - streetlight: `POST /streetlight/device/<id>/status` (bench/streetlight_bench.py's light,
   body and token);
+- poll: `GET /streetlight/device/<id>/commands` with nothing waiting, the streetlight
+  fleet's other request (three of its four);
 - thingsnxt: `POST /thingsnxt/devices/bench-1/telemetry`, no subscriber
   (bench/thingsnxt_bench.py's device and body);
 - hello: the bare QuartTrio hello-world (bench/hello_app.py, `GET /`): the before's as it
@@ -79,6 +81,18 @@ def start_streetlight(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], s
     return gateway, f"{base}/streetlight/device/{device}/status", str(script)
 
 
+def start_poll(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str | None]:
+    port = free_port()
+    gateway = streetlight_bench.start_gateway(tmp, port, root, python_of(root))
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(f"{base}/health")
+    device = streetlight_bench.light_ids(1)[0]
+    token = streetlight_bench.provision(base, [device])[device]
+    script = tmp / "poll.lua"
+    script.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')  # streetlight_bench's poll
+    return gateway, f"{base}/streetlight/device/{device}/commands", str(script)
+
+
 def start_thingsnxt(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str | None]:
     port = free_port()
     gateway = thingsnxt_bench.start_gateway(tmp, port, 4096, root, python_of(root))
@@ -107,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, required=True, help="the checkout to compare against (main)")
     parser.add_argument("--after", type=Path, required=True, help="the checkout with the change")
-    parser.add_argument("--route", choices=("streetlight", "thingsnxt", "hello"), default="thingsnxt")
+    parser.add_argument("--route", choices=("streetlight", "poll", "thingsnxt", "hello"), default="thingsnxt")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
@@ -118,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print("http_pair: wrk is not installed: apt-get install wrk", file=sys.stderr)
         return 2
     starters = {"streetlight": (start_streetlight, start_streetlight),
+                "poll": (start_poll, start_poll),
                 "thingsnxt": (start_thingsnxt, start_thingsnxt),
                 "hello": (hello_starter(args.patched_before), hello_starter(True))}[args.route]
     tmp = Path(tempfile.mkdtemp(prefix="http-pair-"))

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
         [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
-        [--no-upstream]
+        [--no-upstream] [--busy 32]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
@@ -32,12 +32,34 @@
    --any-path`, which answers every path): what the stack alone does under that load;
    `--target both`: the hello-world's fleet, then the gateway's, in the same sitting.
    `--generator wrk` drives the fleet with wrk (Debian's `wrk`, apt-get install wrk) and
-   a Lua script instead of the Python client: one connection per light, the same 1:3 mix
-   of status reports and polls over every light, each connection waiting a random 0-1.5 s
-   (0.75 s on average: the offered rate) after each answer. wrk is closed-loop: a slow
-   server shows as fewer answers per second than offered, and as latency; its
-   timeouts (`--timeout`) are the lights' errors. Its CPU time is measured too (the
+   a Lua script instead of the Python client: one connection per light, all opened at the
+   start (as a site's lights reconnect after a power cut), the same 1:3 mix of status
+   reports and polls over every light, each connection waiting a random 0-1.5 s (0.75 s on
+   average: the offered rate) after each answer. wrk is closed-loop: a slow server shows as
+   fewer answers per second than offered, and as latency. Its CPU time is measured too (the
    child's rusage): a client that eats a core shared with the server is part of the result.
+   `--busy N` then sends the same requests over N connections without think time: the
+   server's CPU per request without the fleet's 1,000 connections.
+
+   A light's error is a request not answered within the specification's 5 s, counted once
+   per request. wrk 4.1 (src/wrk.c) counts less than that: its "timeout" is only an answer
+   that came after --timeout (checked when it arrives; left out of the latency histogram,
+   so its percentiles leave the late ones out), a request never answered is not counted at
+   all, and its clock starts when the request is written, after the connection is up: a
+   light whose SYN the full listen queue dropped (sent again after 1, 3, 7 s) waited that
+   long, and wrk never sees it. (wrk 3's check_timeouts, every 2 s, counted each connection
+   whose `c->start` was older than --timeout: one still connecting (`c->start` 0), one in
+   its think time, and a slow request once per 2 s; wrk 4.0 removed it, Debian's wrk is
+   4.1.0.) So the script sends for the run's
+   length only and wrk waits on for the 5 s (less 0.3 s, so that an idle connection's
+   keep-alive timeout cannot fire first: a request unanswered at the end waited >= 4.7 s),
+   and the errors printed are: answers after 5 s (wrk's timeouts, --timeout 5 s), requests
+   never answered (sent - answered), non-2xx, broken connections, and lights that got their
+   connection only after 5 s. The percentiles are over every request sent, an unanswered
+   or late one as ">= 5000 ms". Printed apart: how long the lights waited for their
+   connections (a wait of 1-5 s plus a slow first answer is a late request this does not
+   count), and the listen queue's overflows and the SYNs sent again per 0.5 s (whole
+   machine counters, /proc/net/netstat, with the accept queue's length: ss's Recv-Q).
 
 `--gateway-root PATH` runs the gateway from another checkout (a worktree of main: the
 "before" of a before/after in the same sitting, with the same bench and client).
@@ -290,10 +312,37 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
 FLEET_LUA = """
 -- 1,000 lights' requests over as many connections: statuses and polls 1:3, each kind
 -- round-robin over every light; a random 0-2x think time (mean: the offered rate).
+-- Requests are sent for {seconds} s only (a think time is cut short to end by then); wrk runs
+-- {drain} s longer, so a request still unanswered when wrk stops waited at least that long.
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct {{ long tv_sec; long tv_nsec; }} fleet_timespec;
+int clock_gettime(int clock, fleet_timespec *tp);
+]]
+local ts = ffi.new("fleet_timespec")
+local function now()  -- CLOCK_MONOTONIC, seconds
+   ffi.C.clock_gettime(1, ts)
+   return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
 local lights = {lights}
 local think_ms = {think_ms}
 local statuses, polls = {{}}, {{}}
 local s, p, i = 0, 0, 0
+local stop_at, began
+sent = -1  -- a global (done() reads it: thread:get); wrk calls request() once to check it, unsent
+-- wrk calls delay() before every request: after an answer, and on a new connection (before
+-- its first request). A delay() with no answer of the same connection before it is the
+-- latter: its time since the start is how long that light waited for its connection (a SYN
+-- the listen queue dropped is sent again 1, 3, 7 s later), outside wrk's latencies.
+connects, connect_1s, connect_3s, connect_5s, connect_max_ms = 0, 0, 0, 0, 0
+local answered, delays_after_answers = 0, 0
+per_second = {{}}  -- answers in each second since the start (when a stall or a storm was)
+local threads = {{}}
+
+function setup(thread)
+   table.insert(threads, thread)
+end
 
 function init(args)
    for k, light in ipairs(lights) do
@@ -305,9 +354,12 @@ function init(args)
           ["Content-Type"] = "application/json"}}, body)
    end
    math.randomseed(os.time())
+   began = now()
+   stop_at = began + {seconds}
 end
 
 function request()
+   sent = sent + 1
    i = i + 1
    if i % 4 == 0 then
       s = s % #lights + 1
@@ -317,43 +369,173 @@ function request()
    return polls[p]
 end
 
+function response(status, headers, body)
+   answered = answered + 1
+   local second = math.floor(now() - began) + 1
+   per_second[second] = (per_second[second] or 0) + 1
+end
+
 function delay()
-   return math.random(0, 2 * think_ms)
+   local t = now()
+   if delays_after_answers < answered then
+      delays_after_answers = delays_after_answers + 1
+   elseif connects < #lights then  -- later ones reconnect a broken connection (counted as such)
+      local waited = t - began
+      connects = connects + 1
+      if waited >= 1 then connect_1s = connect_1s + 1 end
+      if waited >= 3 then connect_3s = connect_3s + 1 end
+      if waited >= 5 then connect_5s = connect_5s + 1 end
+      connect_max_ms = math.max(connect_max_ms, math.floor(waited * 1000))
+   end
+   local left = (stop_at - t) * 1000
+   if left <= 0 then
+      return 3600000  -- the sending is over: this connection waits out the run
+   end
+   return math.min(math.random(0, 2 * think_ms), left)
+end
+
+function done(summary, latency, requests)
+   local n, c = 0, {{0, 0, 0, 0, 0}}
+   for _, thread in ipairs(threads) do
+      n = n + thread:get("sent")
+      for k, name in ipairs({{"connects", "connect_1s", "connect_3s", "connect_5s", "connect_max_ms"}}) do
+         c[k] = c[k] + thread:get(name)
+      end
+   end
+   local e = summary.errors
+   local seconds, last = {{}}, 0
+   for _, thread in ipairs(threads) do
+      for second, k in pairs(thread:get("per_second")) do
+         seconds[second] = (seconds[second] or 0) + k
+         last = math.max(last, second)
+      end
+   end
+   for second = 1, last do
+      seconds[second] = seconds[second] or 0
+   end
+   -- wrk's latency histogram holds the answers within --timeout (the late ones are its
+   -- "timeout" count): the percentiles over every request sent, the unanswered as late.
+   local kept = summary.requests - e.timeout
+   local function pct(q)
+      local rank = math.ceil(q * n)
+      if rank > kept or kept == 0 then
+         return -1
+      end
+      return latency:percentile(100 * rank / kept)
+   end
+   io.write(string.format("FLEET sent=%d answered=%d late=%d connect=%d read=%d write=%d status=%d "
+      .. "p50_us=%d p99_us=%d max_us=%d connects=%d connect_1s=%d connect_3s=%d connect_5s=%d "
+      .. "connect_max_ms=%d per_second=%s\\n", n, summary.requests, e.timeout, e.connect, e.read, e.write,
+      e.status, pct(0.5), pct(0.99), latency.max, c[1], c[2], c[3], c[4], c[5],
+      table.concat(seconds, ",")))
 end
 """
 
+#: /proc/net/netstat's counters of the listen queue and of SYNs sent again (the whole
+#: machine's: the client and the server are both here).
+LISTEN_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPSynRetrans")
+
+
+def netstat() -> dict[str, int]:
+    """The TcpExt counters in LISTEN_COUNTERS, now."""
+    lines = Path("/proc/net/netstat").read_text().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], map(int, values.split()[1:])))
+            return {k: table.get(k, 0) for k in LISTEN_COUNTERS}
+    return dict.fromkeys(LISTEN_COUNTERS, 0)
+
+
+def listen_queue(port: int) -> int:
+    """Connections waiting in the listener's accept queue on `port` (ss -lnt's Recv-Q)."""
+    out = subprocess.run(["ss", "-Hlnt", f"sport = :{port}"], capture_output=True, text=True).stdout.split()
+    return int(out[1]) if len(out) > 1 and out[1].isdigit() else 0
+
+
+def timeline(port: int, seconds: float, samples: list[tuple[float, dict[str, int], int]]) -> None:
+    """Per 0.5 s for `seconds`: (time, the listen counters' increase, accept queue length)."""
+    began, last = time.perf_counter(), netstat()
+    while (t := time.perf_counter() - began) < seconds:
+        time.sleep(0.5)
+        now = netstat()
+        samples.append((t + 0.5, {k: now[k] - last[k] for k in now}, listen_queue(port)))
+        last = now
+
 
 def wrk_fleet(port: int, tokens: dict[str, str], seconds: float, server_pid: int, timeout: float,
-              tmp: Path, target: str) -> None:
-    """The fleet, driven by wrk (see the module docstring)."""
+              tmp: Path, target: str, busy: bool = False) -> dict[str, float]:
+    """The fleet, driven by wrk (see the module docstring); what it printed, as numbers.
+    `busy`: no think time (each connection sends again at once: a server's saturation over
+    few connections, the same requests)."""
+    import threading
+
     offered = len(tokens) * (1 + 1 / 3)
-    think_ms = round(len(tokens) / offered * 1000)
-    lights = "{" + ",".join(f'{{"{d}","{t}"}}' for d, t in tokens.items()) + "}"
+    think_ms = 0 if busy else round(len(tokens) / offered * 1000)
+    # wrk's -d is whole seconds. Sending stops DRAIN_MARGIN_S after `seconds`, wrk `timeout` s
+    # after them: an unanswered request waited >= timeout - margin (4.7 s of the 5), and wrk
+    # stops before an idle connection's keep-alive timeout (5 s after its last answer,
+    # which came after the sending stopped) closes it, which wrk would count as a read error.
+    drain_margin = 0.3
     script = tmp / "fleet.lua"
-    script.write_text(FLEET_LUA.format(lights=lights, think_ms=think_ms, host=f"127.0.0.1:{port}",
-                                       body=json.dumps(json.dumps(STATUS))))
-    cmd = ["wrk", "-t1", f"-c{len(tokens)}", f"-d{seconds:.0f}s", f"--timeout={timeout:g}s", "--latency",
+    script.write_text(FLEET_LUA.format(lights="{" + ",".join(f'{{"{d}","{t}"}}' for d, t in tokens.items()) + "}",
+                                       think_ms=think_ms, host=f"127.0.0.1:{port}", seconds=seconds + drain_margin,
+                                       drain=f"{timeout - drain_margin:g}", body=json.dumps(json.dumps(STATUS))))
+    cmd = ["wrk", "-t1", f"-c{len(tokens)}", f"-d{seconds + timeout:.0f}s", f"--timeout={timeout:g}s", "--latency",
            "-s", str(script), f"http://127.0.0.1:{port}/"]
+    samples: list[tuple[float, dict[str, int], int]] = []
+    sampler = threading.Thread(target=timeline, args=(port, seconds + timeout, samples), daemon=True)
     before, server_cpu, wall = resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid), time.perf_counter()
+    sampler.start()
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     after, server_cpu, wall = (resource.getrusage(resource.RUSAGE_CHILDREN), cpu_s(server_pid) - server_cpu,
                                time.perf_counter() - wall)
+    sampler.join()
     client_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    answers = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
-    errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sockets.groups()))) if sockets else {}
-    p50 = _ms(re.search(r"^\s*50%\s+(\S+)", out, re.M).group(1))
-    p99 = _ms(re.search(r"^\s*99%\s+(\S+)", out, re.M).group(1))
-    print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each, "
-          f"{offered:.0f} req/s offered for {seconds:.0f} s ({os.cpu_count()} cores, {load()})")
-    print(f"answers {answers} ({answers / wall:.0f}/s, {answers / wall / offered:.0%} of offered), "
-          f"non-2xx {int(non2xx.group(1)) if non2xx else 0}")
-    print(f"client errors {sum(errors.values())} {errors or ''} (timeout {timeout:g} s, the specification's)")
-    print(f"latency p50 {p50:.1f} ms, p99 {p99:.1f} ms")
-    print(f"CPU per request: server {server_cpu / max(answers, 1) * 1000:.2f} ms ({server_cpu / wall:.0%} of a core), "
-          f"client (wrk) {client_cpu / max(answers, 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
-    print("goal: zero errors (non-2xx answers and client errors), every offered request answered")
+    line = re.search(r"^FLEET (.*)$", out, re.M).group(1)
+    f = {k: int(v) for k, v in re.findall(r"(\w+)=(-?\d+)\b(?!,)", line)}
+    per_second = [int(k) for k in re.search(r"per_second=([\d,]*)", line).group(1).split(",") if k]
+    unanswered = f["sent"] - f["answered"] - f["read"] - f["write"]
+    errors = f["late"] + unanswered + f["read"] + f["write"] + f["connect"] + f["status"] + f["connect_5s"]
+    drops = {k: sum(d[k] for _, d, _ in samples) for k in LISTEN_COUNTERS}
+    sending = seconds + drain_margin
+
+    def ms(us: int) -> str:
+        return f">= {timeout * 1000:.0f}" if us < 0 else f"{us / 1000:.1f}"
+
+    if busy:
+        print(f"\n2b. the same requests over {len(tokens)} busy connections (no think time: "
+              f"{target}'s saturation), {seconds:.0f} s ({os.cpu_count()} cores, {load()})")
+        print(f"answered {f['answered']} ({f['answered'] / sending:.0f}/s), errors {errors}; CPU per request: server "
+              f"{server_cpu / max(f['answered'], 1) * 1000:.2f} ms ({server_cpu / sending:.0%} of a core)")
+        return {"errors": errors, **f, "server_ms": server_cpu / max(f["answered"], 1) * 1000,
+                "core": server_cpu / sending}
+    print(f"\n2. fleet ({target}, wrk): {len(tokens)} lights, statuses and polls 1:3, one connection each "
+          f"(all opened at the start), {offered:.0f} req/s offered for {seconds:.0f} s "
+          f"({os.cpu_count()} cores, {load()})")
+    print(f"sent {f['sent']}, answered {f['answered']} ({f['answered'] / sending:.0f}/s, "
+          f"{f['answered'] / sending / offered:.0%} of offered)")
+    print(f"errors {errors}: answered after {timeout:g} s {f['late']}, never answered {unanswered}, "
+          f"non-2xx {f['status']}, connections broken (read/write) {f['read']}/{f['write']}, connect {f['connect']}, "
+          f"connected only after {timeout:g} s {f['connect_5s']}")
+    print(f"connections: {f['connects']} made, waited >= 1 s {f['connect_1s']}, >= 3 s {f['connect_3s']} "
+          f"(a first answer on top may make it late: not counted), slowest {f['connect_max_ms']} ms")
+    print(f"latency over every request sent (unanswered as late): p50 {ms(f['p50_us'])} ms, "
+          f"p99 {ms(f['p99_us'])} ms; slowest answer within {timeout:g} s: {f['max_us'] / 1000:.0f} ms")
+    print(f"listen queue (whole machine, during the run): overflows {drops['ListenOverflows']}, drops "
+          f"{drops['ListenDrops']}, SYNs sent again {drops['TCPSynRetrans']} (a dropped SYN is sent again "
+          f"after 1, 3, 7 s: that wait is outside wrk's latencies); first 3 s: "
+          + ", ".join(f"{t:.1f}s {d['ListenDrops']}/{d['TCPSynRetrans']}/q{q}" for t, d, q in samples if t <= 3))
+    later = [(t, d) for t, d, _ in samples if t > 3 and (d["ListenDrops"] or d["TCPSynRetrans"])]
+    if later:
+        print("  later drops/SYN resends: " + ", ".join(f"{t:.1f}s {d['ListenDrops']}/{d['TCPSynRetrans']}"
+                                                       for t, d in later[:12]))
+    print("answers in each second: " + " ".join(map(str, per_second)))
+    print(f"CPU per request: server {server_cpu / max(f['answered'], 1) * 1000:.2f} ms "
+          f"({server_cpu / sending:.0%} of a core while sending), client (wrk) "
+          f"{client_cpu / max(f['answered'], 1) * 1000:.2f} ms ({client_cpu / wall:.0%} of a core)")
+    print("goal: zero errors and no listen drops, every offered request answered")
+    return {"errors": errors, **f, **drops, "server_ms": server_cpu / max(f["answered"], 1) * 1000,
+            "core": server_cpu / sending}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="run the gateway from this checkout (a worktree of main, for a before/after)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
+    parser.add_argument("--busy", type=int, default=0, metavar="N",
+                        help="with --generator wrk: after each fleet, the same requests over N connections "
+                             "without think time (the CPU per request without the fleet's connections)")
+    parser.add_argument("--busy-s", type=float, default=10.0, help="how long the --busy run sends")
     parser.add_argument("--no-upstream", action="store_true",
                         help="no [[upstream]]: no upstream record per request (the old measure)")
     args = parser.parse_args(argv)
@@ -403,6 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                 lights = tokens if target == "gateway" else {device: "hello-takes-any-token" for device in ids}
                 if args.generator == "wrk":
                     wrk_fleet(port, lights, args.fleet_s, pid, args.timeout, tmp, target)
+                    if args.busy:
+                        busy = dict(list(lights.items())[:args.busy])
+                        wrk_fleet(port, busy, args.busy_s, pid, args.timeout, tmp, target, busy=True)
                 else:
                     trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout)
         print(upstream_note(base))

@@ -103,6 +103,13 @@ def test_range_check_names_the_key():
     assert errors_of("[http]\nmax_body_bytes = 10\n") == ["http.max_body_bytes: must be at least 1024, got 10"]
 
 
+def test_http_backlog_is_a_checked_key():
+    assert load_config(None, [], {}, text="[http]\nbacklog = 4096\n").http.backlog == 4096
+    assert errors_of("[http]\nbacklog = 0\n") == ["http.backlog: must be 1 .. 65535 connections, got 0"]
+    assert errors_of("[http]\nbacklog = 70000\n") == ["http.backlog: must be 1 .. 65535 connections, got 70000"]
+    assert errors_of("[http]\nbacklog = 'many'\n") == ["http.backlog: expected an integer, got 'many' (string)"]
+
+
 def test_set_overrides_parse_toml_values():
     config = load_config(None, ["storage.group_commit_max=5", "http.access_log=false", "gateway.id=site-7"], {}, text="")
     assert config.storage.group_commit_max == 5

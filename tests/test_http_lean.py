@@ -15,7 +15,7 @@ from quart import Blueprint, Response, request, session
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
-from gatewayd.core.http import lean, serve as gw_serve
+from gatewayd.core.http import gate, lean, serve as gw_serve
 from gatewayd.core.http.lean import LeanHTTPConnection, LeanQuart, LeanRequest, NoSessions
 from gatewayd.core.http.serve import GatewayConfig
 from gatewayd.testing.ports import reserved_port
@@ -60,6 +60,14 @@ def _app(cls: type[QuartTrio], seen: list[str]) -> QuartTrio:
     def sync_route() -> str:
         return "from a thread"
 
+    @app.get("/item/<int:n>")
+    async def item(n: int) -> Any:
+        return {"n": n, "endpoint": request.endpoint}
+
+    @app.get("/slash/")
+    async def slash() -> str:
+        return "slash"
+
     @app.get("/write-session")
     async def write_session() -> str:
         session["user"] = "x"  # no secret key: Quart's null session refuses
@@ -85,6 +93,19 @@ REQUESTS = [
     b"HEAD /sync HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
     b"GET /write-session HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
     b"GET /outer/inner/json HTTP/1.0\r\n\r\n",
+    # the URL matches remembered: the same path again, another argument, another method, a
+    # converter that refuses, a redirect (strict slashes) twice, the 405 and 404 again
+    b"GET /item/7 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /item/7 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /item/8 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"HEAD /item/8 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"POST /item/8 HTTP/1.1\r\nHost: gw\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"GET /item/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /slash?q=1 HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /slash?q=2 HTTP/1.1\r\nHost: other\r\nConnection: close\r\n\r\n",
+    b"GET /slash/ HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /outer/inner/echo HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+    b"GET /nowhere HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
 ]
 
 
@@ -140,6 +161,10 @@ async def test_the_lean_app_answers_what_quart_trio_answers_byte_for_byte():
     assert plain[5].startswith(b"HTTP/1.1 404") and plain[6].endswith(b"from a thread")
     assert plain[8].startswith(b"HTTP/1.1 500") and b"secret" in plain[8]
     assert "outer before ['outer.inner', 'outer']" in seen_plain and "app before []" in seen_plain
+    assert plain[10] == plain[11] and b'"n":7' in plain[10] and b'"n":8' in plain[12]
+    assert plain[13].startswith(b"HTTP/1.1 200") and plain[14].startswith(b"HTTP/1.1 405")
+    assert plain[15].startswith(b"HTTP/1.1 404")
+    assert b"location: http://gw/slash/?q=1" in plain[16] and b"location: http://other/slash/?q=2" in plain[17]
 
 
 async def test_a_client_that_leaves_cancels_its_handler_as_in_quart_trio():
@@ -221,7 +246,7 @@ def test_ensure_async_is_quarts_remembered_and_bounded(monkeypatch):
 def test_the_connection_class_is_quart_trios_under_another_release(monkeypatch, caplog):
     assert LeanQuart.asgi_http_class is LeanHTTPConnection  # the pinned release (constraints.txt)
     assert lean._connection_class() is LeanHTTPConnection
-    monkeypatch.setattr(lean, "_release", lambda name: "0.13")
+    monkeypatch.setattr(gate, "version", lambda name: "0.13.0")
     assert lean._connection_class() is TrioASGIHTTPConnection
     assert "quart-trio 0.13 (tested: 0.12)" in caplog.text
 
@@ -276,3 +301,235 @@ async def test_a_body_that_came_with_the_head_is_in_before_the_handler_runs_a_la
     assert answer.startswith(b"HTTP/1.1 200")
     assert found[0] == (True, b"0123456789")
     assert found[1][1] == b"0123456789"
+
+
+def _matched(app: LeanQuart, method: str, path: str, host: str = "gw") -> Any:
+    """What the app's request context makes of a request: (endpoint, view_args) or the
+    routing exception's class."""
+    from werkzeug.datastructures import Headers
+
+    req = app.request_class(method, "http", path, b"", Headers([("Host", host)]), "", "1.1", {},
+                            send_push_promise=None)
+    ctx = app.request_context(req)
+    ctx.match_request()
+    if req.routing_exception is not None:
+        return type(req.routing_exception).__name__
+    return req.url_rule.endpoint, req.view_args
+
+
+def test_remembered_url_matches_are_werkzeugs_for_each_method_and_path():
+    from werkzeug.routing import BaseConverter
+
+    class Upper(BaseConverter):  # a plugin's converter: asked every time
+        calls = 0
+
+        def to_python(self, value: str) -> str:
+            Upper.calls += 1
+            return value.upper()
+
+    app = LeanQuart("routes")
+    app.url_map.converters["upper"] = Upper
+
+    @app.get("/device/<id>/commands")
+    async def commands(id: str) -> str:
+        return id
+
+    @app.post("/device/<id>/status")
+    async def status(id: str) -> str:
+        return id
+
+    @app.get("/n/<int:n>")
+    async def number(n: int) -> str:
+        return str(n)
+
+    @app.get("/up/<upper:word>")
+    async def up(word: str) -> str:
+        return word
+
+    plain = QuartTrio("routes")
+    plain.url_map.converters["upper"] = Upper
+    for rule in list(app.url_map.iter_rules()):
+        if rule.endpoint != "static":
+            plain.add_url_rule(rule.rule, rule.endpoint, app.view_functions[rule.endpoint], methods=rule.methods)
+    asks = [("GET", "/device/a/commands"), ("GET", "/device/b/commands"), ("POST", "/device/a/status"),
+            ("GET", "/device/a/status"), ("HEAD", "/device/a/commands"), ("POST", "/device/a/commands"),
+            ("GET", "/n/1"), ("GET", "/n/2"), ("GET", "/n/x"), ("GET", "/nowhere"), ("GET", "/up/abc")]
+    theirs = [_matched(plain, m, p) for m, p in asks]  # type: ignore[arg-type]
+    for _ in range(3):  # the first time matched, then remembered
+        assert [_matched(app, m, p) for m, p in asks] == theirs
+    assert theirs[0] == ("commands", {"id": "a"}) and theirs[1] == ("commands", {"id": "b"})
+    assert theirs[3] == "MethodNotAllowed" and theirs[5] == "MethodNotAllowed" and theirs[8] == "NotFound"
+    assert theirs[6] == ("number", {"n": 1}) and theirs[10] == ("up", {"word": "ABC"})
+    # kept: the matches of werkzeug's converters; not: the 404s and 405s, the plugin's converter
+    assert len(app.routes) == 6 and Upper.calls == 4
+    # each request its own view_args
+    first = app.routes.match(*_bound(app, "GET", "/device/a/commands"))
+    first[1]["id"] = "changed"
+    assert _matched(app, "GET", "/device/a/commands") == ("commands", {"id": "a"})
+
+    @app.get("/late/<id>")  # a rule added: matches forgotten (Quart refuses this once serving)
+    async def late(id: str) -> str:
+        return id
+
+    assert len(app.routes) == 0 and _matched(app, "GET", "/late/x") == ("late", {"id": "x"})
+
+
+def _bound(app: LeanQuart, method: str, path: str) -> tuple[Any, Any]:
+    from werkzeug.datastructures import Headers
+
+    req = app.request_class(method, "http", path, b"", Headers([("Host", "gw")]), "", "1.1", {},
+                            send_push_promise=None)
+    return req, app.create_url_adapter(req)
+
+
+def test_remembered_url_matches_are_bounded_oldest_first(monkeypatch):
+    app = LeanQuart("bounded")
+    app.routes.size = 3
+
+    @app.get("/d/<id>")
+    async def device(id: str) -> str:
+        return id
+
+    for i in range(10):
+        assert _matched(app, "GET", f"/d/{i}") == ("device", {"id": str(i)})
+    assert len(app.routes) == 3 and list(app.routes._matched) == [("GET", "/d/7"), ("GET", "/d/8"), ("GET", "/d/9")]
+
+
+def test_no_url_match_is_remembered_where_the_host_chooses_the_rule(monkeypatch):
+    app = LeanQuart("hosts")
+    app.config["SERVER_NAME"] = "gw"
+    assert not app.routes_cached()
+    app.config["SERVER_NAME"] = None
+    assert app.routes_cached()
+    app.url_map.host_matching = True
+    assert not app.routes_cached()
+    app.url_map.host_matching = False
+    monkeypatch.setattr(lean, "_gated", "werkzeug 3.2 (tested: 3.1)")
+    assert not app.routes_cached()
+
+
+async def test_before_unrouted_runs_only_for_requests_no_route_matched():
+    app = LeanQuart("unrouted")
+    seen: list[str] = []
+
+    @app.before_request
+    async def everyone() -> None:
+        seen.append(f"before {request.path}")
+
+    @app.before_unrouted
+    async def unrouted() -> Any:
+        seen.append(f"unrouted {request.path} {type(request.routing_exception).__name__}")
+        if request.path.startswith("/mine/"):
+            return {"mine": request.path}, 418
+        return None
+
+    @app.get("/mine/here")
+    async def here() -> str:
+        return "here"
+
+    client = app.test_client()
+    assert (await client.get("/mine/here")).status_code == 200
+    missing = await client.get("/mine/missing")
+    assert missing.status_code == 418 and await missing.get_json() == {"mine": "/mine/missing"}
+    assert (await client.post("/mine/here")).status_code == 418  # a 405 too
+    assert (await client.get("/elsewhere")).status_code == 404  # not mine: Quart's 404
+    assert seen == ["before /mine/here", "unrouted /mine/missing NotFound", "unrouted /mine/here MethodNotAllowed",
+                    "unrouted /elsewhere NotFound", "before /elsewhere"]
+
+
+def test_request_headers_are_quarts():
+    from quart.asgi import ASGIHTTPConnection
+
+    app = LeanQuart("headers")
+    for version, root in (("1.1", ""), ("1.0", ""), ("1.1", "/root")):
+        scope = {"type": "http", "http_version": version, "method": "POST", "scheme": "http",
+                 "path": f"{root}/a/b", "root_path": root, "query_string": b"x=1", "client": ("10.0.0.2", 5),
+                 "headers": [(b"host", b"gw:8080"), (b"x-thing", b"\xe9t\xe9"), (b"x-thing", b"two"),
+                             (b"content-type", b"application/json")] if version == "1.1" else []}
+        ours = LeanHTTPConnection(app, scope)._create_request_from_scope(None)
+        theirs = ASGIHTTPConnection(app, scope)._create_request_from_scope(None)
+        assert list(ours.headers.items()) == list(theirs.headers.items())
+        assert (ours.path, ours.root_path, ours.method, ours.query_string, ours.http_version) == \
+            (theirs.path, theirs.root_path, theirs.method, theirs.query_string, theirs.http_version)
+
+
+def test_what_came_before_the_handler():
+    from gatewayd.core.http.handoff import AppQueue
+
+    class Req:
+        def __init__(self) -> None:
+            self.body = lean.TrioRequest.body_class(None, None)
+
+    def took(*messages: dict[str, Any]) -> tuple[Any, Any]:
+        queue = AppQueue(10)
+        for m in messages:
+            queue._send.send_nowait(m)
+        req = Req()
+        return lean._take_what_came(req, queue), lean._left(queue)
+
+    body = {"type": "http.request", "body": b"x", "more_body": False}
+    assert took(body) == (True, False)  # all in, the client still there
+    assert took(body, {"type": "http.disconnect"}) == (True, True)  # all in, and gone already
+    assert took({"type": "http.request", "body": b"x", "more_body": True})[0] is False  # more to come
+    assert took({"type": "http.disconnect"})[0] is None  # left before it was handled
+    assert lean._take_what_came(Req(), None) is False  # another server's channel: left to quart-trio
+
+
+def test_lean_headers_answer_as_werkzeugs():
+    from werkzeug.datastructures import Headers
+
+    from gatewayd.core.http.lean import LeanHeaders
+
+    items = [("Host", "gw"), ("Content-Length", "42"), ("X-Two", "a"), ("x-two", "b"), ("X-Bad-Int", "x")]
+    ours, theirs = LeanHeaders(items), Headers(items)
+    for key in ("Host", "host", "HOST", "content-length", "X-Two", "x-two", "Missing", "Transfer-Encoding",
+                "X-Bad-Int"):
+        assert (key in ours) == (key in theirs), key
+        assert ours.get(key) == theirs.get(key), key
+        assert ours.get(key, "dflt") == theirs.get(key, "dflt"), key
+        assert ours.get(key, -1, type=int) == theirs.get(key, -1, type=int), key
+        assert ours.getlist(key) == theirs.getlist(key), key
+    assert ours == theirs and theirs == ours and ours == LeanHeaders(items)
+    assert ours != Headers(items[:2]) and Headers(items[:2]) != ours
+    with pytest.raises(KeyError):
+        ours["Missing"]  # werkzeug's own there: a BadRequestKeyError
+
+
+async def _cut_short(app: QuartTrio, config: Config) -> bytes:
+    port = reserved_port()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    stop = trio.Event()
+    got = bytearray()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lambda task_status: serve(app, config, shutdown_trigger=stop.wait,
+                                                          task_status=task_status))
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            await client.send_all(b"GET /endless HTTP/1.1\r\nHost: gw\r\n\r\n")
+            while data := await client.receive_some(65536):  # until the server closes
+                got += data
+            await client.aclose()
+            stop.set()
+    return re.sub(rb"\r\ndate: [^\r]+\r\n", b"\r\ndate: -\r\n", bytes(got))
+
+
+async def test_an_answer_longer_than_the_response_timeout_is_cut_short_as_in_quart_trio():
+    gw_serve.lean_framework()
+
+    def endless(cls: type[QuartTrio]) -> QuartTrio:
+        app = cls("endless")
+        app.config["RESPONSE_TIMEOUT"] = 0.3
+
+        @app.get("/endless")
+        async def endless_route() -> Any:
+            async def chunks() -> Any:
+                yield b"first"
+                await trio.sleep_forever()
+            return chunks(), 200, {"Content-Type": "text/plain"}
+
+        return app
+
+    plain = await _cut_short(endless(QuartTrio), Config())
+    leaner = await _cut_short(endless(LeanQuart), GatewayConfig())
+    assert leaner == plain and plain.startswith(b"HTTP/1.1 200") and b"first" in plain

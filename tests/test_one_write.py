@@ -7,7 +7,7 @@ import trio
 from quart import Response
 from quart_trio import QuartTrio
 
-from gatewayd.core.http import one_write
+from gatewayd.core.http import handoff, one_write
 from gatewayd.core.http.serve import serve_app
 from gatewayd.core.schema import Address
 from gatewayd.testing.ports import reserved_port
@@ -51,6 +51,14 @@ async def test_an_answer_of_known_length_in_one_write_and_a_chunked_head_at_once
         await original(self, data)
 
     monkeypatch.setattr(trio.SocketStream, "send_all", counted)
+    real_write = handoff._write_fd
+
+    def written(fd: int, data: bytes) -> int:  # handoff's write straight to the socket: the server's
+        n = real_write(fd, data)
+        writes.append(bytes(data[:n]))
+        return n
+
+    monkeypatch.setattr(handoff, "_write_fd", written)
     first_chunk = trio.Event()
     stop = trio.Event()
     async with trio.open_nursery() as nursery:

@@ -60,10 +60,17 @@ class HttpSection:
     max_body_bytes: int = 8 * 1024 * 1024
     admin_token_env: str = "GATEWAYD_ADMIN_TOKEN"
     access_log: bool = True
+    #: The listen queue: connections the kernel completes before the gateway accepts them.
+    #: A site's lights reconnect together after a power cut; a SYN the full queue drops is
+    #: sent again after 1, 3, 7 s (hypercorn's default, 100, drops most of 1,000 at once).
+    #: Linux caps it at net.core.somaxconn (4096 since 5.4).
+    backlog: int = 1024
 
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes", f"must be at least 1024, got {self.max_body_bytes}")
+        if not 1 <= self.backlog <= 65535:
+            raise ConfigError("backlog", f"must be 1 .. 65535 connections, got {self.backlog}")
         if self.public_url:
             self.public_url = _base_url(self.public_url)
 

@@ -449,6 +449,7 @@ class Gateway:
                     shutdown_trigger=trigger,
                     graceful_timeout=self.config.gateway.shutdown_grace_s,
                     access_log=self.config.http.access_log,
+                    backlog=self.config.http.backlog,
                     tls=self.tls if self.config.tls.http else None,
                     task_status=task_status,
                 )

@@ -110,6 +110,19 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_NAMES_OK: set[tuple[str, str]] = set()  # (family, type) pairs that passed: a status per light is one pair
+
+
+def _check_names(family: Any, type: Any) -> None:
+    if not isinstance(family, str) or not _TYPE.fullmatch(family):
+        raise EventError(f"family: expected a plugin name, got {family!r}")
+    if not isinstance(type, str) or not _TYPE.fullmatch(type):
+        raise EventError(f"type: expected letters, digits and _ . : - (at most 64), got {type!r}")
+    if len(_NAMES_OK) >= 10_000:  # types may come from devices (an alert's alert_type): bounded
+        _NAMES_OK.clear()
+    _NAMES_OK.add((family, type))
+
+
 def make_event(
     family: str,
     device_id: str | None,
@@ -123,12 +136,10 @@ def make_event(
     now: float,
 ) -> Event:
     """Check an emitted event field by field; raise EventError saying which is wrong."""
-    if not isinstance(family, str) or not _TYPE.fullmatch(family):
-        raise EventError(f"family: expected a plugin name, got {family!r}")
+    if family.__class__ is not str or type.__class__ is not str or (family, type) not in _NAMES_OK:
+        _check_names(family, type)
     if device_id is not None and (not isinstance(device_id, str) or not 0 < len(device_id) <= 128):
         raise EventError(f"device_id: expected a string of 1-128 characters or None, got {device_id!r}")
-    if not isinstance(type, str) or not _TYPE.fullmatch(type):
-        raise EventError(f"type: expected letters, digits and _ . : - (at most 64), got {type!r}")
     if severity not in SEVERITIES:
         raise EventError(f"severity: expected one of {', '.join(SEVERITIES)}, got {severity!r}")
     data = {} if data is None else data

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -48,9 +49,11 @@ class RateClass:
         return self.limit / self.per_s
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """The outcome of one `check`: allowed or not, and what the headers should say."""
+
+    # A NamedTuple, not a frozen dataclass: as immutable, and made in a third of the time
+    # (a check per device request).
 
     allowed: bool
     limit: int
@@ -70,26 +73,33 @@ class RateLimiter:
         self.wall_clock = wall_clock
         self.max_buckets = max_buckets
         self.classes: dict[str, RateClass] = {}
+        self._class_of: dict[str, tuple[RateClass, int, float]] = {}  # cls -> (it, its capacity, its rate)
         self._buckets: OrderedDict[tuple[str, str], tuple[float, float]] = OrderedDict()  # (tokens, at)
 
     def define(self, cls: str, limit: int, per_s: float, *, burst: int | None = None) -> None:
         """Declare (or redefine) a route class."""
-        self.classes[cls] = RateClass(limit, per_s, burst)
+        rc = self.classes[cls] = RateClass(limit, per_s, burst)
+        self._class_of[cls] = (rc, rc.capacity, rc.rate)
 
     def check(self, key: str, cls: str, cost: float = 1.0) -> Decision:
         """Take `cost` tokens from the bucket of (`key`, `cls`) if it has them."""
-        rc = self.classes.get(cls)
-        if rc is None:
+        known = self._class_of.get(cls)
+        if known is None:
             raise KeyError(f"rate class {cls!r} is not defined (known: {', '.join(sorted(self.classes)) or 'none'})")
+        rc, capacity, rate = known
         now = self.clock()
-        capacity, rate = rc.capacity, rc.rate  # properties: computed once here, not four times
         bucket_key = (cls, key)
-        tokens, at = self._buckets.pop(bucket_key, (float(capacity), now))
-        tokens = min(capacity, tokens + (now - at) * rate)
+        buckets = self._buckets
+        held = buckets.get(bucket_key)
+        if held is None:
+            tokens = float(capacity)
+        else:
+            tokens = min(capacity, held[0] + (now - held[1]) * rate)
+            buckets.move_to_end(bucket_key)  # most recently used last: the eviction's order
         allowed = tokens >= cost
         if allowed:
             tokens -= cost
-        self._buckets[bucket_key] = (tokens, now)
+        buckets[bucket_key] = (tokens, now)
         self._evict(now)
         retry = 0.0 if allowed else (cost - tokens) / rate
         return Decision(allowed, rc.limit, max(0, int(tokens)), (capacity - tokens) / rate, retry)
@@ -97,14 +107,15 @@ class RateLimiter:
     def _evict(self, now: float) -> None:
         # Oldest-touched first: a bucket untouched long enough to refill is no loss,
         # and past max_buckets even a partly drained one goes (memory wins over precision).
-        while len(self._buckets) > self.max_buckets:
-            self._buckets.popitem(last=False)
-        while self._buckets:
-            (cls, _), (tokens, at) = next(iter(self._buckets.items()))
-            rc = self.classes.get(cls)
-            if rc is not None and tokens + (now - at) * rc.rate < rc.capacity:
+        buckets = self._buckets
+        while len(buckets) > self.max_buckets:
+            buckets.popitem(last=False)
+        while buckets:
+            (cls, _), (tokens, at) = next(iter(buckets.items()))
+            known = self._class_of.get(cls)
+            if known is not None and tokens + (now - at) * known[2] < known[1]:
                 break
-            self._buckets.popitem(last=False)
+            buckets.popitem(last=False)
 
     def __len__(self) -> int:
         return len(self._buckets)
@@ -134,6 +145,7 @@ class FamilyRateLimits:
     def __init__(self, limiter: RateLimiter, family: str):
         self._limiter = limiter
         self.family = family
+        self._names: dict[str, str] = {}  # cls -> "<family>:<cls>", not formatted per check
 
     def define(self, cls: str, limit: int, per_s: float, *, burst: int | None = None) -> None:
         """`limit` requests per `per_s` seconds for route class `cls` (per key)."""
@@ -141,7 +153,10 @@ class FamilyRateLimits:
 
     def check(self, key: str, cls: str, cost: float = 1.0) -> Decision:
         """Key by device id when authenticated, else by client address."""
-        return self._limiter.check(key, f"{self.family}:{cls}", cost)
+        name = self._names.get(cls)
+        if name is None:
+            name = self._names[cls] = f"{self.family}:{cls}"
+        return self._limiter.check(key, name, cost)
 
     def headers(self, decision: Decision, *, reset: str = "epoch") -> dict[str, str]:
         return self._limiter.headers(decision, reset=reset)

@@ -1,7 +1,7 @@
 """`LeanQuart`: QuartTrio without the per-request work the gateway has no use for.
 
-Every change goes through a hook Quart documents for it (a class attribute, a method to
-override); the answers are the same bytes:
+Each change is an override of a class attribute or method of Quart's or quart-trio's;
+the answers are the same bytes:
 
 - no sessions: the gateway keeps none (no secret key, no cookie), yet Quart opened a
   null session per request (`NoSessions` hands out one shared `NullSession`, which
@@ -14,32 +14,58 @@ override); the answers are the same bytes:
   task that reads its body, where quart-trio starts a third (`LeanHTTPConnection`: a task
   start and switch less per request, the same nursery, cancellation and errors), with
   whatever of the body hypercorn already queued (all of a small one) handed over first,
-  so that the handler, now first to run, finds it in rather than waits for it. It
-  overrides quart-trio's connection class, so only under the release it was read against
-  (pinned in constraints.txt); under another, quart-trio's own is kept (logged).
+  so that the handler, now first to run, finds it in rather than waits for it;
+- when that is all of the body (every small request), no task at all waits for the rest:
+  quart-trio's messages task would only wait for the client's leaving and cancel the
+  handler; here hypercorn's queue (`handoff.AppQueue`) cancels it as that message is
+  queued, and the response timeout is the same scope's deadline (a task start, its
+  wake-ups, a nursery and a cancel scope less per request);
+- the request's headers are built as one list (`LeanHeaders`: a header asked for that is
+  not there costs no exception);
+- the URL rule each (method, path) matched is remembered (`Routes`, bounded; werkzeug's
+  converters only; a 404, 405 or redirect is matched again each time);
+- `before_unrouted` functions run only for requests no route matched, where an app-wide
+  `before_request` would run for every request (kaiabc's answer in its own error shape).
+
+The connection class, the request building and the URL matches rest on quart-trio's,
+quart's and werkzeug's internals, so they are used only under the releases they were read
+against (pinned in constraints.txt); under others, quart-trio's own are kept (logged).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from functools import cache
-from typing import Any
+from functools import cache, partial
+from typing import Any, cast
+from urllib.parse import urlparse
 
 import trio
+from quart.asgi import _normalise_path
+from quart.ctx import RequestContext
+from quart.globals import request_ctx
 from quart.sessions import NullSession, SecureCookieSessionInterface
+from quart.wrappers import Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 from quart_trio.wrappers import TrioRequest
+from werkzeug.datastructures import Headers
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import Rule
+from werkzeug.routing.converters import (AnyConverter, FloatConverter, IntegerConverter, PathConverter,
+                                         UnicodeConverter, UUIDConverter)
 
-from .gate import release as _release
+from .gate import untested
+from .handoff import AppQueue
 
-__all__ = ["LeanHTTPConnection", "LeanQuart", "LeanRequest", "NoSessions"]
+__all__ = ["LeanHTTPConnection", "LeanHeaders", "LeanQuart", "LeanRequest", "LeanRequestContext", "NoSessions",
+           "Routes"]
 
 log = logging.getLogger(__name__)
 
-#: The release (major.minor) of quart-trio whose connection class `LeanHTTPConnection` overrides.
-TESTED = {"quart-trio": "0.12"}
+#: The releases (major.minor) whose internals `LeanHTTPConnection`, `LeanRequestContext` and
+#: `Routes` were read against (quart-trio's connection, quart's request building, werkzeug's rules).
+TESTED = {"quart-trio": "0.12", "quart": "0.22", "werkzeug": "3.1"}
 
 _ASYNC_CACHE_MAX = 1024  # functions are the app's handlers; one made per request is not kept
 
@@ -67,6 +93,66 @@ def _blueprints(endpoint: str) -> list[str]:
     return names
 
 
+# werkzeug's own converters: what they make of a path segment depends on it alone (a plugin's
+# may look things up), and is a str, int, float or UUID, shared safely between requests.
+_PURE_CONVERTERS = (AnyConverter, FloatConverter, IntegerConverter, PathConverter, UnicodeConverter, UUIDConverter)
+_ROUTES_MAX = 4096  # (method, path) pairs: a fleet's devices each poll one or two paths
+
+
+class Routes:
+    """The URL rule and arguments each (method, path) matched, remembered (a bounded number,
+    the oldest forgotten first): werkzeug's matcher walks its rules for every request.
+
+    Only what cannot differ between two requests of the same method and path is kept: a
+    match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
+    converters are werkzeug's own, on an app with no SERVER_NAME, subdomain or host matching
+    (then the host plays no part). A rule added clears it."""
+
+    def __init__(self, size: int = _ROUTES_MAX) -> None:
+        self.size = size
+        self._matched: dict[tuple[str, str], tuple[Rule, dict[str, Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._matched)
+
+    def clear(self) -> None:
+        """Forget every match (the rules changed)."""
+        self._matched.clear()
+
+    def match(self, request: Any, adapter: Any) -> tuple[Rule, dict[str, Any]]:
+        """`adapter.match(return_rule=True)` for `request`, remembered when it may be."""
+        key = (request.method, request.path)
+        try:
+            rule, args = self._matched[key]
+        except KeyError:
+            pass
+        else:
+            return rule, dict(args)  # the request's own: url_value_preprocessors may change it
+        rule, args = adapter.match(return_rule=True)
+        if all(type(c) in _PURE_CONVERTERS for c in rule._converters.values()):
+            if len(self._matched) >= self.size:
+                del self._matched[next(iter(self._matched))]
+            self._matched[key] = (rule, dict(args))
+        return rule, args
+
+
+class LeanRequestContext(RequestContext):
+    """Quart's request context, the URL match looked up in the app's `Routes` first."""
+
+    def match_request(self) -> None:
+        """Quart's: the request's url_rule and view_args, or its routing_exception."""
+        app = cast(LeanQuart, self.app)
+        request = self.request_websocket
+        try:
+            if app.routes_cached():
+                request.url_rule, request.view_args = app.routes.match(request, self.url_adapter)
+            else:
+                adapter: Any = self.url_adapter
+                request.url_rule, request.view_args = adapter.match(return_rule=True)
+        except HTTPException as exception:
+            request.routing_exception = exception  # type: ignore[assignment]
+
+
 class LeanRequest(TrioRequest):
     """quart-trio's request, its `blueprints` worked out once per endpoint."""
 
@@ -82,43 +168,141 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
 
     async def __call__(self, receive: Any, send: Any) -> None:
         request = self._create_request_from_scope(send)
-        if not _take_what_came(request, receive):
+        queue = getattr(receive, "__self__", None)
+        queue = queue if isinstance(queue, AppQueue) else None
+        whole = _take_what_came(request, queue)
+        if whole is None:
             return  # the client left before its request was handled: quart-trio cancels it unhandled
+        if whole and queue is not None:
+            # The body is in: the only message left to come is the client's leaving, which
+            # cancels the handler as quart-trio's messages task would (no task to wait for it).
+            with trio.CancelScope() as scope:
+                queue.on_disconnect = scope.cancel
+                if _left(queue):
+                    scope.cancel()
+                await self._answer(scope, request, send)
+            return
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.handle_messages, nursery, request, receive)
             # quart-trio starts this as a second child; the nursery's body is the same scope.
             await self.handle_request(nursery, request, send)
 
+    async def _answer(self, scope: trio.CancelScope, request: Any, send: Any) -> None:
+        """quart-trio's `handle_request` in `scope`, whose deadline is its response timeout:
+        quart-trio's own sends the answer within a `move_on_after` of its own, then cancels the
+        nursery, and either way the request ends there, its answer cut short."""
+        response = await self.app.handle_request(request)
+        if isinstance(response, Response) and response.timeout != Ellipsis:
+            timeout = cast(Any, response.timeout)
+        else:
+            timeout = self.app.config["RESPONSE_TIMEOUT"]
+        if timeout is not None:
+            scope.deadline = trio.current_time() + timeout
+        await self._send_response(send, response)
+        scope.cancel()
 
-def _take_what_came(request: Any, receive: Any) -> bool:
+    def _create_request_from_scope(self, send: Any) -> Any:
+        # quart's, the headers' list made at once (werkzeug's `add` checks each value for
+        # newlines, which h11 refused already): the same names, values and order, in
+        # `LeanHeaders` (a missing one asked for costs no exception)
+        scope = self.scope
+        headers = LeanHeaders()
+        headers._list = [("Remote-Addr", (scope.get("client") or ["<local>"])[0]),
+                         *[(name.decode("latin1").title(), value.decode("latin1")) for name, value in scope["headers"]]]
+        if scope["http_version"] < "1.1":
+            headers.setdefault("Host", self.app.config["SERVER_NAME"] or "")
+        path = scope["path"]
+        path = path if path[0] == "/" else urlparse(path).path
+        root_path = scope.get("root_path", "")
+        if root_path != "":
+            path = _normalise_path(path, root_path)
+        return self.app.request_class(
+            scope["method"], scope["scheme"], path, scope["query_string"], headers, root_path,
+            scope["http_version"], max_content_length=self.app.config["MAX_CONTENT_LENGTH"],
+            body_timeout=self.app.config["BODY_TIMEOUT"], send_push_promise=partial(self._send_push_promise, send),
+            scope=scope)
+
+
+class LeanHeaders(Headers):
+    """werkzeug's request headers, a name that is not there answered without an exception:
+    werkzeug's `get` and `in` build a BadRequestKeyError (an HTTPException) for each miss, and
+    a request asks for several headers it does not carry (Transfer-Encoding, X-API-Key, ...)."""
+
+    def get(self, key: str, default: Any = None,  # type: ignore[override]
+            type: Callable[[str], Any] | None = None) -> Any:
+        """werkzeug's: the first value of `key` (any case), converted by `type` if given;
+        `default` when it is missing or `type` raises ValueError."""
+        wanted = key.lower()
+        for name, value in self._list:
+            if name.lower() == wanted:
+                break
+        else:
+            return default
+        if type is None:
+            return value
+        try:
+            return type(value)
+        except ValueError:
+            return default
+
+    def __contains__(self, key: object) -> bool:
+        wanted = key.lower()  # type: ignore[attr-defined]  # werkzeug's: a name (str)
+        return any(name.lower() == wanted for name, _ in self._list)
+
+    def __eq__(self, other: object) -> bool:
+        # werkzeug's compares only headers of the very same class: these equal werkzeug's own
+        if isinstance(other, Headers) and other.__class__ is not self.__class__:
+            return Headers(self._list) == other
+        return super().__eq__(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _take_what_came(request: Any, queue: AppQueue | None) -> bool | None:
     """Hand the request what the server already queued of its body (all of a small one: it
     came with the head), as quart's `handle_messages` does, so a handler running before that
-    task finds it in and does not wait. False when the queue says the client left.
+    task finds it in and does not wait. True when the body is all in, False when more is to
+    come, None when the queue says the client left.
 
-    `receive` is hypercorn's memory channel's `receive` (trio's public type); anything else
-    is left to `handle_messages`."""
-    channel = getattr(receive, "__self__", None)
-    if not isinstance(channel, trio.MemoryReceiveChannel):
-        return True
+    `queue` is handoff's `AppQueue` (None: another server, or hypercorn's own channel:
+    everything is left to `handle_messages`)."""
+    if queue is None:
+        return False
     while True:
         try:
-            message = channel.receive_nowait()
+            message = queue.receive_nowait()
         except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-            return True
+            return False
         if message["type"] == "http.request":
             request.body.append(message.get("body", b""))
             if not message.get("more_body", False):
                 request.body.set_complete()
                 return True
         elif message["type"] == "http.disconnect":
-            return False
+            return None
+
+
+def _left(queue: AppQueue) -> bool:
+    """Whether the client's leaving is queued already (after a whole body nothing else comes)."""
+    try:
+        return queue.receive_nowait()["type"] == "http.disconnect"
+    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+        return False
+
+
+def _why_not() -> str:
+    """Why the overrides are off ("" when they may be on)."""
+    return untested(TESTED)
+
+
+_gated = _why_not()  # at import: what each request's URL match asks
 
 
 def _connection_class() -> type[TrioASGIHTTPConnection]:
-    found = _release("quart-trio")
-    if found != TESTED["quart-trio"]:
-        log.warning("http: quart-trio %s (tested: %s): its own connection class, a task more per request",
-                    found, TESTED["quart-trio"])
+    why = _why_not()
+    if why:
+        log.warning("http: %s: quart-trio's own connection class (a task more per request) and "
+                    "URL matching (no match remembered)", why)
         return TrioASGIHTTPConnection
     return LeanHTTPConnection
 
@@ -131,8 +315,10 @@ class LeanQuart(QuartTrio):
     session_interface = NoSessions()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.routes = Routes()  # before Quart's __init__, which adds the static route
         super().__init__(*args, **kwargs)
         self._async_of: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}
+        self.unrouted_funcs: list[Callable[[], Awaitable[Any]]] = []
 
     def ensure_async(self, func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:  # type: ignore[override]
         """Quart's, remembered per function (a bounded number: the app's own handlers)."""
@@ -146,3 +332,36 @@ class LeanQuart(QuartTrio):
         if len(self._async_of) < _ASYNC_CACHE_MAX:
             self._async_of[func] = result
         return result
+
+    def routes_cached(self) -> bool:
+        """Whether URL matches may be remembered: no SERVER_NAME, subdomain or host matching,
+        where the Host header would choose the rule."""
+        return (not _gated and self.config["SERVER_NAME"] is None and not self.subdomain_matching
+                and not self.url_map.host_matching)
+
+    def add_url_rule(self, *args: Any, **kwargs: Any) -> None:
+        """Quart's; the remembered URL matches forgotten."""
+        super().add_url_rule(*args, **kwargs)
+        self.routes.clear()
+
+    def request_context(self, request: Any) -> RequestContext:
+        """Quart's, a `LeanRequestContext` (the URL match remembered)."""
+        return LeanRequestContext(self, request)
+
+    def before_unrouted(self, func: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[Any]]:
+        """Register an async function run before a request that no route matched (a 404,
+        405 or redirect in `request.routing_exception`), first, as an app-wide
+        `before_request` would be, but not for every other request: a Blueprint's answer
+        in its own shape for paths under its mount that it has no route for. A response
+        it returns is the answer."""
+        self.unrouted_funcs.append(func)
+        return func
+
+    async def preprocess_request(self, request_context: Any = None) -> Any:
+        """Quart's, after the `before_unrouted` functions when no route matched."""
+        if self.unrouted_funcs and (request_context or request_ctx).request.routing_exception is not None:
+            for function in self.unrouted_funcs:
+                result = await function()
+                if result is not None:
+                    return result
+        return await super().preprocess_request(request_context)

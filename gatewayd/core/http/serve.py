@@ -41,13 +41,16 @@ async def serve_app(
     shutdown_trigger: Callable[[], Any],
     graceful_timeout: float,
     access_log: bool,
+    backlog: int = 1024,
     tls: SiteTls | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`.
-    With `tls` (and `tls.http` set) the listener speaks HTTPS only."""
+    With `tls` (and `tls.http` set) the listener speaks HTTPS only. `backlog`: the listen
+    queue's length (`[http] backlog`; hypercorn's own default is 100)."""
     config = GatewayConfig()
     config.bind = [str(listen)]
+    config.backlog = backlog
     config.graceful_timeout = graceful_timeout
     config.errorlog = logging.getLogger("gatewayd.http")
     config.accesslog = _access_log if access_log else None

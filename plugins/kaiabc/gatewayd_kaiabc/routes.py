@@ -203,7 +203,9 @@ class Api:
             assert isinstance(response, Response)  # ours: answer() makes a quart Response
             return await self.headers(response)
 
-        setup.app.before_request(unrouted)
+        # Only for requests no route matched, where the app offers it (the gateway's LeanQuart):
+        # an app-wide before_request would run for every family's every request.
+        getattr(setup.app, "before_unrouted", setup.app.before_request)(unrouted)
 
     # -- 1. health -------------------------------------------------------------------------
 

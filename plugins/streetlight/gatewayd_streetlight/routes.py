@@ -5,12 +5,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 from urllib.parse import urlsplit
 
 import jwt
 import msgspec
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, current_app, jsonify, request
 
 from gatewayd.plugins.api import (
     AuthError,
@@ -68,6 +68,11 @@ class LightRoutes:
     def __init__(self, ctx: Ctx) -> None:
         self.ctx = ctx
         self._expiry: dict[str, float] = {}  # token -> its expiry
+        # The two answers most requests get, their bytes as the app's JSON provider made them
+        # (keyed by what varies in them: the hint, the second): a poll with nothing waiting
+        # and a status without a new token are not encoded again within the same second.
+        self._answers: dict[tuple[Any, ...], tuple[bytes, str]] = {}
+        self._configure_endpoint = f".{self.configure.__name__}"  # `_limit_address`'s, in any Blueprint
         ctx.ratelimit.define("device", ctx.config.requests_per_minute, 60)
         ctx.ratelimit.define("configure", ctx.config.configure_per_minute, 60)
         ctx.ratelimit.define("configure-address", ctx.config.configure_per_address_per_minute, 60)
@@ -161,19 +166,25 @@ class LightRoutes:
         self.ctx.log.info("light configured", device=device_id, light=light_id)
         return answer
 
-    async def status(self, device_id: str, body: schemas.StatusReport) -> schemas.StatusRecorded:
+    async def status(self, device_id: str, body: schemas.StatusReport) -> schemas.StatusRecorded | Response:
         """Store a status report; answer when to send the next one (and a fresh token when
         the light's nears its expiry)."""
-        device = await self._authenticate(device_id)
-        status = self._parse(lambda: parse_status(body, device_id=device_id))
+        authorization = request.headers.get("Authorization")
+        device = await self._authenticate(device_id, authorization)
+        try:
+            status = parse_status(body, device_id=device_id)
+        except Invalid as e:
+            raise Refused(400, e.code, e.message) from None
         latest = await self.ctx.state.record_status(device_id, status, via="http")
+        now = self.ctx.now()
         answer = schemas.StatusRecorded("success", "Status recorded",
-                                        next_update_seconds(latest, self.ctx.config.health), iso(self.ctx.now()))
-        if self._token_expires_at() - self.ctx.now() < self.ctx.config.token_refresh_before_s:
+                                        next_update_seconds(latest, self.ctx.config.health), iso(now))
+        if self._token_expires_at(authorization) - now < self.ctx.config.token_refresh_before_s:
             # The device as the token check found it (its epoch is the one the new token carries).
             token = self.ctx.auth.issue_jwt(device, ttl_s=self.ctx.config.token_ttl_s)
             answer.device_token, answer.token_expires_at = token.token, iso(token.expires_at)
-        return answer
+            return answer
+        return await self._answer(("status", answer.next_update_seconds, answer.server_timestamp), answer)
 
     async def sync(self, device_id: str, body: schemas.Sync) -> schemas.Synced:
         """The offline sync: cached readings (gzip welcome), stored in one transaction."""
@@ -182,7 +193,7 @@ class LightRoutes:
         stored = await self.ctx.state.record_sync(device_id, readings)
         return schemas.Synced("success", f"{stored} readings stored", stored, iso(self.ctx.now()))
 
-    async def commands(self, device_id: str, query: schemas.CommandsQuery) -> schemas.PendingCommands:
+    async def commands(self, device_id: str, query: schemas.CommandsQuery) -> schemas.PendingCommands | Response:
         """The light's pending commands, high priority first, and when to poll again."""
         await self._authenticate(device_id)
         # A light that polls is not listening on MQTT (any more): what was pushed to it and
@@ -192,12 +203,16 @@ class LightRoutes:
         # From the queue's memory: no query in the common case (nothing waits); the
         # queue's write only to hand out.
         unacked = await self.ctx.commands.open_for(device_id)
+        now = self.ctx.now()
         taken = await self.ctx.commands.next_for(device_id, limit=query.limit, redeliver_after_s=redeliver_s) \
-            if cmds.any_due(unacked, self.ctx.now(), redeliver_s) else []
+            if unacked and cmds.any_due(unacked, now, redeliver_s) else []
         waiting = any(cmds.priority_of(c) == "high" for c in unacked)  # until its ack: poll fast
         latest = self.ctx.state.latest.get(device_id)
-        return schemas.PendingCommands("ok", [cmds.shape(c) for c in cmds.ordered(taken)],
-                                       poll_seconds(latest, waiting, self.ctx.config.health), iso(self.ctx.now()))
+        answer = schemas.PendingCommands("ok", [cmds.shape(c) for c in cmds.ordered(taken)] if taken else [],
+                                         poll_seconds(latest, waiting, self.ctx.config.health), iso(now))
+        if taken:
+            return answer
+        return await self._answer(("poll", answer.next_poll_seconds, answer.server_timestamp), answer)
 
     async def ack(self, device_id: str, body: schemas.CommandAck) -> schemas.Acked:
         """A command executed (or failed), with its result; a repeated ack changes nothing."""
@@ -318,11 +333,16 @@ class LightRoutes:
 
     # -- what the routes share ----------------------------------------------------------
 
-    async def _authenticate(self, device_id: str) -> Device:
+    async def _authenticate(self, device_id: str, authorization: str | None = None) -> Device:
         """The light's own bearer token (and signature, when it must sign); 404 for a light
-        the gateway does not know (it configures again), 429 over its request rate."""
+        the gateway does not know (it configures again), 429 over its request rate.
+        `authorization`: the request's header when the route read it already."""
+        if authorization is None:
+            authorization = request.headers.get("Authorization")
+        # The one header the check reads, as a dict: not looked up again in Quart's headers.
+        headers = {} if authorization is None else {"Authorization": authorization}
         try:
-            device = await self.ctx.auth.bearer_jwt(request.headers, request.remote_addr, device_id=device_id)
+            device = await self.ctx.auth.bearer_jwt(headers, request.remote_addr, device_id=device_id)
         except AuthError as e:
             if e.status == 401 and await self.ctx.devices.get(device_id, max_age_s=2.0) is None:
                 raise Refused(404, "DEVICE_NOT_FOUND", f"light {device_id} is not registered: configure again",
@@ -357,7 +377,9 @@ class LightRoutes:
         """Before a configure's body is read: its client address's count (a flood of forged
         or malformed configures is answered 429 unread)."""
         # By the view's own name: on the plugin's own listener the endpoint is `<name>_root.configure`.
-        if request.endpoint is not None and request.endpoint.rpartition(".")[2] == self.configure.__name__:
+        # (Every request of the plugin comes here: one string test, nothing looked up.)
+        endpoint = request.endpoint
+        if endpoint is not None and endpoint.endswith(self._configure_endpoint):
             self._limit(request.remote_addr or "", "configure-address", "this address's configure")
 
     def _limit(self, key: str, cls: str, what: str) -> None:
@@ -365,15 +387,29 @@ class LightRoutes:
         if not decision.allowed:
             raise Refused(429, "RATE_LIMITED", f"more than {what} rate allows: retry later", decision.retry_after_s)
 
-    def _token_expires_at(self) -> float:
-        """The expiry of the token this request carried (verified by `_authenticate`)."""
-        token = request.headers.get("Authorization", "").partition(" ")[2].strip()
+    def _token_expires_at(self, authorization: str | None) -> float:
+        """The expiry of the token this request carried (`authorization`, its header,
+        verified by `_authenticate`)."""
+        token = (authorization or "").partition(" ")[2].strip()
         expires = self._expiry.get(token)
         if expires is None:
             if len(self._expiry) >= 10_000:  # a light keeps its token for days: a small memory
                 self._expiry.clear()
             expires = self._expiry[token] = float(jwt.decode(token, options={"verify_signature": False})["exp"])
         return expires
+
+    async def _answer(self, key: tuple[Any, ...], answer: msgspec.Struct) -> Response:
+        """`answer` as the app's JSON provider answers it, its bytes kept under `key` (what
+        varies in it) for the next request with the same."""
+        kept = self._answers.get(key)
+        if kept is None:
+            made = cast(Response, current_app.json.response(msgspec.to_builtins(answer)))  # Quart's, typed as flask's
+            body = await made.get_data(as_text=False)
+            assert isinstance(body, bytes)
+            if len(self._answers) >= 64:  # keys carry the second: only the newest matter
+                self._answers.clear()
+            kept = self._answers[key] = (body, made.mimetype or "application/json")
+        return current_app.response_class(kept[0], mimetype=kept[1])
 
     @staticmethod
     def _parse(fn: Any) -> Any:

@@ -125,6 +125,26 @@ async def test_status_is_stored_and_answered_with_the_cadence(gateway_factory, u
         assert health["indicator"] == "red" and "battery critical" in health["reason"]
 
 
+async def test_the_kept_answers_are_the_apps_json_on_the_wire(gateway_factory):
+    """A poll with nothing waiting and a status without a new token answer bytes kept per
+    second (routes._answer): the same bytes and headers as the app's JSON provider gives."""
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+        for path, send in (("commands", lambda: client.get(f"{BASE}/{IMEI}/commands", headers=auth)),
+                           ("status", lambda: client.post(f"{BASE}/{IMEI}/status", json=status_report(),
+                                                          headers=auth))):
+            answers = [await send() for _ in range(3)]  # the first made, the next (mostly) kept
+            for r in answers:
+                assert r.status_code == 200, (path, r.text)
+                assert r.content == (json.dumps(r.json(), sort_keys=True, separators=(",", ":")) + "\n").encode()
+                assert r.headers["content-type"] == "application/json"
+                assert r.headers["content-length"] == str(len(r.content))
+            assert len({tuple(sorted(k for k in r.headers if k != "date")) for r in answers}) == 1, path
+        hot = await client.post(f"{BASE}/{IMEI}/status", json=status_report(temperature_celsius=61), headers=auth)
+        assert hot.json()["next_update_seconds"] == 10  # the hint is part of what is kept: not the last answer's
+
+
 async def test_an_integer_field_sent_as_a_whole_float_is_accepted(gateway_factory, upstream_receiver):
     """`uptime_seconds: 864000.0` (an encoder that writes every number as a float) is 864000;
     864000.5 is not an integer, and is refused naming the field."""
