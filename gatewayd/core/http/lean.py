@@ -97,13 +97,18 @@ def _blueprints(endpoint: str) -> list[str]:
 # may look things up), and is a str, int, float or UUID, shared safely between requests.
 _PURE_CONVERTERS = (AnyConverter, FloatConverter, IntegerConverter, PathConverter, UnicodeConverter, UUIDConverter)
 _ROUTES_MAX = 4096  # (method, path) pairs: a fleet's devices each poll one or two paths
+# A longer path is matched each time: a device's own paths are short (ids of at most 128
+# characters), and each remembered match holds its path twice (the key, the arguments), so a
+# flood of made-up paths of 16 KB (h11's limit) would have held ~128 MB at _ROUTES_MAX.
+_ROUTE_PATH_MAX = 512
 
 
 class Routes:
     """The URL rule and arguments each (method, path) matched, remembered (a bounded number,
     the oldest forgotten first): werkzeug's matcher walks its rules for every request.
 
-    Only what cannot differ between two requests of the same method and path is kept: a
+    Only what cannot differ between two requests of the same method and path is kept (and
+    only for a path of at most `_ROUTE_PATH_MAX` characters: memory, not just a count): a
     match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
     converters are werkzeug's own, on an app with no SERVER_NAME, subdomain or host matching
     (then the host plays no part). A rule added clears it."""
@@ -129,7 +134,7 @@ class Routes:
         else:
             return rule, dict(args)  # the request's own: url_value_preprocessors may change it
         rule, args = adapter.match(return_rule=True)
-        if all(type(c) in _PURE_CONVERTERS for c in rule._converters.values()):
+        if len(key[1]) <= _ROUTE_PATH_MAX and all(type(c) in _PURE_CONVERTERS for c in rule._converters.values()):
             if len(self._matched) >= self.size:
                 del self._matched[next(iter(self._matched))]
             self._matched[key] = (rule, dict(args))
