@@ -1,6 +1,8 @@
 """Review 7 of this stop's hot-path changes (hx6, sl6, tnx6), against the real gateway: its
 HTTP app on a real socket, real SQLite, the plugins as the daemon loads them.
 
+Both were defects (xfail first, then fixed):
+
 - hx6's remembered URL matches (`lean.Routes`) are bounded in number, but each kept the
   request's whole path twice (the key, and the converter's argument): a flood of distinct
   long paths that a route matches (any device id, before any token check) held up to 4,096
@@ -53,7 +55,6 @@ async def _flood(port: int, paths: list[str]) -> list[bytes]:
     return statuses
 
 
-@pytest.mark.xfail(strict=True, reason="review7: lean.Routes keeps every matched path whole (4,096 x ~16 KB)")
 async def test_a_flood_of_long_distinct_paths_does_not_fill_the_remembered_url_matches(gateway_factory):
     async with gateway_factory(plugins=[("streetlight", gatewayd_streetlight)]) as gw:
         port = int(gw_url(gw).rsplit(":", 1)[1])
@@ -86,7 +87,6 @@ async def _sse_data_lines(stream, n: int) -> list[bytes]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="review7: the hub writes an Encoded reading's raw DEL where main wrote \\u007f")
 async def test_a_live_event_of_a_reading_is_the_hubs_own_json_byte_for_byte(gateway_factory):
     async with gateway_factory(plugins=[("thingsnxt", gatewayd_thingsnxt)],
                                settings=["plugins.thingsnxt.rate_limit=0"]) as gw, \
