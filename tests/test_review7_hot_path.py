@@ -15,6 +15,7 @@ Both were defects (xfail first, then fixed):
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import gatewayd_streetlight
 import gatewayd_thingsnxt
@@ -114,3 +115,46 @@ async def test_a_live_event_of_a_reading_is_the_hubs_own_json_byte_for_byte(gate
                 # What main's hub wrote: its own encoding (ASCII: U+007F escaped) of the event.
                 assert one["data"]["data"] == reading
             assert b"\\u007f" in line and b"\x7f" not in line, line
+
+
+async def test_a_command_queued_by_another_process_reaches_the_lights_next_polls(gateway_factory, tmp_path):
+    """sl6 keeps the empty poll's answer per second: a command `gatewayd devices command`
+    queues from another process must still reach the light (the queue's change watch), and
+    the poll after its ack is the empty answer again, with a fresh server_timestamp."""
+    import sys
+
+    sys.path.insert(0, str(Path(gatewayd_streetlight.__file__).parents[1] / "tests"))
+    from streetlight_testbed import BASE, IMEI, bearer, configure
+
+    async with gateway_factory(plugins=[("streetlight", gatewayd_streetlight)],
+                               settings=["devices.presence_flush_s=0.05"]) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)
+        auth = bearer((await configure(client))["device_token"])
+
+        async def poll() -> dict:
+            r = await client.get(f"{BASE}/{IMEI}/commands", headers=auth)
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+        empty = await poll()
+        assert empty["commands"] == []
+        cli = [sys.executable, "-m", "gatewayd", "devices", "command", IMEI, '{"command_type": "power_control", "action": "on"}', "--set",
+               f"gateway.data_dir='{tmp_path / 'var'}'"]
+        done = await trio.run_process(cli, capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr
+        got: list[dict] = []
+
+        async def delivered() -> bool:
+            answer = await poll()
+            got.append(answer)
+            return bool(answer["commands"])
+
+        await wait_until(delivered)
+        [cmd] = got[-1]["commands"]
+        r = await client.post(f"{BASE}/{IMEI}/command-ack", headers=auth,
+                              json={"command_id": cmd["command_id"], "status": "executed", "device_id": IMEI,
+                                    "timestamp": "2025-12-17T10:31:00Z"})
+        assert r.status_code == 200, r.text
+        await trio.sleep(1.1)  # the next second: the kept empty answer of an earlier one must not come back
+        after = await poll()
+        assert after["commands"] == [] and after["server_timestamp"] > empty["server_timestamp"]
