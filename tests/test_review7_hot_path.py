@@ -158,3 +158,69 @@ async def test_a_command_queued_by_another_process_reaches_the_lights_next_polls
         await trio.sleep(1.1)  # the next second: the kept empty answer of an earlier one must not come back
         after = await poll()
         assert after["commands"] == [] and after["server_timestamp"] > empty["server_timestamp"]
+
+
+async def test_a_large_answer_the_socket_takes_in_parts_arrives_whole_and_in_order():
+    """hx6 writes an answer's bytes straight to the socket and leaves the rest to send_all:
+    a body larger than the socket buffer, to a client that reads slowly, and a streamed body of
+    many chunks, arrive byte for byte; the keep-alive connection answers the next request."""
+    import hashlib
+
+    from quart import Response
+
+    from gatewayd.core.http.app import create_app
+    from gatewayd.core.http.serve import serve_app
+    from gatewayd.core.logs import get_logger
+    from gatewayd.core.schema import Address
+    from gatewayd.testing.ports import reserved_port
+
+    big = bytes(range(256)) * (8 * 4096)  # 8 MiB: more than the sockets hold
+    app = create_app("review7", max_body_bytes=1 << 20, log=get_logger("review7"))
+
+    @app.get("/big")
+    async def whole() -> Response:
+        return Response(big, content_type="application/octet-stream")
+
+    @app.get("/stream")
+    async def streamed() -> Response:
+        async def chunks():
+            for i in range(0, len(big), 7919):
+                yield big[i:i + 7919]
+        return Response(chunks(), content_type="application/octet-stream")
+
+    port = reserved_port()
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_app(
+            app, Address("127.0.0.1", port), shutdown_trigger=stop.wait, graceful_timeout=1,
+            access_log=False, task_status=task_status))
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(120):
+            await client.send_all(b"GET /big HTTP/1.1\r\nHost: gw\r\n\r\nGET /stream HTTP/1.1\r\nHost: gw\r\n\r\n"
+                                  b"GET /big HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            got = bytearray()
+            n = 0
+            while True:
+                data = await client.receive_some(65536)
+                if not data:
+                    break
+                got += data
+                n += 1
+                if n % 64 == 0:
+                    await trio.sleep(0.01)  # a slow reader: the gateway's socket buffer fills
+        stop.set()
+    answers = bytes(got).split(b"HTTP/1.1 200 \r\n")
+    assert len(answers) == 4 and answers[0] == b""
+    digest = hashlib.sha256(big).hexdigest()
+    first, second, third = answers[1:]
+    assert hashlib.sha256(first.partition(b"\r\n\r\n")[2]).hexdigest() == digest
+    assert b"transfer-encoding: chunked" in second.partition(b"\r\n\r\n")[0].lower()
+    body, rest = bytearray(), second.partition(b"\r\n\r\n")[2]
+    while True:
+        size, _, rest = rest.partition(b"\r\n")
+        if int(size, 16) == 0:
+            break
+        body += rest[:int(size, 16)]
+        rest = rest[int(size, 16) + 2:]
+    assert hashlib.sha256(body).hexdigest() == digest
+    assert hashlib.sha256(third.partition(b"\r\n\r\n")[2]).hexdigest() == digest
