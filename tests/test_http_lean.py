@@ -363,7 +363,9 @@ def test_remembered_url_matches_are_werkzeugs_for_each_method_and_path():
     # kept: the matches of werkzeug's converters; not: the 404s and 405s, the plugin's converter
     assert len(app.routes) == 6 and Upper.calls == 4
     # each request its own view_args
-    first = app.routes.match(*_bound(app, "GET", "/device/a/commands"))
+    req, _ = _bound(app, "GET", "/device/a/commands")
+    first = app.routes.get(lean.Routes.key(req))
+    assert first is not None
     first[1]["id"] = "changed"
     assert _matched(app, "GET", "/device/a/commands") == ("commands", {"id": "a"})
 
@@ -392,7 +394,7 @@ def test_remembered_url_matches_are_bounded_oldest_first(monkeypatch):
 
     for i in range(10):
         assert _matched(app, "GET", f"/d/{i}") == ("device", {"id": str(i)})
-    assert len(app.routes) == 3 and list(app.routes._matched) == [("GET", "/d/7"), ("GET", "/d/8"), ("GET", "/d/9")]
+    assert len(app.routes) == 3 and list(app.routes._matched) == [("GET", f"/d/{i}", "gw") for i in (7, 8, 9)]
 
 
 def test_no_url_match_is_remembered_where_the_host_chooses_the_rule(monkeypatch):
@@ -533,3 +535,35 @@ async def test_an_answer_longer_than_the_response_timeout_is_cut_short_as_in_qua
     plain = await _cut_short(endless(QuartTrio), Config())
     leaner = await _cut_short(endless(LeanQuart), GatewayConfig())
     assert leaner == plain and plain.startswith(b"HTTP/1.1 200") and b"first" in plain
+
+
+async def test_the_url_adapter_is_bound_only_when_asked_for_and_a_bad_host_still_refused():
+    from werkzeug.datastructures import Headers
+    from werkzeug.exceptions import BadHost
+    from quart import url_for
+
+    app = LeanQuart("adapter")
+
+    @app.get("/d/<id>")
+    async def device(id: str) -> Any:
+        return {"self": url_for("device", id=id, _external=True)}
+
+    def context(host: str) -> Any:
+        req = app.request_class("GET", "http", "/d/1", b"", Headers([("Host", host)]), "", "1.1", {},
+                                send_push_promise=None)
+        return app.request_context(req)
+
+    first, second = context("gw"), context("gw")
+    first.match_request()
+    assert first._url_adapter is not lean._UNBOUND  # not remembered yet: bound and matched
+    second.match_request()
+    assert second._url_adapter is lean._UNBOUND and second.request.view_args == {"id": "1"}  # remembered
+    assert second.url_adapter.match(return_rule=True)[1] == {"id": "1"}  # bound when asked for
+    with pytest.raises(BadHost):  # another Host is not what was remembered: werkzeug's refusal, as Quart's
+        context("a..b").match_request()
+    with pytest.raises(BadHost):
+        QuartTrio("plain").request_context(context("a..b").request)
+    client = app.test_client()
+    for _ in range(2):  # url_for binds the adapter it needs, remembered match or not
+        answer = await client.get("/d/7", headers={"Host": "gw.example"})
+        assert await answer.get_json() == {"self": "http://gw.example/d/7"}

@@ -22,8 +22,9 @@ the answers are the same bytes:
   wake-ups, a nursery and a cancel scope less per request);
 - the request's headers are built as one list (`LeanHeaders`: a header asked for that is
   not there costs no exception);
-- the URL rule each (method, path) matched is remembered (`Routes`, bounded; werkzeug's
-  converters only; a 404, 405 or redirect is matched again each time);
+- the URL rule each (method, path, Host) matched is remembered (`Routes`, bounded;
+  werkzeug's converters only; a 404, 405 or redirect is matched again each time), and the
+  request's URL adapter is bound only when something asks for it (`LeanRequestContext`);
 - `before_unrouted` functions run only for requests no route matched, where an app-wide
   `before_request` would run for every request (kaiabc's answer in its own error shape).
 
@@ -43,7 +44,7 @@ from urllib.parse import urlparse
 import trio
 from quart.asgi import _normalise_path
 from quart.ctx import RequestContext
-from quart.globals import request_ctx
+from quart.globals import _cv_request, request_ctx
 from quart.sessions import NullSession, SecureCookieSessionInterface
 from quart.wrappers import Response
 from quart_trio import QuartTrio
@@ -97,25 +98,26 @@ def _blueprints(endpoint: str) -> list[str]:
 # may look things up), and is a str, int, float or UUID, shared safely between requests.
 _PURE_CONVERTERS = (AnyConverter, FloatConverter, IntegerConverter, PathConverter, UnicodeConverter, UUIDConverter)
 _ROUTES_MAX = 4096  # (method, path) pairs: a fleet's devices each poll one or two paths
-# A longer path is matched each time: a device's own paths are short (ids of at most 128
-# characters), and each remembered match holds its path twice (the key, the arguments), so a
-# flood of made-up paths of 16 KB (h11's limit) would have held ~128 MB at _ROUTES_MAX.
-_ROUTE_PATH_MAX = 512
+# A longer path and Host are matched each time: a device's own are short (ids of at most 128
+# characters), and each remembered match holds its path twice (the key, the arguments) and its
+# Host, so a flood of made-up 16 KB paths or Hosts (h11's limit) would have held ~128 MB.
+_ROUTE_KEY_MAX = 512
 
 
 class Routes:
-    """The URL rule and arguments each (method, path) matched, remembered (a bounded number,
-    the oldest forgotten first): werkzeug's matcher walks its rules for every request.
+    """The URL rule and arguments each (method, path, Host) matched, remembered (a bounded
+    number, the oldest forgotten first): werkzeug's matcher walks its rules for every
+    request, and binding its adapter (the Host's IDNA check among it) costs as much again.
 
-    Only what cannot differ between two requests of the same method and path is kept (and
-    only for a path of at most `_ROUTE_PATH_MAX` characters: memory, not just a count): a
-    match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
-    converters are werkzeug's own, on an app with no SERVER_NAME, subdomain or host matching
-    (then the host plays no part). A rule added clears it."""
+    Only what cannot differ between two requests of the same method, path and Host is kept
+    (and only for a path and Host of at most `_ROUTE_KEY_MAX` characters: memory, not just a
+    count): a match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
+    converters are werkzeug's own, on an app with no SERVER_NAME, subdomain or host matching.
+    A rule added clears it."""
 
     def __init__(self, size: int = _ROUTES_MAX) -> None:
         self.size = size
-        self._matched: dict[tuple[str, str], tuple[Rule, dict[str, Any]]] = {}
+        self._matched: dict[tuple[str, str, str | None], tuple[Rule, dict[str, Any]]] = {}
 
     def __len__(self) -> int:
         return len(self._matched)
@@ -124,35 +126,92 @@ class Routes:
         """Forget every match (the rules changed)."""
         self._matched.clear()
 
-    def match(self, request: Any, adapter: Any) -> tuple[Rule, dict[str, Any]]:
-        """`adapter.match(return_rule=True)` for `request`, remembered when it may be."""
-        key = (request.method, request.path)
-        try:
-            rule, args = self._matched[key]
-        except KeyError:
-            pass
-        else:
-            return rule, dict(args)  # the request's own: url_value_preprocessors may change it
+    @staticmethod
+    def key(request: Any) -> tuple[str, str, str | None]:
+        """What a remembered match is looked up by."""
+        return request.method, request.path, request.headers.get("Host")
+
+    def get(self, key: tuple[str, str, str | None]) -> tuple[Rule, dict[str, Any]] | None:
+        """The rule and a fresh copy of the arguments remembered for `key`, or None."""
+        found = self._matched.get(key)
+        if found is None:
+            return None
+        return found[0], dict(found[1])  # the request's own: url_value_preprocessors may change it
+
+    def match(self, key: tuple[str, str, str | None], adapter: Any) -> tuple[Rule, dict[str, Any]]:
+        """`adapter.match(return_rule=True)` (bound to the request of `key`), remembered when it may be."""
         rule, args = adapter.match(return_rule=True)
-        if len(key[1]) <= _ROUTE_PATH_MAX and all(type(c) in _PURE_CONVERTERS for c in rule._converters.values()):
+        if (len(key[1]) + len(key[2] or "") <= _ROUTE_KEY_MAX
+                and all(type(c) in _PURE_CONVERTERS for c in rule._converters.values())):
             if len(self._matched) >= self.size:
                 del self._matched[next(iter(self._matched))]
             self._matched[key] = (rule, dict(args))
         return rule, args
 
 
+_UNBOUND: Any = object()
+
+
 class LeanRequestContext(RequestContext):
-    """Quart's request context, the URL match looked up in the app's `Routes` first."""
+    """Quart's request context, the URL match looked up in the app's `Routes` first and its
+    URL adapter bound only when asked for (a match not remembered, `url_for`, OPTIONS)."""
+
+    def __init__(self, app: Any, request: Any, session: Any = None) -> None:
+        # quart 0.22's, but `url_adapter` is bound when first read (below)
+        self.app = app
+        self.request_websocket = request
+        self._url_adapter = _UNBOUND
+        request.routing_exception = None
+        request.json_module = app.json
+        self.session = session
+        self.preserved = False
+        self._cv_tokens = []
+        self.flashes = None
+        self._after_request_functions = []
+
+    @property
+    def url_adapter(self) -> Any:  # type: ignore[override]
+        """Quart's: the app's URL map bound to this request (None without one)."""
+        if self._url_adapter is _UNBOUND:
+            self._url_adapter = self.app.create_url_adapter(self.request_websocket)
+        return self._url_adapter
+
+    @url_adapter.setter
+    def url_adapter(self, value: Any) -> None:
+        self._url_adapter = value
+
+    async def push(self) -> None:
+        # quart's (whose `super()._push()` would skip the `_push` below)
+        await self._push_appctx(_cv_request.set(self))
+        await self._push()
+
+    async def _push(self) -> None:
+        # quart's, the match first looked up (`match_request`), the adapter bound only if need be
+        if self.session is None:
+            session_interface = self.app.session_interface
+            self.session = await self.app.ensure_async(session_interface.open_session)(self.app, self.request_websocket)
+            if self.session is None:
+                self.session = await session_interface.make_null_session(self.app)
+        self.match_request()
 
     def match_request(self) -> None:
         """Quart's: the request's url_rule and view_args, or its routing_exception."""
         app = cast(LeanQuart, self.app)
         request = self.request_websocket
+        key = None
+        if app.routes_cached():
+            key = Routes.key(request)
+            found = app.routes.get(key)
+            if found is not None:
+                request.url_rule, request.view_args = found
+                return
+        adapter = self.url_adapter  # a bad Host raises here, as where Quart binds it
+        if adapter is None:
+            return
         try:
-            if app.routes_cached():
-                request.url_rule, request.view_args = app.routes.match(request, self.url_adapter)
+            if key is not None:
+                request.url_rule, request.view_args = app.routes.match(key, adapter)
             else:
-                adapter: Any = self.url_adapter
                 request.url_rule, request.view_args = adapter.match(return_rule=True)
         except HTTPException as exception:
             request.routing_exception = exception  # type: ignore[assignment]
