@@ -85,6 +85,22 @@ async def test_a_light_with_a_flashed_secret_must_sign(gateway_factory):
         assert r.status_code == 200
 
 
+async def test_a_light_that_signs_unasked_must_sign_correctly_on_every_route(gateway_factory):
+    async with gateway_factory(plugins=PLUGIN) as gw, gw_client(gw) as client:
+        await provision(gw, "streetlight", IMEI)  # not "signed": it need not sign, but may
+        auth = bearer((await configure(client))["device_token"])
+        report = json.dumps(status_report()).encode()
+        # The header found whatever its case, on a body and on a GET alike.
+        for name in ("X-Device-Signature", "x-device-signature"):
+            forged = {name: sign("wrong", report)["X-Device-Signature"]}
+            r = await client.post(f"{BASE}/{IMEI}/status", content=report, headers={**auth, **forged})
+            assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID", name
+            r = await client.get(f"{BASE}/{IMEI}/commands", headers={**auth, **forged})
+            assert r.status_code == 401 and r.json()["code"] == "SIGNATURE_INVALID", name
+        r = await client.post(f"{BASE}/{IMEI}/status", content=report, headers=auth)
+        assert r.status_code == 200  # unsigned: fine for a light that need not sign
+
+
 async def test_enrollment_keeps_an_unknown_light_pending_until_approved(gateway_factory):
     async with gateway_factory(plugins=PLUGIN, settings=["plugins.streetlight.enrollment=true"]) as gw, \
             gw_client(gw, headers=ADMIN) as client:
