@@ -50,16 +50,18 @@
    long, and wrk never sees it. (wrk 3's check_timeouts, every 2 s, counted each connection
    whose `c->start` was older than --timeout: one still connecting (`c->start` 0), one in
    its think time, and a slow request once per 2 s; wrk 4.0 removed it, Debian's wrk is
-   4.1.0.) So the script sends for the run's
-   length only and wrk waits on for the 5 s (less 0.3 s, so that an idle connection's
+   4.1.0.) So the script sends for the run's length only and wrk waits on for the 5 s (less 0.3 s, so that an idle connection's
    keep-alive timeout cannot fire first: a request unanswered at the end waited >= 4.7 s),
    and the errors printed are: answers after 5 s (wrk's timeouts, --timeout 5 s), requests
    never answered (sent - answered), non-2xx, broken connections, and lights that got their
    connection only after 5 s. The percentiles are over every request sent, an unanswered
    or late one as ">= 5000 ms". Printed apart: how long the lights waited for their
    connections (a wait of 1-5 s plus a slow first answer is a late request this does not
-   count), and the listen queue's overflows and the SYNs sent again per 0.5 s (whole
-   machine counters, /proc/net/netstat, with the accept queue's length: ss's Recv-Q).
+   count), the answers in each second (a stall shows), and the listen queue's overflows and
+   the SYNs sent again per 0.5 s (whole-machine counters, /proc/net/netstat: another
+   bench's drops show there too; the lights' own waits are the line above), with the
+   accept queue's length (ss's Recv-Q). The hello-world keeps hypercorn's queue of 100
+   (`[http] backlog` is the gateway's): its lights wait for their connections.
 
 `--gateway-root PATH` runs the gateway from another checkout (a worktree of main: the
 "before" of a before/after in the same sitting, with the same bench and client).
