@@ -4,9 +4,10 @@ HTTP app on a real socket, real SQLite, the plugins as the daemon loads them.
 Both were defects (xfail first, then fixed):
 
 - hx6's remembered URL matches (`lean.Routes`) are bounded in number, but each kept the
-  request's whole path twice (the key, and the converter's argument): a flood of distinct
-  long paths that a route matches (any device id, before any token check) held up to 4,096
-  of them, some 16 KB each, for nobody's benefit (a device id is at most 128 characters).
+  request's whole path twice (the key, and the converter's argument), and since hx6's
+  614b085 its whole Host header: a flood of distinct long paths that a route matches (any
+  device id, before any token check), or of long distinct Hosts, held up to 4,096 of them,
+  some 16 KB each, for nobody's benefit (a device id is at most 128 characters).
 - tnx6's live events written from a reading's `Encoded` text: that text is the outbox's
   (`ensure_ascii=False`), which writes U+007F (DEL) as it is, where the hub's own encoding
   (main's) writes `\\u007f`: the event's bytes on the wire changed for such a reading.
@@ -33,13 +34,13 @@ def admin_token(monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
 
 
-async def _flood(port: int, paths: list[str]) -> list[bytes]:
-    """GET each path over one keep-alive connection, one at a time; the status lines."""
+async def _flood(port: int, requests: list[tuple[str, str]]) -> list[bytes]:
+    """GET each (path, Host) over one keep-alive connection, one at a time; the status lines."""
     client = await trio.open_tcp_stream("127.0.0.1", port)
     statuses = []
     buffer = b""
-    for path in paths:
-        await client.send_all(f"GET {path} HTTP/1.1\r\nHost: gw\r\n\r\n".encode())
+    for path, host in requests:
+        await client.send_all(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         while b"\r\n\r\n" not in buffer:
             data = await client.receive_some(65536)
             assert data, buffer
@@ -56,20 +57,32 @@ async def _flood(port: int, paths: list[str]) -> list[bytes]:
     return statuses
 
 
+def _held(routes) -> int:
+    """The characters the remembered matches hold: their keys' and their arguments'."""
+    return sum(sum(len(part) for part in key if part) + sum(len(str(v)) for v in args.values())
+               for key, (_, args) in routes._matched.items())
+
+
 async def test_a_flood_of_long_distinct_paths_does_not_fill_the_remembered_url_matches(gateway_factory):
     async with gateway_factory(plugins=[("streetlight", gatewayd_streetlight)]) as gw:
         port = int(gw_url(gw).rsplit(":", 1)[1])
-        paths = [f"/streetlight/device/IMEI:{i:06d}{'9' * 6000}/commands" for i in range(150)]
-        paths.append("/streetlight/device/IMEI:351234567890123/commands")  # a light's own: remembered
-        with trio.fail_after(120):
-            statuses = await _flood(port, paths)
-        assert set(statuses[:-1]) == {b"HTTP/1.1 400 "}  # each matched a route, then refused (its id)
-        assert ("GET", paths[-1]) in gw.app.routes._matched
-        held = sum(len(path) + sum(len(str(v)) for v in args.values())
-                   for (_, path), (_, args) in gw.app.routes._matched.items())
-        # A remembered match is worth its memory for a device's own path (ids of at most 128
-        # characters), not for a path an attacker made up: 150 of them must not hold 1.8 MB.
-        assert held < 150 * 1024, f"{len(gw.app.routes)} remembered matches hold {held} characters"
+        own = "/streetlight/device/IMEI:351234567890123/commands"
+        long_host = ".".join(["h" * 60] * 100)  # 6,099 characters, each label a valid one
+        floods = {
+            "paths": [(f"/streetlight/device/IMEI:{i:06d}{'9' * 6000}/commands", "gw") for i in range(150)],
+            "hosts": [(own, f"{i:06d}.{long_host}") for i in range(150)],
+        }
+        for what, requests in floods.items():
+            gw.app.routes.clear()
+            with trio.fail_after(120):
+                statuses = await _flood(port, [*requests, (own, "gw")])  # a light's own: remembered
+            # each matched a route, then was refused (the id is too long; not a registered light;
+            # then its address locked out after so many failed authentications)
+            assert set(statuses) <= {b"HTTP/1.1 400 ", b"HTTP/1.1 404 ", b"HTTP/1.1 429 "}, (what, set(statuses))
+            assert any(key[1] == own for key in gw.app.routes._matched)
+            # A remembered match is worth its memory for a device's own path (ids of at most 128
+            # characters), not for a path or Host an attacker made up: 150 must not hold ~1 MB.
+            assert _held(gw.app.routes) < 150 * 1024, (what, len(gw.app.routes), _held(gw.app.routes))
 
 
 async def _sse_data_lines(stream, n: int) -> list[bytes]:
