@@ -101,6 +101,10 @@ def _blueprints(endpoint: str) -> list[str]:
 # may look things up), and is a str, int, float or UUID, shared safely between requests.
 _PURE_CONVERTERS = (AnyConverter, FloatConverter, IntegerConverter, PathConverter, UnicodeConverter, UUIDConverter)
 _ROUTES_MAX = 4096  # (method, path) pairs: a fleet's devices each poll one or two paths
+# A longer path and Host are matched each time: a device's own are short (ids of at most 128
+# characters), and each remembered match holds its path twice (the key, the arguments) and its
+# Host, so a flood of made-up 16 KB paths or Hosts (h11's limit) would have held ~128 MB.
+_ROUTE_KEY_MAX = 512
 
 
 class Routes:
@@ -108,8 +112,9 @@ class Routes:
     number, the oldest forgotten first): werkzeug's matcher walks its rules for every
     request, and binding its adapter (the Host's IDNA check among it) costs as much again.
 
-    Only what cannot differ between two requests of the same method, path and Host is kept:
-    a match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
+    Only what cannot differ between two requests of the same method, path and Host is kept
+    (and only for a path and Host of at most `_ROUTE_KEY_MAX` characters: memory, not just a
+    count): a match (never a 404, 405 or redirect: those are raised again each time), of a rule whose
     converters are werkzeug's own, on an app with no SERVER_NAME, subdomain or host matching.
     A rule added clears it."""
 
@@ -139,7 +144,8 @@ class Routes:
     def match(self, key: tuple[str, str, str | None], adapter: Any) -> tuple[Rule, dict[str, Any]]:
         """`adapter.match(return_rule=True)` (bound to the request of `key`), remembered when it may be."""
         rule, args = adapter.match(return_rule=True)
-        if all(type(c) in _PURE_CONVERTERS for c in rule._converters.values()):
+        if (len(key[1]) + len(key[2] or "") <= _ROUTE_KEY_MAX
+                and all(type(c) in _PURE_CONVERTERS for c in rule._converters.values())):
             if len(self._matched) >= self.size:
                 del self._matched[next(iter(self._matched))]
             self._matched[key] = (rule, dict(args))

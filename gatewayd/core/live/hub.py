@@ -434,12 +434,15 @@ class LiveHub:
 
         `data` must be JSON (no NaN); ValueError if it is not, or larger than
         `max_event_bytes` encoded. It may be an `Encoded` (gatewayd.protocol.json_text):
-        its value is the event's data, and its text (when ASCII, as this JSON is) is
+        its value is the event's data, and its text (when ASCII without DEL, as this JSON is) is
         written into the event's as it is, not encoded again.
         """
         if type(data) is Encoded:
             event = LiveEvent(self._next_id, stream, self.clock(), data.value)
-            if data.text.isascii() and type(event.ts) is float and math.isfinite(event.ts):
+            # ASCII but for U+007F, which the outbox's text keeps as it is and the hub's own
+            # encoding (ensure_ascii) writes `\u007f`: the same bytes as an event encoded here.
+            if (data.text.isascii() and "\x7f" not in data.text and type(event.ts) is float
+                    and math.isfinite(event.ts)):
                 # The event's JSON as _encode writes the whole, with the data's text as made.
                 object.__setattr__(event, "_json", f'{{"id":{event.id},"stream":{encode_basestring_ascii(stream)},'
                                                    f'"ts":{float.__repr__(event.ts)},"data":{data.text}}}')
