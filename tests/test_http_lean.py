@@ -14,6 +14,7 @@ from hypercorn.trio import serve
 from quart import Blueprint, Response, request, session
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
+from quart_trio.wrappers import TrioResponse
 
 from gatewayd.core.http import gate, lean, serve as gw_serve
 from gatewayd.core.http.lean import LeanHTTPConnection, LeanQuart, LeanRequest, LeanResponse, NoSessions
@@ -281,7 +282,7 @@ def test_a_lean_response_of_another_default_status_is_quarts():
 def test_the_response_class_is_quarts_under_another_release(monkeypatch):
     assert LeanQuart.response_class is LeanResponse
     monkeypatch.setattr(gate, "version", lambda name: "0.23.0")
-    assert lean._response_class() is Response
+    assert lean._response_class() is TrioResponse  # QuartTrio's own
 
 
 def test_the_config_makes_hypercorns_headers_once_a_second(monkeypatch):

@@ -152,8 +152,6 @@ async def test_a_lean_answer_is_quarts_through_the_app(method, path):
     assert got[0] == got[1]
 
 
-@pytest.mark.xfail(strict=True, reason="review8: LeanResponse subclasses quart's Response, not quart-trio's "
-                   "TrioResponse: a sync iterable body or send_file runs asyncio's executor under trio")
 async def test_a_lean_app_streams_a_sync_generator_and_a_file_as_quart_trio_does(tmp_path):
     from quart import send_file
     (tmp_path / "f.bin").write_bytes(b"0123456789")

@@ -51,7 +51,7 @@ from quart.sessions import NullSession, SecureCookieSessionInterface
 from quart.wrappers import Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
-from quart_trio.wrappers import TrioRequest
+from quart_trio.wrappers import TrioRequest, TrioResponse
 from werkzeug.datastructures import Headers
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import Rule
@@ -330,10 +330,11 @@ def _content_type(mimetype: str) -> str:
     return get_content_type(mimetype, "utf-8")  # werkzeug's: a charset added to text types
 
 
-class LeanResponse(Response):
-    """Quart's response; one of text or bytes with no headers, status or content type given
-    (what the JSON provider makes) gets its Content-Type and Content-Length set straight into
-    a new header list, as werkzeug's `__init__` and `set_data` would set them (werkzeug checks
+class LeanResponse(TrioResponse):
+    """quart-trio's response (its file and iterable bodies run under trio: quart's own run a
+    sync iterable in asyncio's executor); one of text or bytes with no headers, status or
+    content type given (what the JSON provider makes) gets its Content-Type and
+    Content-Length set straight into a new header list, as werkzeug's `__init__` and `set_data` would set them (werkzeug checks
     each value for newlines, and looks for a Content-Type by raising a KeyError)."""
 
     def __init__(self, response: Any = None, status: int | None = None, headers: Any = None,
@@ -405,7 +406,7 @@ def _connection_class() -> type[TrioASGIHTTPConnection]:
 
 
 def _response_class() -> type[Response]:
-    return Response if _why_not() else LeanResponse  # (the connection class's warning says why)
+    return TrioResponse if _why_not() else LeanResponse  # (the connection class's warning says why)
 
 
 class LeanQuart(QuartTrio):
