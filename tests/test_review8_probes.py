@@ -18,6 +18,7 @@ from werkzeug.datastructures import ImmutableMultiDict
 from gatewayd.core.http.lean import LeanQuart, LeanResponse
 from gatewayd.core.live.hub import LiveEvent, LiveHub
 from gatewayd.core.metrics import Metrics
+from gatewayd.core.outbox.ingest import Ingest, Record
 from gatewayd.protocol.batch import compact_json_encoder
 from gatewayd.protocol.json_text import Encoded, encoded
 from gatewayd.protocol.validate import InvalidInput, PathParser, QueryParser, convert
@@ -200,3 +201,7 @@ def test_a_status_encoded_once_is_stored_and_sent_as_a_plain_dict(flags):
     plain = LiveEvent(event.id, event.stream, event.ts, doc)
     assert event.json() == plain.json()
     assert type(data) is Encoded and event.data == doc
+    ingest = Ingest(None, "streetlight", lambda: 1_800_000_000.0)  # type: ignore[arg-type]
+    plain_rows = ingest._rows([Record("l-1", "status", doc, 1_700_000_000.0, "state")], 1_800_000_000.0)
+    assert ingest._rows([Record("l-1", "status", data, 1_700_000_000.0, "state")], 1_800_000_000.0) == plain_rows
+    assert ingest._row("l-1", "status", data, 1_700_000_000.0, "state", now=1_800_000_000.0) == plain_rows[0]
