@@ -207,9 +207,6 @@ def test_a_status_encoded_once_is_stored_and_sent_as_a_plain_dict(flags):
     assert ingest._row("l-1", "status", data, 1_700_000_000.0, "state", now=1_800_000_000.0) == plain_rows[0]
 
 
-@pytest.mark.xfail(strict=True, reason="review8: PathParser remembers a passing value of any length: a route "
-                   "declaring a plain str path parameter (validated before any auth) holds 2,048 of the longest "
-                   "URLs hypercorn takes, ~32 MB a parameter")
 def test_long_path_values_that_pass_are_not_all_kept():
     parse = PathParser(str)
     for i in range(300):
