@@ -215,8 +215,6 @@ def test_long_path_values_that_pass_are_not_all_kept():
     assert sum(map(len, parse._passed)) <= 1_000_000
 
 
-@pytest.mark.xfail(strict=True, reason="review8: LeanResponse reads mimetype='' as no mimetype (the default "
-                   "text/html), werkzeug as an empty Content-Type")
 def test_a_lean_response_of_an_empty_mimetype_is_quart_trios():
     from quart_trio.wrappers import TrioResponse
     assert LeanResponse("x", mimetype="").headers.to_wsgi_list() == \

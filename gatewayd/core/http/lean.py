@@ -344,7 +344,7 @@ class LeanResponse(TrioResponse):
                 and self.automatically_set_content_length):
             data = response.encode() if kind is str else response
             self.headers = Headers()
-            self.headers._list = [("Content-Type", _content_type(mimetype or self.default_mimetype)),
+            self.headers._list = [("Content-Type", _content_type(self.default_mimetype if mimetype is None else mimetype)),
                                   ("Content-Length", str(len(data)))]
             if self.default_status == 200:
                 self._status, self._status_code = "200 OK", 200  # what werkzeug's status setter makes of 200
