@@ -45,8 +45,10 @@ async def _data_lines(stream, want) -> list[bytes]:
     return lines
 
 
-async def test_a_status_with_del_and_non_ascii_flags_is_stored_and_sent_as_the_plain_dict(gateway_factory, upstream_receiver):
-    async with gateway_factory(plugins=[("streetlight", gatewayd_streetlight)], upstream=upstream_receiver) as gw, gw_client(gw) as client:
+async def test_a_status_with_del_and_non_ascii_flags_is_stored_and_sent_as_the_plain_dict(gateway_factory,
+                                                                                          upstream_receiver):
+    async with gateway_factory(plugins=[("streetlight", gatewayd_streetlight)], upstream=upstream_receiver) as gw, \
+            gw_client(gw) as client:
         await provision(gw, "streetlight", IMEI)
         r = await client.post(f"{BASE}/{IMEI}/configure", json=REGISTRATION)
         assert r.status_code == 200, r.text

@@ -334,8 +334,9 @@ class LeanResponse(TrioResponse):
     """quart-trio's response (its file and iterable bodies run under trio: quart's own run a
     sync iterable in asyncio's executor); one of text or bytes with no headers, status or
     content type given (what the JSON provider makes) gets its Content-Type and
-    Content-Length set straight into a new header list, as werkzeug's `__init__` and `set_data` would set them (werkzeug checks
-    each value for newlines, and looks for a Content-Type by raising a KeyError)."""
+    Content-Length set straight into a new header list, as werkzeug's `__init__` and
+    `set_data` would set them (werkzeug checks each value for newlines, and looks for a
+    Content-Type by raising a KeyError)."""
 
     def __init__(self, response: Any = None, status: int | None = None, headers: Any = None,
                  mimetype: str | None = None, content_type: str | None = None) -> None:
@@ -344,8 +345,9 @@ class LeanResponse(TrioResponse):
                 and self.automatically_set_content_length):
             data = response.encode() if kind is str else response
             self.headers = Headers()
-            self.headers._list = [("Content-Type", _content_type(self.default_mimetype if mimetype is None else mimetype)),
-                                  ("Content-Length", str(len(data)))]
+            if mimetype is None:
+                mimetype = self.default_mimetype
+            self.headers._list = [("Content-Type", _content_type(mimetype)), ("Content-Length", str(len(data)))]
             if self.default_status == 200:
                 self._status, self._status_code = "200 OK", 200  # what werkzeug's status setter makes of 200
             else:
