@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
         [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
-        [--no-upstream] [--busy 32]
+        [--no-upstream] [--busy 32] [--schedule firmware|strict]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
@@ -21,7 +21,13 @@
    and 10 s, ten times faster) for `--fleet-s` seconds. The client is cheap: one trio
    process, one keep-alive connection per light (opened before the clock starts),
    requests written and answers parsed by hand. A light waits for its answer, as the
-   firmware does, up to the specification's 5 s timeout. Printed apart: the gateway's
+   firmware does, up to the specification's 5 s timeout, and sends its next status or
+   poll a period after that answer (`--schedule firmware`, the default: the specification's
+   "wait 10 seconds, poll again", firmware/streetlight/controller.py's timing: a slow
+   gateway slows its lights, as wrk's think time does); `--schedule strict` keeps a fixed
+   schedule instead and sends an overdue request at once (1,333 req/s offered whatever the
+   latency: harsher than the specification's lights; until 2026-12-03 the only timing, so
+   earlier figures of this client are strict ones). Printed apart: the gateway's
    answers (200 or not), the client's own failures (timeouts of the generator,
    connections lost), p50/p99 latency, how late the generator sent (its lag: a loaded
    client shows here, not as the gateway's errors), and the CPU seconds per request of
@@ -234,7 +240,8 @@ class Fleet:
         self.client_errors[why] = self.client_errors.get(why, 0) + 1
 
 
-async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: int, timeout: float) -> None:
+async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: int, timeout: float,
+                strict: bool = False) -> None:
     stats = Fleet()
     host = f"127.0.0.1:{port}".encode()
 
@@ -249,9 +256,13 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
         while (due := min(next_poll, next_status)) < end:
             await trio.sleep_until(due)
             if next_status <= next_poll:
-                request, next_status = status, max(next_status + 3, trio.current_time())
+                request = status
+                if strict:
+                    next_status = max(next_status + 3, trio.current_time())
             else:
-                request, next_poll = poll, max(next_poll + 1, trio.current_time())
+                request = poll
+                if strict:
+                    next_poll = max(next_poll + 1, trio.current_time())
             began = trio.current_time()
             stats.lags.append(began - due)
             try:
@@ -268,6 +279,12 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
                 stats.failed(type(e).__name__ if not isinstance(e, Answer) else str(e))
                 stream = None
                 continue
+            finally:
+                if not strict:  # the firmware's timing: the next one a period after this one's end
+                    if request is status:
+                        next_status = trio.current_time() + 3
+                    else:
+                        next_poll = trio.current_time() + 1
             stats.latencies.append(trio.current_time() - began)
             stats.answers[code] = stats.answers.get(code, 0) + 1
             if not keep:
@@ -297,9 +314,11 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
         return f"{xs[min(len(xs) - 1, int(len(xs) * q))] * 1000:.1f}" if xs else "-"
 
     offered = len(tokens) * (1 + 1 / 3)
+    timing = ("a strict schedule: an overdue request sent at once" if strict
+              else "each a period after the last one's answer, as the firmware does")
     print(f"\n2. fleet: {len(tokens)} lights, status every 3 s and a poll every 1 s (10x the specification's "
-          f"cadence: {offered:.0f} req/s offered) for {seconds:.0f} s, one keep-alive connection each "
-          f"({os.cpu_count()} cores, {load()})")
+          f"cadence: {offered:.0f} req/s offered at most; {timing}) for {seconds:.0f} s, one keep-alive "
+          f"connection each ({os.cpu_count()} cores, {load()})")
     print(f"server answers {answers} ({answers / wall:.0f}/s): 200 {stats.answers.get(200, 0)}, "
           f"other {sum(not_ok.values())} {not_ok or ''}")
     print(f"client errors {sum(stats.client_errors.values())} {stats.client_errors or ''} "
@@ -553,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fleet's server: the gateway, the bare hello-world answering every path, or both "
                              "(the hello-world first)")
     parser.add_argument("--generator", choices=("python", "wrk"), default="python", help="the fleet's client")
+    parser.add_argument("--schedule", choices=("firmware", "strict"), default="firmware",
+                        help="the Python client's timing: a period after each answer (the spec's 'wait 10 "
+                             "seconds, poll again', the firmware's), or a fixed schedule that sends an overdue "
+                             "request at once")
     parser.add_argument("--gateway-root", type=Path, default=ROOT,
                         help="run the gateway from this checkout (a worktree of main, for a before/after)")
     parser.add_argument("--skip-fleet", action="store_true", help="only the status path")
@@ -595,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
                         busy = dict(list(lights.items())[:args.busy])
                         wrk_fleet(port, busy, args.busy_s, pid, args.timeout, tmp, target, busy=True)
                 else:
-                    trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout)
+                    trio.run(fleet, port, lights, args.fleet_s, pid, args.timeout, args.schedule == "strict")
         print(upstream_note(base))
     finally:
         gateway.send_signal(signal.SIGTERM)
