@@ -235,6 +235,7 @@ class Fleet:
         self.lags: list[float] = []
         self.answers: dict[int, int] = {}
         self.client_errors: dict[str, int] = {}
+        self.late_at: list[float] = []  # when (s into the run) each request that got no answer in time was sent
 
     def failed(self, why: str) -> None:
         self.client_errors[why] = self.client_errors.get(why, 0) + 1
@@ -273,6 +274,7 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
                     code, keep = await exchange(stream, buf, request)
             except trio.TooSlowError:
                 stats.failed(f"no answer within {timeout:g} s")
+                stats.late_at.append(began - start)
                 stream = None  # a late answer must not be taken for the next one's
                 continue
             except (OSError, trio.BrokenResourceError, Answer) as e:
@@ -327,6 +329,12 @@ async def fleet(port: int, tokens: dict[str, str], seconds: float, gateway_pid: 
           f"generator lag p50 {pct(lags, 0.5)} ms, p99 {pct(lags, 0.99)} ms")
     print(f"CPU per request: server {gw_cpu / max(n, 1) * 1000:.2f} ms ({gw_cpu / wall:.0%} of a core), "
           f"client {my_cpu / max(n, 1) * 1000:.2f} ms ({my_cpu / wall:.0%} of a core)")
+    if stats.late_at:
+        fives = [0] * (int(seconds // 5) + 1)
+        for at in stats.late_at:
+            fives[min(len(fives) - 1, max(0, int(at // 5)))] += 1
+        print("requests with no answer in time, by when they were sent (each 5 s of the run): "
+              + " ".join(map(str, fives)))
     print("goal: zero errors (gateway answers other than 200, and client errors)")
 
 
