@@ -23,7 +23,7 @@ import gatewayd_thingsnxt
 import pytest
 import trio
 
-from gatewayd.testing import gw_client, gw_url, provision, wait_until
+from gatewayd.testing import gw_client, gw_url, provision, sse_data_lines, wait_until
 
 TOKEN = "review7-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -85,22 +85,6 @@ async def test_a_flood_of_long_distinct_paths_does_not_fill_the_remembered_url_m
             assert _held(gw.app.routes) < 150 * 1024, (what, len(gw.app.routes), _held(gw.app.routes))
 
 
-async def _sse_data_lines(stream, n: int) -> list[bytes]:
-    """The first `n` `data:` lines of an SSE stream, as bytes on the wire."""
-    lines: list[bytes] = []
-    buffer = b""
-    with trio.fail_after(30):
-        async for chunk in stream.aiter_raw():
-            buffer += chunk
-            while b"\n" in buffer:
-                line, _, buffer = buffer.partition(b"\n")
-                if line.startswith(b"data: "):
-                    lines.append(line)
-                    if len(lines) == n:
-                        return lines
-    return lines
-
-
 async def test_a_live_event_of_a_reading_is_the_hubs_own_json_byte_for_byte(gateway_factory):
     async with gateway_factory(plugins=[("thingsnxt", gatewayd_thingsnxt)],
                                settings=["plugins.thingsnxt.rate_limit=0"]) as gw, \
@@ -118,7 +102,7 @@ async def test_a_live_event_of_a_reading_is_the_hubs_own_json_byte_for_byte(gate
             r = await client.post(f"/thingsnxt/devices/{esp.device_id}/telemetry",
                                   json={"device_token": esp.key, "data": reading})
             assert r.status_code == 200, r.text
-            lines = await _sse_data_lines(stream, 3)  # online, the first reading (resumed), the second
+            lines = await sse_data_lines(stream, lambda got: len(got) == 3)  # online, the first reading (resumed), the second
         updates = [line for line in lines if b"telemetry_update" in line]
         assert len(updates) == 2
         for line in updates:

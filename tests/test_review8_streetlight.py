@@ -5,44 +5,25 @@ the real gateway, what reaches upstream and its live event on the wire."""
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import gatewayd_streetlight
 import pytest
-import trio
 
-from gatewayd.testing import gw_client, provision, wait_until
+from gatewayd.testing import gw_client, provision, sse_data_lines, wait_until
+
+sys.path.insert(0, str(Path(gatewayd_streetlight.__file__).parents[1] / "tests"))
+from streetlight_testbed import BASE, IMEI, REGISTRATION  # noqa: E402  (the plugin's own tests' light)
 
 TOKEN = "review8-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
-IMEI = "IMEI:351234567890123"
-BASE = "/streetlight/device"
-REGISTRATION = {
-    "device_id": IMEI, "device_type": "street_light_controller", "name": "Light SL001", "city": "Delhi",
-    "latitude": 28.6139, "longitude": 77.2090, "address": "Main Road, Delhi", "status": "off",
-    "battery_backup_hours": 12, "gsm_imei": "351234567890123", "gsm_signal_strength": 85,
-    "communication_type": "GSM", "firmware_version": "v2.1.0", "timestamp": "2025-12-17T10:30:00Z",
-}
 FLAGS = ["a\x7fb", "lampe défectueuse", "\u2028x"]
 
 
 @pytest.fixture(autouse=True)
 def admin_token(monkeypatch):
     monkeypatch.setenv("GATEWAYD_ADMIN_TOKEN", TOKEN)
-
-
-async def _data_lines(stream, want) -> list[bytes]:
-    lines: list[bytes] = []
-    buffer = b""
-    with trio.fail_after(30):
-        async for chunk in stream.aiter_raw():
-            buffer += chunk
-            while b"\n" in buffer:
-                line, _, buffer = buffer.partition(b"\n")
-                if line.startswith(b"data: "):
-                    lines.append(line)
-                    if want(lines):
-                        return lines
-    return lines
 
 
 async def test_a_status_with_del_and_non_ascii_flags_is_stored_and_sent_as_the_plain_dict(gateway_factory,
@@ -61,7 +42,7 @@ async def test_a_status_with_del_and_non_ascii_flags_is_stored_and_sent_as_the_p
             await wait_until(lambda: gw.live.subscribers == 1)
             r = await client.post(f"{BASE}/{IMEI}/status", json=report, headers=auth)
             assert r.status_code == 200, r.text
-            lines = await _data_lines(stream, lambda got: any(b"error_flags" in x for x in got))
+            lines = await sse_data_lines(stream, lambda got: any(b"error_flags" in x for x in got))
         [line] = [x for x in lines if b"error_flags" in x]
         events = json.loads(line[len(b"data: "):])
         [event] = events if isinstance(events, list) else [events]

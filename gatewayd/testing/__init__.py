@@ -90,6 +90,7 @@ from .timeouts import (
     pytest_timeout_set_timer,
     time_left,
 )
+from .sse import sse_data_lines
 from .waiting import wait_until
 
 __all__ = [
@@ -99,7 +100,7 @@ __all__ = [
     # devices
     "provision", "DeviceCredentials", "device_mqtt", "MQTTLogin", "DeviceClient",
     # what the gateway did
-    "wait_until", "reserved_port", "wait_handled", "deliveries", "Delivered", "rejected_messages", "Rejection",
+    "wait_until", "sse_data_lines", "reserved_port", "wait_handled", "deliveries", "Delivered", "rejected_messages", "Rejection",
     "add_firmware", "storage_full", "storage_failing",
     # the MQTT layer alone
     "mqtt_broker", "mqtt_storage", "start_managed_broker", "add_device_account", "device_client",
