@@ -70,24 +70,24 @@ class Server:
     runs: list[dict[str, float]] = field(default_factory=list)
 
 
-def start_streetlight(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str | None]:
+def start_light(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str, str]:
+    """The checkout's gateway with one configured light: the process, its base URL, the light, its token."""
     port = free_port()
     gateway = streetlight_bench.start_gateway(tmp, port, root, python_of(root))
     base = f"http://127.0.0.1:{port}"
     wait_ready(f"{base}/health")
     device = streetlight_bench.light_ids(1)[0]
-    token = streetlight_bench.provision(base, [device])[device]
+    return gateway, base, device, streetlight_bench.provision(base, [device])[device]
+
+
+def start_streetlight(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str | None]:
+    gateway, base, device, token = start_light(root, tmp)
     script = streetlight_bench.status_script(tmp, token, device)
     return gateway, f"{base}/streetlight/device/{device}/status", str(script)
 
 
 def start_poll(root: Path, tmp: Path) -> tuple[subprocess.Popen[bytes], str, str | None]:
-    port = free_port()
-    gateway = streetlight_bench.start_gateway(tmp, port, root, python_of(root))
-    base = f"http://127.0.0.1:{port}"
-    wait_ready(f"{base}/health")
-    device = streetlight_bench.light_ids(1)[0]
-    token = streetlight_bench.provision(base, [device])[device]
+    gateway, base, device, token = start_light(root, tmp)
     script = tmp / "poll.lua"
     script.write_text(f'wrk.headers["Authorization"] = "Bearer {token}"\n')  # streetlight_bench's poll
     return gateway, f"{base}/streetlight/device/{device}/commands", str(script)
