@@ -65,12 +65,23 @@ class HttpSection:
     #: sent again after 1, 3, 7 s (hypercorn's default, 100, drops most of 1,000 at once).
     #: Linux caps it at net.core.somaxconn (4096 since 5.4).
     backlog: int = 1024
+    #: Request handlers running at once; the rest wait their turn, first come first served
+    #: (http/admission.py: 1,000 lights at once answered in order, not all at the end).
+    #: 0 = no limit.
+    max_handlers: int = 32
+    #: How long a handler counts against `max_handlers`: one that waits longer (on a device,
+    #: a plugin's startup) runs on uncounted, so that slow handlers cannot stop the rest.
+    handler_hold_s: float = 0.5
 
     def validate(self) -> None:
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes", f"must be at least 1024, got {self.max_body_bytes}")
         if not 1 <= self.backlog <= 65535:
             raise ConfigError("backlog", f"must be 1 .. 65535 connections, got {self.backlog}")
+        if not 0 <= self.max_handlers <= 100_000:
+            raise ConfigError("max_handlers", f"must be 0 (no limit) .. 100000 handlers, got {self.max_handlers}")
+        if not 0.001 <= self.handler_hold_s <= 3600:
+            raise ConfigError("handler_hold_s", f"must be 0.001 .. 3600 seconds, got {self.handler_hold_s}")
         if self.public_url:
             self.public_url = _base_url(self.public_url)
 

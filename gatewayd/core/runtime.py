@@ -49,6 +49,7 @@ from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
 from .health import ComponentState, Health
 from .. import __version__
+from .http.admission import Admission
 from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
 from .http.openapi import ApiDocs
 from .http.serve import serve_app
@@ -175,6 +176,9 @@ class Gateway:
         self.contexts: dict[str, PluginContext] = {}
         self.failed: dict[str, str] = {}
         self.http_urls: dict[str, list[str]] = {}
+        h = config.http
+        #: One for every listener (they share the CPU); None: `[http] max_handlers = 0`.
+        self.admission = Admission(h.max_handlers, h.handler_hold_s) if h.max_handlers else None
         self.started_at: float | None = None
         self._shutdown = trio.Event()
         self._stop_http = trio.Event()
@@ -450,6 +454,7 @@ class Gateway:
                     graceful_timeout=self.config.gateway.shutdown_grace_s,
                     access_log=self.config.http.access_log,
                     backlog=self.config.http.backlog,
+                    admission=self.admission,
                     tls=self.tls if self.config.tls.http else None,
                     task_status=task_status,
                 )
@@ -578,6 +583,25 @@ class Gateway:
             "gatewayd_live_refused_total", "counter", "Live subscriptions refused (per-token or total limit)",
             lambda: [Sample("gatewayd_live_refused_total", {}, live["refused"])],
         )
+        admission = self.admission
+        if admission is not None:
+            self.metrics.collector(
+                "gatewayd_http_handlers", "gauge",
+                "Request handlers running (counted against http.max_handlers) and requests waiting their turn",
+                lambda: [Sample("gatewayd_http_handlers", {"state": "running"}, admission.running),
+                         Sample("gatewayd_http_handlers", {"state": "waiting"}, admission.waiting)],
+            )
+            self.metrics.collector(
+                "gatewayd_http_admitted_total", "counter",
+                "Requests admitted to their handler at once or after waiting their turn, or whose client left first",
+                lambda: [Sample("gatewayd_http_admitted_total", {"how": how}, admission.stats[how])
+                         for how in ("at_once", "waited", "gave_up")],
+            )
+            self.metrics.collector(
+                "gatewayd_http_handler_overruns_total", "counter",
+                "Handlers that ran longer than http.handler_hold_s and went on uncounted",
+                lambda: [Sample("gatewayd_http_handler_overruns_total", {}, admission.stats["expired"])],
+            )
         self.metrics.collector(
             "gatewayd_maintenance", "gauge", "1 while the gateway is in maintenance mode",
             lambda: [Sample("gatewayd_maintenance", {}, 1.0 if self.maintenance.state.active else 0.0)],

@@ -19,7 +19,8 @@ the answers are the same bytes:
   quart-trio's messages task would only wait for the client's leaving and cancel the
   handler; here hypercorn's queue (`handoff.AppQueue`) cancels it as that message is
   queued, and the response timeout is the same scope's deadline (a task start, its
-  wake-ups, a nursery and a cancel scope less per request);
+  wake-ups, a nursery and a cancel scope less per request); that handler runs in its turn
+  (`admission.Admission`: so many at once, first come first served) when the app has one;
 - the request's headers are built as one list (`LeanHeaders`: a header asked for that is
   not there costs no exception);
 - the URL rule each (method, path, Host) matched is remembered (`Routes`, bounded;
@@ -59,6 +60,7 @@ from werkzeug.utils import get_content_type
 from werkzeug.routing.converters import (AnyConverter, FloatConverter, IntegerConverter, PathConverter,
                                          UnicodeConverter, UUIDConverter)
 
+from .admission import Admission
 from .gate import untested
 from .handoff import AppQueue
 
@@ -257,8 +259,17 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
     async def _answer(self, scope: trio.CancelScope, request: Any, send: Any) -> None:
         """quart-trio's `handle_request` in `scope`, whose deadline is its response timeout:
         quart-trio's own sends the answer within a `move_on_after` of its own, then cancels the
-        nursery, and either way the request ends there, its answer cut short."""
-        response = await self.app.handle_request(request)
+        nursery, and either way the request ends there, its answer cut short. The handler runs
+        in its turn (`LeanQuart.admission`), the answer is sent after it."""
+        admission = cast(LeanQuart, self.app).admission
+        if admission is None:
+            response = await self.app.handle_request(request)
+        else:
+            place = await admission.enter()
+            try:
+                response = await self.app.handle_request(request)
+            finally:
+                admission.leave(place)
         if isinstance(response, Response) and response.timeout != Ellipsis:
             timeout = cast(Any, response.timeout)
         else:
@@ -424,6 +435,9 @@ class LeanQuart(QuartTrio):
         super().__init__(*args, **kwargs)
         self._async_of: dict[Callable[..., Any], Callable[..., Awaitable[Any]]] = {}
         self.unrouted_funcs: list[Callable[[], Awaitable[Any]]] = []
+        #: How many handlers run at once (admission.py); None: no limit. The gateway's
+        #: listeners share one (`[http] max_handlers`).
+        self.admission: Admission | None = None
 
     def ensure_async(self, func: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:  # type: ignore[override]
         """Quart's, remembered per function (a bounded number: the app's own handlers)."""

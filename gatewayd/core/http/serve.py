@@ -17,6 +17,8 @@ from quart_trio import QuartTrio
 from ..schema import Address
 from ..tls import SiteTls
 from . import handoff, keepalive, one_write
+from .admission import Admission
+from .lean import LeanQuart
 
 __all__ = ["GatewayConfig", "RefuseBadHost", "lean_framework", "serve_app"]
 
@@ -42,12 +44,16 @@ async def serve_app(
     graceful_timeout: float,
     access_log: bool,
     backlog: int = 1024,
+    admission: Admission | None = None,
     tls: SiteTls | None = None,
     task_status=trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` with hypercorn in this trio run; `task_status.started(bound URLs)`.
     With `tls` (and `tls.http` set) the listener speaks HTTPS only. `backlog`: the listen
-    queue's length (`[http] backlog`; hypercorn's own default is 100)."""
+    queue's length (`[http] backlog`; hypercorn's own default is 100). `admission`: how
+    many of a `LeanQuart`'s handlers run at once (`[http] max_handlers`; None: no limit)."""
+    if isinstance(app, LeanQuart):
+        app.admission = admission
     config = GatewayConfig()
     config.bind = [str(listen)]
     config.backlog = backlog
