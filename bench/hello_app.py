@@ -1,6 +1,6 @@
 """The baseline: a bare QuartTrio hello-world on hypercorn (same stack, no gateway).
 
-    python bench/hello_app.py HOST:PORT [--any-path] [--default-gc] [--gateway-http]
+    python bench/hello_app.py HOST:PORT [--any-path] [--default-gc] [--gateway-http] [--backlog N]
 
 `--any-path`: every path and method is answered "hello" (a body is read first), so the
 streetlight fleet's requests can be pointed at it unchanged (`streetlight_bench.py
@@ -8,6 +8,8 @@ streetlight fleet's requests can be pointed at it unchanged (`streetlight_bench.
 `--gateway-http`: the gateway's framework changes applied (`gatewayd.core.http.lean.LeanQuart`,
 `serve.GatewayConfig`, `serve.lean_framework()`): what they save on the framework alone
 (bench/http_pair.py --route hello).
+`--backlog N`: the listen queue (hypercorn's default, 100, unless given; the gateway's
+`[http] backlog` is 1024: streetlight_bench.py gives the fleet's hello-world the same).
 """
 
 import sys
@@ -48,6 +50,8 @@ if __name__ == "__main__":
     config = Config()
     config.bind = [sys.argv[1]]
     config.accesslog = None
+    if "--backlog" in sys.argv:
+        config.backlog = int(sys.argv[sys.argv.index("--backlog") + 1])
     if "--default-gc" not in sys.argv:
         from gatewayd.core.runtime import tune_gc
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/streetlight_bench.py [--duration 10] [--repeats 3] [--lights 1000] [--fleet-s 30]
         [--target gateway|hello|both] [--generator python|wrk] [--gateway-root PATH] [--skip-status-path]
-        [--no-upstream] [--busy 32] [--schedule firmware|strict]
+        [--no-upstream] [--busy 32] [--schedule firmware|strict] [--set KEY=VALUE ...]
 
 1. Status path: `POST /streetlight/device/<id>/status` with section 2's example body and
    the light's bearer token (JWT check, body declaration and checks, the status and
@@ -66,8 +66,9 @@
    count), the answers in each second (a stall shows), and the listen queue's overflows and
    the SYNs sent again per 0.5 s (whole-machine counters, /proc/net/netstat: another
    bench's drops show there too; the lights' own waits are the line above), with the
-   accept queue's length (ss's Recv-Q). The hello-world keeps hypercorn's queue of 100
-   (`[http] backlog` is the gateway's): its lights wait for their connections.
+   accept queue's length (ss's Recv-Q). The hello-world listens with the gateway's queue
+   (1,024, `[http] backlog`; before 2026-12-03 hypercorn's 100, and its lights waited for
+   their connections).
 
 `--gateway-root PATH` runs the gateway from another checkout (a worktree of main: the
 "before" of a before/after in the same sitting, with the same bench and client).
@@ -88,6 +89,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -106,11 +108,11 @@ STATUS = {"device_id": "{id}", "light_id": "SL001", "timestamp": "2025-12-17T10:
 
 
 def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = None,
-                  upstream: bool = True) -> subprocess.Popen[bytes]:
+                  upstream: bool = True, settings: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     """The daemon of checkout `root` (mqtt off, the bench's limits) on 127.0.0.1:`port`, with an
     offline `[[upstream]]` unless `upstream` is False (bench/run.py's `upstream_args`); with
     `python` that interpreter (the checkout's own venv), else this one with `root` first on
-    the path."""
+    the path; `settings`: more `--set KEY=VALUE`s, after the bench's."""
     sink_args, sink_env = upstream_args(tmp, root, enabled=upstream)
     env = {**os.environ, "GATEWAYD_ADMIN_TOKEN": TOKEN, **sink_env}
     if root != ROOT and python is None:  # that checkout's gateway and plugin, this bench's venv
@@ -120,7 +122,8 @@ def start_gateway(tmp: Path, port: int, root: Path = ROOT, python: str | None = 
          "--set", f"gateway.data_dir='{tmp}'", "--set", "http.access_log=false", "--set", "mqtt.broker=off",
          "--set", "log.level=warning", "--set", "plugins.streetlight.requests_per_minute=100000",
          # 1,000 lights configure from this one address within a minute (the bench, not a site)
-         "--set", "plugins.streetlight.configure_per_address_per_minute=100000"],
+         "--set", "plugins.streetlight.configure_per_address_per_minute=100000",
+         *[arg for setting in settings for arg in ("--set", setting)]],
         cwd=root, env=env)
 
 
@@ -593,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--busy-s", type=float, default=10.0, help="how long the --busy run sends")
     parser.add_argument("--no-upstream", action="store_true",
                         help="no [[upstream]]: no upstream record per request (the old measure)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                        help="a setting for the gateway (gatewayd run --set), e.g. http.max_handlers=0; repeatable")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
         print("bench: wrk is not installed: apt-get install wrk", file=sys.stderr)
@@ -600,8 +605,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="gatewayd-streetlight-bench-"))
     hello_port, gw_port = free_port(), free_port()
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}",
-                              "--any-path"])
-    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve(), upstream=not args.no_upstream)
+                              "--any-path", "--backlog", "1024"])  # the gateway's [http] backlog
+    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve(), upstream=not args.no_upstream,
+                            settings=args.settings)
+    if args.settings:
+        print("gateway settings: " + " ".join(args.settings))
     base = f"http://127.0.0.1:{gw_port}"
     try:
         wait_ready(f"{base}/health")
