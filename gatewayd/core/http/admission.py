@@ -59,8 +59,8 @@ class Admission:
         self._running: deque[Place] = deque()  # oldest first: their deadlines in order
         self._waiting: deque[_Turn] = deque()  # first come first
         #: handlers let in at once, or after waiting their turn; requests whose client left
-        #: while they waited (gave_up); places given on because their handler ran longer
-        #: than hold_s (expired)
+        #: while they waited, or as they were let in (gave_up: their handler never ran);
+        #: places given on because their handler ran longer than hold_s (expired)
         self.stats = {"at_once": 0, "waited": 0, "gave_up": 0, "expired": 0}
 
     @property
@@ -113,15 +113,16 @@ class Admission:
                 with trio.move_on_at(deadline):
                     await turn.woken.wait()
         except BaseException:
+            self.stats["gave_up"] += 1  # its handler never ran, given a place or not
             if turn.place is not None:
                 self.leave(turn.place)  # given a place, then cancelled before it ran
             else:
-                self.stats["gave_up"] += 1
                 first = self._waiting[0] is turn
                 self._waiting.remove(turn)
                 if first and self._waiting:
                     self._waiting[0].woken.set()  # the next in line keeps the clock now
             raise
+        self.stats["waited"] += 1  # counted here, not as given: a request cancelled first gave up
         return turn.place
 
     def _hand_on(self) -> None:
@@ -132,7 +133,6 @@ class Admission:
         turn = waiting.popleft()
         place = Place(trio.current_time() + self.hold_s)
         self._running.append(place)
-        self.stats["waited"] += 1
         turn.place = place
         turn.woken.set()
         if waiting:
