@@ -213,9 +213,6 @@ async def test_a_request_cancelled_as_it_is_given_a_place_counts_as_gave_up_not_
     assert admission.stats == {"at_once": 1, "waited": 0, "gave_up": 1, "expired": 0}
 
 
-@pytest.mark.xfail(strict=True, reason="leave() takes its place out of a deque by search: O(places held), so with a "
-                   "large max_handlers (allowed up to 100,000) a burst costs O(n^2): 10,000 leavings 0.4 s of CPU, "
-                   "30,000 3.4 s")
 async def test_leaving_costs_the_same_however_many_places_are_held(monkeypatch):
     compared = [0]
 
