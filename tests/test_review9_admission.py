@@ -19,7 +19,10 @@ from gatewayd_kaiabc.service import Kaiabc
 
 from gatewayd.core.config import load_config
 from gatewayd.core.http.admission import Admission, Place
+from gatewayd.core.http.lean import LeanQuart
+from gatewayd.core.http.serve import serve_app
 from gatewayd.core.runtime import Gateway
+from gatewayd.core.schema import Address
 from gatewayd.plugins.manager import build_plugin_manager
 from gatewayd.plugins.api import hookimpl
 from gatewayd.testing import gw_client, gw_url, wait_until
@@ -361,3 +364,30 @@ async def test_requests_waiting_on_a_plugins_startup_hold_no_place(tmp_path, mon
                     resume.set()
         gateway.request_shutdown()
     assert answers == [401, 401]  # answered once the plugin started (no device key), not 503
+
+
+async def test_a_handler_asking_its_own_server_with_one_place_is_answered_after_the_hold():
+    # The one place is held by a handler that waits on a request to the same server, which
+    # needs a place: no deadlock, that request goes in once the holder's hold_s is up.
+    app = LeanQuart("nested")
+    port = reserved_port()
+    base = f"http://127.0.0.1:{port}"
+
+    @app.get("/quick")
+    async def quick() -> str:
+        return "quick"
+
+    @app.get("/outer")
+    async def outer() -> str:
+        async with httpx.AsyncClient(base_url=base, timeout=20) as own:
+            return "outer+" + (await own.get("/quick")).text
+
+    admission, stop = Admission(1, hold_s=0.2), trio.Event()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: serve_app(
+            app, Address("127.0.0.1", port), shutdown_trigger=stop.wait, graceful_timeout=1, access_log=False,
+            admission=admission, task_status=task_status))
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            assert (await client.get("/outer")).text == "outer+quick"
+        stop.set()
+    assert admission.stats == {"at_once": 1, "waited": 1, "gave_up": 0, "expired": 1}
