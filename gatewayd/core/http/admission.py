@@ -21,7 +21,7 @@ answers is sent after it has left its place: a live stream (SSE) holds none whil
 from __future__ import annotations
 
 import math
-from collections import deque
+from collections import OrderedDict, deque
 
 import trio
 
@@ -56,11 +56,13 @@ class Admission:
             raise ValueError(f"need limit >= 1 and hold_s > 0, got {limit}, {hold_s}")
         self.limit = limit
         self.hold_s = hold_s
-        self._running: deque[Place] = deque()  # oldest first: their deadlines in order
+        # oldest first (their deadlines in order); an OrderedDict, not a deque: a handler
+        # leaves in any order, and a deque's remove() searches (max_handlers may be large)
+        self._running: OrderedDict[Place, None] = OrderedDict()
         self._waiting: deque[_Turn] = deque()  # first come first
         #: handlers let in at once, or after waiting their turn; requests whose client left
-        #: while they waited (gave_up); places given on because their handler ran longer
-        #: than hold_s (expired)
+        #: while they waited, or as they were let in (gave_up: their handler never ran);
+        #: places given on because their handler ran longer than hold_s (expired)
         self.stats = {"at_once": 0, "waited": 0, "gave_up": 0, "expired": 0}
 
     @property
@@ -82,7 +84,7 @@ class Admission:
                 self._expire(trio.current_time())
             if len(running) < self.limit:
                 place = Place(trio.current_time() + self.hold_s)
-                running.append(place)
+                running[place] = None
                 self.stats["at_once"] += 1
                 return place
         return await self._wait()
@@ -92,7 +94,7 @@ class Admission:
         if place.expired:
             return  # given on already
         place.expired = True
-        self._running.remove(place)
+        del self._running[place]
         self._hand_on()
 
     async def _wait(self) -> Place:
@@ -108,20 +110,21 @@ class Admission:
                     if turn.place is not None:
                         break
                     if self._running:
-                        deadline = self._running[0].deadline
+                        deadline = next(iter(self._running)).deadline
                 turn.woken = trio.Event()
                 with trio.move_on_at(deadline):
                     await turn.woken.wait()
         except BaseException:
+            self.stats["gave_up"] += 1  # its handler never ran, given a place or not
             if turn.place is not None:
                 self.leave(turn.place)  # given a place, then cancelled before it ran
             else:
-                self.stats["gave_up"] += 1
                 first = self._waiting[0] is turn
                 self._waiting.remove(turn)
                 if first and self._waiting:
                     self._waiting[0].woken.set()  # the next in line keeps the clock now
             raise
+        self.stats["waited"] += 1  # counted here, not as given: a request cancelled first gave up
         return turn.place
 
     def _hand_on(self) -> None:
@@ -131,8 +134,7 @@ class Admission:
             return
         turn = waiting.popleft()
         place = Place(trio.current_time() + self.hold_s)
-        self._running.append(place)
-        self.stats["waited"] += 1
+        self._running[place] = None
         turn.place = place
         turn.woken.set()
         if waiting:
@@ -141,7 +143,11 @@ class Admission:
     def _expire(self, now: float) -> None:
         """Places held past their time are given on (their handlers run on, uncounted)."""
         running = self._running
-        while running and running[0].deadline <= now:
-            running.popleft().expired = True
+        while running:
+            place = next(iter(running))
+            if place.deadline > now:
+                return
+            running.popitem(last=False)
+            place.expired = True
             self.stats["expired"] += 1
             self._hand_on()
