@@ -1,4 +1,4 @@
-"""gatewayd.core.http.admission: at most `max_handlers` request handlers at once, the rest
+"""gatewayd.core.admission: at most `max_handlers` request handlers at once, the rest
 first come first served; a handler past `handler_hold_s` runs on uncounted. First the
 Admission alone on trio's virtual clock, then over real sockets (hypercorn and the lean
 app), then the `[http]` keys and the gateway's wiring."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 from typing import Any
 
 import httpx
@@ -15,7 +16,8 @@ import trio
 from quart import Response, request
 
 from gatewayd.core.config import load_config
-from gatewayd.core.http.admission import Admission
+from gatewayd.core.admission import Admission, Seat, current, step_aside, step_back, waiting_elsewhere
+from gatewayd.core.storage import Storage
 from gatewayd.core.http.lean import LeanQuart
 from gatewayd.core.http.serve import serve_app
 from gatewayd.core.schema import Address
@@ -51,7 +53,7 @@ async def test_at_most_the_limit_run_and_the_rest_in_the_order_they_came(autojum
         inside += 1 if what == "in" else -1
         peak = max(peak, inside)
     assert peak == 2
-    assert admission.stats == {"at_once": 2, "waited": 6, "gave_up": 0, "expired": 0}
+    assert admission.stats == {"at_once": 2, "waited": 6, "gave_up": 0, "expired": 0, "aside": 0}
     assert admission.running == admission.waiting == 0
 
 
@@ -75,7 +77,7 @@ async def test_a_held_place_is_taken_back_only_when_someone_waits(autojump_clock
     await trio.sleep(5)
     assert admission.running == 1 and admission.stats["expired"] == 0
     second = await admission.enter()  # at once: the first's time was long up
-    assert admission.stats == {"at_once": 2, "waited": 0, "gave_up": 0, "expired": 1}
+    assert admission.stats == {"at_once": 2, "waited": 0, "gave_up": 0, "expired": 1, "aside": 0}
     admission.leave(first)
     assert admission.running == 1
     admission.leave(second)
@@ -97,7 +99,7 @@ async def test_a_request_whose_client_left_while_waiting_leaves_the_line(autojum
         await trio.sleep(0.1)
         assert admission.waiting == 1
     assert [name for what, name, _ in log if what == "in"] == ["holder", "after"]
-    assert admission.stats == {"at_once": 1, "waited": 1, "gave_up": 1, "expired": 0}
+    assert admission.stats == {"at_once": 1, "waited": 1, "gave_up": 1, "expired": 0, "aside": 0}
 
 
 async def _cancellable(scope: trio.CancelScope, admission: Admission, log: list, name: str) -> None:
@@ -255,7 +257,7 @@ async def test_a_request_waits_while_the_places_are_taken_and_is_answered_after(
                 release.set()
         stop.set()
     assert answers == ["held", "quick"]
-    assert admission.stats == {"at_once": 1, "waited": 1, "gave_up": 0, "expired": 0}
+    assert admission.stats == {"at_once": 1, "waited": 1, "gave_up": 0, "expired": 0, "aside": 0}
 
 
 async def test_a_client_that_leaves_while_waiting_is_taken_out_of_the_line():
@@ -345,6 +347,96 @@ def _slow_upload(port: int) -> bytes:
     return answer
 
 
+async def test_a_wait_elsewhere_gives_the_place_on_and_takes_one_again_before_new_requests(autojump_clock):
+    admission = Admission(1, hold_s=100)
+    order: list[str] = []
+    step_aside()  # outside a handler: nothing
+    await step_back()
+
+    async def handler(name: str, wait: trio.Event | None = None) -> None:
+        seat = Seat(admission, await admission.enter(), trio.lowlevel.current_task())
+        held = current.set(seat)
+        try:
+            order.append(f"{name} in")
+            if wait is not None:
+                await trio.to_thread.run_sync(step_aside)  # a thread sees the context: it cannot touch trio
+                assert seat.place is not None
+                async with waiting_elsewhere():
+                    assert seat.place is None and admission.running == 0  # free for the next one
+                    await wait.wait()
+                order.append(f"{name} back")
+            await trio.sleep(1)
+        finally:
+            current.reset(held)
+            seat.leave()
+            order.append(f"{name} out")
+
+    device = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler, "slow", device)
+        await trio.sleep(0.1)
+        nursery.start_soon(handler, "second")
+        await trio.sleep(0.1)
+        nursery.start_soon(handler, "third")  # waits: "second" has the place
+        await trio.sleep(0.1)
+        device.set()  # "slow" is back, and goes before "third"
+    assert order == ["slow in", "second in", "second out", "slow back", "slow out", "third in", "third out"]
+    assert admission.stats == {"at_once": 2, "waited": 1, "gave_up": 0, "expired": 0, "aside": 1}
+    assert admission.running == admission.waiting == 0
+
+
+async def _async_step_aside() -> None:
+    step_aside()
+
+
+async def test_only_the_handlers_own_task_and_a_place_it_holds_step_aside(autojump_clock):
+    admission = Admission(1, hold_s=0.5)
+    seat = Seat(admission, await admission.enter(), trio.lowlevel.current_task())
+    held = current.set(seat)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_async_step_aside)  # a task the handler started: not the handler
+        assert seat.place is not None and admission.stats["aside"] == 0
+        await trio.sleep(1)
+        other = await admission.enter()  # the handler overran: its place went on to this one
+        step_aside()  # it has none to give: it runs on uncounted and does not come back in line
+        await step_back()
+        assert seat.place is None and admission.running == 1 and admission.stats["aside"] == 0
+        admission.leave(other)
+    finally:
+        current.reset(held)
+        seat.leave()
+    assert admission.running == 0
+
+
+@pytest.mark.parametrize("kind", ["write", "read"])
+async def test_a_handler_waiting_on_the_database_gives_its_place_to_the_next_request(tmp_path, kind):
+    storage = Storage(tmp_path / "gatewayd.sqlite3")
+    writer_busy, release, stop = threading.Event(), trio.Event(), trio.Event()
+    app = _app(release)
+
+    @app.get("/database")
+    async def database() -> str:
+        await getattr(storage, kind)(writer_busy.wait, 20)  # the writer (or a reader) held up
+        return "done"
+
+    admission = Admission(1, hold_s=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(storage.run)
+        base = await _serving(nursery, app, admission, stop)
+        async with httpx.AsyncClient(base_url=base, timeout=20) as client:
+            async with trio.open_nursery() as requests:
+                requests.start_soon(client.get, "/database")
+                await wait_until(lambda: admission.stats["aside"] == 1, what="the handler waits on the database")
+                # with its one place held for an hour, this would wait that long
+                assert (await client.get("/quick")).text == "quick"
+                writer_busy.set()
+            assert admission.stats == {"at_once": 2, "waited": 0, "gave_up": 0, "expired": 0, "aside": 1}
+            assert admission.running == 0  # the handler took a place again after its wait, and left it
+        stop.set()
+        nursery.cancel_scope.cancel()
+
+
 # -- the [http] keys and the gateway's wiring ----------------------------------------------------
 
 
@@ -379,8 +471,9 @@ async def test_the_gateway_admits_with_its_config_and_counts_in_its_metrics(gate
     assert 'gatewayd_http_handlers{state="waiting"} 0' in metrics
     # /metrics itself is running as it reports; the three /health before it were let in at once
     assert 'gatewayd_http_handlers{state="running"} 1' in metrics
-    assert 'gatewayd_http_admitted_total{how="at_once"} 4' in metrics
-    assert "gatewayd_http_handler_overruns_total 0" in metrics
+    assert 'gatewayd_http_admission_total{outcome="at_once"} 4' in metrics
+    assert 'gatewayd_http_admission_total{outcome="waited"} 0' in metrics
+    assert 'gatewayd_http_places_given_back_total{why="overran"} 0' in metrics
 
 
 async def test_no_limit_when_max_handlers_is_0(gateway_factory):

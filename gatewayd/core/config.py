@@ -66,7 +66,7 @@ class HttpSection:
     #: Linux caps it at net.core.somaxconn (4096 since 5.4).
     backlog: int = 1024
     #: Request handlers running at once; the rest wait their turn, first come first served
-    #: (http/admission.py: 1,000 lights at once answered in order, not all at the end).
+    #: (core/admission.py: 1,000 lights at once answered in order, not all at the end).
     #: 0 = no limit.
     max_handlers: int = 32
     #: How long a handler counts against `max_handlers`: one that waits longer (on a device,

@@ -49,7 +49,7 @@ from .devices.http import admin_blueprint
 from .devices.services import DeviceServices
 from .health import ComponentState, Health
 from .. import __version__
-from .http.admission import Admission
+from .admission import Admission
 from .http.app import AdminGuard, core_blueprint, create_app, guard_plugin
 from .http.openapi import ApiDocs
 from .http.serve import serve_app
@@ -592,15 +592,19 @@ class Gateway:
                          Sample("gatewayd_http_handlers", {"state": "waiting"}, admission.waiting)],
             )
             self.metrics.collector(
-                "gatewayd_http_admitted_total", "counter",
-                "Requests admitted to their handler at once or after waiting their turn, or whose client left first",
-                lambda: [Sample("gatewayd_http_admitted_total", {"how": how}, admission.stats[how])
-                         for how in ("at_once", "waited", "gave_up")],
+                "gatewayd_http_admission_total", "counter",
+                "Requests by how they reached their handler: at once, after waiting their turn, or not at all "
+                "(gave_up: the client left first)",
+                lambda: [Sample("gatewayd_http_admission_total", {"outcome": o}, admission.stats[o])
+                         for o in ("at_once", "waited", "gave_up")],
             )
             self.metrics.collector(
-                "gatewayd_http_handler_overruns_total", "counter",
-                "Handlers that ran longer than http.handler_hold_s and went on uncounted",
-                lambda: [Sample("gatewayd_http_handler_overruns_total", {}, admission.stats["expired"])],
+                "gatewayd_http_places_given_back_total", "counter",
+                "Places handlers gave up before they ended: to wait on the database or a device (aside), or "
+                "after http.handler_hold_s (overran: counted when taken back, only when requests wait)",
+                lambda: [Sample("gatewayd_http_places_given_back_total", {"why": "aside"}, admission.stats["aside"]),
+                         Sample("gatewayd_http_places_given_back_total", {"why": "overran"},
+                                admission.stats["expired"])],
             )
         self.metrics.collector(
             "gatewayd_maintenance", "gauge", "1 while the gateway is in maintenance mode",

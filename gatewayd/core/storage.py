@@ -27,6 +27,7 @@ import peewee
 import trio
 from playhouse.migrate import SqliteMigrator
 
+from .admission import step_aside, step_back
 from .backupdir import BackupDirError, prepare_dir, prune_pre_upgrade, space_problem
 from .health import ComponentState
 from .logs import get_logger
@@ -496,12 +497,14 @@ class Storage:
         # write, which costs the busy trio thread more than the INSERT costs the writer.
         job = _Job(fn, args, trio.lowlevel.current_task())
         self._queue.put(job)
+        step_aside()  # a request's handler waits for the commit: its place to the next request
 
         def abandon(_: Any) -> trio.lowlevel.Abort:
             job.task = None  # cancelled: the job still runs and commits, nobody waits
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abandon)
+        await step_back()  # committed (or not): the handler's place again, before new requests
         if job.error is not None:
             raise job.error
         return job.result
@@ -713,7 +716,10 @@ class Storage:
         """Run `fn(*args)` on a reader thread (own connection) and return its result."""
         if not self._open:
             raise StorageUnavailable("storage is not open")
-        return await trio.to_thread.run_sync(self._read, fn, args, limiter=self._readers)
+        step_aside()  # a request's handler waits for a reader thread: its place to the next request
+        result = await trio.to_thread.run_sync(self._read, fn, args, limiter=self._readers)
+        await step_back()
+        return result
 
     def _read(self, fn: Callable[..., T], args: tuple) -> T:
         self.database.connect(reuse_if_open=True)

@@ -43,6 +43,7 @@ import pluggy
 from markupsafe import Markup
 from msgspec import Meta, Struct
 
+from ..core.admission import waiting_elsewhere
 from ..core.alerts.events import Event, EventError
 from ..core.devices.auth import AuthError, IssuedToken
 from ..core.devices.commands import Command
@@ -165,6 +166,7 @@ __all__ = [
     "read_json_object",
     "send_frames",
     "stream_writer",
+    "waiting_elsewhere",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)

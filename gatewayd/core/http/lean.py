@@ -60,7 +60,7 @@ from werkzeug.utils import get_content_type
 from werkzeug.routing.converters import (AnyConverter, FloatConverter, IntegerConverter, PathConverter,
                                          UnicodeConverter, UUIDConverter)
 
-from .admission import Admission
+from ..admission import Admission, Seat, current
 from .gate import untested
 from .handoff import AppQueue
 
@@ -265,11 +265,13 @@ class LeanHTTPConnection(TrioASGIHTTPConnection):
         if admission is None:
             response = await self.app.handle_request(request)
         else:
-            place = await admission.enter()
+            seat = Seat(admission, await admission.enter(), trio.lowlevel.current_task())
+            held = current.set(seat)  # for a wait elsewhere (admission.waiting_elsewhere)
             try:
                 response = await self.app.handle_request(request)
             finally:
-                admission.leave(place)
+                current.reset(held)
+                seat.leave()
         if isinstance(response, Response) and response.timeout != Ellipsis:
             timeout = cast(Any, response.timeout)
         else:

@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from ..schema import Address
 from ..tls import SiteTls
 from . import handoff, keepalive, one_write
-from .admission import Admission
+from ..admission import Admission
 from .lean import LeanQuart
 
 __all__ = ["GatewayConfig", "RefuseBadHost", "lean_framework", "serve_app"]

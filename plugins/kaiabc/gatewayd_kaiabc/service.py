@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import trio
 
-from gatewayd.plugins.api import PluginContext, Record
+from gatewayd.plugins.api import PluginContext, Record, waiting_elsewhere
 
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
@@ -127,8 +127,10 @@ class Kaiabc:
         MQTT) before a plugin's startup ends; a request in that window waits here instead of
         finding no nodes (404) or changing an oscillator that the resumption then overwrites."""
         if not self.ready.is_set():
+            # a request waiting here needs no CPU: its place to the next request meanwhile
             with trio.move_on_after(timeout_s):
-                await self.ready.wait()
+                async with waiting_elsewhere():
+                    await self.ready.wait()
         return self.ready.is_set()
 
     async def save(self, *node_ids: str) -> None:
