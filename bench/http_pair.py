@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import streetlight_bench, thingsnxt_bench  # noqa: E402
-from bench.run import free_port, wait_ready, wrk  # noqa: E402
+from bench.run import free_port, python_of, wait_ready, wrk  # noqa: E402
 
 
 def cpu_s(pid: int) -> float:
@@ -51,12 +51,6 @@ def cpu_s(pid: int) -> float:
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def python_of(root: Path) -> str | None:
-    """The checkout's own interpreter (its venv imports its own plugins), if it has one."""
-    venv = root / ".venv" / "bin" / "python"
-    return str(venv) if venv.exists() else None
 
 
 @dataclass

@@ -39,6 +39,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def python_of(root: Path) -> str | None:
+    """The checkout's own interpreter (its venv imports its own plugins), if it has one."""
+    venv = root / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else None
+
+
 def wait_ready(url: str, timeout: float = 30) -> float:
     began = time.monotonic()
     while time.monotonic() - began < timeout:

@@ -97,7 +97,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.run import _ms, free_port, upstream_args, upstream_note, wait_ready, wrk  # noqa: E402
+from bench.run import _ms, free_port, python_of, upstream_args, upstream_note, wait_ready, wrk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "bench-admin-token"
@@ -606,8 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     hello_port, gw_port = free_port(), free_port()
     hello = subprocess.Popen([sys.executable, str(ROOT / "bench" / "hello_app.py"), f"127.0.0.1:{hello_port}",
                               "--any-path", "--backlog", "1024"])  # the gateway's [http] backlog
-    gateway = start_gateway(tmp, gw_port, args.gateway_root.resolve(), upstream=not args.no_upstream,
-                            settings=args.settings)
+    root = args.gateway_root.resolve()  # its own venv when it has one (its plugins, as installed there)
+    gateway = start_gateway(tmp, gw_port, root, python_of(root) if root != ROOT else None,
+                            upstream=not args.no_upstream, settings=args.settings)
     if args.settings:
         print("gateway settings: " + " ".join(args.settings))
     base = f"http://127.0.0.1:{gw_port}"
