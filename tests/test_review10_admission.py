@@ -246,7 +246,6 @@ def _fails() -> None:
     raise LookupError("no such row")  # what a read's fn raises for a 404 (peewee's DoesNotExist)
 
 
-@pytest.mark.xfail(strict=True, reason="storage.read skips step_back when the read raises: the handler runs on uncounted")
 async def test_a_read_that_raises_gives_the_handler_its_place_again(tmp_path):
     # A read whose fn raises (a row not found: the handler answers 404) skipped step_back: the
     # handler ran on uncounted, and with the limit 1 a new request was let in beside it.
@@ -270,7 +269,6 @@ async def test_a_write_whose_job_fails_gives_the_handler_its_place_again(tmp_pat
     assert admission.running == admission.waiting == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a storage call (or a nested waiting_elsewhere) inside waiting_elsewhere takes the place back mid-wait")
 async def test_a_wait_of_a_plugins_own_around_a_storage_call_holds_no_place_until_it_ends(tmp_path):
     # waiting_elsewhere is public: a plugin's `async with waiting_elsewhere(): await
     # ctx.storage.write(...); await device_answer()`. The write's step_back took a place in
@@ -286,7 +284,6 @@ async def test_a_wait_of_a_plugins_own_around_a_storage_call_holds_no_place_unti
     assert admission.running == admission.waiting == 0
 
 
-@pytest.mark.xfail(strict=True, reason="kaiabc's timeout cancels through waiting_elsewhere, which then does not step back")
 async def test_kaiabcs_startup_wait_that_times_out_gives_the_handler_its_place_again(autojump_clock):
     # move_on_after around waiting_elsewhere: the timeout's Cancelled went through __aexit__,
     # which does not step back: the handler answered (503) on, uncounted.
@@ -396,3 +393,20 @@ async def test_a_sync_view_in_a_thread_holds_its_place_and_gives_it_back():
                 assert (await client.get("/sync")).text == "sync"
         stop.set()
     assert admission.stats["aside"] == 0 and admission.running == admission.waiting == 0
+
+
+async def test_a_wait_ended_by_an_error_the_handler_answers_takes_a_place_again(autojump_clock):
+    admission = Admission(1, hold_s=3600)
+    async with _seated(admission) as seat:
+        with pytest.raises(TimeoutError):
+            async with waiting_elsewhere():
+                raise TimeoutError("the device did not answer")  # the handler answers 504
+        assert seat.place is not None and admission.running == 1
+        with trio.move_on_after(1):
+            async with waiting_elsewhere():
+                await trio.sleep(2)  # cancelled: it does not take a place again
+        assert seat.place is None and admission.running == 0
+        async with waiting_elsewhere():  # nor does a later wait: it has no place to give
+            pass
+        assert seat.place is None and admission.running == 0
+    assert admission.running == admission.waiting == 0

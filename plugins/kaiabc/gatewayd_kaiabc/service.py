@@ -128,8 +128,9 @@ class Kaiabc:
         finding no nodes (404) or changing an oscillator that the resumption then overwrites."""
         if not self.ready.is_set():
             # a request waiting here needs no CPU: its place to the next request meanwhile
-            with trio.move_on_after(timeout_s):
-                async with waiting_elsewhere():
+            # (the timeout inside: cancelled through waiting_elsewhere, it would not take one again)
+            async with waiting_elsewhere():
+                with trio.move_on_after(timeout_s):
                     await self.ready.wait()
         return self.ready.is_set()
 
