@@ -410,3 +410,67 @@ async def test_a_wait_ended_by_an_error_the_handler_answers_takes_a_place_again(
             pass
         assert seat.place is None and admission.running == 0
     assert admission.running == admission.waiting == 0
+
+
+async def test_the_returner_keeping_the_clock_cancelled_hands_it_to_the_first_new_request(autojump_clock):
+    # "holder" never leaves (its place is up at 1.01); the returner, first in line, keeps the
+    # clock; cancelled at 0.5, the new request behind it must keep it and go in at 1.01
+    admission = Admission(1, hold_s=1)
+    scope = trio.CancelScope()
+    log: list[tuple[str, float]] = []
+
+    async def returner() -> None:
+        with scope:
+            async with _seated(admission):
+                async with waiting_elsewhere():
+                    await trio.sleep(0.05)
+                log.append(("returner", trio.current_time()))  # never: cancelled in line
+
+    async def new() -> None:
+        place = await admission.enter()
+        log.append(("new", trio.current_time()))
+        admission.leave(place)
+
+    with trio.fail_after(100):  # virtual seconds: "new" stranded, never keeping the clock, ends here
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(returner)
+            await trio.sleep(0.01)
+            holder = await admission.enter()  # the place the returner gave
+            await trio.sleep(0.09)
+            assert admission.waiting == 1  # the returner, back at 0.05, in line
+            nursery.start_soon(new)
+            await trio.sleep(0.4)
+            scope.cancel()
+    assert log == [("new", pytest.approx(1.01))]
+    admission.leave(holder)
+    assert admission.running == admission.waiting == 0
+
+
+async def test_a_returner_cancelled_as_it_is_given_a_place_gives_it_to_the_next(autojump_clock):
+    admission = Admission(1, hold_s=3600)
+    scope = trio.CancelScope()
+    log: list[str] = []
+
+    async def returner() -> None:
+        with scope:
+            async with _seated(admission):
+                async with waiting_elsewhere():
+                    await trio.sleep(0.1)
+                log.append("returner")  # never: cancelled as it was given the place
+
+    async def new() -> None:
+        place = await admission.enter()
+        log.append("new")
+        admission.leave(place)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(returner)
+        await trio.testing.wait_all_tasks_blocked()
+        holder = await admission.enter()
+        nursery.start_soon(new)
+        await trio.sleep(1)
+        assert admission.waiting == 2  # the returner first, then "new"
+        scope.cancel()  # the returner's client leaves (its wait is aborted) ...
+        admission.leave(holder)  # ... and in the same instant, before it ran, it is given the place
+    assert log == ["new"]
+    assert admission.running == admission.waiting == 0
