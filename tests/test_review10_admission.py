@@ -21,7 +21,8 @@ import trio.testing
 import gatewayd_kaiabc
 from gatewayd_kaiabc.service import Kaiabc
 
-from gatewayd.core.admission import Admission, Seat, current, step_aside, step_back, waiting_elsewhere
+from gatewayd.core.admission import (Admission, Seat, current, step_aside, step_back, waiting_elsewhere,
+                                     waiting_elsewhere_for)
 from gatewayd.core.http.lean import LeanQuart
 from gatewayd.core.http.serve import serve_app
 from gatewayd.core.schema import Address
@@ -477,8 +478,6 @@ async def test_a_returner_cancelled_as_it_is_given_a_place_gives_it_to_the_next(
     assert admission.running == admission.waiting == 0
 
 
-@pytest.mark.xfail(strict=True, reason="kaiabc's node lock is waited on holding a place: the lock's holder, back "
-                                       "from a storage call, finds every place held by those waiters until hold_s")
 async def test_a_burst_of_registrations_is_not_held_up_by_the_node_lock(gateway_factory, monkeypatch):
     # POST /sensors/nodes takes kaiabc's one node lock and provisions the device (storage)
     # under it. The holder steps aside for the storage; the next requests are let in and wait
@@ -505,3 +504,38 @@ async def test_a_burst_of_registrations_is_not_held_up_by_the_node_lock(gateway_
                 for i in range(4):
                     nursery.start_soon(register, f"node_{i}")
         assert answers == [201] * 4
+
+
+async def test_a_lock_waited_for_elsewhere_holds_no_place_and_is_never_kept(autojump_clock):
+    admission = Admission(1, hold_s=3600)
+    lock = trio.Lock()
+    async with _seated(admission) as seat:
+        async with waiting_elsewhere_for(lock):  # free: taken at once, the place kept
+            assert lock.locked() and seat.place is not None and admission.stats["aside"] == 0
+    assert not lock.locked()
+    scopes = {"for the lock": trio.CancelScope(), "in line": trio.CancelScope()}
+    got: list[str] = []
+
+    async def handler(name: str) -> None:
+        with scopes[name]:
+            async with _seated(admission):
+                async with waiting_elsewhere_for(lock):
+                    got.append(name)
+
+    async with trio.open_nursery() as nursery:
+        await lock.acquire()  # another handler has it
+        nursery.start_soon(handler, "for the lock")
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.running == 0 and admission.waiting == 0  # waits for the lock with no place
+        scopes["for the lock"].cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(handler, "in line")
+        await trio.testing.wait_all_tasks_blocked()
+        place = await admission.enter()  # the place it gave is taken: with the lock, it waits in line
+        lock.release()
+        await trio.testing.wait_all_tasks_blocked()
+        assert admission.waiting == 1 and lock.locked()
+        scopes["in line"].cancel()  # its client leaves: the lock it took is let go
+    assert got == [] and not lock.locked()
+    admission.leave(place)
+    assert admission.running == admission.waiting == 0

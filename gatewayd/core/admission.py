@@ -264,3 +264,40 @@ class waiting_elsewhere:  # noqa: N801  (used as a function: `async with waiting
         if self._stepped and (kind is None or issubclass(kind, Exception)):
             self._stepped = False
             await step_back()
+
+
+class waiting_elsewhere_for:  # noqa: N801  (used as a function: `async with waiting_elsewhere_for(lock):`)
+    """`async with waiting_elsewhere_for(lock): ...`, for `async with lock: ...` in a request
+    handler that waits on something else under the lock (the storage): while another
+    handler has the lock, this one waits for it without a place. Waited on in a place, a
+    lock stalls its holder: back from the storage, the holder finds every place held by
+    the handlers waiting on its lock, and takes one only once the oldest is past
+    `[http] handler_hold_s`. Taken at once, no place is given."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        lock = self._lock
+        await trio.lowlevel.checkpoint_if_cancelled()  # as trio.Lock.acquire does
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # held now: not cancelled past this
+            return
+        stepped = step_aside()
+        await lock.acquire()  # cancelled here, it holds no lock (and runs on uncounted, ending)
+        if stepped:
+            try:
+                await step_back()
+            except BaseException:
+                lock.release()  # cancelled in line: not through the `async with`, so release here
+                raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._lock.release()
