@@ -539,3 +539,33 @@ async def test_a_lock_waited_for_elsewhere_holds_no_place_and_is_never_kept(auto
     assert got == [] and not lock.locked()
     admission.leave(place)
     assert admission.running == admission.waiting == 0
+
+
+@pytest.mark.xfail(strict=True, reason="the broker accounts' lock is waited on holding a place: its holder, back "
+                                       "from the registry's storage read, finds every place held until hold_s")
+async def test_devices_provisioned_at_once_are_not_held_up_by_the_broker_accounts_lock():
+    # Provisioning a device of an MQTT family (a request handler) awaits the managed
+    # broker's account update, one at a time under a lock, a storage read under it.
+    from gatewayd.core.mqtt.service import MQTTService
+
+    admission = Admission(2, hold_s=3600)
+
+    async def accounts() -> list[Any]:
+        async with waiting_elsewhere():  # as the registry's storage read does
+            await trio.sleep(0.01)
+        return []
+
+    service = SimpleNamespace(broker=SimpleNamespace(set_accounts=lambda _: None), _families={"fam"},
+                              _accounts_lock=trio.Lock(), _accounts=accounts)
+    done: list[int] = []
+
+    async def provisioning(i: int) -> None:
+        async with _seated(admission):
+            await MQTTService.credentials_changed(service, "fam")  # type: ignore[arg-type]
+            done.append(i)
+
+    with trio.move_on_after(10):  # wall seconds: three such updates take a few ms
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(provisioning, i)
+    assert sorted(done) == [0, 1, 2]
