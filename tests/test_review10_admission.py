@@ -541,8 +541,6 @@ async def test_a_lock_waited_for_elsewhere_holds_no_place_and_is_never_kept(auto
     assert admission.running == admission.waiting == 0
 
 
-@pytest.mark.xfail(strict=True, reason="the broker accounts' lock is waited on holding a place: its holder, back "
-                                       "from the registry's storage read, finds every place held until hold_s")
 async def test_devices_provisioned_at_once_are_not_held_up_by_the_broker_accounts_lock():
     # Provisioning a device of an MQTT family (a request handler) awaits the managed
     # broker's account update, one at a time under a lock, a storage read under it.
