@@ -5,6 +5,7 @@ app), then the `[http]` keys and the gateway's wiring."""
 
 from __future__ import annotations
 
+import contextvars
 import random
 import socket
 import threading
@@ -359,7 +360,11 @@ async def test_a_wait_elsewhere_gives_the_place_on_and_takes_one_again_before_ne
         try:
             order.append(f"{name} in")
             if wait is not None:
-                await trio.to_thread.run_sync(step_aside)  # a thread sees the context: it cannot touch trio
+                # a thread sees the context (as trio.to_thread's do): it cannot touch trio. Joined
+                # here, not awaited: the virtual clock would jump while the thread runs
+                thread = threading.Thread(target=contextvars.copy_context().run, args=(step_aside,))
+                thread.start()
+                thread.join()
                 assert seat.place is not None
                 async with waiting_elsewhere():
                     assert seat.place is None and admission.running == 0  # free for the next one

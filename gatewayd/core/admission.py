@@ -211,18 +211,23 @@ def _seat() -> Seat | None:
     return seat
 
 
-def step_aside() -> None:
+def step_aside() -> bool:
     """The request handler running in this task is about to wait on something other than
-    the CPU: its place goes to the next in line. `step_back` after the wait. Nothing outside
-    a request handler's own task, when places are not limited, or when it holds none."""
+    the CPU: its place goes to the next in line. Whether it gave one: if so, `step_back`
+    after the wait (only then: a wait inside another wait, as a storage call inside a
+    plugin's `waiting_elsewhere`, must not take a place before the outer wait is over).
+    Nothing outside a request handler's own task, when places are not limited, or when it
+    holds none (it gave it already, or overran)."""
     seat = _seat()
     if seat is None or seat.place is None:
-        return
+        return False
     place, seat.place = seat.place, None
-    if not place.expired:  # one that overran runs on uncounted, and stays so
-        seat.aside = True
-        seat.admission.stats["aside"] += 1
-        seat.admission.leave(place)
+    if place.expired:  # one that overran runs on uncounted, and stays so
+        return False
+    seat.aside = True
+    seat.admission.stats["aside"] += 1
+    seat.admission.leave(place)
+    return True
 
 
 async def step_back() -> None:
@@ -239,16 +244,60 @@ class waiting_elsewhere:  # noqa: N801  (used as a function: `async with waiting
     """`async with waiting_elsewhere(): await ...`: the request handler running in this task
     gives its place to the next request while it waits on something other than the CPU (a
     device, a plugin's startup, an event), and takes one again, before new requests, once
-    the wait is over. Outside a request handler, or with `[http] max_handlers = 0`, nothing.
-    A wait cut short by an exception does not take a place again: the handler runs on
-    uncounted."""
+    the wait is over, or ended in an exception the handler may answer. Outside a request
+    handler, inside another such wait (a storage call inside it counts as one), or with
+    `[http] max_handlers = 0`, nothing. A wait cancelled (its client left, or a timeout
+    around it) does not take a place again: the handler runs on uncounted, so put a
+    timeout inside, `async with waiting_elsewhere(): with trio.move_on_after(s): ...`."""
 
-    __slots__ = ()
+    __slots__ = ("_stepped",)
+
+    def __init__(self) -> None:
+        self._stepped = False
 
     async def __aenter__(self) -> None:
-        step_aside()
+        self._stepped = step_aside()
 
     async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if kind is None:
+        # not when cancelled: waiting in line again would only end in Cancelled
+        if self._stepped and (kind is None or issubclass(kind, Exception)):
+            self._stepped = False
             await step_back()
+
+
+class waiting_elsewhere_for:  # noqa: N801  (used as a function: `async with waiting_elsewhere_for(lock):`)
+    """`async with waiting_elsewhere_for(lock): ...`, for `async with lock: ...` in a request
+    handler that waits on something else under the lock (the storage): while another
+    handler has the lock, this one waits for it without a place. Waited on in a place, a
+    lock stalls its holder: back from the storage, the holder finds every place held by
+    the handlers waiting on its lock, and takes one only once the oldest is past
+    `[http] handler_hold_s`. Taken at once, no place is given."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        lock = self._lock
+        await trio.lowlevel.checkpoint_if_cancelled()  # as trio.Lock.acquire does
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            pass
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # held now: not cancelled past this
+            return
+        stepped = step_aside()
+        await lock.acquire()  # cancelled here, it holds no lock (and runs on uncounted, ending)
+        if stepped:
+            try:
+                await step_back()
+            except BaseException:
+                lock.release()  # cancelled in line: not through the `async with`, so release here
+                raise
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._lock.release()

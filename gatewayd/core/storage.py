@@ -497,14 +497,15 @@ class Storage:
         # write, which costs the busy trio thread more than the INSERT costs the writer.
         job = _Job(fn, args, trio.lowlevel.current_task())
         self._queue.put(job)
-        step_aside()  # a request's handler waits for the commit: its place to the next request
+        stepped = step_aside()  # a request's handler waits for the commit: its place to the next request
 
         def abandon(_: Any) -> trio.lowlevel.Abort:
             job.task = None  # cancelled: the job still runs and commits, nobody waits
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abandon)
-        await step_back()  # committed (or not): the handler's place again, before new requests
+        if stepped:  # committed (or not): the handler's place again, before new requests
+            await step_back()
         if job.error is not None:
             raise job.error
         return job.result
@@ -716,9 +717,15 @@ class Storage:
         """Run `fn(*args)` on a reader thread (own connection) and return its result."""
         if not self._open:
             raise StorageUnavailable("storage is not open")
-        step_aside()  # a request's handler waits for a reader thread: its place to the next request
-        result = await trio.to_thread.run_sync(self._read, fn, args, limiter=self._readers)
-        await step_back()
+        stepped = step_aside()  # a request's handler waits for a reader thread: its place to the next request
+        try:
+            result = await trio.to_thread.run_sync(self._read, fn, args, limiter=self._readers)
+        except Exception:
+            if stepped:  # a row not found, say: the handler answers it, in a place like any
+                await step_back()
+            raise
+        if stepped:
+            await step_back()
         return result
 
     def _read(self, fn: Callable[..., T], args: tuple) -> T:

@@ -43,7 +43,7 @@ import pluggy
 from markupsafe import Markup
 from msgspec import Meta, Struct
 
-from ..core.admission import waiting_elsewhere
+from ..core.admission import waiting_elsewhere, waiting_elsewhere_for
 from ..core.alerts.events import Event, EventError
 from ..core.devices.auth import AuthError, IssuedToken
 from ..core.devices.commands import Command
@@ -167,6 +167,7 @@ __all__ = [
     "send_frames",
     "stream_writer",
     "waiting_elsewhere",
+    "waiting_elsewhere_for",
 ]
 
 hookimpl = pluggy.HookimplMarker(PROJECT)

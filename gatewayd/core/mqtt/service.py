@@ -21,6 +21,7 @@ import trio
 from playhouse.migrate import migrate
 
 from ...protocol.topics import TopicRouter
+from ..admission import waiting_elsewhere_for
 from ..health import ComponentState, Health
 from ..logs import get_logger
 from ..metrics import Metrics, Sample
@@ -211,8 +212,9 @@ class MQTTService:
         if self.broker is None or family not in self._families:
             return
         # One at a time: two concurrent changes could otherwise write in the wrong
-        # order, the older account list last.
-        async with self._accounts_lock:
+        # order, the older account list last. Waited for without a place: provisioning
+        # handlers call this, and the holder reads the registry under the lock.
+        async with waiting_elsewhere_for(self._accounts_lock):
             accounts = await self._accounts()
             await trio.to_thread.run_sync(self.broker.set_accounts, accounts)
         log.info("broker accounts updated", family=family, accounts=len(accounts))

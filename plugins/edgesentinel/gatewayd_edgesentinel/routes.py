@@ -36,6 +36,7 @@ from gatewayd.plugins.api import (
     StorageFull,
     parse_time,
     read_body,
+    waiting_elsewhere_for,
 )
 
 from . import explorer, profiles
@@ -243,7 +244,7 @@ class DeviceRoutes:
                 state.batches.inc(outcome="replayed")
                 return answer.doc, answer.status, {"Idempotency-Replayed": "true"}
             encoding = encoding_of(request.headers.get("Content-Encoding"), body)
-            async with state.lock(device.id):
+            async with waiting_elsewhere_for(state.lock(device.id)):  # the storage under it
                 answer = await state.replay(device, key, checksum)
                 if answer is None:
                     verdict = state.verdict()

@@ -15,6 +15,8 @@ import msgspec
 from msgspec import Meta, Struct
 from quart.typing import ResponseReturnValue
 
+from gatewayd.plugins.api import waiting_elsewhere_for
+
 from .engine import RUST_2007, EtfMappingError, EtfParameters, PwmMapping, SensorKalmanFilter, SolverConfig
 from .engine.model import state_from_variables
 from .errors import Fail, invalid, iso
@@ -196,7 +198,7 @@ class Control:
     async def put_etf(self, body: EtfBody) -> ResponseReturnValue:
         """Change ETF parameters: merged into the current ones (null restores a default)"""
         await self.api.person("configuration", "researcher")
-        async with self.ctx.state.etf_lock:  # read, merge, prepare, set: one change at a time
+        async with waiting_elsewhere_for(self.ctx.state.etf_lock):  # read, merge, prepare, set: one change at a time
             return await self._put_etf(body)
 
     async def _put_etf(self, body: EtfBody) -> ResponseReturnValue:

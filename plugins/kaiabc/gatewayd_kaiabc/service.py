@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import trio
 
-from gatewayd.plugins.api import PluginContext, Record, waiting_elsewhere
+from gatewayd.plugins.api import PluginContext, Record, waiting_elsewhere, waiting_elsewhere_for
 
 from .config import KaiabcConfig
 from .engine import TEMPERATURE_RANGE_K, EtfParameters, PhaseResponseCurve, SolverConfig, compute_prc
@@ -128,8 +128,9 @@ class Kaiabc:
         finding no nodes (404) or changing an oscillator that the resumption then overwrites."""
         if not self.ready.is_set():
             # a request waiting here needs no CPU: its place to the next request meanwhile
-            with trio.move_on_after(timeout_s):
-                async with waiting_elsewhere():
+            # (the timeout inside: cancelled through waiting_elsewhere, it would not take one again)
+            async with waiting_elsewhere():
+                with trio.move_on_after(timeout_s):
                     await self.ready.wait()
         return self.ready.is_set()
 
@@ -260,7 +261,7 @@ class Kaiabc:
     async def register(self, info: NodeInfo, key: str | None) -> str | None:
         """Register a node (and, with no device in the registry yet, provision it with a fresh key,
         returned); 409 CONFLICT when it is registered already."""
-        async with self._node_lock:
+        async with waiting_elsewhere_for(self._node_lock):
             if info.node_id in self.nodes:
                 raise Fail(409, "CONFLICT", f"sensor node {info.node_id!r} is already registered",
                            {"parameter": "node_id", "provided": info.node_id})
@@ -332,7 +333,7 @@ class Kaiabc:
         rejected, not stored. Returns accepted, rejected (indexes and reasons) and the
         latest filtered values."""
         lock = self._reading_locks.setdefault(node_id, trio.Lock())
-        async with lock:
+        async with waiting_elsewhere_for(lock):  # a lock's holder waits on the storage under it
             return await self._ingest(node_id, readings, via)
 
     def _clock_behind(self, node_id: str, restamped: int, stamped: bool, now: float, stamped_at: float) -> None:
